@@ -1,0 +1,144 @@
+"""The transformer's shape and numerics: one dataclass, read by model/ and by the converters.
+
+`TransformerConfig` holds what defines the weights (sizes, norm, MLP kind, positions,
+attention layout) and the per-run numerics that the model itself applies (dropout,
+init std, Megatron sequence parallelism, activation recomputation).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Optional
+
+NORMALIZATIONS = ("layernorm", "rmsnorm")
+POSITION_EMBEDDING_TYPES = ("learned_absolute", "rope", "none")
+
+
+def swiglu_default_ffn_hidden_size(hidden_size: int, multiple_of: int = 64) -> int:
+    """Llama's rule: 2/3 of 4h, rounded up to a multiple (keeps SwiGLU's parameter count near GeLU's)."""
+    ffn = int(2 * 4 * hidden_size / 3)
+    return multiple_of * ((ffn + multiple_of - 1) // multiple_of)
+
+
+@dataclass
+class TransformerConfig:
+    num_layers: int
+    hidden_size: int
+    num_attention_heads: int
+    ffn_hidden_size: Optional[int] = None  # None: 4h (GeLU) or Llama's 2/3·4h rule (SwiGLU)
+    num_key_value_heads: Optional[int] = None  # None: MHA (= num_attention_heads); fewer: GQA
+    seq_length: int = 1024
+    max_position_embeddings: Optional[int] = None  # None: seq_length
+    vocab_size: int = 0  # the tokenizer's size, unpadded; padded_vocab_size() adds the padding
+    make_vocab_size_divisible_by: int = 128
+    normalization: str = "layernorm"
+    norm_epsilon: float = 1e-5
+    swiglu: bool = False
+    position_embedding_type: str = "learned_absolute"
+    rope_theta: float = 10000.0
+    untie_embeddings_and_output_weights: bool = False
+    add_bias_linear: bool = True
+    attention_dropout: float = 0.1
+    hidden_dropout: float = 0.1
+    init_method_std: float = 0.02
+    # Megatron sequence parallelism (activations outside attention/MLP sharded along the sequence over tp).
+    sequence_parallel: bool = False
+    # Activation checkpointing: recompute every `checkpoint_num_layers` transformer layers in backward.
+    checkpoint_activations: bool = False
+    checkpoint_num_layers: int = 1
+
+    def __post_init__(self) -> None:
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
+        if self.ffn_hidden_size is None:
+            self.ffn_hidden_size = (
+                swiglu_default_ffn_hidden_size(self.hidden_size) if self.swiglu else 4 * self.hidden_size
+            )
+        if self.max_position_embeddings is None:
+            self.max_position_embeddings = self.seq_length
+        self.validate()
+
+    # ---- derived sizes -------------------------------------------------------------------
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def kv_channels(self) -> int:
+        return self.head_dim
+
+    @property
+    def num_query_groups(self) -> int:
+        return self.num_key_value_heads
+
+    def padded_vocab_size(self, tensor_parallel_size: int = 1) -> int:
+        """Vocabulary padded to a multiple of make_vocab_size_divisible_by × tp (Megatron's rule)."""
+        multiple = max(1, self.make_vocab_size_divisible_by) * tensor_parallel_size
+        return ((self.vocab_size + multiple - 1) // multiple) * multiple
+
+    def num_parameters(self, include_embeddings: bool = True) -> int:
+        """Parameter count of the unsharded model (padding excluded), used for FLOPs and reports."""
+        h, f, L = self.hidden_size, self.ffn_hidden_size, self.num_layers
+        kv = self.num_key_value_heads * self.head_dim
+        bias = 1 if self.add_bias_linear else 0
+        norm = h * (2 if self.normalization == "layernorm" else 1)
+        attn = h * (h + 2 * kv) + bias * (h + 2 * kv) + h * h + bias * h
+        mlp = (2 if self.swiglu else 1) * (h * f + bias * f) + f * h + bias * h
+        per_layer = attn + mlp + 2 * norm
+        total = L * per_layer + norm
+        if include_embeddings:
+            total += self.vocab_size * h
+            if self.untie_embeddings_and_output_weights:
+                total += self.vocab_size * h
+            if self.position_embedding_type == "learned_absolute":
+                total += self.max_position_embeddings * h
+        return total
+
+    # ---- checks --------------------------------------------------------------------------
+    def validate(self) -> None:
+        errors = []
+        if self.normalization not in NORMALIZATIONS:
+            errors.append(f"--normalization {self.normalization!r} is not one of {NORMALIZATIONS}")
+        if self.position_embedding_type not in POSITION_EMBEDDING_TYPES:
+            errors.append(
+                f"position embedding type {self.position_embedding_type!r} is not one of {POSITION_EMBEDDING_TYPES}"
+            )
+        for name in ("num_layers", "hidden_size", "num_attention_heads", "seq_length"):
+            if getattr(self, name) <= 0:
+                errors.append(f"--{name.replace('_', '-')} must be positive (got {getattr(self, name)})")
+        if self.num_attention_heads > 0 and self.hidden_size % self.num_attention_heads:
+            errors.append(
+                f"--hidden-size {self.hidden_size} is not divisible by --num-attention-heads "
+                f"{self.num_attention_heads}"
+            )
+        if self.num_key_value_heads <= 0 or self.num_attention_heads % self.num_key_value_heads:
+            errors.append(
+                f"--num-attention-heads {self.num_attention_heads} is not a multiple of "
+                f"--num-key-value-heads {self.num_key_value_heads}"
+            )
+        if self.position_embedding_type == "rope" and self.head_dim % 2:
+            errors.append(f"rotary embeddings need an even head dim (hidden/heads = {self.head_dim})")
+        if self.max_position_embeddings < self.seq_length and self.position_embedding_type == "learned_absolute":
+            errors.append(
+                f"--max-position-embeddings {self.max_position_embeddings} is smaller than --seq-length "
+                f"{self.seq_length}"
+            )
+        for name in ("attention_dropout", "hidden_dropout"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                errors.append(f"--{name.replace('_', '-')} must be in [0, 1) (got {getattr(self, name)})")
+        if self.checkpoint_num_layers < 1:
+            errors.append(f"--checkpoint-num-layers must be >= 1 (got {self.checkpoint_num_layers})")
+        if errors:
+            raise ValueError("invalid model configuration:\n  - " + "\n  - ".join(errors))
+
+    def replace(self, **changes) -> "TransformerConfig":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TransformerConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})

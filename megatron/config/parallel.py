@@ -1,0 +1,107 @@
+"""How the job is split: tensor-, pipeline-, data- and sequence-parallel sizes and the comm backend.
+
+`validate_layout` checks a layout against the world size and the model before any
+process group is made, naming the flags to change.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+from megatron.config.model import TransformerConfig
+
+
+@dataclass
+class ParallelConfig:
+    tensor_model_parallel_size: int = 1
+    pipeline_model_parallel_size: int = 1
+    # Megatron sequence parallelism: shards norms/dropout activations over the tp group (needs tp > 1).
+    sequence_parallel: bool = False
+    # DeepSpeed-Ulysses sequence parallelism: all-to-all around attention over its own group.
+    ds_sequence_parallel_size: int = 1
+    # True: train without DeepSpeed's pipeline engine (needs pp == 1; what ZeRO-2/3 require).
+    no_pipeline_parallel: bool = False
+    distributed_backend: Optional[str] = None  # None: picked from the device (nccl/xccl/ccl/gloo)
+
+    @property
+    def tp(self) -> int:
+        return self.tensor_model_parallel_size
+
+    @property
+    def pp(self) -> int:
+        return self.pipeline_model_parallel_size
+
+    @property
+    def sp(self) -> int:
+        return self.ds_sequence_parallel_size
+
+    def data_parallel_size(self, world_size: int) -> int:
+        return world_size // (self.tp * self.pp * self.sp)
+
+
+def layout_errors(world_size: int, parallel: ParallelConfig, model: Optional[TransformerConfig] = None) -> list[str]:
+    """Every problem with a layout, each naming the flags involved; empty when it is valid."""
+    tp, pp, sp = parallel.tp, parallel.pp, parallel.sp
+    errors = []
+    for flag, value in (("--tensor-model-parallel-size", tp), ("--pipeline-model-parallel-size", pp),
+                        ("--ds-sequence-parallel-size", sp)):
+        if value < 1:
+            errors.append(f"{flag} must be >= 1 (got {value})")
+    if errors:
+        return errors
+    if world_size % (tp * pp * sp):
+        errors.append(
+            f"world size {world_size} is not divisible by --tensor-model-parallel-size {tp} × "
+            f"--pipeline-model-parallel-size {pp} × --ds-sequence-parallel-size {sp} = {tp * pp * sp}; "
+            f"launch a multiple of {tp * pp * sp} ranks or change these sizes"
+        )
+    if parallel.sequence_parallel and tp == 1:
+        errors.append("--sequence-parallel needs --tensor-model-parallel-size > 1 (it shards over the tp group)")
+    if parallel.no_pipeline_parallel and pp > 1:
+        errors.append(f"--no-pipeline-parallel contradicts --pipeline-model-parallel-size {pp}")
+    if model is not None:
+        if model.num_attention_heads % tp:
+            errors.append(
+                f"--num-attention-heads {model.num_attention_heads} is not divisible by "
+                f"--tensor-model-parallel-size {tp}"
+            )
+        if model.num_key_value_heads % tp:
+            errors.append(
+                f"--num-key-value-heads {model.num_key_value_heads} is not divisible by "
+                f"--tensor-model-parallel-size {tp}"
+            )
+        if model.ffn_hidden_size % tp:
+            errors.append(
+                f"--ffn-hidden-size {model.ffn_hidden_size} is not divisible by --tensor-model-parallel-size {tp}"
+            )
+        if model.num_layers % pp:
+            errors.append(
+                f"--num-layers {model.num_layers} is not divisible by --pipeline-model-parallel-size {pp}"
+            )
+        if model.seq_length % sp:
+            errors.append(
+                f"--seq-length {model.seq_length} is not divisible by --ds-sequence-parallel-size {sp}"
+            )
+        if sp > 1 and (model.num_attention_heads // tp) % sp:
+            errors.append(
+                f"Ulysses needs the attention heads per tp rank ({model.num_attention_heads} / tp {tp}) to be "
+                f"divisible by --ds-sequence-parallel-size {sp}"
+            )
+        if sp > 1 and (model.num_key_value_heads // tp) % sp:
+            errors.append(
+                f"Ulysses needs the kv heads per tp rank ({model.num_key_value_heads} / tp {tp}) to be "
+                f"divisible by --ds-sequence-parallel-size {sp}"
+            )
+        if parallel.sequence_parallel and model.seq_length % (tp * sp):
+            errors.append(
+                f"--sequence-parallel needs --seq-length {model.seq_length} divisible by "
+                f"tp {tp} × sp {sp}"
+            )
+    return errors
+
+
+def validate_layout(world_size: int, parallel: ParallelConfig, model: Optional[TransformerConfig] = None) -> None:
+    errors = layout_errors(world_size, parallel, model)
+    if errors:
+        raise ValueError("invalid parallel layout:\n  - " + "\n  - ".join(errors))

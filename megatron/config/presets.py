@@ -1,0 +1,44 @@
+"""Named model shapes (`--model-preset NAME`): tiny (tests), GPT-2 small, Llama-2-7B, AuroraGPT-7B/-2B, 70B.
+
+A preset fills the model flags; flags given on the command line win over it.
+"""
+
+from __future__ import annotations
+
+_LLAMA_STYLE = dict(
+    normalization="rmsnorm",
+    swiglu=True,
+    position_embedding_type="rope",
+    untie_embeddings_and_output_weights=True,
+    add_bias_linear=False,
+    attention_dropout=0.0,
+    hidden_dropout=0.0,
+    norm_epsilon=1e-5,
+)
+
+PRESETS: dict[str, dict] = {
+    # Small enough for multi-rank CPU tests: heads and kv heads divisible by tp up to 4.
+    "tiny": dict(num_layers=4, hidden_size=64, num_attention_heads=8, num_key_value_heads=4,
+                 ffn_hidden_size=128, seq_length=64, **_LLAMA_STYLE),
+    "tiny-gpt": dict(num_layers=4, hidden_size=64, num_attention_heads=4, seq_length=64,
+                     normalization="layernorm", position_embedding_type="learned_absolute"),
+    "gpt2-small": dict(num_layers=12, hidden_size=768, num_attention_heads=12, seq_length=1024,
+                       max_position_embeddings=1024, normalization="layernorm",
+                       position_embedding_type="learned_absolute"),
+    "llama2-7b": dict(num_layers=32, hidden_size=4096, num_attention_heads=32, num_key_value_heads=32,
+                      ffn_hidden_size=11008, seq_length=4096, **_LLAMA_STYLE),
+    "auroragpt-7b": dict(num_layers=32, hidden_size=4096, num_attention_heads=32, num_key_value_heads=8,
+                         ffn_hidden_size=11008, seq_length=4096, **_LLAMA_STYLE),
+    "auroragpt-2b": dict(num_layers=12, hidden_size=2048, num_attention_heads=16, num_key_value_heads=4,
+                         ffn_hidden_size=5632, seq_length=8192, **_LLAMA_STYLE),
+    "llama-70b": dict(num_layers=80, hidden_size=8192, num_attention_heads=64, num_key_value_heads=8,
+                      ffn_hidden_size=28672, seq_length=4096, rope_theta=10000.0, **_LLAMA_STYLE),
+}
+
+
+def preset(name: str) -> dict:
+    """Model-flag values of a named preset (a copy); unknown names list the known ones."""
+    key = name.lower()
+    if key not in PRESETS:
+        raise ValueError(f"unknown --model-preset {name!r}; known presets: {', '.join(sorted(PRESETS))}")
+    return dict(PRESETS[key])

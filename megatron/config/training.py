@@ -1,0 +1,71 @@
+"""How the run goes: batch sizes, schedule length, optimizer, LR schedule, precision, ZeRO and run control.
+
+The optimizer, precision and ZeRO settings here are what the DeepSpeed config is generated
+from (training/ds_config.py); a user's `--deepspeed_config` file must agree with them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+
+@dataclass
+class OptimizerConfig:
+    optimizer: str = "adam"  # adam (AdamW), sgd
+    lr: float = 3e-4
+    min_lr: float = 0.0
+    weight_decay: float = 0.01
+    clip_grad: float = 1.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    sgd_momentum: float = 0.9
+    # LR schedule: constant, linear, cosine, inverse-square-root, wsd (warmup-stable-decay)
+    lr_decay_style: str = "cosine"
+    lr_decay_iters: Optional[int] = None  # None: train iters
+    lr_warmup_iters: int = 0
+    lr_warmup_fraction: Optional[float] = None  # wins over lr_warmup_iters when set
+    lr_wsd_decay_fraction: float = 0.1  # wsd: the final fraction of decay iters spent cooling down
+    lr_wsd_decay_style: str = "linear"  # wsd cooldown shape: linear, cosine, exponential
+
+
+@dataclass
+class PrecisionConfig:
+    bf16: bool = False
+    fp16: bool = False
+    loss_scale: Optional[float] = None  # fp16: fixed scale; None: dynamic
+    initial_loss_scale: float = 2.0**16
+    loss_scale_window: int = 1000
+    hysteresis: int = 2
+    min_loss_scale: float = 1.0
+
+
+@dataclass
+class ZeroConfig:
+    deepspeed: bool = True
+    deepspeed_config: Optional[str] = None  # a user's JSON file; generated from the flags when None
+    zero_stage: int = 0
+    cpu_optimizer: bool = False  # ZeRO optimizer-state offload to CPU (DeepSpeedCPUAdam)
+    offload_param: bool = False  # ZeRO-3 parameter offload to CPU
+    deepspeed_activation_checkpointing: bool = False
+    universal_checkpoint: bool = False
+
+
+@dataclass
+class TrainingConfig:
+    micro_batch_size: int = 1
+    global_batch_size: Optional[int] = None  # None: micro batch × dp
+    rampup_batch_size: Optional[list[int]] = None  # [start, increment, ramp samples]
+    train_iters: Optional[int] = None
+    train_samples: Optional[int] = None
+    train_tokens: Optional[int] = None
+    eval_interval: int = 1000
+    eval_iters: int = 10
+    seed: int = 1234
+    exit_interval: Optional[int] = None
+    exit_duration_in_mins: Optional[float] = None
+    exit_signal_handler: bool = False
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    zero: ZeroConfig = field(default_factory=ZeroConfig)

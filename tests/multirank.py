@@ -1,0 +1,80 @@
+"""Run a function on N CPU ranks with gloo and collect what each rank returns (for multi-rank tests).
+
+    results = run_ranks(4, my_check, arg1, arg2)   # my_check(rank, world_size, *args) -> picklable
+
+`my_check` must be a module-level function (it is pickled into spawned processes). Each rank has
+torch.distributed initialised with gloo on 127.0.0.1 and RANK/WORLD_SIZE/LOCAL_RANK/MASTER_* set,
+so `deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)` also works inside.
+A failure on any rank raises here with that rank's traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import traceback
+
+import torch.multiprocessing as mp
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def rank_env(rank: int, world_size: int, port: int) -> dict:
+    return {
+        "RANK": str(rank), "WORLD_SIZE": str(world_size), "LOCAL_RANK": str(rank),
+        "LOCAL_WORLD_SIZE": str(world_size), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+        "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1",
+    }
+
+
+def _worker(rank, world_size, port, fn, args, queue):
+    import torch
+    import torch.distributed as dist
+
+    os.environ.update(rank_env(rank, world_size, port))
+    torch.set_num_threads(1)
+    try:
+        dist.init_process_group("gloo", rank=rank, world_size=world_size)
+        result = fn(rank, world_size, *args)
+        queue.put((rank, "ok", result))
+    except BaseException:  # report every failure to the parent, with its traceback
+        queue.put((rank, "error", traceback.format_exc()))
+    finally:
+        if dist.is_initialized():
+            try:
+                dist.barrier()
+            except Exception:
+                pass
+            dist.destroy_process_group()
+
+
+def run_ranks(world_size: int, fn, *args, timeout: float = 240.0) -> list:
+    """Run fn(rank, world_size, *args) on `world_size` spawned gloo ranks; return results by rank."""
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    port = free_port()
+    procs = [ctx.Process(target=_worker, args=(r, world_size, port, fn, args, queue), daemon=False)
+             for r in range(world_size)]
+    for p in procs:
+        p.start()
+    results, errors = {}, {}
+    try:
+        for _ in range(world_size):
+            rank, status, payload = queue.get(timeout=timeout)
+            (results if status == "ok" else errors)[rank] = payload
+            if errors:
+                break
+    finally:
+        for p in procs:
+            p.join(timeout=30 if not errors else 2)
+            if p.is_alive():
+                p.terminate()
+                p.join(5)
+    if errors:
+        rank = min(errors)
+        raise AssertionError(f"rank {rank} of {world_size} failed:\n{errors[rank]}")
+    return [results[r] for r in range(world_size)]
