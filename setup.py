@@ -1,0 +1,33 @@
+"""Installs the `megatron` package. Use tools/setup_env.sh for a ready environment: it installs
+torch first (the CPU build where there is no GPU) and pins it with `pip -c constraints.txt`
+for everything after, so DeepSpeed never pulls a different torch."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="megatron-ds-lite",
+    version="0.1.0",
+    description="Megatron-DeepSpeed-style pretraining of GPT and Llama-style models: TP/PP/SP/Ulysses, ZeRO, "
+                "blended Megatron datasets, checkpoint converters",
+    packages=find_packages(include=["megatron", "megatron.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "torch>=2.4",
+        "deepspeed>=0.15",
+        "numpy",
+        "mpi4py",
+        "sentencepiece",
+        "tokenizers",
+        "transformers",
+        "safetensors",
+        "tqdm",
+    ],
+    extras_require={
+        "test": ["pytest", "pytest-timeout"],
+        "tracking": ["wandb", "tensorboard"],
+        # An MPI launcher inside the virtual environment (laptops, CI); clusters use their own MPI.
+        "local-mpi": ["mpich"],
+        # Intel GPUs: torch >= 2.8 has native XPU and the xccl backend; these are optional extras.
+        "xpu": ["intel-extension-for-pytorch", "oneccl-bindings-for-pytorch"],
+    },
+)
