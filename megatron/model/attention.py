@@ -1,0 +1,76 @@
+"""Causal self-attention: fused QKV (column-parallel), RoPE, GQA, SDPA, output (row-parallel).
+
+A tensor-parallel rank owns nq/tp query heads and nkv/tp key/value heads; its rows of the
+fused qkv weight are [its q | its k | its v]. Under Ulysses (sp > 1) those heads are split
+again over the sp group by an all-to-all, so attention sees the whole sequence.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from megatron.config.model import TransformerConfig
+from megatron.core.layers import ColumnParallelLinear, RowParallelLinear
+from megatron.core.random import derive_seed, tensor_parallel_rng
+from megatron.core.ulysses import heads_to_sequence, sequence_to_heads
+from megatron.dist.parallel_state import ParallelState
+from megatron.model.rotary import apply_rotary, rotary_cos_sin
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, config: TransformerConfig, ps: ParallelState, seed: int, prefix: str):
+        super().__init__()
+        self.config, self.ps = config, ps
+        tp = ps.tp_size
+        d = config.head_dim
+        self.heads_per_rank = config.num_attention_heads // tp
+        self.kv_heads_per_rank = config.num_key_value_heads // tp
+        if config.num_attention_heads % tp or config.num_key_value_heads % tp:
+            raise ValueError(
+                f"attention heads {config.num_attention_heads} and kv heads {config.num_key_value_heads} must "
+                f"both be divisible by --tensor-model-parallel-size {tp}"
+            )
+        q_size, kv_size = config.num_attention_heads * d, config.num_key_value_heads * d
+        sequence_parallel = config.sequence_parallel and tp > 1
+        self.qkv = ColumnParallelLinear(
+            config.hidden_size, q_size + 2 * kv_size, tp_group=ps.tp_group, bias=config.add_bias_linear,
+            segments=[q_size, kv_size, kv_size], sequence_parallel=sequence_parallel,
+            init_std=config.init_method_std, init_seed=derive_seed(seed, prefix + "qkv.weight"),
+        )
+        self.dense = RowParallelLinear(
+            q_size, config.hidden_size, tp_group=ps.tp_group, bias=config.add_bias_linear,
+            sequence_parallel=sequence_parallel,
+            init_std=config.init_method_std / math.sqrt(2.0 * config.num_layers),
+            init_seed=derive_seed(seed, prefix + "dense.weight"),
+        )
+
+    def forward(self, hidden: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        config, d = self.config, self.config.head_dim
+        qkv = self.qkv(hidden)  # [b, s, (nq + 2 nkv) d / tp], full (local) sequence
+        b, s = qkv.shape[:2]
+        q, k, v = qkv.split([self.heads_per_rank * d, self.kv_heads_per_rank * d, self.kv_heads_per_rank * d], -1)
+        q = q.view(b, s, self.heads_per_rank, d)
+        k = k.view(b, s, self.kv_heads_per_rank, d)
+        v = v.view(b, s, self.kv_heads_per_rank, d)
+        if config.position_embedding_type == "rope":
+            cos, sin = rotary_cos_sin(position_ids, d, config.rope_theta)
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        sp_group = self.ps.sp_group
+        q, k, v = (sequence_to_heads(t, sp_group) for t in (q, k, v))
+        out = self._attend(q, k, v)
+        out = heads_to_sequence(out, sp_group)
+        return self.dense(out.reshape(b, s, self.heads_per_rank * d))
+
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Causal SDPA on [b, s, heads, d]; dropout draws from the tp stream (heads differ per rank)."""
+        dropout = self.config.attention_dropout if self.training else 0.0
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+        with tensor_parallel_rng(self.ps.tp_size, needed=dropout > 0):
+            out = F.scaled_dot_product_attention(
+                q, k, v, dropout_p=dropout, is_causal=True, enable_gqa=k.shape[1] != q.shape[1]
+            )
+        return out.transpose(1, 2)

@@ -1,0 +1,89 @@
+"""Input embedding (vocab-parallel words + learned positions) and the output projection to the vocabulary.
+
+The vocabulary is padded to config.padded_vocab_size(tp); padding rows start at zero and the
+loss ignores their logits. Under Megatron sequence parallelism the embedding returns this tp
+rank's sequence shard, and the output projection all-gathers the shards first.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from megatron.config.model import TransformerConfig
+from megatron.core import mappings
+from megatron.core.layers import VocabParallelEmbedding, full_normal, shard_tensor
+from megatron.core.random import derive_seed
+from megatron.dist.parallel_state import ParallelState
+from megatron.model.transformer import hidden_dropout
+
+
+class Embedding(nn.Module):
+    def __init__(self, config: TransformerConfig, ps: ParallelState, seed: int):
+        super().__init__()
+        self.config, self.ps = config, ps
+        self.sequence_parallel = config.sequence_parallel and ps.tp_size > 1
+        self.word_embeddings = VocabParallelEmbedding(
+            config.vocab_size, config.hidden_size, tp_group=ps.tp_group,
+            padded_num_embeddings=config.padded_vocab_size(ps.tp_size), sequence_parallel=self.sequence_parallel,
+            init_std=config.init_method_std, init_seed=derive_seed(seed, "embedding.word_embeddings.weight"),
+        )
+        if config.position_embedding_type == "learned_absolute":
+            self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+            with torch.no_grad():
+                self.position_embeddings.weight.copy_(full_normal(
+                    self.position_embeddings.weight.shape, config.init_method_std,
+                    derive_seed(seed, "embedding.position_embeddings.weight")))
+            # Under sequence parallelism each rank adds positions of its own shard: partial grads.
+            self.position_embeddings.weight.sequence_parallel = self.sequence_parallel
+        else:
+            self.position_embeddings = None
+
+    def forward(self, tokens: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        if tokens.dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"Embedding: tokens must be an integer tensor [batch, seq], got {tokens.dtype}")
+        hidden = self.word_embeddings(tokens)  # [b, s, h], or [b, s/tp, h] under sequence parallelism
+        if self.position_embeddings is not None:
+            if position_ids.device.type == "cpu" and int(position_ids.max()) >= self.config.max_position_embeddings:
+                raise ValueError(f"position id {int(position_ids.max())} is beyond --max-position-embeddings "
+                                 f"{self.config.max_position_embeddings}")
+            if self.sequence_parallel:
+                position_ids = position_ids.chunk(self.ps.tp_size, dim=1)[self.ps.tp_rank]
+            hidden = hidden + self.position_embeddings(position_ids)
+        return hidden_dropout(hidden, self.config.hidden_dropout, self.training, self.sequence_parallel,
+                              self.ps.tp_size)
+
+
+def language_model_logits(hidden: torch.Tensor, weight: torch.Tensor, tp_group, sequence_parallel: bool) -> torch.Tensor:
+    """This rank's vocabulary logits [b, s, V/tp] from hidden states (full, or sequence shards)."""
+    if sequence_parallel:
+        hidden = mappings.gather_from_sequence_parallel_region(hidden, tp_group)
+    else:
+        hidden = mappings.copy_to_tensor_parallel_region(hidden, tp_group)
+    return F.linear(hidden, weight)
+
+
+class OutputLayer(nn.Module):
+    """Untied output projection: weight [padded_vocab/tp, h], padding rows zero."""
+
+    def __init__(self, config: TransformerConfig, ps: ParallelState, seed: int):
+        super().__init__()
+        self.ps = ps
+        self.sequence_parallel = config.sequence_parallel and ps.tp_size > 1
+        full = torch.zeros(config.padded_vocab_size(ps.tp_size), config.hidden_size)
+        full[: config.vocab_size] = full_normal((config.vocab_size, config.hidden_size), config.init_method_std,
+                                                derive_seed(seed, "output_layer.weight"))
+        self.weight = nn.Parameter(shard_tensor(full, 0, ps.tp_size, ps.tp_rank))
+        self.weight.tensor_model_parallel, self.weight.partition_dim = True, 0
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return language_model_logits(hidden, self.weight, self.ps.tp_group, self.sequence_parallel)
+
+
+def gather_logits(logits: torch.Tensor, ps: ParallelState, vocab_size: Optional[int] = None) -> torch.Tensor:
+    """All-gather vocab-parallel logits to [b, s, padded_vocab]; keep the first `vocab_size` columns if given."""
+    full = mappings.gather_from_tensor_parallel_region(logits, ps.tp_group)
+    return full if vocab_size is None else full[..., :vocab_size]

@@ -1,0 +1,48 @@
+"""The feed-forward block: fc1 (column-parallel) -> GeLU or SwiGLU -> fc2 (row-parallel).
+
+GeLU is the tanh approximation (GPT-2's "gelu_new"). For SwiGLU fc1 holds [gate | up]
+(per tp rank: [its gate | its up]) and the output is fc2(silu(gate) * up), as in Llama.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from megatron.config.model import TransformerConfig
+from megatron.core.layers import ColumnParallelLinear, RowParallelLinear
+from megatron.core.random import derive_seed
+from megatron.dist.parallel_state import ParallelState
+
+
+class MLP(nn.Module):
+    def __init__(self, config: TransformerConfig, ps: ParallelState, seed: int, prefix: str):
+        super().__init__()
+        self.swiglu = config.swiglu
+        f = config.ffn_hidden_size
+        if f % ps.tp_size:
+            raise ValueError(f"--ffn-hidden-size {f} is not divisible by --tensor-model-parallel-size {ps.tp_size}")
+        sequence_parallel = config.sequence_parallel and ps.tp_size > 1
+        self.fc1 = ColumnParallelLinear(
+            config.hidden_size, 2 * f if self.swiglu else f, tp_group=ps.tp_group, bias=config.add_bias_linear,
+            segments=[f, f] if self.swiglu else None, sequence_parallel=sequence_parallel,
+            init_std=config.init_method_std, init_seed=derive_seed(seed, prefix + "fc1.weight"),
+        )
+        self.fc2 = RowParallelLinear(
+            f, config.hidden_size, tp_group=ps.tp_group, bias=config.add_bias_linear,
+            sequence_parallel=sequence_parallel,
+            init_std=config.init_method_std / math.sqrt(2.0 * config.num_layers),
+            init_seed=derive_seed(seed, prefix + "fc2.weight"),
+        )
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        x = self.fc1(hidden)
+        if self.swiglu:
+            gate, up = x.chunk(2, dim=-1)
+            x = F.silu(gate) * up
+        else:
+            x = F.gelu(x, approximate="tanh")
+        return self.fc2(x)

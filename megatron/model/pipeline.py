@@ -1,0 +1,159 @@
+"""GPTModel as DeepSpeed's PipelineModule: the same layer classes as a list of pipe stages.
+
+Pipe layers, in order (index: GPTModel parameter prefix):
+    0        embedding        Embedding (a TiedLayerSpec keyed "embedding" when tied)   "embedding."
+    1..L     transformer      TransformerLayer i-1                                      "layers.{i-1}."
+    L+1      final norm       LayerNorm / RMSNorm                                       "final_norm."
+    L+2      output           OutputLayer, or the tied embedding projecting with its   "output_layer." /
+                              word embedding weight (no file of its own)                "embedding."
+Activations between stages are tuples (hidden, position_ids) until the final norm; the batch
+follows DeepSpeed's convention ((tokens, position_ids), (labels, loss_mask)).
+The topology is PipeModelDataParallelTopology(num_pp=pp, num_mp=tp, num_dp=dp·sp): the same
+rank order as ParallelState (Ulysses' sp ranks are part of DeepSpeed's "data" axis, whose
+gradients are summed there as Ulysses needs).
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
+from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
+
+from megatron.config.model import TransformerConfig
+from megatron.core.cross_entropy import vocab_parallel_cross_entropy
+from megatron.core.random import checkpoint
+from megatron.dist.parallel_state import ParallelState
+from megatron.model.embedding import Embedding, OutputLayer, language_model_logits
+from megatron.model.gpt_model import DEFAULT_SEED
+from megatron.model.norms import LayerNorm, RMSNorm, mark_sequence_parallel
+from megatron.model.transformer import TransformerLayer
+
+
+class EmbeddingPipe(Embedding):
+    def forward(self, inputs):
+        tokens, position_ids = inputs
+        return super().forward(tokens, position_ids), position_ids
+
+
+class TransformerLayerPipe(TransformerLayer):
+    def forward(self, inputs):
+        hidden, position_ids = inputs
+        return super().forward(hidden, position_ids), position_ids
+
+
+def _norm_pipe(base):
+    class NormPipe(base):
+        def __init__(self, config: TransformerConfig, sequence_parallel: bool):
+            super().__init__(config.hidden_size, eps=config.norm_epsilon)
+            mark_sequence_parallel(self, sequence_parallel)
+
+        def forward(self, inputs):
+            hidden = inputs[0] if isinstance(inputs, tuple) else inputs
+            return super().forward(hidden)
+
+    NormPipe.__name__ = NormPipe.__qualname__ = base.__name__ + "Pipe"
+    return NormPipe
+
+
+LayerNormPipe, RMSNormPipe = _norm_pipe(LayerNorm), _norm_pipe(RMSNorm)
+
+
+class OutputLayerPipe(OutputLayer):
+    pass
+
+
+def tied_output_logits(embedding: Embedding, hidden: torch.Tensor) -> torch.Tensor:
+    """forward_fn of the tied last stage: project with the (tied) word embedding."""
+    return language_model_logits(hidden, embedding.word_embeddings.weight, embedding.ps.tp_group,
+                                 embedding.sequence_parallel)
+
+
+class MaskedMeanLoss:
+    """Pipe loss: vocab-parallel cross entropy averaged over tokens with loss_mask == 1."""
+
+    def __init__(self, config: TransformerConfig, ps: ParallelState):
+        self.config, self.ps = config, ps
+        self.__name__ = "masked_mean_cross_entropy"
+
+    def __call__(self, logits: torch.Tensor, targets) -> torch.Tensor:
+        labels, loss_mask = targets
+        losses = vocab_parallel_cross_entropy(logits, labels, self.ps.tp_group, self.config.vocab_size)
+        mask = loss_mask.reshape(-1).float()
+        return (losses.reshape(-1) * mask).sum() / mask.sum().clamp(min=1.0)
+
+
+def build_pipeline_module(config: TransformerConfig, ps: ParallelState, seed: int = DEFAULT_SEED,
+                          partition_method: str = "type:TransformerLayerPipe",
+                          loss_fn=None) -> PipelineModule:
+    """GPTModel's layers as a PipelineModule over ps's layout (collective: call on every rank)."""
+    if config.vocab_size <= 0:
+        raise ValueError("TransformerConfig.vocab_size must be set (the tokenizer's vocabulary size)")
+    sequence_parallel = config.sequence_parallel and ps.tp_size > 1
+    specs = []
+    if config.untie_embeddings_and_output_weights:
+        specs.append(LayerSpec(EmbeddingPipe, config, ps, seed))
+    else:
+        specs.append(TiedLayerSpec("embedding", EmbeddingPipe, config, ps, seed,
+                                   tied_weight_attr=["word_embeddings.weight"]))
+    specs.extend(LayerSpec(TransformerLayerPipe, config, ps, i, seed) for i in range(config.num_layers))
+    norm_pipe = RMSNormPipe if config.normalization == "rmsnorm" else LayerNormPipe
+    specs.append(LayerSpec(norm_pipe, config, sequence_parallel))
+    if config.untie_embeddings_and_output_weights:
+        specs.append(LayerSpec(OutputLayerPipe, config, ps, seed))
+    else:
+        specs.append(TiedLayerSpec("embedding", EmbeddingPipe, config, ps, seed, forward_fn=tied_output_logits,
+                                   tied_weight_attr=["word_embeddings.weight"]))
+    topology = PipeModelDataParallelTopology(num_pp=ps.pp_size, num_mp=ps.tp_size,
+                                             num_dp=ps.dp_size * ps.sp_size)
+    interval = config.checkpoint_num_layers if config.checkpoint_activations else 0
+    return PipelineModule(
+        layers=specs, loss_fn=loss_fn or MaskedMeanLoss(config, ps), topology=topology,
+        partition_method=partition_method, activation_checkpoint_interval=interval,
+        activation_checkpoint_func=checkpoint,
+    )
+
+
+# ---- pipe layer index <-> GPTModel parameter names ------------------------------------------
+def pipe_layer_prefix(layer_index: int, config: TransformerConfig) -> str:
+    """GPTModel parameter-name prefix of the params held by pipe layer `layer_index`."""
+    L = config.num_layers
+    if layer_index == 0:
+        return "embedding."
+    if 1 <= layer_index <= L:
+        return f"layers.{layer_index - 1}."
+    if layer_index == L + 1:
+        return "final_norm."
+    if layer_index == L + 2:
+        return "output_layer." if config.untie_embeddings_and_output_weights else "embedding."
+    raise ValueError(f"pipe layer index {layer_index} is outside 0..{L + 2} for --num-layers {L}")
+
+
+def pipe_layer_index(param_name: str, config: TransformerConfig) -> int:
+    """Index of the pipe layer that owns GPTModel parameter `param_name` (tied weights: layer 0)."""
+    if param_name.startswith("embedding."):
+        return 0
+    match = re.match(r"layers\.(\d+)\.", param_name)
+    if match and int(match.group(1)) < config.num_layers:
+        return int(match.group(1)) + 1
+    if param_name.startswith("final_norm."):
+        return config.num_layers + 1
+    if param_name.startswith("output_layer.") and config.untie_embeddings_and_output_weights:
+        return config.num_layers + 2
+    raise KeyError(f"{param_name!r} is not a GPTModel parameter of a {config.num_layers}-layer model")
+
+
+def pipe_state_dict_to_model(layer_index: int, layer_sd: dict, config: TransformerConfig) -> dict:
+    """Rename one pipe layer's state dict (a `layer_XX-model_YY-model_states.pt`) to GPTModel names."""
+    prefix = pipe_layer_prefix(layer_index, config)
+    return {prefix + key: value for key, value in layer_sd.items()}
+
+
+def model_state_dict_to_pipe(model_sd: dict, config: TransformerConfig) -> dict[int, dict]:
+    """Split a GPTModel state dict into per-pipe-layer state dicts {layer index: {local name: tensor}}."""
+    out: dict[int, dict] = {}
+    for name, value in model_sd.items():
+        index = pipe_layer_index(name, config)
+        out.setdefault(index, {})[name[len(pipe_layer_prefix(index, config)):]] = value
+    return out
