@@ -1,0 +1,303 @@
+"""Which files to train on: parse `--data-path` / `--data-file-list`, check them, and find each split's tokens.
+
+Every problem (malformed line, non-positive weight, missing .bin/.idx, unreadable header) is collected
+and raised at once in one DataListError, before any other work. Then `scan_files` reads only each
+file's header, its size and a couple of index entries at the split boundaries (no arrays), which is
+all the arithmetic blend (megatron/data/blend.py) needs.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import numpy as np
+
+from megatron.data.indexed_dataset import HEADER_BYTES, IndexedDatasetError, read_index_header
+
+SPLIT_NAMES = ("train", "valid", "test")
+MAX_LISTED_PROBLEMS = 40  # the message lists this many; DataListError.problems holds them all
+SCAN_THREADS = 32  # header reads are latency-bound on parallel filesystems (Lustre, GPFS)
+
+
+class DataListError(ValueError):
+    """Everything wrong with a blend specification; `.problems` lists each one ("where: what")."""
+
+    def __init__(self, source: str, problems: Sequence[str], summary: str = ""):
+        self.source = source
+        self.problems = list(problems)
+        shown = self.problems[:MAX_LISTED_PROBLEMS]
+        more = len(self.problems) - len(shown)
+        lines = [f"{source}: {len(self.problems)} problem(s){': ' + summary if summary else ''}"]
+        lines += [f"  {problem}" for problem in shown]
+        if more:
+            lines.append(f"  ... and {more} more (all of them in DataListError.problems)")
+        super().__init__("\n".join(lines))
+
+
+@dataclass(frozen=True)
+class BlendEntry:
+    """One file of the blend as the user wrote it."""
+    weight: float
+    prefix: str
+    corpus: Optional[str] = None
+    where: str = ""  # "line 12" of the file list, or "--data-path item 3"
+
+
+@dataclass(frozen=True)
+class FileSplits:
+    """One file's header facts and, per split, its sequence range and flat-token range."""
+    prefix: str
+    dtype: np.dtype
+    num_tokens: int
+    num_sequences: int
+    num_documents: int
+    sequence_bounds: tuple  # 4 sequence indices: train starts at [0], valid at [1], test at [2], end [3]
+    token_bounds: tuple  # the same 4 boundaries as positions in the flat token stream
+
+    def token_range(self, split: int) -> tuple[int, int]:
+        return self.token_bounds[split], self.token_bounds[split + 1]
+
+    def sequence_range(self, split: int) -> tuple[int, int]:
+        return self.sequence_bounds[split], self.sequence_bounds[split + 1]
+
+    def num_samples(self, split: int, seq_length: int) -> int:
+        """Windows of seq_length + 1 tokens that overlap by one: (range tokens - 1) // seq_length."""
+        start, stop = self.token_range(split)
+        return max(stop - start - 1, 0) // seq_length
+
+
+# ---- parsing ---------------------------------------------------------------------------------
+def _parse_weight(text: str) -> Optional[float]:
+    try:
+        return float(text)
+    except ValueError:
+        return None
+
+
+def parse_data_path(items: Sequence[str]) -> list[BlendEntry]:
+    """Megatron's `--data-path`: one prefix alone (weight 1), or `w1 prefix1 w2 prefix2 ...`.
+
+    Items may themselves hold several space-separated words (as when a shell variable is passed quoted).
+    """
+    entries, problems = _read_data_path(items)
+    if problems:
+        raise DataListError("--data-path", problems)
+    return entries
+
+
+def _read_data_path(items: Sequence[str]) -> tuple[list[BlendEntry], list[str]]:
+    words = [word for item in items for word in str(item).split()]
+    if len(words) == 1:
+        return [BlendEntry(1.0, words[0], None, "--data-path")], []
+    problems, entries = [], []
+    if len(words) % 2:
+        problems.append(f"--data-path: {len(words)} words is not 'weight prefix' pairs; give one prefix "
+                        "alone or pairs like '0.3 /data/a_text_document 0.7 /data/b_text_document'")
+    for pair in range(len(words) // 2):
+        weight_text, prefix = words[2 * pair], words[2 * pair + 1]
+        where = f"--data-path pair {pair + 1}"
+        weight = _parse_weight(weight_text)
+        if weight is None:
+            problems.append(f"{where}: weight {weight_text!r} is not a number (prefix {prefix!r})")
+        elif not weight > 0 or not np.isfinite(weight):
+            problems.append(f"{where}: weight {weight_text} of {prefix} must be a positive number")
+        else:
+            entries.append(BlendEntry(weight, prefix, None, where))
+    return entries, problems
+
+
+def parse_data_file_list(path: str) -> list[BlendEntry]:
+    """A `--data-file-list` file: lines `weight prefix [corpus]`; `#` comments and blank lines allowed.
+
+    Weights need not sum to 1 (the blend normalises). Malformed lines and non-positive weights are all
+    reported together, with line numbers.
+    """
+    entries, problems = _read_data_file_list(path)
+    if problems:
+        raise DataListError(f"--data-file-list {path}", [text for _, text in problems])
+    return entries
+
+
+def _read_data_file_list(path: str) -> tuple[list[BlendEntry], list[tuple[int, str]]]:
+    """Entries and (line number, problem) pairs of a data file list; only an unreadable file raises."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().splitlines()
+    except FileNotFoundError:
+        raise DataListError(f"--data-file-list {path}", ["file not found; check the path"]) from None
+    except UnicodeDecodeError as error:
+        raise DataListError(f"--data-file-list {path}", [f"not a text file ({error})"]) from None
+    problems, entries = [], []
+    for number, raw in enumerate(lines, start=1):
+        text = raw.split("#", 1)[0].strip()
+        if not text:
+            continue
+        fields = text.split()
+        where = f"line {number}"
+        if len(fields) not in (2, 3):
+            problems.append((number, f"{where}: expected 'weight prefix [corpus]', found {len(fields)} field(s): {text!r}"))
+            continue
+        weight = _parse_weight(fields[0])
+        if weight is None:
+            problems.append((number, f"{where}: weight {fields[0]!r} is not a number (line {text!r})"))
+        elif not weight > 0 or not np.isfinite(weight):
+            problems.append((number, f"{where}: weight {fields[0]} of {fields[1]} must be a positive number"))
+        else:
+            entries.append(BlendEntry(weight, fields[1], fields[2] if len(fields) == 3 else None, where))
+    if not entries and not problems:
+        problems.append((0, "no 'weight prefix [corpus]' lines found"))
+    return entries, problems
+
+
+def _strip_suffix(prefix: str) -> str:
+    for suffix in (".bin", ".idx"):
+        if prefix.endswith(suffix):
+            return prefix[: -len(suffix)]
+    return prefix
+
+
+def check_files_exist(entries: Sequence[BlendEntry], source: str) -> None:
+    """Raise one DataListError naming every entry whose .bin or .idx is missing (with the count)."""
+    problems, summary = missing_files(entries)
+    if problems:
+        raise DataListError(source, [text for _, text in problems], summary)
+
+
+def missing_files(entries: Sequence[BlendEntry]) -> tuple[list[tuple[int, str]], str]:
+    """(entry number, problem) for every entry whose .bin or .idx is missing, and a one-line summary."""
+    def missing(entry: BlendEntry) -> list[str]:
+        prefix = _strip_suffix(entry.prefix)
+        return [suffix for suffix in (".bin", ".idx") if not os.path.isfile(prefix + suffix)]
+
+    with ThreadPoolExecutor(min(SCAN_THREADS, max(len(entries), 1))) as pool:
+        absent = list(pool.map(missing, entries))
+    problems = [(_line_number(entry), f"{entry.where}: {_strip_suffix(entry.prefix)} is missing "
+                 f"{' and '.join(parts)}") for entry, parts in zip(entries, absent) if parts]
+    summary = ""
+    if problems:
+        directories = Counter(os.path.dirname(_strip_suffix(entry.prefix))
+                              for entry, parts in zip(entries, absent) if parts)
+        top = ", ".join(f"{directory or '.'} ({count})" for directory, count in directories.most_common(3))
+        summary = (f"{len(problems)} of {len(entries)} files are missing (.bin/.idx), under {top}; "
+                   "fix the paths or copy the data to this machine")
+    return problems, summary
+
+
+def _line_number(entry: BlendEntry) -> int:
+    digits = "".join(ch for ch in entry.where.split()[-1] if ch.isdigit())
+    return int(digits) if digits else 0
+
+
+def blend_entries(data_path: Sequence[str] = (), data_file_list: Optional[str] = None,
+                  check_exists: bool = True) -> list[BlendEntry]:
+    """The blend from `--data-path` or `--data-file-list` (not both), checked; errors all at once."""
+    if data_path and data_file_list:
+        raise DataListError("--data-path / --data-file-list", ["give one of them, not both"])
+    if data_file_list:
+        entries, problems = _read_data_file_list(data_file_list)
+        source = f"--data-file-list {data_file_list}"
+    elif data_path:
+        entries, problems = _read_data_path(data_path)
+        problems, source = [(0, text) for text in problems], "--data-path"
+    else:
+        raise DataListError("data", ["no data: pass --data-path, --data-file-list or --mock-data"])
+    summary = ""
+    if check_exists:
+        missing, summary = missing_files(entries)
+        problems = problems + missing
+    if problems:
+        problems.sort(key=lambda item: item[0])  # in line order: malformed lines and missing files mixed
+        raise DataListError(source, [text for _, text in problems], summary)
+    return entries
+
+
+# ---- splits ----------------------------------------------------------------------------------
+def parse_split(split: str) -> tuple[float, float, float]:
+    """`--split 990,10,0` (or '98/2/0', or one number) -> normalised train/valid/test fractions."""
+    parts = [part for part in str(split).replace("/", ",").split(",") if part.strip()]
+    try:
+        values = [float(part) for part in parts]
+    except ValueError:
+        raise DataListError("--split", [f"{split!r} must be comma-separated numbers like '990,10,0'"]) from None
+    if not 1 <= len(values) <= 3 or any(v < 0 or not np.isfinite(v) for v in values) or sum(values) <= 0:
+        raise DataListError("--split", [f"{split!r} needs 1-3 non-negative numbers with a positive sum"])
+    values += [0.0] * (3 - len(values))
+    total = sum(values)
+    return tuple(v / total for v in values)
+
+
+def split_boundaries(fractions: Sequence[float], num_documents: int) -> list[int]:
+    """Document boundaries of train/valid/test, by Megatron's rule (round each part, fix the last)."""
+    bounds = [0]
+    for fraction in fractions:
+        bounds.append(bounds[-1] + int(round(fraction * float(num_documents))))
+    excess = bounds[-1] - num_documents
+    bounds = [bounds[0]] + [bound - excess for bound in bounds[1:]]
+    return [min(max(bound, 0), num_documents) for bound in bounds]
+
+
+def _read_int64(handle, offset: int) -> int:
+    raw = os.pread(handle, 8, offset)
+    if len(raw) != 8:
+        raise IndexedDatasetError(f"short read at byte {offset}")
+    return int(np.frombuffer(raw, dtype="<i8")[0])
+
+
+def scan_file(prefix: str, fractions: Sequence[float]) -> FileSplits:
+    """Header, size and the split boundaries of one file: a few small reads, no arrays."""
+    prefix = _strip_suffix(prefix)
+    header = read_index_header(prefix)
+    num_sequences, num_documents = header.num_sequences, header.num_documents - 1
+    doc_bounds = split_boundaries(fractions, num_documents)
+    pointers_at = HEADER_BYTES + 4 * num_sequences
+    doc_indices_at = pointers_at + 8 * num_sequences
+    handle = os.open(prefix + ".idx", os.O_RDONLY)
+    try:
+        sequence_bounds, token_bounds = [], []
+        for doc in doc_bounds:
+            if doc <= 0:
+                sequence = 0
+            elif doc >= num_documents:
+                sequence = num_sequences
+            else:
+                sequence = _read_int64(handle, doc_indices_at + 8 * doc)
+            if sequence <= 0:
+                token = 0
+            elif sequence >= num_sequences:
+                token = header.num_tokens
+            else:
+                token = _read_int64(handle, pointers_at + 8 * sequence) // header.dtype.itemsize
+            sequence_bounds.append(sequence)
+            token_bounds.append(token)
+    finally:
+        os.close(handle)
+    if sorted(token_bounds) != token_bounds or token_bounds[-1] > header.num_tokens:
+        raise IndexedDatasetError(f"{prefix}.idx: split boundaries {token_bounds} are not increasing "
+                                  f"within {header.num_tokens} tokens; the index is corrupt")
+    return FileSplits(prefix, header.dtype, header.num_tokens, num_sequences, num_documents,
+                      tuple(sequence_bounds), tuple(token_bounds))
+
+
+def scan_files(entries: Sequence[BlendEntry], fractions: Sequence[float], source: str = "data",
+               progress: bool = False) -> list[FileSplits]:
+    """`scan_file` for every entry, in threads; every unreadable file is reported in one DataListError."""
+    def scan(entry: BlendEntry):
+        try:
+            return scan_file(entry.prefix, fractions)
+        except (IndexedDatasetError, OSError) as error:
+            return f"{entry.where}: {error}"
+
+    with ThreadPoolExecutor(min(SCAN_THREADS, max(len(entries), 1))) as pool:
+        results = pool.map(scan, entries)
+        if progress and len(entries) > 200:
+            from tqdm import tqdm
+            results = tqdm(results, total=len(entries), desc="reading .idx headers", unit="file")
+        results = list(results)
+    problems = [result for result in results if isinstance(result, str)]
+    if problems:
+        raise DataListError(source, problems, "unreadable or inconsistent .bin/.idx files")
+    return results

@@ -1,0 +1,123 @@
+"""--data-path / --data-file-list parsing, the all-at-once problem report, splits and header scans."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from megatron.data.data_list import (DataListError, blend_entries, parse_data_file_list, parse_data_path,
+                                     parse_split, scan_file, scan_files, split_boundaries)
+from megatron.data.indexed_dataset import IndexedDataset, write_dataset
+
+LISTS = Path("/work/shared/data-lists")
+
+
+def write_file(prefix, num_documents, seed=0, max_length=40):
+    rng = np.random.default_rng(seed)
+    documents = [rng.integers(0, 1000, size=int(rng.integers(1, max_length))) for _ in range(num_documents)]
+    write_dataset(str(prefix), documents, np.uint16)
+    return documents
+
+
+def test_data_path_single_prefix_means_weight_one_and_pairs_are_weight_prefix():
+    (entry,) = parse_data_path(["/data/a_text_document"])
+    assert (entry.weight, entry.prefix) == (1.0, "/data/a_text_document")
+    entries = parse_data_path(["0.3", "/data/a", "0.7 /data/b"])  # quoted shell variables split too
+    assert [(e.weight, e.prefix) for e in entries] == [(0.3, "/data/a"), (0.7, "/data/b")]
+
+
+def test_data_path_reports_every_bad_weight_and_an_odd_word_count_together():
+    with pytest.raises(DataListError) as info:
+        parse_data_path(["x", "/data/a", "-1", "/data/b", "0", "/data/c", "/data/d"])
+    problems = info.value.problems
+    assert len(problems) == 4
+    assert "odd" in str(info.value) or "pairs" in str(info.value)
+    assert any("'x' is not a number" in p for p in problems)
+    assert any("-1 of /data/b" in p for p in problems) and any("0 of /data/c" in p for p in problems)
+
+
+def test_file_list_allows_comments_blank_lines_and_weights_not_summing_to_one(tmp_path):
+    write_file(tmp_path / "a", 3)
+    write_file(tmp_path / "b", 3)
+    listing = tmp_path / "list.txt"
+    listing.write_text(f"# a comment\n\n2 {tmp_path}/a corpus-a   # trailing comment\n"
+                       f"   6 {tmp_path}/b.bin\n\n")
+    entries = blend_entries(data_file_list=str(listing))
+    assert [(e.weight, e.corpus, e.where) for e in entries] == [(2.0, "corpus-a", "line 3"), (6.0, None, "line 4")]
+    assert entries[1].prefix.endswith("b.bin")  # suffixes are accepted and stripped when files are read
+
+
+def test_file_list_reports_malformed_lines_bad_weights_and_missing_files_all_at_once(tmp_path):
+    write_file(tmp_path / "good", 3)
+    (tmp_path / "only_bin.bin").write_bytes(b"")
+    listing = tmp_path / "list.txt"
+    listing.write_text("\n".join([
+        f"1.0 {tmp_path}/good web",
+        "just-one-field",
+        f"abc {tmp_path}/good",
+        f"-0.5 {tmp_path}/good",
+        f"0 {tmp_path}/good",
+        f"1 {tmp_path}/absent web",
+        f"1 {tmp_path}/only_bin web",
+        f"1 {tmp_path}/good web extra-field",
+    ]) + "\n")
+    with pytest.raises(DataListError) as info:
+        blend_entries(data_file_list=str(listing))
+    problems = info.value.problems
+    assert [p.split(":")[0] for p in problems] == [f"line {n}" for n in (2, 3, 4, 5, 6, 7, 8)]
+    assert "missing .bin and .idx" in problems[4] and "missing .idx" in problems[5]
+    assert "2 of 3 files are missing" in str(info.value)
+    assert str(listing) in str(info.value)
+
+
+@pytest.mark.parametrize("name,files,corpora", [("aurora-dolma-v1.7.txt", 2419, 14),
+                                                ("aurora-olmo-mix-1124.txt", 1438, 7)])
+def test_real_aurora_lists_parse_and_every_missing_file_is_named_with_the_count(name, files, corpora):
+    path = LISTS / name
+    if not path.exists():
+        pytest.skip(f"{path} not on this machine")
+    entries = parse_data_file_list(str(path))
+    assert len(entries) == files and len({e.corpus for e in entries}) == corpora
+    assert all(e.weight > 0 and e.prefix.startswith("/flare/") for e in entries)
+    with pytest.raises(DataListError) as info:
+        blend_entries(data_file_list=str(path))
+    assert len(info.value.problems) == files
+    assert f"{files} of {files} files are missing" in str(info.value)
+    assert entries[0].prefix in info.value.problems[0] and info.value.problems[0].startswith("line 1:")
+    assert entries[-1].prefix in info.value.problems[-1]
+    assert "more (all of them in DataListError.problems)" in str(info.value)
+
+
+def test_split_string_and_document_boundaries_follow_megatron():
+    assert parse_split("990,10,0") == (0.99, 0.01, 0.0)
+    assert parse_split("98/2") == (0.98, 0.02, 0.0)
+    assert split_boundaries(parse_split("969,30,1"), 1000) == [0, 969, 999, 1000]
+    assert split_boundaries(parse_split("1,1,1"), 10) == [0, 4, 7, 10]  # rounded 3,3,3; shortfall moves all ends
+    assert split_boundaries(parse_split("990,10,0"), 1) == [0, 1, 1, 1]
+    for bad in ("a,b", "1,2,3,4", "0,0,0", "-1,2"):
+        with pytest.raises(DataListError, match="--split"):
+            parse_split(bad)
+
+
+def test_scan_reads_split_token_ranges_equal_to_the_full_index(tmp_path):
+    documents = write_file(tmp_path / "f", 57, seed=3)
+    splits = scan_file(str(tmp_path / "f"), parse_split("80,15,5"))
+    full = IndexedDataset(str(tmp_path / "f"))
+    starts = np.concatenate([[0], np.cumsum([len(d) for d in documents])])
+    doc_bounds = split_boundaries(parse_split("80,15,5"), 57)
+    assert list(splits.token_bounds) == [int(starts[b]) for b in doc_bounds]
+    assert list(splits.sequence_bounds) == [int(full.document_indices[b]) for b in doc_bounds]
+    assert splits.num_documents == 57 and splits.num_tokens == full.num_tokens
+    start, stop = splits.token_range(1)
+    assert splits.num_samples(1, 8) == (stop - start - 1) // 8
+
+
+def test_scan_reports_every_corrupt_file_at_once(tmp_path):
+    write_file(tmp_path / "good", 4)
+    for name in ("bad1", "bad2"):
+        write_file(tmp_path / name, 4)
+        (tmp_path / f"{name}.idx").write_bytes(b"NOTMAGIC" + b"\0" * 40)
+    entries = parse_data_path([f"1 {tmp_path}/good 1 {tmp_path}/bad1 1 {tmp_path}/bad2"])
+    with pytest.raises(DataListError) as info:
+        scan_files(entries, parse_split("1"), "--data-path")
+    assert len(info.value.problems) == 2 and "bad1.idx" in str(info.value) and "bad2.idx" in str(info.value)
