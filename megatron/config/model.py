@@ -16,9 +16,9 @@ POSITION_EMBEDDING_TYPES = ("learned_absolute", "rope", "none")
 
 
 def swiglu_default_ffn_hidden_size(hidden_size: int, multiple_of: int = 64) -> int:
-    """Llama's rule: 2/3 of 4h, rounded up to a multiple (keeps SwiGLU's parameter count near GeLU's)."""
-    ffn = int(2 * 4 * hidden_size / 3)
-    return multiple_of * ((ffn + multiple_of - 1) // multiple_of)
+    """Megatron-DeepSpeed's rule for --swiglu without --ffn-hidden-size: 2/3 of 4h, rounded DOWN to a
+    multiple of 64 (so checkpoints match theirs), and at least one multiple."""
+    return max(multiple_of, int(8 * hidden_size / 3 / multiple_of) * multiple_of)
 
 
 @dataclass
@@ -26,7 +26,7 @@ class TransformerConfig:
     num_layers: int
     hidden_size: int
     num_attention_heads: int
-    ffn_hidden_size: Optional[int] = None  # None: 4h (GeLU) or Llama's 2/3·4h rule (SwiGLU)
+    ffn_hidden_size: Optional[int] = None  # None: 4h (GeLU) or Megatron-DS's 2/3·4h rule (SwiGLU)
     num_key_value_heads: Optional[int] = None  # None: MHA (= num_attention_heads); fewer: GQA
     seq_length: int = 1024
     max_position_embeddings: Optional[int] = None  # None: seq_length

@@ -1,0 +1,613 @@
+"""The Megatron-DeepSpeed command line: the flag names users already type, mapped onto config/'s dataclasses.
+
+`parse_args(argv) -> RunConfig` parses and checks everything that does not need the world size;
+`validate_run(run, world_size)` checks the rest once ranks are known. Derived values (gradient
+accumulation, batch ramp-up, number of train iterations) are small functions of (run, dp size) below.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import json
+import math
+import sys
+from dataclasses import dataclass
+from typing import Optional
+
+from megatron.config.checkpoint import CheckpointConfig
+from megatron.config.data import DataConfig
+from megatron.config.logging import LoggingConfig
+from megatron.config.model import TransformerConfig
+from megatron.config.parallel import ParallelConfig, layout_errors
+from megatron.config.presets import preset
+from megatron.config.training import OptimizerConfig, PrecisionConfig, TrainingConfig, ZeroConfig
+
+
+class ConfigError(ValueError):
+    """A flag (or a flag and a --deepspeed_config file) is wrong; the message names it and the fix."""
+
+
+@dataclass
+class RunConfig:
+    model: TransformerConfig  # vocab_size may be 0 until the tokenizer is built
+    parallel: ParallelConfig
+    data: DataConfig
+    training: TrainingConfig
+    checkpoint: CheckpointConfig
+    logging: LoggingConfig
+    args: dict  # every flag's final value: what checkpoints save as "the run's arguments"
+
+
+LR_DECAY_STYLES = ("constant", "linear", "cosine", "inverse-square-root", "wsd")
+WSD_DECAY_STYLES = ("linear", "cosine", "exponential")
+
+# Flags Megatron-DeepSpeed recipes pass that change nothing here; accepted so recipes run unchanged.
+# (flag, kind, why) with kind "flag" (no value) or a type for a value.
+COMPAT_NO_EFFECT = [
+    ("--deepspeed", "flag", "the engine is always DeepSpeed"),
+    ("--deepspeed-mpi", "flag", "rank discovery is automatic (megatron.dist)"),
+    ("--local-rank", int, "the local rank is read from the launcher's environment (megatron.dist)"),
+    ("--no-query-key-layer-scaling", "flag", "attention is computed in fp32-accumulating SDPA"),
+    ("--apply-query-key-layer-scaling", "flag", "attention is computed in fp32-accumulating SDPA"),
+    ("--accumulate-allreduce-grads-in-fp32", "flag", "DeepSpeed keeps fp32 gradient accumulation for bf16"),
+    ("--no-bias-gelu-fusion", "flag", "no fused kernels to turn off"),
+    ("--no-bias-dropout-fusion", "flag", "no fused kernels to turn off"),
+    ("--no-masked-softmax-fusion", "flag", "no fused kernels to turn off"),
+    ("--no-gradient-accumulation-fusion", "flag", "no fused kernels to turn off"),
+    ("--no-persist-layer-norm", "flag", "no fused kernels to turn off"),
+    ("--no-async-tensor-model-parallel-allreduce", "flag", "tp all-reduces are synchronous"),
+    ("--use-flash-attn", "flag", "attention always uses torch SDPA, which picks flash kernels itself"),
+    ("--use-flash-attn-v1", "flag", "attention always uses torch SDPA, which picks flash kernels itself"),
+    ("--use-flash-attn-v2", "flag", "attention always uses torch SDPA, which picks flash kernels itself"),
+    ("--use-flash-attn-triton", "flag", "attention always uses torch SDPA, which picks flash kernels itself"),
+    ("--use-flash-attn-builder", "flag", "attention always uses torch SDPA, which picks flash kernels itself"),
+    ("--use-checkpoint-opt-param-scheduler", "flag", "a resume takes the LR schedule from the checkpoint"),
+    ("--shuffle-sample-in-corpus", "flag", "the blended index always shuffles samples within each file"),
+    ("--blend-sample-in-corpus", "flag", "the blended index always blends per sample"),
+    ("--log-optimizer-states-to-tensorboard", "flag", "not reported"),
+    ("--log-memory-to-tensorboard", "flag", "not reported"),
+    ("--log-validation-ppl-to-tensorboard", "flag", "validation perplexity is always logged"),
+    ("--log-batch-size-to-tensorboard", "flag", "the batch size is always logged"),
+    ("--log-world-size-to-tensorboard", "flag", "not reported"),
+    ("--log-num-zeros-in-grad", "flag", "not reported"),
+    ("--log-params-norm", "flag", "not reported"),
+    ("--timing-log-level", int, "timers are fixed"),
+    ("--timing-log-option", str, "timers are fixed"),
+    ("--tensorboard-queue-size", int, "the SummaryWriter default is used"),
+    ("--data-impl", str, "the only format is MMIDIDX (.bin/.idx)"),
+    ("--dataloader-type", str, "the sampler is always the single-epoch one"),
+    ("--distributed-timeout-minutes", int, "the dist layer's timeout is used"),
+    ("--data-cache-path", str, "the blended index is computed, never cached"),
+]
+
+# Megatron features we do not have: refused with the alternative, rather than silently ignored.
+REFUSED = {
+    "--use-mics": "MiCS sharding is not supported; use --zero-stage 3",
+    "--use-distributed-optimizer": "Megatron's distributed optimizer is ZeRO-1 here: use --zero-stage 1",
+    "--num-layers-per-virtual-pipeline-stage": "interleaved pipeline schedules are not supported",
+    "--recompute-activations": "use --checkpoint-activations [--checkpoint-num-layers N]",
+    "--recompute-granularity": "use --checkpoint-activations [--checkpoint-num-layers N]",
+    "--recompute-method": "use --checkpoint-activations [--checkpoint-num-layers N]",
+    "--fp8-e4m3": "fp8 training is not supported; use --bf16",
+    "--fp8-hybrid": "fp8 training is not supported; use --bf16",
+    "--num-experts": "mixture-of-experts layers are not supported",
+}
+
+
+# Flags other frameworks use for what a Megatron-DeepSpeed flag here does; named in the unknown-flag error.
+OTHER_NAMES = {
+    "--cpu-offload": "--cpu-optimizer (optimizer state) and --remote-device cpu (ZeRO-3 parameters)",
+    "--offload-optimizer": "--cpu-optimizer",
+    "--offload-param": "--remote-device cpu",
+    "--gradient-accumulation-steps": "--global-batch-size (= micro batch × dp × accumulation steps)",
+    "--batch-size": "--micro-batch-size (per rank) or --global-batch-size",
+    "--lr-warmup-steps": "--lr-warmup-iters",
+    "--warmup": "--lr-warmup-fraction or --lr-warmup-iters",
+}
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # argparse's messages already name the flag ("argument --lr: invalid ...")
+        raise ConfigError(f"{message} (see --help)")
+
+
+def _positive(kind):
+    def convert(text):
+        value = kind(text)
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        return value
+    convert.__name__ = kind.__name__
+    return convert
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Every flag, grouped by concern. Model and batch flags default to None so presets and files can fill them."""
+    p = _Parser(prog="pretrain_gpt.py", allow_abbrev=False, usage="%(prog)s [flags]   (--help lists them by concern)",
+                description="Pretrain a GPT/Llama model with DeepSpeed (Megatron-DeepSpeed flag names; "
+                            "'--a_b' spellings are accepted for every '--a-b').")
+    pos_int, pos_float = _positive(int), _positive(float)
+
+    g = p.add_argument_group("model (explicit flags win over --model-preset)")
+    g.add_argument("--model-preset", help="named shape from megatron/config/presets.py (tiny, llama2-7b, ...)")
+    g.add_argument("--num-layers", type=pos_int)
+    g.add_argument("--hidden-size", type=pos_int)
+    g.add_argument("--ffn-hidden-size", type=pos_int,
+                   help="default 4h, or with --swiglu Megatron's int(8h/3/64)*64")
+    g.add_argument("--num-attention-heads", type=pos_int)
+    g.add_argument("--num-key-value-heads", "--num-query-groups", dest="num_key_value_heads", type=pos_int,
+                   help="fewer than heads: grouped-query attention")
+    g.add_argument("--seq-length", type=pos_int, help="default 1024")
+    g.add_argument("--max-position-embeddings", type=pos_int, help="default --seq-length")
+    g.add_argument("--make-vocab-size-divisible-by", type=pos_int, help="default 128")
+    g.add_argument("--normalization", choices=("layernorm", "rmsnorm"))
+    g.add_argument("--norm-epsilon", "--layernorm-epsilon", dest="norm_epsilon", type=pos_float)
+    g.add_argument("--swiglu", action="store_const", const=True)
+    g.add_argument("--use-rotary-position-embeddings", action="store_true")
+    g.add_argument("--no-position-embedding", action="store_true", help="no learned absolute positions")
+    g.add_argument("--position-embedding-type", choices=("learned_absolute", "rope", "none"))
+    g.add_argument("--rotary-position-embeddings-theta", "--rope-theta", dest="rope_theta", type=pos_float)
+    g.add_argument("--untie-embeddings-and-output-weights", action="store_const", const=True)
+    g.add_argument("--disable-bias-linear", dest="add_bias_linear", action="store_const", const=False)
+    g.add_argument("--attention-dropout", type=float)
+    g.add_argument("--hidden-dropout", type=float)
+    g.add_argument("--init-method-std", type=pos_float)
+
+    g = p.add_argument_group("parallelism")
+    g.add_argument("--tensor-model-parallel-size", type=pos_int, default=1)
+    g.add_argument("--pipeline-model-parallel-size", type=pos_int, default=1)
+    g.add_argument("--no-pipeline-parallel", action="store_true",
+                   help="train without DeepSpeed's pipeline engine (set for you with --zero-stage 2/3)")
+    g.add_argument("--sequence-parallel", action="store_true", help="Megatron sequence parallelism (needs tp > 1)")
+    g.add_argument("--ds-sequence-parallel-size", type=pos_int, default=1, help="DeepSpeed-Ulysses group size")
+    g.add_argument("--distributed-backend", choices=("nccl", "gloo", "ccl", "xccl", "mpi", "hccl"),
+                   help="default: picked from the device")
+
+    g = p.add_argument_group("DeepSpeed (a --deepspeed_config file and these flags must agree)")
+    g.add_argument("--deepspeed-config", "--deepscale-config", dest="deepspeed_config",
+                   help="JSON file; values for flags you do not give are taken from it")
+    g.add_argument("--zero-stage", type=int, choices=(0, 1, 2, 3), help="default 0")
+    g.add_argument("--cpu-optimizer", action="store_const", const=True,
+                   help="offload optimizer state to CPU (DeepSpeedCPUAdam; ZeRO stage >= 1)")
+    g.add_argument("--remote-device", choices=("none", "cpu", "nvme"), default="none",
+                   help="ZeRO-3 parameter offload target")
+    g.add_argument("--zero-reduce-bucket-size", type=pos_int)
+    g.add_argument("--zero-allgather-bucket-size", type=pos_int)
+    g.add_argument("--checkpoint-activations", action="store_true", help="recompute layers in backward")
+    g.add_argument("--checkpoint-num-layers", type=pos_int, default=1)
+    g.add_argument("--deepspeed-activation-checkpointing", action="store_true",
+                   help="use DeepSpeed's activation checkpointing (with the options below)")
+    g.add_argument("--partition-activations", action="store_true")
+    g.add_argument("--contigious-checkpointing", "--contiguous-checkpointing", dest="contiguous_checkpointing",
+                   action="store_true")
+    g.add_argument("--checkpoint-in-cpu", action="store_true")
+    g.add_argument("--synchronize-each-layer", action="store_true")
+    g.add_argument("--profile-backward", action="store_true")
+    g.add_argument("--universal-checkpoint", action="store_true", help="load a DeepSpeed universal checkpoint")
+
+    g = p.add_argument_group("batch")
+    g.add_argument("--micro-batch-size", type=pos_int, help="per data-parallel rank; default 1")
+    g.add_argument("--global-batch-size", type=pos_int, help="default micro batch × dp")
+    g.add_argument("--rampup-batch-size", type=pos_int, nargs=3, metavar=("START", "INCREMENT", "SAMPLES"),
+                   help="grow the global batch from START by INCREMENT over SAMPLES samples")
+
+    g = p.add_argument_group("schedule and optimizer")
+    g.add_argument("--train-iters", type=pos_int)
+    g.add_argument("--train-samples", type=pos_int)
+    g.add_argument("--train-tokens", type=pos_int)
+    g.add_argument("--optimizer", choices=("adam", "adamw", "sgd"), default="adam", help="adam and adamw: AdamW")
+    g.add_argument("--lr", type=float, default=OptimizerConfig.lr)
+    g.add_argument("--min-lr", type=float, default=0.0)
+    g.add_argument("--lr-decay-style", type=str.lower, choices=LR_DECAY_STYLES, default="cosine")
+    g.add_argument("--lr-decay-iters", type=pos_int, help="default --train-iters")
+    g.add_argument("--lr-decay-samples", type=pos_int, help="with --rampup-batch-size; default --train-samples")
+    g.add_argument("--lr-warmup-iters", type=int)
+    g.add_argument("--lr-warmup-samples", type=int, help="with --rampup-batch-size")
+    g.add_argument("--lr-warmup-fraction", type=float, help="of the decay iters")
+    g.add_argument("--lr-wsd-decay-fraction", "--lr-decay-fraction", dest="lr_wsd_decay_fraction", type=float,
+                   default=0.1, help="wsd: final fraction of the decay iters spent cooling down to --min-lr")
+    g.add_argument("--lr-wsd-decay-style", type=str.lower, choices=WSD_DECAY_STYLES, default="linear")
+    g.add_argument("--weight-decay", type=float, default=0.01)
+    g.add_argument("--clip-grad", type=float, help="default 1.0; 0 disables")
+    g.add_argument("--adam-beta1", type=float, default=0.9)
+    g.add_argument("--adam-beta2", type=float, default=0.999)
+    g.add_argument("--adam-eps", type=pos_float, default=1e-8)
+    g.add_argument("--sgd-momentum", type=float, default=0.9)
+
+    g = p.add_argument_group("precision")
+    g.add_argument("--bf16", action="store_const", const=True)
+    g.add_argument("--fp16", action="store_const", const=True)
+    g.add_argument("--loss-scale", type=pos_float, help="fp16: fixed loss scale; default dynamic")
+    g.add_argument("--initial-loss-scale", type=pos_float, default=PrecisionConfig.initial_loss_scale,
+                   help="fp16 dynamic scaling start (a power of 2)")
+    g.add_argument("--loss-scale-window", type=pos_int, default=1000)
+    g.add_argument("--hysteresis", type=pos_int, default=2)
+    g.add_argument("--min-loss-scale", type=pos_float, default=1.0)
+
+    g = p.add_argument_group("run control, evaluation and checkpoints")
+    g.add_argument("--seed", type=int, default=1234)
+    g.add_argument("--log-interval", type=pos_int, default=10)
+    g.add_argument("--eval-interval", type=pos_int, default=1000)
+    g.add_argument("--eval-iters", type=int, default=10, help="0 disables evaluation")
+    g.add_argument("--save")
+    g.add_argument("--save-interval", type=pos_int)
+    g.add_argument("--load")
+    g.add_argument("--no-load-optim", action="store_true")
+    g.add_argument("--no-load-rng", action="store_true")
+    g.add_argument("--finetune", action="store_true", help="load weights only; reset iteration and optimizer")
+    g.add_argument("--exit-interval", type=pos_int)
+    g.add_argument("--exit-duration-in-mins", type=pos_float)
+    g.add_argument("--exit-signal-handler", action="store_true", help="save and exit on SIGTERM")
+
+    g = p.add_argument_group("tracking")
+    g.add_argument("--tensorboard-dir")
+    g.add_argument("--log-timers-to-tensorboard", action="store_true")
+    g.add_argument("--wandb-project")
+    g.add_argument("--wandb-exp-name")
+    g.add_argument("--wandb-save-dir", help="default: --tensorboard-dir, else the working directory")
+    g.add_argument("--peak-tflops", type=pos_float, help="one device's peak dense TFLOPS, for MFU")
+
+    g = p.add_argument_group("data")
+    g.add_argument("--data-path", nargs="*", default=[], help="PREFIX, or W1 PREFIX1 W2 PREFIX2 ...")
+    g.add_argument("--data-file-list", help="file of 'weight prefix [corpus]' lines")
+    g.add_argument("--split", default=DataConfig.split)
+    g.add_argument("--sample-mode", choices=("samples", "documents"), default="samples")
+    g.add_argument("--mock-data", action="store_true", help="random tokens, no corpus (needs --vocab-size)")
+    g.add_argument("--tokenizer-type")
+    g.add_argument("--tokenizer-model")
+    g.add_argument("--vocab-file")
+    g.add_argument("--merge-file")
+    g.add_argument("--vocab-size", type=pos_int)
+    g.add_argument("--num-workers", type=int, default=2)
+    g.add_argument("--eod-mask-loss", action="store_true")
+    g.add_argument("--reset-position-ids", action="store_true")
+
+    g = p.add_argument_group("accepted for Megatron-DeepSpeed recipes, no effect here")
+    for flag, kind, why in COMPAT_NO_EFFECT:
+        if kind == "flag":
+            g.add_argument(flag, action="store_true", help=f"no effect: {why}")
+        else:
+            g.add_argument(flag, type=kind, help=f"no effect: {why}")
+    g = p.add_argument_group("refused (not supported here)")
+    for flag, why in REFUSED.items():
+        g.add_argument(flag, nargs="*", default=None, metavar="ARG", help=why)
+    return p
+
+
+def _normalize(argv: list[str]) -> list[str]:
+    """'--a_b[=v]' → '--a-b[=v]' so both spellings reach the same flag; values are left alone."""
+    out = []
+    for token in argv:
+        if token.startswith("--"):
+            name, eq, value = token.partition("=")
+            token = name.replace("_", "-") + eq + value
+        out.append(token)
+    return out
+
+
+def _unknown_flag_error(parser: argparse.ArgumentParser, unknown: list[str]) -> ConfigError:
+    known = [s for action in parser._actions for s in action.option_strings]
+    lines, after_flag = [], False
+    for token in unknown:
+        if not token.startswith("-"):
+            if after_flag:  # the value of the unknown flag just reported
+                after_flag = False
+                continue
+            lines.append(f"unexpected value {token!r} (is a flag before it misspelled or missing a value?)")
+            continue
+        name = token.split("=", 1)[0]
+        close = [OTHER_NAMES[name]] if name in OTHER_NAMES else difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+        hint = f"; did you mean {close[0]}?" if close else "; see --help"
+        lines.append(f"unknown flag {name}{hint}")
+        after_flag = "=" not in token
+    return ConfigError("\n".join(lines))
+
+
+def read_deepspeed_config(path: str) -> dict:
+    try:
+        with open(path) as f:
+            ds = json.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"--deepspeed_config {path}: file not found") from None
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"--deepspeed_config {path}: not valid JSON (line {e.lineno}: {e.msg})") from None
+    if not isinstance(ds, dict):
+        raise ConfigError(f"--deepspeed_config {path}: expected a JSON object at the top level")
+    return ds
+
+
+def deepspeed_file_values(ds: dict) -> dict:
+    """The flag-dest → value pairs a DeepSpeed config states (batch sizes, ZeRO stage, precision, clipping)."""
+    values = {}
+    for key, dest in (("train_micro_batch_size_per_gpu", "micro_batch_size"),
+                      ("train_batch_size", "global_batch_size"), ("gradient_clipping", "clip_grad")):
+        if isinstance(ds.get(key), (int, float)) and not isinstance(ds.get(key), bool):
+            values[dest] = ds[key]
+    zero = ds.get("zero_optimization")
+    if isinstance(zero, dict):
+        if "stage" in zero:
+            values["zero_stage"] = int(zero["stage"])
+        offload = zero.get("offload_optimizer")
+        values["cpu_optimizer"] = isinstance(offload, dict) and offload.get("device") == "cpu"
+    bf16 = ds.get("bf16", ds.get("bfloat16"))
+    if isinstance(bf16, dict):
+        values["bf16"] = bool(bf16.get("enabled", False))
+    if isinstance(ds.get("fp16"), dict):
+        values["fp16"] = bool(ds["fp16"].get("enabled", False))
+    return values
+
+
+# dest -> (flag, DeepSpeed key) of the settings a --deepspeed_config file and the flags must agree on.
+DEEPSPEED_AGREEMENT = {
+    "micro_batch_size": ("--micro-batch-size", "train_micro_batch_size_per_gpu"),
+    "global_batch_size": ("--global-batch-size", "train_batch_size"),
+    "clip_grad": ("--clip-grad", "gradient_clipping"),
+    "zero_stage": ("--zero-stage", "zero_optimization.stage"),
+    "cpu_optimizer": ("--cpu-optimizer", "zero_optimization.offload_optimizer.device == 'cpu'"),
+    "bf16": ("--bf16", "bf16.enabled"),
+    "fp16": ("--fp16", "fp16.enabled"),
+}
+
+
+def _adopt_deepspeed_file(ns: argparse.Namespace) -> None:
+    """Fill flags not given from the --deepspeed_config file; a given flag that disagrees is an error."""
+    path = ns.deepspeed_config
+    file_values = deepspeed_file_values(read_deepspeed_config(path))
+    errors = []
+    for dest, file_value in file_values.items():
+        given = getattr(ns, dest)
+        if given is None:
+            setattr(ns, dest, file_value)
+        elif given != file_value:
+            flag, key = DEEPSPEED_AGREEMENT[dest]
+            errors.append(f"{flag} {given} disagrees with {path}: {key} = {file_value}")
+    if errors:
+        raise ConfigError("the flags and the --deepspeed_config file disagree; make them match:\n  - "
+                          + "\n  - ".join(errors))
+
+
+def _resolve_model(ns: argparse.Namespace) -> TransformerConfig:
+    base = preset(ns.model_preset) if ns.model_preset else {}
+    fields = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_key_value_heads",
+              "seq_length", "max_position_embeddings", "make_vocab_size_divisible_by", "normalization",
+              "norm_epsilon", "swiglu", "rope_theta", "untie_embeddings_and_output_weights", "add_bias_linear",
+              "attention_dropout", "hidden_dropout", "init_method_std")
+    values = dict(base)
+    values.update({k: getattr(ns, k) for k in fields if getattr(ns, k) is not None})
+    if ns.use_rotary_position_embeddings:
+        values["position_embedding_type"] = "rope"  # Megatron-DS: rotary turns learned positions off
+    elif ns.no_position_embedding:
+        values["position_embedding_type"] = "none"
+    elif ns.position_embedding_type:
+        values["position_embedding_type"] = ns.position_embedding_type
+    missing = [f"--{k.replace('_', '-')}" for k in ("num_layers", "hidden_size", "num_attention_heads")
+               if k not in values]
+    if missing:
+        raise ConfigError(f"{', '.join(missing)} required (or give --model-preset NAME)")
+    values["vocab_size"] = ns.vocab_size or 0
+    values["sequence_parallel"] = ns.sequence_parallel
+    values["checkpoint_activations"] = ns.checkpoint_activations
+    values["checkpoint_num_layers"] = ns.checkpoint_num_layers
+    try:
+        model = TransformerConfig(**values)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    for k in fields + ("position_embedding_type",):  # record the final values in the run's arguments
+        setattr(ns, k, getattr(model, k))
+    return model
+
+
+def _check_flags(ns: argparse.Namespace) -> list[str]:
+    errors = []
+    for flag, why in REFUSED.items():
+        value = getattr(ns, flag[2:].replace("-", "_"))
+        if value is not None and not (flag == "--num-experts" and all(v == "1" for v in value)):
+            errors.append(f"{flag}: {why}")
+    if ns.bf16 and ns.fp16:
+        errors.append("--bf16 and --fp16 both given; pick one")
+    lengths = [f for f in ("train_iters", "train_samples", "train_tokens") if getattr(ns, f) is not None]
+    if len(lengths) > 1:
+        errors.append(f"give only one of {', '.join('--' + f.replace('_', '-') for f in lengths)}")
+    if ns.rampup_batch_size:
+        start, increment, _ = ns.rampup_batch_size
+        if ns.train_iters is not None:
+            errors.append("--rampup-batch-size needs --train-samples or --train-tokens, not --train-iters")
+        if ns.global_batch_size is None:
+            errors.append("--rampup-batch-size needs --global-batch-size (the batch it ramps up to)")
+        elif start > ns.global_batch_size or (ns.global_batch_size - start) % increment:
+            errors.append(f"--rampup-batch-size START {start} must be <= --global-batch-size "
+                          f"{ns.global_batch_size} and reach it in steps of INCREMENT {increment}")
+        if ns.lr_decay_iters is not None or ns.lr_warmup_iters:
+            errors.append("with --rampup-batch-size the LR schedule counts samples: use --lr-decay-samples, "
+                          "--lr-warmup-samples or --lr-warmup-fraction instead of --lr-*-iters")
+    elif ns.lr_decay_samples is not None or ns.lr_warmup_samples:
+        errors.append("--lr-decay-samples/--lr-warmup-samples are for --rampup-batch-size runs; "
+                      "use --lr-decay-iters/--lr-warmup-iters")
+    if ns.lr < 0 or ns.min_lr < 0 or ns.min_lr > ns.lr:
+        errors.append(f"need 0 <= --min-lr ({ns.min_lr}) <= --lr ({ns.lr})")
+    if ns.lr_warmup_fraction is not None:
+        if not 0.0 <= ns.lr_warmup_fraction < 1.0:
+            errors.append(f"--lr-warmup-fraction must be in [0, 1) (got {ns.lr_warmup_fraction})")
+        if ns.lr_warmup_iters or ns.lr_warmup_samples:
+            errors.append("give only one of --lr-warmup-fraction and --lr-warmup-iters/--lr-warmup-samples")
+    for flag in ("lr_warmup_iters", "lr_warmup_samples", "num_workers", "eval_iters"):
+        if (getattr(ns, flag) or 0) < 0:
+            errors.append(f"--{flag.replace('_', '-')} must be >= 0 (got {getattr(ns, flag)})")
+    if not 0.0 < ns.lr_wsd_decay_fraction <= 1.0:
+        errors.append(f"--lr-wsd-decay-fraction must be in (0, 1] (got {ns.lr_wsd_decay_fraction})")
+    if not (0.0 <= ns.adam_beta1 < 1.0 and 0.0 <= ns.adam_beta2 < 1.0):
+        errors.append(f"--adam-beta1 ({ns.adam_beta1}) and --adam-beta2 ({ns.adam_beta2}) must be in [0, 1)")
+    if ns.weight_decay < 0 or (ns.clip_grad or 0) < 0:
+        errors.append("--weight-decay and --clip-grad must be >= 0")
+    if ns.initial_loss_scale and not math.log2(ns.initial_loss_scale).is_integer():
+        errors.append(f"--initial-loss-scale {ns.initial_loss_scale} must be a power of 2 (DeepSpeed's "
+                      "initial_scale_power)")
+    zero = ns.zero_stage or 0
+    if zero >= 2 and ns.pipeline_model_parallel_size > 1:
+        errors.append(f"--zero-stage {zero} does not work with DeepSpeed's pipeline engine "
+                      f"(--pipeline-model-parallel-size {ns.pipeline_model_parallel_size}); use --zero-stage <= 1")
+    if ns.cpu_optimizer and zero == 0:
+        errors.append("--cpu-optimizer offloads ZeRO optimizer state: it needs --zero-stage >= 1")
+    if ns.remote_device == "nvme":
+        errors.append("--remote-device nvme is not supported; use cpu or none")
+    elif ns.remote_device == "cpu" and zero != 3:
+        errors.append("--remote-device cpu offloads ZeRO-3 parameters: it needs --zero-stage 3")
+    if ns.save and ns.save_interval is None:
+        errors.append("--save needs --save-interval (how many iterations between checkpoints)")
+    if ns.mock_data and (ns.data_path or ns.data_file_list):
+        errors.append("--mock-data and --data-path/--data-file-list both given; drop one")
+    if ns.data_path and ns.data_file_list:
+        errors.append("--data-path and --data-file-list both given; drop one")
+    if ns.mock_data and not ns.vocab_size and not ns.tokenizer_type:
+        errors.append("--mock-data needs --vocab-size (or a --tokenizer-type to take the size from)")
+    return errors
+
+
+def parse_args(argv: Optional[list[str]] = None) -> RunConfig:
+    """Parse Megatron-DeepSpeed flags into a RunConfig; raises ConfigError naming the flag and the fix."""
+    parser = build_parser()
+    argv = _normalize(list(sys.argv[1:] if argv is None else argv))
+    ns, unknown = parser.parse_known_args(argv)
+    if unknown:
+        raise _unknown_flag_error(parser, unknown)
+    if ns.deepspeed_config:
+        _adopt_deepspeed_file(ns)
+    errors = _check_flags(ns)
+    if errors:
+        raise ConfigError("invalid arguments:\n  - " + "\n  - ".join(errors))
+    # Defaults for the flags that a preset or a DeepSpeed file may fill, then the final values.
+    for dest, default in (("micro_batch_size", 1), ("zero_stage", 0), ("cpu_optimizer", False),
+                          ("bf16", False), ("fp16", False), ("clip_grad", 1.0)):
+        if getattr(ns, dest) is None:
+            setattr(ns, dest, default)
+    if ns.optimizer == "adamw":
+        ns.optimizer = "adam"
+    if ns.zero_stage >= 2 and ns.pipeline_model_parallel_size == 1:
+        ns.no_pipeline_parallel = True
+    model = _resolve_model(ns)
+    parallel = ParallelConfig(
+        tensor_model_parallel_size=ns.tensor_model_parallel_size,
+        pipeline_model_parallel_size=ns.pipeline_model_parallel_size, sequence_parallel=ns.sequence_parallel,
+        ds_sequence_parallel_size=ns.ds_sequence_parallel_size, no_pipeline_parallel=ns.no_pipeline_parallel,
+        distributed_backend=ns.distributed_backend)
+    data = DataConfig(
+        data_path=list(ns.data_path), data_file_list=ns.data_file_list, split=ns.split,
+        sample_mode=ns.sample_mode, mock_data=ns.mock_data, tokenizer_type=ns.tokenizer_type,
+        tokenizer_model=ns.tokenizer_model, vocab_file=ns.vocab_file, merge_file=ns.merge_file,
+        vocab_size=ns.vocab_size, num_workers=ns.num_workers, reset_position_ids=ns.reset_position_ids,
+        eod_mask_loss=ns.eod_mask_loss)
+    optimizer = OptimizerConfig(
+        optimizer=ns.optimizer, lr=ns.lr, min_lr=ns.min_lr, weight_decay=ns.weight_decay, clip_grad=ns.clip_grad,
+        adam_beta1=ns.adam_beta1, adam_beta2=ns.adam_beta2, adam_eps=ns.adam_eps, sgd_momentum=ns.sgd_momentum,
+        lr_decay_style=ns.lr_decay_style, lr_decay_iters=ns.lr_decay_iters, lr_warmup_iters=ns.lr_warmup_iters or 0,
+        lr_warmup_fraction=ns.lr_warmup_fraction, lr_wsd_decay_fraction=ns.lr_wsd_decay_fraction,
+        lr_wsd_decay_style=ns.lr_wsd_decay_style)
+    precision = PrecisionConfig(
+        bf16=ns.bf16, fp16=ns.fp16, loss_scale=ns.loss_scale, initial_loss_scale=ns.initial_loss_scale,
+        loss_scale_window=ns.loss_scale_window, hysteresis=ns.hysteresis, min_loss_scale=ns.min_loss_scale)
+    zero = ZeroConfig(
+        deepspeed=True, deepspeed_config=ns.deepspeed_config, zero_stage=ns.zero_stage,
+        cpu_optimizer=ns.cpu_optimizer, offload_param=ns.remote_device == "cpu",
+        deepspeed_activation_checkpointing=ns.deepspeed_activation_checkpointing,
+        universal_checkpoint=ns.universal_checkpoint)
+    training = TrainingConfig(
+        micro_batch_size=ns.micro_batch_size, global_batch_size=ns.global_batch_size,
+        rampup_batch_size=list(ns.rampup_batch_size) if ns.rampup_batch_size else None,
+        train_iters=ns.train_iters, train_samples=ns.train_samples, train_tokens=ns.train_tokens,
+        eval_interval=ns.eval_interval, eval_iters=ns.eval_iters, seed=ns.seed, exit_interval=ns.exit_interval,
+        exit_duration_in_mins=ns.exit_duration_in_mins, exit_signal_handler=ns.exit_signal_handler,
+        optimizer=optimizer, precision=precision, zero=zero)
+    checkpoint = CheckpointConfig(save=ns.save, save_interval=ns.save_interval, load=ns.load,
+                                  no_load_optim=ns.no_load_optim, no_load_rng=ns.no_load_rng, finetune=ns.finetune)
+    logging = LoggingConfig(log_interval=ns.log_interval, tensorboard_dir=ns.tensorboard_dir,
+                            log_timers_to_tensorboard=ns.log_timers_to_tensorboard,
+                            wandb_project=ns.wandb_project, wandb_exp_name=ns.wandb_exp_name,
+                            peak_tflops=ns.peak_tflops)
+    return RunConfig(model=model, parallel=parallel, data=data, training=training, checkpoint=checkpoint,
+                     logging=logging, args=dict(vars(ns)))
+
+
+# ---- derived values ------------------------------------------------------------------------------
+def global_batch_size(run: RunConfig, dp_size: int) -> int:
+    """The final global batch in samples: --global-batch-size, else micro batch × dp."""
+    return run.training.global_batch_size or run.training.micro_batch_size * dp_size
+
+
+def gradient_accumulation_steps(run: RunConfig, dp_size: int, global_batch: Optional[int] = None) -> int:
+    """global / (micro × dp); a remainder is an error naming the three numbers."""
+    micro = run.training.micro_batch_size
+    batch = global_batch_size(run, dp_size) if global_batch is None else global_batch
+    if batch % (micro * dp_size):
+        raise ConfigError(
+            f"--global-batch-size {batch} is not divisible by --micro-batch-size {micro} × data-parallel size "
+            f"{dp_size} = {micro * dp_size}; choose a global batch that is a multiple of {micro * dp_size}")
+    return batch // (micro * dp_size)
+
+
+def global_batch_size_at(run: RunConfig, consumed_samples: int, dp_size: int) -> int:
+    """Megatron's ramp-up: START + INCREMENT per (SAMPLES / number of increments) consumed samples, capped
+    at the global batch and rounded down to a multiple of micro batch × dp."""
+    final = global_batch_size(run, dp_size)
+    if not run.training.rampup_batch_size:
+        return final
+    start, increment, ramp_samples = run.training.rampup_batch_size
+    increments = (final - start) // increment
+    if increments == 0 or consumed_samples >= ramp_samples:
+        batch = final
+    else:
+        samples_per_increment = ramp_samples / increments
+        batch = min(final, start + int(consumed_samples / samples_per_increment) * increment)
+    unit = run.training.micro_batch_size * dp_size
+    if batch < unit:
+        raise ConfigError(f"--rampup-batch-size START {start} is smaller than --micro-batch-size "
+                          f"{run.training.micro_batch_size} × data-parallel size {dp_size}")
+    return batch // unit * unit
+
+
+def train_samples(run: RunConfig, dp_size: int) -> int:
+    """Samples the run trains on: --train-samples, --train-tokens / seq length, or iters × global batch."""
+    t = run.training
+    if t.train_samples is not None:
+        return t.train_samples
+    if t.train_tokens is not None:
+        return t.train_tokens // run.model.seq_length
+    if t.train_iters is not None:
+        return t.train_iters * global_batch_size(run, dp_size)
+    raise ConfigError("the run length is not set: give --train-iters, --train-samples or --train-tokens")
+
+
+def train_iters(run: RunConfig, dp_size: int) -> int:
+    """Optimizer steps: --train-iters, or the samples (from --train-samples / --train-tokens) walked
+    through the batch ramp-up; a partial last batch counts as a step (Megatron rounds up likewise)."""
+    if run.training.train_iters is not None:
+        return run.training.train_iters
+    samples = train_samples(run, dp_size)
+    if not run.training.rampup_batch_size:
+        return max(1, math.ceil(samples / global_batch_size(run, dp_size)))
+    consumed, iters = 0, 0
+    final = global_batch_size(run, dp_size)
+    while consumed < samples:
+        batch = global_batch_size_at(run, consumed, dp_size)
+        if batch == final:  # the rest at the full batch
+            return iters + math.ceil((samples - consumed) / final)
+        consumed += batch
+        iters += 1
+    return max(1, iters)
+
+
+def validate_run(run: RunConfig, world_size: int) -> None:
+    """Checks that need the world size: the layout, batch divisibility, run length and data source."""
+    errors = layout_errors(world_size, run.parallel, run.model)
+    if not errors:
+        dp = run.parallel.data_parallel_size(world_size)
+        for check in (lambda: gradient_accumulation_steps(run, dp), lambda: train_iters(run, dp),
+                      lambda: global_batch_size_at(run, 0, dp)):
+            try:
+                check()
+            except ConfigError as e:
+                errors.append(str(e))
+    if not (run.data.mock_data or run.data.data_path or run.data.data_file_list):
+        errors.append("no training data: give --data-path, --data-file-list, or --mock-data with --vocab-size")
+    if errors:
+        raise ConfigError(f"invalid run for world size {world_size}:\n  - " + "\n  - ".join(errors))

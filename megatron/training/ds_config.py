@@ -1,0 +1,137 @@
+"""The DeepSpeed config of a run: generated from the flags, or a user's --deepspeed_config checked against them.
+
+The optimizer and LR schedule are built in Python by the loop and handed to `deepspeed.initialize`, so a
+generated config has no "optimizer"/"scheduler" section, and a user file that has one is refused (its
+settings would silently fight the --optimizer/--lr flags). `precision_errors` says which precisions a device runs.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import Optional
+
+from megatron.config.arguments import (
+    DEEPSPEED_AGREEMENT, ConfigError, RunConfig, deepspeed_file_values, global_batch_size,
+    gradient_accumulation_steps, read_deepspeed_config,
+)
+
+STEPS_PER_PRINT = 1_000_000_000  # our loop logs; DeepSpeed's own step prints stay quiet
+DEFAULT_BUCKET_SIZE = 500_000_000
+
+def precision_errors(run: RunConfig, device_type: str) -> list[str]:
+    """Why the run's precision cannot train on `device_type` ('cpu', 'cuda', 'xpu', 'mps'); empty when it can."""
+    p = run.training.precision
+    errors = []
+    if p.fp16 and device_type == "cpu":
+        errors.append("--fp16 does not run on CPU (DeepSpeed's fp16 optimizer needs an accelerator); "
+                      "use --bf16 or drop the flag for fp32")
+    if p.bf16 and device_type == "mps":
+        errors.append("--bf16 is not supported by DeepSpeed on MPS; drop the flag for fp32")
+    if p.bf16 and p.fp16:
+        errors.append("--bf16 and --fp16 both set; pick one")
+    return errors
+
+
+def generate_deepspeed_config(run: RunConfig, dp_size: int, device_type: Optional[str] = None) -> dict:
+    """The config the flags describe. `device_type` None or 'cpu' turns off comm overlap and pinned memory."""
+    t, zero, prec = run.training, run.training.zero, run.training.precision
+    accelerator = device_type not in (None, "cpu")
+    batch = global_batch_size(run, dp_size)
+    cfg = {
+        "train_batch_size": batch,
+        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "gradient_accumulation_steps": gradient_accumulation_steps(run, dp_size, batch),
+        "gradient_clipping": t.optimizer.clip_grad,
+        "steps_per_print": STEPS_PER_PRINT,
+        "wall_clock_breakdown": False,
+        "zero_allow_untested_optimizer": True,  # the loop hands in torch SGD as well as AdamW
+        "zero_optimization": _zero_section(run, accelerator),
+    }
+    if prec.bf16:
+        cfg["bf16"] = {"enabled": True}
+    if prec.fp16:
+        cfg["fp16"] = {
+            "enabled": True,
+            "loss_scale": prec.loss_scale or 0,  # 0: dynamic
+            "initial_scale_power": int(math.log2(prec.initial_loss_scale)),
+            "loss_scale_window": prec.loss_scale_window,
+            "hysteresis": prec.hysteresis,
+            "min_loss_scale": prec.min_loss_scale,
+        }
+    if zero.deepspeed_activation_checkpointing:
+        a = run.args
+        cfg["activation_checkpointing"] = {
+            "partition_activations": bool(a.get("partition_activations", False)),
+            "contiguous_memory_optimization": bool(a.get("contiguous_checkpointing", False)),
+            "cpu_checkpointing": bool(a.get("checkpoint_in_cpu", False)),
+            "number_checkpoints": run.model.num_layers,
+            "synchronize_checkpoint_boundary": bool(a.get("synchronize_each_layer", False)),
+            "profile": bool(a.get("profile_backward", False)),
+        }
+    return cfg
+
+
+def _zero_section(run: RunConfig, accelerator: bool) -> dict:
+    zero = run.training.zero
+    section = {"stage": zero.zero_stage}
+    if zero.zero_stage == 0:
+        return section
+    bucket = int(run.args.get("zero_reduce_bucket_size") or DEFAULT_BUCKET_SIZE)
+    section.update({"contiguous_gradients": True, "overlap_comm": accelerator, "reduce_scatter": True,
+                    "reduce_bucket_size": bucket})
+    if zero.zero_stage < 3:
+        section["allgather_bucket_size"] = int(run.args.get("zero_allgather_bucket_size") or DEFAULT_BUCKET_SIZE)
+    if zero.cpu_optimizer:
+        section["offload_optimizer"] = {"device": "cpu", "pin_memory": accelerator}
+    if zero.offload_param:
+        if zero.zero_stage != 3:
+            raise ConfigError("--remote-device cpu (ZeRO parameter offload) needs --zero-stage 3")
+        section["offload_param"] = {"device": "cpu", "pin_memory": accelerator}
+    return section
+
+
+def merge_user_config(user: dict, generated: dict, path: str = "--deepspeed_config") -> dict:
+    """The user's file on top of the generated config, after checking that the two agree."""
+    refused = [k for k in ("optimizer", "scheduler") if k in user]
+    if refused:
+        raise ConfigError(
+            f"{path} has a {' and a '.join(repr(k) for k in refused)} section; this framework builds the optimizer "
+            "and LR schedule from --optimizer/--lr/--lr-decay-style/--adam-*/--weight-decay, so remove the "
+            "section and give those flags instead")
+    user = copy.deepcopy(user)
+    if "bfloat16" in user:  # DeepSpeed's old spelling; keep one key so the two cannot disagree
+        user.setdefault("bf16", user.pop("bfloat16"))
+        user.pop("bfloat16", None)
+    mine, theirs = deepspeed_file_values(generated), deepspeed_file_values(user)
+    errors = []
+    for dest, (flag, key) in DEEPSPEED_AGREEMENT.items():
+        if dest in theirs and theirs[dest] != mine.get(dest, False):
+            errors.append(f"{flag} gives {key} = {mine.get(dest, False)} but {path} has {theirs[dest]}")
+    gas = user.get("gradient_accumulation_steps")
+    if isinstance(gas, int) and gas != generated["gradient_accumulation_steps"]:
+        errors.append(f"the flags give gradient_accumulation_steps = {generated['gradient_accumulation_steps']} "
+                      f"(global batch / (micro batch × dp)) but {path} has {gas}")
+    if errors:
+        raise ConfigError("the flags and the DeepSpeed config file disagree; make them match:\n  - "
+                          + "\n  - ".join(errors))
+    return _deep_merge(generated, user)
+
+
+def _deep_merge(base: dict, top: dict) -> dict:
+    out = dict(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def build_deepspeed_config(run: RunConfig, dp_size: int, device_type: Optional[str] = None) -> dict:
+    """The dict to pass as `deepspeed.initialize(config=...)`: generated, or the user's file merged and checked."""
+    generated = generate_deepspeed_config(run, dp_size, device_type)
+    path = run.training.zero.deepspeed_config
+    if path is None:
+        return generated
+    return merge_user_config(read_deepspeed_config(path), generated, path)

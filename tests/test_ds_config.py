@@ -1,0 +1,141 @@
+"""DeepSpeed config generation from flags, merging a user's file, precision checks, and DeepSpeed accepting it."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from megatron.config.arguments import ConfigError, parse_args
+from megatron.training.ds_config import build_deepspeed_config, precision_errors
+
+ROOT = Path(__file__).resolve().parents[1]
+BASE = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "8", "--mock-data",
+        "--vocab-size", "1000", "--train-iters", "10"]
+
+
+def test_generated_config_carries_batch_clipping_zero_and_fp16_loss_scaling():
+    run = parse_args([*BASE, "--micro-batch-size", "2", "--global-batch-size", "16", "--clip-grad", "0.5",
+                      "--zero-stage", "1", "--cpu-optimizer", "--fp16", "--initial-loss-scale", "4096"])
+    cfg = build_deepspeed_config(run, dp_size=2, device_type="cuda")
+    assert (cfg["train_batch_size"], cfg["train_micro_batch_size_per_gpu"], cfg["gradient_accumulation_steps"]) == \
+        (16, 2, 4)
+    assert cfg["gradient_clipping"] == 0.5 and cfg["steps_per_print"] >= 10**6 and not cfg["wall_clock_breakdown"]
+    z = cfg["zero_optimization"]
+    assert z["stage"] == 1 and z["offload_optimizer"] == {"device": "cpu", "pin_memory": True}
+    assert z["overlap_comm"] and z["contiguous_gradients"] and "offload_param" not in z
+    assert cfg["fp16"]["enabled"] and cfg["fp16"]["loss_scale"] == 0 and cfg["fp16"]["initial_scale_power"] == 12
+    assert "bf16" not in cfg and "optimizer" not in cfg and "scheduler" not in cfg
+    fixed = parse_args([*BASE, "--fp16", "--loss-scale", "128"])
+    assert build_deepspeed_config(fixed, dp_size=1)["fp16"]["loss_scale"] == 128
+
+
+def test_zero3_parameter_offload_bf16_and_activation_checkpointing_sections():
+    run = parse_args([*BASE, "--zero-stage", "3", "--cpu-optimizer", "--remote-device", "cpu", "--bf16",
+                      "--deepspeed-activation-checkpointing", "--partition-activations", "--checkpoint-in-cpu"])
+    cfg = build_deepspeed_config(run, dp_size=4, device_type="cpu")
+    z = cfg["zero_optimization"]
+    assert z["stage"] == 3 and z["offload_param"] == {"device": "cpu", "pin_memory": False} and not z["overlap_comm"]
+    assert cfg["bf16"] == {"enabled": True}
+    ac = cfg["activation_checkpointing"]
+    assert ac["partition_activations"] and ac["cpu_checkpointing"] and not ac["contiguous_memory_optimization"]
+    assert ac["number_checkpoints"] == 2
+    plain = build_deepspeed_config(parse_args(BASE), dp_size=1)
+    assert plain["zero_optimization"] == {"stage": 0} and "activation_checkpointing" not in plain
+    assert "bf16" not in plain and "fp16" not in plain
+
+
+def test_user_file_is_merged_keeping_its_extra_sections(tmp_path):
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({
+        "train_batch_size": 8, "train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 4,
+        "steps_per_print": 1, "zero_optimization": {"stage": 1, "reduce_bucket_size": 1000},
+        "bfloat16": {"enabled": True, "loss_scale": 1.0}, "fp16": {"enabled": False},
+        "flops_profiler": {"enabled": False}}))
+    run = parse_args([*BASE, "--deepspeed_config", str(path), "--bf16", "--zero-stage", "1"])
+    cfg = build_deepspeed_config(run, dp_size=2)
+    assert cfg["steps_per_print"] == 1 and cfg["flops_profiler"] == {"enabled": False}
+    assert cfg["zero_optimization"]["reduce_bucket_size"] == 1000 and cfg["zero_optimization"]["stage"] == 1
+    assert cfg["bf16"]["enabled"] and "bfloat16" not in cfg
+    assert cfg["gradient_accumulation_steps"] == 4
+    with pytest.raises(ConfigError, match=r"gradient_accumulation_steps = 2 .* but .*ds.json has 4"):
+        build_deepspeed_config(run, dp_size=4)  # same file, but 4 data-parallel ranks: 8 / (1 × 4) = 2
+
+
+def test_user_file_with_optimizer_section_or_disagreeing_values_is_refused(tmp_path):
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"train_micro_batch_size_per_gpu": 1, "optimizer": {"type": "AdamW"}}))
+    run = parse_args([*BASE, "--deepspeed_config", str(path)])
+    with pytest.raises(ConfigError, match=r"has a 'optimizer' section; .* --optimizer/--lr"):
+        build_deepspeed_config(run, dp_size=1)
+    # A RunConfig changed after parsing (as a tool might) is still checked against the file.
+    path.write_text(json.dumps({"zero_optimization": {"stage": 2}}))
+    run = parse_args([*BASE, "--deepspeed_config", str(path)])
+    run.training.zero.zero_stage = 1
+    with pytest.raises(ConfigError, match=r"--zero-stage gives zero_optimization.stage = 1 but .*ds.json has 2"):
+        build_deepspeed_config(run, dp_size=1)
+
+
+def test_precision_errors_refuse_fp16_on_cpu_only():
+    fp16 = parse_args([*BASE, "--fp16"])
+    assert any("--fp16 does not run on CPU" in e for e in precision_errors(fp16, "cpu"))
+    assert precision_errors(fp16, "cuda") == []
+    assert precision_errors(parse_args([*BASE, "--bf16"]), "cpu") == []
+
+
+_DEEPSPEED_ACCEPTS = textwrap.dedent("""
+    import os, sys, torch, deepspeed
+    sys.path.insert(0, sys.argv[1])
+    from megatron.config.arguments import parse_args
+    from megatron.training.ds_config import build_deepspeed_config
+    from megatron.training.lr_schedule import build_lr_scheduler
+    deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
+    base = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "8", "--mock-data",
+            "--vocab-size", "100", "--train-iters", "4", "--lr", "0.1", "--lr-warmup-iters", "2",
+            "--lr-decay-style", "linear", "--micro-batch-size", "2", "--global-batch-size", "4"]
+    for extra in ([], ["--bf16", "--zero-stage", "2"], ["--zero-stage", "1", "--cpu-optimizer"]):
+        run = parse_args(base + extra)
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 1))
+        if run.training.zero.cpu_optimizer:
+            from deepspeed.ops.adam import DeepSpeedCPUAdam
+            opt = DeepSpeedCPUAdam(model.parameters(), lr=run.training.optimizer.lr)
+        else:
+            opt = torch.optim.AdamW(model.parameters(), lr=run.training.optimizer.lr)
+        engine, _, _, sched = deepspeed.initialize(
+            model=model, optimizer=opt, lr_scheduler=build_lr_scheduler(opt, run),
+            config=build_deepspeed_config(run, 1, "cpu"))
+        dtype = torch.bfloat16 if run.training.precision.bf16 else torch.float32
+        lrs = []
+        for _ in range(2 * engine.gradient_accumulation_steps()):
+            loss = engine(torch.ones(2, 8, dtype=dtype)).float().pow(2).mean()
+            engine.backward(loss)
+            before = engine.global_steps
+            engine.step()
+            if engine.global_steps != before:
+                lrs.append(sched.get_last_lr()[0])
+        assert engine.gradient_accumulation_steps() == 2, engine.gradient_accumulation_steps()
+        assert sched.num_steps == 2 and abs(lrs[0] - 0.05) < 1e-9 and abs(lrs[1] - 0.1) < 1e-9, lrs
+    print("ACCEPTED")
+""")
+
+
+def test_deepspeed_initialize_accepts_generated_configs_and_steps_the_schedule(tmp_path):
+    script = tmp_path / "accepts.py"
+    script.write_text(_DEEPSPEED_ACCEPTS)
+    env = dict(os.environ, RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+               MASTER_PORT=str(_free_port()), GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1",
+               TORCH_EXTENSIONS_DIR=str(ROOT / ".venv" / "torch_extensions"))
+    out = subprocess.run([sys.executable, str(script), str(ROOT)], env=env, capture_output=True, text=True,
+                         timeout=240)
+    assert "ACCEPTED" in out.stdout, out.stdout[-3000:] + out.stderr[-3000:]
+
+
+def _free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
