@@ -352,23 +352,35 @@ def run_partitions(partitions, prefixes, tokenizer, tokenizer_kwargs, options, o
     try:
         for process in processes:
             process.start()
-        finished = 0
-        while finished < count:
+        # A bad line is reported from the earliest partition that has one, so the error names the
+        # first bad line of the input whatever the timing: later partitions are stopped, earlier
+        # ones are awaited.
+        reported: set[int] = set()
+        errors: dict[int, str] = {}
+        while len(reported) < count and not (errors and reported.issuperset(range(min(errors)))):
             try:
                 kind, index, payload = messages.get(timeout=0.25)
             except queue.Empty:
                 kind = None
-                if any(p.exitcode not in (None, 0) for p in processes):
+                if any(p.exitcode not in (None, 0) for i, p in enumerate(processes) if i not in reported):
                     raise BadInputError("a partition process died without reporting (out of memory?)")
             if kind == "error":
-                raise BadInputError(f"partition {index}: {payload}")
+                errors[index] = payload
+                for later in range(index + 1, count):
+                    if later not in reported:
+                        processes[later].terminate()
+                        reported.add(later)
+            if kind is not None:
+                reported.add(index)
             if kind == "done":
-                finished += 1
                 stats.empty_documents += payload[0]
                 stats.bad_examples.extend(payload[1])
             totals = np.frombuffer(counters, dtype=np.int64).reshape(count, 4).sum(axis=0)
             stats.documents, stats.tokens, stats.bytes_read, stats.bad_lines = (int(x) for x in totals)
             on_progress(stats)
+        if errors:
+            first = min(errors)
+            raise BadInputError(f"partition {first}: {errors[first]}")
         for process in processes:
             process.join()
         dtype = best_dtype(tokenizer.vocab_size)
