@@ -1,0 +1,174 @@
+"""Resume a run on a different layout: load a checkpoint saved at (tp, pp, dp, ZeRO) into an engine at (tp', pp', dp', ZeRO').
+
+    if checkpoint_layout_differs(load_dir, run, ps):                       # in training/checkpointing.py
+        progress = load_checkpoint_any_layout(training_engine, load_dir)   # instead of engine.load_checkpoint
+
+Every parameter's fp32 master weight and Adam moments are consolidated to the full (tp=1) tensor
+(ds_checkpoint.DeepSpeedCheckpoint), cut to this rank's tp shard, and written into whatever the
+engine keeps (a plain torch optimizer, ZeRO-1/2 or bf16 flat partitions, ZeRO-3 partitions) through
+DeepSpeed's tensor-fragment API. The Adam step, the LR schedule, the iteration and consumed samples
+follow. Per-rank RNG streams cannot be mapped onto a different number of ranks: they start fresh
+from the run's seed (exact with dropout 0; otherwise the dropout masks differ from the old run's).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+from tqdm import tqdm
+
+from megatron.convert.ds_checkpoint import TIED_PREFIX, DeepSpeedCheckpoint
+from megatron.convert.model_layout import ConversionError
+from megatron.model.pipeline import pipe_layer_prefix
+from megatron.model.sharding import shard_state_dict
+from megatron.training.checkpointing import TrainingProgress
+
+WEIGHT_FIELDS = ("num_layers", "hidden_size", "num_attention_heads", "num_key_value_heads", "ffn_hidden_size",
+                 "vocab_size", "normalization", "swiglu", "position_embedding_type", "max_position_embeddings",
+                 "untie_embeddings_and_output_weights", "add_bias_linear")
+
+
+def config_differences(saved, current) -> list[str]:
+    return [f"{f}: checkpoint {getattr(saved, f)!r} vs this run {getattr(current, f)!r}"
+            for f in WEIGHT_FIELDS if getattr(saved, f) != getattr(current, f)]
+
+
+def checkpoint_layout_differs(load_dir: str, run, ps) -> bool:
+    """True when the checkpoint under `load_dir` cannot be loaded by DeepSpeed as is: another tp, pp, dp or
+    ZeRO stage, or a converted weights-only checkpoint (no optimizer files, or written by the converter)."""
+    ckpt = DeepSpeedCheckpoint(load_dir)
+    zero_stage = run.training.zero.zero_stage
+    return (ckpt.tp != ps.tp_size or ckpt.pp != ps.pp_size or ckpt.dp != ps.dp_size * ps.sp_size
+            or ckpt.zero_stage != zero_stage or "converted_from" in ckpt.client_state)
+
+
+def _full_name(local: str, config, pipeline: bool) -> str:
+    if not pipeline:
+        return local
+    if local.startswith(TIED_PREFIX):
+        return "embedding." + local[len(TIED_PREFIX):]
+    index, rest = local.split(".", 1)
+    return pipe_layer_prefix(int(index), config) + rest
+
+
+def _set_zero3(param, optimizer, value: torch.Tensor, key: Optional[str]) -> None:
+    """Write this rank's ZeRO-3 partition of `value` (the full tp-shard tensor) into the fp32 state `key`
+    (None: the fp32 master, and the module's own partition too)."""
+    partition, _ = optimizer._get_fp32_opt_state_partition(param, release_swap_buffers=False, optim_state_key=key)
+    n = partition.numel()
+    rank = optimizer._get_param_partition_rank(param)
+    flat = value.flatten().to(partition.dtype)
+    padded = torch.zeros(n * (rank + 1), dtype=flat.dtype)
+    padded[: min(flat.numel(), padded.numel())] = flat[: padded.numel()]
+    mine = padded[n * rank:]
+    partition.data.copy_(mine)
+    if key is None:
+        param.ds_tensor.data.copy_(mine.to(param.ds_tensor.dtype).view_as(param.ds_tensor))
+
+
+def _ensure_adam_states(optimizer) -> None:
+    """Create (zero) Adam states for DeepSpeed's flat fp32 partitions before the first step, and link them to
+    the parameters, so the tensor-fragment API can write them (DeepSpeed creates them lazily at step 1)."""
+    base = getattr(optimizer, "optimizer", None)
+    if base is None:
+        return
+    flats = None
+    for attr in ("single_partition_of_fp32_groups", "fp32_groups_flat_partition", "fp32_partitioned_groups_flat"):
+        if getattr(optimizer, attr, None) is not None:
+            flats = getattr(optimizer, attr)
+            break
+    if flats is None:
+        raise ConversionError(f"cannot reach the fp32 partitions of {type(optimizer).__name__} to load Adam states")
+    tensor_step = isinstance(base, torch.optim.Optimizer) and type(base).__module__.startswith("torch.")
+    for flat in flats:
+        state = base.state[flat]
+        if "exp_avg" not in state:
+            state["step"] = torch.tensor(0.0) if tensor_step else 0
+            state["exp_avg"] = torch.zeros_like(flat)
+            state["exp_avg_sq"] = torch.zeros_like(flat)
+    if hasattr(optimizer, "_lazy_init_hp_params_optimizer_state"):
+        optimizer._hp_optimizer_states_linked = False
+        optimizer._lazy_init_hp_params_optimizer_state()
+
+
+def _set_step(optimizer, step: int) -> None:
+    base = getattr(optimizer, "optimizer", optimizer)
+    for group in base.param_groups:
+        if "step" in group:
+            group["step"] = step
+    for state in base.state.values():
+        if "step" in state:
+            old = state["step"]
+            state["step"] = torch.tensor(float(step), dtype=old.dtype) if torch.is_tensor(old) else step
+
+
+def load_checkpoint_any_layout(training_engine, load_dir: str, *, load_optim: bool = True, finetune: bool = False,
+                               progress_bar: bool = True) -> TrainingProgress:
+    """Load `load_dir` (any layout) into `training_engine` (megatron.training.engine.TrainingEngine).
+
+    Collective over the engine's ranks only through DeepSpeed's own state (no communication here); each
+    rank reads what it needs from the files. finetune: weights only, progress starts at iteration 0.
+    """
+    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+    ckpt = DeepSpeedCheckpoint(load_dir)
+    config, ps, ds = training_engine.model_config, training_engine.ps, training_engine.engine
+    differences = config_differences(ckpt.config, config)
+    if differences:
+        raise ConversionError(f"--load {load_dir}: the checkpoint's model differs from this run's: "
+                              + "; ".join(differences))
+    has_moments = load_optim and not finetune and "converted_from" not in ckpt.client_state
+    optimizer = ds.optimizer
+    zero3 = ds.zero_optimization_partition_weights()
+    if has_moments and not isinstance(optimizer, torch.optim.Optimizer):
+        _ensure_adam_states(optimizer)
+    named = list(ds.module.named_parameters())
+    bar = tqdm(named, desc=f"load {os.path.basename(ckpt.tag_dir)} at tp {ps.tp_size} pp {ps.pp_size}",
+               unit="param", disable=not progress_bar or ps.rank != 0)
+    for local, param in bar:
+        name = _full_name(local, config, training_engine.is_pipeline)
+
+        def shard(key, name=name):
+            full = ckpt.full_optimizer_tensor(name, key)
+            return shard_state_dict({name: full}, config, ps.tp_size, ps.tp_rank)[name].float()
+
+        master = shard("fp32")
+        expected = tuple(param.ds_shape) if zero3 else tuple(param.shape)
+        if tuple(master.shape) != expected:
+            raise ConversionError(f"{load_dir}: {name} resharded to {tuple(master.shape)} but this run's parameter "
+                                  f"is {expected}")
+        with torch.no_grad():
+            if zero3:
+                _set_zero3(param, optimizer, master, None)
+            else:
+                param.data.copy_(master.to(param.dtype))
+                safe_set_full_fp32_param(param, master)
+            if not has_moments:
+                continue
+            for key in ("exp_avg", "exp_avg_sq"):
+                value = shard(key)
+                if zero3:
+                    _set_zero3(param, optimizer, value, key)
+                elif hasattr(param, "_hp_mapping"):
+                    safe_set_full_optimizer_state(param, value, key)
+                else:
+                    optimizer.state[param][key] = value.clone()  # a plain torch optimizer (no ZeRO, fp32)
+                    optimizer.state[param].setdefault("step", torch.tensor(0.0))
+    if has_moments and ckpt.optimizer_step() is not None:
+        _set_step(optimizer, ckpt.optimizer_step())
+    if training_engine.is_pipeline:
+        ds.module._synchronize_tied_weights()
+    if finetune:
+        return TrainingProgress(args=ckpt.args, checkpoint_path=ckpt.tag_dir)
+    if ckpt.lr_scheduler_state() is not None and ds.lr_scheduler is not None:
+        ds.lr_scheduler.load_state_dict(ckpt.lr_scheduler_state())
+    state = ckpt.client_state
+    ds.global_steps = int(state.get("global_steps") or 0)
+    ds.global_samples = int(state.get("global_samples") or 0)
+    ds.skipped_steps = int(state.get("skipped_steps") or 0)
+    return TrainingProgress(iteration=int(state.get("iteration") or 0),
+                            consumed_samples=int(state.get("consumed_samples") or 0),
+                            consumed_tokens=int(state.get("consumed_tokens") or 0), args=ckpt.args,
+                            checkpoint_path=ckpt.tag_dir)

@@ -1,0 +1,358 @@
+"""The one place where the model meets DeepSpeed: build model + optimizer + LR schedule, `deepspeed.initialize`, step.
+
+`build_engine(run, ps, device)` returns a `TrainingEngine` whose `train_step(batches)` runs one
+global batch (gradient accumulation, or DeepSpeed's 1F1B pipeline schedule when pp > 1) and whose
+`eval_step(batches)` returns one batch's loss. Layout rules DeepSpeed cannot run (ZeRO-2/3 with
+the pipeline engine, fp16 on CPU, Ulysses with pp > 1) are refused here, naming the flags.
+
+Megatron sequence parallelism (--sequence-parallel): norms, row-parallel biases and position embeddings
+see only this tp rank's part of the sequence, so their gradients must be summed over tp before the
+optimizer uses them. DeepSpeed offers no single point between backward and step that works for every
+configuration: ZeRO-2/3 move each gradient into flat dp partitions from accumulate-grad hooks *during*
+`engine.backward`, and the pipeline engine runs backward and step inside `train_batch`. So instead of
+calling megatron.model's `allreduce_sequence_parallel_grads` after backward, we install its
+`register_sequence_parallel_grad_hooks` once: a tensor hook sums each such gradient over tp as autograd
+produces it, before it is accumulated into .grad and before DeepSpeed's hooks see it (same result, every
+ZeRO stage, pipe or not).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterator, Optional
+
+import torch
+import torch.distributed as dist
+
+from megatron.config.model import TransformerConfig
+from megatron.dist.parallel_state import ParallelState
+
+
+class EngineConfigError(ValueError):
+    """A combination of flags the engine cannot run; the message names the flags and the fix."""
+
+
+# ---- what runs where --------------------------------------------------------------------------------
+
+def uses_pipeline_engine(run) -> bool:
+    """DeepSpeed's PipelineEngine runs whenever the model is split into stages (pp > 1).
+
+    With pp == 1 the plain engine is used whether or not --no-pipeline-parallel is given: a one-stage
+    pipeline would only cost speed and forbid ZeRO-2/3.
+    """
+    return run.parallel.pp > 1
+
+
+def engine_config_errors(run, device: torch.device) -> list[str]:
+    """Every reason the engine cannot run `run` on `device`, each naming the flags; empty when it can."""
+    from megatron.training.ds_config import precision_errors
+
+    zero = run.training.zero
+    errors = list(precision_errors(run, device.type))
+    if uses_pipeline_engine(run) and zero.zero_stage >= 2:
+        errors.append(
+            f"--zero-stage {zero.zero_stage} cannot be combined with --pipeline-model-parallel-size "
+            f"{run.parallel.pp}: DeepSpeed's pipeline engine supports ZeRO stage 0 or 1 only; use --zero-stage 1, "
+            "or --pipeline-model-parallel-size 1 --no-pipeline-parallel to keep ZeRO-2/3")
+    if run.parallel.sp > 1 and run.parallel.pp > 1:
+        errors.append(
+            f"--ds-sequence-parallel-size {run.parallel.sp} (Ulysses) needs --pipeline-model-parallel-size 1 "
+            f"(got {run.parallel.pp})")
+    if zero.zero_stage not in (0, 1, 2, 3):
+        errors.append(f"--zero-stage must be 0, 1, 2 or 3 (got {zero.zero_stage})")
+    if zero.offload_param and zero.zero_stage != 3:
+        errors.append(f"parameter offload (--remote-device cpu) needs --zero-stage 3 (got {zero.zero_stage})")
+    if run.training.optimizer.optimizer not in ("adam", "sgd"):
+        errors.append(f"--optimizer {run.training.optimizer.optimizer!r} is not one of adam, sgd")
+    if zero.cpu_optimizer and run.training.optimizer.optimizer == "sgd":
+        errors.append("--cpu-optimizer uses DeepSpeedCPUAdam; it cannot be combined with --optimizer sgd")
+    if run.model.vocab_size <= 0:
+        errors.append("the model's vocabulary size is unknown: give --tokenizer-type (or --vocab-size with "
+                      "--mock-data / NullTokenizer)")
+    return errors
+
+
+def check_engine_config(run, device: torch.device) -> None:
+    errors = engine_config_errors(run, device)
+    if errors:
+        raise EngineConfigError("cannot build the training engine:\n  - " + "\n  - ".join(errors))
+
+
+# ---- model and optimizer ----------------------------------------------------------------------------
+
+def build_model(model_config: TransformerConfig, ps: ParallelState, pipeline: bool, seed: int) -> torch.nn.Module:
+    """GPTModel, or its layers as DeepSpeed's PipelineModule (collective when pipeline: all ranks call it)."""
+    if pipeline:
+        from megatron.model.pipeline import build_pipeline_module
+
+        return build_pipeline_module(model_config, ps, seed=seed)
+    from megatron.model import GPTModel
+
+    return GPTModel(model_config, ps, seed=seed)
+
+
+def optimizer_param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Megatron's split: no weight decay on biases and norm weights (every parameter with fewer than 2 dims)."""
+    decay, no_decay = [], []
+    for param in model.parameters():
+        if param.requires_grad:
+            (no_decay if param.ndim < 2 else decay).append(param)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
+def build_optimizer(run, model: torch.nn.Module) -> torch.optim.Optimizer:
+    """torch AdamW (or SGD); DeepSpeedCPUAdam with --cpu-optimizer (what ZeRO's CPU offload steps with)."""
+    opt = run.training.optimizer
+    groups = optimizer_param_groups(model, opt.weight_decay)
+    betas = (opt.adam_beta1, opt.adam_beta2)
+    if run.training.zero.cpu_optimizer:
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(groups, lr=opt.lr, betas=betas, eps=opt.adam_eps, weight_decay=opt.weight_decay,
+                                adamw_mode=True)
+    if opt.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=opt.lr, momentum=opt.sgd_momentum, weight_decay=opt.weight_decay)
+    return torch.optim.AdamW(groups, lr=opt.lr, betas=betas, eps=opt.adam_eps, weight_decay=opt.weight_decay)
+
+
+# ---- batches ----------------------------------------------------------------------------------------
+
+@dataclass
+class ModelInputs:
+    tokens: torch.Tensor  # [b, s_local]
+    position_ids: torch.Tensor  # [b, s_local], positions in the full sequence
+    labels: torch.Tensor  # [b, s_local]
+    loss_mask: torch.Tensor  # [b, s_local] float
+
+
+def position_ids_and_loss_mask(tokens: torch.Tensor, eod_token: Optional[int], reset_position_ids: bool,
+                               eod_mask_loss: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Megatron's rules: with --reset-position-ids positions restart after each EOD token; with
+    --eod-mask-loss the positions whose input is EOD carry no loss."""
+    b, s = tokens.shape
+    index = torch.arange(s, dtype=torch.long, device=tokens.device).unsqueeze(0).expand(b, s)
+    loss_mask = torch.ones(b, s, dtype=torch.float32, device=tokens.device)
+    if (reset_position_ids or eod_mask_loss) and eod_token is None:
+        raise EngineConfigError("--reset-position-ids / --eod-mask-loss need a tokenizer with an EOD token")
+    if eod_mask_loss:
+        loss_mask[tokens == eod_token] = 0.0
+    if not reset_position_ids:
+        return index.clone(), loss_mask
+    # A document starts right after each EOD: position = index - (start of the current document).
+    after_eod = torch.where(tokens == eod_token, index + 1, torch.zeros_like(index))
+    doc_start = torch.cat([torch.zeros(b, 1, dtype=torch.long, device=tokens.device), after_eod[:, :-1]], dim=1)
+    return index - torch.cummax(doc_start, dim=1).values, loss_mask
+
+
+def prepare_batch(batch: dict, ps: ParallelState, device: torch.device, eod_token: Optional[int] = None,
+                  reset_position_ids: bool = False, eod_mask_loss: bool = False) -> ModelInputs:
+    """{"tokens": [b, s+1]} -> inputs and labels shifted by one, cut to this Ulysses rank's part of the sequence."""
+    if "tokens" not in batch:
+        raise KeyError(f"a training batch must hold 'tokens' [b, seq+1]; got keys {sorted(batch)}")
+    data = batch["tokens"].long()
+    tokens, labels = data[:, :-1].contiguous(), data[:, 1:].contiguous()
+    position_ids, loss_mask = position_ids_and_loss_mask(tokens, eod_token, reset_position_ids, eod_mask_loss)
+    if ps.sp_size > 1:  # every sp rank got the full sample from the data iterator: keep our chunk
+        s = tokens.shape[1]
+        if s % ps.sp_size:
+            raise EngineConfigError(f"sequence length {s} is not divisible by --ds-sequence-parallel-size {ps.sp_size}")
+        chunk = s // ps.sp_size
+        part = slice(ps.sp_rank * chunk, (ps.sp_rank + 1) * chunk)
+        tokens, labels, position_ids, loss_mask = tokens[:, part], labels[:, part], position_ids[:, part], \
+            loss_mask[:, part]
+    return ModelInputs(tokens.contiguous().to(device), position_ids.contiguous().to(device),
+                       labels.contiguous().to(device), loss_mask.contiguous().to(device))
+
+
+def masked_mean_loss(per_token_loss: torch.Tensor, loss_mask: torch.Tensor, ps: ParallelState):
+    """(loss to backpropagate, loss to report) for one micro-batch: the mean over tokens with loss_mask 1.
+
+    Under Ulysses each sp rank holds part of the sequence: it backpropagates its token-loss sum divided by
+    the token count of the whole sequence. DeepSpeed sums gradients over sp (it divides the sequence-data
+    group's sum by dp only), which gives the gradient of the full sequence's mean. The reported loss is
+    that mean, all-reduced over sp.
+    """
+    mask = loss_mask.float()
+    local_sum = (per_token_loss.float() * mask).sum()
+    count = mask.sum().detach().clone()
+    if ps.sp_size > 1:
+        dist.all_reduce(count, group=ps.sp_group)
+    loss = local_sum / count.clamp(min=1.0)
+    report = loss.detach().clone()
+    if ps.sp_size > 1:
+        dist.all_reduce(report, group=ps.sp_group)
+    return loss, report
+
+
+# ---- the engine -------------------------------------------------------------------------------------
+
+@dataclass
+class StepResult:
+    loss: float  # mean over the global batch (every micro-batch of every dp rank)
+    grad_norm: Optional[float]  # before clipping; None when DeepSpeed does not report it (pipe, fp32, ZeRO-0)
+    learning_rate: float  # the lr this step used
+    skipped: bool  # fp16 overflow: the optimizer step was skipped
+    num_samples: int  # samples in this global batch
+
+
+@dataclass
+class TrainingEngine:
+    engine: object  # deepspeed.DeepSpeedEngine, or deepspeed.runtime.pipe.PipelineEngine when is_pipeline
+    ps: ParallelState
+    device: torch.device
+    model_config: TransformerConfig
+    ds_config: dict
+    is_pipeline: bool
+    eod_token: Optional[int] = None
+    reset_position_ids: bool = False
+    eod_mask_loss: bool = False
+    hook_handles: list = field(default_factory=list)
+    destroyed: bool = False
+
+    @property
+    def lr_scheduler(self):
+        return self.engine.lr_scheduler
+
+    @property
+    def gradient_accumulation_steps(self) -> int:
+        return self.engine.gradient_accumulation_steps()
+
+    @property
+    def global_batch_size(self) -> int:
+        return self.engine.train_batch_size()
+
+    def set_global_batch_size(self, batch: int) -> None:
+        """Batch ramp-up: change the number of accumulated micro-batches (the micro batch stays)."""
+        if batch != self.global_batch_size:
+            self.engine.set_train_batch_size(batch)
+
+    def _inputs(self, batch: dict) -> ModelInputs:
+        return prepare_batch(batch, self.ps, self.device, self.eod_token, self.reset_position_ids,
+                             self.eod_mask_loss)
+
+    def _pipeline_batches(self, batches: Iterator[dict]):
+        """The ((tokens, position_ids), (labels, loss_mask)) tuples the PipelineModule takes."""
+        for batch in batches:
+            x = self._inputs(batch)
+            yield (x.tokens, x.position_ids), (x.labels, x.loss_mask)
+
+    def _lr(self) -> float:
+        return float(self.engine.get_lr()[0])
+
+    def _needs_own_grad_norm(self) -> bool:
+        # DeepSpeed computes the norm inside its ZeRO / bf16 optimizers only.
+        return (not self.is_pipeline and self.engine.zero_optimization_stage() == 0
+                and not self.engine.bfloat16_enabled() and not self.engine.fp16_enabled())
+
+    def _grad_norm_of_reduced_grads(self) -> float:
+        """L2 norm of the dp-reduced gradients (pp == 1 here), counting tp-replicated params once."""
+        squares = torch.zeros((), dtype=torch.float32, device=self.device)
+        for param in self.engine.module.parameters():
+            if param.grad is not None and (getattr(param, "tensor_model_parallel", False) or self.ps.tp_rank == 0):
+                squares += param.grad.detach().float().pow(2).sum()
+        if self.ps.tp_size > 1:
+            dist.all_reduce(squares, group=self.ps.tp_group)
+        return float(squares.sqrt().item())
+
+    def train_step(self, batches: Iterator[dict]) -> StepResult:
+        """One optimizer step over `gradient_accumulation_steps` micro-batches pulled from `batches`."""
+        skipped_before = self.engine.skipped_steps
+        lr = self._lr()
+        grad_norm = None
+        if self.is_pipeline:
+            loss = float(self.engine.train_batch(data_iter=self._pipeline_batches(batches)).item())
+        else:
+            self.engine.train()
+            gas = self.gradient_accumulation_steps
+            total = torch.zeros((), dtype=torch.float32, device=self.device)
+            for _ in range(gas):
+                x = self._inputs(next(batches))
+                per_token = self.engine(x.tokens, position_ids=x.position_ids, labels=x.labels)
+                loss, report = masked_mean_loss(per_token, x.loss_mask, self.ps)
+                self.engine.backward(loss)  # at the last micro-batch: gradients reduced over dp (sdp)
+                if self.engine.is_gradient_accumulation_boundary() and self._needs_own_grad_norm():
+                    grad_norm = self._grad_norm_of_reduced_grads()
+                self.engine.step()  # only steps the optimizer (and the LR schedule) at the boundary
+                total += report
+            total /= gas
+            if self.ps.dp_size > 1:
+                dist.all_reduce(total, group=self.ps.dp_group)
+                total /= self.ps.dp_size
+            loss = float(total.item())
+        if grad_norm is None:
+            norm = self.engine.get_global_grad_norm()
+            grad_norm = None if norm is None else float(norm.item() if torch.is_tensor(norm) else norm)
+        return StepResult(loss=loss, grad_norm=grad_norm, learning_rate=lr,
+                          skipped=self.engine.skipped_steps > skipped_before, num_samples=self.global_batch_size)
+
+    @torch.no_grad()
+    def eval_step(self, batches: Iterator[dict]) -> float:
+        """Mean loss over one global batch from `batches`; no gradients, no optimizer step."""
+        if self.is_pipeline:
+            loss = self.engine.eval_batch(self._pipeline_batches(batches), return_logits=False, compute_loss=True,
+                                          reduce_output="avg", bcast_loss=True)
+            return float(loss.item())
+        self.engine.eval()
+        total = torch.zeros((), dtype=torch.float32, device=self.device)
+        for _ in range(self.gradient_accumulation_steps):
+            x = self._inputs(next(batches))
+            per_token = self.engine(x.tokens, position_ids=x.position_ids, labels=x.labels)
+            total += masked_mean_loss(per_token, x.loss_mask, self.ps)[1]
+        total /= self.gradient_accumulation_steps
+        if self.ps.dp_size > 1:
+            dist.all_reduce(total, group=self.ps.dp_group)
+            total /= self.ps.dp_size
+        self.engine.train()
+        return float(total.item())
+
+    def destroy(self) -> None:
+        """Release DeepSpeed's optimizer state and threads; call before tearing down the process group."""
+        if self.destroyed:
+            return
+        self.destroyed = True
+        for handle in self.hook_handles:
+            handle.remove()
+        self.hook_handles.clear()
+        destroy = getattr(self.engine, "destroy", None)
+        if destroy is not None:
+            destroy()
+
+
+def build_engine(run, ps: ParallelState, device: torch.device, ds_config: Optional[dict] = None,
+                 lr_scheduler_factory=None, eod_token: Optional[int] = None) -> TrainingEngine:
+    """Model, optimizer, LR schedule and DeepSpeed engine for `run` on this rank (collective).
+
+    ds_config: default build_deepspeed_config(run, dp) -- generated from the flags or the user's file, checked.
+    lr_scheduler_factory(optimizer) -> scheduler: default lr_schedule.build_lr_scheduler(optimizer, run, dp).
+    DeepSpeed steps the scheduler at every optimizer step and saves/loads it with the checkpoint.
+    """
+    import deepspeed
+
+    check_engine_config(run, device)
+    if ds_config is None:
+        from megatron.training.ds_config import build_deepspeed_config
+
+        ds_config = build_deepspeed_config(run, ps.dp_size, device.type)
+    pipeline = uses_pipeline_engine(run)
+    model = build_model(run.model, ps, pipeline, run.training.seed)
+    optimizer = build_optimizer(run, model)
+    if lr_scheduler_factory is None:
+        from megatron.training.lr_schedule import build_lr_scheduler
+
+        scheduler = build_lr_scheduler(optimizer, run, ps.dp_size)
+    else:
+        scheduler = lr_scheduler_factory(optimizer)
+    handles = []
+    if run.parallel.sequence_parallel:
+        from megatron.model import register_sequence_parallel_grad_hooks
+
+        handles = register_sequence_parallel_grad_hooks(model, ps)
+    kwargs = dict(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
+    if not pipeline and ps.world_size > 1:
+        # A PipelineModule brings its own topology (DeepSpeed refuses both); one rank needs no groups.
+        kwargs["mpu"] = ps.mpu()
+    engine, _, _, _ = deepspeed.initialize(**kwargs)
+    return TrainingEngine(engine=engine, ps=ps, device=device, model_config=run.model, ds_config=ds_config,
+                          is_pipeline=pipeline, eod_token=eod_token, reset_position_ids=run.data.reset_position_ids,
+                          eod_mask_loss=run.data.eod_mask_loss, hook_handles=handles)

@@ -1,0 +1,269 @@
+"""The training loop: set-up, then per step: batch -> engine step -> metrics -> maybe eval -> maybe save -> maybe exit.
+
+`train(run, ps, device)` runs a whole training (or its continuation from --load) and returns a
+`TrainResult` with every step's loss, so tests can call it several times inside one process launch.
+Distributed initialisation and the ParallelState belong to the caller (pretrain_gpt.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import random
+import resource
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+
+from megatron.config.arguments import RunConfig, global_batch_size, global_batch_size_at, train_iters, \
+    train_samples, validate_run
+from megatron.dist.parallel_state import ParallelState
+from megatron.training.checkpointing import TrainingProgress, load_checkpoint, save_checkpoint
+from megatron.training.engine import TrainingEngine, build_engine
+from megatron.training.metrics import throughput
+from megatron.training.signals import ExitConditions
+from megatron.training.tracking import Tracker
+
+
+@dataclass
+class TrainResult:
+    losses: dict = field(default_factory=dict)  # iteration -> training loss (global-batch mean)
+    grad_norms: dict = field(default_factory=dict)  # iteration -> grad norm (None when not reported)
+    eval_losses: dict = field(default_factory=dict)  # iteration -> validation loss
+    test_loss: Optional[float] = None
+    start_iteration: int = 0
+    iteration: int = 0
+    consumed_samples: int = 0
+    exit_reason: str = ""
+    saved: list = field(default_factory=list)  # checkpoint directories written
+
+
+# ---- set-up -----------------------------------------------------------------------------------------
+
+def seed_everything(seed: int, ps: ParallelState, device: torch.device) -> None:
+    """python/numpy from the seed; torch's default stream from (seed, pp rank) and the tp stream (core.random)."""
+    from megatron.core.random import seed_model_parallel_rng
+
+    random.seed(seed)
+    np.random.seed(seed)
+    seed_model_parallel_rng(seed, ps, device.type)
+
+
+def resolve_vocab(run: RunConfig):
+    """(run with model.vocab_size set, tokenizer) from --tokenizer-type, or NullTokenizer(--vocab-size)."""
+    from megatron.data.tokenizers import NullTokenizer, build_tokenizer_from_config
+
+    if run.data.tokenizer_type:
+        tokenizer = build_tokenizer_from_config(run.data)
+    elif run.data.vocab_size:
+        tokenizer = NullTokenizer(run.data.vocab_size)
+    else:
+        raise ValueError("no vocabulary: give --tokenizer-type (and its files), or --vocab-size with --mock-data")
+    return dataclasses.replace(run, model=run.model.replace(vocab_size=tokenizer.vocab_size)), tokenizer
+
+
+def memory_in_use_mb(device: torch.device) -> float:
+    """Device memory allocated by torch on cuda/xpu; this process's resident set on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.memory_allocated(device) / 2**20
+    if device.type == "xpu":
+        return torch.xpu.memory_allocated(device) / 2**20
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except OSError:  # not Linux: the peak is what getrusage offers (KiB on Linux, bytes on macOS)
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
+
+
+def _isolated_rng(fn: Callable):
+    """Run fn without moving torch's default RNG (a DataLoader draws its worker seed from it), so a
+    resumed run and an uninterrupted one draw the same dropout masks."""
+    with torch.random.fork_rng(devices=[]):
+        return fn()
+
+
+# ---- logging ----------------------------------------------------------------------------------------
+
+class IntervalLog:
+    """Accumulates steps between two log lines and prints Megatron's per-interval line on rank 0."""
+
+    def __init__(self, run: RunConfig, ps: ParallelState, device: torch.device, tracker: Tracker, total_iters: int,
+                 printer: Callable[[str], None]):
+        self.run, self.ps, self.device, self.tracker = run, ps, device, tracker
+        self.total_iters, self.printer = total_iters, printer
+        self.reset()
+
+    def reset(self) -> None:
+        self.losses, self.samples, self.seconds = [], 0, 0.0
+
+    def add(self, loss: float, samples: int, seconds: float) -> None:
+        self.losses.append(loss)
+        self.samples += samples
+        self.seconds += seconds
+
+    def emit(self, iteration: int, step, consumed_samples: int, skipped_total: int) -> None:
+        run = self.run
+        seq = run.model.seq_length
+        rates = throughput(run.model, max(self.seconds, 1e-9), self.samples, self.ps.world_size, seq,
+                           run.logging.peak_tflops)
+        loss = sum(self.losses) / max(1, len(self.losses))
+        scalars = {
+            "train/loss": loss, "train/learning_rate": step.learning_rate, "train/grad_norm": step.grad_norm,
+            "train/skipped_steps": skipped_total, "train/global_batch_size": step.num_samples,
+            "train/consumed_samples": consumed_samples, "train/consumed_tokens": consumed_samples * seq,
+            "throughput/tokens_per_s": rates.tokens_per_s, "throughput/samples_per_s": rates.samples_per_s,
+            "throughput/tflops_per_device": rates.tflops_per_device, "throughput/mfu": rates.mfu,
+            "memory/in_use_mb": memory_in_use_mb(self.device),
+        }
+        self.tracker.log(scalars, iteration)
+        if self.ps.rank == 0:
+            parts = [
+                f"iteration {iteration:>7d}/{self.total_iters}",
+                f"consumed samples {consumed_samples}", f"consumed tokens {consumed_samples * seq}",
+                f"elapsed time per iteration (ms) {1000 * self.seconds / max(1, len(self.losses)):.1f}",
+                f"learning rate {step.learning_rate:.4E}", f"global batch size {step.num_samples}",
+                f"lm loss {loss:.6E}",
+                "grad norm " + ("n/a" if step.grad_norm is None else f"{step.grad_norm:.4f}"),
+                f"skipped iterations {skipped_total}",
+                f"tokens/s {rates.tokens_per_s:.1f}", f"samples/s {rates.samples_per_s:.2f}",
+                f"TFLOPS/device {rates.tflops_per_device:.3f}",
+            ]
+            if rates.mfu is not None:
+                parts.append(f"MFU {100 * rates.mfu:.2f}%")
+            parts.append(f"memory (MB) {scalars['memory/in_use_mb']:.0f}")
+            self.printer(" | ".join(parts))
+        self.reset()
+
+
+# ---- evaluation -------------------------------------------------------------------------------------
+
+def evaluate(te: TrainingEngine, batches, eval_iters: int) -> float:
+    """Mean validation loss over `eval_iters` global batches."""
+    losses = [te.eval_step(batches) for _ in range(eval_iters)]
+    return sum(losses) / len(losses)
+
+
+def _report_eval(name: str, iteration: int, loss: float, ps: ParallelState, tracker: Tracker, printer) -> None:
+    ppl = float(np.exp(min(loss, 20.0)))
+    tracker.log({f"{name}/loss": loss, f"{name}/ppl": ppl}, iteration)
+    if ps.rank == 0:
+        printer(f"{name} loss at iteration {iteration} | lm loss {loss:.6E} | lm loss PPL {ppl:.6E}")
+
+
+# ---- the loop ---------------------------------------------------------------------------------------
+
+def train(run: RunConfig, ps: ParallelState, device: torch.device, tracker: Optional[Tracker] = None,
+          printer: Callable[[str], None] = lambda line: print(line, flush=True)) -> TrainResult:
+    """Train `run` on this rank (collective: every rank of `ps` calls it). Returns the losses of this call."""
+    validate_run(run, ps.world_size)
+    run, tokenizer = resolve_vocab(run)
+    t, ckpt = run.training, run.checkpoint
+    dp = ps.dp_size
+    total_iters = train_iters(run, dp)
+    final_batch = global_batch_size(run, dp)
+    seed_everything(t.seed, ps, device)
+
+    te = build_engine(run, ps, device, eod_token=getattr(tokenizer, "eod", None))
+    own_tracker = tracker is None
+    tracker = tracker or Tracker(run.logging, ps.rank, config=run.args)
+    result = TrainResult()
+    try:
+        rng_tracker = _rng_tracker()
+        progress, consumed_valid = TrainingProgress(args=run.args), 0
+        if ckpt.load:
+            progress = load_checkpoint(te.engine, ckpt.load, device, load_optim=not ckpt.no_load_optim,
+                                       load_rng=not ckpt.no_load_rng, finetune=ckpt.finetune,
+                                       set_tracker_states=rng_tracker.set_states)
+            consumed_valid = 0 if ckpt.finetune else int(progress.extra.get("consumed_valid_samples", 0))
+            if ps.rank == 0:
+                printer(f"loaded {progress.checkpoint_path} at iteration {progress.iteration}, "
+                        f"{progress.consumed_samples} consumed samples")
+        iteration, consumed = progress.iteration, progress.consumed_samples
+        result.start_iteration = iteration
+
+        evals = (total_iters // t.eval_interval + 1) * t.eval_iters if t.eval_interval and t.eval_iters else 0
+        from megatron.data.gpt_dataset import build_datasets
+
+        train_ds, valid_ds, test_ds = build_datasets(
+            run.data, run.model.seq_length, t.seed,
+            (train_samples(run, dp), evals * final_batch, t.eval_iters * final_batch if evals else 0),
+            run.model.vocab_size, ps.rank, ps.world_size)
+        train_batches, valid_batches = _isolated_rng(lambda: (
+            _iterator(run, ps, train_ds, consumed), _iterator(run, ps, valid_ds, consumed_valid)))
+
+        def checkpoint_now() -> None:
+            state = TrainingProgress(iteration=iteration, consumed_samples=consumed,
+                                     consumed_tokens=consumed * run.model.seq_length, args=run.args)
+            path = save_checkpoint(te.engine, ckpt.save, state, device, tracker_states=rng_tracker.get_states,
+                                   extra_state={"consumed_valid_samples": consumed_valid})
+            result.saved.append(path)
+            if ps.rank == 0:
+                printer(f"saved checkpoint {path}")
+
+        log = IntervalLog(run, ps, device, tracker, total_iters, printer)
+        last_saved = iteration if ckpt.load else None
+        with ExitConditions(t.exit_signal_handler, t.exit_duration_in_mins, t.exit_interval,
+                            device=device) as exits:
+            while iteration < total_iters:
+                te.set_global_batch_size(global_batch_size_at(run, consumed, dp))  # batch ramp-up
+                if t.rampup_batch_size:
+                    te.lr_scheduler.increment = te.global_batch_size  # the schedule counts samples then
+                start = time.time()
+                step = te.train_step(train_batches)
+                iteration += 1
+                consumed += step.num_samples
+                result.losses[iteration], result.grad_norms[iteration] = step.loss, step.grad_norm
+                log.add(step.loss, step.num_samples, time.time() - start)
+                if iteration % run.logging.log_interval == 0 or iteration == total_iters:
+                    log.emit(iteration, step, consumed, te.engine.skipped_steps)
+
+                if valid_batches is not None and t.eval_interval and iteration % t.eval_interval == 0:
+                    loss = evaluate(te, valid_batches, t.eval_iters)
+                    consumed_valid += t.eval_iters * te.global_batch_size
+                    result.eval_losses[iteration] = loss
+                    _report_eval("validation", iteration, loss, ps, tracker, printer)
+
+                if ckpt.save and ckpt.save_interval and iteration % ckpt.save_interval == 0:
+                    checkpoint_now()
+                    last_saved = iteration
+
+                decision = exits.check(iteration)
+                if decision.should_exit:
+                    result.exit_reason = decision.reason
+                    if ps.rank == 0:
+                        printer(f"exiting at iteration {iteration}: {decision.reason}")
+                    break
+        if ckpt.save and last_saved != iteration:
+            checkpoint_now()
+        if not result.exit_reason:
+            result.exit_reason = f"trained {total_iters} iterations"
+            if test_ds is not None:
+                test_batches = _isolated_rng(lambda: _iterator(run, ps, test_ds, 0))
+                result.test_loss = evaluate(te, test_batches, t.eval_iters)
+                _report_eval("test", iteration, result.test_loss, ps, tracker, printer)
+        result.iteration, result.consumed_samples = iteration, consumed
+        tracker.flush()
+        return result
+    finally:
+        te.destroy()
+        if own_tracker:
+            tracker.close()
+
+
+def _rng_tracker():
+    from megatron.core.random import get_rng_tracker
+
+    return get_rng_tracker()
+
+
+def _iterator(run: RunConfig, ps: ParallelState, dataset, consumed_samples: int):
+    """This dp rank's micro-batches from `consumed_samples` on (every tp/sp/pp rank of it reads the same)."""
+    from megatron.data.data_iterator import build_data_iterator
+
+    return build_data_iterator(dataset, run.training.micro_batch_size, ps.dp_rank, ps.dp_size, consumed_samples,
+                               num_workers=run.data.num_workers)

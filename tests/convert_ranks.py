@@ -1,0 +1,126 @@
+"""Rank functions for the converter tests: train a tiny model a few steps with the real engine, save, resume.
+
+Run inside tests/multirank.run_ranks. Batches are deterministic functions of (step, sample index), so any
+layout sees the same global batch; every rank returns its losses.
+"""
+
+from __future__ import annotations
+
+import torch
+
+LLAMA_FLAGS = ["--num-layers", "4", "--hidden-size", "48", "--num-attention-heads", "6", "--num-key-value-heads", "2",
+               "--ffn-hidden-size", "64", "--seq-length", "16", "--max-position-embeddings", "16",
+               "--normalization", "rmsnorm", "--swiglu", "--use-rotary-position-embeddings", "--rope-theta", "5000",
+               "--untie-embeddings-and-output-weights", "--disable-bias-linear", "--attention-dropout", "0",
+               "--hidden-dropout", "0", "--vocab-size", "100", "--make-vocab-size-divisible-by", "16"]
+GPT_FLAGS = ["--num-layers", "4", "--hidden-size", "48", "--num-attention-heads", "4", "--seq-length", "16",
+             "--max-position-embeddings", "16", "--attention-dropout", "0", "--hidden-dropout", "0",
+             "--vocab-size", "100", "--make-vocab-size-divisible-by", "16"]
+COMMON = ["--mock-data", "--tokenizer-type", "NullTokenizer", "--micro-batch-size", "2", "--global-batch-size", "4",
+          "--lr", "3e-3", "--min-lr", "3e-4", "--lr-decay-style", "cosine", "--lr-warmup-iters", "2", "--train-iters",
+          "8", "--seed", "7", "--clip-grad", "1.0"]
+
+
+def global_batch(step: int, size: int, seq: int, vocab: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(1000 + step)
+    return torch.randint(0, vocab, (size, seq + 1), generator=g)
+
+
+def batches_for(step: int, engine, ps, run):
+    """This dp rank's micro-batches of global step `step` (sample i goes to dp rank i // (n / dp))."""
+    gbs, mbs = engine.global_batch_size, engine.engine.train_micro_batch_size_per_gpu()
+    data = global_batch(step, gbs, run.model.seq_length, run.model.vocab_size)
+    per_rank = gbs // ps.dp_size
+    mine = data[ps.dp_rank * per_rank:(ps.dp_rank + 1) * per_rank]
+    return iter([{"tokens": mine[i:i + mbs]} for i in range(0, per_rank, mbs)])
+
+
+def build(argv):
+    import deepspeed
+
+    from megatron.config.arguments import parse_args
+    from megatron.dist.parallel_state import ParallelState
+    from megatron.training.engine import build_engine
+
+    deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
+    run = parse_args(argv)
+    ps = ParallelState.build(run.parallel, run.model)
+    engine = build_engine(run, ps, torch.device("cpu"))
+    return run, ps, engine
+
+
+def train(engine, ps, run, first_step: int, last_step: int) -> list[float]:
+    return [engine.train_step(batches_for(step, engine, ps, run)).loss for step in range(first_step, last_step)]
+
+
+def save(engine, run, save_dir: str, iteration: int) -> None:
+    from megatron.training.checkpointing import TrainingProgress, save_checkpoint
+
+    progress = TrainingProgress(iteration=iteration, consumed_samples=iteration * engine.global_batch_size,
+                                args=dict(run.args))
+    save_checkpoint(engine.engine, save_dir, progress, torch.device("cpu"),
+                    extra_state={"model_config": run.model.to_dict()})
+
+
+PROBE_TOKENS = torch.arange(32).reshape(2, 16) * 7 % 100  # fixed tokens whose logits the tests compare
+
+
+@torch.no_grad()
+def local_logits(engine, ps):
+    """This rank's vocab-parallel logits [2, 16, padded_vocab / tp] of PROBE_TOKENS at the engine's layout
+    (None on ranks that hold none: not the last pipeline stage, or dp rank > 0)."""
+    tokens = PROBE_TOKENS
+    positions = torch.arange(16).unsqueeze(0).expand(2, 16)
+    if engine.is_pipeline:
+        batch = ((tokens, positions), (tokens, torch.ones(2, 16)))
+        _, logits = engine.engine.eval_batch(iter([batch]), return_logits=True, num_micro_batches=1)
+        keep = ps.is_pipeline_last_stage and ps.dp_rank == 0
+    else:
+        engine.engine.eval()
+        logits = engine.engine(tokens, position_ids=positions)
+        engine.engine.train()
+        keep = ps.dp_rank == 0
+    return logits.detach().clone() if keep else None
+
+
+def train_save(rank, world, argv, save_dir, steps):
+    """Train `steps` steps and save; returns the losses and this rank's logits of PROBE_TOKENS."""
+    run, ps, engine = build(argv)
+    losses = train(engine, ps, run, 0, steps)
+    save(engine, run, save_dir, steps)
+    logits = local_logits(engine, ps)
+    engine.destroy()
+    return {"losses": losses, "logits": logits}
+
+
+def train_save_continue(rank, world, argv, save_dir, save_at, steps):
+    """Uninterrupted reference run: save at `save_at`, keep going to `steps`; returns all losses."""
+    run, ps, engine = build(argv)
+    losses = train(engine, ps, run, 0, save_at)
+    save(engine, run, save_dir, save_at)
+    logits = local_logits(engine, ps)
+    losses += train(engine, ps, run, save_at, steps)
+    engine.destroy()
+    return {"losses": losses, "logits": logits}
+
+
+def resume_other_layout(rank, world, argv, load_dir, steps):
+    """Build at this (different) layout, load with reshard.load_checkpoint_any_layout, train on to `steps`."""
+    from megatron.convert.reshard import load_checkpoint_any_layout
+
+    run, ps, engine = build(argv)
+    progress = load_checkpoint_any_layout(engine, load_dir)
+    losses = train(engine, ps, run, progress.iteration, steps)
+    engine.destroy()
+    return {"iteration": progress.iteration, "consumed_samples": progress.consumed_samples, "losses": losses}
+
+
+def run_sequence(rank, world, jobs):
+    """Several of the functions above in one launch: jobs = [(function name, args...)]."""
+    import torch.distributed as dist
+
+    out = []
+    for name, *args in jobs:
+        out.append(globals()[name](rank, world, *args))
+        dist.barrier()
+    return out

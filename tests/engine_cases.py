@@ -1,0 +1,73 @@
+"""Shared helpers for the training-engine tests: a tiny learnable run and trainings inside spawned gloo ranks.
+
+`train_cases(rank, world_size, cases)` is a run_ranks target that trains each case (a list of flags) in
+turn inside one launch, building the ParallelState each time, and returns {name: losses and more}.
+"""
+
+from __future__ import annotations
+
+import os
+
+# A tiny Llama-style model (RMSNorm, SwiGLU, RoPE, GQA, tied embeddings) that runs on 1-4 ranks with
+# tp, pp and Ulysses sp of 2, no dropout (layouts draw different dropout masks), constant LR.
+TINY = [
+    "--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4", "--num-key-value-heads", "2",
+    "--ffn-hidden-size", "64", "--seq-length", "32", "--max-position-embeddings", "32",
+    "--normalization", "rmsnorm", "--swiglu", "--position-embedding-type", "rope",
+    "--hidden-dropout", "0", "--attention-dropout", "0",
+    "--micro-batch-size", "2", "--global-batch-size", "8", "--train-iters", "10",
+    "--lr", "1e-2", "--lr-decay-style", "constant", "--clip-grad", "1.0", "--seed", "1234",
+    "--mock-data", "--vocab-size", "128", "--num-workers", "0", "--log-interval", "100", "--eval-iters", "0",
+]
+
+# MockGPTDataset strings together phrases from a bank; a bank of 8 phrases is learnt within a few steps,
+# so "the loss goes down" is visible in 10 steps (the default bank of 512 needs hundreds).
+LEARNABLE_PHRASES = 8
+
+
+def flags(*extra: str, base=TINY) -> list[str]:
+    """TINY with `extra` flags appended (argparse keeps the last value of a repeated flag)."""
+    return list(base) + list(extra)
+
+
+def make_mock_data_learnable() -> None:
+    from megatron.data.gpt_dataset import MockGPTDataset
+
+    MockGPTDataset.PHRASES = LEARNABLE_PHRASES
+
+
+def train_cases(rank: int, world_size: int, cases: list[tuple[str, list[str]]]) -> dict:
+    """Run each (name, flags) training in turn on these ranks; returns {name: summary} (rank-local)."""
+    import deepspeed
+    import torch
+
+    deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
+    make_mock_data_learnable()
+    from megatron.config.arguments import parse_args
+    from megatron.dist.parallel_state import ParallelState
+    from megatron.training.loop import train
+
+    out = {}
+    for name, argv in cases:
+        run = parse_args(argv)
+        ps = ParallelState.build(run.parallel, run.model)
+        result = train(run, ps, torch.device("cpu"), printer=lambda line: None)
+        out[name] = {
+            "losses": [result.losses[i] for i in sorted(result.losses)],
+            "iterations": sorted(result.losses),
+            "grad_norms": [result.grad_norms[i] for i in sorted(result.grad_norms)],
+            "exit_reason": result.exit_reason,
+            "saved": list(result.saved),
+            "rank": rank,
+            "coords": (ps.tp_rank, ps.sp_rank, ps.dp_rank, ps.pp_rank),
+        }
+    return out
+
+
+def rank_env(rank: int, world_size: int, port: int) -> dict:
+    """Environment for one rank of a pretrain_gpt.py subprocess (torchrun's variables)."""
+    env = dict(os.environ)
+    env.update({"RANK": str(rank), "WORLD_SIZE": str(world_size), "LOCAL_RANK": str(rank),
+                "LOCAL_WORLD_SIZE": str(world_size), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+                "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"})
+    return env

@@ -1,0 +1,71 @@
+"""tools/generate.py: top-k/top-p filtering, and greedy text from our checkpoint equals greedy text from its HF export."""
+
+import os
+import sys
+
+import torch
+
+from megatron.config.model import TransformerConfig
+from megatron.convert.ds_checkpoint import write_checkpoint
+from megatron.convert.hf_io import export_to_hf
+from megatron.convert.model_layout import StateDictSource
+from megatron.model import GPTModel
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools"))
+import generate  # noqa: E402
+
+CONFIG = TransformerConfig(num_layers=2, hidden_size=32, num_attention_heads=4, seq_length=16, vocab_size=100,
+                           make_vocab_size_divisible_by=16, attention_dropout=0.0, hidden_dropout=0.0)
+
+
+def test_filter_logits_keeps_top_k_and_the_top_p_nucleus():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    top2 = generate.filter_logits(logits, 1.0, 2, 1.0)
+    assert torch.isfinite(top2).tolist() == [[True, True, False, False]]
+    nucleus = generate.filter_logits(logits, 1.0, 0, 0.7)  # 0.5 < 0.7 <= 0.5 + 0.3
+    assert torch.isfinite(nucleus).tolist() == [[True, True, False, False]]
+    assert torch.isfinite(generate.filter_logits(logits, 1.0, 0, 0.4)).sum() == 1  # the top token always stays
+
+
+def _word_level_tokenizer(directory):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel({str(i): i for i in range(100)}, unk_token="0"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="99").save_pretrained(directory)
+
+
+def test_greedy_generation_from_our_checkpoint_matches_its_hf_export(tmp_path, capsys):
+    torch.manual_seed(0)
+    model = GPTModel(CONFIG, seed=3)
+    tokenizer_args = {"tokenizer_type": "NullTokenizer", "vocab_size": 100}
+    write_checkpoint(StateDictSource(model.state_dict(), CONFIG, tokenizer_args=tokenizer_args), str(tmp_path / "ckpt"),
+                     tp=2, pp=1, progress=False)
+    assert generate.main(["--load", str(tmp_path / "ckpt"), "--prompt", "5 17 42", "--greedy",
+                          "--max-new-tokens", "6"]) == 0
+    ours = capsys.readouterr().out.strip().splitlines()[-1].split()
+    with torch.no_grad():  # the same greedy continuation computed directly
+        ids = [5, 17, 42]
+        for _ in range(6):
+            ids.append(int(model.eval()(torch.tensor([ids]))[0, -1, :100].argmax()))
+            if ids[-1] == 99:
+                break
+    assert [int(t) for t in ours] == ids
+    export_to_hf(StateDictSource(model.state_dict(), CONFIG), str(tmp_path / "hf"), progress=False)
+    _word_level_tokenizer(str(tmp_path / "hf"))
+    assert generate.main(["--hf", str(tmp_path / "hf"), "--prompt", "5 17 42", "--greedy", "--max-new-tokens", "6"]) == 0
+    theirs = capsys.readouterr().out.strip().splitlines()[-1].split()
+    assert theirs == ours
+
+
+def test_sampling_is_reproducible_from_the_seed():
+    logits = torch.randn(1, 50)
+
+    def run(seed):
+        gen = torch.Generator().manual_seed(seed)
+        return generate.sample(lambda t: logits, [1], 8, greedy=False, temperature=0.8, top_k=10, top_p=0.9,
+                               max_length=16, generator=gen)
+
+    assert run(1) == run(1)
+    assert len(run(2)) == 9
