@@ -11,21 +11,35 @@ from __future__ import annotations
 import sys
 
 
+def launch_rank() -> int:
+    """This process's rank as the launcher tells it (before any process group exists); 0 when unknown."""
+    from megatron.dist.launcher import LauncherError, discover
+
+    try:
+        return discover().rank
+    except (LauncherError, ValueError, RuntimeError):
+        return 0
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Exit code 0 when the run finished or exited early on purpose (signal, --exit-*), 2 on bad flags/inputs.
+
+    Errors that are the same on every rank (flags, layout, LR schedule) are printed by rank 0 only.
+    """
     from megatron.config.arguments import ConfigError, parse_args
 
     try:
         run = parse_args(argv)
     except ConfigError as error:
-        print(f"pretrain_gpt.py: {error}", file=sys.stderr)
+        if launch_rank() == 0:
+            print(f"pretrain_gpt.py: {error}", file=sys.stderr, flush=True)
         return 2
 
     from megatron.dist import destroy_distributed, initialize_distributed
     from megatron.dist.parallel_state import ParallelState
-    from megatron.training.loop import train
-
     from megatron.training.checkpointing import CheckpointError
     from megatron.training.engine import EngineConfigError
+    from megatron.training.loop import train
 
     env = initialize_distributed(run.parallel.distributed_backend)
     try:
@@ -35,8 +49,12 @@ def main(argv: list[str] | None = None) -> int:
         result = train(run, ps, env.device)
         if env.rank == 0:
             print(f"pretrain_gpt.py: done at iteration {result.iteration}: {result.exit_reason}", flush=True)
-    except (ConfigError, EngineConfigError, CheckpointError) as error:
-        # Bad flags or inputs: the same on every rank, so a message without a traceback is enough.
+    except (ConfigError, EngineConfigError) as error:
+        # Bad flags: the same verdict on every rank, so rank 0 says it once, without a traceback.
+        if env.rank == 0:
+            print(f"pretrain_gpt.py: {error}", file=sys.stderr, flush=True)
+        return 2
+    except CheckpointError as error:  # may concern one rank's files only: every rank that sees it says so
         print(f"pretrain_gpt.py (rank {env.rank}): {error}", file=sys.stderr, flush=True)
         return 2
     finally:

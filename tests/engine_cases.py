@@ -1,7 +1,9 @@
 """Shared helpers for the training-engine tests: a tiny learnable run and trainings inside spawned gloo ranks.
 
 `train_cases(rank, world_size, cases)` is a run_ranks target that trains each case (a list of flags) in
-turn inside one launch, building the ParallelState each time, and returns {name: losses and more}.
+turn inside one launch, building the ParallelState each time, and returns {name: losses and more};
+`run_main_cases` does the same through pretrain_gpt.main (exit code and stderr), `rank_env` sets up
+pretrain_gpt.py subprocesses.
 """
 
 from __future__ import annotations
@@ -57,6 +59,9 @@ def train_cases(rank: int, world_size: int, cases: list[tuple[str, list[str]]]) 
             "iterations": sorted(result.losses),
             "grad_norms": [result.grad_norms[i] for i in sorted(result.grad_norms)],
             "exit_reason": result.exit_reason,
+            "start_iteration": result.start_iteration,
+            "iteration": result.iteration,
+            "consumed_samples": result.consumed_samples,
             "saved": list(result.saved),
             "rank": rank,
             "coords": (ps.tp_rank, ps.sp_rank, ps.dp_rank, ps.pp_rank),
@@ -71,3 +76,31 @@ def rank_env(rank: int, world_size: int, port: int) -> dict:
                 "LOCAL_WORLD_SIZE": str(world_size), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
                 "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"})
     return env
+
+
+def run_main_cases(rank: int, world_size: int, cases: list[tuple[str, list[str]]]) -> dict:
+    """Call pretrain_gpt.main(argv) for each case on these ranks; returns {name: (exit code, stderr text)}.
+
+    The process group made by run_ranks is kept between cases (main's teardown is skipped here)."""
+    import contextlib
+    import io
+    import sys
+
+    import deepspeed
+
+    import megatron.dist
+
+    deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if root not in sys.path:
+        sys.path.insert(0, root)
+    import pretrain_gpt
+
+    megatron.dist.destroy_distributed = lambda: None  # run_ranks tears the group down at the end
+    out = {}
+    for name, argv in cases:
+        err, std = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(std):
+            code = pretrain_gpt.main(argv)
+        out[name] = (code, err.getvalue())
+    return out

@@ -220,27 +220,32 @@ def pipeline_case(kind: str, world_size: int, results: dict, checkpoint_activati
 
 
 # ---- vocab-parallel cross entropy (tp = 2) ------------------------------------------------------
-def cross_entropy_case(world_size: int, results: dict) -> None:
-    """Loss and logits-gradient from vocab-split logits equal F.cross_entropy on the real vocabulary."""
+def cross_entropy_case(world_size: int, results: dict, padded: int = 96, prefix: str = "ce") -> None:
+    """Loss and logits-gradient from vocab-split logits (tp = world_size) equal F.cross_entropy on the real
+    vocabulary. With padded 128 at tp 4 the last rank's shard is all padding."""
     import torch.nn.functional as F
 
     from megatron.core import mappings
     from megatron.core.cross_entropy import vocab_parallel_cross_entropy
 
-    ps = ParallelState.build(ParallelConfig(tensor_model_parallel_size=2), world_size=world_size)
+    ps = ParallelState.build(ParallelConfig(tensor_model_parallel_size=world_size), world_size=world_size)
     g = torch.Generator().manual_seed(11)
-    vocab, padded = 90, 96
+    vocab = 90
     full = torch.randn(3, 5, padded, generator=g) * 3
     full[..., vocab:] = 50.0  # padding columns would win if they were not excluded
     target = torch.randint(0, vocab, (3, 5), generator=g)
+    target[0, :world_size] = torch.arange(world_size) * (padded // world_size)  # a target on each real shard
+    target = target.clamp(max=vocab - 1)
     expected_full = full[..., :vocab].clone().requires_grad_(True)
     expected = F.cross_entropy(expected_full.reshape(-1, vocab), target.reshape(-1), reduction="none").view(3, 5)
     (expected * torch.arange(15.0).view(3, 5)).sum().backward()
 
     local = mappings.scatter_to_tensor_parallel_region(full, ps.tp_group).detach().requires_grad_(True)
+    local_before = local.detach().clone()
     loss = vocab_parallel_cross_entropy(local, target, ps.tp_group, vocab_size=vocab)
     (loss * torch.arange(15.0).view(3, 5)).sum().backward()
-    grad = torch.cat(gather_objects(local.grad, ps.tp_group, 2), dim=-1)
-    results["ce/loss"] = rel_err(loss, expected)
-    results["ce/grad"] = rel_err(grad[..., :vocab], expected_full.grad)
-    results["ce/padding_grad_is_zero"] = bool((grad[..., vocab:] == 0).all())
+    grad = torch.cat(gather_objects(local.grad, ps.tp_group, world_size), dim=-1)
+    results[f"{prefix}/loss"] = rel_err(loss, expected)
+    results[f"{prefix}/grad"] = rel_err(grad[..., :vocab], expected_full.grad)
+    results[f"{prefix}/padding_grad_is_zero"] = bool((grad[..., vocab:] == 0).all())
+    results[f"{prefix}/logits_untouched"] = bool(torch.equal(local.detach(), local_before))

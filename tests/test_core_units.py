@@ -107,3 +107,28 @@ def test_checkpoint_replays_tracker_and_default_dropout_streams_on_recompute():
         grads.append(weight.grad.clone())
     assert torch.equal(grads[0], grads[1])
     get_rng_tracker().reset()
+
+
+def test_vocab_parallel_cross_entropy_without_padding_matches_torch_and_leaves_logits_untouched():
+    torch.manual_seed(1)
+    logits = torch.randn(3, 5, 11) * 4
+    target = torch.randint(0, 11, (3, 5))
+    ours_in = logits.clone().requires_grad_(True)
+    ref_in = logits.clone().requires_grad_(True)
+    weights = torch.rand(3, 5)
+    ours = vocab_parallel_cross_entropy(ours_in, target, None, vocab_size=11)
+    ref = F.cross_entropy(ref_in.reshape(-1, 11), target.reshape(-1), reduction="none").view(3, 5)
+    torch.testing.assert_close(ours, ref, rtol=1e-6, atol=1e-6)
+    (ours * weights).sum().backward()
+    (ref * weights).sum().backward()
+    torch.testing.assert_close(ours_in.grad, ref_in.grad, rtol=1e-6, atol=1e-7)
+    assert torch.equal(ours_in.detach(), logits)  # the work buffer is the Function's own, not the caller's
+
+
+@pytest.mark.parametrize("vocab_size", [11, 9], ids=["no-padding", "padding"])
+def test_vocab_parallel_cross_entropy_refuses_a_second_backward_through_its_reused_buffer(vocab_size):
+    logits = torch.randn(2, 11, requires_grad=True)
+    loss = vocab_parallel_cross_entropy(logits, torch.tensor([0, 3]), None, vocab_size=vocab_size).sum()
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()

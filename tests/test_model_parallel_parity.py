@@ -36,6 +36,7 @@ def _four_rank_checks(rank, world_size):
     results = {}
     for layout in FOUR_RANK_LAYOUTS:
         ranks.parity_case(*layout, world_size, results)
+    ranks.cross_entropy_case(world_size, results, padded=128, prefix="ce-tp4")
     return results
 
 
@@ -85,7 +86,12 @@ def test_four_rank_layouts_match_single_rank_init_logits_loss_and_every_grad(fou
 
 def test_vocab_parallel_cross_entropy_matches_torch_and_ignores_padding(two_rank_results):
     assert two_rank_results["ce/loss"] <= 1e-6 and two_rank_results["ce/grad"] <= 1e-6
-    assert two_rank_results["ce/padding_grad_is_zero"]
+    assert two_rank_results["ce/padding_grad_is_zero"] and two_rank_results["ce/logits_untouched"]
+
+
+def test_vocab_parallel_cross_entropy_at_tp4_with_a_shard_that_is_all_padding(four_rank_results):
+    assert four_rank_results["ce-tp4/loss"] <= 1e-6 and four_rank_results["ce-tp4/grad"] <= 1e-6
+    assert four_rank_results["ce-tp4/padding_grad_is_zero"] and four_rank_results["ce-tp4/logits_untouched"]
 
 
 def test_rng_tracker_tp_dropout_differs_across_tp_and_replicated_dropout_matches(two_rank_results):

@@ -162,3 +162,67 @@ def test_logits_equal_hugging_face_gpt2_and_llama_with_the_same_weights():
             expected = hf(tokens).logits
             got = gather_logits(ours(tokens), ParallelState.single(), VOCAB)
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5, msg=lambda m: f"{name}: {m}")
+
+
+def _reference_rope(x, cos_half, sin_half):
+    """Hugging Face's formula: x * cos + rotate_half(x) * sin with full-width cos/sin."""
+    cos, sin = torch.cat((cos_half, cos_half), -1), torch.cat((sin_half, sin_half), -1)
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+def test_split_qkv_rotary_equals_split_then_hugging_face_rope_forward_and_backward():
+    from megatron.model.rotary import rotary_cos_sin, split_qkv_rotary
+
+    b, s, nq, nkv, d = 2, 5, 4, 2, 6
+    positions = torch.tensor([[0, 1, 2, 3, 4], [7, 8, 9, 0, 1]])
+    cos, sin = (t.double() for t in rotary_cos_sin(positions, d, 500.0))
+    qkv = torch.randn(b, s, (nq + 2 * nkv) * d, dtype=torch.float64, requires_grad=True)
+    q, k, v = split_qkv_rotary(qkv, nq, nkv, d, (cos, sin))
+    rq, rk, rv = qkv.split([nq * d, nkv * d, nkv * d], -1)
+    torch.testing.assert_close(q, _reference_rope(rq.view(b, s, nq, d), cos, sin))
+    torch.testing.assert_close(k, _reference_rope(rk.view(b, s, nkv, d), cos, sin))
+    torch.testing.assert_close(v, rv.view(b, s, nkv, d))
+    assert torch.autograd.gradcheck(lambda t: split_qkv_rotary(t, nq, nkv, d, (cos, sin)), (qkv,))
+
+
+def test_swiglu_equals_silu_gate_times_up_forward_and_backward():
+    from megatron.model.mlp import swiglu
+
+    x = torch.randn(2, 3, 10, dtype=torch.float64, requires_grad=True)
+    gate, up = x.chunk(2, -1)
+    torch.testing.assert_close(swiglu(x), torch.nn.functional.silu(gate) * up)
+    assert torch.autograd.gradcheck(swiglu, (x,))
+
+
+def test_cached_rotary_reuses_cos_sin_only_for_the_same_unchanged_position_ids():
+    from megatron.model.rotary import cached_rotary
+
+    positions = torch.arange(6).unsqueeze(0)
+    first = cached_rotary(positions, 8, 10000.0)
+    assert cached_rotary(positions, 8, 10000.0) is first
+    assert cached_rotary(positions.clone(), 8, 10000.0) is not first
+    assert cached_rotary(positions, 4, 10000.0)[0].shape[-1] == 2
+    cached = cached_rotary(positions, 8, 10000.0)
+    assert cached_rotary(positions, 8, 10000.0) is cached
+    positions.add_(3)  # changed in place: the cached cos/sin are stale
+    again = cached_rotary(positions, 8, 10000.0)
+    assert again is not cached and not torch.equal(again[0], cached[0])
+
+
+def test_gptmodel_computes_rope_cos_sin_once_per_forward(monkeypatch):
+    import megatron.model.gpt_model as gpt_model
+    from megatron.model import attention, rotary
+
+    calls = []
+
+    def counting(*args):
+        calls.append(1)
+        return rotary.rotary_cos_sin(*args)
+
+    monkeypatch.setattr(gpt_model, "rotary_cos_sin", counting)
+    monkeypatch.setattr(attention, "rotary_cos_sin", counting)
+    model = GPTModel(llama_config())
+    tokens, labels = batch()
+    model(tokens, labels=labels).sum().backward()
+    assert model.config.num_layers > 1 and len(calls) == 1

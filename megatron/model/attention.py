@@ -8,6 +8,7 @@ again over the sp group by an all-to-all, so attention sees the whole sequence.
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -18,7 +19,7 @@ from megatron.core.layers import ColumnParallelLinear, RowParallelLinear
 from megatron.core.random import derive_seed, tensor_parallel_rng
 from megatron.core.ulysses import heads_to_sequence, sequence_to_heads
 from megatron.dist.parallel_state import ParallelState
-from megatron.model.rotary import apply_rotary, rotary_cos_sin
+from megatron.model.rotary import Rotary, rotary_cos_sin, split_qkv_rotary
 
 
 class SelfAttention(nn.Module):
@@ -48,17 +49,18 @@ class SelfAttention(nn.Module):
             init_seed=derive_seed(seed, prefix + "dense.weight"),
         )
 
-    def forward(self, hidden: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor, position_ids: torch.Tensor,
+                rotary: Optional[Rotary] = None) -> torch.Tensor:
+        """`rotary`: cos/sin from rotary_cos_sin(position_ids, ...) computed once per forward (RoPE only;
+        computed here when not given)."""
         config, d = self.config, self.config.head_dim
         qkv = self.qkv(hidden)  # [b, s, (nq + 2 nkv) d / tp], full (local) sequence
         b, s = qkv.shape[:2]
-        q, k, v = qkv.split([self.heads_per_rank * d, self.kv_heads_per_rank * d, self.kv_heads_per_rank * d], -1)
-        q = q.view(b, s, self.heads_per_rank, d)
-        k = k.view(b, s, self.kv_heads_per_rank, d)
-        v = v.view(b, s, self.kv_heads_per_rank, d)
-        if config.position_embedding_type == "rope":
-            cos, sin = rotary_cos_sin(position_ids, d, config.rope_theta)
-            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if config.position_embedding_type == "rope" and rotary is None:
+            rotary = rotary_cos_sin(position_ids, d, config.rope_theta)
+        elif config.position_embedding_type != "rope":
+            rotary = None
+        q, k, v = split_qkv_rotary(qkv, self.heads_per_rank, self.kv_heads_per_rank, d, rotary)
         sp_group = self.ps.sp_group
         q, k, v = (sequence_to_heads(t, sp_group) for t in (q, k, v))
         out = self._attend(q, k, v)

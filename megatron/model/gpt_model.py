@@ -23,6 +23,7 @@ from megatron.core.random import checkpoint
 from megatron.dist.parallel_state import ParallelState
 from megatron.model.embedding import Embedding, OutputLayer, language_model_logits
 from megatron.model.norms import build_norm
+from megatron.model.rotary import rotary_cos_sin
 from megatron.model.transformer import TransformerLayer
 
 DEFAULT_SEED = 1234
@@ -63,7 +64,10 @@ class GPTModel(nn.Module):
         if position_ids is None:
             position_ids = default_position_ids(tokens, self.ps)
         hidden = self.embedding(tokens, position_ids)
-        hidden = self._run_layers(hidden, position_ids)
+        rotary = None
+        if self.config.position_embedding_type == "rope":  # once per forward, shared by every layer
+            rotary = rotary_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta)
+        hidden = self._run_layers(hidden, position_ids, rotary)
         logits = self.logits(self.final_norm(hidden))
         if labels is None:
             return logits
@@ -75,22 +79,23 @@ class GPTModel(nn.Module):
         return language_model_logits(hidden, self.embedding.word_embeddings.weight, self.ps.tp_group,
                                      self.sequence_parallel)
 
-    def _run_layers(self, hidden: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+    def _run_layers(self, hidden: torch.Tensor, position_ids: torch.Tensor, rotary) -> torch.Tensor:
         recompute = self.config.checkpoint_activations and self.training and torch.is_grad_enabled()
         if not recompute:
             for layer in self.layers:
-                hidden = layer(hidden, position_ids)
+                hidden = layer(hidden, position_ids, rotary)
             return hidden
         group = self.config.checkpoint_num_layers
+        cos, sin = rotary if rotary is not None else (None, None)
         for start in range(0, len(self.layers), group):
             chunk = self.layers[start:start + group]
 
-            def run_chunk(x, pos, chunk=chunk):
+            def run_chunk(x, pos, cos, sin, chunk=chunk):
                 for layer in chunk:
-                    x = layer(x, pos)
+                    x = layer(x, pos, None if cos is None else (cos, sin))
                 return x
 
-            hidden = checkpoint(run_chunk, hidden, position_ids)
+            hidden = checkpoint(run_chunk, hidden, position_ids, cos, sin)
         return hidden
 
 

@@ -1,7 +1,8 @@
 """The feed-forward block: fc1 (column-parallel) -> GeLU or SwiGLU -> fc2 (row-parallel).
 
 GeLU is the tanh approximation (GPT-2's "gelu_new"). For SwiGLU fc1 holds [gate | up]
-(per tp rank: [its gate | its up]) and the output is fc2(silu(gate) * up), as in Llama.
+(per tp rank: [its gate | its up]) and the output is fc2(silu(gate) * up), as in Llama; `swiglu` is one
+autograd node whose backward writes the [gate | up] gradient into one buffer (no concatenation).
 """
 
 from __future__ import annotations
@@ -16,6 +17,32 @@ from megatron.config.model import TransformerConfig
 from megatron.core.layers import ColumnParallelLinear, RowParallelLinear
 from megatron.core.random import derive_seed
 from megatron.dist.parallel_state import ParallelState
+
+
+class _SwiGLU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        gate, up = x.chunk(2, dim=-1)
+        activated = F.silu(gate)
+        ctx.save_for_backward(x, activated)
+        return activated * up
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, activated = ctx.saved_tensors
+        gate, up = x.chunk(2, dim=-1)
+        grad = torch.empty_like(x, memory_format=torch.contiguous_format)
+        grad_gate, grad_up = grad.chunk(2, dim=-1)
+        torch.mul(grad_out, activated, out=grad_up)
+        torch.ops.aten.silu_backward.grad_input(grad_out * up, gate, grad_input=grad_gate)
+        return grad
+
+
+def swiglu(x: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up for x = [gate | up] along the last dim."""
+    if x.shape[-1] % 2:
+        raise ValueError(f"swiglu: the last dim {x.shape[-1]} must be even ([gate | up])")
+    return _SwiGLU.apply(x)
 
 
 class MLP(nn.Module):
@@ -41,8 +68,7 @@ class MLP(nn.Module):
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         x = self.fc1(hidden)
         if self.swiglu:
-            gate, up = x.chunk(2, dim=-1)
-            x = F.silu(gate) * up
+            x = swiglu(x)
         else:
             x = F.gelu(x, approximate="tanh")
         return self.fc2(x)

@@ -6,7 +6,8 @@ Pipe layers, in order (index: GPTModel parameter prefix):
     L+1      final norm       LayerNorm / RMSNorm                                       "final_norm."
     L+2      output           OutputLayer, or the tied embedding projecting with its   "output_layer." /
                               word embedding weight (no file of its own)                "embedding."
-Activations between stages are tuples (hidden, position_ids) until the final norm; the batch
+Activations between stages are tuples (hidden, position_ids) until the final norm (each stage computes
+RoPE's cos/sin once per micro-batch from position_ids, see rotary.cached_rotary); the batch
 follows DeepSpeed's convention ((tokens, position_ids), (labels, loss_mask)).
 The topology is PipeModelDataParallelTopology(num_pp=pp, num_mp=tp, num_dp=dp·sp): the same
 rank order as ParallelState (Ulysses' sp ranks are part of DeepSpeed's "data" axis, whose
@@ -28,6 +29,7 @@ from megatron.dist.parallel_state import ParallelState
 from megatron.model.embedding import Embedding, OutputLayer, language_model_logits
 from megatron.model.gpt_model import DEFAULT_SEED
 from megatron.model.norms import LayerNorm, RMSNorm, mark_sequence_parallel
+from megatron.model.rotary import cached_rotary
 from megatron.model.transformer import TransformerLayer
 
 
@@ -40,7 +42,10 @@ class EmbeddingPipe(Embedding):
 class TransformerLayerPipe(TransformerLayer):
     def forward(self, inputs):
         hidden, position_ids = inputs
-        return super().forward(hidden, position_ids), position_ids
+        rotary = None
+        if self.config.position_embedding_type == "rope":  # computed by this stage's first layer, then reused
+            rotary = cached_rotary(position_ids, self.config.head_dim, self.config.rope_theta)
+        return super().forward(hidden, position_ids, rotary), position_ids
 
 
 def _norm_pipe(base):

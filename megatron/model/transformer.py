@@ -8,6 +8,7 @@ rank) unless Megatron sequence parallelism shards them, in which case it draws f
 from __future__ import annotations
 
 import contextlib
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +20,7 @@ from megatron.dist.parallel_state import ParallelState
 from megatron.model.attention import SelfAttention
 from megatron.model.mlp import MLP
 from megatron.model.norms import build_norm
+from megatron.model.rotary import Rotary
 
 
 def hidden_dropout(x: torch.Tensor, p: float, training: bool, sequence_parallel: bool, tp_size: int) -> torch.Tensor:
@@ -41,7 +43,10 @@ class TransformerLayer(nn.Module):
         self.post_attention_norm = build_norm(config, self.sequence_parallel)
         self.mlp = MLP(config, ps, seed, prefix + "mlp.")
 
-    def forward(self, hidden: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor, position_ids: torch.Tensor,
+                rotary: Optional[Rotary] = None) -> torch.Tensor:
+        """`rotary`: RoPE cos/sin of position_ids (rotary_cos_sin), shared by all layers of one forward."""
         p, sp, tp = self.config.hidden_dropout, self.sequence_parallel, self.ps.tp_size
-        hidden = hidden + hidden_dropout(self.attention(self.input_norm(hidden), position_ids), p, self.training, sp, tp)
+        attention = self.attention(self.input_norm(hidden), position_ids, rotary)
+        hidden = hidden + hidden_dropout(attention, p, self.training, sp, tp)
         return hidden + hidden_dropout(self.mlp(self.post_attention_norm(hidden)), p, self.training, sp, tp)

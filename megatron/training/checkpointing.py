@@ -10,8 +10,10 @@ Layout under --save (paths look like Megatron-DeepSpeed's):
 A checkpoint is written under `<save>/.tmp-iter_N`, renamed to `iter_N` by rank 0 once every rank has
 finished, and only then do the two pointer files change (each written to a temporary file and
 os.replace'd), so a crash mid-save never leaves a pointer to a half-written checkpoint.
-The training progress (iteration, consumed samples, the run's arguments) travels in DeepSpeed's
-`client_state`, which every rank gets back from `engine.load_checkpoint`.
+The training progress (iteration, consumed samples, the run's arguments, the model config) travels in
+DeepSpeed's `client_state`, which every rank gets back from `engine.load_checkpoint`. A checkpoint written
+at another tp / pp / dp / ZeRO stage, or by tools/convert_checkpoint.py, is loaded through
+megatron.convert.reshard instead (the loop passes `run=` to `load_checkpoint`).
 """
 
 from __future__ import annotations
@@ -187,16 +189,28 @@ def save_checkpoint(engine, save_dir: str, progress: TrainingProgress, device: t
     return os.path.join(save_dir, tag)
 
 
-def load_checkpoint(engine, load_dir: str, device: torch.device, *, load_optim: bool = True,
+def load_checkpoint(training_engine, load_dir: str, device: torch.device, *, run=None, load_optim: bool = True,
                     load_rng: bool = True, finetune: bool = False,
                     set_tracker_states: Optional[Callable[[dict], None]] = None) -> TrainingProgress:
-    """Restore what `save_checkpoint` wrote into an initialised engine; returns the progress to resume from.
+    """Restore what `save_checkpoint` wrote into an initialised TrainingEngine; returns the progress to resume from.
 
     finetune: weights only; iteration, consumed samples, optimizer and LR scheduler start fresh.
     load_optim=False (--no-load-optim): the optimizer state starts fresh; the LR schedule is still resumed.
     load_rng=False (--no-load-rng): keep this run's seeds.
+    run: this run's RunConfig. When given and the checkpoint was written at another tp / pp / dp / ZeRO stage
+    (or by tools/convert_checkpoint.py), megatron.convert.reshard loads it instead of DeepSpeed; RNG streams
+    then start fresh from the seed (they cannot be mapped onto other ranks).
     """
     tag = read_latest_tag(load_dir)
+    if run is not None:
+        from megatron.convert.reshard import checkpoint_layout_differs, load_checkpoint_any_layout
+
+        if checkpoint_layout_differs(load_dir, run, training_engine.ps):
+            progress = load_checkpoint_any_layout(training_engine, load_dir, load_optim=load_optim,
+                                                  finetune=finetune)
+            _barrier()
+            return progress
+    engine = training_engine.engine
     path = os.path.join(load_dir, tag)
     load_path, client_state = engine.load_checkpoint(
         load_dir, tag=tag, load_optimizer_states=load_optim and not finetune,

@@ -14,6 +14,9 @@ calling megatron.model's `allreduce_sequence_parallel_grads` after backward, we 
 `register_sequence_parallel_grad_hooks` once: a tensor hook sums each such gradient over tp as autograd
 produces it, before it is accumulated into .grad and before DeepSpeed's hooks see it (same result, every
 ZeRO stage, pipe or not).
+
+Gradient clipping in fp32 without ZeRO is ours too (TrainingEngine._clip_fp32_gradients replaces the engine's
+clip_fp32_gradients): DeepSpeed's version miscounts parameters under pipeline parallelism.
 """
 
 from __future__ import annotations
@@ -190,7 +193,7 @@ def masked_mean_loss(per_token_loss: torch.Tensor, loss_mask: torch.Tensor, ps: 
 @dataclass
 class StepResult:
     loss: float  # mean over the global batch (every micro-batch of every dp rank)
-    grad_norm: Optional[float]  # before clipping; None when DeepSpeed does not report it (pipe, fp32, ZeRO-0)
+    grad_norm: Optional[float]  # before clipping, of the whole model; None when nobody computed it
     learning_rate: float  # the lr this step used
     skipped: bool  # fp16 overflow: the optimizer step was skipped
     num_samples: int  # samples in this global batch
@@ -209,6 +212,11 @@ class TrainingEngine:
     eod_mask_loss: bool = False
     hook_handles: list = field(default_factory=list)
     destroyed: bool = False
+    last_clip_grad_norm: Optional[float] = None  # set by _clip_fp32_gradients at each optimizer step
+
+    def __post_init__(self):
+        if self._fp32_without_zero():  # an instance attribute: DeepSpeed's _take_model_step calls ours
+            self.engine.clip_fp32_gradients = self._clip_fp32_gradients
 
     @property
     def lr_scheduler(self):
@@ -240,26 +248,54 @@ class TrainingEngine:
     def _lr(self) -> float:
         return float(self.engine.get_lr()[0])
 
+    def _fp32_without_zero(self) -> bool:
+        # DeepSpeed computes the norm (and clips) inside its ZeRO / bf16 / fp16 optimizers only.
+        return (self.engine.zero_optimization_stage() == 0 and not self.engine.bfloat16_enabled()
+                and not self.engine.fp16_enabled())
+
     def _needs_own_grad_norm(self) -> bool:
-        # DeepSpeed computes the norm inside its ZeRO / bf16 optimizers only.
-        return (not self.is_pipeline and self.engine.zero_optimization_stage() == 0
-                and not self.engine.bfloat16_enabled() and not self.engine.fp16_enabled())
+        # Without clipping DeepSpeed never calls clip_fp32_gradients, so we compute the norm to report it.
+        return not self.is_pipeline and self._fp32_without_zero() and self.engine.gradient_clipping() == 0
 
     def _grad_norm_of_reduced_grads(self) -> float:
-        """L2 norm of the dp-reduced gradients (pp == 1 here), counting tp-replicated params once."""
+        """L2 norm of the dp-reduced gradients of the whole model, each parameter counted once.
+
+        tp-replicated parameters (norms, biases of row-parallel layers) count on tp rank 0 only, the copy of
+        a tied embedding on a later pipeline stage (DeepSpeed marks it ds_pipe_replicated) not at all; the
+        sum of squares is then added up over the model-parallel group (tp × pp).
+        """
         squares = torch.zeros((), dtype=torch.float32, device=self.device)
         for param in self.engine.module.parameters():
-            if param.grad is not None and (getattr(param, "tensor_model_parallel", False) or self.ps.tp_rank == 0):
+            if param.grad is None or getattr(param, "ds_pipe_replicated", False):
+                continue
+            if getattr(param, "tensor_model_parallel", False) or self.ps.tp_rank == 0:
                 squares += param.grad.detach().float().pow(2).sum()
-        if self.ps.tp_size > 1:
-            dist.all_reduce(squares, group=self.ps.tp_group)
+        if self.ps.tp_size * self.ps.pp_size > 1:
+            dist.all_reduce(squares, group=self.ps.groups["mp"])
         return float(squares.sqrt().item())
+
+    def _clip_fp32_gradients(self) -> None:
+        """Replaces DeepSpeedEngine.clip_fp32_gradients (fp32, ZeRO-0): clip by the norm of the whole model.
+
+        DeepSpeed's own version (runtime.utils.clip_grad_norm_) counts replicated parameters only on
+        model-parallel rank 0 of the tp × pp group, so under pipeline parallelism the later stages' norms and
+        biases are left out and the tied embedding is counted twice: every stage then clips by a wrong norm
+        and the loss drifts from the single-rank run's.
+        """
+        norm = self._grad_norm_of_reduced_grads()
+        self.last_clip_grad_norm = norm
+        coefficient = min(1.0, self.engine.gradient_clipping() / (norm + 1e-6))
+        if coefficient < 1.0:
+            for param in self.engine.module.parameters():
+                if param.grad is not None:
+                    param.grad.detach().mul_(coefficient)
 
     def train_step(self, batches: Iterator[dict]) -> StepResult:
         """One optimizer step over `gradient_accumulation_steps` micro-batches pulled from `batches`."""
         skipped_before = self.engine.skipped_steps
         lr = self._lr()
         grad_norm = None
+        self.last_clip_grad_norm = None
         if self.is_pipeline:
             loss = float(self.engine.train_batch(data_iter=self._pipeline_batches(batches)).item())
         else:
@@ -280,6 +316,8 @@ class TrainingEngine:
                 dist.all_reduce(total, group=self.ps.dp_group)
                 total /= self.ps.dp_size
             loss = float(total.item())
+        if grad_norm is None:
+            grad_norm = self.last_clip_grad_norm
         if grad_norm is None:
             norm = self.engine.get_global_grad_norm()
             grad_norm = None if norm is None else float(norm.item() if torch.is_tensor(norm) else norm)
@@ -353,6 +391,10 @@ def build_engine(run, ps: ParallelState, device: torch.device, ds_config: Option
         # A PipelineModule brings its own topology (DeepSpeed refuses both); one rank needs no groups.
         kwargs["mpu"] = ps.mpu()
     engine, _, _, _ = deepspeed.initialize(**kwargs)
+    if not pipeline and ps.dp_size * ps.sp_size == 1 and engine.zero_optimization_stage() == 0:
+        # DeepSpeed's gradient all-reduce group (dp x sp) has one rank: its ZeRO-0 reduction would only
+        # flatten every gradient into one buffer, "reduce" it and copy it back (exact no-op, ~3% of a step).
+        engine.enable_backward_allreduce = False
     return TrainingEngine(engine=engine, ps=ps, device=device, model_config=run.model, ds_config=ds_config,
                           is_pipeline=pipeline, eod_token=eod_token, reset_position_ids=run.data.reset_position_ids,
                           eod_mask_loss=run.data.eod_mask_loss, hook_handles=handles)

@@ -22,8 +22,9 @@ import torch
 from megatron.config.arguments import RunConfig, global_batch_size, global_batch_size_at, train_iters, \
     train_samples, validate_run
 from megatron.dist.parallel_state import ParallelState
-from megatron.training.checkpointing import TrainingProgress, load_checkpoint, save_checkpoint
-from megatron.training.engine import TrainingEngine, build_engine
+from megatron.training.checkpointing import TrainingProgress, load_checkpoint, read_latest_tag, save_checkpoint
+from megatron.training.engine import TrainingEngine, build_engine, check_engine_config
+from megatron.training.lr_schedule import check_lr_schedule
 from megatron.training.metrics import throughput
 from megatron.training.signals import ExitConditions
 from megatron.training.tracking import Tracker
@@ -131,7 +132,7 @@ class IntervalLog:
                 "grad norm " + ("n/a" if step.grad_norm is None else f"{step.grad_norm:.4f}"),
                 f"skipped iterations {skipped_total}",
                 f"tokens/s {rates.tokens_per_s:.1f}", f"samples/s {rates.samples_per_s:.2f}",
-                f"TFLOPS/device {rates.tflops_per_device:.3f}",
+                f"TFLOPS/device {rates.tflops_per_device:.4g}",
             ]
             if rates.mfu is not None:
                 parts.append(f"MFU {100 * rates.mfu:.2f}%")
@@ -166,6 +167,12 @@ def train(run: RunConfig, ps: ParallelState, device: torch.device, tracker: Opti
     dp = ps.dp_size
     total_iters = train_iters(run, dp)
     final_batch = global_batch_size(run, dp)
+    # Refuse what would fail later, before the (slow, collective) model build: the LR schedule's shape, a
+    # --load without a complete checkpoint, and flag combinations the engine cannot run.
+    check_lr_schedule(run, dp)
+    if ckpt.load:
+        read_latest_tag(ckpt.load)
+    check_engine_config(run, device)
     seed_everything(t.seed, ps, device)
 
     te = build_engine(run, ps, device, eod_token=getattr(tokenizer, "eod", None))
@@ -176,7 +183,7 @@ def train(run: RunConfig, ps: ParallelState, device: torch.device, tracker: Opti
         rng_tracker = _rng_tracker()
         progress, consumed_valid = TrainingProgress(args=run.args), 0
         if ckpt.load:
-            progress = load_checkpoint(te.engine, ckpt.load, device, load_optim=not ckpt.no_load_optim,
+            progress = load_checkpoint(te, ckpt.load, device, run=run, load_optim=not ckpt.no_load_optim,
                                        load_rng=not ckpt.no_load_rng, finetune=ckpt.finetune,
                                        set_tracker_states=rng_tracker.set_states)
             consumed_valid = 0 if ckpt.finetune else int(progress.extra.get("consumed_valid_samples", 0))
@@ -200,7 +207,8 @@ def train(run: RunConfig, ps: ParallelState, device: torch.device, tracker: Opti
             state = TrainingProgress(iteration=iteration, consumed_samples=consumed,
                                      consumed_tokens=consumed * run.model.seq_length, args=run.args)
             path = save_checkpoint(te.engine, ckpt.save, state, device, tracker_states=rng_tracker.get_states,
-                                   extra_state={"consumed_valid_samples": consumed_valid})
+                                   extra_state={"consumed_valid_samples": consumed_valid,
+                                                "model_config": run.model.to_dict()})
             result.saved.append(path)
             if ps.rank == 0:
                 printer(f"saved checkpoint {path}")

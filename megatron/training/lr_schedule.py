@@ -154,3 +154,15 @@ def build_lr_scheduler(optimizer, run: RunConfig, dp_size: Optional[int] = None)
     return LRSchedule(optimizer, max_lr=opt.lr, min_lr=opt.min_lr, decay_style=opt.lr_decay_style,
                       decay_steps=decay, warmup_steps=warmup, wsd_decay_steps=wsd_steps,
                       wsd_decay_style=opt.lr_wsd_decay_style, increment=increment)
+
+
+class _NoParams:
+    """Stands in for the optimizer when only the schedule's settings are checked."""
+
+    param_groups: list = []
+
+
+def check_lr_schedule(run: RunConfig, dp_size: Optional[int] = None) -> None:
+    """Raise the ConfigError `build_lr_scheduler` would raise, without an optimizer: lets the loop refuse a bad
+    schedule (e.g. warmup >= decay) before it builds the model."""
+    build_lr_scheduler(_NoParams(), run, dp_size)
