@@ -36,7 +36,10 @@ def trained(tmp_path_factory):
             ("train_save", GPT_TP2_PP2, str(root / "gpt"), SAVE_AT),
             ("train_save", GPT_TP2_ZERO3, str(root / "gpt_z3"), SAVE_AT),
             ("resume_other_layout", LLAMA_TP2_ZERO2, str(root / "llama"), STEPS),
-            ("resume_other_layout", LLAMA_DP4_ZERO3, str(root / "llama"), STEPS)]
+            ("resume_other_layout", LLAMA_DP4_ZERO3, str(root / "llama"), STEPS),
+            # a ZeRO-sharded source: optimizer state read from ZeRO-2 shards, resumed at tp2 × pp2
+            ("train_save", LLAMA_TP2_ZERO2, str(root / "llama_z2"), SAVE_AT),
+            ("resume_other_layout", LLAMA_TP2_PP2, str(root / "llama_z2"), STEPS)]
     results = run_ranks(4, cr.run_sequence, jobs, timeout=400)
     return root, results
 
@@ -108,7 +111,8 @@ def test_zero_to_fp32_consolidates_masters_with_model_names(trained, tmp_path):
 def test_resume_on_another_layout_continues_the_loss(trained):
     _, results = trained
     uninterrupted = results[0][0]["losses"]
-    for job in (3, 4):  # tp2 pp2 ZeRO-0 -> tp2 dp2 ZeRO-2, and -> tp1 dp4 ZeRO-3
+    # tp2 pp2 ZeRO-0 -> tp2 dp2 ZeRO-2, -> tp1 dp4 ZeRO-3; tp2 dp2 ZeRO-2 -> tp2 pp2 ZeRO-0
+    for job in (3, 4, 6):
         resumed = results[0][job]
         assert resumed["iteration"] == SAVE_AT and resumed["consumed_samples"] == SAVE_AT * 4
         assert resumed["losses"] == pytest.approx(uninterrupted[SAVE_AT:], abs=1e-5)
