@@ -36,7 +36,7 @@ MAX_DOCUMENT_TOKENS = 1 << 30
 
 # a cold process of ours: imports + build_datasets + mapping of the first global batch
 OURS_CHILD = r"""
-import json, sys, time
+import json, os, sys, time
 start = time.perf_counter()
 import numpy as np
 from megatron.config.data import DataConfig
@@ -46,6 +46,7 @@ file_list, seq, train_samples, split, batch = sys.argv[1], int(sys.argv[2]), int
 train, _, _ = build_datasets(DataConfig(data_file_list=file_list, split=split), seq, 1234, (train_samples, 0, 0), 32000)
 location = train.index.locate(np.arange(batch))
 ready = time.perf_counter()
+spawn_to_first_batch = time.time() - float(os.environ["BENCH_SPAWN_EPOCH"])
 assert location.file.shape == (batch,)
 rng = np.random.default_rng(0)
 times = []
@@ -55,7 +56,7 @@ for _ in range(20):
     train.index.locate(np.arange(first, first + batch))
     times.append(time.perf_counter() - t0)
 print(json.dumps({"import_s": imported - start, "build_s": ready - imported, "to_first_batch_s": ready - start,
-                  "map_batch_s": float(np.median(times)), "files": train.num_files}))
+                  "spawn_to_first_batch_s": spawn_to_first_batch, "map_batch_s": float(np.median(times)), "files": train.num_files}))
 """
 
 
@@ -89,8 +90,15 @@ def make_blend(directory: Path, entries, total_tokens: float, average_document: 
 
 
 def run_json(command: list[str], env=None, timeout=3600, cwd=None) -> tuple[dict, float]:
-    """Run a cold process; its last stdout line is JSON. Returns (that dict, wall seconds)."""
+    """Run a cold process; its last stdout line is JSON. Returns (that dict, wall seconds).
+
+    The child reports `spawn_to_first_batch_s`: wall-clock time from just before this spawn (passed in
+    BENCH_SPAWN_EPOCH) to its first global batch's mapping, interpreter start-up and imports included,
+    and nothing it does afterwards (the batch-mapping timings) — the cold-start figure compared below.
+    """
+    env = dict(os.environ if env is None else env)
     start = time.perf_counter()
+    env["BENCH_SPAWN_EPOCH"] = repr(time.time())
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=timeout, cwd=cwd)
     wall = time.perf_counter() - start
     if result.returncode:
@@ -181,19 +189,21 @@ def main():
 
     print(f"\nblend benchmark: seq {seq}, global batch {batch}, split {args.split}, median of {args.repeats} "
           f"cold processes; {platform.node()}, {os.cpu_count()} CPUs, python {platform.python_version()}")
-    header = f"{'builder':<22}{'blend':<58}{'import s':>9}{'cold->batch s':>14}{'wall s':>9}{'map 1024 ms':>12}"
+    header = (f"{'builder':<22}{'blend':<58}{'import s':>9}{'spawn->batch s':>15}{'process wall s':>15}"
+              f"{'map 1024 ms':>12}")
     print(header)
     print("-" * len(header))
     for name, label, r in results:
-        print(f"{name:<22}{label:<58}{r['import_s']:>9.2f}{r['to_first_batch_s']:>14.2f}{r['wall_s']:>9.2f}"
+        print(f"{name:<22}{label:<58}{r['import_s']:>9.2f}{r['spawn_to_first_batch_s']:>15.2f}{r['wall_s']:>15.2f}"
               f"{r['map_batch_s'] * 1e3:>12.2f}")
     if len(results) == 3:
         ours_peer, peer = results[1][2], results[2][2]
         print(f"\nratio megatron-core / ours on the shared blend: cold process to first batch "
-              f"{peer['wall_s'] / ours_peer['wall_s']:.1f}x (wall), build only "
+              f"{peer['spawn_to_first_batch_s'] / ours_peer['spawn_to_first_batch_s']:.1f}x (spawn to first batch; "
+              f"{peer['wall_s'] / ours_peer['wall_s']:.1f}x whole processes), build only "
               f"{peer['build_s'] / ours_peer['build_s']:.1f}x; mapping a batch "
               f"{peer['map_batch_s'] / ours_peer['map_batch_s']:.2f}x")
-    target = results[0][2]["wall_s"]
+    target = results[0][2]["spawn_to_first_batch_s"]
     print(f"target: Dolma-shaped cold start under 10 s: {'met' if target < 10 else 'MISSED'} ({target:.2f} s)")
 
 
