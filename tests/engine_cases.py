@@ -71,11 +71,9 @@ def train_cases(rank: int, world_size: int, cases: list[tuple[str, list[str]]]) 
 
 def rank_env(rank: int, world_size: int, port: int) -> dict:
     """Environment for one rank of a pretrain_gpt.py subprocess (torchrun's variables)."""
-    env = dict(os.environ)
-    env.update({"RANK": str(rank), "WORLD_SIZE": str(world_size), "LOCAL_RANK": str(rank),
-                "LOCAL_WORLD_SIZE": str(world_size), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
-                "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"})
-    return env
+    from multirank import rank_env as launcher_variables
+
+    return {**os.environ, **launcher_variables(rank, world_size, port)}
 
 
 def run_main_cases(rank: int, world_size: int, cases: list[tuple[str, list[str]]]) -> dict:

@@ -11,16 +11,16 @@ A failure on any rank raises here with that rank's traceback.
 from __future__ import annotations
 
 import os
-import socket
 import traceback
 
 import torch.multiprocessing as mp
 
+from megatron.dist.launcher import free_port as _free_port
+
 
 def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free TCP port on the loopback interface."""
+    return _free_port("127.0.0.1")
 
 
 def rank_env(rank: int, world_size: int, port: int) -> dict:

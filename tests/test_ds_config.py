@@ -11,6 +11,7 @@ import pytest
 
 from megatron.config.arguments import ConfigError, parse_args
 from megatron.training.ds_config import build_deepspeed_config, precision_errors
+from multirank import free_port, rank_env
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "8", "--mock-data",
@@ -126,16 +127,9 @@ _DEEPSPEED_ACCEPTS = textwrap.dedent("""
 def test_deepspeed_initialize_accepts_generated_configs_and_steps_the_schedule(tmp_path):
     script = tmp_path / "accepts.py"
     script.write_text(_DEEPSPEED_ACCEPTS)
-    env = dict(os.environ, RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-               MASTER_PORT=str(_free_port()), GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1",
-               TORCH_EXTENSIONS_DIR=str(ROOT / ".venv" / "torch_extensions"))
+    env = {**os.environ, **rank_env(0, 1, free_port()),
+           "TORCH_EXTENSIONS_DIR": str(ROOT / ".venv" / "torch_extensions")}
     out = subprocess.run([sys.executable, str(script), str(ROOT)], env=env, capture_output=True, text=True,
                          timeout=240)
     assert "ACCEPTED" in out.stdout, out.stdout[-3000:] + out.stderr[-3000:]
 
-
-def _free_port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
