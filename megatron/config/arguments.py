@@ -12,7 +12,7 @@ import difflib
 import json
 import math
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 from megatron.config.checkpoint import CheckpointConfig
@@ -21,6 +21,7 @@ from megatron.config.logging import LoggingConfig
 from megatron.config.model import TransformerConfig
 from megatron.config.parallel import ParallelConfig, layout_errors
 from megatron.config.presets import preset
+from megatron.config.reliability import ReliabilityConfig, add_reliability_arguments, reliability_from_args
 from megatron.config.training import OptimizerConfig, PrecisionConfig, TrainingConfig, ZeroConfig
 
 
@@ -37,6 +38,7 @@ class RunConfig:
     checkpoint: CheckpointConfig
     logging: LoggingConfig
     args: dict  # every flag's final value: what checkpoints save as "the run's arguments"
+    reliability: ReliabilityConfig = field(default_factory=ReliabilityConfig)  # config/reliability.py
 
 
 LR_DECAY_STYLES = ("constant", "linear", "cosine", "inverse-square-root", "wsd")
@@ -77,7 +79,6 @@ COMPAT_NO_EFFECT = [
     ("--tensorboard-queue-size", int, "the SummaryWriter default is used"),
     ("--data-impl", str, "the only format is MMIDIDX (.bin/.idx)"),
     ("--dataloader-type", str, "the sampler is always the single-epoch one"),
-    ("--distributed-timeout-minutes", int, "the dist layer's timeout is used"),
     ("--data-cache-path", str, "the blended index is computed, never cached"),
 ]
 
@@ -262,6 +263,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--num-workers", type=int, default=2)
     g.add_argument("--eod-mask-loss", action="store_true")
     g.add_argument("--reset-position-ids", action="store_true")
+
+    add_reliability_arguments(p)
 
     g = p.add_argument_group("accepted for Megatron-DeepSpeed recipes, no effect here")
     for flag, kind, why in COMPAT_NO_EFFECT:
@@ -525,7 +528,7 @@ def parse_args(argv: Optional[list[str]] = None) -> RunConfig:
                             wandb_project=ns.wandb_project, wandb_exp_name=ns.wandb_exp_name,
                             peak_tflops=ns.peak_tflops)
     return RunConfig(model=model, parallel=parallel, data=data, training=training, checkpoint=checkpoint,
-                     logging=logging, args=dict(vars(ns)))
+                     logging=logging, args=dict(vars(ns)), reliability=reliability_from_args(ns))
 
 
 # ---- derived values ------------------------------------------------------------------------------

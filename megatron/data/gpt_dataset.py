@@ -22,6 +22,7 @@ from megatron.data.blend import DEFAULT_WINDOW, BlendedIndex
 from megatron.data.data_list import (SPLIT_NAMES, FileSplits, blend_entries, parse_split, scan_files)
 from megatron.data.indexed_dataset import IndexedDataset
 from megatron.data.permutation import derive_key
+from megatron.checkpoint.format import replace_atomically
 
 logger = logging.getLogger(__name__)
 SAMPLE_MODES = ("samples", "documents")
@@ -100,7 +101,7 @@ class DocumentIndex:
             os.makedirs(self.cache_dir, exist_ok=True)
             temporary = f"{path}.tmp-{os.getpid()}-{threading.get_ident()}.npz"
             np.savez(temporary, order=order, sample_idx=sample_idx)
-            os.replace(temporary, path)
+            replace_atomically(temporary, path)
         return order, sample_idx
 
     def get(self, file: int, epoch: int) -> tuple[np.ndarray, np.ndarray]:
