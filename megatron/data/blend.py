@@ -188,6 +188,35 @@ class BlendedIndex:
         windows = np.full(files.shape, window, dtype=np.int64)
         return windows * self.base[files] + self._extra_windows_before(files, windows)
 
+    def samples_before(self, count: int) -> np.ndarray:
+        """How many of the global samples [0, count) each file gets (exact, O(files) arithmetic).
+
+        The whole windows before window K = count // W give C_f(K); the first count % W positions of
+        window K add each file's rank at that position (the same floor sums `locate` uses).
+        """
+        count = int(count)
+        if not 0 <= count <= MAX_GLOBAL_SAMPLES:
+            raise ValueError(f"count {count} outside [0, {MAX_GLOBAL_SAMPLES}]")
+        window, position = divmod(count, self.window)
+        files = np.arange(self.num_files, dtype=np.int64)
+        total = self.samples_before_window(files, window)
+        if position:
+            windows = np.full(self.num_files, window, dtype=np.int64)
+            phases = self._phase(windows)
+            shift = int((mix64(self.shift_key ^ np.uint64(window)) % np.uint64(self.window))[0])
+            block_start = self._block_start(files, phases)
+            block_size = self._block_start(files + 1, phases) - block_start
+            offsets = (shift - block_start) % self.window
+            positions = np.full(self.num_files, position, dtype=np.int64)
+            total = total + (floor_sum(positions, self.window, self.slot_step, offsets)
+                             - floor_sum(positions, self.window, self.slot_step, offsets - block_size + self.window)
+                             + positions)
+        return total
+
+    def starved_files(self) -> np.ndarray:
+        """Files whose weight is too small for the schedule ever to give them a sample (base 0, no extras)."""
+        return np.flatnonzero((self.base == 0) & (self.interval_length == 0))
+
     # ---- mapping ----------------------------------------------------------------------------
     def locate(self, global_samples) -> BlendLocation:
         """Vectorised mapping of global sample numbers (any shape) to file, sample and epoch arrays."""

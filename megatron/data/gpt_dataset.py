@@ -18,8 +18,9 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from megatron.data.blend import DEFAULT_WINDOW, BlendedIndex
-from megatron.data.data_list import (SPLIT_NAMES, FileSplits, blend_entries, parse_split, scan_files)
+from megatron.data.blend import DEFAULT_WINDOW, PHASE_PERIOD, BlendedIndex
+from megatron.data.data_list import (SPLIT_NAMES, DataListError, FileSplits, blend_entries, parse_split,
+                                     scan_files)
 from megatron.data.indexed_dataset import IndexedDataset
 from megatron.data.permutation import derive_key
 
@@ -144,7 +145,8 @@ class GPTDataset:
     def __init__(self, files: Sequence[FileSplits], weights: Sequence[float], split: int, seq_length: int,
                  seed: int, num_samples: int, vocab_size: Optional[int] = None, sample_mode: str = "samples",
                  rank: int = 0, world_size: int = 1, window: int = DEFAULT_WINDOW,
-                 document_index_cache: Optional[str] = None):
+                 document_index_cache: Optional[str] = None, corpora: Optional[Sequence[str]] = None,
+                 left_out: Sequence[tuple[str, int]] = (), source: str = "data"):
         if sample_mode not in SAMPLE_MODES:
             raise ValueError(f"DataConfig.sample_mode {sample_mode!r} is not one of {SAMPLE_MODES}")
         if seq_length < 1:
@@ -161,6 +163,15 @@ class GPTDataset:
                                          dtype=np.int64)
         self.token_start = np.array([f.token_range(self.split)[0] for f in self.files], dtype=np.int64)
         self.index = BlendedIndex(self.samples_per_file, weights, seed, window=window, salt=self.split)
+        starved = self.index.starved_files()
+        if starved.size:
+            smallest = 1.0 / (self.index.window * PHASE_PERIOD)
+            raise DataListError(source, [
+                f"{self.files[f].prefix}: weight {weights[f]:g} is {self.index.weights[f]:.3g} of the "
+                f"{SPLIT_NAMES[self.split]} blend, too small for the schedule ever to give it a sample (it needs "
+                f"a share above ~{smallest:.1g}); raise its weight or drop the file" for f in starved.tolist()])
+        self.corpora = list(corpora) if corpora is not None else [os.path.basename(f.prefix) for f in self.files]
+        self.left_out = list(left_out)
         self._readers: dict[int, IndexedDataset] = {}
         self._readers_lock = threading.Lock()
         self._rank, self._world_size, self._cache = rank, world_size, document_index_cache
@@ -291,14 +302,42 @@ class MockGPTDataset:
         return [self[int(i)] for i in indices]
 
 
+MAX_NAMED_FILES = 20  # a warning names this many files, then counts the rest
+
+
+def _split_sources(data_config, progress: bool = False) -> list:
+    """Per split, (entries, files, source) of its blend, or None: --data-path/--data-file-list cut by --split,
+    or --train-/--valid-/--test-data-path, each its own blend of whole files (upstream's meaning)."""
+    separate = [list(getattr(data_config, f"{name}_data_path", None) or []) for name in SPLIT_NAMES]
+    if any(separate):
+        sources = []
+        for split, path in enumerate(separate):
+            if not path:
+                sources.append(None)
+                continue
+            flag = f"--{SPLIT_NAMES[split]}-data-path"
+            entries = blend_entries(path, flag=flag)
+            whole_file = tuple(1.0 if s == split else 0.0 for s in range(3))  # this split's range = the file
+            sources.append((entries, scan_files(entries, whole_file, flag, progress=progress), flag))
+        return sources
+    entries = blend_entries(data_config.data_path, data_config.data_file_list)
+    fractions = parse_split(data_config.split)
+    source = f"--data-file-list {data_config.data_file_list}" if data_config.data_file_list else "--data-path"
+    files = scan_files(entries, fractions, source, progress=progress)
+    return [(entries, files, source) if fractions[split] > 0 else None for split in range(3)]
+
+
 def build_datasets(data_config, seq_length: int, seed: int, num_samples: tuple[int, int, int],
                    vocab_size: Optional[int], rank: int = 0, world_size: int = 1,
-                   document_index_cache: Optional[str] = None):
+                   document_index_cache: Optional[str] = None, sample_mode: Optional[str] = None):
     """(train, valid, test) datasets of `num_samples[i]` samples each; None for a split without data.
 
     Every rank calls this independently: it reads only headers and a few index entries per file, and
     all ranks compute the same blend from (file list, split, seed, seq_length). A split whose weight in
-    --split is 0, that has no file with a full sample, or for which 0 samples are asked, is None.
+    --split is 0 (or without its own --<split>-data-path), that has no file with a full sample, or for
+    which 0 samples are asked, is None. Files too short for a split are left out of it and named in a
+    warning (and in the blend report). `sample_mode` overrides data_config.sample_mode (the blend
+    report builds "samples" datasets: the counts are the same and no document index is needed).
     """
     if len(num_samples) != 3:
         raise ValueError(f"num_samples must be (train, valid, test), got {num_samples}")
@@ -306,25 +345,30 @@ def build_datasets(data_config, seq_length: int, seed: int, num_samples: tuple[i
         vocab = vocab_size or data_config.vocab_size
         return tuple(MockGPTDataset(n, seq_length, vocab, seed, split) if n > 0 else None
                      for split, n in enumerate(num_samples))
-
-    entries = blend_entries(data_config.data_path, data_config.data_file_list)
-    fractions = parse_split(data_config.split)
-    source = f"--data-file-list {data_config.data_file_list}" if data_config.data_file_list else "--data-path"
-    files = scan_files(entries, fractions, source, progress=rank == 0)
+    mode = sample_mode or data_config.sample_mode
+    cache = document_index_cache or getattr(data_config, "data_cache_path", None)
+    sources = _split_sources(data_config, progress=rank == 0) if any(n > 0 for n in num_samples) else [None] * 3
     datasets = []
     for split, requested in enumerate(num_samples):
-        if requested <= 0 or fractions[split] == 0:
+        if requested <= 0 or sources[split] is None:
             datasets.append(None)
             continue
+        entries, files, source = sources[split]
         usable = [i for i, f in enumerate(files) if f.num_samples(split, seq_length) > 0]
-        if len(usable) < len(files) and rank == 0:
-            logger.warning("%s split: %d of %d files hold fewer than seq_length + 1 = %d tokens and are left "
-                           "out of this split's blend", SPLIT_NAMES[split], len(files) - len(usable),
-                           len(files), seq_length + 1)
+        left_out = [(files[i].prefix, files[i].token_range(split)[1] - files[i].token_range(split)[0])
+                    for i in range(len(files)) if files[i].num_samples(split, seq_length) == 0]
+        if left_out and rank == 0:
+            named = ", ".join(f"{prefix} ({tokens} tokens)" for prefix, tokens in left_out[:MAX_NAMED_FILES])
+            more = f" and {len(left_out) - MAX_NAMED_FILES} more" if len(left_out) > MAX_NAMED_FILES else ""
+            logger.warning("%s split: %d of %d files hold fewer than seq_length + 1 = %d tokens in this split and "
+                           "are left out of its blend: %s%s", SPLIT_NAMES[split], len(left_out), len(files),
+                           seq_length + 1, named, more)
         if not usable:
             datasets.append(None)
             continue
+        corpora = [entries[i].corpus or os.path.basename(files[i].prefix) for i in usable]
         datasets.append(GPTDataset([files[i] for i in usable], [entries[i].weight for i in usable], split,
-                                   seq_length, seed, requested, vocab_size, data_config.sample_mode, rank,
-                                   world_size, document_index_cache=document_index_cache))
+                                   seq_length, seed, requested, vocab_size, mode, rank, world_size,
+                                   document_index_cache=cache, corpora=corpora, left_out=left_out,
+                                   source=source))
     return tuple(datasets)
