@@ -19,6 +19,7 @@ from megatron.config.checkpoint import CheckpointConfig
 from megatron.config.data import DataConfig
 from megatron.config.logging import LoggingConfig
 from megatron.config.model import TransformerConfig
+from megatron.config.optimizer_args import add_optimizer_arguments, optimizer_config_values, optimizer_flag_errors
 from megatron.config.parallel import ParallelConfig, layout_errors
 from megatron.config.presets import preset
 from megatron.config.training import OptimizerConfig, PrecisionConfig, TrainingConfig, ZeroConfig
@@ -39,7 +40,8 @@ class RunConfig:
     args: dict  # every flag's final value: what checkpoints save as "the run's arguments"
 
 
-LR_DECAY_STYLES = ("constant", "linear", "cosine", "inverse-square-root", "wsd")
+LR_DECAY_STYLES = ("constant", "linear", "cosine", "inverse-square-root", "wsd", "infinite-cosine",
+                   "infinite-inv-square-root")
 WSD_DECAY_STYLES = ("linear", "cosine", "exponential")
 
 # Flags Megatron-DeepSpeed recipes pass that change nothing here; accepted so recipes run unchanged.
@@ -62,7 +64,6 @@ COMPAT_NO_EFFECT = [
     ("--use-flash-attn-v2", "flag", "attention always uses torch SDPA, which picks flash kernels itself"),
     ("--use-flash-attn-triton", "flag", "attention always uses torch SDPA, which picks flash kernels itself"),
     ("--use-flash-attn-builder", "flag", "attention always uses torch SDPA, which picks flash kernels itself"),
-    ("--use-checkpoint-opt-param-scheduler", "flag", "a resume takes the LR schedule from the checkpoint"),
     ("--blend-sample-in-corpus", "flag", "the blended index always blends per sample"),
     ("--log-optimizer-states-to-tensorboard", "flag", "not reported"),
     ("--log-memory-to-tensorboard", "flag", "not reported"),
@@ -194,7 +195,6 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--train-iters", type=pos_int)
     g.add_argument("--train-samples", type=pos_int)
     g.add_argument("--train-tokens", type=pos_int)
-    g.add_argument("--optimizer", choices=("adam", "adamw", "sgd"), default="adam", help="adam and adamw: AdamW")
     g.add_argument("--lr", type=float, default=OptimizerConfig.lr)
     g.add_argument("--min-lr", type=float, default=0.0)
     g.add_argument("--lr-decay-style", type=str.lower, choices=LR_DECAY_STYLES, default="cosine")
@@ -212,6 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--adam-beta2", type=float, default=0.999)
     g.add_argument("--adam-eps", type=pos_float, default=1e-8)
     g.add_argument("--sgd-momentum", type=float, default=0.9)
+    add_optimizer_arguments(g)  # --optimizer, its hyperparameters, token/infinite/cooldown schedules
 
     g = p.add_argument_group("precision")
     g.add_argument("--bf16", action="store_const", const=True)
@@ -486,6 +487,7 @@ def _check_flags(ns: argparse.Namespace) -> list[str]:
         errors.append(f"{', '.join(split_paths)} without --train-data-path: give the train split's blend too")
     if ns.mock_data and not ns.vocab_size and not ns.tokenizer_type:
         errors.append("--mock-data needs --vocab-size (or a --tokenizer-type to take the size from)")
+    errors += optimizer_flag_errors(ns)
     return errors
 
 
@@ -506,8 +508,6 @@ def parse_args(argv: Optional[list[str]] = None) -> RunConfig:
                           ("bf16", False), ("fp16", False), ("clip_grad", 1.0)):
         if getattr(ns, dest) is None:
             setattr(ns, dest, default)
-    if ns.optimizer == "adamw":
-        ns.optimizer = "adam"
     if ns.zero_stage >= 2 and ns.pipeline_model_parallel_size == 1:
         ns.no_pipeline_parallel = True
     model = _resolve_model(ns)
@@ -529,7 +529,7 @@ def parse_args(argv: Optional[list[str]] = None) -> RunConfig:
         adam_beta1=ns.adam_beta1, adam_beta2=ns.adam_beta2, adam_eps=ns.adam_eps, sgd_momentum=ns.sgd_momentum,
         lr_decay_style=ns.lr_decay_style, lr_decay_iters=ns.lr_decay_iters, lr_warmup_iters=ns.lr_warmup_iters or 0,
         lr_warmup_fraction=ns.lr_warmup_fraction, lr_wsd_decay_fraction=ns.lr_wsd_decay_fraction,
-        lr_wsd_decay_style=ns.lr_wsd_decay_style)
+        lr_wsd_decay_style=ns.lr_wsd_decay_style, **optimizer_config_values(ns))
     precision = PrecisionConfig(
         bf16=ns.bf16, fp16=ns.fp16, loss_scale=ns.loss_scale, initial_loss_scale=ns.initial_loss_scale,
         loss_scale_window=ns.loss_scale_window, hysteresis=ns.hysteresis, min_loss_scale=ns.min_loss_scale)
