@@ -388,8 +388,14 @@ def find_checkpoint(load_dir: str, *, strict: bool = False, exit_on_missing: boo
         newest = iteration_of_tag(pointed)
         older = [t for t in tags if t != pointed and (newest is None or (iteration_of_tag(t) or 0) < newest)]
         candidates = [pointed] + older[::-1]
-    else:
+    else:  # no usable pointer: only checkpoints whose manifest proves them complete
         candidates = [t for t in tags if os.path.isfile(os.path.join(load_dir, t, MANIFEST_FILENAME))][::-1]
+        if not candidates and not problems_of:
+            raise CheckpointError(
+                f"--load {load_dir}: neither {TRACKER_FILENAME} nor {DEEPSPEED_LATEST_FILENAME} is there, and "
+                f"none of {', '.join(tags)} has a {MANIFEST_FILENAME} that proves it complete; write the "
+                "iteration of a complete one into the pointer file, or point --load at a directory written by "
+                "--save (or drop --load to start from scratch)")
     for tag in candidates:
         directory = os.path.join(load_dir, tag)
         try:

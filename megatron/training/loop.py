@@ -181,6 +181,8 @@ def train(run: RunConfig, ps: ParallelState, device: torch.device, tracker: Opti
     own_tracker = tracker is None
     tracker = tracker or Tracker(run.logging, ps.rank, config=run.args)
     result = TrainResult()
+    exits = ExitConditions(t.exit_signal_handler, t.exit_duration_in_mins, t.exit_interval, device=device,
+                           signals=rel.signal_numbers()).install()  # before DataLoader workers fork
     try:
         if ckpt.save:  # writable, with room for one checkpoint; stale .tmp-* saves removed
             check_save_dir(ckpt.save, estimate_checkpoint_bytes(te.engine), log=printer if ps.rank == 0 else _quiet)
@@ -223,8 +225,7 @@ def train(run: RunConfig, ps: ParallelState, device: torch.device, tracker: Opti
 
         log = IntervalLog(run, ps, device, tracker, total_iters, printer)
         last_saved = iteration if load_tag is not None else None
-        with ExitConditions(t.exit_signal_handler, t.exit_duration_in_mins, t.exit_interval,
-                            device=device) as exits:
+        with exits:
             while iteration < total_iters:
                 te.set_global_batch_size(global_batch_size_at(run, consumed, dp))  # batch ramp-up
                 if t.rampup_batch_size:
@@ -266,6 +267,7 @@ def train(run: RunConfig, ps: ParallelState, device: torch.device, tracker: Opti
         tracker.flush()
         return result
     finally:
+        exits.restore()
         te.destroy()
         if own_tracker:
             tracker.close()
