@@ -52,7 +52,7 @@ MAX_GLOBAL_SAMPLES = 1 << 40  # keeps every intermediate of the floor sums insid
 _GOLDEN_FRACTION = (math.sqrt(5.0) - 1.0) / 2.0  # 0.618...
 
 
-def _golden_step(period: int) -> int:
+def golden_step(period: int) -> int:
     """The integer coprime to `period` closest to period / golden ratio (a low-discrepancy rotation)."""
     step = max(1, round(period * _GOLDEN_FRACTION))
     for delta in range(period):
@@ -146,10 +146,10 @@ class BlendedIndex:
         self.interval_start = starts[:-1]
         self.interval_length = np.diff(starts)  # A_f in [0, P]
         self.base_before = np.concatenate([[0], np.cumsum(self.base)[:-1]])  # sum_{j<f} base_j
-        self.phase_step = _golden_step(PHASE_PERIOD)  # M
+        self.phase_step = golden_step(PHASE_PERIOD)  # M
         key = derive_key(self.seed, self.salt, 0x5EED)
         self.phase_offset = int(key[0] % np.uint64(PHASE_PERIOD))  # S
-        self.slot_step = _golden_step(self.window)  # J
+        self.slot_step = golden_step(self.window)  # J
         self.shift_key = derive_key(self.seed, self.salt, 0x5A1F)
 
     # ---- the schedule, window by window ----------------------------------------------------
