@@ -8,6 +8,7 @@ Everything happens in megatron/: config/arguments.py (flags), dist/ (launcher, g
 
 from __future__ import annotations
 
+import os
 import sys
 
 
@@ -22,15 +23,21 @@ def launch_rank() -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Exit code 0 when the run finished or exited early on purpose (signal, --exit-*), 2 on bad flags/inputs.
+    """Exit code 0 when the run finished or exited early on purpose (signal, --exit-*), 2 on bad flags/inputs
+    (flags, data, checkpoints, the save directory), 3 when a rank stopped answering (watchdog, collective
+    timeout), 4 after --max-consecutive-nan-steps NaN/Inf steps (see docs/RELIABILITY.md).
 
     Errors that are the same on every rank (flags, layout, LR schedule) are printed by rank 0 only.
     """
     from megatron.config.arguments import ConfigError, parse_args
 
+    from megatron.data.data_list import DataListError
+    from megatron.training.preflight import check_data_lists
+
     try:
         run = parse_args(argv)
-    except ConfigError as error:
+        check_data_lists(run.data)  # before any other work: the same verdict on every rank
+    except (ConfigError, DataListError) as error:
         if launch_rank() == 0:
             print(f"pretrain_gpt.py: {error}", file=sys.stderr, flush=True)
         return 2
@@ -38,9 +45,12 @@ def main(argv: list[str] | None = None) -> int:
     from megatron.dist import destroy_distributed, initialize_distributed
     from megatron.dist.parallel_state import ParallelState
     from megatron.convert.model_layout import ConversionError
+    from megatron.data.indexed_dataset import IndexedDatasetError
+    from megatron.data.tokenizers import TokenizerError
     from megatron.training.checkpointing import CheckpointError
     from megatron.training.engine import EngineConfigError
     from megatron.training.loop import train
+    from megatron.training.watchdog import EXIT_HANG, CollectiveFailure
 
     env = initialize_distributed(run.parallel.distributed_backend,
                                  timeout_minutes=run.reliability.distributed_timeout_minutes)
@@ -51,14 +61,21 @@ def main(argv: list[str] | None = None) -> int:
         result = train(run, ps, env.device)
         if env.rank == 0:
             print(f"pretrain_gpt.py: done at iteration {result.iteration}: {result.exit_reason}", flush=True)
+        if result.exit_code:
+            return result.exit_code
     except (ConfigError, EngineConfigError) as error:
         # Bad flags: the same verdict on every rank, so rank 0 says it once, without a traceback.
         if env.rank == 0:
             print(f"pretrain_gpt.py: {error}", file=sys.stderr, flush=True)
         return 2
-    except (CheckpointError, ConversionError) as error:  # may concern one rank's files: every rank that sees it says so
+    except (CheckpointError, ConversionError, DataListError, IndexedDatasetError, TokenizerError) as error:
+        # bad input that may concern one rank's files: every rank that sees it says so
         print(f"pretrain_gpt.py (rank {env.rank}): {error}", file=sys.stderr, flush=True)
         return 2
+    except CollectiveFailure as error:  # a rank stopped answering: tearing the groups down could hang too
+        print(f"pretrain_gpt.py: {error}", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(EXIT_HANG)
     finally:
         destroy_distributed()  # train() has already destroyed the DeepSpeed engine (its threads and buffers)
     return 0

@@ -7,7 +7,8 @@
 # TP PP SP (Ulysses) ZERO_STAGE MICRO_BATCH GLOBAL_BATCH TRAIN_ITERS TRAIN_TOKENS LR MIN_LR
 # LR_WARMUP_FRACTION LR_DECAY_STYLE DTYPE (bf16|fp16|fp32) CPU_OPTIMIZER=1 ACT_CKPT=1
 # DATA_FILE_LIST DATA_PATH MOCK_DATA=1 VOCAB_SIZE TOKENIZER_TYPE TOKENIZER_MODEL VOCAB_FILE MERGE_FILE
-# SAVE LOAD SAVE_INTERVAL LOG_INTERVAL EVAL_INTERVAL EVAL_ITERS TENSORBOARD_DIR WANDB_PROJECT
+# SAVE LOAD (default: SAVE) SAVE_INTERVAL EXIT_SIGNAL_HANDLER (default 1: save on SIGTERM/SIGUSR1)
+# LOG_INTERVAL EVAL_INTERVAL EVAL_ITERS TENSORBOARD_DIR WANDB_PROJECT
 # PEAK_TFLOPS EXTRA_FLAGS (appended verbatim).
 
 ALCF_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -55,7 +56,10 @@ megatron_flags() {
     [[ -n "${MERGE_FILE:-}" ]] && add --merge-file "$MERGE_FILE"
   fi
   [[ -n "${SAVE:-}" ]] && add --save "$SAVE" --save-interval "${SAVE_INTERVAL:-1000}"
-  [[ -n "${LOAD:-}" ]] && add --load "$LOAD"
+  # Relaunch = resume: --load defaults to --save (a directory without a checkpoint yet starts from scratch,
+  # with a warning), and SIGTERM/SIGUSR1 at walltime save first (docs/RELIABILITY.md).
+  [[ -n "${LOAD:-${SAVE:-}}" ]] && add --load "${LOAD:-$SAVE}"
+  [[ -n "${SAVE:-}" && "${EXIT_SIGNAL_HANDLER:-1}" == 1 ]] && add --exit-signal-handler
   add --log-interval "${LOG_INTERVAL:-10}" --eval-interval "${EVAL_INTERVAL:-1000}" --eval-iters "${EVAL_ITERS:-10}"
   [[ -n "${TENSORBOARD_DIR:-}" ]] && add --tensorboard-dir "$TENSORBOARD_DIR"
   [[ -n "${WANDB_PROJECT:-}" ]] && add --wandb-project "$WANDB_PROJECT"

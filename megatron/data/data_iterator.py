@@ -7,6 +7,7 @@ stream for every dp size, so a run restarted from `consumed_samples` with anothe
 
 from __future__ import annotations
 
+import signal
 from typing import Iterator
 
 import numpy as np
@@ -56,6 +57,14 @@ def collate_tokens(samples: list[dict]) -> dict:
     return {"tokens": torch.from_numpy(np.stack([np.asarray(s["tokens"], dtype=np.int64) for s in samples]))}
 
 
+def _ignore_job_signals(_worker_id: int) -> None:
+    """In a DataLoader worker: ignore what a batch system or launcher sends to the whole job (torch's worker
+    set-up makes SIGTERM fatal). The rank decides (--exit-signal-handler saves first) and shuts its workers
+    down; a worker whose rank died exits by itself (torch's worker loop watches its parent)."""
+    for name in ("SIGTERM", "SIGUSR1", "SIGUSR2", "SIGINT", "SIGHUP"):
+        signal.signal(getattr(signal, name), signal.SIG_IGN)
+
+
 def build_data_iterator(dataset, micro_batch_size: int, dp_rank: int, dp_size: int, consumed_samples: int,
                         num_workers: int = 0) -> Iterator[dict]:
     """Micro-batches {"tokens": LongTensor [micro_batch_size, seq+1]} for this dp rank, from consumed_samples.
@@ -70,6 +79,6 @@ def build_data_iterator(dataset, micro_batch_size: int, dp_rank: int, dp_size: i
     if num_workers and num_workers > 0:
         loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers,
                                              collate_fn=collate_tokens, pin_memory=False,
-                                             persistent_workers=False)
+                                             persistent_workers=False, worker_init_fn=_ignore_job_signals)
         return iter(loader)
     return (collate_tokens(_fetch(dataset, indices)) for indices in sampler)

@@ -345,14 +345,12 @@ def check_save_dir(save_dir: str, bytes_needed: int, log: Callable[[str], None] 
         raise CheckpointError(problems[0] if len(set(problems)) == 1 else "; ".join(sorted(set(problems))))
 
 
-def estimate_checkpoint_bytes(engine) -> int:
-    """Collective. One checkpoint's size, from the parameters this rank holds: the module's weights at
-    their dtype, plus fp32 master weights and two Adam moments (12 bytes per parameter), summed over ranks."""
-    local = 0
-    for p in engine.module.parameters():
-        numel = p.ds_numel if hasattr(p, "ds_numel") else p.numel()
-        local += numel * (p.element_size() + 12)
-    return int(sum(_all_gather(local)))
+def estimate_checkpoint_bytes(model_config, precision=None) -> int:
+    """One checkpoint's size from the model's parameter count: the weights at their dtype, plus fp32 master
+    weights and two Adam moments (12 bytes per parameter). Other optimizers keep less; ZeRO splits the same
+    total over files."""
+    half = precision is not None and (precision.bf16 or precision.fp16)
+    return int(model_config.num_parameters() * ((2 if half else 4) + 12))
 
 
 # ---- choosing what to load ---------------------------------------------------------------------------

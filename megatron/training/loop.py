@@ -27,7 +27,10 @@ from megatron.training.checkpointing import (TrainingProgress, check_save_dir, e
 from megatron.training.engine import TrainingEngine, build_engine, check_engine_config
 from megatron.training.lr_schedule import check_lr_schedule
 from megatron.training.metrics import throughput
+from megatron.training.numerics import EXIT_NUMERICAL, NanCheck, guard_plain_optimizer
 from megatron.training.signals import ExitConditions
+from megatron.training.watchdog import (CollectiveFailure, Watchdog, instrument_engine, is_collective_failure,
+                                        track_batches)
 from megatron.training.tracking import Tracker
 
 
@@ -42,6 +45,7 @@ class TrainResult:
     consumed_samples: int = 0
     exit_reason: str = ""
     saved: list = field(default_factory=list)  # checkpoint directories written
+    exit_code: int = 0  # pretrain_gpt.py's: 0, or numerics.EXIT_NUMERICAL after too many NaN/Inf steps
 
 
 # ---- set-up -----------------------------------------------------------------------------------------
@@ -175,6 +179,9 @@ def train(run: RunConfig, ps: ParallelState, device: torch.device, tracker: Opti
     load_tag = find_checkpoint(ckpt.load, strict=rel.no_checkpoint_fallback,
                                exit_on_missing=rel.exit_on_missing_checkpoint, log=printer) if ckpt.load else None
     check_engine_config(run, device)
+    if ckpt.save:  # writable from every rank, room for one checkpoint; stale .tmp-* saves removed
+        check_save_dir(ckpt.save, estimate_checkpoint_bytes(run.model, t.precision),
+                       log=printer if ps.rank == 0 else _quiet)
     seed_everything(t.seed, ps, device)
 
     te = build_engine(run, ps, device, eod_token=getattr(tokenizer, "eod", None))
@@ -183,9 +190,9 @@ def train(run: RunConfig, ps: ParallelState, device: torch.device, tracker: Opti
     result = TrainResult()
     exits = ExitConditions(t.exit_signal_handler, t.exit_duration_in_mins, t.exit_interval, device=device,
                            signals=rel.signal_numbers()).install()  # before DataLoader workers fork
+    watchdog = Watchdog(ps.rank, ps.world_size, rel.hang_watchdog_factor, rel.hang_watchdog_min_seconds,
+                        rel.distributed_timeout_minutes * 60)
     try:
-        if ckpt.save:  # writable, with room for one checkpoint; stale .tmp-* saves removed
-            check_save_dir(ckpt.save, estimate_checkpoint_bytes(te.engine), log=printer if ps.rank == 0 else _quiet)
         rng_tracker = _rng_tracker()
         progress, consumed_valid = TrainingProgress(args=run.args), 0
         if load_tag is not None:
@@ -211,8 +218,17 @@ def train(run: RunConfig, ps: ParallelState, device: torch.device, tracker: Opti
             publish_blend_report((train_ds, valid_ds, test_ds), run.data.blend_epochs_warning, printer, tracker, ckpt.save)
         train_batches, valid_batches = _isolated_rng(lambda: (
             _iterator(run, ps, train_ds, consumed), _iterator(run, ps, valid_ds, consumed_valid)))
+        # Fault handling: phases for the hang watchdog, NaN/Inf steps skipped (training/numerics.py).
+        train_batches = track_batches(train_batches, watchdog)
+        instrument_engine(te.engine, watchdog)
+        nan_check = NanCheck(rel.check_for_nan_in_loss_and_grad, rel.max_consecutive_nan_steps, ps.rank,
+                             printer if ps.rank == 0 else _quiet, fp16=t.precision.fp16)
+        if rel.check_for_nan_in_loss_and_grad:
+            guard_plain_optimizer(te.engine.optimizer, device)
+        watchdog.start()
 
         def checkpoint_now() -> None:
+            watchdog.phase("save")
             state = TrainingProgress(iteration=iteration, consumed_samples=consumed,
                                      consumed_tokens=consumed * run.model.seq_length, args=run.args)
             path = save_checkpoint(te.engine, ckpt.save, state, device, tracker_states=rng_tracker.get_states,
@@ -220,6 +236,7 @@ def train(run: RunConfig, ps: ParallelState, device: torch.device, tracker: Opti
                                                 "model_config": run.model.to_dict()},
                                    keep_last_n=rel.keep_last_n_checkpoints, log=printer)
             result.saved.append(path)
+            watchdog.phase("idle")
             if ps.rank == 0:
                 printer(f"saved checkpoint {path}")
 
@@ -231,7 +248,9 @@ def train(run: RunConfig, ps: ParallelState, device: torch.device, tracker: Opti
                 if t.rampup_batch_size:
                     te.lr_scheduler.increment = te.global_batch_size  # the schedule counts samples then
                 start = time.time()
+                watchdog.phase("data", iteration + 1)
                 step = te.train_step(train_batches)
+                watchdog.step_done(time.time() - start)
                 iteration += 1
                 consumed += step.num_samples
                 result.losses[iteration], result.grad_norms[iteration] = step.loss, step.grad_norm
@@ -239,8 +258,17 @@ def train(run: RunConfig, ps: ParallelState, device: torch.device, tracker: Opti
                 if iteration % run.logging.log_interval == 0 or iteration == total_iters:
                     log.emit(iteration, step, consumed, te.engine.skipped_steps)
 
+                numerical_stop = nan_check.after_step(iteration, step.loss, step.grad_norm, step.skipped)
+                if numerical_stop:
+                    result.exit_reason, result.exit_code = numerical_stop, EXIT_NUMERICAL
+                    if ps.rank == 0:
+                        printer(f"exiting at iteration {iteration}: {numerical_stop}")
+                    break
+
                 if valid_batches is not None and t.eval_interval and iteration % t.eval_interval == 0:
+                    watchdog.phase("eval")
                     loss = evaluate(te, valid_batches, t.eval_iters)
+                    watchdog.phase("idle")
                     consumed_valid += t.eval_iters * te.global_batch_size
                     result.eval_losses[iteration] = loss
                     _report_eval("validation", iteration, loss, ps, tracker, printer)
@@ -266,7 +294,12 @@ def train(run: RunConfig, ps: ParallelState, device: torch.device, tracker: Opti
         result.iteration, result.consumed_samples = iteration, consumed
         tracker.flush()
         return result
+    except RuntimeError as error:
+        if not is_collective_failure(error) or ps.world_size == 1:
+            raise
+        raise CollectiveFailure(watchdog.describe_failure(error)) from error
     finally:
+        watchdog.stop()
         exits.restore()
         te.destroy()
         if own_tracker:

@@ -1,0 +1,127 @@
+"""Injected faults inside a 2-rank training (one launch, several runs): a NaN loss at step k is reported and the
+step skipped (plain torch optimizer and ZeRO-1); NaN from step k on stops the run after
+--max-consecutive-nan-steps with a checkpoint holding the last good weights (exit code 4); a checkpoint
+read that fails with ESTALE twice (a fault-injecting wrapper around DeepSpeed's reader) is retried, logged,
+and the resume succeeds."""
+
+import errno
+import math
+
+import pytest
+import torch
+
+import engine_cases as ec
+from multirank import run_ranks
+
+GAS = 2  # TINY: global batch 8 = micro batch 2 × dp 2 × 2 accumulation steps
+
+
+def _inject_nan(from_step: int, to_step: int):
+    """Make the loss NaN for steps [from_step, to_step] (counted from this run's first step)."""
+    import megatron.training.engine as engine_module
+
+    real = engine_module.masked_mean_loss
+    calls = {"n": 0}
+
+    def loss_with_nan(*args, **kwargs):
+        step = calls["n"] // GAS + 1
+        calls["n"] += 1
+        loss, report = real(*args, **kwargs)
+        if from_step <= step <= to_step:
+            return loss * float("nan"), report * float("nan")
+        return loss, report
+
+    engine_module.masked_mean_loss = loss_with_nan
+    return lambda: setattr(engine_module, "masked_mean_loss", real)
+
+
+def _flaky_reads(failures: int):
+    """DeepSpeed's checkpoint reader fails with ESTALE `failures` times, then works."""
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
+    real = TorchCheckpointEngine.load
+    left = {"n": failures}
+
+    def load(self, path, map_location=None):
+        if left["n"] > 0:
+            left["n"] -= 1
+            raise OSError(errno.ESTALE, "Stale file handle", path)
+        return real(self, path, map_location=map_location)
+
+    TorchCheckpointEngine.load = load
+    return lambda: setattr(TorchCheckpointEngine, "load", real)
+
+
+def numerics_cases(rank: int, world_size: int, root: str) -> dict:
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
+    from megatron.config.arguments import parse_args
+    from megatron.dist.parallel_state import ParallelState
+    from megatron.training.loop import train
+
+    def run(argv, fault=None):
+        lines = []
+        undo = fault() if fault else None
+        try:
+            parsed = parse_args(argv)
+            result = train(parsed, ParallelState.build(parsed.parallel, parsed.model), torch.device("cpu"),
+                           printer=lines.append)
+        finally:
+            if undo:
+                undo()
+        return {"losses": dict(result.losses), "exit_code": result.exit_code, "exit_reason": result.exit_reason,
+                "iteration": result.iteration, "lines": lines, "saved": list(result.saved)}
+
+    out = {}
+    for name, zero in (("plain", "0"), ("zero1", "1")):
+        z = ["--zero-stage", zero, "--log-interval", "1"]
+        out[f"good3_{name}"] = run(ec.flags(*z, "--train-iters", "3", "--save", f"{root}/good3_{name}",
+                                            "--save-interval", "100"))
+        out[f"skip_{name}"] = run(ec.flags(*z, "--train-iters", "5"), lambda: _inject_nan(3, 3))
+        out[f"stop_{name}"] = run(ec.flags(*z, "--train-iters", "50", "--max-consecutive-nan-steps", "2",
+                                           "--save", f"{root}/stop_{name}", "--save-interval", "100"),
+                                  lambda: _inject_nan(4, 50))
+    out["flaky_resume"] = run(ec.flags("--train-iters", "4", "--load", f"{root}/good3_plain", "--log-interval", "1"),
+                              lambda: _flaky_reads(2))
+    return out
+
+
+@pytest.fixture(scope="module")
+def numerics(tmp_path_factory):
+    root = tmp_path_factory.mktemp("numerics")
+    return root, run_ranks(2, numerics_cases, str(root))
+
+
+@pytest.mark.parametrize("name", ["plain", "zero1"])
+def test_a_nan_loss_at_step_k_is_reported_and_skipped_and_training_goes_on(numerics, name):
+    results = numerics[1][0][f"skip_{name}"]
+    losses = results["losses"]
+    assert math.isnan(losses[3]) and all(math.isfinite(losses[i]) for i in (1, 2, 4, 5))
+    report = [line for line in results["lines"] if "--check-for-nan-in-loss-and-grad" in line]
+    assert len(report) == 1 and "rank 0: iteration 3: lm loss nan" in report[0] and "update was skipped" in report[0]
+    log5 = [line for line in results["lines"] if line.startswith("iteration       5/")][0]
+    assert "skipped iterations 1" in log5
+    assert results["exit_code"] == 0
+
+
+@pytest.mark.parametrize("name", ["plain", "zero1"])
+def test_consecutive_nan_steps_stop_with_a_checkpoint_of_the_last_good_weights(numerics, name):
+    root, results = numerics
+    stop = results[0][f"stop_{name}"]
+    assert stop["exit_code"] == 4 and stop["iteration"] == 5  # steps 4 and 5 bad: stop after the second
+    assert "2 consecutive steps with a NaN/Inf loss" in stop["exit_reason"]
+    good = torch.load(root / f"good3_{name}" / "iter_0000003" / "mp_rank_00_model_states.pt", weights_only=False)
+    last = torch.load(root / f"stop_{name}" / "iter_0000005" / "mp_rank_00_model_states.pt", weights_only=False)
+    assert good["module"].keys() == last["module"].keys()
+    for key, value in good["module"].items():  # the bad steps changed nothing: the weights after step 3
+        assert torch.equal(value, last["module"][key]), key
+
+
+def test_a_transient_checkpoint_read_error_is_retried_logged_and_the_resume_succeeds(numerics):
+    for rank in (0, 1):
+        flaky = numerics[1][rank]["flaky_resume"]
+        retries = [line for line in flaky["lines"] if "ESTALE" in line]
+        assert len(retries) == 2 and "retry 1/3" in retries[0] and "retry 2/3" in retries[1]
+        assert "mp_rank_00_model_states.pt" in retries[0] or "optim" in retries[0] or "iter_0000003" in retries[0]
+        assert flaky["iteration"] == 4 and sorted(flaky["losses"]) == [4]

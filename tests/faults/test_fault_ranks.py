@@ -1,0 +1,74 @@
+"""A rank that dies (SIGKILL) or stops (SIGSTOP) ends the job within its bound, with a message naming the rank:
+no silent hang. Without a launcher, the surviving rank's collective fails (gloo sees the peer gone) or the
+hang watchdog fires; either way the heartbeats name the rank that stopped answering and the survivor
+exits 3. Under torchrun and mpiexec the launcher also ends the job (FAULT_MATRIX=1 runs those too)."""
+
+import os
+import signal
+import time
+
+import pytest
+
+from faultrun import Job, mpiexec
+
+FULL = os.environ.get("FAULT_MATRIX") == "1"
+MATRIX = pytest.mark.skipif(not FULL, reason="set FAULT_MATRIX=1 to run the launcher variants")
+NO_MPIEXEC = pytest.mark.skipif(mpiexec() is None, reason="no mpiexec (tools/setup_env.sh installs MPICH)")
+# Hang detection quick enough for a test: a step 10× the median and >= 5 s is a hang; the collective
+# timeout is the issue's 1 minute.
+FAST_WATCHDOG = ["--hang-watchdog-min-seconds", "5", "--hang-watchdog-factor", "10",
+                 "--distributed-timeout-minutes", "1"]
+
+
+def _start(tmp_path, launcher):
+    return Job.start_until(tmp_path, launcher, "iteration       3/", "--train-iters", "100000", "--num-workers", "0",
+                           *FAST_WATCHDOG)
+
+
+def _ended_naming_rank_1(job, started, bound_s, codes):
+    out = job.output()
+    assert time.time() - started < bound_s, out[-3000:]
+    assert any(code not in (0, None) for code in codes), (codes, out[-3000:])
+    return out
+
+
+@pytest.mark.parametrize("launcher", ["none", pytest.param("torchrun", marks=MATRIX),
+                                      pytest.param("mpiexec", marks=[MATRIX, NO_MPIEXEC])])
+def test_a_killed_rank_ends_the_job_with_a_message_naming_it(tmp_path, launcher):
+    job = _start(tmp_path, launcher)
+    try:
+        job.signal_rank(1, signal.SIGKILL)
+        started = time.time()
+        if launcher == "none":
+            code0 = job.procs[0].wait(timeout=60)
+            out = _ended_naming_rank_1(job, started, 60, [code0])
+            assert code0 == 3, out[-3000:]
+            assert "rank(s) not answering: 1" in out and "rank 1: phase" in out, out[-3000:]
+            assert "Traceback" not in job.logs[0].read_text()
+        else:
+            codes = job.wait(timeout=60)
+            out = _ended_naming_rank_1(job, started, 60, codes)
+            assert ("rank 1" in out or "RANK 1" in out or "rank: 1" in out), out[-3000:]
+    finally:
+        job.close()
+
+
+@pytest.mark.parametrize("launcher", ["none", pytest.param("torchrun", marks=MATRIX),
+                                      pytest.param("mpiexec", marks=[MATRIX, NO_MPIEXEC])])
+def test_a_stopped_rank_is_named_by_the_watchdog_and_the_job_exits_within_the_timeout(tmp_path, launcher):
+    job = _start(tmp_path, launcher)
+    try:
+        job.signal_rank(1, signal.SIGSTOP)
+        started = time.time()
+        if launcher == "none":  # nothing can end a stopped process but a signal: rank 0 must not wait for it
+            code0 = job.procs[0].wait(timeout=90)
+            codes = [code0]
+        else:
+            codes = job.wait(timeout=90)
+        out = _ended_naming_rank_1(job, started, 90, codes)
+        assert "WATCHDOG (rank 0)" in out and "stuck rank(s): 1" in out, out[-3000:]
+        assert "rank 1: phase" in out and "stopped, killed, or its node is gone" in out, out[-3000:]
+        if launcher == "none":
+            assert codes == [3]
+    finally:
+        job.close()
