@@ -34,7 +34,7 @@ SAMPLE_MODES = ("samples", "documents")
 
 DEFAULT_INDEX_CACHE_BYTES = 256 << 20  # per process: the most document-index bytes kept in memory
 DEFAULT_SHARED_INDEX_BYTES = 4 << 30  # per node directory: indices shared between ranks (tmpfs is RAM)
-SHARE_MIN_BYTES = 64 << 10  # smaller indices are cheaper to rebuild than to share through a file
+SHARE_MIN_BYTES = 1 << 20  # smaller indices are cheap to rebuild; this also bounds the mapped files (fds)
 SHARED_INDEX_SWEEP_EVERY = 32  # writes between two size checks of the shared directory
 
 
