@@ -33,6 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from megatron.data.data_list import parse_data_file_list  # noqa: E402
+from megatron.checkpoint.format import replace_atomically  # noqa: E402
 from megatron.data.indexed_dataset import write_synthetic_dataset  # noqa: E402
 
 DOLMA_LIST_NAME = Path("shared") / "data-lists" / "aurora-dolma-v1.7.txt"
@@ -107,7 +108,7 @@ def make_blend(directory: Path, entries, total_tokens: float, average_document: 
         lines.append(f"{entry.weight!r} {prefix} {entry.corpus or 'corpus'}\n")
     tmp = listing.with_suffix(".tmp")
     tmp.write_text("".join(lines))
-    os.replace(tmp, listing)
+    replace_atomically(tmp, listing)
     stamp.write_text(description)
     return listing
 

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import argparse
 
-# Upstream's 19 names (argonne-lcf/Megatron-DeepSpeed megatron/arguments.py), in its order.
+# Upstream's 19 names (argonne-lcf/Megatron-DeepSpeed megatron/arguments.py), in its order, and sgd (which its
+# optimizer builder runs, and which this framework had before).
 OPTIMIZER_CHOICES = (
-    "adam", "adam8bit", "adamw", "adamwschedulefree", "apex.adam", "apex.sgd", "ds.fusedlamb", "ds.onebitlamb",
+    "adam", "sgd", "adam8bit", "adamw", "adamwschedulefree", "apex.adam", "apex.sgd", "ds.fusedlamb", "ds.onebitlamb",
     "galoreadamw", "galoreadamw8bit", "galoreadamw8bitperlayer", "ipex.fusedlamb", "ipex.lamb", "dshampooadamw",
     "sgdschedulefree", "sophiag", "adopt", "muon", "muonclip",
 )

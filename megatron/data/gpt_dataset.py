@@ -27,6 +27,7 @@ from megatron.data.data_list import (SPLIT_NAMES, DataListError, FileSplits, ble
                                      scan_files)
 from megatron.data.indexed_dataset import IndexedDataset
 from megatron.data.permutation import derive_key
+from megatron.checkpoint.format import replace_atomically
 
 logger = logging.getLogger(__name__)
 SAMPLE_MODES = ("samples", "documents")
@@ -135,7 +136,7 @@ class DocumentIndex:
             os.makedirs(self.shared_dir, exist_ok=True)
             temporary = f"{path}.tmp-{os.getpid()}-{threading.get_ident()}.npy"
             np.save(temporary, np.stack([order, ends]))
-            os.replace(temporary, path)
+            replace_atomically(temporary, path)
             with self._lock:
                 self._written.append(path)  # list.append is atomic; _remove_files pops
                 sweep = len(self._written) % SHARED_INDEX_SWEEP_EVERY == 0
