@@ -231,3 +231,31 @@ def test_transient_read_errors_are_retried_then_fail_naming_the_file(tmp_path):
         checkpointing.with_retries(broken, "/lustre/y.pt", retries=2, backoff_s=0.001, log=lines.append)
     with pytest.raises(FileNotFoundError):  # not transient: no retry
         checkpointing.with_retries(lambda: open(tmp_path / "nope"), "nope", backoff_s=0.001)
+
+
+def test_transient_data_read_errors_are_retried_then_fail_naming_the_file(tmp_path, monkeypatch, caplog):
+    import builtins
+    import errno
+
+    from megatron.data import indexed_dataset
+    from megatron.data.indexed_dataset import IndexedDataset, IndexedDatasetError, write_synthetic_dataset
+
+    prefix = str(tmp_path / "corpus")
+    write_synthetic_dataset(prefix, num_tokens=1000, num_documents=10, seed=1)
+    monkeypatch.setattr(fmt, "RETRY_BACKOFF_S", 0.001)
+    failures = {"left": 2}
+
+    def flaky_open(path, *args, **kwargs):  # a fault-injecting file wrapper: EIO on the first opens of the .idx
+        if str(path).endswith(".idx") and failures["left"] > 0:
+            failures["left"] -= 1
+            raise OSError(errno.EIO, "Input/output error", str(path))
+        return builtins.open(path, *args, **kwargs)
+
+    monkeypatch.setattr(indexed_dataset, "open", flaky_open, raising=False)
+    with caplog.at_level("WARNING"):
+        assert len(IndexedDataset(prefix)) == 10
+    retries = [r.getMessage() for r in caplog.records if "EIO" in r.getMessage()]
+    assert len(retries) == 2 and prefix + ".idx" in retries[0] and "retry 1/3" in retries[0]
+    failures["left"] = 100
+    with pytest.raises(IndexedDatasetError, match=r"corpus.idx: reading failed 4 times with EIO"):
+        IndexedDataset(prefix)

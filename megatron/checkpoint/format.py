@@ -28,9 +28,10 @@ import json
 import os
 import re
 import shutil
+import time
 import zlib
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator, Optional
+from typing import Callable, Iterable, Iterator, Optional
 
 TRACKER_FILENAME = "latest_checkpointed_iteration.txt"  # Megatron's pointer file
 DEEPSPEED_LATEST_FILENAME = "latest"  # DeepSpeed's pointer file
@@ -40,6 +41,8 @@ CHECKPOINT_FORMAT_VERSION = 1
 MANIFEST_FORMAT = "megatron-checkpoint-manifest"
 MANIFEST_VERSION = 1
 TAG_PATTERN = re.compile(r"^iter_(\d{7,})$")
+TRANSIENT_ERRNOS = (errno.EIO, errno.ESTALE, errno.EAGAIN, errno.EINTR, errno.ETIMEDOUT)  # Lustre under load
+RETRY_BACKOFF_S = 1.0  # the first wait; it doubles with each retry
 _CHUNK = 8 << 20
 
 
@@ -73,6 +76,28 @@ def os_error_text(error: OSError) -> str:
     name = errno.errorcode.get(error.errno, "") if error.errno is not None else ""
     words = error.strerror or str(error)
     return f"{name} ({words})" if name else words
+
+
+def with_retries(fn: Callable, path: str, retries: int = 3, backoff_s: Optional[float] = None,
+                 log: Callable[[str], None] = print, error_type: type = None):
+    """fn(), retried `retries` times with doubling waits when it fails with a transient OS error (EIO, ESTALE,
+    EAGAIN, EINTR, ETIMEDOUT), each retry logged naming `path`; then `error_type` (default CheckpointError)
+    naming the file. Other errors are raised at once."""
+    backoff_s = RETRY_BACKOFF_S if backoff_s is None else backoff_s
+    for attempt in range(retries + 1):
+        try:
+            return fn()
+        except OSError as error:
+            if error.errno not in TRANSIENT_ERRNOS:
+                raise
+            if attempt == retries:
+                raise (error_type or CheckpointError)(
+                    f"{path}: reading failed {retries + 1} times with {os_error_text(error)}; check the "
+                    "filesystem's health, then relaunch") from error
+            wait = backoff_s * 2 ** attempt
+            log(f"WARNING: reading {path} failed with {os_error_text(error)} (transient?); "
+                f"retry {attempt + 1}/{retries} in {wait:.1f} s")
+            time.sleep(wait)
 
 
 # ---- fsync and atomic writes ------------------------------------------------------------------------

@@ -7,7 +7,10 @@ stream for every dp size, so a run restarted from `consumed_samples` with anothe
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import signal
+import weakref
 from typing import Iterator
 
 import numpy as np
@@ -65,6 +68,21 @@ def _ignore_job_signals(_worker_id: int) -> None:
         signal.signal(getattr(signal, name), signal.SIG_IGN)
 
 
+_LIVE_ITERATORS: "weakref.WeakSet" = weakref.WeakSet()  # DataLoader iterators with workers, for _stop_workers
+_STOP_AT_EXIT: list = []
+
+
+def _stop_workers() -> None:
+    """At exit: shut the workers down (torch's own shutdown), then SIGKILL any left. They ignore SIGTERM, so
+    the terminate() that torch and multiprocessing fall back to at exit could not end them."""
+    for it in list(_LIVE_ITERATORS):
+        with contextlib.suppress(Exception):
+            it._shutdown_workers()
+        for worker in getattr(it, "_workers", []):
+            if worker.is_alive():
+                worker.kill()
+
+
 def build_data_iterator(dataset, micro_batch_size: int, dp_rank: int, dp_size: int, consumed_samples: int,
                         num_workers: int = 0) -> Iterator[dict]:
     """Micro-batches {"tokens": LongTensor [micro_batch_size, seq+1]} for this dp rank, from consumed_samples.
@@ -80,5 +98,10 @@ def build_data_iterator(dataset, micro_batch_size: int, dp_rank: int, dp_size: i
         loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers,
                                              collate_fn=collate_tokens, pin_memory=False,
                                              persistent_workers=False, worker_init_fn=_ignore_job_signals)
-        return iter(loader)
+        batches = iter(loader)
+        if not _STOP_AT_EXIT:  # registered after multiprocessing's exit handler, so it runs before it
+            atexit.register(_stop_workers)
+            _STOP_AT_EXIT.append(True)
+        _LIVE_ITERATORS.add(batches)
+        return batches
     return (collate_tokens(_fetch(dataset, indices)) for indices in sampler)

@@ -260,6 +260,15 @@ def scan_file(prefix: str, fractions: Sequence[float]) -> FileSplits:
     doc_indices_at = pointers_at + 8 * num_sequences
     handle = os.open(prefix + ".idx", os.O_RDONLY)
     try:
+        if num_sequences:  # where the .idx says the .bin ends: a truncated .bin is named as such, not the .idx
+            last_length = int(np.frombuffer(os.pread(handle, 4, HEADER_BYTES + 4 * (num_sequences - 1)), "<i4")[0])
+            end = _read_int64(handle, pointers_at + 8 * (num_sequences - 1)) + last_length * header.dtype.itemsize
+            if end != header.bin_bytes:
+                what = "is truncated" if header.bin_bytes < end else "has bytes the index does not list"
+                raise IndexedDatasetError(
+                    f"{prefix}.bin: {header.bin_bytes} bytes but {prefix}.idx ends its last sequence at byte "
+                    f"{end}: the .bin {what} (or the pair does not belong together); rebuild it with "
+                    "tools/preprocess_data.py or restore it from a copy")
         sequence_bounds, token_bounds = [], []
         for doc in doc_bounds:
             if doc <= 0:

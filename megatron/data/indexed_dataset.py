@@ -17,6 +17,7 @@ document_indices [0, 1, 2], and a 10-byte .bin.
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import struct
@@ -24,7 +25,10 @@ from collections import namedtuple
 from typing import Iterable, Optional, Sequence
 
 import numpy as np
-from megatron.checkpoint.format import replace_atomically
+
+from megatron.checkpoint.format import replace_atomically, with_retries
+
+logger = logging.getLogger(__name__)
 
 INDEX_MAGIC = b"MMIDIDX\x00\x00"
 INDEX_VERSION = 1
@@ -125,10 +129,12 @@ def read_index_header(path_prefix: str) -> IndexHeader:
     """
     path_prefix = _strip_suffix(path_prefix)
     idx_path, bin_path = index_file_path(path_prefix), data_file_path(path_prefix)
-    try:
+    def read_header():
         with open(idx_path, "rb") as f:
-            raw = f.read(HEADER_BYTES)
-            idx_bytes = os.fstat(f.fileno()).st_size
+            return f.read(HEADER_BYTES), os.fstat(f.fileno()).st_size
+
+    try:  # a transient EIO / ESTALE (Lustre under load) is retried, logged
+        raw, idx_bytes = with_retries(read_header, idx_path, log=logger.warning, error_type=IndexedDatasetError)
     except FileNotFoundError:
         raise IndexedDatasetError(f"{idx_path}: index file not found (dataset prefix {path_prefix!r}); "
                                   "check --data-path / the data file list") from None
@@ -158,7 +164,8 @@ class IndexedDataset:
         idx_path, bin_path = index_file_path(self.path_prefix), data_file_path(self.path_prefix)
         s, d = header.num_sequences, header.num_documents
 
-        self._index_map = np.memmap(idx_path, mode="r", dtype=np.uint8)
+        self._index_map = with_retries(lambda: np.memmap(idx_path, mode="r", dtype=np.uint8), idx_path,
+                                       log=logger.warning, error_type=IndexedDatasetError)
         offset = HEADER_BYTES
         self.sequence_lengths = np.frombuffer(self._index_map, dtype=np.int32, count=s, offset=offset)
         offset += 4 * s
@@ -184,7 +191,8 @@ class IndexedDataset:
             raise IndexedDatasetError(f"{bin_path}: {header.bin_bytes} bytes but {idx_path} lists no sequences")
 
         if header.bin_bytes:
-            self._bin_map = np.memmap(bin_path, mode="r", dtype=self.dtype)
+            self._bin_map = with_retries(lambda: np.memmap(bin_path, mode="r", dtype=self.dtype), bin_path,
+                                         log=logger.warning, error_type=IndexedDatasetError)
         else:  # an empty file cannot be memory-mapped
             self._bin_map = np.empty(0, dtype=self.dtype)
 

@@ -24,7 +24,6 @@ import os
 import pickle
 import random
 import shutil
-import time
 from typing import Callable, Optional
 
 import numpy as np
@@ -36,7 +35,7 @@ from megatron.checkpoint.format import (CHECKPOINT_FORMAT_VERSION, DEEPSPEED_LAT
                                         checkpoint_tag, describe_files, fsync_file, iteration_of_tag,
                                         list_checkpoint_tags, list_files, os_error_text, publish_directory,
                                         read_latest_tag, read_manifest, read_pointer, remove_stale_tmp,
-                                        verify_manifest, write_manifest, write_pointers)
+                                        verify_manifest, with_retries, write_manifest, write_pointers)
 
 
 def rng_state_filename(rank: int) -> str:
@@ -101,7 +100,6 @@ def _all_gather(obj) -> list:
 # ---- DeepSpeed's checkpoint engine, adapted ----------------------------------------------------------
 
 _DS_CHECKED = "0.19.8"  # the DeepSpeed version whose engine.checkpoint_engine (save / load / makedirs) this wraps
-TRANSIENT_ERRNOS = (errno.EIO, errno.ESTALE, errno.EAGAIN, errno.EINTR, errno.ETIMEDOUT)
 
 
 class _CheckpointIO:
@@ -153,24 +151,6 @@ class _CheckpointIO:
     def load(self, path: str, map_location=None):
         return with_retries(lambda: self.inner.load(path, map_location=map_location), path,
                             self.retries, self.backoff_s, self.log)
-
-
-def with_retries(fn: Callable, path: str, retries: int = 3, backoff_s: float = 1.0,
-                 log: Callable[[str], None] = print):
-    """fn(), retried `retries` times with doubling waits when it fails with a transient OS error."""
-    for attempt in range(retries + 1):
-        try:
-            return fn()
-        except OSError as error:
-            if error.errno not in TRANSIENT_ERRNOS or attempt == retries:
-                if error.errno in TRANSIENT_ERRNOS:
-                    raise CheckpointError(f"{path}: reading failed {retries + 1} times with {os_error_text(error)}; "
-                                          "check the filesystem's health, then relaunch") from error
-                raise
-            wait = backoff_s * 2 ** attempt
-            log(f"WARNING: reading {path} failed with {os_error_text(error)} (transient?); "
-                f"retry {attempt + 1}/{retries} in {wait:.1f} s")
-            time.sleep(wait)
 
 
 def _deepspeed_version() -> str:

@@ -72,3 +72,31 @@ def test_a_stopped_rank_is_named_by_the_watchdog_and_the_job_exits_within_the_ti
             assert codes == [3]
     finally:
         job.close()
+
+
+def group_timeouts(rank: int, world_size: int) -> dict:
+    import datetime
+
+    import deepspeed
+    import torch
+
+    from megatron.config.arguments import parse_args
+    from megatron.dist import set_default_group_timeout
+    from megatron.dist.parallel_state import ParallelState
+
+    set_default_group_timeout(datetime.timedelta(minutes=0.7))  # what initialize_distributed does first
+    run = parse_args(["--num-layers", "2", "--hidden-size", "16", "--num-attention-heads", "2", "--seq-length", "16",
+                      "--micro-batch-size", "1", "--train-iters", "1", "--lr", "1e-3", "--mock-data",
+                      "--vocab-size", "64", "--tensor-model-parallel-size", "2"])
+    ps = ParallelState.build(run.parallel, run.model)
+    deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
+    groups = {name: g for name, g in ps.groups.items() if g is not None and name != "world"}
+    groups["deepspeed"] = deepspeed.comm.new_group([0, 1])  # DeepSpeed passes no timeout of its own
+    return {name: g._get_backend(torch.device("cpu")).options._timeout.total_seconds() for name, g in groups.items()}
+
+
+def test_the_distributed_timeout_reaches_our_groups_and_deepspeeds():
+    from multirank import run_ranks
+
+    timeouts = run_ranks(2, group_timeouts)
+    assert set(timeouts[0]) >= {"tp", "deepspeed"} and set(timeouts[0].values()) == {42.0}, timeouts[0]
