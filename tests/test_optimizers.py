@@ -94,7 +94,7 @@ def eight_ranks():
     cases = []
     for name in oc.MULTI_RANK:
         zero = "0" if name in oc.WHOLE_TENSOR_OR_SCHEDULE_FREE else "1"
-        cases.append((name, oc.optimizer_flags(name, *TP2_PP2_DP2, "--zero-stage", zero, "--train-iters", "3")))
+        cases.append((name, oc.optimizer_flags(name, *TP2_PP2_DP2, "--zero-stage", zero, "--train-iters", "2")))
     cases.append(("rampup", rampup_flags(*TP2_PP2_DP2, "--zero-stage", "1")))
     return run_ranks(8, oc.train_logged, cases, timeout=900)
 
@@ -122,7 +122,7 @@ def test_tp2_steps_equal_the_single_rank_steps(single, two_ranks, name):
 
 @pytest.mark.parametrize("name", oc.MULTI_RANK)
 def test_tp2_pp2_dp2_steps_equal_the_single_rank_steps(single, eight_ranks, name):
-    reference = single[name]["losses"][:3]
+    reference = single[name]["losses"][:2]  # the loss at iteration 2 is the first step's result
     for rank_result in eight_ranks:
         losses = _ok(rank_result[name], name)["losses"]
         assert losses == pytest.approx(reference, abs=5e-5, rel=0), name
