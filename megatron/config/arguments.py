@@ -12,7 +12,7 @@ import difflib
 import json
 import math
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 from megatron.config.checkpoint import CheckpointConfig
@@ -22,6 +22,7 @@ from megatron.config.model import TransformerConfig
 from megatron.config.optimizer_args import add_optimizer_arguments, optimizer_config_values, optimizer_flag_errors
 from megatron.config.parallel import ParallelConfig, layout_errors
 from megatron.config.presets import preset
+from megatron.config.reliability import ReliabilityConfig, add_reliability_arguments, reliability_from_args
 from megatron.config.training import OptimizerConfig, PrecisionConfig, TrainingConfig, ZeroConfig
 
 
@@ -38,6 +39,7 @@ class RunConfig:
     checkpoint: CheckpointConfig
     logging: LoggingConfig
     args: dict  # every flag's final value: what checkpoints save as "the run's arguments"
+    reliability: ReliabilityConfig = field(default_factory=ReliabilityConfig)  # config/reliability.py
 
 
 LR_DECAY_STYLES = ("constant", "linear", "cosine", "inverse-square-root", "wsd", "infinite-cosine",
@@ -77,7 +79,6 @@ COMPAT_NO_EFFECT = [
     ("--tensorboard-queue-size", int, "the SummaryWriter default is used"),
     ("--data-impl", str, "the only format is MMIDIDX (.bin/.idx)"),
     ("--dataloader-type", str, "the sampler is always the single-epoch one"),
-    ("--distributed-timeout-minutes", int, "the dist layer's timeout is used"),
 ]
 
 # Megatron features we do not have: refused with the alternative, rather than silently ignored.
@@ -261,6 +262,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--num-workers", type=int, default=2)
     g.add_argument("--eod-mask-loss", action="store_true")
     g.add_argument("--reset-position-ids", action="store_true")
+
+    add_reliability_arguments(p)
 
     # ---- data: per-split blends, corpus mixing, index sharing, the blend report (issue #11) ----
     g = p.add_argument_group("data: per-split blends and the blend report")
@@ -552,7 +555,7 @@ def parse_args(argv: Optional[list[str]] = None) -> RunConfig:
                             wandb_project=ns.wandb_project, wandb_exp_name=ns.wandb_exp_name,
                             peak_tflops=ns.peak_tflops)
     return RunConfig(model=model, parallel=parallel, data=data, training=training, checkpoint=checkpoint,
-                     logging=logging, args=dict(vars(ns)))
+                     logging=logging, args=dict(vars(ns)), reliability=reliability_from_args(ns))
 
 
 # ---- derived values ------------------------------------------------------------------------------

@@ -18,11 +18,9 @@ from megatron.config.arguments import ConfigError
 _SAME = {"apex.adam": "adamw", "apex.sgd": "sgd", "ipex.fusedlamb": "ipex.lamb"}
 
 
-def checkpoint_optimizer_name(load_dir: str) -> str | None:
-    """The --optimizer recorded in the checkpoint --load resumes, or None when it records none."""
-    from megatron.training.checkpointing import read_latest_tag
-
-    path = os.path.join(load_dir, read_latest_tag(load_dir), "mp_rank_00_model_states.pt")
+def checkpoint_optimizer_name(load_dir: str, tag: str) -> str | None:
+    """The --optimizer recorded in checkpoint `tag` under `load_dir`, or None when it records none."""
+    path = os.path.join(load_dir, tag, "mp_rank_00_model_states.pt")
     if not os.path.isfile(path):
         return None  # a converted or universal checkpoint: weights only, nothing to compare
     state = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
@@ -31,12 +29,12 @@ def checkpoint_optimizer_name(load_dir: str) -> str | None:
     return str(name) if name else None
 
 
-def check_optimizer_state(load_dir: str, run) -> None:
+def check_optimizer_state(load_dir: str, run, tag: str) -> None:
     """Raise ConfigError when the checkpoint's optimizer state would be loaded into another optimizer."""
     if run.checkpoint.finetune or run.checkpoint.no_load_optim:
         return
     mine = run.training.optimizer.optimizer
-    theirs = checkpoint_optimizer_name(load_dir)
+    theirs = checkpoint_optimizer_name(load_dir, tag)
     if theirs is None or _SAME.get(theirs, theirs) == _SAME.get(mine, mine):
         return
     raise ConfigError(f"--load {load_dir} holds the state of --optimizer {theirs}, but this run uses --optimizer "
