@@ -404,6 +404,20 @@ def test_constant_plus_cooldown_and_token_lengths_follow_upstream():
     assert lrs == pytest.approx([0.0, 0.5, 1.0, 0.875, 0.75, 0.625, 0.5, 0.375, 0.25, 0.125])
 
 
+def test_sample_lengths_without_rampup_count_samples():
+    run = parse_args(ec.flags("--lr-decay-style", "linear", "--lr-warmup-samples", "16", "--lr-decay-samples", "80",
+                              "--train-iters", "10"))  # global batch 8
+    s = build_lr_scheduler(_opt(), run)
+    lrs = []
+    for _ in range(6):
+        lrs.append(s.get_lr())
+        s.step()
+    assert (s.increment, s.num_steps) == (8, 48)
+    assert lrs == pytest.approx([0.0, 0.005, 0.01, 0.01 * (1 - 8 / 64), 0.01 * (1 - 16 / 64), 0.01 * (1 - 24 / 64)])
+    with pytest.raises(ConfigError, match="not both"):
+        parse_args(ec.flags("--lr-warmup-samples", "16", "--lr-decay-iters", "10"))
+
+
 def test_weight_decay_increments_from_start_to_end():
     run = parse_args(ec.flags("--weight-decay-incr-style", "linear", "--start-weight-decay", "0.0",
                               "--end-weight-decay", "0.1", "--train-iters", "10"))
