@@ -28,7 +28,7 @@ TP2 = ("--tensor-model-parallel-size", "2")
 TP2_PP2_DP2 = ("--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2")
 SAVE_AT = 2
 # LAMB at a large global batch: 64 samples = 16 accumulated micro-batches of 4 on one rank, 8 per rank at dp=2
-LAMB_LARGE_BATCH = ("--optimizer", "ds.fusedlamb", "--lr", "0.05", "--micro-batch-size", "4", "--global-batch-size",
+LAMB_LARGE_BATCH = ("--optimizer", "ds.fusedlamb", "--lr", "0.1", "--micro-batch-size", "4", "--global-batch-size",
                     "64", "--train-iters", "3")
 # ramp-up: global batch 4 for the first 16 samples, then 8; 40 samples = 4 steps of 4 + 3 of 8
 RAMPUP = ("--rampup-batch-size", "4", "4", "16", "--global-batch-size", "8", "--micro-batch-size", "2",
@@ -92,7 +92,7 @@ def two_ranks(root):
 @pytest.fixture(scope="module")
 def eight_ranks():
     cases = []
-    for name in oc.MULTI_RANK:
+    for name in oc.EIGHT_RANK:
         zero = "0" if name in oc.WHOLE_TENSOR_OR_SCHEDULE_FREE else "1"
         cases.append((name, oc.optimizer_flags(name, *TP2_PP2_DP2, "--zero-stage", zero, "--train-iters", "2")))
     cases.append(("rampup", rampup_flags(*TP2_PP2_DP2, "--zero-stage", "1")))
@@ -120,7 +120,7 @@ def test_tp2_steps_equal_the_single_rank_steps(single, two_ranks, name):
         assert losses == pytest.approx(reference, abs=5e-5, rel=0), name
 
 
-@pytest.mark.parametrize("name", oc.MULTI_RANK)
+@pytest.mark.parametrize("name", oc.EIGHT_RANK)
 def test_tp2_pp2_dp2_steps_equal_the_single_rank_steps(single, eight_ranks, name):
     reference = single[name]["losses"][:2]  # the loss at iteration 2 is the first step's result
     for rank_result in eight_ranks:
@@ -185,7 +185,7 @@ def test_rampup_resume_inside_the_ramp_continues_bit_for_bit(two_ranks):
 
 def test_lamb_at_a_large_accumulated_batch_learns_and_matches_across_dp(single, two_ranks):
     reference = _ok(single["lamb_large_batch"], "lamb")["losses"]
-    assert reference[-1] < reference[0] - 0.1
+    assert reference[0] > reference[1] > reference[2]
     for rank_result in two_ranks:
         assert _ok(rank_result["lamb_large_batch_dp2"], "lamb dp2")["losses"] == pytest.approx(reference, abs=5e-5)
         # the AuroraGPT cooldown recipe's setting: LAMB on ZeRO-1 partitions in bf16
