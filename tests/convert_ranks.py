@@ -124,3 +124,30 @@ def run_sequence(rank, world, jobs):
         out.append(globals()[name](rank, world, *args))
         dist.barrier()
     return out
+
+
+def to_universal(rank, world, load_dir):
+    """Rank 0 converts `load_dir` with DeepSpeed's ds_to_universal (convert/universal.py); the others wait."""
+    if rank == 0:
+        from megatron.convert.universal import convert_to_universal
+
+        convert_to_universal(load_dir)
+    return None
+
+
+def resume_universal(rank, world, argv, load_dir, steps):
+    """Build at this layout with --universal-checkpoint, load through checkpointing.load_checkpoint, train on."""
+    from megatron.training.checkpointing import load_checkpoint
+
+    run, ps, engine = build(argv + ["--universal-checkpoint"])
+    progress = load_checkpoint(engine, load_dir, torch.device("cpu"), run=run)
+    losses = train(engine, ps, run, progress.iteration, steps)
+    engine.destroy()
+    return {"iteration": progress.iteration, "consumed_samples": progress.consumed_samples, "losses": losses}
+
+
+def train_save_continue_losses(rank, world, argv, save_dir, save_at, steps):
+    """train_save_continue without the logits (nothing shared through file descriptors with the parent)."""
+    out = train_save_continue(rank, world, argv, save_dir, save_at, steps)
+    out.pop("logits")
+    return out

@@ -197,10 +197,17 @@ def load_checkpoint(training_engine, load_dir: str, device: torch.device, *, run
     finetune: weights only; iteration, consumed samples, optimizer and LR scheduler start fresh.
     load_optim=False (--no-load-optim): the optimizer state starts fresh; the LR schedule is still resumed.
     load_rng=False (--no-load-rng): keep this run's seeds.
-    run: this run's RunConfig. When given and the checkpoint was written at another tp / pp / dp / ZeRO stage
+    run: this run's RunConfig. With --universal-checkpoint, `load_dir` is a universal folder (or holds a
+    latest_universal pointer) and megatron.convert.universal loads it. When given and the checkpoint was written at another tp / pp / dp / ZeRO stage
     (or by tools/convert_checkpoint.py), megatron.convert.reshard loads it instead of DeepSpeed; RNG streams
     then start fresh from the seed (they cannot be mapped onto other ranks).
     """
+    if run is not None and run.training.zero.universal_checkpoint:
+        from megatron.convert.universal import load_universal_checkpoint
+
+        progress = load_universal_checkpoint(training_engine, load_dir, load_optim=load_optim, finetune=finetune)
+        _barrier()
+        return progress
     tag = read_latest_tag(load_dir)
     if run is not None:
         from megatron.convert.reshard import checkpoint_layout_differs, load_checkpoint_any_layout

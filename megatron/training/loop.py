@@ -170,7 +170,11 @@ def train(run: RunConfig, ps: ParallelState, device: torch.device, tracker: Opti
     # Refuse what would fail later, before the (slow, collective) model build: the LR schedule's shape, a
     # --load without a complete checkpoint, and flag combinations the engine cannot run.
     check_lr_schedule(run, dp)
-    if ckpt.load:
+    if ckpt.load and t.zero.universal_checkpoint:
+        from megatron.convert.universal import check_universal_folder
+
+        check_universal_folder(ckpt.load)
+    elif ckpt.load:
         read_latest_tag(ckpt.load)
     check_engine_config(run, device)
     seed_everything(t.seed, ps, device)
