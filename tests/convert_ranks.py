@@ -151,3 +151,26 @@ def train_save_continue_losses(rank, world, argv, save_dir, save_at, steps):
     out = train_save_continue(rank, world, argv, save_dir, save_at, steps)
     out.pop("logits")
     return out
+
+
+def resume_pair(rank, world, argv, argonne_dir, truth_path, steps):
+    """Train on from the argonne files through checkpointing.load_checkpoint, and from the states they were built
+    from (the LR schedule stepped to where the saved run was); returns both runs' losses and progress."""
+    from argonne_files import TruthSource
+
+    from megatron.convert.reshard import load_checkpoint_any_layout
+    from megatron.training.checkpointing import load_checkpoint
+
+    out = {}
+    run, ps, engine = build(argv)
+    progress = load_checkpoint(engine, argonne_dir, torch.device("cpu"), run=run)
+    out["argonne"] = {"iteration": progress.iteration, "consumed_samples": progress.consumed_samples,
+                      "losses": train(engine, ps, run, progress.iteration, steps)}
+    engine.destroy()
+    run, ps, engine = build(argv)
+    progress = load_checkpoint_any_layout(engine, "", source=TruthSource(truth_path, run.model))
+    for _ in range(progress.iteration):
+        engine.engine.lr_scheduler.step()
+    out["truth"] = {"losses": train(engine, ps, run, progress.iteration, steps)}
+    engine.destroy()
+    return out

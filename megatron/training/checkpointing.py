@@ -208,6 +208,12 @@ def load_checkpoint(training_engine, load_dir: str, device: torch.device, *, run
         progress = load_universal_checkpoint(training_engine, load_dir, load_optim=load_optim, finetune=finetune)
         _barrier()
         return progress
+    from megatron.convert.argonne import is_argonne_checkpoint, load_argonne_checkpoint
+
+    if is_argonne_checkpoint(load_dir):  # written by argonne-lcf/Megatron-DeepSpeed (AuroraGPT)
+        progress = load_argonne_checkpoint(training_engine, load_dir, load_optim=load_optim, finetune=finetune)
+        _barrier()
+        return progress
     tag = read_latest_tag(load_dir)
     if run is not None:
         from megatron.convert.reshard import checkpoint_layout_differs, load_checkpoint_any_layout

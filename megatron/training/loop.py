@@ -175,7 +175,10 @@ def train(run: RunConfig, ps: ParallelState, device: torch.device, tracker: Opti
 
         check_universal_folder(ckpt.load)
     elif ckpt.load:
-        read_latest_tag(ckpt.load)
+        from megatron.convert.argonne import is_argonne_checkpoint
+
+        if not is_argonne_checkpoint(ckpt.load):
+            read_latest_tag(ckpt.load)
     check_engine_config(run, device)
     seed_everything(t.seed, ps, device)
 
