@@ -432,7 +432,7 @@ def load_argonne_checkpoint(training_engine, path: str, *, load_optim: bool = Tr
     their step count. RNG streams start fresh from this run's seed."""
     from megatron.convert.reshard import load_checkpoint_any_layout
 
-    from megatron.training.checkpointing import CheckpointError
+    from megatron.checkpoint.format import CheckpointError
 
     ckpt = ArgonneCheckpoint(path)
     if load_optim and not finetune and not any(n.endswith("_optim_states.pt") for n in os.listdir(ckpt.tag_dir)):

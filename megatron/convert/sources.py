@@ -26,3 +26,18 @@ def open_checkpoint(path: str, weights: str = "auto", vocab_size: Optional[int] 
     if os.path.isdir(path) and not has_ours and os.path.isfile(os.path.join(path, LATEST_UNIVERSAL_FILENAME)):
         return UniversalCheckpoint(path, vocab_size=vocab_size)
     return DeepSpeedCheckpoint(path, weights=weights, vocab_size=vocab_size)
+
+
+def foreign_load_tag(load_dir: str, universal: bool) -> Optional[str]:
+    """The tag --load resumes from when `load_dir` is not one of our --save directories: the universal folder
+    (with --universal-checkpoint; a CheckpointError when there is none) or an argonne-lcf/Megatron-DeepSpeed
+    checkpoint's global_stepN. None for our own checkpoints."""
+    from megatron.convert.argonne import is_argonne_checkpoint, resolve_tag_dir
+
+    if universal:
+        from megatron.convert.universal import check_universal_folder
+
+        return os.path.basename(check_universal_folder(load_dir))
+    if is_argonne_checkpoint(load_dir):
+        return os.path.basename(resolve_tag_dir(load_dir))
+    return None

@@ -159,7 +159,7 @@ def resolve_universal_folder(path: str) -> str:
 
 def check_universal_folder(path: str) -> str:
     """resolve_universal_folder for --load --universal-checkpoint: a CheckpointError the entry point reports."""
-    from megatron.training.checkpointing import CheckpointError
+    from megatron.checkpoint.format import CheckpointError
 
     try:
         return resolve_universal_folder(path)
@@ -257,7 +257,7 @@ def convert_to_universal(load: str, out: Optional[str] = None, *, workers: int =
     from deepspeed.checkpoint import ds_to_universal
 
     from megatron.convert.ds_checkpoint import DeepSpeedCheckpoint, _has_optim_files
-    from megatron.training.checkpointing import _write_text_atomically
+    from megatron.checkpoint.format import publish_directory, write_text_atomically
 
     source = DeepSpeedCheckpoint(load)
     if not _has_optim_files(source.tag_dir):
@@ -284,12 +284,11 @@ def convert_to_universal(load: str, out: Optional[str] = None, *, workers: int =
         with contextlib.redirect_stdout(open(os.devnull, "w")):
             ds_to_universal.main(args)
         _rename_to_model_names(os.path.join(tmp, "zero"), source.config, source.pipeline)
-        _fsync_tree(tmp)
-        os.replace(tmp, out)
+        publish_directory(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _write_text_atomically(os.path.join(parent, LATEST_UNIVERSAL_FILENAME), name)
+    write_text_atomically(os.path.join(parent, LATEST_UNIVERSAL_FILENAME), name)
     UniversalCheckpoint(out)  # every parameter is there, with the shape the configuration says
     return out
 
@@ -300,13 +299,6 @@ def _rename_to_model_names(zero_dir: str, config: TransformerConfig, pipeline: b
     for local in os.listdir(zero_dir):
         if os.path.isdir(os.path.join(zero_dir, local)):
             os.rename(os.path.join(zero_dir, local), os.path.join(zero_dir, full_name_of(local, config, True)))
-
-
-def _fsync_tree(root: str) -> None:
-    for directory, _, files in os.walk(root):
-        for name in files:
-            with open(os.path.join(directory, name), "rb") as f:
-                os.fsync(f.fileno())
 
 
 # ---- 3b. resuming a run from a universal folder ------------------------------------------------------------
@@ -336,7 +328,7 @@ def load_universal_checkpoint(training_engine, path: str, *, load_optim: bool = 
     fresh from the seed either way (they belong to the ranks of the old layout).
     """
     from megatron.convert.reshard import config_differences, load_checkpoint_any_layout
-    from megatron.training.checkpointing import CheckpointError, TrainingProgress
+    from megatron.checkpoint.format import CheckpointError, TrainingProgress
 
     ckpt = UniversalCheckpoint(path)
     differences = config_differences(ckpt.config, training_engine.model_config)
