@@ -139,7 +139,7 @@ def resume_universal(rank, world, argv, load_dir, steps):
     """Build at this layout with --universal-checkpoint, load through checkpointing.load_checkpoint, train on."""
     from megatron.training.checkpointing import load_checkpoint
 
-    run, ps, engine = build(argv + ["--universal-checkpoint"])
+    run, ps, engine = build(argv + ["--universal-checkpoint", "--load", load_dir])
     progress = load_checkpoint(engine, load_dir, torch.device("cpu"), run=run)
     losses = train(engine, ps, run, progress.iteration, steps)
     engine.destroy()

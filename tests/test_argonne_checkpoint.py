@@ -94,3 +94,17 @@ def test_load_trains_on_like_the_states_it_was_built_from(built):
         assert job["argonne"]["iteration"] == 3 and job["argonne"]["consumed_samples"] == 12
         assert job["argonne"]["losses"] == job["truth"]["losses"]
         assert len(job["argonne"]["losses"]) == 3 and all(l == l for l in job["argonne"]["losses"])
+
+
+def test_format_marker_tells_ours_old_ours_and_megatrons_apart():
+    import argparse
+
+    from megatron.checkpoint.format import (CHECKPOINT_FORMAT_KEY, CheckpointError, checkpoint_format_marker,
+                                            checkpoint_format_version)
+
+    assert checkpoint_format_version({CHECKPOINT_FORMAT_KEY: checkpoint_format_marker(), "args": {}}, "x") == 2
+    assert checkpoint_format_version({"checkpoint_version": 1, "args": {"num_layers": 2}}, "x") == 1  # before it
+    with pytest.raises(CheckpointError, match="newer"):
+        checkpoint_format_version({CHECKPOINT_FORMAT_KEY: {"name": "megatron-ds-lite", "version": 99}}, "x")
+    with pytest.raises(CheckpointError, match="argonne.py"):
+        checkpoint_format_version({"checkpoint_version": 3.0, "args": argparse.Namespace(num_layers=2)}, "x")

@@ -77,3 +77,42 @@ def test_to_universal_refuses_what_it_cannot_convert(trained, tmp_path):
         convert_to_universal(str(root / "gpt_fp32"))
     with pytest.raises(ConversionError, match="to-universal"):
         UniversalCheckpoint(str(tmp_path))
+
+
+def test_universal_flag_needs_load_and_turns_on_deepspeeds_universal_loader():
+    from megatron.config.arguments import ConfigError, parse_args
+    from megatron.training.ds_config import generate_deepspeed_config
+
+    with pytest.raises(ConfigError, match="--universal-checkpoint .*give --load"):
+        parse_args(GPT + ["--universal-checkpoint"])
+    run = parse_args(GPT + ["--universal-checkpoint", "--load", "ckpt"])
+    assert generate_deepspeed_config(run, 1)["checkpoint"] == {"load_universal": True}
+    assert "checkpoint" not in generate_deepspeed_config(parse_args(GPT), 1)
+
+
+def test_our_checkpoints_carry_our_format_marker_and_no_megatron_checkpoint_version(trained):
+    from megatron.checkpoint.format import CHECKPOINT_FORMAT_KEY
+
+    root, _ = trained
+    state = DeepSpeedCheckpoint(str(root / "gpt_fp32")).client_state
+    assert "checkpoint_version" not in state and state[CHECKPOINT_FORMAT_KEY]["version"] == 2
+
+
+def test_universal_folder_is_a_source_for_to_hf_and_reshard(trained, tmp_path):
+    import sys
+
+    from safetensors.torch import load_file
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools"))
+    from convert_checkpoint import main
+
+    root, _ = trained
+    folder = str(root / "llama_fp32" / f"iter_{SAVE_AT:07d}_universal")
+    assert main(["to-hf", "--load", folder, "--out", str(tmp_path / "from_universal"), "--no-tokenizer"]) == 0
+    assert main(["to-hf", "--load", str(root / "llama_fp32"), "--out", str(tmp_path / "from_ours"),
+                 "--no-tokenizer"]) == 0
+    a, b = (load_file(str(tmp_path / d / "model.safetensors")) for d in ("from_universal", "from_ours"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert main(["reshard", "--load", folder, "--save", str(tmp_path / "tp1"), "--tp", "1", "--pp", "2"]) == 0
+    resharded, original = DeepSpeedCheckpoint(str(tmp_path / "tp1")).state_dict(), UniversalCheckpoint(folder).state_dict()
+    assert resharded.keys() == original.keys() and all(torch.equal(resharded[k], original[k]) for k in original)

@@ -430,9 +430,17 @@ def load_argonne_checkpoint(training_engine, path: str, *, load_optim: bool = Tr
     """--load of an argonne-lcf/Megatron-DeepSpeed checkpoint: weights, fp32 masters and Adam moments resharded
     into this engine's layout; iteration and consumed samples from their client state; our LR schedule moved to
     their step count. RNG streams start fresh from this run's seed."""
-    from megatron.convert.reshard import load_checkpoint_any_layout
-
     from megatron.checkpoint.format import CheckpointError
+
+    try:
+        return _load_argonne(training_engine, path, load_optim=load_optim, finetune=finetune)
+    except ConversionError as err:
+        raise CheckpointError(str(err)) from None
+
+
+def _load_argonne(training_engine, path: str, *, load_optim: bool, finetune: bool):
+    from megatron.checkpoint.format import CheckpointError
+    from megatron.convert.reshard import load_checkpoint_any_layout
 
     ckpt = ArgonneCheckpoint(path)
     if load_optim and not finetune and not any(n.endswith("_optim_states.pt") for n in os.listdir(ckpt.tag_dir)):

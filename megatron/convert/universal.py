@@ -319,6 +319,16 @@ def _folder_names_for(optimizer, folder_of):
 
 
 def load_universal_checkpoint(training_engine, path: str, *, load_optim: bool = True, finetune: bool = False):
+    """Resume `training_engine` from a universal folder; see _load_universal (errors as CheckpointError)."""
+    from megatron.checkpoint.format import CheckpointError
+
+    try:
+        return _load_universal(training_engine, path, load_optim=load_optim, finetune=finetune)
+    except ConversionError as err:
+        raise CheckpointError(str(err)) from None
+
+
+def _load_universal(training_engine, path: str, *, load_optim: bool, finetune: bool):
     """Resume `training_engine` from the universal folder `path` (or the one `<path>/latest_universal` names).
 
     ZeRO 1-3: DeepSpeed's own loader (the engine was built with checkpoint.load_universal) restores the fp32
