@@ -213,7 +213,8 @@ def train(run: RunConfig, ps: ParallelState, device: torch.device, tracker: Opti
             run.model.vocab_size, ps.rank, ps.world_size)
         if ps.rank == 0:
             from megatron.data.blend_report import publish_blend_report
-            publish_blend_report((train_ds, valid_ds, test_ds), run.data.blend_epochs_warning, printer, tracker, ckpt.save)
+            publish_blend_report((train_ds, valid_ds, test_ds), run.data.blend_epochs_warning, printer, tracker,
+                                 ckpt.save)
         train_batches, valid_batches = _isolated_rng(lambda: (
             _iterator(run, ps, train_ds, consumed), _iterator(run, ps, valid_ds, consumed_valid)))
 
