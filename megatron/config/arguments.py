@@ -184,7 +184,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--checkpoint-in-cpu", action="store_true")
     g.add_argument("--synchronize-each-layer", action="store_true")
     g.add_argument("--profile-backward", action="store_true")
-    g.add_argument("--universal-checkpoint", action="store_true", help="load a DeepSpeed universal checkpoint")
+    g.add_argument("--universal-checkpoint", action="store_true",
+                   help="--load names a DeepSpeed universal checkpoint folder (or a directory whose latest_universal "
+                        "names one; make it with tools/convert_checkpoint.py to-universal) and resumes it at any "
+                        "tp / pp / dp / ZeRO stage through DeepSpeed's loader (checkpoint.load_universal)")
 
     g = p.add_argument_group("batch")
     g.add_argument("--micro-batch-size", type=pos_int, help="per data-parallel rank; default 1")
@@ -428,6 +431,8 @@ def _check_flags(ns: argparse.Namespace) -> list[str]:
             errors.append(f"{flag}: {why}")
     if ns.bf16 and ns.fp16:
         errors.append("--bf16 and --fp16 both given; pick one")
+    if ns.universal_checkpoint and not ns.load:
+        errors.append("--universal-checkpoint loads the universal folder that --load names; give --load")
     lengths = [f for f in ("train_iters", "train_samples", "train_tokens") if getattr(ns, f) is not None]
     if len(lengths) > 1:
         errors.append(f"give only one of {', '.join('--' + f.replace('_', '-') for f in lengths)}")
@@ -443,9 +448,10 @@ def _check_flags(ns: argparse.Namespace) -> list[str]:
         if ns.lr_decay_iters is not None or ns.lr_warmup_iters:
             errors.append("with --rampup-batch-size the LR schedule counts samples: use --lr-decay-samples, "
                           "--lr-warmup-samples or --lr-warmup-fraction instead of --lr-*-iters")
-    elif ns.lr_decay_samples is not None or ns.lr_warmup_samples:
-        errors.append("--lr-decay-samples/--lr-warmup-samples are for --rampup-batch-size runs; "
-                      "use --lr-decay-iters/--lr-warmup-iters")
+    elif (ns.lr_decay_samples is not None or ns.lr_warmup_samples) and (ns.lr_decay_iters is not None
+                                                                     or ns.lr_warmup_iters):
+        errors.append("give the LR schedule's lengths in samples (--lr-decay-samples/--lr-warmup-samples) or in "
+                      "iterations (--lr-decay-iters/--lr-warmup-iters), not both")
     if ns.lr < 0 or ns.min_lr < 0 or ns.min_lr > ns.lr:
         errors.append(f"need 0 <= --min-lr ({ns.min_lr}) <= --lr ({ns.lr})")
     if ns.lr_warmup_fraction is not None:
