@@ -29,11 +29,13 @@ from __future__ import annotations
 
 import argparse
 import os
+import pickle
 import re
 from typing import Optional
 
 import torch
 
+from megatron.checkpoint.format import MANIFEST_FILENAME
 from megatron.config.model import TransformerConfig
 from megatron.convert.model_layout import (ConversionError, FullModelSource, _vocab_size_from_args, expected_shapes,
                                            full_parameter_names, strip_vocab_padding)
@@ -90,8 +92,13 @@ def is_argonne_checkpoint(path: str) -> bool:
         tag_dir = resolve_tag_dir(path)
     except ConversionError:
         return False
+    if os.path.isfile(os.path.join(tag_dir, MANIFEST_FILENAME)):  # written by our --save (verified on load)
+        return False
     first = sorted(n for n in os.listdir(tag_dir) if MODEL_FILE.match(n))[0]
-    state = load_mmap(os.path.join(tag_dir, first))
+    try:
+        state = load_mmap(os.path.join(tag_dir, first))
+    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError):  # damaged: not recognisable as theirs
+        return False
     return isinstance(state.get("args"), argparse.Namespace)
 
 

@@ -50,7 +50,8 @@ def test_kill_9_during_a_save_then_a_truncated_newest_checkpoint_resume_falls_ba
     os.truncate(victim, victim.stat().st_size // 2)
     previous = newest - 3
     (tmp_path / "second").mkdir()
-    second = Job.start(tmp_path / "second", "none", "--train-iters", str(previous + 4), "--num-workers", "0",
+    second = Job.start(tmp_path / "second", "none", "--train-iters", "100000", "--exit-interval", str(previous + 4),
+                       "--num-workers", "0",
                        "--save", str(save), "--save-interval", "3", "--load", str(save))
     try:
         codes = second.wait(timeout=240)
@@ -59,7 +60,7 @@ def test_kill_9_during_a_save_then_a_truncated_newest_checkpoint_resume_falls_ba
     out = second.output()
     assert codes == [0, 0], out[-3000:]
     assert f"falling back to {save / f'iter_{previous:07d}'}" in out and str(victim) in out and "truncated" in out
-    assert "left by a save that did not finish" in out
+    assert "left by a save that did not finish" in out and f"exiting at iteration {previous + 4}" in out
     assert f"loaded {save / f'iter_{previous:07d}'} at iteration {previous}" in out
     run2 = losses(out)
     resumed = sorted(i for i in run2 if i in run1)

@@ -76,14 +76,14 @@ def numerics_cases(rank: int, world_size: int, root: str) -> dict:
     out = {}
     for name, zero in (("plain", "0"), ("zero1", "1")):
         z = ["--zero-stage", zero, "--log-interval", "1"]
-        out[f"good3_{name}"] = run(ec.flags(*z, "--train-iters", "3", "--save", f"{root}/good3_{name}",
-                                            "--save-interval", "100"))
+        out[f"good3_{name}"] = run(ec.flags(*z, "--train-iters", "10", "--exit-interval", "3", "--save",
+                                            f"{root}/good3_{name}", "--save-interval", "100"))
         out[f"skip_{name}"] = run(ec.flags(*z, "--train-iters", "5"), lambda: _inject_nan(3, 3))
         out[f"stop_{name}"] = run(ec.flags(*z, "--train-iters", "50", "--max-consecutive-nan-steps", "2",
                                            "--save", f"{root}/stop_{name}", "--save-interval", "100"),
                                   lambda: _inject_nan(4, 50))
-    out["flaky_resume"] = run(ec.flags("--train-iters", "4", "--load", f"{root}/good3_plain", "--log-interval", "1"),
-                              lambda: _flaky_reads(2))
+    out["flaky_resume"] = run(ec.flags("--train-iters", "10", "--exit-interval", "4", "--load", f"{root}/good3_plain",
+                                       "--log-interval", "1"), lambda: _flaky_reads(2))
     return out
 
 
