@@ -9,6 +9,7 @@ Everything happens in megatron/: config/arguments.py (flags), dist/ (launcher, g
 from __future__ import annotations
 
 import sys
+import warnings
 
 
 def launch_rank() -> int:
@@ -21,6 +22,13 @@ def launch_rank() -> int:
         return 0
 
 
+def warn_once_per_run(rank: int) -> None:
+    """Every rank runs the same code and would print the same Python warnings (torch's and DeepSpeed's
+    deprecation notices): rank 0 prints them, the other ranks stay quiet."""
+    if rank != 0:
+        warnings.simplefilter("ignore")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Exit code 0 when the run finished or exited early on purpose (signal, --exit-*), 2 on bad flags/inputs.
 
@@ -28,6 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     """
     from megatron.config.arguments import ConfigError, parse_args
 
+    warn_once_per_run(launch_rank())
     try:
         run = parse_args(argv)
     except ConfigError as error:
@@ -46,6 +55,8 @@ def main(argv: list[str] | None = None) -> int:
         ps = ParallelState.build(run.parallel, run.model)
         if env.rank == 0:
             print(f"pretrain_gpt.py: {ps.describe()} on {env.device} ({env.backend}, {env.launcher})", flush=True)
+            for notice in run.notices:
+                print(f"pretrain_gpt.py: note: {notice}", flush=True)
         result = train(run, ps, env.device)
         if env.rank == 0:
             print(f"pretrain_gpt.py: done at iteration {result.iteration}: {result.exit_reason}", flush=True)

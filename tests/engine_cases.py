@@ -20,6 +20,7 @@ TINY = [
     "--micro-batch-size", "2", "--global-batch-size", "8", "--train-iters", "10",
     "--lr", "1e-2", "--lr-decay-style", "constant", "--clip-grad", "1.0", "--seed", "1234",
     "--mock-data", "--vocab-size", "128", "--num-workers", "0", "--log-interval", "100", "--eval-iters", "0",
+    "--zero-stage", "0",
 ]
 
 # MockGPTDataset strings together phrases from a bank; a bank of 8 phrases is learnt within a few steps,
