@@ -44,7 +44,7 @@ def test_alcf_recipe_flags_map_onto_the_dataclasses():
     assert run.parallel.tp == 2 and run.parallel.no_pipeline_parallel and run.parallel.distributed_backend == "gloo"
     t = run.training
     assert (t.micro_batch_size, t.global_batch_size, t.train_iters) == (2, 16, 100)
-    assert t.optimizer.optimizer == "adam" and t.optimizer.adam_beta2 == 0.95 and t.optimizer.lr_warmup_fraction == 0.05
+    assert t.optimizer.optimizer == "adamw" and t.optimizer.adam_beta2 == 0.95 and t.optimizer.lr_warmup_fraction == 0.05
     assert t.precision.bf16 and not t.precision.fp16 and t.zero.zero_stage == 1
     assert run.data.data_file_list == "/tmp/list.txt" and run.data.split == "990,10,0"
     assert run.data.tokenizer_type == "Llama2Tokenizer"

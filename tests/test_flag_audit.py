@@ -16,18 +16,7 @@ UPSTREAM = [line.strip() for line in (Path(__file__).parent / "data" / "upstream
 
 # Names other issues implement (optimizers #9, reliability #10, data #11, checkpoint interop #12) that have
 # not landed yet. PENDING_OTHER_ISSUES: remove each entry when its flag lands.
-PENDING_OTHER_ISSUES = {
-    "--schedulefree-for-each", "--cpu_torch_adam", "--ds_fused_adam", "--sophiag-beta1", "--sophiag-beta2",
-    "--sophiag-rho", "--dshampooadamw-max-preconditioner-dim", "--dshampooadamw-precondition-freq",
-    "--dshampooadamw-use-decoupled-weight-decay", "--dshampooadamw-eps", "--muon-momentum", "--muon-nesterov",
-    "--muon-ns-steps", "--muonadamw-beta1", "--muonadamw-beta2", "--muonadamw-eps", "--muonclip-t",
-    "--muonclip-alpha", "--start-weight-decay", "--end-weight-decay", "--weight-decay-incr-style",
-    "--lr-decay-tokens", "--lr-warmup-tokens", "--lr-constant-tokens", "--lr-constant-fraction",
-    "--lr-cooldown-tokens", "--lr-cooldown-fraction", "--lr_constant_plus_cooldown",
-    "--lr_constant_plus_cooldown_frac", "--lr-finder", "--warmup", "--constant-lr", "--timescale",
-    "--override-opt_param-scheduler", "--exit-on-missing-checkpoint", "--train-data-path", "--valid-data-path",
-    "--test-data-path", "--repeated-dataloader",
-}
+PENDING_OTHER_ISSUES = {"--cpu_torch_adam", "--ds_fused_adam", "--warmup", "--exit-on-missing-checkpoint"}
 
 # The only accepted-with-no-effect flags: kernel/fusion toggles, and flags that ask for what is always done here.
 TRUE_NO_OPS = {
@@ -42,10 +31,7 @@ TRUE_NO_OPS = {
     "--deepspeed-activation-checkpointing",
 }
 # Still listed as no-ops until their owners (other issues) or this issue implement them.
-NO_OPS_PENDING = {
-    "--use-checkpoint-opt-param-scheduler", "--shuffle-sample-in-corpus", "--distributed-timeout-minutes",
-    "--data-cache-path", "--log-optimizer-states-to-tensorboard",
-}
+NO_OPS_PENDING = {"--distributed-timeout-minutes", "--log-optimizer-states-to-tensorboard"}
 
 
 def _normalized(flag: str) -> str:

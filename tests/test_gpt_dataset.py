@@ -38,10 +38,14 @@ def test_samples_are_exactly_the_file_tokens_the_mapping_names_over_several_epoc
         for g in range(len(dataset)):
             f, s = int(location.file[g]), int(location.sample[g])
             meta = dataset.files[f]
-            stream = np.concatenate(contents[meta.prefix])  # brute force: the whole file's tokens
-            start = meta.token_range(split)[0] + s * SEQ
-            assert np.array_equal(tokens[g], stream[start:start + SEQ + 1])
-            assert start + SEQ + 1 <= meta.token_range(split)[1]  # never past the split
+            first, stop = meta.token_range(split)
+            stream = np.concatenate(contents[meta.prefix])[first:stop]  # brute force: the split's tokens
+            epoch = int(location.epoch[g])
+            start = dataset.window_offset(f, epoch) + s * SEQ
+            assert (dataset.window_offset(f, epoch) == 0) == (epoch == 0)
+            cyclic = np.concatenate([stream, stream])  # an epoch's last window may wrap to the split's start
+            assert np.array_equal(tokens[g], cyclic[start:start + SEQ + 1])
+            assert start < len(stream) and start + SEQ + 1 <= 2 * len(stream)
         assert np.array_equal(dataset[7]["tokens"], tokens[7])
         # each file's samples are all used once before any repeats (the train split goes round > 1 time)
         for f in range(dataset.num_files):
@@ -51,12 +55,46 @@ def test_samples_are_exactly_the_file_tokens_the_mapping_names_over_several_epoc
     assert train.epochs_per_file().max() > 1
 
 
+def test_samples_mode_cuts_new_windows_every_epoch_and_never_repeats_a_token_within_one(tmp_path):
+    rng = np.random.default_rng(11)
+    prefix = str(tmp_path / "small_text_document")
+    write_dataset(prefix, [rng.integers(0, 50_000, size=int(n)) for n in rng.integers(5, 40, size=12)], np.int32)
+    big = str(tmp_path / "big_text_document")
+    write_dataset(big, [rng.integers(0, 50_000, size=3000)], np.int32)
+    seq = 16
+    # the small file is upsampled ~7 times: every epoch of it must bring windows never seen before
+    train = build_datasets(DataConfig(data_path=["0.5", prefix, "0.5", big], split="1"), seq, 4, (400, 0, 0),
+                           50_000)[0]
+    small = train.files.index(next(f for f in train.files if f.prefix == prefix))
+    location = train.index.locate(np.arange(400))
+    rows = np.flatnonzero(location.file == small)
+    epochs = location.epoch[rows]
+    assert epochs.max() >= 5
+    tokens = train.get_tokens(rows)
+    seen, starts = {}, set()
+    length = train.files[small].token_range(0)[1]
+    for row, epoch, sample in zip(tokens, epochs, location.sample[rows]):
+        window = tuple(row.tolist())
+        assert seen.setdefault(window, int(epoch)) == int(epoch), "a window came back in a later epoch"
+        starts.add((train.window_offset(small, int(epoch)) + int(sample) * seq) % length)
+    assert len(starts) == len(rows)  # no window start is used twice over all epochs
+    for epoch in range(int(epochs.max())):  # within a full epoch every token is read once (windows share one)
+        chosen = location.sample[rows][epochs == epoch]
+        covered = np.zeros(length, dtype=int)
+        for sample in chosen:
+            start = train.window_offset(small, epoch) + int(sample) * seq
+            covered[np.arange(start, start + seq) % length] += 1
+        assert covered.max() == 1 and covered.sum() == seq * train.samples_per_file[small]
+
+
 def test_document_mode_shuffles_documents_per_epoch_and_samples_span_them(tmp_path):
     data_path, contents = make_blend(tmp_path, sizes=(30, 50))
     config = DataConfig(data_path=data_path, split="1", sample_mode="documents")
-    cache = tmp_path / "cache"
+    shared = tmp_path / "shared"
     datasets = [build_datasets(config, SEQ, 3, (300, 0, 0), 500, rank=r, world_size=2,
-                               document_index_cache=str(cache) if r else None)[0] for r in (0, 1)]
+                               document_index_cache=str(shared))[0] for r in (0, 1)]
+    for dataset in datasets:
+        dataset.document_index.share_min_bytes = 0  # share even these tiny indices
     rank0, rank1 = datasets
     tokens = rank0.get_tokens(np.arange(300))
     assert np.array_equal(tokens, rank1.get_tokens(np.arange(300)))  # ranks agree without talking
@@ -65,32 +103,43 @@ def test_document_mode_shuffles_documents_per_epoch_and_samples_span_them(tmp_pa
         documents = contents[rank0.files[f].prefix]
         orders = []
         for epoch in np.unique(location.epoch[location.file == f]):
-            order, sample_idx = rank0.document_index.get(f, int(epoch))
+            order, ends = rank0.document_index.get(f, int(epoch))
             assert np.array_equal(np.sort(order), np.arange(len(documents)))
-            orders.append(order)
+            orders.append(np.asarray(order))
             stream = np.concatenate([documents[d] for d in order])  # reference: shuffled documents end to end
+            assert ends[-1] == len(stream)
             for g in np.flatnonzero((location.file == f) & (location.epoch == epoch)):
                 s = int(location.sample[g])
                 assert np.array_equal(tokens[g], stream[s * SEQ:s * SEQ + SEQ + 1])
         assert len(orders) > 1 and not np.array_equal(orders[0], orders[1])  # a new shuffle each epoch
-    # the cache is written atomically and read back identically by a fresh dataset
-    assert list(cache.glob("*.npz")) and not list(cache.glob("*.tmp*"))
-    again = build_datasets(config, SEQ, 3, (300, 0, 0), 500, document_index_cache=str(cache))[0]
-    assert np.array_equal(again.get_tokens(np.arange(300)), tokens)
-    for dataset in (rank0, rank1, again):
-        dataset.document_index.close()
+    # rank 1 found rank 0's indices in the node's directory instead of building them again
+    assert rank0.document_index.builds > 0 and rank1.document_index.builds == 0
+    assert rank1.document_index.shared_loads == rank0.document_index.builds
+    assert list(shared.glob("*.npy")) and not list(shared.glob("*.tmp*"))
+    rank0.document_index.close()  # the writer removes its files; a rank that still needs one rebuilds it
+    assert not list(shared.glob("*.npy"))
+    again = build_datasets(config, SEQ, 3, (300, 0, 0), 500, document_index_cache=str(shared))[0]
+    again.document_index.share_min_bytes = 0
+    assert np.array_equal(again.get_tokens(np.arange(300)), tokens) and again.document_index.builds > 0
 
 
-def test_document_index_builds_own_files_in_background_and_others_on_demand(tmp_path):
-    data_path, _ = make_blend(tmp_path, sizes=(10, 10, 10, 10))
+def test_document_index_memory_stays_under_its_bound_however_many_files_are_touched(tmp_path):
+    data_path, contents = make_blend(tmp_path, sizes=[12] * 40, seed=2)
     config = DataConfig(data_path=data_path, split="1", sample_mode="documents")
-    dataset = build_datasets(config, SEQ, 3, (50, 0, 0), 500, rank=1, world_size=2)[0]
-    index = dataset.document_index
-    assert index.own_files == [1, 3]
-    index._thread.join(timeout=30)
-    assert sorted(index._built) == [(1, 0), (3, 0)]
-    dataset.get_tokens(np.arange(50))  # needs files 0 and 2 too: built here, nobody waits for rank 0
-    assert {(0, 0), (2, 0)} <= set(index._built)
+    bounded = build_datasets(config, SEQ, 3, (2000, 0, 0), 500, document_index_cache=str(tmp_path / "s"))[0]
+    index = bounded.document_index
+    index.cache_bytes = 5 * 12 * 16  # room for the indices of 5 files
+    reference = build_datasets(config, SEQ, 3, (2000, 0, 0), 500, document_index_cache=str(tmp_path / "s"))[0]
+    peak = 0
+    for first in range(0, 2000, 50):  # batch after batch touches every file, epoch after epoch
+        rows = np.arange(first, first + 50)
+        assert np.array_equal(bounded.get_tokens(rows), reference.get_tokens(rows))
+        peak = max(peak, index.cached_bytes())
+    touched = np.unique(np.stack([bounded.index.locate(np.arange(2000)).file,
+                                  bounded.index.locate(np.arange(2000)).epoch]), axis=1).shape[1]
+    assert touched > 100 and peak <= index.cache_bytes and len(index._cache) <= 5
+    assert index.builds > touched  # evicted indices were rebuilt when needed again, identically
+    assert reference.document_index.cached_bytes() > index.cache_bytes  # the unbounded one kept them all
 
 
 def test_token_id_outside_the_vocabulary_raises_naming_the_file_when_read(tmp_path):

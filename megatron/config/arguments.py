@@ -21,6 +21,7 @@ from megatron.config.checkpoint import CheckpointConfig
 from megatron.config.data import DataConfig
 from megatron.config.logging import LoggingConfig
 from megatron.config.model import TransformerConfig
+from megatron.config.optimizer_args import add_optimizer_arguments, optimizer_config_values, optimizer_flag_errors
 from megatron.config.parallel import ParallelConfig, layout_errors
 from megatron.config.presets import preset
 from megatron.config.training import OptimizerConfig, PrecisionConfig, TrainingConfig, ZeroConfig
@@ -42,7 +43,8 @@ class RunConfig:
     notices: list = dataclasses.field(default_factory=list)  # what the flags resolved to, said once by rank 0
 
 
-LR_DECAY_STYLES = ("constant", "linear", "cosine", "inverse-square-root", "wsd")
+LR_DECAY_STYLES = ("constant", "linear", "cosine", "inverse-square-root", "wsd", "infinite-cosine",
+                   "infinite-inv-square-root")
 WSD_DECAY_STYLES = ("linear", "cosine", "exponential")
 
 # Flags Megatron-DeepSpeed recipes pass that change nothing in training here (kernel-fusion toggles and flags
@@ -65,14 +67,11 @@ COMPAT_NO_EFFECT = [
     ("--use-flash-attn-v2", "flag", "attention always uses torch SDPA, which picks flash kernels itself"),
     ("--use-flash-attn-triton", "flag", "attention always uses torch SDPA, which picks flash kernels itself"),
     ("--use-flash-attn-builder", "flag", "attention always uses torch SDPA, which picks flash kernels itself"),
-    ("--use-checkpoint-opt-param-scheduler", "flag", "a resume takes the LR schedule from the checkpoint"),
-    ("--shuffle-sample-in-corpus", "flag", "the blended index always shuffles samples within each file"),
     ("--blend-sample-in-corpus", "flag", "the blended index always blends per sample"),
     ("--log-memory-to-tensorboard", "flag", "memory in use is always logged (memory/in_use_mb)"),
     ("--log-validation-ppl-to-tensorboard", "flag", "validation perplexity is always logged"),
     ("--log-batch-size-to-tensorboard", "flag", "the batch size is always logged"),
     ("--distributed-timeout-minutes", int, "the dist layer's timeout is used"),
-    ("--data-cache-path", str, "the blended index is computed, never cached"),
     ("--log-optimizer-states-to-tensorboard", "flag", "not reported"),
 ]
 
@@ -191,7 +190,6 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--train-iters", type=pos_int)
     g.add_argument("--train-samples", type=pos_int)
     g.add_argument("--train-tokens", type=pos_int)
-    g.add_argument("--optimizer", choices=("adam", "adamw", "sgd"), default="adam", help="adam and adamw: AdamW")
     g.add_argument("--lr", type=float, default=OptimizerConfig.lr)
     g.add_argument("--min-lr", type=float, default=0.0)
     g.add_argument("--lr-decay-style", type=str.lower, choices=LR_DECAY_STYLES, default="linear")
@@ -209,6 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--adam-beta2", type=float, default=0.999)
     g.add_argument("--adam-eps", type=pos_float, default=1e-8)
     g.add_argument("--sgd-momentum", type=float, default=0.9)
+    add_optimizer_arguments(g)  # --optimizer, its hyperparameters, token/infinite/cooldown schedules
 
     g = p.add_argument_group("precision")
     g.add_argument("--bf16", action="store_const", const=True)
@@ -281,6 +280,26 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the only format is MMIDIDX (.bin/.idx): mmap or infer")
     g.add_argument("--dataloader-type", choices=("single", "cyclic"), default="single",
                    help="single: one pass over the blended index (cyclic is not supported)")
+
+    # ---- data: per-split blends, corpus mixing, index sharing, the blend report (issue #11) ----
+    g = p.add_argument_group("data: per-split blends and the blend report")
+    for split in ("train", "valid", "test"):
+        g.add_argument(f"--{split}-data-path", nargs="*", default=[],
+                       help=f"the {split} split's own blend (PREFIX, or W1 PREFIX1 ...), whole files; replaces "
+                            "--data-path/--data-file-list and --split")
+    g.add_argument("--shuffle-sample-in-corpus", action="store_true",
+                   help="always on here: the blend interleaves every corpus's files sample by sample over the "
+                        "whole run (upstream without this flag reads a corpus's files one after another)")
+    g.add_argument("--repeated-dataloader", action="store_true",
+                   help="always on here: each split's dataset holds every sample the run asks for, repeating "
+                        "files in new orders as needed, so the data iterator never runs out")
+    g.add_argument("--data-cache-path",
+                   help="no index cache is needed: the blend is arithmetic (computed from the file list, seed "
+                        "and seq length in milliseconds). With --sample-mode documents this directory holds the "
+                        "per-file document indices the ranks share (default: node-local /dev/shm)")
+    g.add_argument("--blend-epochs-warning", type=pos_float, default=4.0,
+                   help="the start-up blend report warns about every corpus repeated more than this many "
+                        "times (default 4)")
 
     known = {option for action in p._actions for option in action.option_strings}
     g = p.add_argument_group("accepted for Megatron-DeepSpeed recipes, no effect here (kernel-fusion toggles, "
@@ -579,8 +598,16 @@ def _check_flags(ns: argparse.Namespace, typed: Optional[dict] = None) -> list[s
         errors.append("--mock-data and --data-path/--data-file-list both given; drop one")
     if ns.data_path and ns.data_file_list:
         errors.append("--data-path and --data-file-list both given; drop one")
+    split_paths = [f"--{split}-data-path" for split in ("train", "valid", "test")
+                   if getattr(ns, f"{split}_data_path")]
+    if split_paths and (ns.data_path or ns.data_file_list or ns.mock_data):
+        errors.append(f"{', '.join(split_paths)} and --data-path/--data-file-list/--mock-data both given: per-split "
+                      "blends replace the single blend; drop one")
+    elif split_paths and not ns.train_data_path:
+        errors.append(f"{', '.join(split_paths)} without --train-data-path: give the train split's blend too")
     if ns.mock_data and not ns.vocab_size and not ns.tokenizer_type:
         errors.append("--mock-data needs --vocab-size (or a --tokenizer-type to take the size from)")
+    errors += optimizer_flag_errors(ns)
     return errors
 
 
@@ -607,8 +634,6 @@ def parse_args(argv: Optional[list[str]] = None) -> RunConfig:
                           ("bf16", False), ("fp16", False), ("clip_grad", 1.0)):
         if getattr(ns, dest) is None:
             setattr(ns, dest, default)
-    if ns.optimizer == "adamw":
-        ns.optimizer = "adam"
     notices = []
     if ns.bf16 and ns.accumulate_allreduce_grads_in_fp32 and ns.zero_stage == 0 and not ns.deepspeed_config:
         ns.zero_stage = 1
@@ -628,13 +653,15 @@ def parse_args(argv: Optional[list[str]] = None) -> RunConfig:
         sample_mode=ns.sample_mode, mock_data=ns.mock_data, tokenizer_type=ns.tokenizer_type,
         tokenizer_model=ns.tokenizer_model, vocab_file=ns.vocab_file, merge_file=ns.merge_file,
         vocab_size=ns.vocab_size, num_workers=ns.num_workers, reset_position_ids=ns.reset_position_ids,
-        eod_mask_loss=ns.eod_mask_loss)
+        eod_mask_loss=ns.eod_mask_loss, train_data_path=list(ns.train_data_path),
+        valid_data_path=list(ns.valid_data_path), test_data_path=list(ns.test_data_path),
+        data_cache_path=ns.data_cache_path, blend_epochs_warning=ns.blend_epochs_warning)
     optimizer = OptimizerConfig(
         optimizer=ns.optimizer, lr=ns.lr, min_lr=ns.min_lr, weight_decay=ns.weight_decay, clip_grad=ns.clip_grad,
         adam_beta1=ns.adam_beta1, adam_beta2=ns.adam_beta2, adam_eps=ns.adam_eps, sgd_momentum=ns.sgd_momentum,
         lr_decay_style=ns.lr_decay_style, lr_decay_iters=ns.lr_decay_iters, lr_warmup_iters=ns.lr_warmup_iters or 0,
         lr_warmup_fraction=ns.lr_warmup_fraction, lr_wsd_decay_fraction=ns.lr_wsd_decay_fraction,
-        lr_wsd_decay_style=ns.lr_wsd_decay_style)
+        lr_wsd_decay_style=ns.lr_wsd_decay_style, **optimizer_config_values(ns))
     precision = PrecisionConfig(
         bf16=ns.bf16, fp16=ns.fp16, loss_scale=ns.loss_scale, initial_loss_scale=ns.initial_loss_scale,
         loss_scale_window=ns.loss_scale_window, hysteresis=ns.hysteresis, min_loss_scale=ns.min_loss_scale,
@@ -750,7 +777,8 @@ def validate_run(run: RunConfig, world_size: int) -> None:
                 check()
             except ConfigError as e:
                 errors.append(str(e))
-    if not (run.data.mock_data or run.data.data_path or run.data.data_file_list):
-        errors.append("no training data: give --data-path, --data-file-list, or --mock-data with --vocab-size")
+    if not (run.data.mock_data or run.data.data_path or run.data.data_file_list or run.data.train_data_path):
+        errors.append("no training data: give --data-path, --data-file-list, --train-data-path, or --mock-data "
+                      "with --vocab-size")
     if errors:
         raise ConfigError(f"invalid run for world size {world_size}:\n  - " + "\n  - ".join(errors))

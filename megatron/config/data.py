@@ -16,6 +16,15 @@ class DataConfig:
     # "samples": our arithmetic index (samples are consecutive windows of each file's token stream);
     # "documents": Megatron's document-shuffled index, built lazily per file.
     sample_mode: str = "samples"
+    # `--train-data-path` / `--valid-data-path` / `--test-data-path`: each split its own blend of whole
+    # files ("w1 prefix1 ..." like --data-path), instead of cutting --data-path's files with --split.
+    train_data_path: list[str] = field(default_factory=list)
+    valid_data_path: list[str] = field(default_factory=list)
+    test_data_path: list[str] = field(default_factory=list)
+    # `--data-cache-path`: where documents mode shares its per-file document indices between the ranks
+    # (default: node-local /dev/shm); the blend itself is arithmetic and needs no cache.
+    data_cache_path: Optional[str] = None
+    blend_epochs_warning: float = 4.0  # the blend report warns about corpora repeated more often
     mock_data: bool = False  # deterministic random tokens; needs vocab_size
     tokenizer_type: Optional[str] = None  # GPT2BPETokenizer, SentencePieceTokenizer, Llama2Tokenizer, HFTokenizer, NullTokenizer
     tokenizer_model: Optional[str] = None

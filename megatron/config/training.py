@@ -12,7 +12,7 @@ from typing import Optional
 
 @dataclass
 class OptimizerConfig:
-    optimizer: str = "adam"  # adam (AdamW), sgd
+    optimizer: str = "adam"  # one of config.optimizer_args.OPTIMIZER_CHOICES; adam is Adam with L2 decay
     lr: float = 3e-4
     min_lr: float = 0.0
     weight_decay: float = 0.01
@@ -28,6 +28,39 @@ class OptimizerConfig:
     lr_warmup_fraction: Optional[float] = None  # wins over lr_warmup_iters when set
     lr_wsd_decay_fraction: float = 0.1  # wsd: the final fraction of decay iters spent cooling down
     lr_wsd_decay_style: str = "linear"  # wsd cooldown shape: linear, cosine, exponential
+    # ---- upstream's other optimizers and schedules (flags in config/optimizer_args.py) ----
+    schedulefree_for_each: bool = False
+    start_weight_decay: Optional[float] = None  # with weight_decay_incr_style linear/cosine
+    end_weight_decay: Optional[float] = None
+    weight_decay_incr_style: str = "constant"
+    sophiag_beta1: float = 0.9
+    sophiag_beta2: float = 0.95
+    sophiag_rho: float = 0.01
+    dshampooadamw_max_preconditioner_dim: int = 8192
+    dshampooadamw_precondition_freq: int = 100
+    dshampooadamw_use_decoupled_weight_decay: bool = True
+    dshampooadamw_eps: float = 1e-12
+    muon_momentum: float = 0.95
+    muon_nesterov: bool = True
+    muon_ns_steps: int = 6
+    muonadamw_beta1: float = 0.9
+    muonadamw_beta2: float = 0.999
+    muonadamw_eps: float = 1e-12
+    muonclip_t: float = 100.0
+    muonclip_alpha: float = 0.5
+    lr_decay_tokens: Optional[int] = None  # token-based lengths win over iters/samples
+    lr_warmup_tokens: Optional[int] = None
+    lr_constant_tokens: Optional[int] = None  # infinite-*: plateau length in tokens
+    lr_constant_fraction: float = 0.001  # infinite-*: plateau as a fraction of the decay length
+    lr_cooldown_tokens: Optional[int] = None
+    lr_cooldown_fraction: float = 0.65
+    lr_constant_plus_cooldown: bool = False
+    lr_constant_plus_cooldown_frac: float = 0.05
+    constant_lr: float = 0.00011
+    timescale: float = 10.0
+    lr_finder: bool = False
+    override_opt_param_scheduler: bool = False
+    use_checkpoint_opt_param_scheduler: bool = False
 
 
 @dataclass

@@ -52,7 +52,7 @@ MAX_GLOBAL_SAMPLES = 1 << 40  # keeps every intermediate of the floor sums insid
 _GOLDEN_FRACTION = (math.sqrt(5.0) - 1.0) / 2.0  # 0.618...
 
 
-def _golden_step(period: int) -> int:
+def golden_step(period: int) -> int:
     """The integer coprime to `period` closest to period / golden ratio (a low-discrepancy rotation)."""
     step = max(1, round(period * _GOLDEN_FRACTION))
     for delta in range(period):
@@ -146,10 +146,10 @@ class BlendedIndex:
         self.interval_start = starts[:-1]
         self.interval_length = np.diff(starts)  # A_f in [0, P]
         self.base_before = np.concatenate([[0], np.cumsum(self.base)[:-1]])  # sum_{j<f} base_j
-        self.phase_step = _golden_step(PHASE_PERIOD)  # M
+        self.phase_step = golden_step(PHASE_PERIOD)  # M
         key = derive_key(self.seed, self.salt, 0x5EED)
         self.phase_offset = int(key[0] % np.uint64(PHASE_PERIOD))  # S
-        self.slot_step = _golden_step(self.window)  # J
+        self.slot_step = golden_step(self.window)  # J
         self.shift_key = derive_key(self.seed, self.salt, 0x5A1F)
 
     # ---- the schedule, window by window ----------------------------------------------------
@@ -187,6 +187,35 @@ class BlendedIndex:
         files = np.asarray(files, dtype=np.int64)
         windows = np.full(files.shape, window, dtype=np.int64)
         return windows * self.base[files] + self._extra_windows_before(files, windows)
+
+    def samples_before(self, count: int) -> np.ndarray:
+        """How many of the global samples [0, count) each file gets (exact, O(files) arithmetic).
+
+        The whole windows before window K = count // W give C_f(K); the first count % W positions of
+        window K add each file's rank at that position (the same floor sums `locate` uses).
+        """
+        count = int(count)
+        if not 0 <= count <= MAX_GLOBAL_SAMPLES:
+            raise ValueError(f"count {count} outside [0, {MAX_GLOBAL_SAMPLES}]")
+        window, position = divmod(count, self.window)
+        files = np.arange(self.num_files, dtype=np.int64)
+        total = self.samples_before_window(files, window)
+        if position:
+            windows = np.full(self.num_files, window, dtype=np.int64)
+            phases = self._phase(windows)
+            shift = int((mix64(self.shift_key ^ np.uint64(window)) % np.uint64(self.window))[0])
+            block_start = self._block_start(files, phases)
+            block_size = self._block_start(files + 1, phases) - block_start
+            offsets = (shift - block_start) % self.window
+            positions = np.full(self.num_files, position, dtype=np.int64)
+            total = total + (floor_sum(positions, self.window, self.slot_step, offsets)
+                             - floor_sum(positions, self.window, self.slot_step, offsets - block_size + self.window)
+                             + positions)
+        return total
+
+    def starved_files(self) -> np.ndarray:
+        """Files whose weight is too small for the schedule ever to give them a sample (base 0, no extras)."""
+        return np.flatnonzero((self.base == 0) & (self.interval_length == 0))
 
     # ---- mapping ----------------------------------------------------------------------------
     def locate(self, global_samples) -> BlendLocation:

@@ -78,28 +78,28 @@ def _parse_weight(text: str) -> Optional[float]:
         return None
 
 
-def parse_data_path(items: Sequence[str]) -> list[BlendEntry]:
+def parse_data_path(items: Sequence[str], flag: str = "--data-path") -> list[BlendEntry]:
     """Megatron's `--data-path`: one prefix alone (weight 1), or `w1 prefix1 w2 prefix2 ...`.
 
     Items may themselves hold several space-separated words (as when a shell variable is passed quoted).
     """
-    entries, problems = _read_data_path(items)
+    entries, problems = _read_data_path(items, flag)
     if problems:
-        raise DataListError("--data-path", problems)
+        raise DataListError(flag, problems)
     return entries
 
 
-def _read_data_path(items: Sequence[str]) -> tuple[list[BlendEntry], list[str]]:
+def _read_data_path(items: Sequence[str], flag: str = "--data-path") -> tuple[list[BlendEntry], list[str]]:
     words = [word for item in items for word in str(item).split()]
     if len(words) == 1:
-        return [BlendEntry(1.0, words[0], None, "--data-path")], []
+        return [BlendEntry(1.0, words[0], None, flag)], []
     problems, entries = [], []
     if len(words) % 2:
-        problems.append(f"--data-path: {len(words)} words is not 'weight prefix' pairs; give one prefix "
+        problems.append(f"{flag}: {len(words)} words is not 'weight prefix' pairs; give one prefix "
                         "alone or pairs like '0.3 /data/a_text_document 0.7 /data/b_text_document'")
     for pair in range(len(words) // 2):
         weight_text, prefix = words[2 * pair], words[2 * pair + 1]
-        where = f"--data-path pair {pair + 1}"
+        where = f"{flag} pair {pair + 1}"
         weight = _parse_weight(weight_text)
         if weight is None:
             problems.append(f"{where}: weight {weight_text!r} is not a number (prefix {prefix!r})")
@@ -193,16 +193,19 @@ def _line_number(entry: BlendEntry) -> int:
 
 
 def blend_entries(data_path: Sequence[str] = (), data_file_list: Optional[str] = None,
-                  check_exists: bool = True) -> list[BlendEntry]:
-    """The blend from `--data-path` or `--data-file-list` (not both), checked; errors all at once."""
+                  check_exists: bool = True, flag: str = "--data-path") -> list[BlendEntry]:
+    """The blend from `--data-path` or `--data-file-list` (not both), checked; errors all at once.
+
+    `flag` names the option data_path came from in messages (--train-data-path etc. use the same syntax).
+    """
     if data_path and data_file_list:
-        raise DataListError("--data-path / --data-file-list", ["give one of them, not both"])
+        raise DataListError(f"{flag} / --data-file-list", ["give one of them, not both"])
     if data_file_list:
         entries, problems = _read_data_file_list(data_file_list)
         source = f"--data-file-list {data_file_list}"
     elif data_path:
-        entries, problems = _read_data_path(data_path)
-        problems, source = [(0, text) for text in problems], "--data-path"
+        entries, problems = _read_data_path(data_path, flag)
+        problems, source = [(0, text) for text in problems], flag
     else:
         raise DataListError("data", ["no data: pass --data-path, --data-file-list or --mock-data"])
     summary = ""

@@ -3,23 +3,28 @@
 The middle of the data stack (indexed file -> GPT dataset -> blend): a dataset asks the arithmetic
 blend (megatron/data/blend.py) which file and sample a global sample number is, then reads its
 seq_length + 1 tokens. sample_mode "samples" (default) reads consecutive windows of each file's token
-stream; "documents" follows Megatron (documents shuffled per epoch, samples spanning documents) with a
-per-file index built lazily in background threads. `MockGPTDataset` makes learnable fake data.
+stream (at a new offset each epoch); "documents" follows Megatron (documents shuffled per epoch, samples
+spanning documents) with a per-(file, epoch) index built on demand, cached in bounded memory and shared
+between the ranks of a node. `MockGPTDataset` makes learnable fake data.
 """
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import hashlib
 import logging
 import os
+import tempfile
 import threading
-from concurrent.futures import Future
+from collections import OrderedDict
 from typing import Optional, Sequence
 
 import numpy as np
 
-from megatron.data.blend import DEFAULT_WINDOW, BlendedIndex
-from megatron.data.data_list import (SPLIT_NAMES, FileSplits, blend_entries, parse_split, scan_files)
+from megatron.data.blend import DEFAULT_WINDOW, PHASE_PERIOD, BlendedIndex, golden_step
+from megatron.data.data_list import (SPLIT_NAMES, DataListError, FileSplits, blend_entries, parse_split,
+                                     scan_files)
 from megatron.data.indexed_dataset import IndexedDataset
 from megatron.data.permutation import derive_key
 
@@ -27,124 +32,183 @@ logger = logging.getLogger(__name__)
 SAMPLE_MODES = ("samples", "documents")
 
 
+DEFAULT_INDEX_CACHE_BYTES = 256 << 20  # per process: the most document-index bytes kept in memory
+DEFAULT_SHARED_INDEX_BYTES = 4 << 30  # per node directory: indices shared between ranks (tmpfs is RAM)
+SHARE_MIN_BYTES = 64 << 10  # smaller indices are cheaper to rebuild than to share through a file
+SHARED_INDEX_SWEEP_EVERY = 32  # writes between two size checks of the shared directory
+
+
+def _remove_files(paths: list) -> None:
+    while paths:
+        with contextlib.suppress(OSError, IndexError):
+            os.remove(paths.pop())
+
+
+def default_shared_index_dir() -> str:
+    """Node-local RAM (/dev/shm) where it exists, else the temporary directory; one per user."""
+    base = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else tempfile.gettempdir()
+    return os.path.join(base, f"megatron-document-index-{os.getuid() if hasattr(os, 'getuid') else 0}")
+
+
 class DocumentIndex:
-    """Megatron's document-aware index, one (file, epoch) at a time, built lazily and never behind a barrier.
+    """Megatron's document-shuffled order, one (file, epoch) at a time, on demand, in bounded memory.
 
     For file f and epoch e: `order` is the split's sequences shuffled by a generator keyed by
-    (seed, split, f, e); `sample_idx[t] = (position in order, token offset)` is where sample t starts
-    when the shuffled sequences are laid end to end (a vectorised walk: searchsorted on their running
-    lengths); sample t spans sample_idx[t] .. sample_idx[t + 1] inclusive (seq_length + 1 tokens).
+    (seed, split, f, e), and `ends[i]` the tokens of order[0..i] laid end to end. Sample t of the
+    epoch is tokens [t * seq, (t + 1) * seq] of that concatenation (it may span documents, as in
+    Megatron); its first and last documents are two binary searches in `ends`, so nothing per sample
+    is stored: 16 bytes per document, against Megatron's 16 bytes per sample plus its doc_idx.
     The blend's Feistel permutation plays the part of Megatron's shuffle_idx.
 
-    At construction, a background thread starts building epoch 0 of the files with f % world == rank;
-    a rank needing any other (file, epoch) builds it itself on the spot (a thread needing one that
-    another thread of the same rank is building waits on that thread's Future). Building is deterministic,
-    so all ranks agree without talking. `cache_dir` (optional) stores indices with atomic renames
-    and reuses them when present; nothing depends on it.
+    Memory: a least-recently-used cache holds at most `cache_bytes` of indices per process, however
+    many files a run touches. Ranks of one node share instead of duplicating: an index of at least
+    SHARE_MIN_BYTES is written once (temporary name, rename) into `shared_dir` (default: node-local
+    /dev/shm) and memory-mapped by every rank that needs it, so its pages exist once per node. A rank
+    that finds no file builds the index itself: no barrier, no rank waits on another, and nothing
+    needs a shared filesystem (building is deterministic, so a duplicate build writes the same bytes).
+    The directory is kept under `shared_bytes` (oldest files removed; a mapped file stays valid), and
+    each process removes the files it wrote when it closes or exits.
+
+    The last partial sample of an epoch (fewer than seq_length + 1 tokens left) is dropped, where
+    Megatron lets it run into the next epoch's documents: each (file, epoch) then stands alone and can
+    be built on demand by any rank; the loss is under one sample per file and epoch.
     """
 
-    def __init__(self, dataset: "GPTDataset", rank: int = 0, world_size: int = 1,
-                 cache_dir: Optional[str] = None, background: bool = True):
+    def __init__(self, dataset: "GPTDataset", shared_dir: Optional[str] = None,
+                 cache_bytes: int = DEFAULT_INDEX_CACHE_BYTES, shared_bytes: int = DEFAULT_SHARED_INDEX_BYTES,
+                 share_min_bytes: int = SHARE_MIN_BYTES):
         self.dataset = dataset
-        self.cache_dir = cache_dir
+        self.shared_dir = shared_dir or default_shared_index_dir()
+        self.cache_bytes, self.shared_bytes, self.share_min_bytes = int(cache_bytes), int(shared_bytes), share_min_bytes
         self._lock = threading.Lock()
-        self._built: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
-        self._claimed: dict[tuple[int, int], Future] = {}  # being built by some thread of this rank
-        self._stop = threading.Event()
-        world_size = max(int(world_size), 1)
-        self.own_files = list(range(int(rank) % world_size, dataset.num_files, world_size))
-        self._thread = None
-        if background and self.own_files:
-            # a daemon thread, so that an exiting trainer never waits for index builds it no longer needs
-            self._thread = threading.Thread(target=self._build_own_files, name="document-index", daemon=True)
-            self._thread.start()
+        self._cache: "OrderedDict[tuple[int, int], tuple[np.ndarray, np.ndarray]]" = OrderedDict()
+        self._cached_bytes = 0
+        self._written: list[str] = []
+        self.builds = 0  # indices this process computed (the rest came from its cache or the shared directory)
+        self.shared_loads = 0
+        atexit.register(_remove_files, self._written)  # holds the list, not this object
 
     def close(self) -> None:
-        self._stop.set()
+        """Remove the shared files this process wrote (a rank still mapping one keeps its pages)."""
+        _remove_files(self._written)
 
-    def _build_own_files(self) -> None:
-        for file in self.own_files:
-            if self._stop.is_set():
-                return
-            try:
-                self.get(file, 0)
-            except Exception:  # the rank that needs this file will build it and raise there
-                logger.exception("background document index build of file %d failed", file)
+    def cached_bytes(self) -> int:
+        with self._lock:
+            return self._cached_bytes
 
-    def _cache_path(self, file: int, epoch: int) -> Optional[str]:
-        if not self.cache_dir:
-            return None
+    def _shared_path(self, file: int, epoch: int) -> str:
         ds = self.dataset
-        description = (f"{ds.files[file].prefix}|{ds.files[file].sequence_range(ds.split)}|{ds.seq_length}|"
-                       f"{ds.seed}|{ds.split}|{file}|{epoch}")
-        digest = hashlib.sha1(description.encode()).hexdigest()[:20]
-        return os.path.join(self.cache_dir, f"document_index_{digest}.npz")
+        meta = ds.files[file]
+        description = (f"{os.path.abspath(meta.prefix)}|{meta.num_tokens}|{meta.num_sequences}|"
+                       f"{meta.sequence_range(ds.split)}|{ds.seed}|{ds.split}|{file}|{epoch}|v2")
+        return os.path.join(self.shared_dir, hashlib.sha1(description.encode()).hexdigest()[:24] + ".npy")
 
     def build(self, file: int, epoch: int) -> tuple[np.ndarray, np.ndarray]:
-        """(order, sample_idx) of one file and epoch, from the cache when there is one, else computed."""
-        path = self._cache_path(file, epoch)
-        if path and os.path.exists(path):
-            with np.load(path) as stored:
-                return stored["order"], stored["sample_idx"]
+        """(order, ends) of one file and epoch, computed here."""
         ds = self.dataset
         start, stop = ds.files[file].sequence_range(ds.split)
-        lengths = np.asarray(ds.reader(file).sequence_lengths[start:stop], dtype=np.int64)
+        lengths = ds.reader(file).sequence_lengths[start:stop]
         key = int(derive_key(ds.seed, ds.split, file, epoch, 0xD0C)[0])
         order = np.random.default_rng(key).permutation(stop - start).astype(np.int64)
-        running = np.zeros(len(order) + 1, dtype=np.int64)
-        np.cumsum(lengths[order], out=running[1:])
-        starts = np.arange(ds.samples_per_file[file] + 1, dtype=np.int64) * ds.seq_length
-        position = np.searchsorted(running, starts, side="right") - 1
-        sample_idx = np.stack([position, starts - running[position]], axis=1)
+        ends = np.cumsum(lengths[order], dtype=np.int64)
+        return order, ends
+
+    def _load_or_build(self, file: int, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        n = self.dataset.files[file].sequence_range(self.dataset.split)
+        shared = (n[1] - n[0]) * 16 >= self.share_min_bytes
+        path = self._shared_path(file, epoch) if shared else None
         if path:
-            os.makedirs(self.cache_dir, exist_ok=True)
-            temporary = f"{path}.tmp-{os.getpid()}-{threading.get_ident()}.npz"
-            np.savez(temporary, order=order, sample_idx=sample_idx)
+            try:
+                both = np.load(path, mmap_mode="r")
+                if both.shape == (2, n[1] - n[0]):
+                    with self._lock:
+                        self.shared_loads += 1
+                    return both[0], both[1]
+            except (OSError, ValueError):  # absent, being replaced, or removed by its writer: build it here
+                pass
+        order, ends = self.build(file, epoch)
+        with self._lock:
+            self.builds += 1
+        if not path:
+            return order, ends
+        try:
+            os.makedirs(self.shared_dir, exist_ok=True)
+            temporary = f"{path}.tmp-{os.getpid()}-{threading.get_ident()}.npy"
+            np.save(temporary, np.stack([order, ends]))
             os.replace(temporary, path)
-        return order, sample_idx
+            with self._lock:
+                self._written.append(path)  # list.append is atomic; _remove_files pops
+                sweep = len(self._written) % SHARED_INDEX_SWEEP_EVERY == 0
+            if sweep:
+                self._sweep_shared_dir()
+            both = np.load(path, mmap_mode="r")  # this rank, too, keeps the node's one copy
+            return both[0], both[1]
+        except OSError as error:  # a full or read-only directory: keep the private copy
+            logger.debug("document index %s not shared: %s", path, error)
+            return order, ends
+
+    def _sweep_shared_dir(self) -> None:
+        """Remove the oldest shared indices while the directory holds more than shared_bytes."""
+        try:
+            entries = [(e.stat().st_mtime, e.stat().st_size, e.path) for e in os.scandir(self.shared_dir)
+                       if e.name.endswith(".npy") and ".tmp-" not in e.name]
+        except OSError:
+            return
+        total = sum(size for _, size, _ in entries)
+        for _, size, path in sorted(entries):
+            if total <= self.shared_bytes:
+                break
+            with contextlib.suppress(OSError):
+                os.remove(path)
+            total -= size
 
     def get(self, file: int, epoch: int) -> tuple[np.ndarray, np.ndarray]:
-        """The index of (file, epoch): already built, being built by another thread here, or built now."""
+        """(order, ends) of (file, epoch): from this process's cache, the node's shared copy, or built now."""
         key = (file, epoch)
         with self._lock:
-            if key in self._built:
-                return self._built[key]
-            claimed = self._claimed.get(key)
-            if claimed is None:
-                mine = self._claimed[key] = Future()
-        if claimed is not None:
-            return claimed.result()  # a thread of this rank is on it: never waits for another rank
-        try:
-            result = self.build(file, epoch)
-        except BaseException as error:
-            with self._lock:
-                del self._claimed[key]
-            mine.set_exception(error)
-            raise
+            hit = self._cache.get(key)
+            if hit is not None:
+                self._cache.move_to_end(key)
+                return hit
+        entry = self._load_or_build(file, epoch)  # concurrent threads may both build: same result, no waiting
+        size = entry[0].nbytes + entry[1].nbytes
         with self._lock:
-            self._built[key] = result
-            del self._claimed[key]
-        mine.set_result(result)
-        return result
+            if key not in self._cache:
+                self._cache[key] = entry
+                self._cached_bytes += size
+            while self._cached_bytes > self.cache_bytes and len(self._cache) > 1:
+                _, (order, ends) = self._cache.popitem(last=False)
+                self._cached_bytes -= order.nbytes + ends.nbytes
+        return entry
 
-    def num_built(self) -> int:
-        with self._lock:
-            return len(self._built)
+    def sample_span(self, file: int, epoch: int, sample: int):
+        """(order, first, offset, last, end): sample `sample` runs from token `offset` of document position
+        `first` to token `end` (inclusive) of position `last` in the epoch's shuffled order."""
+        order, ends = self.get(file, epoch)
+        begin = sample * self.dataset.seq_length
+        finish = begin + self.dataset.seq_length  # inclusive: samples are seq_length + 1 tokens
+        first = int(np.searchsorted(ends, begin, side="right"))
+        last = int(np.searchsorted(ends, finish, side="right"))
+        offset = begin - (int(ends[first - 1]) if first else 0)
+        end = finish - (int(ends[last - 1]) if last else 0)
+        return order, first, offset, last, end
 
 
 class GPTDataset:
     """Samples of one split of a blend: `ds[g] -> {"tokens": int64 array [seq_length + 1]}`, len = num_samples.
 
-    Global sample g is placed by the arithmetic `BlendedIndex`; in "samples" mode file f's sample s is
-    tokens [start_f + s * seq_length, start_f + (s + 1) * seq_length + 1) of its flat token stream
-    (start_f: the split's first token), so neighbouring samples share one token as in Megatron.
+    Global sample g is placed by the arithmetic `BlendedIndex`; in "samples" mode file f's sample s of
+    epoch e is tokens [o + s * seq_length, o + (s + 1) * seq_length + 1) of the split's token range
+    (o = `window_offset(f, e)`: 0 in epoch 0, a new offset each later epoch, wrapping at the range's
+    end), so neighbouring samples share one token as in Megatron and repeated epochs cut new windows.
     Token ids >= vocab_size are caught when a sample is read, with the file named.
     """
 
     def __init__(self, files: Sequence[FileSplits], weights: Sequence[float], split: int, seq_length: int,
                  seed: int, num_samples: int, vocab_size: Optional[int] = None, sample_mode: str = "samples",
                  rank: int = 0, world_size: int = 1, window: int = DEFAULT_WINDOW,
-                 document_index_cache: Optional[str] = None):
+                 document_index_cache: Optional[str] = None, corpora: Optional[Sequence[str]] = None,
+                 left_out: Sequence[tuple[str, int]] = (), source: str = "data"):
         if sample_mode not in SAMPLE_MODES:
             raise ValueError(f"DataConfig.sample_mode {sample_mode!r} is not one of {SAMPLE_MODES}")
         if seq_length < 1:
@@ -161,10 +225,20 @@ class GPTDataset:
                                          dtype=np.int64)
         self.token_start = np.array([f.token_range(self.split)[0] for f in self.files], dtype=np.int64)
         self.index = BlendedIndex(self.samples_per_file, weights, seed, window=window, salt=self.split)
+        self._offset_step = golden_step(self.seq_length - 1) if self.seq_length > 2 else 1
+        starved = self.index.starved_files()
+        if starved.size:
+            smallest = 1.0 / (self.index.window * PHASE_PERIOD)
+            raise DataListError(source, [
+                f"{self.files[f].prefix}: weight {weights[f]:g} is {self.index.weights[f]:.3g} of the "
+                f"{SPLIT_NAMES[self.split]} blend, too small for the schedule ever to give it a sample (it needs "
+                f"a share above ~{smallest:.1g}); raise its weight or drop the file" for f in starved.tolist()])
+        self.corpora = list(corpora) if corpora is not None else [os.path.basename(f.prefix) for f in self.files]
+        self.left_out = list(left_out)
         self._readers: dict[int, IndexedDataset] = {}
         self._readers_lock = threading.Lock()
         self._rank, self._world_size, self._cache = rank, world_size, document_index_cache
-        self.document_index = (DocumentIndex(self, rank, world_size, document_index_cache)
+        self.document_index = (DocumentIndex(self, document_index_cache)
                                if sample_mode == "documents" else None)
 
     def __getstate__(self) -> dict:
@@ -177,7 +251,7 @@ class GPTDataset:
         self.__dict__.update(state)
         self._readers_lock = threading.Lock()
         if self.sample_mode == "documents":  # a worker builds what it needs, on demand
-            self.document_index = DocumentIndex(self, self._rank, self._world_size, self._cache, background=False)
+            self.document_index = DocumentIndex(self, self._cache)
 
     def __len__(self) -> int:
         return self.num_samples
@@ -208,13 +282,34 @@ class GPTDataset:
                 f"vocabulary [0, {self.vocab_size}); the file was tokenized with another tokenizer than "
                 "--tokenizer-type/--vocab-size say: re-tokenize it or fix the tokenizer flags")
 
-    def _read_window(self, file: int, sample: int) -> np.ndarray:
-        start = int(self.token_start[file]) + sample * self.seq_length
-        return self.reader(file).tokens(start, start + self.seq_length + 1)
+    def window_offset(self, file: int, epoch: int) -> int:
+        """Where samples mode starts cutting file `file`'s windows in `epoch` (tokens into the split's range).
+
+        Epoch 0 cuts at 0 (so runs shorter than one epoch read what they always read); epoch e >= 1 at
+        1 + (h_f + (e - 1) * J) mod (seq - 1), with h_f from (seed, split, file) and J coprime to seq - 1:
+        the first seq_length epochs of a file all start at different offsets modulo seq_length, so no
+        token window of one epoch recurs in another. Epoch e's windows start at offset + s * seq_length;
+        the last one may run past the split's end and wraps to its start (like a sample spanning two
+        documents), ending before the epoch's first window, so an epoch still never repeats a token.
+        """
+        if epoch == 0 or self.seq_length < 2:
+            return 0
+        span = self.seq_length - 1
+        start = int(derive_key(self.seed, self.split, file, 0x0FF5E7)[0] % np.uint64(span))
+        return 1 + (start + (epoch - 1) * self._offset_step) % span
+
+    def _read_window(self, file: int, sample: int, epoch: int = 0) -> np.ndarray:
+        first, stop = self.files[file].token_range(self.split)
+        length = stop - first
+        start = self.window_offset(file, epoch) + sample * self.seq_length
+        end = start + self.seq_length + 1
+        reader = self.reader(file)
+        if end <= length:
+            return reader.tokens(first + start, first + end)
+        return np.concatenate([reader.tokens(first + start, stop), reader.tokens(first, first + end - length)])
 
     def _read_documents(self, file: int, sample: int, epoch: int) -> np.ndarray:
-        order, sample_idx = self.document_index.get(file, epoch)
-        (first, offset), (last, end) = sample_idx[sample], sample_idx[sample + 1]
+        order, first, offset, last, end = self.document_index.sample_span(file, epoch, sample)
         reader = self.reader(file)
         base = self.files[file].sequence_range(self.split)[0]
         if first == last:
@@ -233,7 +328,7 @@ class GPTDataset:
         for row, (file, sample, epoch) in enumerate(zip(location.file.tolist(), location.sample.tolist(),
                                                         location.epoch.tolist())):
             if self.document_index is None:
-                tokens = self._read_window(file, sample)
+                tokens = self._read_window(file, sample, epoch)
             else:
                 tokens = self._read_documents(file, sample, epoch)
             self._check_vocab(tokens, file, sample)
@@ -291,14 +386,42 @@ class MockGPTDataset:
         return [self[int(i)] for i in indices]
 
 
+MAX_NAMED_FILES = 20  # a warning names this many files, then counts the rest
+
+
+def _split_sources(data_config, progress: bool = False) -> list:
+    """Per split, (entries, files, source) of its blend, or None: --data-path/--data-file-list cut by --split,
+    or --train-/--valid-/--test-data-path, each its own blend of whole files (upstream's meaning)."""
+    separate = [list(getattr(data_config, f"{name}_data_path", None) or []) for name in SPLIT_NAMES]
+    if any(separate):
+        sources = []
+        for split, path in enumerate(separate):
+            if not path:
+                sources.append(None)
+                continue
+            flag = f"--{SPLIT_NAMES[split]}-data-path"
+            entries = blend_entries(path, flag=flag)
+            whole_file = tuple(1.0 if s == split else 0.0 for s in range(3))  # this split's range = the file
+            sources.append((entries, scan_files(entries, whole_file, flag, progress=progress), flag))
+        return sources
+    entries = blend_entries(data_config.data_path, data_config.data_file_list)
+    fractions = parse_split(data_config.split)
+    source = f"--data-file-list {data_config.data_file_list}" if data_config.data_file_list else "--data-path"
+    files = scan_files(entries, fractions, source, progress=progress)
+    return [(entries, files, source) if fractions[split] > 0 else None for split in range(3)]
+
+
 def build_datasets(data_config, seq_length: int, seed: int, num_samples: tuple[int, int, int],
                    vocab_size: Optional[int], rank: int = 0, world_size: int = 1,
-                   document_index_cache: Optional[str] = None):
+                   document_index_cache: Optional[str] = None, sample_mode: Optional[str] = None):
     """(train, valid, test) datasets of `num_samples[i]` samples each; None for a split without data.
 
     Every rank calls this independently: it reads only headers and a few index entries per file, and
     all ranks compute the same blend from (file list, split, seed, seq_length). A split whose weight in
-    --split is 0, that has no file with a full sample, or for which 0 samples are asked, is None.
+    --split is 0 (or without its own --<split>-data-path), that has no file with a full sample, or for
+    which 0 samples are asked, is None. Files too short for a split are left out of it and named in a
+    warning (and in the blend report). `sample_mode` overrides data_config.sample_mode (the blend
+    report builds "samples" datasets: the counts are the same and no document index is needed).
     """
     if len(num_samples) != 3:
         raise ValueError(f"num_samples must be (train, valid, test), got {num_samples}")
@@ -306,25 +429,30 @@ def build_datasets(data_config, seq_length: int, seed: int, num_samples: tuple[i
         vocab = vocab_size or data_config.vocab_size
         return tuple(MockGPTDataset(n, seq_length, vocab, seed, split) if n > 0 else None
                      for split, n in enumerate(num_samples))
-
-    entries = blend_entries(data_config.data_path, data_config.data_file_list)
-    fractions = parse_split(data_config.split)
-    source = f"--data-file-list {data_config.data_file_list}" if data_config.data_file_list else "--data-path"
-    files = scan_files(entries, fractions, source, progress=rank == 0)
+    mode = sample_mode or data_config.sample_mode
+    cache = document_index_cache or getattr(data_config, "data_cache_path", None)
+    sources = _split_sources(data_config, progress=rank == 0) if any(n > 0 for n in num_samples) else [None] * 3
     datasets = []
     for split, requested in enumerate(num_samples):
-        if requested <= 0 or fractions[split] == 0:
+        if requested <= 0 or sources[split] is None:
             datasets.append(None)
             continue
+        entries, files, source = sources[split]
         usable = [i for i, f in enumerate(files) if f.num_samples(split, seq_length) > 0]
-        if len(usable) < len(files) and rank == 0:
-            logger.warning("%s split: %d of %d files hold fewer than seq_length + 1 = %d tokens and are left "
-                           "out of this split's blend", SPLIT_NAMES[split], len(files) - len(usable),
-                           len(files), seq_length + 1)
+        left_out = [(files[i].prefix, files[i].token_range(split)[1] - files[i].token_range(split)[0])
+                    for i in range(len(files)) if files[i].num_samples(split, seq_length) == 0]
+        if left_out and rank == 0:
+            named = ", ".join(f"{prefix} ({tokens} tokens)" for prefix, tokens in left_out[:MAX_NAMED_FILES])
+            more = f" and {len(left_out) - MAX_NAMED_FILES} more" if len(left_out) > MAX_NAMED_FILES else ""
+            logger.warning("%s split: %d of %d files hold fewer than seq_length + 1 = %d tokens in this split and "
+                           "are left out of its blend: %s%s", SPLIT_NAMES[split], len(left_out), len(files),
+                           seq_length + 1, named, more)
         if not usable:
             datasets.append(None)
             continue
+        corpora = [entries[i].corpus or os.path.basename(files[i].prefix) for i in usable]
         datasets.append(GPTDataset([files[i] for i in usable], [entries[i].weight for i in usable], split,
-                                   seq_length, seed, requested, vocab_size, data_config.sample_mode, rank,
-                                   world_size, document_index_cache=document_index_cache))
+                                   seq_length, seed, requested, vocab_size, mode, rank, world_size,
+                                   document_index_cache=cache, corpora=corpora, left_out=left_out,
+                                   source=source))
     return tuple(datasets)

@@ -66,10 +66,9 @@ def engine_config_errors(run, device: torch.device) -> list[str]:
         errors.append(f"--zero-stage must be 0, 1, 2 or 3 (got {zero.zero_stage})")
     if zero.offload_param and zero.zero_stage != 3:
         errors.append(f"parameter offload (--remote-device cpu) needs --zero-stage 3 (got {zero.zero_stage})")
-    if run.training.optimizer.optimizer not in ("adam", "sgd"):
-        errors.append(f"--optimizer {run.training.optimizer.optimizer!r} is not one of adam, sgd")
-    if zero.cpu_optimizer and run.training.optimizer.optimizer == "sgd":
-        errors.append("--cpu-optimizer uses DeepSpeedCPUAdam; it cannot be combined with --optimizer sgd")
+    from megatron.optimizer import optimizer_errors
+
+    errors += optimizer_errors(run, device.type)  # --optimizer and the layouts it can run exactly
     if run.model.vocab_size <= 0:
         errors.append("the model's vocabulary size is unknown: give --tokenizer-type (or --vocab-size with "
                       "--mock-data / NullTokenizer)")
@@ -95,29 +94,12 @@ def build_model(model_config: TransformerConfig, ps: ParallelState, pipeline: bo
     return GPTModel(model_config, ps, seed=seed)
 
 
-def optimizer_param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Megatron's split: no weight decay on biases and norm weights (every parameter with fewer than 2 dims)."""
-    decay, no_decay = [], []
-    for param in model.parameters():
-        if param.requires_grad:
-            (no_decay if param.ndim < 2 else decay).append(param)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return [g for g in groups if g["params"]]
+def build_optimizer(run, model: torch.nn.Module, ps: Optional[ParallelState] = None,
+                    device_type: str = "cpu") -> torch.optim.Optimizer:
+    """The --optimizer (megatron/optimizer); DeepSpeedCPUAdam with --cpu-optimizer."""
+    from megatron.optimizer import build_optimizer as build
 
-
-def build_optimizer(run, model: torch.nn.Module) -> torch.optim.Optimizer:
-    """torch AdamW (or SGD); DeepSpeedCPUAdam with --cpu-optimizer (what ZeRO's CPU offload steps with)."""
-    opt = run.training.optimizer
-    groups = optimizer_param_groups(model, opt.weight_decay)
-    betas = (opt.adam_beta1, opt.adam_beta2)
-    if run.training.zero.cpu_optimizer:
-        from deepspeed.ops.adam import DeepSpeedCPUAdam
-
-        return DeepSpeedCPUAdam(groups, lr=opt.lr, betas=betas, eps=opt.adam_eps, weight_decay=opt.weight_decay,
-                                adamw_mode=True)
-    if opt.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=opt.lr, momentum=opt.sgd_momentum, weight_decay=opt.weight_decay)
-    return torch.optim.AdamW(groups, lr=opt.lr, betas=betas, eps=opt.adam_eps, weight_decay=opt.weight_decay)
+    return build(run, model, ps, device_type)
 
 
 # ---- batches ----------------------------------------------------------------------------------------
@@ -416,7 +398,7 @@ def build_engine(run, ps: ParallelState, device: torch.device, ds_config: Option
         ds_config = build_deepspeed_config(run, ps.dp_size, device.type)
     pipeline = uses_pipeline_engine(run)
     model = build_model(run.model, ps, pipeline, run.training.seed)
-    optimizer = build_optimizer(run, model)
+    optimizer = build_optimizer(run, model, ps, device.type)
     if lr_scheduler_factory is None:
         from megatron.training.lr_schedule import build_lr_scheduler
 

@@ -260,6 +260,9 @@ def train(run: RunConfig, ps: ParallelState, device: torch.device, tracker: Opti
             run.data, run.model.seq_length, t.seed,
             (train_samples(run, dp), evals * final_batch, t.eval_iters * final_batch if evals else 0),
             run.model.vocab_size, ps.rank, ps.world_size)
+        if ps.rank == 0:
+            from megatron.data.blend_report import publish_blend_report
+            publish_blend_report((train_ds, valid_ds, test_ds), run.data.blend_epochs_warning, printer, tracker, ckpt.save)
         train_batches, valid_batches = _isolated_rng(lambda: (
             _iterator(run, ps, train_ds, consumed), _iterator(run, ps, valid_ds, consumed_valid)))
 

@@ -49,6 +49,18 @@ class Tracker:
         if self.wandb_run is not None and scalars:
             self.wandb_run.log(scalars, step=step)
 
+    def log_table(self, name: str, columns: list, rows: list, text: str = "", step: int = 0) -> None:
+        """A table: to TensorBoard as text (`text`, else a markdown table), to wandb as a wandb.Table."""
+        if self.tensorboard is not None:
+            if not text:
+                text = "\n".join(["| " + " | ".join(map(str, columns)) + " |", "|" + "---|" * len(columns)]
+                                 + ["| " + " | ".join(map(str, row)) + " |" for row in rows])
+            self.tensorboard.add_text(name, "```\n" + text + "\n```" if text else text, step)
+        if self.wandb_run is not None:
+            import wandb
+
+            self.wandb_run.log({name: wandb.Table(columns=list(columns), data=[list(row) for row in rows])}, step=step)
+
     def flush(self) -> None:
         if self.tensorboard is not None:
             self.tensorboard.flush()
