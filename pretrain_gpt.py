@@ -44,6 +44,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"pretrain_gpt.py: {error}", file=sys.stderr, flush=True)
         return 2
 
+    if run.args.get("dry_run") is not None:
+        return dry_run(run)
+
     from megatron.dist import destroy_distributed, initialize_distributed
     from megatron.dist.parallel_state import ParallelState
     from megatron.training.checkpointing import CheckpointError
@@ -70,6 +73,30 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     finally:
         destroy_distributed()  # train() has already destroyed the DeepSpeed engine (its threads and buffers)
+    return 0
+
+
+def dry_run(run) -> int:
+    """--dry-run [WORLD_SIZE]: print the resolved run on rank 0 and exit; no process group, no model."""
+    from megatron.config.arguments import ConfigError
+    from megatron.dist.launcher import LauncherError, discover
+    from megatron.training.dry_run import dry_run_report
+
+    world_size = run.args["dry_run"]
+    rank = 0
+    if not world_size:
+        try:
+            info = discover()
+            world_size, rank = info.world_size, info.rank
+        except (LauncherError, ValueError, RuntimeError):
+            world_size = 1
+    if rank != 0:
+        return 0
+    try:
+        print(dry_run_report(run, world_size), flush=True)
+    except ConfigError as error:
+        print(f"pretrain_gpt.py: {error}", file=sys.stderr, flush=True)
+        return 2
     return 0
 
 

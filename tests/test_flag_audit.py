@@ -31,7 +31,7 @@ TRUE_NO_OPS = {
     "--deepspeed-activation-checkpointing",
 }
 # Still listed as no-ops until their owners (other issues) or this issue implement them.
-NO_OPS_PENDING = {"--distributed-timeout-minutes", "--log-optimizer-states-to-tensorboard"}
+NO_OPS_PENDING = {"--distributed-timeout-minutes"}
 
 
 def _normalized(flag: str) -> str:

@@ -72,7 +72,6 @@ COMPAT_NO_EFFECT = [
     ("--log-validation-ppl-to-tensorboard", "flag", "validation perplexity is always logged"),
     ("--log-batch-size-to-tensorboard", "flag", "the batch size is always logged"),
     ("--distributed-timeout-minutes", int, "the dist layer's timeout is used"),
-    ("--log-optimizer-states-to-tensorboard", "flag", "not reported"),
 ]
 
 # Megatron features we do not have, refused flag by flag with the reason (megatron/config/upstream_flags.py).
@@ -237,6 +236,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--exit-interval", type=pos_int)
     g.add_argument("--exit-duration-in-mins", type=pos_float)
     g.add_argument("--exit-signal-handler", action="store_true", help="save and exit on SIGTERM")
+    g.add_argument("--dry-run", nargs="?", type=int, const=0, default=None, metavar="WORLD_SIZE",
+                   help="print the resolved run (layout, DeepSpeed config, blend summary, parameters, memory per "
+                        "device) for WORLD_SIZE ranks (default: the launcher's) and exit without training")
 
     g = p.add_argument_group("tracking")
     g.add_argument("--tensorboard-dir")
@@ -255,6 +257,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-log-loss-scale-to-tensorboard", dest="log_loss_scale_to_tensorboard",
                    action="store_false", help="do not log the fp16 loss scale")
     g.add_argument("--log-world-size-to-tensorboard", action="store_true", help="log the number of ranks")
+    g.add_argument("--log-optimizer-states-to-tensorboard", action="store_true",
+                   help="log L2/L1 norms and max of Adam's moments and of the weights (optimizer/*), every "
+                        "--tensorboard-log-interval iterations")
     g.add_argument("--timing-log-level", type=int, choices=(0, 1, 2), default=0,
                    help="0: iteration time only; 1: + forward-backward, optimizer, batch-generator, "
                         "grads-all-reduce; 2: + per-micro-batch forward-compute, backward-compute")
@@ -688,6 +693,7 @@ def parse_args(argv: Optional[list[str]] = None) -> RunConfig:
                             log_learning_rate_to_tensorboard=ns.log_learning_rate_to_tensorboard,
                             log_loss_scale_to_tensorboard=ns.log_loss_scale_to_tensorboard,
                             log_world_size_to_tensorboard=ns.log_world_size_to_tensorboard,
+                            log_optimizer_states_to_tensorboard=ns.log_optimizer_states_to_tensorboard,
                             timing_log_level=ns.timing_log_level, timing_log_option=ns.timing_log_option)
     return RunConfig(model=model, parallel=parallel, data=data, training=training, checkpoint=checkpoint,
                      logging=logging, args=dict(vars(ns)), notices=notices)

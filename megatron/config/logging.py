@@ -16,6 +16,7 @@ class LoggingConfig:
     log_learning_rate_to_tensorboard: bool = True
     log_loss_scale_to_tensorboard: bool = True
     log_world_size_to_tensorboard: bool = False
+    log_optimizer_states_to_tensorboard: bool = False  # optimizer/* norms of Adam's moments and the weights
     timing_log_level: int = 0  # 0: iteration time; 1: + once-per-step phases; 2: + per-micro-batch phases
     timing_log_option: str = "minmax"  # max, minmax or all (ranks)
     wandb_project: Optional[str] = None

@@ -149,11 +149,15 @@ class IntervalLog:
         self.seconds += seconds
 
     def iteration_scalars(self, iteration: int, step, consumed_samples: int, skipped_total: int,
-                          loss_scale: Optional[float]) -> None:
+                          loss_scale: Optional[float], engine=None) -> None:
         """This iteration's scalars, every --tensorboard-log-interval iterations (upstream's training_log)."""
         lg = self.run.logging
         if iteration % lg.tensorboard_log_interval:
             return
+        if lg.log_optimizer_states_to_tensorboard and engine is not None:  # collective: before the rank-0 filter
+            from megatron.training.optimizer_stats import optimizer_state_stats
+
+            self.tracker.log(optimizer_state_stats(engine, self.ps, self.device), iteration)
         seq = self.run.model.seq_length
         scalars = {
             "train/loss": step.loss, "train/grad_norm": step.grad_norm, "train/skipped_steps": skipped_total,
@@ -290,7 +294,8 @@ def train(run: RunConfig, ps: ParallelState, device: torch.device, tracker: Opti
                 consumed += step.num_samples
                 result.losses[iteration], result.grad_norms[iteration] = step.loss, step.grad_norm
                 log.add(step.loss, step.num_samples, time.time() - start)
-                log.iteration_scalars(iteration, step, consumed, te.engine.skipped_steps, loss_scale_of(te.engine))
+                log.iteration_scalars(iteration, step, consumed, te.engine.skipped_steps, loss_scale_of(te.engine),
+                                      te.engine)
                 if iteration % run.logging.log_interval == 0 or iteration == total_iters:
                     log.emit(iteration, step, consumed, te.engine.skipped_steps, loss_scale_of(te.engine))
 
