@@ -163,6 +163,17 @@ def aurora_grad_acc_steps(nhosts: int) -> int:
     return 16
 
 
+def bc_init_method_std(hidden: int) -> str:
+    """Upstream's `echo "scale=6; sqrt(2 / (5 * HIDDEN))" | bc -l`: the quotient truncated to 6 decimals, then
+    the root truncated to 6 decimals, printed without the leading 0 (.009848 for HIDDEN=4096)."""
+    import math
+
+    quotient = (2 * 10**6 // (5 * hidden)) / 10**6
+    root = math.isqrt(int(round(quotient * 10**12))) / 10**6
+    text = f"{root:.6f}"
+    return text[1:] if text.startswith("0.") else text
+
+
 def _int(env: dict, name: str, default) -> int:
     value = _get(env, name, default)
     try:
@@ -284,7 +295,7 @@ def resolve(machine: str, env: dict, extra: list[str]) -> dict:
     f += [f"--distributed-backend={backend}", f"--ds-sequence-parallel-size={sp}",
           f"--eval-interval={_get(env, 'EVAL_INTERVAL', '100')}", f"--eval-iters={_get(env, 'EVAL_ITERS', '20')}",
           f"--global-batch-size={global_batch}", f"--hidden-size={hidden}",
-          f"--init-method-std={(2 / (5 * hidden)) ** 0.5:.6f}", f"--log-interval={_get(env, 'LOG_INTERVAL', '1')}",
+          f"--init-method-std={bc_init_method_std(hidden)}", f"--log-interval={_get(env, 'LOG_INTERVAL', '1')}",
           f"--load={_get(env, 'LOAD', ckpt_dir)}", f"--max-position-embeddings={16 * seq}",
           f"--micro-batch-size={micro}", "--no-bias-gelu-fusion", "--no-bias-dropout-fusion",
           "--no-masked-softmax-fusion", "--no-gradient-accumulation-fusion", f"--num-layers={model['NLAYERS']}",
