@@ -49,11 +49,13 @@ def main(argv: list[str] | None = None) -> int:
 
     from megatron.dist import destroy_distributed, initialize_distributed
     from megatron.dist.parallel_state import ParallelState
+    from megatron.convert.model_layout import ConversionError
     from megatron.training.checkpointing import CheckpointError
     from megatron.training.engine import EngineConfigError
     from megatron.training.loop import train
 
-    env = initialize_distributed(run.parallel.distributed_backend)
+    env = initialize_distributed(run.parallel.distributed_backend,
+                                 timeout_minutes=run.reliability.distributed_timeout_minutes)
     try:
         ps = ParallelState.build(run.parallel, run.model)
         if env.rank == 0:
@@ -68,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         if env.rank == 0:
             print(f"pretrain_gpt.py: {error}", file=sys.stderr, flush=True)
         return 2
-    except CheckpointError as error:  # may concern one rank's files only: every rank that sees it says so
+    except (CheckpointError, ConversionError) as error:  # may concern one rank's files: every rank that sees it says so
         print(f"pretrain_gpt.py (rank {env.rank}): {error}", file=sys.stderr, flush=True)
         return 2
     finally:

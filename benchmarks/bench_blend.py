@@ -1,10 +1,16 @@
-"""Blend start-up benchmark: our arithmetic blended index vs megatron-core's BlendedMegatronDatasetBuilder.
+"""Blend benchmark: our blended datasets vs megatron-core 0.16.1's BlendedMegatronDatasetBuilder + GPTDataset.
 
-Writes synthetic, Dolma-shaped data (sparse .bin, real .idx) under --workdir, then measures in one run
-(a) a cold process (interpreter + imports + build) until the first global batch's sample mapping and
-(b) the time to map one global batch, for us on the full 2T-token, 2,419-file Dolma blend and, side by
-side with megatron-core 0.16.1 (in benchmarks/.venv-mcore, created on first use), on a smaller blend it
-can finish. Prints a table with ratios.  Usage: .venv/bin/python benchmarks/bench_blend.py [--skip-mcore]
+Like with like, in one run: every row is a cold process (interpreter, numpy and torch imported on both
+sides) that builds the training blend and then fetches the tokens of the first global batch; peak RSS
+is reported for every row. On the real Dolma list's shape (2,419 files, 14 corpora, its weights; from
+../shared/data-lists/aurora-dolma-v1.7.txt, found relative to the repository) at 5B tokens with
+~2,048-token documents:
+  megatron-core GPTDataset (document-shuffled), cold (empty index cache) and warm (its cache reused),
+  ours with --sample-mode documents (document-shuffled: the like-for-like row),
+  ours with --sample-mode samples (our default, a different sampling: reported beside it, as what it is);
+and ours alone on the same shape at 2T tokens. Data files are synthetic: real .idx files, sparse .bin
+files (never copy the --workdir with cp/tar: it is terabytes of holes).
+Usage: .venv/bin/python benchmarks/bench_blend.py [--skip-mcore] [--repeats 3]
 """
 
 from __future__ import annotations
@@ -27,37 +33,58 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from megatron.data.data_list import parse_data_file_list  # noqa: E402
+from megatron.checkpoint.format import replace_atomically  # noqa: E402
 from megatron.data.indexed_dataset import write_synthetic_dataset  # noqa: E402
 
-DOLMA_LIST = Path("/work/shared/data-lists/aurora-dolma-v1.7.txt")
+DOLMA_LIST_NAME = Path("shared") / "data-lists" / "aurora-dolma-v1.7.txt"
 MCORE_VENV = ROOT / "benchmarks" / ".venv-mcore"
 MCORE_WORKER = ROOT / "benchmarks" / "mcore_blend_worker.py"
 MAX_DOCUMENT_TOKENS = 1 << 30
 
-# a cold process of ours: imports + build_datasets + mapping of the first global batch
+# a cold process of ours: imports (torch too, as a trainer has it) + build_datasets + first batch's tokens
 OURS_CHILD = r"""
-import json, os, sys, time
+import json, os, resource, sys, tempfile, time
 start = time.perf_counter()
 import numpy as np
+import torch
 from megatron.config.data import DataConfig
 from megatron.data.gpt_dataset import build_datasets
 imported = time.perf_counter()
-file_list, seq, train_samples, split, batch = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], int(sys.argv[5])
-train, _, _ = build_datasets(DataConfig(data_file_list=file_list, split=split), seq, 1234, (train_samples, 0, 0), 32000)
-location = train.index.locate(np.arange(batch))
+file_list, seq, train_samples, split, batch, mode = (sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4],
+                                                     int(sys.argv[5]), sys.argv[6])
+shared = tempfile.mkdtemp(prefix="bench-docidx-")  # cold: no index from an earlier run
+config = DataConfig(data_file_list=file_list, split=split, sample_mode=mode)
+train, _, _ = build_datasets(config, seq, 1234, (train_samples, 0, 0), 32000, document_index_cache=shared)
+built = time.perf_counter()
+tokens = train.get_tokens(np.arange(batch))
 ready = time.perf_counter()
 spawn_to_first_batch = time.time() - float(os.environ["BENCH_SPAWN_EPOCH"])
-assert location.file.shape == (batch,)
+assert tokens.shape == (batch, seq + 1)
 rng = np.random.default_rng(0)
 times = []
-for _ in range(20):
+for _ in range(3):
     first = int(rng.integers(0, train_samples - batch))
     t0 = time.perf_counter()
-    train.index.locate(np.arange(first, first + batch))
+    train.get_tokens(np.arange(first, first + batch))
     times.append(time.perf_counter() - t0)
-print(json.dumps({"import_s": imported - start, "build_s": ready - imported, "to_first_batch_s": ready - start,
-                  "spawn_to_first_batch_s": spawn_to_first_batch, "map_batch_s": float(np.median(times)), "files": train.num_files}))
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+if train.document_index is not None:
+    train.document_index.close()
+os.rmdir(shared) if not os.listdir(shared) else None
+print(json.dumps({"import_s": imported - start, "build_s": built - imported, "first_batch_s": ready - built,
+                  "to_first_batch_s": ready - start, "spawn_to_first_batch_s": spawn_to_first_batch,
+                  "batch_s": float(np.median(times)), "peak_rss_mb": peak, "files": train.num_files}))
 """
+
+
+def find_dolma_list(explicit: Path | None) -> Path:
+    """--data-list, else shared/data-lists/aurora-dolma-v1.7.txt in the repository's parent or above."""
+    if explicit:
+        return explicit
+    for directory in ROOT.parents:  # ../shared for a checkout, ../../shared for a worktree under it
+        if (directory / DOLMA_LIST_NAME).exists():
+            return directory / DOLMA_LIST_NAME
+    sys.exit(f"{DOLMA_LIST_NAME} not found next to the repository or above it; pass --data-list PATH")
 
 
 def make_blend(directory: Path, entries, total_tokens: float, average_document: int | None, label: str) -> Path:
@@ -75,49 +102,39 @@ def make_blend(directory: Path, entries, total_tokens: float, average_document: 
     lines = []
     for i, (entry, count) in enumerate(tqdm(list(zip(entries, tokens)), desc=f"writing {label}", unit="file")):
         prefix = directory / f"{entry.corpus or 'corpus'}-{i:04d}_text_document"
-        if average_document:
-            documents = max(int(count // average_document), 1)
-        else:
-            documents = 64
+        documents = max(int(count // average_document), 1) if average_document else 64
         documents = max(documents, -(-int(count) // MAX_DOCUMENT_TOKENS))
         write_synthetic_dataset(str(prefix), int(count), documents, np.uint16, seed=i, sparse=True)
         lines.append(f"{entry.weight!r} {prefix} {entry.corpus or 'corpus'}\n")
     tmp = listing.with_suffix(".tmp")
     tmp.write_text("".join(lines))
-    os.replace(tmp, listing)
+    replace_atomically(tmp, listing)
     stamp.write_text(description)
     return listing
 
 
-def run_json(command: list[str], env=None, timeout=3600, cwd=None) -> tuple[dict, float]:
-    """Run a cold process; its last stdout line is JSON. Returns (that dict, wall seconds).
-
-    The child reports `spawn_to_first_batch_s`: wall-clock time from just before this spawn (passed in
-    BENCH_SPAWN_EPOCH) to its first global batch's mapping, interpreter start-up and imports included,
-    and nothing it does afterwards (the batch-mapping timings) — the cold-start figure compared below.
-    """
+def run_json(command: list[str], env=None, timeout=3600, cwd=None) -> dict:
+    """Run a cold process; its last stdout line is JSON (`spawn_to_first_batch_s`: from just before this
+    spawn, passed in BENCH_SPAWN_EPOCH, to the first global batch's tokens, start-up and imports included)."""
     env = dict(os.environ if env is None else env)
-    start = time.perf_counter()
     env["BENCH_SPAWN_EPOCH"] = repr(time.time())
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=timeout, cwd=cwd)
-    wall = time.perf_counter() - start
     if result.returncode:
         raise RuntimeError(f"{' '.join(command[:3])} ... failed ({result.returncode}):\n{result.stderr[-3000:]}")
-    return json.loads(result.stdout.strip().splitlines()[-1]), wall
+    return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def ours(listing: Path, seq: int, train_samples: int, split: str, batch: int, repeats: int) -> dict:
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    runs = [run_json([sys.executable, "-c", OURS_CHILD, str(listing), str(seq), str(train_samples), split,
-                      str(batch)], env) for _ in range(repeats)]
-    return summarize(runs)
-
-
-def summarize(runs) -> dict:
-    """Median over repeats of each timing, plus the wall time of the whole cold process."""
-    out = {key: statistics.median(run[key] for run, _ in runs) for key in runs[0][0] if key.endswith("_s")}
-    out["wall_s"] = statistics.median(wall for _, wall in runs)
+def summarize(runs: list[dict]) -> dict:
+    """Median over repeats of each timing; the largest peak RSS."""
+    out = {key: statistics.median(run[key] for run in runs) for key in runs[0] if key.endswith("_s")}
+    out["peak_rss_mb"] = max(run["peak_rss_mb"] for run in runs)
     return out
+
+
+def ours(listing: Path, seq: int, train_samples: int, split: str, batch: int, mode: str, repeats: int) -> dict:
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    return summarize([run_json([sys.executable, "-c", OURS_CHILD, str(listing), str(seq), str(train_samples),
+                                split, str(batch), mode], env) for _ in range(repeats)])
 
 
 def ensure_mcore_venv() -> Path:
@@ -136,75 +153,101 @@ def ensure_mcore_venv() -> Path:
     return python
 
 
-def mcore(listing: Path, seq: int, train_samples: int, split: str, batch: int, repeats: int, workdir: Path) -> dict:
+def mcore(listing: Path, seq: int, train_samples: int, split: str, batch: int, repeats: int,
+          workdir: Path) -> tuple[dict, dict]:
+    """(cold, warm): a cold run builds into an empty cache, the warm run after it reuses that cache."""
     python = ensure_mcore_venv()
-    runs = []
+    cold, warm = [], []
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env.pop("PYTHONPATH", None)
     for _ in range(repeats):
-        cache = Path(tempfile.mkdtemp(prefix="mcore-cache-", dir=workdir))  # cold: nothing cached
+        cache = Path(tempfile.mkdtemp(prefix="mcore-cache-", dir=workdir))
+        command = [str(python), str(MCORE_WORKER), "--data-file-list", str(listing), "--seq-length", str(seq),
+                   "--train-samples", str(train_samples), "--split", split, "--cache", str(cache),
+                   "--global-batch", str(batch)]
         try:
-            env = dict(os.environ, OMP_NUM_THREADS="1")
-            env.pop("PYTHONPATH", None)
-            runs.append(run_json([str(python), str(MCORE_WORKER), "--data-file-list", str(listing),
-                                  "--seq-length", str(seq), "--train-samples", str(train_samples),
-                                  "--split", split, "--cache", str(cache), "--global-batch", str(batch)], env,
-                                 cwd=str(MCORE_VENV)))
+            cold.append(run_json(command, env, cwd=str(MCORE_VENV)))
+            warm.append(run_json(command, env, cwd=str(MCORE_VENV)))
         finally:
             shutil.rmtree(cache, ignore_errors=True)
-    return summarize(runs)
+    return summarize(cold), summarize(warm)
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=ROOT).stdout.strip() or "unknown"
+    except OSError:
+        return "unknown"
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", type=Path, default=ROOT / "benchmarks" / ".cache")
+    parser.add_argument("--data-list", type=Path, help="default: ../shared/data-lists/aurora-dolma-v1.7.txt")
     parser.add_argument("--seq-length", type=int, default=4096)
     parser.add_argument("--split", default="990,10,0")
     parser.add_argument("--global-batch", type=int, default=1024)
-    parser.add_argument("--dolma-tokens", type=float, default=2e12)
-    parser.add_argument("--peer-files", type=int, default=200, help="files in the blend both builders run")
-    parser.add_argument("--peer-tokens", type=float, default=50e9)
+    parser.add_argument("--large-tokens", type=float, default=2e12, help="ours alone on the Dolma shape")
+    parser.add_argument("--peer-tokens", type=float, default=5e9, help="both builders on the Dolma shape")
     parser.add_argument("--peer-document-tokens", type=int, default=2048, help="average document length")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--skip-mcore", action="store_true")
     args = parser.parse_args()
-    if not DOLMA_LIST.exists():
-        sys.exit(f"{DOLMA_LIST} not found: the benchmark takes the Dolma blend's shape from it")
-    dolma = parse_data_file_list(str(DOLMA_LIST))
-    seq, batch = args.seq_length, args.global_batch
+    dolma_path = find_dolma_list(args.data_list)
+    dolma = parse_data_file_list(str(dolma_path))
+    corpora = len({e.corpus for e in dolma})
+    seq, batch, repeats = args.seq_length, args.global_batch, args.repeats
+    train_fraction = float(args.split.split(",")[0]) / sum(float(x) for x in args.split.split(","))
 
-    dolma_list = make_blend(args.workdir / "dolma-2T", dolma, args.dolma_tokens, None, "Dolma-shaped blend")
-    dolma_samples = int(args.dolma_tokens * 0.99 / seq)
-    results = [("ours", f"Dolma-shaped: {len(dolma)} files, {args.dolma_tokens:.3g} tokens",
-                ours(dolma_list, seq, dolma_samples, args.split, batch, args.repeats))]
+    peer_list = make_blend(args.workdir / f"dolma-{args.peer_tokens:.3g}", dolma, args.peer_tokens,
+                           args.peer_document_tokens, "Dolma-shaped blend (peer)")
+    large_list = make_blend(args.workdir / "dolma-2T", dolma, args.large_tokens, None, "Dolma-shaped blend (large)")
+    peer_samples = int(args.peer_tokens * train_fraction / seq)
+    large_samples = int(args.large_tokens * train_fraction / seq)
+    peer = f"{args.peer_tokens:.3g} tok, docs ~{args.peer_document_tokens}"
+    large = f"{args.large_tokens:.3g} tok, 64 docs/file"
 
-    stride = max(len(dolma) // args.peer_files, 1)
-    peer_entries = dolma[::stride][:args.peer_files]  # spread over all corpora
-    peer_list = make_blend(args.workdir / f"peer-{args.peer_files}", peer_entries, args.peer_tokens,
-                           args.peer_document_tokens, "shared blend")
-    peer_samples = int(args.peer_tokens * 0.99 / seq)
-    peer_label = f"{len(peer_entries)} files, {args.peer_tokens:.3g} tokens, docs ~{args.peer_document_tokens} tok"
-    results.append(("ours", peer_label, ours(peer_list, seq, peer_samples, args.split, batch, args.repeats)))
+    rows = []
     if not args.skip_mcore:
-        results.append(("megatron-core 0.16.1", peer_label,
-                        mcore(peer_list, seq, peer_samples, args.split, batch, args.repeats, args.workdir)))
+        cold, warm = mcore(peer_list, seq, peer_samples, args.split, batch, repeats, args.workdir)
+        rows += [("megatron-core GPTDataset, cold", peer, cold), ("megatron-core GPTDataset, warm cache", peer, warm)]
+    rows.append(("ours documents", peer, ours(peer_list, seq, peer_samples, args.split, batch, "documents", repeats)))
+    rows.append(("ours samples", peer, ours(peer_list, seq, peer_samples, args.split, batch, "samples", repeats)))
+    rows.append(("ours documents", large, ours(large_list, seq, large_samples, args.split, batch, "documents",
+                                               repeats)))
+    rows.append(("ours samples", large, ours(large_list, seq, large_samples, args.split, batch, "samples", repeats)))
 
-    print(f"\nblend benchmark: seq {seq}, global batch {batch}, split {args.split}, median of {args.repeats} "
-          f"cold processes; {platform.node()}, {os.cpu_count()} CPUs, python {platform.python_version()}")
-    header = (f"{'builder':<22}{'blend':<58}{'import s':>9}{'spawn->batch s':>15}{'process wall s':>15}"
-              f"{'map 1024 ms':>12}")
+    print(f"\nblend benchmark: {len(dolma)} files / {corpora} corpora with the weights of {dolma_path.name}; seq {seq}, "
+          f"global batch {batch}, split {args.split}; median of {repeats} cold processes (peak RSS: the largest); "
+          f"{platform.node()}, {os.cpu_count()} CPUs, python {platform.python_version()}, commit {git_commit()}, "
+          f"load average {os.getloadavg()[0]:.1f}")
+    header = (f"{'builder':<36}{'blend':<26}{'import s':>9}{'build s':>9}{'1st batch s':>12}{'spawn->batch s':>15}"
+              f"{'next batch s':>13}{'peak RSS MB':>12}")
     print(header)
     print("-" * len(header))
-    for name, label, r in results:
-        print(f"{name:<22}{label:<58}{r['import_s']:>9.2f}{r['spawn_to_first_batch_s']:>15.2f}{r['wall_s']:>15.2f}"
-              f"{r['map_batch_s'] * 1e3:>12.2f}")
-    if len(results) == 3:
-        ours_peer, peer = results[1][2], results[2][2]
-        print(f"\nratio megatron-core / ours on the shared blend: cold process to first batch "
-              f"{peer['spawn_to_first_batch_s'] / ours_peer['spawn_to_first_batch_s']:.1f}x (spawn to first batch; "
-              f"{peer['wall_s'] / ours_peer['wall_s']:.1f}x whole processes), build only "
-              f"{peer['build_s'] / ours_peer['build_s']:.1f}x; mapping a batch "
-              f"{peer['map_batch_s'] / ours_peer['map_batch_s']:.2f}x")
-    target = results[0][2]["spawn_to_first_batch_s"]
-    print(f"target: Dolma-shaped cold start under 10 s: {'met' if target < 10 else 'MISSED'} ({target:.2f} s)")
+    for name, label, r in rows:
+        print(f"{name:<36}{label:<26}{r['import_s']:>9.2f}{r['build_s']:>9.2f}{r['first_batch_s']:>12.2f}"
+              f"{r['spawn_to_first_batch_s']:>15.2f}{r['batch_s']:>13.2f}{r['peak_rss_mb']:>12.0f}")
+    by_name = {(name, label): r for name, label, r in rows}
+    documents = by_name[("ours documents", peer)]
+    if not args.skip_mcore:
+        cold = by_name[("megatron-core GPTDataset, cold", peer)]
+        warm = by_name[("megatron-core GPTDataset, warm cache", peer)]
+        speed = cold["spawn_to_first_batch_s"] / documents["spawn_to_first_batch_s"]
+        memory = cold["peak_rss_mb"] / documents["peak_rss_mb"]
+        print(f"\nsame work (document-shuffled blend, spawn to the first batch's tokens): megatron-core cold / ours "
+              f"documents = {speed:.1f}x time (target >= 30x), {memory:.1f}x peak RSS (target >= 10x); "
+              f"warm megatron-core / ours documents = "
+              f"{warm['spawn_to_first_batch_s'] / documents['spawn_to_first_batch_s']:.1f}x time")
+    big_docs, big_samples = by_name[("ours documents", large)], by_name[("ours samples", large)]
+    print(f"target: documents mode at {args.large_tokens:.3g} tokens: first batch {big_docs['first_batch_s']:.2f} s "
+          f"after build (<= 3 s: {'met' if big_docs['first_batch_s'] <= 3 else 'MISSED'}), peak RSS "
+          f"{big_docs['peak_rss_mb']:.0f} MB (<= 1024: {'met' if big_docs['peak_rss_mb'] <= 1024 else 'MISSED'})")
+    print(f"target: samples mode at {args.large_tokens:.3g} tokens: spawn to first batch "
+          f"{big_samples['spawn_to_first_batch_s']:.2f} s, build + first batch "
+          f"{big_samples['build_s'] + big_samples['first_batch_s']:.2f} s (<= 1 s: "
+          f"{'met' if big_samples['build_s'] + big_samples['first_batch_s'] <= 1 else 'MISSED'})")
 
 
 if __name__ == "__main__":

@@ -65,7 +65,7 @@ def test_every_window_gives_each_file_its_weight_within_one_sample():
     for k in (0, 1, 17, 299):
         assert np.array_equal(counts[k], index.counts_in_window(k))
         assert np.array_equal(counts[:k].sum(axis=0), index.samples_before_window(np.arange(60), k))
-    # the extra samples rotate: each file's running count stays within 3 of k * quota (documented bound)
+    # the extra samples rotate: running counts stay close to k * quota (docs/ARCHITECTURE.md states the drift)
     running = np.cumsum(counts, axis=0)
     drift = np.abs(running - np.arange(1, 301)[:, None] * quota)
     assert drift.max() < 3

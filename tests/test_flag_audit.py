@@ -16,7 +16,7 @@ UPSTREAM = [line.strip() for line in (Path(__file__).parent / "data" / "upstream
 
 # Names other issues implement (optimizers #9, reliability #10, data #11, checkpoint interop #12) that have
 # not landed yet. PENDING_OTHER_ISSUES: remove each entry when its flag lands.
-PENDING_OTHER_ISSUES = {"--cpu_torch_adam", "--ds_fused_adam", "--warmup", "--exit-on-missing-checkpoint"}
+PENDING_OTHER_ISSUES = {"--cpu_torch_adam", "--ds_fused_adam", "--warmup"}
 
 # The only accepted-with-no-effect flags: kernel/fusion toggles, and flags that ask for what is always done here.
 TRUE_NO_OPS = {
@@ -31,7 +31,7 @@ TRUE_NO_OPS = {
     "--deepspeed-activation-checkpointing",
 }
 # Still listed as no-ops until their owners (other issues) or this issue implement them.
-NO_OPS_PENDING = {"--distributed-timeout-minutes"}
+NO_OPS_PENDING: set = set()
 
 
 def _normalized(flag: str) -> str:

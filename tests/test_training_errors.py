@@ -7,7 +7,7 @@ import torch
 
 from engine_cases import flags
 from megatron.config.arguments import parse_args
-from megatron.training import checkpointing
+from megatron.checkpoint.format import publish_directory, write_pointers
 from megatron.training.checkpointing import CheckpointError, read_latest_tag
 from megatron.training.engine import EngineConfigError, check_engine_config, position_ids_and_loss_mask
 
@@ -72,7 +72,8 @@ def test_load_with_pointer_to_missing_dir_names_the_missing_path(tmp_path):
 def test_publish_renames_the_finished_dir_then_moves_both_pointers(tmp_path):
     (tmp_path / ".tmp-iter_0000004").mkdir()
     (tmp_path / ".tmp-iter_0000004" / "f.pt").write_text("x")
-    checkpointing._publish(str(tmp_path), ".tmp-iter_0000004", "iter_0000004", 4)
+    publish_directory(str(tmp_path / ".tmp-iter_0000004"), str(tmp_path / "iter_0000004"))
+    write_pointers(str(tmp_path), 4)
     assert read_latest_tag(str(tmp_path)) == "iter_0000004"
     assert (tmp_path / "latest").read_text() == "iter_0000004"
     assert (tmp_path / "iter_0000004" / "f.pt").exists() and not (tmp_path / ".tmp-iter_0000004").exists()

@@ -23,6 +23,7 @@ from tqdm import tqdm  # noqa: E402
 
 from megatron.convert.ds_checkpoint import DeepSpeedCheckpoint, write_checkpoint  # noqa: E402
 from megatron.convert.hf_io import DTYPES, HFModelSource, export_to_hf, parse_size  # noqa: E402
+from megatron.checkpoint.format import atomic_output  # noqa: E402
 from megatron.convert.model_layout import ConversionError, full_parameter_names  # noqa: E402
 
 
@@ -75,14 +76,13 @@ def zero_to_fp32(load: str, out: str) -> int:
     names = full_parameter_names(ckpt.config)
     state = {name: ckpt.full_optimizer_tensor(name, "fp32").float().contiguous()
              for name in tqdm(names, desc="consolidate fp32", unit="param")}
-    tmp = f"{out}.tmp.{os.getpid()}"
-    if out.endswith(".safetensors"):
-        from safetensors.torch import save_file
+    with atomic_output(out) as tmp:
+        if out.endswith(".safetensors"):
+            from safetensors.torch import save_file
 
-        save_file(state, tmp, metadata={"format": "pt"})
-    else:
-        torch.save(state, tmp)
-    os.replace(tmp, out)
+            save_file(state, tmp, metadata={"format": "pt"})
+        else:
+            torch.save(state, tmp)
     return len(state)
 
 

@@ -18,6 +18,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from tools.preprocess_data import expand_input_paths, iter_json_texts  # noqa: E402
+from megatron.checkpoint.format import replace_atomically  # noqa: E402
 
 ENDOFTEXT = "<|endoftext|>"
 
@@ -38,7 +39,7 @@ def train_bpe(texts, vocab_size: int, output_dir: str, min_frequency: int = 2) -
         tokenizer.save(os.path.join(tmp, "tokenizer.json"))
         written = []
         for name in ("vocab.json", "merges.txt", "tokenizer.json"):
-            os.replace(os.path.join(tmp, name), os.path.join(output_dir, name))
+            replace_atomically(os.path.join(tmp, name), os.path.join(output_dir, name))
             written.append(os.path.join(output_dir, name))
     return written
 
@@ -81,7 +82,7 @@ def train_sentencepiece(texts, vocab_size: int, output_dir: str, model_type: str
         written = []
         for suffix in (".model", ".vocab"):
             target = os.path.join(output_dir, model_name + suffix)
-            os.replace(os.path.join(tmp, model_name + suffix), target)
+            replace_atomically(os.path.join(tmp, model_name + suffix), target)
             written.append(target)
     return written
 

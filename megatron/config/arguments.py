@@ -8,12 +8,11 @@ accumulation, batch ramp-up, number of train iterations) are small functions of 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import difflib
 import json
 import math
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 from megatron.config import upstream_flags
@@ -24,6 +23,7 @@ from megatron.config.model import TransformerConfig
 from megatron.config.optimizer_args import add_optimizer_arguments, optimizer_config_values, optimizer_flag_errors
 from megatron.config.parallel import ParallelConfig, layout_errors
 from megatron.config.presets import preset
+from megatron.config.reliability import ReliabilityConfig, add_reliability_arguments, reliability_from_args
 from megatron.config.training import OptimizerConfig, PrecisionConfig, TrainingConfig, ZeroConfig
 
 
@@ -40,7 +40,8 @@ class RunConfig:
     checkpoint: CheckpointConfig
     logging: LoggingConfig
     args: dict  # every flag's final value: what checkpoints save as "the run's arguments"
-    notices: list = dataclasses.field(default_factory=list)  # what the flags resolved to, said once by rank 0
+    reliability: ReliabilityConfig = field(default_factory=ReliabilityConfig)  # config/reliability.py
+    notices: list = field(default_factory=list)  # what the flags resolved to, said once by rank 0
 
 
 LR_DECAY_STYLES = ("constant", "linear", "cosine", "inverse-square-root", "wsd", "infinite-cosine",
@@ -71,7 +72,6 @@ COMPAT_NO_EFFECT = [
     ("--log-memory-to-tensorboard", "flag", "memory in use is always logged (memory/in_use_mb)"),
     ("--log-validation-ppl-to-tensorboard", "flag", "validation perplexity is always logged"),
     ("--log-batch-size-to-tensorboard", "flag", "the batch size is always logged"),
-    ("--distributed-timeout-minutes", int, "the dist layer's timeout is used"),
 ]
 
 # Megatron features we do not have, refused flag by flag with the reason (megatron/config/upstream_flags.py).
@@ -285,6 +285,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the only format is MMIDIDX (.bin/.idx): mmap or infer")
     g.add_argument("--dataloader-type", choices=("single", "cyclic"), default="single",
                    help="single: one pass over the blended index (cyclic is not supported)")
+
+    add_reliability_arguments(p)
 
     # ---- data: per-split blends, corpus mixing, index sharing, the blend report (issue #11) ----
     g = p.add_argument_group("data: per-split blends and the blend report")
@@ -696,7 +698,7 @@ def parse_args(argv: Optional[list[str]] = None) -> RunConfig:
                             log_optimizer_states_to_tensorboard=ns.log_optimizer_states_to_tensorboard,
                             timing_log_level=ns.timing_log_level, timing_log_option=ns.timing_log_option)
     return RunConfig(model=model, parallel=parallel, data=data, training=training, checkpoint=checkpoint,
-                     logging=logging, args=dict(vars(ns)), notices=notices)
+                     logging=logging, args=dict(vars(ns)), reliability=reliability_from_args(ns), notices=notices)
 
 
 # ---- derived values ------------------------------------------------------------------------------

@@ -27,8 +27,8 @@ from megatron.convert.model_layout import (ConversionError, FullModelSource, con
 from megatron.convert.zero_shards import OptimizerShards, load_mmap, torch_optimizer_param_order
 from megatron.model.pipeline import pipe_layer_index, pipe_layer_prefix
 from megatron.model.sharding import merge_state_dicts, shard_state_dict
-from megatron.training.checkpointing import (DEEPSPEED_LATEST_FILENAME, TRACKER_FILENAME, _write_text_atomically,
-                                             checkpoint_tag, read_latest_tag)
+from megatron.checkpoint.format import (CheckpointError, checkpoint_tag, publish_directory, read_latest_tag,
+                                        write_manifest, write_pointers)
 
 MODEL_FILE = re.compile(r"^mp_rank_(\d+)_model_states\.pt$")
 ZERO3_MODEL_FILE = re.compile(r"^zero_pp_rank_(\d+)_mp_rank_(\d+)_model_states\.pt$")
@@ -43,7 +43,10 @@ def resolve_tag_dir(path: str) -> str:
     names = os.listdir(path)
     if any(MODEL_FILE.match(n) or ZERO3_MODEL_FILE.match(n) for n in names):
         return path
-    return os.path.join(path, read_latest_tag(path))
+    try:
+        return os.path.join(path, read_latest_tag(path))
+    except CheckpointError as error:
+        raise ConversionError(str(error)) from error
 
 
 def pipe_stage_bounds(config: TransformerConfig, pp: int) -> list[int]:
@@ -303,7 +306,7 @@ def write_checkpoint(source: FullModelSource, save_dir: str, tp: int = 1, pp: in
                          dp_world_size=1, mp_world_size=tp * pp, ds_config={}, ds_version=deepspeed.__version__,
                          **client_state)
             torch.save(state, os.path.join(tmp_dir, f"mp_rank_{stage * tp + t:02d}_model_states.pt"))
-    os.replace(tmp_dir, final_dir)
-    _write_text_atomically(os.path.join(save_dir, TRACKER_FILENAME), str(iteration))
-    _write_text_atomically(os.path.join(save_dir, DEEPSPEED_LATEST_FILENAME), tag)
+    write_manifest(tmp_dir, iteration=iteration, world_size=1, converted_from=source.description)
+    publish_directory(tmp_dir, final_dir)
+    write_pointers(save_dir, iteration, tag)
     return final_dir

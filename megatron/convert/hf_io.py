@@ -21,6 +21,7 @@ from tqdm import tqdm
 from megatron.config.model import TransformerConfig
 from megatron.convert import hf_gpt2, hf_llama
 from megatron.convert.model_layout import ConversionError, FullModelSource, expected_shapes, layer_prefixes
+from megatron.checkpoint.format import replace_atomically
 
 ARCHITECTURES = {"llama": hf_llama, "gpt2": hf_gpt2}
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
@@ -85,12 +86,12 @@ class ShardedSafetensorsWriter:
             self._flush()
         n = len(self.shards)
         if n == 1:
-            os.replace(os.path.join(self.directory, self.shards[0][0]), os.path.join(self.directory, "model.safetensors"))
+            replace_atomically(os.path.join(self.directory, self.shards[0][0]), os.path.join(self.directory, "model.safetensors"))
             return ["model.safetensors"]
         weight_map, names = {}, []
         for i, (tmp_name, tensor_names) in enumerate(self.shards):
             final = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
-            os.replace(os.path.join(self.directory, tmp_name), os.path.join(self.directory, final))
+            replace_atomically(os.path.join(self.directory, tmp_name), os.path.join(self.directory, final))
             weight_map.update({t: final for t in tensor_names})
             names.append(final)
         index = {"metadata": {"total_size": self.total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
@@ -147,7 +148,7 @@ def export_to_hf(source: FullModelSource, out_dir: str, *, dtype: torch.dtype = 
         tokenizer_files = save_tokenizer(source, tmp) if save_tokenizer_files else []
         if os.path.isdir(out_dir):
             os.rmdir(out_dir)
-        os.replace(tmp, out_dir)
+        replace_atomically(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -23,7 +23,7 @@ from megatron.convert.ds_checkpoint import TIED_PREFIX, DeepSpeedCheckpoint
 from megatron.convert.model_layout import ConversionError
 from megatron.model.pipeline import pipe_layer_prefix
 from megatron.model.sharding import shard_state_dict
-from megatron.training.checkpointing import TrainingProgress
+from megatron.checkpoint.format import TrainingProgress
 
 WEIGHT_FIELDS = ("num_layers", "hidden_size", "num_attention_heads", "num_key_value_heads", "ffn_hidden_size",
                  "vocab_size", "normalization", "swiglu", "position_embedding_type", "max_position_embeddings",

@@ -20,6 +20,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from megatron.checkpoint.format import write_text_atomically
 from megatron.data.data_list import SPLIT_NAMES
 
 DEFAULT_EPOCHS_WARNING = 4.0
@@ -95,21 +96,7 @@ class BlendReport:
 
 def _atomic_write_text(path: str, text: str) -> None:
     """Temporary name, fsync, rename, fsync the directory: a reader sees the old file or the new one."""
-    temporary = f"{path}.tmp-{os.getpid()}"
-    try:
-        with open(temporary, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
-    directory = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
-    try:
-        os.fsync(directory)
-    finally:
-        os.close(directory)
+    write_text_atomically(path, text)
 
 
 def blend_report(datasets: Sequence, threshold: float = DEFAULT_EPOCHS_WARNING) -> BlendReport:

@@ -27,6 +27,7 @@ from megatron.data.data_list import (SPLIT_NAMES, DataListError, FileSplits, ble
                                      scan_files)
 from megatron.data.indexed_dataset import IndexedDataset
 from megatron.data.permutation import derive_key
+from megatron.checkpoint.format import replace_atomically
 
 logger = logging.getLogger(__name__)
 SAMPLE_MODES = ("samples", "documents")
@@ -34,7 +35,7 @@ SAMPLE_MODES = ("samples", "documents")
 
 DEFAULT_INDEX_CACHE_BYTES = 256 << 20  # per process: the most document-index bytes kept in memory
 DEFAULT_SHARED_INDEX_BYTES = 4 << 30  # per node directory: indices shared between ranks (tmpfs is RAM)
-SHARE_MIN_BYTES = 64 << 10  # smaller indices are cheaper to rebuild than to share through a file
+SHARE_MIN_BYTES = 1 << 20  # smaller indices are cheap to rebuild; this also bounds the mapped files (fds)
 SHARED_INDEX_SWEEP_EVERY = 32  # writes between two size checks of the shared directory
 
 
@@ -135,7 +136,7 @@ class DocumentIndex:
             os.makedirs(self.shared_dir, exist_ok=True)
             temporary = f"{path}.tmp-{os.getpid()}-{threading.get_ident()}.npy"
             np.save(temporary, np.stack([order, ends]))
-            os.replace(temporary, path)
+            replace_atomically(temporary, path)
             with self._lock:
                 self._written.append(path)  # list.append is atomic; _remove_files pops
                 sweep = len(self._written) % SHARED_INDEX_SWEEP_EVERY == 0

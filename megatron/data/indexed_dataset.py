@@ -24,6 +24,7 @@ from collections import namedtuple
 from typing import Iterable, Optional, Sequence
 
 import numpy as np
+from megatron.checkpoint.format import replace_atomically
 
 INDEX_MAGIC = b"MMIDIDX\x00\x00"
 INDEX_VERSION = 1
@@ -352,8 +353,8 @@ class IndexedDatasetBuilder:
         tmp_idx_path = f"{idx_path}.tmp-{os.getpid()}"
         try:
             write_index(tmp_idx_path, self.dtype, lengths, documents)
-            os.replace(self._tmp_bin_path, self.bin_path)
-            os.replace(tmp_idx_path, idx_path)
+            replace_atomically(self._tmp_bin_path, self.bin_path)
+            replace_atomically(tmp_idx_path, idx_path)
         except BaseException:
             for path in (tmp_idx_path, self._tmp_bin_path):
                 if os.path.exists(path):
@@ -432,5 +433,5 @@ def write_synthetic_dataset(path_prefix: str, num_tokens: int, num_documents: in
                 count = min(1 << 24, num_tokens - start)
                 f.write(rng.integers(0, high, size=count).astype(dtype).tobytes())
     write_index(tmp_idx, dtype, lengths, np.arange(num_documents + 1, dtype=np.int64))
-    os.replace(tmp_bin, bin_path)
-    os.replace(tmp_idx, idx_path)
+    replace_atomically(tmp_bin, bin_path)
+    replace_atomically(tmp_idx, idx_path)

@@ -15,6 +15,7 @@ import re
 import shutil
 import tempfile
 from typing import Optional, Sequence
+from megatron.checkpoint.format import replace_atomically
 
 TOKENIZER_TYPES = ("GPT2BPETokenizer", "SentencePieceTokenizer", "Llama2Tokenizer", "HFTokenizer", "NullTokenizer")
 ENDOFTEXT = "<|endoftext|>"
@@ -40,7 +41,7 @@ def _install_files(directory: str, write) -> list[str]:
         write(tmp)
         written = []
         for name in sorted(os.listdir(tmp)):
-            os.replace(os.path.join(tmp, name), os.path.join(directory, name))
+            replace_atomically(os.path.join(tmp, name), os.path.join(directory, name))
             written.append(os.path.join(directory, name))
     return written
 

@@ -49,8 +49,9 @@ def initialize_distributed(backend: Optional[str] = None, timeout_minutes: float
     device, backend = _device.select(backend, info.local_rank)
     if backend == "gloo" and info.local_world_size == info.world_size:  # one node: talk over loopback
         os.environ.setdefault("GLOO_SOCKET_IFNAME", _loopback_interface())
+    timeout = datetime.timedelta(minutes=timeout_minutes)
+    set_default_group_timeout(timeout)
     if not dist.is_initialized():
-        timeout = datetime.timedelta(minutes=timeout_minutes)
         if use_deepspeed:
             import deepspeed
 
@@ -64,6 +65,22 @@ def initialize_distributed(backend: Optional[str] = None, timeout_minutes: float
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
     return DistEnv(info.rank, info.world_size, info.local_rank, info.local_world_size, info.launcher,
                    device, backend, info.master_addr, info.master_port)
+
+
+def set_default_group_timeout(timeout: datetime.timedelta) -> None:
+    """Make `timeout` the default of every process group created from now on: ours (ParallelState) and the
+    ones DeepSpeed creates without passing a timeout (torch's new_group falls back to a module default,
+    30 minutes for gloo, 10 for NCCL). Checked against torch 2.13: `distributed_c10d.default_pg_timeout` and
+    `default_pg_nccl_timeout` are what `_get_default_timeout` returns."""
+    from torch.distributed import distributed_c10d as c10d
+
+    for name in ("default_pg_timeout", "default_pg_nccl_timeout"):
+        if not hasattr(c10d, name):
+            raise RuntimeError(f"torch {torch.__version__} has no torch.distributed.distributed_c10d.{name}; "
+                               "--distributed-timeout-minutes cannot reach every process group: update "
+                               "megatron/dist/__init__.py:set_default_group_timeout for this torch")
+        if name == "default_pg_timeout" or isinstance(getattr(c10d, name), datetime.timedelta):
+            setattr(c10d, name, timeout)
 
 
 def _loopback_interface() -> str:

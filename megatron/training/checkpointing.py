@@ -18,44 +18,29 @@ megatron.convert.reshard instead (the loop passes `run=` to `load_checkpoint`).
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
+import pickle
 import random
 import shutil
-from dataclasses import dataclass, field
+import time
 from typing import Callable, Optional
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-TRACKER_FILENAME = "latest_checkpointed_iteration.txt"  # Megatron's pointer file
-DEEPSPEED_LATEST_FILENAME = "latest"  # DeepSpeed's pointer file
-TMP_PREFIX = ".tmp-"
-CHECKPOINT_FORMAT_VERSION = 1
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be read or written; the message names the path and what to do."""
-
-
-def checkpoint_tag(iteration: int) -> str:
-    return f"iter_{iteration:07d}"
+from megatron.checkpoint.format import (CHECKPOINT_FORMAT_VERSION, DEEPSPEED_LATEST_FILENAME, MANIFEST_FILENAME,
+                                        TMP_PREFIX, TRACKER_FILENAME, CheckpointError, TrainingProgress,
+                                        checkpoint_tag, describe_files, fsync_file, iteration_of_tag,
+                                        list_checkpoint_tags, list_files, os_error_text, publish_directory,
+                                        read_latest_tag, read_manifest, read_pointer, remove_stale_tmp,
+                                        verify_manifest, write_manifest, write_pointers)
 
 
 def rng_state_filename(rank: int) -> str:
     return f"rng_state_rank_{rank:05d}.pt"
-
-
-@dataclass
-class TrainingProgress:
-    """What the loop needs to pick up where it left off (besides model/optimizer/scheduler state)."""
-
-    iteration: int = 0
-    consumed_samples: int = 0
-    consumed_tokens: int = 0
-    args: dict = field(default_factory=dict)
-    checkpoint_path: Optional[str] = None
-    extra: dict = field(default_factory=dict)  # everything else the saver put in client_state
 
 
 # ---- RNG states -----------------------------------------------------------------------------------
@@ -89,22 +74,7 @@ def restore_rng_state(state: dict, device: torch.device,
         set_tracker_states(state["tracker"])
 
 
-# ---- small file helpers ---------------------------------------------------------------------------
-
-def _write_text_atomically(path: str, text: str) -> None:
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _torch_save_atomically(obj, path: str) -> None:
-    tmp = f"{path}.tmp.{os.getpid()}"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
+# ---- process-group helpers ------------------------------------------------------------------------
 
 def _barrier() -> None:
     if dist.is_available() and dist.is_initialized():
@@ -115,61 +85,148 @@ def _world_rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
-# ---- pointers ---------------------------------------------------------------------------------------
-
-def read_latest_tag(load_dir: str) -> str:
-    """The tag that --load resumes from, with an error naming the path when there is none."""
-    if not os.path.isdir(load_dir):
-        raise CheckpointError(f"--load {load_dir}: no such directory")
-    tracker = os.path.join(load_dir, TRACKER_FILENAME)
-    ds_latest = os.path.join(load_dir, DEEPSPEED_LATEST_FILENAME)
-    if os.path.isfile(tracker):
-        text = open(tracker).read().strip()
-        if not text.isdigit():
-            raise CheckpointError(
-                f"{tracker} should hold an iteration number, found {text!r}; fix or delete the file")
-        tag, pointer = checkpoint_tag(int(text)), tracker
-    elif os.path.isfile(ds_latest):
-        tag, pointer = open(ds_latest).read().strip(), ds_latest
-    else:
-        raise CheckpointError(
-            f"--load {load_dir}: neither {TRACKER_FILENAME} nor {DEEPSPEED_LATEST_FILENAME} is there, so there "
-            "is no complete checkpoint to resume (a save that was interrupted leaves only a .tmp-iter_* dir); "
-            "point --load at a directory written by --save, or drop --load to start from scratch")
-    if not os.path.isdir(os.path.join(load_dir, tag)):
-        raise CheckpointError(
-            f"{pointer} points at {tag!r} but {os.path.join(load_dir, tag)} does not exist; "
-            "restore that directory or edit the pointer to an existing iter_* directory")
-    return tag
+def _world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
-def _publish(save_dir: str, tmp_tag: str, tag: str, iteration: int) -> None:
-    """Rank 0: make the finished checkpoint visible under its final name, then move the pointers."""
-    final = os.path.join(save_dir, tag)
-    if os.path.exists(final):  # saving the same iteration twice (e.g. exit right after an interval save)
-        stale = os.path.join(save_dir, f"{TMP_PREFIX}old-{tag}")
-        shutil.rmtree(stale, ignore_errors=True)
-        os.replace(final, stale)
-        os.replace(os.path.join(save_dir, tmp_tag), final)
-        shutil.rmtree(stale, ignore_errors=True)
-    else:
-        os.replace(os.path.join(save_dir, tmp_tag), final)
-    _write_text_atomically(os.path.join(save_dir, TRACKER_FILENAME), str(iteration))
-    _write_text_atomically(os.path.join(save_dir, DEEPSPEED_LATEST_FILENAME), tag)
+def _all_gather(obj) -> list:
+    """Every rank's `obj`, in rank order (just [obj] without a process group)."""
+    if _world_size() == 1:
+        return [obj]
+    out = [None] * _world_size()
+    dist.all_gather_object(out, obj)
+    return out
 
 
-# ---- save / load ------------------------------------------------------------------------------------
+# ---- DeepSpeed's checkpoint engine, adapted ----------------------------------------------------------
+
+_DS_CHECKED = "0.19.8"  # the DeepSpeed version whose engine.checkpoint_engine (save / load / makedirs) this wraps
+TRANSIENT_ERRNOS = (errno.EIO, errno.ESTALE, errno.EAGAIN, errno.EINTR, errno.ETIMEDOUT)
+
+
+class _CheckpointIO:
+    """Wraps DeepSpeed's checkpoint engine for one save or load.
+
+    Saving: a failed write (ENOSPC, EACCES, EIO, or torch's "unexpected pos" on a full disk) is recorded,
+    not raised, so this rank still reaches the collectives inside DeepSpeed's save_checkpoint and every rank
+    can agree afterwards that the save failed; the files written are remembered so that this rank fsyncs
+    and checksums exactly what it wrote (on a parallel filesystem only the writer can flush its pages).
+    Loading: reads that fail with a transient error (EIO, ESTALE, EAGAIN: Lustre under load) are retried.
+    """
+
+    def __init__(self, engine, retries: int = 3, backoff_s: float = 1.0, log: Callable[[str], None] = print):
+        if not hasattr(engine, "checkpoint_engine"):
+            raise CheckpointError(f"this DeepSpeed ({_deepspeed_version()}) has no engine.checkpoint_engine; "
+                                  f"checkpointing was written against DeepSpeed {_DS_CHECKED}")
+        self.engine, self.inner = engine, engine.checkpoint_engine
+        self.retries, self.backoff_s, self.log = retries, backoff_s, log
+        self.errors: list[tuple[str, BaseException]] = []
+        self.written: list[str] = []
+
+    def __enter__(self) -> "_CheckpointIO":
+        self.engine.checkpoint_engine = self
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.engine.checkpoint_engine = self.inner
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def save(self, state_dict, path: str):
+        if self.errors:  # after the first failure, do not fill the disk further
+            return None
+        try:
+            self.inner.save(state_dict, path)
+            self.written.append(path)
+        except (OSError, RuntimeError) as error:
+            self.errors.append((path, error))
+        return None
+
+    def makedirs(self, path, exist_ok=False):
+        try:
+            return self.inner.makedirs(path, exist_ok=exist_ok)
+        except OSError as error:
+            self.errors.append((path, error))
+            return None
+
+    def load(self, path: str, map_location=None):
+        return with_retries(lambda: self.inner.load(path, map_location=map_location), path,
+                            self.retries, self.backoff_s, self.log)
+
+
+def with_retries(fn: Callable, path: str, retries: int = 3, backoff_s: float = 1.0,
+                 log: Callable[[str], None] = print):
+    """fn(), retried `retries` times with doubling waits when it fails with a transient OS error."""
+    for attempt in range(retries + 1):
+        try:
+            return fn()
+        except OSError as error:
+            if error.errno not in TRANSIENT_ERRNOS or attempt == retries:
+                if error.errno in TRANSIENT_ERRNOS:
+                    raise CheckpointError(f"{path}: reading failed {retries + 1} times with {os_error_text(error)}; "
+                                          "check the filesystem's health, then relaunch") from error
+                raise
+            wait = backoff_s * 2 ** attempt
+            log(f"WARNING: reading {path} failed with {os_error_text(error)} (transient?); "
+                f"retry {attempt + 1}/{retries} in {wait:.1f} s")
+            time.sleep(wait)
+
+
+def _deepspeed_version() -> str:
+    import deepspeed
+
+    return deepspeed.__version__
+
+
+def _probe_write(directory: str) -> Optional[OSError]:
+    """Write and fsync 1 MiB in `directory`; the OS error it raises (None when it works)."""
+    probe = os.path.join(directory, f"{TMP_PREFIX}probe-{os.getpid()}")
+    try:
+        with open(probe, "wb") as f:
+            f.write(b"\0" * (1 << 20))
+            f.flush()
+            os.fsync(f.fileno())
+        return None
+    except OSError as error:
+        return error
+    finally:
+        with contextlib.suppress(OSError):
+            os.remove(probe)
+
+
+def _describe_write_error(path: str, error: BaseException) -> str:
+    if isinstance(error, OSError):
+        return f"writing {path} failed: {os_error_text(error)}"
+    # torch.save reports a full disk as "inline_container.cc: unexpected pos ...": ask the filesystem why.
+    probe = _probe_write(os.path.dirname(path)) if os.path.isdir(os.path.dirname(path)) else None
+    cause = f"; writing a test file there fails with {os_error_text(probe)}" if probe is not None else ""
+    return f"writing {path} failed: {error}{cause}"
+
+
+# ---- save ---------------------------------------------------------------------------------------------
 
 def save_checkpoint(engine, save_dir: str, progress: TrainingProgress, device: torch.device,
-                    tracker_states: Optional[Callable[[], dict]] = None, extra_state: Optional[dict] = None) -> str:
-    """Collective: every rank calls it. Returns the final checkpoint directory."""
+                    tracker_states: Optional[Callable[[], dict]] = None, extra_state: Optional[dict] = None,
+                    keep_last_n: Optional[int] = None, log: Callable[[str], None] = print) -> str:
+    """Collective: every rank calls it. Returns the final checkpoint directory.
+
+    Raises CheckpointError on every rank when any rank's write failed: the partial `.tmp-` directory is
+    removed and the pointers still name the previous checkpoint.
+    """
     tag = checkpoint_tag(progress.iteration)
     tmp_tag = TMP_PREFIX + tag
+    tmp_dir, final_dir = os.path.join(save_dir, tmp_tag), os.path.join(save_dir, tag)
     rank = _world_rank()
+    setup_error = None
     if rank == 0:
-        os.makedirs(save_dir, exist_ok=True)
-        shutil.rmtree(os.path.join(save_dir, tmp_tag), ignore_errors=True)  # left by an interrupted save
-    _barrier()
+        try:
+            os.makedirs(save_dir, exist_ok=True)
+            shutil.rmtree(tmp_dir, ignore_errors=True)  # left by an interrupted save
+        except OSError as error:
+            setup_error = f"--save {save_dir}: cannot create it: {os_error_text(error)}"
+    if any(_all_gather(setup_error)):
+        raise CheckpointError(setup_error or f"--save {save_dir}: rank 0 could not prepare it (see its message)")
     client_state = {
         "checkpoint_version": CHECKPOINT_FORMAT_VERSION,
         "iteration": progress.iteration,
@@ -179,21 +236,215 @@ def save_checkpoint(engine, save_dir: str, progress: TrainingProgress, device: t
     }
     if extra_state:
         client_state.update(extra_state)
-    engine.save_checkpoint(save_dir, tag=tmp_tag, client_state=client_state, save_latest=False)
-    rng_path = os.path.join(save_dir, tmp_tag, rng_state_filename(rank))
-    _torch_save_atomically(capture_rng_state(device, tracker_states), rng_path)
+    with _CheckpointIO(engine, log=log) as io:
+        engine.save_checkpoint(save_dir, tag=tmp_tag, client_state=client_state, save_latest=False)
+        io.save(capture_rng_state(device, tracker_states), os.path.join(tmp_dir, rng_state_filename(rank)))
+    entries, errors = {}, [_describe_write_error(p, e) for p, e in io.errors]
+    if not errors:
+        try:  # this rank's own files: flush them (only the writer can) and checksum them while they are cached
+            for path in io.written:
+                fsync_file(path)
+            entries = describe_files(tmp_dir, [os.path.relpath(p, tmp_dir).replace(os.sep, "/") for p in io.written])
+        except OSError as error:
+            errors.append(f"flushing the checkpoint files in {tmp_dir} failed: {os_error_text(error)}")
+    gathered = _all_gather((errors, entries))
+    errors = [f"rank {r}: {e}" for r, (errs, _) in enumerate(gathered) for e in errs]
+    publish_error = None
+    if not errors and rank == 0:
+        try:
+            files = {}
+            for _errs, part in gathered:
+                files.update(part)
+            others = [n for n in list_files(tmp_dir) if n not in files]  # anything DeepSpeed wrote another way
+            files.update(describe_files(tmp_dir, others))
+            write_manifest(tmp_dir, files, iteration=progress.iteration, world_size=_world_size(),
+                           deepspeed_version=_deepspeed_version())
+            publish_directory(tmp_dir, final_dir)
+            write_pointers(save_dir, progress.iteration, tag)
+        except OSError as error:
+            publish_error = f"rank 0: publishing {final_dir} failed: {os_error_text(error)}"
+    if not errors:
+        publish_error = _all_gather(publish_error)[0]
+        if publish_error:
+            errors = [publish_error]
+    if errors:
+        _barrier()
+        if rank == 0:
+            shutil.rmtree(tmp_dir, ignore_errors=True)
+        previous = read_pointer_quietly(save_dir)
+        raise CheckpointError(
+            f"saving iteration {progress.iteration} to --save {save_dir} failed; "
+            + "; ".join(sorted(set(errors)))
+            + f". The partial {tmp_tag} was removed; the latest checkpoint is still "
+            + (f"{previous}" if previous else "none")
+            + ". Free space or fix permissions on the filesystem, then relaunch (it resumes from the latest)")
+    if rank == 0 and keep_last_n:
+        for removed in apply_retention(save_dir, keep_last_n):
+            log(f"removed old checkpoint {removed} (--keep-last-n-checkpoints {keep_last_n})")
     _barrier()
-    if rank == 0:
-        _publish(save_dir, tmp_tag, tag, progress.iteration)
-    _barrier()
-    return os.path.join(save_dir, tag)
+    return final_dir
 
+
+def read_pointer_quietly(save_dir: str) -> Optional[str]:
+    try:
+        return read_pointer(save_dir)
+    except (CheckpointError, OSError):
+        return None
+
+
+def apply_retention(save_dir: str, keep_last_n: int) -> list[str]:
+    """Delete the oldest iter_* directories so that `keep_last_n` remain; never the one the pointer names,
+    never one newer than it, and never the last one that has a manifest. Returns the removed paths."""
+    pointed = read_pointer_quietly(save_dir)
+    tags = list_checkpoint_tags(save_dir)
+    if pointed not in tags:
+        return []
+    tags = tags[:tags.index(pointed) + 1]  # the pointed one and older
+    doomed = tags[:-keep_last_n] if len(tags) > keep_last_n else []
+    kept_verified = [t for t in tags
+                     if t not in doomed and os.path.isfile(os.path.join(save_dir, t, MANIFEST_FILENAME))]
+    removed = []
+    for tag in doomed:
+        if not kept_verified:
+            break
+        path = os.path.join(save_dir, tag)
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path)
+    return removed
+
+
+# ---- start-up checks --------------------------------------------------------------------------------
+
+def check_save_dir(save_dir: str, bytes_needed: int, log: Callable[[str], None] = print) -> None:
+    """Collective. Before training: `save_dir` exists or can be created, is writable from every rank and
+    has room for one more checkpoint (`bytes_needed`, an estimate); stale `.tmp-*` saves are removed.
+    Raises CheckpointError (the same on every rank) naming the path, the OS error and the fix."""
+    rank = _world_rank()
+    problem = None
+    try:
+        if rank == 0:
+            os.makedirs(save_dir, exist_ok=True)
+            for name in remove_stale_tmp(save_dir):
+                log(f"removed {os.path.join(save_dir, name)} (left by a save that did not finish)")
+    except OSError as error:
+        problem = f"--save {save_dir} cannot be created: {os_error_text(error)}; choose a writable directory"
+    problems = _all_gather(problem)
+    if not any(problems):
+        probe = _probe_write(save_dir) if os.path.isdir(save_dir) else FileNotFoundError(
+            errno.ENOENT, "No such file or directory (not visible from this node)")
+        problem = None if probe is None else (f"--save {save_dir} is not writable from rank {rank}: "
+                                              f"{os_error_text(probe)}; fix its permissions or choose another")
+        if problem is None and rank == 0:
+            free = shutil.disk_usage(save_dir).free
+            if free < bytes_needed:
+                problem = (f"--save {save_dir} has {free / 2**30:.2f} GiB free but one checkpoint needs about "
+                           f"{bytes_needed / 2**30:.2f} GiB; free space or choose another filesystem")
+        problems = _all_gather(problem)
+    problems = [p for p in problems if p]
+    if problems:
+        raise CheckpointError(problems[0] if len(set(problems)) == 1 else "; ".join(sorted(set(problems))))
+
+
+def estimate_checkpoint_bytes(engine) -> int:
+    """Collective. One checkpoint's size, from the parameters this rank holds: the module's weights at
+    their dtype, plus fp32 master weights and two Adam moments (12 bytes per parameter), summed over ranks."""
+    local = 0
+    for p in engine.module.parameters():
+        numel = p.ds_numel if hasattr(p, "ds_numel") else p.numel()
+        local += numel * (p.element_size() + 12)
+    return int(sum(_all_gather(local)))
+
+
+# ---- choosing what to load ---------------------------------------------------------------------------
+
+def find_checkpoint(load_dir: str, *, strict: bool = False, exit_on_missing: bool = False,
+                    log: Callable[[str], None] = print) -> Optional[str]:
+    """Collective. The tag under `load_dir` to resume from, verified against its manifest; None when there is
+    no checkpoint at all (the run starts from scratch, with a warning) unless `exit_on_missing`.
+
+    The pointer's checkpoint comes first. When it is incomplete or corrupt (a file missing, truncated, or
+    with another checksum) the newest older checkpoint that verifies is used instead, with a warning naming
+    what is wrong; `strict` (--no-checkpoint-fallback) or `exit_on_missing` make that an error. Ranks split
+    the checksum reading between them and agree on the result.
+    """
+    rank, world = _world_rank(), _world_size()
+    if not os.path.isdir(load_dir):
+        return _missing(load_dir, f"--load {load_dir} does not exist", exit_on_missing, log)
+    problems_of: dict[str, list[str]] = {}
+    try:
+        pointed = read_pointer(load_dir)
+    except (CheckpointError, OSError) as error:
+        pointed, problems_of["the pointer"] = None, [str(error)]
+    tags = list_checkpoint_tags(load_dir)
+    if pointed is None and not tags and not problems_of:
+        return _missing(load_dir, f"--load {load_dir} holds no checkpoint yet", exit_on_missing, log)
+    if pointed is not None and pointed not in tags:
+        if os.path.isdir(os.path.join(load_dir, pointed)):  # "release" or another tag name: trust the pointer
+            tags.append(pointed)
+        else:
+            problems_of[pointed] = [f"the pointer in {load_dir} names {pointed} but "
+                                    f"{os.path.join(load_dir, pointed)} does not exist"]
+    if pointed in tags:
+        newest = iteration_of_tag(pointed)
+        older = [t for t in tags if t != pointed and (newest is None or (iteration_of_tag(t) or 0) < newest)]
+        candidates = [pointed] + older[::-1]
+    else:  # no usable pointer: only checkpoints whose manifest proves them complete
+        candidates = [t for t in tags if os.path.isfile(os.path.join(load_dir, t, MANIFEST_FILENAME))][::-1]
+        if not candidates and not problems_of:
+            raise CheckpointError(
+                f"--load {load_dir}: neither {TRACKER_FILENAME} nor {DEEPSPEED_LATEST_FILENAME} is there, and "
+                f"none of {', '.join(tags)} has a {MANIFEST_FILENAME} that proves it complete; write the "
+                "iteration of a complete one into the pointer file, or point --load at a directory written by "
+                "--save (or drop --load to start from scratch)")
+    for tag in candidates:
+        directory = os.path.join(load_dir, tag)
+        try:
+            manifest = read_manifest(directory)
+            problems = [] if manifest is None else verify_manifest(
+                directory, manifest, checksum_names=sorted(manifest["files"])[rank::world])
+        except CheckpointError as error:
+            manifest, problems = None, [str(error)]
+        problems = sorted({p for part in _all_gather(problems) for p in part})
+        if problems:
+            problems_of[tag] = problems
+            continue
+        if problems_of:
+            what = "; ".join(f"{p}" for ps in problems_of.values() for p in ps)
+            if strict or exit_on_missing:
+                flag = "--no-checkpoint-fallback" if strict else "--exit-on-missing-checkpoint"
+                raise CheckpointError(f"--load {load_dir}: the newest checkpoint does not verify ({what}); "
+                                      f"{directory} does, but {flag} forbids falling back to it. Restore the "
+                                      "damaged files, or drop the flag to resume from the older checkpoint")
+            if rank == 0:
+                log(f"WARNING: --load {load_dir}: the newest checkpoint does not verify ({what}); "
+                    f"falling back to {directory}, the newest one that does")
+        elif manifest is None and rank == 0:
+            log(f"WARNING: {directory} has no {MANIFEST_FILENAME} (written by another tool or an older version): "
+                "loading it unverified")
+        return tag
+    what = "; ".join(p for ps in problems_of.values() for p in ps)
+    raise CheckpointError(f"--load {load_dir}: no checkpoint there verifies ({what}); restore the damaged files "
+                          "from a copy, or drop --load to start from scratch")
+
+
+def _missing(load_dir: str, what: str, exit_on_missing: bool, log) -> None:
+    if exit_on_missing:
+        raise CheckpointError(f"{what} and --exit-on-missing-checkpoint is set; check the path, or drop the flag "
+                              "to start from scratch when there is no checkpoint")
+    if _world_rank() == 0:
+        log(f"WARNING: {what}; training starts from scratch (pass --exit-on-missing-checkpoint to make this an error)")
+    return None
+
+
+# ---- load ---------------------------------------------------------------------------------------------
 
 def load_checkpoint(training_engine, load_dir: str, device: torch.device, *, run=None, load_optim: bool = True,
                     load_rng: bool = True, finetune: bool = False,
-                    set_tracker_states: Optional[Callable[[dict], None]] = None) -> TrainingProgress:
+                    set_tracker_states: Optional[Callable[[dict], None]] = None, tag: Optional[str] = None,
+                    log: Callable[[str], None] = print) -> TrainingProgress:
     """Restore what `save_checkpoint` wrote into an initialised TrainingEngine; returns the progress to resume from.
 
+    tag: which checkpoint under load_dir (from `find_checkpoint`; default the one the pointer names).
     finetune: weights only; iteration, consumed samples, optimizer and LR scheduler start fresh.
     load_optim=False (--no-load-optim): the optimizer state starts fresh; the LR schedule is still resumed.
     load_rng=False (--no-load-rng): keep this run's seeds.
@@ -201,20 +452,27 @@ def load_checkpoint(training_engine, load_dir: str, device: torch.device, *, run
     (or by tools/convert_checkpoint.py), megatron.convert.reshard loads it instead of DeepSpeed; RNG streams
     then start fresh from the seed (they cannot be mapped onto other ranks).
     """
-    tag = read_latest_tag(load_dir)
+    tag = tag or read_latest_tag(load_dir)
+    path = os.path.join(load_dir, tag)
     if run is not None:
         from megatron.convert.reshard import checkpoint_layout_differs, load_checkpoint_any_layout
 
-        if checkpoint_layout_differs(load_dir, run, training_engine.ps):
-            progress = load_checkpoint_any_layout(training_engine, load_dir, load_optim=load_optim,
+        if checkpoint_layout_differs(path, run, training_engine.ps):
+            progress = load_checkpoint_any_layout(training_engine, path, load_optim=load_optim,
                                                   finetune=finetune)
             _barrier()
             return progress
     engine = training_engine.engine
-    path = os.path.join(load_dir, tag)
-    load_path, client_state = engine.load_checkpoint(
-        load_dir, tag=tag, load_optimizer_states=load_optim and not finetune,
-        load_lr_scheduler_states=not finetune, load_module_only=finetune)
+    try:
+        with _CheckpointIO(engine, log=log):
+            load_path, client_state = engine.load_checkpoint(
+                load_dir, tag=tag, load_optimizer_states=load_optim and not finetune,
+                load_lr_scheduler_states=not finetune, load_module_only=finetune)
+    except CheckpointError:
+        raise
+    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as error:
+        raise CheckpointError(f"{path} cannot be loaded: {error}; restore it, or delete it so that --load takes "
+                              "the previous one") from error
     if load_path is None:
         raise CheckpointError(f"DeepSpeed could not load the checkpoint in {path}; see the log above for why")
     client_state = client_state or {}
@@ -236,7 +494,7 @@ def load_checkpoint(training_engine, load_dir: str, device: torch.device, *, run
             raise CheckpointError(
                 f"{rng_path} is missing (the checkpoint was written by a different number of ranks?); "
                 "pass --no-load-rng to resume with fresh random streams")
-        restore_rng_state(torch.load(rng_path, map_location="cpu", weights_only=False), device,
-                          set_tracker_states)
+        state = with_retries(lambda: torch.load(rng_path, map_location="cpu", weights_only=False), rng_path, log=log)
+        restore_rng_state(state, device, set_tracker_states)
     _barrier()
     return progress

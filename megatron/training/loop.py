@@ -23,7 +23,8 @@ import torch
 from megatron.config.arguments import RunConfig, global_batch_size, global_batch_size_at, train_iters, \
     train_samples, validate_run
 from megatron.dist.parallel_state import ParallelState
-from megatron.training.checkpointing import TrainingProgress, load_checkpoint, read_latest_tag, save_checkpoint
+from megatron.training.checkpointing import (TrainingProgress, check_save_dir, estimate_checkpoint_bytes,
+                                             find_checkpoint, load_checkpoint, save_checkpoint)
 from megatron.training.engine import TrainingEngine, build_engine, check_engine_config
 from megatron.training.lr_schedule import check_lr_schedule
 from megatron.training.metrics import throughput
@@ -233,8 +234,9 @@ def train(run: RunConfig, ps: ParallelState, device: torch.device, tracker: Opti
     # Refuse what would fail later, before the (slow, collective) model build: the LR schedule's shape, a
     # --load without a complete checkpoint, and flag combinations the engine cannot run.
     check_lr_schedule(run, dp)
-    if ckpt.load:
-        read_latest_tag(ckpt.load)
+    rel = run.reliability
+    load_tag = find_checkpoint(ckpt.load, strict=rel.no_checkpoint_fallback,
+                               exit_on_missing=rel.exit_on_missing_checkpoint, log=printer) if ckpt.load else None
     check_engine_config(run, device)
     seed_everything(t.seed, ps, device)
 
@@ -243,13 +245,17 @@ def train(run: RunConfig, ps: ParallelState, device: torch.device, tracker: Opti
     own_tracker = tracker is None
     tracker = tracker or Tracker(run.logging, ps.rank, config=run.args)
     result = TrainResult()
+    exits = ExitConditions(t.exit_signal_handler, t.exit_duration_in_mins, t.exit_interval, device=device,
+                           signals=rel.signal_numbers()).install()  # before DataLoader workers fork
     try:
+        if ckpt.save:  # writable, with room for one checkpoint; stale .tmp-* saves removed
+            check_save_dir(ckpt.save, estimate_checkpoint_bytes(te.engine), log=printer if ps.rank == 0 else _quiet)
         rng_tracker = _rng_tracker()
         progress, consumed_valid = TrainingProgress(args=run.args), 0
-        if ckpt.load:
+        if load_tag is not None:
             progress = load_checkpoint(te, ckpt.load, device, run=run, load_optim=not ckpt.no_load_optim,
                                        load_rng=not ckpt.no_load_rng, finetune=ckpt.finetune,
-                                       set_tracker_states=rng_tracker.set_states)
+                                       set_tracker_states=rng_tracker.set_states, tag=load_tag, log=printer)
             consumed_valid = 0 if ckpt.finetune else int(progress.extra.get("consumed_valid_samples", 0))
             if ps.rank == 0:
                 printer(f"loaded {progress.checkpoint_path} at iteration {progress.iteration}, "
@@ -275,15 +281,15 @@ def train(run: RunConfig, ps: ParallelState, device: torch.device, tracker: Opti
                                      consumed_tokens=consumed * run.model.seq_length, args=run.args)
             path = save_checkpoint(te.engine, ckpt.save, state, device, tracker_states=rng_tracker.get_states,
                                    extra_state={"consumed_valid_samples": consumed_valid,
-                                                "model_config": run.model.to_dict()})
+                                                "model_config": run.model.to_dict()},
+                                   keep_last_n=rel.keep_last_n_checkpoints, log=printer)
             result.saved.append(path)
             if ps.rank == 0:
                 printer(f"saved checkpoint {path}")
 
         log = IntervalLog(run, ps, device, tracker, total_iters, printer, timers)
-        last_saved = iteration if ckpt.load else None
-        with ExitConditions(t.exit_signal_handler, t.exit_duration_in_mins, t.exit_interval,
-                            device=device) as exits:
+        last_saved = iteration if load_tag is not None else None
+        with exits:
             while iteration < total_iters:
                 te.set_global_batch_size(global_batch_size_at(run, consumed, dp))  # batch ramp-up
                 if t.rampup_batch_size:
@@ -327,9 +333,14 @@ def train(run: RunConfig, ps: ParallelState, device: torch.device, tracker: Opti
         tracker.flush()
         return result
     finally:
+        exits.restore()
         te.destroy()
         if own_tracker:
             tracker.close()
+
+
+def _quiet(_line: str) -> None:
+    pass
 
 
 def _rng_tracker():

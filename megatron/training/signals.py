@@ -2,10 +2,16 @@
 
 A signal handler only sets a flag; the loop asks `ExitConditions.check(...)` once per step and every
 rank gets the same answer (a MAX all-reduce of the local flags), so all ranks save and stop together.
+
+Whichever process gets the signal (the launcher, which forwards it; the whole process group, as PBS and
+Slurm send it at walltime; or one rank), the run saves and exits 0. The handler is installed before any
+DataLoader worker is forked, so workers inherit it; in a worker (another pid) it does nothing, so the
+workers outlive the signal and the rank shuts them down itself when it finishes.
 """
 
 from __future__ import annotations
 
+import os
 import signal
 import time
 from dataclasses import dataclass, field
@@ -22,6 +28,7 @@ class SignalFlag:
         self.signals = tuple(signals)
         self.received: Optional[int] = None
         self._previous: dict = {}
+        self._owner = os.getpid()
 
     def install(self) -> "SignalFlag":
         for sig in self.signals:
@@ -30,7 +37,8 @@ class SignalFlag:
         return self
 
     def _handle(self, signum, frame) -> None:  # runs between bytecodes of the main thread: keep it tiny
-        self.received = signum
+        if os.getpid() == self._owner:  # a forked DataLoader worker ignores it: its rank decides
+            self.received = signum
 
     def restore(self) -> None:
         for sig, handler in self._previous.items():
@@ -57,6 +65,8 @@ class ExitConditions:
     start_time: float = field(default_factory=time.time)
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     flag: Optional[SignalFlag] = None
+    signals: tuple = (signal.SIGTERM,)
+    _installed_here: bool = False
 
     def __post_init__(self):
         if self.exit_interval is not None and self.exit_interval <= 0:
@@ -64,15 +74,24 @@ class ExitConditions:
         if self.exit_duration_in_mins is not None and self.exit_duration_in_mins <= 0:
             raise ValueError(f"--exit-duration-in-mins must be positive (got {self.exit_duration_in_mins})")
 
-    def __enter__(self) -> "ExitConditions":
-        if self.exit_signal_handler:
-            self.flag = SignalFlag().install()
+    def install(self) -> "ExitConditions":
+        """Catch the exit signals from now on (before DataLoader workers start); `restore()` undoes it."""
+        if self.exit_signal_handler and self.flag is None:
+            self.flag = SignalFlag(self.signals).install()
         return self
 
-    def __exit__(self, *exc) -> None:
+    def restore(self) -> None:
         if self.flag is not None:
             self.flag.restore()
             self.flag = None
+
+    def __enter__(self) -> "ExitConditions":
+        self._installed_here = self.exit_signal_handler and self.flag is None
+        return self.install()
+
+    def __exit__(self, *exc) -> None:
+        if self._installed_here:  # installed by install(): its owner restores it
+            self.restore()
 
     def _needs_collective(self) -> bool:
         # The interval rule is the same on every rank; signals and the clock are not.
@@ -87,7 +106,9 @@ class ExitConditions:
             if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
                 dist.all_reduce(local, op=dist.ReduceOp.MAX)
             if local[0].item() > 0:
-                return ExitDecision(True, "exit signal received (--exit-signal-handler)")
+                mine = self.flag.received if self.flag is not None else None
+                name = signal.Signals(mine).name if mine else "on another rank"
+                return ExitDecision(True, f"exit signal received ({name}, --exit-signal-handler)")
             if local[1].item() > 0:
                 return ExitDecision(True, f"--exit-duration-in-mins {self.exit_duration_in_mins} reached")
         if self.exit_interval is not None and iteration % self.exit_interval == 0:

@@ -1,0 +1,233 @@
+"""The checkpoint on-disk contract (megatron/checkpoint/format.py) and how --load picks a checkpoint from it:
+atomic fsynced writes, the manifest and its verification, fallback to the newest checkpoint that verifies,
+a missing checkpoint (warn and start from scratch, or --exit-on-missing-checkpoint), stale .tmp- cleanup,
+retention, and the save-directory check."""
+
+import ast
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from megatron.checkpoint import format as fmt
+from megatron.checkpoint.format import CheckpointError
+from megatron.training import checkpointing
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def fake_checkpoint(save: Path, iteration: int, files=None, pointer=True, manifest=True) -> Path:
+    """An iter_N directory as save_checkpoint leaves it: files, manifest written last, then the pointers."""
+    tmp = save / f".tmp-iter_{iteration:07d}"
+    tmp.mkdir(parents=True)
+    for name, data in (files or {"mp_rank_00_model_states.pt": b"m" * 1000 + bytes([iteration]),
+                                 "sub/zero_pp_rank_0_optim_states.pt": b"o" * 300}).items():
+        (tmp / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp / name).write_bytes(data)
+    if manifest:
+        fmt.write_manifest(str(tmp), iteration=iteration)
+    final = save / f"iter_{iteration:07d}"
+    fmt.publish_directory(str(tmp), str(final))
+    if pointer:
+        fmt.write_pointers(str(save), iteration)
+    return final
+
+
+def test_the_format_module_is_a_leaf_that_training_and_convert_both_use():
+    source = (ROOT / "megatron/checkpoint/format.py").read_text()
+    imported = {n.module for n in ast.walk(ast.parse(source)) if isinstance(n, ast.ImportFrom) and n.module}
+    imported |= {a.name for n in ast.walk(ast.parse(source)) if isinstance(n, ast.Import) for a in n.names}
+    assert not [m for m in imported if m.startswith("megatron")]
+    for user in ("megatron/convert/reshard.py", "megatron/convert/ds_checkpoint.py"):
+        tree = ast.parse((ROOT / user).read_text())
+        modules = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+        assert not [m for m in modules if m.startswith("megatron.training")], user
+    assert "megatron.checkpoint.format" in (ROOT / "megatron/training/checkpointing.py").read_text()
+
+
+def test_no_bare_os_replace_is_left_in_the_package():
+    sites = [str(p) for p in (ROOT / "megatron").rglob("*.py") if "os.replace(" in p.read_text()
+             and p.name != "format.py"]
+    assert sites == []
+
+
+def test_atomic_output_fsyncs_file_and_directory_before_and_after_the_rename(tmp_path, monkeypatch):
+    calls = []
+    real_fsync = os.fsync
+
+    def spy_fsync(fd):
+        calls.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        return real_fsync(fd)
+
+    real_replace = os.replace
+    monkeypatch.setattr(os, "fsync", spy_fsync)
+    monkeypatch.setattr(os, "replace", lambda a, b: (calls.append(("rename", str(b))), real_replace(a, b)))
+    target = tmp_path / "latest"
+    fmt.write_text_atomically(str(target), "iter_0000003")
+    assert target.read_text() == "iter_0000003"
+    kinds = [k for k, _ in calls]
+    rename = kinds.index("rename")
+    assert any(path.startswith(str(tmp_path / ".tmp-latest")) for k, path in calls[:rename])  # the file
+    assert ("fsync", str(tmp_path)) in calls[rename:]  # the directory entry, after the rename
+    assert [p.name for p in tmp_path.iterdir()] == ["latest"]
+
+
+def test_atomic_output_leaves_the_old_file_and_no_debris_when_writing_fails(tmp_path):
+    target = tmp_path / "out.bin"
+    target.write_bytes(b"old")
+    with pytest.raises(ValueError):
+        with fmt.atomic_output(str(target)) as tmp:
+            Path(tmp).write_bytes(b"half")
+            raise ValueError("writer died")
+    assert target.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["out.bin"]
+
+
+def test_manifest_lists_every_file_with_size_and_checksum_and_is_written_last(tmp_path):
+    final = fake_checkpoint(tmp_path, 4)
+    manifest = json.loads((final / "manifest.json").read_text())
+    assert manifest["iteration"] == 4 and manifest["checksum"] == "crc32"
+    assert set(manifest["files"]) == {"mp_rank_00_model_states.pt", "sub/zero_pp_rank_0_optim_states.pt"}
+    assert manifest["files"]["mp_rank_00_model_states.pt"]["size"] == 1001
+    assert fmt.verify_manifest(str(final)) == []
+
+
+@pytest.mark.parametrize("damage, words", [
+    ("truncate", "has 500 bytes, the manifest says 1001"),
+    ("delete", "is missing"),
+    ("flip", "CRC-32"),
+])
+def test_verification_names_the_damaged_file_and_what_is_wrong(tmp_path, damage, words):
+    final = fake_checkpoint(tmp_path, 4)
+    victim = final / "mp_rank_00_model_states.pt"
+    if damage == "truncate":
+        os.truncate(victim, 500)
+    elif damage == "delete":
+        victim.unlink()
+    else:
+        data = bytearray(victim.read_bytes())
+        data[10] ^= 0xFF
+        victim.write_bytes(bytes(data))
+    problems = fmt.verify_manifest(str(final))
+    assert len(problems) == 1 and str(victim) in problems[0] and words in problems[0]
+
+
+def test_load_falls_back_to_the_newest_checkpoint_that_verifies_and_says_why(tmp_path):
+    fake_checkpoint(tmp_path, 2)
+    fake_checkpoint(tmp_path, 4)
+    newest = fake_checkpoint(tmp_path, 6)
+    os.truncate(newest / "sub/zero_pp_rank_0_optim_states.pt", 10)
+    (tmp_path / "iter_0000004" / "mp_rank_00_model_states.pt").unlink()
+    lines = []
+    assert checkpointing.find_checkpoint(str(tmp_path), log=lines.append) == "iter_0000002"
+    assert len(lines) == 1 and "falling back to" in lines[0] and str(tmp_path / "iter_0000002") in lines[0]
+    assert "zero_pp_rank_0_optim_states.pt has 10 bytes" in lines[0] and "iter_0000004" in lines[0]
+
+
+@pytest.mark.parametrize("flag, strict, exit_on_missing", [("--no-checkpoint-fallback", True, False),
+                                                           ("--exit-on-missing-checkpoint", False, True)])
+def test_strict_flags_make_a_damaged_newest_checkpoint_an_error(tmp_path, flag, strict, exit_on_missing):
+    fake_checkpoint(tmp_path, 2)
+    os.truncate(fake_checkpoint(tmp_path, 4) / "mp_rank_00_model_states.pt", 3)
+    with pytest.raises(CheckpointError, match=flag) as info:
+        checkpointing.find_checkpoint(str(tmp_path), strict=strict, exit_on_missing=exit_on_missing)
+    assert "mp_rank_00_model_states.pt has 3 bytes" in str(info.value)
+
+
+def test_no_checkpoint_that_verifies_is_an_error_naming_every_problem(tmp_path):
+    os.truncate(fake_checkpoint(tmp_path, 2) / "mp_rank_00_model_states.pt", 1)
+    with pytest.raises(CheckpointError, match="no checkpoint there verifies.*iter_0000002"):
+        checkpointing.find_checkpoint(str(tmp_path))
+
+
+def test_a_pointer_to_a_deleted_directory_falls_back_to_an_older_checkpoint(tmp_path):
+    fake_checkpoint(tmp_path, 2)
+    fmt.write_pointers(str(tmp_path), 8)
+    lines = []
+    assert checkpointing.find_checkpoint(str(tmp_path), log=lines.append) == "iter_0000002"
+    assert "iter_0000008" in lines[0] and "does not exist" in lines[0]
+
+
+def test_a_checkpoint_without_manifest_loads_unverified_with_a_warning(tmp_path):
+    fake_checkpoint(tmp_path, 3, manifest=False)
+    lines = []
+    assert checkpointing.find_checkpoint(str(tmp_path), log=lines.append) == "iter_0000003"
+    assert "no manifest.json" in lines[0] and "unverified" in lines[0]
+
+
+@pytest.mark.parametrize("make", ["absent", "empty", "only-tmp"])
+def test_load_dir_without_checkpoint_warns_and_starts_from_scratch(tmp_path, make):
+    load = tmp_path / "ckpt"
+    if make != "absent":
+        load.mkdir()
+    if make == "only-tmp":
+        (load / ".tmp-iter_0000005").mkdir()  # a save that died
+    lines = []
+    assert checkpointing.find_checkpoint(str(load), log=lines.append) is None
+    assert "starts from scratch" in lines[0] and str(load) in lines[0] and "--exit-on-missing-checkpoint" in lines[0]
+    with pytest.raises(CheckpointError, match="--exit-on-missing-checkpoint") as info:
+        checkpointing.find_checkpoint(str(load), exit_on_missing=True)
+    assert str(load) in str(info.value)
+
+
+def test_stale_tmp_entries_are_removed_and_finished_checkpoints_kept(tmp_path):
+    fake_checkpoint(tmp_path, 2)
+    (tmp_path / ".tmp-iter_0000004").mkdir()
+    (tmp_path / ".tmp-iter_0000004" / "half.pt").write_bytes(b"x")
+    (tmp_path / ".tmp-latest.123").write_text("iter_0000004")
+    assert fmt.remove_stale_tmp(str(tmp_path)) == [".tmp-iter_0000004", ".tmp-latest.123"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["iter_0000002", "latest",
+                                                          "latest_checkpointed_iteration.txt"]
+
+
+def test_retention_keeps_the_newest_n_and_never_the_pointed_or_newer_ones(tmp_path):
+    for it in (1, 2, 3, 4):
+        fake_checkpoint(tmp_path, it)
+    fake_checkpoint(tmp_path, 5, pointer=False)  # published, pointer not yet moved: never touched
+    removed = checkpointing.apply_retention(str(tmp_path), 2)
+    assert [Path(p).name for p in removed] == ["iter_0000001", "iter_0000002"]
+    assert fmt.list_checkpoint_tags(str(tmp_path)) == ["iter_0000003", "iter_0000004", "iter_0000005"]
+
+
+def test_retention_never_deletes_the_only_verified_checkpoint(tmp_path):
+    fake_checkpoint(tmp_path, 1)
+    fake_checkpoint(tmp_path, 2, manifest=False)
+    assert checkpointing.apply_retention(str(tmp_path), 1) == []
+    assert fmt.list_checkpoint_tags(str(tmp_path)) == ["iter_0000001", "iter_0000002"]
+
+
+def test_save_dir_check_names_the_path_and_the_shortfall(tmp_path):
+    save = tmp_path / "save"
+    checkpointing.check_save_dir(str(save), 1024)
+    assert save.is_dir()
+    with pytest.raises(CheckpointError, match="GiB free but one checkpoint needs") as info:
+        checkpointing.check_save_dir(str(save), 1 << 60)
+    assert str(save) in str(info.value)
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(CheckpointError, match="cannot be created") as info:
+        checkpointing.check_save_dir(str(blocker / "sub"), 1)
+    assert "ENOTDIR" in str(info.value)
+
+
+def test_transient_read_errors_are_retried_then_fail_naming_the_file(tmp_path):
+    import errno
+
+    attempts, lines = [], []
+
+    def flaky():
+        attempts.append(1)
+        if len(attempts) < 3:
+            raise OSError(errno.ESTALE, "Stale file handle")
+        return "data"
+
+    assert checkpointing.with_retries(flaky, "/lustre/x.pt", retries=3, backoff_s=0.001, log=lines.append) == "data"
+    assert len(attempts) == 3 and len(lines) == 2 and "ESTALE" in lines[0] and "/lustre/x.pt" in lines[0]
+
+    def broken():
+        raise OSError(errno.EIO, "Input/output error")
+
+    with pytest.raises(CheckpointError, match=r"/lustre/y.pt: reading failed 3 times with EIO"):
+        checkpointing.with_retries(broken, "/lustre/y.pt", retries=2, backoff_s=0.001, log=lines.append)
+    with pytest.raises(FileNotFoundError):  # not transient: no retry
+        checkpointing.with_retries(lambda: open(tmp_path / "nope"), "nope", backoff_s=0.001)
