@@ -642,7 +642,9 @@ def parse_args(argv: Optional[list[str]] = None) -> RunConfig:
         if getattr(ns, dest) is None:
             setattr(ns, dest, default)
     notices = []
-    if ns.bf16 and ns.accumulate_allreduce_grads_in_fp32 and ns.zero_stage == 0 and not ns.deepspeed_config:
+    file_states_zero = bool(ns.deepspeed_config) and \
+        "zero_stage" in deepspeed_file_values(read_deepspeed_config(ns.deepspeed_config))
+    if ns.bf16 and ns.accumulate_allreduce_grads_in_fp32 and ns.zero_stage == 0 and not file_states_zero:
         ns.zero_stage = 1
         notices.append("--accumulate-allreduce-grads-in-fp32 with --bf16: gradients accumulate in fp32 in "
                        "DeepSpeed's BF16 optimizer, which runs as ZeRO stage 1 (optimizer state sharded over "
