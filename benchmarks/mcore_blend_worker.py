@@ -72,6 +72,8 @@ def main():
     first = numpy.stack([numpy.append(sample["tokens"].numpy(), sample["labels"].numpy()[-1:])
                          for sample in (train[i] for i in range(args.global_batch))])
     ready = time.perf_counter()
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    cpu_at_batch = usage.ru_utime + usage.ru_stime  # CPU seconds of the whole process so far (load-insensitive)
     spawn_to_first_batch = time.time() - float(os.environ.get("BENCH_SPAWN_EPOCH", "nan"))
     assert first.shape == (args.global_batch, args.seq_length + 1)
 
@@ -88,7 +90,7 @@ def main():
         "import_s": IMPORTED - START, "build_s": built_at - built, "first_batch_s": ready - built_at,
         "to_first_batch_s": ready - START, "spawn_to_first_batch_s": spawn_to_first_batch,
         "batch_s": float(numpy.median(batch_times)), "samples": len(train),
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "cpu_to_first_batch_s": cpu_at_batch,
     }))
 
 

@@ -124,3 +124,53 @@ def run_sequence(rank, world, jobs):
         out.append(globals()[name](rank, world, *args))
         dist.barrier()
     return out
+
+
+def to_universal(rank, world, load_dir):
+    """Rank 0 converts `load_dir` with DeepSpeed's ds_to_universal (convert/universal.py); the others wait."""
+    if rank == 0:
+        from megatron.convert.universal import convert_to_universal
+
+        convert_to_universal(load_dir)
+    return None
+
+
+def resume_universal(rank, world, argv, load_dir, steps):
+    """Build at this layout with --universal-checkpoint, load through checkpointing.load_checkpoint, train on."""
+    from megatron.training.checkpointing import load_checkpoint
+
+    run, ps, engine = build(argv + ["--universal-checkpoint", "--load", load_dir])
+    progress = load_checkpoint(engine, load_dir, torch.device("cpu"), run=run)
+    losses = train(engine, ps, run, progress.iteration, steps)
+    engine.destroy()
+    return {"iteration": progress.iteration, "consumed_samples": progress.consumed_samples, "losses": losses}
+
+
+def train_save_continue_losses(rank, world, argv, save_dir, save_at, steps):
+    """train_save_continue without the logits (nothing shared through file descriptors with the parent)."""
+    out = train_save_continue(rank, world, argv, save_dir, save_at, steps)
+    out.pop("logits")
+    return out
+
+
+def resume_pair(rank, world, argv, argonne_dir, truth_path, steps):
+    """Train on from the argonne files through checkpointing.load_checkpoint, and from the states they were built
+    from (the LR schedule stepped to where the saved run was); returns both runs' losses and progress."""
+    from argonne_files import TruthSource
+
+    from megatron.convert.reshard import load_checkpoint_any_layout
+    from megatron.training.checkpointing import load_checkpoint
+
+    out = {}
+    run, ps, engine = build(argv)
+    progress = load_checkpoint(engine, argonne_dir, torch.device("cpu"), run=run)
+    out["argonne"] = {"iteration": progress.iteration, "consumed_samples": progress.consumed_samples,
+                      "losses": train(engine, ps, run, progress.iteration, steps)}
+    engine.destroy()
+    run, ps, engine = build(argv)
+    progress = load_checkpoint_any_layout(engine, "", source=TruthSource(truth_path, run.model))
+    for _ in range(progress.iteration):
+        engine.engine.lr_scheduler.step()
+    out["truth"] = {"losses": train(engine, ps, run, progress.iteration, steps)}
+    engine.destroy()
+    return out

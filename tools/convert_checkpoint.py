@@ -1,9 +1,15 @@
-"""Convert checkpoints: ours (any tp × pp × ZeRO) ⇄ Hugging Face, ours → ours at another tp × pp, ZeRO → fp32.
+"""Convert checkpoints: ours (any tp × pp × ZeRO) ⇄ Hugging Face, ours → ours at another tp × pp, ZeRO → fp32,
+ours → DeepSpeed universal.
 
     python tools/convert_checkpoint.py to-hf        --load runs/x/ckpt --out runs/x/hf [--dtype bf16]
     python tools/convert_checkpoint.py from-hf      --hf-dir llama-dir --save runs/y/ckpt --tp 2 --pp 2
     python tools/convert_checkpoint.py reshard      --load runs/x/ckpt --save runs/z/ckpt --tp 1 --pp 4
     python tools/convert_checkpoint.py zero-to-fp32 --load runs/x/ckpt --out model_fp32.safetensors
+    python tools/convert_checkpoint.py to-universal --load runs/x/ckpt [--out DIR]
+
+--load of to-hf, reshard and zero-to-fp32 also takes a DeepSpeed universal folder (or a directory whose
+latest_universal names one) and a checkpoint of argonne-lcf/Megatron-DeepSpeed (global_stepN, its Namespace
+arguments, names and QKV order are read; see megatron/convert/argonne.py).
 
 from-hf and reshard write weights-only checkpoints: continue from them with `pretrain_gpt.py --load DIR
 --finetune`. To resume a run (optimizer, LR schedule, consumed samples) on another layout, point --load at
@@ -21,10 +27,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from megatron.convert.ds_checkpoint import DeepSpeedCheckpoint, write_checkpoint  # noqa: E402
+from megatron.convert.ds_checkpoint import write_checkpoint  # noqa: E402
 from megatron.convert.hf_io import DTYPES, HFModelSource, export_to_hf, parse_size  # noqa: E402
 from megatron.checkpoint.format import atomic_output  # noqa: E402
 from megatron.convert.model_layout import ConversionError, full_parameter_names  # noqa: E402
+from megatron.convert.sources import open_checkpoint  # noqa: E402
 
 
 def _dtype(text: str) -> torch.dtype:
@@ -64,6 +71,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", type=_dtype, default=torch.float32)
     p.add_argument("--weights", choices=("auto", "module", "fp32"), default="auto")
 
+    p = sub.add_parser("to-universal", help="our ZeRO checkpoint -> DeepSpeed universal folder (ds_to_universal)")
+    p.add_argument("--load", required=True, help="--save dir of the run (follows its latest pointer) or an iter_* dir")
+    p.add_argument("--out", default=None, help="default: <iter dir>_universal, with <save>/latest_universal naming it")
+    p.add_argument("--workers", type=int, default=1, help="processes extracting ZeRO shards (default 1)")
+
     p = sub.add_parser("zero-to-fp32", help="one consolidated fp32 state dict (GPTModel names, tp=1, no padding)")
     p.add_argument("--load", required=True)
     p.add_argument("--out", required=True, help="FILE.safetensors or FILE.pt")
@@ -72,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def zero_to_fp32(load: str, out: str) -> int:
     """Write the fp32 master weights of every parameter, consolidated over tp, pp and ZeRO; returns the count."""
-    ckpt = DeepSpeedCheckpoint(load)
+    ckpt = open_checkpoint(load)
     names = full_parameter_names(ckpt.config)
     state = {name: ckpt.full_optimizer_tensor(name, "fp32").float().contiguous()
              for name in tqdm(names, desc="consolidate fp32", unit="param")}
@@ -90,7 +102,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.command == "to-hf":
-            source = DeepSpeedCheckpoint(args.load, weights=args.weights, vocab_size=args.vocab_size)
+            source = open_checkpoint(args.load, weights=args.weights, vocab_size=args.vocab_size)
             summary = export_to_hf(source, args.out, dtype=args.dtype, max_shard_bytes=parse_size(args.max_shard_size),
                                    architecture=args.hf_architecture, save_tokenizer_files=not args.no_tokenizer)
             print(f"wrote {summary['architecture']} to {args.out}: {len(summary['weights'])} weight file(s), "
@@ -102,9 +114,14 @@ def main(argv=None) -> int:
                                     if source.hf_tokenizer_dir else None)
             print(f"wrote {path} (tp {args.tp} × pp {args.pp}); train on with --load {args.save} --finetune")
         elif args.command == "reshard":
-            source = DeepSpeedCheckpoint(args.load, weights=args.weights)
+            source = open_checkpoint(args.load, weights=args.weights)
             path = write_checkpoint(source, args.save, args.tp, args.pp, dtype=args.dtype, args=source.args)
             print(f"wrote {path} (tp {args.tp} × pp {args.pp}); train on with --load {args.save} --finetune")
+        elif args.command == "to-universal":
+            from megatron.convert.universal import convert_to_universal
+
+            path = convert_to_universal(args.load, args.out, workers=args.workers)
+            print(f"wrote {path}; resume at any layout with --load {os.path.dirname(path)} --universal-checkpoint")
         else:
             count = zero_to_fp32(args.load, args.out)
             print(f"wrote {count} fp32 tensors to {args.out}")

@@ -36,7 +36,13 @@ TRACKER_FILENAME = "latest_checkpointed_iteration.txt"  # Megatron's pointer fil
 DEEPSPEED_LATEST_FILENAME = "latest"  # DeepSpeed's pointer file
 MANIFEST_FILENAME = "manifest.json"
 TMP_PREFIX = ".tmp-"
-CHECKPOINT_FORMAT_VERSION = 1
+# Our format marker, in the client state of every mp_rank_*_model_states.pt: {"name": ..., "version": ...}.
+# Megatron-(DeepSpeed) readers key their QKV row order on "checkpoint_version" (0 and 1.0: legacy orders they
+# transpose; 3.0 their current one), so we write no "checkpoint_version" at all. Version 1 is what this
+# framework wrote before the marker (checkpoint_version = 1, no marker); it reads the same and still loads.
+CHECKPOINT_FORMAT_KEY = "checkpoint_format"
+CHECKPOINT_FORMAT_NAME = "megatron-ds-lite"
+CHECKPOINT_FORMAT_VERSION = 2
 MANIFEST_FORMAT = "megatron-checkpoint-manifest"
 MANIFEST_VERSION = 1
 TAG_PATTERN = re.compile(r"^iter_(\d{7,})$")
@@ -45,6 +51,32 @@ _CHUNK = 8 << 20
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be read or written; the message names the path and what to do."""
+
+
+def checkpoint_format_marker() -> dict:
+    return {"name": CHECKPOINT_FORMAT_NAME, "version": CHECKPOINT_FORMAT_VERSION}
+
+
+def checkpoint_format_version(client_state: dict, where: str) -> int:
+    """The format version of one of our checkpoints (1 for those written before the marker); an error naming
+    `where` for a checkpoint of another framework or of a newer version of this one."""
+    marker = client_state.get(CHECKPOINT_FORMAT_KEY)
+    if isinstance(marker, dict) and marker.get("name") == CHECKPOINT_FORMAT_NAME:
+        version = int(marker.get("version", 0))
+        if version > CHECKPOINT_FORMAT_VERSION:
+            raise CheckpointError(f"{where} was written in checkpoint format {version} by a newer "
+                                  f"{CHECKPOINT_FORMAT_NAME} (this one reads up to {CHECKPOINT_FORMAT_VERSION}); "
+                                  "upgrade to read it")
+        return version
+    if marker is not None:
+        raise CheckpointError(f"{where} carries the format marker {marker!r}, not {CHECKPOINT_FORMAT_NAME}'s")
+    legacy = client_state.get("checkpoint_version")
+    if legacy == 1 and isinstance(client_state.get("args"), dict):
+        return 1
+    raise CheckpointError(
+        f"{where} is not a {CHECKPOINT_FORMAT_NAME} checkpoint (checkpoint_version {legacy!r}, arguments of type "
+        f"{type(client_state.get('args')).__name__}); a Megatron-DeepSpeed checkpoint is read by "
+        "megatron/convert/argonne.py (tools/convert_checkpoint.py and --load detect it)")
 
 
 def checkpoint_tag(iteration: int) -> str:

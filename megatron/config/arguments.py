@@ -177,7 +177,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="full granularity: uniform (chunks of --recompute-num-layers layers) or block (the first "
                         "--recompute-num-layers layers of each pipeline stage)")
     g.add_argument("--recompute-num-layers", type=pos_int, default=1)
-    g.add_argument("--universal-checkpoint", action="store_true", help="load a DeepSpeed universal checkpoint")
+    g.add_argument("--universal-checkpoint", action="store_true",
+                   help="--load names a DeepSpeed universal checkpoint folder (or a directory whose latest_universal "
+                        "names one; make it with tools/convert_checkpoint.py to-universal) and resumes it at any "
+                        "tp / pp / dp / ZeRO stage through DeepSpeed's loader (checkpoint.load_universal)")
 
     g = p.add_argument_group("batch")
     g.add_argument("--micro-batch-size", type=pos_int, help="per data-parallel rank; default 1")
@@ -552,6 +555,8 @@ def _check_flags(ns: argparse.Namespace, typed: Optional[dict] = None) -> list[s
     if ns.dataloader_type == "cyclic":
         errors.append("--dataloader-type cyclic is not supported: the run makes one pass over the blended index "
                       "(single); size the blend with --train-samples/--train-iters instead")
+    if ns.universal_checkpoint and not ns.load:
+        errors.append("--universal-checkpoint loads the universal folder that --load names; give --load")
     lengths = [f for f in ("train_iters", "train_samples", "train_tokens") if getattr(ns, f) is not None]
     if len(lengths) > 1:
         errors.append(f"give only one of {', '.join('--' + f.replace('_', '-') for f in lengths)}")

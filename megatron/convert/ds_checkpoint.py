@@ -27,8 +27,9 @@ from megatron.convert.model_layout import (ConversionError, FullModelSource, con
 from megatron.convert.zero_shards import OptimizerShards, load_mmap, torch_optimizer_param_order
 from megatron.model.pipeline import pipe_layer_index, pipe_layer_prefix
 from megatron.model.sharding import merge_state_dicts, shard_state_dict
-from megatron.checkpoint.format import (CheckpointError, checkpoint_tag, publish_directory, read_latest_tag,
-                                        write_manifest, write_pointers)
+from megatron.checkpoint.format import (CHECKPOINT_FORMAT_KEY, CheckpointError, checkpoint_format_marker,
+                                        checkpoint_format_version, checkpoint_tag, publish_directory, read_latest_tag, write_manifest,
+                                        write_pointers)
 
 MODEL_FILE = re.compile(r"^mp_rank_(\d+)_model_states\.pt$")
 ZERO3_MODEL_FILE = re.compile(r"^zero_pp_rank_(\d+)_mp_rank_(\d+)_model_states\.pt$")
@@ -77,6 +78,10 @@ class DeepSpeedCheckpoint(FullModelSource):
         if first is None:
             raise ConversionError(f"{self.tag_dir}: the files of model-parallel rank 0 are missing")
         self.state0 = load_mmap(first)
+        try:
+            self.format_version = checkpoint_format_version(self.state0, first)
+        except CheckpointError as err:
+            raise ConversionError(str(err)) from None
         self.config = config_from_client_state(self.state0, self.description)
         if vocab_size:
             self.config = self.config.replace(vocab_size=vocab_size)
@@ -297,7 +302,7 @@ def write_checkpoint(source: FullModelSource, save_dir: str, tp: int = 1, pp: in
             index = pipe_layer_index(next(iter(shard)), config)
             local = {k[len(pipe_layer_prefix(index, config)):]: v for k, v in shard.items()}
             torch.save(local, os.path.join(tmp_dir, f"layer_{index:02d}-model_{t:02d}-model_states.pt"))
-    client_state = {"checkpoint_version": 1, "args": run_args, "model_config": config.to_dict(),
+    client_state = {CHECKPOINT_FORMAT_KEY: checkpoint_format_marker(), "args": run_args, "model_config": config.to_dict(),
                     "converted_from": source.description}
     for stage in range(pp):
         for t in range(tp):

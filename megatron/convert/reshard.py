@@ -105,15 +105,17 @@ def _set_step(optimizer, step: int) -> None:
 
 
 def load_checkpoint_any_layout(training_engine, load_dir: str, *, load_optim: bool = True, finetune: bool = False,
-                               progress_bar: bool = True) -> TrainingProgress:
+                               progress_bar: bool = True, source=None) -> TrainingProgress:
     """Load `load_dir` (any layout) into `training_engine` (megatron.training.engine.TrainingEngine).
 
     Collective over the engine's ranks only through DeepSpeed's own state (no communication here); each
     rank reads what it needs from the files. finetune: weights only, progress starts at iteration 0.
+    source: an already opened checkpoint with DeepSpeedCheckpoint's reading interface (a universal folder, an
+    argonne-lcf/Megatron-DeepSpeed checkpoint); default DeepSpeedCheckpoint(load_dir).
     """
     from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
 
-    ckpt = DeepSpeedCheckpoint(load_dir)
+    ckpt = source if source is not None else DeepSpeedCheckpoint(load_dir)
     config, ps, ds = training_engine.model_config, training_engine.ps, training_engine.engine
     differences = config_differences(ckpt.config, config)
     if differences:

@@ -89,14 +89,9 @@ class BlendReport:
         for name, text in ((REPORT_TEXT, self.table() + "\n"),
                            (REPORT_JSON, json.dumps(self.to_dict(), indent=1) + "\n")):
             path = os.path.join(directory, name)
-            _atomic_write_text(path, text)
+            write_text_atomically(path, text)  # temporary name, fsync, rename, fsync the directory
             paths.append(path)
         return paths
-
-
-def _atomic_write_text(path: str, text: str) -> None:
-    """Temporary name, fsync, rename, fsync the directory: a reader sees the old file or the new one."""
-    write_text_atomically(path, text)
 
 
 def blend_report(datasets: Sequence, threshold: float = DEFAULT_EPOCHS_WARNING) -> BlendReport:

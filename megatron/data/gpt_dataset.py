@@ -207,8 +207,7 @@ class GPTDataset:
 
     def __init__(self, files: Sequence[FileSplits], weights: Sequence[float], split: int, seq_length: int,
                  seed: int, num_samples: int, vocab_size: Optional[int] = None, sample_mode: str = "samples",
-                 rank: int = 0, world_size: int = 1, window: int = DEFAULT_WINDOW,
-                 document_index_cache: Optional[str] = None, corpora: Optional[Sequence[str]] = None,
+                 window: int = DEFAULT_WINDOW, document_index_cache: Optional[str] = None, corpora: Optional[Sequence[str]] = None,
                  left_out: Sequence[tuple[str, int]] = (), source: str = "data"):
         if sample_mode not in SAMPLE_MODES:
             raise ValueError(f"DataConfig.sample_mode {sample_mode!r} is not one of {SAMPLE_MODES}")
@@ -238,7 +237,7 @@ class GPTDataset:
         self.left_out = list(left_out)
         self._readers: dict[int, IndexedDataset] = {}
         self._readers_lock = threading.Lock()
-        self._rank, self._world_size, self._cache = rank, world_size, document_index_cache
+        self._shared_index_dir = document_index_cache
         self.document_index = (DocumentIndex(self, document_index_cache)
                                if sample_mode == "documents" else None)
 
@@ -252,7 +251,7 @@ class GPTDataset:
         self.__dict__.update(state)
         self._readers_lock = threading.Lock()
         if self.sample_mode == "documents":  # a worker builds what it needs, on demand
-            self.document_index = DocumentIndex(self, self._cache)
+            self.document_index = DocumentIndex(self, self._shared_index_dir)
 
     def __len__(self) -> int:
         return self.num_samples
@@ -423,6 +422,8 @@ def build_datasets(data_config, seq_length: int, seed: int, num_samples: tuple[i
     which 0 samples are asked, is None. Files too short for a split are left out of it and named in a
     warning (and in the blend report). `sample_mode` overrides data_config.sample_mode (the blend
     report builds "samples" datasets: the counts are the same and no document index is needed).
+    `rank` only decides who logs; `world_size` is not needed (no rank depends on another) and is
+    accepted so that callers can pass the layout they have.
     """
     if len(num_samples) != 3:
         raise ValueError(f"num_samples must be (train, valid, test), got {num_samples}")
@@ -453,7 +454,7 @@ def build_datasets(data_config, seq_length: int, seed: int, num_samples: tuple[i
             continue
         corpora = [entries[i].corpus or os.path.basename(files[i].prefix) for i in usable]
         datasets.append(GPTDataset([files[i] for i in usable], [entries[i].weight for i in usable], split,
-                                   seq_length, seed, requested, vocab_size, mode, rank, world_size,
+                                   seq_length, seed, requested, vocab_size, mode,
                                    document_index_cache=cache, corpora=corpora, left_out=left_out,
                                    source=source))
     return tuple(datasets)

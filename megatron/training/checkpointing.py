@@ -31,12 +31,12 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from megatron.checkpoint.format import (CHECKPOINT_FORMAT_VERSION, DEEPSPEED_LATEST_FILENAME, MANIFEST_FILENAME,
+from megatron.checkpoint.format import (CHECKPOINT_FORMAT_KEY, DEEPSPEED_LATEST_FILENAME, MANIFEST_FILENAME,
                                         TMP_PREFIX, TRACKER_FILENAME, CheckpointError, TrainingProgress,
                                         checkpoint_tag, describe_files, fsync_file, iteration_of_tag,
                                         list_checkpoint_tags, list_files, os_error_text, publish_directory,
                                         read_latest_tag, read_manifest, read_pointer, remove_stale_tmp,
-                                        verify_manifest, write_manifest, write_pointers)
+                                        verify_manifest, write_manifest, write_pointers, checkpoint_format_marker)
 
 
 def rng_state_filename(rank: int) -> str:
@@ -228,7 +228,7 @@ def save_checkpoint(engine, save_dir: str, progress: TrainingProgress, device: t
     if any(_all_gather(setup_error)):
         raise CheckpointError(setup_error or f"--save {save_dir}: rank 0 could not prepare it (see its message)")
     client_state = {
-        "checkpoint_version": CHECKPOINT_FORMAT_VERSION,
+        CHECKPOINT_FORMAT_KEY: checkpoint_format_marker(),
         "iteration": progress.iteration,
         "consumed_samples": progress.consumed_samples,
         "consumed_tokens": progress.consumed_tokens,
@@ -448,10 +448,23 @@ def load_checkpoint(training_engine, load_dir: str, device: torch.device, *, run
     finetune: weights only; iteration, consumed samples, optimizer and LR scheduler start fresh.
     load_optim=False (--no-load-optim): the optimizer state starts fresh; the LR schedule is still resumed.
     load_rng=False (--no-load-rng): keep this run's seeds.
-    run: this run's RunConfig. When given and the checkpoint was written at another tp / pp / dp / ZeRO stage
+    run: this run's RunConfig. With --universal-checkpoint, `load_dir` is a universal folder (or holds a
+    latest_universal pointer) and megatron.convert.universal loads it. When given and the checkpoint was written at another tp / pp / dp / ZeRO stage
     (or by tools/convert_checkpoint.py), megatron.convert.reshard loads it instead of DeepSpeed; RNG streams
     then start fresh from the seed (they cannot be mapped onto other ranks).
     """
+    if run is not None and run.training.zero.universal_checkpoint:
+        from megatron.convert.universal import load_universal_checkpoint
+
+        progress = load_universal_checkpoint(training_engine, load_dir, load_optim=load_optim, finetune=finetune)
+        _barrier()
+        return progress
+    from megatron.convert.argonne import is_argonne_checkpoint, load_argonne_checkpoint
+
+    if is_argonne_checkpoint(load_dir):  # written by argonne-lcf/Megatron-DeepSpeed (AuroraGPT)
+        progress = load_argonne_checkpoint(training_engine, load_dir, load_optim=load_optim, finetune=finetune)
+        _barrier()
+        return progress
     tag = tag or read_latest_tag(load_dir)
     path = os.path.join(load_dir, tag)
     if run is not None:

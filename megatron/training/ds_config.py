@@ -56,6 +56,8 @@ def generate_deepspeed_config(run: RunConfig, dp_size: int, device_type: Optiona
         "zero_allow_untested_optimizer": True,  # the loop hands in torch SGD as well as AdamW
         "zero_optimization": _zero_section(run, accelerator),
     }
+    if zero.universal_checkpoint:  # --universal-checkpoint: --load names a universal folder (convert/universal.py)
+        cfg["checkpoint"] = {"load_universal": True}
     if prec.bf16:
         cfg["bf16"] = {"enabled": True}
     if prec.fp16:

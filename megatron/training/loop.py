@@ -235,8 +235,13 @@ def train(run: RunConfig, ps: ParallelState, device: torch.device, tracker: Opti
     # --load without a complete checkpoint, and flag combinations the engine cannot run.
     check_lr_schedule(run, dp)
     rel = run.reliability
-    load_tag = find_checkpoint(ckpt.load, strict=rel.no_checkpoint_fallback,
-                               exit_on_missing=rel.exit_on_missing_checkpoint, log=printer) if ckpt.load else None
+    from megatron.convert.sources import foreign_load_tag
+
+    # a universal folder (--universal-checkpoint) or an argonne-lcf/Megatron-DeepSpeed checkpoint, else ours
+    load_tag = foreign_load_tag(ckpt.load, t.zero.universal_checkpoint) if ckpt.load else None
+    if ckpt.load and load_tag is None:
+        load_tag = find_checkpoint(ckpt.load, strict=rel.no_checkpoint_fallback,
+                                   exit_on_missing=rel.exit_on_missing_checkpoint, log=printer)
     check_engine_config(run, device)
     seed_everything(t.seed, ps, device)
 
@@ -272,7 +277,8 @@ def train(run: RunConfig, ps: ParallelState, device: torch.device, tracker: Opti
             run.model.vocab_size, ps.rank, ps.world_size)
         if ps.rank == 0:
             from megatron.data.blend_report import publish_blend_report
-            publish_blend_report((train_ds, valid_ds, test_ds), run.data.blend_epochs_warning, printer, tracker, ckpt.save)
+            publish_blend_report((train_ds, valid_ds, test_ds), run.data.blend_epochs_warning, printer, tracker,
+                                 ckpt.save)
         train_batches, valid_batches = _isolated_rng(lambda: (
             _iterator(run, ps, train_ds, consumed), _iterator(run, ps, valid_ds, consumed_valid)))
 

@@ -1,0 +1,110 @@
+"""Checkpoints of argonne-lcf/Megatron-DeepSpeed (AuroraGPT) are read: a Llama-style (GQA, RoPE, SwiGLU, untied)
+and a GPT-2-style model, each as a pipeline (tp=2 × pp=2) and a non-pipeline (tp=2) run, built from their
+documented layout (tests/argonne_files.py names the source file of every naming fact). The reader recovers every
+weight and Adam moment bit for bit, to-hf gives the logits of the same weights exported directly, and --load
+trains on exactly as from the states the files were built from.
+"""
+
+import os
+import sys
+
+import pytest
+import torch
+
+import argonne_files as af
+import convert_ranks as cr
+from multirank import run_ranks
+
+from megatron.config.arguments import parse_args
+from megatron.convert.argonne import ArgonneCheckpoint, config_from_argonne_args, is_argonne_checkpoint
+from megatron.convert.hf_io import export_to_hf
+from megatron.convert.model_layout import ConversionError, StateDictSource, full_parameter_names
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools"))
+
+LLAMA_ARGV = cr.LLAMA_FLAGS + cr.COMMON + ["--tensor-model-parallel-size", "2", "--zero-stage", "1"]
+GPT_ARGV = cr.GPT_FLAGS + cr.COMMON + ["--pipeline-model-parallel-size", "2", "--zero-stage", "1"]
+CONFIGS = {"llama": parse_args(LLAMA_ARGV).model, "gpt": parse_args(GPT_ARGV).model}
+# (config, pipeline, their checkpoint_version): GPT-2 also in Megatron's two legacy QKV orders
+VARIANTS = {"llama_pipe": ("llama", True, 3.0), "llama_nopipe": ("llama", False, 3.0),
+            "gpt_pipe": ("gpt", True, 0), "gpt_nopipe": ("gpt", False, 1.0)}
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    root = tmp_path_factory.mktemp("argonne")
+    states = {name: af.random_state(config, seed) for seed, (name, config) in enumerate(CONFIGS.items())}
+    for name, state in states.items():
+        torch.save(state, root / f"{name}_truth.pt")
+    for variant, (name, pipeline, version) in VARIANTS.items():
+        af.write_argonne_checkpoint(states[name], CONFIGS[name], str(root / variant), tp=2, pp=2 if pipeline else 1,
+                                    pipeline=pipeline, version=version)
+    return root, states
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_reader_recovers_config_weights_and_moments_bit_for_bit(built, variant):
+    root, states = built
+    name, _, _ = VARIANTS[variant]
+    ckpt = ArgonneCheckpoint(str(root / variant))
+    assert is_argonne_checkpoint(str(root / variant)) and ckpt.tag_dir.endswith("global_step3")
+    assert ckpt.config.to_dict() == CONFIGS[name].replace(sequence_parallel=False).to_dict()
+    for param in full_parameter_names(ckpt.config):
+        for key in ("fp32", "exp_avg", "exp_avg_sq"):
+            assert torch.equal(ckpt.full_optimizer_tensor(param, key), states[name][param][key]), (param, key)
+    assert ckpt.optimizer_step() == 3 and ckpt.client_state["consumed_samples"] == 12 and ckpt.iteration == 3
+    module = ArgonneCheckpoint(str(root / variant), weights="module").state_dict()  # the bf16 module weights
+    assert all(torch.equal(module[p].float(), states[name][p]["fp32"].bfloat16().float()) for p in module)
+
+
+def hf_logits(hf_dir):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        return model(cr.PROBE_TOKENS).logits
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_to_hf_gives_the_logits_of_the_same_weights_exported_directly(built, tmp_path, variant):
+    from convert_checkpoint import main
+
+    root, states = built
+    name, _, _ = VARIANTS[variant]
+    assert main(["to-hf", "--load", str(root / variant), "--out", str(tmp_path / "hf"), "--no-tokenizer"]) == 0
+    direct = StateDictSource({p: s["fp32"] for p, s in states[name].items()}, CONFIGS[name])
+    export_to_hf(direct, str(tmp_path / "direct"), save_tokenizer_files=False, progress=False)
+    assert torch.equal(hf_logits(str(tmp_path / "hf")), hf_logits(str(tmp_path / "direct")))
+
+
+def test_arguments_we_cannot_honour_are_named(built):
+    ns = af.argonne_namespace(CONFIGS["llama"], 2, 2, apply_layernorm_1p=True, rotary_percent=0.5, num_experts=[4])
+    with pytest.raises(ConversionError, match=r"apply-layernorm-1p True.*rotary-percent 0\.5.*num-experts \[4\]"):
+        config_from_argonne_args(ns, "test")
+    with pytest.raises(ConversionError, match="padded_vocab_size 256"):
+        config_from_argonne_args(af.argonne_namespace(CONFIGS["gpt"], 2, 1, padded_vocab_size=256), "test")
+
+
+def test_load_trains_on_like_the_states_it_was_built_from(built):
+    root, _ = built
+    jobs = [("resume_pair", LLAMA_ARGV, str(root / "llama_pipe"), str(root / "llama_truth.pt"), 6),
+            ("resume_pair", GPT_ARGV, str(root / "gpt_nopipe"), str(root / "gpt_truth.pt"), 6)]
+    results = run_ranks(2, cr.run_sequence, jobs, timeout=400)
+    for job in results[0]:
+        assert job["argonne"]["iteration"] == 3 and job["argonne"]["consumed_samples"] == 12
+        assert job["argonne"]["losses"] == job["truth"]["losses"]
+        assert len(job["argonne"]["losses"]) == 3 and all(l == l for l in job["argonne"]["losses"])
+
+
+def test_format_marker_tells_ours_old_ours_and_megatrons_apart():
+    import argparse
+
+    from megatron.checkpoint.format import (CHECKPOINT_FORMAT_KEY, CheckpointError, checkpoint_format_marker,
+                                            checkpoint_format_version)
+
+    assert checkpoint_format_version({CHECKPOINT_FORMAT_KEY: checkpoint_format_marker(), "args": {}}, "x") == 2
+    assert checkpoint_format_version({"checkpoint_version": 1, "args": {"num_layers": 2}}, "x") == 1  # before it
+    with pytest.raises(CheckpointError, match="newer"):
+        checkpoint_format_version({CHECKPOINT_FORMAT_KEY: {"name": "megatron-ds-lite", "version": 99}}, "x")
+    with pytest.raises(CheckpointError, match="argonne.py"):
+        checkpoint_format_version({"checkpoint_version": 3.0, "args": argparse.Namespace(num_layers=2)}, "x")
