@@ -77,6 +77,19 @@ def test_to_hf_gives_the_logits_of_the_same_weights_exported_directly(built, tmp
     assert torch.equal(hf_logits(str(tmp_path / "hf")), hf_logits(str(tmp_path / "direct")))
 
 
+def test_load_finds_the_tag_of_their_checkpoints_and_of_universal_folders(built, tmp_path):
+    from megatron.checkpoint.format import CheckpointError
+    from megatron.convert.sources import foreign_load_tag
+
+    root, _ = built
+    assert foreign_load_tag(str(root / "llama_pipe"), universal=False) == "global_step3"  # `latest` names it
+    os.remove(root / "gpt_nopipe" / "latest")  # Megatron's tracker alone: "3" -> global_step3
+    assert foreign_load_tag(str(root / "gpt_nopipe"), universal=False) == "global_step3"
+    assert foreign_load_tag(str(tmp_path), universal=False) is None  # not theirs: our own loader decides
+    with pytest.raises(CheckpointError, match="to-universal"):
+        foreign_load_tag(str(root / "llama_pipe"), universal=True)
+
+
 def test_arguments_we_cannot_honour_are_named(built):
     ns = af.argonne_namespace(CONFIGS["llama"], 2, 2, apply_layernorm_1p=True, rotary_percent=0.5, num_experts=[4])
     with pytest.raises(ConversionError, match=r"apply-layernorm-1p True.*rotary-percent 0\.5.*num-experts \[4\]"):

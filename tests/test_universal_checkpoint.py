@@ -1,6 +1,7 @@
 """DeepSpeed universal checkpoints both ways: DeepSpeed 0.19.8's ds_to_universal merges what our runs save
 (tp=2 × pp=2 and tp=2 × dp=2, ZeRO-1, fp32 and bf16) bit for bit like our own readers, and --universal-checkpoint
-resumes the run at tp=1 with pp=2 × dp=2 or dp=4 (pipe and non-pipe names both ways) with the uninterrupted losses.
+resumes the run at tp=1 with pp=2 × dp=2 or dp=4 (pipe and non-pipe names both ways, ZeRO 0-2, fp32 and bf16)
+with the uninterrupted losses.
 
 One 4-rank launch trains, converts (rank 0, DeepSpeed's converter in-process) and resumes every case.
 """
@@ -29,14 +30,17 @@ RESUMES = [("llama_fp32", LLAMA + PP2_DP2),                           # pipe nam
            ("llama_fp32", LLAMA + DP4 + ["--zero-stage", "1"]),       # pp=2 -> pp=1
            ("gpt_fp32", GPT + PP2_DP2),                               # pp=1 -> pp=2
            ("gpt_fp32", GPT + DP4 + ["--zero-stage", "2"]),           # ZeRO-1 -> ZeRO-2
-           ("llama_fp32", LLAMA + DP4 + ["--zero-stage", "0"])]       # no ZeRO: read through UniversalCheckpoint
+           ("llama_fp32", LLAMA + DP4 + ["--zero-stage", "0"]),       # no ZeRO: read through UniversalCheckpoint
+           ("gpt_bf16", GPT + DP4 + ["--zero-stage", "1", "--bf16"])]  # bf16 (rounds differently at tp=1)
+# fp32 resumes hold the reshard tests' tolerance; bf16 activations at tp=1 instead of tp=2 round differently
+# (measured ~1.2e-4 on these losses, the same at the first step after the load, so not the restored state).
+TOLERANCE = {"fp32": 1e-5, "bf16": 1e-3}
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("universal")
-    jobs = [("train_save_continue_losses", argv, str(root / name), SAVE_AT, STEPS if name.endswith("fp32") else SAVE_AT)
-            for name, argv in SAVES.items()]
+    jobs = [("train_save_continue_losses", argv, str(root / name), SAVE_AT, STEPS) for name, argv in SAVES.items()]
     jobs += [("to_universal", str(root / name)) for name in SAVES]
     jobs += [("resume_universal", argv, str(root / name), STEPS) for name, argv in RESUMES]
     results = run_ranks(4, cr.run_sequence, jobs, timeout=500)
@@ -67,7 +71,8 @@ def test_universal_checkpoint_resumes_with_the_uninterrupted_losses(trained):
         uninterrupted = results[jobs[name]]["losses"]
         resumed = results[first_resume + i]
         assert resumed["iteration"] == SAVE_AT and resumed["consumed_samples"] == SAVE_AT * 4
-        assert resumed["losses"] == pytest.approx(uninterrupted[SAVE_AT:], abs=1e-5), RESUMES[i]
+        tolerance = TOLERANCE[name.split("_")[1]]
+        assert resumed["losses"] == pytest.approx(uninterrupted[SAVE_AT:], abs=tolerance), RESUMES[i]
         assert uninterrupted[-1] != pytest.approx(uninterrupted[0], abs=1e-3)
 
 
