@@ -131,7 +131,17 @@ def test_files_too_short_for_a_split_are_named_with_their_tokens(tmp_path, caplo
         train = build_datasets(config, SEQ, 1, (30, 0, 0), 100)[0]
     assert f"{short} (8 tokens)" in caplog.text and "1 of 2 files" in caplog.text
     assert train.num_files == 1
-    assert any(f"{short} left out: 8 tokens" in w for w in blend_report((train,)).warnings)
+    report = blend_report((train,))
+    assert any(f"{short} left out: 8 tokens" in w and "1 file(s) hold fewer" in w for w in report.warnings)
+    assert report.to_dict()["left_out"] == {"train": [[short, 8]]}
+    # many short files: one warning naming the first 20, the JSON lists them all
+    many = [str(tmp_path / f"s{i}") for i in range(25)]
+    for prefix in many:
+        write_dataset(prefix, [np.arange(4)], np.uint16)
+    train = build_datasets(DataConfig(data_path=["1", good] + [w for p in many for w in ("1", p)], split="1"), SEQ, 1, (30, 0, 0), 100)[0]
+    report = blend_report((train,))
+    assert len(report.warnings) == 1 and "25 file(s)" in report.warnings[0] and "and 5 more" in report.warnings[0]
+    assert len(report.to_dict()["left_out"]["train"]) == 25
 
 
 def test_per_split_data_paths_are_separate_blends_of_whole_files(tmp_path):

@@ -81,7 +81,8 @@ def test_resume_from_state_dict_continues_exactly():
     for _ in range(12):
         first.step()
     state = first.state_dict()
-    resumed = _schedule(max_lr=1.0, decay_style="linear", decay_steps=7)  # flags changed: the checkpoint wins
+    resumed = _schedule(max_lr=1.0, decay_style="linear", decay_steps=7,  # flags changed: the checkpoint wins
+                        on_resume="checkpoint")
     resumed.load_state_dict(state)
     got = expected[:12] + []
     for _ in range(18):

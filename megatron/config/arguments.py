@@ -572,9 +572,10 @@ def _check_flags(ns: argparse.Namespace, typed: Optional[dict] = None) -> list[s
         if ns.lr_decay_iters is not None or ns.lr_warmup_iters:
             errors.append("with --rampup-batch-size the LR schedule counts samples: use --lr-decay-samples, "
                           "--lr-warmup-samples or --lr-warmup-fraction instead of --lr-*-iters")
-    elif ns.lr_decay_samples is not None or ns.lr_warmup_samples:
-        errors.append("--lr-decay-samples/--lr-warmup-samples are for --rampup-batch-size runs; "
-                      "use --lr-decay-iters/--lr-warmup-iters")
+    elif (ns.lr_decay_samples is not None or ns.lr_warmup_samples) and (ns.lr_decay_iters is not None
+                                                                     or ns.lr_warmup_iters):
+        errors.append("give the LR schedule's lengths in samples (--lr-decay-samples/--lr-warmup-samples) or in "
+                      "iterations (--lr-decay-iters/--lr-warmup-iters), not both")
     if ns.lr < 0 or ns.min_lr < 0 or ns.min_lr > ns.lr:
         errors.append(f"need 0 <= --min-lr ({ns.min_lr}) <= --lr ({ns.lr})")
     if ns.lr_warmup_fraction is not None:

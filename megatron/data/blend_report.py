@@ -26,6 +26,7 @@ from megatron.data.data_list import SPLIT_NAMES
 DEFAULT_EPOCHS_WARNING = 4.0
 REPORT_TEXT = "blend_report.txt"
 REPORT_JSON = "blend_report.json"
+MAX_NAMED_FILES = 20  # a warning names this many files; the JSON report lists them all
 
 
 @dataclass
@@ -49,6 +50,7 @@ class BlendReport:
     threshold: float
     seq_length: int
     requested: dict = field(default_factory=dict)  # split name -> samples requested
+    left_out: dict = field(default_factory=dict)  # split name -> [(prefix, tokens)] of files too short for it
 
     def table(self) -> str:
         """The report as aligned text: one block per split, then the warnings."""
@@ -80,7 +82,9 @@ class BlendReport:
 
     def to_dict(self) -> dict:
         return {"seq_length": self.seq_length, "threshold": self.threshold, "requested": self.requested,
-                "rows": [asdict(r) for r in self.rows], "warnings": list(self.warnings)}
+                "rows": [asdict(r) for r in self.rows], "warnings": list(self.warnings),
+                "left_out": {split: [[prefix, int(tokens)] for prefix, tokens in files]
+                             for split, files in self.left_out.items()}}
 
     def write(self, directory: str) -> list[str]:
         """blend_report.txt and .json into `directory` (created if needed), each written atomically."""
@@ -98,7 +102,7 @@ def blend_report(datasets: Sequence, threshold: float = DEFAULT_EPOCHS_WARNING) 
     """The report of built (train, valid, test) datasets (None entries and mock datasets are skipped)."""
     if not threshold > 0:
         raise ValueError(f"--blend-epochs-warning must be > 0, got {threshold}")
-    rows, warnings, requested, seq_length = [], [], {}, 0
+    rows, warnings, requested, seq_length, left_out = [], [], {}, 0, {}
     for dataset in datasets:
         if dataset is None or not hasattr(dataset, "index"):
             continue
@@ -123,10 +127,15 @@ def blend_report(datasets: Sequence, threshold: float = DEFAULT_EPOCHS_WARNING) 
                 warnings.append(f"{split}: corpus {name} is repeated {row.epochs:.2f} times (more than "
                                 f"--blend-epochs-warning {threshold:g}): {taken:,} samples drawn from "
                                 f"{available:,}; add data to it or lower its weight")
-        for prefix, tokens in getattr(dataset, "left_out", ()):
-            warnings.append(f"{split}: {prefix} left out: {tokens} tokens in this split, fewer than "
-                            f"seq_length + 1 = {dataset.seq_length + 1}")
-    return BlendReport(rows, warnings, float(threshold), seq_length, requested)
+        short = list(getattr(dataset, "left_out", ()))
+        if short:
+            left_out[split] = short
+            named = "; ".join(f"{prefix} left out: {tokens} tokens" for prefix, tokens in short[:MAX_NAMED_FILES])
+            more = f"; and {len(short) - MAX_NAMED_FILES} more (all in {REPORT_JSON})" \
+                if len(short) > MAX_NAMED_FILES else ""
+            warnings.append(f"{split}: {len(short)} file(s) hold fewer than seq_length + 1 = {dataset.seq_length + 1} "
+                            f"tokens in this split and are left out of its blend: {named}{more}")
+    return BlendReport(rows, warnings, float(threshold), seq_length, requested, left_out)
 
 
 def blend_report_for_config(data_config, seq_length: int, seed: int, num_samples: tuple[int, int, int],

@@ -21,6 +21,7 @@ clip_fp32_gradients): DeepSpeed's version miscounts parameters under pipeline pa
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from typing import Iterator, Optional
 
@@ -243,6 +244,30 @@ class TrainingEngine:
         if batch != self.global_batch_size:
             self.engine.set_train_batch_size(batch)
 
+    @property
+    def _schedule_free(self):
+        optimizer = getattr(self.engine, "optimizer", None)
+        return optimizer if hasattr(optimizer, "in_train_mode") else None
+
+    @contextlib.contextmanager
+    def eval_weights(self):
+        """Inside: the parameters are what evaluation and export should see (a schedule-free optimizer's
+        averaged x; every other optimizer's parameters as they are)."""
+        optimizer = self._schedule_free
+        if optimizer is None:
+            yield
+            return
+        optimizer.eval()
+        try:
+            yield
+        finally:
+            optimizer.train()
+
+    def train_weights(self) -> None:
+        """After a load: a schedule-free optimizer saved in eval mode goes back to its training weights."""
+        if self._schedule_free is not None:
+            self._schedule_free.train()
+
     def _inputs(self, batch: dict) -> ModelInputs:
         return prepare_batch(batch, self.ps, self.device, self.eod_token, self.reset_position_ids,
                              self.eod_mask_loss)
@@ -314,7 +339,11 @@ class TrainingEngine:
             total = torch.zeros((), dtype=torch.float32, device=self.device)
             forward_backward = timers("forward-backward", 1)
             forward_backward.start()
-            for _ in range(gas):
+            for micro_step in range(gas):
+                # The boundary is the last micro-batch of this global batch. DeepSpeed's own count
+                # ((micro_steps + 1) % gas) is not restored by a resume, so after a resume inside a batch
+                # ramp-up it would fall mid-batch once the batch grows.
+                self.engine.set_gradient_accumulation_boundary(micro_step == gas - 1)
                 with timers("batch-generator", 1):
                     batch = next(batches)
                 x = self._inputs(batch)
@@ -419,6 +448,9 @@ def build_engine(run, ps: ParallelState, device: torch.device, ds_config: Option
         # A PipelineModule brings its own topology (DeepSpeed refuses both); one rank needs no groups.
         kwargs["mpu"] = ps.mpu()
     engine, _, _, _ = deepspeed.initialize(**kwargs)
+    from megatron.optimizer import attach_to_engine
+
+    attach_to_engine(engine, optimizer, ps)  # LAMB under ZeRO/bf16: where each tensor's fragments are
     if not pipeline and ps.dp_size * ps.sp_size == 1 and engine.zero_optimization_stage() == 0:
         # DeepSpeed's gradient all-reduce group (dp x sp) has one rank: its ZeRO-0 reduction would only
         # flatten every gradient into one buffer, "reduce" it and copy it back (exact no-op, ~3% of a step).

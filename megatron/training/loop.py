@@ -27,6 +27,7 @@ from megatron.training.checkpointing import (TrainingProgress, check_save_dir, e
                                              find_checkpoint, load_checkpoint, save_checkpoint)
 from megatron.training.engine import TrainingEngine, build_engine, check_engine_config
 from megatron.training.lr_schedule import check_lr_schedule
+from megatron.optimizer.checkpoint_check import check_optimizer_state
 from megatron.training.metrics import throughput
 from megatron.training.signals import ExitConditions
 from megatron.training.timers import Timers
@@ -258,9 +259,12 @@ def train(run: RunConfig, ps: ParallelState, device: torch.device, tracker: Opti
         rng_tracker = _rng_tracker()
         progress, consumed_valid = TrainingProgress(args=run.args), 0
         if load_tag is not None:
+            check_optimizer_state(ckpt.load, run, load_tag)  # another optimizer's state: refused unless
+            # --finetune/--no-load-optim
             progress = load_checkpoint(te, ckpt.load, device, run=run, load_optim=not ckpt.no_load_optim,
                                        load_rng=not ckpt.no_load_rng, finetune=ckpt.finetune,
                                        set_tracker_states=rng_tracker.set_states, tag=load_tag, log=printer)
+            te.train_weights()  # schedule-free: back from the averaged weights the checkpoint holds
             consumed_valid = 0 if ckpt.finetune else int(progress.extra.get("consumed_valid_samples", 0))
             if ps.rank == 0:
                 printer(f"loaded {progress.checkpoint_path} at iteration {progress.iteration}, "
@@ -285,10 +289,11 @@ def train(run: RunConfig, ps: ParallelState, device: torch.device, tracker: Opti
         def checkpoint_now() -> None:
             state = TrainingProgress(iteration=iteration, consumed_samples=consumed,
                                      consumed_tokens=consumed * run.model.seq_length, args=run.args)
-            path = save_checkpoint(te.engine, ckpt.save, state, device, tracker_states=rng_tracker.get_states,
-                                   extra_state={"consumed_valid_samples": consumed_valid,
-                                                "model_config": run.model.to_dict()},
-                                   keep_last_n=rel.keep_last_n_checkpoints, log=printer)
+            with te.eval_weights():  # schedule-free: the checkpoint holds the averaged weights (exact resume)
+                path = save_checkpoint(te.engine, ckpt.save, state, device, tracker_states=rng_tracker.get_states,
+                                       extra_state={"consumed_valid_samples": consumed_valid,
+                                                    "model_config": run.model.to_dict()},
+                                       keep_last_n=rel.keep_last_n_checkpoints, log=printer)
             result.saved.append(path)
             if ps.rank == 0:
                 printer(f"saved checkpoint {path}")
@@ -300,6 +305,7 @@ def train(run: RunConfig, ps: ParallelState, device: torch.device, tracker: Opti
                 te.set_global_batch_size(global_batch_size_at(run, consumed, dp))  # batch ramp-up
                 if t.rampup_batch_size:
                     te.lr_scheduler.increment = te.global_batch_size  # the schedule counts samples then
+                    te.lr_scheduler.tokens_per_step = te.global_batch_size * run.model.seq_length
                 start = time.time()
                 step = te.train_step(train_batches)
                 iteration += 1
@@ -312,7 +318,8 @@ def train(run: RunConfig, ps: ParallelState, device: torch.device, tracker: Opti
                     log.emit(iteration, step, consumed, te.engine.skipped_steps, loss_scale_of(te.engine))
 
                 if valid_batches is not None and t.eval_interval and iteration % t.eval_interval == 0:
-                    loss = evaluate(te, valid_batches, t.eval_iters)
+                    with te.eval_weights():  # schedule-free optimizers: evaluate the averaged weights
+                        loss = evaluate(te, valid_batches, t.eval_iters)
                     consumed_valid += t.eval_iters * te.global_batch_size
                     result.eval_losses[iteration] = loss
                     _report_eval("validation", iteration, loss, ps, tracker, printer)
@@ -333,7 +340,8 @@ def train(run: RunConfig, ps: ParallelState, device: torch.device, tracker: Opti
             result.exit_reason = f"trained {total_iters} iterations"
             if test_ds is not None:
                 test_batches = _isolated_rng(lambda: _iterator(run, ps, test_ds, 0))
-                result.test_loss = evaluate(te, test_batches, t.eval_iters)
+                with te.eval_weights():
+                    result.test_loss = evaluate(te, test_batches, t.eval_iters)
                 _report_eval("test", iteration, result.test_loss, ps, tracker, printer)
         result.iteration, result.consumed_samples = iteration, consumed
         tracker.flush()
