@@ -105,7 +105,7 @@ def megatron_log_line(iteration: int, total_iters: int, consumed_samples: int, c
     line += f" consumed samples: {consumed_samples:12d} |"
     line += f" consumed tokens: {consumed_tokens:12d} |"
     line += f" elapsed time per iteration (ms): {ms_per_iteration:.1f} |"
-    line += f" learning rate: {learning_rate:.3E} |"
+    line += f" learning rate: {learning_rate:.6E} |"
     line += f" global batch size: {global_batch:5d} |"
     line += f" lm loss: {loss:.6E} |"
     if loss_scale is not None:
