@@ -21,9 +21,15 @@ setup(
         "transformers",
         "safetensors",
         "tqdm",
+        # --optimizer choices run by well-kept libraries (megatron/optimizer/__init__.py says which)
+        "schedulefree",
+        "pytorch-optimizer",
+        "galore-torch",
     ],
     extras_require={
         "test": ["pytest", "pytest-timeout"],
+        # benchmarks/bench_optimizers.py draws its loss curves with matplotlib
+        "bench": ["matplotlib"],
         "tracking": ["wandb", "tensorboard"],
         # An MPI launcher inside the virtual environment (laptops, CI); clusters use their own MPI.
         "local-mpi": ["mpich"],

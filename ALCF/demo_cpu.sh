@@ -61,7 +61,7 @@ if mpiexec --version 2>/dev/null | grep -qi "open mpi"; then MPIEXEC+=(--allow-r
   --tensor-model-parallel-size "$TP" --pipeline-model-parallel-size "$PP" --zero-stage 1 \
   --micro-batch-size 4 --global-batch-size 16 --train-iters "$TRAIN_ITERS" \
   --lr 3e-3 --min-lr 3e-4 --lr-decay-style cosine --lr-warmup-fraction 0.05 --weight-decay 0.1 --clip-grad 1.0 \
-  --adam-beta2 0.95 \
+  --optimizer adamw --adam-beta2 0.95 \
   --data-file-list "$CORPUS/data_file_list.txt" --split 980,20,0 \
   --tokenizer-type Llama2Tokenizer --tokenizer-model "$TOKENIZER" \
   --log-interval 25 --eval-interval 100 --eval-iters 4 \

@@ -46,7 +46,8 @@ def our_flags(a, precision: str) -> list[str]:
              "--max-position-embeddings", a.seq, "--swiglu", "--normalization", "rmsnorm", "--disable-bias-linear",
              "--use-rotary-position-embeddings", "--untie-embeddings-and-output-weights", "--attention-dropout", 0,
              "--hidden-dropout", 0, "--micro-batch-size", a.micro_batch, "--global-batch-size", a.micro_batch,
-             "--train-iters", 1000, "--lr", 1e-4, "--lr-decay-style", "constant", "--weight-decay", 0.1,
+             "--train-iters", 1000, "--optimizer", "adamw", "--lr", 1e-4, "--lr-decay-style", "constant",
+             "--weight-decay", 0.1,
              "--clip-grad", 1.0, "--mock-data", "--vocab-size", a.vocab, "--zero-stage", 0,
              "--distributed-backend", "nccl" if a.device == "cuda" else "gloo"]
     if precision == "bf16":

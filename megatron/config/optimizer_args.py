@@ -73,7 +73,7 @@ def add_optimizer_arguments(g) -> None:
     g.add_argument("--constant-lr", type=float, default=0.00011, help="infinite-*: the plateau LR")
     g.add_argument("--timescale", type=float, default=10.0, help="infinite-inv-square-root: cooldown steepness")
     g.add_argument("--lr-finder", action="store_true",
-                   help="LR range test: grow the LR exponentially from --min-lr to --lr, log the loss, exit")
+                   help="refused: upstream's LR range test is not supported (see the error for what to do)")
     g.add_argument("--override-opt-param-scheduler", action="store_true",
                    help="on resume, take the LR schedule from the flags, not from the checkpoint")
     g.add_argument("--use-checkpoint-opt-param-scheduler", action="store_true",
@@ -105,6 +105,9 @@ def optimizer_flag_errors(ns) -> list[str]:
         errors.append(f"--muon-ns-steps must be >= 1 (got {ns.muon_ns_steps})")
     if ns.sophiag_rho <= 0:
         errors.append(f"--sophiag-rho must be > 0 (got {ns.sophiag_rho})")
+    if ns.lr_finder:
+        errors.append("--lr-finder is not supported: upstream's LR range test replaces the run by an exponential LR "
+                      "sweep; run a few short trainings with different --lr values (e.g. --train-iters 200) instead")
     if ns.override_opt_param_scheduler and ns.use_checkpoint_opt_param_scheduler:
         errors.append("--override-opt_param-scheduler and --use-checkpoint-opt_param-scheduler both given; "
                       "pick one (flags win, or the checkpoint wins)")

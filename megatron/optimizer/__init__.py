@@ -10,16 +10,17 @@ where one is right, or to a module of this package where none is (the module say
     sgdschedulefree        schedulefree.SGDScheduleFree                           elementwise, eval weights
     adopt                  pytorch_optimizer.ADOPT                                elementwise
     sophiag                sophia.SophiaG (upstream's update rule)                elementwise
-    ds.fusedlamb           lamb.Lamb, DeepSpeed FusedLamb's trust-ratio bounds    per-tensor norms (tp all-reduce)
-    ipex.lamb/fusedlamb    lamb.Lamb (IPEX's LAMB without bounds)                 per-tensor norms (tp all-reduce)
+    ds.fusedlamb           lamb.Lamb, DeepSpeed FusedLamb's trust-ratio bounds    per-tensor norms (tp, dp all-reduce)
+    ipex.lamb/fusedlamb    lamb.Lamb (IPEX's LAMB without bounds)                 per-tensor norms (tp, dp all-reduce)
     muon                   torch.optim.Muon on hidden matrices + AdamW on the rest, full matrices (tp gather)
     galoreadamw            galore_torch.GaLoreAdamW on hidden matrices             full matrices (tp gather)
-    dshampooadamw          pytorch_optimizer.ScalableShampoo, Adam grafting        full matrices (tp gather)
+    dshampooadamw          pytorch_optimizer.ScalableShampoo, RMSProp grafting     full matrices (tp gather)
 
 Elementwise optimizers are layout-free: any tp / pp / dp / ZeRO stage gives the single-rank step. The
 others need whole tensors: they run with the parameters themselves (fp32, ZeRO stage 0; DeepSpeed's ZeRO
 and bf16/fp16 optimizers hand the optimizer flat buffers cut at arbitrary offsets), and tensor-parallel
-shards are gathered (full_matrix.py) or their norms all-reduced (lamb.py). What cannot be made exact is
+shards are gathered (full_matrix.py). LAMB only needs per-tensor norms: it sums them over its fragments of
+ZeRO-1/2 / bf16 partitions and over tp (lamb.py), so it runs at any stage but 3. What cannot be made exact is
 refused by `optimizer_errors`, naming the flags.
 """
 
@@ -35,6 +36,7 @@ ELEMENTWISE = ("adam", "adamw", "apex.adam", "sgd", "apex.sgd", "adamwschedulefr
                "adopt", "sophiag")
 WHOLE_TENSOR = ("ds.fusedlamb", "ipex.lamb", "ipex.fusedlamb", "muon", "galoreadamw", "dshampooadamw")
 SCHEDULE_FREE = ("adamwschedulefree", "sgdschedulefree")
+LAMB = ("ds.fusedlamb", "ipex.lamb", "ipex.fusedlamb")  # whole-tensor norms, also over ZeRO-1/2 / bf16 partitions
 
 # Names that cannot run here, with the reason and what to use instead.
 UNAVAILABLE = {
@@ -50,7 +52,6 @@ UNAVAILABLE = {
                 "model does not report; use --optimizer muon",
 }
 
-PENDING = set(ELEMENTWISE[5:]) | set(WHOLE_TENSOR)  # landing one by one
 
 _logged: set = set()
 
@@ -77,21 +78,17 @@ def optimizer_errors(run, device_type: str = "cpu") -> list[str]:
         return [f"--optimizer {name!r} is not one of {', '.join(OPTIMIZER_CHOICES)}"]
     if name in UNAVAILABLE:
         return [f"--optimizer {name}: {UNAVAILABLE[name]}"]
-    if name in PENDING:
-        return [f"--optimizer {name} is not available yet in this version; use adam, adamw or sgd"]
-    pending = [flag for flag, on in (
-        ("--lr-decay-style " + opt.lr_decay_style, opt.lr_decay_style.startswith("infinite-")),
-        ("--lr-decay-tokens/--lr-warmup-tokens", opt.lr_decay_tokens is not None or opt.lr_warmup_tokens is not None),
-        ("--lr_constant_plus_cooldown", opt.lr_constant_plus_cooldown),
-        ("--weight-decay-incr-style " + opt.weight_decay_incr_style, opt.weight_decay_incr_style != "constant"),
-        ("--lr-finder", opt.lr_finder),
-        ("--override-opt_param-scheduler", opt.override_opt_param_scheduler),
-        ("--use-checkpoint-opt_param-scheduler", opt.use_checkpoint_opt_param_scheduler)) if on]
-    errors += [f"{flag} is not available yet in this version" for flag in pending]
     if zero.cpu_optimizer and name not in ("adam", "adamw", "apex.adam"):
         errors.append(f"--cpu-optimizer steps with DeepSpeedCPUAdam; it cannot run --optimizer {name} "
                       "(use adam or adamw, or drop --cpu-optimizer)")
-    if name in WHOLE_TENSOR or name in SCHEDULE_FREE:
+    if name in LAMB:
+        if zero.zero_stage == 3:
+            errors.append(f"--optimizer {name} needs whole-tensor norms, which it reads from ZeRO-1/2 and bf16 "
+                          "partitions but not from ZeRO-3's; use --zero-stage 0, 1 or 2")
+        if (prec.fp16 or prec.bf16) and zero.zero_stage == 0:
+            errors.append(f"--optimizer {name} with --{'fp16' if prec.fp16 else 'bf16'} needs --zero-stage 1 or 2 "
+                          "(it reads each tensor's place in the flat buffers from ZeRO's partitions), or fp32")
+    elif name in WHOLE_TENSOR or name in SCHEDULE_FREE:
         why = ("needs whole tensors" if name in WHOLE_TENSOR
                else "switches the model between its train and eval weights")
         if zero.zero_stage > 0:
@@ -171,7 +168,88 @@ def build_optimizer(run, model: torch.nn.Module, ps=None, device_type: str = "cp
 
             return FusedSGD(groups, lr=opt.lr, momentum=opt.sgd_momentum, weight_decay=opt.weight_decay)
         return torch.optim.SGD(groups, lr=opt.lr, momentum=opt.sgd_momentum, weight_decay=opt.weight_decay)
-    raise ValueError(f"--optimizer {name}: not implemented yet")
+    if name in SCHEDULE_FREE:
+        from megatron.optimizer import schedule_free
+
+        # warmup_steps=0: the LR schedule (constant style, --lr-warmup-*) does the warmup
+        if name == "adamwschedulefree":
+            optimizer = schedule_free.AdamWScheduleFree(groups, lr=opt.lr, betas=betas, eps=opt.adam_eps,
+                                                        weight_decay=opt.weight_decay, warmup_steps=0,
+                                                        foreach=opt.schedulefree_for_each)
+        else:
+            optimizer = schedule_free.SGDScheduleFree(groups, lr=opt.lr, momentum=opt.sgd_momentum,
+                                                      weight_decay=opt.weight_decay, warmup_steps=0,
+                                                      foreach=opt.schedulefree_for_each)
+        optimizer.train()
+        return optimizer
+    if name == "adopt":
+        from pytorch_optimizer import ADOPT
+
+        # upstream's ADOPT (the authors' code) adds the decay to the gradient (weight_decouple=False)
+        return ADOPT(groups, lr=opt.lr, betas=betas, eps=opt.adam_eps, weight_decay=opt.weight_decay,
+                     weight_decouple=False, foreach=False)
+    if name == "sophiag":
+        from megatron.optimizer.sophia import SophiaG
+
+        log_once("--optimizer sophiag: upstream's update (hessian estimate never refreshed: clipped "
+                 "sign-momentum steps); see megatron/optimizer/sophia.py")
+        return SophiaG(groups, lr=opt.lr, betas=(opt.sophiag_beta1, opt.sophiag_beta2), rho=opt.sophiag_rho,
+                       weight_decay=opt.weight_decay)
+    from megatron.optimizer.full_matrix import tp_arguments
+
+    tp = tp_arguments(ps)
+    if name in ("ds.fusedlamb", "ipex.lamb", "ipex.fusedlamb"):
+        from megatron.optimizer.lamb import Lamb
+
+        bounds = {"min_coeff": 0.01, "max_coeff": 10.0} if name == "ds.fusedlamb" else {}
+        vendor = "DeepSpeed FusedLamb (its CUDA kernel)" if name == "ds.fusedlamb" else "intel_extension_for_pytorch"
+        log_once(f"--optimizer {name}: running megatron.optimizer.lamb.Lamb (tp-aware trust ratio) with "
+                 f"{vendor}'s formula")
+        return Lamb(groups, lr=opt.lr, betas=betas, eps=opt.adam_eps, weight_decay=opt.weight_decay,
+                    tp_group=tp.get("tp_group"), tp_size=tp.get("tp_size", 1), **bounds)
+    return _build_full_matrix(name, opt, groups, model, tp)
+
+
+def _build_full_matrix(name: str, opt, groups: list[dict], model: torch.nn.Module, tp: dict):
+    """Muon / GaLore / Shampoo on the hidden matrices (gathered whole under tp), AdamW on the rest."""
+    from megatron.optimizer.full_matrix import FullMatrixOptimizer, embedding_parameter_ids, is_hidden_matrix
+
+    embeddings = embedding_parameter_ids(model)
+    if name == "muon":
+        def make_matrix(matrix_groups):
+            # upstream's Muon scales the lr by 0.2 sqrt(max(A, B)) (Moonlight's "match_rms_adamw")
+            return torch.optim.Muon(matrix_groups, lr=opt.lr, weight_decay=opt.weight_decay,
+                                    momentum=opt.muon_momentum, nesterov=opt.muon_nesterov,
+                                    ns_steps=opt.muon_ns_steps, adjust_lr_fn="match_rms_adamw")
+        other_betas, other_eps = (opt.muonadamw_beta1, opt.muonadamw_beta2), opt.muonadamw_eps
+    elif name == "galoreadamw":
+        def make_matrix(matrix_groups):
+            from galore_torch import GaLoreAdamW
+
+            for g in matrix_groups:  # GaLore's published defaults (rank, projector refresh, scale)
+                g.update(rank=128, update_proj_gap=200, scale=0.25, proj_type="std")
+            return GaLoreAdamW(matrix_groups, lr=opt.lr, betas=(opt.adam_beta1, opt.adam_beta2),
+                               eps=opt.adam_eps, weight_decay=opt.weight_decay, no_deprecation_warning=True)
+        other_betas, other_eps = (opt.adam_beta1, opt.adam_beta2), opt.adam_eps
+    else:  # dshampooadamw
+        def make_matrix(matrix_groups):
+            from pytorch_optimizer import ScalableShampoo
+            from pytorch_optimizer.optimizer.utils.graft import LayerWiseGrafting
+
+            return ScalableShampoo(
+                matrix_groups, lr=opt.lr, betas=(opt.adam_beta1, opt.adam_beta2), weight_decay=opt.weight_decay,
+                decoupled_weight_decay=opt.dshampooadamw_use_decoupled_weight_decay,
+                block_size=opt.dshampooadamw_max_preconditioner_dim,
+                no_preconditioning_for_layers_with_dim_gt=max(8192, opt.dshampooadamw_max_preconditioner_dim),
+                preconditioning_compute_steps=opt.dshampooadamw_precondition_freq, start_preconditioning_step=1,
+                graft_type=LayerWiseGrafting.RMSPROP, matrix_eps=opt.dshampooadamw_eps, diagonal_eps=opt.adam_eps)
+        other_betas, other_eps = (opt.adam_beta1, opt.adam_beta2), opt.adam_eps
+
+    def make_other(other_groups):
+        return torch.optim.AdamW(other_groups, lr=opt.lr, betas=other_betas, eps=other_eps,
+                                 weight_decay=opt.weight_decay)
+
+    return FullMatrixOptimizer(groups, lambda p: is_hidden_matrix(p, embeddings), make_matrix, make_other, **tp)
 
 
 def _vendor_fallback(package: str, name: str, instead: str) -> bool:
@@ -182,3 +260,12 @@ def _vendor_fallback(package: str, name: str, instead: str) -> bool:
     except ImportError:
         log_once(f"--optimizer {name}: {package} is not installed; running the equivalent {instead}")
         return False
+
+
+def attach_to_engine(engine, optimizer, ps) -> None:
+    """After `deepspeed.initialize`: LAMB stepping ZeRO-1/2 or bf16 flat partitions learns where each tensor's
+    fragments are (the engine wrapped our optimizer; DeepSpeed's wrapper steps it on those partitions)."""
+    from megatron.optimizer.lamb import Lamb, attach_deepspeed_partitions
+
+    if isinstance(optimizer, Lamb) and engine.optimizer is not optimizer:
+        attach_deepspeed_partitions(engine, optimizer, ps)

@@ -1,0 +1,42 @@
+"""Refuse to resume one optimizer's state into another (--optimizer adam state loaded into muon, say).
+
+DeepSpeed loads whatever optimizer state dict a checkpoint holds: AdamW state loads silently into Adam,
+Lamb or ADOPT (same keys) and changes the run without a word. The checkpoint records the run's arguments;
+before the engine loads anything we compare the optimizer it names with --optimizer. --finetune and
+--no-load-optim start the optimizer fresh, so they may switch optimizers.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from megatron.config.arguments import ConfigError
+
+# names that run the same optimizer with the same state layout here
+_SAME = {"apex.adam": "adamw", "apex.sgd": "sgd", "ipex.fusedlamb": "ipex.lamb"}
+
+
+def checkpoint_optimizer_name(load_dir: str, tag: str) -> str | None:
+    """The --optimizer recorded in checkpoint `tag` under `load_dir`, or None when it records none."""
+    path = os.path.join(load_dir, tag, "mp_rank_00_model_states.pt")
+    if not os.path.isfile(path):
+        return None  # a converted or universal checkpoint: weights only, nothing to compare
+    state = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    args = state.get("args") if isinstance(state, dict) else None
+    name = args.get("optimizer") if isinstance(args, dict) else None
+    return str(name) if name else None
+
+
+def check_optimizer_state(load_dir: str, run, tag: str) -> None:
+    """Raise ConfigError when the checkpoint's optimizer state would be loaded into another optimizer."""
+    if run.checkpoint.finetune or run.checkpoint.no_load_optim:
+        return
+    mine = run.training.optimizer.optimizer
+    theirs = checkpoint_optimizer_name(load_dir, tag)
+    if theirs is None or _SAME.get(theirs, theirs) == _SAME.get(mine, mine):
+        return
+    raise ConfigError(f"--load {load_dir} holds the state of --optimizer {theirs}, but this run uses --optimizer "
+                      f"{mine}; resume with --optimizer {theirs}, or start the new optimizer fresh with "
+                      "--no-load-optim (keeps the iteration and LR schedule) or --finetune")

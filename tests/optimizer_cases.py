@@ -1,0 +1,60 @@
+"""Run targets for tests/test_optimizers.py: trainings inside spawned gloo ranks that also report, per
+iteration, the learning rate, global batch and consumed samples the loop logged (--log-interval 1)."""
+
+from __future__ import annotations
+
+import re
+
+import engine_cases as ec
+
+OPTIMIZERS = ["adam", "adamw", "sgd", "apex.adam", "adamwschedulefree", "sgdschedulefree", "adopt", "sophiag",
+              "ds.fusedlamb", "ipex.lamb", "muon", "galoreadamw", "dshampooadamw"]
+# multi-rank checks skip names that run the same class as another (apex.adam = adamw, ipex.lamb = ds.fusedlamb
+# without the trust-ratio bounds)
+MULTI_RANK = [name for name in OPTIMIZERS if name not in ("apex.adam", "ipex.lamb")]
+# at tp=2 × pp=2 × dp=2 (8 ranks, the costliest launch): every class of our own or wrapped by us, and one
+# library elementwise optimizer besides Adam (sgd, adamw and sgdschedulefree share code with adam /
+# adamwschedulefree and are covered at tp=2)
+EIGHT_RANK = ["adam", "adopt", "sophiag", "ds.fusedlamb", "adamwschedulefree", "muon", "galoreadamw", "dshampooadamw"]
+WHOLE_TENSOR_OR_SCHEDULE_FREE = {"adamwschedulefree", "sgdschedulefree", "muon", "galoreadamw", "dshampooadamw"}
+# per-optimizer learning rates that learn the tiny model in a few steps (ScheduleFree-SGD and LAMB need more)
+LR = {"sgd": "0.3", "sgdschedulefree": "0.5", "ds.fusedlamb": "0.05", "ipex.lamb": "0.05", "dshampooadamw": "3e-3",
+      "sophiag": "3e-3"}
+
+# Megatron's log line: " iteration        3/       7 | consumed samples:           12 | ... | learning rate:
+# 1.000000E-02 | global batch size:     4 | ..."
+_LINE = re.compile(r"iteration\s+(\d+)/\s*\d+ \| consumed samples:\s+(\d+) \|.*?\| learning rate: (\S+) \| "
+                   r"global batch size:\s+(\d+) \|")
+
+
+def optimizer_flags(name: str, *extra: str) -> list[str]:
+    return ec.flags("--optimizer", name, "--lr", LR.get(name, "1e-2"), "--log-interval", "1", *extra)
+
+
+def train_logged(rank: int, world_size: int, cases: list) -> dict:
+    """ec.train_cases, plus {"log": [(iteration, consumed samples, lr, global batch)]} from rank 0's lines."""
+    import deepspeed
+    import torch
+
+    deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
+    ec.make_mock_data_learnable()
+    from megatron.config.arguments import parse_args
+    from megatron.dist.parallel_state import ParallelState
+    from megatron.training.loop import train
+
+    out = {}
+    for name, argv in cases:
+        lines = []
+        try:
+            run = parse_args(argv)
+            ps = ParallelState.build(run.parallel, run.model)
+            result = train(run, ps, torch.device("cpu"), printer=lines.append)
+        except Exception as e:  # noqa: BLE001 - reported to the test, which names the case
+            out[name] = {"error": f"{type(e).__name__}: {e}"}
+            continue
+        log = [(int(m[1]), int(m[2]), float(m[3]), int(m[4])) for m in map(_LINE.search, lines) if m]
+        out[name] = {"losses": [result.losses[i] for i in sorted(result.losses)],
+                     "iterations": sorted(result.losses), "start_iteration": result.start_iteration,
+                     "consumed_samples": result.consumed_samples, "log": log, "eval": dict(result.eval_losses),
+                     "saved": list(result.saved), "exit_reason": result.exit_reason}
+    return out
