@@ -121,3 +121,25 @@ def test_format_marker_tells_ours_old_ours_and_megatrons_apart():
         checkpoint_format_version({CHECKPOINT_FORMAT_KEY: {"name": "megatron-ds-lite", "version": 99}}, "x")
     with pytest.raises(CheckpointError, match="argonne.py"):
         checkpoint_format_version({"checkpoint_version": 3.0, "args": argparse.Namespace(num_layers=2)}, "x")
+
+
+def test_to_argonne_writes_the_files_their_layout_documents(built, tmp_path):
+    """Ours -> their layout (weights only): the same layer files as the documented builder, read back exactly."""
+    from convert_checkpoint import main
+
+    root, states = built
+    config = CONFIGS["llama"]
+    truth = {p: s["fp32"] for p, s in states["llama"].items()}
+    assert main(["to-argonne", "--load", str(root / "llama_pipe"), "--save", str(tmp_path / "back"), "--tp", "2",
+                 "--pp", "2"]) == 0
+    af.write_argonne_checkpoint(states["llama"], config, str(tmp_path / "documented"), tp=2, pp=2, pipeline=True,
+                                optimizer=False, module_dtype=torch.float32)
+    ours, documented = tmp_path / "back" / "global_step3", tmp_path / "documented" / "global_step3"
+    layer_files = sorted(n for n in os.listdir(documented) if n.startswith("layer_"))
+    assert layer_files == sorted(n for n in os.listdir(ours) if n.startswith("layer_"))
+    for name in layer_files:
+        a, b = torch.load(ours / name), torch.load(documented / name)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    back = ArgonneCheckpoint(str(tmp_path / "back"))
+    assert back.version == 3.0 and back.config.to_dict() == config.to_dict()
+    assert all(torch.equal(t, truth[n]) for n, t in back.state_dict().items())
