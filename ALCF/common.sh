@@ -5,7 +5,7 @@
 #
 # Variables (all optional): MODEL_PRESET (auroragpt-7b), NLAYERS HIDDEN HEADS KV_HEADS FFN SEQ,
 # TP PP SP (Ulysses) ZERO_STAGE MICRO_BATCH GLOBAL_BATCH TRAIN_ITERS TRAIN_TOKENS LR MIN_LR
-# LR_WARMUP_FRACTION LR_DECAY_STYLE DTYPE (bf16|fp16|fp32) CPU_OPTIMIZER=1 ACT_CKPT=1
+# LR_WARMUP_FRACTION LR_DECAY_STYLE OPT (adamw) DTYPE (bf16|fp16|fp32) CPU_OPTIMIZER=1 ACT_CKPT=1
 # DATA_FILE_LIST DATA_PATH MOCK_DATA=1 VOCAB_SIZE TOKENIZER_TYPE TOKENIZER_MODEL VOCAB_FILE MERGE_FILE
 # SAVE LOAD SAVE_INTERVAL LOG_INTERVAL EVAL_INTERVAL EVAL_ITERS TENSORBOARD_DIR WANDB_PROJECT
 # PEAK_TFLOPS EXTRA_FLAGS (appended verbatim).
@@ -40,6 +40,7 @@ megatron_flags() {
   add --lr "${LR:-3e-4}" --min-lr "${MIN_LR:-3e-5}" --lr-decay-style "${LR_DECAY_STYLE:-cosine}" \
       --lr-warmup-fraction "${LR_WARMUP_FRACTION:-0.01}" --weight-decay "${WEIGHT_DECAY:-0.1}" \
       --clip-grad "${CLIP_GRAD:-1.0}" --adam-beta1 0.9 --adam-beta2 "${ADAM_BETA2:-0.95}" --adam-eps 1e-8
+  add --optimizer "${OPT:-${OPTIMIZER:-${OPTIM:-adamw}}}"  # upstream's helpers.sh: OPT, default adamw
   case "${DTYPE:-bf16}" in
     bf16) add --bf16 ;; fp16) add --fp16 ;; fp32) ;;
     *) echo "DTYPE=${DTYPE} is not one of bf16, fp16, fp32" >&2; return 1 ;;
