@@ -9,6 +9,7 @@ Everything happens in megatron/: config/arguments.py (flags), dist/ (launcher, g
 from __future__ import annotations
 
 import sys
+import warnings
 
 
 def launch_rank() -> int:
@@ -21,6 +22,13 @@ def launch_rank() -> int:
         return 0
 
 
+def warn_once_per_run(rank: int) -> None:
+    """Every rank runs the same code and would print the same Python warnings (torch's and DeepSpeed's
+    deprecation notices): rank 0 prints them, the other ranks stay quiet."""
+    if rank != 0:
+        warnings.simplefilter("ignore")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Exit code 0 when the run finished or exited early on purpose (signal, --exit-*), 2 on bad flags/inputs.
 
@@ -28,12 +36,16 @@ def main(argv: list[str] | None = None) -> int:
     """
     from megatron.config.arguments import ConfigError, parse_args
 
+    warn_once_per_run(launch_rank())
     try:
         run = parse_args(argv)
     except ConfigError as error:
         if launch_rank() == 0:
             print(f"pretrain_gpt.py: {error}", file=sys.stderr, flush=True)
         return 2
+
+    if run.args.get("dry_run") is not None:
+        return dry_run(run)
 
     from megatron.dist import destroy_distributed, initialize_distributed
     from megatron.dist.parallel_state import ParallelState
@@ -48,6 +60,8 @@ def main(argv: list[str] | None = None) -> int:
         ps = ParallelState.build(run.parallel, run.model)
         if env.rank == 0:
             print(f"pretrain_gpt.py: {ps.describe()} on {env.device} ({env.backend}, {env.launcher})", flush=True)
+            for notice in run.notices:
+                print(f"pretrain_gpt.py: note: {notice}", flush=True)
         result = train(run, ps, env.device)
         if env.rank == 0:
             print(f"pretrain_gpt.py: done at iteration {result.iteration}: {result.exit_reason}", flush=True)
@@ -61,6 +75,30 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     finally:
         destroy_distributed()  # train() has already destroyed the DeepSpeed engine (its threads and buffers)
+    return 0
+
+
+def dry_run(run) -> int:
+    """--dry-run [WORLD_SIZE]: print the resolved run on rank 0 and exit; no process group, no model."""
+    from megatron.config.arguments import ConfigError
+    from megatron.dist.launcher import LauncherError, discover
+    from megatron.training.dry_run import dry_run_report
+
+    world_size = run.args["dry_run"]
+    rank = 0
+    if not world_size:
+        try:
+            info = discover()
+            world_size, rank = info.world_size, info.rank
+        except (LauncherError, ValueError, RuntimeError):
+            world_size = 1
+    if rank != 0:
+        return 0
+    try:
+        print(dry_run_report(run, world_size), flush=True)
+    except ConfigError as error:
+        print(f"pretrain_gpt.py: {error}", file=sys.stderr, flush=True)
+        return 2
     return 0
 
 

@@ -21,8 +21,10 @@ WHOLE_TENSOR_OR_SCHEDULE_FREE = {"adamwschedulefree", "sgdschedulefree", "muon",
 LR = {"sgd": "0.3", "sgdschedulefree": "0.5", "ds.fusedlamb": "0.05", "ipex.lamb": "0.05", "dshampooadamw": "3e-3",
       "sophiag": "3e-3"}
 
-_LINE = re.compile(r"iteration\s+(\d+)/\s*\d+ \| consumed samples (\d+) .*?learning rate (\S+) \| "
-                   r"global batch size (\d+)")
+# Megatron's log line: " iteration        3/       7 | consumed samples:           12 | ... | learning rate:
+# 1.000000E-02 | global batch size:     4 | ..."
+_LINE = re.compile(r"iteration\s+(\d+)/\s*\d+ \| consumed samples:\s+(\d+) \|.*?\| learning rate: (\S+) \| "
+                   r"global batch size:\s+(\d+) \|")
 
 
 def optimizer_flags(name: str, *extra: str) -> list[str]:
