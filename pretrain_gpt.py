@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 
 
 def launch_rank() -> int:
@@ -20,6 +21,13 @@ def launch_rank() -> int:
         return discover().rank
     except (LauncherError, ValueError, RuntimeError):
         return 0
+
+
+def warn_once_per_run(rank: int) -> None:
+    """Every rank runs the same code and would print the same Python warnings (torch's and DeepSpeed's
+    deprecation notices): rank 0 prints them, the other ranks stay quiet."""
+    if rank != 0:
+        warnings.simplefilter("ignore")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -34,6 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     from megatron.data.data_list import DataListError
     from megatron.training.preflight import check_data_lists
 
+    warn_once_per_run(launch_rank())
     try:
         run = parse_args(argv)
         check_data_lists(run.data)  # before any other work: the same verdict on every rank
@@ -41,6 +50,9 @@ def main(argv: list[str] | None = None) -> int:
         if launch_rank() == 0:
             print(f"pretrain_gpt.py: {error}", file=sys.stderr, flush=True)
         return 2
+
+    if run.args.get("dry_run") is not None:
+        return dry_run(run)
 
     from megatron.dist import destroy_distributed, initialize_distributed
     from megatron.dist.parallel_state import ParallelState
@@ -58,6 +70,8 @@ def main(argv: list[str] | None = None) -> int:
         ps = ParallelState.build(run.parallel, run.model)
         if env.rank == 0:
             print(f"pretrain_gpt.py: {ps.describe()} on {env.device} ({env.backend}, {env.launcher})", flush=True)
+            for notice in run.notices:
+                print(f"pretrain_gpt.py: note: {notice}", flush=True)
         result = train(run, ps, env.device)
         if env.rank == 0:
             print(f"pretrain_gpt.py: done at iteration {result.iteration}: {result.exit_reason}", flush=True)
@@ -78,6 +92,30 @@ def main(argv: list[str] | None = None) -> int:
         os._exit(EXIT_HANG)
     finally:
         destroy_distributed()  # train() has already destroyed the DeepSpeed engine (its threads and buffers)
+    return 0
+
+
+def dry_run(run) -> int:
+    """--dry-run [WORLD_SIZE]: print the resolved run on rank 0 and exit; no process group, no model."""
+    from megatron.config.arguments import ConfigError
+    from megatron.dist.launcher import LauncherError, discover
+    from megatron.training.dry_run import dry_run_report
+
+    world_size = run.args["dry_run"]
+    rank = 0
+    if not world_size:
+        try:
+            info = discover()
+            world_size, rank = info.world_size, info.rank
+        except (LauncherError, ValueError, RuntimeError):
+            world_size = 1
+    if rank != 0:
+        return 0
+    try:
+        print(dry_run_report(run, world_size), flush=True)
+    except ConfigError as error:
+        print(f"pretrain_gpt.py: {error}", file=sys.stderr, flush=True)
+        return 2
     return 0
 
 

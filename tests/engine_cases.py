@@ -20,6 +20,7 @@ TINY = [
     "--micro-batch-size", "2", "--global-batch-size", "8", "--train-iters", "10",
     "--lr", "1e-2", "--lr-decay-style", "constant", "--clip-grad", "1.0", "--seed", "1234",
     "--mock-data", "--vocab-size", "128", "--num-workers", "0", "--log-interval", "100", "--eval-iters", "0",
+    "--zero-stage", "0",
 ]
 
 # MockGPTDataset strings together phrases from a bank; a bank of 8 phrases is learnt within a few steps,
@@ -101,4 +102,48 @@ def run_main_cases(rank: int, world_size: int, cases: list[tuple[str, list[str]]
         with contextlib.redirect_stderr(err), contextlib.redirect_stdout(std):
             code = pretrain_gpt.main(argv)
         out[name] = (code, err.getvalue())
+    return out
+
+
+class RecordingTracker:
+    """A Tracker that keeps every scalar it is given: {name: {step: value}} (rank-local)."""
+
+    def __init__(self):
+        self.scalars: dict = {}
+
+    def log(self, scalars: dict, step: int) -> None:
+        for name, value in scalars.items():
+            if value is not None:
+                self.scalars.setdefault(name, {})[step] = float(value)
+
+    def log_table(self, *args, **kwargs) -> None:
+        pass
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def logged_cases(rank: int, world_size: int, cases: list[tuple[str, list[str]]]) -> dict:
+    """train_cases that also returns the lines rank 0 printed and the scalars the tracker received."""
+    import deepspeed
+    import torch
+
+    deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
+    from megatron.config.arguments import parse_args
+    from megatron.dist.parallel_state import ParallelState
+    from megatron.training.loop import train
+
+    out = {}
+    for name, argv in cases:
+        run = parse_args(argv)
+        ps = ParallelState.build(run.parallel, run.model)
+        lines, tracker = [], RecordingTracker()
+        result = train(run, ps, torch.device("cpu"), tracker=tracker, printer=lines.append)
+        out[name] = {"lines": lines, "scalars": tracker.scalars, "iterations": sorted(result.losses),
+                     "losses": [result.losses[i] for i in sorted(result.losses)], "saved": list(result.saved),
+                     "exit_reason": result.exit_reason, "iteration": result.iteration,
+                     "consumed_samples": result.consumed_samples}
     return out

@@ -1,7 +1,10 @@
-"""The ALCF recipes' flag builder (ALCF/common.sh) produces flags pretrain_gpt.py accepts, and the
-launch scripts are valid bash."""
+"""The ALCF recipes take upstream's knobs (argonne-lcf/Megatron-DeepSpeed ALCF/helpers.sh names and defaults),
+refuse unknown or conflicting ones before launching, follow Aurora's launch conventions, and DRY_RUN=1 prints
+the resolved run of every recipe."""
 
+import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -9,36 +12,125 @@ import pytest
 from megatron.config.arguments import parse_args
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "ALCF"))
+import recipe  # noqa: E402  (ALCF/recipe.py)
+
+RECIPES = sorted(p.name for p in (ROOT / "ALCF").glob("train_*.sh"))
 
 
-def recipe_flags(env: dict) -> list[str]:
-    script = f'source "{ROOT}/ALCF/common.sh"; megatron_flags; printf "%s\\n" "${{MEGATRON_FLAGS[@]}}"'
-    out = subprocess.run(["bash", "-c", script], env={"PATH": "/usr/bin:/bin", **env}, capture_output=True,
-                         text=True, check=True).stdout
-    return out.splitlines()
+def _hosts(tmp_path, n=2) -> str:
+    path = tmp_path / "nodefile"
+    path.write_text("".join(f"x4000c0s{i}b0n0\n" for i in range(n)))
+    return str(path)
 
 
-@pytest.mark.parametrize("env, expect", [
-    ({"MODEL_PRESET": "auroragpt-7b", "TP": "2", "PP": "2", "ZERO_STAGE": "1", "MOCK_DATA": "1",
-      "GLOBAL_BATCH": "64", "TRAIN_ITERS": "10"},
-     dict(tp=2, pp=2, zero=1, layers=32, kv=8, bf16=True)),
-    ({"MODEL_PRESET": "auroragpt-2b", "SP": "2", "ZERO_STAGE": "3", "CPU_OPTIMIZER": "1", "ACT_CKPT": "1",
-      "DATA_FILE_LIST": "/lus/list.txt", "TOKENIZER_MODEL": "/lus/tok.model", "DTYPE": "fp32",
-      "TRAIN_TOKENS": "2000000000000"},
-     dict(tp=1, pp=1, zero=3, layers=12, kv=4, bf16=False)),
+def _run(machine, env, extra=()):
+    r = recipe.resolve(machine, env, list(extra))
+    return r, parse_args(r["flags"])
+
+
+def test_upstream_defaults_on_two_aurora_nodes(tmp_path):
+    r, run = _run("aurora", {"PBS_NODEFILE": _hosts(tmp_path), "MOCK_DATA": "1"})
+    assert r["world_size"] == 24
+    m, t = run.model, run.training
+    assert (m.num_layers, m.hidden_size, m.num_attention_heads, m.num_key_value_heads, m.ffn_hidden_size,
+            m.seq_length) == (32, 4096, 32, 8, 11008, 4096)  # upstream's default MODEL_ARCH=7B
+    assert m.rope_theta == 50000 and m.max_position_embeddings == 16 * 4096 and m.word_embedding_init_std == 0.632455532
+    # 2 hosts: GRAD_ACC_STEPS 16 (get_grad_acc_steps_on_aurora), GLOBAL_BATCH = 24 × 1 × 16
+    assert (t.micro_batch_size, t.global_batch_size, t.zero.zero_stage) == (1, 384, 1)
+    assert t.train_iters == 4673780159710 // 4096 // 384  # TRAIN_TOKENS default
+    o = t.optimizer
+    assert (o.optimizer, o.lr, o.lr_decay_style, o.lr_warmup_fraction, o.weight_decay) == \
+        ("adamw", 2e-4, "cosine", 0.05, 0.1)
+    assert (o.adam_beta1, o.adam_beta2, o.adam_eps, o.clip_grad) == (0.9, 0.95, 1e-5, 1.0)
+    assert t.precision.bf16 and t.precision.accumulate_allreduce_grads_in_fp32
+    assert run.logging.timing_log_level == 1 and run.logging.log_interval == 1
+    assert run.parallel.distributed_backend == "ccl" and t.eval_iters == 20 and t.eval_interval == 100
+
+
+def test_knobs_reach_the_run(tmp_path):
+    env = {"PBS_NODEFILE": _hosts(tmp_path, 4), "MOCK_DATA": "1", "MODEL_ARCH": "AuroraGPT-2B", "TP": "2",
+           "GRAD_ACC_STEPS": "2", "OPT": "sgd", "ADAM_EPS": "1e-6", "ADAM_BETA1": "0.8", "ROPE_THETA": "10000",
+           "LR": "3e-4", "LR_WARMUP_FRAC": "0.1", "LR_DECAY_ITERS": "500", "TRAIN_ITERS": "700", "ZERO_STAGE": "2",
+           "USE_ACTIVATION_CHECKPOINTING": "1", "ACT_CKPT_NUM_LAYERS": "2", "TIMING_LOG_LEVEL": "2",
+           "DTYPE": "fp32", "LOG_INTERVAL": "10", "SAVE_INTERVAL": "7", "CKPT_DIR": "/lus/ckpt"}
+    r, run = _run("aurora", env)
+    m, t = run.model, run.training
+    assert (m.num_layers, m.hidden_size, m.ffn_hidden_size, m.seq_length, m.num_key_value_heads) == \
+        (12, 2048, 11008, 8192, 4)  # upstream's AuroraGPT-2B: FFN 11008, SEQ 8192
+    assert run.parallel.tp == 2 and t.global_batch_size == 48 // 2 * 2 and t.train_iters == 700
+    assert t.optimizer.optimizer == "sgd" and t.optimizer.adam_eps == 1e-6 and t.optimizer.adam_beta1 == 0.8
+    assert m.rope_theta == 10000 and t.optimizer.lr_decay_iters == 500 and t.optimizer.lr_warmup_fraction == 0.1
+    assert t.zero.zero_stage == 2 and m.checkpoint_activations and m.checkpoint_num_layers == 2
+    assert run.logging.timing_log_level == 2 and not t.precision.bf16 and run.logging.log_interval == 10
+    assert run.checkpoint.load == run.checkpoint.save == "/lus/ckpt" and run.checkpoint.save_interval == 7
+    assert run.logging.tensorboard_dir == "/lus/ckpt/tensorboard"
+
+
+def test_presets_equal_upstreams_model_definitions():
+    from megatron.config.presets import PRESETS
+
+    assert PRESETS["auroragpt-2b"]["ffn_hidden_size"] == 11008 and PRESETS["auroragpt-70b"]["seq_length"] == 8192
+    r, run = _run("polaris", {"MOCK_DATA": "1", "MODEL_ARCH": "70B", "WORLD_SIZE": "64", "TP": "8", "PP": "8"})
+    assert (run.model.num_layers, run.model.hidden_size, run.model.seq_length) == (80, 8192, 8192)
+    assert run.training.precision.fp16 and run.training.global_batch_size == 8  # Polaris: fp16, GAS 8
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"GRAD_ACC_STEP": "2"}, "unknown knob GRAD_ACC_STEP; did you mean GRAD_ACC_STEPS?"),
+    ({"MODEL_PRESET": "auroragpt-2b"}, "MODEL_PRESET: use MODEL_ARCH"),
+    ({"KV_HEADS": "4"}, "KV_HEADS: use NUM_KV_HEAD"),
+    ({"OPT": "adamw", "OPTIMIZER": "sophiag"}, "these knobs disagree: OPT=adamw, OPTIMIZER=sophiag"),
+    ({"MODEL_ARCH": "AuroraGPT-2B", "HIDDEN": "4096"}, "HIDDEN=4096 disagrees with MODEL_ARCH=AuroraGPT-2B"),
+    ({"TRAIN_TOKENS": "1000000", "TRAIN_ITERS": "10"}, "TRAIN_TOKENS=1000000 and TRAIN_ITERS=10 both given"),
+    ({"GLOBAL_BATCH": "100", "GRAD_ACC_STEPS": "2"}, "GLOBAL_BATCH=100 disagrees with MICRO_BATCH 1 × DP 24"),
+    ({"MODEL_ARCH": "13B"}, "MODEL_ARCH=13B is not one of upstream's architectures"),
+    ({"LAUNCH_WITH": "deepspeed"}, "LAUNCH_WITH=deepspeed: these recipes launch with mpiexec only"),
 ])
-def test_recipe_flags_parse_into_the_intended_run(env, expect):
-    run = parse_args(recipe_flags(env))
-    assert run.parallel.tp == expect["tp"] and run.parallel.pp == expect["pp"]
-    assert run.training.zero.zero_stage == expect["zero"]
-    assert run.model.num_layers == expect["layers"] and run.model.num_key_value_heads == expect["kv"]
-    assert run.training.precision.bf16 == expect["bf16"]
+def test_unknown_or_conflicting_knobs_are_errors(tmp_path, env, message):
+    with pytest.raises(recipe.RecipeError) as e:
+        recipe.resolve("aurora", {"PBS_NODEFILE": _hosts(tmp_path), "MOCK_DATA": "1", **env}, [])
+    assert message in str(e.value)
 
 
-def test_a_bad_dtype_is_refused_by_the_recipe():
-    script = f'source "{ROOT}/ALCF/common.sh"; DTYPE=fp8 megatron_flags'
-    proc = subprocess.run(["bash", "-c", script], capture_output=True, text=True)
-    assert proc.returncode != 0 and "DTYPE=fp8" in proc.stderr
+def _bash(script, env, tmp_path, *args):
+    fake_bin = tmp_path / "bin"
+    fake_bin.mkdir(exist_ok=True)
+    marker = tmp_path / "launched"
+    (fake_bin / "mpiexec").write_text(f"#!/bin/sh\necho launched > {marker}\n")
+    (fake_bin / "mpiexec").chmod(0o755)
+    full = {"PATH": f"{fake_bin}:{Path(sys.executable).parent}:/usr/bin:/bin", "HOME": str(tmp_path),
+            "PYTHONPATH": str(ROOT), "LOAD_MODULES": "0", "PBS_NODEFILE": _hosts(tmp_path),
+            "VIRTUAL_ENV": sys.prefix, **env}
+    proc = subprocess.run(["bash", str(ROOT / "ALCF" / script), *args], env=full, capture_output=True, text=True,
+                          timeout=300)
+    return proc, marker.exists()
+
+
+def test_a_bad_knob_stops_the_recipe_before_mpiexec(tmp_path):
+    proc, launched = _bash("train_aurora.sh", {"MOCK_DATA": "1", "ZERO_STAGES": "2"}, tmp_path)
+    assert proc.returncode == 2 and "unknown knob ZERO_STAGES; did you mean ZERO_STAGE?" in proc.stderr
+    assert not launched
+    proc, launched = _bash("train_aurora.sh", {"MOCK_DATA": "1"}, tmp_path, "--seq-length", "100")
+    assert proc.returncode == 0 and launched and "mpiexec --envall --np=24 --ppn=12" in proc.stdout
+
+
+@pytest.mark.parametrize("script", RECIPES)
+def test_dry_run_prints_the_resolved_run_of_every_recipe(tmp_path, script):
+    proc, launched = _bash(script, {"DRY_RUN": "1", "MOCK_DATA": "1", "VOCAB_SIZE": "32000"}, tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout
+    assert not launched
+    for part in ("== launch", "mpiexec --envall", "--hostfile=", "pretrain_gpt_alcf.py", "== layout",
+                 "== DeepSpeed config", '"train_batch_size"', "== blend", "== model", "parameters:",
+                 "memory per device (estimate):"):
+        assert part in out, part
+    if script == "train_aurora.sh":
+        assert "--ppn=12" in out and "--cpu-bind=list:2-4:10-12:18-20" in out and "--line-buffer" in out
+        assert "CCL_ATL_TRANSPORT=ofi" in out and "FI_PROVIDER=cxi" in out
+        assert "world 24 = tp 1 × sp 1 × dp 24 × pp 1" in out
+    else:
+        assert "--ppn=4" in out and "world 8 = tp 1 × sp 1 × dp 8 × pp 1" in out
 
 
 @pytest.mark.parametrize("script", sorted(p.name for p in (ROOT / "ALCF").glob("*.sh")))

@@ -100,10 +100,17 @@ def test_arguments_we_cannot_honour_are_named(built):
 
 def test_load_trains_on_like_the_states_it_was_built_from(built):
     root, _ = built
-    jobs = [("resume_pair", LLAMA_ARGV, str(root / "llama_pipe"), str(root / "llama_truth.pt"), 6),
+    # pretrain_gpt's own loop: --load finds global_step3 (not one of our iter_* tags) and trains one step on
+    loop = GPT_ARGV + ["--load", str(root / "gpt_nopipe"), "--exit-interval", "4", "--num-workers", "0",
+                       "--eval-iters", "0"]
+    jobs = [("train_through_loop", loop),
+            ("resume_pair", LLAMA_ARGV, str(root / "llama_pipe"), str(root / "llama_truth.pt"), 6),
             ("resume_pair", GPT_ARGV, str(root / "gpt_nopipe"), str(root / "gpt_truth.pt"), 6)]
     results = run_ranks(2, cr.run_sequence, jobs, timeout=400)
-    for job in results[0]:
+    looped = results[0][0]
+    assert looped["start"] == 3 and any(list(r[0]["losses"]) == [4] for r in results)
+    assert looped["loaded"] == [f"loaded {root / 'gpt_nopipe' / 'global_step3'} at iteration 3, 12 consumed samples"]
+    for job in results[0][1:]:
         assert job["argonne"]["iteration"] == 3 and job["argonne"]["consumed_samples"] == 12
         assert job["argonne"]["losses"] == job["truth"]["losses"]
         assert len(job["argonne"]["losses"]) == 3 and all(l == l for l in job["argonne"]["losses"])
@@ -121,3 +128,25 @@ def test_format_marker_tells_ours_old_ours_and_megatrons_apart():
         checkpoint_format_version({CHECKPOINT_FORMAT_KEY: {"name": "megatron-ds-lite", "version": 99}}, "x")
     with pytest.raises(CheckpointError, match="argonne.py"):
         checkpoint_format_version({"checkpoint_version": 3.0, "args": argparse.Namespace(num_layers=2)}, "x")
+
+
+def test_to_argonne_writes_the_files_their_layout_documents(built, tmp_path):
+    """Ours -> their layout (weights only): the same layer files as the documented builder, read back exactly."""
+    from convert_checkpoint import main
+
+    root, states = built
+    config = CONFIGS["llama"]
+    truth = {p: s["fp32"] for p, s in states["llama"].items()}
+    assert main(["to-argonne", "--load", str(root / "llama_pipe"), "--save", str(tmp_path / "back"), "--tp", "2",
+                 "--pp", "2"]) == 0
+    af.write_argonne_checkpoint(states["llama"], config, str(tmp_path / "documented"), tp=2, pp=2, pipeline=True,
+                                optimizer=False, module_dtype=torch.float32)
+    ours, documented = tmp_path / "back" / "global_step3", tmp_path / "documented" / "global_step3"
+    layer_files = sorted(n for n in os.listdir(documented) if n.startswith("layer_"))
+    assert layer_files == sorted(n for n in os.listdir(ours) if n.startswith("layer_"))
+    for name in layer_files:
+        a, b = torch.load(ours / name), torch.load(documented / name)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    back = ArgonneCheckpoint(str(tmp_path / "back"))
+    assert back.version == 3.0 and back.config.to_dict() == config.to_dict()
+    assert all(torch.equal(t, truth[n]) for n, t in back.state_dict().items())

@@ -10,7 +10,7 @@ from megatron.config.arguments import (
 )
 
 BASE = ["--mock-data", "--vocab-size", "1000", "--train-iters", "10"]
-LLAMA = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "8"]
+LLAMA = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "8", "--seq-length", "64"]
 
 
 def test_alcf_recipe_flags_map_onto_the_dataclasses():
@@ -80,17 +80,17 @@ def test_unknown_flag_suggests_the_nearest_known_one():
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--lr", "abc"], r"argument --lr: invalid float value: 'abc'"),
-    (["--micro-batch-size", "0"], r"argument --micro-batch-size: must be > 0"),
+    (["--lr", "abc"], r"--lr: invalid float value: 'abc'"),
+    (["--micro-batch-size", "0"], r"--micro-batch-size: must be > 0"),
     (["--bf16", "--fp16"], r"--bf16 and --fp16 both given"),
     (["--min-lr", "1", "--lr", "0.1"], r"--min-lr \(1.0\) <= --lr \(0.1\)"),
     (["--train-samples", "5"], r"give only one of --train-iters, --train-samples"),
     (["--lr-warmup-iters", "3", "--lr-warmup-fraction", "0.1"], r"only one of --lr-warmup-fraction"),
-    (["--cpu-optimizer"], r"--cpu-optimizer .* needs --zero-stage >= 1"),
+    (["--cpu-optimizer", "--zero-stage", "0"], r"--cpu-optimizer .* needs --zero-stage >= 1"),
     (["--zero-stage", "3", "--pipeline-model-parallel-size", "2"], r"--zero-stage 3 does not work with"),
     (["--use-mics"], r"--use-mics: MiCS sharding is not supported"),
     (["--save", "/tmp/x"], r"--save needs --save-interval"),
-    (["--normalization", "batchnorm"], r"argument --normalization: invalid choice"),
+    (["--normalization", "batchnorm"], r"--normalization: invalid choice"),
     (["--num-attention-heads", "6"], r"--hidden-size 64 is not divisible by --num-attention-heads 6"),
     (["--initial-loss-scale", "1000"], r"--initial-loss-scale 1000.0 must be a power of 2"),
 ])
@@ -100,8 +100,10 @@ def test_invalid_values_name_the_flag(argv, message):
 
 
 def test_missing_model_size_and_mock_data_without_vocab_are_explained():
-    with pytest.raises(ConfigError, match=r"--num-layers, --hidden-size, --num-attention-heads required"):
+    with pytest.raises(ConfigError, match=r"--num-layers, --hidden-size, --num-attention-heads, --seq-length required"):
         parse_args(BASE)
+    with pytest.raises(ConfigError, match=r"^--seq-length required \(or give --model-preset NAME\)"):  # no default
+        parse_args([*LLAMA[:-2], *BASE])
     with pytest.raises(ConfigError, match=r"--mock-data needs --vocab-size"):
         parse_args([*LLAMA, "--mock-data", "--train-iters", "1"])
 
@@ -136,7 +138,11 @@ def test_train_iters_from_iters_samples_and_tokens():
     common = [*LLAMA, "--mock-data", "--vocab-size", "100", "--seq-length", "32", "--global-batch-size", "8"]
     assert train_iters(parse_args([*common, "--train-iters", "7"]), 2) == 7
     assert train_iters(parse_args([*common, "--train-samples", "80"]), 2) == 10
-    assert train_iters(parse_args([*common, "--train-samples", "81"]), 2) == 11  # a partial last batch counts
+    # Not a multiple of the global batch: whole batches only (Megatron rounds down), so the data never runs out.
+    assert train_iters(parse_args([*common, "--train-samples", "87"]), 2) == 10
+    assert train_iters(parse_args([*common, "--train-tokens", str(32 * 87)]), 2) == 10
+    with pytest.raises(ConfigError, match=r"--train-samples gives 7 samples, fewer than one global batch \(8\)"):
+        train_iters(parse_args([*common, "--train-samples", "7"]), 2)
     run = parse_args([*common, "--train-tokens", str(32 * 8 * 5)])
     assert train_samples(run, 2) == 40 and train_iters(run, 2) == 5
 
@@ -147,8 +153,8 @@ def test_rampup_batch_size_follows_megatron_semantics():
                       "--rampup-batch-size", "4", "4", "96", "--train-samples", "200"])
     assert [global_batch_size_at(run, c, dp_size=2) for c in (0, 31, 32, 64, 95, 96, 500)] == \
         [4, 4, 8, 12, 12, 16, 16]
-    # walk: 4×8 = 32 samples (8 iters), 8×4 = 32 (4 iters), 12×3 = 36 → 100 (3 iters), then 100/16 → 7 iters.
-    assert train_iters(run, dp_size=2) == 8 + 4 + 3 + 7
+    # walk: 4×8 = 32 samples (8 iters), 8×4 = 32 (4 iters), 12×3 = 36 → 100 (3 iters), then 100 // 16 → 6 iters.
+    assert train_iters(run, dp_size=2) == 8 + 4 + 3 + 6
     with pytest.raises(ConfigError, match=r"--rampup-batch-size needs --train-samples or --train-tokens"):
         parse_args([*LLAMA, *BASE, "--global-batch-size", "16", "--rampup-batch-size", "4", "4", "96"])
 

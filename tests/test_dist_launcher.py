@@ -113,3 +113,15 @@ def test_backend_choice_and_refusals_on_cpu():
     for backend, word in (("nccl", "CUDA"), ("xccl", "XPU"), ("ccl", "oneccl"), ("bogus", "one of")):
         with pytest.raises(BackendError, match=word):
             check_backend(backend, "cpu")
+
+
+def test_upstreams_ccl_means_xccl_on_xpu_when_the_oneccl_bindings_are_absent(monkeypatch):
+    from megatron.dist import device
+
+    monkeypatch.setattr(device, "oneccl_bindings_available", lambda: False)
+    monkeypatch.setattr(device, "xccl_available", lambda: True)
+    assert device.resolve_backend("ccl", "xpu") == "xccl"
+    assert device.resolve_backend("ccl", "cpu") == "ccl"  # then refused by check_backend, naming oneccl
+    assert device.resolve_backend(None, "xpu") == "xccl" and device.resolve_backend("gloo", "xpu") == "gloo"
+    monkeypatch.setattr(device, "oneccl_bindings_available", lambda: True)
+    assert device.resolve_backend("ccl", "xpu") == "ccl"  # the bindings are there: use them

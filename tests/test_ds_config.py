@@ -14,7 +14,7 @@ from megatron.training.ds_config import build_deepspeed_config, precision_errors
 from multirank import free_port, rank_env
 
 ROOT = Path(__file__).resolve().parents[1]
-BASE = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "8", "--mock-data",
+BASE = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "8", "--seq-length", "64", "--mock-data",
         "--vocab-size", "1000", "--train-iters", "10"]
 
 
@@ -34,19 +34,32 @@ def test_generated_config_carries_batch_clipping_zero_and_fp16_loss_scaling():
     assert build_deepspeed_config(fixed, dp_size=1)["fp16"]["loss_scale"] == 128
 
 
-def test_zero3_parameter_offload_bf16_and_activation_checkpointing_sections():
-    run = parse_args([*BASE, "--zero-stage", "3", "--cpu-optimizer", "--remote-device", "cpu", "--bf16",
-                      "--deepspeed-activation-checkpointing", "--partition-activations", "--checkpoint-in-cpu"])
+def test_zero3_parameter_offload_bf16_and_the_upstream_default_zero_stage():
+    run = parse_args([*BASE, "--zero-stage", "3", "--cpu-optimizer", "--remote-device", "cpu", "--bf16"])
     cfg = build_deepspeed_config(run, dp_size=4, device_type="cpu")
     z = cfg["zero_optimization"]
     assert z["stage"] == 3 and z["offload_param"] == {"device": "cpu", "pin_memory": False} and not z["overlap_comm"]
-    assert cfg["bf16"] == {"enabled": True}
-    ac = cfg["activation_checkpointing"]
-    assert ac["partition_activations"] and ac["cpu_checkpointing"] and not ac["contiguous_memory_optimization"]
-    assert ac["number_checkpoints"] == 2
+    assert cfg["bf16"] == {"enabled": True} and "data_types" not in cfg
     plain = build_deepspeed_config(parse_args(BASE), dp_size=1)
-    assert plain["zero_optimization"] == {"stage": 0} and "activation_checkpointing" not in plain
+    assert plain["zero_optimization"]["stage"] == 1 and "activation_checkpointing" not in plain  # upstream: ZeRO-1
     assert "bf16" not in plain and "fp16" not in plain
+
+
+def test_accumulate_allreduce_grads_in_fp32_sets_deepspeeds_grad_accum_dtype_or_is_refused():
+    run = parse_args([*BASE, "--bf16", "--zero-stage", "1", "--accumulate-allreduce-grads-in-fp32"])
+    assert build_deepspeed_config(run, dp_size=2)["data_types"] == {"grad_accum_dtype": "fp32"}
+    assert precision_errors(run, "cpu") == []
+    assert "data_types" not in build_deepspeed_config(parse_args([*BASE, "--bf16", "--zero-stage", "1"]), dp_size=2)
+    for stage in ("2", "3"):
+        run = parse_args([*BASE, "--bf16", "--zero-stage", stage, "--accumulate-allreduce-grads-in-fp32"])
+        assert any(f"needs --zero-stage 1 without --cpu-optimizer (got --zero-stage {stage})" in e
+                   for e in precision_errors(run, "cpu"))
+    # ZeRO-0 (upstream's AuroraGPT-2B recipes): DeepSpeed's BF16 optimizer is its ZeRO-1, said in a notice
+    run = parse_args([*BASE, "--bf16", "--zero-stage", "0", "--accumulate-allreduce-grads-in-fp32"])
+    assert run.training.zero.zero_stage == 1 and "BF16 optimizer" in run.notices[0]
+    assert build_deepspeed_config(run, dp_size=2)["data_types"] == {"grad_accum_dtype": "fp32"}
+    fp32 = parse_args([*BASE, "--zero-stage", "0", "--accumulate-allreduce-grads-in-fp32"])  # already fp32
+    assert precision_errors(fp32, "cpu") == [] and "data_types" not in build_deepspeed_config(fp32, dp_size=1)
 
 
 def test_user_file_is_merged_keeping_its_extra_sections(tmp_path):
@@ -94,10 +107,11 @@ _DEEPSPEED_ACCEPTS = textwrap.dedent("""
     from megatron.training.ds_config import build_deepspeed_config
     from megatron.training.lr_schedule import build_lr_scheduler
     deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
-    base = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "8", "--mock-data",
+    base = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "8", "--seq-length", "8", "--mock-data",
             "--vocab-size", "100", "--train-iters", "4", "--lr", "0.1", "--lr-warmup-iters", "2",
             "--lr-decay-style", "linear", "--micro-batch-size", "2", "--global-batch-size", "4"]
-    for extra in ([], ["--bf16", "--zero-stage", "2"], ["--zero-stage", "1", "--cpu-optimizer"]):
+    for extra in (["--zero-stage", "0"], ["--bf16", "--zero-stage", "2"], ["--zero-stage", "1", "--cpu-optimizer"],
+                  ["--bf16", "--zero-stage", "1", "--accumulate-allreduce-grads-in-fp32"]):
         run = parse_args(base + extra)
         torch.manual_seed(0)
         model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 1))
@@ -120,6 +134,9 @@ _DEEPSPEED_ACCEPTS = textwrap.dedent("""
                 lrs.append(sched.get_last_lr()[0])
         assert engine.gradient_accumulation_steps() == 2, engine.gradient_accumulation_steps()
         assert sched.num_steps == 2 and abs(lrs[0] - 0.05) < 1e-9 and abs(lrs[1] - 0.1) < 1e-9, lrs
+        # bf16 with fp32 gradient accumulation runs DeepSpeed's BF16 optimizer (fp32 grads), else ZeRO's (bf16)
+        fp32_accumulation = type(engine.optimizer).__name__ == "BF16_Optimizer"
+        assert fp32_accumulation == run.training.precision.accumulate_allreduce_grads_in_fp32, type(engine.optimizer)
     print("ACCEPTED")
 """)
 

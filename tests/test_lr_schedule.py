@@ -8,7 +8,8 @@ import torch
 from megatron.config.arguments import ConfigError, parse_args
 from megatron.training.lr_schedule import LRSchedule, build_lr_scheduler
 
-MODEL = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "8", "--mock-data", "--vocab-size", "10"]
+MODEL = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "8", "--seq-length", "64", "--mock-data",
+         "--vocab-size", "10"]
 
 
 def _optimizer():
@@ -54,7 +55,8 @@ def test_built_from_flags_warmup_fraction_and_wsd_fraction_use_decay_iters():
     assert s.lr_at(300) == pytest.approx(0.01) and s.lr_at(350) == pytest.approx(0.0055)
     run = parse_args([*MODEL, "--train-iters", "50", "--lr-warmup-iters", "5"])
     s = build_lr_scheduler(_optimizer(), run)
-    assert (s.decay_steps, s.warmup_steps, s.decay_style) == (50, 5, "cosine")  # decay defaults to train iters
+    assert (s.decay_steps, s.warmup_steps, s.decay_style) == (50, 5, "linear")  # decay defaults to train iters;
+    # the style to upstream's default, linear
 
 
 def test_step_sets_every_param_group_lr_with_its_multiplier():

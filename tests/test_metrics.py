@@ -9,7 +9,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from megatron.config.logging import LoggingConfig
 from megatron.config.model import TransformerConfig
-from megatron.training.metrics import forward_flops_per_token, throughput, training_flops_per_token
+from megatron.training.metrics import forward_flops_per_token, hardware_flops_per_token, throughput, \
+    training_flops_per_token
 from megatron.training.tracking import Tracker
 
 # h 64, 2 layers, 8 heads of 8, 2 kv heads (GQA), SwiGLU f 176, s 128, vocab 1000 padded to 1024.
@@ -27,7 +28,13 @@ def test_flops_per_token_matches_a_hand_computation_with_gqa_swiglu_and_logits()
     forward = 2 * (qkv + scores + out_proj + mlp) + logits
     assert forward == 372736 == forward_flops_per_token(SMALL)
     assert training_flops_per_token(SMALL) == 3 * 372736
-    assert training_flops_per_token(SMALL, recompute=True) == 3 * 372736 + 2 * (qkv + scores + out_proj + mlp)
+    full = SMALL.replace(checkpoint_activations=True)
+    assert training_flops_per_token(full) == 3 * 372736  # model FLOPs: recomputation not counted
+    assert hardware_flops_per_token(full) == 3 * 372736 + 2 * (qkv + scores + out_proj + mlp)
+    block = full.replace(recompute_method="block", checkpoint_num_layers=1)  # only the first layer recomputed
+    assert hardware_flops_per_token(block) == 3 * 372736 + (qkv + scores + out_proj + mlp)
+    selective = SMALL.replace(recompute_core_attention=True)  # only the core attention of each layer
+    assert hardware_flops_per_token(selective) == 3 * 372736 + 2 * scores
     assert forward_flops_per_token(SMALL, causal=True) == forward - 2 * 32768 // 2
 
 
@@ -78,7 +85,10 @@ def test_throughput_reports_tokens_samples_tflops_and_mfu():
     t = throughput(SMALL, seconds=2.0, samples=16, num_devices=4, peak_tflops=0.5)
     assert t.tokens_per_s == 16 * 128 / 2.0 and t.samples_per_s == 8.0 and t.tokens_per_s_per_device == 256.0
     assert t.tflops_per_device == pytest.approx(1024 * 3 * 372736 / 4 / 1e12)
-    assert t.mfu == pytest.approx(t.tflops_per_device / 0.5)
+    assert t.mfu == pytest.approx(t.tflops_per_device / 0.5) and t.hfu == t.mfu  # no recomputation
+    r = throughput(SMALL.replace(checkpoint_activations=True), seconds=2.0, samples=16, num_devices=4,
+                   peak_tflops=0.5)
+    assert r.mfu == pytest.approx(t.mfu) and r.hfu > r.mfu  # MFU counts model FLOPs only; HFU the recompute
     assert "mfu" not in throughput(SMALL, 1.0, 1, 1).as_dict()
     with pytest.raises(ValueError, match="seconds > 0"):
         throughput(SMALL, 0.0, 1, 1)

@@ -77,7 +77,17 @@ def test_universal_checkpoint_resumes_with_the_uninterrupted_losses(trained):
 
 
 def test_to_universal_refuses_what_it_cannot_convert(trained, tmp_path):
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools"))
+    from convert_checkpoint import main
+
     root, _ = trained
+    out = tmp_path / "cli" / "universal"  # the command line: another --out, its parent gets latest_universal
+    assert main(["to-universal", "--load", str(root / "gpt_bf16"), "--out", str(out)]) == 0
+    assert (tmp_path / "cli" / "latest_universal").read_text() == "universal"
+    assert UniversalCheckpoint(str(tmp_path / "cli")).iteration == SAVE_AT
+    assert main(["to-universal", "--load", str(root / "gpt_bf16"), "--out", str(out)]) == 2  # exists: refused
     with pytest.raises(ConversionError, match="already exists"):
         convert_to_universal(str(root / "gpt_fp32"))
     with pytest.raises(ConversionError, match="to-universal"):

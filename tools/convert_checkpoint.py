@@ -6,6 +6,7 @@ ours → DeepSpeed universal.
     python tools/convert_checkpoint.py reshard      --load runs/x/ckpt --save runs/z/ckpt --tp 1 --pp 4
     python tools/convert_checkpoint.py zero-to-fp32 --load runs/x/ckpt --out model_fp32.safetensors
     python tools/convert_checkpoint.py to-universal --load runs/x/ckpt [--out DIR]
+    python tools/convert_checkpoint.py to-argonne   --load runs/x/ckpt --save mds/ckpt --tp 2 --pp 2
 
 --load of to-hf, reshard and zero-to-fp32 also takes a DeepSpeed universal folder (or a directory whose
 latest_universal names one) and a checkpoint of argonne-lcf/Megatron-DeepSpeed (global_stepN, its Namespace
@@ -76,6 +77,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="default: <iter dir>_universal, with <save>/latest_universal naming it")
     p.add_argument("--workers", type=int, default=1, help="processes extracting ZeRO shards (default 1)")
 
+    p = sub.add_parser("to-argonne", help="any checkpoint -> argonne-lcf/Megatron-DeepSpeed layout (weights only)")
+    p.add_argument("--load", required=True)
+    p.add_argument("--save", required=True)
+    p.add_argument("--tp", type=int, default=1)
+    p.add_argument("--pp", type=int, default=1)
+    p.add_argument("--dtype", type=_dtype, default=torch.float32)
+    p.add_argument("--weights", choices=("auto", "module", "fp32"), default="auto")
+
     p = sub.add_parser("zero-to-fp32", help="one consolidated fp32 state dict (GPTModel names, tp=1, no padding)")
     p.add_argument("--load", required=True)
     p.add_argument("--out", required=True, help="FILE.safetensors or FILE.pt")
@@ -117,6 +126,14 @@ def main(argv=None) -> int:
             source = open_checkpoint(args.load, weights=args.weights)
             path = write_checkpoint(source, args.save, args.tp, args.pp, dtype=args.dtype, args=source.args)
             print(f"wrote {path} (tp {args.tp} × pp {args.pp}); train on with --load {args.save} --finetune")
+        elif args.command == "to-argonne":
+            from megatron.convert.argonne import write_argonne_checkpoint
+
+            source = open_checkpoint(args.load, weights=args.weights)
+            path = write_argonne_checkpoint(source, args.save, args.tp, args.pp, dtype=args.dtype,
+                                            iteration=getattr(source, "iteration", 0))
+            print(f"wrote {path} (tp {args.tp} × pp {args.pp}); Megatron-DeepSpeed continues from it with --load "
+                  f"{args.save} --finetune (weights only)")
         elif args.command == "to-universal":
             from megatron.convert.universal import convert_to_universal
 

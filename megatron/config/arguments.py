@@ -15,6 +15,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import Optional
 
+from megatron.config import upstream_flags
 from megatron.config.checkpoint import CheckpointConfig
 from megatron.config.data import DataConfig
 from megatron.config.logging import LoggingConfig
@@ -40,21 +41,22 @@ class RunConfig:
     logging: LoggingConfig
     args: dict  # every flag's final value: what checkpoints save as "the run's arguments"
     reliability: ReliabilityConfig = field(default_factory=ReliabilityConfig)  # config/reliability.py
+    notices: list = field(default_factory=list)  # what the flags resolved to, said once by rank 0
 
 
 LR_DECAY_STYLES = ("constant", "linear", "cosine", "inverse-square-root", "wsd", "infinite-cosine",
                    "infinite-inv-square-root")
 WSD_DECAY_STYLES = ("linear", "cosine", "exponential")
 
-# Flags Megatron-DeepSpeed recipes pass that change nothing here; accepted so recipes run unchanged.
-# (flag, kind, why) with kind "flag" (no value) or a type for a value.
+# Flags Megatron-DeepSpeed recipes pass that change nothing in training here (kernel-fusion toggles and flags
+# that ask for what is always done here); accepted so recipes run unchanged, and `--help` says so.
+# (flag, kind, why) with kind "flag" (no value) or a type for a value. More in upstream_flags.NO_EFFECT.
 COMPAT_NO_EFFECT = [
     ("--deepspeed", "flag", "the engine is always DeepSpeed"),
     ("--deepspeed-mpi", "flag", "rank discovery is automatic (megatron.dist)"),
     ("--local-rank", int, "the local rank is read from the launcher's environment (megatron.dist)"),
     ("--no-query-key-layer-scaling", "flag", "attention is computed in fp32-accumulating SDPA"),
     ("--apply-query-key-layer-scaling", "flag", "attention is computed in fp32-accumulating SDPA"),
-    ("--accumulate-allreduce-grads-in-fp32", "flag", "DeepSpeed keeps fp32 gradient accumulation for bf16"),
     ("--no-bias-gelu-fusion", "flag", "no fused kernels to turn off"),
     ("--no-bias-dropout-fusion", "flag", "no fused kernels to turn off"),
     ("--no-masked-softmax-fusion", "flag", "no fused kernels to turn off"),
@@ -67,32 +69,13 @@ COMPAT_NO_EFFECT = [
     ("--use-flash-attn-triton", "flag", "attention always uses torch SDPA, which picks flash kernels itself"),
     ("--use-flash-attn-builder", "flag", "attention always uses torch SDPA, which picks flash kernels itself"),
     ("--blend-sample-in-corpus", "flag", "the blended index always blends per sample"),
-    ("--log-optimizer-states-to-tensorboard", "flag", "not reported"),
-    ("--log-memory-to-tensorboard", "flag", "not reported"),
+    ("--log-memory-to-tensorboard", "flag", "memory in use is always logged (memory/in_use_mb)"),
     ("--log-validation-ppl-to-tensorboard", "flag", "validation perplexity is always logged"),
     ("--log-batch-size-to-tensorboard", "flag", "the batch size is always logged"),
-    ("--log-world-size-to-tensorboard", "flag", "not reported"),
-    ("--log-num-zeros-in-grad", "flag", "not reported"),
-    ("--log-params-norm", "flag", "not reported"),
-    ("--timing-log-level", int, "timers are fixed"),
-    ("--timing-log-option", str, "timers are fixed"),
-    ("--tensorboard-queue-size", int, "the SummaryWriter default is used"),
-    ("--data-impl", str, "the only format is MMIDIDX (.bin/.idx)"),
-    ("--dataloader-type", str, "the sampler is always the single-epoch one"),
 ]
 
-# Megatron features we do not have: refused with the alternative, rather than silently ignored.
-REFUSED = {
-    "--use-mics": "MiCS sharding is not supported; use --zero-stage 3",
-    "--use-distributed-optimizer": "Megatron's distributed optimizer is ZeRO-1 here: use --zero-stage 1",
-    "--num-layers-per-virtual-pipeline-stage": "interleaved pipeline schedules are not supported",
-    "--recompute-activations": "use --checkpoint-activations [--checkpoint-num-layers N]",
-    "--recompute-granularity": "use --checkpoint-activations [--checkpoint-num-layers N]",
-    "--recompute-method": "use --checkpoint-activations [--checkpoint-num-layers N]",
-    "--fp8-e4m3": "fp8 training is not supported; use --bf16",
-    "--fp8-hybrid": "fp8 training is not supported; use --bf16",
-    "--num-experts": "mixture-of-experts layers are not supported",
-}
+# Megatron features we do not have, refused flag by flag with the reason (megatron/config/upstream_flags.py).
+REFUSED = dict(upstream_flags.REFUSED)
 
 
 # Flags other frameworks use for what a Megatron-DeepSpeed flag here does; named in the unknown-flag error.
@@ -124,7 +107,7 @@ def _positive(kind):
 
 def build_parser() -> argparse.ArgumentParser:
     """Every flag, grouped by concern. Model and batch flags default to None so presets and files can fill them."""
-    p = _Parser(prog="pretrain_gpt.py", allow_abbrev=False, usage="%(prog)s [flags]   (--help lists them by concern)",
+    p = _Parser(prog="pretrain_gpt.py", allow_abbrev=False, exit_on_error=False, usage="%(prog)s [flags]   (--help lists them by concern)",
                 description="Pretrain a GPT/Llama model with DeepSpeed (Megatron-DeepSpeed flag names; "
                             "'--a_b' spellings are accepted for every '--a-b').")
     pos_int, pos_float = _positive(int), _positive(float)
@@ -138,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--num-attention-heads", type=pos_int)
     g.add_argument("--num-key-value-heads", "--num-query-groups", dest="num_key_value_heads", type=pos_int,
                    help="fewer than heads: grouped-query attention")
-    g.add_argument("--seq-length", type=pos_int, help="default 1024")
+    g.add_argument("--seq-length", type=pos_int, help="required (a --model-preset fills it)")
     g.add_argument("--max-position-embeddings", type=pos_int, help="default --seq-length")
     g.add_argument("--make-vocab-size-divisible-by", type=pos_int, help="default 128")
     g.add_argument("--normalization", choices=("layernorm", "rmsnorm"))
@@ -152,7 +135,16 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--disable-bias-linear", dest="add_bias_linear", action="store_const", const=False)
     g.add_argument("--attention-dropout", type=float)
     g.add_argument("--hidden-dropout", type=float)
-    g.add_argument("--init-method-std", type=pos_float)
+    g.add_argument("--kv-channels", type=pos_int, help="attention head size; default hidden / heads")
+    g.add_argument("--attention-softmax-in-fp32", action="store_true",
+                   help="compute attention (scores, softmax, weighted sum) in fp32 under --bf16/--fp16")
+
+    g = p.add_argument_group("initialization")
+    g.add_argument("--init-method-std", type=pos_float, help="std of the normal init of weights; default 0.02")
+    g.add_argument("--adjust-word-embedding-init", action="store_true",
+                   help="initialise the word embeddings with --word-embedding-init-std instead")
+    g.add_argument("--word-embedding-init-std", type=pos_float, default=0.02,
+                   help="with --adjust-word-embedding-init (default 0.02)")
 
     g = p.add_argument_group("parallelism")
     g.add_argument("--tensor-model-parallel-size", type=pos_int, default=1)
@@ -167,23 +159,24 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("DeepSpeed (a --deepspeed_config file and these flags must agree)")
     g.add_argument("--deepspeed-config", "--deepscale-config", dest="deepspeed_config",
                    help="JSON file; values for flags you do not give are taken from it")
-    g.add_argument("--zero-stage", type=int, choices=(0, 1, 2, 3), help="default 0")
+    g.add_argument("--zero-stage", type=int, choices=(0, 1, 2, 3), help="default 1 (as upstream)")
     g.add_argument("--cpu-optimizer", action="store_const", const=True,
                    help="offload optimizer state to CPU (DeepSpeedCPUAdam; ZeRO stage >= 1)")
     g.add_argument("--remote-device", choices=("none", "cpu", "nvme"), default="none",
                    help="ZeRO-3 parameter offload target")
     g.add_argument("--zero-reduce-bucket-size", type=pos_int)
     g.add_argument("--zero-allgather-bucket-size", type=pos_int)
-    g.add_argument("--checkpoint-activations", action="store_true", help="recompute layers in backward")
-    g.add_argument("--checkpoint-num-layers", type=pos_int, default=1)
-    g.add_argument("--deepspeed-activation-checkpointing", action="store_true",
-                   help="use DeepSpeed's activation checkpointing (with the options below)")
-    g.add_argument("--partition-activations", action="store_true")
-    g.add_argument("--contigious-checkpointing", "--contiguous-checkpointing", dest="contiguous_checkpointing",
-                   action="store_true")
-    g.add_argument("--checkpoint-in-cpu", action="store_true")
-    g.add_argument("--synchronize-each-layer", action="store_true")
-    g.add_argument("--profile-backward", action="store_true")
+    g.add_argument("--checkpoint-activations", action="store_true",
+                   help="recompute layers in backward (= --recompute-granularity full --recompute-method uniform)")
+    g.add_argument("--checkpoint-num-layers", type=pos_int, default=1, help="layers per recomputed chunk")
+    g.add_argument("--recompute-activations", action="store_true",
+                   help="= --recompute-granularity selective (as upstream)")
+    g.add_argument("--recompute-granularity", choices=("full", "selective"),
+                   help="full: recompute whole layers; selective: recompute only the core attention")
+    g.add_argument("--recompute-method", choices=("uniform", "block"),
+                   help="full granularity: uniform (chunks of --recompute-num-layers layers) or block (the first "
+                        "--recompute-num-layers layers of each pipeline stage)")
+    g.add_argument("--recompute-num-layers", type=pos_int, default=1)
     g.add_argument("--universal-checkpoint", action="store_true",
                    help="--load names a DeepSpeed universal checkpoint folder (or a directory whose latest_universal "
                         "names one; make it with tools/convert_checkpoint.py to-universal) and resumes it at any "
@@ -201,7 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--train-tokens", type=pos_int)
     g.add_argument("--lr", type=float, default=OptimizerConfig.lr)
     g.add_argument("--min-lr", type=float, default=0.0)
-    g.add_argument("--lr-decay-style", type=str.lower, choices=LR_DECAY_STYLES, default="cosine")
+    g.add_argument("--lr-decay-style", type=str.lower, choices=LR_DECAY_STYLES, default="linear")
     g.add_argument("--lr-decay-iters", type=pos_int, help="default --train-iters")
     g.add_argument("--lr-decay-samples", type=pos_int, help="with --rampup-batch-size; default --train-samples")
     g.add_argument("--lr-warmup-iters", type=int)
@@ -222,17 +215,21 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--bf16", action="store_const", const=True)
     g.add_argument("--fp16", action="store_const", const=True)
     g.add_argument("--loss-scale", type=pos_float, help="fp16: fixed loss scale; default dynamic")
-    g.add_argument("--initial-loss-scale", type=pos_float, default=PrecisionConfig.initial_loss_scale,
+    g.add_argument("--initial-loss-scale", type=pos_float, default=2.0**32,
                    help="fp16 dynamic scaling start (a power of 2)")
     g.add_argument("--loss-scale-window", type=pos_int, default=1000)
     g.add_argument("--hysteresis", type=pos_int, default=2)
     g.add_argument("--min-loss-scale", type=pos_float, default=1.0)
+    g.add_argument("--accumulate-allreduce-grads-in-fp32", action="store_true",
+                   help="--bf16: accumulate and all-reduce gradients in fp32 (DeepSpeed's "
+                        "data_types.grad_accum_dtype, its BF16 optimizer: ZeRO stage 0 runs as 1; refused with "
+                        "ZeRO-2/3 and --cpu-optimizer, which accumulate in bf16)")
 
     g = p.add_argument_group("run control, evaluation and checkpoints")
     g.add_argument("--seed", type=int, default=1234)
-    g.add_argument("--log-interval", type=pos_int, default=10)
+    g.add_argument("--log-interval", type=pos_int, default=100)
     g.add_argument("--eval-interval", type=pos_int, default=1000)
-    g.add_argument("--eval-iters", type=int, default=10, help="0 disables evaluation")
+    g.add_argument("--eval-iters", type=int, default=100, help="0 disables evaluation")
     g.add_argument("--save")
     g.add_argument("--save-interval", type=pos_int)
     g.add_argument("--load")
@@ -242,13 +239,35 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--exit-interval", type=pos_int)
     g.add_argument("--exit-duration-in-mins", type=pos_float)
     g.add_argument("--exit-signal-handler", action="store_true", help="save and exit on SIGTERM")
+    g.add_argument("--dry-run", nargs="?", type=int, const=0, default=None, metavar="WORLD_SIZE",
+                   help="print the resolved run (layout, DeepSpeed config, blend summary, parameters, memory per "
+                        "device) for WORLD_SIZE ranks (default: the launcher's) and exit without training")
 
     g = p.add_argument_group("tracking")
     g.add_argument("--tensorboard-dir")
-    g.add_argument("--log-timers-to-tensorboard", action="store_true")
+    g.add_argument("--log-timers-to-tensorboard", action="store_true",
+                   help="write the --timing-log-level timers (max over ranks) to TensorBoard/wandb")
     g.add_argument("--wandb-project")
     g.add_argument("--wandb-exp-name")
-    g.add_argument("--wandb-save-dir", help="default: --tensorboard-dir, else the working directory")
+    g.add_argument("--wandb-save-dir", help="wandb's directory; default: --tensorboard-dir, else the working "
+                                            "directory")
+    g.add_argument("--tensorboard-queue-size", type=pos_int, default=1000,
+                   help="events TensorBoard queues before writing to disk")
+    g.add_argument("--tensorboard-log-interval", type=pos_int, default=1,
+                   help="write the per-iteration scalars every N iterations (default 1)")
+    g.add_argument("--no-log-learnig-rate-to-tensorboard", dest="log_learning_rate_to_tensorboard",
+                   action="store_false", help="do not log the learning rate (upstream's spelling)")
+    g.add_argument("--no-log-loss-scale-to-tensorboard", dest="log_loss_scale_to_tensorboard",
+                   action="store_false", help="do not log the fp16 loss scale")
+    g.add_argument("--log-world-size-to-tensorboard", action="store_true", help="log the number of ranks")
+    g.add_argument("--log-optimizer-states-to-tensorboard", action="store_true",
+                   help="log L2/L1 norms and max of Adam's moments and of the weights (optimizer/*), every "
+                        "--tensorboard-log-interval iterations")
+    g.add_argument("--timing-log-level", type=int, choices=(0, 1, 2), default=0,
+                   help="0: iteration time only; 1: + forward-backward, optimizer, batch-generator, "
+                        "grads-all-reduce; 2: + per-micro-batch forward-compute, backward-compute")
+    g.add_argument("--timing-log-option", choices=("max", "minmax", "all"), default="minmax",
+                   help="report each timer's max, (min, max) or every rank's value across ranks")
     g.add_argument("--peak-tflops", type=pos_float, help="one device's peak dense TFLOPS, for MFU")
 
     g = p.add_argument_group("data")
@@ -265,6 +284,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--num-workers", type=int, default=2)
     g.add_argument("--eod-mask-loss", action="store_true")
     g.add_argument("--reset-position-ids", action="store_true")
+    g.add_argument("--data-impl", choices=("mmap", "infer", "lazy", "cached"), default="infer",
+                   help="the only format is MMIDIDX (.bin/.idx): mmap or infer")
+    g.add_argument("--dataloader-type", choices=("single", "cyclic"), default="single",
+                   help="single: one pass over the blended index (cyclic is not supported)")
 
     add_reliability_arguments(p)
 
@@ -288,16 +311,28 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the start-up blend report warns about every corpus repeated more than this many "
                         "times (default 4)")
 
-    g = p.add_argument_group("accepted for Megatron-DeepSpeed recipes, no effect here")
-    for flag, kind, why in COMPAT_NO_EFFECT:
+    known = {option for action in p._actions for option in action.option_strings}
+    g = p.add_argument_group("accepted for Megatron-DeepSpeed recipes, no effect here (kernel-fusion toggles, "
+                             "and flags asking for what is always done here)")
+    for flag, kind, why in COMPAT_NO_EFFECT + upstream_flags.NO_EFFECT:
+        if flag in known:  # implemented by a flag above: that one wins
+            continue
+        known.add(flag)
         if kind == "flag":
             g.add_argument(flag, action="store_true", help=f"no effect: {why}")
         else:
             g.add_argument(flag, type=kind, help=f"no effect: {why}")
     g = p.add_argument_group("refused (not supported here)")
     for flag, why in REFUSED.items():
-        g.add_argument(flag, nargs="*", default=None, metavar="ARG", help=why)
+        if flag in known:
+            continue
+        known.add(flag)
+        g.add_argument(flag, nargs="*", default=None, metavar="ARG", dest=_refused_dest(flag), help=why)
     return p
+
+
+def _refused_dest(flag: str) -> str:
+    return "refused__" + flag[2:].replace("-", "_")
 
 
 def _normalize(argv: list[str]) -> list[str]:
@@ -311,8 +346,24 @@ def _normalize(argv: list[str]) -> list[str]:
     return out
 
 
-def _unknown_flag_error(parser: argparse.ArgumentParser, unknown: list[str]) -> ConfigError:
-    known = [s for action in parser._actions for s in action.option_strings]
+_NEGATIONS = ("--no-", "--disable-", "--dont-", "--skip-")
+
+
+def _negated(flag: str) -> bool:
+    return flag.startswith(_NEGATIONS)
+
+
+def _did_you_mean(name: str, known: list[str]) -> Optional[str]:
+    """The nearest known flag of the same polarity (never --no-x for --x or the reverse)."""
+    if name in OTHER_NAMES:
+        return OTHER_NAMES[name]
+    same_polarity = [k for k in known if _negated(k) == _negated(name)]
+    close = difflib.get_close_matches(name, same_polarity, n=1, cutoff=0.6)
+    return close[0] if close else None
+
+
+def _unknown_flag_lines(parser: argparse.ArgumentParser, unknown: list[str], typed: dict) -> list[str]:
+    known = [s for action in parser._actions for s in action.option_strings if s.startswith("--")]
     lines, after_flag = [], False
     for token in unknown:
         if not token.startswith("-"):
@@ -322,11 +373,50 @@ def _unknown_flag_error(parser: argparse.ArgumentParser, unknown: list[str]) -> 
             lines.append(f"unexpected value {token!r} (is a flag before it misspelled or missing a value?)")
             continue
         name = token.split("=", 1)[0]
-        close = [OTHER_NAMES[name]] if name in OTHER_NAMES else difflib.get_close_matches(name, known, n=1, cutoff=0.6)
-        hint = f"; did you mean {close[0]}?" if close else "; see --help"
-        lines.append(f"unknown flag {name}{hint}")
+        close = _did_you_mean(name, known)
+        hint = f"; did you mean {close}?" if close else "; see --help"
+        lines.append(f"unknown flag {typed.get(name, name)}{hint}")
         after_flag = "=" not in token
-    return ConfigError("\n".join(lines))
+    return lines
+
+
+def _drop_option(parser: argparse.ArgumentParser, argv: list[str], options: set[str]) -> list[str]:
+    """argv without every occurrence of `options` and the values that follow them."""
+    out, i = [], 0
+    while i < len(argv):
+        token = argv[i]
+        name, eq, _ = token.partition("=")
+        if token.startswith("--") and name in options:
+            i += 1
+            if not eq:
+                nargs = parser._option_string_actions[name].nargs
+                count = 1 if nargs is None else nargs if isinstance(nargs, int) else None  # None: all values
+                while i < len(argv) and not argv[i].startswith("--") and (count is None or count > 0):
+                    i += 1
+                    if count is not None:
+                        count -= 1
+            continue
+        out.append(token)
+        i += 1
+    return out
+
+
+def _parse_collecting(parser: argparse.ArgumentParser, argv: list[str], typed: dict):
+    """(namespace, errors): every bad value and every unknown flag, each named as the user typed it."""
+    errors = []
+    for _ in range(len(argv) + 1):
+        try:
+            ns, unknown = parser.parse_known_args(argv)
+        except argparse.ArgumentError as e:
+            options = set((e.argument_name or "").split("/"))
+            used = next((t.split("=", 1)[0] for t in argv if t.split("=", 1)[0] in options), None)
+            if used is None:  # not tied to one flag: report it as argparse says it
+                raise ConfigError(f"{e} (see --help)") from None
+            errors.append(f"{typed.get(used, used)}: {e.message}")
+            argv = _drop_option(parser, argv, options)
+            continue
+        break
+    return ns, errors + _unknown_flag_lines(parser, unknown, typed)
 
 
 def read_deepspeed_config(path: str) -> dict:
@@ -397,7 +487,7 @@ def _resolve_model(ns: argparse.Namespace) -> TransformerConfig:
     fields = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_key_value_heads",
               "seq_length", "max_position_embeddings", "make_vocab_size_divisible_by", "normalization",
               "norm_epsilon", "swiglu", "rope_theta", "untie_embeddings_and_output_weights", "add_bias_linear",
-              "attention_dropout", "hidden_dropout", "init_method_std")
+              "attention_dropout", "hidden_dropout", "init_method_std", "kv_channels")
     values = dict(base)
     values.update({k: getattr(ns, k) for k in fields if getattr(ns, k) is not None})
     if ns.use_rotary_position_embeddings:
@@ -406,14 +496,16 @@ def _resolve_model(ns: argparse.Namespace) -> TransformerConfig:
         values["position_embedding_type"] = "none"
     elif ns.position_embedding_type:
         values["position_embedding_type"] = ns.position_embedding_type
-    missing = [f"--{k.replace('_', '-')}" for k in ("num_layers", "hidden_size", "num_attention_heads")
+    missing = [f"--{k.replace('_', '-')}" for k in ("num_layers", "hidden_size", "num_attention_heads", "seq_length")
                if k not in values]
     if missing:
         raise ConfigError(f"{', '.join(missing)} required (or give --model-preset NAME)")
     values["vocab_size"] = ns.vocab_size or 0
     values["sequence_parallel"] = ns.sequence_parallel
-    values["checkpoint_activations"] = ns.checkpoint_activations
-    values["checkpoint_num_layers"] = ns.checkpoint_num_layers
+    values["attention_softmax_in_fp32"] = ns.attention_softmax_in_fp32
+    if ns.adjust_word_embedding_init:
+        values["word_embedding_init_std"] = ns.word_embedding_init_std
+    values.update(_recompute_settings(ns))
     try:
         model = TransformerConfig(**values)
     except ValueError as e:
@@ -423,14 +515,46 @@ def _resolve_model(ns: argparse.Namespace) -> TransformerConfig:
     return model
 
 
-def _check_flags(ns: argparse.Namespace) -> list[str]:
+def _recompute_settings(ns: argparse.Namespace) -> dict:
+    """Megatron's recompute flags and the older --checkpoint-activations as the model's recompute fields."""
+    granularity = "selective" if ns.recompute_activations else ns.recompute_granularity
+    if granularity == "selective":
+        return dict(recompute_core_attention=True)
+    if granularity == "full":
+        return dict(checkpoint_activations=True, checkpoint_num_layers=ns.recompute_num_layers,
+                    recompute_method=ns.recompute_method or "uniform")
+    return dict(checkpoint_activations=ns.checkpoint_activations, checkpoint_num_layers=ns.checkpoint_num_layers)
+
+
+def _check_flags(ns: argparse.Namespace, typed: Optional[dict] = None) -> list[str]:
+    typed = typed or {}
     errors = []
     for flag, why in REFUSED.items():
-        value = getattr(ns, flag[2:].replace("-", "_"))
-        if value is not None and not (flag == "--num-experts" and all(v == "1" for v in value)):
-            errors.append(f"{flag}: {why}")
+        value = getattr(ns, _refused_dest(flag), None)
+        if value is None:
+            continue
+        off = upstream_flags.REFUSED_OFF_VALUES.get(flag)
+        if off and value and set(value) <= off:  # e.g. --num-experts 1: a dense model, as here
+            continue
+        errors.append(f"{typed.get(flag, flag)}: {why}")
     if ns.bf16 and ns.fp16:
         errors.append("--bf16 and --fp16 both given; pick one")
+    granularity = "selective" if ns.recompute_activations else ns.recompute_granularity
+    if ns.checkpoint_activations and granularity is not None:
+        errors.append("--checkpoint-activations and --recompute-activations/--recompute-granularity both given; "
+                      "give one (--checkpoint-activations is --recompute-granularity full --recompute-method uniform)")
+    if ns.recompute_method and granularity != "full":
+        errors.append("--recompute-method needs --recompute-granularity full")
+    if ns.recompute_method == "block" and ns.pipeline_model_parallel_size > 1:
+        errors.append("--recompute-method block is supported with --pipeline-model-parallel-size 1 only; use "
+                      "uniform")
+    if ns.accumulate_allreduce_grads_in_fp32 and ns.fp16:
+        errors.append("--accumulate-allreduce-grads-in-fp32 is supported with --bf16 (and fp32) only, not --fp16")
+    if ns.data_impl in ("lazy", "cached"):
+        errors.append(f"--data-impl {ns.data_impl}: the only format is MMIDIDX (.bin/.idx); use mmap or infer")
+    if ns.dataloader_type == "cyclic":
+        errors.append("--dataloader-type cyclic is not supported: the run makes one pass over the blended index "
+                      "(single); size the blend with --train-samples/--train-iters instead")
     if ns.universal_checkpoint and not ns.load:
         errors.append("--universal-checkpoint loads the universal folder that --load names; give --load")
     lengths = [f for f in ("train_iters", "train_samples", "train_tokens") if getattr(ns, f) is not None]
@@ -501,22 +625,36 @@ def _check_flags(ns: argparse.Namespace) -> list[str]:
 
 
 def parse_args(argv: Optional[list[str]] = None) -> RunConfig:
-    """Parse Megatron-DeepSpeed flags into a RunConfig; raises ConfigError naming the flag and the fix."""
+    """Parse Megatron-DeepSpeed flags into a RunConfig; raises ConfigError naming the flag and the fix.
+
+    Every problem is reported at once (unknown flags, bad values, refused flags, conflicts), each flag
+    spelled as the user typed it."""
     parser = build_parser()
-    argv = _normalize(list(sys.argv[1:] if argv is None else argv))
-    ns, unknown = parser.parse_known_args(argv)
-    if unknown:
-        raise _unknown_flag_error(parser, unknown)
-    if ns.deepspeed_config:
-        _adopt_deepspeed_file(ns)
-    errors = _check_flags(ns)
+    typed_argv = list(sys.argv[1:] if argv is None else argv)
+    argv = _normalize(typed_argv)
+    typed = {}
+    for before, after in zip(typed_argv, argv):
+        if before.startswith("--"):
+            typed.setdefault(after.split("=", 1)[0], before.split("=", 1)[0])
+    ns, errors = _parse_collecting(parser, argv, typed)
+    errors += _check_flags(ns, typed)
     if errors:
         raise ConfigError("invalid arguments:\n  - " + "\n  - ".join(errors))
+    if ns.deepspeed_config:
+        _adopt_deepspeed_file(ns)
     # Defaults for the flags that a preset or a DeepSpeed file may fill, then the final values.
-    for dest, default in (("micro_batch_size", 1), ("zero_stage", 0), ("cpu_optimizer", False),
+    for dest, default in (("micro_batch_size", 1), ("zero_stage", 1), ("cpu_optimizer", False),
                           ("bf16", False), ("fp16", False), ("clip_grad", 1.0)):
         if getattr(ns, dest) is None:
             setattr(ns, dest, default)
+    notices = []
+    file_states_zero = bool(ns.deepspeed_config) and \
+        "zero_stage" in deepspeed_file_values(read_deepspeed_config(ns.deepspeed_config))
+    if ns.bf16 and ns.accumulate_allreduce_grads_in_fp32 and ns.zero_stage == 0 and not file_states_zero:
+        ns.zero_stage = 1
+        notices.append("--accumulate-allreduce-grads-in-fp32 with --bf16: gradients accumulate in fp32 in "
+                       "DeepSpeed's BF16 optimizer, which runs as ZeRO stage 1 (optimizer state sharded over "
+                       "data-parallel ranks; the same updates as --zero-stage 0)")
     if ns.zero_stage >= 2 and ns.pipeline_model_parallel_size == 1:
         ns.no_pipeline_parallel = True
     model = _resolve_model(ns)
@@ -541,11 +679,11 @@ def parse_args(argv: Optional[list[str]] = None) -> RunConfig:
         lr_wsd_decay_style=ns.lr_wsd_decay_style, **optimizer_config_values(ns))
     precision = PrecisionConfig(
         bf16=ns.bf16, fp16=ns.fp16, loss_scale=ns.loss_scale, initial_loss_scale=ns.initial_loss_scale,
-        loss_scale_window=ns.loss_scale_window, hysteresis=ns.hysteresis, min_loss_scale=ns.min_loss_scale)
+        loss_scale_window=ns.loss_scale_window, hysteresis=ns.hysteresis, min_loss_scale=ns.min_loss_scale,
+        accumulate_allreduce_grads_in_fp32=ns.accumulate_allreduce_grads_in_fp32)
     zero = ZeroConfig(
         deepspeed=True, deepspeed_config=ns.deepspeed_config, zero_stage=ns.zero_stage,
         cpu_optimizer=ns.cpu_optimizer, offload_param=ns.remote_device == "cpu",
-        deepspeed_activation_checkpointing=ns.deepspeed_activation_checkpointing,
         universal_checkpoint=ns.universal_checkpoint)
     training = TrainingConfig(
         micro_batch_size=ns.micro_batch_size, global_batch_size=ns.global_batch_size,
@@ -559,9 +697,16 @@ def parse_args(argv: Optional[list[str]] = None) -> RunConfig:
     logging = LoggingConfig(log_interval=ns.log_interval, tensorboard_dir=ns.tensorboard_dir,
                             log_timers_to_tensorboard=ns.log_timers_to_tensorboard,
                             wandb_project=ns.wandb_project, wandb_exp_name=ns.wandb_exp_name,
-                            peak_tflops=ns.peak_tflops)
+                            wandb_save_dir=ns.wandb_save_dir, peak_tflops=ns.peak_tflops,
+                            tensorboard_queue_size=ns.tensorboard_queue_size,
+                            tensorboard_log_interval=ns.tensorboard_log_interval,
+                            log_learning_rate_to_tensorboard=ns.log_learning_rate_to_tensorboard,
+                            log_loss_scale_to_tensorboard=ns.log_loss_scale_to_tensorboard,
+                            log_world_size_to_tensorboard=ns.log_world_size_to_tensorboard,
+                            log_optimizer_states_to_tensorboard=ns.log_optimizer_states_to_tensorboard,
+                            timing_log_level=ns.timing_log_level, timing_log_option=ns.timing_log_option)
     return RunConfig(model=model, parallel=parallel, data=data, training=training, checkpoint=checkpoint,
-                     logging=logging, args=dict(vars(ns)), reliability=reliability_from_args(ns))
+                     logging=logging, args=dict(vars(ns)), reliability=reliability_from_args(ns), notices=notices)
 
 
 # ---- derived values ------------------------------------------------------------------------------
@@ -615,21 +760,26 @@ def train_samples(run: RunConfig, dp_size: int) -> int:
 
 def train_iters(run: RunConfig, dp_size: int) -> int:
     """Optimizer steps: --train-iters, or the samples (from --train-samples / --train-tokens) walked
-    through the batch ramp-up; a partial last batch counts as a step (Megatron rounds up likewise)."""
+    through the batch ramp-up. Every step is a whole global batch: a remainder smaller than one batch is not
+    trained on (Megatron's update_train_iters rounds down likewise), so the last iteration and the final save
+    always have their data."""
     if run.training.train_iters is not None:
         return run.training.train_iters
     samples = train_samples(run, dp_size)
-    if not run.training.rampup_batch_size:
-        return max(1, math.ceil(samples / global_batch_size(run, dp_size)))
-    consumed, iters = 0, 0
     final = global_batch_size(run, dp_size)
-    while consumed < samples:
+    consumed, iters = 0, 0
+    while run.training.rampup_batch_size:
         batch = global_batch_size_at(run, consumed, dp_size)
-        if batch == final:  # the rest at the full batch
-            return iters + math.ceil((samples - consumed) / final)
+        if batch == final or consumed + batch > samples:
+            break
         consumed += batch
         iters += 1
-    return max(1, iters)
+    iters += (samples - consumed) // final
+    if iters == 0:
+        flag = "--train-samples" if run.training.train_samples is not None else "--train-tokens"
+        raise ConfigError(f"{flag} gives {samples} samples, fewer than one global batch ({final}): the run would "
+                          "train 0 iterations")
+    return iters
 
 
 def validate_run(run: RunConfig, world_size: int) -> None:

@@ -8,10 +8,19 @@ from typing import Optional
 
 @dataclass
 class LoggingConfig:
-    log_interval: int = 10
+    log_interval: int = 100
     tensorboard_dir: Optional[str] = None
     log_timers_to_tensorboard: bool = False
+    tensorboard_queue_size: int = 1000  # SummaryWriter's max_queue
+    tensorboard_log_interval: int = 1  # per-iteration scalars every N iterations
+    log_learning_rate_to_tensorboard: bool = True
+    log_loss_scale_to_tensorboard: bool = True
+    log_world_size_to_tensorboard: bool = False
+    log_optimizer_states_to_tensorboard: bool = False  # optimizer/* norms of Adam's moments and the weights
+    timing_log_level: int = 0  # 0: iteration time; 1: + once-per-step phases; 2: + per-micro-batch phases
+    timing_log_option: str = "minmax"  # max, minmax or all (ranks)
     wandb_project: Optional[str] = None
     wandb_exp_name: Optional[str] = None
+    wandb_save_dir: Optional[str] = None  # None: tensorboard_dir, else the working directory
     # Peak dense bf16 TFLOPS of one device, for MFU. None: MFU is not reported.
     peak_tflops: Optional[float] = None

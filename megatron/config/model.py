@@ -42,11 +42,18 @@ class TransformerConfig:
     attention_dropout: float = 0.1
     hidden_dropout: float = 0.1
     init_method_std: float = 0.02
+    word_embedding_init_std: Optional[float] = None  # None: init_method_std (--adjust-word-embedding-init sets it)
+    kv_channels: Optional[int] = None  # attention head size; None: hidden_size // num_attention_heads
+    attention_softmax_in_fp32: bool = False  # attention in fp32 when activations are bf16/fp16
     # Megatron sequence parallelism (activations outside attention/MLP sharded along the sequence over tp).
     sequence_parallel: bool = False
-    # Activation checkpointing: recompute every `checkpoint_num_layers` transformer layers in backward.
+    # Full activation recomputation: "uniform" recomputes chunks of `checkpoint_num_layers` layers, "block" only
+    # the first `checkpoint_num_layers` layers (Megatron's --recompute-method); the rest keep their activations.
     checkpoint_activations: bool = False
     checkpoint_num_layers: int = 1
+    recompute_method: str = "uniform"
+    # Selective recomputation (Megatron's --recompute-granularity selective): only the core attention.
+    recompute_core_attention: bool = False
 
     def __post_init__(self) -> None:
         if self.num_key_value_heads is None:
@@ -62,11 +69,15 @@ class TransformerConfig:
     # ---- derived sizes -------------------------------------------------------------------
     @property
     def head_dim(self) -> int:
-        return self.hidden_size // self.num_attention_heads
+        return self.kv_channels or self.hidden_size // self.num_attention_heads
 
     @property
-    def kv_channels(self) -> int:
-        return self.head_dim
+    def recomputed_layers(self) -> int:
+        """Layers whose forward runs twice under full recomputation (for hardware FLOPs)."""
+        if not self.checkpoint_activations:
+            return 0
+        return min(self.num_layers, self.checkpoint_num_layers) if self.recompute_method == "block" \
+            else self.num_layers
 
     @property
     def num_query_groups(self) -> int:
@@ -80,10 +91,10 @@ class TransformerConfig:
     def num_parameters(self, include_embeddings: bool = True) -> int:
         """Parameter count of the unsharded model (padding excluded), used for FLOPs and reports."""
         h, f, L = self.hidden_size, self.ffn_hidden_size, self.num_layers
-        kv = self.num_key_value_heads * self.head_dim
+        q, kv = self.num_attention_heads * self.head_dim, self.num_key_value_heads * self.head_dim
         bias = 1 if self.add_bias_linear else 0
         norm = h * (2 if self.normalization == "layernorm" else 1)
-        attn = h * (h + 2 * kv) + bias * (h + 2 * kv) + h * h + bias * h
+        attn = h * (q + 2 * kv) + bias * (q + 2 * kv) + q * h + bias * h
         mlp = (2 if self.swiglu else 1) * (h * f + bias * f) + f * h + bias * h
         per_layer = attn + mlp + 2 * norm
         total = L * per_layer + norm
@@ -107,7 +118,7 @@ class TransformerConfig:
         for name in ("num_layers", "hidden_size", "num_attention_heads", "seq_length"):
             if getattr(self, name) <= 0:
                 errors.append(f"--{name.replace('_', '-')} must be positive (got {getattr(self, name)})")
-        if self.num_attention_heads > 0 and self.hidden_size % self.num_attention_heads:
+        if self.num_attention_heads > 0 and self.hidden_size % self.num_attention_heads and not self.kv_channels:
             errors.append(
                 f"--hidden-size {self.hidden_size} is not divisible by --num-attention-heads "
                 f"{self.num_attention_heads}"
@@ -127,6 +138,8 @@ class TransformerConfig:
         for name in ("attention_dropout", "hidden_dropout"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 errors.append(f"--{name.replace('_', '-')} must be in [0, 1) (got {getattr(self, name)})")
+        if self.recompute_method not in ("uniform", "block"):
+            errors.append(f"--recompute-method {self.recompute_method!r} is not one of uniform, block")
         if self.checkpoint_num_layers < 1:
             errors.append(f"--checkpoint-num-layers must be >= 1 (got {self.checkpoint_num_layers})")
         if errors:

@@ -1,6 +1,8 @@
-"""Named model shapes (`--model-preset NAME`): tiny (tests), GPT-2 small, Llama-2-7B, AuroraGPT-7B/-2B, 70B.
+"""Named model shapes (`--model-preset NAME`): tiny (tests), GPT-2 small, Llama-2-7B, and upstream's ALCF model
+architectures (argonne-lcf/Megatron-DeepSpeed ALCF/helpers.sh `get_model_arch_*`, the MODEL_ARCH knob).
 
-A preset fills the model flags; flags given on the command line win over it.
+A preset fills the model flags; flags given on the command line win over it. The AuroraGPT presets hold
+exactly upstream's HEADS, NLAYERS, HIDDEN, NUM_KV_HEAD, FFN_HIDDEN_SIZE and SEQ.
 """
 
 from __future__ import annotations
@@ -30,9 +32,17 @@ PRESETS: dict[str, dict] = {
     "auroragpt-7b": dict(num_layers=32, hidden_size=4096, num_attention_heads=32, num_key_value_heads=8,
                          ffn_hidden_size=11008, seq_length=4096, **_LLAMA_STYLE),
     "auroragpt-2b": dict(num_layers=12, hidden_size=2048, num_attention_heads=16, num_key_value_heads=4,
-                         ffn_hidden_size=5632, seq_length=8192, **_LLAMA_STYLE),
-    "llama-70b": dict(num_layers=80, hidden_size=8192, num_attention_heads=64, num_key_value_heads=8,
-                      ffn_hidden_size=28672, seq_length=4096, rope_theta=10000.0, **_LLAMA_STYLE),
+                         ffn_hidden_size=11008, seq_length=8192, **_LLAMA_STYLE),
+    "auroragpt-33b": dict(num_layers=78, hidden_size=8268, num_attention_heads=78, num_key_value_heads=6,
+                          ffn_hidden_size=11076, seq_length=4096, **_LLAMA_STYLE),
+    "auroragpt-70b": dict(num_layers=80, hidden_size=8192, num_attention_heads=64, num_key_value_heads=8,
+                          ffn_hidden_size=28672, seq_length=8192, **_LLAMA_STYLE),
+    "llama3-3b": dict(num_layers=28, hidden_size=3072, num_attention_heads=24, num_key_value_heads=8,
+                      ffn_hidden_size=8192, seq_length=8192, **_LLAMA_STYLE),
+    "smollm3-3b": dict(num_layers=36, hidden_size=2048, num_attention_heads=16, num_key_value_heads=4,
+                       ffn_hidden_size=11008, seq_length=8192, **_LLAMA_STYLE),
+    "phi4-mini": dict(num_layers=24, hidden_size=3072, num_attention_heads=32, num_key_value_heads=8,
+                      ffn_hidden_size=8192, seq_length=8192, **_LLAMA_STYLE),
 }
 
 

@@ -22,7 +22,7 @@ class OptimizerConfig:
     adam_eps: float = 1e-8
     sgd_momentum: float = 0.9
     # LR schedule: constant, linear, cosine, inverse-square-root, wsd (warmup-stable-decay)
-    lr_decay_style: str = "cosine"
+    lr_decay_style: str = "linear"
     lr_decay_iters: Optional[int] = None  # None: train iters
     lr_warmup_iters: int = 0
     lr_warmup_fraction: Optional[float] = None  # wins over lr_warmup_iters when set
@@ -68,20 +68,20 @@ class PrecisionConfig:
     bf16: bool = False
     fp16: bool = False
     loss_scale: Optional[float] = None  # fp16: fixed scale; None: dynamic
-    initial_loss_scale: float = 2.0**16
+    initial_loss_scale: float = 2.0**32
     loss_scale_window: int = 1000
     hysteresis: int = 2
     min_loss_scale: float = 1.0
+    accumulate_allreduce_grads_in_fp32: bool = False  # bf16: DeepSpeed's data_types.grad_accum_dtype = fp32
 
 
 @dataclass
 class ZeroConfig:
     deepspeed: bool = True
     deepspeed_config: Optional[str] = None  # a user's JSON file; generated from the flags when None
-    zero_stage: int = 0
+    zero_stage: int = 1
     cpu_optimizer: bool = False  # ZeRO optimizer-state offload to CPU (DeepSpeedCPUAdam)
     offload_param: bool = False  # ZeRO-3 parameter offload to CPU
-    deepspeed_activation_checkpointing: bool = False
     universal_checkpoint: bool = False
 
 
@@ -94,7 +94,7 @@ class TrainingConfig:
     train_samples: Optional[int] = None
     train_tokens: Optional[int] = None
     eval_interval: int = 1000
-    eval_iters: int = 10
+    eval_iters: int = 100
     seed: int = 1234
     exit_interval: Optional[int] = None
     exit_duration_in_mins: Optional[float] = None

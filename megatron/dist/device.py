@@ -110,10 +110,21 @@ def default_backend_safe(device_type: str) -> str:
         return "gloo"
 
 
+def resolve_backend(backend: Optional[str], device_type: str) -> str:
+    """The backend to initialise: the one asked for, or the device's default. Upstream's recipes pass
+    `--distributed-backend ccl` on Aurora; torch 2.8+ has the same oneCCL library built in as `xccl`, so on XPU
+    without the oneccl_bindings_for_pytorch package ccl means xccl."""
+    if backend is None:
+        return default_backend(device_type)
+    if backend == "ccl" and device_type == "xpu" and not oneccl_bindings_available() and xccl_available():
+        return "xccl"
+    return backend
+
+
 def select(backend: Optional[str], local_rank: int) -> tuple[torch.device, str]:
     """(device, backend) for this rank; also points DeepSpeed at the matching accelerator."""
     device_type = detect_device_type()
-    backend = backend or default_backend(device_type)
+    backend = resolve_backend(backend, device_type)
     check_backend(backend, device_type)
     os.environ.setdefault("DS_ACCELERATOR", DS_ACCELERATOR[device_type])
     if backend == "ccl":

@@ -16,7 +16,7 @@ from torch import nn
 
 from megatron.config.model import TransformerConfig
 from megatron.core.layers import ColumnParallelLinear, RowParallelLinear
-from megatron.core.random import derive_seed, tensor_parallel_rng
+from megatron.core.random import checkpoint, derive_seed, tensor_parallel_rng
 from megatron.core.ulysses import heads_to_sequence, sequence_to_heads
 from megatron.dist.parallel_state import ParallelState
 from megatron.model.rotary import Rotary, rotary_cos_sin, split_qkv_rotary
@@ -63,16 +63,25 @@ class SelfAttention(nn.Module):
         q, k, v = split_qkv_rotary(qkv, self.heads_per_rank, self.kv_heads_per_rank, d, rotary)
         sp_group = self.ps.sp_group
         q, k, v = (sequence_to_heads(t, sp_group) for t in (q, k, v))
-        out = self._attend(q, k, v)
+        if config.recompute_core_attention and self.training and torch.is_grad_enabled():
+            out = checkpoint(self._attend, q, k, v)  # selective recomputation: keep no scores/softmax
+        else:
+            out = self._attend(q, k, v)
         out = heads_to_sequence(out, sp_group)
         return self.dense(out.reshape(b, s, self.heads_per_rank * d))
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """Causal SDPA on [b, s, heads, d]; dropout draws from the tp stream (heads differ per rank)."""
+        """Causal SDPA on [b, s, heads, d]; dropout draws from the tp stream (heads differ per rank).
+
+        With attention_softmax_in_fp32 a bf16/fp16 q, k, v are upcast so the scores, softmax and weighted sum
+        are computed (and rounded) in fp32; the result goes back to the input dtype."""
         dropout = self.config.attention_dropout if self.training else 0.0
+        dtype = q.dtype
+        if self.config.attention_softmax_in_fp32 and dtype in (torch.bfloat16, torch.float16):
+            q, k, v = q.float(), k.float(), v.float()
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
         with tensor_parallel_rng(self.ps.tp_size, needed=dropout > 0):
             out = F.scaled_dot_product_attention(
                 q, k, v, dropout_p=dropout, is_causal=True, enable_gqa=k.shape[1] != q.shape[1]
             )
-        return out.transpose(1, 2)
+        return out.transpose(1, 2).to(dtype)

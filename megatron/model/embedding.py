@@ -29,7 +29,8 @@ class Embedding(nn.Module):
         self.word_embeddings = VocabParallelEmbedding(
             config.vocab_size, config.hidden_size, tp_group=ps.tp_group,
             padded_num_embeddings=config.padded_vocab_size(ps.tp_size), sequence_parallel=self.sequence_parallel,
-            init_std=config.init_method_std, init_seed=derive_seed(seed, "embedding.word_embeddings.weight"),
+            init_std=config.word_embedding_init_std or config.init_method_std,
+            init_seed=derive_seed(seed, "embedding.word_embeddings.weight"),
         )
         if config.position_embedding_type == "learned_absolute":
             self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.hidden_size)

@@ -87,8 +87,13 @@ class GPTModel(nn.Module):
             return hidden
         group = self.config.checkpoint_num_layers
         cos, sin = rotary if rotary is not None else (None, None)
-        for start in range(0, len(self.layers), group):
-            chunk = self.layers[start:start + group]
+        if self.config.recompute_method == "block":  # the first `group` layers recomputed one by one, then the rest
+            chunks = [self.layers[i:i + 1] for i in range(min(group, len(self.layers)))]
+            rest = self.layers[len(chunks):]
+        else:
+            chunks = [self.layers[start:start + group] for start in range(0, len(self.layers), group)]
+            rest = []
+        for chunk in chunks:
 
             def run_chunk(x, pos, cos, sin, chunk=chunk):
                 for layer in chunk:
@@ -96,6 +101,8 @@ class GPTModel(nn.Module):
                 return x
 
             hidden = checkpoint(run_chunk, hidden, position_ids, cos, sin)
+        for layer in rest:
+            hidden = layer(hidden, position_ids, rotary)
         return hidden
 
 

@@ -30,6 +30,13 @@ def precision_errors(run: RunConfig, device_type: str) -> list[str]:
         errors.append("--bf16 is not supported by DeepSpeed on MPS; drop the flag for fp32")
     if p.bf16 and p.fp16:
         errors.append("--bf16 and --fp16 both set; pick one")
+    zero = run.training.zero
+    if p.bf16 and p.accumulate_allreduce_grads_in_fp32 and (zero.zero_stage != 1 or zero.cpu_optimizer):
+        errors.append(
+            f"--accumulate-allreduce-grads-in-fp32 with --bf16 needs --zero-stage 1 without --cpu-optimizer (got "
+            f"--zero-stage {zero.zero_stage}{' --cpu-optimizer' if zero.cpu_optimizer else ''}): DeepSpeed "
+            "accumulates bf16 gradients in fp32 only in its BF16 optimizer; ZeRO-0 refuses the mix and ZeRO-2/3 "
+            "and CPU offload would accumulate in bf16. Use --zero-stage 1, or drop the flag")
     return errors
 
 
@@ -44,7 +51,8 @@ def generate_deepspeed_config(run: RunConfig, dp_size: int, device_type: Optiona
         "gradient_accumulation_steps": gradient_accumulation_steps(run, dp_size, batch),
         "gradient_clipping": t.optimizer.clip_grad,
         "steps_per_print": STEPS_PER_PRINT,
-        "wall_clock_breakdown": False,
+        # DeepSpeed's own timers measure the dp gradient reduction for --timing-log-level >= 1 (training/timers.py)
+        "wall_clock_breakdown": int(run.args.get("timing_log_level") or 0) >= 1,
         "zero_allow_untested_optimizer": True,  # the loop hands in torch SGD as well as AdamW
         "zero_optimization": _zero_section(run, accelerator),
     }
@@ -61,16 +69,8 @@ def generate_deepspeed_config(run: RunConfig, dp_size: int, device_type: Optiona
             "hysteresis": prec.hysteresis,
             "min_loss_scale": prec.min_loss_scale,
         }
-    if zero.deepspeed_activation_checkpointing:
-        a = run.args
-        cfg["activation_checkpointing"] = {
-            "partition_activations": bool(a.get("partition_activations", False)),
-            "contiguous_memory_optimization": bool(a.get("contiguous_checkpointing", False)),
-            "cpu_checkpointing": bool(a.get("checkpoint_in_cpu", False)),
-            "number_checkpoints": run.model.num_layers,
-            "synchronize_checkpoint_boundary": bool(a.get("synchronize_each_layer", False)),
-            "profile": bool(a.get("profile_backward", False)),
-        }
+    if prec.bf16 and prec.accumulate_allreduce_grads_in_fp32:
+        cfg["data_types"] = {"grad_accum_dtype": "fp32"}  # DeepSpeed's BF16 optimizer (ZeRO-1)
     return cfg
 
 

@@ -30,6 +30,7 @@ import torch.distributed as dist
 
 from megatron.config.model import TransformerConfig
 from megatron.dist.parallel_state import ParallelState
+from megatron.training.timers import Timers
 
 
 class EngineConfigError(ValueError):
@@ -173,6 +174,20 @@ def masked_mean_loss(per_token_loss: torch.Tensor, loss_mask: torch.Tensor, ps: 
 
 # ---- the engine -------------------------------------------------------------------------------------
 
+def quiet_deepspeed_timer_log(engine) -> None:
+    """DeepSpeed (checked against 0.19.8) prints its wall-clock timers at every micro-step when
+    wall_clock_breakdown is on; we read them (get_wall_clock_timers) into our own report instead, so its
+    print is replaced by a reset of the same timers."""
+    timers = engine.timers
+
+    def reset_only(names, *args, **kwargs):
+        for name in names:
+            if name in timers.get_timers():
+                timers(name).reset()
+
+    timers.log = reset_only
+
+
 @dataclass
 class StepResult:
     loss: float  # mean over the global batch (every micro-batch of every dp rank)
@@ -196,10 +211,21 @@ class TrainingEngine:
     hook_handles: list = field(default_factory=list)
     destroyed: bool = False
     last_clip_grad_norm: Optional[float] = None  # set by _clip_fp32_gradients at each optimizer step
+    timers: Optional[Timers] = None  # per-phase timers (--timing-log-level); None: not timed
 
     def __post_init__(self):
         if self._fp32_without_zero():  # an instance attribute: DeepSpeed's _take_model_step calls ours
             self.engine.clip_fp32_gradients = self._clip_fp32_gradients
+        if self.timers is None:
+            self.timers = Timers(0)
+        if self.engine.wall_clock_breakdown():
+            quiet_deepspeed_timer_log(self.engine)
+
+    def _add_reduce_time(self) -> None:
+        """The dp gradient reduction DeepSpeed timed in this micro-step's backward (wall_clock_breakdown)."""
+        ms = self.engine.get_wall_clock_timers().get("bwd_allreduce_microstep")
+        if ms is not None:
+            self.timers("grads-all-reduce", 1).add(ms / 1000.0)
 
     @property
     def lr_scheduler(self):
@@ -303,24 +329,39 @@ class TrainingEngine:
         lr = self._lr()
         grad_norm = None
         self.last_clip_grad_norm = None
-        if self.is_pipeline:
-            loss = float(self.engine.train_batch(data_iter=self._pipeline_batches(batches)).item())
+        timers = self.timers
+        if self.is_pipeline:  # DeepSpeed's 1F1B schedule runs forward, backward and the optimizer step in one call
+            with timers("forward-backward", 1):
+                loss = float(self.engine.train_batch(data_iter=self._pipeline_batches(batches)).item())
         else:
             self.engine.train()
             gas = self.gradient_accumulation_steps
             total = torch.zeros((), dtype=torch.float32, device=self.device)
+            forward_backward = timers("forward-backward", 1)
+            forward_backward.start()
             for micro_step in range(gas):
                 # The boundary is the last micro-batch of this global batch. DeepSpeed's own count
                 # ((micro_steps + 1) % gas) is not restored by a resume, so after a resume inside a batch
                 # ramp-up it would fall mid-batch once the batch grows.
                 self.engine.set_gradient_accumulation_boundary(micro_step == gas - 1)
-                x = self._inputs(next(batches))
-                per_token = self.engine(x.tokens, position_ids=x.position_ids, labels=x.labels)
-                loss, report = masked_mean_loss(per_token, x.loss_mask, self.ps)
-                self.engine.backward(loss)  # at the last micro-batch: gradients reduced over dp (sdp)
-                if self.engine.is_gradient_accumulation_boundary() and self._needs_own_grad_norm():
-                    grad_norm = self._grad_norm_of_reduced_grads()
-                self.engine.step()  # only steps the optimizer (and the LR schedule) at the boundary
+                with timers("batch-generator", 1):
+                    batch = next(batches)
+                x = self._inputs(batch)
+                with timers("forward-compute", 2):
+                    per_token = self.engine(x.tokens, position_ids=x.position_ids, labels=x.labels)
+                    loss, report = masked_mean_loss(per_token, x.loss_mask, self.ps)
+                with timers("backward-compute", 2):
+                    self.engine.backward(loss)  # at the last micro-batch: gradients reduced over dp (sdp)
+                if self.engine.is_gradient_accumulation_boundary():
+                    if self._needs_own_grad_norm():
+                        grad_norm = self._grad_norm_of_reduced_grads()
+                    forward_backward.stop()
+                    with timers("optimizer", 1):
+                        self.engine.step()  # steps the optimizer and the LR schedule
+                else:
+                    self.engine.step()  # between boundaries: only counts the micro-step
+                if self.engine.wall_clock_breakdown():
+                    self._add_reduce_time()
                 total += report
             total /= gas
             if self.ps.dp_size > 1:
@@ -369,7 +410,8 @@ class TrainingEngine:
 
 
 def build_engine(run, ps: ParallelState, device: torch.device, ds_config: Optional[dict] = None,
-                 lr_scheduler_factory=None, eod_token: Optional[int] = None) -> TrainingEngine:
+                 lr_scheduler_factory=None, eod_token: Optional[int] = None,
+                 timers: Optional[Timers] = None) -> TrainingEngine:
     """Model, optimizer, LR schedule and DeepSpeed engine for `run` on this rank (collective).
 
     ds_config: default build_deepspeed_config(run, dp) -- generated from the flags or the user's file, checked.
@@ -415,4 +457,4 @@ def build_engine(run, ps: ParallelState, device: torch.device, ds_config: Option
         engine.enable_backward_allreduce = False
     return TrainingEngine(engine=engine, ps=ps, device=device, model_config=run.model, ds_config=ds_config,
                           is_pipeline=pipeline, eod_token=eod_token, reset_position_ids=run.data.reset_position_ids,
-                          eod_mask_loss=run.data.eod_mask_loss, hook_handles=handles)
+                          eod_mask_loss=run.data.eod_mask_loss, hook_handles=handles, timers=timers)

@@ -8,6 +8,7 @@ Distributed initialisation and the ParallelState belong to the caller (pretrain_
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import random
 import resource
@@ -30,6 +31,7 @@ from megatron.optimizer.checkpoint_check import check_optimizer_state
 from megatron.training.metrics import throughput
 from megatron.training.numerics import EXIT_NUMERICAL, NanCheck, guard_plain_optimizer
 from megatron.training.signals import ExitConditions
+from megatron.training.timers import Timers
 from megatron.training.watchdog import (CollectiveFailure, Watchdog, instrument_engine, is_collective_failure,
                                         track_batches)
 from megatron.training.tracking import Tracker
@@ -96,12 +98,51 @@ def _isolated_rng(fn: Callable):
 
 # ---- logging ----------------------------------------------------------------------------------------
 
+def megatron_log_line(iteration: int, total_iters: int, consumed_samples: int, consumed_tokens: int,
+                      ms_per_iteration: float, learning_rate: float, global_batch: int, loss: float,
+                      loss_scale: Optional[float], grad_norm: Optional[float], skipped: int, nan_iterations: int,
+                      samples_per_s: float, tokens_per_gpu_per_s: float, tflops: float, mfu: Optional[float],
+                      hfu: Optional[float], memory_mb: float) -> str:
+    """Megatron-DeepSpeed's training log line (' iteration N/ M | consumed samples: ... |'), so the log parsers
+    and plotting scripts users have keep working; MFU/HFU and memory are appended at the end."""
+    line = f" iteration {iteration:8d}/{total_iters:8d} |"
+    line += f" consumed samples: {consumed_samples:12d} |"
+    line += f" consumed tokens: {consumed_tokens:12d} |"
+    line += f" elapsed time per iteration (ms): {ms_per_iteration:.1f} |"
+    line += f" learning rate: {learning_rate:.6E} |"
+    line += f" global batch size: {global_batch:5d} |"
+    line += f" lm loss: {loss:.6E} |"
+    if loss_scale is not None:
+        line += f" loss scale: {loss_scale:.1f} |"
+    if grad_norm is not None:
+        line += f" grad norm: {grad_norm:.3f} |"
+    line += f" number of skipped iterations: {skipped:3d} |"
+    line += f" number of nan iterations: {nan_iterations:3d} |"
+    line += f" samples per second: {samples_per_s:.3f} |"
+    line += f" tokens per gpu per second (tgs): {tokens_per_gpu_per_s:.3f} |"
+    line += f" TFLOPs: {tflops:.2f} |"
+    if mfu is not None:
+        line += f" MFU: {100 * mfu:.2f}% | HFU: {100 * hfu:.2f}% |"
+    line += f" memory (MB): {memory_mb:.0f} |"
+    return line
+
+
+def loss_scale_of(engine) -> Optional[float]:
+    """The fp16 dynamic loss scale; None for bf16/fp32 (nothing is scaled)."""
+    if not engine.fp16_enabled():
+        return None
+    scale = getattr(engine.optimizer, "cur_scale", None)
+    return None if scale is None else float(scale)
+
+
 class IntervalLog:
-    """Accumulates steps between two log lines and prints Megatron's per-interval line on rank 0."""
+    """Accumulates steps between two log lines and prints Megatron's per-interval line on rank 0; writes the
+    per-iteration scalars to TensorBoard/wandb every --tensorboard-log-interval iterations."""
 
     def __init__(self, run: RunConfig, ps: ParallelState, device: torch.device, tracker: Tracker, total_iters: int,
-                 printer: Callable[[str], None]):
+                 printer: Callable[[str], None], timers: Optional[Timers] = None):
         self.run, self.ps, self.device, self.tracker = run, ps, device, tracker
+        self.timers = timers or Timers(0)
         self.total_iters, self.printer = total_iters, printer
         self.reset()
 
@@ -113,37 +154,57 @@ class IntervalLog:
         self.samples += samples
         self.seconds += seconds
 
-    def emit(self, iteration: int, step, consumed_samples: int, skipped_total: int) -> None:
+    def iteration_scalars(self, iteration: int, step, consumed_samples: int, skipped_total: int,
+                          loss_scale: Optional[float], engine=None) -> None:
+        """This iteration's scalars, every --tensorboard-log-interval iterations (upstream's training_log)."""
+        lg = self.run.logging
+        if iteration % lg.tensorboard_log_interval:
+            return
+        if lg.log_optimizer_states_to_tensorboard and engine is not None:  # collective: before the rank-0 filter
+            from megatron.training.optimizer_stats import optimizer_state_stats
+
+            self.tracker.log(optimizer_state_stats(engine, self.ps, self.device), iteration)
+        seq = self.run.model.seq_length
+        scalars = {
+            "train/loss": step.loss, "train/grad_norm": step.grad_norm, "train/skipped_steps": skipped_total,
+            "train/global_batch_size": step.num_samples, "train/consumed_samples": consumed_samples,
+            "train/consumed_tokens": consumed_samples * seq,
+        }
+        if lg.log_learning_rate_to_tensorboard:
+            scalars["train/learning_rate"] = step.learning_rate
+        if lg.log_loss_scale_to_tensorboard and loss_scale is not None:
+            scalars["train/loss_scale"] = loss_scale
+        if lg.log_world_size_to_tensorboard:
+            scalars["train/world_size"] = self.ps.world_size
+        self.tracker.log(scalars, iteration)
+
+    def emit(self, iteration: int, step, consumed_samples: int, skipped_total: int,
+             loss_scale: Optional[float] = None) -> None:
         run = self.run
         seq = run.model.seq_length
         rates = throughput(run.model, max(self.seconds, 1e-9), self.samples, self.ps.world_size, seq,
                            run.logging.peak_tflops)
         loss = sum(self.losses) / max(1, len(self.losses))
-        scalars = {
-            "train/loss": loss, "train/learning_rate": step.learning_rate, "train/grad_norm": step.grad_norm,
-            "train/skipped_steps": skipped_total, "train/global_batch_size": step.num_samples,
-            "train/consumed_samples": consumed_samples, "train/consumed_tokens": consumed_samples * seq,
+        memory = memory_in_use_mb(self.device)
+        timers = self.timers.gather(normalizer=max(1, len(self.losses))) if self.timers.level else {}
+        if run.logging.log_timers_to_tensorboard:
+            self.tracker.log({f"timers/{name}": max(ms) for name, ms in timers.items()}, iteration)
+        self.tracker.log({
             "throughput/tokens_per_s": rates.tokens_per_s, "throughput/samples_per_s": rates.samples_per_s,
             "throughput/tflops_per_device": rates.tflops_per_device, "throughput/mfu": rates.mfu,
-            "memory/in_use_mb": memory_in_use_mb(self.device),
-        }
-        self.tracker.log(scalars, iteration)
+            "throughput/hardware_tflops_per_device": rates.hardware_tflops_per_device, "throughput/hfu": rates.hfu,
+            "throughput/iteration_time_ms": 1000 * self.seconds / max(1, len(self.losses)),
+            "memory/in_use_mb": memory,
+        }, iteration)
         if self.ps.rank == 0:
-            parts = [
-                f"iteration {iteration:>7d}/{self.total_iters}",
-                f"consumed samples {consumed_samples}", f"consumed tokens {consumed_samples * seq}",
-                f"elapsed time per iteration (ms) {1000 * self.seconds / max(1, len(self.losses)):.1f}",
-                f"learning rate {step.learning_rate:.4E}", f"global batch size {step.num_samples}",
-                f"lm loss {loss:.6E}",
-                "grad norm " + ("n/a" if step.grad_norm is None else f"{step.grad_norm:.4f}"),
-                f"skipped iterations {skipped_total}",
-                f"tokens/s {rates.tokens_per_s:.1f}", f"samples/s {rates.samples_per_s:.2f}",
-                f"TFLOPS/device {rates.tflops_per_device:.4g}",
-            ]
-            if rates.mfu is not None:
-                parts.append(f"MFU {100 * rates.mfu:.2f}%")
-            parts.append(f"memory (MB) {scalars['memory/in_use_mb']:.0f}")
-            self.printer(" | ".join(parts))
+            self.printer(megatron_log_line(
+                iteration, self.total_iters, consumed_samples, consumed_samples * seq,
+                1000 * self.seconds / max(1, len(self.losses)), step.learning_rate, step.num_samples, loss,
+                loss_scale, step.grad_norm, skipped_total, sum(1 for x in self.losses if math.isnan(x)),
+                rates.samples_per_s, rates.tokens_per_s_per_device, rates.tflops_per_device, rates.mfu, rates.hfu,
+                memory))
+            for line in self.timers.log_lines(timers):
+                self.printer(line)
         self.reset()
 
 
@@ -158,8 +219,10 @@ def evaluate(te: TrainingEngine, batches, eval_iters: int) -> float:
 def _report_eval(name: str, iteration: int, loss: float, ps: ParallelState, tracker: Tracker, printer) -> None:
     ppl = float(np.exp(min(loss, 20.0)))
     tracker.log({f"{name}/loss": loss, f"{name}/ppl": ppl}, iteration)
-    if ps.rank == 0:
-        printer(f"{name} loss at iteration {iteration} | lm loss {loss:.6E} | lm loss PPL {ppl:.6E}")
+    if ps.rank == 0:  # Megatron's evaluation lines, framed by dashes
+        where = f"iteration {iteration}" if name == "validation" else f"the end of training for {name} data"
+        line = f" {name} loss at {where} | lm loss value: {loss:.6E} | lm loss PPL: {ppl:.6E} | "
+        printer("-" * (len(line) + 1) + "\n" + line + "\n" + "-" * (len(line) + 1))
 
 
 # ---- the loop ---------------------------------------------------------------------------------------
@@ -190,7 +253,8 @@ def train(run: RunConfig, ps: ParallelState, device: torch.device, tracker: Opti
                        log=printer if ps.rank == 0 else _quiet)
     seed_everything(t.seed, ps, device)
 
-    te = build_engine(run, ps, device, eod_token=getattr(tokenizer, "eod", None))
+    timers = Timers(run.logging.timing_log_level, run.logging.timing_log_option, device)
+    te = build_engine(run, ps, device, eod_token=getattr(tokenizer, "eod", None), timers=timers)
     own_tracker = tracker is None
     tracker = tracker or Tracker(run.logging, ps.rank, config=run.args)
     result = TrainResult()
@@ -251,7 +315,7 @@ def train(run: RunConfig, ps: ParallelState, device: torch.device, tracker: Opti
             if ps.rank == 0:
                 printer(f"saved checkpoint {path}")
 
-        log = IntervalLog(run, ps, device, tracker, total_iters, printer)
+        log = IntervalLog(run, ps, device, tracker, total_iters, printer, timers)
         last_saved = iteration if load_tag is not None else None
         with exits:
             while iteration < total_iters:
@@ -267,8 +331,10 @@ def train(run: RunConfig, ps: ParallelState, device: torch.device, tracker: Opti
                 consumed += step.num_samples
                 result.losses[iteration], result.grad_norms[iteration] = step.loss, step.grad_norm
                 log.add(step.loss, step.num_samples, time.time() - start)
+                log.iteration_scalars(iteration, step, consumed, te.engine.skipped_steps, loss_scale_of(te.engine),
+                                      te.engine)
                 if iteration % run.logging.log_interval == 0 or iteration == total_iters:
-                    log.emit(iteration, step, consumed, te.engine.skipped_steps)
+                    log.emit(iteration, step, consumed, te.engine.skipped_steps, loss_scale_of(te.engine))
 
                 numerical_stop = nan_check.after_step(iteration, step.loss, step.grad_norm, step.skipped)
                 if numerical_stop:

@@ -29,11 +29,12 @@ class Tracker:
             from torch.utils.tensorboard import SummaryWriter
 
             os.makedirs(logging.tensorboard_dir, exist_ok=True)
-            self.tensorboard = SummaryWriter(log_dir=logging.tensorboard_dir)
+            self.tensorboard = SummaryWriter(log_dir=logging.tensorboard_dir, max_queue=logging.tensorboard_queue_size)
             if config:
                 self.tensorboard.add_text("arguments", "```\n" + json.dumps(config, indent=1, default=str) + "\n```")
         if logging.wandb_project:
-            self.wandb_run = _start_wandb(logging, config, wandb_dir or logging.tensorboard_dir or os.getcwd())
+            self.wandb_run = _start_wandb(logging, config, wandb_dir or logging.wandb_save_dir
+                                          or logging.tensorboard_dir or os.getcwd())
 
     @property
     def active(self) -> bool:

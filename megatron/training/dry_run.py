@@ -1,0 +1,126 @@
+"""`pretrain_gpt.py --dry-run` and the ALCF recipes' DRY_RUN=1: the resolved run, printed, nothing launched.
+
+    print(dry_run_report(run, world_size=24))
+
+Sections: the layout (parallel sizes, batch, run length), the DeepSpeed config the flags generate, the blend
+summary (megatron/data/blend_report.py: reads the files' headers, so a missing file fails here, before a job
+waits in a queue), and the parameter count with an estimate of memory per device.
+
+Memory per device (an estimate, in the spirit of Korthikanti et al. 2022, "Reducing Activation Recomputation"):
+  weights        P_dev × (2 bytes bf16/fp16, 4 fp32), / dp under ZeRO-3
+  gradients      P_dev × (weight bytes; 4 with fp32 accumulation), / dp under ZeRO-2/3
+  optimizer      P_dev × (8 bytes Adam moments + 4 fp32 master weights under bf16/fp16), / dp under ZeRO >= 1;
+                 0 on the device with --cpu-optimizer
+  activations    per layer and micro-batch s·b·h·(10 + 24/tp) bytes (attention scores are not kept: SDPA),
+                 2·s·b·h for a recomputed layer's input; × layers per stage × micro-batches in flight (pp under
+                 1F1B); plus the fp32 logits s·b·V/tp × 4 bytes twice (softmax and its gradient)
+P_dev counts this device's share: the layers of one pipeline stage over tp, and the embedding over tp.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Optional
+
+from megatron.config.arguments import (
+    RunConfig, global_batch_size, gradient_accumulation_steps, train_iters, train_samples, validate_run,
+)
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:.2f} GiB"
+
+
+def memory_per_device(run: RunConfig, world_size: int) -> dict[str, float]:
+    """Bytes per device by kind (see the module docstring); 'total' is their sum."""
+    m, p, t = run.model, run.parallel, run.training
+    tp, pp = p.tp, p.pp
+    dp = p.data_parallel_size(world_size)
+    h, s, b, L = m.hidden_size, m.seq_length, t.micro_batch_size, m.num_layers
+    vocab = m.padded_vocab_size(tp) if m.vocab_size else 0
+    layers_per_stage = -(-L // pp)
+    per_layer = (m.num_parameters(include_embeddings=False) - h * (2 if m.normalization == "layernorm" else 1)) // L
+    embedding = vocab * h * (2 if m.untie_embeddings_and_output_weights and pp == 1 else 1)
+    params = (layers_per_stage * per_layer + embedding) / tp
+    mixed = t.precision.bf16 or t.precision.fp16
+    weight_bytes = 2 if mixed else 4
+    grad_bytes = 4 if (t.precision.bf16 and t.precision.accumulate_allreduce_grads_in_fp32) else weight_bytes
+    zero = t.zero.zero_stage
+    out = {
+        "weights": params * weight_bytes / (dp if zero >= 3 else 1),
+        "gradients": params * grad_bytes / (dp if zero >= 2 else 1),
+        "optimizer": 0.0 if t.zero.cpu_optimizer else params * (8 + (4 if mixed else 0)) / (dp if zero >= 1 else 1),
+    }
+    gas = gradient_accumulation_steps(run, dp)
+    in_flight = min(pp, gas) if pp > 1 else 1
+    full_layer = s * b * h * (10 + 24 / tp)
+    recomputed = m.recomputed_layers if pp == 1 else (layers_per_stage if m.checkpoint_activations else 0)
+    recomputed = min(recomputed, layers_per_stage)
+    kept = (layers_per_stage - recomputed) * full_layer + recomputed * 2 * s * b * h + (full_layer if recomputed else 0)
+    out["activations"] = kept * in_flight + 2 * 4 * s * b * vocab / tp
+    out["total"] = sum(out.values())
+    return out
+
+
+def dry_run_report(run: RunConfig, world_size: int, launch_line: Optional[str] = None) -> str:
+    """The resolved run as text (raises ConfigError for a run that would not start)."""
+    from megatron.training.ds_config import build_deepspeed_config
+
+    validate_run(run, world_size)
+    lines = []
+    if launch_line:
+        lines += ["== launch", launch_line, ""]
+    p, t, m = run.parallel, run.training, run.model
+    dp = p.data_parallel_size(world_size)
+    iters = train_iters(run, dp)
+    lines += [
+        "== layout",
+        f"world {world_size} = tp {p.tp} × sp {p.sp} × dp {dp} × pp {p.pp}; ZeRO stage {t.zero.zero_stage}"
+        f"{' (optimizer on CPU)' if t.zero.cpu_optimizer else ''}; "
+        f"{'bf16' if t.precision.bf16 else 'fp16' if t.precision.fp16 else 'fp32'}",
+        f"micro batch {t.micro_batch_size} × dp {dp} × accumulation {gradient_accumulation_steps(run, dp)} = "
+        f"global batch {global_batch_size(run, dp)} samples of {m.seq_length} tokens",
+        f"{iters} iterations = {iters * global_batch_size(run, dp)} samples = "
+        f"{iters * global_batch_size(run, dp) * m.seq_length} tokens (--train-samples/--train-tokens give "
+        f"{train_samples(run, dp)} samples)",
+        "",
+        "== DeepSpeed config",
+        json.dumps(build_deepspeed_config(run, dp), indent=2, sort_keys=True),
+        "",
+        "== blend",
+    ]
+    run, vocab_note = _with_vocab(run)
+    lines.append(_blend_summary(run, dp, iters))
+    lines += ["", "== model"]
+    m = run.model
+    total = m.num_parameters(include_embeddings=bool(m.vocab_size))
+    lines.append(f"parameters: {total:,}{'' if m.vocab_size else ' (embeddings not counted: ' + vocab_note + ')'}")
+    memory = memory_per_device(run, world_size)
+    lines.append("memory per device (estimate): " + ", ".join(f"{k} {_gib(v)}" for k, v in memory.items()))
+    for notice in run.notices:
+        lines.append(f"note: {notice}")
+    return "\n".join(lines)
+
+
+def _with_vocab(run: RunConfig):
+    """(run with the tokenizer's vocabulary size when it can be built here, why not otherwise)."""
+    from megatron.training.loop import resolve_vocab
+
+    try:
+        return resolve_vocab(run)[0], ""
+    except Exception as e:  # a tokenizer that needs the network or a missing file: report, do not fail
+        return run, f"the tokenizer could not be built here: {e}"
+
+
+def _blend_summary(run: RunConfig, dp: int, iters: int) -> str:
+    if run.data.mock_data:
+        return "mock data: random tokens (--mock-data), no files"
+    from megatron.data.blend_report import blend_report_for_config
+
+    t = run.training
+    batch = global_batch_size(run, dp)
+    evals = (iters // t.eval_interval + 1) * t.eval_iters if t.eval_interval and t.eval_iters else 0
+    report = blend_report_for_config(run.data, run.model.seq_length, t.seed,
+                                     (train_samples(run, dp), evals * batch, t.eval_iters * batch if evals else 0),
+                                     run.data.blend_epochs_warning, run.model.vocab_size or None)
+    return report.table()
