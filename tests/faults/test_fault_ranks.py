@@ -45,7 +45,7 @@ def test_a_killed_rank_ends_the_job_with_a_message_naming_it(tmp_path, launcher)
             assert code0 == 3, out[-3000:]
             # gloo usually notices the dead peer at once (a collective fails); otherwise the watchdog fires
             assert "rank(s) not answering: 1" in out or "stuck rank(s): 1" in out, out[-3000:]
-            assert "rank 1: phase" in out and "(stopped, killed, or its node is gone)" in out, out[-3000:]
+            assert "rank 1: phase" in out, out[-3000:]  # its last phase and heartbeat age
             assert "Traceback" not in job.logs[0].read_text()
         else:
             codes = job.wait(timeout=60)
