@@ -153,9 +153,11 @@ def main() -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(9, 5.5))
-    for name, r in results.items():
-        ax.plot(range(1, len(r["losses"]) + 1), r["losses"], label=name, linewidth=1.2)
+    fig, ax = plt.subplots(figsize=(10, 6))
+    colors = plt.get_cmap("tab20").colors
+    for i, (name, r) in enumerate(results.items()):  # distinct colour and dash per optimizer
+        ax.plot(range(1, len(r["losses"]) + 1), r["losses"], label=name, linewidth=1.3,
+                color=colors[(2 * i) % 20 if i < 10 else (2 * i + 1) % 20], linestyle=("-", "--", ":")[i % 3])
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("training loss")
     ax.set_title(f"--optimizer on Llama L{a.layers} h{a.hidden} (stdlib corpus, batch {a.batch}×{a.seq})")

@@ -8,10 +8,10 @@ import re
 import engine_cases as ec
 
 OPTIMIZERS = ["adam", "adamw", "sgd", "apex.adam", "adamwschedulefree", "sgdschedulefree", "adopt", "sophiag",
-              "ds.fusedlamb", "ipex.lamb", "muon", "galoreadamw", "dshampooadamw"]
+              "ds.fusedlamb", "ipex.lamb", "muon", "galoreadamw", "dshampooadamw", "adam8bit"]
 # multi-rank checks skip names that run the same class as another (apex.adam = adamw, ipex.lamb = ds.fusedlamb
 # without the trust-ratio bounds)
-MULTI_RANK = [name for name in OPTIMIZERS if name not in ("apex.adam", "ipex.lamb")]
+MULTI_RANK = [name for name in OPTIMIZERS if name not in ("apex.adam", "ipex.lamb", "adam8bit")]
 # at tp=2 × pp=2 × dp=2 (8 ranks, the costliest launch): every class of our own or wrapped by us, and one
 # library elementwise optimizer besides Adam (sgd, adamw and sgdschedulefree share code with adam /
 # adamwschedulefree and are covered at tp=2)

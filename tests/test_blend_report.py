@@ -147,7 +147,7 @@ def test_files_too_short_for_a_split_are_named_with_their_tokens(tmp_path, caplo
 def test_per_split_data_paths_are_separate_blends_of_whole_files(tmp_path):
     a, b = write_file(tmp_path / "a", 30, 1), write_file(tmp_path / "b", 30, 2)
     v = write_file(tmp_path / "v", 20, 3)
-    model = ["--num-layers", "1", "--hidden-size", "8", "--num-attention-heads", "2"]
+    model = ["--num-layers", "1", "--hidden-size", "8", "--num-attention-heads", "2", "--seq-length", str(SEQ)]
     run = parse_args(model + ["--train-data-path", "0.7", a, "0.3", b, "--valid-data-path", v, "--split", "50,50,0",
                       "--blend-epochs-warning", "2.5", "--data-cache-path", str(tmp_path / "c"),
                       "--shuffle-sample-in-corpus", "--repeated-dataloader"])

@@ -81,6 +81,8 @@ def two_ranks(root):
         cases += resume_cases(f"tp2_{name}", oc.optimizer_flags(name, *TP2, "--train-iters", "4"), root)
     cases += resume_cases("rampup_dp2", rampup_flags(), root, exit_at=3)  # resumed inside the ramp-up
     cases.append(("lamb_large_batch_dp2", ec.flags(*LAMB_LARGE_BATCH)))
+    # 8-bit Adam needs whole tensors: checked at dp=2 (ZeRO-0) instead of tp=2
+    cases += resume_cases("dp2_adam8bit", oc.optimizer_flags("adam8bit", "--train-iters", "4"), root)
     cases.append(("lamb_large_batch_dp2_zero1_bf16", ec.flags(*LAMB_LARGE_BATCH, "--zero-stage", "1", "--bf16")))
     adam = str(root / "tp2_adam")
     cases.append(("adam_state_into_muon", oc.optimizer_flags("muon", *TP2, "--train-iters", "4", "--load", adam)))
@@ -112,6 +114,12 @@ def test_each_optimizer_learns_in_20_steps(single, name):
     assert len(losses) == 20 and losses[-1] < losses[0] - 0.3, losses
 
 
+def test_adam8bit_at_dp2_steps_like_the_single_rank(single, two_ranks):
+    reference = single["adam8bit"]["losses"][:4]
+    for rank_result in two_ranks:
+        assert _ok(rank_result["dp2_adam8bit/uninterrupted"], "adam8bit")["losses"] == pytest.approx(reference, abs=5e-5)
+
+
 @pytest.mark.parametrize("name", oc.MULTI_RANK)
 def test_tp2_steps_equal_the_single_rank_steps(single, two_ranks, name):
     reference = single[name]["losses"][:4]
@@ -128,12 +136,13 @@ def test_tp2_pp2_dp2_steps_equal_the_single_rank_steps(single, eight_ranks, name
         assert losses == pytest.approx(reference, abs=5e-5, rel=0), name
 
 
-@pytest.mark.parametrize("name", oc.MULTI_RANK)
+@pytest.mark.parametrize("name", oc.MULTI_RANK + ["adam8bit"])
 def test_resume_continues_each_optimizer_bit_for_bit(two_ranks, name):
+    layout = "dp2" if name == "adam8bit" else "tp2"
     for rank_result in two_ranks:
-        full = _ok(rank_result[f"tp2_{name}/uninterrupted"], name)
-        cut = _ok(rank_result[f"tp2_{name}/interrupted"], name)
-        resumed = _ok(rank_result[f"tp2_{name}/resumed"], name)
+        full = _ok(rank_result[f"{layout}_{name}/uninterrupted"], name)
+        cut = _ok(rank_result[f"{layout}_{name}/interrupted"], name)
+        resumed = _ok(rank_result[f"{layout}_{name}/resumed"], name)
         assert cut["losses"] == full["losses"][:SAVE_AT]
         assert resumed["start_iteration"] == SAVE_AT
         assert resumed["losses"] == full["losses"][SAVE_AT:]  # exact float equality
@@ -244,12 +253,19 @@ def test_lamb_runs_on_zero_1_2_and_bf16_partitions_but_refuses_zero_3(name):
 
 
 @pytest.mark.parametrize("name, message", [
-    ("adam8bit", "needs a CUDA device"), ("galoreadamw8bit", "needs bitsandbytes on a CUDA device"),
-    ("galoreadamw8bitperlayer", "backward hooks"), ("ds.onebitlamb", "compresses the gradient all-reduce"),
+    ("galoreadamw8bit", "runs on CUDA only"), ("galoreadamw8bitperlayer", "backward hooks"), ("ds.onebitlamb", "compresses the gradient all-reduce"),
     ("muonclip", "attention logits"),
 ])
 def test_unavailable_optimizers_are_refused_with_their_reason(name, message):
     assert message in _errors("--optimizer", name)
+
+
+def test_eight_bit_adam_runs_on_whole_tensors_only():
+    assert _errors("--optimizer", "adam8bit") == ""
+    for flags, named in ((TP2, "--tensor-model-parallel-size 2"), (("--zero-stage", "1"), "--zero-stage 1"),
+                         (("--bf16",), "--bf16")):
+        assert f"quantises its state in blocks of each whole tensor, so it cannot give the single-rank step with " \
+               f"{named}" in _errors("--optimizer", "adam8bit", *flags)
 
 
 def test_other_refusals_name_their_flags():

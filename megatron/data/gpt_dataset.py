@@ -10,10 +10,10 @@ between the ranks of a node. `MockGPTDataset` makes learnable fake data.
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import hashlib
 import logging
+import multiprocessing.util
 import os
 import tempfile
 import threading
@@ -34,7 +34,7 @@ SAMPLE_MODES = ("samples", "documents")
 
 
 DEFAULT_INDEX_CACHE_BYTES = 256 << 20  # per process: the most document-index bytes kept in memory
-DEFAULT_SHARED_INDEX_BYTES = 4 << 30  # per node directory: indices shared between ranks (tmpfs is RAM)
+DEFAULT_SHARED_INDEX_BYTES = 2 << 30  # per node directory: indices shared between ranks (tmpfs is RAM)
 SHARE_MIN_BYTES = 1 << 20  # smaller indices are cheap to rebuild; this also bounds the mapped files (fds)
 SHARED_INDEX_SWEEP_EVERY = 32  # writes between two size checks of the shared directory
 
@@ -87,7 +87,11 @@ class DocumentIndex:
         self._written: list[str] = []
         self.builds = 0  # indices this process computed (the rest came from its cache or the shared directory)
         self.shared_loads = 0
-        atexit.register(_remove_files, self._written)  # holds the list, not this object
+        # run at exit in this process only, DataLoader worker processes included (atexit is not run there);
+        # holds the list, not this object
+        multiprocessing.util.Finalize(None, _remove_files, args=(self._written,), exitpriority=10)
+        if os.path.isdir(self.shared_dir):
+            self._sweep_shared_dir()  # what crashed runs left behind stays under shared_bytes
 
     def close(self) -> None:
         """Remove the shared files this process wrote (a rank still mapping one keeps its pages)."""

@@ -14,6 +14,8 @@ where one is right, or to a module of this package where none is (the module say
     ipex.lamb/fusedlamb    lamb.Lamb (IPEX's LAMB without bounds)                 per-tensor norms (tp, dp all-reduce)
     muon                   torch.optim.Muon on hidden matrices + AdamW on the rest, full matrices (tp gather)
     galoreadamw            galore_torch.GaLoreAdamW on hidden matrices             full matrices (tp gather)
+    adam8bit               bitsandbytes Adam8bit (CPU and CUDA)                   whole unsplit tensors (tp 1, ZeRO-0)
+    galoreadamw8bit        galore_torch.GaLoreAdamW8bit (CUDA only)               whole unsplit tensors (tp 1, ZeRO-0)
     dshampooadamw          pytorch_optimizer.ScalableShampoo, RMSProp grafting     full matrices (tp gather)
 
 Elementwise optimizers are layout-free: any tp / pp / dp / ZeRO stage gives the single-rank step. The
@@ -36,13 +38,14 @@ ELEMENTWISE = ("adam", "adamw", "apex.adam", "sgd", "apex.sgd", "adamwschedulefr
                "adopt", "sophiag")
 WHOLE_TENSOR = ("ds.fusedlamb", "ipex.lamb", "ipex.fusedlamb", "muon", "galoreadamw", "dshampooadamw")
 SCHEDULE_FREE = ("adamwschedulefree", "sgdschedulefree")
+# 8-bit state (bitsandbytes) is quantised in blocks of each tensor's flat elements: a tp shard or a ZeRO
+# partition has other blocks than the whole tensor, so these run only where the optimizer sees whole,
+# unsplit tensors (tp 1, ZeRO-0, fp32)
+EIGHT_BIT = ("adam8bit", "galoreadamw8bit")
 LAMB = ("ds.fusedlamb", "ipex.lamb", "ipex.fusedlamb")  # whole-tensor norms, also over ZeRO-1/2 / bf16 partitions
 
 # Names that cannot run here, with the reason and what to use instead.
 UNAVAILABLE = {
-    "adam8bit": "8-bit Adam (bitsandbytes) keeps blockwise-quantised state of flat buffers, which differs per "
-                "layout, and needs a CUDA device; use --optimizer adam or adamw",
-    "galoreadamw8bit": "GaLore's 8-bit AdamW needs bitsandbytes on a CUDA device; use --optimizer galoreadamw",
     "galoreadamw8bitperlayer": "GaLore's per-layer 8-bit AdamW steps inside backward hooks, which DeepSpeed's "
                                "engine does not allow, and needs bitsandbytes on CUDA; use --optimizer galoreadamw",
     "ds.onebitlamb": "DeepSpeed's OnebitLamb compresses the gradient all-reduce itself (a communication backend "
@@ -81,7 +84,18 @@ def optimizer_errors(run, device_type: str = "cpu") -> list[str]:
     if zero.cpu_optimizer and name not in ("adam", "adamw", "apex.adam"):
         errors.append(f"--cpu-optimizer steps with DeepSpeedCPUAdam; it cannot run --optimizer {name} "
                       "(use adam or adamw, or drop --cpu-optimizer)")
-    if name in LAMB:
+    if name in EIGHT_BIT:
+        if name == "galoreadamw8bit" and device_type != "cuda":
+            errors.append("--optimizer galoreadamw8bit: galore_torch's 8-bit AdamW runs on CUDA only (it synchronises "
+                          f"the CUDA device), not on {device_type}; use --optimizer galoreadamw")
+        where = [f for f, bad in (("--tensor-model-parallel-size " + str(run.parallel.tp), run.parallel.tp > 1),
+                                  ("--zero-stage " + str(zero.zero_stage), zero.zero_stage > 0),
+                                  ("--bf16", prec.bf16), ("--fp16", prec.fp16)) if bad]
+        if where:
+            errors.append(f"--optimizer {name} quantises its state in blocks of each whole tensor, so it cannot give "
+                          f"the single-rank step with {', '.join(where)} (split or flattened tensors); use tp 1, "
+                          "ZeRO-0 and fp32, or --optimizer adam")
+    elif name in LAMB:
         if zero.zero_stage == 3:
             errors.append(f"--optimizer {name} needs whole-tensor norms, which it reads from ZeRO-1/2 and bf16 "
                           "partitions but not from ZeRO-3's; use --zero-stage 0, 1 or 2")
@@ -168,6 +182,10 @@ def build_optimizer(run, model: torch.nn.Module, ps=None, device_type: str = "cp
 
             return FusedSGD(groups, lr=opt.lr, momentum=opt.sgd_momentum, weight_decay=opt.weight_decay)
         return torch.optim.SGD(groups, lr=opt.lr, momentum=opt.sgd_momentum, weight_decay=opt.weight_decay)
+    if name == "adam8bit":
+        import bitsandbytes as bnb
+
+        return bnb.optim.Adam8bit(groups, lr=opt.lr, betas=betas, eps=opt.adam_eps, weight_decay=opt.weight_decay)
     if name in SCHEDULE_FREE:
         from megatron.optimizer import schedule_free
 
@@ -222,14 +240,18 @@ def _build_full_matrix(name: str, opt, groups: list[dict], model: torch.nn.Modul
                                     momentum=opt.muon_momentum, nesterov=opt.muon_nesterov,
                                     ns_steps=opt.muon_ns_steps, adjust_lr_fn="match_rms_adamw")
         other_betas, other_eps = (opt.muonadamw_beta1, opt.muonadamw_beta2), opt.muonadamw_eps
-    elif name == "galoreadamw":
+    elif name in ("galoreadamw", "galoreadamw8bit"):
         def make_matrix(matrix_groups):
-            from galore_torch import GaLoreAdamW
+            import galore_torch
 
             for g in matrix_groups:  # GaLore's published defaults (rank, projector refresh, scale)
                 g.update(rank=128, update_proj_gap=200, scale=0.25, proj_type="std")
-            return GaLoreAdamW(matrix_groups, lr=opt.lr, betas=(opt.adam_beta1, opt.adam_beta2),
-                               eps=opt.adam_eps, weight_decay=opt.weight_decay, no_deprecation_warning=True)
+            if name == "galoreadamw8bit":
+                return galore_torch.GaLoreAdamW8bit(matrix_groups, lr=opt.lr, betas=(opt.adam_beta1, opt.adam_beta2),
+                                                    eps=opt.adam_eps, weight_decay=opt.weight_decay)
+            return galore_torch.GaLoreAdamW(matrix_groups, lr=opt.lr, betas=(opt.adam_beta1, opt.adam_beta2),
+                                            eps=opt.adam_eps, weight_decay=opt.weight_decay,
+                                            no_deprecation_warning=True)
         other_betas, other_eps = (opt.adam_beta1, opt.adam_beta2), opt.adam_eps
     else:  # dshampooadamw
         def make_matrix(matrix_groups):
