@@ -101,3 +101,39 @@ def test_recompute_flags_map_onto_the_model_and_conflicts_are_named():
     with pytest.raises(ConfigError, match="--recompute-method block is supported with --pipeline-model-parallel"):
         parse_args([*BASE, "--recompute-granularity", "full", "--recompute-method", "block",
                     "--pipeline-model-parallel-size", "2"])
+
+
+GPT = ["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4", "--seq-length", "16",
+       "--hidden-dropout", "0", "--attention-dropout", "0", "--mock-data", "--vocab-size", "64", "--train-iters", "1"]
+
+
+def gpt(*flags):
+    run = parse_args([*GPT, *flags])
+    return GPTModel(run.model.replace(vocab_size=64), ParallelState.single(), seed=5)
+
+
+def test_apply_layernorm_1p_stores_the_gain_centred_on_zero_with_the_same_function():
+    plain, centred = gpt(), gpt("--apply-layernorm-1p")
+    norm = centred.layers[0].input_norm
+    assert torch.equal(norm.weight, torch.zeros(32)) and torch.equal(plain.layers[0].input_norm.weight, torch.ones(32))
+    with torch.no_grad():
+        torch.testing.assert_close(centred(tokens()), plain(tokens()))  # gain 1 + 0 == 1 at initialisation
+        norm.weight.fill_(0.5)
+        x = torch.randn(3, 32)
+        torch.testing.assert_close(norm(x), torch.nn.functional.layer_norm(x, (32,), torch.full((32,), 1.5), norm.bias))
+    from megatron.config.arguments import ConfigError
+
+    with pytest.raises(ConfigError, match="--apply-layernorm-1p applies to LayerNorm"):
+        parse_args([*GPT, "--apply-layernorm-1p", "--normalization", "rmsnorm"])
+
+
+def test_squared_relu_replaces_the_gelu_of_the_mlp():
+    m = gpt("--squared-relu")
+    mlp = m.layers[0].mlp
+    x = torch.randn(2, 16, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(mlp(x), mlp.fc2(torch.relu(mlp.fc1(x)) ** 2))
+        assert not torch.allclose(mlp(x), gpt().layers[0].mlp(x))
+    from megatron.convert import hf_gpt2
+
+    assert any("squared ReLU" in e for e in hf_gpt2.inexpressible(m.config))  # converters refuse it

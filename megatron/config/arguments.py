@@ -136,6 +136,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--attention-dropout", type=float)
     g.add_argument("--hidden-dropout", type=float)
     g.add_argument("--kv-channels", type=pos_int, help="attention head size; default hidden / heads")
+    g.add_argument("--apply-layernorm-1p", action="store_true",
+                   help="LayerNorm weights centred on zero: the gain is 1 + weight (weight starts at 0)")
+    g.add_argument("--squared-relu", action="store_true", help="MLP activation relu(x)² instead of GeLU")
     g.add_argument("--attention-softmax-in-fp32", action="store_true",
                    help="compute attention (scores, softmax, weighted sum) in fp32 under --bf16/--fp16")
 
@@ -517,6 +520,8 @@ def _resolve_model(ns: argparse.Namespace) -> TransformerConfig:
     values["vocab_size"] = ns.vocab_size or 0
     values["sequence_parallel"] = ns.sequence_parallel
     values["attention_softmax_in_fp32"] = ns.attention_softmax_in_fp32
+    values["apply_layernorm_1p"] = ns.apply_layernorm_1p
+    values["squared_relu"] = ns.squared_relu
     if ns.adjust_word_embedding_init:
         values["word_embedding_init_std"] = ns.word_embedding_init_std
     values.update(_recompute_settings(ns))

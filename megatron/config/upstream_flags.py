@@ -105,10 +105,8 @@ NOT_IMPLEMENTED: dict[str, str] = {
 # Not implemented yet (this list shrinks as they are): refused rather than accepted and ignored.
 NOT_YET: dict[str, str] = {
     "--rotary-percent": "partial rotary embeddings are not implemented yet; drop the flag (= 1.0)",
-    "--apply-layernorm-1p": "zero-centred norm weights are not implemented yet; drop the flag",
     "--fp32-residual-connection": "an fp32 residual stream is not implemented yet; drop the flag",
     "--openai-gelu": "the GeLU choice is not implemented yet (the MLP uses the tanh approximation)",
-    "--squared-relu": "squared-ReLU MLPs are not implemented yet; use --swiglu or the default GeLU",
     "--data-parallel-random-init": "every data-parallel rank starts from the same weights; drop the flag",
     "--init-method-xavier-uniform": "Xavier-uniform initialisation is not implemented yet; use --init-method-std",
     "--no-save-optim": "checkpoints always hold the optimizer state (not implemented yet)",
