@@ -174,3 +174,20 @@ def resume_pair(rank, world, argv, argonne_dir, truth_path, steps):
     out["truth"] = {"losses": train(engine, ps, run, progress.iteration, steps)}
     engine.destroy()
     return out
+
+
+def train_through_loop(rank, world, argv):
+    """pretrain_gpt's loop (megatron.training.loop.train) on mock data; returns losses, start, 'loaded' lines."""
+    import deepspeed
+
+    from megatron.config.arguments import parse_args
+    from megatron.dist.parallel_state import ParallelState
+    from megatron.training.loop import train as train_loop
+
+    deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
+    run = parse_args(argv)
+    ps = ParallelState.build(run.parallel, run.model)
+    lines = []
+    result = train_loop(run, ps, torch.device("cpu"), printer=lines.append)
+    return {"losses": dict(result.losses), "start": result.start_iteration,
+            "loaded": [line for line in lines if line.startswith("loaded")]}

@@ -100,10 +100,17 @@ def test_arguments_we_cannot_honour_are_named(built):
 
 def test_load_trains_on_like_the_states_it_was_built_from(built):
     root, _ = built
-    jobs = [("resume_pair", LLAMA_ARGV, str(root / "llama_pipe"), str(root / "llama_truth.pt"), 6),
+    # pretrain_gpt's own loop: --load finds global_step3 (not one of our iter_* tags) and trains one step on
+    loop = GPT_ARGV + ["--load", str(root / "gpt_nopipe"), "--exit-interval", "4", "--num-workers", "0",
+                       "--eval-iters", "0"]
+    jobs = [("train_through_loop", loop),
+            ("resume_pair", LLAMA_ARGV, str(root / "llama_pipe"), str(root / "llama_truth.pt"), 6),
             ("resume_pair", GPT_ARGV, str(root / "gpt_nopipe"), str(root / "gpt_truth.pt"), 6)]
     results = run_ranks(2, cr.run_sequence, jobs, timeout=400)
-    for job in results[0]:
+    looped = results[0][0]
+    assert looped["start"] == 3 and any(list(r[0]["losses"]) == [4] for r in results)
+    assert looped["loaded"] == [f"loaded {root / 'gpt_nopipe' / 'global_step3'} at iteration 3, 12 consumed samples"]
+    for job in results[0][1:]:
         assert job["argonne"]["iteration"] == 3 and job["argonne"]["consumed_samples"] == 12
         assert job["argonne"]["losses"] == job["truth"]["losses"]
         assert len(job["argonne"]["losses"]) == 3 and all(l == l for l in job["argonne"]["losses"])
