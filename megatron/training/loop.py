@@ -260,7 +260,7 @@ def train(run: RunConfig, ps: ParallelState, device: torch.device, tracker: Opti
         rng_tracker = _rng_tracker()
         progress, consumed_valid = TrainingProgress(args=run.args), 0
         if load_tag is not None:
-            check_optimizer_state(ckpt.load, run, load_tag)  # another optimizer's state: refused unless
+            check_optimizer_state(ckpt.load, run, load_tag, ps)  # another optimizer's state: refused unless
             # --finetune/--no-load-optim
             progress = load_checkpoint(te, ckpt.load, device, run=run, load_optim=not ckpt.no_load_optim,
                                        load_rng=not ckpt.no_load_rng, finetune=ckpt.finetune,
