@@ -143,6 +143,7 @@ def logged_cases(rank: int, world_size: int, cases: list[tuple[str, list[str]]])
         lines, tracker = [], RecordingTracker()
         result = train(run, ps, torch.device("cpu"), tracker=tracker, printer=lines.append)
         out[name] = {"lines": lines, "scalars": tracker.scalars, "iterations": sorted(result.losses),
+                     "eval_losses": dict(result.eval_losses), "test_loss": result.test_loss,
                      "losses": [result.losses[i] for i in sorted(result.losses)], "saved": list(result.saved),
                      "exit_reason": result.exit_reason, "iteration": result.iteration,
                      "consumed_samples": result.consumed_samples}

@@ -86,6 +86,8 @@ def two_ranks(root):
     cases.append(("lamb_large_batch_dp2_zero1_bf16", ec.flags(*LAMB_LARGE_BATCH, "--zero-stage", "1", "--bf16")))
     adam = str(root / "tp2_adam")
     cases.append(("adam_state_into_muon", oc.optimizer_flags("muon", *TP2, "--train-iters", "4", "--load", adam)))
+    cases.append(("muon_state_at_another_layout",  # tp=2 checkpoint, dp=2 run: resharding carries Adam state only
+                  oc.optimizer_flags("muon", "--train-iters", "4", "--load", str(root / "tp2_muon"))))
     cases.append(("adam_state_into_muon_no_load_optim",
                   oc.optimizer_flags("muon", *TP2, "--train-iters", "4", "--load", adam, "--no-load-optim")))
     return run_ranks(2, oc.train_logged, cases, timeout=900)
@@ -154,6 +156,11 @@ def test_another_optimizers_state_is_refused_unless_no_load_optim(two_ranks):
     assert "--no-load-optim" in error and "--finetune" in error
     fresh = _ok(two_ranks[0]["adam_state_into_muon_no_load_optim"], "no-load-optim")
     assert fresh["start_iteration"] == SAVE_AT and len(fresh["losses"]) == 4 - SAVE_AT
+
+
+def test_non_adam_state_is_not_resharded_to_another_layout(two_ranks):
+    error = two_ranks[0]["muon_state_at_another_layout"]["error"]
+    assert "carries Adam state only, not --optimizer muon's" in error and "--no-load-optim" in error
 
 
 # ---- batch ramp-up ------------------------------------------------------------------------------------

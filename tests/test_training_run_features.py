@@ -1,5 +1,6 @@
 """Run-level flags change what they should: whole-batch run length with the final save, Megatron's log line,
-per-phase timers, TensorBoard selections (learning rate, world size, optimizer states), one 2-rank launch."""
+per-phase timers, TensorBoard selections (learning rate, world size, optimizer states), skipped iterations,
+torch.profiler traces, the kill-switch file and --skip-train; one 2-rank launch."""
 
 import re
 
@@ -20,6 +21,15 @@ def runs(tmp_path_factory):
         "--train-samples", "21", "--save", str(root / "ckpt"), "--save-interval", "100", "--log-interval", "1",
         "--timing-log-level", "2", "--no-log-learnig-rate-to-tensorboard", "--log-world-size-to-tensorboard",
         "--log-optimizer-states-to-tensorboard", "--log-timers-to-tensorboard", base=base))]
+    (root / "stop").write_text("")
+    cases += [
+        ("skip_and_profile", ec.flags("--train-iters", "4", "--train-range-to-skip", "2", "3", "--log-interval", "1",
+                                      "--profile", "pt", "--profile_steps", "4,4", "--profile-ranks", "1",
+                                      "--trace-dir", str(root / "trace"))),
+        ("kill_switch", ec.flags("--kill-switch-file", str(root / "stop"), "--save", str(root / "killed"),
+                                 "--save-interval", "100")),
+        ("skip_train", ec.flags("--skip-train", "--eval-iters", "1", "--eval-interval", "5", "--split", "8,1,1")),
+    ]
     return root, run_ranks(2, ec.logged_cases, cases)[0]
 
 
@@ -53,3 +63,31 @@ def test_tensorboard_selections_and_optimizer_states(runs):
     assert "train/learning_rate" not in s and s["train/world_size"] == {1: 2.0, 2: 2.0}
     assert s["optimizer/momentum_l2"][2] > 0 and s["optimizer/variance_l2"][2] > 0
     assert s["optimizer/weight_l2"][2] > s["optimizer/weight_abs_max"][2] > 0
+
+
+def test_skipped_iterations_read_their_batch_and_advance_the_schedule_without_training(runs):
+    r = runs[1]["skip_and_profile"]
+    assert r["iterations"] == [1, 2, 3, 4] and r["consumed_samples"] == 32  # batches 2 and 3 were read
+    assert [x != x for x in r["losses"]] == [False, True, True, False]  # no loss computed for 2 and 3
+    assert any(line.startswith("iteration 2 skipped") for line in r["lines"])
+    assert r["scalars"]["train/skipped_steps"][4] == 2
+
+
+def test_profile_writes_a_chrome_trace_of_the_chosen_steps_on_the_chosen_ranks(runs):
+    root, _ = runs
+    traces = sorted(p.name for p in (root / "trace").iterdir())
+    assert traces == ["torch-trace-1-of-2-steps4-4.json"]  # --profile-ranks 1 only
+    assert '"traceEvents"' in (root / "trace" / traces[0]).read_text()  # a Chrome trace
+
+
+def test_the_kill_switch_file_saves_and_exits(runs):
+    root, results = runs
+    r = results["kill_switch"]
+    assert r["iterations"] == [1] and "kill switch file" in r["exit_reason"]
+    assert (root / "killed" / "latest_checkpointed_iteration.txt").read_text().strip() == "1"
+
+
+def test_skip_train_evaluates_without_training(runs):
+    r = runs[1]["skip_train"]
+    assert r["iterations"] == [] and r["exit_reason"].startswith("--skip-train")
+    assert 0 in r["eval_losses"] and r["test_loss"] is not None

@@ -1,6 +1,6 @@
 """DeepSpeed universal checkpoints both ways: DeepSpeed 0.19.8's ds_to_universal merges what our runs save
-(tp=2 × pp=2 and tp=2 × dp=2, ZeRO-1, fp32 and bf16) bit for bit like our own readers, and --universal-checkpoint
-resumes the run at tp=1 with pp=2 × dp=2 or dp=4 (pipe and non-pipe names both ways, ZeRO 0-2, fp32 and bf16)
+(tp=2 × pp=2 and tp=2 × dp=2, ZeRO-1, fp32 and bf16; tp=2 × dp=2 ZeRO-3) bit for bit like our own readers, and --universal-checkpoint
+resumes the run at tp=1 with pp=2 × dp=2 or dp=4 (pipe and non-pipe names both ways, ZeRO 0, 1 and 3, fp32 and bf16)
 with the uninterrupted losses.
 
 One 4-rank launch trains, converts (rank 0, DeepSpeed's converter in-process) and resumes every case.
@@ -25,11 +25,12 @@ DP4 = ["--micro-batch-size", "1"]
 LLAMA, GPT = cr.LLAMA_FLAGS + cr.COMMON, cr.GPT_FLAGS + cr.COMMON
 SAVE_AT, STEPS = 3, 6
 SAVES = {"llama_fp32": LLAMA + TP2_PP2, "llama_bf16": LLAMA + TP2_PP2 + ["--bf16"],
-         "gpt_fp32": GPT + TP2_DP2, "gpt_bf16": GPT + TP2_DP2 + ["--bf16"]}
+         "gpt_fp32": GPT + TP2_DP2, "gpt_bf16": GPT + TP2_DP2 + ["--bf16"],
+         "gptz3_fp32": GPT + ["--tensor-model-parallel-size", "2", "--zero-stage", "3"]}
 RESUMES = [("llama_fp32", LLAMA + PP2_DP2),                           # pipe names -> pipe names, ZeRO-1
            ("llama_fp32", LLAMA + DP4 + ["--zero-stage", "1"]),       # pp=2 -> pp=1
            ("gpt_fp32", GPT + PP2_DP2),                               # pp=1 -> pp=2
-           ("gpt_fp32", GPT + DP4 + ["--zero-stage", "2"]),           # ZeRO-1 -> ZeRO-2
+           ("gpt_fp32", GPT + DP4 + ["--zero-stage", "3"]),           # ZeRO-3: read through UniversalCheckpoint
            ("llama_fp32", LLAMA + DP4 + ["--zero-stage", "0"]),       # no ZeRO: read through UniversalCheckpoint
            ("gpt_bf16", GPT + DP4 + ["--zero-stage", "1", "--bf16"])]  # bf16 (rounds differently at tp=1)
 # fp32 resumes hold the reshard tests' tolerance; bf16 activations at tp=1 instead of tp=2 round differently

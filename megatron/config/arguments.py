@@ -136,6 +136,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--attention-dropout", type=float)
     g.add_argument("--hidden-dropout", type=float)
     g.add_argument("--kv-channels", type=pos_int, help="attention head size; default hidden / heads")
+    g.add_argument("--apply-layernorm-1p", action="store_true",
+                   help="LayerNorm weights centred on zero: the gain is 1 + weight (weight starts at 0)")
+    g.add_argument("--squared-relu", action="store_true", help="MLP activation relu(x)² instead of GeLU")
     g.add_argument("--attention-softmax-in-fp32", action="store_true",
                    help="compute attention (scores, softmax, weighted sum) in fp32 under --bf16/--fp16")
 
@@ -239,6 +242,20 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--exit-interval", type=pos_int)
     g.add_argument("--exit-duration-in-mins", type=pos_float)
     g.add_argument("--exit-signal-handler", action="store_true", help="save and exit on SIGTERM")
+    g.add_argument("--train-iters-to-skip", action="extend", nargs="+", type=pos_int, metavar="N",
+                   help="iterations (as the log numbers them) whose batch is read but not trained on; the LR "
+                        "schedule advances")
+    g.add_argument("--train-range-to-skip", action="extend", nargs="+", type=pos_int, metavar="A B",
+                   help="inclusive iteration ranges to skip like --train-iters-to-skip (pairs)")
+    g.add_argument("--skip-train", action="store_true",
+                   help="no training: evaluate the (loaded) model on the validation and test splits and exit")
+    g.add_argument("--kill-switch-file", help="save (with --save) and exit once this file exists")
+    g.add_argument("--profile", choices=("pt", "pt-full"),
+                   help="torch.profiler trace of --profile_steps (pt-full: with stacks and shapes)")
+    g.add_argument("--profile-steps", default="2,3", metavar="START,END",
+                   help="steps of this launch to profile (1-based, inclusive; default 2,3)")
+    g.add_argument("--profile-ranks", type=int, nargs="+", help="ranks to profile (default all)")
+    g.add_argument("--trace-dir", default="./trace/", help="where --profile writes its Chrome traces")
     g.add_argument("--dry-run", nargs="?", type=int, const=0, default=None, metavar="WORLD_SIZE",
                    help="print the resolved run (layout, DeepSpeed config, blend summary, parameters, memory per "
                         "device) for WORLD_SIZE ranks (default: the launcher's) and exit without training")
@@ -503,6 +520,8 @@ def _resolve_model(ns: argparse.Namespace) -> TransformerConfig:
     values["vocab_size"] = ns.vocab_size or 0
     values["sequence_parallel"] = ns.sequence_parallel
     values["attention_softmax_in_fp32"] = ns.attention_softmax_in_fp32
+    values["apply_layernorm_1p"] = ns.apply_layernorm_1p
+    values["squared_relu"] = ns.squared_relu
     if ns.adjust_word_embedding_init:
         values["word_embedding_init_std"] = ns.word_embedding_init_std
     values.update(_recompute_settings(ns))
@@ -550,6 +569,13 @@ def _check_flags(ns: argparse.Namespace, typed: Optional[dict] = None) -> list[s
                       "uniform")
     if ns.accumulate_allreduce_grads_in_fp32 and ns.fp16:
         errors.append("--accumulate-allreduce-grads-in-fp32 is supported with --bf16 (and fp32) only, not --fp16")
+    if ns.train_range_to_skip and len(ns.train_range_to_skip) % 2:
+        errors.append(f"--train-range-to-skip takes pairs START END (got {len(ns.train_range_to_skip)} values)")
+    elif any(a > b for a, b in zip((ns.train_range_to_skip or [])[::2], (ns.train_range_to_skip or [])[1::2])):
+        errors.append("--train-range-to-skip: each START must be <= its END")
+    steps = ns.profile_steps.split(",")
+    if len(steps) != 2 or not all(s.strip().isdigit() and int(s) >= 1 for s in steps) or int(steps[0]) > int(steps[1]):
+        errors.append(f"--profile_steps {ns.profile_steps!r} must be START,END with 1 <= START <= END")
     if ns.data_impl in ("lazy", "cached"):
         errors.append(f"--data-impl {ns.data_impl}: the only format is MMIDIDX (.bin/.idx); use mmap or infer")
     if ns.dataloader_type == "cyclic":

@@ -45,6 +45,8 @@ class TransformerConfig:
     word_embedding_init_std: Optional[float] = None  # None: init_method_std (--adjust-word-embedding-init sets it)
     kv_channels: Optional[int] = None  # attention head size; None: hidden_size // num_attention_heads
     attention_softmax_in_fp32: bool = False  # attention in fp32 when activations are bf16/fp16
+    apply_layernorm_1p: bool = False  # LayerNorm weight stored zero-centred: y = norm(x) * (1 + w) + b
+    squared_relu: bool = False  # MLP activation relu(x)² instead of GeLU
     # Megatron sequence parallelism (activations outside attention/MLP sharded along the sequence over tp).
     sequence_parallel: bool = False
     # Full activation recomputation: "uniform" recomputes chunks of `checkpoint_num_layers` layers, "block" only
@@ -138,6 +140,11 @@ class TransformerConfig:
         for name in ("attention_dropout", "hidden_dropout"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 errors.append(f"--{name.replace('_', '-')} must be in [0, 1) (got {getattr(self, name)})")
+        if self.apply_layernorm_1p and self.normalization != "layernorm":
+            errors.append("--apply-layernorm-1p applies to LayerNorm (upstream's meaning); it cannot be combined "
+                          "with --normalization rmsnorm")
+        if self.squared_relu and self.swiglu:
+            errors.append("--squared-relu and --swiglu both given; pick one MLP activation")
         if self.recompute_method not in ("uniform", "block"):
             errors.append(f"--recompute-method {self.recompute_method!r} is not one of uniform, block")
         if self.checkpoint_num_layers < 1:

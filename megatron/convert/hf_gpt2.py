@@ -25,6 +25,10 @@ _CONV1D = (("attention.qkv", "attn.c_attn"), ("attention.dense", "attn.c_proj"),
 def inexpressible(config: TransformerConfig) -> list[str]:
     """Why GPT2LMHeadModel cannot hold this model (empty when it can)."""
     errors = []
+    if config.apply_layernorm_1p:
+        errors.append("LayerNorm weights are zero-centred (--apply-layernorm-1p); transformers stores the gain itself")
+    if config.squared_relu:
+        errors.append("the MLP activation is squared ReLU (--squared-relu)")
     if config.normalization != "layernorm":
         errors.append(f"normalization is {config.normalization!r}; GPT-2 uses LayerNorm")
     if config.swiglu:

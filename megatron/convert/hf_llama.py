@@ -22,6 +22,10 @@ ARCHITECTURE = "LlamaForCausalLM"
 def inexpressible(config: TransformerConfig) -> list[str]:
     """Why LlamaForCausalLM cannot hold this model (empty when it can)."""
     errors = []
+    if config.apply_layernorm_1p:
+        errors.append("LayerNorm weights are zero-centred (--apply-layernorm-1p); transformers stores the gain itself")
+    if config.squared_relu:
+        errors.append("the MLP activation is squared ReLU (--squared-relu)")
     if config.normalization != "rmsnorm":
         errors.append(f"normalization is {config.normalization!r}; Llama uses RMSNorm (--normalization rmsnorm)")
     if not config.swiglu:

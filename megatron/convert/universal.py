@@ -133,9 +133,12 @@ def full_name_of(local_name: str, config: TransformerConfig, pipeline: bool) -> 
 
 # ---- 3a. reading a universal folder ------------------------------------------------------------------
 
+# ds_to_universal copies the source's model-state files: mp_rank_MM (ZeRO 0-2) or zero_pp_rank_D_mp_rank_MM (ZeRO-3)
+MODEL_STATE_FILE = re.compile(r"^(zero_pp_rank_0_)?mp_rank_(\d+)_model_states\.pt$")
+
+
 def is_universal_folder(path: str) -> bool:
-    return os.path.isdir(os.path.join(path, "zero")) and any(
-        n.startswith("mp_rank_") and n.endswith("_model_states.pt") for n in os.listdir(path))
+    return os.path.isdir(os.path.join(path, "zero")) and any(MODEL_STATE_FILE.match(n) for n in os.listdir(path))
 
 
 def resolve_universal_folder(path: str) -> str:
@@ -173,8 +176,8 @@ class UniversalCheckpoint(FullModelSource):
     def __init__(self, path: str, vocab_size: Optional[int] = None):
         self.tag_dir = resolve_universal_folder(path)
         self.description = f"universal checkpoint {self.tag_dir}"
-        files = sorted(n for n in os.listdir(self.tag_dir) if re.match(r"^mp_rank_\d+_model_states\.pt$", n))
-        self.state0 = torch.load(os.path.join(self.tag_dir, files[0]), map_location="cpu", weights_only=False)
+        files = sorted((int(m.group(2)), n) for n in os.listdir(self.tag_dir) if (m := MODEL_STATE_FILE.match(n)))
+        self.state0 = torch.load(os.path.join(self.tag_dir, files[0][1]), map_location="cpu", weights_only=False)
         self.config = config_from_client_state(self.state0, self.description)
         if vocab_size:
             self.config = self.config.replace(vocab_size=vocab_size)
@@ -227,10 +230,20 @@ class UniversalCheckpoint(FullModelSource):
         return {name: self.full_optimizer_tensor(name, "fp32") for name in expected_shapes(self.config, prefix)}
 
     def optimizer_step(self) -> Optional[int]:
+        """Adam's step: zero/<name>/step.pt (from ZeRO-1/2), else the ZeRO-3 optimizer state DeepSpeed keeps in
+        zero/optimizer_state.pt (where its own loader reads it)."""
         path = os.path.join(next(iter(self._dirs.values())), "step.pt")
-        if not os.path.isfile(path):
-            return None
-        step = torch.load(path, map_location="cpu", weights_only=False)
+        if os.path.isfile(path):
+            step = torch.load(path, map_location="cpu", weights_only=False)
+        else:
+            path = os.path.join(self.zero_dir, "optimizer_state.pt")
+            if not os.path.isfile(path):
+                return None
+            common = torch.load(path, map_location="cpu", weights_only=False)
+            states = (common.get("optimizer_state_dict") or {}).get("state") or {}
+            step = next(iter(states.values()), {}).get("step", common.get("base_optimizer_state_step"))
+            if step is None:
+                return None
         return int(step.item() if torch.is_tensor(step) else step)
 
     def lr_scheduler_state(self) -> Optional[dict]:
@@ -331,10 +344,12 @@ def load_universal_checkpoint(training_engine, path: str, *, load_optim: bool = 
 def _load_universal(training_engine, path: str, *, load_optim: bool, finetune: bool):
     """Resume `training_engine` from the universal folder `path` (or the one `<path>/latest_universal` names).
 
-    ZeRO 1-3: DeepSpeed's own loader (the engine was built with checkpoint.load_universal) restores the fp32
+    ZeRO 1-2: DeepSpeed's own loader (the engine was built with checkpoint.load_universal) restores the fp32
     masters, Adam moments and step, the LR schedule and DeepSpeed's counters. Without ZeRO (which DeepSpeed's
-    universal loader does not handle), with --finetune or --no-load-optim, the folder is read through
-    UniversalCheckpoint by the same loader that resumes a checkpoint on another layout. RNG streams start
+    universal loader does not handle), at ZeRO-3 (DeepSpeed 0.19.8 then looks for ZeRO-3's own
+    zero_pp_rank_*_model_states.pt names, which a folder converted from ZeRO-1/2 lacks), with --finetune or
+    --no-load-optim, the folder is read through UniversalCheckpoint by the same loader that resumes a
+    checkpoint on another layout. RNG streams start
     fresh from the seed either way (they belong to the ranks of the old layout).
     """
     from megatron.convert.reshard import config_differences, load_checkpoint_any_layout
@@ -346,7 +361,7 @@ def _load_universal(training_engine, path: str, *, load_optim: bool, finetune: b
         raise ConversionError(f"--load {path} --universal-checkpoint: the checkpoint's model differs from this "
                               "run's: " + "; ".join(differences))
     ds = training_engine.engine
-    if finetune or not load_optim or not ds.zero_optimization():
+    if finetune or not load_optim or ds.zero_optimization_stage() not in (1, 2):
         return load_checkpoint_any_layout(training_engine, ckpt.tag_dir, load_optim=load_optim, finetune=finetune,
                                           source=ckpt)
     if not ds.load_universal_checkpoint():

@@ -48,7 +48,7 @@ def swiglu(x: torch.Tensor) -> torch.Tensor:
 class MLP(nn.Module):
     def __init__(self, config: TransformerConfig, ps: ParallelState, seed: int, prefix: str):
         super().__init__()
-        self.swiglu = config.swiglu
+        self.swiglu, self.squared_relu = config.swiglu, config.squared_relu
         f = config.ffn_hidden_size
         if f % ps.tp_size:
             raise ValueError(f"--ffn-hidden-size {f} is not divisible by --tensor-model-parallel-size {ps.tp_size}")
@@ -69,6 +69,8 @@ class MLP(nn.Module):
         x = self.fc1(hidden)
         if self.swiglu:
             x = swiglu(x)
+        elif self.squared_relu:
+            x = F.relu(x).square()
         else:
             x = F.gelu(x, approximate="tanh")
         return self.fc2(x)

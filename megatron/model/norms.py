@@ -30,9 +30,24 @@ class LayerNorm(nn.LayerNorm):
     """torch's LayerNorm (weight, bias), with the config's epsilon."""
 
 
+class LayerNorm1P(nn.LayerNorm):
+    """--apply-layernorm-1p: the weight is stored centred on zero (initialised to 0) and applied as 1 + weight,
+    so weight decay pulls the gain towards 1 instead of 0 (Megatron's zero-centred gamma)."""
+
+    def __init__(self, hidden_size: int, eps: float):
+        super().__init__(hidden_size, eps=eps)
+        with torch.no_grad():
+            self.weight.zero_()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.layer_norm(x, self.normalized_shape, self.weight + 1, self.bias, self.eps)
+
+
 def build_norm(config: TransformerConfig, sequence_parallel: bool) -> nn.Module:
     if config.normalization == "rmsnorm":
         norm = RMSNorm(config.hidden_size, eps=config.norm_epsilon)
+    elif config.apply_layernorm_1p:
+        norm = LayerNorm1P(config.hidden_size, eps=config.norm_epsilon)
     else:
         norm = LayerNorm(config.hidden_size, eps=config.norm_epsilon)
     mark_sequence_parallel(norm, sequence_parallel)

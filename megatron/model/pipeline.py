@@ -28,7 +28,7 @@ from megatron.core.random import checkpoint
 from megatron.dist.parallel_state import ParallelState
 from megatron.model.embedding import Embedding, OutputLayer, language_model_logits
 from megatron.model.gpt_model import DEFAULT_SEED
-from megatron.model.norms import LayerNorm, RMSNorm, mark_sequence_parallel
+from megatron.model.norms import LayerNorm, LayerNorm1P, RMSNorm, mark_sequence_parallel
 from megatron.model.rotary import cached_rotary
 from megatron.model.transformer import TransformerLayer
 
@@ -62,7 +62,7 @@ def _norm_pipe(base):
     return NormPipe
 
 
-LayerNormPipe, RMSNormPipe = _norm_pipe(LayerNorm), _norm_pipe(RMSNorm)
+LayerNormPipe, LayerNorm1PPipe, RMSNormPipe = _norm_pipe(LayerNorm), _norm_pipe(LayerNorm1P), _norm_pipe(RMSNorm)
 
 
 class OutputLayerPipe(OutputLayer):
@@ -103,7 +103,8 @@ def build_pipeline_module(config: TransformerConfig, ps: ParallelState, seed: in
         specs.append(TiedLayerSpec("embedding", EmbeddingPipe, config, ps, seed,
                                    tied_weight_attr=["word_embeddings.weight"]))
     specs.extend(LayerSpec(TransformerLayerPipe, config, ps, i, seed) for i in range(config.num_layers))
-    norm_pipe = RMSNormPipe if config.normalization == "rmsnorm" else LayerNormPipe
+    norm_pipe = RMSNormPipe if config.normalization == "rmsnorm" else \
+        LayerNorm1PPipe if config.apply_layernorm_1p else LayerNormPipe
     specs.append(LayerSpec(norm_pipe, config, sequence_parallel))
     if config.untie_embeddings_and_output_weights:
         specs.append(LayerSpec(OutputLayerPipe, config, ps, seed))

@@ -29,11 +29,26 @@ def checkpoint_optimizer_name(load_dir: str, tag: str) -> str | None:
     return str(name) if name else None
 
 
-def check_optimizer_state(load_dir: str, run, tag: str) -> None:
-    """Raise ConfigError when the checkpoint's optimizer state would be loaded into another optimizer."""
+ADAM_STATE = ("adam", "adamw", "apex.adam")  # what the converters and resharding carry across layouts
+
+
+def check_optimizer_state(load_dir: str, run, tag: str, ps=None) -> None:
+    """Raise ConfigError when the checkpoint's optimizer state would be loaded into another optimizer, or
+    through a conversion that carries Adam state only (another layout, universal or argonne checkpoints)."""
     if run.checkpoint.finetune or run.checkpoint.no_load_optim:
         return
     mine = run.training.optimizer.optimizer
+    if mine not in ADAM_STATE:
+        from megatron.convert.argonne import is_argonne_checkpoint
+        from megatron.convert.reshard import checkpoint_layout_differs
+
+        converted = run.training.zero.universal_checkpoint or is_argonne_checkpoint(load_dir) or (
+            ps is not None and checkpoint_layout_differs(os.path.join(load_dir, tag), run, ps))
+        if converted:
+            raise ConfigError(f"--load {load_dir} needs its optimizer state converted (another tp/pp/dp/ZeRO layout, a "
+                              f"universal or an argonne checkpoint), which carries Adam state only, not --optimizer "
+                              f"{mine}'s; resume at the checkpoint's layout, or pass --no-load-optim (fresh optimizer "
+                              "state, schedule kept)")
     theirs = checkpoint_optimizer_name(load_dir, tag)
     if theirs is None or _SAME.get(theirs, theirs) == _SAME.get(mine, mine):
         return

@@ -376,6 +376,21 @@ class TrainingEngine:
         return StepResult(loss=loss, grad_norm=grad_norm, learning_rate=lr,
                           skipped=self.engine.skipped_steps > skipped_before, num_samples=self.global_batch_size)
 
+    def skip_step(self, batches: Iterator[dict]) -> StepResult:
+        """Upstream's --train-iters-to-skip/--train-range-to-skip step: read this global batch's micro-batches,
+        advance the LR schedule and DeepSpeed's step counters (counted as a skipped step); no compute."""
+        lr = self._lr()
+        for _ in range(self.gradient_accumulation_steps):
+            next(batches)
+        engine = self.engine
+        engine.skipped_steps += 1
+        engine.global_steps += 1
+        engine.micro_steps += self.gradient_accumulation_steps
+        engine.global_samples += self.global_batch_size
+        self.lr_scheduler.step()
+        return StepResult(loss=float("nan"), grad_norm=None, learning_rate=lr, skipped=True,
+                          num_samples=self.global_batch_size)
+
     @torch.no_grad()
     def eval_step(self, batches: Iterator[dict]) -> float:
         """Mean loss over one global batch from `batches`; no gradients, no optimizer step."""

@@ -31,6 +31,7 @@ from megatron.optimizer.checkpoint_check import check_optimizer_state
 from megatron.training.metrics import throughput
 from megatron.training.numerics import EXIT_NUMERICAL, NanCheck, guard_plain_optimizer
 from megatron.training.signals import ExitConditions
+from megatron.training.run_control import IterationSkipper, StepProfiler, kill_switch_found
 from megatron.training.timers import Timers
 from megatron.training.watchdog import (CollectiveFailure, Watchdog, instrument_engine, is_collective_failure,
                                         track_batches)
@@ -266,7 +267,7 @@ def train(run: RunConfig, ps: ParallelState, device: torch.device, tracker: Opti
         rng_tracker = _rng_tracker()
         progress, consumed_valid = TrainingProgress(args=run.args), 0
         if load_tag is not None:
-            check_optimizer_state(ckpt.load, run, load_tag)  # another optimizer's state: refused unless
+            check_optimizer_state(ckpt.load, run, load_tag, ps)  # another optimizer's state: refused unless
             # --finetune/--no-load-optim
             progress = load_checkpoint(te, ckpt.load, device, run=run, load_optim=not ckpt.no_load_optim,
                                        load_rng=not ckpt.no_load_rng, finetune=ckpt.finetune,
@@ -317,26 +318,41 @@ def train(run: RunConfig, ps: ParallelState, device: torch.device, tracker: Opti
 
         log = IntervalLog(run, ps, device, tracker, total_iters, printer, timers)
         last_saved = iteration if load_tag is not None else None
+        skipper = IterationSkipper(run.args.get("train_iters_to_skip"), run.args.get("train_range_to_skip"))
+        profiler = StepProfiler(run.args.get("profile"), run.args.get("profile_steps") or "2,3",
+                                run.args.get("profile_ranks"), run.args.get("trace_dir") or "./trace/", ps.rank,
+                                ps.world_size, device)
+        skip_train = bool(run.args.get("skip_train"))
         with exits:
-            while iteration < total_iters:
+            while iteration < total_iters and not skip_train:
                 te.set_global_batch_size(global_batch_size_at(run, consumed, dp))  # batch ramp-up
                 if t.rampup_batch_size:
                     te.lr_scheduler.increment = te.global_batch_size  # the schedule counts samples then
                     te.lr_scheduler.tokens_per_step = te.global_batch_size * run.model.seq_length
                 start = time.time()
                 watchdog.phase("data", iteration + 1)
-                step = te.train_step(train_batches)
+                profiler.before_step()
+                user_skipped = skipper.skips(iteration + 1)
+                if user_skipped:
+                    step = te.skip_step(train_batches)
+                    if ps.rank == 0:
+                        printer(f"iteration {iteration + 1} skipped (--train-iters-to-skip/--train-range-to-skip): "
+                                "its batch was read, the LR schedule advanced, the model was not updated")
+                else:
+                    step = te.train_step(train_batches)
+                    log.add(step.loss, step.num_samples, time.time() - start)
+                profiler.after_step()
                 watchdog.step_done(time.time() - start)
                 iteration += 1
                 consumed += step.num_samples
                 result.losses[iteration], result.grad_norms[iteration] = step.loss, step.grad_norm
-                log.add(step.loss, step.num_samples, time.time() - start)
                 log.iteration_scalars(iteration, step, consumed, te.engine.skipped_steps, loss_scale_of(te.engine),
                                       te.engine)
-                if iteration % run.logging.log_interval == 0 or iteration == total_iters:
+                if log.losses and (iteration % run.logging.log_interval == 0 or iteration == total_iters):
                     log.emit(iteration, step, consumed, te.engine.skipped_steps, loss_scale_of(te.engine))
 
-                numerical_stop = nan_check.after_step(iteration, step.loss, step.grad_norm, step.skipped)
+                numerical_stop = None if user_skipped else nan_check.after_step(iteration, step.loss, step.grad_norm,
+                                                                                step.skipped)
                 if numerical_stop:
                     result.exit_reason, result.exit_code = numerical_stop, EXIT_NUMERICAL
                     if ps.rank == 0:
@@ -362,10 +378,23 @@ def train(run: RunConfig, ps: ParallelState, device: torch.device, tracker: Opti
                     if ps.rank == 0:
                         printer(f"exiting at iteration {iteration}: {decision.reason}")
                     break
+                if kill_switch_found(run.args.get("kill_switch_file"), device):
+                    result.exit_reason = f"found the kill switch file {run.args['kill_switch_file']}"
+                    if ps.rank == 0:
+                        printer(f"exiting at iteration {iteration}: {result.exit_reason}")
+                    break
+        profiler.close()
+        if skip_train:
+            result.exit_reason = f"--skip-train: evaluated at iteration {iteration}"
+            if valid_batches is not None and t.eval_iters:
+                with te.eval_weights():
+                    result.eval_losses[iteration] = evaluate(te, valid_batches, t.eval_iters)
+                _report_eval("validation", iteration, result.eval_losses[iteration], ps, tracker, printer)
+            last_saved = iteration  # nothing trained: nothing to save
         if ckpt.save and last_saved != iteration:
             checkpoint_now()
-        if not result.exit_reason:
-            result.exit_reason = f"trained {total_iters} iterations"
+        if not result.exit_reason or skip_train:
+            result.exit_reason = result.exit_reason or f"trained {total_iters} iterations"
             if test_ds is not None:
                 test_batches = _isolated_rng(lambda: _iterator(run, ps, test_ds, 0))
                 with te.eval_weights():
