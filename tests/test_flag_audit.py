@@ -14,10 +14,6 @@ from megatron.config.arguments import COMPAT_NO_EFFECT, ConfigError, build_parse
 UPSTREAM = [line.strip() for line in (Path(__file__).parent / "data" / "upstream_flags.txt").read_text().splitlines()
             if line.strip() and not line.startswith("#")]
 
-# Names other issues implement (optimizers #9, reliability #10, data #11, checkpoint interop #12) that have
-# not landed yet. PENDING_OTHER_ISSUES: remove each entry when its flag lands.
-PENDING_OTHER_ISSUES = {"--cpu_torch_adam", "--ds_fused_adam", "--warmup"}
-
 # The only accepted-with-no-effect flags: kernel/fusion toggles, and flags that ask for what is always done here.
 TRUE_NO_OPS = {
     "--deepspeed", "--deepscale", "--deepspeed-mpi", "--local-rank", "--no-query-key-layer-scaling",
@@ -31,7 +27,6 @@ TRUE_NO_OPS = {
     "--deepspeed-activation-checkpointing",
 }
 # Still listed as no-ops until their owners (other issues) or this issue implement them.
-NO_OPS_PENDING: set = set()
 
 
 def _normalized(flag: str) -> str:
@@ -53,7 +48,7 @@ def test_the_frozen_list_is_upstreams_and_complete():
 def test_every_upstream_flag_is_implemented_refused_or_a_true_no_op():
     _, options = _options()
     unknown = [name for name in UPSTREAM
-               if _normalized(name) not in options and name not in options and name not in PENDING_OTHER_ISSUES]
+               if _normalized(name) not in options and name not in options]
     assert unknown == []
 
 
@@ -70,7 +65,7 @@ def test_the_no_effect_list_keeps_only_true_no_ops_and_help_says_so():
     parser, options = _options()
     no_effect = {flag for flag, _, _ in COMPAT_NO_EFFECT + upstream_flags.NO_EFFECT
                  if (options[flag].help or "").startswith("no effect:")}
-    assert no_effect - NO_OPS_PENDING <= TRUE_NO_OPS
+    assert no_effect <= TRUE_NO_OPS
     out = io.StringIO()
     with contextlib.redirect_stdout(out), pytest.raises(SystemExit):
         parser.parse_args(["--help"])

@@ -297,6 +297,52 @@ def test_other_refusals_name_their_flags():
             parse_args(ec.flags(*flags))
 
 
+def test_ds_fused_adam_and_cpu_torch_adam_choose_upstreams_optimizers():
+    """--ds_fused_adam: DeepSpeed's FusedAdam for --optimizer adam (decoupled decay, as upstream builds it);
+    --cpu_torch_adam: torch's AdamW steps the --cpu-optimizer state instead of DeepSpeedCPUAdam."""
+    from deepspeed.ops.adam import FusedAdam
+
+    from megatron.optimizer import build_optimizer
+    from megatron.training.ds_config import generate_deepspeed_config
+
+    with pytest.raises(ConfigError, match="--cpu_torch_adam chooses the optimizer that --cpu-optimizer runs"):
+        parse_args(ec.flags("--cpu_torch_adam"))
+    with pytest.raises(ConfigError, match="--ds_fused_adam replaces the optimizer of --optimizer adam"):
+        parse_args(ec.flags("--optimizer", "adamw", "--ds_fused_adam"))
+
+    def one_step(optimizer_of):
+        torch.manual_seed(0)
+        model = torch.nn.Linear(8, 8)
+        optimizer = optimizer_of(model)
+        model(torch.randn(4, 8)).square().sum().backward()
+        optimizer.step()
+        return optimizer, [p.detach().clone() for p in model.parameters()]
+
+    run = parse_args(ec.flags("--optimizer", "adam", "--ds_fused_adam", "--weight-decay", "0.1"))
+    fused, got = one_step(lambda m: build_optimizer(run, m))
+    assert isinstance(fused, FusedAdam)
+    opt = run.training.optimizer
+    _, want = one_step(lambda m: torch.optim.AdamW(
+        [{"params": [m.weight], "weight_decay": 0.1}, {"params": [m.bias], "weight_decay": 0.0}], lr=opt.lr,
+        betas=(opt.adam_beta1, opt.adam_beta2), eps=opt.adam_eps))
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-7)
+
+    run = parse_args(ec.flags("--zero-stage", "1", "--cpu-optimizer", "--cpu_torch_adam"))
+    torch_adam, _ = one_step(lambda m: build_optimizer(run, m))
+    assert type(torch_adam) is torch.optim.AdamW
+    assert generate_deepspeed_config(run, 1)["zero_force_ds_cpu_optimizer"] is False
+    plain = parse_args(ec.flags("--zero-stage", "1", "--cpu-optimizer"))
+    assert "zero_force_ds_cpu_optimizer" not in generate_deepspeed_config(plain, 1)
+
+
+def test_cpu_torch_adam_trains_with_offloaded_zero_state():
+    result = run_ranks(1, ec.train_cases, [("cpu_torch_adam", ec.flags(
+        "--zero-stage", "1", "--cpu-optimizer", "--cpu_torch_adam", "--train-iters", "4", "--log-interval", "1"))])
+    losses = result[0]["cpu_torch_adam"]["losses"]
+    assert len(losses) == 4 and all(math.isfinite(x) for x in losses) and losses[-1] < losses[0]
+
+
 def test_every_upstream_optimizer_name_is_accepted_by_the_parser():
     upstream = ["adam", "adam8bit", "adamw", "adamwschedulefree", "apex.adam", "apex.sgd", "ds.fusedlamb",
                 "ds.onebitlamb", "galoreadamw", "galoreadamw8bit", "galoreadamw8bitperlayer", "ipex.fusedlamb",

@@ -14,15 +14,6 @@ from multirank import run_ranks
 
 DATA = Path(__file__).parent / "data" / "upstream_recipes"
 RECIPES = ["aurora_7b_adamw", "aurora_2b_sophiag", "aurora_cooldown"]
-# What still stops each recipe, owned by the optimizer issue (#9): a case may be refused for these reasons only
-# (each error line names one); anything else refused, or a failed training, fails the test. PENDING_OTHER_ISSUES:
-# remove an entry when its feature lands (the case then trains).
-PENDING_OTHER_ISSUES = {
-    "aurora_7b_adamw": ["--use-checkpoint-opt_param-scheduler is not available yet"],
-    "aurora_2b_sophiag": ["--optimizer sophiag is not available yet",
-                          "--use-checkpoint-opt_param-scheduler is not available yet"],
-    "aurora_cooldown": ["--optimizer ipex.fusedlamb is not available yet"],
-}
 
 
 def upstream_argv(name: str) -> list[str]:
@@ -91,8 +82,5 @@ def ran(tmp_path_factory):
 def test_upstream_recipe_trains_two_iterations_from_an_empty_load_directory(ran, name):
     root, results = ran
     code, err = results[name]
-    problems = [line for line in err.splitlines() if line.startswith("  - ")]
-    if code == 2 and problems and all(any(p in line for p in PENDING_OTHER_ISSUES.get(name, [])) for line in problems):
-        return  # refused only for features another issue has not landed yet (named in the message)
     assert code == 0, err[-3000:]
     assert (root / name / "ckpt" / "latest_checkpointed_iteration.txt").read_text().strip() == "2"

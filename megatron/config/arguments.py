@@ -86,7 +86,6 @@ OTHER_NAMES = {
     "--gradient-accumulation-steps": "--global-batch-size (= micro batch × dp × accumulation steps)",
     "--batch-size": "--micro-batch-size (per rank) or --global-batch-size",
     "--lr-warmup-steps": "--lr-warmup-iters",
-    "--warmup": "--lr-warmup-fraction or --lr-warmup-iters",
 }
 
 

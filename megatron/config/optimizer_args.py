@@ -35,6 +35,12 @@ def add_optimizer_arguments(g) -> None:
     g.add_argument("--optimizer", type=str.lower, choices=OPTIMIZER_CHOICES, default="adam",
                    help="adam: torch Adam with L2 weight decay (upstream's); adamw: decoupled weight decay; "
                         "see docs/OPTIMIZERS.md for what each name runs here")
+    g.add_argument("--cpu-torch-adam", "--cpu_torch_adam", dest="cpu_torch_adam", action="store_true",
+                   help="with --cpu-optimizer: step with torch.optim.AdamW on the CPU instead of DeepSpeedCPUAdam "
+                        "(upstream's meaning; needs --cpu-optimizer)")
+    g.add_argument("--ds-fused-adam", "--ds_fused_adam", dest="ds_fused_adam", action="store_true",
+                   help="with --optimizer adam: step with DeepSpeed's FusedAdam (decoupled weight decay, its default, "
+                        "as upstream runs it; JIT-built for CPU or GPU)")
     g.add_argument("--schedulefree-for-each", action="store_true",
                    help="schedulefree optimizers: use the foreach implementation (faster, more peak memory)")
     g.add_argument("--start-weight-decay", type=float, help="with --weight-decay-incr-style linear/cosine")
@@ -105,6 +111,12 @@ def optimizer_flag_errors(ns) -> list[str]:
         errors.append(f"--muon-ns-steps must be >= 1 (got {ns.muon_ns_steps})")
     if ns.sophiag_rho <= 0:
         errors.append(f"--sophiag-rho must be > 0 (got {ns.sophiag_rho})")
+    if ns.cpu_torch_adam and not ns.cpu_optimizer:
+        errors.append("--cpu_torch_adam chooses the optimizer that --cpu-optimizer runs on the CPU: give "
+                      "--cpu-optimizer too, or drop --cpu_torch_adam")
+    if ns.ds_fused_adam and (ns.optimizer != "adam" or ns.cpu_optimizer):
+        errors.append(f"--ds_fused_adam replaces the optimizer of --optimizer adam without --cpu-optimizer (got "
+                      f"--optimizer {ns.optimizer}{' --cpu-optimizer' if ns.cpu_optimizer else ''}); drop one")
     if ns.lr_finder:
         errors.append("--lr-finder is not supported: upstream's LR range test replaces the run by an exponential LR "
                       "sweep; run a few short trainings with different --lr values (e.g. --train-iters 200) instead")
@@ -144,7 +156,7 @@ def optimizer_flag_errors(ns) -> list[str]:
 
 
 OPTIMIZER_FIELDS = (
-    "schedulefree_for_each", "start_weight_decay", "end_weight_decay", "weight_decay_incr_style",
+    "cpu_torch_adam", "ds_fused_adam", "schedulefree_for_each", "start_weight_decay", "end_weight_decay", "weight_decay_incr_style",
     "sophiag_beta1", "sophiag_beta2", "sophiag_rho", "dshampooadamw_max_preconditioner_dim",
     "dshampooadamw_precondition_freq", "dshampooadamw_use_decoupled_weight_decay", "dshampooadamw_eps",
     "muon_momentum", "muon_nesterov", "muon_ns_steps", "muonadamw_beta1", "muonadamw_beta2", "muonadamw_eps",

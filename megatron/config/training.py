@@ -29,6 +29,8 @@ class OptimizerConfig:
     lr_wsd_decay_fraction: float = 0.1  # wsd: the final fraction of decay iters spent cooling down
     lr_wsd_decay_style: str = "linear"  # wsd cooldown shape: linear, cosine, exponential
     # ---- upstream's other optimizers and schedules (flags in config/optimizer_args.py) ----
+    cpu_torch_adam: bool = False  # --cpu-optimizer steps with torch.optim.AdamW instead of DeepSpeedCPUAdam
+    ds_fused_adam: bool = False  # --optimizer adam steps with DeepSpeed's FusedAdam (decoupled decay, as upstream)
     schedulefree_for_each: bool = False
     start_weight_decay: Optional[float] = None  # with weight_decay_incr_style linear/cosine
     end_weight_decay: Optional[float] = None

@@ -120,6 +120,9 @@ NOT_YET: dict[str, str] = {
     "--multiprocessing-context": "DataLoader workers use the platform's default start method; drop the flag",
     "--trust-remote-code": "Hugging Face tokenizers are loaded without remote code; drop the flag",
 }
+# Upstream's own refusal: its validate_args asserts that the old --warmup is unset.
+NOT_IMPLEMENTED["--warmup"] = ("upstream's old warmup flag, which upstream refuses too; use --lr-warmup-iters, "
+                               "--lr-warmup-samples or --lr-warmup-fraction")
 
 REFUSED: dict[str, str] = {**OUT_OF_SCOPE, **NOT_IMPLEMENTED, **NOT_YET}
 

@@ -162,6 +162,14 @@ def build_optimizer(run, model: torch.nn.Module, ps=None, device_type: str = "cp
     name = opt.optimizer
     groups = optimizer_param_groups(model, opt.weight_decay)
     betas = (opt.adam_beta1, opt.adam_beta2)
+    if run.training.zero.cpu_optimizer and opt.cpu_torch_adam:  # upstream: torch's AdamW on the CPU
+        return torch.optim.AdamW(groups, lr=opt.lr, betas=betas, eps=opt.adam_eps, weight_decay=opt.weight_decay)
+    if opt.ds_fused_adam:
+        from deepspeed.ops.adam import FusedAdam
+
+        log_once("--ds_fused_adam: DeepSpeed's FusedAdam with decoupled weight decay (its default, as upstream "
+                 "runs it), not Adam's L2 decay")
+        return FusedAdam(groups, lr=opt.lr, betas=betas, eps=opt.adam_eps, weight_decay=opt.weight_decay)
     if run.training.zero.cpu_optimizer:
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 

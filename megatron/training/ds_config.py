@@ -56,6 +56,8 @@ def generate_deepspeed_config(run: RunConfig, dp_size: int, device_type: Optiona
         "zero_allow_untested_optimizer": True,  # the loop hands in torch SGD as well as AdamW
         "zero_optimization": _zero_section(run, accelerator),
     }
+    if zero.cpu_optimizer and t.optimizer.cpu_torch_adam:
+        cfg["zero_force_ds_cpu_optimizer"] = False  # --cpu_torch_adam: torch's AdamW steps the offloaded state
     if zero.universal_checkpoint:  # --universal-checkpoint: --load names a universal folder (convert/universal.py)
         cfg["checkpoint"] = {"load_universal": True}
     if prec.bf16:
