@@ -143,6 +143,9 @@ class Watchdog:
         if beats is None:
             return [0], ["the rendezvous store (MASTER_ADDR:MASTER_PORT, hosted by rank 0 or the launcher) does not "
                          "answer: rank 0 or the launcher is gone"]
+        with self._lock:  # this rank's own state is known first-hand, whatever its last published beat says
+            beats[self.rank] = {"t": now, "phase": self.phase_name, "iteration": self.iteration,
+                                "since": self.phase_started, "pid": os.getpid()}
         lines, stale = [], []
         for rank, beat in beats.items():
             if beat is None:

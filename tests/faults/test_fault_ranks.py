@@ -105,3 +105,39 @@ def test_the_distributed_timeout_reaches_our_groups_and_deepspeeds():
 
     timeouts = run_ranks(2, group_timeouts)
     assert set(timeouts[0]) >= {"tp", "deepspeed"} and set(timeouts[0].values()) == {42.0}, timeouts[0]
+
+
+class _DictStore:
+    """The three TCPStore calls the watchdog makes, over a dict."""
+
+    def __init__(self):
+        self.data = {}
+
+    def set(self, key, value):
+        self.data[key] = value.encode() if isinstance(value, str) else value
+
+    def get(self, key):
+        return self.data[key]
+
+    def check(self, keys):
+        return all(k in self.data for k in keys)
+
+
+def test_the_diagnosis_reads_this_ranks_own_state_first_hand_not_its_last_published_beat():
+    """A rank's published beat can lag (published once a second) or be overwritten; the rank that diagnoses
+    knows its own phase and iteration, so only the other ranks are judged by their beats."""
+    import json
+
+    from megatron.training.watchdog import Watchdog
+
+    store = _DictStore()
+    now = time.time()
+    store.set("megatron_watchdog/heartbeat/0", json.dumps({"t": now, "phase": "startup", "iteration": 0,
+                                                           "since": now, "pid": 1}))
+    store.set("megatron_watchdog/heartbeat/1", json.dumps({"t": now, "phase": "optimizer", "iteration": 7,
+                                                           "since": now, "pid": 2}))
+    watchdog = Watchdog(0, 2, factor=10, min_seconds=5, timeout_s=60, store=store)
+    watchdog.phase("backward", 9)
+    stuck, lines = watchdog.diagnose()
+    assert stuck == [1], lines
+    assert lines[0].startswith("rank 0: phase backward of iteration 9"), lines
