@@ -8,7 +8,7 @@ import pytest
 from megatron.data.blend import BlendedIndex, floor_sum
 from megatron.data.permutation import KeyedPermutation, derive_key, permute
 
-DOLMA_LIST = Path("/work/shared/data-lists/aurora-dolma-v1.7.txt")
+DOLMA_LIST = Path(__file__).resolve().parents[2] / "shared" / "data-lists" / "aurora-dolma-v1.7.txt"  # ../shared
 
 
 def dolma_weights():

@@ -9,7 +9,7 @@ from megatron.data.data_list import (DataListError, blend_entries, parse_data_fi
                                      parse_split, scan_file, scan_files, split_boundaries)
 from megatron.data.indexed_dataset import IndexedDataset, write_dataset
 
-LISTS = Path("/work/shared/data-lists")
+LISTS = Path(__file__).resolve().parents[2] / "shared" / "data-lists"  # ../shared beside the repository
 
 
 def write_file(prefix, num_documents, seed=0, max_length=40):
