@@ -260,8 +260,8 @@ def test_lamb_runs_on_zero_1_2_and_bf16_partitions_but_refuses_zero_3(name):
 
 
 @pytest.mark.parametrize("name, message", [
-    ("galoreadamw8bit", "runs on CUDA only"), ("galoreadamw8bitperlayer", "backward hooks"), ("ds.onebitlamb", "compresses the gradient all-reduce"),
-    ("muonclip", "attention logits"),
+    ("galoreadamw8bit", "runs on CUDA only"), ("galoreadamw8bitperlayer", "backward hooks"),
+    ("ds.onebitlamb", "compresses the gradient all-reduce"),
 ])
 def test_unavailable_optimizers_are_refused_with_their_reason(name, message):
     assert message in _errors("--optimizer", name)
@@ -396,6 +396,48 @@ def test_muon_on_one_rank_is_torch_muon_on_the_matrices_and_adamw_elsewhere():
         muon.step()
         adamw.step()
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+def test_muonclip_scales_each_heads_query_and_key_rows_down_to_the_threshold():
+    """GQA tiny model (4 query heads, 2 key heads per layer), lr 0: the step only clips. Each head's largest
+    logit afterwards (same batch, same layer input) is <= t; in each key group the head with the smallest eta
+    lands on t; the rows are scaled by eta^alpha (q) and min-of-group eta^(1 - alpha) (k)."""
+    from megatron.dist.parallel_state import ParallelState
+    from megatron.model import GPTModel
+    from megatron.optimizer import build_optimizer
+    from megatron.optimizer.muon_clip import MuonClip, head_scales
+
+    t, alpha = 0.05, 0.3
+    run = parse_args(ec.flags("--optimizer", "muonclip", "--muonclip-t", str(t), "--muonclip-alpha", str(alpha),
+                              "--lr", "0"))
+    ps = ParallelState.single()
+    model = GPTModel(run.model, ps, seed=3)
+    optimizer = build_optimizer(run, model, ps)
+    assert isinstance(optimizer, MuonClip) and len(optimizer.attention) == 2
+    first = optimizer.attention[0]
+    torch.manual_seed(0)
+    tokens = torch.randint(0, run.model.vocab_size, (2, 32))
+    positions = torch.arange(32).expand(2, 32)
+    model(tokens, position_ids=positions, labels=tokens).float().mean().backward()
+    before = first.max_logits.clone()
+    weight = first.qkv.weight.detach().clone()
+    assert (before > t).any() and (before <= t).any()  # the threshold cuts into this layer's heads
+    optimizer.step()
+    assert optimizer.clipped_heads >= int((before > t).sum()) > 0  # both layers' heads are counted
+    q_scale, k_scale = head_scales(before, t, alpha, kv_heads=2)
+    d = run.model.head_dim
+    expected = torch.cat([q_scale.repeat_interleave(d), k_scale.repeat_interleave(d), torch.ones(2 * d)])
+    assert torch.equal(first.qkv.weight.detach(), weight * expected.unsqueeze(1))
+    assert first.max_logits is None  # a new window for the next step
+    with torch.no_grad():  # the first layer's input is unchanged (lr 0): the same logits, clipped
+        model(tokens, position_ids=positions, labels=tokens)
+    after = first.max_logits
+    assert (after <= t * (1 + 1e-5)).all()
+    for group_before, group_after in zip(before.view(2, 2), after.view(2, 2)):
+        if group_before.max() > t:
+            assert float(group_after.max()) == pytest.approx(t, rel=1e-5)
+        else:
+            torch.testing.assert_close(group_after, group_before)
 
 
 def test_sophiag_is_upstreams_clipped_sign_momentum_step():

@@ -13,6 +13,7 @@ where one is right, or to a module of this package where none is (the module say
     ds.fusedlamb           lamb.Lamb, DeepSpeed FusedLamb's trust-ratio bounds    per-tensor norms (tp, dp all-reduce)
     ipex.lamb/fusedlamb    lamb.Lamb (IPEX's LAMB without bounds)                 per-tensor norms (tp, dp all-reduce)
     muon                   torch.optim.Muon on hidden matrices + AdamW on the rest, full matrices (tp gather)
+    muonclip               muon + per-head QK-clip (muon_clip.py)                 full matrices (tp gather)
     galoreadamw            galore_torch.GaLoreAdamW on hidden matrices             full matrices (tp gather)
     adam8bit               bitsandbytes Adam8bit (CPU and CUDA)                   whole unsplit tensors (tp 1, ZeRO-0)
     galoreadamw8bit        galore_torch.GaLoreAdamW8bit (CUDA only)               whole unsplit tensors (tp 1, ZeRO-0)
@@ -36,7 +37,7 @@ from megatron.config.optimizer_args import OPTIMIZER_CHOICES
 
 ELEMENTWISE = ("adam", "adamw", "apex.adam", "sgd", "apex.sgd", "adamwschedulefree", "sgdschedulefree",
                "adopt", "sophiag")
-WHOLE_TENSOR = ("ds.fusedlamb", "ipex.lamb", "ipex.fusedlamb", "muon", "galoreadamw", "dshampooadamw")
+WHOLE_TENSOR = ("ds.fusedlamb", "ipex.lamb", "ipex.fusedlamb", "muon", "muonclip", "galoreadamw", "dshampooadamw")
 SCHEDULE_FREE = ("adamwschedulefree", "sgdschedulefree")
 # 8-bit state (bitsandbytes) is quantised in blocks of each tensor's flat elements: a tp shard or a ZeRO
 # partition has other blocks than the whole tensor, so these run only where the optimizer sees whole,
@@ -51,8 +52,6 @@ UNAVAILABLE = {
     "ds.onebitlamb": "DeepSpeed's OnebitLamb compresses the gradient all-reduce itself (a communication backend "
                      "of its own, NCCL/MPI with CUDA) and replaces the engine's data-parallel reduction; it cannot "
                      "be combined with tensor/pipeline parallelism here. Use --optimizer ds.fusedlamb (exact LAMB)",
-    "muonclip": "MuonClip's QK-clip rescales Wq/Wk from the attention logits of the forward pass, which the "
-                "model does not report; use --optimizer muon",
 }
 
 
@@ -233,15 +232,15 @@ def build_optimizer(run, model: torch.nn.Module, ps=None, device_type: str = "cp
                  f"{vendor}'s formula")
         return Lamb(groups, lr=opt.lr, betas=betas, eps=opt.adam_eps, weight_decay=opt.weight_decay,
                     tp_group=tp.get("tp_group"), tp_size=tp.get("tp_size", 1), **bounds)
-    return _build_full_matrix(name, opt, groups, model, tp)
+    return _build_full_matrix(name, opt, groups, model, tp, ps)
 
 
-def _build_full_matrix(name: str, opt, groups: list[dict], model: torch.nn.Module, tp: dict):
+def _build_full_matrix(name: str, opt, groups: list[dict], model: torch.nn.Module, tp: dict, ps=None):
     """Muon / GaLore / Shampoo on the hidden matrices (gathered whole under tp), AdamW on the rest."""
     from megatron.optimizer.full_matrix import FullMatrixOptimizer, embedding_parameter_ids, is_hidden_matrix
 
     embeddings = embedding_parameter_ids(model)
-    if name == "muon":
+    if name in ("muon", "muonclip"):
         def make_matrix(matrix_groups):
             # upstream's Muon scales the lr by 0.2 sqrt(max(A, B)) (Moonlight's "match_rms_adamw")
             return torch.optim.Muon(matrix_groups, lr=opt.lr, weight_decay=opt.weight_decay,
@@ -279,6 +278,14 @@ def _build_full_matrix(name: str, opt, groups: list[dict], model: torch.nn.Modul
         return torch.optim.AdamW(other_groups, lr=opt.lr, betas=other_betas, eps=other_eps,
                                  weight_decay=opt.weight_decay)
 
+    if name == "muonclip":
+        from megatron.optimizer.muon_clip import MuonClip, attention_modules
+
+        sdp = {} if ps is None or ps.sp_size * ps.dp_size == 1 else {"sdp_group": ps.sdp_group,
+                                                                     "sdp_size": ps.sp_size * ps.dp_size}
+        return MuonClip(groups, lambda p: is_hidden_matrix(p, embeddings), make_matrix, make_other,
+                        attention=attention_modules(model), threshold=opt.muonclip_t, alpha=opt.muonclip_alpha,
+                        **sdp, **tp)
     return FullMatrixOptimizer(groups, lambda p: is_hidden_matrix(p, embeddings), make_matrix, make_other, **tp)
 
 
