@@ -63,3 +63,14 @@ def train_logged(rank: int, world_size: int, cases: list) -> dict:
                      "consumed_samples": result.consumed_samples, "log": log, "eval": dict(result.eval_losses),
                      "saved": list(result.saved), "exit_reason": result.exit_reason}
     return out
+
+
+def train_logged_per_layer_fp32(rank: int, world_size: int, cases: list) -> dict:
+    """train_logged with galoreadamw8bitperlayer's 8-bit GaLore (CUDA only) replaced by fp32 GaLoreAdamW: the
+    optimizer-in-backward machinery through DeepSpeed's engine on CPU."""
+    import megatron.optimizer as mo
+
+    real = mo._per_layer_errors
+    mo._per_layer_errors = lambda run, device, world: [e for e in real(run, device, world) if "CUDA only" not in e]
+    mo.PER_LAYER_EIGHT_BIT = False
+    return train_logged(rank, world_size, cases)
