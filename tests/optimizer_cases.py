@@ -17,8 +17,8 @@ MULTI_RANK = [name for name in OPTIMIZERS if name not in ("apex.adam", "ipex.lam
 # adamwschedulefree and are covered at tp=2)
 EIGHT_RANK = ["adam", "adopt", "sophiag", "ds.fusedlamb", "adamwschedulefree", "muon", "muonclip", "galoreadamw",
               "dshampooadamw"]
-WHOLE_TENSOR_OR_SCHEDULE_FREE = {"adamwschedulefree", "sgdschedulefree", "muon", "muonclip", "galoreadamw",
-                                 "dshampooadamw"}
+# whole-matrix optimizers run at ZeRO-0 (ZeRO-1/2 partitions are refused); every other one at ZeRO-1
+WHOLE_MATRIX = {"muon", "muonclip", "galoreadamw", "dshampooadamw"}
 # per-optimizer learning rates that learn the tiny model in a few steps (ScheduleFree-SGD and LAMB need more)
 LR = {"sgd": "0.3", "sgdschedulefree": "0.5", "ds.fusedlamb": "0.05", "ipex.lamb": "0.05", "dshampooadamw": "3e-3",
       "sophiag": "3e-3"}

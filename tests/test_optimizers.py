@@ -3,7 +3,8 @@ batch ramp-up trained multi-rank; the cooldown workflow (resume a constant-LR ru
 
 Three launches hold all multi-rank trainings: 1 rank (references, 20-step learning, cooldown), 2 ranks
 (tp=2 parity and save/resume per optimizer, ramp-up at dp=2, optimizer-state refusal) and 8 ranks
-(tp=2 × pp=2 × dp=2, ZeRO-1 for the elementwise optimizers, ZeRO-0 for the others; ramp-up).
+(tp=2 × pp=2 × dp=2, ZeRO-1 for the elementwise and schedule-free optimizers and LAMB, ZeRO-0 for the
+whole-matrix ones; ramp-up).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from megatron.training.lr_schedule import LRSchedule, build_lr_scheduler  # noqa
 TP2 = ("--tensor-model-parallel-size", "2")
 TP2_PP2_DP2 = ("--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2")
 SAVE_AT = 2
+SCHEDULE_FREE_EVAL = ("--train-iters", "4", "--eval-interval", "2", "--eval-iters", "1")
 # LAMB at a large global batch: 64 samples = 16 accumulated micro-batches of 4 on one rank, 8 per rank at dp=2
 LAMB_LARGE_BATCH = ("--optimizer", "ds.fusedlamb", "--lr", "0.1", "--micro-batch-size", "4", "--global-batch-size",
                     "64", "--train-iters", "3")
@@ -62,6 +64,7 @@ def single(root):
     cases = [(name, oc.optimizer_flags(name, "--train-iters", "20")) for name in oc.OPTIMIZERS]
     cases.append(("rampup", rampup_flags()))
     cases.append(("lamb_large_batch", ec.flags(*LAMB_LARGE_BATCH)))
+    cases.append(("schedule_free_eval", oc.optimizer_flags("adamwschedulefree", *SCHEDULE_FREE_EVAL)))
     # the cooldown workflow: 6 iterations at constant LR, then resume into a cooldown to --min-lr by iteration 12
     cooldown = str(root / "constant")
     constant = ec.flags("--optimizer", "ipex.fusedlamb", "--lr", "0.05", "--log-interval", "1", "--train-iters", "6")
@@ -83,6 +86,11 @@ def two_ranks(root):
     cases.append(("lamb_large_batch_dp2", ec.flags(*LAMB_LARGE_BATCH)))
     # 8-bit Adam needs whole tensors: checked at dp=2 (ZeRO-0) instead of tp=2
     cases += resume_cases("dp2_adam8bit", oc.optimizer_flags("adam8bit", "--train-iters", "4"), root)
+    # schedule-free on ZeRO partitions: steps, evaluation at the averaged weights, save and resume
+    cases += resume_cases("dp2_zero2_schedule_free",
+                          oc.optimizer_flags("adamwschedulefree", *SCHEDULE_FREE_EVAL, "--zero-stage", "2"), root)
+    cases.append(("dp2_zero1_bf16_schedule_free",
+                  oc.optimizer_flags("adamwschedulefree", *SCHEDULE_FREE_EVAL, "--zero-stage", "1", "--bf16")))
     cases.append(("lamb_large_batch_dp2_zero1_bf16", ec.flags(*LAMB_LARGE_BATCH, "--zero-stage", "1", "--bf16")))
     adam = str(root / "tp2_adam")
     cases.append(("adam_state_into_muon", oc.optimizer_flags("muon", *TP2, "--train-iters", "4", "--load", adam)))
@@ -97,7 +105,7 @@ def two_ranks(root):
 def eight_ranks():
     cases = []
     for name in oc.EIGHT_RANK:
-        zero = "0" if name in oc.WHOLE_TENSOR_OR_SCHEDULE_FREE else "1"
+        zero = "0" if name in oc.WHOLE_MATRIX else "1"
         cases.append((name, oc.optimizer_flags(name, *TP2_PP2_DP2, "--zero-stage", zero, "--train-iters", "2")))
     cases.append(("rampup", rampup_flags(*TP2_PP2_DP2, "--zero-stage", "1")))
     return run_ranks(8, oc.train_logged, cases, timeout=900)
@@ -243,7 +251,33 @@ def _errors(*extra):
     return "\n".join(optimizer_errors(run, "cpu"))
 
 
-@pytest.mark.parametrize("name", sorted(oc.WHOLE_TENSOR_OR_SCHEDULE_FREE))
+def test_schedule_free_at_zero_partitions_steps_evaluates_and_resumes_like_one_rank(single, two_ranks):
+    """ZeRO-2 at dp=2 steps the flat fp32 partitions; the eval/train switch refreshes the model from them, so
+    the evaluation (at the averaged weights) and the training losses are the single-rank ones, and the
+    checkpoint saved at the averaged weights resumes bit for bit. bf16 on ZeRO-1 stays close."""
+    reference = _ok(single["schedule_free_eval"], "reference")
+    assert sorted(reference["eval"]) == [2, 4]
+    for rank_result in two_ranks:
+        run = _ok(rank_result["dp2_zero2_schedule_free/uninterrupted"], "zero2")
+        assert run["losses"] == pytest.approx(reference["losses"], abs=5e-5, rel=0)
+        assert run["eval"] == pytest.approx(reference["eval"], abs=5e-5, rel=0)
+        cut = _ok(rank_result["dp2_zero2_schedule_free/interrupted"], "interrupted")
+        resumed = _ok(rank_result["dp2_zero2_schedule_free/resumed"], "resumed")
+        assert cut["losses"] == run["losses"][:SAVE_AT] and resumed["start_iteration"] == SAVE_AT
+        assert resumed["losses"] == run["losses"][SAVE_AT:] and resumed["eval"] == {4: run["eval"][4]}
+        bf16 = _ok(rank_result["dp2_zero1_bf16_schedule_free"], "bf16")
+        assert bf16["losses"] == pytest.approx(reference["losses"], abs=0.05) and bf16["losses"] != run["losses"]
+
+
+@pytest.mark.parametrize("name", ["adamwschedulefree", "sgdschedulefree"])
+def test_schedule_free_refuses_zero_3_and_bf16_without_zero(name):
+    assert _errors("--optimizer", name, "--zero-stage", "2") == ""
+    assert _errors("--optimizer", name, "--zero-stage", "1", "--bf16") == ""
+    assert "ZeRO-3 partitions the parameters themselves" in _errors("--optimizer", name, "--zero-stage", "3")
+    assert "with --bf16 needs --zero-stage 1 or 2" in _errors("--optimizer", name, "--bf16")
+
+
+@pytest.mark.parametrize("name", sorted(oc.WHOLE_MATRIX))
 def test_whole_tensor_optimizers_refuse_zero_partitions_and_bf16(name):
     assert f"--optimizer {name}" in _errors("--optimizer", name, "--zero-stage", "1")
     assert "--zero-stage 1 hands the optimizer flat partitions" in _errors("--optimizer", name, "--zero-stage", "1")

@@ -6,8 +6,8 @@ where one is right, or to a module of this package where none is (the module say
     adam                   torch.optim.Adam, L2 weight decay (as upstream)        elementwise
     adamw, apex.adam       torch.optim.AdamW (apex FusedAdam is AdamW-mode)      elementwise
     sgd, apex.sgd          torch.optim.SGD                                        elementwise
-    adamwschedulefree      schedulefree.AdamWScheduleFree                         elementwise, eval weights
-    sgdschedulefree        schedulefree.SGDScheduleFree                           elementwise, eval weights
+    adamwschedulefree      schedulefree.AdamWScheduleFree                         elementwise, eval weights (ZeRO 0-2)
+    sgdschedulefree        schedulefree.SGDScheduleFree                           elementwise, eval weights (ZeRO 0-2)
     adopt                  pytorch_optimizer.ADOPT                                elementwise
     sophiag                sophia.SophiaG (upstream's update rule)                elementwise
     ds.fusedlamb           lamb.Lamb, DeepSpeed FusedLamb's trust-ratio bounds    per-tensor norms (tp, dp all-reduce)
@@ -98,17 +98,23 @@ def optimizer_errors(run, device_type: str = "cpu", world_size: Optional[int] = 
         if (prec.fp16 or prec.bf16) and zero.zero_stage == 0:
             errors.append(f"--optimizer {name} with --{'fp16' if prec.fp16 else 'bf16'} needs --zero-stage 1 or 2 "
                           "(it reads each tensor's place in the flat buffers from ZeRO's partitions), or fp32")
-    elif name in WHOLE_TENSOR or name in SCHEDULE_FREE:
-        why = ("needs whole tensors" if name in WHOLE_TENSOR
-               else "switches the model between its train and eval weights")
+    elif name in SCHEDULE_FREE:
+        if zero.zero_stage == 3:
+            errors.append(f"--optimizer {name} switches the model between its train and eval weights, which at "
+                          "ZeRO-1/2 is refreshed from the optimizer's fp32 partitions; ZeRO-3 partitions the "
+                          "parameters themselves and has no such refresh: use --zero-stage 0, 1 or 2")
+        if (prec.fp16 or prec.bf16) and zero.zero_stage == 0:
+            errors.append(f"--optimizer {name} with --{'fp16' if prec.fp16 else 'bf16'} needs --zero-stage 1 or 2 "
+                          "(the eval/train switch refreshes the model from ZeRO's fp32 partitions), or fp32")
+    elif name in WHOLE_TENSOR:
         if zero.zero_stage > 0:
-            errors.append(f"--optimizer {name} {why}, but --zero-stage {zero.zero_stage} hands the optimizer flat "
-                          "partitions of all parameters cut at arbitrary offsets; use --zero-stage 0 "
-                          "(or an elementwise optimizer: adam, adamw, sgd, adopt, sophiag)")
+            errors.append(f"--optimizer {name} needs whole tensors, but --zero-stage {zero.zero_stage} hands the "
+                          "optimizer flat partitions of all parameters cut at arbitrary offsets; use --zero-stage 0 "
+                          "(or an elementwise optimizer: adam, adamw, sgd, adopt, sophiag, adamwschedulefree)")
         if prec.bf16 or prec.fp16:
-            errors.append(f"--optimizer {name} {why}, but DeepSpeed's {'bf16' if prec.bf16 else 'fp16'} optimizer "
-                          "hands it flat fp32 copies of all parameters; train in fp32 (drop --bf16/--fp16) or "
-                          "use an elementwise optimizer (adam, adamw, sgd, adopt, sophiag)")
+            errors.append(f"--optimizer {name} needs whole tensors, but DeepSpeed's {'bf16' if prec.bf16 else 'fp16'} "
+                          "optimizer hands it flat fp32 copies of all parameters; train in fp32 (drop --bf16/--fp16) "
+                          "or use an elementwise optimizer (adam, adamw, sgd, adopt, sophiag, adamwschedulefree)")
     if name in SCHEDULE_FREE and opt.lr_decay_style != "constant":
         errors.append(f"--optimizer {name} replaces the LR decay by iterate averaging: use --lr-decay-style "
                       f"constant (got {opt.lr_decay_style}); warmup comes from --lr-warmup-*")
