@@ -326,6 +326,8 @@ def test_other_refusals_name_their_flags():
         (["--lr-decay-style", "infinite-cosine", "--min-lr", "1e-3", "--constant-lr", "0.5"],
          r"needs --min-lr \(0.001\) < --constant-lr \(0.5\) <= --lr \(0.01\)"),
         (["--lr-cooldown-tokens", "10"], "give --lr-decay-tokens too"),
+        (["--optimizer", "muonclip", "--muonclip-t", "0"], "--muonclip-t is the largest attention logit"),
+        (["--optimizer", "muonclip", "--muonclip-alpha", "1.5"], r"--muonclip-alpha splits the clip .* \[0, 1\]"),
     ]:
         with pytest.raises(ConfigError, match=message):
             parse_args(ec.flags(*flags))

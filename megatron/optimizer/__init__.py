@@ -22,9 +22,11 @@ where one is right, or to a module of this package where none is (the module say
     dshampooadamw          pytorch_optimizer.ScalableShampoo, RMSProp grafting     full matrices (tp gather)
     ds.onebitlamb          refused: the pinned DeepSpeed no longer ships OnebitLamb (message names the version)
 
-Elementwise optimizers are layout-free: any tp / pp / dp / ZeRO stage gives the single-rank step. The
+Elementwise optimizers are layout-free: any tp / pp / dp / ZeRO stage gives the single-rank step (the
+schedule-free ones at ZeRO 0-2: their eval/train switch refreshes the model from ZeRO's partitions). The
 others need whole tensors: they run with the parameters themselves (fp32, ZeRO stage 0; DeepSpeed's ZeRO
-and bf16/fp16 optimizers hand the optimizer flat buffers cut at arbitrary offsets), and tensor-parallel
+and bf16/fp16 optimizers hand the optimizer flat buffers cut at arbitrary offsets; full_matrix.py says why
+DeepSpeed's own ZeRO Muon is no substitute and what an exact ZeRO-1 would take), and tensor-parallel
 shards are gathered (full_matrix.py). LAMB only needs per-tensor norms: it sums them over its fragments of
 ZeRO-1/2 / bf16 partitions and over tp (lamb.py), so it runs at any stage but 3. What cannot be made exact is
 refused by `optimizer_errors`, naming the flags.
@@ -109,8 +111,10 @@ def optimizer_errors(run, device_type: str = "cpu", world_size: Optional[int] = 
     elif name in WHOLE_TENSOR:
         if zero.zero_stage > 0:
             errors.append(f"--optimizer {name} needs whole tensors, but --zero-stage {zero.zero_stage} hands the "
-                          "optimizer flat partitions of all parameters cut at arbitrary offsets; use --zero-stage 0 "
-                          "(or an elementwise optimizer: adam, adamw, sgd, adopt, sophiag, adamwschedulefree)")
+                          "optimizer flat partitions of all parameters cut at arbitrary offsets (DeepSpeed's own "
+                          "ZeRO Muon orthogonalises tp shards in fp16/bf16: not the single-rank step; see "
+                          "megatron/optimizer/full_matrix.py); use --zero-stage 0 (or an elementwise optimizer: "
+                          "adam, adamw, sgd, adopt, sophiag, adamwschedulefree)")
         if prec.bf16 or prec.fp16:
             errors.append(f"--optimizer {name} needs whole tensors, but DeepSpeed's {'bf16' if prec.bf16 else 'fp16'} "
                           "optimizer hands it flat fp32 copies of all parameters; train in fp32 (drop --bf16/--fp16) "

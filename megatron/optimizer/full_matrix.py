@@ -19,6 +19,18 @@ for those tensors); one all-gather per matrix per step. Parameters that are not 
 embeddings, the output layer) go to an elementwise optimizer and are never gathered.
 
 Checkpoints hold the library optimizers' state dicts (over full matrices, identical on every tp rank).
+
+ZeRO (why whole-matrix optimizers run at --zero-stage 0, fp32): DeepSpeed's ZeRO-1/2 and its bf16/fp16 optimizers
+hand the optimizer one flat fp32 partition per param group per dp rank, cut at arbitrary offsets, so no rank
+holds a whole matrix (nor even whole rows of one). DeepSpeed 0.19's own "Muon in ZeRO-1/2" (stage_1_and_2 with
+its MuonWithAuxAdam, selected through a DeepSpeed config 'optimizer' section) orthogonalises each local gradient
+tensor before partitioning it: under tp that tensor is a shard, its Newton-Schulz runs in fp16/bf16, and it is
+Muon only (not GaLore, Shampoo or torch.optim.Muon's update), so it is not the single-rank step. The exact way
+is to partition by whole parameters: each dp rank owns whole matrices (balanced by size), steps them with the
+state for them only, and broadcasts the result (the "own whole matrices" scheme of DESIGN.md, over dp instead
+of tp), with the checkpoint gathering the owners' states into one layout. That needs the engine to run
+DeepSpeed at stage 0 under --zero-stage 1 and the checkpoint/reshard code to know it; it is not built, so
+`optimizer_errors` refuses ZeRO >= 1 and bf16/fp16 for these optimizers, naming the flags.
 """
 
 from __future__ import annotations
