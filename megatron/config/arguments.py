@@ -89,6 +89,16 @@ OTHER_NAMES = {
 }
 
 
+# DeepSpeed (checked against 0.19.8) accumulates bf16 gradients in fp32 only in its BF16 optimizer, which it runs
+# at ZeRO stage 1; at stage 0 its engine refuses the mix (NotImplementedError: "unsupported mix of model_dtype").
+ZERO0_FP32_ACCUMULATION = (
+    "--accumulate-allreduce-grads-in-fp32 with --bf16 cannot run at --zero-stage 0: DeepSpeed accumulates bf16 "
+    "gradients in fp32 only in its BF16 optimizer, which runs at ZeRO stage 1 (the same updates; the fp32 master "
+    "weights and optimizer state are sharded over the data-parallel ranks). Pass --zero-stage 1 for fp32 "
+    "accumulation, or drop the flag to stay at ZeRO-0 with bf16 accumulation (what upstream's DeepSpeed runs at "
+    "stage 0 without data_types.grad_accum_dtype)")
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # argparse's messages already name the flag ("argument --lr: invalid ...")
         raise ConfigError(f"{message} (see --help)")
@@ -224,8 +234,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--min-loss-scale", type=pos_float, default=1.0)
     g.add_argument("--accumulate-allreduce-grads-in-fp32", action="store_true",
                    help="--bf16: accumulate and all-reduce gradients in fp32 (DeepSpeed's "
-                        "data_types.grad_accum_dtype, its BF16 optimizer: ZeRO stage 0 runs as 1; refused with "
-                        "ZeRO-2/3 and --cpu-optimizer, which accumulate in bf16)")
+                        "data_types.grad_accum_dtype: its BF16 optimizer, at --zero-stage 1 only; refused with "
+                        "ZeRO-0, which DeepSpeed cannot run so, and with ZeRO-2/3 and --cpu-optimizer, which "
+                        "accumulate in bf16)")
 
     g = p.add_argument_group("run control, evaluation and checkpoints")
     g.add_argument("--seed", type=int, default=1234)
@@ -758,13 +769,8 @@ def parse_args(argv: Optional[list[str]] = None) -> RunConfig:
                           ("bf16", False), ("fp16", False), ("clip_grad", 1.0)):
         if getattr(ns, dest) is None:
             setattr(ns, dest, default)
-    file_states_zero = bool(ns.deepspeed_config) and \
-        "zero_stage" in deepspeed_file_values(read_deepspeed_config(ns.deepspeed_config))
-    if ns.bf16 and ns.accumulate_allreduce_grads_in_fp32 and ns.zero_stage == 0 and not file_states_zero:
-        ns.zero_stage = 1
-        notices.append("--accumulate-allreduce-grads-in-fp32 with --bf16: gradients accumulate in fp32 in "
-                       "DeepSpeed's BF16 optimizer, which runs as ZeRO stage 1 (optimizer state sharded over "
-                       "data-parallel ranks; the same updates as --zero-stage 0)")
+    if ns.bf16 and ns.accumulate_allreduce_grads_in_fp32 and ns.zero_stage == 0:
+        raise ConfigError(ZERO0_FP32_ACCUMULATION)
     if ns.zero_stage >= 2 and ns.pipeline_model_parallel_size == 1:
         ns.no_pipeline_parallel = True
     model = _resolve_model(ns)
