@@ -91,8 +91,8 @@ def test_load_finds_the_tag_of_their_checkpoints_and_of_universal_folders(built,
 
 
 def test_arguments_we_cannot_honour_are_named(built):
-    ns = af.argonne_namespace(CONFIGS["llama"], 2, 2, apply_layernorm_1p=True, rotary_percent=0.5, num_experts=[4])
-    with pytest.raises(ConversionError, match=r"apply-layernorm-1p True.*rotary-percent 0\.5.*num-experts \[4\]"):
+    ns = af.argonne_namespace(CONFIGS["llama"], 2, 2, apply_layernorm_1p=True, use_mup=True, num_experts=[4])
+    with pytest.raises(ConversionError, match=r"apply-layernorm-1p True.*use-mup True.*num-experts \[4\]"):
         config_from_argonne_args(ns, "test")
     with pytest.raises(ConversionError, match="padded_vocab_size 256"):
         config_from_argonne_args(af.argonne_namespace(CONFIGS["gpt"], 2, 1, padded_vocab_size=256), "test")

@@ -111,11 +111,9 @@ def is_argonne_checkpoint(path: str) -> bool:
 # Their arguments that shape the weights or the forward pass, and the only values we can reproduce.
 REQUIRED_VALUES = {
     "apply_layernorm_1p": (False, None), "apply_residual_connection_post_layernorm": (False, None),
-    "openai_gelu": (False, None), "squared_relu": (False, None), "onnx_safe": (False, None),
-    "rotary_percent": (1.0, None), "num_layers_per_virtual_pipeline_stage": (None,),
+    "squared_relu": (False, None), "onnx_safe": (False, None), "num_layers_per_virtual_pipeline_stage": (None,),
     "virtual_pipeline_model_parallel_size": (None, 1), "mos": (False, None), "kd": (False, None),
-    "add_qkv_bias": (False, None), "num_experts_switch": (None,), "fp32_residual_connection": (False, None),
-    "use_mup": (False, None), "embedding_weights_in_fp32": (False, None),
+    "add_qkv_bias": (False, None), "num_experts_switch": (None,), "use_mup": (False, None), "embedding_weights_in_fp32": (False, None),
 }
 
 
@@ -158,7 +156,13 @@ def config_from_argonne_args(ns, source: str, vocab_size: Optional[int] = None) 
         untie_embeddings_and_output_weights=bool(a.get("untie_embeddings_and_output_weights")),
         add_bias_linear=bool(a.get("add_bias_linear", True)),
         attention_dropout=float(a.get("attention_dropout", 0.1)), hidden_dropout=float(a.get("hidden_dropout", 0.1)),
-        init_method_std=float(a.get("init_method_std", 0.02)))
+        init_method_std=float(a.get("init_method_std", 0.02)),
+        rotary_percent=float(a.get("rotary_percent") or 1.0),
+        fp32_residual_connection=bool(a.get("fp32_residual_connection")),
+        init_method="xavier_uniform" if a.get("init_method_xavier_uniform") else "normal",
+        # their MLP: openai_gelu (tanh), else the fused bias-GeLU (tanh) unless the fusion was off: F.gelu (erf)
+        gelu_approximation="tanh" if a.get("openai_gelu") or (
+            a.get("bias_gelu_fusion", True) and a.get("add_bias_linear", True)) else "none")
     try:
         config = TransformerConfig(**values)
     except ValueError as err:
