@@ -331,3 +331,25 @@ def test_two_ranks_data_parallel_random_init_and_document_masks_through_tp_and_p
     loss, ref_loss, causal_loss = r1["pipe"]
     assert loss == pytest.approx(ref_loss, rel=1e-5) and abs(ref_loss - causal_loss) > 1e-4
     assert parse_args(LLAMA + ["--data-parallel-random-init"]).training.data_parallel_random_init
+
+
+def test_muonclip_max_logits_count_only_the_pairs_a_document_mask_allows():
+    model, _ = build(LLAMA, "--reset-attention-mask")
+    attention = model.layers[0].attention.train()
+    t = _two_documents(4)
+    hidden = torch.randn(2, SEQ, 32)
+    positions = torch.arange(SEQ).unsqueeze(0).expand(2, SEQ)
+    mask = document_attention_mask(document_ids_from_tokens(t, EOD))
+    found = {}
+    for name, m in (("causal", None), ("documents", mask)):
+        attention.record_max_logits()
+        attention(hidden, positions, None, m)
+        found[name] = attention.max_logits
+    qkv = attention.qkv(hidden)
+    cos_sin = rotary_cos_sin(positions, 8, model.config.rope_theta)
+    q, k, _ = split_qkv_rotary(qkv.detach(), 4, 2, 8, cos_sin)
+    scores = torch.einsum("bihd,bjhd->bhij", q, k.repeat_interleave(2, dim=2)) / math.sqrt(8)
+    for name, allowed in (("causal", torch.ones(SEQ, SEQ, dtype=torch.bool).tril()), ("documents", mask)):
+        expected = scores.masked_fill(~allowed, float("-inf")).amax(dim=(0, 2, 3))
+        torch.testing.assert_close(found[name], expected, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(found["causal"], found["documents"])
