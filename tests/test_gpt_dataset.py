@@ -102,8 +102,11 @@ def test_document_mode_shuffles_documents_per_epoch_and_samples_span_them(tmp_pa
     for f in range(2):
         documents = contents[rank0.files[f].prefix]
         orders = []
+        offsets = np.cumsum([0] + [len(d) for d in documents])[:-1]  # where each document starts in the .bin
         for epoch in np.unique(location.epoch[location.file == f]):
-            order, ends = rank0.document_index.get(f, int(epoch))
+            starts, ends = rank0.document_index.get(f, int(epoch))
+            order = np.searchsorted(offsets, starts)
+            assert np.array_equal(offsets[order], starts) and np.array_equal(order, rank0.document_index.order(f, int(epoch)))
             assert np.array_equal(np.sort(order), np.arange(len(documents)))
             orders.append(np.asarray(order))
             stream = np.concatenate([documents[d] for d in order])  # reference: shuffled documents end to end
@@ -128,7 +131,7 @@ def test_document_index_memory_stays_under_its_bound_however_many_files_are_touc
     config = DataConfig(data_path=data_path, split="1", sample_mode="documents")
     bounded = build_datasets(config, SEQ, 3, (2000, 0, 0), 500, document_index_cache=str(tmp_path / "s"))[0]
     index = bounded.document_index
-    index.cache_bytes = 5 * 12 * 16  # room for the indices of 5 files
+    index.cache_bytes = 5 * sum(part.nbytes for part in index.build(0, 0))  # room for the indices of 5 files
     reference = build_datasets(config, SEQ, 3, (2000, 0, 0), 500, document_index_cache=str(tmp_path / "s"))[0]
     peak = 0
     for first in range(0, 2000, 50):  # batch after batch touches every file, epoch after epoch
