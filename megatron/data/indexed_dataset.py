@@ -301,9 +301,10 @@ class TokenFile:
             count = with_retries(lambda: os.preadv(fd, [view[done:]], offset + done), path, log=logger.warning,
                                  error_type=IndexedDatasetError)
             if count == 0:
+                size = os.fstat(fd).st_size
                 raise IndexedDatasetError(
-                    f"{path}: ends at byte {offset + done}, before the {len(view)} bytes asked for at byte {offset}; "
-                    "the file was truncated or replaced after the run started: restore it, then relaunch")
+                    f"{path}: {size} bytes, but bytes [{offset}, {offset + len(view)}) were asked for; the file was "
+                    "truncated or replaced after the run started: restore it, then relaunch")
             done += count
 
     def read_into(self, out: np.ndarray, start: int) -> np.ndarray:
