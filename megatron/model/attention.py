@@ -3,6 +3,12 @@
 A tensor-parallel rank owns nq/tp query heads and nkv/tp key/value heads; its rows of the
 fused qkv weight are [its q | its k | its v]. Under Ulysses (sp > 1) those heads are split
 again over the sp group by an all-to-all, so attention sees the whole sequence.
+
+MuonClip's QK-clip needs each head's largest attention logit. `record_max_logits()` turns on a no-grad
+reduction in training forwards: max over batch and causal (i, j) of q_i·k_j/sqrt(d) per tp-local head,
+taken from the same rotated q, k that SDPA sees (one extra QKᵀ, in query blocks, outside autograd).
+Under Ulysses this rank sees only its sp slice of the heads; the others stay -inf until the optimizer takes
+the max over the sp × dp group (megatron/optimizer/muon_clip.py).
 """
 
 from __future__ import annotations
@@ -48,6 +54,35 @@ class SelfAttention(nn.Module):
             init_std=config.init_method_std / math.sqrt(2.0 * config.num_layers),
             init_seed=derive_seed(seed, prefix + "dense.weight"),
         )
+        self.max_logits: Optional[torch.Tensor] = None  # [heads_per_rank] while recording (MuonClip)
+        self._recording = False
+
+    def record_max_logits(self, on: bool = True) -> None:
+        """From now on, training forwards keep in `max_logits` the running max logit of each tp-local head
+        (reset it to None to start a new window)."""
+        self._recording = on
+        self.max_logits = None
+
+    @torch.no_grad()
+    def _record(self, q: torch.Tensor, k: torch.Tensor) -> None:
+        """Running max of q_i·k_j / sqrt(d) over batch and causal pairs j <= i, per head (q, k: [b, s, h, d])."""
+        group = q.shape[2] // k.shape[2]
+        qf = q.float().transpose(1, 2)  # [b, h, s, d]
+        kf = k.float().transpose(1, 2).repeat_interleave(group, dim=1)
+        s, scale = qf.shape[2], 1.0 / math.sqrt(qf.shape[-1])
+        local = torch.full((qf.shape[1],), float("-inf"), device=q.device)
+        block = max(1, (1 << 22) // max(1, qf.shape[0] * qf.shape[1] * s))  # query rows per block
+        for start in range(0, s, block):
+            end = min(s, start + block)
+            scores = torch.matmul(qf[:, :, start:end], kf.transpose(-1, -2)) * scale  # [b, h, rows, s]
+            rows = torch.arange(start, end, device=q.device).unsqueeze(1)
+            future = torch.arange(s, device=q.device).unsqueeze(0) > rows
+            scores.masked_fill_(future, float("-inf"))
+            local = torch.maximum(local, scores.amax(dim=(0, 2, 3)))
+        full = torch.full((self.heads_per_rank,), float("-inf"), device=q.device)
+        offset = self.ps.sp_rank * local.numel() if self.ps.sp_size > 1 else 0
+        full[offset:offset + local.numel()] = local
+        self.max_logits = full if self.max_logits is None else torch.maximum(self.max_logits, full)
 
     def forward(self, hidden: torch.Tensor, position_ids: torch.Tensor,
                 rotary: Optional[Rotary] = None) -> torch.Tensor:
@@ -63,6 +98,8 @@ class SelfAttention(nn.Module):
         q, k, v = split_qkv_rotary(qkv, self.heads_per_rank, self.kv_heads_per_rank, d, rotary)
         sp_group = self.ps.sp_group
         q, k, v = (sequence_to_heads(t, sp_group) for t in (q, k, v))
+        if self._recording and self.training:
+            self._record(q, k)
         if config.recompute_core_attention and self.training and torch.is_grad_enabled():
             out = checkpoint(self._attend, q, k, v)  # selective recomputation: keep no scores/softmax
         else:

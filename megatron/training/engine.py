@@ -297,6 +297,9 @@ class TrainingEngine:
         a tied embedding on a later pipeline stage (DeepSpeed marks it ds_pipe_replicated) not at all; the
         sum of squares is then added up over the model-parallel group (tp × pp).
         """
+        consumed = getattr(self.engine.optimizer, "consumed_grad_norm", None)
+        if consumed is not None:  # optimizer-in-backward (one rank): the hooks consumed and freed the gradients
+            return consumed
         squares = torch.zeros((), dtype=torch.float32, device=self.device)
         for param in self.engine.module.parameters():
             if param.grad is None or getattr(param, "ds_pipe_replicated", False):
