@@ -1,6 +1,8 @@
 """GPT datasets over a blend (tokens vs a brute-force reference, document mode, vocab check, mock data)
 and the data iterator (dp-size independence and resume)."""
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -102,8 +104,11 @@ def test_document_mode_shuffles_documents_per_epoch_and_samples_span_them(tmp_pa
     for f in range(2):
         documents = contents[rank0.files[f].prefix]
         orders = []
+        offsets = np.cumsum([0] + [len(d) for d in documents])[:-1]  # where each document starts in the .bin
         for epoch in np.unique(location.epoch[location.file == f]):
-            order, ends = rank0.document_index.get(f, int(epoch))
+            starts, ends = rank0.document_index.get(f, int(epoch))
+            order = np.searchsorted(offsets, starts)
+            assert np.array_equal(offsets[order], starts) and np.array_equal(order, rank0.document_index.order(f, int(epoch)))
             assert np.array_equal(np.sort(order), np.arange(len(documents)))
             orders.append(np.asarray(order))
             stream = np.concatenate([documents[d] for d in order])  # reference: shuffled documents end to end
@@ -128,7 +133,7 @@ def test_document_index_memory_stays_under_its_bound_however_many_files_are_touc
     config = DataConfig(data_path=data_path, split="1", sample_mode="documents")
     bounded = build_datasets(config, SEQ, 3, (2000, 0, 0), 500, document_index_cache=str(tmp_path / "s"))[0]
     index = bounded.document_index
-    index.cache_bytes = 5 * 12 * 16  # room for the indices of 5 files
+    index.cache_bytes = 5 * sum(part.nbytes for part in index.build(0, 0))  # room for the indices of 5 files
     reference = build_datasets(config, SEQ, 3, (2000, 0, 0), 500, document_index_cache=str(tmp_path / "s"))[0]
     peak = 0
     for first in range(0, 2000, 50):  # batch after batch touches every file, epoch after epoch
@@ -194,3 +199,54 @@ def test_dp1_and_dp2_iterators_give_the_same_global_stream_and_resume_from_consu
     with pytest.raises(ValueError, match="consumed_samples"):
         build_data_iterator(train, 4, 0, 2, 201)
     assert build_data_iterator(None, 4, 0, 1, 0) is None
+
+
+def test_samples_are_read_without_mapping_the_token_files_and_with_a_bounded_number_open(tmp_path):
+    data_path, _ = make_blend(tmp_path, sizes=[12] * 10, seed=4)
+    for mode in ("samples", "documents"):
+        config = DataConfig(data_path=data_path, split="1", sample_mode=mode)
+        bounded = build_datasets(config, SEQ, 3, (400, 0, 0), 500, document_index_cache=str(tmp_path / "s"))[0]
+        bounded.max_open_files = 3
+        reference = build_datasets(config, SEQ, 3, (400, 0, 0), 500, document_index_cache=str(tmp_path / "s"))[0]
+        assert np.array_equal(bounded.get_tokens(np.arange(400)), reference.get_tokens(np.arange(400)))
+        assert len(bounded._readers) == 3 and len(reference._readers) == 10
+        if os.path.exists("/proc/self/maps"):  # Linux: positioned reads leave no page of a token file mapped
+            with open("/proc/self/maps") as maps:
+                mapped = [line for line in maps if str(tmp_path) in line and line.rstrip().endswith((".bin", ".idx"))]
+            assert not mapped
+
+
+def test_transient_token_read_errors_are_retried_and_a_truncated_file_is_named(tmp_path, monkeypatch, caplog):
+    import errno
+
+    from megatron.checkpoint import format as fmt
+    from megatron.data import indexed_dataset
+    from megatron.data.indexed_dataset import IndexedDatasetError
+
+    data_path, contents = make_blend(tmp_path, sizes=(20,), seed=6)
+    train = build_datasets(DataConfig(data_path=data_path, split="1"), SEQ, 1, (10, 0, 0), 500)[0]
+    expected = train.get_tokens(np.arange(10))
+    train = build_datasets(DataConfig(data_path=data_path, split="1"), SEQ, 1, (10, 0, 0), 500)[0]
+    monkeypatch.setattr(fmt, "RETRY_BACKOFF_S", 0.001)
+    failures = {"left": 2}
+    real_preadv = os.preadv
+
+    def flaky_preadv(fd, buffers, offset):  # a fault-injecting filesystem: EIO on the first two reads
+        if failures["left"] > 0:
+            failures["left"] -= 1
+            raise OSError(errno.EIO, "Input/output error")
+        return real_preadv(fd, buffers, offset)
+
+    monkeypatch.setattr(indexed_dataset.os, "preadv", flaky_preadv)
+    with caplog.at_level("WARNING"):
+        assert np.array_equal(train.get_tokens(np.arange(10)), expected)
+    retries = [r.getMessage() for r in caplog.records if "EIO" in r.getMessage()]
+    assert len(retries) == 2 and "file0_text_document.bin" in retries[0] and "retry 1/3" in retries[0]
+    failures["left"] = 100
+    with pytest.raises(IndexedDatasetError, match=r"file0_text_document.bin: reading failed 4 times with EIO"):
+        train.get_tokens([0])
+    monkeypatch.setattr(indexed_dataset.os, "preadv", real_preadv)
+    with open(str(tmp_path / "file0_text_document.bin"), "r+b") as f:  # cut short after the run started
+        f.truncate(20)
+    with pytest.raises(IndexedDatasetError, match=r"file0_text_document.bin: 20 bytes, but bytes .* were asked for; the file was truncated"):
+        train.get_tokens(np.arange(10))
