@@ -57,7 +57,6 @@ COMPAT_NO_EFFECT = [
     ("--local-rank", int, "the local rank is read from the launcher's environment (megatron.dist)"),
     ("--no-query-key-layer-scaling", "flag", "attention is computed in fp32-accumulating SDPA"),
     ("--apply-query-key-layer-scaling", "flag", "attention is computed in fp32-accumulating SDPA"),
-    ("--no-bias-gelu-fusion", "flag", "no fused kernels to turn off"),
     ("--no-bias-dropout-fusion", "flag", "no fused kernels to turn off"),
     ("--no-masked-softmax-fusion", "flag", "no fused kernels to turn off"),
     ("--no-gradient-accumulation-fusion", "flag", "no fused kernels to turn off"),
@@ -138,6 +137,17 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--apply-layernorm-1p", action="store_true",
                    help="LayerNorm weights centred on zero: the gain is 1 + weight (weight starts at 0)")
     g.add_argument("--squared-relu", action="store_true", help="MLP activation relu(x)² instead of GeLU")
+    g.add_argument("--openai-gelu", action="store_true",
+                   help="GeLU MLP: the tanh approximation (OpenAI's GPT-2 GeLU), even where --no-bias-gelu-fusion "
+                        "or --disable-bias-linear would select the exact one")
+    g.add_argument("--no-bias-gelu-fusion", dest="bias_gelu_fusion", action="store_false",
+                   help="GeLU MLP: the exact (erf) GeLU, upstream's unfused F.gelu. Without it (and with biases) "
+                        "the GeLU is upstream's fused bias-GeLU, the tanh approximation; --disable-bias-linear "
+                        "turns the fusion off too. SwiGLU and squared-ReLU MLPs are unaffected")
+    g.add_argument("--rotary-percent", type=float, default=1.0,
+                   help="RoPE rotates only the first int(head dim × this) dims of each head (even), the rest "
+                        "pass through (partial rotary, as GPT-NeoX); default 1.0. Hugging Face export refuses "
+                        "values < 1 (LlamaForCausalLM rotates whole heads)")
     g.add_argument("--attention-softmax-in-fp32", action="store_true",
                    help="compute attention (scores, softmax, weighted sum) in fp32 under --bf16/--fp16")
 
@@ -147,6 +157,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="initialise the word embeddings with --word-embedding-init-std instead")
     g.add_argument("--word-embedding-init-std", type=pos_float, default=0.02,
                    help="with --adjust-word-embedding-init (default 0.02)")
+    g.add_argument("--init-method-xavier-uniform", action="store_true",
+                   help="initialise every weight matrix (qkv, attention output, MLP, word and position embeddings, "
+                        "untied output layer) Xavier-uniform over its full shape instead of normal(0, "
+                        "--init-method-std) (output projections unscaled); --adjust-word-embedding-init still "
+                        "sets the word embeddings' std")
+    g.add_argument("--data-parallel-random-init", action="store_true",
+                   help="seed each data-parallel rank's torch generators (dropout) with seed + 10 × dp rank "
+                        "(upstream's offset), so replicas draw different dropout masks; the weights stay identical "
+                        "on every dp rank (as upstream's broadcast from dp rank 0 leaves them)")
 
     g = p.add_argument_group("parallelism")
     g.add_argument("--tensor-model-parallel-size", type=pos_int, default=1)
@@ -222,6 +241,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--loss-scale-window", type=pos_int, default=1000)
     g.add_argument("--hysteresis", type=pos_int, default=2)
     g.add_argument("--min-loss-scale", type=pos_float, default=1.0)
+    g.add_argument("--fp32-residual-connection", action="store_true",
+                   help="keep the residual stream (embedding output, every residual sum, the input of each norm "
+                        "and of the next pipeline stage) in fp32 under --bf16/--fp16; norms hand the sublayers "
+                        "the run's dtype. Needs --bf16 or --fp16 (as upstream)")
     g.add_argument("--accumulate-allreduce-grads-in-fp32", action="store_true",
                    help="--bf16: accumulate and all-reduce gradients in fp32 (DeepSpeed's "
                         "data_types.grad_accum_dtype, its BF16 optimizer: ZeRO stage 0 runs as 1; refused with "
@@ -300,6 +323,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--num-workers", type=int, default=2)
     g.add_argument("--eod-mask-loss", action="store_true")
     g.add_argument("--reset-position-ids", action="store_true")
+    g.add_argument("--reset-attention-mask", action="store_true",
+                   help="attention is causal within each document: a token never attends to tokens before the "
+                        "last EOD preceding it (needs a tokenizer with an EOD token; not with "
+                        "--ds-sequence-parallel-size > 1). SDPA then takes an explicit [b, 1, s, s] mask, which "
+                        "rules out its flash kernel")
     g.add_argument("--data-impl", choices=("mmap", "infer", "lazy", "cached"), default="infer",
                    help="the only format is MMIDIDX (.bin/.idx): mmap or infer")
     g.add_argument("--dataloader-type", choices=("single", "cyclic"), default="single",
@@ -521,6 +549,13 @@ def _resolve_model(ns: argparse.Namespace) -> TransformerConfig:
     values["attention_softmax_in_fp32"] = ns.attention_softmax_in_fp32
     values["apply_layernorm_1p"] = ns.apply_layernorm_1p
     values["squared_relu"] = ns.squared_relu
+    values["rotary_percent"] = ns.rotary_percent
+    values["fp32_residual_connection"] = ns.fp32_residual_connection
+    values["init_method"] = "xavier_uniform" if ns.init_method_xavier_uniform else "normal"
+    # Upstream's MLP: --openai-gelu's tanh GeLU; else the fused bias-GeLU (tanh) unless --no-bias-gelu-fusion or
+    # --disable-bias-linear turn the fusion off, leaving F.gelu (exact, erf).
+    fused = ns.bias_gelu_fusion and values.get("add_bias_linear", True)
+    values["gelu_approximation"] = "tanh" if ns.openai_gelu or fused else "none"
     if ns.adjust_word_embedding_init:
         values["word_embedding_init_std"] = ns.word_embedding_init_std
     values.update(_recompute_settings(ns))
@@ -528,7 +563,7 @@ def _resolve_model(ns: argparse.Namespace) -> TransformerConfig:
         model = TransformerConfig(**values)
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    for k in fields + ("position_embedding_type",):  # record the final values in the run's arguments
+    for k in fields + ("position_embedding_type", "gelu_approximation", "init_method"):  # the run's final values
         setattr(ns, k, getattr(model, k))
     return model
 
@@ -566,6 +601,12 @@ def _check_flags(ns: argparse.Namespace, typed: Optional[dict] = None) -> list[s
     if ns.recompute_method == "block" and ns.pipeline_model_parallel_size > 1:
         errors.append("--recompute-method block is supported with --pipeline-model-parallel-size 1 only; use "
                       "uniform")
+    if ns.openai_gelu and (ns.swiglu or ns.squared_relu):
+        errors.append(f"--openai-gelu selects the GeLU of the MLP; it cannot be combined with "
+                      f"{'--swiglu' if ns.swiglu else '--squared-relu'} (pick one activation)")
+    if ns.reset_attention_mask and ns.ds_sequence_parallel_size > 1:
+        errors.append("--reset-attention-mask is not supported with --ds-sequence-parallel-size "
+                      f"{ns.ds_sequence_parallel_size} (Ulysses); drop one")
     if ns.accumulate_allreduce_grads_in_fp32 and ns.fp16:
         errors.append("--accumulate-allreduce-grads-in-fp32 is supported with --bf16 (and fp32) only, not --fp16")
     if ns.train_range_to_skip and len(ns.train_range_to_skip) % 2:
@@ -682,6 +723,10 @@ def parse_args(argv: Optional[list[str]] = None) -> RunConfig:
                        "data-parallel ranks; the same updates as --zero-stage 0)")
     if ns.zero_stage >= 2 and ns.pipeline_model_parallel_size == 1:
         ns.no_pipeline_parallel = True
+    if ns.fp32_residual_connection and not (ns.bf16 or ns.fp16):
+        raise ConfigError("invalid arguments:\n  - --fp32-residual-connection keeps the residual stream in fp32 "
+                          "under --bf16 or --fp16 (as upstream requires); this run is fp32 already: drop the flag "
+                          "or add --bf16")
     model = _resolve_model(ns)
     parallel = ParallelConfig(
         tensor_model_parallel_size=ns.tensor_model_parallel_size,
@@ -693,7 +738,8 @@ def parse_args(argv: Optional[list[str]] = None) -> RunConfig:
         sample_mode=ns.sample_mode, mock_data=ns.mock_data, tokenizer_type=ns.tokenizer_type,
         tokenizer_model=ns.tokenizer_model, vocab_file=ns.vocab_file, merge_file=ns.merge_file,
         vocab_size=ns.vocab_size, num_workers=ns.num_workers, reset_position_ids=ns.reset_position_ids,
-        eod_mask_loss=ns.eod_mask_loss, train_data_path=list(ns.train_data_path),
+        eod_mask_loss=ns.eod_mask_loss, reset_attention_mask=ns.reset_attention_mask,
+        train_data_path=list(ns.train_data_path),
         valid_data_path=list(ns.valid_data_path), test_data_path=list(ns.test_data_path),
         data_cache_path=ns.data_cache_path, blend_epochs_warning=ns.blend_epochs_warning)
     optimizer = OptimizerConfig(
@@ -714,7 +760,8 @@ def parse_args(argv: Optional[list[str]] = None) -> RunConfig:
         micro_batch_size=ns.micro_batch_size, global_batch_size=ns.global_batch_size,
         rampup_batch_size=list(ns.rampup_batch_size) if ns.rampup_batch_size else None,
         train_iters=ns.train_iters, train_samples=ns.train_samples, train_tokens=ns.train_tokens,
-        eval_interval=ns.eval_interval, eval_iters=ns.eval_iters, seed=ns.seed, exit_interval=ns.exit_interval,
+        eval_interval=ns.eval_interval, eval_iters=ns.eval_iters, seed=ns.seed,
+        data_parallel_random_init=ns.data_parallel_random_init, exit_interval=ns.exit_interval,
         exit_duration_in_mins=ns.exit_duration_in_mins, exit_signal_handler=ns.exit_signal_handler,
         optimizer=optimizer, precision=precision, zero=zero)
     checkpoint = CheckpointConfig(save=ns.save, save_interval=ns.save_interval, load=ns.load,

@@ -33,4 +33,5 @@ class DataConfig:
     vocab_size: Optional[int] = None  # NullTokenizer / mock data
     num_workers: int = 2  # DataLoader workers per rank
     reset_position_ids: bool = False
+    reset_attention_mask: bool = False  # attention causal within each document (a new one after each EOD)
     eod_mask_loss: bool = False

@@ -98,6 +98,9 @@ class TrainingConfig:
     eval_interval: int = 1000
     eval_iters: int = 100
     seed: int = 1234
+    # --data-parallel-random-init: the torch generators (dropout) of data-parallel rank r are seeded from
+    # seed + 10·r (upstream's offset); the weights stay those of dp rank 0 (what upstream's broadcast gives).
+    data_parallel_random_init: bool = False
     exit_interval: Optional[int] = None
     exit_duration_in_mins: Optional[float] = None
     exit_signal_handler: bool = False

@@ -111,6 +111,16 @@ class ModelInputs:
     position_ids: torch.Tensor  # [b, s_local], positions in the full sequence
     labels: torch.Tensor  # [b, s_local]
     loss_mask: torch.Tensor  # [b, s_local] float
+    document_ids: Optional[torch.Tensor] = None  # [b, s] with --reset-attention-mask (document-wise attention)
+
+    def model_kwargs(self) -> dict:
+        """Keyword arguments of GPTModel.forward besides the tokens."""
+        extra = {} if self.document_ids is None else {"document_ids": self.document_ids}
+        return dict(position_ids=self.position_ids, labels=self.labels, **extra)
+
+    def pipe_inputs(self) -> tuple:
+        """The PipelineModule's inputs: (tokens, position_ids[, document_ids])."""
+        return (self.tokens, self.position_ids) + (() if self.document_ids is None else (self.document_ids,))
 
 
 def position_ids_and_loss_mask(tokens: torch.Tensor, eod_token: Optional[int], reset_position_ids: bool,
@@ -133,13 +143,26 @@ def position_ids_and_loss_mask(tokens: torch.Tensor, eod_token: Optional[int], r
 
 
 def prepare_batch(batch: dict, ps: ParallelState, device: torch.device, eod_token: Optional[int] = None,
-                  reset_position_ids: bool = False, eod_mask_loss: bool = False) -> ModelInputs:
-    """{"tokens": [b, s+1]} -> inputs and labels shifted by one, cut to this Ulysses rank's part of the sequence."""
+                  reset_position_ids: bool = False, eod_mask_loss: bool = False,
+                  reset_attention_mask: bool = False) -> ModelInputs:
+    """{"tokens": [b, s+1]} -> inputs and labels shifted by one, cut to this Ulysses rank's part of the sequence.
+
+    With reset_attention_mask (Megatron's --reset-attention-mask) the inputs carry per-token document numbers
+    (a new document after each EOD token): attention is then causal within each document only."""
     if "tokens" not in batch:
         raise KeyError(f"a training batch must hold 'tokens' [b, seq+1]; got keys {sorted(batch)}")
     data = batch["tokens"].long()
     tokens, labels = data[:, :-1].contiguous(), data[:, 1:].contiguous()
     position_ids, loss_mask = position_ids_and_loss_mask(tokens, eod_token, reset_position_ids, eod_mask_loss)
+    document_ids = None
+    if reset_attention_mask:
+        if eod_token is None:
+            raise EngineConfigError("--reset-attention-mask needs a tokenizer with an EOD token")
+        if ps.sp_size > 1:
+            raise EngineConfigError("--reset-attention-mask is not supported with --ds-sequence-parallel-size > 1")
+        from megatron.model.attention import document_ids_from_tokens
+
+        document_ids = document_ids_from_tokens(tokens, eod_token).to(device)
     if ps.sp_size > 1:  # every sp rank got the full sample from the data iterator: keep our chunk
         s = tokens.shape[1]
         if s % ps.sp_size:
@@ -149,7 +172,7 @@ def prepare_batch(batch: dict, ps: ParallelState, device: torch.device, eod_toke
         tokens, labels, position_ids, loss_mask = tokens[:, part], labels[:, part], position_ids[:, part], \
             loss_mask[:, part]
     return ModelInputs(tokens.contiguous().to(device), position_ids.contiguous().to(device),
-                       labels.contiguous().to(device), loss_mask.contiguous().to(device))
+                       labels.contiguous().to(device), loss_mask.contiguous().to(device), document_ids)
 
 
 def masked_mean_loss(per_token_loss: torch.Tensor, loss_mask: torch.Tensor, ps: ParallelState):
@@ -208,6 +231,7 @@ class TrainingEngine:
     eod_token: Optional[int] = None
     reset_position_ids: bool = False
     eod_mask_loss: bool = False
+    reset_attention_mask: bool = False
     hook_handles: list = field(default_factory=list)
     destroyed: bool = False
     last_clip_grad_norm: Optional[float] = None  # set by _clip_fp32_gradients at each optimizer step
@@ -270,13 +294,13 @@ class TrainingEngine:
 
     def _inputs(self, batch: dict) -> ModelInputs:
         return prepare_batch(batch, self.ps, self.device, self.eod_token, self.reset_position_ids,
-                             self.eod_mask_loss)
+                             self.eod_mask_loss, self.reset_attention_mask)
 
     def _pipeline_batches(self, batches: Iterator[dict]):
-        """The ((tokens, position_ids), (labels, loss_mask)) tuples the PipelineModule takes."""
+        """The ((tokens, position_ids[, document_ids]), (labels, loss_mask)) tuples the PipelineModule takes."""
         for batch in batches:
             x = self._inputs(batch)
-            yield (x.tokens, x.position_ids), (x.labels, x.loss_mask)
+            yield x.pipe_inputs(), (x.labels, x.loss_mask)
 
     def _lr(self) -> float:
         return float(self.engine.get_lr()[0])
@@ -351,7 +375,7 @@ class TrainingEngine:
                     batch = next(batches)
                 x = self._inputs(batch)
                 with timers("forward-compute", 2):
-                    per_token = self.engine(x.tokens, position_ids=x.position_ids, labels=x.labels)
+                    per_token = self.engine(x.tokens, **x.model_kwargs())
                     loss, report = masked_mean_loss(per_token, x.loss_mask, self.ps)
                 with timers("backward-compute", 2):
                     self.engine.backward(loss)  # at the last micro-batch: gradients reduced over dp (sdp)
@@ -405,7 +429,7 @@ class TrainingEngine:
         total = torch.zeros((), dtype=torch.float32, device=self.device)
         for _ in range(self.gradient_accumulation_steps):
             x = self._inputs(next(batches))
-            per_token = self.engine(x.tokens, position_ids=x.position_ids, labels=x.labels)
+            per_token = self.engine(x.tokens, **x.model_kwargs())
             total += masked_mean_loss(per_token, x.loss_mask, self.ps)[1]
         total /= self.gradient_accumulation_steps
         if self.ps.dp_size > 1:
@@ -475,4 +499,5 @@ def build_engine(run, ps: ParallelState, device: torch.device, ds_config: Option
         engine.enable_backward_allreduce = False
     return TrainingEngine(engine=engine, ps=ps, device=device, model_config=run.model, ds_config=ds_config,
                           is_pipeline=pipeline, eod_token=eod_token, reset_position_ids=run.data.reset_position_ids,
-                          eod_mask_loss=run.data.eod_mask_loss, hook_handles=handles, timers=timers)
+                          eod_mask_loss=run.data.eod_mask_loss, reset_attention_mask=run.data.reset_attention_mask,
+                          hook_handles=handles, timers=timers)

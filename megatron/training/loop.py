@@ -54,13 +54,15 @@ class TrainResult:
 
 # ---- set-up -----------------------------------------------------------------------------------------
 
-def seed_everything(seed: int, ps: ParallelState, device: torch.device) -> None:
-    """python/numpy from the seed; torch's default stream from (seed, pp rank) and the tp stream (core.random)."""
+def seed_everything(seed: int, ps: ParallelState, device: torch.device,
+                    data_parallel_random_init: bool = False) -> None:
+    """python/numpy from the seed; torch's default stream from (seed, pp rank) and the tp stream (core.random),
+    and with --data-parallel-random-init from the dp rank too (see seed_model_parallel_rng)."""
     from megatron.core.random import seed_model_parallel_rng
 
     random.seed(seed)
     np.random.seed(seed)
-    seed_model_parallel_rng(seed, ps, device.type)
+    seed_model_parallel_rng(seed, ps, device.type, data_parallel_random_init=data_parallel_random_init)
 
 
 def resolve_vocab(run: RunConfig):
@@ -252,7 +254,7 @@ def train(run: RunConfig, ps: ParallelState, device: torch.device, tracker: Opti
     if ckpt.save:  # writable from every rank, room for one checkpoint; stale .tmp-* saves removed
         check_save_dir(ckpt.save, estimate_checkpoint_bytes(run.model, t.precision),
                        log=printer if ps.rank == 0 else _quiet)
-    seed_everything(t.seed, ps, device)
+    seed_everything(t.seed, ps, device, t.data_parallel_random_init)
 
     timers = Timers(run.logging.timing_log_level, run.logging.timing_log_option, device)
     te = build_engine(run, ps, device, eod_token=getattr(tokenizer, "eod", None), timers=timers)
