@@ -16,7 +16,8 @@ the earlier equal-length shape):
   ours with --sample-mode samples (our default, a different sampling: reported beside it, as what it is);
 and ours alone on the same shape at 2T tokens. Data files are synthetic: real .idx files, sparse .bin
 files (never copy the --workdir with cp/tar: it is terabytes of holes).
-Usage: .venv/bin/python benchmarks/bench_blend.py [--skip-mcore] [--repeats 3]
+Usage: .venv/bin/python benchmarks/bench_blend.py [--skip-mcore] [--repeats 3] [--peer-documents dolma|N]
+       [--large-documents 64|dolma|N]
 """
 
 from __future__ import annotations
@@ -239,6 +240,10 @@ def main():
     parser.add_argument("--global-batch", type=int, default=1024)
     parser.add_argument("--large-tokens", type=float, default=2e12, help="ours alone on the Dolma shape")
     parser.add_argument("--peer-tokens", type=float, default=5e9, help="both builders on the Dolma shape")
+    parser.add_argument("--large-documents", default="64",
+                        help="documents of the large blend: '64' per file (default: a few MB of .idx), 'dolma' "
+                             "(Dolma v1.7's lengths: ~2.2 billion documents, ~44 GB of .idx files at 2T), or "
+                             "tokens per document")
     parser.add_argument("--peer-documents", default="dolma",
                         help="document length of the peer blend: 'dolma' (each corpus's average in Dolma v1.7, "
                              "212-95,000 tokens, ~900 overall) or a number of tokens for every document")
@@ -254,11 +259,17 @@ def main():
     peer_documents = "dolma" if args.peer_documents == "dolma" else int(args.peer_documents)
     peer_list = make_blend(args.workdir / f"dolma-{args.peer_tokens:.3g}-docs-{peer_documents}", dolma,
                            args.peer_tokens, peer_documents, "Dolma-shaped blend (peer)")
-    large_list = make_blend(args.workdir / "dolma-2T", dolma, args.large_tokens, None, "Dolma-shaped blend (large)")
+    large_documents = None if args.large_documents == "64" else (
+        "dolma" if args.large_documents == "dolma" else int(args.large_documents))
+    large_dir = "dolma-2T" if large_documents is None else f"dolma-{args.large_tokens:.3g}-docs-{large_documents}"
+    large_list = make_blend(args.workdir / large_dir, dolma, args.large_tokens, large_documents,
+                            "Dolma-shaped blend (large)")
     peer_samples = int(args.peer_tokens * train_fraction / seq)
     large_samples = int(args.large_tokens * train_fraction / seq)
     peer = f"{args.peer_tokens:.3g} tok, docs {'as Dolma' if peer_documents == 'dolma' else f'~{peer_documents}'}"
-    large = f"{args.large_tokens:.3g} tok, 64 docs/file"
+    large = f"{args.large_tokens:.3g} tok, " + (
+        "64 docs/file" if large_documents is None else
+        "docs as Dolma" if large_documents == "dolma" else f"docs ~{large_documents}")
 
     rows = []
     if not args.skip_mcore:
