@@ -104,15 +104,6 @@ NOT_IMPLEMENTED: dict[str, str] = {
 
 # Not implemented yet (this list shrinks as they are): refused rather than accepted and ignored.
 NOT_YET: dict[str, str] = {
-    "--no-save-optim": "checkpoints always hold the optimizer state (not implemented yet)",
-    "--no-save-rng": "checkpoints always hold the RNG state (not implemented yet)",
-    "--no-load-lr-state": "not implemented yet; use --override-opt_param-scheduler",
-    "--load-tag": "not implemented yet: --load reads the tag in latest_checkpointed_iteration.txt",
-    "--use-checkpoint-args": "not implemented yet: give the model flags explicitly",
-    "--log-params-norm": "not implemented yet",
-    "--empty-unused-memory-level": "not implemented yet; drop the flag",
-    "--multiprocessing-context": "DataLoader workers use the platform's default start method; drop the flag",
-    "--trust-remote-code": "Hugging Face tokenizers are loaded without remote code; drop the flag",
 }
 # Upstream's own refusal: its validate_args asserts that the old --warmup is unset.
 NOT_IMPLEMENTED["--warmup"] = ("upstream's old warmup flag, which upstream refuses too; use --lr-warmup-iters, "

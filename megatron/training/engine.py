@@ -236,6 +236,7 @@ class TrainingEngine:
     destroyed: bool = False
     last_clip_grad_norm: Optional[float] = None  # set by _clip_fp32_gradients at each optimizer step
     timers: Optional[Timers] = None  # per-phase timers (--timing-log-level); None: not timed
+    empty_unused_memory_level: int = 0  # --empty-unused-memory-level: when to release the allocator's cache
 
     def __post_init__(self):
         if self._fp32_without_zero():  # an instance attribute: DeepSpeed's _take_model_step calls ours
@@ -334,6 +335,41 @@ class TrainingEngine:
             dist.all_reduce(squares, group=self.ps.groups["mp"])
         return float(squares.sqrt().item())
 
+    def params_norm(self) -> float:
+        """L2 norm of all the model's parameters (--log-params-norm), each counted once: tp-replicated ones (norms,
+        row-parallel biases) on tp rank 0 only, the tied embedding's copy on the last pipeline stage not at all,
+        ZeRO-3 parameters through this rank's partition (summed over the partition group). Collective over the
+        model-parallel group (and ZeRO-3's partition group): every rank calls it and gets the same value."""
+        squares = torch.zeros((), dtype=torch.float32, device=self.device)
+        partitioned = torch.zeros((), dtype=torch.float32, device=self.device)
+        partition_group = None
+        for param in self.engine.module.parameters():
+            if getattr(param, "ds_pipe_replicated", False):
+                continue
+            if not (getattr(param, "tensor_model_parallel", False) or self.ps.tp_rank == 0):
+                continue
+            if hasattr(param, "ds_tensor"):  # ZeRO-3: this rank holds one slice of the flattened parameter
+                partition_group = param.ds_process_group
+                size = param.ds_tensor.ds_numel
+                start = size * dist.get_rank(group=partition_group)
+                valid = max(0, min(size, param.ds_numel - start))  # the last slice's padding is not the parameter
+                partitioned += param.ds_tensor.detach().narrow(0, 0, valid).float().pow(2).sum()
+            else:
+                squares += param.detach().float().pow(2).sum()
+        if partition_group is not None:
+            dist.all_reduce(partitioned, group=partition_group)
+        squares += partitioned
+        if self.ps.tp_size * self.ps.pp_size > 1:
+            dist.all_reduce(squares, group=self.ps.groups["mp"])
+        return float(squares.sqrt().item())
+
+    def _release_memory(self, level: int) -> None:
+        """--empty-unused-memory-level >= `level`: hand the allocator's unused cached blocks back to the device."""
+        if self.empty_unused_memory_level >= level:
+            from megatron.dist.device import empty_cache
+
+            empty_cache(self.device)
+
     def _clip_fp32_gradients(self) -> None:
         """Replaces DeepSpeedEngine.clip_fp32_gradients (fp32, ZeRO-0): clip by the norm of the whole model.
 
@@ -360,6 +396,7 @@ class TrainingEngine:
         if self.is_pipeline:  # DeepSpeed's 1F1B schedule runs forward, backward and the optimizer step in one call
             with timers("forward-backward", 1):
                 loss = float(self.engine.train_batch(data_iter=self._pipeline_batches(batches)).item())
+            self._release_memory(1)  # forward, backward and step are one call here: levels 1 and 2 alike
         else:
             self.engine.train()
             gas = self.gradient_accumulation_steps
@@ -383,8 +420,10 @@ class TrainingEngine:
                     if self._needs_own_grad_norm():
                         grad_norm = self._grad_norm_of_reduced_grads()
                     forward_backward.stop()
+                    self._release_memory(1)  # upstream's level 1: after the global batch's forward-backward
                     with timers("optimizer", 1):
                         self.engine.step()  # steps the optimizer and the LR schedule
+                    self._release_memory(2)  # level 2: after the optimizer step too
                 else:
                     self.engine.step()  # between boundaries: only counts the micro-step
                 if self.engine.wall_clock_breakdown():
@@ -424,6 +463,7 @@ class TrainingEngine:
         if self.is_pipeline:
             loss = self.engine.eval_batch(self._pipeline_batches(batches), return_logits=False, compute_loss=True,
                                           reduce_output="avg", bcast_loss=True)
+            self._release_memory(1)
             return float(loss.item())
         self.engine.eval()
         total = torch.zeros((), dtype=torch.float32, device=self.device)
@@ -432,6 +472,7 @@ class TrainingEngine:
             per_token = self.engine(x.tokens, **x.model_kwargs())
             total += masked_mean_loss(per_token, x.loss_mask, self.ps)[1]
         total /= self.gradient_accumulation_steps
+        self._release_memory(1)  # upstream's level 1: after each evaluation batch's forward
         if self.ps.dp_size > 1:
             dist.all_reduce(total, group=self.ps.dp_group)
             total /= self.ps.dp_size
@@ -500,4 +541,5 @@ def build_engine(run, ps: ParallelState, device: torch.device, ds_config: Option
     return TrainingEngine(engine=engine, ps=ps, device=device, model_config=run.model, ds_config=ds_config,
                           is_pipeline=pipeline, eod_token=eod_token, reset_position_ids=run.data.reset_position_ids,
                           eod_mask_loss=run.data.eod_mask_loss, reset_attention_mask=run.data.reset_attention_mask,
-                          hook_handles=handles, timers=timers)
+                          hook_handles=handles, timers=timers,
+                          empty_unused_memory_level=run.training.empty_unused_memory_level)
