@@ -108,7 +108,8 @@ def test_document_mode_shuffles_documents_per_epoch_and_samples_span_them(tmp_pa
         for epoch in np.unique(location.epoch[location.file == f]):
             starts, ends = rank0.document_index.get(f, int(epoch))
             order = np.searchsorted(offsets, starts)
-            assert np.array_equal(offsets[order], starts) and np.array_equal(order, rank0.document_index.order(f, int(epoch)))
+            assert np.array_equal(offsets[order], starts)
+            assert np.array_equal(order, rank0.document_index.order(f, int(epoch)))
             assert np.array_equal(np.sort(order), np.arange(len(documents)))
             orders.append(np.asarray(order))
             stream = np.concatenate([documents[d] for d in order])  # reference: shuffled documents end to end
@@ -145,6 +146,21 @@ def test_document_index_memory_stays_under_its_bound_however_many_files_are_touc
     assert touched > 100 and peak <= index.cache_bytes and len(index._cache) <= 5
     assert index.builds > touched  # evicted indices were rebuilt when needed again, identically
     assert reference.document_index.cached_bytes() > index.cache_bytes  # the unbounded one kept them all
+
+
+def test_documents_mode_warns_at_start_up_when_one_epoch_of_indices_outgrows_the_cache(tmp_path, monkeypatch,
+                                                                                         caplog):
+    from megatron.data import gpt_dataset
+
+    data_path, _ = make_blend(tmp_path, sizes=[12] * 4, seed=2)  # 48 documents: 384 bytes of indices
+    config = DataConfig(data_path=data_path, split="1", sample_mode="documents")
+    with caplog.at_level("WARNING"):
+        build_datasets(config, SEQ, 3, (20, 0, 0), 500, document_index_cache=str(tmp_path / "s"))
+        assert not [r for r in caplog.records if "document indices" in r.getMessage()]
+        monkeypatch.setattr(gpt_dataset, "DEFAULT_INDEX_CACHE_BYTES", 300)
+        build_datasets(config, SEQ, 3, (20, 0, 0), 500, document_index_cache=str(tmp_path / "s"))
+    warned = [r.getMessage() for r in caplog.records if "document indices" in r.getMessage()]
+    assert len(warned) == 1 and "train split's 48 documents" in warned[0] and "--sample-mode samples" in warned[0]
 
 
 def test_token_id_outside_the_vocabulary_raises_naming_the_file_when_read(tmp_path):
@@ -248,5 +264,6 @@ def test_transient_token_read_errors_are_retried_and_a_truncated_file_is_named(t
     monkeypatch.setattr(indexed_dataset.os, "preadv", real_preadv)
     with open(str(tmp_path / "file0_text_document.bin"), "r+b") as f:  # cut short after the run started
         f.truncate(20)
-    with pytest.raises(IndexedDatasetError, match=r"file0_text_document.bin: 20 bytes, but bytes .* were asked for; the file was truncated"):
+    with pytest.raises(IndexedDatasetError, match=r"file0_text_document.bin: 20 bytes, but bytes .* were asked for; "
+                                                  r"the file was truncated"):
         train.get_tokens(np.arange(10))

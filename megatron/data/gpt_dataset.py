@@ -71,8 +71,8 @@ class DocumentIndex:
     its first and last documents are two binary searches in `ends`, and its pieces are read at
     `starts`, so nothing per sample is stored and reading needs no .idx: 8 bytes per document (16 in
     files of 2**32 tokens or more), against Megatron's 16 bytes per sample plus its doc_idx. The
-    blend's Feistel permutation plays the part of Megatron's shuffle_idx. Building reads the split's lengths and pointers from the
-    .idx once (12 bytes per document, dropped afterwards).
+    blend's Feistel permutation plays the part of Megatron's shuffle_idx. Building reads the split's
+    lengths and pointers from the .idx once (12 bytes per document, dropped afterwards).
 
     Memory: a least-recently-used cache holds at most `cache_bytes` of indices per process, however
     many files a run touches. Ranks of one node share instead of duplicating: an index of at least
@@ -89,10 +89,11 @@ class DocumentIndex:
     """
 
     def __init__(self, dataset: "GPTDataset", shared_dir: Optional[str] = None,
-                 cache_bytes: int = DEFAULT_INDEX_CACHE_BYTES, shared_bytes: int = DEFAULT_SHARED_INDEX_BYTES,
+                 cache_bytes: Optional[int] = None, shared_bytes: int = DEFAULT_SHARED_INDEX_BYTES,
                  share_min_bytes: int = SHARE_MIN_BYTES):
         self.dataset = dataset
         self.shared_dir = shared_dir or default_shared_index_dir()
+        cache_bytes = DEFAULT_INDEX_CACHE_BYTES if cache_bytes is None else cache_bytes
         self.cache_bytes, self.shared_bytes, self.share_min_bytes = int(cache_bytes), int(shared_bytes), share_min_bytes
         self._lock = threading.Lock()
         self._cache: "OrderedDict[tuple[int, int], tuple[np.ndarray, np.ndarray]]" = OrderedDict()  # (starts, ends)
@@ -235,7 +236,8 @@ class GPTDataset:
 
     def __init__(self, files: Sequence[FileSplits], weights: Sequence[float], split: int, seq_length: int,
                  seed: int, num_samples: int, vocab_size: Optional[int] = None, sample_mode: str = "samples",
-                 window: int = DEFAULT_WINDOW, document_index_cache: Optional[str] = None, corpora: Optional[Sequence[str]] = None,
+                 window: int = DEFAULT_WINDOW, document_index_cache: Optional[str] = None,
+                 corpora: Optional[Sequence[str]] = None,
                  left_out: Sequence[tuple[str, int]] = (), source: str = "data"):
         if sample_mode not in SAMPLE_MODES:
             raise ValueError(f"DataConfig.sample_mode {sample_mode!r} is not one of {SAMPLE_MODES}")
@@ -492,4 +494,22 @@ def build_datasets(data_config, seq_length: int, seed: int, num_samples: tuple[i
                                    seq_length, seed, requested, vocab_size, mode,
                                    document_index_cache=cache, corpora=corpora, left_out=left_out,
                                    source=source))
+        if mode == "documents" and rank == 0:
+            _warn_if_indices_outgrow_the_cache(datasets[-1])
     return tuple(datasets)
+
+
+def _warn_if_indices_outgrow_the_cache(dataset: GPTDataset) -> None:
+    """Documents mode builds a full shuffle of a file's documents the first time a batch needs that file and
+    epoch; when one epoch's indices exceed the process cache, batches keep rebuilding them: say so at start."""
+    documents = sum(f.sequence_range(dataset.split)[1] - f.sequence_range(dataset.split)[0] for f in dataset.files)
+    needed = sum((8 if f.num_tokens < 1 << 32 else 16) * (f.sequence_range(dataset.split)[1] -
+                                                           f.sequence_range(dataset.split)[0]) for f in dataset.files)
+    cache = dataset.document_index.cache_bytes
+    if needed > cache:
+        logger.warning(
+            "--sample-mode documents: the %s split's %s documents need %.1f GiB of document indices per epoch, "
+            "more than the %.0f MiB a process caches: the files a batch touches get their index (a shuffle of "
+            "all their documents) built again and again, which at this scale can take longer than the training "
+            "step; --sample-mode samples needs no index", SPLIT_NAMES[dataset.split], f"{documents:,}",
+            needed / 2 ** 30, cache / 2 ** 20)
