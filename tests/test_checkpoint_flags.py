@@ -129,3 +129,11 @@ def test_empty_unused_memory_level_releases_after_forward_backward_and_after_the
     assert r["bare"]["empty_cache_calls"] == ["cpu"] * 4  # level 2: 2 iterations × (forward-backward, step)
     assert r["fresh_lr"]["empty_cache_calls"] == ["cpu"] * 2  # level 1: 2 iterations × forward-backward
     assert r["resumed"]["empty_cache_calls"] == []  # level 0 (default)
+
+
+def test_no_save_optim_is_refused_at_zero_3_where_the_weights_live_in_the_optimizer_shards():
+    from megatron.config.arguments import ConfigError, parse_args
+
+    with pytest.raises(ConfigError, match=r"--no-save-optim with --zero-stage 3: .* would hold no weights"):
+        parse_args(ec.flags("--zero-stage", "3", "--no-save-optim"))
+    assert parse_args(ec.flags("--zero-stage", "2", "--no-save-optim")).checkpoint.no_save_optim

@@ -11,23 +11,25 @@ from __future__ import annotations
 import os
 from typing import Optional
 
-from megatron.checkpoint.format import CheckpointError, read_pointer
+from megatron.checkpoint.format import CheckpointError, list_checkpoint_tags, read_pointer
 
 _MODEL_STATES = ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt")
 
 
 def checkpoint_directory(load_dir: str, tag: Optional[str] = None) -> Optional[str]:
     """The checkpoint directory --load (and --load-tag) name; None when --load holds no checkpoint yet."""
+    named_by = f"--load-tag {tag}"
     if tag is None:
         if not os.path.isdir(load_dir):
             return None
-        tag = read_pointer(load_dir)
+        tag, named_by = read_pointer(load_dir), f"the pointer in {load_dir}"
         if tag is None:
             return None
     directory = os.path.join(load_dir, tag)
     if not os.path.isdir(directory):
-        raise CheckpointError(f"--use-checkpoint-args: {directory} does not exist (named by "
-                              f"{'--load-tag' if tag else 'the pointer in ' + load_dir})")
+        there = list_checkpoint_tags(load_dir)
+        raise CheckpointError(f"--use-checkpoint-args: {directory} (named by {named_by}) does not exist; the "
+                              f"checkpoints under --load {load_dir} are: {', '.join(there) if there else 'none'}")
     return directory
 
 

@@ -274,7 +274,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--finetune", action="store_true", help="load weights only; reset iteration and optimizer")
     g.add_argument("--no-save-optim", action="store_true",
                    help="checkpoints hold no optimizer state (no DeepSpeed optimizer/ZeRO files); resuming one "
-                        "needs --no-load-optim (or --finetune)")
+                        "needs --no-load-optim (or --finetune). Refused at --zero-stage 3, whose weights live in "
+                        "the optimizer shards")
     g.add_argument("--no-save-rng", action="store_true",
                    help="checkpoints hold no RNG states (no rng_state_rank_*.pt); resuming one needs --no-load-rng")
     g.add_argument("--no-load-lr-state", action="store_true",
@@ -812,6 +813,10 @@ def parse_args(argv: Optional[list[str]] = None) -> RunConfig:
             setattr(ns, dest, default)
     if ns.bf16 and ns.accumulate_allreduce_grads_in_fp32 and ns.zero_stage == 0:
         raise ConfigError(ZERO0_FP32_ACCUMULATION)
+    if ns.no_save_optim and ns.zero_stage == 3:
+        raise ConfigError("--no-save-optim with --zero-stage 3: a ZeRO-3 checkpoint holds the weights only in its "
+                          "optimizer shards (DeepSpeed saves no gathered weights), so it would hold no weights at "
+                          "all; drop --no-save-optim, or use --zero-stage 1 or 2")
     if ns.zero_stage >= 2 and ns.pipeline_model_parallel_size == 1:
         ns.no_pipeline_parallel = True
     if ns.fp32_residual_connection and not (ns.bf16 or ns.fp16):
