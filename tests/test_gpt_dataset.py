@@ -267,3 +267,16 @@ def test_transient_token_read_errors_are_retried_and_a_truncated_file_is_named(t
     with pytest.raises(IndexedDatasetError, match=r"file0_text_document.bin: 20 bytes, but bytes .* were asked for; "
                                                   r"the file was truncated"):
         train.get_tokens(np.arange(10))
+
+
+def test_documents_mode_names_an_index_whose_sequences_run_past_the_token_file(tmp_path):
+    from megatron.data.indexed_dataset import HEADER_BYTES, IndexedDatasetError
+
+    data_path, contents = make_blend(tmp_path, sizes=(20,), seed=8)
+    train = build_datasets(DataConfig(data_path=data_path, split="1", sample_mode="documents"), SEQ, 1, (10, 0, 0),
+                           500, document_index_cache=str(tmp_path / "s"))[0]
+    with open(str(tmp_path / "file0_text_document.idx"), "r+b") as f:  # sequence 3's pointer past the .bin
+        f.seek(HEADER_BYTES + 4 * 20 + 8 * 3)
+        f.write(np.array([10 ** 6], dtype="<i8").tobytes())
+    with pytest.raises(IndexedDatasetError, match=r"file0_text_document.idx: a sequence in \[0, 20\) ends after"):
+        train.get_tokens(np.arange(10))

@@ -296,7 +296,7 @@ class GPTDataset:
                 self._readers.move_to_end(file)
                 return reader
             meta = self.files[file]
-            reader = self._readers[file] = TokenFile(meta.prefix, meta.dtype, meta.num_sequences)
+            reader = self._readers[file] = TokenFile(meta.prefix, meta.dtype, meta.num_sequences, meta.num_tokens)
             while len(self._readers) > max(self.max_open_files, 1):
                 self._readers.popitem(last=False)
             return reader

@@ -264,10 +264,11 @@ class TokenFile:
     opened only for `index_range`.
     """
 
-    def __init__(self, path_prefix: str, dtype, num_sequences: int):
+    def __init__(self, path_prefix: str, dtype, num_sequences: int, num_tokens: Optional[int] = None):
         self.path_prefix = _strip_suffix(path_prefix)
         self.dtype = np.dtype(dtype)
         self.num_sequences = int(num_sequences)
+        self.num_tokens = None if num_tokens is None else int(num_tokens)  # checks index_range when known
         self._fd: Optional[int] = None
         self._lock = threading.Lock()
 
@@ -280,10 +281,11 @@ class TokenFile:
                 pass
 
     def __getstate__(self):  # DataLoader workers reopen the file themselves
-        return {"path_prefix": self.path_prefix, "dtype": self.dtype.str, "num_sequences": self.num_sequences}
+        return {"path_prefix": self.path_prefix, "dtype": self.dtype.str, "num_sequences": self.num_sequences,
+                "num_tokens": self.num_tokens}
 
     def __setstate__(self, state):
-        self.__init__(state["path_prefix"], state["dtype"], state["num_sequences"])
+        self.__init__(state["path_prefix"], state["dtype"], state["num_sequences"], state["num_tokens"])
 
     def _bin_fd(self) -> int:
         if self._fd is None:
@@ -335,10 +337,16 @@ class TokenFile:
             self._pread_exactly(fd, pointers, HEADER_BYTES + 4 * self.num_sequences + 8 * start, path)
         finally:
             os.close(fd)
-        if pointers.size and (pointers.min() < 0 or (pointers % self.dtype.itemsize).any()):
+        if pointers.size and (pointers.min() < 0 or (pointers % self.dtype.itemsize).any() or lengths.min() < 0):
             raise IndexedDatasetError(f"{path}: a sequence pointer in [{start}, {stop}) is negative or not a "
-                                      f"multiple of the {self.dtype} token size; the index is corrupt")
-        return lengths, pointers // self.dtype.itemsize
+                                      f"multiple of the {self.dtype} token size, or a length is negative; the "
+                                      "index is corrupt: re-create it with tools/preprocess_data.py")
+        pointers //= self.dtype.itemsize
+        if self.num_tokens is not None and pointers.size and (pointers + lengths).max() > self.num_tokens:
+            raise IndexedDatasetError(f"{path}: a sequence in [{start}, {stop}) ends after the {self.num_tokens} "
+                                      f"tokens of {data_file_path(self.path_prefix)}; the index is corrupt or "
+                                      "belongs to another .bin: re-create it with tools/preprocess_data.py")
+        return lengths, pointers
 
 
 class IndexedDatasetBuilder:
