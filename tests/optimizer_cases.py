@@ -8,18 +8,22 @@ import re
 import engine_cases as ec
 
 OPTIMIZERS = ["adam", "adamw", "sgd", "apex.adam", "adamwschedulefree", "sgdschedulefree", "adopt", "sophiag",
-              "ds.fusedlamb", "ipex.lamb", "muon", "galoreadamw", "dshampooadamw", "adam8bit"]
+              "ds.fusedlamb", "ipex.lamb", "muon", "muonclip", "galoreadamw", "dshampooadamw", "adam8bit"]
 # multi-rank checks skip names that run the same class as another (apex.adam = adamw, ipex.lamb = ds.fusedlamb
 # without the trust-ratio bounds)
 MULTI_RANK = [name for name in OPTIMIZERS if name not in ("apex.adam", "ipex.lamb", "adam8bit")]
 # at tp=2 × pp=2 × dp=2 (8 ranks, the costliest launch): every class of our own or wrapped by us, and one
 # library elementwise optimizer besides Adam (sgd, adamw and sgdschedulefree share code with adam /
 # adamwschedulefree and are covered at tp=2)
-EIGHT_RANK = ["adam", "adopt", "sophiag", "ds.fusedlamb", "adamwschedulefree", "muon", "galoreadamw", "dshampooadamw"]
-WHOLE_TENSOR_OR_SCHEDULE_FREE = {"adamwschedulefree", "sgdschedulefree", "muon", "galoreadamw", "dshampooadamw"}
+EIGHT_RANK = ["adam", "adopt", "sophiag", "ds.fusedlamb", "adamwschedulefree", "muon", "muonclip", "galoreadamw",
+              "dshampooadamw"]
+WHOLE_TENSOR_OR_SCHEDULE_FREE = {"adamwschedulefree", "sgdschedulefree", "muon", "muonclip", "galoreadamw",
+                                 "dshampooadamw"}
 # per-optimizer learning rates that learn the tiny model in a few steps (ScheduleFree-SGD and LAMB need more)
 LR = {"sgd": "0.3", "sgdschedulefree": "0.5", "ds.fusedlamb": "0.05", "ipex.lamb": "0.05", "dshampooadamw": "3e-3",
       "sophiag": "3e-3"}
+# the tiny model's largest attention logits are ~0.05 at the start: a threshold that clips some heads at once
+EXTRA = {"muonclip": ("--muonclip-t", "0.05")}
 
 # Megatron's log line: " iteration        3/       7 | consumed samples:           12 | ... | learning rate:
 # 1.000000E-02 | global batch size:     4 | ..."
@@ -28,7 +32,8 @@ _LINE = re.compile(r"iteration\s+(\d+)/\s*\d+ \| consumed samples:\s+(\d+) \|.*?
 
 
 def optimizer_flags(name: str, *extra: str) -> list[str]:
-    return ec.flags("--optimizer", name, "--lr", LR.get(name, "1e-2"), "--log-interval", "1", *extra)
+    return ec.flags("--optimizer", name, "--lr", LR.get(name, "1e-2"), "--log-interval", "1", *EXTRA.get(name, ()),
+                    *extra)
 
 
 def train_logged(rank: int, world_size: int, cases: list) -> dict:
@@ -58,3 +63,14 @@ def train_logged(rank: int, world_size: int, cases: list) -> dict:
                      "consumed_samples": result.consumed_samples, "log": log, "eval": dict(result.eval_losses),
                      "saved": list(result.saved), "exit_reason": result.exit_reason}
     return out
+
+
+def train_logged_per_layer_fp32(rank: int, world_size: int, cases: list) -> dict:
+    """train_logged with galoreadamw8bitperlayer's 8-bit GaLore (CUDA only) replaced by fp32 GaLoreAdamW: the
+    optimizer-in-backward machinery through DeepSpeed's engine on CPU."""
+    import megatron.optimizer as mo
+
+    real = mo._per_layer_errors
+    mo._per_layer_errors = lambda run, device, world: [e for e in real(run, device, world) if "CUDA only" not in e]
+    mo.PER_LAYER_EIGHT_BIT = False
+    return train_logged(rank, world_size, cases)

@@ -260,8 +260,8 @@ def test_lamb_runs_on_zero_1_2_and_bf16_partitions_but_refuses_zero_3(name):
 
 
 @pytest.mark.parametrize("name, message", [
-    ("galoreadamw8bit", "runs on CUDA only"), ("galoreadamw8bitperlayer", "backward hooks"), ("ds.onebitlamb", "compresses the gradient all-reduce"),
-    ("muonclip", "attention logits"),
+    ("galoreadamw8bit", "runs on CUDA only"), ("galoreadamw8bitperlayer", "runs on CUDA only"),
+    ("ds.onebitlamb", "does not ship OnebitLamb"),
 ])
 def test_unavailable_optimizers_are_refused_with_their_reason(name, message):
     assert message in _errors("--optimizer", name)
@@ -396,6 +396,109 @@ def test_muon_on_one_rank_is_torch_muon_on_the_matrices_and_adamw_elsewhere():
         muon.step()
         adamw.step()
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+def test_muonclip_scales_each_heads_query_and_key_rows_down_to_the_threshold():
+    """GQA tiny model (4 query heads, 2 key heads per layer), lr 0: the step only clips. Each head's largest
+    logit afterwards (same batch, same layer input) is <= t; in each key group the head with the smallest eta
+    lands on t; the rows are scaled by eta^alpha (q) and min-of-group eta^(1 - alpha) (k)."""
+    from megatron.dist.parallel_state import ParallelState
+    from megatron.model import GPTModel
+    from megatron.optimizer import build_optimizer
+    from megatron.optimizer.muon_clip import MuonClip, head_scales
+
+    t, alpha = 0.05, 0.3
+    run = parse_args(ec.flags("--optimizer", "muonclip", "--muonclip-t", str(t), "--muonclip-alpha", str(alpha),
+                              "--lr", "0"))
+    ps = ParallelState.single()
+    model = GPTModel(run.model, ps, seed=3)
+    optimizer = build_optimizer(run, model, ps)
+    assert isinstance(optimizer, MuonClip) and len(optimizer.attention) == 2
+    first = optimizer.attention[0]
+    torch.manual_seed(0)
+    tokens = torch.randint(0, run.model.vocab_size, (2, 32))
+    positions = torch.arange(32).expand(2, 32)
+    model(tokens, position_ids=positions, labels=tokens).float().mean().backward()
+    before = first.max_logits.clone()
+    weight = first.qkv.weight.detach().clone()
+    assert (before > t).any() and (before <= t).any()  # the threshold cuts into this layer's heads
+    optimizer.step()
+    assert optimizer.clipped_heads >= int((before > t).sum()) > 0  # both layers' heads are counted
+    q_scale, k_scale = head_scales(before, t, alpha, kv_heads=2)
+    d = run.model.head_dim
+    expected = torch.cat([q_scale.repeat_interleave(d), k_scale.repeat_interleave(d), torch.ones(2 * d)])
+    assert torch.equal(first.qkv.weight.detach(), weight * expected.unsqueeze(1))
+    assert first.max_logits is None  # a new window for the next step
+    with torch.no_grad():  # the first layer's input is unchanged (lr 0): the same logits, clipped
+        model(tokens, position_ids=positions, labels=tokens)
+    after = first.max_logits
+    assert (after <= t * (1 + 1e-5)).all()
+    for group_before, group_after in zip(before.view(2, 2), after.view(2, 2)):
+        if group_before.max() > t:
+            assert float(group_after.max()) == pytest.approx(t, rel=1e-5)
+        else:
+            torch.testing.assert_close(group_after, group_before)
+
+
+def test_per_layer_galore_steps_in_backward_like_galoreadamw_after_backward():
+    """The optimizer-in-backward of galoreadamw8bitperlayer (here with fp32 GaLoreAdamW: the 8-bit one needs
+    CUDA) gives galoreadamw's update; gradients are freed in backward; the LR set on the groups is used."""
+    from megatron.dist.parallel_state import ParallelState
+    from megatron.model import GPTModel
+    from megatron.optimizer import build_optimizer, optimizer_param_groups, per_layer_galore
+    from megatron.optimizer.per_layer import PerLayerOptimizer
+
+    run = parse_args(ec.flags("--optimizer", "galoreadamw", "--weight-decay", "0.1"))
+    ps = ParallelState.single()
+    models = [GPTModel(run.model, ps, seed=5) for _ in range(2)]
+    whole = build_optimizer(run, models[0], ps)
+    opt = run.training.optimizer
+    per_layer = PerLayerOptimizer(optimizer_param_groups(models[1], opt.weight_decay),
+                                  per_layer_galore(opt, models[1], eight_bit=False))
+    torch.manual_seed(0)
+    for lr in (1e-2, 5e-3, 2e-3):
+        tokens = torch.randint(0, run.model.vocab_size, (2, 32))
+        positions = torch.arange(32).expand(2, 32)
+        for model, optimizer in zip(models, (whole, per_layer)):
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            model(tokens, position_ids=positions, labels=tokens).float().mean().backward()
+            if optimizer is per_layer:
+                assert all(p.grad is None for p in model.parameters())  # stepped and freed in backward
+                assert per_layer.consumed_grad_norm > 0
+            optimizer.step()
+            optimizer.zero_grad()
+        for a, b in zip(models[0].parameters(), models[1].parameters()):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    state = per_layer.state_dict()
+    again = PerLayerOptimizer(optimizer_param_groups(models[1], opt.weight_decay),
+                              per_layer_galore(opt, models[1], eight_bit=False))
+    again.load_state_dict(state)
+    assert again.state_dict()["per_parameter"][0]["state"].keys() == state["per_parameter"][0]["state"].keys()
+    per_layer.remove_hooks()
+    again.remove_hooks()
+
+
+def test_per_layer_galore_trains_through_the_engine_like_galoreadamw():
+    flags = ("--clip-grad", "0", "--global-batch-size", "2", "--train-iters", "3", "--lr", "1e-2")
+    cases = [("whole", ec.flags("--optimizer", "galoreadamw", *flags)),
+             ("per_layer", ec.flags("--optimizer", "galoreadamw8bitperlayer", *flags))]
+    result = run_ranks(1, oc.train_logged_per_layer_fp32, cases, timeout=300)[0]
+    whole, per_layer = _ok(result["whole"], "whole")["losses"], _ok(result["per_layer"], "per layer")["losses"]
+    assert len(per_layer) == 3 and per_layer == pytest.approx(whole, abs=1e-6, rel=0)
+
+
+def test_per_layer_galore_refusals_name_their_flags():
+    base = ("--optimizer", "galoreadamw8bitperlayer", "--clip-grad", "0", "--global-batch-size", "2")
+    run = parse_args(ec.flags(*base))
+    assert optimizer_errors(run, "cuda", world_size=1) == []
+    assert "runs on CUDA only, not on cpu" in "\n".join(optimizer_errors(run, "cpu", world_size=1))
+    assert "it runs on one rank only (this run has 2)" in "\n".join(optimizer_errors(run, "cuda", world_size=2))
+    for extra, message in [(("--clip-grad", "1.0"), "give --clip-grad 0"),
+                           (("--global-batch-size", "8"), "cannot accumulate gradients"),
+                           (("--zero-stage", "1"), "needs the plain fp32 engine"),
+                           (("--bf16",), "needs the plain fp32 engine")]:
+        assert message in "\n".join(optimizer_errors(parse_args(ec.flags(*base, *extra)), "cuda", world_size=1))
 
 
 def test_sophiag_is_upstreams_clipped_sign_momentum_step():

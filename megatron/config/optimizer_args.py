@@ -109,6 +109,12 @@ def optimizer_flag_errors(ns) -> list[str]:
         errors.append(f"--muon-momentum must be in [0, 1) (got {ns.muon_momentum})")
     if ns.muon_ns_steps < 1:
         errors.append(f"--muon-ns-steps must be >= 1 (got {ns.muon_ns_steps})")
+    if ns.muonclip_t <= 0:
+        errors.append(f"--muonclip-t is the largest attention logit QK-clip allows: it must be > 0 "
+                      f"(got {ns.muonclip_t})")
+    if not 0.0 <= ns.muonclip_alpha <= 1.0:
+        errors.append(f"--muonclip-alpha splits the clip between W_q (eta^alpha) and W_k (eta^(1-alpha)): it must "
+                      f"be in [0, 1] (got {ns.muonclip_alpha})")
     if ns.sophiag_rho <= 0:
         errors.append(f"--sophiag-rho must be > 0 (got {ns.sophiag_rho})")
     if ns.cpu_torch_adam and not ns.cpu_optimizer:

@@ -13,10 +13,14 @@ where one is right, or to a module of this package where none is (the module say
     ds.fusedlamb           lamb.Lamb, DeepSpeed FusedLamb's trust-ratio bounds    per-tensor norms (tp, dp all-reduce)
     ipex.lamb/fusedlamb    lamb.Lamb (IPEX's LAMB without bounds)                 per-tensor norms (tp, dp all-reduce)
     muon                   torch.optim.Muon on hidden matrices + AdamW on the rest, full matrices (tp gather)
+    muonclip               muon + per-head QK-clip (muon_clip.py)                 full matrices (tp gather)
     galoreadamw            galore_torch.GaLoreAdamW on hidden matrices             full matrices (tp gather)
     adam8bit               bitsandbytes Adam8bit (CPU and CUDA)                   whole unsplit tensors (tp 1, ZeRO-0)
     galoreadamw8bit        galore_torch.GaLoreAdamW8bit (CUDA only)               whole unsplit tensors (tp 1, ZeRO-0)
+    galoreadamw8bitperlayer  galoreadamw8bit stepped per parameter in backward   one rank, no accumulation,
+                           (per_layer.py; CUDA only)                              no clipping, fp32
     dshampooadamw          pytorch_optimizer.ScalableShampoo, RMSProp grafting     full matrices (tp gather)
+    ds.onebitlamb          refused: the pinned DeepSpeed no longer ships OnebitLamb (message names the version)
 
 Elementwise optimizers are layout-free: any tp / pp / dp / ZeRO stage gives the single-rank step. The
 others need whole tensors: they run with the parameters themselves (fp32, ZeRO stage 0; DeepSpeed's ZeRO
@@ -36,24 +40,13 @@ from megatron.config.optimizer_args import OPTIMIZER_CHOICES
 
 ELEMENTWISE = ("adam", "adamw", "apex.adam", "sgd", "apex.sgd", "adamwschedulefree", "sgdschedulefree",
                "adopt", "sophiag")
-WHOLE_TENSOR = ("ds.fusedlamb", "ipex.lamb", "ipex.fusedlamb", "muon", "galoreadamw", "dshampooadamw")
+WHOLE_TENSOR = ("ds.fusedlamb", "ipex.lamb", "ipex.fusedlamb", "muon", "muonclip", "galoreadamw", "dshampooadamw")
 SCHEDULE_FREE = ("adamwschedulefree", "sgdschedulefree")
 # 8-bit state (bitsandbytes) is quantised in blocks of each tensor's flat elements: a tp shard or a ZeRO
 # partition has other blocks than the whole tensor, so these run only where the optimizer sees whole,
 # unsplit tensors (tp 1, ZeRO-0, fp32)
 EIGHT_BIT = ("adam8bit", "galoreadamw8bit")
 LAMB = ("ds.fusedlamb", "ipex.lamb", "ipex.fusedlamb")  # whole-tensor norms, also over ZeRO-1/2 / bf16 partitions
-
-# Names that cannot run here, with the reason and what to use instead.
-UNAVAILABLE = {
-    "galoreadamw8bitperlayer": "GaLore's per-layer 8-bit AdamW steps inside backward hooks, which DeepSpeed's "
-                               "engine does not allow, and needs bitsandbytes on CUDA; use --optimizer galoreadamw",
-    "ds.onebitlamb": "DeepSpeed's OnebitLamb compresses the gradient all-reduce itself (a communication backend "
-                     "of its own, NCCL/MPI with CUDA) and replaces the engine's data-parallel reduction; it cannot "
-                     "be combined with tensor/pipeline parallelism here. Use --optimizer ds.fusedlamb (exact LAMB)",
-    "muonclip": "MuonClip's QK-clip rescales Wq/Wk from the attention logits of the forward pass, which the "
-                "model does not report; use --optimizer muon",
-}
 
 
 _logged: set = set()
@@ -70,8 +63,9 @@ def log_once(message: str) -> None:
         print(message, flush=True)
 
 
-def optimizer_errors(run, device_type: str = "cpu") -> list[str]:
-    """Why `--optimizer` cannot run with this run's layout and precision on `device_type`; empty when it can."""
+def optimizer_errors(run, device_type: str = "cpu", world_size: Optional[int] = None) -> list[str]:
+    """Why `--optimizer` cannot run with this run's layout and precision on `device_type`; empty when it can.
+    world_size: the number of ranks (default: torch.distributed's world, or 1)."""
     opt = run.training.optimizer
     name = opt.optimizer
     zero = run.training.zero
@@ -79,12 +73,14 @@ def optimizer_errors(run, device_type: str = "cpu") -> list[str]:
     errors = []
     if name not in OPTIMIZER_CHOICES:
         return [f"--optimizer {name!r} is not one of {', '.join(OPTIMIZER_CHOICES)}"]
-    if name in UNAVAILABLE:
-        return [f"--optimizer {name}: {UNAVAILABLE[name]}"]
+    if name == "ds.onebitlamb":
+        return [f"--optimizer ds.onebitlamb: {_onebitlamb_reason()}"]
     if zero.cpu_optimizer and name not in ("adam", "adamw", "apex.adam"):
         errors.append(f"--cpu-optimizer steps with DeepSpeedCPUAdam; it cannot run --optimizer {name} "
                       "(use adam or adamw, or drop --cpu-optimizer)")
-    if name in EIGHT_BIT:
+    if name == "galoreadamw8bitperlayer":
+        errors += _per_layer_errors(run, device_type, world_size)
+    elif name in EIGHT_BIT:
         if name == "galoreadamw8bit" and device_type != "cuda":
             errors.append("--optimizer galoreadamw8bit: galore_torch's 8-bit AdamW runs on CUDA only (it synchronises "
                           f"the CUDA device), not on {device_type}; use --optimizer galoreadamw")
@@ -130,6 +126,53 @@ def optimizer_errors(run, device_type: str = "cpu") -> list[str]:
     return errors
 
 
+def _onebitlamb_reason() -> str:
+    try:
+        import deepspeed
+
+        version = deepspeed.__version__
+    except ImportError:
+        return "DeepSpeed is not installed; use --optimizer ds.fusedlamb (exact LAMB)"
+    try:
+        __import__("deepspeed.runtime.fp16.onebit.lamb")
+    except ImportError:
+        return (f"the installed DeepSpeed {version} does not ship OnebitLamb (it has no "
+                "deepspeed.runtime.fp16.onebit, where DeepSpeed kept its 1-bit optimizers), so it cannot run with this "
+                "install on any device; use --optimizer ds.fusedlamb (exact LAMB, any ZeRO stage but 3)")
+    return (f"DeepSpeed {version}'s OnebitLamb replaces the engine's data-parallel gradient all-reduce by its own "
+            "compressed one (NCCL or MPI with cupy on CUDA) and is enabled only through a DeepSpeed config "
+            "'optimizer' section, which this framework builds itself from --optimizer; it is not wired here. Use "
+            "--optimizer ds.fusedlamb (exact LAMB, any ZeRO stage but 3)")
+
+
+def _per_layer_errors(run, device_type: str, world_size: Optional[int]) -> list[str]:
+    """galoreadamw8bitperlayer steps each parameter inside backward (per_layer.py): what that rules out."""
+    import torch.distributed as dist
+
+    if world_size is None:
+        world_size = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    name, zero, prec, t = "--optimizer galoreadamw8bitperlayer", run.training.zero, run.training.precision, run.training
+    errors = []
+    if device_type != "cuda":
+        errors.append(f"{name}: galore_torch's 8-bit AdamW (bitsandbytes) runs on CUDA only, not on {device_type}; "
+                      "use --optimizer galoreadamw (the same GaLore update with fp32 state)")
+    if world_size > 1:
+        errors.append(f"{name} steps each parameter inside backward, before DeepSpeed's gradient all-reduce and on "
+                      f"tensor-parallel shards: it runs on one rank only (this run has {world_size}); use "
+                      "--optimizer galoreadamw8bit for several ranks")
+    micro, batch = t.micro_batch_size, t.global_batch_size
+    if t.rampup_batch_size or (batch is not None and batch != micro * max(1, world_size)):
+        errors.append(f"{name} steps at every backward, so it cannot accumulate gradients: give --global-batch-size "
+                      f"equal to --micro-batch-size ({micro}) and no --rampup-batch-size")
+    if run.training.optimizer.clip_grad > 0:
+        errors.append(f"{name} updates each parameter before the other gradients exist, so it cannot clip by the "
+                      f"global gradient norm: give --clip-grad 0 (got {run.training.optimizer.clip_grad})")
+    if zero.zero_stage > 0 or prec.bf16 or prec.fp16:
+        errors.append(f"{name} needs the plain fp32 engine (DeepSpeed's ZeRO and bf16/fp16 optimizers own the "
+                      "gradients and the step): use --zero-stage 0 without --bf16/--fp16")
+    return errors
+
+
 def _largest_partitioned_dim(run) -> int:
     m = run.model
     kv = m.num_key_value_heads or m.num_attention_heads
@@ -155,7 +198,7 @@ def optimizer_param_groups(model: torch.nn.Module, weight_decay: float) -> list[
 def build_optimizer(run, model: torch.nn.Module, ps=None, device_type: str = "cpu") -> torch.optim.Optimizer:
     """The optimizer `--optimizer` names, over `model`'s parameters on this rank (`ps`: the process groups,
     needed by the whole-tensor optimizers under tensor parallelism)."""
-    errors = optimizer_errors(run, device_type)
+    errors = optimizer_errors(run, device_type, None if ps is None else ps.world_size)
     if errors:
         raise ValueError("cannot build the optimizer:\n  - " + "\n  - ".join(errors))
     opt = run.training.optimizer
@@ -221,6 +264,12 @@ def build_optimizer(run, model: torch.nn.Module, ps=None, device_type: str = "cp
                  "sign-momentum steps); see megatron/optimizer/sophia.py")
         return SophiaG(groups, lr=opt.lr, betas=(opt.sophiag_beta1, opt.sophiag_beta2), rho=opt.sophiag_rho,
                        weight_decay=opt.weight_decay)
+    if name == "galoreadamw8bitperlayer":
+        from megatron.optimizer.per_layer import PerLayerOptimizer
+
+        log_once("--optimizer galoreadamw8bitperlayer: each parameter steps inside backward "
+                 "(megatron/optimizer/per_layer.py)")
+        return PerLayerOptimizer(groups, per_layer_galore(opt, model, eight_bit=PER_LAYER_EIGHT_BIT))
     from megatron.optimizer.full_matrix import tp_arguments
 
     tp = tp_arguments(ps)
@@ -233,15 +282,15 @@ def build_optimizer(run, model: torch.nn.Module, ps=None, device_type: str = "cp
                  f"{vendor}'s formula")
         return Lamb(groups, lr=opt.lr, betas=betas, eps=opt.adam_eps, weight_decay=opt.weight_decay,
                     tp_group=tp.get("tp_group"), tp_size=tp.get("tp_size", 1), **bounds)
-    return _build_full_matrix(name, opt, groups, model, tp)
+    return _build_full_matrix(name, opt, groups, model, tp, ps)
 
 
-def _build_full_matrix(name: str, opt, groups: list[dict], model: torch.nn.Module, tp: dict):
+def _build_full_matrix(name: str, opt, groups: list[dict], model: torch.nn.Module, tp: dict, ps=None):
     """Muon / GaLore / Shampoo on the hidden matrices (gathered whole under tp), AdamW on the rest."""
     from megatron.optimizer.full_matrix import FullMatrixOptimizer, embedding_parameter_ids, is_hidden_matrix
 
     embeddings = embedding_parameter_ids(model)
-    if name == "muon":
+    if name in ("muon", "muonclip"):
         def make_matrix(matrix_groups):
             # upstream's Muon scales the lr by 0.2 sqrt(max(A, B)) (Moonlight's "match_rms_adamw")
             return torch.optim.Muon(matrix_groups, lr=opt.lr, weight_decay=opt.weight_decay,
@@ -252,8 +301,8 @@ def _build_full_matrix(name: str, opt, groups: list[dict], model: torch.nn.Modul
         def make_matrix(matrix_groups):
             import galore_torch
 
-            for g in matrix_groups:  # GaLore's published defaults (rank, projector refresh, scale)
-                g.update(rank=128, update_proj_gap=200, scale=0.25, proj_type="std")
+            for g in matrix_groups:
+                g.update(GALORE_DEFAULTS)
             if name == "galoreadamw8bit":
                 return galore_torch.GaLoreAdamW8bit(matrix_groups, lr=opt.lr, betas=(opt.adam_beta1, opt.adam_beta2),
                                                     eps=opt.adam_eps, weight_decay=opt.weight_decay)
@@ -279,7 +328,42 @@ def _build_full_matrix(name: str, opt, groups: list[dict], model: torch.nn.Modul
         return torch.optim.AdamW(other_groups, lr=opt.lr, betas=other_betas, eps=other_eps,
                                  weight_decay=opt.weight_decay)
 
+    if name == "muonclip":
+        from megatron.optimizer.muon_clip import MuonClip, attention_modules
+
+        sdp = {} if ps is None or ps.sp_size * ps.dp_size == 1 else {"sdp_group": ps.sdp_group,
+                                                                     "sdp_size": ps.sp_size * ps.dp_size}
+        return MuonClip(groups, lambda p: is_hidden_matrix(p, embeddings), make_matrix, make_other,
+                        attention=attention_modules(model), threshold=opt.muonclip_t, alpha=opt.muonclip_alpha,
+                        **sdp, **tp)
     return FullMatrixOptimizer(groups, lambda p: is_hidden_matrix(p, embeddings), make_matrix, make_other, **tp)
+
+
+PER_LAYER_EIGHT_BIT = True  # galoreadamw8bitperlayer's matrices: GaLoreAdamW8bit (tests on CPU set False)
+GALORE_DEFAULTS = {"rank": 128, "update_proj_gap": 200, "scale": 0.25, "proj_type": "std"}  # GaLore's published
+
+
+def per_layer_galore(opt, model: torch.nn.Module, eight_bit: bool = True):
+    """make_inner for PerLayerOptimizer: galoreadamw8bit's optimizer for each parameter (GaLoreAdamW8bit on
+    hidden matrices, AdamW elsewhere); eight_bit=False puts GaLoreAdamW (fp32 state) on the matrices."""
+    from megatron.optimizer.full_matrix import embedding_parameter_ids, is_hidden_matrix
+
+    embeddings = embedding_parameter_ids(model)
+    betas = (opt.adam_beta1, opt.adam_beta2)
+
+    def make_inner(param: torch.nn.Parameter, hyper: dict) -> torch.optim.Optimizer:
+        group = {**hyper, "params": [param]}
+        if not is_hidden_matrix(param, embeddings):
+            return torch.optim.AdamW([group], lr=opt.lr, betas=betas, eps=opt.adam_eps, weight_decay=opt.weight_decay)
+        import galore_torch
+
+        group.update(GALORE_DEFAULTS)
+        if eight_bit:
+            return galore_torch.GaLoreAdamW8bit([group], lr=opt.lr, betas=betas, eps=opt.adam_eps,
+                                                weight_decay=opt.weight_decay)
+        return galore_torch.GaLoreAdamW([group], lr=opt.lr, betas=betas, eps=opt.adam_eps,
+                                        weight_decay=opt.weight_decay, no_deprecation_warning=True)
+    return make_inner
 
 
 def _vendor_fallback(package: str, name: str, instead: str) -> bool:
