@@ -137,3 +137,11 @@ def test_no_save_optim_is_refused_at_zero_3_where_the_weights_live_in_the_optimi
     with pytest.raises(ConfigError, match=r"--no-save-optim with --zero-stage 3: .* would hold no weights"):
         parse_args(ec.flags("--zero-stage", "3", "--no-save-optim"))
     assert parse_args(ec.flags("--zero-stage", "2", "--no-save-optim")).checkpoint.no_save_optim
+
+
+def test_a_checkpoint_without_optimizer_state_is_refused_by_the_universal_converter_naming_why(runs):
+    from megatron.convert.model_layout import ConversionError
+    from megatron.convert.universal import convert_to_universal
+
+    with pytest.raises(ConversionError, match=r"saved with --no-save-optim: .* convert it with `reshard`"):
+        convert_to_universal(str(runs[0] / "ckpt" / "iter_0000002"), str(runs[0] / "universal"))
