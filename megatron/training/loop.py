@@ -427,7 +427,7 @@ def train(run: RunConfig, ps: ParallelState, device: torch.device, tracker: Opti
     except RuntimeError as error:
         if not is_collective_failure(error) or ps.world_size == 1:
             raise
-        raise CollectiveFailure(watchdog.describe_failure(error)) from error
+        raise CollectiveFailure(watchdog.describe_failure(error), watchdog.end_stopped_ranks) from error
     finally:
         watchdog.stop()
         exits.restore()
