@@ -89,6 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     except CollectiveFailure as error:  # a rank stopped answering: tearing the groups down could hang too
         print(f"pretrain_gpt.py: {error}", file=sys.stderr, flush=True)
         sys.stdout.flush()
+        error.after_report()  # stopped ranks on this node are ended (SIGKILL) once the message is out
         os._exit(EXIT_HANG)
     finally:
         destroy_distributed()  # train() has already destroyed the DeepSpeed engine (its threads and buffers)

@@ -12,8 +12,9 @@ recipe moves over unchanged. Differences, each on purpose:
   - flags given after the script name come last, so they win (upstream puts them before its own);
   - no DeepSpeed JSON file is written: the flags carry the same settings and pretrain_gpt.py generates it
     (DRY_RUN=1 prints it); DATA_FILE_LIST has no machine default (we ship no data lists);
-  - --accumulate-allreduce-grads-in-fp32 is passed only where it can take effect (bf16 with ZeRO <= 1 on the
-    device); elsewhere DeepSpeed accumulates in the run's dtype, upstream's runs included;
+  - --accumulate-allreduce-grads-in-fp32 is passed only where it can take effect (bf16 with ZeRO stage 1 on the
+    device: DeepSpeed's BF16 optimizer); elsewhere DeepSpeed accumulates in the run's dtype, upstream's runs
+    included (at ZERO_STAGE=0 upstream's DeepSpeed config asks for no fp32 accumulation, and DeepSpeed has none);
   - our additions: MOCK_DATA=1 (random tokens, VOCAB_SIZE), CPU_OPTIMIZER=1, WANDB_PROJECT, PEAK_TFLOPS,
     DRY_RUN=1, CPU_BIND.
 """
@@ -282,9 +283,9 @@ def resolve(machine: str, env: dict, extra: list[str]) -> dict:
     if dtype != "fp32":
         f += [f"--{dtype}"]
     backend = _get(env, mc["backend_knob"], mc["backend"])
-    if dtype == "bf16" and _int(run_env, "ZERO_STAGE", 1) <= 1 and _get(env, "CPU_OPTIMIZER") != "1":
-        # Upstream passes it always; under DeepSpeed it takes effect only here (bf16, ZeRO <= 1: the BF16
-        # optimizer), fp16 and ZeRO-2/3 accumulate in the run's dtype there as here, so it is left out for them.
+    if dtype == "bf16" and _int(run_env, "ZERO_STAGE", 1) == 1 and _get(env, "CPU_OPTIMIZER") != "1":
+        # Upstream passes it always; under DeepSpeed it takes effect only here (bf16, ZeRO-1: the BF16
+        # optimizer); fp16, ZeRO-0 and ZeRO-2/3 accumulate in the run's dtype there as here, so it is left out.
         f += ["--accumulate-allreduce-grads-in-fp32"]
     f += ["--adjust-word-embedding-init",
           f"--adam-beta1={_get(env, 'ADAM_BETA1', '0.9')}", f"--adam-beta2={_get(env, 'ADAM_BETA2', '0.95')}",

@@ -4,15 +4,20 @@ Like with like, in one run: every row is a cold process (interpreter, numpy and 
 sides) that builds the training blend and then fetches the tokens of the first global batch; peak RSS
 and the process's CPU seconds (less sensitive to a loaded machine than wall time) are reported for
 every row. Each configuration runs once untimed first, so the token pages it reads are in the page
-cache for its timed runs (on both sides). On the real Dolma list's shape (2,419 files, 14 corpora, its weights; from
-../shared/data-lists/aurora-dolma-v1.7.txt, found relative to the repository) at 5B tokens with
-~2,048-token documents:
+cache for its timed runs (on both sides). Peak RSS is reported at the first batch and over the whole
+process (4 batches), with the resident memory at the end split into anonymous (the process's own)
+and file-backed (pages of memory-mapped files: megatron-core maps the token files, ours reads them
+with pread). On the real Dolma list's shape (2,419 files, 14 corpora, its weights; from
+../shared/data-lists/aurora-dolma-v1.7.txt, found relative to the repository) at 5B tokens, each
+corpus with its average document length in Dolma v1.7 (DOLMA_DOCUMENTS; --peer-documents 2048 for
+the earlier equal-length shape):
   megatron-core GPTDataset (document-shuffled), cold (empty index cache) and warm (its cache reused),
   ours with --sample-mode documents (document-shuffled: the like-for-like row),
   ours with --sample-mode samples (our default, a different sampling: reported beside it, as what it is);
 and ours alone on the same shape at 2T tokens. Data files are synthetic: real .idx files, sparse .bin
 files (never copy the --workdir with cp/tar: it is terabytes of holes).
-Usage: .venv/bin/python benchmarks/bench_blend.py [--skip-mcore] [--repeats 3]
+Usage: .venv/bin/python benchmarks/bench_blend.py [--skip-mcore] [--repeats 3] [--peer-documents dolma|N]
+       [--large-documents 64|dolma|N]
 """
 
 from __future__ import annotations
@@ -42,6 +47,22 @@ DOLMA_LIST_NAME = Path("shared") / "data-lists" / "aurora-dolma-v1.7.txt"
 MCORE_VENV = ROOT / "benchmarks" / ".venv-mcore"
 MCORE_WORKER = ROOT / "benchmarks" / "mcore_blend_worker.py"
 MAX_DOCUMENT_TOKENS = 1 << 30
+# Dolma v1.7's dataset card (allenai/dolma, "Summary Statistics (v1.7)"): documents (millions) and tokens
+# (billions) per source, under the corpus names of the data list; their ratio sets the synthetic files'
+# average document length, so that both builders see Dolma's document count (megatron-core's index
+# memory and the pages its memory maps touch grow with it). Overall: 2,532 M documents, 2,308 B tokens.
+DOLMA_DOCUMENTS = {  # corpus: (documents M, tokens B)
+    "cc": (875.2, 1195.5), "falcon": (664.0, 456.4), "starcoder": (206.6, 263.8), "c4": (249.9, 138.4),
+    "reddit": (377.4, 79.9), "pes2o": (38.8, 57.2), "arxiv": (1.6, 28.0), "stackexchange": (29.3, 19.6),
+    "tulu": (52.1, 16.5), "open-web-math-train": (2.9, 12.6), "algebraic-stack-train": (2.8, 12.6),
+    "books": (0.0556, 5.3), "megawika": (3.2, 4.6), "wiki": (6.2, 3.7),
+}
+
+
+def dolma_document_tokens(corpus: str | None) -> int:
+    """Average tokens per document of a Dolma v1.7 corpus (the whole dataset's average for others)."""
+    documents, tokens = DOLMA_DOCUMENTS.get(corpus or "", (2532.0, 2308.5))
+    return max(int(round(tokens * 1e9 / (documents * 1e6))), 1)
 
 # a cold process of ours: imports (torch too, as a trainer has it) + build_datasets + first batch's tokens
 OURS_CHILD = r"""
@@ -62,6 +83,7 @@ tokens = train.get_tokens(np.arange(batch))
 ready = time.perf_counter()
 usage = resource.getrusage(resource.RUSAGE_SELF)
 cpu_to_first_batch = usage.ru_utime + usage.ru_stime  # CPU seconds of the whole process so far
+peak_at_first_batch = usage.ru_maxrss / 1024
 spawn_to_first_batch = time.time() - float(os.environ["BENCH_SPAWN_EPOCH"])
 assert tokens.shape == (batch, seq + 1)
 rng = np.random.default_rng(0)
@@ -72,12 +94,15 @@ for _ in range(3):
     train.get_tokens(np.arange(first, first + batch))
     times.append(time.perf_counter() - t0)
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+status = dict(line.split(":", 1) for line in open("/proc/self/status") if line.startswith("Rss"))
+anon_mb, file_mb = (int(status[key].split()[0]) / 1024 for key in ("RssAnon", "RssFile"))
 if train.document_index is not None:
     train.document_index.close()
 os.rmdir(shared) if not os.listdir(shared) else None
 print(json.dumps({"import_s": imported - start, "build_s": built - imported, "first_batch_s": ready - built,
                   "to_first_batch_s": ready - start, "spawn_to_first_batch_s": spawn_to_first_batch,
                   "batch_s": float(np.median(times)), "peak_rss_mb": peak, "files": train.num_files,
+                  "rss_first_batch_mb": peak_at_first_batch, "anon_mb": anon_mb, "file_mb": file_mb,
                   "cpu_to_first_batch_s": cpu_to_first_batch}))
 """
 
@@ -92,8 +117,11 @@ def find_dolma_list(explicit: Path | None) -> Path:
     sys.exit(f"{DOLMA_LIST_NAME} not found next to the repository or above it; pass --data-list PATH")
 
 
-def make_blend(directory: Path, entries, total_tokens: float, average_document: int | None, label: str) -> Path:
-    """Sparse synthetic files with the entries' weights and corpora; returns the data file list."""
+def make_blend(directory: Path, entries, total_tokens: float, average_document, label: str) -> Path:
+    """Sparse synthetic files with the entries' weights and corpora; returns the data file list.
+
+    average_document: tokens per document (an int), "dolma" (each corpus's Dolma v1.7 average), or None
+    (64 documents per file)."""
     directory.mkdir(parents=True, exist_ok=True)
     listing = directory / "data-file-list.txt"
     stamp = directory / "COMPLETE"
@@ -107,7 +135,10 @@ def make_blend(directory: Path, entries, total_tokens: float, average_document: 
     lines = []
     for i, (entry, count) in enumerate(tqdm(list(zip(entries, tokens)), desc=f"writing {label}", unit="file")):
         prefix = directory / f"{entry.corpus or 'corpus'}-{i:04d}_text_document"
-        documents = max(int(count // average_document), 1) if average_document else 64
+        if average_document == "dolma":
+            documents = max(int(count // dolma_document_tokens(entry.corpus)), 1)
+        else:
+            documents = max(int(count // average_document), 1) if average_document else 64
         documents = max(documents, -(-int(count) // MAX_DOCUMENT_TOKENS))
         write_synthetic_dataset(str(prefix), int(count), documents, np.uint16, seed=i, sparse=True)
         lines.append(f"{entry.weight!r} {prefix} {entry.corpus or 'corpus'}\n")
@@ -132,7 +163,8 @@ def run_json(command: list[str], env=None, timeout=3600, cwd=None) -> dict:
 def summarize(runs: list[dict]) -> dict:
     """Median over repeats of each timing; the largest peak RSS."""
     out = {key: statistics.median(run[key] for run in runs) for key in runs[0] if key.endswith("_s")}
-    out["peak_rss_mb"] = max(run["peak_rss_mb"] for run in runs)
+    for key in ("peak_rss_mb", "rss_first_batch_mb", "anon_mb", "file_mb"):
+        out[key] = max(run[key] for run in runs)
     return out
 
 
@@ -208,7 +240,13 @@ def main():
     parser.add_argument("--global-batch", type=int, default=1024)
     parser.add_argument("--large-tokens", type=float, default=2e12, help="ours alone on the Dolma shape")
     parser.add_argument("--peer-tokens", type=float, default=5e9, help="both builders on the Dolma shape")
-    parser.add_argument("--peer-document-tokens", type=int, default=2048, help="average document length")
+    parser.add_argument("--large-documents", default="64",
+                        help="documents of the large blend: '64' per file (default: a few MB of .idx), 'dolma' "
+                             "(Dolma v1.7's lengths: ~2.2 billion documents, ~44 GB of .idx files at 2T), or "
+                             "tokens per document")
+    parser.add_argument("--peer-documents", default="dolma",
+                        help="document length of the peer blend: 'dolma' (each corpus's average in Dolma v1.7, "
+                             "212-95,000 tokens, ~900 overall) or a number of tokens for every document")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--skip-mcore", action="store_true")
     args = parser.parse_args()
@@ -218,13 +256,20 @@ def main():
     seq, batch, repeats = args.seq_length, args.global_batch, args.repeats
     train_fraction = float(args.split.split(",")[0]) / sum(float(x) for x in args.split.split(","))
 
-    peer_list = make_blend(args.workdir / f"dolma-{args.peer_tokens:.3g}", dolma, args.peer_tokens,
-                           args.peer_document_tokens, "Dolma-shaped blend (peer)")
-    large_list = make_blend(args.workdir / "dolma-2T", dolma, args.large_tokens, None, "Dolma-shaped blend (large)")
+    peer_documents = "dolma" if args.peer_documents == "dolma" else int(args.peer_documents)
+    peer_list = make_blend(args.workdir / f"dolma-{args.peer_tokens:.3g}-docs-{peer_documents}", dolma,
+                           args.peer_tokens, peer_documents, "Dolma-shaped blend (peer)")
+    large_documents = None if args.large_documents == "64" else (
+        "dolma" if args.large_documents == "dolma" else int(args.large_documents))
+    large_dir = "dolma-2T" if large_documents is None else f"dolma-{args.large_tokens:.3g}-docs-{large_documents}"
+    large_list = make_blend(args.workdir / large_dir, dolma, args.large_tokens, large_documents,
+                            "Dolma-shaped blend (large)")
     peer_samples = int(args.peer_tokens * train_fraction / seq)
     large_samples = int(args.large_tokens * train_fraction / seq)
-    peer = f"{args.peer_tokens:.3g} tok, docs ~{args.peer_document_tokens}"
-    large = f"{args.large_tokens:.3g} tok, 64 docs/file"
+    peer = f"{args.peer_tokens:.3g} tok, docs {'as Dolma' if peer_documents == 'dolma' else f'~{peer_documents}'}"
+    large = f"{args.large_tokens:.3g} tok, " + (
+        "64 docs/file" if large_documents is None else
+        "docs as Dolma" if large_documents == "dolma" else f"docs ~{large_documents}")
 
     rows = []
     if not args.skip_mcore:
@@ -241,13 +286,14 @@ def main():
           f"{platform.node()}, {os.cpu_count()} CPUs, python {platform.python_version()}, commit {git_commit()}, "
           f"load average {os.getloadavg()[0]:.1f}")
     header = (f"{'builder':<36}{'blend':<26}{'import s':>9}{'build s':>9}{'1st batch s':>12}{'spawn->batch s':>15}"
-              f"{'CPU->batch s':>13}{'next batch s':>13}{'peak RSS MB':>12}")
+              f"{'CPU->batch s':>13}{'next batch s':>13}{'RSS@1st MB':>11}{'peak RSS MB':>12}{'end anon/file MB':>17}")
     print(header)
     print("-" * len(header))
     for name, label, r in rows:
         print(f"{name:<36}{label:<26}{r['import_s']:>9.2f}{r['build_s']:>9.2f}{r['first_batch_s']:>12.2f}"
               f"{r['spawn_to_first_batch_s']:>15.2f}{r['cpu_to_first_batch_s']:>13.2f}{r['batch_s']:>13.2f}"
-              f"{r['peak_rss_mb']:>12.0f}")
+              f"{r['rss_first_batch_mb']:>11.0f}{r['peak_rss_mb']:>12.0f}"
+              f"{'%.0f / %.0f' % (r['anon_mb'], r['file_mb']):>17}")
     by_name = {(name, label): r for name, label, r in rows}
     documents = by_name[("ours documents", peer)]
     if not args.skip_mcore:
@@ -256,9 +302,10 @@ def main():
         speed = cold["spawn_to_first_batch_s"] / documents["spawn_to_first_batch_s"]
         cpu = cold["cpu_to_first_batch_s"] / documents["cpu_to_first_batch_s"]
         memory = cold["peak_rss_mb"] / documents["peak_rss_mb"]
+        memory_first = cold["rss_first_batch_mb"] / documents["rss_first_batch_mb"]
         print(f"\nsame work (document-shuffled blend, spawn to the first batch's tokens): megatron-core cold / ours "
               f"documents = {speed:.1f}x wall time, {cpu:.1f}x CPU time (target >= 30x), {memory:.1f}x peak RSS "
-              f"(target >= 10x); "
+              f"over 4 batches, {memory_first:.1f}x peak RSS at the first batch (target >= 10x); "
               f"warm megatron-core / ours documents = "
               f"{warm['spawn_to_first_batch_s'] / documents['spawn_to_first_batch_s']:.1f}x time")
     big_docs, big_samples = by_name[("ours documents", large)], by_name[("ours samples", large)]

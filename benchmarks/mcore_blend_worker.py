@@ -74,6 +74,7 @@ def main():
     ready = time.perf_counter()
     usage = resource.getrusage(resource.RUSAGE_SELF)
     cpu_at_batch = usage.ru_utime + usage.ru_stime  # CPU seconds of the whole process so far (load-insensitive)
+    peak_at_first_batch = usage.ru_maxrss / 1024
     spawn_to_first_batch = time.time() - float(os.environ.get("BENCH_SPAWN_EPOCH", "nan"))
     assert first.shape == (args.global_batch, args.seq_length + 1)
 
@@ -86,11 +87,15 @@ def main():
             train[i]["tokens"]
         batch_times.append(time.perf_counter() - t0)
     torch.distributed.destroy_process_group()
+    # resident memory now (after 4 batches): anonymous (the process's own) and file-backed (mapped pages)
+    status = dict(line.split(":", 1) for line in open("/proc/self/status") if line.startswith("Rss"))
+    anon_mb, file_mb = (int(status[key].split()[0]) / 1024 for key in ("RssAnon", "RssFile"))
     print(json.dumps({
         "import_s": IMPORTED - START, "build_s": built_at - built, "first_batch_s": ready - built_at,
         "to_first_batch_s": ready - START, "spawn_to_first_batch_s": spawn_to_first_batch,
         "batch_s": float(numpy.median(batch_times)), "samples": len(train),
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "cpu_to_first_batch_s": cpu_at_batch,
+        "rss_first_batch_mb": peak_at_first_batch, "anon_mb": anon_mb, "file_mb": file_mb,
     }))
 
 

@@ -148,3 +148,45 @@ def logged_cases(rank: int, world_size: int, cases: list[tuple[str, list[str]]])
                      "exit_reason": result.exit_reason, "iteration": result.iteration,
                      "consumed_samples": result.consumed_samples}
     return out
+
+
+def checkpoint_flag_cases(rank: int, world_size: int, cases: list[tuple[str, list[str]]]) -> dict:
+    """logged_cases for checkpoint flags: a case whose flags or checkpoint are refused records the error text
+    instead of stopping the launch; the notices parse_args produced and megatron.dist.device.empty_cache's calls
+    (--empty-unused-memory-level) are recorded too."""
+    import deepspeed
+    import torch
+
+    deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
+    import megatron.dist.device as device_module
+    from megatron.checkpoint.format import CheckpointError
+    from megatron.config.arguments import ConfigError, parse_args
+    from megatron.dist.parallel_state import ParallelState
+    from megatron.training.loop import train
+
+    calls = []
+    real_empty_cache = device_module.empty_cache
+
+    def counting_empty_cache(device):
+        calls.append(device.type)
+        return real_empty_cache(device)
+
+    device_module.empty_cache = counting_empty_cache
+    out = {}
+    for name, argv in cases:
+        calls.clear()
+        lines, tracker = [], RecordingTracker()
+        entry = {"lines": lines, "scalars": tracker.scalars, "error": None}
+        try:
+            run = parse_args(argv)
+            entry["notices"], entry["model"] = list(run.notices), run.model.to_dict()
+            ps = ParallelState.build(run.parallel, run.model)
+            result = train(run, ps, torch.device("cpu"), tracker=tracker, printer=lines.append)
+            entry.update(iterations=sorted(result.losses), start_iteration=result.start_iteration,
+                         losses=[result.losses[i] for i in sorted(result.losses)], saved=list(result.saved))
+        except (ConfigError, CheckpointError) as error:
+            entry["error"] = str(error)
+        entry["empty_cache_calls"] = list(calls)
+        out[name] = entry
+    device_module.empty_cache = real_empty_cache
+    return out

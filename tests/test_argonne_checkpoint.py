@@ -91,11 +91,35 @@ def test_load_finds_the_tag_of_their_checkpoints_and_of_universal_folders(built,
 
 
 def test_arguments_we_cannot_honour_are_named(built):
-    ns = af.argonne_namespace(CONFIGS["llama"], 2, 2, apply_layernorm_1p=True, rotary_percent=0.5, num_experts=[4])
-    with pytest.raises(ConversionError, match=r"apply-layernorm-1p True.*rotary-percent 0\.5.*num-experts \[4\]"):
+    ns = af.argonne_namespace(CONFIGS["llama"], 2, 2, apply_residual_connection_post_layernorm=True, use_mup=True,
+                              num_experts=[4])
+    with pytest.raises(ConversionError,
+                       match=r"apply-residual-connection-post-layernorm True.*use-mup True.*num-experts \[4\]"):
         config_from_argonne_args(ns, "test")
     with pytest.raises(ConversionError, match="padded_vocab_size 256"):
         config_from_argonne_args(af.argonne_namespace(CONFIGS["gpt"], 2, 1, padded_vocab_size=256), "test")
+
+
+@pytest.mark.parametrize("base,changes", [
+    ("llama", dict(rotary_percent=0.5, fp32_residual_connection=True)),
+    ("llama", dict(swiglu=False, squared_relu=True, init_method="xavier_uniform")),
+    ("gpt", dict(apply_layernorm_1p=True, gelu_approximation="none")), ("gpt", dict(gelu_approximation="tanh"))])
+def test_the_arguments_written_for_their_loader_describe_the_same_model(base, changes):
+    """Our export's Namespace read back by our importer (their argument names, their precedence: --openai-gelu is
+    checked before --swiglu there) is the model it was written for."""
+    import dataclasses
+
+    from megatron.convert.argonne import argonne_namespace
+
+    config = dataclasses.replace(CONFIGS[base], **changes)
+    ns = argonne_namespace(config, 2, 2, None)
+    assert not (ns.openai_gelu and (ns.swiglu or ns.squared_relu))
+    back = config_from_argonne_args(ns, "test", vocab_size=config.vocab_size)
+    for name in ("apply_layernorm_1p", "squared_relu", "swiglu", "rotary_percent", "fp32_residual_connection",
+                 "init_method", "normalization", "num_key_value_heads", "ffn_hidden_size"):
+        assert getattr(back, name) == getattr(config, name), name
+    if not (config.swiglu or config.squared_relu):
+        assert back.gelu_approximation == config.gelu_approximation
 
 
 def test_load_trains_on_like_the_states_it_was_built_from(built):

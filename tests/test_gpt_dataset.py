@@ -1,6 +1,8 @@
 """GPT datasets over a blend (tokens vs a brute-force reference, document mode, vocab check, mock data)
 and the data iterator (dp-size independence and resume)."""
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -102,8 +104,12 @@ def test_document_mode_shuffles_documents_per_epoch_and_samples_span_them(tmp_pa
     for f in range(2):
         documents = contents[rank0.files[f].prefix]
         orders = []
+        offsets = np.cumsum([0] + [len(d) for d in documents])[:-1]  # where each document starts in the .bin
         for epoch in np.unique(location.epoch[location.file == f]):
-            order, ends = rank0.document_index.get(f, int(epoch))
+            starts, ends = rank0.document_index.get(f, int(epoch))
+            order = np.searchsorted(offsets, starts)
+            assert np.array_equal(offsets[order], starts)
+            assert np.array_equal(order, rank0.document_index.order(f, int(epoch)))
             assert np.array_equal(np.sort(order), np.arange(len(documents)))
             orders.append(np.asarray(order))
             stream = np.concatenate([documents[d] for d in order])  # reference: shuffled documents end to end
@@ -128,7 +134,7 @@ def test_document_index_memory_stays_under_its_bound_however_many_files_are_touc
     config = DataConfig(data_path=data_path, split="1", sample_mode="documents")
     bounded = build_datasets(config, SEQ, 3, (2000, 0, 0), 500, document_index_cache=str(tmp_path / "s"))[0]
     index = bounded.document_index
-    index.cache_bytes = 5 * 12 * 16  # room for the indices of 5 files
+    index.cache_bytes = 5 * sum(part.nbytes for part in index.build(0, 0))  # room for the indices of 5 files
     reference = build_datasets(config, SEQ, 3, (2000, 0, 0), 500, document_index_cache=str(tmp_path / "s"))[0]
     peak = 0
     for first in range(0, 2000, 50):  # batch after batch touches every file, epoch after epoch
@@ -140,6 +146,21 @@ def test_document_index_memory_stays_under_its_bound_however_many_files_are_touc
     assert touched > 100 and peak <= index.cache_bytes and len(index._cache) <= 5
     assert index.builds > touched  # evicted indices were rebuilt when needed again, identically
     assert reference.document_index.cached_bytes() > index.cache_bytes  # the unbounded one kept them all
+
+
+def test_documents_mode_warns_at_start_up_when_one_epoch_of_indices_outgrows_the_cache(tmp_path, monkeypatch,
+                                                                                         caplog):
+    from megatron.data import gpt_dataset
+
+    data_path, _ = make_blend(tmp_path, sizes=[12] * 4, seed=2)  # 48 documents: 384 bytes of indices
+    config = DataConfig(data_path=data_path, split="1", sample_mode="documents")
+    with caplog.at_level("WARNING"):
+        build_datasets(config, SEQ, 3, (20, 0, 0), 500, document_index_cache=str(tmp_path / "s"))
+        assert not [r for r in caplog.records if "document indices" in r.getMessage()]
+        monkeypatch.setattr(gpt_dataset, "DEFAULT_INDEX_CACHE_BYTES", 300)
+        build_datasets(config, SEQ, 3, (20, 0, 0), 500, document_index_cache=str(tmp_path / "s"))
+    warned = [r.getMessage() for r in caplog.records if "document indices" in r.getMessage()]
+    assert len(warned) == 1 and "train split's 48 documents" in warned[0] and "--sample-mode samples" in warned[0]
 
 
 def test_token_id_outside_the_vocabulary_raises_naming_the_file_when_read(tmp_path):
@@ -194,3 +215,68 @@ def test_dp1_and_dp2_iterators_give_the_same_global_stream_and_resume_from_consu
     with pytest.raises(ValueError, match="consumed_samples"):
         build_data_iterator(train, 4, 0, 2, 201)
     assert build_data_iterator(None, 4, 0, 1, 0) is None
+
+
+def test_samples_are_read_without_mapping_the_token_files_and_with_a_bounded_number_open(tmp_path):
+    data_path, _ = make_blend(tmp_path, sizes=[12] * 10, seed=4)
+    for mode in ("samples", "documents"):
+        config = DataConfig(data_path=data_path, split="1", sample_mode=mode)
+        bounded = build_datasets(config, SEQ, 3, (400, 0, 0), 500, document_index_cache=str(tmp_path / "s"))[0]
+        bounded.max_open_files = 3
+        reference = build_datasets(config, SEQ, 3, (400, 0, 0), 500, document_index_cache=str(tmp_path / "s"))[0]
+        assert np.array_equal(bounded.get_tokens(np.arange(400)), reference.get_tokens(np.arange(400)))
+        assert len(bounded._readers) == 3 and len(reference._readers) == 10
+        if os.path.exists("/proc/self/maps"):  # Linux: positioned reads leave no page of a token file mapped
+            with open("/proc/self/maps") as maps:
+                mapped = [line for line in maps if str(tmp_path) in line and line.rstrip().endswith((".bin", ".idx"))]
+            assert not mapped
+
+
+def test_transient_token_read_errors_are_retried_and_a_truncated_file_is_named(tmp_path, monkeypatch, caplog):
+    import errno
+
+    from megatron.checkpoint import format as fmt
+    from megatron.data import indexed_dataset
+    from megatron.data.indexed_dataset import IndexedDatasetError
+
+    data_path, contents = make_blend(tmp_path, sizes=(20,), seed=6)
+    train = build_datasets(DataConfig(data_path=data_path, split="1"), SEQ, 1, (10, 0, 0), 500)[0]
+    expected = train.get_tokens(np.arange(10))
+    train = build_datasets(DataConfig(data_path=data_path, split="1"), SEQ, 1, (10, 0, 0), 500)[0]
+    monkeypatch.setattr(fmt, "RETRY_BACKOFF_S", 0.001)
+    failures = {"left": 2}
+    real_preadv = os.preadv
+
+    def flaky_preadv(fd, buffers, offset):  # a fault-injecting filesystem: EIO on the first two reads
+        if failures["left"] > 0:
+            failures["left"] -= 1
+            raise OSError(errno.EIO, "Input/output error")
+        return real_preadv(fd, buffers, offset)
+
+    monkeypatch.setattr(indexed_dataset.os, "preadv", flaky_preadv)
+    with caplog.at_level("WARNING"):
+        assert np.array_equal(train.get_tokens(np.arange(10)), expected)
+    retries = [r.getMessage() for r in caplog.records if "EIO" in r.getMessage()]
+    assert len(retries) == 2 and "file0_text_document.bin" in retries[0] and "retry 1/3" in retries[0]
+    failures["left"] = 100
+    with pytest.raises(IndexedDatasetError, match=r"file0_text_document.bin: reading failed 4 times with EIO"):
+        train.get_tokens([0])
+    monkeypatch.setattr(indexed_dataset.os, "preadv", real_preadv)
+    with open(str(tmp_path / "file0_text_document.bin"), "r+b") as f:  # cut short after the run started
+        f.truncate(20)
+    with pytest.raises(IndexedDatasetError, match=r"file0_text_document.bin: 20 bytes, but bytes .* were asked for; "
+                                                  r"the file was truncated"):
+        train.get_tokens(np.arange(10))
+
+
+def test_documents_mode_names_an_index_whose_sequences_run_past_the_token_file(tmp_path):
+    from megatron.data.indexed_dataset import HEADER_BYTES, IndexedDatasetError
+
+    data_path, contents = make_blend(tmp_path, sizes=(20,), seed=8)
+    train = build_datasets(DataConfig(data_path=data_path, split="1", sample_mode="documents"), SEQ, 1, (10, 0, 0),
+                           500, document_index_cache=str(tmp_path / "s"))[0]
+    with open(str(tmp_path / "file0_text_document.idx"), "r+b") as f:  # sequence 3's pointer past the .bin
+        f.seek(HEADER_BYTES + 4 * 20 + 8 * 3)
+        f.write(np.array([10 ** 6], dtype="<i8").tobytes())
+    with pytest.raises(IndexedDatasetError, match=r"file0_text_document.idx: a sequence in \[0, 20\) ends after"):
+        train.get_tokens(np.arange(10))

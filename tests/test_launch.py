@@ -1,4 +1,5 @@
-"""pretrain_gpt.py runs the same way under torchrun and under mpiexec (MPICH from the venv)."""
+"""pretrain_gpt.py runs the same way under torchrun and under mpiexec (MPICH from the venv), and a multi-rank
+launch says each warning and start-up notice once, not once per rank."""
 
 import os
 import shutil
@@ -23,10 +24,20 @@ def launch(cmd, timeout=240):
         env.pop(name, None)
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, f"{' '.join(cmd)} exited {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    repeated = repeated_lines(proc.stdout) + repeated_lines(proc.stderr)
+    assert not repeated, f"printed by several ranks: {repeated}"
     return proc.stdout
 
 
-def test_torchrun_launch_trains_with_tp2_dp2():
+def repeated_lines(text: str) -> list[str]:
+    """Lines printed more than once (every rank printing the same warning or notice); rules of dashes (they
+    frame each evaluation line) and a warning's echoed source line (`  return func(...)`) aside."""
+    lines = [line for line in text.splitlines() if line.strip() and set(line.strip()) != {"-"}
+             and not line.startswith("  ")]
+    return sorted({line for line in lines if lines.count(line) > 1})
+
+
+def test_torchrun_launch_trains_with_tp2_dp2_and_warns_once():
     out = launch([str(BIN / "torchrun"), "--nproc_per_node", "4", "--master_addr", "127.0.0.1",
                   "--master_port", str(free_port()), "pretrain_gpt.py", *TINY,
                   "--tensor-model-parallel-size", "2", "--no-pipeline-parallel"])
@@ -36,7 +47,7 @@ def test_torchrun_launch_trains_with_tp2_dp2():
 
 @pytest.mark.skipif(shutil.which("mpiexec", path=str(BIN)) is None and shutil.which("mpiexec") is None,
                     reason="no mpiexec: tools/setup_env.sh installs MPICH into .venv")
-def test_mpiexec_launch_trains_with_pp2_dp2():
+def test_mpiexec_launch_trains_with_pp2_dp2_and_warns_once():
     mpiexec = shutil.which("mpiexec", path=str(BIN)) or shutil.which("mpiexec")
     extra = ["--allow-run-as-root", "--oversubscribe"] if "openmpi" in subprocess.run(
         [mpiexec, "--version"], capture_output=True, text=True).stdout.lower() else []

@@ -44,6 +44,9 @@ TMP_PREFIX = ".tmp-"
 CHECKPOINT_FORMAT_KEY = "checkpoint_format"
 CHECKPOINT_FORMAT_NAME = "megatron-ds-lite"
 CHECKPOINT_FORMAT_VERSION = 2
+# What a checkpoint holds beyond the weights, in its manifest and client state: {"optimizer": bool, "rng": bool}
+# (False after --no-save-optim / --no-save-rng); absent means both (checkpoints written before these flags).
+CONTENTS_KEY = "contents"
 MANIFEST_FORMAT = "megatron-checkpoint-manifest"
 MANIFEST_VERSION = 1
 TAG_PATTERN = re.compile(r"^iter_(\d{7,})$")

@@ -57,7 +57,6 @@ COMPAT_NO_EFFECT = [
     ("--local-rank", int, "the local rank is read from the launcher's environment (megatron.dist)"),
     ("--no-query-key-layer-scaling", "flag", "attention is computed in fp32-accumulating SDPA"),
     ("--apply-query-key-layer-scaling", "flag", "attention is computed in fp32-accumulating SDPA"),
-    ("--no-bias-gelu-fusion", "flag", "no fused kernels to turn off"),
     ("--no-bias-dropout-fusion", "flag", "no fused kernels to turn off"),
     ("--no-masked-softmax-fusion", "flag", "no fused kernels to turn off"),
     ("--no-gradient-accumulation-fusion", "flag", "no fused kernels to turn off"),
@@ -87,6 +86,16 @@ OTHER_NAMES = {
     "--batch-size": "--micro-batch-size (per rank) or --global-batch-size",
     "--lr-warmup-steps": "--lr-warmup-iters",
 }
+
+
+# DeepSpeed (checked against 0.19.8) accumulates bf16 gradients in fp32 only in its BF16 optimizer, which it runs
+# at ZeRO stage 1; at stage 0 its engine refuses the mix (NotImplementedError: "unsupported mix of model_dtype").
+ZERO0_FP32_ACCUMULATION = (
+    "--accumulate-allreduce-grads-in-fp32 with --bf16 cannot run at --zero-stage 0: DeepSpeed accumulates bf16 "
+    "gradients in fp32 only in its BF16 optimizer, which runs at ZeRO stage 1 (the same updates; the fp32 master "
+    "weights and optimizer state are sharded over the data-parallel ranks). Pass --zero-stage 1 for fp32 "
+    "accumulation, or drop the flag to stay at ZeRO-0 with bf16 accumulation (what upstream's DeepSpeed runs at "
+    "stage 0 without data_types.grad_accum_dtype)")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -138,6 +147,17 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--apply-layernorm-1p", action="store_true",
                    help="LayerNorm weights centred on zero: the gain is 1 + weight (weight starts at 0)")
     g.add_argument("--squared-relu", action="store_true", help="MLP activation relu(x)² instead of GeLU")
+    g.add_argument("--openai-gelu", action="store_true",
+                   help="GeLU MLP: the tanh approximation (OpenAI's GPT-2 GeLU), even where --no-bias-gelu-fusion "
+                        "or --disable-bias-linear would select the exact one")
+    g.add_argument("--no-bias-gelu-fusion", dest="bias_gelu_fusion", action="store_false",
+                   help="GeLU MLP: the exact (erf) GeLU, upstream's unfused F.gelu. Without it (and with biases) "
+                        "the GeLU is upstream's fused bias-GeLU, the tanh approximation; --disable-bias-linear "
+                        "turns the fusion off too. SwiGLU and squared-ReLU MLPs are unaffected")
+    g.add_argument("--rotary-percent", type=float, default=1.0,
+                   help="RoPE rotates only the first int(head dim × this) dims of each head (even), the rest "
+                        "pass through (partial rotary, as GPT-NeoX); default 1.0. Hugging Face export refuses "
+                        "values < 1 (LlamaForCausalLM rotates whole heads)")
     g.add_argument("--attention-softmax-in-fp32", action="store_true",
                    help="compute attention (scores, softmax, weighted sum) in fp32 under --bf16/--fp16")
 
@@ -147,6 +167,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="initialise the word embeddings with --word-embedding-init-std instead")
     g.add_argument("--word-embedding-init-std", type=pos_float, default=0.02,
                    help="with --adjust-word-embedding-init (default 0.02)")
+    g.add_argument("--init-method-xavier-uniform", action="store_true",
+                   help="initialise every weight matrix (qkv, attention output, MLP, word and position embeddings, "
+                        "untied output layer) Xavier-uniform over its full shape instead of normal(0, "
+                        "--init-method-std) (output projections unscaled); --adjust-word-embedding-init still "
+                        "sets the word embeddings' std")
+    g.add_argument("--data-parallel-random-init", action="store_true",
+                   help="seed each data-parallel rank's torch generators (dropout) with seed + 10 × dp rank "
+                        "(upstream's offset), so replicas draw different dropout masks; the weights stay identical "
+                        "on every dp rank (as upstream's broadcast from dp rank 0 leaves them)")
 
     g = p.add_argument_group("parallelism")
     g.add_argument("--tensor-model-parallel-size", type=pos_int, default=1)
@@ -222,10 +251,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--loss-scale-window", type=pos_int, default=1000)
     g.add_argument("--hysteresis", type=pos_int, default=2)
     g.add_argument("--min-loss-scale", type=pos_float, default=1.0)
+    g.add_argument("--fp32-residual-connection", action="store_true",
+                   help="keep the residual stream (embedding output, every residual sum, the input of each norm "
+                        "and of the next pipeline stage) in fp32 under --bf16/--fp16; norms hand the sublayers "
+                        "the run's dtype. Needs --bf16 or --fp16 (as upstream)")
     g.add_argument("--accumulate-allreduce-grads-in-fp32", action="store_true",
                    help="--bf16: accumulate and all-reduce gradients in fp32 (DeepSpeed's "
-                        "data_types.grad_accum_dtype, its BF16 optimizer: ZeRO stage 0 runs as 1; refused with "
-                        "ZeRO-2/3 and --cpu-optimizer, which accumulate in bf16)")
+                        "data_types.grad_accum_dtype: its BF16 optimizer, at --zero-stage 1 only; refused with "
+                        "ZeRO-0, which DeepSpeed cannot run so, and with ZeRO-2/3 and --cpu-optimizer, which "
+                        "accumulate in bf16)")
 
     g = p.add_argument_group("run control, evaluation and checkpoints")
     g.add_argument("--seed", type=int, default=1234)
@@ -238,9 +272,28 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-load-optim", action="store_true")
     g.add_argument("--no-load-rng", action="store_true")
     g.add_argument("--finetune", action="store_true", help="load weights only; reset iteration and optimizer")
+    g.add_argument("--no-save-optim", action="store_true",
+                   help="checkpoints hold no optimizer state (no DeepSpeed optimizer/ZeRO files); resuming one "
+                        "needs --no-load-optim (or --finetune). Refused at --zero-stage 3, whose weights live in "
+                        "the optimizer shards")
+    g.add_argument("--no-save-rng", action="store_true",
+                   help="checkpoints hold no RNG states (no rng_state_rank_*.pt); resuming one needs --no-load-rng")
+    g.add_argument("--no-load-lr-state", action="store_true",
+                   help="do not load the checkpoint's LR scheduler state: the schedule the flags describe starts "
+                        "over from its step 0 (warmup included) at the resumed iteration")
+    g.add_argument("--load-tag", help="the checkpoint under --load to resume (e.g. iter_0000100), instead of the one "
+                                      "latest_checkpointed_iteration.txt / latest names; verified, no fallback")
+    g.add_argument("--use-checkpoint-args", action="store_true",
+                   help="take the model shape (layers, hidden, heads, seq length, ...), tp and pp sizes from the "
+                        "arguments saved in the --load checkpoint, as upstream's load_args_from_checkpoint does "
+                        "(shape flags you give yourself win for num-layers/hidden/ffn/heads/seq/positions)")
     g.add_argument("--exit-interval", type=pos_int)
     g.add_argument("--exit-duration-in-mins", type=pos_float)
     g.add_argument("--exit-signal-handler", action="store_true", help="save and exit on SIGTERM")
+    g.add_argument("--empty-unused-memory-level", type=int, choices=(0, 1, 2), default=0,
+                   help="release the accelerator's cached, unused memory (torch's empty_cache on cuda/xpu/mps) to "
+                        "reduce fragmentation: 1 after each step's forward-backward and each evaluation batch, 2 also "
+                        "after each optimizer step; 0 never. On CPU there is no cache to release: a genuine no-op")
     g.add_argument("--train-iters-to-skip", action="extend", nargs="+", type=pos_int, metavar="N",
                    help="iterations (as the log numbers them) whose batch is read but not trained on; the LR "
                         "schedule advances")
@@ -284,6 +337,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "grads-all-reduce; 2: + per-micro-batch forward-compute, backward-compute")
     g.add_argument("--timing-log-option", choices=("max", "minmax", "all"), default="minmax",
                    help="report each timer's max, (min, max) or every rank's value across ranks")
+    g.add_argument("--log-params-norm", action="store_true",
+                   help="compute the L2 norm of all parameters (each counted once over tp/pp/ZeRO) every "
+                        "--log-interval iterations: ' params norm: X |' in the log line, train/params_norm in "
+                        "TensorBoard/wandb")
     g.add_argument("--peak-tflops", type=pos_float, help="one device's peak dense TFLOPS, for MFU")
 
     g = p.add_argument_group("data")
@@ -298,8 +355,18 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--merge-file")
     g.add_argument("--vocab-size", type=pos_int)
     g.add_argument("--num-workers", type=int, default=2)
+    g.add_argument("--multiprocessing-context", choices=("fork", "spawn", "forkserver"), default="fork",
+                   help="how DataLoader workers (--num-workers > 0) start (default fork, as upstream)")
+    g.add_argument("--trust-remote-code", action="store_true",
+                   help="HFTokenizer: let transformers run Python code shipped with the tokenizer directory "
+                        "(custom tokenizer classes); off by default")
     g.add_argument("--eod-mask-loss", action="store_true")
     g.add_argument("--reset-position-ids", action="store_true")
+    g.add_argument("--reset-attention-mask", action="store_true",
+                   help="attention is causal within each document: a token never attends to tokens before the "
+                        "last EOD preceding it (needs a tokenizer with an EOD token; not with "
+                        "--ds-sequence-parallel-size > 1). SDPA then takes an explicit [b, 1, s, s] mask, which "
+                        "rules out its flash kernel")
     g.add_argument("--data-impl", choices=("mmap", "infer", "lazy", "cached"), default="infer",
                    help="the only format is MMIDIDX (.bin/.idx): mmap or infer")
     g.add_argument("--dataloader-type", choices=("single", "cyclic"), default="single",
@@ -498,6 +565,55 @@ def _adopt_deepspeed_file(ns: argparse.Namespace) -> None:
                           + "\n  - ".join(errors))
 
 
+# --use-checkpoint-args, as upstream's load_args_from_checkpoint: these take the checkpoint's value when the flag
+# is not given (upstream's list, plus this framework's shape settings upstream has no flag for) ...
+_CHECKPOINT_ARGS_IF_UNSET = ("num_layers", "hidden_size", "ffn_hidden_size", "seq_length", "num_attention_heads",
+                             "num_key_value_heads", "kv_channels", "max_position_embeddings", "tokenizer_type",
+                             "vocab_size", "make_vocab_size_divisible_by", "normalization", "norm_epsilon",
+                             "rope_theta")
+# ... and these always take it (upstream's force=True).
+_CHECKPOINT_ARGS_ALWAYS = ("position_embedding_type", "rotary_percent", "add_bias_linear", "swiglu",
+                           "untie_embeddings_and_output_weights", "apply_layernorm_1p", "tensor_model_parallel_size",
+                           "pipeline_model_parallel_size")
+
+
+def _adopt_checkpoint_args(ns: argparse.Namespace, notices: list) -> None:
+    """--use-checkpoint-args: fill the model shape and the tp/pp sizes from the arguments saved in the --load
+    checkpoint (--load-tag's, else the pointer's); a --load without a checkpoint yet keeps the flags, as upstream."""
+    from megatron.checkpoint.format import CheckpointError
+    from megatron.checkpoint.saved_args import checkpoint_directory, read_saved_args
+
+    try:
+        directory = checkpoint_directory(ns.load, ns.load_tag)
+        saved = read_saved_args(directory) if directory else None
+    except CheckpointError as error:
+        raise ConfigError(str(error)) from None
+    if saved is None:
+        notices.append(f"--use-checkpoint-args: --load {ns.load} holds no checkpoint yet; the flags given are used")
+        return
+    if "position_embedding_type" not in saved and "use_rotary_position_embeddings" in saved:  # upstream's args
+        saved["position_embedding_type"] = "rope" if saved["use_rotary_position_embeddings"] else (
+            "learned_absolute" if saved.get("add_position_embedding", True) else "none")
+    if "add_bias_linear" not in saved and "disable_bias_linear" in saved:
+        saved["add_bias_linear"] = not saved["disable_bias_linear"]
+    if saved.get("padded_vocab_size") and not saved.get("vocab_size"):
+        saved["vocab_size"] = saved["padded_vocab_size"]
+    taken = []
+    for dest in _CHECKPOINT_ARGS_IF_UNSET + _CHECKPOINT_ARGS_ALWAYS:
+        value = saved.get(dest)
+        if value is None or not hasattr(ns, dest):
+            continue
+        if dest in _CHECKPOINT_ARGS_IF_UNSET and getattr(ns, dest) is not None:
+            continue
+        if getattr(ns, dest) != value:
+            setattr(ns, dest, value)
+            taken.append(f"--{dest.replace('_', '-')} {value}")
+    if "position_embedding_type" in saved:  # the checkpoint's type, not the flags that would choose another
+        ns.use_rotary_position_embeddings = ns.no_position_embedding = False
+    notices.append(f"--use-checkpoint-args: from {directory}: " + (", ".join(taken) if taken else
+                                                                  "the flags already match the checkpoint"))
+
+
 def _resolve_model(ns: argparse.Namespace) -> TransformerConfig:
     base = preset(ns.model_preset) if ns.model_preset else {}
     fields = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_key_value_heads",
@@ -521,6 +637,13 @@ def _resolve_model(ns: argparse.Namespace) -> TransformerConfig:
     values["attention_softmax_in_fp32"] = ns.attention_softmax_in_fp32
     values["apply_layernorm_1p"] = ns.apply_layernorm_1p
     values["squared_relu"] = ns.squared_relu
+    values["rotary_percent"] = ns.rotary_percent
+    values["fp32_residual_connection"] = ns.fp32_residual_connection
+    values["init_method"] = "xavier_uniform" if ns.init_method_xavier_uniform else "normal"
+    # Upstream's MLP: --openai-gelu's tanh GeLU; else the fused bias-GeLU (tanh) unless --no-bias-gelu-fusion or
+    # --disable-bias-linear turn the fusion off, leaving F.gelu (exact, erf).
+    fused = ns.bias_gelu_fusion and values.get("add_bias_linear", True)
+    values["gelu_approximation"] = "tanh" if ns.openai_gelu or fused else "none"
     if ns.adjust_word_embedding_init:
         values["word_embedding_init_std"] = ns.word_embedding_init_std
     values.update(_recompute_settings(ns))
@@ -528,7 +651,7 @@ def _resolve_model(ns: argparse.Namespace) -> TransformerConfig:
         model = TransformerConfig(**values)
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    for k in fields + ("position_embedding_type",):  # record the final values in the run's arguments
+    for k in fields + ("position_embedding_type", "gelu_approximation", "init_method"):  # the run's final values
         setattr(ns, k, getattr(model, k))
     return model
 
@@ -566,6 +689,12 @@ def _check_flags(ns: argparse.Namespace, typed: Optional[dict] = None) -> list[s
     if ns.recompute_method == "block" and ns.pipeline_model_parallel_size > 1:
         errors.append("--recompute-method block is supported with --pipeline-model-parallel-size 1 only; use "
                       "uniform")
+    if ns.openai_gelu and (ns.swiglu or ns.squared_relu):
+        errors.append(f"--openai-gelu selects the GeLU of the MLP; it cannot be combined with "
+                      f"{'--swiglu' if ns.swiglu else '--squared-relu'} (pick one activation)")
+    if ns.reset_attention_mask and ns.ds_sequence_parallel_size > 1:
+        errors.append("--reset-attention-mask is not supported with --ds-sequence-parallel-size "
+                      f"{ns.ds_sequence_parallel_size} (Ulysses); drop one")
     if ns.accumulate_allreduce_grads_in_fp32 and ns.fp16:
         errors.append("--accumulate-allreduce-grads-in-fp32 is supported with --bf16 (and fp32) only, not --fp16")
     if ns.train_range_to_skip and len(ns.train_range_to_skip) % 2:
@@ -582,6 +711,13 @@ def _check_flags(ns: argparse.Namespace, typed: Optional[dict] = None) -> list[s
                       "(single); size the blend with --train-samples/--train-iters instead")
     if ns.universal_checkpoint and not ns.load:
         errors.append("--universal-checkpoint loads the universal folder that --load names; give --load")
+    for dest in ("load_tag", "use_checkpoint_args", "no_load_lr_state"):
+        if getattr(ns, dest) and not ns.load:
+            flag = "--" + dest.replace("_", "-")
+            errors.append(f"{typed.get(flag, flag)} concerns the checkpoint --load names; give --load")
+    if ns.load_tag is not None and (not ns.load_tag.strip() or "/" in ns.load_tag or ns.load_tag in (".", "..")):
+        errors.append(f"--load-tag {ns.load_tag!r} must be the name of one checkpoint directory under --load "
+                      "(e.g. iter_0000100)")
     lengths = [f for f in ("train_iters", "train_samples", "train_tokens") if getattr(ns, f) is not None]
     if len(lengths) > 1:
         errors.append(f"give only one of {', '.join('--' + f.replace('_', '-') for f in lengths)}")
@@ -662,6 +798,9 @@ def parse_args(argv: Optional[list[str]] = None) -> RunConfig:
         if before.startswith("--"):
             typed.setdefault(after.split("=", 1)[0], before.split("=", 1)[0])
     ns, errors = _parse_collecting(parser, argv, typed)
+    notices = []
+    if ns.use_checkpoint_args and ns.load and not errors:
+        _adopt_checkpoint_args(ns, notices)
     errors += _check_flags(ns, typed)
     if errors:
         raise ConfigError("invalid arguments:\n  - " + "\n  - ".join(errors))
@@ -672,16 +811,18 @@ def parse_args(argv: Optional[list[str]] = None) -> RunConfig:
                           ("bf16", False), ("fp16", False), ("clip_grad", 1.0)):
         if getattr(ns, dest) is None:
             setattr(ns, dest, default)
-    notices = []
-    file_states_zero = bool(ns.deepspeed_config) and \
-        "zero_stage" in deepspeed_file_values(read_deepspeed_config(ns.deepspeed_config))
-    if ns.bf16 and ns.accumulate_allreduce_grads_in_fp32 and ns.zero_stage == 0 and not file_states_zero:
-        ns.zero_stage = 1
-        notices.append("--accumulate-allreduce-grads-in-fp32 with --bf16: gradients accumulate in fp32 in "
-                       "DeepSpeed's BF16 optimizer, which runs as ZeRO stage 1 (optimizer state sharded over "
-                       "data-parallel ranks; the same updates as --zero-stage 0)")
+    if ns.bf16 and ns.accumulate_allreduce_grads_in_fp32 and ns.zero_stage == 0:
+        raise ConfigError(ZERO0_FP32_ACCUMULATION)
+    if ns.no_save_optim and ns.zero_stage == 3:
+        raise ConfigError("--no-save-optim with --zero-stage 3: a ZeRO-3 checkpoint holds the weights only in its "
+                          "optimizer shards (DeepSpeed saves no gathered weights), so it would hold no weights at "
+                          "all; drop --no-save-optim, or use --zero-stage 1 or 2")
     if ns.zero_stage >= 2 and ns.pipeline_model_parallel_size == 1:
         ns.no_pipeline_parallel = True
+    if ns.fp32_residual_connection and not (ns.bf16 or ns.fp16):
+        raise ConfigError("invalid arguments:\n  - --fp32-residual-connection keeps the residual stream in fp32 "
+                          "under --bf16 or --fp16 (as upstream requires); this run is fp32 already: drop the flag "
+                          "or add --bf16")
     model = _resolve_model(ns)
     parallel = ParallelConfig(
         tensor_model_parallel_size=ns.tensor_model_parallel_size,
@@ -692,8 +833,10 @@ def parse_args(argv: Optional[list[str]] = None) -> RunConfig:
         data_path=list(ns.data_path), data_file_list=ns.data_file_list, split=ns.split,
         sample_mode=ns.sample_mode, mock_data=ns.mock_data, tokenizer_type=ns.tokenizer_type,
         tokenizer_model=ns.tokenizer_model, vocab_file=ns.vocab_file, merge_file=ns.merge_file,
-        vocab_size=ns.vocab_size, num_workers=ns.num_workers, reset_position_ids=ns.reset_position_ids,
-        eod_mask_loss=ns.eod_mask_loss, train_data_path=list(ns.train_data_path),
+        vocab_size=ns.vocab_size, num_workers=ns.num_workers, multiprocessing_context=ns.multiprocessing_context,
+        trust_remote_code=ns.trust_remote_code, reset_position_ids=ns.reset_position_ids,
+        eod_mask_loss=ns.eod_mask_loss, reset_attention_mask=ns.reset_attention_mask,
+        train_data_path=list(ns.train_data_path),
         valid_data_path=list(ns.valid_data_path), test_data_path=list(ns.test_data_path),
         data_cache_path=ns.data_cache_path, blend_epochs_warning=ns.blend_epochs_warning)
     optimizer = OptimizerConfig(
@@ -714,15 +857,21 @@ def parse_args(argv: Optional[list[str]] = None) -> RunConfig:
         micro_batch_size=ns.micro_batch_size, global_batch_size=ns.global_batch_size,
         rampup_batch_size=list(ns.rampup_batch_size) if ns.rampup_batch_size else None,
         train_iters=ns.train_iters, train_samples=ns.train_samples, train_tokens=ns.train_tokens,
-        eval_interval=ns.eval_interval, eval_iters=ns.eval_iters, seed=ns.seed, exit_interval=ns.exit_interval,
+        eval_interval=ns.eval_interval, eval_iters=ns.eval_iters, seed=ns.seed,
+        data_parallel_random_init=ns.data_parallel_random_init, exit_interval=ns.exit_interval,
         exit_duration_in_mins=ns.exit_duration_in_mins, exit_signal_handler=ns.exit_signal_handler,
+        empty_unused_memory_level=ns.empty_unused_memory_level,
         optimizer=optimizer, precision=precision, zero=zero)
     checkpoint = CheckpointConfig(save=ns.save, save_interval=ns.save_interval, load=ns.load,
-                                  no_load_optim=ns.no_load_optim, no_load_rng=ns.no_load_rng, finetune=ns.finetune)
+                                  no_load_optim=ns.no_load_optim, no_load_rng=ns.no_load_rng, finetune=ns.finetune,
+                                  no_save_optim=ns.no_save_optim, no_save_rng=ns.no_save_rng,
+                                  no_load_lr_state=ns.no_load_lr_state, load_tag=ns.load_tag,
+                                  use_checkpoint_args=ns.use_checkpoint_args)
     logging = LoggingConfig(log_interval=ns.log_interval, tensorboard_dir=ns.tensorboard_dir,
                             log_timers_to_tensorboard=ns.log_timers_to_tensorboard,
                             wandb_project=ns.wandb_project, wandb_exp_name=ns.wandb_exp_name,
                             wandb_save_dir=ns.wandb_save_dir, peak_tflops=ns.peak_tflops,
+                            log_params_norm=ns.log_params_norm,
                             tensorboard_queue_size=ns.tensorboard_queue_size,
                             tensorboard_log_interval=ns.tensorboard_log_interval,
                             log_learning_rate_to_tensorboard=ns.log_learning_rate_to_tensorboard,

@@ -32,5 +32,8 @@ class DataConfig:
     merge_file: Optional[str] = None
     vocab_size: Optional[int] = None  # NullTokenizer / mock data
     num_workers: int = 2  # DataLoader workers per rank
+    multiprocessing_context: str = "fork"  # how DataLoader workers start: fork, spawn or forkserver
+    trust_remote_code: bool = False  # HFTokenizer: let transformers run the tokenizer's own Python code
     reset_position_ids: bool = False
+    reset_attention_mask: bool = False  # attention causal within each document (a new one after each EOD)
     eod_mask_loss: bool = False

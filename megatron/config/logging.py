@@ -22,5 +22,6 @@ class LoggingConfig:
     wandb_project: Optional[str] = None
     wandb_exp_name: Optional[str] = None
     wandb_save_dir: Optional[str] = None  # None: tensorboard_dir, else the working directory
+    log_params_norm: bool = False  # the L2 norm of all parameters in each log line and as train/params_norm
     # Peak dense bf16 TFLOPS of one device, for MFU. None: MFU is not reported.
     peak_tflops: Optional[float] = None

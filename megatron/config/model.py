@@ -13,6 +13,8 @@ from typing import Optional
 
 NORMALIZATIONS = ("layernorm", "rmsnorm")
 POSITION_EMBEDDING_TYPES = ("learned_absolute", "rope", "none")
+GELU_APPROXIMATIONS = ("tanh", "none")  # torch's F.gelu(approximate=...): tanh formula, or exact (erf)
+INIT_METHODS = ("normal", "xavier_uniform")
 
 
 def swiglu_default_ffn_hidden_size(hidden_size: int, multiple_of: int = 64) -> int:
@@ -47,6 +49,14 @@ class TransformerConfig:
     attention_softmax_in_fp32: bool = False  # attention in fp32 when activations are bf16/fp16
     apply_layernorm_1p: bool = False  # LayerNorm weight stored zero-centred: y = norm(x) * (1 + w) + b
     squared_relu: bool = False  # MLP activation relu(x)² instead of GeLU
+    # The GeLU of a non-gated MLP: "tanh" (upstream's fused bias-GeLU and --openai-gelu) or "none", the exact
+    # erf form (upstream's F.gelu with --no-bias-gelu-fusion or --disable-bias-linear).
+    gelu_approximation: str = "tanh"
+    rotary_percent: float = 1.0  # RoPE rotates the first int(head_dim × this) dims of each head (even), not the rest
+    fp32_residual_connection: bool = False  # residual stream (embeddings → final norm) in fp32 under bf16/fp16
+    # "normal": N(0, init_method_std) (output projections /sqrt(2L)); "xavier_uniform": every weight matrix,
+    # embeddings included, U(±sqrt(6 / (fan_in + fan_out))) of its full (unsharded) shape.
+    init_method: str = "normal"
     # Megatron sequence parallelism (activations outside attention/MLP sharded along the sequence over tp).
     sequence_parallel: bool = False
     # Full activation recomputation: "uniform" recomputes chunks of `checkpoint_num_layers` layers, "block" only
@@ -72,6 +82,11 @@ class TransformerConfig:
     @property
     def head_dim(self) -> int:
         return self.kv_channels or self.hidden_size // self.num_attention_heads
+
+    @property
+    def rotary_dim(self) -> int:
+        """Head dims RoPE rotates (upstream: int(kv_channels × rotary_percent) when the percent is < 1)."""
+        return int(self.head_dim * self.rotary_percent) if self.rotary_percent < 1.0 else self.head_dim
 
     @property
     def recomputed_layers(self) -> int:
@@ -132,6 +147,18 @@ class TransformerConfig:
             )
         if self.position_embedding_type == "rope" and self.head_dim % 2:
             errors.append(f"rotary embeddings need an even head dim (hidden/heads = {self.head_dim})")
+        if not 0.0 < self.rotary_percent <= 1.0:
+            errors.append(f"--rotary-percent must be in (0, 1] (got {self.rotary_percent})")
+        elif self.position_embedding_type == "rope" and (self.rotary_dim < 2 or self.rotary_dim % 2):
+            errors.append(f"--rotary-percent {self.rotary_percent} of head dim {self.head_dim} rotates "
+                          f"{self.rotary_dim} dims; rotary embeddings need an even number >= 2")
+        elif self.rotary_percent < 1.0 and self.position_embedding_type != "rope":
+            errors.append(f"--rotary-percent {self.rotary_percent} needs rotary position embeddings "
+                          "(--use-rotary-position-embeddings)")
+        if self.gelu_approximation not in GELU_APPROXIMATIONS:
+            errors.append(f"gelu_approximation {self.gelu_approximation!r} is not one of {GELU_APPROXIMATIONS}")
+        if self.init_method not in INIT_METHODS:
+            errors.append(f"init_method {self.init_method!r} is not one of {INIT_METHODS}")
         if self.max_position_embeddings < self.seq_length and self.position_embedding_type == "learned_absolute":
             errors.append(
                 f"--max-position-embeddings {self.max_position_embeddings} is smaller than --seq-length "

@@ -98,9 +98,13 @@ class TrainingConfig:
     eval_interval: int = 1000
     eval_iters: int = 100
     seed: int = 1234
+    # --data-parallel-random-init: the torch generators (dropout) of data-parallel rank r are seeded from
+    # seed + 10·r (upstream's offset); the weights stay those of dp rank 0 (what upstream's broadcast gives).
+    data_parallel_random_init: bool = False
     exit_interval: Optional[int] = None
     exit_duration_in_mins: Optional[float] = None
     exit_signal_handler: bool = False
+    empty_unused_memory_level: int = 0  # 1: release the device's cached memory after each step; 2: also after eval
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     precision: PrecisionConfig = field(default_factory=PrecisionConfig)
     zero: ZeroConfig = field(default_factory=ZeroConfig)

@@ -104,21 +104,6 @@ NOT_IMPLEMENTED: dict[str, str] = {
 
 # Not implemented yet (this list shrinks as they are): refused rather than accepted and ignored.
 NOT_YET: dict[str, str] = {
-    "--rotary-percent": "partial rotary embeddings are not implemented yet; drop the flag (= 1.0)",
-    "--fp32-residual-connection": "an fp32 residual stream is not implemented yet; drop the flag",
-    "--openai-gelu": "the GeLU choice is not implemented yet (the MLP uses the tanh approximation)",
-    "--data-parallel-random-init": "every data-parallel rank starts from the same weights; drop the flag",
-    "--init-method-xavier-uniform": "Xavier-uniform initialisation is not implemented yet; use --init-method-std",
-    "--no-save-optim": "checkpoints always hold the optimizer state (not implemented yet)",
-    "--no-save-rng": "checkpoints always hold the RNG state (not implemented yet)",
-    "--no-load-lr-state": "not implemented yet; use --override-opt_param-scheduler",
-    "--load-tag": "not implemented yet: --load reads the tag in latest_checkpointed_iteration.txt",
-    "--use-checkpoint-args": "not implemented yet: give the model flags explicitly",
-    "--log-params-norm": "not implemented yet",
-    "--reset-attention-mask": "document-wise attention masks are not implemented yet; use --reset-position-ids",
-    "--empty-unused-memory-level": "not implemented yet; drop the flag",
-    "--multiprocessing-context": "DataLoader workers use the platform's default start method; drop the flag",
-    "--trust-remote-code": "Hugging Face tokenizers are loaded without remote code; drop the flag",
 }
 # Upstream's own refusal: its validate_args asserts that the old --warmup is unset.
 NOT_IMPLEMENTED["--warmup"] = ("upstream's old warmup flag, which upstream refuses too; use --lr-warmup-iters, "

@@ -110,12 +110,9 @@ def is_argonne_checkpoint(path: str) -> bool:
 
 # Their arguments that shape the weights or the forward pass, and the only values we can reproduce.
 REQUIRED_VALUES = {
-    "apply_layernorm_1p": (False, None), "apply_residual_connection_post_layernorm": (False, None),
-    "openai_gelu": (False, None), "squared_relu": (False, None), "onnx_safe": (False, None),
-    "rotary_percent": (1.0, None), "num_layers_per_virtual_pipeline_stage": (None,),
+    "apply_residual_connection_post_layernorm": (False, None), "onnx_safe": (False, None), "num_layers_per_virtual_pipeline_stage": (None,),
     "virtual_pipeline_model_parallel_size": (None, 1), "mos": (False, None), "kd": (False, None),
-    "add_qkv_bias": (False, None), "num_experts_switch": (None,), "fp32_residual_connection": (False, None),
-    "use_mup": (False, None), "embedding_weights_in_fp32": (False, None),
+    "add_qkv_bias": (False, None), "num_experts_switch": (None,), "use_mup": (False, None), "embedding_weights_in_fp32": (False, None),
 }
 
 
@@ -158,7 +155,14 @@ def config_from_argonne_args(ns, source: str, vocab_size: Optional[int] = None) 
         untie_embeddings_and_output_weights=bool(a.get("untie_embeddings_and_output_weights")),
         add_bias_linear=bool(a.get("add_bias_linear", True)),
         attention_dropout=float(a.get("attention_dropout", 0.1)), hidden_dropout=float(a.get("hidden_dropout", 0.1)),
-        init_method_std=float(a.get("init_method_std", 0.02)))
+        init_method_std=float(a.get("init_method_std", 0.02)),
+        rotary_percent=float(a.get("rotary_percent") or 1.0),
+        fp32_residual_connection=bool(a.get("fp32_residual_connection")),
+        init_method="xavier_uniform" if a.get("init_method_xavier_uniform") else "normal",
+        apply_layernorm_1p=bool(a.get("apply_layernorm_1p")), squared_relu=bool(a.get("squared_relu")),
+        # their MLP: openai_gelu (tanh), else the fused bias-GeLU (tanh) unless the fusion was off: F.gelu (erf)
+        gelu_approximation="tanh" if a.get("openai_gelu") or (
+            a.get("bias_gelu_fusion", True) and a.get("add_bias_linear", True)) else "none")
     try:
         config = TransformerConfig(**values)
     except ValueError as err:
@@ -499,10 +503,16 @@ def argonne_namespace(config: TransformerConfig, tp: int, pp: int, tokenizer_arg
         num_layers=c.num_layers, hidden_size=c.hidden_size, ffn_hidden_size=c.ffn_hidden_size,
         num_attention_heads=c.num_attention_heads, num_key_value_heads=c.num_key_value_heads, kv_channels=c.head_dim,
         seq_length=c.seq_length, encoder_seq_length=c.seq_length, max_position_embeddings=c.max_position_embeddings,
-        use_rotary_position_embeddings=rope, rotary_percent=1.0,
+        use_rotary_position_embeddings=rope, rotary_percent=c.rotary_percent,
         rope_theta=int(c.rope_theta) if float(c.rope_theta).is_integer() else c.rope_theta,
         add_position_embedding=c.position_embedding_type == "learned_absolute", normalization=c.normalization,
-        layernorm_epsilon=c.norm_epsilon, swiglu=c.swiglu, apply_layernorm_1p=False,
+        layernorm_epsilon=c.norm_epsilon, swiglu=c.swiglu, apply_layernorm_1p=c.apply_layernorm_1p,
+        squared_relu=c.squared_relu, fp32_residual_connection=c.fp32_residual_connection,
+        init_method_xavier_uniform=c.init_method == "xavier_uniform",
+        # their GeLU (a plain GeLU MLP only: their --openai-gelu is checked before --swiglu and would override it):
+        # --openai-gelu is tanh; without it the fused bias-GeLU (tanh) unless the fusion is off (erf)
+        openai_gelu=not (c.swiglu or c.squared_relu) and c.gelu_approximation == "tanh",
+        bias_gelu_fusion=c.gelu_approximation == "tanh",
         untie_embeddings_and_output_weights=c.untie_embeddings_and_output_weights,
         add_bias_linear=c.add_bias_linear, make_vocab_size_divisible_by=c.make_vocab_size_divisible_by,
         padded_vocab_size=c.padded_vocab_size(tp), tokenizer_type=tokenizer_type,

@@ -1,7 +1,8 @@
 """Our GPT-2-style GPTModel ⇄ Hugging Face `GPT2LMHeadModel`: config and per-layer tensor mapping.
 
 HF GPT-2 uses Conv1D (weights stored [in, out], i.e. transposed), a fused c_attn whose output is
-[q | k | v] (the same order as our tp=1 qkv), learned positions, gelu_new (tanh GeLU, as ours),
+[q | k | v] (the same order as our tp=1 qkv), learned positions, GeLU ("gelu_new" is the tanh approximation,
+"gelu" the exact erf form: our gelu_approximation "tanh" / "none"),
 LayerNorm with biases, biases on every linear, and always ties lm_head to wte.
 """
 
@@ -16,6 +17,10 @@ from megatron.convert.model_layout import ConversionError
 
 MODEL_TYPE = "gpt2"
 ARCHITECTURE = "GPT2LMHeadModel"
+
+# our TransformerConfig.gelu_approximation -> transformers' activation_function (and back, with its alias)
+GELU_NAMES = {"tanh": "gelu_new", "none": "gelu"}
+GELU_FROM_HF = {"gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu": "none"}
 
 _NORMS = (("input_norm", "ln_1"), ("post_attention_norm", "ln_2"))
 _CONV1D = (("attention.qkv", "attn.c_attn"), ("attention.dense", "attn.c_proj"), ("mlp.fc1", "mlp.c_fc"),
@@ -51,7 +56,7 @@ def hf_config(config: TransformerConfig, dtype: torch.dtype):
     return GPT2Config(
         vocab_size=config.vocab_size, n_positions=config.max_position_embeddings, n_embd=config.hidden_size,
         n_layer=config.num_layers, n_head=config.num_attention_heads, n_inner=config.ffn_hidden_size,
-        activation_function="gelu_new", resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+        activation_function=GELU_NAMES[config.gelu_approximation], resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
         layer_norm_epsilon=config.norm_epsilon, initializer_range=config.init_method_std,
         scale_attn_weights=True, scale_attn_by_inverse_layer_idx=False, reorder_and_upcast_attn=False,
         tie_word_embeddings=True, architectures=[ARCHITECTURE], dtype=dtype, bos_token_id=None, eos_token_id=None,
@@ -60,8 +65,8 @@ def hf_config(config: TransformerConfig, dtype: torch.dtype):
 
 def config_from_hf(hf, source: str, make_vocab_size_divisible_by: int = 128) -> TransformerConfig:
     errors = []
-    if hf.activation_function not in ("gelu_new", "gelu_pytorch_tanh"):
-        errors.append(f"activation_function {hf.activation_function!r} (ours is tanh-approximate GeLU)")
+    if hf.activation_function not in GELU_FROM_HF:
+        errors.append(f"activation_function {hf.activation_function!r} (ours is GeLU: one of {sorted(GELU_FROM_HF)})")
     if getattr(hf, "scale_attn_by_inverse_layer_idx", False):
         errors.append("scale_attn_by_inverse_layer_idx")
     if not getattr(hf, "scale_attn_weights", True):
@@ -77,7 +82,7 @@ def config_from_hf(hf, source: str, make_vocab_size_divisible_by: int = 128) -> 
         make_vocab_size_divisible_by=make_vocab_size_divisible_by, normalization="layernorm",
         norm_epsilon=hf.layer_norm_epsilon, swiglu=False, position_embedding_type="learned_absolute",
         untie_embeddings_and_output_weights=False, add_bias_linear=True, attention_dropout=0.0, hidden_dropout=0.0,
-        init_method_std=hf.initializer_range,
+        init_method_std=hf.initializer_range, gelu_approximation=GELU_FROM_HF[hf.activation_function],
     )
 
 

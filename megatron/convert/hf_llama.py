@@ -32,6 +32,10 @@ def inexpressible(config: TransformerConfig) -> list[str]:
         errors.append("the MLP is GeLU; Llama uses SwiGLU (--swiglu)")
     if config.position_embedding_type != "rope":
         errors.append(f"position embeddings are {config.position_embedding_type!r}; Llama uses RoPE")
+    elif config.rotary_percent < 1.0:
+        errors.append(f"RoPE rotates {config.rotary_dim} of {config.head_dim} head dims (--rotary-percent "
+                      f"{config.rotary_percent}); LlamaForCausalLM rotates whole heads (transformers ignores a "
+                      "partial_rotary_factor in its default RoPE)")
     return errors
 
 

@@ -270,9 +270,14 @@ def convert_to_universal(load: str, out: Optional[str] = None, *, workers: int =
     from deepspeed.checkpoint import ds_to_universal
 
     from megatron.convert.ds_checkpoint import DeepSpeedCheckpoint, _has_optim_files
-    from megatron.checkpoint.format import publish_directory, write_text_atomically
+    from megatron.checkpoint.format import CONTENTS_KEY, publish_directory, write_text_atomically
 
     source = DeepSpeedCheckpoint(load)
+    if (source.client_state.get(CONTENTS_KEY) or {}).get("optimizer") is False:
+        raise ConversionError(
+            f"{source.tag_dir} was saved with --no-save-optim: it holds no optimizer shards, and DeepSpeed's universal "
+            "converter reads the weights from those. Resume it on another layout by pointing --load at it directly "
+            "(with --no-load-optim), or convert it with `reshard`")
     if not _has_optim_files(source.tag_dir):
         raise ConversionError(
             f"{source.tag_dir} holds no ZeRO or bf16 optimizer shards (an fp32 run without ZeRO keeps its optimizer "

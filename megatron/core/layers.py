@@ -2,7 +2,9 @@
 
 Each layer holds this rank's shard of a weight and hides the communication (mappings.py).
 Weights are initialised by drawing the FULL tensor from a CPU generator seeded with `init_seed`
-and keeping this rank's shard, so a model is identical whatever the tensor-parallel size.
+and keeping this rank's shard, so a model is identical whatever the tensor-parallel size: normal(0,
+init_std), or with init_method="xavier_uniform" Xavier-uniform of the full shape (upstream's
+--init-method-xavier-uniform on its CPU-initialisation path).
 `shard_tensor` / `merge_shards` are the one definition of how a dimension is split (including
 "segmented" splits such as fused q|k|v or gate|up, where each segment is split separately).
 """
@@ -60,6 +62,20 @@ def full_normal(shape: Sequence[int], std: float, seed: Optional[int]) -> torch.
     return torch.empty(tuple(shape), dtype=torch.float32).normal_(0.0, std, generator=generator)
 
 
+def full_init(shape: Sequence[int], std: float, seed: Optional[int], method: str = "normal") -> torch.Tensor:
+    """The full weight tensor: full_normal(shape, std, seed), or with method "xavier_uniform" uniform in
+    ±sqrt(6 / (fan_in + fan_out)) of `shape` ([out, in]: fan_out = shape[0], fan_in = shape[1]; std unused)."""
+    if method == "normal":
+        return full_normal(shape, std, seed)
+    if method != "xavier_uniform":
+        raise ValueError(f"unknown init method {method!r} (normal or xavier_uniform)")
+    generator = None
+    if seed is not None:
+        generator = torch.Generator(device="cpu")
+        generator.manual_seed(int(seed))
+    return nn.init.xavier_uniform_(torch.empty(tuple(shape), dtype=torch.float32), generator=generator)
+
+
 def _mark(param: nn.Parameter, partition_dim: Optional[int], sequence_parallel: bool = False) -> None:
     param.tensor_model_parallel = partition_dim is not None
     param.partition_dim = partition_dim
@@ -77,7 +93,7 @@ class VocabParallelEmbedding(nn.Module):
 
     def __init__(self, num_embeddings: int, embedding_dim: int, *, tp_group=None,
                  padded_num_embeddings: Optional[int] = None, sequence_parallel: bool = False,
-                 init_std: float = 0.02, init_seed: Optional[int] = None):
+                 init_std: float = 0.02, init_seed: Optional[int] = None, init_method: str = "normal"):
         super().__init__()
         padded = padded_num_embeddings or num_embeddings
         self.tp_group = tp_group
@@ -93,7 +109,7 @@ class VocabParallelEmbedding(nn.Module):
         self.vocab_end = self.vocab_start + self.rows_per_rank
         self.sequence_parallel = sequence_parallel
         full = torch.zeros(padded, embedding_dim)
-        full[:num_embeddings] = full_normal((num_embeddings, embedding_dim), init_std, init_seed)
+        full[:num_embeddings] = full_init((num_embeddings, embedding_dim), init_std, init_seed, init_method)
         self.weight = nn.Parameter(shard_tensor(full, 0, self.tp_size, tp_rank))
         _mark(self.weight, 0)
 
@@ -120,14 +136,15 @@ class ColumnParallelLinear(nn.Module):
 
     def __init__(self, input_size: int, output_size: int, *, tp_group=None, bias: bool = True,
                  segments: Optional[Sequence[int]] = None, gather_output: bool = False,
-                 sequence_parallel: bool = False, init_std: float = 0.02, init_seed: Optional[int] = None):
+                 sequence_parallel: bool = False, init_std: float = 0.02, init_seed: Optional[int] = None,
+                 init_method: str = "normal"):
         super().__init__()
         self.tp_group = tp_group
         self.tp_size, tp_rank = mappings.group_size(tp_group), mappings.group_rank(tp_group)
         self.segments = _check_segments(output_size, segments, self.tp_size, "ColumnParallelLinear")
         self.input_size, self.output_size = input_size, output_size
         self.gather_output, self.sequence_parallel = gather_output, sequence_parallel
-        full = full_normal((output_size, input_size), init_std, init_seed)
+        full = full_init((output_size, input_size), init_std, init_seed, init_method)
         self.weight = nn.Parameter(shard_tensor(full, 0, self.tp_size, tp_rank, self.segments))
         _mark(self.weight, 0)
         if bias:
@@ -160,7 +177,7 @@ class RowParallelLinear(nn.Module):
 
     def __init__(self, input_size: int, output_size: int, *, tp_group=None, bias: bool = True,
                  input_is_parallel: bool = True, sequence_parallel: bool = False,
-                 init_std: float = 0.02, init_seed: Optional[int] = None):
+                 init_std: float = 0.02, init_seed: Optional[int] = None, init_method: str = "normal"):
         super().__init__()
         self.tp_group = tp_group
         self.tp_size, tp_rank = mappings.group_size(tp_group), mappings.group_rank(tp_group)
@@ -169,7 +186,7 @@ class RowParallelLinear(nn.Module):
         self.input_is_parallel, self.sequence_parallel = input_is_parallel, sequence_parallel
         if sequence_parallel and not input_is_parallel:
             raise ValueError("RowParallelLinear: sequence_parallel needs input_is_parallel=True")
-        full = full_normal((output_size, input_size), init_std, init_seed)
+        full = full_init((output_size, input_size), init_std, init_seed, init_method)
         self.weight = nn.Parameter(shard_tensor(full, 1, self.tp_size, tp_rank))
         _mark(self.weight, 1)
         if bias:

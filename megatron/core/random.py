@@ -22,6 +22,7 @@ import torch.utils.checkpoint
 MODEL_PARALLEL_RNG = "model-parallel-rng"
 TENSOR_PARALLEL_SEED_OFFSET = 2718  # Megatron's offset between the default and the tp stream
 PIPELINE_SEED_STRIDE = 100  # Megatron's per-stage offset of the seed
+DATA_PARALLEL_SEED_STRIDE = 10  # Megatron's per-dp-rank offset with --data-parallel-random-init
 
 
 def derive_seed(seed: int, name: str) -> int:
@@ -110,13 +111,19 @@ def get_rng_tracker() -> RNGStatesTracker:
     return _TRACKER
 
 
-def seed_model_parallel_rng(seed: int, ps, device_type: str = "cpu") -> None:
+def seed_model_parallel_rng(seed: int, ps, device_type: str = "cpu", data_parallel_random_init: bool = False) -> None:
     """Seed the default generator from (seed, pp_rank) and the tp stream from (seed, pp_rank, tp_rank).
 
     Call once per process after the ParallelState exists; every tp rank of a stage then draws the
-    same default stream (replicated dropout matches) and a different tp stream.
+    same default stream (replicated dropout matches) and a different tp stream. Data-parallel replicas
+    draw the same streams, unless `data_parallel_random_init` (upstream's --data-parallel-random-init):
+    then the seed also moves by 10 per dp rank (upstream's _set_random_seed), so dropout differs between
+    replicas. Weights do not come from these generators (each is drawn from its own derive_seed), so they
+    stay identical on every dp rank, as upstream's broadcast from dp rank 0 leaves them.
     """
     stage_seed = int(seed) + PIPELINE_SEED_STRIDE * ps.pp_rank
+    if data_parallel_random_init:
+        stage_seed += DATA_PARALLEL_SEED_STRIDE * ps.dp_rank
     torch.manual_seed(stage_seed)  # also seeds every cuda/xpu device
     tracker = get_rng_tracker()
     tracker.reset()

@@ -4,7 +4,7 @@ Levels, bottom up: indexed_dataset (one tokenized file) -> dataset (samples of o
 """
 
 from megatron.data.indexed_dataset import (
-    DTYPE_CODES, IndexedDataset, IndexedDatasetBuilder, IndexedDatasetError, best_dtype, read_index_header,
+    DTYPE_CODES, IndexedDataset, IndexedDatasetBuilder, IndexedDatasetError, TokenFile, best_dtype, read_index_header,
     write_synthetic_dataset,
 )
 from megatron.data.tokenizers import build_tokenizer, build_tokenizer_from_config

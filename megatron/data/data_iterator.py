@@ -11,7 +11,7 @@ import atexit
 import contextlib
 import signal
 import weakref
-from typing import Iterator
+from typing import Iterator, Optional
 
 import numpy as np
 import torch
@@ -84,11 +84,13 @@ def _stop_workers() -> None:
 
 
 def build_data_iterator(dataset, micro_batch_size: int, dp_rank: int, dp_size: int, consumed_samples: int,
-                        num_workers: int = 0) -> Iterator[dict]:
+                        num_workers: int = 0, multiprocessing_context: Optional[str] = None) -> Iterator[dict]:
     """Micro-batches {"tokens": LongTensor [micro_batch_size, seq+1]} for this dp rank, from consumed_samples.
 
     num_workers=0 reads in this process (a plain generator); > 0 uses a torch DataLoader with that many
     worker processes and the same batch sampler, so the samples are identical either way.
+    multiprocessing_context (--multiprocessing-context): how those workers start, "fork" (upstream's default),
+    "spawn" or "forkserver" (the dataset and worker_init_fn are pickled to them; both are module-level).
     Returns None when dataset is None (a split without data).
     """
     if dataset is None:
@@ -97,7 +99,8 @@ def build_data_iterator(dataset, micro_batch_size: int, dp_rank: int, dp_size: i
     if num_workers and num_workers > 0:
         loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers,
                                              collate_fn=collate_tokens, pin_memory=False,
-                                             persistent_workers=False, worker_init_fn=_ignore_job_signals)
+                                             persistent_workers=False, worker_init_fn=_ignore_job_signals,
+                                             multiprocessing_context=multiprocessing_context)
         batches = iter(loader)
         if not _STOP_AT_EXIT:  # registered after multiprocessing's exit handler, so it runs before it
             atexit.register(_stop_workers)

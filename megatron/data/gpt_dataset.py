@@ -25,12 +25,22 @@ import numpy as np
 from megatron.data.blend import DEFAULT_WINDOW, PHASE_PERIOD, BlendedIndex, golden_step
 from megatron.data.data_list import (SPLIT_NAMES, DataListError, FileSplits, blend_entries, parse_split,
                                      scan_files)
-from megatron.data.indexed_dataset import IndexedDataset
+from megatron.data.indexed_dataset import TokenFile
 from megatron.data.permutation import derive_key
 from megatron.checkpoint.format import replace_atomically
 
 logger = logging.getLogger(__name__)
 SAMPLE_MODES = ("samples", "documents")
+
+
+def _default_open_files() -> int:
+    """How many token files a dataset keeps open: half the soft descriptor limit, at most 4,096."""
+    try:
+        import resource
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    except (ImportError, OSError, ValueError):
+        return 512
+    return 4096 if soft == getattr(resource, "RLIM_INFINITY", -1) else int(min(4096, max(16, soft // 2)))
 
 
 DEFAULT_INDEX_CACHE_BYTES = 256 << 20  # per process: the most document-index bytes kept in memory
@@ -54,12 +64,15 @@ def default_shared_index_dir() -> str:
 class DocumentIndex:
     """Megatron's document-shuffled order, one (file, epoch) at a time, on demand, in bounded memory.
 
-    For file f and epoch e: `order` is the split's sequences shuffled by a generator keyed by
-    (seed, split, f, e), and `ends[i]` the tokens of order[0..i] laid end to end. Sample t of the
-    epoch is tokens [t * seq, (t + 1) * seq] of that concatenation (it may span documents, as in
-    Megatron); its first and last documents are two binary searches in `ends`, so nothing per sample
-    is stored: 16 bytes per document, against Megatron's 16 bytes per sample plus its doc_idx.
-    The blend's Feistel permutation plays the part of Megatron's shuffle_idx.
+    For file f and epoch e, the split's sequences are shuffled by a generator keyed by
+    (seed, split, f, e) (`order`); `starts[i]` is where the i-th of them begins in the .bin's token
+    stream and `ends[i]` the tokens of the first i + 1 laid end to end. Sample t of the epoch is
+    tokens [t * seq, (t + 1) * seq] of that concatenation (it may span documents, as in Megatron);
+    its first and last documents are two binary searches in `ends`, and its pieces are read at
+    `starts`, so nothing per sample is stored and reading needs no .idx: 8 bytes per document (16 in
+    files of 2**32 tokens or more), against Megatron's 16 bytes per sample plus its doc_idx. The
+    blend's Feistel permutation plays the part of Megatron's shuffle_idx. Building reads the split's
+    lengths and pointers from the .idx once (12 bytes per document, dropped afterwards).
 
     Memory: a least-recently-used cache holds at most `cache_bytes` of indices per process, however
     many files a run touches. Ranks of one node share instead of duplicating: an index of at least
@@ -76,13 +89,14 @@ class DocumentIndex:
     """
 
     def __init__(self, dataset: "GPTDataset", shared_dir: Optional[str] = None,
-                 cache_bytes: int = DEFAULT_INDEX_CACHE_BYTES, shared_bytes: int = DEFAULT_SHARED_INDEX_BYTES,
+                 cache_bytes: Optional[int] = None, shared_bytes: int = DEFAULT_SHARED_INDEX_BYTES,
                  share_min_bytes: int = SHARE_MIN_BYTES):
         self.dataset = dataset
         self.shared_dir = shared_dir or default_shared_index_dir()
+        cache_bytes = DEFAULT_INDEX_CACHE_BYTES if cache_bytes is None else cache_bytes
         self.cache_bytes, self.shared_bytes, self.share_min_bytes = int(cache_bytes), int(shared_bytes), share_min_bytes
         self._lock = threading.Lock()
-        self._cache: "OrderedDict[tuple[int, int], tuple[np.ndarray, np.ndarray]]" = OrderedDict()
+        self._cache: "OrderedDict[tuple[int, int], tuple[np.ndarray, np.ndarray]]" = OrderedDict()  # (starts, ends)
         self._cached_bytes = 0
         self._written: list[str] = []
         self.builds = 0  # indices this process computed (the rest came from its cache or the shared directory)
@@ -105,22 +119,33 @@ class DocumentIndex:
         ds = self.dataset
         meta = ds.files[file]
         description = (f"{os.path.abspath(meta.prefix)}|{meta.num_tokens}|{meta.num_sequences}|"
-                       f"{meta.sequence_range(ds.split)}|{ds.seed}|{ds.split}|{file}|{epoch}|v2")
+                       f"{meta.sequence_range(ds.split)}|{ds.seed}|{ds.split}|{file}|{epoch}|v3")
         return os.path.join(self.shared_dir, hashlib.sha1(description.encode()).hexdigest()[:24] + ".npy")
 
-    def build(self, file: int, epoch: int) -> tuple[np.ndarray, np.ndarray]:
-        """(order, ends) of one file and epoch, computed here."""
+    def order(self, file: int, epoch: int) -> np.ndarray:
+        """The shuffled order of the split's sequences (positions in the split) for one file and epoch."""
         ds = self.dataset
         start, stop = ds.files[file].sequence_range(ds.split)
-        lengths = ds.reader(file).sequence_lengths[start:stop]
         key = int(derive_key(ds.seed, ds.split, file, epoch, 0xD0C)[0])
-        order = np.random.default_rng(key).permutation(stop - start).astype(np.int64)
-        ends = np.cumsum(lengths[order], dtype=np.int64)
-        return order, ends
+        return np.random.default_rng(key).permutation(stop - start).astype(np.int64)
+
+    def build(self, file: int, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        """(starts, ends) of one file and epoch, computed here."""
+        ds = self.dataset
+        start, stop = ds.files[file].sequence_range(ds.split)
+        lengths, pointers = ds.reader(file).index_range(start, stop)
+        order = self.order(file, epoch)
+        # token positions fit 4 bytes in files under 2**32 tokens (most): 8 bytes per document, not 16
+        dtype = np.uint32 if ds.files[file].num_tokens < 1 << 32 else np.int64
+        ends = np.cumsum(lengths[order], dtype=np.int64).astype(dtype, copy=False)
+        del lengths
+        starts = pointers[order].astype(dtype, copy=False)
+        return starts, ends
 
     def _load_or_build(self, file: int, epoch: int) -> tuple[np.ndarray, np.ndarray]:
-        n = self.dataset.files[file].sequence_range(self.dataset.split)
-        shared = (n[1] - n[0]) * 16 >= self.share_min_bytes
+        meta = self.dataset.files[file]
+        n = meta.sequence_range(self.dataset.split)
+        shared = (n[1] - n[0]) * (8 if meta.num_tokens < 1 << 32 else 16) >= self.share_min_bytes
         path = self._shared_path(file, epoch) if shared else None
         if path:
             try:
@@ -168,7 +193,7 @@ class DocumentIndex:
             total -= size
 
     def get(self, file: int, epoch: int) -> tuple[np.ndarray, np.ndarray]:
-        """(order, ends) of (file, epoch): from this process's cache, the node's shared copy, or built now."""
+        """(starts, ends) of (file, epoch): from this process's cache, the node's shared copy, or built now."""
         key = (file, epoch)
         with self._lock:
             hit = self._cache.get(key)
@@ -182,21 +207,21 @@ class DocumentIndex:
                 self._cache[key] = entry
                 self._cached_bytes += size
             while self._cached_bytes > self.cache_bytes and len(self._cache) > 1:
-                _, (order, ends) = self._cache.popitem(last=False)
-                self._cached_bytes -= order.nbytes + ends.nbytes
+                _, (starts, ends) = self._cache.popitem(last=False)
+                self._cached_bytes -= starts.nbytes + ends.nbytes
         return entry
 
     def sample_span(self, file: int, epoch: int, sample: int):
-        """(order, first, offset, last, end): sample `sample` runs from token `offset` of document position
-        `first` to token `end` (inclusive) of position `last` in the epoch's shuffled order."""
-        order, ends = self.get(file, epoch)
+        """(starts, ends, first, offset, last, end): sample `sample` runs from token `offset` of document
+        position `first` to token `end` (inclusive) of position `last` in the epoch's shuffled order."""
+        starts, ends = self.get(file, epoch)
         begin = sample * self.dataset.seq_length
         finish = begin + self.dataset.seq_length  # inclusive: samples are seq_length + 1 tokens
         first = int(np.searchsorted(ends, begin, side="right"))
         last = int(np.searchsorted(ends, finish, side="right"))
         offset = begin - (int(ends[first - 1]) if first else 0)
         end = finish - (int(ends[last - 1]) if last else 0)
-        return order, first, offset, last, end
+        return starts, ends, first, offset, last, end
 
 
 class GPTDataset:
@@ -211,7 +236,8 @@ class GPTDataset:
 
     def __init__(self, files: Sequence[FileSplits], weights: Sequence[float], split: int, seq_length: int,
                  seed: int, num_samples: int, vocab_size: Optional[int] = None, sample_mode: str = "samples",
-                 window: int = DEFAULT_WINDOW, document_index_cache: Optional[str] = None, corpora: Optional[Sequence[str]] = None,
+                 window: int = DEFAULT_WINDOW, document_index_cache: Optional[str] = None,
+                 corpora: Optional[Sequence[str]] = None,
                  left_out: Sequence[tuple[str, int]] = (), source: str = "data"):
         if sample_mode not in SAMPLE_MODES:
             raise ValueError(f"DataConfig.sample_mode {sample_mode!r} is not one of {SAMPLE_MODES}")
@@ -239,8 +265,9 @@ class GPTDataset:
                 f"a share above ~{smallest:.1g}); raise its weight or drop the file" for f in starved.tolist()])
         self.corpora = list(corpora) if corpora is not None else [os.path.basename(f.prefix) for f in self.files]
         self.left_out = list(left_out)
-        self._readers: dict[int, IndexedDataset] = {}
+        self._readers: "OrderedDict[int, TokenFile]" = OrderedDict()  # least recently used first
         self._readers_lock = threading.Lock()
+        self.max_open_files = _default_open_files()
         self._shared_index_dir = document_index_cache
         self.document_index = (DocumentIndex(self, document_index_cache)
                                if sample_mode == "documents" else None)
@@ -248,7 +275,7 @@ class GPTDataset:
     def __getstate__(self) -> dict:
         """For DataLoader worker processes: memory maps, locks and index threads are rebuilt there."""
         state = dict(self.__dict__)
-        state.update(_readers={}, _readers_lock=None, document_index=None)
+        state.update(_readers=OrderedDict(), _readers_lock=None, document_index=None)
         return state
 
     def __setstate__(self, state: dict) -> None:
@@ -260,15 +287,19 @@ class GPTDataset:
     def __len__(self) -> int:
         return self.num_samples
 
-    def reader(self, file: int) -> IndexedDataset:
-        """The memory-mapped file, opened on first use (start-up never opens the files)."""
-        reader = self._readers.get(file)
-        if reader is None:
-            with self._readers_lock:
-                reader = self._readers.get(file)
-                if reader is None:
-                    reader = self._readers[file] = IndexedDataset(self.files[file].prefix)
-        return reader
+    def reader(self, file: int) -> TokenFile:
+        """The file's pread reader, opened on first use (start-up never opens the files). At most
+        `max_open_files` stay open, least recently used closed first (a reader in use stays valid)."""
+        with self._readers_lock:
+            reader = self._readers.get(file)
+            if reader is not None:
+                self._readers.move_to_end(file)
+                return reader
+            meta = self.files[file]
+            reader = self._readers[file] = TokenFile(meta.prefix, meta.dtype, meta.num_sequences, meta.num_tokens)
+            while len(self._readers) > max(self.max_open_files, 1):
+                self._readers.popitem(last=False)
+            return reader
 
     def _check_range(self, samples: np.ndarray) -> None:
         if samples.size and (samples.min() < 0 or samples.max() >= self.num_samples):
@@ -302,26 +333,29 @@ class GPTDataset:
         start = int(derive_key(self.seed, self.split, file, 0x0FF5E7)[0] % np.uint64(span))
         return 1 + (start + (epoch - 1) * self._offset_step) % span
 
-    def _read_window(self, file: int, sample: int, epoch: int = 0) -> np.ndarray:
+    def _read_window(self, file: int, sample: int, epoch: int, out: np.ndarray) -> None:
         first, stop = self.files[file].token_range(self.split)
         length = stop - first
         start = self.window_offset(file, epoch) + sample * self.seq_length
-        end = start + self.seq_length + 1
         reader = self.reader(file)
-        if end <= length:
-            return reader.tokens(first + start, first + end)
-        return np.concatenate([reader.tokens(first + start, stop), reader.tokens(first, first + end - length)])
+        head = min(self.seq_length + 1, length - start)  # the rest wraps to the split's start
+        reader.read_into(out[:head], first + start)
+        if head <= self.seq_length:
+            reader.read_into(out[head:], first)
 
-    def _read_documents(self, file: int, sample: int, epoch: int) -> np.ndarray:
-        order, first, offset, last, end = self.document_index.sample_span(file, epoch, sample)
+    def _read_documents(self, file: int, sample: int, epoch: int, out: np.ndarray) -> None:
+        starts, ends, first, offset, last, end = self.document_index.sample_span(file, epoch, sample)
         reader = self.reader(file)
-        base = self.files[file].sequence_range(self.split)[0]
         if first == last:
-            return reader.get(base + int(order[first]), int(offset), int(end - offset) + 1)
-        pieces = [reader.get(base + int(order[first]), int(offset))]
-        pieces += [reader.get(base + int(order[p])) for p in range(first + 1, last)]
-        pieces.append(reader.get(base + int(order[last]), 0, int(end) + 1))
-        return np.concatenate(pieces)
+            reader.read_into(out, int(starts[first]) + offset)
+            return
+        at = int(ends[first]) - int(ends[first - 1] if first else 0) - offset  # tokens of the first piece
+        reader.read_into(out[:at], int(starts[first]) + offset)
+        for p in range(first + 1, last):
+            size = int(ends[p] - ends[p - 1])
+            reader.read_into(out[at:at + size], int(starts[p]))
+            at += size
+        reader.read_into(out[at:], int(starts[last]))
 
     def get_tokens(self, global_samples) -> np.ndarray:
         """Tokens of many global samples at once: int64 array [len(global_samples), seq_length + 1]."""
@@ -332,11 +366,10 @@ class GPTDataset:
         for row, (file, sample, epoch) in enumerate(zip(location.file.tolist(), location.sample.tolist(),
                                                         location.epoch.tolist())):
             if self.document_index is None:
-                tokens = self._read_window(file, sample, epoch)
+                self._read_window(file, sample, epoch, out[row])
             else:
-                tokens = self._read_documents(file, sample, epoch)
-            self._check_vocab(tokens, file, sample)
-            out[row] = tokens
+                self._read_documents(file, sample, epoch, out[row])
+            self._check_vocab(out[row], file, sample)
         return out
 
     def __getitem__(self, global_sample: int) -> dict:
@@ -461,4 +494,22 @@ def build_datasets(data_config, seq_length: int, seed: int, num_samples: tuple[i
                                    seq_length, seed, requested, vocab_size, mode,
                                    document_index_cache=cache, corpora=corpora, left_out=left_out,
                                    source=source))
+        if mode == "documents" and rank == 0:
+            _warn_if_indices_outgrow_the_cache(datasets[-1])
     return tuple(datasets)
+
+
+def _warn_if_indices_outgrow_the_cache(dataset: GPTDataset) -> None:
+    """Documents mode builds a full shuffle of a file's documents the first time a batch needs that file and
+    epoch; when one epoch's indices exceed the process cache, batches keep rebuilding them: say so at start."""
+    documents = sum(f.sequence_range(dataset.split)[1] - f.sequence_range(dataset.split)[0] for f in dataset.files)
+    needed = sum((8 if f.num_tokens < 1 << 32 else 16) * (f.sequence_range(dataset.split)[1] -
+                                                           f.sequence_range(dataset.split)[0]) for f in dataset.files)
+    cache = dataset.document_index.cache_bytes
+    if needed > cache:
+        logger.warning(
+            "--sample-mode documents: the %s split's %s documents need %.1f GiB of document indices per epoch, "
+            "more than the %.0f MiB a process caches: the files a batch touches get their index (a shuffle of "
+            "all their documents) built again and again, which at this scale can take longer than the training "
+            "step; --sample-mode samples needs no index", SPLIT_NAMES[dataset.split], f"{documents:,}",
+            needed / 2 ** 30, cache / 2 ** 20)

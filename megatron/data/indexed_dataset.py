@@ -21,6 +21,7 @@ import logging
 import os
 import shutil
 import struct
+import threading
 from collections import namedtuple
 from typing import Iterable, Optional, Sequence
 
@@ -245,6 +246,107 @@ class IndexedDataset:
         """Tokens per document (documents may span several sequences)."""
         cumulative = np.concatenate([[0], np.cumsum(self.sequence_lengths, dtype=np.int64)])
         return np.diff(cumulative[self.document_indices])
+
+
+class TokenFile:
+    """Positioned reads (pread) of one PREFIX.bin, and of ranges of its .idx, without a memory map.
+
+        tokens = TokenFile("data/corpus/code_text_document", np.uint16, num_sequences=1000)
+        tokens.read_into(out[:2049], start=4096)      # tokens [4096, 6145) of the flat stream, converted
+        lengths, pointers = tokens.index_range(10, 20) # sizes and token offsets of sequences 10..19
+
+    What the training datasets read through (IndexedDataset maps the files instead). The pages read
+    stay in the kernel's page cache, shared by every process of the node, but are not charged to this
+    process's resident memory as the touched pages of a memory map are; and a transient EIO / ESTALE
+    (Lustre under load) is retried, logged, then reported naming the file (`with_retries`), where a
+    fault on a mapped page would kill the process with SIGBUS. One file descriptor per object, opened
+    on first use and closed when the object is dropped (never while a read holds it); the .idx is
+    opened only for `index_range`.
+    """
+
+    def __init__(self, path_prefix: str, dtype, num_sequences: int, num_tokens: Optional[int] = None):
+        self.path_prefix = _strip_suffix(path_prefix)
+        self.dtype = np.dtype(dtype)
+        self.num_sequences = int(num_sequences)
+        self.num_tokens = None if num_tokens is None else int(num_tokens)  # checks index_range when known
+        self._fd: Optional[int] = None
+        self._lock = threading.Lock()
+
+    def __del__(self):
+        fd, self._fd = getattr(self, "_fd", None), None
+        if fd is not None:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+    def __getstate__(self):  # DataLoader workers reopen the file themselves
+        return {"path_prefix": self.path_prefix, "dtype": self.dtype.str, "num_sequences": self.num_sequences,
+                "num_tokens": self.num_tokens}
+
+    def __setstate__(self, state):
+        self.__init__(state["path_prefix"], state["dtype"], state["num_sequences"], state["num_tokens"])
+
+    def _bin_fd(self) -> int:
+        if self._fd is None:
+            with self._lock:
+                if self._fd is None:
+                    path = data_file_path(self.path_prefix)
+                    self._fd = with_retries(lambda: os.open(path, os.O_RDONLY), path, log=logger.warning,
+                                            error_type=IndexedDatasetError)
+        return self._fd
+
+    @staticmethod
+    def _pread_exactly(fd: int, buffer: np.ndarray, offset: int, path: str) -> None:
+        view, done = memoryview(buffer).cast("B"), 0
+        while done < len(view):
+            count = with_retries(lambda: os.preadv(fd, [view[done:]], offset + done), path, log=logger.warning,
+                                 error_type=IndexedDatasetError)
+            if count == 0:
+                size = os.fstat(fd).st_size
+                raise IndexedDatasetError(
+                    f"{path}: {size} bytes, but bytes [{offset}, {offset + len(view)}) were asked for; the file was "
+                    "truncated or replaced after the run started: restore it, then relaunch")
+            done += count
+
+    def read_into(self, out: np.ndarray, start: int) -> np.ndarray:
+        """Fill the 1-D `out` with tokens [start, start + len(out)) of the .bin's flat token stream."""
+        if start < 0:
+            raise IndexError(f"token {start} before the start of {data_file_path(self.path_prefix)}")
+        if out.dtype == self.dtype:
+            buffer = out
+        else:
+            buffer = np.empty(out.shape, dtype=self.dtype)
+        self._pread_exactly(self._bin_fd(), buffer, start * self.dtype.itemsize, data_file_path(self.path_prefix))
+        if buffer is not out:
+            out[...] = buffer
+        return out
+
+    def index_range(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
+        """(lengths int32, token offsets int64) of sequences [start, stop), read from the .idx (two preads)."""
+        if not 0 <= start <= stop <= self.num_sequences:
+            raise IndexError(f"sequences [{start}, {stop}) outside {index_file_path(self.path_prefix)} "
+                             f"({self.num_sequences} sequences)")
+        path = index_file_path(self.path_prefix)
+        lengths = np.empty(stop - start, dtype="<i4")
+        pointers = np.empty(stop - start, dtype="<i8")
+        fd = with_retries(lambda: os.open(path, os.O_RDONLY), path, log=logger.warning,
+                          error_type=IndexedDatasetError)
+        try:
+            self._pread_exactly(fd, lengths, HEADER_BYTES + 4 * start, path)
+            self._pread_exactly(fd, pointers, HEADER_BYTES + 4 * self.num_sequences + 8 * start, path)
+        finally:
+            os.close(fd)
+        if pointers.size and (pointers.min() < 0 or (pointers % self.dtype.itemsize).any() or lengths.min() < 0):
+            raise IndexedDatasetError(f"{path}: a sequence pointer in [{start}, {stop}) is negative or not a "
+                                      f"multiple of the {self.dtype} token size, or a length is negative; the "
+                                      "index is corrupt: re-create it with tools/preprocess_data.py")
+        pointers //= self.dtype.itemsize
+        if self.num_tokens is not None and pointers.size and (pointers + lengths).max() > self.num_tokens:
+            raise IndexedDatasetError(f"{path}: a sequence in [{start}, {stop}) ends after the {self.num_tokens} "
+                                      f"tokens of {data_file_path(self.path_prefix)}; the index is corrupt or "
+                                      "belongs to another .bin: re-create it with tools/preprocess_data.py")
+        return lengths, pointers
 
 
 class IndexedDatasetBuilder:

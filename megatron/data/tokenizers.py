@@ -349,7 +349,7 @@ class HFTokenizer(MegatronTokenizer):
     save_pretrained_files calls the tokenizer's save_pretrained.
     """
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, trust_remote_code: bool = False):
         from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
         if not path:
@@ -360,15 +360,20 @@ class HFTokenizer(MegatronTokenizer):
             if os.path.isfile(path):
                 self._tokenizer = PreTrainedTokenizerFast(tokenizer_file=path)
             elif os.path.isdir(path):
-                self._tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+                # --trust-remote-code: a directory whose tokenizer_config.json names its own tokenizer class
+                # (auto_map) needs transformers to import that Python file from the directory
+                self._tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True,
+                                                                trust_remote_code=trust_remote_code)
             else:
                 raise TokenizerError(f"--tokenizer-model {path}: no such file or directory (HFTokenizer loads "
                                      "local tokenizers only; copy the tokenizer files here first)")
         except TokenizerError:
             raise
         except Exception as error:
+            hint = ("; it ships its own tokenizer code: pass --trust-remote-code to run it (only for a directory "
+                    "you trust)") if "trust_remote_code" in str(error) and not trust_remote_code else ""
             raise TokenizerError(f"--tokenizer-model {path}: cannot load a Hugging Face tokenizer from it "
-                                 f"({type(error).__name__}: {error})") from None
+                                 f"({type(error).__name__}: {error}){hint}") from None
         tok = self._tokenizer
         if tok.eos_token is None:  # a bare tokenizer.json carries no special-token roles: recognise the usual ones
             vocab = tok.get_vocab()
@@ -433,7 +438,8 @@ class NullTokenizer(MegatronTokenizer):
 
 
 def build_tokenizer(tokenizer_type: str, tokenizer_model: Optional[str] = None, vocab_file: Optional[str] = None,
-                    merge_file: Optional[str] = None, vocab_size: Optional[int] = None) -> MegatronTokenizer:
+                    merge_file: Optional[str] = None, vocab_size: Optional[int] = None,
+                    trust_remote_code: bool = False) -> MegatronTokenizer:
     """The tokenizer named by `--tokenizer-type`, from the flag values Megatron-DeepSpeed uses."""
     if tokenizer_type == "GPT2BPETokenizer":
         return GPT2BPETokenizer(vocab_file, merge_file)
@@ -442,7 +448,7 @@ def build_tokenizer(tokenizer_type: str, tokenizer_model: Optional[str] = None, 
     if tokenizer_type == "Llama2Tokenizer":
         return Llama2Tokenizer(tokenizer_model)
     if tokenizer_type == "HFTokenizer":
-        return HFTokenizer(tokenizer_model)
+        return HFTokenizer(tokenizer_model, trust_remote_code=trust_remote_code)
     if tokenizer_type == "NullTokenizer":
         return NullTokenizer(vocab_size)
     raise TokenizerError(f"--tokenizer-type {tokenizer_type!r} is not supported; choose one of "
@@ -455,4 +461,4 @@ def build_tokenizer_from_config(data_config) -> MegatronTokenizer:
         raise TokenizerError("no --tokenizer-type given; choose one of " + ", ".join(TOKENIZER_TYPES))
     return build_tokenizer(data_config.tokenizer_type, tokenizer_model=data_config.tokenizer_model,
                            vocab_file=data_config.vocab_file, merge_file=data_config.merge_file,
-                           vocab_size=data_config.vocab_size)
+                           vocab_size=data_config.vocab_size, trust_remote_code=data_config.trust_remote_code)

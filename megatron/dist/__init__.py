@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 from dataclasses import dataclass
@@ -55,8 +56,9 @@ def initialize_distributed(backend: Optional[str] = None, timeout_minutes: float
         if use_deepspeed:
             import deepspeed
 
-            deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, timeout=timeout,
-                                       rank=info.rank, world_size=info.world_size)
+            with _rank_zero_prints(info.rank):
+                deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, timeout=timeout,
+                                           rank=info.rank, world_size=info.world_size)
         else:
             dist.init_process_group(backend, rank=info.rank, world_size=info.world_size, timeout=timeout)
     elif use_deepspeed:
@@ -65,6 +67,17 @@ def initialize_distributed(backend: Optional[str] = None, timeout_minutes: float
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
     return DistEnv(info.rank, info.world_size, info.local_rank, info.local_world_size, info.launcher,
                    device, backend, info.master_addr, info.master_port)
+
+
+@contextlib.contextmanager
+def _rank_zero_prints(rank: int):
+    """DeepSpeed's start-up prints the same notices on every rank ("DeepSpeed deepspeed_shm_comm_op built
+    successfully" on CPU): rank 0 says them once, the others' print()s go nowhere. Errors still raise."""
+    if rank == 0:
+        yield
+        return
+    with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink):
+        yield
 
 
 def set_default_group_timeout(timeout: datetime.timedelta) -> None:

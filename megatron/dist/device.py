@@ -135,3 +135,14 @@ def select(backend: Optional[str], local_rank: int) -> tuple[torch.device, str]:
     elif device_type == "xpu":
         torch.xpu.set_device(device)
     return device, backend
+
+
+def empty_cache(device: torch.device) -> bool:
+    """Return the caching allocator's unused blocks on `device` to the driver (torch.cuda/xpu/mps.empty_cache);
+    True when there was such a cache. CPU tensors are not cached by torch: nothing to release, False."""
+    backend = {"cuda": getattr(torch, "cuda", None), "xpu": getattr(torch, "xpu", None),
+               "mps": getattr(torch, "mps", None)}.get(device.type)
+    if backend is None or not hasattr(backend, "empty_cache"):
+        return False
+    backend.empty_cache()
+    return True

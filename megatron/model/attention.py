@@ -4,11 +4,16 @@ A tensor-parallel rank owns nq/tp query heads and nkv/tp key/value heads; its ro
 fused qkv weight are [its q | its k | its v]. Under Ulysses (sp > 1) those heads are split
 again over the sp group by an all-to-all, so attention sees the whole sequence.
 
+Attention is causal. With --reset-attention-mask it is causal *within each document* (upstream's
+get_ltor_masks_and_position_ids): `document_attention_mask(document_ids)` builds the boolean mask
+[b, 1, s, s] from per-token document numbers, and SDPA takes it instead of is_causal.
+
 MuonClip's QK-clip needs each head's largest attention logit. `record_max_logits()` turns on a no-grad
 reduction in training forwards: max over batch and causal (i, j) of q_i·k_j/sqrt(d) per tp-local head,
 taken from the same rotated q, k that SDPA sees (one extra QKᵀ, in query blocks, outside autograd).
 Under Ulysses this rank sees only its sp slice of the heads; the others stay -inf until the optimizer takes
-the max over the sp × dp group (megatron/optimizer/muon_clip.py).
+the max over the sp × dp group (megatron/optimizer/muon_clip.py). With a document mask only the pairs
+the mask allows count.
 """
 
 from __future__ import annotations
@@ -26,6 +31,21 @@ from megatron.core.random import checkpoint, derive_seed, tensor_parallel_rng
 from megatron.core.ulysses import heads_to_sequence, sequence_to_heads
 from megatron.dist.parallel_state import ParallelState
 from megatron.model.rotary import Rotary, rotary_cos_sin, split_qkv_rotary
+
+
+def document_ids_from_tokens(tokens: torch.Tensor, eod_token: int) -> torch.Tensor:
+    """Per-token document number [b, s]: how many EOD tokens come strictly before it (an EOD token ends,
+    and belongs to, the document before it)."""
+    is_eod = (tokens == eod_token).to(torch.int32)
+    return (torch.cumsum(is_eod, dim=1) - is_eod).to(torch.int32)
+
+
+def document_attention_mask(document_ids: torch.Tensor) -> torch.Tensor:
+    """Boolean mask [b, 1, s, s], True where query i may attend key j: j <= i and both in the same document."""
+    s = document_ids.shape[1]
+    causal = torch.ones(s, s, dtype=torch.bool, device=document_ids.device).tril()
+    same_document = document_ids.unsqueeze(2) == document_ids.unsqueeze(1)
+    return (same_document & causal).unsqueeze(1)
 
 
 class SelfAttention(nn.Module):
@@ -47,12 +67,13 @@ class SelfAttention(nn.Module):
             config.hidden_size, q_size + 2 * kv_size, tp_group=ps.tp_group, bias=config.add_bias_linear,
             segments=[q_size, kv_size, kv_size], sequence_parallel=sequence_parallel,
             init_std=config.init_method_std, init_seed=derive_seed(seed, prefix + "qkv.weight"),
+            init_method=config.init_method,
         )
         self.dense = RowParallelLinear(
             q_size, config.hidden_size, tp_group=ps.tp_group, bias=config.add_bias_linear,
             sequence_parallel=sequence_parallel,
             init_std=config.init_method_std / math.sqrt(2.0 * config.num_layers),
-            init_seed=derive_seed(seed, prefix + "dense.weight"),
+            init_seed=derive_seed(seed, prefix + "dense.weight"), init_method=config.init_method,
         )
         self.max_logits: Optional[torch.Tensor] = None  # [heads_per_rank] while recording (MuonClip)
         self._recording = False
@@ -64,8 +85,9 @@ class SelfAttention(nn.Module):
         self.max_logits = None
 
     @torch.no_grad()
-    def _record(self, q: torch.Tensor, k: torch.Tensor) -> None:
-        """Running max of q_i·k_j / sqrt(d) over batch and causal pairs j <= i, per head (q, k: [b, s, h, d])."""
+    def _record(self, q: torch.Tensor, k: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> None:
+        """Running max of q_i·k_j / sqrt(d) over batch and causal pairs j <= i (and, with a document mask
+        [b, 1, s, s], only the pairs it allows), per head (q, k: [b, s, h, d])."""
         group = q.shape[2] // k.shape[2]
         qf = q.float().transpose(1, 2)  # [b, h, s, d]
         kf = k.float().transpose(1, 2).repeat_interleave(group, dim=1)
@@ -78,6 +100,8 @@ class SelfAttention(nn.Module):
             rows = torch.arange(start, end, device=q.device).unsqueeze(1)
             future = torch.arange(s, device=q.device).unsqueeze(0) > rows
             scores.masked_fill_(future, float("-inf"))
+            if attention_mask is not None:
+                scores.masked_fill_(~attention_mask[:, :, start:end], float("-inf"))
             local = torch.maximum(local, scores.amax(dim=(0, 2, 3)))
         full = torch.full((self.heads_per_rank,), float("-inf"), device=q.device)
         offset = self.ps.sp_rank * local.numel() if self.ps.sp_size > 1 else 0
@@ -85,30 +109,36 @@ class SelfAttention(nn.Module):
         self.max_logits = full if self.max_logits is None else torch.maximum(self.max_logits, full)
 
     def forward(self, hidden: torch.Tensor, position_ids: torch.Tensor,
-                rotary: Optional[Rotary] = None) -> torch.Tensor:
+                rotary: Optional[Rotary] = None, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """`rotary`: cos/sin from rotary_cos_sin(position_ids, ...) computed once per forward (RoPE only;
-        computed here when not given)."""
+        computed here when not given). `attention_mask`: document_attention_mask(...) of the whole sequence
+        (None: plain causal attention)."""
         config, d = self.config, self.config.head_dim
         qkv = self.qkv(hidden)  # [b, s, (nq + 2 nkv) d / tp], full (local) sequence
         b, s = qkv.shape[:2]
         if config.position_embedding_type == "rope" and rotary is None:
-            rotary = rotary_cos_sin(position_ids, d, config.rope_theta)
+            rotary = rotary_cos_sin(position_ids, config.rotary_dim, config.rope_theta)
         elif config.position_embedding_type != "rope":
             rotary = None
         q, k, v = split_qkv_rotary(qkv, self.heads_per_rank, self.kv_heads_per_rank, d, rotary)
         sp_group = self.ps.sp_group
+        if attention_mask is not None and self.ps.sp_size > 1:
+            raise ValueError("document-wise attention masks (--reset-attention-mask) are not supported with "
+                             "Ulysses (--ds-sequence-parallel-size > 1)")
         q, k, v = (sequence_to_heads(t, sp_group) for t in (q, k, v))
         if self._recording and self.training:
-            self._record(q, k)
+            self._record(q, k, attention_mask)
         if config.recompute_core_attention and self.training and torch.is_grad_enabled():
-            out = checkpoint(self._attend, q, k, v)  # selective recomputation: keep no scores/softmax
+            out = checkpoint(self._attend, q, k, v, attention_mask)  # selective recomputation: keep no scores
         else:
-            out = self._attend(q, k, v)
+            out = self._attend(q, k, v, attention_mask)
         out = heads_to_sequence(out, sp_group)
         return self.dense(out.reshape(b, s, self.heads_per_rank * d))
 
-    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """Causal SDPA on [b, s, heads, d]; dropout draws from the tp stream (heads differ per rank).
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Causal SDPA on [b, s, heads, d] (or masked by `attention_mask` [b, 1, s, s], True = attend);
+        dropout draws from the tp stream (heads differ per rank).
 
         With attention_softmax_in_fp32 a bf16/fp16 q, k, v are upcast so the scores, softmax and weighted sum
         are computed (and rounded) in fp32; the result goes back to the input dtype."""
@@ -119,6 +149,7 @@ class SelfAttention(nn.Module):
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
         with tensor_parallel_rng(self.ps.tp_size, needed=dropout > 0):
             out = F.scaled_dot_product_attention(
-                q, k, v, dropout_p=dropout, is_causal=True, enable_gqa=k.shape[1] != q.shape[1]
+                q, k, v, attn_mask=attention_mask, dropout_p=dropout, is_causal=attention_mask is None,
+                enable_gqa=k.shape[1] != q.shape[1]
             )
         return out.transpose(1, 2).to(dtype)

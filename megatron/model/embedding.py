@@ -2,7 +2,8 @@
 
 The vocabulary is padded to config.padded_vocab_size(tp); padding rows start at zero and the
 loss ignores their logits. Under Megatron sequence parallelism the embedding returns this tp
-rank's sequence shard, and the output projection all-gathers the shards first.
+rank's sequence shard, and the output projection all-gathers the shards first. With
+--fp32-residual-connection the embedding's output (the start of the residual stream) is fp32.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from torch import nn
 
 from megatron.config.model import TransformerConfig
 from megatron.core import mappings
-from megatron.core.layers import VocabParallelEmbedding, full_normal, shard_tensor
+from megatron.core.layers import VocabParallelEmbedding, full_init, shard_tensor
 from megatron.core.random import derive_seed
 from megatron.dist.parallel_state import ParallelState
 from megatron.model.transformer import hidden_dropout
@@ -31,13 +32,15 @@ class Embedding(nn.Module):
             padded_num_embeddings=config.padded_vocab_size(ps.tp_size), sequence_parallel=self.sequence_parallel,
             init_std=config.word_embedding_init_std or config.init_method_std,
             init_seed=derive_seed(seed, "embedding.word_embeddings.weight"),
+            # --adjust-word-embedding-init's std wins over the model's init method (upstream's core embedding)
+            init_method="normal" if config.word_embedding_init_std else config.init_method,
         )
         if config.position_embedding_type == "learned_absolute":
             self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.hidden_size)
             with torch.no_grad():
-                self.position_embeddings.weight.copy_(full_normal(
+                self.position_embeddings.weight.copy_(full_init(
                     self.position_embeddings.weight.shape, config.init_method_std,
-                    derive_seed(seed, "embedding.position_embeddings.weight")))
+                    derive_seed(seed, "embedding.position_embeddings.weight"), config.init_method))
             # Under sequence parallelism each rank adds positions of its own shard: partial grads.
             self.position_embeddings.weight.sequence_parallel = self.sequence_parallel
         else:
@@ -54,6 +57,8 @@ class Embedding(nn.Module):
             if self.sequence_parallel:
                 position_ids = position_ids.chunk(self.ps.tp_size, dim=1)[self.ps.tp_rank]
             hidden = hidden + self.position_embeddings(position_ids)
+        if self.config.fp32_residual_connection:  # the residual stream starts here (upstream casts before dropout)
+            hidden = hidden.float()
         return hidden_dropout(hidden, self.config.hidden_dropout, self.training, self.sequence_parallel,
                               self.ps.tp_size)
 
@@ -75,8 +80,8 @@ class OutputLayer(nn.Module):
         self.ps = ps
         self.sequence_parallel = config.sequence_parallel and ps.tp_size > 1
         full = torch.zeros(config.padded_vocab_size(ps.tp_size), config.hidden_size)
-        full[: config.vocab_size] = full_normal((config.vocab_size, config.hidden_size), config.init_method_std,
-                                                derive_seed(seed, "output_layer.weight"))
+        full[: config.vocab_size] = full_init((config.vocab_size, config.hidden_size), config.init_method_std,
+                                              derive_seed(seed, "output_layer.weight"), config.init_method)
         self.weight = nn.Parameter(shard_tensor(full, 0, ps.tp_size, ps.tp_rank))
         self.weight.tensor_model_parallel, self.weight.partition_dim = True, 0
 

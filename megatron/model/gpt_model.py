@@ -3,6 +3,7 @@
     model = GPTModel(config, ps, seed=1234)          # ParallelState.single() without torch.distributed
     logits = model(tokens)                           # [b, s, padded_vocab / tp]; gather_logits() for all
     loss = model(tokens, labels=labels)              # per-token float32 loss [b, s]
+    model(tokens, document_ids=ids)                  # attention causal within documents (--reset-attention-mask)
 
 Tokens are the full sequence under Megatron sequence parallelism and this rank's shard (with
 its position ids) under Ulysses. After backward with sequence parallelism, call
@@ -21,6 +22,7 @@ from megatron.config.model import TransformerConfig
 from megatron.core.cross_entropy import vocab_parallel_cross_entropy
 from megatron.core.random import checkpoint
 from megatron.dist.parallel_state import ParallelState
+from megatron.model.attention import document_attention_mask
 from megatron.model.embedding import Embedding, OutputLayer, language_model_logits
 from megatron.model.norms import build_norm
 from megatron.model.rotary import rotary_cos_sin
@@ -58,7 +60,9 @@ class GPTModel(nn.Module):
             self.output_layer = None
 
     def forward(self, tokens: torch.Tensor, position_ids: Optional[torch.Tensor] = None,
-                labels: Optional[torch.Tensor] = None) -> torch.Tensor:
+                labels: Optional[torch.Tensor] = None, document_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """`document_ids` [b, s] (attention.document_ids_from_tokens): each token attends only to earlier
+        tokens of its own document; None: plain causal attention."""
         if tokens.dim() != 2:
             raise ValueError(f"GPTModel: tokens must be [batch, seq], got shape {tuple(tokens.shape)}")
         if position_ids is None:
@@ -66,8 +70,9 @@ class GPTModel(nn.Module):
         hidden = self.embedding(tokens, position_ids)
         rotary = None
         if self.config.position_embedding_type == "rope":  # once per forward, shared by every layer
-            rotary = rotary_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta)
-        hidden = self._run_layers(hidden, position_ids, rotary)
+            rotary = rotary_cos_sin(position_ids, self.config.rotary_dim, self.config.rope_theta)
+        mask = None if document_ids is None else document_attention_mask(document_ids)
+        hidden = self._run_layers(hidden, position_ids, rotary, mask)
         logits = self.logits(self.final_norm(hidden))
         if labels is None:
             return logits
@@ -79,11 +84,11 @@ class GPTModel(nn.Module):
         return language_model_logits(hidden, self.embedding.word_embeddings.weight, self.ps.tp_group,
                                      self.sequence_parallel)
 
-    def _run_layers(self, hidden: torch.Tensor, position_ids: torch.Tensor, rotary) -> torch.Tensor:
+    def _run_layers(self, hidden: torch.Tensor, position_ids: torch.Tensor, rotary, mask) -> torch.Tensor:
         recompute = self.config.checkpoint_activations and self.training and torch.is_grad_enabled()
         if not recompute:
             for layer in self.layers:
-                hidden = layer(hidden, position_ids, rotary)
+                hidden = layer(hidden, position_ids, rotary, mask)
             return hidden
         group = self.config.checkpoint_num_layers
         cos, sin = rotary if rotary is not None else (None, None)
@@ -95,14 +100,14 @@ class GPTModel(nn.Module):
             rest = []
         for chunk in chunks:
 
-            def run_chunk(x, pos, cos, sin, chunk=chunk):
+            def run_chunk(x, pos, cos, sin, mask, chunk=chunk):
                 for layer in chunk:
-                    x = layer(x, pos, None if cos is None else (cos, sin))
+                    x = layer(x, pos, None if cos is None else (cos, sin), mask)
                 return x
 
-            hidden = checkpoint(run_chunk, hidden, position_ids, cos, sin)
+            hidden = checkpoint(run_chunk, hidden, position_ids, cos, sin, mask)
         for layer in rest:
-            hidden = layer(hidden, position_ids, rotary)
+            hidden = layer(hidden, position_ids, rotary, mask)
         return hidden
 
 

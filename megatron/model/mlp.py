@@ -1,6 +1,8 @@
 """The feed-forward block: fc1 (column-parallel) -> GeLU or SwiGLU -> fc2 (row-parallel).
 
-GeLU is the tanh approximation (GPT-2's "gelu_new"). For SwiGLU fc1 holds [gate | up]
+GeLU follows config.gelu_approximation: "tanh" (GPT-2's "gelu_new"; upstream's default fused bias-GeLU and
+its --openai-gelu) or "none", the exact erf form (upstream's F.gelu, chosen by --no-bias-gelu-fusion or
+--disable-bias-linear). For SwiGLU fc1 holds [gate | up]
 (per tp rank: [its gate | its up]) and the output is fc2(silu(gate) * up), as in Llama; `swiglu` is one
 autograd node whose backward writes the [gate | up] gradient into one buffer (no concatenation).
 """
@@ -49,6 +51,7 @@ class MLP(nn.Module):
     def __init__(self, config: TransformerConfig, ps: ParallelState, seed: int, prefix: str):
         super().__init__()
         self.swiglu, self.squared_relu = config.swiglu, config.squared_relu
+        self.gelu_approximation = config.gelu_approximation
         f = config.ffn_hidden_size
         if f % ps.tp_size:
             raise ValueError(f"--ffn-hidden-size {f} is not divisible by --tensor-model-parallel-size {ps.tp_size}")
@@ -57,12 +60,13 @@ class MLP(nn.Module):
             config.hidden_size, 2 * f if self.swiglu else f, tp_group=ps.tp_group, bias=config.add_bias_linear,
             segments=[f, f] if self.swiglu else None, sequence_parallel=sequence_parallel,
             init_std=config.init_method_std, init_seed=derive_seed(seed, prefix + "fc1.weight"),
+            init_method=config.init_method,
         )
         self.fc2 = RowParallelLinear(
             f, config.hidden_size, tp_group=ps.tp_group, bias=config.add_bias_linear,
             sequence_parallel=sequence_parallel,
             init_std=config.init_method_std / math.sqrt(2.0 * config.num_layers),
-            init_seed=derive_seed(seed, prefix + "fc2.weight"),
+            init_seed=derive_seed(seed, prefix + "fc2.weight"), init_method=config.init_method,
         )
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -72,5 +76,5 @@ class MLP(nn.Module):
         elif self.squared_relu:
             x = F.relu(x).square()
         else:
-            x = F.gelu(x, approximate="tanh")
+            x = F.gelu(x, approximate=self.gelu_approximation)
         return self.fc2(x)

@@ -3,6 +3,10 @@
 Norm weights are replicated over tensor-parallel ranks; under Megatron sequence parallelism
 each rank normalises its own sequence shard, so their gradients are partial and the params
 are marked `sequence_parallel` (see gpt_model.allreduce_sequence_parallel_grads).
+
+A norm whose input is fp32 while its weights are bf16/fp16 (--fp32-residual-connection: the residual
+stream stays fp32) normalises in fp32 and returns the weights' dtype, as upstream's mixed-dtype fused norms
+do, so the layers after it compute in the run's precision.
 """
 
 from __future__ import annotations
@@ -23,11 +27,27 @@ class RMSNorm(nn.Module):
         dtype = x.dtype
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        if _mixed(x, self.weight):  # fp32 residual stream: scale in fp32, hand on the weights' dtype
+            return (self.weight.float() * x32).to(self.weight.dtype)
         return self.weight * x32.to(dtype)
+
+
+def _mixed(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    return x.dtype == torch.float32 and weight.dtype != torch.float32
+
+
+def _layer_norm(x: torch.Tensor, shape, weight: torch.Tensor, bias, eps: float) -> torch.Tensor:
+    if _mixed(x, weight):
+        out = torch.nn.functional.layer_norm(x, shape, weight.float(), None if bias is None else bias.float(), eps)
+        return out.to(weight.dtype)
+    return torch.nn.functional.layer_norm(x, shape, weight, bias, eps)
 
 
 class LayerNorm(nn.LayerNorm):
     """torch's LayerNorm (weight, bias), with the config's epsilon."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
 
 
 class LayerNorm1P(nn.LayerNorm):
@@ -40,7 +60,7 @@ class LayerNorm1P(nn.LayerNorm):
             self.weight.zero_()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.nn.functional.layer_norm(x, self.normalized_shape, self.weight + 1, self.bias, self.eps)
+        return _layer_norm(x, self.normalized_shape, self.weight + 1, self.bias, self.eps)
 
 
 def build_norm(config: TransformerConfig, sequence_parallel: bool) -> nn.Module:

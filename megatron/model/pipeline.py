@@ -8,7 +8,9 @@ Pipe layers, in order (index: GPTModel parameter prefix):
                               word embedding weight (no file of its own)                "embedding."
 Activations between stages are tuples (hidden, position_ids) until the final norm (each stage computes
 RoPE's cos/sin once per micro-batch from position_ids, see rotary.cached_rotary); the batch
-follows DeepSpeed's convention ((tokens, position_ids), (labels, loss_mask)).
+follows DeepSpeed's convention ((tokens, position_ids), (labels, loss_mask)). With --reset-attention-mask
+the inputs are (tokens, position_ids, document_ids) and the document ids travel with the activations
+as a third element, from which each layer builds its document-wise attention mask.
 The topology is PipeModelDataParallelTopology(num_pp=pp, num_mp=tp, num_dp=dp·sp): the same
 rank order as ParallelState (Ulysses' sp ranks are part of DeepSpeed's "data" axis, whose
 gradients are summed there as Ulysses needs).
@@ -26,6 +28,7 @@ from megatron.config.model import TransformerConfig
 from megatron.core.cross_entropy import vocab_parallel_cross_entropy
 from megatron.core.random import checkpoint
 from megatron.dist.parallel_state import ParallelState
+from megatron.model.attention import document_attention_mask
 from megatron.model.embedding import Embedding, OutputLayer, language_model_logits
 from megatron.model.gpt_model import DEFAULT_SEED
 from megatron.model.norms import LayerNorm, LayerNorm1P, RMSNorm, mark_sequence_parallel
@@ -35,17 +38,18 @@ from megatron.model.transformer import TransformerLayer
 
 class EmbeddingPipe(Embedding):
     def forward(self, inputs):
-        tokens, position_ids = inputs
-        return super().forward(tokens, position_ids), position_ids
+        tokens, position_ids, *document_ids = inputs  # document ids: only with --reset-attention-mask
+        return (super().forward(tokens, position_ids), position_ids, *document_ids)
 
 
 class TransformerLayerPipe(TransformerLayer):
     def forward(self, inputs):
-        hidden, position_ids = inputs
+        hidden, position_ids, *document_ids = inputs
         rotary = None
         if self.config.position_embedding_type == "rope":  # computed by this stage's first layer, then reused
-            rotary = cached_rotary(position_ids, self.config.head_dim, self.config.rope_theta)
-        return super().forward(hidden, position_ids, rotary), position_ids
+            rotary = cached_rotary(position_ids, self.config.rotary_dim, self.config.rope_theta)
+        mask = document_attention_mask(document_ids[0]) if document_ids else None
+        return (super().forward(hidden, position_ids, rotary, mask), position_ids, *document_ids)
 
 
 def _norm_pipe(base):

@@ -6,6 +6,11 @@ Ulysses, gets its true positions), once per forward (GPTModel) or per pipe micro
 Hugging Face's LlamaForCausalLM need no permutation. `split_qkv_rotary` splits a fused qkv
 projection and rotates q and k in one autograd node whose backward writes one gradient buffer
 (no concatenation).
+
+Partial rotary (--rotary-percent p < 1, as upstream and GPT-NeoX): cos/sin are computed for
+rotary_dim = int(head_dim · p) dims (frequencies theta^(-2i/rotary_dim)); the first rotary_dim dims of
+each head are rotated (rotate-half within them) and the remaining dims pass through unchanged. The
+rotated width is read from cos/sin's last dim (rotary_dim / 2).
 """
 
 from __future__ import annotations
@@ -20,7 +25,8 @@ Rotary = tuple[torch.Tensor, torch.Tensor]
 
 
 def rotary_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float) -> Rotary:
-    """cos, sin of shape [b, s, 1, head_dim/2] (float32) for integer positions [b, s].
+    """cos, sin of shape [b, s, 1, head_dim/2] (float32) for integer positions [b, s]; `head_dim` is the
+    rotated width (config.rotary_dim, smaller than the head under --rotary-percent).
 
     Full-width Hugging Face cos/sin are cat((cos, cos), -1) of these (and the same for sin).
     """
@@ -51,11 +57,16 @@ def cached_rotary(position_ids: torch.Tensor, head_dim: int, theta: float) -> Ro
 
 
 def _rotate_into(out: torch.Tensor, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
-    """out = x·cos + rotate_half(x)·sin, with x, out [b, s, h, d] (any strides) and cos/sin [b, s, 1, d/2].
+    """out = x·cos + rotate_half(x)·sin, with x, out [b, s, h, d] (any strides) and cos/sin [b, s, 1, r/2]:
+    the first r dims are rotated, the other d - r copied (partial rotary).
 
     With sin negated this is the inverse rotation, i.e. the backward of the forward rotation.
     """
-    half = x.shape[-1] // 2
+    rot = 2 * cos.shape[-1]
+    if rot < x.shape[-1]:
+        out[..., rot:].copy_(x[..., rot:])
+        out, x = out[..., :rot], x[..., :rot]
+    half = rot // 2
     x1, x2 = x[..., :half], x[..., half:]
     o1, o2 = out[..., :half], out[..., half:]
     torch.mul(x1, cos, out=o1)
@@ -120,7 +131,10 @@ def split_qkv_rotary(qkv: torch.Tensor, num_q_heads: int, num_kv_heads: int, hea
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x [b, s, heads, d] by half-width cos/sin [b, s, 1, d/2] (reference formula, autograd-friendly)."""
+    """Rotate the first r dims of x [b, s, heads, d] by half-width cos/sin [b, s, 1, r/2], the rest unchanged
+    (reference formula, autograd-friendly)."""
     cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    rot = 2 * cos.shape[-1]
+    x, rest = x[..., :rot], x[..., rot:]
     x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin, rest), dim=-1)

@@ -3,6 +3,8 @@
 Used as is by GPTModel and (through a thin subclass) by the pipeline, so a layer's state dict
 is the same in both. Hidden dropout acts on replicated activations (same mask on every tp
 rank) unless Megatron sequence parallelism shards them, in which case it draws from the tp stream.
+With --fp32-residual-connection `hidden` is fp32: the norms hand the sublayers the weights' dtype and
+the residual sums (fp32 + bf16/fp16) stay fp32.
 """
 
 from __future__ import annotations
@@ -44,9 +46,10 @@ class TransformerLayer(nn.Module):
         self.mlp = MLP(config, ps, seed, prefix + "mlp.")
 
     def forward(self, hidden: torch.Tensor, position_ids: torch.Tensor,
-                rotary: Optional[Rotary] = None) -> torch.Tensor:
-        """`rotary`: RoPE cos/sin of position_ids (rotary_cos_sin), shared by all layers of one forward."""
+                rotary: Optional[Rotary] = None, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """`rotary`: RoPE cos/sin of position_ids (rotary_cos_sin), shared by all layers of one forward;
+        `attention_mask`: attention.document_attention_mask (--reset-attention-mask), None: causal."""
         p, sp, tp = self.config.hidden_dropout, self.sequence_parallel, self.ps.tp_size
-        attention = self.attention(self.input_norm(hidden), position_ids, rotary)
+        attention = self.attention(self.input_norm(hidden), position_ids, rotary, attention_mask)
         hidden = hidden + hidden_dropout(attention, p, self.training, sp, tp)
         return hidden + hidden_dropout(self.mlp(self.post_attention_norm(hidden)), p, self.training, sp, tp)

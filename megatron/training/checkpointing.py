@@ -30,7 +30,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from megatron.checkpoint.format import (CHECKPOINT_FORMAT_KEY, DEEPSPEED_LATEST_FILENAME, MANIFEST_FILENAME,
+from megatron.checkpoint.format import (CHECKPOINT_FORMAT_KEY, CONTENTS_KEY, DEEPSPEED_LATEST_FILENAME,
+                                        MANIFEST_FILENAME,
                                         TMP_PREFIX, TRACKER_FILENAME, CheckpointError, TrainingProgress,
                                         checkpoint_tag, describe_files, fsync_file, iteration_of_tag,
                                         list_checkpoint_tags, list_files, os_error_text, publish_directory,
@@ -113,12 +114,14 @@ class _CheckpointIO:
     Loading: reads that fail with a transient error (EIO, ESTALE, EAGAIN: Lustre under load) are retried.
     """
 
-    def __init__(self, engine, retries: int = 3, backoff_s: float = 1.0, log: Callable[[str], None] = print):
+    def __init__(self, engine, retries: int = 3, backoff_s: float = 1.0, log: Callable[[str], None] = print,
+                 drop_optimizer: bool = False):
         if not hasattr(engine, "checkpoint_engine"):
             raise CheckpointError(f"this DeepSpeed ({_deepspeed_version()}) has no engine.checkpoint_engine; "
                                   f"checkpointing was written against DeepSpeed {_DS_CHECKED}")
         self.engine, self.inner = engine, engine.checkpoint_engine
         self.retries, self.backoff_s, self.log = retries, backoff_s, log
+        self.drop_optimizer = drop_optimizer
         self.errors: list[tuple[str, BaseException]] = []
         self.written: list[str] = []
 
@@ -135,6 +138,10 @@ class _CheckpointIO:
     def save(self, state_dict, path: str):
         if self.errors:  # after the first failure, do not fill the disk further
             return None
+        if self.drop_optimizer:
+            state_dict = _without_optimizer_state(state_dict)
+            if state_dict is None:
+                return None
         try:
             self.inner.save(state_dict, path)
             self.written.append(path)
@@ -152,6 +159,20 @@ class _CheckpointIO:
     def load(self, path: str, map_location=None):
         return with_retries(lambda: self.inner.load(path, map_location=map_location), path,
                             self.retries, self.backoff_s, self.log)
+
+
+def _without_optimizer_state(state_dict):
+    """--no-save-optim: what DeepSpeed (checked against 0.19.8) asks to save, minus the optimizer state. A ZeRO /
+    BF16-optimizer shard (`*_optim_states.pt`, key "optimizer_state_dict": fp32 masters and moments) is not
+    written at all (None); the model-states file keeps everything but its "optimizer" entry (the plain
+    optimizer's state without ZeRO), so weights, LR schedule and our client state stay."""
+    if not isinstance(state_dict, dict):
+        return state_dict
+    if "optimizer_state_dict" in state_dict:
+        return None
+    if state_dict.get("optimizer") is not None:
+        return {**state_dict, "optimizer": None}
+    return state_dict
 
 
 def _deepspeed_version() -> str:
@@ -189,8 +210,13 @@ def _describe_write_error(path: str, error: BaseException) -> str:
 
 def save_checkpoint(engine, save_dir: str, progress: TrainingProgress, device: torch.device,
                     tracker_states: Optional[Callable[[], dict]] = None, extra_state: Optional[dict] = None,
-                    keep_last_n: Optional[int] = None, log: Callable[[str], None] = print) -> str:
+                    keep_last_n: Optional[int] = None, log: Callable[[str], None] = print,
+                    save_optim: bool = True, save_rng: bool = True) -> str:
     """Collective: every rank calls it. Returns the final checkpoint directory.
+
+    save_optim=False (--no-save-optim): no optimizer state is written (see _without_optimizer_state);
+    save_rng=False (--no-save-rng): no rng_state_rank_*.pt. The manifest records what the checkpoint holds
+    ("contents"), so that a resume that would need the missing state is refused naming the flag to add.
 
     Raises CheckpointError on every rank when any rank's write failed: the partial `.tmp-` directory is
     removed and the pointers still name the previous checkpoint.
@@ -214,12 +240,14 @@ def save_checkpoint(engine, save_dir: str, progress: TrainingProgress, device: t
         "consumed_samples": progress.consumed_samples,
         "consumed_tokens": progress.consumed_tokens,
         "args": dict(progress.args),
+        CONTENTS_KEY: {"optimizer": save_optim, "rng": save_rng},
     }
     if extra_state:
         client_state.update(extra_state)
-    with _CheckpointIO(engine, log=log) as io:
+    with _CheckpointIO(engine, log=log, drop_optimizer=not save_optim) as io:
         engine.save_checkpoint(save_dir, tag=tmp_tag, client_state=client_state, save_latest=False)
-        io.save(capture_rng_state(device, tracker_states), os.path.join(tmp_dir, rng_state_filename(rank)))
+        if save_rng:
+            io.save(capture_rng_state(device, tracker_states), os.path.join(tmp_dir, rng_state_filename(rank)))
     entries, errors = {}, [_describe_write_error(p, e) for p, e in io.errors]
     if not errors:
         try:  # this rank's own files: flush them (only the writer can) and checksum them while they are cached
@@ -239,7 +267,8 @@ def save_checkpoint(engine, save_dir: str, progress: TrainingProgress, device: t
             others = [n for n in list_files(tmp_dir) if n not in files]  # anything DeepSpeed wrote another way
             files.update(describe_files(tmp_dir, others))
             write_manifest(tmp_dir, files, iteration=progress.iteration, world_size=_world_size(),
-                           deepspeed_version=_deepspeed_version())
+                           deepspeed_version=_deepspeed_version(),
+                           **{CONTENTS_KEY: {"optimizer": save_optim, "rng": save_rng}})
             publish_directory(tmp_dir, final_dir)
             write_pointers(save_dir, progress.iteration, tag)
         except OSError as error:
@@ -337,7 +366,7 @@ def estimate_checkpoint_bytes(model_config, precision=None) -> int:
 # ---- choosing what to load ---------------------------------------------------------------------------
 
 def find_checkpoint(load_dir: str, *, strict: bool = False, exit_on_missing: bool = False,
-                    log: Callable[[str], None] = print) -> Optional[str]:
+                    log: Callable[[str], None] = print, tag: Optional[str] = None) -> Optional[str]:
     """Collective. The tag under `load_dir` to resume from, verified against its manifest; None when there is
     no checkpoint at all (the run starts from scratch, with a warning) unless `exit_on_missing`.
 
@@ -345,8 +374,12 @@ def find_checkpoint(load_dir: str, *, strict: bool = False, exit_on_missing: boo
     with another checksum) the newest older checkpoint that verifies is used instead, with a warning naming
     what is wrong; `strict` (--no-checkpoint-fallback) or `exit_on_missing` make that an error. Ranks split
     the checksum reading between them and agree on the result.
+
+    tag (--load-tag): that checkpoint, whatever the pointer says; it must exist and verify (no fallback).
     """
     rank, world = _world_rank(), _world_size()
+    if tag is not None:
+        return _chosen_tag(load_dir, tag)
     if not os.path.isdir(load_dir):
         return _missing(load_dir, f"--load {load_dir} does not exist", exit_on_missing, log)
     problems_of: dict[str, list[str]] = {}
@@ -406,6 +439,77 @@ def find_checkpoint(load_dir: str, *, strict: bool = False, exit_on_missing: boo
                           "from a copy, or drop --load to start from scratch")
 
 
+def _chosen_tag(load_dir: str, tag: str) -> str:
+    """Collective. --load-tag: `tag` under `load_dir`, verified against its manifest (the same verdict on every
+    rank); a ConfigError naming it and the checkpoints there when it is missing, a CheckpointError when it is
+    damaged."""
+    from megatron.config.arguments import ConfigError
+
+    directory = os.path.join(load_dir, tag)
+    if not os.path.isdir(directory):
+        there = list_checkpoint_tags(load_dir)
+        pointed = read_pointer_quietly(load_dir) if os.path.isdir(load_dir) else None
+        if pointed and pointed not in there and os.path.isdir(os.path.join(load_dir, pointed)):
+            there.append(pointed)
+        raise ConfigError(f"--load-tag {tag}: {directory} does not exist; the checkpoints under --load {load_dir} "
+                          f"are: {', '.join(there) if there else 'none'}")
+    try:
+        manifest = read_manifest(directory)
+        problems = [] if manifest is None else verify_manifest(
+            directory, manifest, checksum_names=sorted(manifest["files"])[_world_rank()::_world_size()])
+    except CheckpointError as error:
+        problems = [str(error)]
+    problems = sorted({p for part in _all_gather(problems) for p in part})
+    if problems:
+        raise CheckpointError(f"--load-tag {tag}: {directory} does not verify ({'; '.join(problems)}); restore the "
+                              "damaged files, or choose another tag (or drop --load-tag to take the newest that "
+                              "verifies)")
+    return tag
+
+
+def checkpoint_contents(directory: str) -> dict:
+    """What a checkpoint of ours holds: {"optimizer": bool, "rng": bool} from its manifest; both True for one
+    without a manifest or written before --no-save-optim/--no-save-rng existed."""
+    try:
+        manifest = read_manifest(directory)
+    except CheckpointError:
+        manifest = None
+    contents = (manifest or {}).get(CONTENTS_KEY) or {}
+    return {"optimizer": bool(contents.get("optimizer", True)), "rng": bool(contents.get("rng", True))}
+
+
+def check_checkpoint_contents(directory: str, *, load_optim: bool, load_rng: bool, finetune: bool) -> None:
+    """Refuse to resume state a checkpoint does not hold (saved with --no-save-optim / --no-save-rng), naming
+    the flag that starts that state fresh instead: a ConfigError (the same verdict on every rank, said once)."""
+    from megatron.config.arguments import ConfigError
+
+    if finetune:
+        return
+    contents = checkpoint_contents(directory)
+    missing = []
+    if load_optim and not contents["optimizer"]:
+        missing.append("no optimizer state (saved with --no-save-optim): resume it with --no-load-optim (the "
+                       "optimizer starts fresh; iteration and LR schedule continue) or --finetune")
+    if load_rng and not contents["rng"]:
+        missing.append("no RNG states (saved with --no-save-rng): resume it with --no-load-rng (random streams "
+                       "start fresh from --seed)")
+    if missing:
+        raise ConfigError(f"{directory} holds " + "; and ".join(missing))
+
+
+@contextlib.contextmanager
+def _lr_scheduler_detached(engine, detach: bool):
+    """--no-load-lr-state: every loader (DeepSpeed's, the resharding and argonne ones) restores the LR schedule
+    only through `engine.lr_scheduler`; without it there the schedule keeps the state the flags built."""
+    scheduler = engine.lr_scheduler
+    if detach:
+        engine.lr_scheduler = None
+    try:
+        yield
+    finally:
+        engine.lr_scheduler = scheduler
+
+
 def _missing(load_dir: str, what: str, exit_on_missing: bool, log) -> None:
     if exit_on_missing:
         raise CheckpointError(f"{what} and --exit-on-missing-checkpoint is set; check the path, or drop the flag "
@@ -420,7 +524,16 @@ def _missing(load_dir: str, what: str, exit_on_missing: bool, log) -> None:
 def load_checkpoint(training_engine, load_dir: str, device: torch.device, *, run=None, load_optim: bool = True,
                     load_rng: bool = True, finetune: bool = False,
                     set_tracker_states: Optional[Callable[[dict], None]] = None, tag: Optional[str] = None,
-                    log: Callable[[str], None] = print) -> TrainingProgress:
+                    log: Callable[[str], None] = print, load_lr_state: bool = True) -> TrainingProgress:
+    """Restore a checkpoint; see _load. load_lr_state=False (--no-load-lr-state): the LR schedule keeps the
+    state the flags built (its step 0) instead of the checkpoint's."""
+    with _lr_scheduler_detached(training_engine.engine, detach=not load_lr_state):
+        return _load(training_engine, load_dir, device, run=run, load_optim=load_optim, load_rng=load_rng,
+                     finetune=finetune, set_tracker_states=set_tracker_states, tag=tag, log=log)
+
+
+def _load(training_engine, load_dir: str, device: torch.device, *, run, load_optim: bool, load_rng: bool,
+          finetune: bool, set_tracker_states, tag: Optional[str], log: Callable[[str], None]) -> TrainingProgress:
     """Restore what `save_checkpoint` wrote into an initialised TrainingEngine; returns the progress to resume from.
 
     tag: which checkpoint under load_dir (from `find_checkpoint`; default the one the pointer names).
@@ -446,6 +559,7 @@ def load_checkpoint(training_engine, load_dir: str, device: torch.device, *, run
         return progress
     tag = tag or read_latest_tag(load_dir)
     path = os.path.join(load_dir, tag)
+    check_checkpoint_contents(path, load_optim=load_optim, load_rng=load_rng, finetune=finetune)
     if run is not None:
         from megatron.convert.reshard import checkpoint_layout_differs, load_checkpoint_any_layout
 

@@ -31,12 +31,16 @@ def precision_errors(run: RunConfig, device_type: str) -> list[str]:
     if p.bf16 and p.fp16:
         errors.append("--bf16 and --fp16 both set; pick one")
     zero = run.training.zero
-    if p.bf16 and p.accumulate_allreduce_grads_in_fp32 and (zero.zero_stage != 1 or zero.cpu_optimizer):
+    if p.bf16 and p.accumulate_allreduce_grads_in_fp32 and zero.zero_stage == 0:
+        from megatron.config.arguments import ZERO0_FP32_ACCUMULATION
+
+        errors.append(ZERO0_FP32_ACCUMULATION)
+    elif p.bf16 and p.accumulate_allreduce_grads_in_fp32 and (zero.zero_stage != 1 or zero.cpu_optimizer):
         errors.append(
             f"--accumulate-allreduce-grads-in-fp32 with --bf16 needs --zero-stage 1 without --cpu-optimizer (got "
             f"--zero-stage {zero.zero_stage}{' --cpu-optimizer' if zero.cpu_optimizer else ''}): DeepSpeed "
-            "accumulates bf16 gradients in fp32 only in its BF16 optimizer; ZeRO-0 refuses the mix and ZeRO-2/3 "
-            "and CPU offload would accumulate in bf16. Use --zero-stage 1, or drop the flag")
+            "accumulates bf16 gradients in fp32 only in its BF16 optimizer (ZeRO-1); ZeRO-2/3 and CPU offload would "
+            "accumulate in bf16. Use --zero-stage 1, or drop the flag")
     return errors
 
 

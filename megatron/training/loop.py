@@ -23,8 +23,9 @@ import torch
 from megatron.config.arguments import RunConfig, global_batch_size, global_batch_size_at, train_iters, \
     train_samples, validate_run
 from megatron.dist.parallel_state import ParallelState
-from megatron.training.checkpointing import (TrainingProgress, check_save_dir, estimate_checkpoint_bytes,
-                                             find_checkpoint, load_checkpoint, save_checkpoint)
+from megatron.training.checkpointing import (TrainingProgress, check_checkpoint_contents, check_save_dir,
+                                             estimate_checkpoint_bytes, find_checkpoint, load_checkpoint,
+                                             save_checkpoint)
 from megatron.training.engine import TrainingEngine, build_engine, check_engine_config
 from megatron.training.lr_schedule import check_lr_schedule
 from megatron.optimizer.checkpoint_check import check_optimizer_state
@@ -54,13 +55,15 @@ class TrainResult:
 
 # ---- set-up -----------------------------------------------------------------------------------------
 
-def seed_everything(seed: int, ps: ParallelState, device: torch.device) -> None:
-    """python/numpy from the seed; torch's default stream from (seed, pp rank) and the tp stream (core.random)."""
+def seed_everything(seed: int, ps: ParallelState, device: torch.device,
+                    data_parallel_random_init: bool = False) -> None:
+    """python/numpy from the seed; torch's default stream from (seed, pp rank) and the tp stream (core.random),
+    and with --data-parallel-random-init from the dp rank too (see seed_model_parallel_rng)."""
     from megatron.core.random import seed_model_parallel_rng
 
     random.seed(seed)
     np.random.seed(seed)
-    seed_model_parallel_rng(seed, ps, device.type)
+    seed_model_parallel_rng(seed, ps, device.type, data_parallel_random_init=data_parallel_random_init)
 
 
 def resolve_vocab(run: RunConfig):
@@ -103,7 +106,7 @@ def megatron_log_line(iteration: int, total_iters: int, consumed_samples: int, c
                       ms_per_iteration: float, learning_rate: float, global_batch: int, loss: float,
                       loss_scale: Optional[float], grad_norm: Optional[float], skipped: int, nan_iterations: int,
                       samples_per_s: float, tokens_per_gpu_per_s: float, tflops: float, mfu: Optional[float],
-                      hfu: Optional[float], memory_mb: float) -> str:
+                      hfu: Optional[float], memory_mb: float, params_norm: Optional[float] = None) -> str:
     """Megatron-DeepSpeed's training log line (' iteration N/ M | consumed samples: ... |'), so the log parsers
     and plotting scripts users have keep working; MFU/HFU and memory are appended at the end."""
     line = f" iteration {iteration:8d}/{total_iters:8d} |"
@@ -117,6 +120,8 @@ def megatron_log_line(iteration: int, total_iters: int, consumed_samples: int, c
         line += f" loss scale: {loss_scale:.1f} |"
     if grad_norm is not None:
         line += f" grad norm: {grad_norm:.3f} |"
+    if params_norm is not None:  # --log-params-norm, where Megatron puts it
+        line += f" params norm: {params_norm:.3f} |"
     line += f" number of skipped iterations: {skipped:3d} |"
     line += f" number of nan iterations: {nan_iterations:3d} |"
     line += f" samples per second: {samples_per_s:.3f} |"
@@ -180,8 +185,13 @@ class IntervalLog:
         self.tracker.log(scalars, iteration)
 
     def emit(self, iteration: int, step, consumed_samples: int, skipped_total: int,
-             loss_scale: Optional[float] = None) -> None:
+             loss_scale: Optional[float] = None, engine=None) -> None:
+        """Collective when --log-params-norm (the norm is summed over the model-parallel ranks): every rank calls
+        it; rank 0 prints."""
         run = self.run
+        params_norm = engine.params_norm() if run.logging.log_params_norm and engine is not None else None
+        if params_norm is not None:
+            self.tracker.log({"train/params_norm": params_norm}, iteration)
         seq = run.model.seq_length
         rates = throughput(run.model, max(self.seconds, 1e-9), self.samples, self.ps.world_size, seq,
                            run.logging.peak_tflops)
@@ -203,7 +213,7 @@ class IntervalLog:
                 1000 * self.seconds / max(1, len(self.losses)), step.learning_rate, step.num_samples, loss,
                 loss_scale, step.grad_norm, skipped_total, sum(1 for x in self.losses if math.isnan(x)),
                 rates.samples_per_s, rates.tokens_per_s_per_device, rates.tflops_per_device, rates.mfu, rates.hfu,
-                memory))
+                memory, params_norm))
             for line in self.timers.log_lines(timers):
                 self.printer(line)
         self.reset()
@@ -245,14 +255,23 @@ def train(run: RunConfig, ps: ParallelState, device: torch.device, tracker: Opti
 
     # a universal folder (--universal-checkpoint) or an argonne-lcf/Megatron-DeepSpeed checkpoint, else ours
     load_tag = foreign_load_tag(ckpt.load, t.zero.universal_checkpoint) if ckpt.load else None
+    if load_tag is not None and ckpt.load_tag is not None:
+        from megatron.config.arguments import ConfigError
+
+        raise ConfigError(f"--load-tag {ckpt.load_tag} chooses among this framework's checkpoints (iter_*), but "
+                          f"--load {ckpt.load} is a universal or argonne-lcf/Megatron-DeepSpeed checkpoint: point "
+                          "--load at the checkpoint folder itself and drop --load-tag")
     if ckpt.load and load_tag is None:
         load_tag = find_checkpoint(ckpt.load, strict=rel.no_checkpoint_fallback,
-                                   exit_on_missing=rel.exit_on_missing_checkpoint, log=printer)
+                                   exit_on_missing=rel.exit_on_missing_checkpoint, log=printer, tag=ckpt.load_tag)
+        if load_tag is not None:  # saved with --no-save-optim/--no-save-rng: refused before the model is built
+            check_checkpoint_contents(os.path.join(ckpt.load, load_tag), load_optim=not ckpt.no_load_optim,
+                                      load_rng=not ckpt.no_load_rng, finetune=ckpt.finetune)
     check_engine_config(run, device)
     if ckpt.save:  # writable from every rank, room for one checkpoint; stale .tmp-* saves removed
         check_save_dir(ckpt.save, estimate_checkpoint_bytes(run.model, t.precision),
                        log=printer if ps.rank == 0 else _quiet)
-    seed_everything(t.seed, ps, device)
+    seed_everything(t.seed, ps, device, t.data_parallel_random_init)
 
     timers = Timers(run.logging.timing_log_level, run.logging.timing_log_option, device)
     te = build_engine(run, ps, device, eod_token=getattr(tokenizer, "eod", None), timers=timers)
@@ -271,7 +290,8 @@ def train(run: RunConfig, ps: ParallelState, device: torch.device, tracker: Opti
             # --finetune/--no-load-optim
             progress = load_checkpoint(te, ckpt.load, device, run=run, load_optim=not ckpt.no_load_optim,
                                        load_rng=not ckpt.no_load_rng, finetune=ckpt.finetune,
-                                       set_tracker_states=rng_tracker.set_states, tag=load_tag, log=printer)
+                                       set_tracker_states=rng_tracker.set_states, tag=load_tag, log=printer,
+                                       load_lr_state=not ckpt.no_load_lr_state)
             te.train_weights()  # schedule-free: back from the averaged weights the checkpoint holds
             consumed_valid = 0 if ckpt.finetune else int(progress.extra.get("consumed_valid_samples", 0))
             if ps.rank == 0:
@@ -310,7 +330,8 @@ def train(run: RunConfig, ps: ParallelState, device: torch.device, tracker: Opti
                 path = save_checkpoint(te.engine, ckpt.save, state, device, tracker_states=rng_tracker.get_states,
                                        extra_state={"consumed_valid_samples": consumed_valid,
                                                     "model_config": run.model.to_dict()},
-                                       keep_last_n=rel.keep_last_n_checkpoints, log=printer)
+                                       keep_last_n=rel.keep_last_n_checkpoints, log=printer,
+                                       save_optim=not ckpt.no_save_optim, save_rng=not ckpt.no_save_rng)
             result.saved.append(path)
             watchdog.phase("idle")
             if ps.rank == 0:
@@ -349,7 +370,7 @@ def train(run: RunConfig, ps: ParallelState, device: torch.device, tracker: Opti
                 log.iteration_scalars(iteration, step, consumed, te.engine.skipped_steps, loss_scale_of(te.engine),
                                       te.engine)
                 if log.losses and (iteration % run.logging.log_interval == 0 or iteration == total_iters):
-                    log.emit(iteration, step, consumed, te.engine.skipped_steps, loss_scale_of(te.engine))
+                    log.emit(iteration, step, consumed, te.engine.skipped_steps, loss_scale_of(te.engine), te)
 
                 numerical_stop = None if user_skipped else nan_check.after_step(iteration, step.loss, step.grad_norm,
                                                                                 step.skipped)
@@ -406,7 +427,7 @@ def train(run: RunConfig, ps: ParallelState, device: torch.device, tracker: Opti
     except RuntimeError as error:
         if not is_collective_failure(error) or ps.world_size == 1:
             raise
-        raise CollectiveFailure(watchdog.describe_failure(error)) from error
+        raise CollectiveFailure(watchdog.describe_failure(error), watchdog.end_stopped_ranks) from error
     finally:
         watchdog.stop()
         exits.restore()
@@ -430,4 +451,5 @@ def _iterator(run: RunConfig, ps: ParallelState, dataset, consumed_samples: int)
     from megatron.data.data_iterator import build_data_iterator
 
     return build_data_iterator(dataset, run.training.micro_batch_size, ps.dp_rank, ps.dp_size, consumed_samples,
-                               num_workers=run.data.num_workers)
+                               num_workers=run.data.num_workers,
+                               multiprocessing_context=run.data.multiprocessing_context)

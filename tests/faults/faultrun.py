@@ -5,12 +5,15 @@
     job.signal_launcher(signal.SIGTERM)       # or signal_group / signal_rank(1) / rank_pid(1)
     codes = job.wait(timeout=90)              # launcher's (or each rank's) exit code; fails the test on a hang
 
-Every job runs in its own session (start_new_session) so a test can signal the whole process group, as
-PBS and Slurm do at walltime, and so that nothing is left behind: `close()` SIGKILLs the group.
+Every job runs in its own process group so a test can signal the whole group, as PBS and Slurm do at
+walltime. Nothing is left behind: `close()` SIGKILLs every process of the job (found by a marker in their
+environment, so also the ranks torchrun puts in sessions of their own and any orphan), and `close_all()`
+(the suite's conftest calls it after every test, pass or fail, and at exit) closes every job still open.
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
 import shutil
@@ -47,9 +50,22 @@ def _clean_env(extra: dict | None = None) -> dict:
     return env
 
 
+_OPEN: list = []  # jobs started and not closed yet
+
+
+def close_all() -> None:
+    """Close every job still open (a test that failed before its own close())."""
+    while _OPEN:
+        _OPEN[-1].close()
+
+
+atexit.register(close_all)
+
+
 class Job:
     def __init__(self, procs, logs, launcher, marker):
         self.procs, self.logs, self.launcher, self.marker = procs, logs, launcher, marker
+        _OPEN.append(self)
 
     @classmethod
     def start(cls, tmp_path: Path, launcher: str, *flags: str, nprocs: int = 2, env: dict | None = None,
@@ -85,7 +101,7 @@ class Job:
     @classmethod
     def start_until(cls, tmp_path: Path, launcher: str, text: str, *flags: str, **kwargs) -> "Job":
         """start(), then wait_for(text); a start that lost its free port to another process (EADDRINUSE,
-        other tests run beside this one) is retried with a new port."""
+        other tests run beside this one) is retried with a new port (a MASTER_PORT given in env too)."""
         for attempt in range(3):
             job = cls.start(tmp_path, launcher, *flags, **kwargs)
             try:
@@ -94,6 +110,8 @@ class Job:
             except AssertionError:
                 if "EADDRINUSE" not in job.output() or attempt == 2:
                     raise
+                if "MASTER_PORT" in (kwargs.get("env") or {}):
+                    kwargs["env"] = {**kwargs["env"], "MASTER_PORT": str(free_port())}
         raise AssertionError("unreachable")
 
     def output(self) -> str:
@@ -173,6 +191,8 @@ class Job:
 
     def close(self) -> None:
         """SIGKILL everything the job started (torchrun puts each rank in its own session: walk the tree)."""
+        if self in _OPEN:
+            _OPEN.remove(self)
         for p in self._tree() + self._marked():
             with contextlib.suppress(psutil.Error):
                 p.kill()
