@@ -3,8 +3,7 @@ batch ramp-up trained multi-rank; the cooldown workflow (resume a constant-LR ru
 
 Three launches hold all multi-rank trainings: 1 rank (references, 20-step learning, cooldown), 2 ranks
 (tp=2 parity and save/resume per optimizer, ramp-up at dp=2, optimizer-state refusal) and 8 ranks
-(tp=2 × pp=2 × dp=2, ZeRO-1 for the elementwise and schedule-free optimizers and LAMB, ZeRO-0 for the
-whole-matrix ones; ramp-up).
+(tp=2 × pp=2 × dp=2 ZeRO-1 for every optimizer class; ramp-up).
 """
 
 from __future__ import annotations
@@ -84,6 +83,9 @@ def two_ranks(root):
         cases += resume_cases(f"tp2_{name}", oc.optimizer_flags(name, *TP2, "--train-iters", "4"), root)
     cases += resume_cases("rampup_dp2", rampup_flags(), root, exit_at=3)  # resumed inside the ramp-up
     cases.append(("lamb_large_batch_dp2", ec.flags(*LAMB_LARGE_BATCH)))
+    # ZeRO-1 by whole parameters for a whole-matrix optimizer: the single-rank steps, and a bit-exact resume
+    cases += resume_cases("dp2_zero1_muon", oc.optimizer_flags("muon", "--zero-stage", "1", "--train-iters", "4"),
+                          root)
     # 8-bit Adam needs whole tensors: checked at dp=2 (ZeRO-0) instead of tp=2
     cases += resume_cases("dp2_adam8bit", oc.optimizer_flags("adam8bit", "--train-iters", "4"), root)
     # schedule-free on ZeRO partitions: steps, evaluation at the averaged weights, save and resume
@@ -105,8 +107,7 @@ def two_ranks(root):
 def eight_ranks():
     cases = []
     for name in oc.EIGHT_RANK:
-        zero = "0" if name in oc.WHOLE_MATRIX else "1"
-        cases.append((name, oc.optimizer_flags(name, *TP2_PP2_DP2, "--zero-stage", zero, "--train-iters", "2")))
+        cases.append((name, oc.optimizer_flags(name, *TP2_PP2_DP2, "--zero-stage", "1", "--train-iters", "2")))
     cases.append(("rampup", rampup_flags(*TP2_PP2_DP2, "--zero-stage", "1")))
     return run_ranks(8, oc.train_logged, cases, timeout=900)
 
@@ -277,11 +278,34 @@ def test_schedule_free_refuses_zero_3_and_bf16_without_zero(name):
     assert "with --bf16 needs --zero-stage 1 or 2" in _errors("--optimizer", name, "--bf16")
 
 
+def test_whole_matrix_zero1_partitions_by_whole_parameters_and_resumes_bit_for_bit(single, two_ranks):
+    reference = single["muon"]["losses"][:4]
+    for rank_result in two_ranks:
+        full = _ok(rank_result["dp2_zero1_muon/uninterrupted"], "zero1 muon")
+        assert full["losses"] == pytest.approx(reference, abs=5e-5, rel=0)
+        cut = _ok(rank_result["dp2_zero1_muon/interrupted"], "interrupted")
+        resumed = _ok(rank_result["dp2_zero1_muon/resumed"], "resumed")
+        assert cut["losses"] == full["losses"][:SAVE_AT] and resumed["start_iteration"] == SAVE_AT
+        assert resumed["losses"] == full["losses"][SAVE_AT:]
+
+
+def test_whole_parameter_owners_balance_sizes():
+    from megatron.optimizer.full_matrix import owners
+
+    assert owners([10, 1, 7, 3, 3], 2) == [0, 1, 1, 1, 0]  # largest first to the least loaded: 10+3 | 7+3+1
+    assert owners([5, 5, 5], 1) == [0, 0, 0]
+
+
 @pytest.mark.parametrize("name", sorted(oc.WHOLE_MATRIX))
 def test_whole_tensor_optimizers_refuse_zero_partitions_and_bf16(name):
-    assert f"--optimizer {name}" in _errors("--optimizer", name, "--zero-stage", "1")
-    assert "--zero-stage 1 hands the optimizer flat partitions" in _errors("--optimizer", name, "--zero-stage", "1")
-    assert "DeepSpeed's bf16 optimizer hands it flat fp32 copies" in _errors("--optimizer", name, "--bf16")
+    from megatron.optimizer import deepspeed_zero_stage
+
+    assert _errors("--optimizer", name, "--zero-stage", "1") == ""  # partitioned by whole parameters
+    assert deepspeed_zero_stage(parse_args(ec.flags("--optimizer", name, "--zero-stage", "1"))) == 0
+    assert "--zero-stage 2 hands the optimizer flat partitions" in _errors("--optimizer", name, "--zero-stage", "2")
+    assert "--zero-stage 3 hands the optimizer flat partitions" in _errors("--optimizer", name, "--zero-stage", "3")
+    assert "DeepSpeed's bf16 optimizer hands it flat fp32 copies" in _errors("--optimizer", name, "--zero-stage", "1",
+                                                                             "--bf16")
     assert _errors("--optimizer", name) == ""
 
 
