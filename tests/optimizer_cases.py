@@ -12,13 +12,12 @@ OPTIMIZERS = ["adam", "adamw", "sgd", "apex.adam", "adamwschedulefree", "sgdsche
 # multi-rank checks skip names that run the same class as another (apex.adam = adamw, ipex.lamb = ds.fusedlamb
 # without the trust-ratio bounds)
 MULTI_RANK = [name for name in OPTIMIZERS if name not in ("apex.adam", "ipex.lamb", "adam8bit")]
-# at tp=2 × pp=2 × dp=2 (8 ranks, the costliest launch): every class of our own or wrapped by us, and one
-# library elementwise optimizer besides Adam (sgd, adamw and sgdschedulefree share code with adam /
-# adamwschedulefree and are covered at tp=2)
-EIGHT_RANK = ["adam", "adopt", "sophiag", "ds.fusedlamb", "adamwschedulefree", "muon", "muonclip", "galoreadamw",
-              "dshampooadamw"]
-WHOLE_TENSOR_OR_SCHEDULE_FREE = {"adamwschedulefree", "sgdschedulefree", "muon", "muonclip", "galoreadamw",
-                                 "dshampooadamw"}
+# at tp=2 × pp=2 × dp=2 (8 ranks, the costliest launch: one launch for all, 2 iterations each): every
+# optimizer class (apex.adam and ipex.lamb run the adamw and ds.fusedlamb classes)
+EIGHT_RANK = ["adam", "adamw", "sgd", "adopt", "sophiag", "ds.fusedlamb", "adamwschedulefree", "sgdschedulefree",
+              "muon", "muonclip", "galoreadamw", "dshampooadamw"]
+# whole-matrix optimizers: ZeRO-1 partitions their state by whole parameters; ZeRO-2/3 and bf16 are refused
+WHOLE_MATRIX = {"muon", "muonclip", "galoreadamw", "dshampooadamw"}
 # per-optimizer learning rates that learn the tiny model in a few steps (ScheduleFree-SGD and LAMB need more)
 LR = {"sgd": "0.3", "sgdschedulefree": "0.5", "ds.fusedlamb": "0.05", "ipex.lamb": "0.05", "dshampooadamw": "3e-3",
       "sophiag": "3e-3"}

@@ -54,10 +54,11 @@ def test_accumulate_allreduce_grads_in_fp32_sets_deepspeeds_grad_accum_dtype_or_
         run = parse_args([*BASE, "--bf16", "--zero-stage", stage, "--accumulate-allreduce-grads-in-fp32"])
         assert any(f"needs --zero-stage 1 without --cpu-optimizer (got --zero-stage {stage})" in e
                    for e in precision_errors(run, "cpu"))
-    # ZeRO-0: DeepSpeed has no fp32 accumulation there (its engine raises NotImplementedError), so the flags are
-    # refused naming --zero-stage 1, never silently run at another stage
-    with pytest.raises(ConfigError, match=r"cannot run at --zero-stage 0: .* Pass --zero-stage 1"):
-        parse_args([*BASE, "--bf16", "--zero-stage", "0", "--accumulate-allreduce-grads-in-fp32"])
+    # ZeRO-0 (upstream's AuroraGPT-2B recipe): DeepSpeed's BF16 optimizer, which older DeepSpeed ran without ZeRO
+    # and this one selects as stage 1, said in a notice
+    run = parse_args([*BASE, "--bf16", "--zero-stage", "0", "--accumulate-allreduce-grads-in-fp32"])
+    assert run.training.zero.zero_stage == 1 and "BF16 optimizer" in run.notices[0]
+    assert build_deepspeed_config(run, dp_size=2)["data_types"] == {"grad_accum_dtype": "fp32"}
     fp32 = parse_args([*BASE, "--zero-stage", "0", "--accumulate-allreduce-grads-in-fp32"])  # already fp32
     assert precision_errors(fp32, "cpu") == [] and "data_types" not in build_deepspeed_config(fp32, dp_size=1)
 

@@ -3,7 +3,7 @@ batch ramp-up trained multi-rank; the cooldown workflow (resume a constant-LR ru
 
 Three launches hold all multi-rank trainings: 1 rank (references, 20-step learning, cooldown), 2 ranks
 (tp=2 parity and save/resume per optimizer, ramp-up at dp=2, optimizer-state refusal) and 8 ranks
-(tp=2 × pp=2 × dp=2, ZeRO-1 for the elementwise optimizers, ZeRO-0 for the others; ramp-up).
+(tp=2 × pp=2 × dp=2 ZeRO-1 for every optimizer class; ramp-up).
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from megatron.training.lr_schedule import LRSchedule, build_lr_scheduler  # noqa
 TP2 = ("--tensor-model-parallel-size", "2")
 TP2_PP2_DP2 = ("--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2")
 SAVE_AT = 2
+SCHEDULE_FREE_EVAL = ("--train-iters", "4", "--eval-interval", "2", "--eval-iters", "1")
 # LAMB at a large global batch: 64 samples = 16 accumulated micro-batches of 4 on one rank, 8 per rank at dp=2
 LAMB_LARGE_BATCH = ("--optimizer", "ds.fusedlamb", "--lr", "0.1", "--micro-batch-size", "4", "--global-batch-size",
                     "64", "--train-iters", "3")
@@ -62,6 +63,7 @@ def single(root):
     cases = [(name, oc.optimizer_flags(name, "--train-iters", "20")) for name in oc.OPTIMIZERS]
     cases.append(("rampup", rampup_flags()))
     cases.append(("lamb_large_batch", ec.flags(*LAMB_LARGE_BATCH)))
+    cases.append(("schedule_free_eval", oc.optimizer_flags("adamwschedulefree", *SCHEDULE_FREE_EVAL)))
     # the cooldown workflow: 6 iterations at constant LR, then resume into a cooldown to --min-lr by iteration 12
     cooldown = str(root / "constant")
     constant = ec.flags("--optimizer", "ipex.fusedlamb", "--lr", "0.05", "--log-interval", "1", "--train-iters", "6")
@@ -81,8 +83,16 @@ def two_ranks(root):
         cases += resume_cases(f"tp2_{name}", oc.optimizer_flags(name, *TP2, "--train-iters", "4"), root)
     cases += resume_cases("rampup_dp2", rampup_flags(), root, exit_at=3)  # resumed inside the ramp-up
     cases.append(("lamb_large_batch_dp2", ec.flags(*LAMB_LARGE_BATCH)))
+    # ZeRO-1 by whole parameters for a whole-matrix optimizer: the single-rank steps, and a bit-exact resume
+    cases += resume_cases("dp2_zero1_muon", oc.optimizer_flags("muon", "--zero-stage", "1", "--train-iters", "4"),
+                          root)
     # 8-bit Adam needs whole tensors: checked at dp=2 (ZeRO-0) instead of tp=2
     cases += resume_cases("dp2_adam8bit", oc.optimizer_flags("adam8bit", "--train-iters", "4"), root)
+    # schedule-free on ZeRO partitions: steps, evaluation at the averaged weights, save and resume
+    cases += resume_cases("dp2_zero2_schedule_free",
+                          oc.optimizer_flags("adamwschedulefree", *SCHEDULE_FREE_EVAL, "--zero-stage", "2"), root)
+    cases.append(("dp2_zero1_bf16_schedule_free",
+                  oc.optimizer_flags("adamwschedulefree", *SCHEDULE_FREE_EVAL, "--zero-stage", "1", "--bf16")))
     cases.append(("lamb_large_batch_dp2_zero1_bf16", ec.flags(*LAMB_LARGE_BATCH, "--zero-stage", "1", "--bf16")))
     adam = str(root / "tp2_adam")
     cases.append(("adam_state_into_muon", oc.optimizer_flags("muon", *TP2, "--train-iters", "4", "--load", adam)))
@@ -97,8 +107,7 @@ def two_ranks(root):
 def eight_ranks():
     cases = []
     for name in oc.EIGHT_RANK:
-        zero = "0" if name in oc.WHOLE_TENSOR_OR_SCHEDULE_FREE else "1"
-        cases.append((name, oc.optimizer_flags(name, *TP2_PP2_DP2, "--zero-stage", zero, "--train-iters", "2")))
+        cases.append((name, oc.optimizer_flags(name, *TP2_PP2_DP2, "--zero-stage", "1", "--train-iters", "2")))
     cases.append(("rampup", rampup_flags(*TP2_PP2_DP2, "--zero-stage", "1")))
     return run_ranks(8, oc.train_logged, cases, timeout=900)
 
@@ -243,11 +252,60 @@ def _errors(*extra):
     return "\n".join(optimizer_errors(run, "cpu"))
 
 
-@pytest.mark.parametrize("name", sorted(oc.WHOLE_TENSOR_OR_SCHEDULE_FREE))
+def test_schedule_free_at_zero_partitions_steps_evaluates_and_resumes_like_one_rank(single, two_ranks):
+    """ZeRO-2 at dp=2 steps the flat fp32 partitions; the eval/train switch refreshes the model from them, so
+    the evaluation (at the averaged weights) and the training losses are the single-rank ones, and the
+    checkpoint saved at the averaged weights resumes bit for bit. bf16 on ZeRO-1 stays close."""
+    reference = _ok(single["schedule_free_eval"], "reference")
+    assert sorted(reference["eval"]) == [2, 4]
+    for rank_result in two_ranks:
+        run = _ok(rank_result["dp2_zero2_schedule_free/uninterrupted"], "zero2")
+        assert run["losses"] == pytest.approx(reference["losses"], abs=5e-5, rel=0)
+        assert run["eval"] == pytest.approx(reference["eval"], abs=5e-5, rel=0)
+        cut = _ok(rank_result["dp2_zero2_schedule_free/interrupted"], "interrupted")
+        resumed = _ok(rank_result["dp2_zero2_schedule_free/resumed"], "resumed")
+        assert cut["losses"] == run["losses"][:SAVE_AT] and resumed["start_iteration"] == SAVE_AT
+        assert resumed["losses"] == run["losses"][SAVE_AT:] and resumed["eval"] == {4: run["eval"][4]}
+        bf16 = _ok(rank_result["dp2_zero1_bf16_schedule_free"], "bf16")
+        assert bf16["losses"] == pytest.approx(reference["losses"], abs=0.05) and bf16["losses"] != run["losses"]
+
+
+@pytest.mark.parametrize("name", ["adamwschedulefree", "sgdschedulefree"])
+def test_schedule_free_refuses_zero_3_and_bf16_without_zero(name):
+    assert _errors("--optimizer", name, "--zero-stage", "2") == ""
+    assert _errors("--optimizer", name, "--zero-stage", "1", "--bf16") == ""
+    assert "ZeRO-3 partitions the parameters themselves" in _errors("--optimizer", name, "--zero-stage", "3")
+    assert "with --bf16 needs --zero-stage 1 or 2" in _errors("--optimizer", name, "--bf16")
+
+
+def test_whole_matrix_zero1_partitions_by_whole_parameters_and_resumes_bit_for_bit(single, two_ranks):
+    reference = single["muon"]["losses"][:4]
+    for rank_result in two_ranks:
+        full = _ok(rank_result["dp2_zero1_muon/uninterrupted"], "zero1 muon")
+        assert full["losses"] == pytest.approx(reference, abs=5e-5, rel=0)
+        cut = _ok(rank_result["dp2_zero1_muon/interrupted"], "interrupted")
+        resumed = _ok(rank_result["dp2_zero1_muon/resumed"], "resumed")
+        assert cut["losses"] == full["losses"][:SAVE_AT] and resumed["start_iteration"] == SAVE_AT
+        assert resumed["losses"] == full["losses"][SAVE_AT:]
+
+
+def test_whole_parameter_owners_balance_sizes():
+    from megatron.optimizer.full_matrix import owners
+
+    assert owners([10, 1, 7, 3, 3], 2) == [0, 1, 1, 1, 0]  # largest first to the least loaded: 10+3 | 7+3+1
+    assert owners([5, 5, 5], 1) == [0, 0, 0]
+
+
+@pytest.mark.parametrize("name", sorted(oc.WHOLE_MATRIX))
 def test_whole_tensor_optimizers_refuse_zero_partitions_and_bf16(name):
-    assert f"--optimizer {name}" in _errors("--optimizer", name, "--zero-stage", "1")
-    assert "--zero-stage 1 hands the optimizer flat partitions" in _errors("--optimizer", name, "--zero-stage", "1")
-    assert "DeepSpeed's bf16 optimizer hands it flat fp32 copies" in _errors("--optimizer", name, "--bf16")
+    from megatron.optimizer import deepspeed_zero_stage
+
+    assert _errors("--optimizer", name, "--zero-stage", "1") == ""  # partitioned by whole parameters
+    assert deepspeed_zero_stage(parse_args(ec.flags("--optimizer", name, "--zero-stage", "1"))) == 0
+    assert "--zero-stage 2 hands the optimizer flat partitions" in _errors("--optimizer", name, "--zero-stage", "2")
+    assert "--zero-stage 3 hands the optimizer flat partitions" in _errors("--optimizer", name, "--zero-stage", "3")
+    assert "DeepSpeed's bf16 optimizer hands it flat fp32 copies" in _errors("--optimizer", name, "--zero-stage", "1",
+                                                                             "--bf16")
     assert _errors("--optimizer", name) == ""
 
 
@@ -292,6 +350,8 @@ def test_other_refusals_name_their_flags():
         (["--lr-decay-style", "infinite-cosine", "--min-lr", "1e-3", "--constant-lr", "0.5"],
          r"needs --min-lr \(0.001\) < --constant-lr \(0.5\) <= --lr \(0.01\)"),
         (["--lr-cooldown-tokens", "10"], "give --lr-decay-tokens too"),
+        (["--optimizer", "muonclip", "--muonclip-t", "0"], "--muonclip-t is the largest attention logit"),
+        (["--optimizer", "muonclip", "--muonclip-alpha", "1.5"], r"--muonclip-alpha splits the clip .* \[0, 1\]"),
     ]:
         with pytest.raises(ConfigError, match=message):
             parse_args(ec.flags(*flags))

@@ -88,14 +88,20 @@ OTHER_NAMES = {
 }
 
 
-# DeepSpeed (checked against 0.19.8) accumulates bf16 gradients in fp32 only in its BF16 optimizer, which it runs
-# at ZeRO stage 1; at stage 0 its engine refuses the mix (NotImplementedError: "unsupported mix of model_dtype").
+# DeepSpeed's BF16 optimizer (fp32 master weights and fp32 gradient accumulation, its fp32 state sharded over the
+# data-parallel ranks) is what older DeepSpeed, upstream's, runs without ZeRO for bf16 with
+# data_types.grad_accum_dtype fp32. DeepSpeed 0.19.8 selects the same class only through zero_optimization.stage 1
+# and raises NotImplementedError ("unsupported mix of model_dtype") at stage 0, so --zero-stage 0 asks for it as 1.
+ZERO0_FP32_ACCUMULATION_NOTICE = (
+    "--accumulate-allreduce-grads-in-fp32 with --bf16 at --zero-stage 0: gradients accumulate in fp32 in "
+    "DeepSpeed's BF16 optimizer (what upstream's DeepSpeed runs without ZeRO for this mix), which this DeepSpeed "
+    "selects as ZeRO stage 1 (its fp32 state sharded over data-parallel ranks; the same updates); drop the flag "
+    "for a ZeRO-0 run with bf16 accumulation")
 ZERO0_FP32_ACCUMULATION = (
-    "--accumulate-allreduce-grads-in-fp32 with --bf16 cannot run at --zero-stage 0: DeepSpeed accumulates bf16 "
-    "gradients in fp32 only in its BF16 optimizer, which runs at ZeRO stage 1 (the same updates; the fp32 master "
-    "weights and optimizer state are sharded over the data-parallel ranks). Pass --zero-stage 1 for fp32 "
-    "accumulation, or drop the flag to stay at ZeRO-0 with bf16 accumulation (what upstream's DeepSpeed runs at "
-    "stage 0 without data_types.grad_accum_dtype)")
+    "--accumulate-allreduce-grads-in-fp32 with --bf16 cannot run at ZeRO stage 0 as the DeepSpeed config file "
+    "states it: DeepSpeed accumulates bf16 gradients in fp32 only in its BF16 optimizer, which it selects at "
+    "zero_optimization.stage 1. Set the stage to 1 in the file (or leave it out), or drop the flag for bf16 "
+    "accumulation")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -257,9 +263,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "the run's dtype. Needs --bf16 or --fp16 (as upstream)")
     g.add_argument("--accumulate-allreduce-grads-in-fp32", action="store_true",
                    help="--bf16: accumulate and all-reduce gradients in fp32 (DeepSpeed's "
-                        "data_types.grad_accum_dtype: its BF16 optimizer, at --zero-stage 1 only; refused with "
-                        "ZeRO-0, which DeepSpeed cannot run so, and with ZeRO-2/3 and --cpu-optimizer, which "
-                        "accumulate in bf16)")
+                        "data_types.grad_accum_dtype: its BF16 optimizer, which this DeepSpeed selects at ZeRO "
+                        "stage 1, so --zero-stage 0 runs as 1, with a notice; refused with ZeRO-2/3 and "
+                        "--cpu-optimizer, which accumulate in bf16)")
 
     g = p.add_argument_group("run control, evaluation and checkpoints")
     g.add_argument("--seed", type=int, default=1234)
@@ -811,8 +817,13 @@ def parse_args(argv: Optional[list[str]] = None) -> RunConfig:
                           ("bf16", False), ("fp16", False), ("clip_grad", 1.0)):
         if getattr(ns, dest) is None:
             setattr(ns, dest, default)
+    file_states_zero = bool(ns.deepspeed_config) and \
+        "zero_stage" in deepspeed_file_values(read_deepspeed_config(ns.deepspeed_config))
     if ns.bf16 and ns.accumulate_allreduce_grads_in_fp32 and ns.zero_stage == 0:
-        raise ConfigError(ZERO0_FP32_ACCUMULATION)
+        if file_states_zero:
+            raise ConfigError(ZERO0_FP32_ACCUMULATION)
+        ns.zero_stage = 1
+        notices.append(ZERO0_FP32_ACCUMULATION_NOTICE)
     if ns.no_save_optim and ns.zero_stage == 3:
         raise ConfigError("--no-save-optim with --zero-stage 3: a ZeRO-3 checkpoint holds the weights only in its "
                           "optimizer shards (DeepSpeed saves no gathered weights), so it would hold no weights at "

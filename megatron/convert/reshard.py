@@ -39,7 +39,9 @@ def checkpoint_layout_differs(load_dir: str, run, ps) -> bool:
     """True when the checkpoint under `load_dir` cannot be loaded by DeepSpeed as is: another tp, pp, dp or
     ZeRO stage, or a converted weights-only checkpoint (no optimizer files, or written by the converter)."""
     ckpt = DeepSpeedCheckpoint(load_dir)
-    zero_stage = run.training.zero.zero_stage
+    from megatron.optimizer import deepspeed_zero_stage
+
+    zero_stage = deepspeed_zero_stage(run)  # what DeepSpeed ran (and wrote), not --zero-stage
     return (ckpt.tp != ps.tp_size or ckpt.pp != ps.pp_size or ckpt.dp != ps.dp_size * ps.sp_size
             or ckpt.zero_stage != zero_stage or "converted_from" in ckpt.client_state)
 

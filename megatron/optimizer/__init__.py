@@ -6,26 +6,29 @@ where one is right, or to a module of this package where none is (the module say
     adam                   torch.optim.Adam, L2 weight decay (as upstream)        elementwise
     adamw, apex.adam       torch.optim.AdamW (apex FusedAdam is AdamW-mode)      elementwise
     sgd, apex.sgd          torch.optim.SGD                                        elementwise
-    adamwschedulefree      schedulefree.AdamWScheduleFree                         elementwise, eval weights
-    sgdschedulefree        schedulefree.SGDScheduleFree                           elementwise, eval weights
+    adamwschedulefree      schedulefree.AdamWScheduleFree                         elementwise, eval weights (ZeRO 0-2)
+    sgdschedulefree        schedulefree.SGDScheduleFree                           elementwise, eval weights (ZeRO 0-2)
     adopt                  pytorch_optimizer.ADOPT                                elementwise
     sophiag                sophia.SophiaG (upstream's update rule)                elementwise
     ds.fusedlamb           lamb.Lamb, DeepSpeed FusedLamb's trust-ratio bounds    per-tensor norms (tp, dp all-reduce)
     ipex.lamb/fusedlamb    lamb.Lamb (IPEX's LAMB without bounds)                 per-tensor norms (tp, dp all-reduce)
-    muon                   torch.optim.Muon on hidden matrices + AdamW on the rest, full matrices (tp gather)
-    muonclip               muon + per-head QK-clip (muon_clip.py)                 full matrices (tp gather)
-    galoreadamw            galore_torch.GaLoreAdamW on hidden matrices             full matrices (tp gather)
+    muon                   torch.optim.Muon on hidden matrices + AdamW on the rest, full matrices (tp gather,
+                                                                                  ZeRO-1 by whole parameters)
+    muonclip               muon + per-head QK-clip (muon_clip.py)                 as muon
+    galoreadamw            galore_torch.GaLoreAdamW on hidden matrices             as muon
     adam8bit               bitsandbytes Adam8bit (CPU and CUDA)                   whole unsplit tensors (tp 1, ZeRO-0)
     galoreadamw8bit        galore_torch.GaLoreAdamW8bit (CUDA only)               whole unsplit tensors (tp 1, ZeRO-0)
     galoreadamw8bitperlayer  galoreadamw8bit stepped per parameter in backward   one rank, no accumulation,
                            (per_layer.py; CUDA only)                              no clipping, fp32
-    dshampooadamw          pytorch_optimizer.ScalableShampoo, RMSProp grafting     full matrices (tp gather)
+    dshampooadamw          pytorch_optimizer.ScalableShampoo, RMSProp grafting     as muon
     ds.onebitlamb          refused: the pinned DeepSpeed no longer ships OnebitLamb (message names the version)
 
-Elementwise optimizers are layout-free: any tp / pp / dp / ZeRO stage gives the single-rank step. The
-others need whole tensors: they run with the parameters themselves (fp32, ZeRO stage 0; DeepSpeed's ZeRO
-and bf16/fp16 optimizers hand the optimizer flat buffers cut at arbitrary offsets), and tensor-parallel
-shards are gathered (full_matrix.py). LAMB only needs per-tensor norms: it sums them over its fragments of
+Elementwise optimizers are layout-free: any tp / pp / dp / ZeRO stage gives the single-rank step (the
+schedule-free ones at ZeRO 0-2: their eval/train switch refreshes the model from ZeRO's partitions). The
+others need whole tensors: they run with the parameters themselves (fp32; DeepSpeed's ZeRO and bf16/fp16
+optimizers hand the optimizer flat buffers cut at arbitrary offsets, and full_matrix.py says why DeepSpeed's
+own ZeRO Muon is no substitute), tensor-parallel shards are gathered, and --zero-stage 1 partitions their
+state by whole parameters over DeepSpeed's stage 0 (full_matrix.py, `deepspeed_zero_stage`). LAMB only needs per-tensor norms: it sums them over its fragments of
 ZeRO-1/2 / bf16 partitions and over tp (lamb.py), so it runs at any stage but 3. What cannot be made exact is
 refused by `optimizer_errors`, naming the flags.
 """
@@ -41,6 +44,8 @@ from megatron.config.optimizer_args import OPTIMIZER_CHOICES
 ELEMENTWISE = ("adam", "adamw", "apex.adam", "sgd", "apex.sgd", "adamwschedulefree", "sgdschedulefree",
                "adopt", "sophiag")
 WHOLE_TENSOR = ("ds.fusedlamb", "ipex.lamb", "ipex.fusedlamb", "muon", "muonclip", "galoreadamw", "dshampooadamw")
+# whole matrices: ZeRO-1 partitions them by whole parameters (full_matrix.py), DeepSpeed runs stage 0
+WHOLE_MATRIX = ("muon", "muonclip", "galoreadamw", "dshampooadamw")
 SCHEDULE_FREE = ("adamwschedulefree", "sgdschedulefree")
 # 8-bit state (bitsandbytes) is quantised in blocks of each tensor's flat elements: a tp shard or a ZeRO
 # partition has other blocks than the whole tensor, so these run only where the optimizer sees whole,
@@ -98,17 +103,26 @@ def optimizer_errors(run, device_type: str = "cpu", world_size: Optional[int] = 
         if (prec.fp16 or prec.bf16) and zero.zero_stage == 0:
             errors.append(f"--optimizer {name} with --{'fp16' if prec.fp16 else 'bf16'} needs --zero-stage 1 or 2 "
                           "(it reads each tensor's place in the flat buffers from ZeRO's partitions), or fp32")
-    elif name in WHOLE_TENSOR or name in SCHEDULE_FREE:
-        why = ("needs whole tensors" if name in WHOLE_TENSOR
-               else "switches the model between its train and eval weights")
-        if zero.zero_stage > 0:
-            errors.append(f"--optimizer {name} {why}, but --zero-stage {zero.zero_stage} hands the optimizer flat "
-                          "partitions of all parameters cut at arbitrary offsets; use --zero-stage 0 "
-                          "(or an elementwise optimizer: adam, adamw, sgd, adopt, sophiag)")
+    elif name in SCHEDULE_FREE:
+        if zero.zero_stage == 3:
+            errors.append(f"--optimizer {name} switches the model between its train and eval weights, which at "
+                          "ZeRO-1/2 is refreshed from the optimizer's fp32 partitions; ZeRO-3 partitions the "
+                          "parameters themselves and has no such refresh: use --zero-stage 0, 1 or 2")
+        if (prec.fp16 or prec.bf16) and zero.zero_stage == 0:
+            errors.append(f"--optimizer {name} with --{'fp16' if prec.fp16 else 'bf16'} needs --zero-stage 1 or 2 "
+                          "(the eval/train switch refreshes the model from ZeRO's fp32 partitions), or fp32")
+    elif name in WHOLE_TENSOR:
+        if zero.zero_stage > 1:
+            errors.append(f"--optimizer {name} needs whole matrices, but --zero-stage {zero.zero_stage} hands the "
+                          "optimizer flat partitions cut at arbitrary offsets (DeepSpeed's own ZeRO Muon "
+                          "orthogonalises tp shards in fp16/bf16: not the single-rank step; see "
+                          "megatron/optimizer/full_matrix.py); use --zero-stage 1 (partitioned by whole "
+                          "parameters) or 0, or an elementwise optimizer (adam, adamw, sgd, adopt, sophiag, "
+                          "adamwschedulefree)")
         if prec.bf16 or prec.fp16:
-            errors.append(f"--optimizer {name} {why}, but DeepSpeed's {'bf16' if prec.bf16 else 'fp16'} optimizer "
-                          "hands it flat fp32 copies of all parameters; train in fp32 (drop --bf16/--fp16) or "
-                          "use an elementwise optimizer (adam, adamw, sgd, adopt, sophiag)")
+            errors.append(f"--optimizer {name} needs whole matrices, but DeepSpeed's {'bf16' if prec.bf16 else 'fp16'} "
+                          "optimizer hands it flat fp32 copies of all parameters; train in fp32 (drop --bf16/--fp16) "
+                          "or use an elementwise optimizer (adam, adamw, sgd, adopt, sophiag, adamwschedulefree)")
     if name in SCHEDULE_FREE and opt.lr_decay_style != "constant":
         errors.append(f"--optimizer {name} replaces the LR decay by iterate averaging: use --lr-decay-style "
                       f"constant (got {opt.lr_decay_style}); warmup comes from --lr-warmup-*")
@@ -124,6 +138,13 @@ def optimizer_errors(run, device_type: str = "cpu", world_size: Optional[int] = 
         errors.append(f"--weight-decay-incr-style {opt.weight_decay_incr_style} is not supported with "
                       f"--optimizer {name}; use constant")
     return errors
+
+
+def deepspeed_zero_stage(run) -> int:
+    """The ZeRO stage DeepSpeed's engine runs: --zero-stage, except that a whole-matrix optimizer at
+    --zero-stage 1 partitions its state by whole parameters itself (full_matrix.py) over DeepSpeed's stage 0."""
+    stage = run.training.zero.zero_stage
+    return 0 if stage == 1 and run.training.optimizer.optimizer in WHOLE_MATRIX else stage
 
 
 def _onebitlamb_reason() -> str:
@@ -282,6 +303,14 @@ def build_optimizer(run, model: torch.nn.Module, ps=None, device_type: str = "cp
                  f"{vendor}'s formula")
         return Lamb(groups, lr=opt.lr, betas=betas, eps=opt.adam_eps, weight_decay=opt.weight_decay,
                     tp_group=tp.get("tp_group"), tp_size=tp.get("tp_size", 1), **bounds)
+    if run.training.zero.zero_stage == 1 and ps is not None and ps.dp_size * ps.sp_size > 1:
+        import torch.distributed as dist
+
+        log_once(f"--optimizer {name} --zero-stage 1: optimizer state partitioned by whole parameters over the "
+                 f"{ps.dp_size * ps.sp_size} data-parallel ranks (megatron/optimizer/full_matrix.py; DeepSpeed "
+                 "runs ZeRO stage 0)")
+        tp = {**tp, "dp_group": ps.sdp_group, "dp_size": ps.dp_size * ps.sp_size,
+              "dp_rank": dist.get_rank(ps.sdp_group)}
     return _build_full_matrix(name, opt, groups, model, tp, ps)
 
 

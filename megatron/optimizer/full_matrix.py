@@ -19,6 +19,23 @@ for those tensors); one all-gather per matrix per step. Parameters that are not 
 embeddings, the output layer) go to an elementwise optimizer and are never gathered.
 
 Checkpoints hold the library optimizers' state dicts (over full matrices, identical on every tp rank).
+
+ZeRO. DeepSpeed's ZeRO-1/2 and its bf16/fp16 optimizers hand the optimizer one flat fp32 partition per param
+group per dp rank, cut at arbitrary offsets, so no rank holds a whole matrix (nor whole rows of one).
+DeepSpeed 0.19's own "Muon in ZeRO-1/2" (stage_1_and_2 with its MuonWithAuxAdam, selected through a DeepSpeed
+config 'optimizer' section) orthogonalises each local gradient tensor before partitioning it: under tp that
+tensor is a shard, its Newton-Schulz runs in fp16/bf16, and it is Muon only (not GaLore, Shampoo or
+torch.optim.Muon's update), so it is not the single-rank step. Here --zero-stage 1 partitions the optimizer
+state by whole parameters instead ("own whole matrices" of DESIGN.md, over the sp × dp group):
+  - DeepSpeed runs stage 0 (`deepspeed_zero_stage`): it all-reduces every gradient, as ZeRO-1 does;
+  - each parameter is owned by one rank (largest first, to the least loaded rank); the inner optimizers hold
+    the owned parameters only, with their state and (tp-split matrices) their full copies: ~1/dp of the state;
+  - each rank steps what it owns, then each owner broadcasts its parameters to the group (one broadcast per
+    owner per step), so every replica holds the single-rank update;
+  - `state_dict` numbers each parameter's state by its place in the param groups and gathers the owners'
+    states (all_gather_object over the group), so the checkpoint layout is the same at any dp size and at
+    ZeRO-0, and `load_state_dict` keeps the owned entries.
+ZeRO-2 (gradient partitions) / ZeRO-3 and bf16/fp16 stay refused by `optimizer_errors`, naming the flags.
 """
 
 from __future__ import annotations
@@ -53,28 +70,41 @@ class FullMatrixOptimizer(torch.optim.Optimizer):
     make_matrix(groups) / make_other(groups) build the inner optimizers from param groups whose 'params' are
     the copies / the parameters; each outer group's lr and weight_decay are copied to its inner groups
     before every step, so the LR and weight-decay schedules act on the outer groups as usual.
+
+    dp_group / dp_size / dp_rank (ZeRO-1 by whole parameters, see the module docstring): each parameter is
+    owned by one rank of that group (largest first, to the least loaded rank); the inner optimizers hold
+    only the owned parameters (and their state), and after the step each owner broadcasts its parameters.
     """
 
     def __init__(self, param_groups: list[dict], is_matrix: Callable[[torch.nn.Parameter], bool],
                  make_matrix: Callable[[list[dict]], torch.optim.Optimizer],
                  make_other: Callable[[list[dict]], torch.optim.Optimizer],
-                 tp_group=None, tp_size: int = 1, tp_rank: int = 0):
+                 tp_group=None, tp_size: int = 1, tp_rank: int = 0,
+                 dp_group=None, dp_size: int = 1, dp_rank: int = 0):
         super().__init__(param_groups, {})
         self.tp_group, self.tp_size, self.tp_rank = tp_group, tp_size, tp_rank
-        self._copies: dict[int, torch.Tensor] = {}  # id(param) -> full-size copy (tp-split matrices only)
-        self._pairs: list[tuple[torch.nn.Parameter, torch.Tensor]] = []  # (param, copy or param itself)
+        self.dp_group, self.dp_size, self.dp_rank = dp_group, dp_size, dp_rank
+        self._params = [p for group in self.param_groups for p in group["params"]]  # the state's numbering
+        self._owner = owners([p.numel() for p in self._params], dp_size)
+        owned = {id(p) for p, owner in zip(self._params, self._owner) if owner == dp_rank}
+        self._copies: dict[int, torch.Tensor] = {}  # id(param) -> full-size copy (owned tp-split matrices only)
+        self._pairs: list[tuple[torch.nn.Parameter, torch.Tensor]] = []  # (param, copy or param itself), owned
+        self._numbers: dict[str, list[int]] = {"matrix": [], "other": []}  # inner param order -> state number
+        number = {id(p): i for i, p in enumerate(self._params)}
         matrix_groups, other_groups, self._links = [], [], []
         for index, group in enumerate(self.param_groups):
             hyper = {k: v for k, v in group.items() if k != "params"}
-            matrices = [p for p in group["params"] if is_matrix(p)]
-            others = [p for p in group["params"] if not is_matrix(p)]
-            if matrices:
-                proxies = [self._proxy(p) for p in matrices]
-                matrix_groups.append({**hyper, "params": proxies})
-                self._links.append((index, "matrix", len(matrix_groups) - 1))
-            if others:
-                other_groups.append({**hyper, "params": others})
-                self._links.append((index, "other", len(other_groups) - 1))
+            mine = [p for p in group["params"] if id(p) in owned]
+            for kind, params, inner_groups in (("matrix", [p for p in mine if is_matrix(p)], matrix_groups),
+                                               ("other", [p for p in mine if not is_matrix(p)], other_groups)):
+                if not params:
+                    continue
+                proxies = [self._proxy(p) for p in params] if kind == "matrix" else params
+                if kind == "other":
+                    self._pairs.extend((p, p) for p in params)
+                inner_groups.append({**hyper, "params": proxies})
+                self._numbers[kind].extend(number[id(p)] for p in params)
+                self._links.append((index, kind, len(inner_groups) - 1))
         self.matrix = make_matrix(matrix_groups) if matrix_groups else None
         self.other = make_other(other_groups) if other_groups else None
         self._stale = True  # copies must be (re)gathered from the shards before the next step
@@ -109,6 +139,23 @@ class FullMatrixOptimizer(torch.optim.Optimizer):
         size = param.shape[param.partition_dim]
         return copy.narrow(param.partition_dim, self.tp_rank * size, size)
 
+    def _broadcast_from_owners(self) -> None:
+        """Every rank of the dp group gets the parameters the others stepped (one broadcast per owner)."""
+        for owner in range(self.dp_size):
+            params = [p for p, o in zip(self._params, self._owner) if o == owner]
+            if not params:
+                continue
+            if owner == self.dp_rank:
+                flat = torch.cat([p.detach().reshape(-1) for p in params])
+            else:
+                flat = torch.empty(sum(p.numel() for p in params), dtype=params[0].dtype, device=params[0].device)
+            dist.broadcast(flat, src=dist.get_global_rank(self.dp_group, owner), group=self.dp_group)
+            if owner != self.dp_rank:
+                offset = 0
+                for p in params:
+                    p.detach().copy_(flat[offset:offset + p.numel()].view_as(p))
+                    offset += p.numel()
+
     @torch.no_grad()
     def step(self, closure=None):
         if closure is not None:
@@ -132,6 +179,8 @@ class FullMatrixOptimizer(torch.optim.Optimizer):
             if copy is not param:
                 param.copy_(self._slice(param, copy))
                 copy.grad = None
+        if self.dp_size > 1:
+            self._broadcast_from_owners()
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         for group in self.param_groups:
@@ -144,25 +193,82 @@ class FullMatrixOptimizer(torch.optim.Optimizer):
 
     # ---- checkpoints -------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        return {
-            "matrix": None if self.matrix is None else self.matrix.state_dict(),
-            "other": None if self.other is None else self.other.state_dict(),
-            "param_groups": [{k: v for k, v in g.items() if k != "params"} for g in self.param_groups],
-        }
+        """One layout whatever the dp partitioning: each parameter's inner state under its number (its place
+        in the outer param groups), and each outer group's inner group settings (collective over dp when
+        partitioned: the owners' states are gathered)."""
+        local = {"state": {}, "groups": {}}
+        for kind, inner in (("matrix", self.matrix), ("other", self.other)):
+            if inner is None:
+                continue
+            packed = inner.state_dict()
+            for position, saved in packed["state"].items():
+                local["state"][self._numbers[kind][position]] = (kind, _to_cpu(saved))
+        for index, kind, inner_index in self._links:
+            inner = self.matrix if kind == "matrix" else self.other
+            local["groups"][(index, kind)] = {k: v for k, v in inner.param_groups[inner_index].items()
+                                              if k != "params"}
+        if self.dp_size > 1:
+            parts = [None] * self.dp_size
+            dist.all_gather_object(parts, local, group=self.dp_group)
+            merged = {"state": {}, "groups": {}}
+            for part in parts:
+                merged["state"].update(part["state"])
+                for key, value in part["groups"].items():
+                    merged["groups"].setdefault(key, value)
+            local = merged
+        return {"format": "full_matrix/2", "state": local["state"], "inner_groups": local["groups"],
+                "param_groups": [{k: v for k, v in g.items() if k != "params"} for g in self.param_groups]}
 
     def load_state_dict(self, state: dict) -> None:
-        for key in ("matrix", "other", "param_groups"):
-            if key not in state:
-                raise ValueError(f"optimizer state lacks {key!r}: it was not written by this optimizer")
-        if (state["matrix"] is None) != (self.matrix is None) or (state["other"] is None) != (self.other is None):
-            raise ValueError("optimizer state holds other parameter kinds than this model's")
-        if self.matrix is not None:
-            self.matrix.load_state_dict(state["matrix"])
-        if self.other is not None:
-            self.other.load_state_dict(state["other"])
+        if state.get("format") != "full_matrix/2":
+            raise ValueError("optimizer state was not written by this optimizer (megatron.optimizer.full_matrix, "
+                             "format full_matrix/2)")
+        if len(state["param_groups"]) != len(self.param_groups):
+            raise ValueError("optimizer state holds other parameter groups than this model's")
+        for kind, inner in (("matrix", self.matrix), ("other", self.other)):
+            if inner is None:
+                continue
+            packed = {"state": {}, "param_groups": []}
+            for position, number in enumerate(self._numbers[kind]):
+                if number in state["state"]:
+                    saved_kind, saved = state["state"][number]
+                    if saved_kind != kind:
+                        raise ValueError("optimizer state holds other parameter kinds than this model's")
+                    packed["state"][position] = saved
+            position = 0
+            for index, link_kind, inner_index in self._links:
+                if link_kind != kind:
+                    continue
+                count = len(inner.param_groups[inner_index]["params"])
+                saved = state["inner_groups"].get((index, kind))
+                if saved is None:
+                    raise ValueError("optimizer state holds other parameter kinds than this model's")
+                packed["param_groups"].append({**saved, "params": list(range(position, position + count))})
+                position += count
+            inner.load_state_dict(packed)
         for group, saved in zip(self.param_groups, state["param_groups"]):
             group.update(saved)
         self._stale = True  # the shards were (or are about to be) loaded: gather the copies again
+
+
+def owners(sizes: list[int], ranks: int) -> list[int]:
+    """The rank that owns each parameter: largest first, each to the least loaded rank (ties: lowest rank)."""
+    load, owner = [0] * ranks, [0] * len(sizes)
+    for i in sorted(range(len(sizes)), key=lambda i: (-sizes[i], i)):
+        rank = min(range(ranks), key=lambda r: (load[r], r))
+        owner[i] = rank
+        load[rank] += sizes[i]
+    return owner
+
+
+def _to_cpu(value):
+    if torch.is_tensor(value):
+        return value.detach().cpu()
+    if isinstance(value, dict):
+        return {k: _to_cpu(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_to_cpu(v) for v in value)
+    return value
 
 
 def tp_arguments(ps: Optional[object]) -> dict:

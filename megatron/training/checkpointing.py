@@ -480,7 +480,9 @@ def checkpoint_contents(directory: str) -> dict:
 
 def check_checkpoint_contents(directory: str, *, load_optim: bool, load_rng: bool, finetune: bool) -> None:
     """Refuse to resume state a checkpoint does not hold (saved with --no-save-optim / --no-save-rng), naming
-    the flag that starts that state fresh instead."""
+    the flag that starts that state fresh instead: a ConfigError (the same verdict on every rank, said once)."""
+    from megatron.config.arguments import ConfigError
+
     if finetune:
         return
     contents = checkpoint_contents(directory)
@@ -492,7 +494,7 @@ def check_checkpoint_contents(directory: str, *, load_optim: bool, load_rng: boo
         missing.append("no RNG states (saved with --no-save-rng): resume it with --no-load-rng (random streams "
                        "start fresh from --seed)")
     if missing:
-        raise CheckpointError(f"{directory} holds " + "; and ".join(missing))
+        raise ConfigError(f"{directory} holds " + "; and ".join(missing))
 
 
 @contextlib.contextmanager

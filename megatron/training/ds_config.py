@@ -81,9 +81,11 @@ def generate_deepspeed_config(run: RunConfig, dp_size: int, device_type: Optiona
 
 
 def _zero_section(run: RunConfig, accelerator: bool) -> dict:
+    from megatron.optimizer import deepspeed_zero_stage
+
     zero = run.training.zero
-    section = {"stage": zero.zero_stage}
-    if zero.zero_stage == 0:
+    section = {"stage": deepspeed_zero_stage(run)}  # 0 when the optimizer partitions its state itself
+    if section["stage"] == 0:
         return section
     bucket = int(run.args.get("zero_reduce_bucket_size") or DEFAULT_BUCKET_SIZE)
     section.update({"contiguous_gradients": True, "overlap_comm": accelerator, "reduce_scatter": True,

@@ -271,27 +271,42 @@ class TrainingEngine:
 
     @property
     def _schedule_free(self):
+        """(schedule-free optimizer, DeepSpeed wrapper holding its fp32 partitions or None), or None.
+
+        Under ZeRO-1/2 (and bf16) DeepSpeed steps our optimizer on flat fp32 partitions and copies them into the
+        model after each step; the eval/train switch moves those partitions, so the model is refreshed from
+        them the same way (the wrapper's update_lp_params: copy + all-gather over dp)."""
         optimizer = getattr(self.engine, "optimizer", None)
-        return optimizer if hasattr(optimizer, "in_train_mode") else None
+        if hasattr(optimizer, "in_train_mode"):
+            return optimizer, None
+        inner = getattr(optimizer, "optimizer", None)
+        if hasattr(inner, "in_train_mode"):
+            return inner, optimizer
+        return None
+
+    def _switch(self, to_eval: bool) -> None:
+        optimizer, wrapper = self._schedule_free
+        optimizer.eval() if to_eval else optimizer.train()
+        if wrapper is not None:
+            wrapper.update_lp_params()
 
     @contextlib.contextmanager
     def eval_weights(self):
         """Inside: the parameters are what evaluation and export should see (a schedule-free optimizer's
         averaged x; every other optimizer's parameters as they are)."""
-        optimizer = self._schedule_free
-        if optimizer is None:
+        if self._schedule_free is None:
             yield
             return
-        optimizer.eval()
+        self._switch(to_eval=True)
         try:
             yield
         finally:
-            optimizer.train()
+            self._switch(to_eval=False)
 
     def train_weights(self) -> None:
         """After a load: a schedule-free optimizer saved in eval mode goes back to its training weights."""
         if self._schedule_free is not None:
-            self._schedule_free.train()
+            self._switch(to_eval=False)
 
     def _inputs(self, batch: dict) -> ModelInputs:
         return prepare_batch(batch, self.ps, self.device, self.eod_token, self.reset_position_ids,
