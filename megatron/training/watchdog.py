@@ -129,13 +129,12 @@ class Watchdog:
     def __init__(self, rank: int, world_size: int, factor: float, min_seconds: float, timeout_s: float,
                  printer: Callable[[str], None] = lambda line: print(line, file=sys.stderr, flush=True),
                  period_s: float = 1.0, store=None, exit_fn: Callable[[int], None] = os._exit,
-                 min_interval_s: Optional[float] = None, end_stopped_peers: bool = True):
+                 min_interval_s: Optional[float] = None):
         self.rank, self.world_size = rank, world_size
         self.factor, self.min_seconds, self.timeout_s = factor, min_seconds, timeout_s
         self.printer, self.period_s, self.exit_fn = printer, period_s, exit_fn
         self.min_interval_s = (max(MIN_INTERVAL_S, world_size / STORE_BEATS_PER_S) if min_interval_s is None
                                else min_interval_s)
-        self.end_stopped_peers = end_stopped_peers
         self.store = store
         self.key = heartbeat_key(rank)
         self.identity = process_identity()
@@ -273,8 +272,6 @@ class Watchdog:
 
     def _stopped_here(self, stale: dict) -> dict:
         """{rank: beat} of the ranks whose heartbeat stopped because they are stopped processes on this node."""
-        if not self.end_stopped_peers:
-            return {}
         return {r: b for r, b in stale.items() if r != self.rank and stopped_on_this_node(b, self.identity)}
 
     def _end(self, stopped: dict) -> None:

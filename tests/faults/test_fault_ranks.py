@@ -200,6 +200,20 @@ def _sleeper():
     return subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
 
 
+def _stopped_peer_beat(store, proc):
+    """SIGSTOP `proc` and publish a stale heartbeat of it as rank 1's."""
+    import json
+
+    from megatron.training.watchdog import heartbeat_key, process_identity
+
+    stale = time.time() - 60
+    store.set(heartbeat_key(1), json.dumps({"t": stale, "phase": "backward", "iteration": 4, "since": stale,
+                                            **process_identity(proc.pid)}))
+    proc.send_signal(signal.SIGSTOP)
+    while open(f"/proc/{proc.pid}/stat").read().rsplit(")", 1)[1].split()[0] != "T":
+        time.sleep(0.05)
+
+
 @pytest.mark.skipif(not os.path.exists("/proc/self/stat"), reason="reads /proc (Linux)")
 def test_only_a_stopped_process_on_this_node_that_is_still_the_ranks_is_ended():
     from megatron.training.watchdog import end_stopped, process_identity, stopped_on_this_node
@@ -222,20 +236,14 @@ def test_only_a_stopped_process_on_this_node_that_is_still_the_ranks_is_ended():
         proc.wait()
 
 
+@pytest.mark.skipif(not os.path.exists("/proc/self/stat"), reason="reads /proc (Linux)")
 def test_the_watchdog_ends_a_stopped_peer_on_its_node_after_its_report_then_exits_3():
-    import json
-
-    from megatron.training.watchdog import EXIT_HANG, Watchdog, heartbeat_key, process_identity
+    from megatron.training.watchdog import EXIT_HANG, Watchdog
 
     peer = _sleeper()
     try:
         store, events = _DictStore(), []
-        stale = time.time() - 60
-        store.set(heartbeat_key(1), json.dumps({"t": stale, "phase": "backward", "iteration": 4, "since": stale,
-                                                **process_identity(peer.pid)}))
-        peer.send_signal(signal.SIGSTOP)
-        while open(f"/proc/{peer.pid}/stat").read().rsplit(")", 1)[1].split()[0] != "T":
-            time.sleep(0.05)
+        _stopped_peer_beat(store, peer)
         watchdog = Watchdog(0, 2, factor=10, min_seconds=5, timeout_s=60, store=store,
                             printer=lambda line: events.append(("report", line, peer.poll())),
                             exit_fn=lambda code: events.append(("exit", code, peer.poll())))
@@ -245,6 +253,26 @@ def test_the_watchdog_ends_a_stopped_peer_on_its_node_after_its_report_then_exit
         assert "stuck rank(s): 1" in report and "ending rank(s) 1 with SIGKILL" in report, report
         assert f"pid {peer.pid} on " in report, report
         assert (kind2, code) == ("exit", EXIT_HANG)
+        assert peer.wait(timeout=60) == -signal.SIGKILL
+    finally:
+        peer.kill()
+        peer.wait()
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/stat"), reason="reads /proc (Linux)")
+def test_a_failed_collective_names_a_stopped_peer_and_ends_it_only_once_the_message_is_reported():
+    from megatron.training.watchdog import CollectiveFailure, Watchdog
+
+    peer = _sleeper()
+    try:
+        store = _DictStore()
+        _stopped_peer_beat(store, peer)
+        watchdog = Watchdog(0, 2, factor=10, min_seconds=5, timeout_s=60, store=store)
+        failure = CollectiveFailure(watchdog.describe_failure(RuntimeError("Timed out waiting 60000ms")),
+                                    watchdog.end_stopped_ranks)
+        assert "rank(s) not answering: 1" in str(failure) and "ending rank(s) 1 with SIGKILL" in str(failure)
+        assert peer.poll() is None  # not before pretrain_gpt.py has printed the message
+        failure.after_report()
         assert peer.wait(timeout=60) == -signal.SIGKILL
     finally:
         peer.kill()
