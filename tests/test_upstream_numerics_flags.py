@@ -353,3 +353,21 @@ def test_muonclip_max_logits_count_only_the_pairs_a_document_mask_allows():
         expected = scores.masked_fill(~allowed, float("-inf")).amax(dim=(0, 2, 3))
         torch.testing.assert_close(found[name], expected, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(found["causal"], found["documents"])
+
+
+def test_data_parallel_random_init_refuses_a_checkpoint_saved_without_it(tmp_path):
+    """Upstream's check_checkpoint_args: --data-parallel-random-init resumes only a checkpoint saved with it."""
+    from megatron.optimizer.checkpoint_check import check_data_parallel_random_init
+
+    for tag, saved in (("without", False), ("with", True), ("older", None)):
+        (tmp_path / tag).mkdir()
+        args = {"optimizer": "adamw"} if saved is None else {"data_parallel_random_init": saved}
+        torch.save({"args": args}, tmp_path / tag / "mp_rank_00_model_states.pt")
+    run = parse_args(LLAMA + ["--data-parallel-random-init"])
+    with pytest.raises(ConfigError, match="--data-parallel-random-init is given, but checkpoint without was saved"):
+        check_data_parallel_random_init(str(tmp_path), run, "without")
+    check_data_parallel_random_init(str(tmp_path), run, "with")
+    check_data_parallel_random_init(str(tmp_path), run, "older")  # records no value: nothing to compare
+    check_data_parallel_random_init(str(tmp_path), parse_args(LLAMA + ["--data-parallel-random-init", "--finetune"]),
+                                    "without")
+    check_data_parallel_random_init(str(tmp_path), parse_args(LLAMA), "with")  # upstream compares only with the flag

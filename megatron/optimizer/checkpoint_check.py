@@ -18,15 +18,32 @@ from megatron.config.arguments import ConfigError
 _SAME = {"apex.adam": "adamw", "apex.sgd": "sgd", "ipex.fusedlamb": "ipex.lamb"}
 
 
-def checkpoint_optimizer_name(load_dir: str, tag: str) -> str | None:
-    """The --optimizer recorded in checkpoint `tag` under `load_dir`, or None when it records none."""
+def checkpoint_saved_args(load_dir: str, tag: str) -> dict | None:
+    """The run's arguments recorded in checkpoint `tag` under `load_dir`, or None when it records none."""
     path = os.path.join(load_dir, tag, "mp_rank_00_model_states.pt")
     if not os.path.isfile(path):
         return None  # a converted or universal checkpoint: weights only, nothing to compare
     state = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
     args = state.get("args") if isinstance(state, dict) else None
-    name = args.get("optimizer") if isinstance(args, dict) else None
+    return args if isinstance(args, dict) else None
+
+
+def checkpoint_optimizer_name(load_dir: str, tag: str) -> str | None:
+    """The --optimizer recorded in checkpoint `tag` under `load_dir`, or None when it records none."""
+    name = (checkpoint_saved_args(load_dir, tag) or {}).get("optimizer")
     return str(name) if name else None
+
+
+def check_data_parallel_random_init(load_dir: str, run, tag: str) -> None:
+    """Upstream's check_checkpoint_args: with --data-parallel-random-init, the checkpoint must come from a run
+    that had it too (each data-parallel rank's RNG streams differ only then)."""
+    if not run.training.data_parallel_random_init or run.checkpoint.finetune:
+        return
+    saved = (checkpoint_saved_args(load_dir, tag) or {}).get("data_parallel_random_init")
+    if saved is not None and not saved:
+        raise ConfigError(f"--load {load_dir}: --data-parallel-random-init is given, but checkpoint {tag} was saved "
+                          "by a run without it (as upstream, the two must match); drop the flag to resume, or pass "
+                          "--finetune to start a new run from these weights")
 
 
 ADAM_STATE = ("adam", "adamw", "apex.adam")  # what the converters and resharding carry across layouts

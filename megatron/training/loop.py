@@ -28,7 +28,7 @@ from megatron.training.checkpointing import (TrainingProgress, check_checkpoint_
                                              save_checkpoint)
 from megatron.training.engine import TrainingEngine, build_engine, check_engine_config
 from megatron.training.lr_schedule import check_lr_schedule
-from megatron.optimizer.checkpoint_check import check_optimizer_state
+from megatron.optimizer.checkpoint_check import check_data_parallel_random_init, check_optimizer_state
 from megatron.training.metrics import throughput
 from megatron.training.numerics import EXIT_NUMERICAL, NanCheck, guard_plain_optimizer
 from megatron.training.signals import ExitConditions
@@ -288,6 +288,7 @@ def train(run: RunConfig, ps: ParallelState, device: torch.device, tracker: Opti
         if load_tag is not None:
             check_optimizer_state(ckpt.load, run, load_tag, ps)  # another optimizer's state: refused unless
             # --finetune/--no-load-optim
+            check_data_parallel_random_init(ckpt.load, run, load_tag)
             progress = load_checkpoint(te, ckpt.load, device, run=run, load_optim=not ckpt.no_load_optim,
                                        load_rng=not ckpt.no_load_rng, finetune=ckpt.finetune,
                                        set_tracker_states=rng_tracker.set_states, tag=load_tag, log=printer,
