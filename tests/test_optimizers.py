@@ -319,7 +319,6 @@ def test_lamb_runs_on_zero_1_2_and_bf16_partitions_but_refuses_zero_3(name):
 
 @pytest.mark.parametrize("name, message", [
     ("galoreadamw8bit", "runs on CUDA only"), ("galoreadamw8bitperlayer", "runs on CUDA only"),
-    ("ds.onebitlamb", "does not ship OnebitLamb"),
 ])
 def test_unavailable_optimizers_are_refused_with_their_reason(name, message):
     assert message in _errors("--optimizer", name)

@@ -34,7 +34,8 @@ def add_optimizer_arguments(g) -> None:
     """The optimizer choice, its hyperparameters and the schedule flags beyond the basic LR ones."""
     g.add_argument("--optimizer", type=str.lower, choices=OPTIMIZER_CHOICES, default="adam",
                    help="adam: torch Adam with L2 weight decay (upstream's); adamw: decoupled weight decay; "
-                        "see docs/OPTIMIZERS.md for what each name runs here")
+                        "see docs/OPTIMIZERS.md for what each name runs here (ds.onebitlamb: 1-bit LAMB with "
+                        "upstream's settings, freeze_step 1000, max/min coeff 0.3/0.01; fp32, ZeRO-0, --clip-grad 0)")
     g.add_argument("--cpu-torch-adam", "--cpu_torch_adam", dest="cpu_torch_adam", action="store_true",
                    help="with --cpu-optimizer: step with torch.optim.AdamW on the CPU instead of DeepSpeedCPUAdam "
                         "(upstream's meaning; needs --cpu-optimizer)")

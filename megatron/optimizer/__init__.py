@@ -21,7 +21,9 @@ where one is right, or to a module of this package where none is (the module say
     galoreadamw8bitperlayer  galoreadamw8bit stepped per parameter in backward   one rank, no accumulation,
                            (per_layer.py; CUDA only)                              no clipping, fp32
     dshampooadamw          pytorch_optimizer.ScalableShampoo, RMSProp grafting     as muon
-    ds.onebitlamb          refused: the pinned DeepSpeed no longer ships OnebitLamb (message names the version)
+    ds.onebitlamb          onebit_lamb.OnebitLamb (DeepSpeed's is gone from the   whole tensors: fp32, ZeRO-0, tp = pp
+                           pinned DeepSpeed): LAMB, then 1-bit compressed         = 1, no clipping; averages the dp
+                           momentum averaging with error feedback                 momentum itself after freeze_step
 
 Elementwise optimizers are layout-free: any tp / pp / dp / ZeRO stage gives the single-rank step (the
 schedule-free ones at ZeRO 0-2: their eval/train switch refreshes the model from ZeRO's partitions). The
@@ -79,7 +81,7 @@ def optimizer_errors(run, device_type: str = "cpu", world_size: Optional[int] = 
     if name not in OPTIMIZER_CHOICES:
         return [f"--optimizer {name!r} is not one of {', '.join(OPTIMIZER_CHOICES)}"]
     if name == "ds.onebitlamb":
-        return [f"--optimizer ds.onebitlamb: {_onebitlamb_reason()}"]
+        return _onebitlamb_errors(run)
     if zero.cpu_optimizer and name not in ("adam", "adamw", "apex.adam"):
         errors.append(f"--cpu-optimizer steps with DeepSpeedCPUAdam; it cannot run --optimizer {name} "
                       "(use adam or adamw, or drop --cpu-optimizer)")
@@ -147,23 +149,31 @@ def deepspeed_zero_stage(run) -> int:
     return 0 if stage == 1 and run.training.optimizer.optimizer in WHOLE_MATRIX else stage
 
 
-def _onebitlamb_reason() -> str:
-    try:
-        import deepspeed
+# upstream's 1-bit LAMB settings: ALCF/helpers.sh (generateDSconfig, OPT=ds.onebitlamb) writes these into DeepSpeed's
+# config; upstream has no flags for them. Its hard-coded lr 11e-3 is not taken: --lr and the LR schedule set the lr.
+ONEBIT_LAMB_DEFAULTS = {"freeze_step": 1000, "max_coeff": 0.3, "min_coeff": 0.01, "coeff_beta": 0.9,
+                        "factor_max": 4.0, "factor_min": 0.5, "factor_threshold": 0.1}
 
-        version = deepspeed.__version__
-    except ImportError:
-        return "DeepSpeed is not installed; use --optimizer ds.fusedlamb (exact LAMB)"
-    try:
-        __import__("deepspeed.runtime.fp16.onebit.lamb")
-    except ImportError:
-        return (f"the installed DeepSpeed {version} does not ship OnebitLamb (it has no "
-                "deepspeed.runtime.fp16.onebit, where DeepSpeed kept its 1-bit optimizers), so it cannot run with this "
-                "install on any device; use --optimizer ds.fusedlamb (exact LAMB, any ZeRO stage but 3)")
-    return (f"DeepSpeed {version}'s OnebitLamb replaces the engine's data-parallel gradient all-reduce by its own "
-            "compressed one (NCCL or MPI with cupy on CUDA) and is enabled only through a DeepSpeed config "
-            "'optimizer' section, which this framework builds itself from --optimizer; it is not wired here. Use "
-            "--optimizer ds.fusedlamb (exact LAMB, any ZeRO stage but 3)")
+
+def _onebitlamb_errors(run) -> list[str]:
+    """What 1-bit LAMB (megatron/optimizer/onebit_lamb.py) cannot run, naming the flags."""
+    zero, prec, par = run.training.zero, run.training.precision, run.parallel
+    where = [f for f, bad in (
+        (f"--zero-stage {zero.zero_stage} (it averages whole momentum tensors; ZeRO partitions them)",
+         zero.zero_stage > 0),
+        ("--bf16/--fp16 (DeepSpeed's mixed-precision optimizers hand it flat fp32 copies)", prec.bf16 or prec.fp16),
+        ("--cpu-optimizer", zero.cpu_optimizer),
+        (f"--tensor-model-parallel-size {par.tp} (its trust ratio and factor need whole tensors)", par.tp > 1),
+        (f"--pipeline-model-parallel-size {par.pp} (DeepSpeed's pipeline engine reduces the gradients itself)",
+         par.pp > 1),
+        (f"--ds-sequence-parallel-size {par.sp} (Ulysses sums gradients over its group too)", par.sp > 1),
+        (f"--clip-grad {run.training.optimizer.clip_grad} (after freeze_step no rank holds the averaged gradient "
+         "to clip by; pass --clip-grad 0)", bool(run.training.optimizer.clip_grad)),
+    ) if bad]
+    if not where:
+        return []
+    return [f"--optimizer ds.onebitlamb (1-bit LAMB, megatron/optimizer/onebit_lamb.py) runs in fp32 at ZeRO-0 with "
+            f"tp = pp = 1 and no gradient clipping; it cannot run with " + "; ".join(where)]
 
 
 def _per_layer_errors(run, device_type: str, world_size: Optional[int]) -> list[str]:
@@ -293,6 +303,14 @@ def build_optimizer(run, model: torch.nn.Module, ps=None, device_type: str = "cp
         return PerLayerOptimizer(groups, per_layer_galore(opt, model, eight_bit=PER_LAYER_EIGHT_BIT))
     from megatron.optimizer.full_matrix import tp_arguments
 
+    if name == "ds.onebitlamb":
+        from megatron.optimizer.onebit_lamb import OnebitLamb
+
+        hyper = ONEBIT_LAMB_DEFAULTS
+        log_once(f"--optimizer ds.onebitlamb: megatron.optimizer.onebit_lamb.OnebitLamb (DeepSpeed's OnebitLamb "
+                 f"is not in the pinned DeepSpeed), compressed momentum averaging after {hyper['freeze_step']} steps")
+        return OnebitLamb(groups, lr=opt.lr, betas=betas, eps=opt.adam_eps, weight_decay=opt.weight_decay,
+                          dp_group=None if ps is None else ps.dp_group, **hyper)
     tp = tp_arguments(ps)
     if name in ("ds.fusedlamb", "ipex.lamb", "ipex.fusedlamb"):
         from megatron.optimizer.lamb import Lamb

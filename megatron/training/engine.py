@@ -327,8 +327,21 @@ class TrainingEngine:
                 and not self.engine.fp16_enabled())
 
     def _needs_own_grad_norm(self) -> bool:
-        # Without clipping DeepSpeed never calls clip_fp32_gradients, so we compute the norm to report it.
-        return not self.is_pipeline and self._fp32_without_zero() and self.engine.gradient_clipping() == 0
+        # Without clipping DeepSpeed never calls clip_fp32_gradients, so we compute the norm to report it
+        # (not of 1-bit LAMB's local, unaveraged gradients in its compression stage: no rank has the average).
+        return not self.is_pipeline and self._fp32_without_zero() and self.engine.gradient_clipping() == 0 \
+            and self._optimizer_wants_gradient_allreduce()
+
+    def _optimizer_wants_gradient_allreduce(self) -> bool:
+        wants = getattr(self.engine.optimizer, "needs_gradient_allreduce", None)
+        return True if wants is None else wants()
+
+    def _set_gradient_allreduce(self) -> None:
+        """1-bit LAMB (--optimizer ds.onebitlamb) averages compressed momentum itself after its freeze_step: DeepSpeed's
+        backward all-reduce of the gradients (ZeRO-0, dp x sp group) runs only while the optimizer asks for it."""
+        if getattr(self.engine.optimizer, "needs_gradient_allreduce", None) is not None:
+            self.engine.enable_backward_allreduce = self.ps.dp_size * self.ps.sp_size > 1 and \
+                self._optimizer_wants_gradient_allreduce()
 
     def _grad_norm_of_reduced_grads(self) -> float:
         """L2 norm of the dp-reduced gradients of the whole model, each parameter counted once.
@@ -415,6 +428,7 @@ class TrainingEngine:
         else:
             self.engine.train()
             gas = self.gradient_accumulation_steps
+            self._set_gradient_allreduce()
             total = torch.zeros((), dtype=torch.float32, device=self.device)
             forward_backward = timers("forward-backward", 1)
             forward_backward.start()
