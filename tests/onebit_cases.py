@@ -86,15 +86,106 @@ def train_counting_allreduces(rank: int, world_size: int, cases: list, freeze_st
         return real(self, *args, **kwargs)
 
     DeepSpeedEngine.allreduce_gradients = counting
+    from megatron.optimizer.onebit_lamb import OnebitLamb
+
+    built = []
+    real_init = OnebitLamb.__init__
+
+    def recording(self, *args, **kwargs):
+        real_init(self, *args, **kwargs)
+        built.append(self)
+
+    OnebitLamb.__init__ = recording
     out = {}
     for name, argv in cases:
         steps.clear()
+        built.clear()
         out[name] = oc.train_logged(rank, world_size, [(name, argv)])[name]
         out[name]["allreduce_steps"] = sorted(set(steps))
+        if built and "error" not in out[name]:
+            out[name]["copies_agree"] = _copies_agree(built[-1])
     return out
 
 
+def _copies_agree(opt) -> bool:
+    """Whether every copy of a replicated weight is the same on all ranks holding one: all weights over the dp
+    group, the tp-duplicated weights over the tp group, the pipeline-tied weights (compressed alone) over all
+    ranks holding them."""
+    import torch.distributed as dist
+
+    def fingerprint(params):
+        return torch.stack([torch.stack([p.detach().double().sum(), p.detach().double().pow(2).sum()])
+                            for p in params]) if params else torch.zeros(0, 2, dtype=torch.float64)
+
+    every_param = fingerprint(opt._params())  # the dp ranks end with the same weights (one averaged momentum)
+    every = [torch.empty_like(every_param) for _ in range(opt.dp_size)]
+    dist.all_gather(every, every_param, group=opt.dp_group)
+    agree = all(torch.equal(e, every_param) for e in every)
+    if opt.tp_size > 1:
+        mine = fingerprint([p for p in opt._params() if not opt._split(p)])
+        every = [torch.empty_like(mine) for _ in range(opt.tp_size)]
+        dist.all_gather(every, mine, group=opt.tp_group)
+        agree = agree and all(torch.equal(e, mine) for e in every)
+    tied = fingerprint(opt.own_buffer).reshape(-1)
+    width = torch.tensor([tied.numel()])
+    widths = [torch.empty_like(width) for _ in range(dist.get_world_size())]
+    dist.all_gather(widths, width)
+    longest = max(int(w) for w in widths)
+    padded = torch.full((longest,), float("nan"), dtype=torch.float64)
+    padded[:tied.numel()] = tied
+    every = [torch.empty_like(padded) for _ in widths]
+    dist.all_gather(every, padded)
+    held = [e for e, w in zip(every, widths) if int(w) > 0]
+    return agree and all(torch.equal(e, held[0]) for e in held)
+
+
+# tp=2 on fixed tensors: a split matrix whose two row halves differ 10x in scale (so a shard's norms, and
+# maximum, are not the whole tensor's) and a tp-duplicated vector
+TP_SHAPES = [(4, 3), (7,)]
+
+
+def tp_weights() -> list:
+    g = torch.Generator().manual_seed(5)
+    w = [torch.randn(s, generator=g) for s in TP_SHAPES]
+    w[0][:2] *= 10.0
+    return w
+
+
+def tp_grads(step: int) -> list:
+    """The (already dp-averaged) gradients of step `step`: the split matrix's halves swap scale each step."""
+    g = torch.Generator().manual_seed(77 + step)
+    grads = [torch.randn(s, generator=g) for s in TP_SHAPES]
+    grads[0][(step % 2) * 2:(step % 2) * 2 + 2] *= 30.0
+    return grads
+
+
+def step_tp2_fixed_tensors(rank: int, steps: int) -> list:
+    """OnebitLamb at tp=2 (the world of 2 ranks as the tp group, dp=1) for `steps` steps from tp_weights():
+    this rank's weights after each step (its rows of the split matrix, and the whole vector)."""
+    import torch.distributed as dist
+
+    from megatron.optimizer.onebit_lamb import OnebitLamb
+
+    singles = [dist.new_group([r]) for r in range(2)]  # collective: both ranks create both groups
+    rows = slice(2 * rank, 2 * rank + 2)
+    w = tp_weights()
+    params = [torch.nn.Parameter(w[0][rows].clone()), torch.nn.Parameter(w[1].clone())]
+    params[0].tensor_model_parallel = True
+    opt = OnebitLamb([{"params": params}], dp_group=singles[rank], tp_group=None, tp_size=2, **HYPER)
+    history = []
+    for step in range(1, steps + 1):
+        grads = tp_grads(step)
+        params[0].grad, params[1].grad = grads[0][rows].clone(), grads[1].clone()
+        opt.step()
+        history.append([p.detach().clone() for p in params])
+    buffer = io.BytesIO()
+    torch.save(history, buffer)
+    return buffer.getvalue()
+
+
 def dp2_checks(rank: int, world_size: int, steps: int, save_after: list, cases: list, freeze_step: int) -> dict:
-    """step_fixed_tensors and train_counting_allreduces in one launch (spawning ranks costs more than both)."""
+    """step_fixed_tensors, step_tp2_fixed_tensors and train_counting_allreduces in one launch (spawning ranks
+    costs more than all three)."""
     return {"fixed": step_fixed_tensors(rank, world_size, steps, save_after),
+            "tp2_fixed": step_tp2_fixed_tensors(rank, steps),
             "trainings": train_counting_allreduces(rank, world_size, cases, freeze_step)}

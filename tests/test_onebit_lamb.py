@@ -164,8 +164,30 @@ def dp2(tmp_path_factory):
     ckpt = str(tmp_path_factory.mktemp("onebit") / "ckpt")
     cases = [("uninterrupted", flags),
              ("interrupted", flags + ["--save", ckpt, "--save-interval", "100", "--exit-interval", str(EXIT_AT)]),
-             ("resumed", flags + ["--load", ckpt])]
+             ("resumed", flags + ["--load", ckpt]),
+             ("tp2", ec.flags(*ONEBIT, "--train-iters", str(LAYOUT_ITERS), *TP2))]
     return run_ranks(2, obc.dp2_checks, 6, [1, 3], cases, FREEZE, timeout=600)
+
+
+LAYOUT_ITERS = FREEZE + 3  # the loss of iteration k follows k - 1 steps: the last three follow compression steps
+TP2 = ("--tensor-model-parallel-size", "2")
+PP2 = ("--pipeline-model-parallel-size", "2")
+
+
+@pytest.fixture(scope="module")
+def one_rank():
+    flags = ec.flags(*ONEBIT, "--train-iters", str(LAYOUT_ITERS))
+    return run_ranks(1, obc.train_counting_allreduces, [("single", flags)], FREEZE, timeout=600)[0]["single"]
+
+
+@pytest.fixture(scope="module")
+def four_ranks():
+    """tp=2 × pp=2 at dp=1 (no compression: the single-rank steps), and tp=2 × dp=2 and pp=2 × dp=2, which
+    compress each model-parallel rank's momentum over its data-parallel group."""
+    cases = [("tp2_pp2", ec.flags(*ONEBIT, "--train-iters", str(LAYOUT_ITERS), *TP2, *PP2)),
+             ("tp2_dp2", ec.flags(*ONEBIT, "--train-iters", str(LAYOUT_ITERS), *TP2)),
+             ("pp2_dp2", ec.flags(*ONEBIT, "--train-iters", str(LAYOUT_ITERS), *PP2))]
+    return run_ranks(4, obc.train_counting_allreduces, cases, FREEZE, timeout=600)
 
 
 @pytest.fixture(scope="module")
@@ -185,6 +207,26 @@ def test_compression_stage_at_dp2_equals_a_brute_force_simulation(fixed_dp2):
     for a, b in zip(fixed_dp2[0]["history"][-1], fixed_dp2[1]["history"][-1]):
         assert torch.equal(a, b)
     assert not torch.equal(fixed_dp2[0]["worker_error"], fixed_dp2[1]["worker_error"])
+
+
+def test_tp2_shards_step_like_the_whole_tensors_across_the_freeze_boundary(dp2):
+    """Trust ratio, factor (a maximum) and the weight-decay rule's norms are the whole tensor's at tp=2."""
+    import io
+
+    from megatron.optimizer.onebit_lamb import OnebitLamb
+
+    params = [torch.nn.Parameter(t.clone()) for t in obc.tp_weights()]
+    opt = OnebitLamb(params, **obc.HYPER)  # one rank, whole tensors: the reference
+    expected = []
+    for step in range(1, 7):  # freeze_step 2: two warmup steps, four with the frozen variance
+        for p, g in zip(params, obc.tp_grads(step)):
+            p.grad = g
+        opt.step()
+        expected.append([p.detach().clone() for p in params])
+    for rank, rank_result in enumerate(dp2):
+        for got, want in zip(torch.load(io.BytesIO(rank_result["tp2_fixed"])), expected):
+            torch.testing.assert_close(got[0], want[0][2 * rank:2 * rank + 2], rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(got[1], want[1], rtol=1e-5, atol=1e-6)
 
 
 def test_save_and_resume_across_the_freeze_boundary_is_bit_exact(fixed_dp2):
@@ -225,13 +267,53 @@ def test_engine_stops_gradient_allreduce_after_freeze_step_learns_and_resumes_bi
         assert trainings["resumed"]["losses"] == losses[EXIT_AT:]
 
 
+def _single_rank_losses(one_rank) -> list:
+    assert "error" not in one_rank, one_rank.get("error")
+    losses = one_rank["losses"]
+    assert len(losses) == LAYOUT_ITERS and losses[-1] < losses[0], losses
+    return losses
+
+
+def test_tp2_and_tp2_pp2_at_dp1_step_like_one_rank_across_the_freeze_boundary(one_rank, dp2, four_ranks):
+    # the trust ratio, the factor and the norms of the weight-decay rule are those of the whole tensors: sums of
+    # squares (and the factor's maximum) over the tp group for tp shards, tp-duplicated tensors counted once
+    reference = _single_rank_losses(one_rank)
+    for layout, results in (("tp2", dp2), ("tp2_pp2", four_ranks)):
+        for rank_result in results:
+            result = rank_result["trainings"][layout] if layout == "tp2" else rank_result[layout]
+            assert "error" not in result, f"{layout}: {result.get('error')}"
+            assert result["losses"] == pytest.approx(reference, abs=5e-5, rel=0), layout
+            assert result["allreduce_steps"] == [], layout  # dp = 1: nothing to average, nothing compressed
+    # at dp=2 the warmup steps are the single-rank steps too (the engine's full-precision gradient all-reduce)
+    for rank_result in dp2:
+        assert rank_result["trainings"]["uninterrupted"]["losses"][:FREEZE + 1] == \
+            pytest.approx(reference[:FREEZE + 1], abs=5e-5, rel=0)
+
+
+def test_tp2_and_pp2_at_dp2_warm_up_like_one_rank_then_compress_per_model_parallel_rank(one_rank, four_ranks):
+    reference = _single_rank_losses(one_rank)
+    for rank_result in four_ranks:
+        for layout in ("tp2_dp2", "pp2_dp2"):
+            result = rank_result[layout]
+            assert "error" not in result, f"{layout}: {result.get('error')}"
+            losses = result["losses"]
+            assert losses[:FREEZE + 1] == pytest.approx(reference[:FREEZE + 1], abs=5e-5, rel=0), layout
+            # DeepSpeed's gradient all-reduce (the pipeline engine's too) only in the warmup stage
+            assert result["allreduce_steps"] == list(range(FREEZE)), (layout, result["allreduce_steps"])
+            assert len(losses) == LAYOUT_ITERS and losses[-1] < losses[FREEZE] < losses[0], (layout, losses)
+            assert all(math.isfinite(x) for x in losses), layout
+            # the dp ranks agree on every weight; tp-duplicated tensors and the pipeline-tied embedding are
+            # compressed in buffers of their own, so every copy of them stays identical (after the last step)
+            assert result["copies_agree"], layout
+
+
 @pytest.mark.parametrize("extra, named", [
     (("--zero-stage", "1"), "--zero-stage 1"), (("--bf16",), "--bf16/--fp16"),
-    (("--tensor-model-parallel-size", "2"), "--tensor-model-parallel-size 2"),
-    (("--pipeline-model-parallel-size", "2"), "--pipeline-model-parallel-size 2"),
+    (("--ds-sequence-parallel-size", "2"), "--ds-sequence-parallel-size 2"),
     (("--clip-grad", "1.0"), "--clip-grad 1.0"),
 ])
 def test_refused_combinations_name_their_flags(extra, named):
     errors = optimizer_errors(parse_args(ec.flags(*ONEBIT, *extra)), "cpu", 8)
     assert len(errors) == 1 and "--optimizer ds.onebitlamb" in errors[0] and named in errors[0], errors
     assert optimizer_errors(parse_args(ec.flags(*ONEBIT)), "cpu", 2) == []
+    assert optimizer_errors(parse_args(ec.flags(*ONEBIT, *TP2, *PP2)), "cpu", 8) == []

@@ -21,9 +21,9 @@ where one is right, or to a module of this package where none is (the module say
     galoreadamw8bitperlayer  galoreadamw8bit stepped per parameter in backward   one rank, no accumulation,
                            (per_layer.py; CUDA only)                              no clipping, fp32
     dshampooadamw          pytorch_optimizer.ScalableShampoo, RMSProp grafting     as muon
-    ds.onebitlamb          onebit_lamb.OnebitLamb (DeepSpeed's is gone from the   whole tensors: fp32, ZeRO-0, tp = pp
-                           pinned DeepSpeed): LAMB, then 1-bit compressed         = 1, no clipping; averages the dp
-                           momentum averaging with error feedback                 momentum itself after freeze_step
+    ds.onebitlamb          onebit_lamb.OnebitLamb (DeepSpeed's is gone from the   whole tensors: fp32, ZeRO-0, any tp
+                           pinned DeepSpeed): LAMB, then 1-bit compressed         / pp, no Ulysses, no clipping;
+                           momentum averaging with error feedback                 averages the dp momentum itself
 
 Elementwise optimizers are layout-free: any tp / pp / dp / ZeRO stage gives the single-rank step (the
 schedule-free ones at ZeRO 0-2: their eval/train switch refreshes the model from ZeRO's partitions). The
@@ -163,17 +163,14 @@ def _onebitlamb_errors(run) -> list[str]:
          zero.zero_stage > 0),
         ("--bf16/--fp16 (DeepSpeed's mixed-precision optimizers hand it flat fp32 copies)", prec.bf16 or prec.fp16),
         ("--cpu-optimizer", zero.cpu_optimizer),
-        (f"--tensor-model-parallel-size {par.tp} (its trust ratio and factor need whole tensors)", par.tp > 1),
-        (f"--pipeline-model-parallel-size {par.pp} (DeepSpeed's pipeline engine reduces the gradients itself)",
-         par.pp > 1),
         (f"--ds-sequence-parallel-size {par.sp} (Ulysses sums gradients over its group too)", par.sp > 1),
         (f"--clip-grad {run.training.optimizer.clip_grad} (after freeze_step no rank holds the averaged gradient "
          "to clip by; pass --clip-grad 0)", bool(run.training.optimizer.clip_grad)),
     ) if bad]
     if not where:
         return []
-    return [f"--optimizer ds.onebitlamb (1-bit LAMB, megatron/optimizer/onebit_lamb.py) runs in fp32 at ZeRO-0 with "
-            f"tp = pp = 1 and no gradient clipping; it cannot run with " + "; ".join(where)]
+    return [f"--optimizer ds.onebitlamb (1-bit LAMB, megatron/optimizer/onebit_lamb.py) runs in fp32 at ZeRO-0 "
+            f"without Ulysses and without gradient clipping; it cannot run with " + "; ".join(where)]
 
 
 def _per_layer_errors(run, device_type: str, world_size: Optional[int]) -> list[str]:
@@ -310,7 +307,10 @@ def build_optimizer(run, model: torch.nn.Module, ps=None, device_type: str = "cp
         log_once(f"--optimizer ds.onebitlamb: megatron.optimizer.onebit_lamb.OnebitLamb (DeepSpeed's OnebitLamb "
                  f"is not in the pinned DeepSpeed), compressed momentum averaging after {hyper['freeze_step']} steps")
         return OnebitLamb(groups, lr=opt.lr, betas=betas, eps=opt.adam_eps, weight_decay=opt.weight_decay,
-                          dp_group=None if ps is None else ps.dp_group, **hyper)
+                          dp_group=None if ps is None else ps.dp_group,
+                          **{k: v for k, v in tp_arguments(ps).items() if k != "tp_rank"},
+                          own_buffer=[p for module in getattr(model, "tied_modules", {}).values()
+                                      for p in module.parameters()], **hyper)
     tp = tp_arguments(ps)
     if name in ("ds.fusedlamb", "ipex.lamb", "ipex.fusedlamb"):
         from megatron.optimizer.lamb import Lamb

@@ -41,8 +41,12 @@ error-feedback buffers (each rank's differ); here `state_dict` gathers every dat
 (collective over the dp group: DeepSpeed calls it on every rank when saving), so a resume at the same dp size
 continues bit for bit, and another dp size is refused (the buffers belong to ranks that no longer exist).
 
-Layout: fp32, ZeRO-0, tp = pp = 1, no Ulysses, no gradient clipping (after freeze_step no rank holds the
-averaged gradient to clip by); everything else is refused in megatron/optimizer/__init__.py.
+Layout: fp32, ZeRO-0, any tp / pp, no Ulysses, no gradient clipping (after freeze_step no rank holds the
+averaged gradient to clip by); everything else is refused in megatron/optimizer/__init__.py. Under tensor
+parallelism the norms (trust ratio, the weight-decay rule, the per-tensor scaling) and the factor's maximum are
+the whole tensor's: reduced over the tp group for shards (`tensor_model_parallel`), duplicated tensors counted
+once. The momentum is compressed over the dp group in separate buffers (`_segments`): tp shards, tp-duplicated
+tensors, and each weight tied over pipeline stages, so replicated copies get identical results.
 """
 
 from __future__ import annotations
@@ -106,7 +110,7 @@ class OnebitLamb(torch.optim.Optimizer):
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
                  freeze_step: int = 100000, max_coeff: float = 10.0, min_coeff: float = 0.01,
                  coeff_beta: float = 0.9, factor_max: float = 4.0, factor_min: float = 0.5,
-                 factor_threshold: float = 0.1, dp_group=None):
+                 factor_threshold: float = 0.1, dp_group=None, tp_group=None, tp_size: int = 1, own_buffer=()):
         if not 0.0 <= betas[0] < 1.0 or not 0.0 <= betas[1] < 1.0:
             raise ValueError(f"1-bit LAMB betas must be in [0, 1), got {betas}")
         if freeze_step < 1:
@@ -116,6 +120,8 @@ class OnebitLamb(torch.optim.Optimizer):
         self.coeff_beta, self.factor_max, self.factor_min = coeff_beta, factor_max, factor_min
         self.factor_threshold = factor_threshold
         self.dp_group = dp_group
+        self.tp_group, self.tp_size = tp_group, tp_size
+        self.own_buffer = list(own_buffer)  # parameters compressed alone (weights tied over pipeline stages)
         up = dist.is_available() and dist.is_initialized()
         self.dp_size = dist.get_world_size(dp_group) if up else 1
         self.dp_rank = dist.get_rank(dp_group) if up else 0
@@ -130,10 +136,20 @@ class OnebitLamb(torch.optim.Optimizer):
         """Whether the coming step expects the engine to average the gradients over dp (the warmup stage)."""
         return self.onebit_step < self.freeze_step
 
-    def _padded_size(self) -> int:
-        n = sum(p.numel() for p in self._params())
+    def _segments(self) -> list:
+        """The parameters, cut into the flat buffers compressed one by one, each padded to a multiple of
+        8 · dp: at tp = 1 without a pipeline-tied weight, one buffer of all parameters. Under tensor
+        parallelism the tp shards form one buffer and the tp-duplicated parameters another, so the duplicated
+        ones are compressed from the same input with the same scales on every tp rank and stay identical;
+        a weight tied over pipeline stages (the word embedding on the first and last stage) is a buffer of its
+        own for the same reason."""
+        params = self._params()
+        tied = {id(p) for p in self.own_buffer}
+        cuts = [[p for p in params if self._split(p) and id(p) not in tied],
+                [p for p in params if not self._split(p) and id(p) not in tied]]
+        cuts += [[p] for p in params if id(p) in tied]
         unit = 8 * self.dp_size
-        return (n + unit - 1) // unit * unit
+        return [(cut, (sum(p.numel() for p in cut) + unit - 1) // unit * unit) for cut in cuts if cut]
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -147,7 +163,27 @@ class OnebitLamb(torch.optim.Optimizer):
             self._warmup_step()
         return None
 
+    def _split(self, p) -> bool:
+        """Whether `p` is a tensor-parallel shard (Megatron's `tensor_model_parallel` attribute): its norms are
+        summed, and its factor maximised, over the tp group; a tp-duplicated tensor (a norm, a bias of a
+        row-parallel layer) is whole on every tp rank and counted once."""
+        return self.tp_size > 1 and getattr(p, "tensor_model_parallel", False)
+
+    def _whole_tensor_sums(self, params: list, rows: list) -> list:
+        """rows[i]: 1-D tensor of partial sums of squares of params[i]; returns them as floats, summed over
+        the tp group for the tp-split parameters (one all-reduce for all)."""
+        if not rows:
+            return []
+        sums = torch.stack(rows)
+        split = torch.tensor([self._split(p) for p in params], device=sums.device)
+        if bool(split.any()):
+            partial = torch.where(split[:, None], sums, torch.zeros_like(sums))
+            dist.all_reduce(partial, group=self.tp_group)
+            sums = torch.where(split[:, None], partial, sums)
+        return sums.tolist()
+
     def _warmup_step(self) -> None:
+        entries = []  # (param, update, group)
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
             for p in group["params"]:
@@ -166,11 +202,17 @@ class OnebitLamb(torch.optim.Optimizer):
                 update = m / (v.sqrt() + group["eps"])
                 if group["weight_decay"]:
                     update.add_(p.float(), alpha=group["weight_decay"])
-                coeff = self._coefficient(p.float().norm().item(), update.norm().item())
-                if coeff != 1.0:
-                    state["lamb_coeff_freeze"] = (self.coeff_beta * state["lamb_coeff_freeze"]
-                                                  + (1 - self.coeff_beta) * coeff)
-                p.add_(update.to(p.dtype), alpha=-group["lr"] * coeff)
+                entries.append((p, update, group))
+        squares = self._whole_tensor_sums(
+            [p for p, _, _ in entries],
+            [torch.stack([p.float().pow(2).sum(), u.pow(2).sum()]) for p, u, _ in entries])
+        for (p, update, group), (w_sq, u_sq) in zip(entries, squares):
+            state = self.state[p]
+            coeff = self._coefficient(math.sqrt(w_sq), math.sqrt(u_sq))
+            if coeff != 1.0:
+                state["lamb_coeff_freeze"] = (self.coeff_beta * state["lamb_coeff_freeze"]
+                                              + (1 - self.coeff_beta) * coeff)
+            p.add_(update.to(p.dtype), alpha=-group["lr"] * coeff)
         if self.onebit_step == self.freeze_step:
             for p in self._params():
                 if self.state[p]:
@@ -189,59 +231,78 @@ class OnebitLamb(torch.optim.Optimizer):
                                    "the data-parallel ranks, so every parameter needs a gradient at every step "
                                    f"(a parameter of shape {tuple(p.shape)} has none)")
         if "scaling_coeff" not in self.state[params[0]]:
-            scales = [self.state[p]["exp_avg"].norm().item() / math.sqrt(p.numel()) for p in params]
+            squares = self._whole_tensor_sums(params, [self.state[p]["exp_avg"].pow(2).sum().reshape(1)
+                                                       for p in params])
+            scales = [math.sqrt(sq) / math.sqrt(p.numel() * (self.tp_size if self._split(p) else 1))
+                      for p, (sq,) in zip(params, squares)]
             united = sum(scales) / len(scales)
+            alone = {id(p) for p in self.own_buffer}  # a buffer of one tensor needs no common magnitude
             for p, s in zip(params, scales):
-                self.state[p]["scaling_coeff"] = united / s if s > 0 else 1.0
-        previous, betas = [], []
+                self.state[p]["scaling_coeff"] = united / s if s > 0 and id(p) not in alone else 1.0
+        previous = []
         for group in self.param_groups:
             beta1, _ = group["betas"]
             for p in group["params"]:
                 m = self.state[p]["exp_avg"]
                 previous.append(m.clone())
-                betas.append(group["betas"])
                 m.mul_(beta1).add_(p.grad.float(), alpha=1 - beta1)
         if self.dp_size > 1:
-            flat = torch.zeros(self._padded_size(), dtype=torch.float32, device=params[0].device)
-            offset = 0
-            for p in params:
-                flat[offset:offset + p.numel()] = self.state[p]["exp_avg"].reshape(-1) * self.state[p]["scaling_coeff"]
-                offset += p.numel()
+            segments = self._segments()
             if self.worker_error is None:
-                self.worker_error = torch.zeros_like(flat)
-                self.server_error = torch.zeros(flat.numel() // self.dp_size, dtype=torch.float32, device=flat.device)
-            averaged = compressed_average(flat, self.worker_error, self.server_error, self.dp_group,
-                                          self.dp_size, self.dp_rank)
-            offset = 0
-            for p in params:
-                m = self.state[p]["exp_avg"]
-                m.copy_(averaged[offset:offset + p.numel()].view_as(m)).div_(self.state[p]["scaling_coeff"])
-                offset += p.numel()
+                total = sum(size for _, size in segments)
+                self.worker_error = torch.zeros(total, dtype=torch.float32, device=params[0].device)
+                self.server_error = torch.zeros(total // self.dp_size, dtype=torch.float32, device=params[0].device)
+            start = 0
+            for cut, size in segments:
+                flat = torch.zeros(size, dtype=torch.float32, device=params[0].device)
+                offset = 0
+                for p in cut:
+                    state = self.state[p]
+                    flat[offset:offset + p.numel()] = state["exp_avg"].reshape(-1) * state["scaling_coeff"]
+                    offset += p.numel()
+                averaged = compressed_average(flat, self.worker_error[start:start + size],
+                                              self.server_error[start // self.dp_size:(start + size) // self.dp_size],
+                                              self.dp_group, self.dp_size, self.dp_rank)
+                start += size
+                offset = 0
+                for p in cut:
+                    m = self.state[p]["exp_avg"]
+                    m.copy_(averaged[offset:offset + p.numel()].view_as(m)).div_(self.state[p]["scaling_coeff"])
+                    offset += p.numel()
+        entries = []  # (param, group, update, update_prelim, factor before the weight-decay rule)
         index = 0
         for group in self.param_groups:
+            beta1, beta2 = group["betas"]
             for p in group["params"]:
-                self._apply(p, group, previous[index])
+                state = self.state[p]
+                m, v, v_fresh = state["exp_avg"], state["exp_avg_sq"], state["exp_avg_sq_fresh"]
+                grad = (m - previous[index] * beta1) / (1 - beta1)  # the averaged gradient, from the momentum
                 index += 1
-
-    def _apply(self, p, group: dict, m_prev: torch.Tensor) -> None:
-        beta1, beta2 = group["betas"]
-        state = self.state[p]
-        m, v, v_fresh = state["exp_avg"], state["exp_avg_sq"], state["exp_avg_sq_fresh"]
-        grad = (m - m_prev * beta1) / (1 - beta1)  # the averaged gradient, reconstructed from the momentum
-        v_fresh.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-        denom = v.sqrt() + group["eps"]
-        update_prelim = m / denom
-        update = update_prelim + group["weight_decay"] * p.float() if group["weight_decay"] else update_prelim
-        factor = (denom / (v_fresh.sqrt() + group["eps"])).max().item()
-        if group["weight_decay"]:
-            u_norm = update.norm().item()
-            ratio = min(1.0, update_prelim.norm().item() / u_norm) if u_norm > 0 else 1.0
-            factor = factor * ratio + (1.0 - ratio)
-        factor = min(max(factor, self.factor_min), self.factor_max)
-        last = state["last_factor"]
-        factor = min(max(factor, last * (1.0 - self.factor_threshold)), last * (1.0 + self.factor_threshold))
-        state["last_factor"] = factor
-        p.add_(update.to(p.dtype), alpha=-group["lr"] * state["lamb_coeff_freeze"] * factor)
+                v_fresh.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+                denom = v.sqrt() + group["eps"]
+                update_prelim = m / denom
+                update = update_prelim + group["weight_decay"] * p.float() if group["weight_decay"] else update_prelim
+                entries.append((p, group, update, update_prelim, (denom / (v_fresh.sqrt() + group["eps"])).max()))
+        if not entries:
+            return
+        factors = torch.stack([e[4] for e in entries])
+        split = torch.tensor([self._split(e[0]) for e in entries], device=factors.device)
+        if bool(split.any()):  # the factor is a maximum over the whole tensor
+            partial = torch.where(split, factors, torch.full_like(factors, -math.inf))
+            dist.all_reduce(partial, op=dist.ReduceOp.MAX, group=self.tp_group)
+            factors = torch.where(split, partial, factors)
+        squares = self._whole_tensor_sums(
+            [e[0] for e in entries], [torch.stack([pre.pow(2).sum(), u.pow(2).sum()]) for _, _, u, pre, _ in entries])
+        for (p, group, update, _, _), factor, (pre_sq, u_sq) in zip(entries, factors.tolist(), squares):
+            state = self.state[p]
+            if group["weight_decay"]:
+                ratio = min(1.0, math.sqrt(pre_sq) / math.sqrt(u_sq)) if u_sq > 0 else 1.0
+                factor = factor * ratio + (1.0 - ratio)
+            factor = min(max(factor, self.factor_min), self.factor_max)
+            last = state["last_factor"]
+            factor = min(max(factor, last * (1.0 - self.factor_threshold)), last * (1.0 + self.factor_threshold))
+            state["last_factor"] = factor
+            p.add_(update.to(p.dtype), alpha=-group["lr"] * state["lamb_coeff_freeze"] * factor)
 
     # ---- checkpoints: the step counter and every dp rank's error-feedback buffers -------------------------
 

@@ -338,10 +338,17 @@ class TrainingEngine:
 
     def _set_gradient_allreduce(self) -> None:
         """1-bit LAMB (--optimizer ds.onebitlamb) averages compressed momentum itself after its freeze_step: DeepSpeed's
-        backward all-reduce of the gradients (ZeRO-0, dp x sp group) runs only while the optimizer asks for it."""
-        if getattr(self.engine.optimizer, "needs_gradient_allreduce", None) is not None:
-            self.engine.enable_backward_allreduce = self.ps.dp_size * self.ps.sp_size > 1 and \
-                self._optimizer_wants_gradient_allreduce()
+        all-reduce of the gradients over dp (ZeRO-0) runs only while the optimizer asks for it. The pipeline engine
+        keeps `enable_backward_allreduce` off and reduces in its schedule's ReduceGrads instruction, switched by
+        `pipeline_enable_backward_allreduce` (the tied-embedding reduce over the stages stays on: that is model
+        parallelism, not dp)."""
+        if getattr(self.engine.optimizer, "needs_gradient_allreduce", None) is None:
+            return
+        wanted = self.ps.dp_size * self.ps.sp_size > 1 and self._optimizer_wants_gradient_allreduce()
+        if self.is_pipeline:
+            self.engine.pipeline_enable_backward_allreduce = wanted
+        else:
+            self.engine.enable_backward_allreduce = wanted
 
     def _grad_norm_of_reduced_grads(self) -> float:
         """L2 norm of the dp-reduced gradients of the whole model, each parameter counted once.
@@ -422,6 +429,7 @@ class TrainingEngine:
         self.last_clip_grad_norm = None
         timers = self.timers
         if self.is_pipeline:  # DeepSpeed's 1F1B schedule runs forward, backward and the optimizer step in one call
+            self._set_gradient_allreduce()
             with timers("forward-backward", 1):
                 loss = float(self.engine.train_batch(data_iter=self._pipeline_batches(batches)).item())
             self._release_memory(1)  # forward, backward and step are one call here: levels 1 and 2 alike
