@@ -31,6 +31,17 @@ import torch
 import torch.distributed as dist
 
 
+def sum_split_rows_over_tp(rows: torch.Tensor, split, tp_group) -> torch.Tensor:
+    """rows[i] holds partial sums (e.g. squared norms) of tensor i; the rows of tp-split tensors (`split[i]`)
+    are summed over `tp_group` in one all-reduce, the others (whole on every tp rank) are kept as they are."""
+    split = torch.as_tensor(split, dtype=torch.bool, device=rows.device)
+    if not bool(split.any()):
+        return rows
+    partial = torch.where(split[:, None], rows, torch.zeros_like(rows))
+    dist.all_reduce(partial, group=tp_group)
+    return torch.where(split[:, None], partial, rows)
+
+
 class Lamb(torch.optim.Optimizer):
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
                  min_coeff: Optional[float] = None, max_coeff: Optional[float] = None, tp_group=None,
@@ -84,11 +95,7 @@ class Lamb(torch.optim.Optimizer):
             return None
         # squared norms [w_0, u_0, w_1, u_1, ...]; split tensors' entries summed over tp
         squares = torch.stack([torch.stack([p.float().pow(2).sum(), u.pow(2).sum()]) for p, u, _ in entries])
-        split = torch.tensor([self._split(p) for p, _, _ in entries], device=squares.device)
-        if split.any():
-            partial = torch.where(split[:, None], squares, torch.zeros_like(squares))
-            dist.all_reduce(partial, group=self.tp_group)
-            squares = torch.where(split[:, None], partial, squares)
+        squares = sum_split_rows_over_tp(squares, [self._split(p) for p, _, _ in entries], self.tp_group)
         norms = squares.sqrt().tolist()
         for (p, update, group), (w_norm, u_norm) in zip(entries, norms):
             ratio = w_norm / u_norm if w_norm > 0 and u_norm > 0 else 1.0
@@ -113,11 +120,8 @@ class Lamb(torch.optim.Optimizer):
             squares = torch.zeros(self._num_keys, 2, dtype=torch.float32)
         if self._dp_group is not None and dist.get_world_size(self._dp_group) > 1:
             dist.all_reduce(squares, group=self._dp_group)  # the fragments of one tensor sit on several dp ranks
-        split = torch.tensor(self._split_keys, dtype=torch.bool, device=squares.device)
-        if self.tp_size > 1 and bool(split.any()):
-            partial = torch.where(split[:, None], squares, torch.zeros_like(squares))
-            dist.all_reduce(partial, group=self.tp_group)
-            squares = torch.where(split[:, None], partial, squares)
+        if self.tp_size > 1:
+            squares = sum_split_rows_over_tp(squares, self._split_keys, self.tp_group)
         norms = squares.sqrt().tolist()
         ratios = [self._bounded(w_norm / u_norm if w_norm > 0 and u_norm > 0 else 1.0) for w_norm, u_norm in norms]
         for p, update, group in entries:

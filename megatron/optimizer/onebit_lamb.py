@@ -56,6 +56,8 @@ import math
 import torch
 import torch.distributed as dist
 
+from megatron.optimizer.lamb import sum_split_rows_over_tp
+
 _BIT_WEIGHTS = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8)
 _BIT_SHIFTS = torch.tensor([7, 6, 5, 4, 3, 2, 1, 0], dtype=torch.uint8)
 
@@ -76,6 +78,16 @@ def _sign(x: torch.Tensor) -> torch.Tensor:
     return torch.where(x >= 0, 1.0, -1.0).to(x.dtype)
 
 
+def _all_gather_signs(x: torch.Tensor, scale: torch.Tensor, group, size: int) -> tuple[list, list]:
+    """Every rank's packed signs of `x` and its scale."""
+    packed = pack_signs(x)
+    all_packed = [torch.empty_like(packed) for _ in range(size)]
+    all_scales = [torch.empty(1, dtype=torch.float32, device=x.device) for _ in range(size)]
+    dist.all_gather(all_packed, packed, group=group)
+    dist.all_gather(all_scales, scale.reshape(1).to(torch.float32), group=group)
+    return all_packed, all_scales
+
+
 def compressed_average(buffer: torch.Tensor, worker_error: torch.Tensor, server_error: torch.Tensor, group,
                        size: int, rank: int) -> torch.Tensor:
     """Error-compensated 1-bit average of the flat fp32 `buffer` over `group` (`size` ranks, this one `rank`).
@@ -86,11 +98,7 @@ def compressed_average(buffer: torch.Tensor, worker_error: torch.Tensor, server_
     x = buffer + worker_error
     worker_scale = x.norm() / math.sqrt(n)
     worker_error.copy_(x - worker_scale * _sign(x))
-    packed = pack_signs(x)
-    all_packed = [torch.empty_like(packed) for _ in range(size)]
-    all_scales = [torch.empty(1, dtype=torch.float32, device=buffer.device) for _ in range(size)]
-    dist.all_gather(all_packed, packed, group=group)
-    dist.all_gather(all_scales, worker_scale.reshape(1).to(torch.float32), group=group)
+    all_packed, all_scales = _all_gather_signs(x, worker_scale, group, size)
     lo = rank * chunk // 8
     y = torch.zeros(chunk, dtype=torch.float32, device=buffer.device)
     for p, s in zip(all_packed, all_scales):
@@ -98,11 +106,7 @@ def compressed_average(buffer: torch.Tensor, worker_error: torch.Tensor, server_
     y.div_(size).add_(server_error)
     server_scale = y.norm() / math.sqrt(chunk)
     server_error.copy_(y - server_scale * _sign(y))
-    server_packed = pack_signs(y)
-    chunks = [torch.empty_like(server_packed) for _ in range(size)]
-    scales = [torch.empty(1, dtype=torch.float32, device=buffer.device) for _ in range(size)]
-    dist.all_gather(chunks, server_packed, group=group)
-    dist.all_gather(scales, server_scale.reshape(1).to(torch.float32), group=group)
+    chunks, scales = _all_gather_signs(y, server_scale, group, size)
     return torch.cat([unpack_signs(c) * s for c, s in zip(chunks, scales)])
 
 
@@ -174,13 +178,7 @@ class OnebitLamb(torch.optim.Optimizer):
         the tp group for the tp-split parameters (one all-reduce for all)."""
         if not rows:
             return []
-        sums = torch.stack(rows)
-        split = torch.tensor([self._split(p) for p in params], device=sums.device)
-        if bool(split.any()):
-            partial = torch.where(split[:, None], sums, torch.zeros_like(sums))
-            dist.all_reduce(partial, group=self.tp_group)
-            sums = torch.where(split[:, None], partial, sums)
-        return sums.tolist()
+        return sum_split_rows_over_tp(torch.stack(rows), [self._split(p) for p in params], self.tp_group).tolist()
 
     def _warmup_step(self) -> None:
         entries = []  # (param, update, group)
