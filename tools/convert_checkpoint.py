@@ -64,26 +64,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", type=_dtype, default=torch.float32)
     p.add_argument("--make-vocab-size-divisible-by", type=int, default=128)
 
-    p = sub.add_parser("reshard", help="our checkpoint -> our checkpoint at another --tp × --pp (weights only)")
-    p.add_argument("--load", required=True)
-    p.add_argument("--save", required=True)
-    p.add_argument("--tp", type=int, default=1)
-    p.add_argument("--pp", type=int, default=1)
-    p.add_argument("--dtype", type=_dtype, default=torch.float32)
-    p.add_argument("--weights", choices=("auto", "module", "fp32"), default="auto")
+    def layout_writer(name: str, help_text: str) -> None:
+        """A sub-command that reads a checkpoint and writes it at --tp × --pp."""
+        q = sub.add_parser(name, help=help_text)
+        q.add_argument("--load", required=True)
+        q.add_argument("--save", required=True)
+        q.add_argument("--tp", type=int, default=1)
+        q.add_argument("--pp", type=int, default=1)
+        q.add_argument("--dtype", type=_dtype, default=torch.float32)
+        q.add_argument("--weights", choices=("auto", "module", "fp32"), default="auto")
+
+    layout_writer("reshard", "our checkpoint -> our checkpoint at another --tp × --pp (weights only)")
 
     p = sub.add_parser("to-universal", help="our ZeRO checkpoint -> DeepSpeed universal folder (ds_to_universal)")
     p.add_argument("--load", required=True, help="--save dir of the run (follows its latest pointer) or an iter_* dir")
     p.add_argument("--out", default=None, help="default: <iter dir>_universal, with <save>/latest_universal naming it")
     p.add_argument("--workers", type=int, default=1, help="processes extracting ZeRO shards (default 1)")
 
-    p = sub.add_parser("to-argonne", help="any checkpoint -> argonne-lcf/Megatron-DeepSpeed layout (weights only)")
-    p.add_argument("--load", required=True)
-    p.add_argument("--save", required=True)
-    p.add_argument("--tp", type=int, default=1)
-    p.add_argument("--pp", type=int, default=1)
-    p.add_argument("--dtype", type=_dtype, default=torch.float32)
-    p.add_argument("--weights", choices=("auto", "module", "fp32"), default="auto")
+    layout_writer("to-argonne", "any checkpoint -> argonne-lcf/Megatron-DeepSpeed layout (weights only)")
 
     p = sub.add_parser("zero-to-fp32", help="one consolidated fp32 state dict (GPTModel names, tp=1, no padding)")
     p.add_argument("--load", required=True)
