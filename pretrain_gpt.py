@@ -8,6 +8,7 @@ Everything happens in megatron/: config/arguments.py (flags), dist/ (launcher, g
 
 from __future__ import annotations
 
+import atexit
 import os
 import sys
 import warnings
@@ -120,5 +121,19 @@ def dry_run(run) -> int:
     return 0
 
 
+def exit_with(code: int) -> None:
+    """End the process with `code`. A run refused with exit 2 after a collective (a failing start-up check, a
+    save error) can hold gloo work whose tensors are freed during interpreter finalisation, which aborts
+    with SIGABRT ("terminate called without an active exception") and would replace the promised 2. So for 2:
+    Python's exit handlers run (trackers, shared index files), the streams are flushed, and the process ends
+    without finalisation."""
+    if code != 2:
+        sys.exit(code)
+    atexit._run_exitfuncs()  # CPython's own entry point for what sys.exit would run
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_with(main())

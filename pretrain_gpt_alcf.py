@@ -3,9 +3,8 @@ run as pretrain_gpt.py, flag for flag, so recipes that name it work unchanged.""
 
 from __future__ import annotations
 
-import sys
 
-from pretrain_gpt import main
+from pretrain_gpt import exit_with, main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_with(main())
