@@ -21,8 +21,12 @@ WHOLE_MATRIX = {"muon", "muonclip", "galoreadamw", "dshampooadamw"}
 # per-optimizer learning rates that learn the tiny model in a few steps (ScheduleFree-SGD and LAMB need more)
 LR = {"sgd": "0.3", "sgdschedulefree": "0.5", "ds.fusedlamb": "0.05", "ipex.lamb": "0.05", "dshampooadamw": "3e-3",
       "sophiag": "3e-3"}
-# the tiny model's largest attention logits are ~0.05 at the start: a threshold that clips some heads at once
-EXTRA = {"muonclip": ("--muonclip-t", "0.05")}
+# the tiny model's largest attention logits are ~0.05 at the start: a threshold that clips some heads at once;
+# Shampoo preconditioning at every step in blocks of 16: the fused qkv [64, 32] and SwiGLU fc1 [128, 32] are cut
+# into blocks whose rows are the single-rank ones only if tp shards are gathered in the single-rank order
+# (q | k | v, gate | up)
+EXTRA = {"muonclip": ("--muonclip-t", "0.05"),
+         "dshampooadamw": ("--dshampooadamw-max-preconditioner-dim", "16", "--dshampooadamw-precondition-freq", "1")}
 
 # Megatron's log line: " iteration        3/       7 | consumed samples:           12 | ... | learning rate:
 # 1.000000E-02 | global batch size:     4 | ..."

@@ -76,9 +76,14 @@ def full_init(shape: Sequence[int], std: float, seed: Optional[int], method: str
     return nn.init.xavier_uniform_(torch.empty(tuple(shape), dtype=torch.float32), generator=generator)
 
 
-def _mark(param: nn.Parameter, partition_dim: Optional[int], sequence_parallel: bool = False) -> None:
+def mark_partition(param: nn.Parameter, partition_dim: Optional[int], sequence_parallel: bool = False,
+                   segments: Optional[Sequence[int]] = None) -> None:
+    """Record how `param` is split over tp ranks: `partition_dim` (None: replicated) and `partition_segments`,
+    the full segment sizes it was split with (shard_tensor's `segments`; None: one segment), so that
+    merge_shards(shards, param.partition_dim, param.partition_segments) rebuilds the single-rank tensor."""
     param.tensor_model_parallel = partition_dim is not None
     param.partition_dim = partition_dim
+    param.partition_segments = None if segments is None or len(segments) == 1 else tuple(segments)
     param.sequence_parallel = sequence_parallel  # grads need an all-reduce over tp (see model code)
 
 
@@ -111,7 +116,7 @@ class VocabParallelEmbedding(nn.Module):
         full = torch.zeros(padded, embedding_dim)
         full[:num_embeddings] = full_init((num_embeddings, embedding_dim), init_std, init_seed, init_method)
         self.weight = nn.Parameter(shard_tensor(full, 0, self.tp_size, tp_rank))
-        _mark(self.weight, 0)
+        mark_partition(self.weight, 0)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         if self.tp_size == 1:
@@ -146,10 +151,10 @@ class ColumnParallelLinear(nn.Module):
         self.gather_output, self.sequence_parallel = gather_output, sequence_parallel
         full = full_init((output_size, input_size), init_std, init_seed, init_method)
         self.weight = nn.Parameter(shard_tensor(full, 0, self.tp_size, tp_rank, self.segments))
-        _mark(self.weight, 0)
-        if bias:
+        mark_partition(self.weight, 0, segments=self.segments)
+        if bias:  # its rows are the weight's rows: [this rank's part of each segment]
             self.bias = nn.Parameter(torch.zeros(output_size // self.tp_size))
-            _mark(self.bias, 0)
+            mark_partition(self.bias, 0, segments=self.segments)
         else:
             self.register_parameter("bias", None)
 
@@ -188,10 +193,10 @@ class RowParallelLinear(nn.Module):
             raise ValueError("RowParallelLinear: sequence_parallel needs input_is_parallel=True")
         full = full_init((output_size, input_size), init_std, init_seed, init_method)
         self.weight = nn.Parameter(shard_tensor(full, 1, self.tp_size, tp_rank))
-        _mark(self.weight, 1)
+        mark_partition(self.weight, 1)
         if bias:
             self.bias = nn.Parameter(torch.zeros(output_size))
-            _mark(self.bias, None, sequence_parallel=sequence_parallel)
+            mark_partition(self.bias, None, sequence_parallel=sequence_parallel)
         else:
             self.register_parameter("bias", None)
 

@@ -16,7 +16,7 @@ from torch import nn
 
 from megatron.config.model import TransformerConfig
 from megatron.core import mappings
-from megatron.core.layers import VocabParallelEmbedding, full_init, shard_tensor
+from megatron.core.layers import VocabParallelEmbedding, full_init, mark_partition, shard_tensor
 from megatron.core.random import derive_seed
 from megatron.dist.parallel_state import ParallelState
 from megatron.model.transformer import hidden_dropout
@@ -83,7 +83,7 @@ class OutputLayer(nn.Module):
         full[: config.vocab_size] = full_init((config.vocab_size, config.hidden_size), config.init_method_std,
                                               derive_seed(seed, "output_layer.weight"), config.init_method)
         self.weight = nn.Parameter(shard_tensor(full, 0, ps.tp_size, ps.tp_rank))
-        self.weight.tensor_model_parallel, self.weight.partition_dim = True, 0
+        mark_partition(self.weight, 0)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         return language_model_logits(hidden, self.weight, self.ps.tp_group, self.sequence_parallel)

@@ -128,14 +128,6 @@ def optimizer_errors(run, device_type: str = "cpu", world_size: Optional[int] = 
     if name in SCHEDULE_FREE and opt.lr_decay_style != "constant":
         errors.append(f"--optimizer {name} replaces the LR decay by iterate averaging: use --lr-decay-style "
                       f"constant (got {opt.lr_decay_style}); warmup comes from --lr-warmup-*")
-    if name == "dshampooadamw" and run.parallel.tp > 1:
-        dims = _largest_partitioned_dim(run)
-        if dims > opt.dshampooadamw_max_preconditioner_dim:
-            errors.append(f"--optimizer dshampooadamw blocks matrices larger than "
-                          f"--dshampooadamw-max-preconditioner-dim {opt.dshampooadamw_max_preconditioner_dim}, "
-                          f"and at --tensor-model-parallel-size {run.parallel.tp} the gathered matrix (largest "
-                          f"dim {dims}) has its rows in another order than on one rank, so the blocks differ; "
-                          f"raise --dshampooadamw-max-preconditioner-dim to >= {dims} or use tp 1")
     if opt.weight_decay_incr_style != "constant" and name in ("galoreadamw", "dshampooadamw"):
         errors.append(f"--weight-decay-incr-style {opt.weight_decay_incr_style} is not supported with "
                       f"--optimizer {name}; use constant")
@@ -199,15 +191,6 @@ def _per_layer_errors(run, device_type: str, world_size: Optional[int]) -> list[
         errors.append(f"{name} needs the plain fp32 engine (DeepSpeed's ZeRO and bf16/fp16 optimizers own the "
                       "gradients and the step): use --zero-stage 0 without --bf16/--fp16")
     return errors
-
-
-def _largest_partitioned_dim(run) -> int:
-    m = run.model
-    kv = m.num_key_value_heads or m.num_attention_heads
-    head = m.hidden_size // m.num_attention_heads
-    qkv = (m.num_attention_heads + 2 * kv) * head
-    ffn = m.ffn_hidden_size * (2 if m.swiglu else 1)
-    return max(qkv, ffn, m.hidden_size)
 
 
 def optimizer_param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:

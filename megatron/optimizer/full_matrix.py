@@ -1,22 +1,33 @@
-"""Run a matrix-aware optimizer (Muon, GaLore, Shampoo) on whole weight matrices under tensor parallelism.
+"""Run a matrix-aware optimizer (Muon, GaLore, Shampoo) or a blockwise 8-bit one on whole tensors under tp.
 
 Muon's orthogonalisation, GaLore's SVD projection and Shampoo's preconditioners are functions of the whole
-matrix: for W = [W_0; W_1] split over two tp ranks, update(W) is not [update(W_0); update(W_1)]. No library
-optimizer takes a process group, so this wrapper gives it whole matrices ("gather", docs in DESIGN.md):
+matrix: for W = [W_0; W_1] split over two tp ranks, update(W) is not [update(W_0); update(W_1)]. bitsandbytes'
+8-bit Adam quantises its state in blocks of each tensor's flat elements (and keeps tensors under 4096
+elements in 32 bits), so a shard gets other blocks than the whole tensor. No library optimizer takes a
+process group, so this wrapper gives it the single-rank tensors ("gather", docs in DESIGN.md):
 
-  1. each tp-split matrix has a full-size fp32 copy on every rank of its tp group (built by an all-gather of
-     the shards along the parameter's `partition_dim`, on the first step and after a checkpoint load);
-  2. at each step the shard gradients are all-gathered into the copies' .grad (one all-gather per matrix);
+  1. each tp-split tensor has a full-size fp32 copy on every rank of its tp group, built by an all-gather of
+     the shards merged as on one rank (on the first step and after a checkpoint load);
+  2. at each step the shard gradients are all-gathered into the copies' .grad the same way (one all-gather
+     per tensor);
   3. the library optimizer steps the copies; every tp rank computes the same update, so the copies stay equal;
-  4. each rank writes its slice of the updated copy back into its shard.
+  4. each rank writes its shard of the updated copy back into its parameter.
 
-The gathered matrix may list its rows in another order than on one rank (the fused qkv and SwiGLU fc1
-weights hold [this rank's q | k | v] per rank); Newton-Schulz orthogonalisation, the SVD subspace and
-unblocked Shampoo preconditioners are equivariant under row permutations, so the update is the
-single-rank one, row for row (`optimizer_errors` refuses Shampoo when it would cut blocks).
-Costs: one extra full copy per tp-split matrix and its optimizer state on every tp rank (tp-fold redundancy
-for those tensors); one all-gather per matrix per step. Parameters that are not matrices (norms, biases,
-embeddings, the output layer) go to an elementwise optimizer and are never gathered.
+"Merged as on one rank": a fused weight is split segment by segment (q | k | v of the qkv projection, with
+grouped-query k and v smaller than q; gate | up of SwiGLU's fc1), so rank r holds [q_r | k_r | v_r]. Each
+parameter records how it was split where it is created (`partition_dim` and `partition_segments`,
+megatron/core/layers.py `mark_partition`); the gather is `merge_shards` with those segments and the
+write-back `shard_tensor`, so the optimizer sees exactly the single-rank tensor, row for row: Shampoo's
+blocks (--dshampooadamw-max-preconditioner-dim) and 8-bit blocks cut where they cut on one rank.
+Vocabulary-split tensors (embedding, output layer) carry tp-dependent padding rows after the real ones
+(padded_vocab_size(tp)); the real rows come first and padding rows have zero gradients, so they do not
+change the update of the real rows.
+
+Which parameters are gathered is the caller's `is_matrix`: Muon / GaLore / Shampoo take the hidden matrices
+and leave the rest (norms, biases, embeddings, the output layer) to an elementwise optimizer that is never
+gathered; adam8bit takes every parameter (its non-split ones as they are).
+Costs: one extra full copy per gathered tensor and its optimizer state on every tp rank (tp-fold redundancy
+for those tensors); one all-gather per gathered tensor per step.
 
 Checkpoints hold the library optimizers' state dicts (over full matrices, identical on every tp rank).
 
@@ -36,6 +47,8 @@ state by whole parameters instead ("own whole matrices" of DESIGN.md, over the s
     states (all_gather_object over the group), so the checkpoint layout is the same at any dp size and at
     ZeRO-0, and `load_state_dict` keeps the owned entries.
 ZeRO-2 (gradient partitions) / ZeRO-3 and bf16/fp16 stay refused by `optimizer_errors`, naming the flags.
+The same holds for 8-bit Adam: DeepSpeed's ZeRO-1 would quantise flat partitions, so --zero-stage 1 runs it
+here by whole parameters too.
 """
 
 from __future__ import annotations
@@ -44,6 +57,8 @@ from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
+
+from megatron.core.layers import merge_shards, shard_tensor
 
 SYNCED_KEYS = ("lr", "weight_decay")  # what the LR / weight-decay schedule changes on the outer groups
 
@@ -124,20 +139,22 @@ class FullMatrixOptimizer(torch.optim.Optimizer):
         return copy
 
     # ---- gather / scatter --------------------------------------------------------------------
-    def _gather(self, shard: torch.Tensor, dim: int) -> torch.Tensor:
+    def _gather(self, param, shard: torch.Tensor) -> torch.Tensor:
+        """The single-rank tensor from the tp shards of `param` (its segments merged as on one rank)."""
         parts = [torch.empty_like(shard) for _ in range(self.tp_size)]
         dist.all_gather(parts, shard.contiguous(), group=self.tp_group)
-        return torch.cat(parts, dim=dim)
+        return merge_shards(parts, param.partition_dim, getattr(param, "partition_segments", None))
 
     def _refresh_copies(self) -> None:
         for param, copy in self._pairs:
             if copy is not param:
-                copy.copy_(self._gather(param.detach().float(), param.partition_dim))
+                copy.copy_(self._gather(param, param.detach().float()))
         self._stale = False
 
     def _slice(self, param, copy: torch.Tensor) -> torch.Tensor:
-        size = param.shape[param.partition_dim]
-        return copy.narrow(param.partition_dim, self.tp_rank * size, size)
+        """This rank's shard of the single-rank tensor `copy` (inverse of `_gather`)."""
+        return shard_tensor(copy, param.partition_dim, self.tp_size, self.tp_rank,
+                            getattr(param, "partition_segments", None))
 
     def _broadcast_from_owners(self) -> None:
         """Every rank of the dp group gets the parameters the others stepped (one broadcast per owner)."""
@@ -170,7 +187,7 @@ class FullMatrixOptimizer(torch.optim.Optimizer):
         for param, copy in self._pairs:
             if copy is param:
                 continue
-            copy.grad = None if param.grad is None else self._gather(param.grad.detach().float(), param.partition_dim)
+            copy.grad = None if param.grad is None else self._gather(param, param.grad.detach().float())
         if self.matrix is not None:
             self.matrix.step()
         if self.other is not None:

@@ -20,9 +20,10 @@ is the true per-head attention logit, causal mask included, of every micro-batch
 Under parallelism: a tensor-parallel rank owns whole heads (its rows of the fused qkv weight are
 [its q | its k | its v]), so each rank computes its heads' eta without tp communication; the maxima are reduced
 (max) over the sp × dp group, so every data-parallel replica (and, under Ulysses, every sp rank that saw only a
-slice of the heads) applies the same scales. The full-matrix copies that Muon steps under tp (full_matrix.py)
-are scaled too, by the row scales all-gathered over tp. One all-reduce and (tp > 1) one all-gather of a
-vector of heads per step; one extra QKᵀ per attention forward, without autograd.
+slice of the heads) applies the same scales. The full-matrix copies that Muon steps
+under tp (full_matrix.py, in the single-rank row order [all q | all k | all v]) are scaled too, by the row
+scales all-gathered over tp and merged like the weight's shards. One all-reduce and (tp > 1) one all-gather of
+a vector of heads per step; one extra QKᵀ per attention forward, without autograd.
 
 A step skipped for a non-finite gradient does not clip; its maxima join the next step's window.
 """
@@ -32,6 +33,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from megatron.core.layers import merge_shards
 from megatron.optimizer.full_matrix import FullMatrixOptimizer
 
 
@@ -107,7 +109,8 @@ class MuonClip(FullMatrixOptimizer):
                 module.qkv.bias.mul_(scale.to(module.qkv.bias.dtype))
             copy = self._copies.get(id(weight))
             if copy is not None:
-                # the copy's rows are the tp shards' rows one after the other (partition_dim 0)
-                full = torch.cat([part[offset:offset + scale.numel()] for part in gathered])
+                # the copy is the single-rank weight: the ranks' row scales merged like its shards
+                full = merge_shards([part[offset:offset + scale.numel()] for part in gathered], 0,
+                                    weight.partition_segments)
                 copy.mul_(full.unsqueeze(1))
             offset += scale.numel()
