@@ -11,11 +11,11 @@ OPTIMIZERS = ["adam", "adamw", "sgd", "apex.adam", "adamwschedulefree", "sgdsche
               "ds.fusedlamb", "ipex.lamb", "muon", "muonclip", "galoreadamw", "dshampooadamw", "adam8bit"]
 # multi-rank checks skip names that run the same class as another (apex.adam = adamw, ipex.lamb = ds.fusedlamb
 # without the trust-ratio bounds)
-MULTI_RANK = [name for name in OPTIMIZERS if name not in ("apex.adam", "ipex.lamb", "adam8bit")]
+MULTI_RANK = [name for name in OPTIMIZERS if name not in ("apex.adam", "ipex.lamb")]
 # at tp=2 × pp=2 × dp=2 (8 ranks, the costliest launch: one launch for all, 2 iterations each): every
 # optimizer class (apex.adam and ipex.lamb run the adamw and ds.fusedlamb classes)
 EIGHT_RANK = ["adam", "adamw", "sgd", "adopt", "sophiag", "ds.fusedlamb", "adamwschedulefree", "sgdschedulefree",
-              "muon", "muonclip", "galoreadamw", "dshampooadamw"]
+              "muon", "muonclip", "galoreadamw", "dshampooadamw", "adam8bit"]
 # whole-matrix optimizers: ZeRO-1 partitions their state by whole parameters; ZeRO-2/3 and bf16 are refused
 WHOLE_MATRIX = {"muon", "muonclip", "galoreadamw", "dshampooadamw"}
 # per-optimizer learning rates that learn the tiny model in a few steps (ScheduleFree-SGD and LAMB need more)
@@ -77,3 +77,57 @@ def train_logged_per_layer_fp32(rank: int, world_size: int, cases: list) -> dict
     mo._per_layer_errors = lambda run, device, world: [e for e in real(run, device, world) if "CUDA only" not in e]
     mo.PER_LAYER_EIGHT_BIT = False
     return train_logged(rank, world_size, cases)
+
+
+# a fused [40, 160] weight split over tp=2 in two segments (rows 24 | 16), rows of growing scale: a rank's shard
+# (3,200 elements) is under bitsandbytes' 4,096-element threshold for 8-bit state, and the 256-element blocks of
+# the whole tensor cut across rows, so only the single-rank tensor (segments merged in order) gives its step
+FUSED_SHAPE, FUSED_SEGMENTS = (40, 160), (24, 16)
+
+
+def _fused_tensors(step: int):
+    import torch
+
+    g = torch.Generator().manual_seed(step)
+    scale = torch.arange(1, FUSED_SHAPE[0] + 1, dtype=torch.float32).unsqueeze(1)
+    return torch.randn(FUSED_SHAPE, generator=g) * scale, torch.randn(7, generator=g)
+
+
+def adam8bit_tp2_fixed_tensors(rank: int, steps: int = 3) -> dict:
+    """adam8bit through FullMatrixOptimizer at tp=2 (the world of 2 ranks) on the fused weight and a replicated
+    vector, against bitsandbytes' Adam8bit on the whole tensors in this process: the largest differences of this
+    rank's shard and of the vector after `steps` steps (0.0: bit-exact)."""
+    import bitsandbytes as bnb
+    import torch
+
+    from megatron.core.layers import mark_partition, shard_tensor
+    from megatron.optimizer.full_matrix import FullMatrixOptimizer
+
+    def make(groups):
+        return bnb.optim.Adam8bit(groups, lr=1e-2, weight_decay=0.1)
+
+    whole = [torch.nn.Parameter(t) for t in _fused_tensors(0)]
+    reference = make([{"params": whole}])
+    mine = [torch.nn.Parameter(shard_tensor(whole[0].detach(), 0, 2, rank, FUSED_SEGMENTS)),
+            torch.nn.Parameter(whole[1].detach().clone())]
+    mark_partition(mine[0], 0, segments=FUSED_SEGMENTS)
+    ours = FullMatrixOptimizer([{"params": mine, "weight_decay": 0.1}], lambda p: True, make, make,
+                               tp_group=None, tp_size=2, tp_rank=rank)
+    for step in range(1, steps + 1):
+        grads = _fused_tensors(step)
+        whole[0].grad, whole[1].grad = grads[0].clone(), grads[1].clone()
+        mine[0].grad = shard_tensor(grads[0], 0, 2, rank, FUSED_SEGMENTS)
+        mine[1].grad = grads[1].clone()
+        reference.step()
+        ours.step()
+    expected = shard_tensor(whole[0].detach(), 0, 2, rank, FUSED_SEGMENTS)
+    return {"shard": float((mine[0].detach() - expected).abs().max()),
+            "vector": float((mine[1].detach() - whole[1].detach()).abs().max()),
+            "eight_bit_state": ours.matrix.state[ours._copies[id(mine[0])]]["state1"].dtype == torch.uint8}
+
+
+def train_logged_and_fixed(rank: int, world_size: int, cases: list) -> dict:
+    """train_logged, plus {"adam8bit_tp2_fixed": adam8bit_tp2_fixed_tensors(rank)} (one launch for both)."""
+    out = train_logged(rank, world_size, cases)
+    out["adam8bit_tp2_fixed"] = adam8bit_tp2_fixed_tensors(rank)
+    return out

@@ -16,8 +16,10 @@ where one is right, or to a module of this package where none is (the module say
                                                                                   ZeRO-1 by whole parameters)
     muonclip               muon + per-head QK-clip (muon_clip.py)                 as muon
     galoreadamw            galore_torch.GaLoreAdamW on hidden matrices             as muon
-    adam8bit               bitsandbytes Adam8bit (CPU and CUDA)                   whole unsplit tensors (tp 1, ZeRO-0)
-    galoreadamw8bit        galore_torch.GaLoreAdamW8bit (CUDA only)               whole unsplit tensors (tp 1, ZeRO-0)
+    adam8bit               bitsandbytes Adam8bit (CPU and CUDA) on every          whole tensors (tp gather,
+                           parameter                                              ZeRO-1 by whole parameters)
+    galoreadamw8bit        galore_torch.GaLoreAdamW8bit on hidden matrices        as muon
+                           (CUDA only)
     galoreadamw8bitperlayer  galoreadamw8bit stepped per parameter in backward   one rank, no accumulation,
                            (per_layer.py; CUDA only)                              no clipping, fp32
     dshampooadamw          pytorch_optimizer.ScalableShampoo, RMSProp grafting     as muon
@@ -29,8 +31,9 @@ Elementwise optimizers are layout-free: any tp / pp / dp / ZeRO stage gives the 
 schedule-free ones at ZeRO 0-2: their eval/train switch refreshes the model from ZeRO's partitions). The
 others need whole tensors: they run with the parameters themselves (fp32; DeepSpeed's ZeRO and bf16/fp16
 optimizers hand the optimizer flat buffers cut at arbitrary offsets, and full_matrix.py says why DeepSpeed's
-own ZeRO Muon is no substitute), tensor-parallel shards are gathered, and --zero-stage 1 partitions their
-state by whole parameters over DeepSpeed's stage 0 (full_matrix.py, `deepspeed_zero_stage`). LAMB only needs per-tensor norms: it sums them over its fragments of
+own ZeRO Muon is no substitute), tensor-parallel shards are gathered into the single-rank tensors, and
+--zero-stage 1 partitions their state by whole parameters over DeepSpeed's stage 0 (full_matrix.py,
+`deepspeed_zero_stage`). The 8-bit ones are among them: blockwise quantisation depends on the whole flat tensor. LAMB only needs per-tensor norms: it sums them over its fragments of
 ZeRO-1/2 / bf16 partitions and over tp (lamb.py), so it runs at any stage but 3. What cannot be made exact is
 refused by `optimizer_errors`, naming the flags.
 """
@@ -45,14 +48,14 @@ from megatron.config.optimizer_args import OPTIMIZER_CHOICES
 
 ELEMENTWISE = ("adam", "adamw", "apex.adam", "sgd", "apex.sgd", "adamwschedulefree", "sgdschedulefree",
                "adopt", "sophiag")
-WHOLE_TENSOR = ("ds.fusedlamb", "ipex.lamb", "ipex.fusedlamb", "muon", "muonclip", "galoreadamw", "dshampooadamw")
-# whole matrices: ZeRO-1 partitions them by whole parameters (full_matrix.py), DeepSpeed runs stage 0
-WHOLE_MATRIX = ("muon", "muonclip", "galoreadamw", "dshampooadamw")
-SCHEDULE_FREE = ("adamwschedulefree", "sgdschedulefree")
 # 8-bit state (bitsandbytes) is quantised in blocks of each tensor's flat elements: a tp shard or a ZeRO
-# partition has other blocks than the whole tensor, so these run only where the optimizer sees whole,
-# unsplit tensors (tp 1, ZeRO-0, fp32)
+# partition has other blocks than the whole tensor, so these run on the single-rank tensors (full_matrix.py)
 EIGHT_BIT = ("adam8bit", "galoreadamw8bit")
+# whole matrices (or whole tensors): tp shards gathered, ZeRO-1 partitions them by whole parameters
+# (full_matrix.py), DeepSpeed runs stage 0
+WHOLE_MATRIX = ("muon", "muonclip", "galoreadamw", "dshampooadamw") + EIGHT_BIT
+WHOLE_TENSOR = ("ds.fusedlamb", "ipex.lamb", "ipex.fusedlamb") + WHOLE_MATRIX
+SCHEDULE_FREE = ("adamwschedulefree", "sgdschedulefree")
 LAMB = ("ds.fusedlamb", "ipex.lamb", "ipex.fusedlamb")  # whole-tensor norms, also over ZeRO-1/2 / bf16 partitions
 
 
@@ -91,13 +94,13 @@ def optimizer_errors(run, device_type: str = "cpu", world_size: Optional[int] = 
         if name == "galoreadamw8bit" and device_type != "cuda":
             errors.append("--optimizer galoreadamw8bit: galore_torch's 8-bit AdamW runs on CUDA only (it synchronises "
                           f"the CUDA device), not on {device_type}; use --optimizer galoreadamw")
-        where = [f for f, bad in (("--tensor-model-parallel-size " + str(run.parallel.tp), run.parallel.tp > 1),
-                                  ("--zero-stage " + str(zero.zero_stage), zero.zero_stage > 0),
+        where = [f for f, bad in (("--zero-stage " + str(zero.zero_stage), zero.zero_stage > 1),
                                   ("--bf16", prec.bf16), ("--fp16", prec.fp16)) if bad]
         if where:
             errors.append(f"--optimizer {name} quantises its state in blocks of each whole tensor, so it cannot give "
-                          f"the single-rank step with {', '.join(where)} (split or flattened tensors); use tp 1, "
-                          "ZeRO-0 and fp32, or --optimizer adam")
+                          f"the single-rank step with {', '.join(where)} (DeepSpeed hands the optimizer flat "
+                          "partitions or flat fp32 copies); use --zero-stage 0 or 1 (partitioned by whole "
+                          "parameters) in fp32, or --optimizer adam")
     elif name in LAMB:
         if zero.zero_stage == 3:
             errors.append(f"--optimizer {name} needs whole-tensor norms, which it reads from ZeRO-1/2 and bf16 "
@@ -244,10 +247,6 @@ def build_optimizer(run, model: torch.nn.Module, ps=None, device_type: str = "cp
 
             return FusedSGD(groups, lr=opt.lr, momentum=opt.sgd_momentum, weight_decay=opt.weight_decay)
         return torch.optim.SGD(groups, lr=opt.lr, momentum=opt.sgd_momentum, weight_decay=opt.weight_decay)
-    if name == "adam8bit":
-        import bitsandbytes as bnb
-
-        return bnb.optim.Adam8bit(groups, lr=opt.lr, betas=betas, eps=opt.adam_eps, weight_decay=opt.weight_decay)
     if name in SCHEDULE_FREE:
         from megatron.optimizer import schedule_free
 
@@ -316,9 +315,17 @@ def build_optimizer(run, model: torch.nn.Module, ps=None, device_type: str = "cp
 
 
 def _build_full_matrix(name: str, opt, groups: list[dict], model: torch.nn.Module, tp: dict, ps=None):
-    """Muon / GaLore / Shampoo on the hidden matrices (gathered whole under tp), AdamW on the rest."""
+    """Muon / GaLore / Shampoo on the hidden matrices (gathered whole under tp), AdamW on the rest; 8-bit Adam
+    on every parameter (tp-split ones gathered whole)."""
     from megatron.optimizer.full_matrix import FullMatrixOptimizer, embedding_parameter_ids, is_hidden_matrix
 
+    if name == "adam8bit":
+        import bitsandbytes as bnb
+
+        def make_all(all_groups):
+            return bnb.optim.Adam8bit(all_groups, lr=opt.lr, betas=(opt.adam_beta1, opt.adam_beta2),
+                                      eps=opt.adam_eps, weight_decay=opt.weight_decay)
+        return FullMatrixOptimizer(groups, lambda p: True, make_all, make_all, **tp)
     embeddings = embedding_parameter_ids(model)
     if name in ("muon", "muonclip"):
         def make_matrix(matrix_groups):
