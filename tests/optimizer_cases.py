@@ -20,7 +20,7 @@ EIGHT_RANK = ["adam", "adamw", "sgd", "adopt", "sophiag", "ds.fusedlamb", "adamw
 WHOLE_MATRIX = {"muon", "muonclip", "galoreadamw", "dshampooadamw"}
 # per-optimizer learning rates that learn the tiny model in a few steps (ScheduleFree-SGD and LAMB need more)
 LR = {"sgd": "0.3", "sgdschedulefree": "0.5", "ds.fusedlamb": "0.05", "ipex.lamb": "0.05", "dshampooadamw": "3e-3",
-      "sophiag": "3e-3"}
+      "sophiag": "3e-3", "ds.onebitlamb": "0.05"}
 # the tiny model's largest attention logits are ~0.05 at the start: a threshold that clips some heads at once;
 # Shampoo preconditioning at every step in blocks of 16: the fused qkv [64, 32] and SwiGLU fc1 [128, 32] are cut
 # into blocks whose rows are the single-rank ones only if tp shards are gathered in the single-rank order

@@ -3,7 +3,8 @@ batch ramp-up trained multi-rank; the cooldown workflow (resume a constant-LR ru
 
 Three launches hold all multi-rank trainings: 1 rank (references, 20-step learning, cooldown), 2 ranks
 (tp=2 parity and save/resume per optimizer, ramp-up at dp=2, optimizer-state refusal; 8-bit Adam at tp=2 on
-fixed tensors) and 8 ranks (tp=2 × pp=2 × dp=2 ZeRO-1 for every optimizer class; ramp-up).
+fixed tensors) and 8 ranks (tp=2 × pp=2 × dp=2 ZeRO-1 for every optimizer class, 1-bit LAMB's warmup at
+ZeRO-0; ramp-up).
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ from megatron.training.lr_schedule import LRSchedule, build_lr_scheduler  # noqa
 TP2 = ("--tensor-model-parallel-size", "2")
 TP2_PP2_DP2 = ("--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2")
 SAVE_AT = 2
+# 1-bit LAMB's warmup stage (freeze_step 1000 > 2 steps): LAMB with DeepSpeed's gradient all-reduce
+ONEBIT_WARMUP = oc.optimizer_flags("ds.onebitlamb", "--clip-grad", "0", "--train-iters", "2")
 SCHEDULE_FREE_EVAL = ("--train-iters", "4", "--eval-interval", "2", "--eval-iters", "1")
 # LAMB at a large global batch: 64 samples = 16 accumulated micro-batches of 4 on one rank, 8 per rank at dp=2
 LAMB_LARGE_BATCH = ("--optimizer", "ds.fusedlamb", "--lr", "0.1", "--micro-batch-size", "4", "--global-batch-size",
@@ -64,6 +67,7 @@ def single(root):
     cases.append(("rampup", rampup_flags()))
     cases.append(("lamb_large_batch", ec.flags(*LAMB_LARGE_BATCH)))
     cases.append(("schedule_free_eval", oc.optimizer_flags("adamwschedulefree", *SCHEDULE_FREE_EVAL)))
+    cases.append(("onebitlamb_warmup", ONEBIT_WARMUP))
     # the cooldown workflow: 6 iterations at constant LR, then resume into a cooldown to --min-lr by iteration 12
     cooldown = str(root / "constant")
     constant = ec.flags("--optimizer", "ipex.fusedlamb", "--lr", "0.05", "--log-interval", "1", "--train-iters", "6")
@@ -107,6 +111,7 @@ def eight_ranks():
     for name in oc.EIGHT_RANK:
         cases.append((name, oc.optimizer_flags(name, *TP2_PP2_DP2, "--zero-stage", "1", "--train-iters", "2")))
     cases.append(("rampup", rampup_flags(*TP2_PP2_DP2, "--zero-stage", "1")))
+    cases.append(("onebitlamb_warmup", ONEBIT_WARMUP + list(TP2_PP2_DP2)))  # ZeRO-0: 1-bit LAMB refuses ZeRO
     return run_ranks(8, oc.train_logged, cases, timeout=900)
 
 
@@ -144,6 +149,14 @@ def test_tp2_pp2_dp2_steps_equal_the_single_rank_steps(single, eight_ranks, name
     for rank_result in eight_ranks:
         losses = _ok(rank_result[name], name)["losses"]
         assert losses == pytest.approx(reference, abs=5e-5, rel=0), name
+
+
+def test_onebitlamb_warmup_at_tp2_pp2_dp2_steps_equal_the_single_rank_steps(single, eight_ranks):
+    reference = _ok(single["onebitlamb_warmup"], "ds.onebitlamb")["losses"]
+    assert len(reference) == 2
+    for rank_result in eight_ranks:
+        losses = _ok(rank_result["onebitlamb_warmup"], "ds.onebitlamb")["losses"]
+        assert losses == pytest.approx(reference, abs=5e-5, rel=0)
 
 
 @pytest.mark.parametrize("name", oc.MULTI_RANK)

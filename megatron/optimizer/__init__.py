@@ -154,7 +154,8 @@ def _onebitlamb_errors(run) -> list[str]:
     """What 1-bit LAMB (megatron/optimizer/onebit_lamb.py) cannot run, naming the flags."""
     zero, prec, par = run.training.zero, run.training.precision, run.parallel
     where = [f for f, bad in (
-        (f"--zero-stage {zero.zero_stage} (it averages whole momentum tensors; ZeRO partitions them)",
+        (f"--zero-stage {zero.zero_stage} (it averages whole momentum tensors; ZeRO partitions them; DeepSpeed's "
+         "own OnebitLamb refused ZeRO too: '1bit-Lamb is not compatible with ZeRO')",
          zero.zero_stage > 0),
         ("--bf16/--fp16 (DeepSpeed's mixed-precision optimizers hand it flat fp32 copies)", prec.bf16 or prec.fp16),
         ("--cpu-optimizer", zero.cpu_optimizer),

@@ -42,7 +42,10 @@ error-feedback buffers (each rank's differ); here `state_dict` gathers every dat
 continues bit for bit, and another dp size is refused (the buffers belong to ranks that no longer exist).
 
 Layout: fp32, ZeRO-0, any tp / pp, no Ulysses, no gradient clipping (after freeze_step no rank holds the
-averaged gradient to clip by); everything else is refused in megatron/optimizer/__init__.py. Under tensor
+averaged gradient to clip by); everything else is refused in megatron/optimizer/__init__.py. ZeRO is refused
+because the compression averages each rank's whole momentum tensors, which ZeRO partitions; DeepSpeed refused
+its own 1-bit optimizers with ZeRO as well (deepspeed/runtime/engine.py, `_configure_basic_optimizer`:
+"1bit-Lamb is not compatible with ZeRO", and the same for 1-bit Adam). Under tensor
 parallelism the norms (trust ratio, the weight-decay rule, the per-tensor scaling) and the factor's maximum are
 the whole tensor's: reduced over the tp group for shards (`tensor_model_parallel`), duplicated tensors counted
 once. The momentum is compressed over the dp group in separate buffers (`_segments`): tp shards, tp-duplicated
