@@ -33,9 +33,10 @@ others need whole tensors: they run with the parameters themselves (fp32; DeepSp
 optimizers hand the optimizer flat buffers cut at arbitrary offsets, and full_matrix.py says why DeepSpeed's
 own ZeRO Muon is no substitute), tensor-parallel shards are gathered into the single-rank tensors, and
 --zero-stage 1 partitions their state by whole parameters over DeepSpeed's stage 0 (full_matrix.py,
-`deepspeed_zero_stage`). The 8-bit ones are among them: blockwise quantisation depends on the whole flat tensor. LAMB only needs per-tensor norms: it sums them over its fragments of
-ZeRO-1/2 / bf16 partitions and over tp (lamb.py), so it runs at any stage but 3. What cannot be made exact is
-refused by `optimizer_errors`, naming the flags.
+`deepspeed_zero_stage`). The 8-bit ones are among them: blockwise quantisation depends on the whole flat
+tensor. LAMB only needs per-tensor norms: it sums them over its fragments of ZeRO-1/2 / bf16 partitions and
+over tp (lamb.py), so it runs at any stage but 3. What cannot be made exact is refused by `optimizer_errors`,
+naming the flags.
 """
 
 from __future__ import annotations
