@@ -280,3 +280,105 @@ def test_documents_mode_names_an_index_whose_sequences_run_past_the_token_file(t
         f.write(np.array([10 ** 6], dtype="<i8").tobytes())
     with pytest.raises(IndexedDatasetError, match=r"file0_text_document.idx: a sequence in \[0, 20\) ends after"):
         train.get_tokens(np.arange(10))
+
+
+def _epoch_order(dataset, f: int, epoch: int, offsets: np.ndarray) -> tuple[np.ndarray, list]:
+    """The documents of (file, epoch) in the order documents mode lays them end to end, and its blocks."""
+    index = dataset.document_index
+    if not index.blocked(f):
+        starts, _ = index.get(f, epoch)
+        return np.searchsorted(offsets, starts), []
+    order, block_ends = index.build_plan(f, epoch)
+    blocks = []
+    for block in order.tolist():
+        starts, ends = index.build_block(f, epoch, block)
+        assert np.array_equal(offsets[np.searchsorted(offsets, starts)], starts)
+        blocks.append(np.searchsorted(offsets, starts))
+        assert int(ends[-1]) == int(block_ends[len(blocks) - 1]) - (int(block_ends[len(blocks) - 2])
+                                                                     if len(blocks) > 1 else 0)
+    return np.concatenate(blocks), blocks
+
+
+def test_documents_mode_shuffles_large_files_in_blocks_and_samples_run_across_blocks(tmp_path):
+    data_path, contents = make_blend(tmp_path, sizes=(90, 7), seed=5)  # 90 documents: 6 blocks of 16
+    config = DataConfig(data_path=data_path, split="1", sample_mode="documents", document_shuffle_block=16)
+    train = build_datasets(config, SEQ, 3, (1500, 0, 0), 500, document_index_cache=str(tmp_path / "s"))[0]
+    assert train.document_index.blocked(0) and not train.document_index.blocked(1)
+    tokens = train.get_tokens(np.arange(1500))
+    location = train.index.locate(np.arange(1500))
+    documents = contents[train.files[0].prefix]
+    offsets = np.cumsum([0] + [len(d) for d in documents])[:-1]
+    orders, groupings = [], []
+    for epoch in np.unique(location.epoch[location.file == 0]).tolist():
+        order, blocks = _epoch_order(train, 0, epoch, offsets)
+        assert np.array_equal(np.sort(order), np.arange(90))  # every document once per epoch
+        assert sorted(len(b) for b in blocks) == [10] + [16] * 5
+        for block in blocks:  # a block is consecutive documents of the file (wrapping at its end), shuffled
+            members = set(block.tolist())
+            first = [d for d in members if (d - 1) % 90 not in members]
+            assert len(first) == 1 and members == {(first[0] + j) % 90 for j in range(len(block))}
+        stream = np.concatenate([documents[d] for d in order])
+        rows = np.flatnonzero((location.file == 0) & (location.epoch == epoch))
+        for g in rows.tolist():
+            s = int(location.sample[g])
+            assert np.array_equal(tokens[g], stream[s * SEQ:s * SEQ + SEQ + 1])
+        orders.append(order)
+        groupings.append({frozenset(b.tolist()) for b in blocks})
+    assert len(orders) > 2 and not np.array_equal(orders[0], orders[1])
+    assert groupings[0] != groupings[1]  # the blocks themselves are cut elsewhere each epoch
+    # block 0 would take the whole file: the same order as the one-shuffle mode of a file that small
+    whole = build_datasets(DataConfig(data_path=data_path, split="1", sample_mode="documents",
+                                      document_shuffle_block=0), SEQ, 3, (1500, 0, 0), 500,
+                           document_index_cache=str(tmp_path / "s"))[0]
+    assert not whole.document_index.blocked(0)
+    assert np.array_equal(whole.get_tokens(np.flatnonzero(location.file == 1)),
+                          tokens[location.file == 1])  # the small file's samples do not depend on the setting
+
+
+def test_block_shuffled_files_keep_the_cache_under_its_bound_however_many_files_are_touched(tmp_path):
+    data_path, _ = make_blend(tmp_path, sizes=[40] * 30, seed=6)  # 30 files of 40 documents: 5 blocks of 8
+    config = DataConfig(data_path=data_path, split="1", sample_mode="documents", document_shuffle_block=8)
+    bounded = build_datasets(config, SEQ, 3, (3000, 0, 0), 500, document_index_cache=str(tmp_path / "s"))[0]
+    reference = build_datasets(config, SEQ, 3, (3000, 0, 0), 500, document_index_cache=str(tmp_path / "s"))[0]
+    index = bounded.document_index
+    index.cache_bytes = 6 * sum(part.nbytes for part in index.build_block(0, 0, 0))  # a few blocks' room
+    peak = 0
+    for first in range(0, 3000, 100):
+        rows = np.arange(first, first + 100)
+        assert np.array_equal(bounded.get_tokens(rows), reference.get_tokens(rows))
+        peak = max(peak, index.cached_bytes())
+    assert peak <= index.cache_bytes and not list((tmp_path / "s").glob("*.npy"))  # nothing written to share
+    assert reference.document_index.cached_bytes() > 10 * index.cache_bytes
+    assert len([key for key in reference.document_index._cache if key[0] == "plan"]) > 50  # files × epochs
+
+
+def test_block_shuffle_names_an_index_whose_documents_do_not_lie_back_to_back(tmp_path):
+    from megatron.data.indexed_dataset import HEADER_BYTES, IndexedDatasetError
+
+    data_path, contents = make_blend(tmp_path, sizes=(40,), seed=9)
+    prefix = tmp_path / "file0_text_document"
+    with open(f"{prefix}.idx", "r+b") as f:  # a one-token gap before document 20: pointers 20.. move by one
+        f.seek(HEADER_BYTES + 4 * 40 + 8 * 20)
+        pointers = np.frombuffer(f.read(8 * 20), dtype="<i8") + 2
+        f.seek(HEADER_BYTES + 4 * 40 + 8 * 20)
+        f.write(pointers.tobytes())
+    with open(f"{prefix}.bin", "ab") as f:
+        f.write(b"\0\0")
+    config = DataConfig(data_path=data_path, split="1", sample_mode="documents", document_shuffle_block=8)
+    train = build_datasets(config, SEQ, 1, (60, 0, 0), 500, document_index_cache=str(tmp_path / "s"))[0]
+    with pytest.raises(IndexedDatasetError, match=r"file0_text_document.idx: documents \d+.. of this file hold "
+                                                  r"\d+ tokens by their lengths but \d+ by their pointers.*"
+                                                  r"--document-shuffle-block 0"):
+        train.get_tokens(np.arange(60))
+
+
+def test_document_shuffle_block_flag_reaches_the_data_config_and_refuses_negatives():
+    from megatron.config.arguments import ConfigError, parse_args
+
+    base = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4", "--seq-length", "32",
+            "--max-position-embeddings", "32", "--micro-batch-size", "1", "--train-iters", "1", "--lr", "1e-3",
+            "--mock-data", "--vocab-size", "128"]
+    assert parse_args(base).data.document_shuffle_block == 8192
+    assert parse_args(base + ["--document-shuffle-block", "0"]).data.document_shuffle_block == 0
+    with pytest.raises(ConfigError, match="--document-shuffle-block: .*must be >= 0"):
+        parse_args(base + ["--document-shuffle-block", "-4"])

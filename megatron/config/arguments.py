@@ -119,6 +119,13 @@ def _positive(kind):
     return convert
 
 
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Every flag, grouped by concern. Model and batch flags default to None so presets and files can fill them."""
     p = _Parser(prog="pretrain_gpt.py", allow_abbrev=False, exit_on_error=False, usage="%(prog)s [flags]   (--help lists them by concern)",
@@ -354,6 +361,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--data-file-list", help="file of 'weight prefix [corpus]' lines")
     g.add_argument("--split", default=DataConfig.split)
     g.add_argument("--sample-mode", choices=("samples", "documents"), default="samples")
+    g.add_argument("--document-shuffle-block", type=_non_negative_int, default=DataConfig.document_shuffle_block,
+                   metavar="N",
+                   help="--sample-mode documents: a file with more than N documents in a split is shuffled each "
+                        "epoch in blocks of N consecutive documents (cut at a new place each epoch), the blocks in "
+                        "a shuffled order and the documents in a shuffled order inside each block, so that a "
+                        "sample costs O(N + documents / N) to place, not a shuffle of the whole file. 0: one "
+                        "shuffle of all the file's documents, Megatron's distribution (a full index per file and "
+                        "epoch). Files of at most N documents get that one shuffle either way")
     g.add_argument("--mock-data", action="store_true", help="random tokens, no corpus (needs --vocab-size)")
     g.add_argument("--tokenizer-type")
     g.add_argument("--tokenizer-model")
@@ -842,7 +857,7 @@ def parse_args(argv: Optional[list[str]] = None) -> RunConfig:
         distributed_backend=ns.distributed_backend)
     data = DataConfig(
         data_path=list(ns.data_path), data_file_list=ns.data_file_list, split=ns.split,
-        sample_mode=ns.sample_mode, mock_data=ns.mock_data, tokenizer_type=ns.tokenizer_type,
+        sample_mode=ns.sample_mode, document_shuffle_block=ns.document_shuffle_block, mock_data=ns.mock_data, tokenizer_type=ns.tokenizer_type,
         tokenizer_model=ns.tokenizer_model, vocab_file=ns.vocab_file, merge_file=ns.merge_file,
         vocab_size=ns.vocab_size, num_workers=ns.num_workers, multiprocessing_context=ns.multiprocessing_context,
         trust_remote_code=ns.trust_remote_code, reset_position_ids=ns.reset_position_ids,

@@ -16,6 +16,10 @@ class DataConfig:
     # "samples": our arithmetic index (samples are consecutive windows of each file's token stream);
     # "documents": Megatron's document-shuffled index, built lazily per file.
     sample_mode: str = "samples"
+    # `--document-shuffle-block N` (documents mode): files with more than N documents in a split are shuffled
+    # per epoch in blocks of N consecutive documents (block order and order within each block); 0: one
+    # shuffle of all a file's documents (Megatron's distribution, O(documents) per file and epoch).
+    document_shuffle_block: int = 8192
     # `--train-data-path` / `--valid-data-path` / `--test-data-path`: each split its own blend of whole
     # files ("w1 prefix1 ..." like --data-path), instead of cutting --data-path's files with --split.
     train_data_path: list[str] = field(default_factory=list)

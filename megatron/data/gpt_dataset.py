@@ -25,7 +25,7 @@ import numpy as np
 from megatron.data.blend import DEFAULT_WINDOW, PHASE_PERIOD, BlendedIndex, golden_step
 from megatron.data.data_list import (SPLIT_NAMES, DataListError, FileSplits, blend_entries, parse_split,
                                      scan_files)
-from megatron.data.indexed_dataset import TokenFile
+from megatron.data.indexed_dataset import IndexedDatasetError, TokenFile
 from megatron.data.permutation import derive_key
 from megatron.checkpoint.format import replace_atomically
 
@@ -47,6 +47,8 @@ DEFAULT_INDEX_CACHE_BYTES = 256 << 20  # per process: the most document-index by
 DEFAULT_SHARED_INDEX_BYTES = 2 << 30  # per node directory: indices shared between ranks (tmpfs is RAM)
 SHARE_MIN_BYTES = 1 << 20  # smaller indices are cheap to rebuild; this also bounds the mapped files (fds)
 SHARED_INDEX_SWEEP_EVERY = 32  # writes between two size checks of the shared directory
+# documents mode shuffles a file with more documents than this in blocks of this many (--document-shuffle-block)
+DEFAULT_DOCUMENT_SHUFFLE_BLOCK = 8192
 
 
 def _remove_files(paths: list) -> None:
@@ -64,24 +66,40 @@ def default_shared_index_dir() -> str:
 class DocumentIndex:
     """Megatron's document-shuffled order, one (file, epoch) at a time, on demand, in bounded memory.
 
-    For file f and epoch e, the split's sequences are shuffled by a generator keyed by
-    (seed, split, f, e) (`order`); `starts[i]` is where the i-th of them begins in the .bin's token
-    stream and `ends[i]` the tokens of the first i + 1 laid end to end. Sample t of the epoch is
-    tokens [t * seq, (t + 1) * seq] of that concatenation (it may span documents, as in Megatron);
-    its first and last documents are two binary searches in `ends`, and its pieces are read at
-    `starts`, so nothing per sample is stored and reading needs no .idx: 8 bytes per document (16 in
-    files of 2**32 tokens or more), against Megatron's 16 bytes per sample plus its doc_idx. The
-    blend's Feistel permutation plays the part of Megatron's shuffle_idx. Building reads the split's
-    lengths and pointers from the .idx once (12 bytes per document, dropped afterwards).
+    A file of at most `block` documents in the split (--document-shuffle-block, default 8,192; every
+    file when it is 0) is shuffled as one, Megatron's way: its sequences are permuted by a generator
+    keyed by (seed, split, f, e) (`order`); `starts[i]` is where the i-th of them begins in the .bin's
+    token stream and `ends[i]` the tokens of the first i + 1 laid end to end. Sample t of the epoch is
+    tokens [t * seq, (t + 1) * seq] of that concatenation (it may span documents, as in Megatron); its
+    pieces are binary searches in `ends` and reads at `starts`, so nothing per sample is stored and
+    reading needs no .idx: 8 bytes per document (16 in files of 2**32 tokens or more), against
+    Megatron's 16 bytes per sample plus its doc_idx. The blend's Feistel permutation plays the part of
+    Megatron's shuffle_idx. Building reads the split's lengths and pointers from the .idx once.
 
-    Memory: a least-recently-used cache holds at most `cache_bytes` of indices per process, however
-    many files a run touches. Ranks of one node share instead of duplicating: an index of at least
-    SHARE_MIN_BYTES is written once (temporary name, rename) into `shared_dir` (default: node-local
-    /dev/shm) and memory-mapped by every rank that needs it, so its pages exist once per node. A rank
-    that finds no file builds the index itself: no barrier, no rank waits on another, and nothing
-    needs a shared filesystem (building is deterministic, so a duplicate build writes the same bytes).
-    The directory is kept under `shared_bytes` (oldest files removed; a mapped file stays valid), and
-    each process removes the files it wrote when it closes or exits.
+    A larger file is shuffled in two levels, because one shuffle costs O(documents) per file and
+    epoch, ~100 ns a document: at 2T tokens with Dolma's document counts the first global batch would
+    touch ~800 files holding 1.2 billion documents. Each epoch rotates the split's documents by a
+    keyed offset and cuts them into blocks of `block` consecutive documents; the epoch lays the blocks
+    end to end in a keyed random order (the "plan": one .idx pointer per block gives its tokens, since
+    documents lie back to back in the .bin), and the documents of each block in a keyed random order
+    (a block is built, like a small file's index, the first time a sample needs it). Placing a sample
+    costs O(block + documents / block), ~1 ms for a 1.5-million-document file, and holds 16 bytes per
+    block plus 64 KiB per built block. What differs from one uniform shuffle: the documents of one
+    sample (and of neighbouring samples of an epoch) come from one stretch of ~`block` consecutive
+    documents of the file, a new stretch each epoch; every document still appears once per epoch,
+    epochs are shuffled independently, and samples still span documents.
+
+    Memory: a least-recently-used cache holds at most `cache_bytes` of indices, plans and blocks per
+    process, however many files a run touches. Ranks of one node share instead of duplicating what is
+    costly: an index of at least SHARE_MIN_BYTES (a one-shuffle file of 131,072 documents or more,
+    which only --document-shuffle-block 0 or a larger block allows) is written once (temporary name,
+    rename) into `shared_dir` (default: node-local /dev/shm) and memory-mapped by every rank that
+    needs it, so its pages exist once per node. A rank that finds no file builds the index itself: no
+    barrier, no rank waits on another, and nothing needs a shared filesystem (building is
+    deterministic, so a duplicate build writes the same bytes). The directory is kept under
+    `shared_bytes` (oldest files removed; a mapped file stays valid), and each process removes the
+    files it wrote when it closes or exits. Plans and blocks are not shared: each costs well under a
+    millisecond to build, less than opening and mapping a shared file.
 
     The last partial sample of an epoch (fewer than seq_length + 1 tokens left) is dropped, where
     Megatron lets it run into the next epoch's documents: each (file, epoch) then stands alone and can
@@ -90,13 +108,16 @@ class DocumentIndex:
 
     def __init__(self, dataset: "GPTDataset", shared_dir: Optional[str] = None,
                  cache_bytes: Optional[int] = None, shared_bytes: int = DEFAULT_SHARED_INDEX_BYTES,
-                 share_min_bytes: int = SHARE_MIN_BYTES):
+                 share_min_bytes: int = SHARE_MIN_BYTES, block: Optional[int] = None):
         self.dataset = dataset
+        self.block = int(dataset.document_shuffle_block if block is None else block)
         self.shared_dir = shared_dir or default_shared_index_dir()
         cache_bytes = DEFAULT_INDEX_CACHE_BYTES if cache_bytes is None else cache_bytes
         self.cache_bytes, self.shared_bytes, self.share_min_bytes = int(cache_bytes), int(shared_bytes), share_min_bytes
         self._lock = threading.Lock()
-        self._cache: "OrderedDict[tuple[int, int], tuple[np.ndarray, np.ndarray]]" = OrderedDict()  # (starts, ends)
+        # (file, epoch) -> (starts, ends); ("plan", file, epoch) -> (order, ends) of its blocks;
+        # ("block", file, epoch, block) -> (starts, ends) of one block
+        self._cache: "OrderedDict[tuple, tuple[np.ndarray, np.ndarray]]" = OrderedDict()
         self._cached_bytes = 0
         self._written: list[str] = []
         self.builds = 0  # indices this process computed (the rest came from its cache or the shared directory)
@@ -193,7 +214,8 @@ class DocumentIndex:
             total -= size
 
     def get(self, file: int, epoch: int) -> tuple[np.ndarray, np.ndarray]:
-        """(starts, ends) of (file, epoch): from this process's cache, the node's shared copy, or built now."""
+        """(starts, ends) of a (file, epoch) shuffled as one: from this process's cache, the node's shared
+        copy, or built now."""
         key = (file, epoch)
         with self._lock:
             hit = self._cache.get(key)
@@ -201,27 +223,134 @@ class DocumentIndex:
                 self._cache.move_to_end(key)
                 return hit
         entry = self._load_or_build(file, epoch)  # concurrent threads may both build: same result, no waiting
+        self._remember(key, entry)
+        return entry
+
+    # ---- files of more than `block` documents: a two-level shuffle, built a block at a time ----------
+
+    def blocked(self, file: int) -> bool:
+        """Whether (file)'s split is shuffled in blocks (more than `block` documents) or as one."""
+        start, stop = self.dataset.files[file].sequence_range(self.dataset.split)
+        return 0 < self.block < stop - start
+
+    def _rotation(self, file: int, epoch: int, documents: int) -> int:
+        ds = self.dataset
+        return int(derive_key(ds.seed, ds.split, file, epoch, 0xB10C)[0] % np.uint64(documents))
+
+    def build_plan(self, file: int, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        """(order, ends) of the blocks of a blocked (file, epoch): `order[j]` is the block at place j of the
+        epoch and `ends[j]` the tokens of the first j + 1 places. Block b holds the documents at places
+        [b * block, (b + 1) * block) of the split rotated by a per-epoch offset; its token count comes from
+        the .idx pointers at its two ends (documents lie back to back in the .bin), so a plan reads
+        documents / block entries of the .idx, not every document's length."""
+        ds = self.dataset
+        start, stop = ds.files[file].sequence_range(ds.split)
+        first_token, last_token = ds.files[file].token_range(ds.split)
+        documents = stop - start
+        rotation = self._rotation(file, epoch, documents)
+        blocks = -(-documents // self.block)
+        places = np.minimum(np.arange(blocks + 1, dtype=np.int64) * self.block, documents)
+        real = (rotation + places[:-1]) % documents  # the split's document at the start of each block
+        before = ds.reader(file).token_offsets(start + real) - first_token  # tokens of the split before it
+        total = last_token - first_token
+        rotated = np.append(before - before[0], total)  # tokens before each block in the rotated stream
+        rotated[:-1] += np.where(before < before[0], total, 0)  # blocks after the wrap-around
+        sizes = np.diff(rotated)
+        key = int(derive_key(ds.seed, ds.split, file, epoch, 0xB1C0)[0])
+        order = np.random.default_rng(key).permutation(blocks).astype(np.int64)
+        return order, np.cumsum(sizes[order], dtype=np.int64)
+
+    def build_block(self, file: int, epoch: int, block: int) -> tuple[np.ndarray, np.ndarray]:
+        """(starts, ends) of block `block` of a blocked (file, epoch), its documents shuffled (as `build`)."""
+        ds = self.dataset
+        start, stop = ds.files[file].sequence_range(ds.split)
+        documents = stop - start
+        first = (self._rotation(file, epoch, documents) + block * self.block) % documents
+        count = min(self.block, documents - block * self.block)
+        reader = ds.reader(file)
+        pieces = [reader.index_range(start + first, start + min(first + count, documents))]
+        if first + count > documents:  # the block wraps around the split's end
+            pieces.append(reader.index_range(start, start + first + count - documents))
+        lengths = np.concatenate([p[0] for p in pieces])
+        pointers = np.concatenate([p[1] for p in pieces])
+        key = int(derive_key(ds.seed, ds.split, file, epoch, block, 0xD0C)[0])
+        order = np.random.default_rng(key).permutation(count)
+        dtype = np.uint32 if ds.files[file].num_tokens < 1 << 32 else np.int64
+        ends = np.cumsum(lengths[order], dtype=np.int64)
+        starts = pointers[order]
+        plan_order, plan_ends = self._cached(("plan", file, epoch), lambda: self.build_plan(file, epoch))
+        place = int(np.flatnonzero(plan_order == block)[0])
+        expected = int(plan_ends[place]) - (int(plan_ends[place - 1]) if place else 0)
+        if int(ends[-1]) != expected:
+            path = ds.files[file].prefix + ".idx"
+            raise IndexedDatasetError(
+                f"{path}: documents {start + first}.. of this file hold {int(ends[-1])} tokens by their lengths but "
+                f"{expected} by their pointers: its documents are not laid back to back in the .bin, which "
+                "--sample-mode documents needs for files of more than --document-shuffle-block documents; "
+                "re-create the file with tools/preprocess_data.py, or pass --document-shuffle-block 0 "
+                "(one shuffle of all its documents)")
+        return starts.astype(dtype, copy=False), ends.astype(dtype, copy=False)
+
+    def _cached(self, key: tuple, build):
+        """An entry of the process's LRU cache (plans and blocks), built on a miss; bounded by cache_bytes."""
+        with self._lock:
+            hit = self._cache.get(key)
+            if hit is not None:
+                self._cache.move_to_end(key)
+                return hit
+        entry = build()
+        with self._lock:
+            self.builds += 1
+        self._remember(key, entry)
+        return entry
+
+    def _remember(self, key: tuple, entry: tuple) -> None:
         size = entry[0].nbytes + entry[1].nbytes
         with self._lock:
             if key not in self._cache:
                 self._cache[key] = entry
                 self._cached_bytes += size
             while self._cached_bytes > self.cache_bytes and len(self._cache) > 1:
-                _, (starts, ends) = self._cache.popitem(last=False)
-                self._cached_bytes -= starts.nbytes + ends.nbytes
-        return entry
+                _, (first, second) = self._cache.popitem(last=False)
+                self._cached_bytes -= first.nbytes + second.nbytes
 
-    def sample_span(self, file: int, epoch: int, sample: int):
-        """(starts, ends, first, offset, last, end): sample `sample` runs from token `offset` of document
-        position `first` to token `end` (inclusive) of position `last` in the epoch's shuffled order."""
-        starts, ends = self.get(file, epoch)
+    # ---- reading a sample ---------------------------------------------------------------------------
+
+    def sample_pieces(self, file: int, epoch: int, sample: int) -> list[tuple[int, int]]:
+        """Where sample `sample` of (file, epoch) lies in the .bin: [(first token, tokens), ...], in order,
+        seq_length + 1 tokens in all, running across documents (and blocks) as Megatron's samples do."""
+        need = self.dataset.seq_length + 1
         begin = sample * self.dataset.seq_length
-        finish = begin + self.dataset.seq_length  # inclusive: samples are seq_length + 1 tokens
-        first = int(np.searchsorted(ends, begin, side="right"))
-        last = int(np.searchsorted(ends, finish, side="right"))
-        offset = begin - (int(ends[first - 1]) if first else 0)
-        end = finish - (int(ends[last - 1]) if last else 0)
-        return starts, ends, first, offset, last, end
+        if not self.blocked(file):
+            starts, ends = self.get(file, epoch)
+            return _pieces(starts, ends, begin, need)
+        order, block_ends = self._cached(("plan", file, epoch), lambda: self.build_plan(file, epoch))
+        place = int(np.searchsorted(block_ends, begin, side="right"))
+        offset = begin - (int(block_ends[place - 1]) if place else 0)
+        pieces = []
+        while need:
+            block = int(order[place])
+            starts, ends = self._cached(("block", file, epoch, block),
+                                        lambda: self.build_block(file, epoch, block))
+            taken = _pieces(starts, ends, offset, min(need, int(ends[-1]) - offset))
+            pieces += taken
+            need -= sum(count for _, count in taken)
+            place, offset = place + 1, 0
+        return pieces
+
+
+def _pieces(starts: np.ndarray, ends: np.ndarray, begin: int, need: int) -> list[tuple[int, int]]:
+    """Tokens [begin, begin + need) of documents laid end to end (`ends` their running totals, `starts`
+    where each begins in the .bin), as [(first token in the .bin, tokens), ...]."""
+    pieces = []
+    place = int(np.searchsorted(ends, begin, side="right"))
+    offset = begin - (int(ends[place - 1]) if place else 0)
+    while need:
+        size = min(need, int(ends[place]) - (int(ends[place - 1]) if place else 0) - offset)
+        pieces.append((int(starts[place]) + offset, size))
+        need -= size
+        place, offset = place + 1, 0
+    return pieces
 
 
 class GPTDataset:
@@ -238,7 +367,8 @@ class GPTDataset:
                  seed: int, num_samples: int, vocab_size: Optional[int] = None, sample_mode: str = "samples",
                  window: int = DEFAULT_WINDOW, document_index_cache: Optional[str] = None,
                  corpora: Optional[Sequence[str]] = None,
-                 left_out: Sequence[tuple[str, int]] = (), source: str = "data"):
+                 left_out: Sequence[tuple[str, int]] = (), source: str = "data",
+                 document_shuffle_block: int = DEFAULT_DOCUMENT_SHUFFLE_BLOCK):
         if sample_mode not in SAMPLE_MODES:
             raise ValueError(f"DataConfig.sample_mode {sample_mode!r} is not one of {SAMPLE_MODES}")
         if seq_length < 1:
@@ -250,6 +380,9 @@ class GPTDataset:
         self.num_samples = int(num_samples)
         self.vocab_size = vocab_size
         self.sample_mode = sample_mode
+        if document_shuffle_block < 0:
+            raise ValueError(f"document_shuffle_block must be >= 0 (0: one shuffle per file), got {document_shuffle_block}")
+        self.document_shuffle_block = int(document_shuffle_block)
         self.num_files = len(self.files)
         self.samples_per_file = np.array([f.num_samples(self.split, self.seq_length) for f in self.files],
                                          dtype=np.int64)
@@ -344,18 +477,10 @@ class GPTDataset:
             reader.read_into(out[head:], first)
 
     def _read_documents(self, file: int, sample: int, epoch: int, out: np.ndarray) -> None:
-        starts, ends, first, offset, last, end = self.document_index.sample_span(file, epoch, sample)
-        reader = self.reader(file)
-        if first == last:
-            reader.read_into(out, int(starts[first]) + offset)
-            return
-        at = int(ends[first]) - int(ends[first - 1] if first else 0) - offset  # tokens of the first piece
-        reader.read_into(out[:at], int(starts[first]) + offset)
-        for p in range(first + 1, last):
-            size = int(ends[p] - ends[p - 1])
-            reader.read_into(out[at:at + size], int(starts[p]))
-            at += size
-        reader.read_into(out[at:], int(starts[last]))
+        reader, at = self.reader(file), 0
+        for start, count in self.document_index.sample_pieces(file, epoch, sample):
+            reader.read_into(out[at:at + count], start)
+            at += count
 
     def get_tokens(self, global_samples) -> np.ndarray:
         """Tokens of many global samples at once: int64 array [len(global_samples), seq_length + 1]."""
@@ -493,23 +618,26 @@ def build_datasets(data_config, seq_length: int, seed: int, num_samples: tuple[i
         datasets.append(GPTDataset([files[i] for i in usable], [entries[i].weight for i in usable], split,
                                    seq_length, seed, requested, vocab_size, mode,
                                    document_index_cache=cache, corpora=corpora, left_out=left_out,
-                                   source=source))
+                                   source=source, document_shuffle_block=data_config.document_shuffle_block))
         if mode == "documents" and rank == 0:
             _warn_if_indices_outgrow_the_cache(datasets[-1])
     return tuple(datasets)
 
 
 def _warn_if_indices_outgrow_the_cache(dataset: GPTDataset) -> None:
-    """Documents mode builds a full shuffle of a file's documents the first time a batch needs that file and
-    epoch; when one epoch's indices exceed the process cache, batches keep rebuilding them: say so at start."""
-    documents = sum(f.sequence_range(dataset.split)[1] - f.sequence_range(dataset.split)[0] for f in dataset.files)
-    needed = sum((8 if f.num_tokens < 1 << 32 else 16) * (f.sequence_range(dataset.split)[1] -
-                                                           f.sequence_range(dataset.split)[0]) for f in dataset.files)
-    cache = dataset.document_index.cache_bytes
-    if needed > cache:
+    """Documents mode shuffles a file of at most --document-shuffle-block documents (any file with 0) as one,
+    the first time a batch needs that file and epoch; when one epoch's such indices exceed the process cache,
+    batches keep rebuilding them: say so at start. (Block-shuffled files build a block at a time.)"""
+    index = dataset.document_index
+    counts = [f.sequence_range(dataset.split)[1] - f.sequence_range(dataset.split)[0] for f in dataset.files]
+    whole = [i for i in range(dataset.num_files) if not index.blocked(i)]
+    documents = sum(counts[i] for i in whole)
+    needed = sum((8 if dataset.files[i].num_tokens < 1 << 32 else 16) * counts[i] for i in whole)
+    if needed > index.cache_bytes:
         logger.warning(
-            "--sample-mode documents: the %s split's %s documents need %.1f GiB of document indices per epoch, "
-            "more than the %.0f MiB a process caches: the files a batch touches get their index (a shuffle of "
-            "all their documents) built again and again, which at this scale can take longer than the training "
-            "step; --sample-mode samples needs no index", SPLIT_NAMES[dataset.split], f"{documents:,}",
-            needed / 2 ** 30, cache / 2 ** 20)
+            "--sample-mode documents: the %s split's %s documents in files shuffled as one need %.1f GiB of "
+            "document indices per epoch, more than the %.0f MiB a process caches: the files a batch touches get "
+            "their index (a shuffle of all their documents) built again and again, which at this scale can take "
+            "longer than the training step; give --document-shuffle-block a size (shuffles large files in "
+            "blocks), or --sample-mode samples, which needs no index", SPLIT_NAMES[dataset.split],
+            f"{documents:,}", needed / 2 ** 30, index.cache_bytes / 2 ** 20)
