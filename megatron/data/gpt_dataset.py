@@ -254,7 +254,7 @@ class DocumentIndex:
         before = ds.reader(file).token_offsets(start + real) - first_token  # tokens of the split before it
         total = last_token - first_token
         rotated = np.append(before - before[0], total)  # tokens before each block in the rotated stream
-        rotated[:-1] += np.where(before < before[0], total, 0)  # blocks after the wrap-around
+        rotated[:-1] += np.where(rotation + places[:-1] >= documents, total, 0)  # blocks after the wrap-around
         sizes = np.diff(rotated)
         key = int(derive_key(ds.seed, ds.split, file, epoch, 0xB1C0)[0])
         order = np.random.default_rng(key).permutation(blocks).astype(np.int64)
