@@ -326,6 +326,8 @@ def test_documents_mode_shuffles_large_files_in_blocks_and_samples_run_across_bl
         groupings.append({frozenset(b.tolist()) for b in blocks})
     assert len(orders) > 2 and not np.array_equal(orders[0], orders[1])
     assert groupings[0] != groupings[1]  # the blocks themselves are cut elsewhere each epoch
+    # DataLoader worker processes rebuild plans and blocks themselves and read the same samples (dp=2, resumed)
+    assert torch.equal(_stream(train, 2, 2, 600, 5, num_workers=1), torch.from_numpy(tokens[600:620]))
     # block 0 would take the whole file: the same order as the one-shuffle mode of a file that small
     whole = build_datasets(DataConfig(data_path=data_path, split="1", sample_mode="documents",
                                       document_shuffle_block=0), SEQ, 3, (1500, 0, 0), 500,
