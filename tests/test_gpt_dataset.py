@@ -326,6 +326,8 @@ def test_documents_mode_shuffles_large_files_in_blocks_and_samples_run_across_bl
         groupings.append({frozenset(b.tolist()) for b in blocks})
     assert len(orders) > 2 and not np.array_equal(orders[0], orders[1])
     assert groupings[0] != groupings[1]  # the blocks themselves are cut elsewhere each epoch
+    # DataLoader worker processes rebuild plans and blocks themselves and read the same samples (dp=2, resumed)
+    assert torch.equal(_stream(train, 2, 2, 600, 5, num_workers=1), torch.from_numpy(tokens[600:620]))
     # block 0 would take the whole file: the same order as the one-shuffle mode of a file that small
     whole = build_datasets(DataConfig(data_path=data_path, split="1", sample_mode="documents",
                                       document_shuffle_block=0), SEQ, 3, (1500, 0, 0), 500,
@@ -382,3 +384,30 @@ def test_document_shuffle_block_flag_reaches_the_data_config_and_refuses_negativ
     assert parse_args(base + ["--document-shuffle-block", "0"]).data.document_shuffle_block == 0
     with pytest.raises(ConfigError, match="--document-shuffle-block: .*must be >= 0"):
         parse_args(base + ["--document-shuffle-block", "-4"])
+
+
+def test_block_shuffle_handles_empty_documents_and_blocks_across_the_wrap(tmp_path):
+    rng = np.random.default_rng(11)
+    sizes = rng.choice([0] * 7 + [9, 17], size=80)  # mostly empty: blocks may start on runs of empty documents
+    documents = [rng.integers(0, 500, size=int(n)) for n in sizes]
+    prefix = str(tmp_path / "sparse_text_document")
+    write_dataset(prefix, documents, np.uint16)
+    config = DataConfig(data_path=[prefix], split="1", sample_mode="documents", document_shuffle_block=4)
+    train = build_datasets(config, SEQ, 2, (120, 0, 0), 500, document_index_cache=str(tmp_path / "s"))[0]
+    tokens, location = train.get_tokens(np.arange(120)), train.index.locate(np.arange(120))
+    offsets = np.cumsum([0] + [len(d) for d in documents])[:-1]
+    assert len(np.unique(location.epoch)) > 1 and min(len(d) for d in documents) == 0
+    for epoch in np.unique(location.epoch).tolist():
+        index = train.document_index
+        order, block_ends = index.build_plan(0, epoch)
+        laid = [index.build_block(0, epoch, b) for b in order.tolist()]
+        assert np.array_equal(np.cumsum([int(ends[-1]) for _, ends in laid]), block_ends)
+        flat = np.concatenate(documents)  # the .bin's tokens; each document laid at its start, its length long
+        lengths = [np.diff(np.concatenate([[0], ends.astype(np.int64)])) for _, ends in laid]
+        stream = np.concatenate([flat[int(start):int(start) + int(n)] for (starts, _), sizes in zip(laid, lengths)
+                                 for start, n in zip(starts, sizes)])
+        assert np.array_equal(np.sort(np.concatenate([s.astype(np.int64) for s, _ in laid])),
+                              np.sort(offsets))  # each document (empty ones too) once in the epoch
+        for g in np.flatnonzero(location.epoch == epoch).tolist():
+            s = int(location.sample[g])
+            assert np.array_equal(tokens[g], stream[s * SEQ:s * SEQ + SEQ + 1])

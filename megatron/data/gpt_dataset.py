@@ -43,7 +43,7 @@ def _default_open_files() -> int:
     return 4096 if soft == getattr(resource, "RLIM_INFINITY", -1) else int(min(4096, max(16, soft // 2)))
 
 
-DEFAULT_INDEX_CACHE_BYTES = 256 << 20  # per process: the most document-index bytes kept in memory
+DEFAULT_INDEX_CACHE_BYTES = 64 << 20  # per process: the most document-index, plan and block bytes kept in memory
 DEFAULT_SHARED_INDEX_BYTES = 2 << 30  # per node directory: indices shared between ranks (tmpfs is RAM)
 SHARE_MIN_BYTES = 1 << 20  # smaller indices are cheap to rebuild; this also bounds the mapped files (fds)
 SHARED_INDEX_SWEEP_EVERY = 32  # writes between two size checks of the shared directory
@@ -254,7 +254,7 @@ class DocumentIndex:
         before = ds.reader(file).token_offsets(start + real) - first_token  # tokens of the split before it
         total = last_token - first_token
         rotated = np.append(before - before[0], total)  # tokens before each block in the rotated stream
-        rotated[:-1] += np.where(before < before[0], total, 0)  # blocks after the wrap-around
+        rotated[:-1] += np.where(rotation + places[:-1] >= documents, total, 0)  # blocks after the wrap-around
         sizes = np.diff(rotated)
         key = int(derive_key(ds.seed, ds.split, file, epoch, 0xB1C0)[0])
         order = np.random.default_rng(key).permutation(blocks).astype(np.int64)
