@@ -39,42 +39,6 @@ def optimizer_flags(name: str, *extra: str) -> list[str]:
                     *extra)
 
 
-_case_groups: list = []  # process groups created since the last case started (this rank's process)
-
-
-def _record_process_groups() -> None:
-    """Record every group torch.distributed.new_group creates from now on (ParallelState's, DeepSpeed's)."""
-    import torch.distributed as dist
-
-    if getattr(dist.new_group, "records_case_groups", False):
-        return
-    real = dist.new_group
-
-    def new_group(*args, **kwargs):
-        group = real(*args, **kwargs)
-        _case_groups.append(group)
-        return group
-
-    new_group.records_case_groups = True
-    dist.new_group = new_group
-
-
-def _destroy_previous_case_groups() -> None:
-    """Destroy the groups the previous case created (each gloo group keeps its own network threads: a launch of
-    15 cases at 8 ranks otherwise ends with ~600 threads per rank, and each case runs slower than the last).
-    Done when the next case starts, so a caller may still use the groups of the case it just ran."""
-    import deepspeed.comm
-    import torch.distributed as dist
-
-    if not _case_groups:
-        return
-    dist.barrier()  # every rank is done with them
-    for group in _case_groups:
-        if group is not None and group != dist.GroupMember.NON_GROUP_MEMBER:
-            deepspeed.comm.destroy_process_group(group)  # also drops DeepSpeed's cached references to it
-    _case_groups.clear()
-
-
 def train_logged(rank: int, world_size: int, cases: list) -> dict:
     """ec.train_cases, plus {"log": [(iteration, consumed samples, lr, global batch)]} from rank 0's lines."""
     import deepspeed
@@ -86,10 +50,10 @@ def train_logged(rank: int, world_size: int, cases: list) -> dict:
     from megatron.dist.parallel_state import ParallelState
     from megatron.training.loop import train
 
-    _record_process_groups()
+    ec.record_process_groups()
     out = {}
     for name, argv in cases:
-        _destroy_previous_case_groups()
+        ec.destroy_previous_case_groups()
         lines = []
         try:
             run = parse_args(argv)
