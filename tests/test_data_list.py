@@ -121,3 +121,25 @@ def test_scan_reports_every_corrupt_file_at_once(tmp_path):
     with pytest.raises(DataListError) as info:
         scan_files(entries, parse_split("1"), "--data-path")
     assert len(info.value.problems) == 2 and "bad1.idx" in str(info.value) and "bad2.idx" in str(info.value)
+
+
+def test_header_reads_use_threads_only_when_each_read_is_slow():
+    import threading
+    import time
+
+    from megatron.data import data_list
+
+    def fast(item):
+        return item, threading.get_ident()
+
+    def slow(item):  # a parallel filesystem's open: milliseconds, which threads overlap
+        time.sleep(0.001)
+        return item, threading.get_ident()
+
+    main = threading.get_ident()
+    items = list(range(300))
+    for fn, threaded in ((fast, False), (slow, True)):
+        results = data_list._map_in_threads(fn, items)
+        assert [item for item, _ in results] == items  # in order either way
+        others = {ident for _, ident in results[data_list.SERIAL_PROBE:]} - {main}
+        assert bool(others) == threaded, fn.__name__
