@@ -234,7 +234,6 @@ def test_transient_read_errors_are_retried_then_fail_naming_the_file(tmp_path):
 
 
 def test_transient_data_read_errors_are_retried_then_fail_naming_the_file(tmp_path, monkeypatch, caplog):
-    import builtins
     import errno
 
     from megatron.data import indexed_dataset
@@ -245,13 +244,15 @@ def test_transient_data_read_errors_are_retried_then_fail_naming_the_file(tmp_pa
     monkeypatch.setattr(fmt, "RETRY_BACKOFF_S", 0.001)
     failures = {"left": 2}
 
-    def flaky_open(path, *args, **kwargs):  # a fault-injecting file wrapper: EIO on the first opens of the .idx
+    real_open = os.open
+
+    def flaky_open(path, *args, **kwargs):  # a fault-injecting open: EIO on the first opens of the .idx
         if str(path).endswith(".idx") and failures["left"] > 0:
             failures["left"] -= 1
             raise OSError(errno.EIO, "Input/output error", str(path))
-        return builtins.open(path, *args, **kwargs)
+        return real_open(path, *args, **kwargs)
 
-    monkeypatch.setattr(indexed_dataset, "open", flaky_open, raising=False)
+    monkeypatch.setattr(indexed_dataset.os, "open", flaky_open)
     with caplog.at_level("WARNING"):
         assert len(IndexedDataset(prefix)) == 10
     retries = [r.getMessage() for r in caplog.records if "EIO" in r.getMessage()]

@@ -130,9 +130,12 @@ def read_index_header(path_prefix: str) -> IndexHeader:
     """
     path_prefix = _strip_suffix(path_prefix)
     idx_path, bin_path = index_file_path(path_prefix), data_file_path(path_prefix)
-    def read_header():
-        with open(idx_path, "rb") as f:
-            return f.read(HEADER_BYTES), os.fstat(f.fileno()).st_size
+    def read_header():  # one unbuffered read: a buffered open reads a whole buffer for 34 bytes
+        fd = os.open(idx_path, os.O_RDONLY)
+        try:
+            return os.pread(fd, HEADER_BYTES, 0), os.fstat(fd).st_size
+        finally:
+            os.close(fd)
 
     try:  # a transient EIO / ESTALE (Lustre under load) is retried, logged
         raw, idx_bytes = with_retries(read_header, idx_path, log=logger.warning, error_type=IndexedDatasetError)
