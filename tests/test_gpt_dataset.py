@@ -343,14 +343,16 @@ def test_block_shuffled_files_keep_the_cache_under_its_bound_however_many_files_
     bounded = build_datasets(config, SEQ, 3, (3000, 0, 0), 500, document_index_cache=str(tmp_path / "s"))[0]
     reference = build_datasets(config, SEQ, 3, (3000, 0, 0), 500, document_index_cache=str(tmp_path / "s"))[0]
     index = bounded.document_index
-    index.cache_bytes = 6 * sum(part.nbytes for part in index.build_block(0, 0, 0))  # a few blocks' room
-    peak = 0
+    index.block_cache_bytes = 6 * sum(part.nbytes for part in index.build_block(0, 0, 0))  # a few blocks' room
+    index.cache_bytes = 4 * sum(part.nbytes for part in index.build_plan(0, 0))  # and a few plans'
+    peak_blocks = peak_plans = 0
     for first in range(0, 3000, 100):
         rows = np.arange(first, first + 100)
         assert np.array_equal(bounded.get_tokens(rows), reference.get_tokens(rows))
-        peak = max(peak, index.cached_bytes())
-    assert peak <= index.cache_bytes and not list((tmp_path / "s").glob("*.npy"))  # nothing written to share
-    assert reference.document_index.cached_bytes() > 10 * index.cache_bytes
+        peak_blocks, peak_plans = max(peak_blocks, index._block_bytes), max(peak_plans, index._cached_bytes)
+    assert peak_blocks <= index.block_cache_bytes and peak_plans <= index.cache_bytes
+    assert not list((tmp_path / "s").glob("*.npy"))  # nothing written to share
+    assert reference.document_index.cached_bytes() > 10 * (index.cache_bytes + index.block_cache_bytes)
     assert len([key for key in reference.document_index._cache if key[0] == "plan"]) > 50  # files × epochs
 
 

@@ -43,7 +43,10 @@ def _default_open_files() -> int:
     return 4096 if soft == getattr(resource, "RLIM_INFINITY", -1) else int(min(4096, max(16, soft // 2)))
 
 
-DEFAULT_INDEX_CACHE_BYTES = 64 << 20  # per process: the most document-index, plan and block bytes kept in memory
+DEFAULT_INDEX_CACHE_BYTES = 64 << 20  # per process: the most bytes of one-shuffle indices and block plans kept
+# per process, the most bytes of built blocks kept: a block is rebuilt in ~0.3 ms and samples land in any block
+# of any file, so a large cache would mostly hold blocks no one reads again soon, on every rank of a node
+DEFAULT_BLOCK_CACHE_BYTES = 8 << 20
 DEFAULT_SHARED_INDEX_BYTES = 2 << 30  # per node directory: indices shared between ranks (tmpfs is RAM)
 SHARE_MIN_BYTES = 1 << 20  # smaller indices are cheap to rebuild; this also bounds the mapped files (fds)
 SHARED_INDEX_SWEEP_EVERY = 32  # writes between two size checks of the shared directory
@@ -89,8 +92,8 @@ class DocumentIndex:
     documents of the file, a new stretch each epoch; every document still appears once per epoch,
     epochs are shuffled independently, and samples still span documents.
 
-    Memory: a least-recently-used cache holds at most `cache_bytes` of indices, plans and blocks per
-    process, however many files a run touches. Ranks of one node share instead of duplicating what is
+    Memory: least-recently-used caches hold at most `cache_bytes` (64 MiB) of one-shuffle indices and
+    plans, and `block_cache_bytes` (8 MiB) of blocks, per process, however many files a run touches. Ranks of one node share instead of duplicating what is
     costly: an index of at least SHARE_MIN_BYTES (a one-shuffle file of 131,072 documents or more,
     which only --document-shuffle-block 0 or a larger block allows) is written once (temporary name,
     rename) into `shared_dir` (default: node-local /dev/shm) and memory-mapped by every rank that
@@ -108,7 +111,8 @@ class DocumentIndex:
 
     def __init__(self, dataset: "GPTDataset", shared_dir: Optional[str] = None,
                  cache_bytes: Optional[int] = None, shared_bytes: int = DEFAULT_SHARED_INDEX_BYTES,
-                 share_min_bytes: int = SHARE_MIN_BYTES, block: Optional[int] = None):
+                 share_min_bytes: int = SHARE_MIN_BYTES, block: Optional[int] = None,
+                 block_cache_bytes: Optional[int] = None):
         self.dataset = dataset
         self.block = int(dataset.document_shuffle_block if block is None else block)
         self.shared_dir = shared_dir or default_shared_index_dir()
@@ -119,6 +123,9 @@ class DocumentIndex:
         # ("block", file, epoch, block) -> (starts, ends) of one block
         self._cache: "OrderedDict[tuple, tuple[np.ndarray, np.ndarray]]" = OrderedDict()
         self._cached_bytes = 0
+        self.block_cache_bytes = int(DEFAULT_BLOCK_CACHE_BYTES if block_cache_bytes is None else block_cache_bytes)
+        self._blocks: "OrderedDict[tuple, tuple[np.ndarray, np.ndarray]]" = OrderedDict()  # built blocks
+        self._block_bytes = 0
         self._written: list[str] = []
         self.builds = 0  # indices this process computed (the rest came from its cache or the shared directory)
         self.shared_loads = 0
@@ -134,7 +141,7 @@ class DocumentIndex:
 
     def cached_bytes(self) -> int:
         with self._lock:
-            return self._cached_bytes
+            return self._cached_bytes + self._block_bytes
 
     def _shared_path(self, file: int, epoch: int) -> str:
         ds = self.dataset
@@ -292,11 +299,12 @@ class DocumentIndex:
         return starts.astype(dtype, copy=False), ends.astype(dtype, copy=False)
 
     def _cached(self, key: tuple, build):
-        """An entry of the process's LRU cache (plans and blocks), built on a miss; bounded by cache_bytes."""
+        """An entry of the process's LRU caches (plans: cache_bytes; blocks: block_cache_bytes), built on a miss."""
+        store = self._blocks if key[0] == "block" else self._cache
         with self._lock:
-            hit = self._cache.get(key)
+            hit = store.get(key)
             if hit is not None:
-                self._cache.move_to_end(key)
+                store.move_to_end(key)
                 return hit
         entry = build()
         with self._lock:
@@ -307,6 +315,14 @@ class DocumentIndex:
     def _remember(self, key: tuple, entry: tuple) -> None:
         size = entry[0].nbytes + entry[1].nbytes
         with self._lock:
+            if key[0] == "block":
+                if key not in self._blocks:
+                    self._blocks[key] = entry
+                    self._block_bytes += size
+                while self._block_bytes > self.block_cache_bytes and len(self._blocks) > 1:
+                    _, (first, second) = self._blocks.popitem(last=False)
+                    self._block_bytes -= first.nbytes + second.nbytes
+                return
             if key not in self._cache:
                 self._cache[key] = entry
                 self._cached_bytes += size
