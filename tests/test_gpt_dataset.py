@@ -143,7 +143,7 @@ def test_document_index_memory_stays_under_its_bound_however_many_files_are_touc
         peak = max(peak, index.cached_bytes())
     touched = np.unique(np.stack([bounded.index.locate(np.arange(2000)).file,
                                   bounded.index.locate(np.arange(2000)).epoch]), axis=1).shape[1]
-    assert touched > 100 and peak <= index.cache_bytes and len(index._cache) <= 5
+    assert touched > 100 and peak <= index.cache_bytes and len(index._indices.entries) <= 5
     assert index.builds > touched  # evicted indices were rebuilt when needed again, identically
     assert reference.document_index.cached_bytes() > index.cache_bytes  # the unbounded one kept them all
 
@@ -349,11 +349,11 @@ def test_block_shuffled_files_keep_the_cache_under_its_bound_however_many_files_
     for first in range(0, 3000, 100):
         rows = np.arange(first, first + 100)
         assert np.array_equal(bounded.get_tokens(rows), reference.get_tokens(rows))
-        peak_blocks, peak_plans = max(peak_blocks, index._block_bytes), max(peak_plans, index._cached_bytes)
+        peak_blocks, peak_plans = max(peak_blocks, index._blocks.bytes), max(peak_plans, index._indices.bytes)
     assert peak_blocks <= index.block_cache_bytes and peak_plans <= index.cache_bytes
     assert not list((tmp_path / "s").glob("*.npy"))  # nothing written to share
     assert reference.document_index.cached_bytes() > 10 * (index.cache_bytes + index.block_cache_bytes)
-    assert len([key for key in reference.document_index._cache if key[0] == "plan"]) > 50  # files × epochs
+    assert len([key for key in reference.document_index._indices.entries if key[0] == "plan"]) > 50  # files × epochs
 
 
 def test_block_shuffle_names_an_index_whose_documents_do_not_lie_back_to_back(tmp_path):

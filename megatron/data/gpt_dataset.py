@@ -93,9 +93,10 @@ class DocumentIndex:
     epochs are shuffled independently, and samples still span documents.
 
     Memory: least-recently-used caches hold at most `cache_bytes` (64 MiB) of one-shuffle indices and
-    plans, and `block_cache_bytes` (8 MiB) of blocks, per process, however many files a run touches. Ranks of one node share instead of duplicating what is
-    costly: an index of at least SHARE_MIN_BYTES (a one-shuffle file of 131,072 documents or more,
-    which only --document-shuffle-block 0 or a larger block allows) is written once (temporary name,
+    plans, and `block_cache_bytes` (8 MiB) of blocks, per process, however many files a run touches.
+    Ranks of one node share instead of duplicating what is costly: an index of at least SHARE_MIN_BYTES
+    (a one-shuffle file of 131,072 documents or more, which only --document-shuffle-block 0 or a larger
+    block allows) is written once (temporary name,
     rename) into `shared_dir` (default: node-local /dev/shm) and memory-mapped by every rank that
     needs it, so its pages exist once per node. A rank that finds no file builds the index itself: no
     barrier, no rank waits on another, and nothing needs a shared filesystem (building is
@@ -116,16 +117,12 @@ class DocumentIndex:
         self.dataset = dataset
         self.block = int(dataset.document_shuffle_block if block is None else block)
         self.shared_dir = shared_dir or default_shared_index_dir()
-        cache_bytes = DEFAULT_INDEX_CACHE_BYTES if cache_bytes is None else cache_bytes
-        self.cache_bytes, self.shared_bytes, self.share_min_bytes = int(cache_bytes), int(shared_bytes), share_min_bytes
+        self.shared_bytes, self.share_min_bytes = int(shared_bytes), share_min_bytes
         self._lock = threading.Lock()
-        # (file, epoch) -> (starts, ends); ("plan", file, epoch) -> (order, ends) of its blocks;
-        # ("block", file, epoch, block) -> (starts, ends) of one block
-        self._cache: "OrderedDict[tuple, tuple[np.ndarray, np.ndarray]]" = OrderedDict()
-        self._cached_bytes = 0
-        self.block_cache_bytes = int(DEFAULT_BLOCK_CACHE_BYTES if block_cache_bytes is None else block_cache_bytes)
-        self._blocks: "OrderedDict[tuple, tuple[np.ndarray, np.ndarray]]" = OrderedDict()  # built blocks
-        self._block_bytes = 0
+        # (file, epoch) -> (starts, ends) and ("plan", file, epoch) -> (order, ends) of its blocks ...
+        self._indices = _ArrayLRU(DEFAULT_INDEX_CACHE_BYTES if cache_bytes is None else cache_bytes)
+        # ... and ("block", file, epoch, block) -> (starts, ends) of one built block, in their own budget
+        self._blocks = _ArrayLRU(DEFAULT_BLOCK_CACHE_BYTES if block_cache_bytes is None else block_cache_bytes)
         self._written: list[str] = []
         self.builds = 0  # indices this process computed (the rest came from its cache or the shared directory)
         self.shared_loads = 0
@@ -139,9 +136,27 @@ class DocumentIndex:
         """Remove the shared files this process wrote (a rank still mapping one keeps its pages)."""
         _remove_files(self._written)
 
+    @property
+    def cache_bytes(self) -> int:
+        """The most bytes of one-shuffle indices and plans this process keeps."""
+        return self._indices.budget
+
+    @cache_bytes.setter
+    def cache_bytes(self, value: int) -> None:
+        self._indices.budget = int(value)
+
+    @property
+    def block_cache_bytes(self) -> int:
+        """The most bytes of built blocks this process keeps."""
+        return self._blocks.budget
+
+    @block_cache_bytes.setter
+    def block_cache_bytes(self, value: int) -> None:
+        self._blocks.budget = int(value)
+
     def cached_bytes(self) -> int:
         with self._lock:
-            return self._cached_bytes + self._block_bytes
+            return self._indices.bytes + self._blocks.bytes
 
     def _shared_path(self, file: int, epoch: int) -> str:
         ds = self.dataset
@@ -222,16 +237,8 @@ class DocumentIndex:
 
     def get(self, file: int, epoch: int) -> tuple[np.ndarray, np.ndarray]:
         """(starts, ends) of a (file, epoch) shuffled as one: from this process's cache, the node's shared
-        copy, or built now."""
-        key = (file, epoch)
-        with self._lock:
-            hit = self._cache.get(key)
-            if hit is not None:
-                self._cache.move_to_end(key)
-                return hit
-        entry = self._load_or_build(file, epoch)  # concurrent threads may both build: same result, no waiting
-        self._remember(key, entry)
-        return entry
+        copy, or built now (concurrent threads may both build: the same result, and no one waits)."""
+        return self._cached((file, epoch), lambda: self._load_or_build(file, epoch), counted=False)
 
     # ---- files of more than `block` documents: a two-level shuffle, built a block at a time ----------
 
@@ -298,37 +305,19 @@ class DocumentIndex:
                 "(one shuffle of all its documents)")
         return starts.astype(dtype, copy=False), ends.astype(dtype, copy=False)
 
-    def _cached(self, key: tuple, build):
-        """An entry of the process's LRU caches (plans: cache_bytes; blocks: block_cache_bytes), built on a miss."""
-        store = self._blocks if key[0] == "block" else self._cache
+    def _cached(self, key: tuple, build, counted: bool = True):
+        """An entry of the process's LRU caches (blocks: block_cache_bytes; the rest: cache_bytes), built on a
+        miss (`counted` in `builds`, unless `build` counts for itself)."""
+        store = self._blocks if key[0] == "block" else self._indices
         with self._lock:
             hit = store.get(key)
-            if hit is not None:
-                store.move_to_end(key)
-                return hit
+        if hit is not None:
+            return hit
         entry = build()
         with self._lock:
-            self.builds += 1
-        self._remember(key, entry)
+            self.builds += counted
+            store.put(key, entry)
         return entry
-
-    def _remember(self, key: tuple, entry: tuple) -> None:
-        size = entry[0].nbytes + entry[1].nbytes
-        with self._lock:
-            if key[0] == "block":
-                if key not in self._blocks:
-                    self._blocks[key] = entry
-                    self._block_bytes += size
-                while self._block_bytes > self.block_cache_bytes and len(self._blocks) > 1:
-                    _, (first, second) = self._blocks.popitem(last=False)
-                    self._block_bytes -= first.nbytes + second.nbytes
-                return
-            if key not in self._cache:
-                self._cache[key] = entry
-                self._cached_bytes += size
-            while self._cached_bytes > self.cache_bytes and len(self._cache) > 1:
-                _, (first, second) = self._cache.popitem(last=False)
-                self._cached_bytes -= first.nbytes + second.nbytes
 
     # ---- reading a sample ---------------------------------------------------------------------------
 
@@ -369,6 +358,29 @@ def _pieces(starts: np.ndarray, ends: np.ndarray, begin: int, need: int) -> list
     return pieces
 
 
+class _ArrayLRU:
+    """Least-recently-used entries of (array, array), at most `budget` bytes in all (the newest is kept even
+    when it alone is larger). Not thread-safe: DocumentIndex holds its lock around every call."""
+
+    def __init__(self, budget: int):
+        self.budget, self.bytes = int(budget), 0
+        self.entries: "OrderedDict[tuple, tuple[np.ndarray, np.ndarray]]" = OrderedDict()
+
+    def get(self, key: tuple):
+        entry = self.entries.get(key)
+        if entry is not None:
+            self.entries.move_to_end(key)
+        return entry
+
+    def put(self, key: tuple, entry: tuple) -> None:
+        if key not in self.entries:
+            self.entries[key] = entry
+            self.bytes += entry[0].nbytes + entry[1].nbytes
+        while self.bytes > self.budget and len(self.entries) > 1:
+            _, (first, second) = self.entries.popitem(last=False)
+            self.bytes -= first.nbytes + second.nbytes
+
+
 class GPTDataset:
     """Samples of one split of a blend: `ds[g] -> {"tokens": int64 array [seq_length + 1]}`, len = num_samples.
 
@@ -397,7 +409,8 @@ class GPTDataset:
         self.vocab_size = vocab_size
         self.sample_mode = sample_mode
         if document_shuffle_block < 0:
-            raise ValueError(f"document_shuffle_block must be >= 0 (0: one shuffle per file), got {document_shuffle_block}")
+            raise ValueError("document_shuffle_block (--document-shuffle-block) must be >= 0 (0: one shuffle per "
+                             f"file), got {document_shuffle_block}")
         self.document_shuffle_block = int(document_shuffle_block)
         self.num_files = len(self.files)
         self.samples_per_file = np.array([f.num_samples(self.split, self.seq_length) for f in self.files],
