@@ -325,31 +325,44 @@ class TokenFile:
             out[...] = buffer
         return out
 
+    def _open_index(self) -> tuple[int, str]:
+        path = index_file_path(self.path_prefix)
+        return with_retries(lambda: os.open(path, os.O_RDONLY), path, log=logger.warning,
+                            error_type=IndexedDatasetError), path
+
+    def _pointers_to_tokens(self, pointers: np.ndarray, path: str, where: str,
+                            lengths: Optional[np.ndarray] = None) -> np.ndarray:
+        """Byte pointers read from the .idx as token offsets (in place), checked: not negative, whole tokens,
+        and (with `lengths`, the sequences' ends; without, their starts) within the .bin's tokens."""
+        if pointers.size and (pointers.min() < 0 or (pointers % self.dtype.itemsize).any()
+                              or (lengths is not None and lengths.min() < 0)):
+            lengths_too = ", or a length is negative" if lengths is not None else ""
+            raise IndexedDatasetError(f"{path}: a sequence pointer {where} is negative or not a multiple of the "
+                                      f"{self.dtype} token size{lengths_too}; the index is corrupt: re-create it "
+                                      "with tools/preprocess_data.py")
+        pointers //= self.dtype.itemsize
+        ends = pointers if lengths is None else pointers + lengths
+        if self.num_tokens is not None and pointers.size and ends.max() > self.num_tokens:
+            raise IndexedDatasetError(f"{path}: a sequence {where} {'starts' if lengths is None else 'ends'} after "
+                                      f"the {self.num_tokens} tokens of {data_file_path(self.path_prefix)}; the index "
+                                      "is corrupt or belongs to another .bin: re-create it with "
+                                      "tools/preprocess_data.py")
+        return pointers
+
     def index_range(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
         """(lengths int32, token offsets int64) of sequences [start, stop), read from the .idx (two preads)."""
         if not 0 <= start <= stop <= self.num_sequences:
             raise IndexError(f"sequences [{start}, {stop}) outside {index_file_path(self.path_prefix)} "
                              f"({self.num_sequences} sequences)")
-        path = index_file_path(self.path_prefix)
         lengths = np.empty(stop - start, dtype="<i4")
         pointers = np.empty(stop - start, dtype="<i8")
-        fd = with_retries(lambda: os.open(path, os.O_RDONLY), path, log=logger.warning,
-                          error_type=IndexedDatasetError)
+        fd, path = self._open_index()
         try:
             self._pread_exactly(fd, lengths, HEADER_BYTES + 4 * start, path)
             self._pread_exactly(fd, pointers, HEADER_BYTES + 4 * self.num_sequences + 8 * start, path)
         finally:
             os.close(fd)
-        if pointers.size and (pointers.min() < 0 or (pointers % self.dtype.itemsize).any() or lengths.min() < 0):
-            raise IndexedDatasetError(f"{path}: a sequence pointer in [{start}, {stop}) is negative or not a "
-                                      f"multiple of the {self.dtype} token size, or a length is negative; the "
-                                      "index is corrupt: re-create it with tools/preprocess_data.py")
-        pointers //= self.dtype.itemsize
-        if self.num_tokens is not None and pointers.size and (pointers + lengths).max() > self.num_tokens:
-            raise IndexedDatasetError(f"{path}: a sequence in [{start}, {stop}) ends after the {self.num_tokens} "
-                                      f"tokens of {data_file_path(self.path_prefix)}; the index is corrupt or "
-                                      "belongs to another .bin: re-create it with tools/preprocess_data.py")
-        return lengths, pointers
+        return lengths, self._pointers_to_tokens(pointers, path, f"in [{start}, {stop})", lengths)
 
     def token_offsets(self, sequences) -> np.ndarray:
         """Where each of `sequences` (any order) starts in the .bin's token stream (int64): one 8-byte pread
@@ -358,25 +371,15 @@ class TokenFile:
         if sequences.size and (sequences.min() < 0 or sequences.max() >= self.num_sequences):
             raise IndexError(f"a sequence in {sequences.min()}..{sequences.max()} is outside "
                              f"{index_file_path(self.path_prefix)} ({self.num_sequences} sequences)")
-        path = index_file_path(self.path_prefix)
         out = np.empty(sequences.size, dtype="<i8")
         base = HEADER_BYTES + 4 * self.num_sequences
-        fd = with_retries(lambda: os.open(path, os.O_RDONLY), path, log=logger.warning,
-                          error_type=IndexedDatasetError)
+        fd, path = self._open_index()
         try:
             for i, sequence in enumerate(sequences.tolist()):
                 self._pread_exactly(fd, out[i:i + 1], base + 8 * sequence, path)
         finally:
             os.close(fd)
-        if out.size and (out.min() < 0 or (out % self.dtype.itemsize).any()):
-            raise IndexedDatasetError(f"{path}: a sequence pointer is negative or not a multiple of the {self.dtype} "
-                                      "token size; the index is corrupt: re-create it with tools/preprocess_data.py")
-        out //= self.dtype.itemsize
-        if self.num_tokens is not None and out.size and out.max() > self.num_tokens:
-            raise IndexedDatasetError(f"{path}: a sequence starts after the {self.num_tokens} tokens of "
-                                      f"{data_file_path(self.path_prefix)}; the index is corrupt or belongs to "
-                                      "another .bin: re-create it with tools/preprocess_data.py")
-        return out
+        return self._pointers_to_tokens(out, path, f"of {sequences.size} read")
 
 
 class IndexedDatasetBuilder:
