@@ -31,6 +31,18 @@ import torch
 import torch.distributed as dist
 
 
+def update_moments(state: dict, p: torch.Tensor, beta1: float, beta2: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Adam's moments of `p` in `state` (fp32 "exp_avg" / "exp_avg_sq", created at zero), moved by p.grad."""
+    if "exp_avg" not in state:
+        state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32)
+        state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32)
+    grad = p.grad.float()
+    m, v = state["exp_avg"], state["exp_avg_sq"]
+    m.mul_(beta1).add_(grad, alpha=1 - beta1)
+    v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+    return m, v
+
+
 def sum_split_rows_over_tp(rows: torch.Tensor, split, tp_group) -> torch.Tensor:
     """rows[i] holds partial sums (e.g. squared norms) of tensor i; the rows of tp-split tensors (`split[i]`)
     are summed over `tp_group` in one all-reduce, the others (whole on every tp rank) are kept as they are."""
@@ -74,17 +86,11 @@ class Lamb(torch.optim.Optimizer):
                 if p.grad is None:
                     continue
                 state = self.state[p]
-                if not state:
-                    state["step"] = 0
-                    state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32)
-                    state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32)
-                state["step"] += 1
+                state["step"] = state.get("step", 0) + 1
                 t = state["step"]
-                grad = p.grad.float()
-                state["exp_avg"].mul_(beta1).add_(grad, alpha=1 - beta1)
-                state["exp_avg_sq"].mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-                denom = (state["exp_avg_sq"] / (1 - beta2 ** t)).sqrt_().add_(group["eps"])
-                update = (state["exp_avg"] / (1 - beta1 ** t)).div_(denom)
+                m, v = update_moments(state, p, beta1, beta2)
+                denom = (v / (1 - beta2 ** t)).sqrt_().add_(group["eps"])
+                update = (m / (1 - beta1 ** t)).div_(denom)
                 if group["weight_decay"]:
                     update.add_(p.float(), alpha=group["weight_decay"])
                 entries.append((p, update, group))

@@ -59,7 +59,7 @@ import math
 import torch
 import torch.distributed as dist
 
-from megatron.optimizer.lamb import sum_split_rows_over_tp
+from megatron.optimizer.lamb import sum_split_rows_over_tp, update_moments
 
 _BIT_WEIGHTS = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8)
 _BIT_SHIFTS = torch.tensor([7, 6, 5, 4, 3, 2, 1, 0], dtype=torch.uint8)
@@ -192,14 +192,9 @@ class OnebitLamb(torch.optim.Optimizer):
                     continue
                 state = self.state[p]
                 if not state:
-                    state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32)
-                    state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32)
                     state["lamb_coeff_freeze"] = 0.0
                     state["last_factor"] = 1.0
-                grad = p.grad.float()
-                m, v = state["exp_avg"], state["exp_avg_sq"]
-                m.mul_(beta1).add_(grad, alpha=1 - beta1)
-                v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+                m, v = update_moments(state, p, beta1, beta2)
                 update = m / (v.sqrt() + group["eps"])
                 if group["weight_decay"]:
                     update.add_(p.float(), alpha=group["weight_decay"])
