@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from megatron.data.blend import BlendedIndex, floor_sum
-from megatron.data.permutation import KeyedPermutation, derive_key, permute
+from megatron.data.permutation import KeyedPermutation, derive_key, permute, shuffled_range
 
 DOLMA_LIST = Path(__file__).resolve().parents[2] / "shared" / "data-lists" / "aurora-dolma-v1.7.txt"  # ../shared
 
@@ -22,6 +22,29 @@ def test_keyed_permutation_is_a_bijection_for_many_sizes_and_keys():
         for key in range(3):
             values = KeyedPermutation(n, derive_key(key, n)).materialize()
             assert np.array_equal(np.sort(values), np.arange(n)), (n, key)
+
+
+def test_shuffled_range_is_a_keyed_permutation_the_same_in_every_thread():
+    import threading
+
+    first = shuffled_range(5000, 7)
+    assert first.dtype == np.int64 and np.array_equal(np.sort(first), np.arange(5000))
+    assert np.array_equal(first, shuffled_range(5000, 7))  # a pure function of (n, key) ...
+    assert not np.array_equal(first, shuffled_range(5000, 8)) and np.mean(first == np.arange(5000)) < 0.01
+    assert np.array_equal(shuffled_range(1, 3), [0]) and shuffled_range(0, 3).size == 0
+    results = {}
+
+    def draw(name):  # ... in any thread, interleaved with others (each thread has its own generator)
+        for key in range(50):
+            results.setdefault(name, []).append(shuffled_range(300, key))
+
+    threads = [threading.Thread(target=draw, args=(i,)) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for i in range(4):
+        assert all(np.array_equal(a, shuffled_range(300, key)) for key, a in enumerate(results[i]))
 
 
 def test_keyed_permutation_depends_on_the_key_and_mixes_well():

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from megatron.data.data_list import (DataListError, blend_entries, parse_data_file_list, parse_data_path,
-                                     parse_split, scan_file, scan_files, split_boundaries)
+                                     parse_split, scan_blend, scan_file, scan_files, split_boundaries)
 from megatron.data.indexed_dataset import IndexedDataset, write_dataset
 
 LISTS = Path(__file__).resolve().parents[2] / "shared" / "data-lists"  # ../shared beside the repository
@@ -86,6 +86,9 @@ def test_real_aurora_lists_parse_and_every_missing_file_is_named_with_the_count(
     assert entries[0].prefix in info.value.problems[0] and info.value.problems[0].startswith("line 1:")
     assert entries[-1].prefix in info.value.problems[-1]
     assert "more (all of them in DataListError.problems)" in str(info.value)
+    with pytest.raises(DataListError) as scanned:  # the one-pass scan that training uses says the same
+        scan_blend(data_file_list=str(path))
+    assert scanned.value.problems == info.value.problems and f"{files} of {files} files are missing" in str(scanned.value)
 
 
 def test_split_string_and_document_boundaries_follow_megatron():
@@ -121,6 +124,30 @@ def test_scan_reports_every_corrupt_file_at_once(tmp_path):
     with pytest.raises(DataListError) as info:
         scan_files(entries, parse_split("1"), "--data-path")
     assert len(info.value.problems) == 2 and "bad1.idx" in str(info.value) and "bad2.idx" in str(info.value)
+
+
+def test_one_pass_scan_reports_malformed_lines_missing_and_corrupt_files_together(tmp_path):
+    """scan_blend finds missing files by its own open of each .idx: the same report as blend_entries (line order,
+    the count and directory), and unreadable files in the same error; a clean blend gives entries and headers."""
+    write_file(tmp_path / "good", 3)
+    write_file(tmp_path / "corrupt", 3)
+    (tmp_path / "corrupt.idx").write_bytes(b"NOTMAGIC" + b"\0" * 40)
+    write_file(tmp_path / "no_idx", 3)
+    (tmp_path / "no_idx.idx").unlink()
+    listing = tmp_path / "list.txt"
+    listing.write_text("\n".join([f"1 {tmp_path}/good web", f"1 {tmp_path}/corrupt web", "just-one-field",
+                                  f"1 {tmp_path}/absent web", f"1 {tmp_path}/no_idx web"]) + "\n")
+    with pytest.raises(DataListError) as info:
+        scan_blend(data_file_list=str(listing), fractions=parse_split("1"))
+    problems = info.value.problems
+    assert [p.split(":")[0] for p in problems] == ["line 3", "line 4", "line 5", "line 2"]
+    assert problems[1].endswith("absent is missing .bin and .idx") and problems[2].endswith("no_idx is missing .idx")
+    assert "corrupt.idx" in problems[3] and "MMIDIDX" in problems[3]
+    assert "2 of 4 files are missing" in str(info.value) and "1 unreadable or inconsistent" in str(info.value)
+    listing.write_text(f"2 {tmp_path}/good web\n")
+    entries, files, source = scan_blend(data_file_list=str(listing), fractions=parse_split("1"))
+    assert [e.weight for e in entries] == [2.0] and files == [scan_file(str(tmp_path / "good"), parse_split("1"))]
+    assert source == f"--data-file-list {listing}"
 
 
 def test_header_reads_use_threads_only_when_each_read_is_slow():

@@ -1,6 +1,7 @@
 """GPT datasets over a blend (tokens vs a brute-force reference, document mode, vocab check, mock data)
 and the data iterator (dp-size independence and resume)."""
 
+import gc
 import os
 
 import numpy as np
@@ -226,6 +227,20 @@ def test_samples_are_read_without_mapping_the_token_files_and_with_a_bounded_num
         reference = build_datasets(config, SEQ, 3, (400, 0, 0), 500, document_index_cache=str(tmp_path / "s"))[0]
         assert np.array_equal(bounded.get_tokens(np.arange(400)), reference.get_tokens(np.arange(400)))
         assert len(bounded._readers) == 3 and len(reference._readers) == 10
+        if os.path.isdir("/proc/self/fd"):  # each reader holds its .bin and, in documents mode, its .idx open
+            del reference
+            gc.collect()
+            held = []
+            for fd in os.listdir("/proc/self/fd"):
+                try:
+                    held.append(os.readlink(f"/proc/self/fd/{fd}"))
+                except FileNotFoundError:  # the descriptor listdir itself used
+                    pass
+            held = [path for path in held if path.startswith(str(tmp_path))]
+            open_files = {bounded.files[f].prefix for f in bounded._readers}
+            assert {path.rsplit(".", 1)[0] for path in held} <= open_files, held  # only the open readers' files
+            assert sum(path.endswith(".bin") for path in held) == 3 and (
+                mode == "documents" or not any(path.endswith(".idx") for path in held)), held
         if os.path.exists("/proc/self/maps"):  # Linux: positioned reads leave no page of a token file mapped
             with open("/proc/self/maps") as maps:
                 mapped = [line for line in maps if str(tmp_path) in line and line.rstrip().endswith((".bin", ".idx"))]

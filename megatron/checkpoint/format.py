@@ -114,13 +114,16 @@ def os_error_text(error: OSError) -> str:
 
 
 def with_retries(fn: Callable, path: str, retries: int = 3, backoff_s: Optional[float] = None,
-                 log: Callable[[str], None] = print, error_type: type = None):
+                 log: Callable[[str], None] = print, error_type: type = None, failed: Optional[OSError] = None):
     """fn(), retried `retries` times with doubling waits when it fails with a transient OS error (EIO, ESTALE,
     EAGAIN, EINTR, ETIMEDOUT), each retry logged naming `path`; then `error_type` (default CheckpointError)
-    naming the file. Other errors are raised at once."""
+    naming the file. Other errors are raised at once. `failed`: the error of a first attempt the caller
+    already made itself (a fast path), counted and handled as this function's own first attempt."""
     backoff_s = RETRY_BACKOFF_S if backoff_s is None else backoff_s
     for attempt in range(retries + 1):
         try:
+            if attempt == 0 and failed is not None:
+                raise failed
             return fn()
         except OSError as error:
             if error.errno not in TRANSIENT_ERRNOS:

@@ -8,6 +8,7 @@ all the arithmetic blend (megatron/data/blend.py) needs.
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from collections import Counter
@@ -17,7 +18,11 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from megatron.data.indexed_dataset import HEADER_BYTES, IndexedDatasetError, read_index_header
+from megatron.checkpoint.format import with_retries
+from megatron.data.indexed_dataset import (HEADER_BYTES, IndexedDatasetError, MissingFileError, missing_index_error,
+                                          read_index_header)
+
+logger = logging.getLogger(__name__)
 
 SPLIT_NAMES = ("train", "valid", "test")
 MAX_LISTED_PROBLEMS = 40  # the message lists this many; DataListError.problems holds them all
@@ -202,7 +207,12 @@ def missing_files(entries: Sequence[BlendEntry]) -> tuple[list[tuple[int, str]],
         prefix = _strip_suffix(entry.prefix)
         return [suffix for suffix in (".bin", ".idx") if not os.path.isfile(prefix + suffix)]
 
-    absent = _map_in_threads(missing, entries)
+    return _missing_report(entries, _map_in_threads(missing, entries))
+
+
+def _missing_report(entries: Sequence[BlendEntry], absent: Sequence) -> tuple[list[tuple[int, str]], str]:
+    """(entry number, problem) per entry with missing parts (`absent[i]`: its missing suffixes, empty when
+    none), and a one-line summary naming the count and the directories most of them are under."""
     problems = [(_line_number(entry), f"{entry.where}: {_strip_suffix(entry.prefix)} is missing "
                  f"{' and '.join(parts)}") for entry, parts in zip(entries, absent) if parts]
     summary = ""
@@ -226,16 +236,7 @@ def blend_entries(data_path: Sequence[str] = (), data_file_list: Optional[str] =
 
     `flag` names the option data_path came from in messages (--train-data-path etc. use the same syntax).
     """
-    if data_path and data_file_list:
-        raise DataListError(f"{flag} / --data-file-list", ["give one of them, not both"])
-    if data_file_list:
-        entries, problems = _read_data_file_list(data_file_list)
-        source = f"--data-file-list {data_file_list}"
-    elif data_path:
-        entries, problems = _read_data_path(data_path, flag)
-        problems, source = [(0, text) for text in problems], flag
-    else:
-        raise DataListError("data", ["no data: pass --data-path, --data-file-list or --mock-data"])
+    entries, problems, source = _read_blend(data_path, data_file_list, flag)
     summary = ""
     if check_exists:
         missing, summary = missing_files(entries)
@@ -244,6 +245,43 @@ def blend_entries(data_path: Sequence[str] = (), data_file_list: Optional[str] =
         problems.sort(key=lambda item: item[0])  # in line order: malformed lines and missing files mixed
         raise DataListError(source, [text for _, text in problems], summary)
     return entries
+
+
+def _read_blend(data_path: Sequence[str], data_file_list: Optional[str],
+                flag: str) -> tuple[list[BlendEntry], list[tuple[int, str]], str]:
+    """(well-formed entries, (line, problem) of the others, the source named in errors)."""
+    if data_path and data_file_list:
+        raise DataListError(f"{flag} / --data-file-list", ["give one of them, not both"])
+    if data_file_list:
+        entries, problems = _read_data_file_list(data_file_list)
+        return entries, problems, f"--data-file-list {data_file_list}"
+    if data_path:
+        entries, problems = _read_data_path(data_path, flag)
+        return entries, [(0, text) for text in problems], flag
+    raise DataListError("data", ["no data: pass --data-path, --data-file-list or --mock-data"])
+
+
+def scan_blend(data_path: Sequence[str] = (), data_file_list: Optional[str] = None,
+               fractions: Sequence[float] = (1.0, 0.0, 0.0), flag: str = "--data-path",
+               progress: bool = False) -> tuple[list[BlendEntry], list[FileSplits], str]:
+    """`blend_entries` then `scan_files` in one pass over the files: (entries, their FileSplits, source).
+
+    A missing file is found by the scan's own open of its .idx (no separate stat of every file first);
+    every problem is still raised at once: malformed lines and missing files in line order, with the
+    count and directories of the missing ones, then unreadable or inconsistent files."""
+    entries, problems, source = _read_blend(data_path, data_file_list, flag)
+    results = _map_in_threads(lambda entry: _scan_entry(entry, fractions), entries,
+                              "reading .idx headers" if progress else None)
+    absent = [result.suffixes if isinstance(result, MissingFileError) else () for result in results]
+    missing, summary = _missing_report(entries, absent)
+    problems = sorted(problems + missing, key=lambda item: item[0])
+    unreadable = [result for result in results if isinstance(result, str)]
+    if problems or unreadable:
+        if unreadable:
+            summary = (f"{summary}; " if summary else "") + (
+                f"{len(unreadable)} unreadable or inconsistent .bin/.idx file(s)")
+        raise DataListError(source, [text for _, text in problems] + unreadable, summary)
+    return entries, results, source
 
 
 # ---- splits ----------------------------------------------------------------------------------
@@ -275,21 +313,27 @@ def _read_int64(handle, offset: int) -> int:
     raw = os.pread(handle, 8, offset)
     if len(raw) != 8:
         raise IndexedDatasetError(f"short read at byte {offset}")
-    return int(np.frombuffer(raw, dtype="<i8")[0])
+    return int.from_bytes(raw, "little", signed=True)
 
 
 def scan_file(prefix: str, fractions: Sequence[float]) -> FileSplits:
-    """Header, size and the split boundaries of one file: a few small reads, no arrays."""
+    """Header, size and the split boundaries of one file: one open of the .idx, a few small reads, no arrays."""
     prefix = _strip_suffix(prefix)
-    header = read_index_header(prefix)
-    num_sequences, num_documents = header.num_sequences, header.num_documents - 1
-    doc_bounds = split_boundaries(fractions, num_documents)
-    pointers_at = HEADER_BYTES + 4 * num_sequences
-    doc_indices_at = pointers_at + 8 * num_sequences
-    handle = os.open(prefix + ".idx", os.O_RDONLY)
+    idx_path = prefix + ".idx"
     try:
+        handle = with_retries(lambda: os.open(idx_path, os.O_RDONLY), idx_path, log=logger.warning,
+                              error_type=IndexedDatasetError)
+    except FileNotFoundError:
+        raise missing_index_error(prefix) from None
+    try:
+        header = read_index_header(prefix, fd=handle)
+        num_sequences, num_documents = header.num_sequences, header.num_documents - 1
+        doc_bounds = split_boundaries(fractions, num_documents)
+        pointers_at = HEADER_BYTES + 4 * num_sequences
+        doc_indices_at = pointers_at + 8 * num_sequences
         if num_sequences:  # where the .idx says the .bin ends: a truncated .bin is named as such, not the .idx
-            last_length = int(np.frombuffer(os.pread(handle, 4, HEADER_BYTES + 4 * (num_sequences - 1)), "<i4")[0])
+            last_length = int.from_bytes(os.pread(handle, 4, HEADER_BYTES + 4 * (num_sequences - 1)), "little",
+                                         signed=True)
             end = _read_int64(handle, pointers_at + 8 * (num_sequences - 1)) + last_length * header.dtype.itemsize
             if end != header.bin_bytes:
                 what = "is truncated" if header.bin_bytes < end else "has bytes the index does not list"
@@ -322,16 +366,23 @@ def scan_file(prefix: str, fractions: Sequence[float]) -> FileSplits:
                       tuple(sequence_bounds), tuple(token_bounds))
 
 
+def _scan_entry(entry: BlendEntry, fractions: Sequence[float]):
+    """scan_file's FileSplits; a MissingFileError as it is; any other problem as "where: what"."""
+    try:
+        return scan_file(entry.prefix, fractions)
+    except MissingFileError as error:
+        return error
+    except (IndexedDatasetError, OSError) as error:
+        return f"{entry.where}: {error}"
+
+
 def scan_files(entries: Sequence[BlendEntry], fractions: Sequence[float], source: str = "data",
                progress: bool = False) -> list[FileSplits]:
     """`scan_file` for every entry, in threads; every unreadable file is reported in one DataListError."""
-    def scan(entry: BlendEntry):
-        try:
-            return scan_file(entry.prefix, fractions)
-        except (IndexedDatasetError, OSError) as error:
-            return f"{entry.where}: {error}"
-
-    results = _map_in_threads(scan, entries, "reading .idx headers" if progress else None)
+    results = _map_in_threads(lambda entry: _scan_entry(entry, fractions), entries,
+                              "reading .idx headers" if progress else None)
+    results = [f"{entry.where}: {result}" if isinstance(result, MissingFileError) else result
+               for entry, result in zip(entries, results)]
     problems = [result for result in results if isinstance(result, str)]
     if problems:
         raise DataListError(source, problems, "unreadable or inconsistent .bin/.idx files")

@@ -23,24 +23,26 @@ from typing import Optional, Sequence
 import numpy as np
 
 from megatron.data.blend import DEFAULT_WINDOW, PHASE_PERIOD, BlendedIndex, golden_step
-from megatron.data.data_list import (SPLIT_NAMES, DataListError, FileSplits, blend_entries, parse_split,
-                                     scan_files)
+from megatron.data.data_list import SPLIT_NAMES, DataListError, FileSplits, parse_split, scan_blend
 from megatron.data.indexed_dataset import IndexedDatasetError, TokenFile
-from megatron.data.permutation import derive_key
+from megatron.data.permutation import derive_key, shuffled_range
 from megatron.checkpoint.format import replace_atomically
 
 logger = logging.getLogger(__name__)
 SAMPLE_MODES = ("samples", "documents")
 
 
-def _default_open_files() -> int:
-    """How many token files a dataset keeps open: half the soft descriptor limit, at most 4,096."""
+def _default_open_files(descriptors_per_file: int = 1) -> int:
+    """How many token files a dataset keeps open: their descriptors (the .bin's; the .idx's too in documents
+    mode) take at most half the soft descriptor limit; at most 4,096 files."""
     try:
         import resource
         soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
     except (ImportError, OSError, ValueError):
-        return 512
-    return 4096 if soft == getattr(resource, "RLIM_INFINITY", -1) else int(min(4096, max(16, soft // 2)))
+        return 512 // descriptors_per_file
+    if soft == getattr(resource, "RLIM_INFINITY", -1):
+        return 4096
+    return int(min(4096, max(16, soft // (2 * descriptors_per_file))))
 
 
 DEFAULT_INDEX_CACHE_BYTES = 64 << 20  # per process: the most bytes of one-shuffle indices and block plans kept
@@ -162,7 +164,7 @@ class DocumentIndex:
         ds = self.dataset
         meta = ds.files[file]
         description = (f"{os.path.abspath(meta.prefix)}|{meta.num_tokens}|{meta.num_sequences}|"
-                       f"{meta.sequence_range(ds.split)}|{ds.seed}|{ds.split}|{file}|{epoch}|v3")
+                       f"{meta.sequence_range(ds.split)}|{ds.seed}|{ds.split}|{file}|{epoch}|v4")
         return os.path.join(self.shared_dir, hashlib.sha1(description.encode()).hexdigest()[:24] + ".npy")
 
     def order(self, file: int, epoch: int) -> np.ndarray:
@@ -170,7 +172,7 @@ class DocumentIndex:
         ds = self.dataset
         start, stop = ds.files[file].sequence_range(ds.split)
         key = int(derive_key(ds.seed, ds.split, file, epoch, 0xD0C)[0])
-        return np.random.default_rng(key).permutation(stop - start).astype(np.int64)
+        return shuffled_range(stop - start, key)
 
     def build(self, file: int, epoch: int) -> tuple[np.ndarray, np.ndarray]:
         """(starts, ends) of one file and epoch, computed here."""
@@ -271,7 +273,7 @@ class DocumentIndex:
         rotated[:-1] += np.where(rotation + places[:-1] >= documents, total, 0)  # blocks after the wrap-around
         sizes = np.diff(rotated)
         key = int(derive_key(ds.seed, ds.split, file, epoch, 0xB1C0)[0])
-        order = np.random.default_rng(key).permutation(blocks).astype(np.int64)
+        order = shuffled_range(blocks, key)
         return order, np.cumsum(sizes[order], dtype=np.int64)
 
     def build_block(self, file: int, epoch: int, block: int) -> tuple[np.ndarray, np.ndarray]:
@@ -288,7 +290,7 @@ class DocumentIndex:
         lengths = np.concatenate([p[0] for p in pieces])
         pointers = np.concatenate([p[1] for p in pieces])
         key = int(derive_key(ds.seed, ds.split, file, epoch, block, 0xD0C)[0])
-        order = np.random.default_rng(key).permutation(count)
+        order = shuffled_range(count, key)
         dtype = np.uint32 if ds.files[file].num_tokens < 1 << 32 else np.int64
         ends = np.cumsum(lengths[order], dtype=np.int64)
         starts = pointers[order]
@@ -429,7 +431,7 @@ class GPTDataset:
         self.left_out = list(left_out)
         self._readers: "OrderedDict[int, TokenFile]" = OrderedDict()  # least recently used first
         self._readers_lock = threading.Lock()
-        self.max_open_files = _default_open_files()
+        self.max_open_files = _default_open_files(2 if sample_mode == "documents" else 1)
         self._shared_index_dir = document_index_cache
         self.document_index = (DocumentIndex(self, document_index_cache)
                                if sample_mode == "documents" else None)
@@ -495,35 +497,46 @@ class GPTDataset:
         start = int(derive_key(self.seed, self.split, file, 0x0FF5E7)[0] % np.uint64(span))
         return 1 + (start + (epoch - 1) * self._offset_step) % span
 
-    def _read_window(self, file: int, sample: int, epoch: int, out: np.ndarray) -> None:
+    def _window_pieces(self, file: int, sample: int, epoch: int) -> list[tuple[int, int]]:
+        """Where samples mode's sample lies in the .bin: [(first token, tokens)], two pieces when it wraps."""
         first, stop = self.files[file].token_range(self.split)
         length = stop - first
         start = self.window_offset(file, epoch) + sample * self.seq_length
-        reader = self.reader(file)
         head = min(self.seq_length + 1, length - start)  # the rest wraps to the split's start
-        reader.read_into(out[:head], first + start)
-        if head <= self.seq_length:
-            reader.read_into(out[head:], first)
+        if head > self.seq_length:
+            return [(first + start, head)]
+        return [(first + start, head), (first, self.seq_length + 1 - head)]
 
-    def _read_documents(self, file: int, sample: int, epoch: int, out: np.ndarray) -> None:
-        reader, at = self.reader(file), 0
-        for start, count in self.document_index.sample_pieces(file, epoch, sample):
-            reader.read_into(out[at:at + count], start)
-            at += count
+    def sample_pieces(self, file: int, sample: int, epoch: int) -> list[tuple[int, int]]:
+        """[(first token in the .bin, tokens), ...] of sample `sample` of (file, epoch), in order."""
+        if self.document_index is None:
+            return self._window_pieces(file, sample, epoch)
+        return self.document_index.sample_pieces(file, epoch, sample)
 
     def get_tokens(self, global_samples) -> np.ndarray:
-        """Tokens of many global samples at once: int64 array [len(global_samples), seq_length + 1]."""
+        """Tokens of many global samples at once: int64 array [len(global_samples), seq_length + 1].
+
+        Each row is read with one pread per piece into a buffer of its file's dtype, then widened; the
+        vocabulary is checked once for the whole batch (the first bad row is then named)."""
         samples = np.asarray(global_samples, dtype=np.int64).reshape(-1)
         self._check_range(samples)
         location = self.index.locate(samples)
+        files, numbers = location.file.tolist(), location.sample.tolist()
         out = np.empty((samples.size, self.seq_length + 1), dtype=np.int64)
-        for row, (file, sample, epoch) in enumerate(zip(location.file.tolist(), location.sample.tolist(),
-                                                        location.epoch.tolist())):
-            if self.document_index is None:
-                self._read_window(file, sample, epoch, out[row])
-            else:
-                self._read_documents(file, sample, epoch, out[row])
-            self._check_vocab(out[row], file, sample)
+        buffers: dict = {}
+        for row, (file, sample, epoch) in enumerate(zip(files, numbers, location.epoch.tolist())):
+            dtype = self.files[file].dtype
+            if dtype == out.dtype:  # int64 files: straight into the row
+                self.reader(file).read_pieces(out[row], self.sample_pieces(file, sample, epoch))
+                continue
+            buffer = buffers.get(dtype)
+            if buffer is None:
+                buffer = buffers[dtype] = np.empty(self.seq_length + 1, dtype=dtype)
+            self.reader(file).read_pieces(buffer, self.sample_pieces(file, sample, epoch))
+            out[row] = buffer
+        if self.vocab_size is not None and out.size and (out.max() >= self.vocab_size or out.min() < 0):
+            for row in range(samples.size):
+                self._check_vocab(out[row], files[row], numbers[row])
         return out
 
     def __getitem__(self, global_sample: int) -> dict:
@@ -590,16 +603,13 @@ def _split_sources(data_config, progress: bool = False) -> list:
             if not path:
                 sources.append(None)
                 continue
-            flag = f"--{SPLIT_NAMES[split]}-data-path"
-            entries = blend_entries(path, flag=flag)
             whole_file = tuple(1.0 if s == split else 0.0 for s in range(3))  # this split's range = the file
-            sources.append((entries, scan_files(entries, whole_file, flag, progress=progress), flag))
+            sources.append(scan_blend(path, fractions=whole_file, flag=f"--{SPLIT_NAMES[split]}-data-path",
+                                      progress=progress))
         return sources
-    entries = blend_entries(data_config.data_path, data_config.data_file_list)
     fractions = parse_split(data_config.split)
-    source = f"--data-file-list {data_config.data_file_list}" if data_config.data_file_list else "--data-path"
-    files = scan_files(entries, fractions, source, progress=progress)
-    return [(entries, files, source) if fractions[split] > 0 else None for split in range(3)]
+    source = scan_blend(data_config.data_path, data_config.data_file_list, fractions, progress=progress)
+    return [source if fractions[split] > 0 else None for split in range(3)]
 
 
 def build_datasets(data_config, seq_length: int, seed: int, num_samples: tuple[int, int, int],

@@ -49,6 +49,23 @@ class IndexedDatasetError(ValueError):
     """A `.bin/.idx` pair that is missing, truncated, foreign or inconsistent; the message names the file."""
 
 
+class MissingFileError(IndexedDatasetError):
+    """A `.bin` or `.idx` that does not exist; `suffixes` says which: (".idx",), (".bin",) or both."""
+
+    def __init__(self, message: str, suffixes: tuple):
+        super().__init__(message)
+        self.suffixes = tuple(suffixes)
+
+
+def missing_index_error(path_prefix: str) -> MissingFileError:
+    """The error for PREFIX.idx not found, naming the .bin too when it is absent as well."""
+    idx_path, bin_path = index_file_path(path_prefix), data_file_path(path_prefix)
+    bin_too = not os.path.exists(bin_path)
+    return MissingFileError(f"{idx_path}: index file not found (dataset prefix {path_prefix!r}"
+                            f"{'; its .bin is missing too' if bin_too else ''}); check --data-path / the data "
+                            "file list", (".bin", ".idx") if bin_too else (".idx",))
+
+
 def best_dtype(vocab_size: Optional[int]) -> type:
     """The smallest token dtype Megatron uses for a vocabulary: uint16 under 65,500 ids, else int32."""
     if vocab_size is not None and vocab_size < 65500:
@@ -117,31 +134,33 @@ def _bin_size(bin_path: str, idx_path: str) -> int:
     try:
         return os.stat(bin_path).st_size
     except FileNotFoundError:
-        raise IndexedDatasetError(
+        raise MissingFileError(
             f"{bin_path}: data file missing (its index {idx_path} exists); copy the .bin next to the .idx "
-            "or re-run tools/preprocess_data.py") from None
+            "or re-run tools/preprocess_data.py", (".bin",)) from None
 
 
-def read_index_header(path_prefix: str) -> IndexHeader:
+def read_index_header(path_prefix: str, fd: Optional[int] = None) -> IndexHeader:
     """Read only the 34-byte header of PREFIX.idx and stat both files: O(1) per file, no arrays.
 
     Checks the magic, version, dtype, the .idx size against the counts, and that the .bin holds a
-    whole number of tokens. Used by the blend to start up in O(number of files).
+    whole number of tokens. Used by the blend to start up in O(number of files). `fd`: the .idx already
+    open (the caller reads more of it and closes it); else it is opened and closed here.
     """
     path_prefix = _strip_suffix(path_prefix)
     idx_path, bin_path = index_file_path(path_prefix), data_file_path(path_prefix)
     def read_header():  # one unbuffered read: a buffered open reads a whole buffer for 34 bytes
-        fd = os.open(idx_path, os.O_RDONLY)
-        try:
+        if fd is not None:
             return os.pread(fd, HEADER_BYTES, 0), os.fstat(fd).st_size
+        own = os.open(idx_path, os.O_RDONLY)
+        try:
+            return os.pread(own, HEADER_BYTES, 0), os.fstat(own).st_size
         finally:
-            os.close(fd)
+            os.close(own)
 
     try:  # a transient EIO / ESTALE (Lustre under load) is retried, logged
         raw, idx_bytes = with_retries(read_header, idx_path, log=logger.warning, error_type=IndexedDatasetError)
     except FileNotFoundError:
-        raise IndexedDatasetError(f"{idx_path}: index file not found (dataset prefix {path_prefix!r}); "
-                                  "check --data-path / the data file list") from None
+        raise missing_index_error(path_prefix) from None
     dtype, num_sequences, num_documents = _parse_header(idx_path, raw)
     _check_index_size(idx_path, idx_bytes, num_sequences, num_documents)
     bin_bytes = _bin_size(bin_path, idx_path)
@@ -263,8 +282,8 @@ class TokenFile:
     process's resident memory as the touched pages of a memory map are; and a transient EIO / ESTALE
     (Lustre under load) is retried, logged, then reported naming the file (`with_retries`), where a
     fault on a mapped page would kill the process with SIGBUS. One file descriptor per object, opened
-    on first use and closed when the object is dropped (never while a read holds it); the .idx is
-    opened only for `index_range`.
+    on first use and closed when the object is dropped (never while a read holds it), and one for the
+    .idx once `index_range` or `token_offsets` reads it.
     """
 
     def __init__(self, path_prefix: str, dtype, num_sequences: int, num_tokens: Optional[int] = None):
@@ -272,16 +291,19 @@ class TokenFile:
         self.dtype = np.dtype(dtype)
         self.num_sequences = int(num_sequences)
         self.num_tokens = None if num_tokens is None else int(num_tokens)  # checks index_range when known
-        self._fd: Optional[int] = None
+        self._fd: Optional[int] = None  # the .bin's
+        self._idx_fd: Optional[int] = None  # the .idx's, for index_range / token_offsets
         self._lock = threading.Lock()
 
     def __del__(self):
-        fd, self._fd = getattr(self, "_fd", None), None
-        if fd is not None:
-            try:
-                os.close(fd)
-            except OSError:
-                pass
+        for name in ("_fd", "_idx_fd"):
+            fd = getattr(self, name, None)
+            setattr(self, name, None)
+            if fd is not None:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
 
     def __getstate__(self):  # DataLoader workers reopen the file themselves
         return {"path_prefix": self.path_prefix, "dtype": self.dtype.str, "num_sequences": self.num_sequences,
@@ -300,11 +322,15 @@ class TokenFile:
         return self._fd
 
     @staticmethod
-    def _pread_exactly(fd: int, buffer: np.ndarray, offset: int, path: str) -> None:
+    def _pread_exactly(fd: int, buffer: np.ndarray, offset: int, path: str,
+                       failed: Optional[OSError] = None) -> None:
+        """Fill `buffer` from byte `offset`: short reads continued, transient errors retried (`failed`: the
+        error of a first attempt the caller made), a file that ends too soon named."""
         view, done = memoryview(buffer).cast("B"), 0
         while done < len(view):
             count = with_retries(lambda: os.preadv(fd, [view[done:]], offset + done), path, log=logger.warning,
-                                 error_type=IndexedDatasetError)
+                                 error_type=IndexedDatasetError, failed=failed)
+            failed = None
             if count == 0:
                 size = os.fstat(fd).st_size
                 raise IndexedDatasetError(
@@ -312,35 +338,63 @@ class TokenFile:
                     "truncated or replaced after the run started: restore it, then relaunch")
             done += count
 
-    def read_into(self, out: np.ndarray, start: int) -> np.ndarray:
-        """Fill the 1-D `out` with tokens [start, start + len(out)) of the .bin's flat token stream."""
+    def read_into(self, out: np.ndarray, start: int, failed: Optional[OSError] = None) -> np.ndarray:
+        """Fill the 1-D `out` with tokens [start, start + len(out)) of the .bin's flat token stream
+        (`failed`: the error of a first attempt the caller made, counted among the retries)."""
         if start < 0:
             raise IndexError(f"token {start} before the start of {data_file_path(self.path_prefix)}")
         if out.dtype == self.dtype:
             buffer = out
         else:
             buffer = np.empty(out.shape, dtype=self.dtype)
-        self._pread_exactly(self._bin_fd(), buffer, start * self.dtype.itemsize, data_file_path(self.path_prefix))
+        self._pread_exactly(self._bin_fd(), buffer, start * self.dtype.itemsize, data_file_path(self.path_prefix),
+                            failed)
         if buffer is not out:
             out[...] = buffer
         return out
 
-    def _open_index(self) -> tuple[int, str]:
+    def read_pieces(self, out: np.ndarray, pieces) -> None:
+        """Fill `out` (1-D, this file's dtype) with the tokens of `pieces`, [(first token, count), ...] laid end
+        to end: one pread per piece straight into `out`. A read that fails or comes back short goes on through
+        the checked path (`read_into`: the failure counted as its first attempt, retries, the file named)."""
+        if out.dtype != self.dtype:
+            raise TypeError(f"read_pieces needs a {self.dtype} buffer for {data_file_path(self.path_prefix)}, "
+                            f"got {out.dtype}")
+        fd, size = self._bin_fd(), self.dtype.itemsize
+        view, at = memoryview(out).cast("B"), 0
+        for start, count in pieces:
+            nbytes = count * size
+            failed = None
+            try:
+                done = os.preadv(fd, [view[at:at + nbytes]], start * size) if start >= 0 else -1
+            except OSError as error:
+                done, failed = -1, error
+            if done != nbytes:
+                self.read_into(out[at // size:at // size + count], start, failed)
+            at += nbytes
+
+    def _index_fd(self) -> tuple[int, str]:
+        """The .idx's descriptor (opened on first use, like the .bin's) and its path."""
         path = index_file_path(self.path_prefix)
-        return with_retries(lambda: os.open(path, os.O_RDONLY), path, log=logger.warning,
-                            error_type=IndexedDatasetError), path
+        if self._idx_fd is None:
+            with self._lock:
+                if self._idx_fd is None:
+                    self._idx_fd = with_retries(lambda: os.open(path, os.O_RDONLY), path, log=logger.warning,
+                                                error_type=IndexedDatasetError)
+        return self._idx_fd, path
 
     def _pointers_to_tokens(self, pointers: np.ndarray, path: str, where: str,
                             lengths: Optional[np.ndarray] = None) -> np.ndarray:
         """Byte pointers read from the .idx as token offsets (in place), checked: not negative, whole tokens,
         and (with `lengths`, the sequences' ends; without, their starts) within the .bin's tokens."""
-        if pointers.size and (pointers.min() < 0 or (pointers % self.dtype.itemsize).any()
+        size = self.dtype.itemsize  # 1, 2, 4 or 8: whole tokens are the pointers with no low bits set
+        if pointers.size and (pointers.min() < 0 or (size > 1 and (pointers & (size - 1)).any())
                               or (lengths is not None and lengths.min() < 0)):
             lengths_too = ", or a length is negative" if lengths is not None else ""
             raise IndexedDatasetError(f"{path}: a sequence pointer {where} is negative or not a multiple of the "
                                       f"{self.dtype} token size{lengths_too}; the index is corrupt: re-create it "
                                       "with tools/preprocess_data.py")
-        pointers //= self.dtype.itemsize
+        pointers >>= size.bit_length() - 1
         ends = pointers if lengths is None else pointers + lengths
         if self.num_tokens is not None and pointers.size and ends.max() > self.num_tokens:
             raise IndexedDatasetError(f"{path}: a sequence {where} {'starts' if lengths is None else 'ends'} after "
@@ -356,12 +410,9 @@ class TokenFile:
                              f"({self.num_sequences} sequences)")
         lengths = np.empty(stop - start, dtype="<i4")
         pointers = np.empty(stop - start, dtype="<i8")
-        fd, path = self._open_index()
-        try:
-            self._pread_exactly(fd, lengths, HEADER_BYTES + 4 * start, path)
-            self._pread_exactly(fd, pointers, HEADER_BYTES + 4 * self.num_sequences + 8 * start, path)
-        finally:
-            os.close(fd)
+        fd, path = self._index_fd()
+        self._pread_exactly(fd, lengths, HEADER_BYTES + 4 * start, path)
+        self._pread_exactly(fd, pointers, HEADER_BYTES + 4 * self.num_sequences + 8 * start, path)
         return lengths, self._pointers_to_tokens(pointers, path, f"in [{start}, {stop})", lengths)
 
     def token_offsets(self, sequences) -> np.ndarray:
@@ -373,12 +424,9 @@ class TokenFile:
                              f"{index_file_path(self.path_prefix)} ({self.num_sequences} sequences)")
         out = np.empty(sequences.size, dtype="<i8")
         base = HEADER_BYTES + 4 * self.num_sequences
-        fd, path = self._open_index()
-        try:
-            for i, sequence in enumerate(sequences.tolist()):
-                self._pread_exactly(fd, out[i:i + 1], base + 8 * sequence, path)
-        finally:
-            os.close(fd)
+        fd, path = self._index_fd()
+        for i, sequence in enumerate(sequences.tolist()):
+            self._pread_exactly(fd, out[i:i + 1], base + 8 * sequence, path)
         return self._pointers_to_tokens(out, path, f"of {sequences.size} read")
 
 
