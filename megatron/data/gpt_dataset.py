@@ -23,7 +23,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from megatron.data.blend import DEFAULT_WINDOW, PHASE_PERIOD, BlendedIndex, golden_step
-from megatron.data.data_list import SPLIT_NAMES, DataListError, FileSplits, parse_split, scan_blend
+from megatron.data.data_list import SPLIT_NAMES, DataListError, FileSplits, parse_split, paused_gc, scan_blend
 from megatron.data.indexed_dataset import IndexedDatasetError, TokenFile
 from megatron.data.permutation import derive_key, shuffled_range
 from megatron.checkpoint.format import replace_atomically
@@ -524,16 +524,17 @@ class GPTDataset:
         files, numbers = location.file.tolist(), location.sample.tolist()
         out = np.empty((samples.size, self.seq_length + 1), dtype=np.int64)
         buffers: dict = {}
-        for row, (file, sample, epoch) in enumerate(zip(files, numbers, location.epoch.tolist())):
-            dtype = self.files[file].dtype
-            if dtype == out.dtype:  # int64 files: straight into the row
-                self.reader(file).read_pieces(out[row], self.sample_pieces(file, sample, epoch))
-                continue
-            buffer = buffers.get(dtype)
-            if buffer is None:
-                buffer = buffers[dtype] = np.empty(self.seq_length + 1, dtype=dtype)
-            self.reader(file).read_pieces(buffer, self.sample_pieces(file, sample, epoch))
-            out[row] = buffer
+        with paused_gc():  # thousands of small objects per batch (pieces, cached indices)
+            for row, (file, sample, epoch) in enumerate(zip(files, numbers, location.epoch.tolist())):
+                dtype = self.files[file].dtype
+                if dtype == out.dtype:  # int64 files: straight into the row
+                    self.reader(file).read_pieces(out[row], self.sample_pieces(file, sample, epoch))
+                    continue
+                buffer = buffers.get(dtype)
+                if buffer is None:
+                    buffer = buffers[dtype] = np.empty(self.seq_length + 1, dtype=dtype)
+                self.reader(file).read_pieces(buffer, self.sample_pieces(file, sample, epoch))
+                out[row] = buffer
         if self.vocab_size is not None and out.size and (out.max() >= self.vocab_size or out.min() < 0):
             for row in range(samples.size):
                 self._check_vocab(out[row], files[row], numbers[row])
