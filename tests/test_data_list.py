@@ -170,3 +170,24 @@ def test_header_reads_use_threads_only_when_each_read_is_slow():
         assert [item for item, _ in results] == items  # in order either way
         others = {ident for _, ident in results[data_list.SERIAL_PROBE:]} - {main}
         assert bool(others) == threaded, fn.__name__
+
+
+def test_paused_gc_restores_the_collector_as_it_found_it():
+    import gc
+
+    from megatron.data.data_list import paused_gc
+
+    assert gc.isenabled()
+    with paused_gc():
+        assert not gc.isenabled()
+    assert gc.isenabled()
+    with pytest.raises(RuntimeError), paused_gc():  # also when the work raises
+        raise RuntimeError("boom")
+    assert gc.isenabled()
+    gc.disable()  # a run that manages the collector itself keeps it off
+    try:
+        with paused_gc():
+            assert not gc.isenabled()
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
