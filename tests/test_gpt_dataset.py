@@ -428,3 +428,12 @@ def test_block_shuffle_handles_empty_documents_and_blocks_across_the_wrap(tmp_pa
         for g in np.flatnonzero(location.epoch == epoch).tolist():
             s = int(location.sample[g])
             assert np.array_equal(tokens[g], stream[s * SEQ:s * SEQ + SEQ + 1])
+
+
+def test_document_positions_take_four_bytes_only_when_both_positions_and_running_totals_fit():
+    from megatron.data.gpt_dataset import _position_dtype
+
+    assert _position_dtype(1000, 1000) == np.uint32
+    assert _position_dtype(1 << 32, 10) == np.int64  # positions past 4 bytes
+    # an .idx listing one document many times: the running total outgrows a small .bin's positions
+    assert _position_dtype(1 << 20, (1 << 32) + 5) == np.int64

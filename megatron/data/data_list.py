@@ -1,9 +1,10 @@
 """Which files to train on: parse `--data-path` / `--data-file-list`, check them, and find each split's tokens.
 
 Every problem (malformed line, non-positive weight, missing .bin/.idx, unreadable header) is collected
-and raised at once in one DataListError, before any other work. Then `scan_files` reads only each
-file's header, its size and a couple of index entries at the split boundaries (no arrays), which is
-all the arithmetic blend (megatron/data/blend.py) needs.
+and raised at once in one DataListError, before any other work. `scan_blend` (what training uses)
+parses the list and reads, in one pass, only each file's header, its size and a couple of index
+entries at the split boundaries (no arrays), which is all the arithmetic blend
+(megatron/data/blend.py) needs; its open of each .idx is also what finds a missing file.
 """
 
 from __future__ import annotations

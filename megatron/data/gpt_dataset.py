@@ -180,12 +180,10 @@ class DocumentIndex:
         start, stop = ds.files[file].sequence_range(ds.split)
         lengths, pointers = ds.reader(file).index_range(start, stop)
         order = self.order(file, epoch)
-        # token positions fit 4 bytes in files under 2**32 tokens (most): 8 bytes per document, not 16
-        dtype = np.uint32 if ds.files[file].num_tokens < 1 << 32 else np.int64
-        ends = np.cumsum(lengths[order], dtype=np.int64).astype(dtype, copy=False)
+        ends = np.cumsum(lengths[order], dtype=np.int64)
         del lengths
-        starts = pointers[order].astype(dtype, copy=False)
-        return starts, ends
+        dtype = _position_dtype(ds.files[file].num_tokens, int(ends[-1]) if ends.size else 0)
+        return pointers[order].astype(dtype, copy=False), ends.astype(dtype, copy=False)
 
     def _load_or_build(self, file: int, epoch: int) -> tuple[np.ndarray, np.ndarray]:
         meta = self.dataset.files[file]
@@ -287,11 +285,9 @@ class DocumentIndex:
         pieces = [reader.index_range(start + first, start + min(first + count, documents))]
         if first + count > documents:  # the block wraps around the split's end
             pieces.append(reader.index_range(start, start + first + count - documents))
-        lengths = np.concatenate([p[0] for p in pieces])
-        pointers = np.concatenate([p[1] for p in pieces])
+        lengths, pointers = pieces[0] if len(pieces) == 1 else (np.concatenate(both) for both in zip(*pieces))
         key = int(derive_key(ds.seed, ds.split, file, epoch, block, 0xD0C)[0])
         order = shuffled_range(count, key)
-        dtype = np.uint32 if ds.files[file].num_tokens < 1 << 32 else np.int64
         ends = np.cumsum(lengths[order], dtype=np.int64)
         starts = pointers[order]
         plan_order, plan_ends = self._cached(("plan", file, epoch), lambda: self.build_plan(file, epoch))
@@ -305,6 +301,7 @@ class DocumentIndex:
                 "--sample-mode documents needs for files of more than --document-shuffle-block documents; "
                 "re-create the file with tools/preprocess_data.py, or pass --document-shuffle-block 0 "
                 "(one shuffle of all its documents)")
+        dtype = _position_dtype(ds.files[file].num_tokens, int(ends[-1]))
         return starts.astype(dtype, copy=False), ends.astype(dtype, copy=False)
 
     def _cached(self, key: tuple, build, counted: bool = True):
@@ -358,6 +355,13 @@ def _pieces(starts: np.ndarray, ends: np.ndarray, begin: int, need: int) -> list
         need -= size
         place, offset = place + 1, 0
     return pieces
+
+
+def _position_dtype(num_tokens: int, total: int):
+    """uint32 when a file's token positions (under num_tokens) and its documents' running total both fit
+    4 bytes (most files: 8 bytes per document, not 16), else int64. The total can exceed the file's tokens
+    only in an .idx whose entries overlap (a document listed twice)."""
+    return np.uint32 if num_tokens < 1 << 32 and total < 1 << 32 else np.int64
 
 
 class _ArrayLRU:
