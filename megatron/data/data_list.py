@@ -292,9 +292,7 @@ def scan_blend(data_path: Sequence[str] = (), data_file_list: Optional[str] = No
     every problem is still raised at once: malformed lines and missing files in line order, with the
     count and directories of the missing ones, then unreadable or inconsistent files."""
     entries, problems, source = _read_blend(data_path, data_file_list, flag)
-    with paused_gc():
-        results = _map_in_threads(lambda entry: _scan_entry(entry, fractions), entries,
-                                  "reading .idx headers" if progress else None)
+    results = _scan_entries(entries, fractions, progress)
     absent = [result.suffixes if isinstance(result, MissingFileError) else () for result in results]
     missing, summary = _missing_report(entries, absent)
     problems = sorted(problems + missing, key=lambda item: item[0])
@@ -399,13 +397,18 @@ def _scan_entry(entry: BlendEntry, fractions: Sequence[float]):
         return f"{entry.where}: {error}"
 
 
+def _scan_entries(entries: Sequence[BlendEntry], fractions: Sequence[float], progress: bool) -> list:
+    """`_scan_entry` of every entry, in order (in threads when reads are slow), the collector paused."""
+    with paused_gc():
+        return _map_in_threads(lambda entry: _scan_entry(entry, fractions), entries,
+                               "reading .idx headers" if progress else None)
+
+
 def scan_files(entries: Sequence[BlendEntry], fractions: Sequence[float], source: str = "data",
                progress: bool = False) -> list[FileSplits]:
     """`scan_file` for every entry, in threads; every unreadable file is reported in one DataListError."""
-    results = _map_in_threads(lambda entry: _scan_entry(entry, fractions), entries,
-                              "reading .idx headers" if progress else None)
     results = [f"{entry.where}: {result}" if isinstance(result, MissingFileError) else result
-               for entry, result in zip(entries, results)]
+               for entry, result in zip(entries, _scan_entries(entries, fractions, progress))]
     problems = [result for result in results if isinstance(result, str)]
     if problems:
         raise DataListError(source, problems, "unreadable or inconsistent .bin/.idx files")

@@ -531,14 +531,13 @@ class GPTDataset:
         with paused_gc():  # thousands of small objects per batch (pieces, cached indices)
             for row, (file, sample, epoch) in enumerate(zip(files, numbers, location.epoch.tolist())):
                 dtype = self.files[file].dtype
-                if dtype == out.dtype:  # int64 files: straight into the row
-                    self.reader(file).read_pieces(out[row], self.sample_pieces(file, sample, epoch))
-                    continue
-                buffer = buffers.get(dtype)
+                direct = dtype == out.dtype  # int64 files: straight into the row
+                buffer = out[row] if direct else buffers.get(dtype)
                 if buffer is None:
                     buffer = buffers[dtype] = np.empty(self.seq_length + 1, dtype=dtype)
                 self.reader(file).read_pieces(buffer, self.sample_pieces(file, sample, epoch))
-                out[row] = buffer
+                if not direct:
+                    out[row] = buffer
         if self.vocab_size is not None and out.size and (out.max() >= self.vocab_size or out.min() < 0):
             for row in range(samples.size):
                 self._check_vocab(out[row], files[row], numbers[row])

@@ -149,13 +149,12 @@ def read_index_header(path_prefix: str, fd: Optional[int] = None) -> IndexHeader
     path_prefix = _strip_suffix(path_prefix)
     idx_path, bin_path = index_file_path(path_prefix), data_file_path(path_prefix)
     def read_header():  # one unbuffered read: a buffered open reads a whole buffer for 34 bytes
-        if fd is not None:
-            return os.pread(fd, HEADER_BYTES, 0), os.fstat(fd).st_size
-        own = os.open(idx_path, os.O_RDONLY)
+        handle = os.open(idx_path, os.O_RDONLY) if fd is None else fd
         try:
-            return os.pread(own, HEADER_BYTES, 0), os.fstat(own).st_size
+            return os.pread(handle, HEADER_BYTES, 0), os.fstat(handle).st_size
         finally:
-            os.close(own)
+            if handle != fd:
+                os.close(handle)
 
     try:  # a transient EIO / ESTALE (Lustre under load) is retried, logged
         raw, idx_bytes = with_retries(read_header, idx_path, log=logger.warning, error_type=IndexedDatasetError)
@@ -312,14 +311,20 @@ class TokenFile:
     def __setstate__(self, state):
         self.__init__(state["path_prefix"], state["dtype"], state["num_sequences"], state["num_tokens"])
 
-    def _bin_fd(self) -> int:
-        if self._fd is None:
+    def _opened(self, name: str, path: str) -> int:
+        """The descriptor kept in attribute `name` for `path`, opened on first use (retried, logged)."""
+        fd = getattr(self, name)
+        if fd is None:
             with self._lock:
-                if self._fd is None:
-                    path = data_file_path(self.path_prefix)
-                    self._fd = with_retries(lambda: os.open(path, os.O_RDONLY), path, log=logger.warning,
-                                            error_type=IndexedDatasetError)
-        return self._fd
+                fd = getattr(self, name)
+                if fd is None:
+                    fd = with_retries(lambda: os.open(path, os.O_RDONLY), path, log=logger.warning,
+                                      error_type=IndexedDatasetError)
+                    setattr(self, name, fd)
+        return fd
+
+    def _bin_fd(self) -> int:
+        return self._opened("_fd", data_file_path(self.path_prefix))
 
     @staticmethod
     def _pread_exactly(fd: int, buffer: np.ndarray, offset: int, path: str,
@@ -376,12 +381,7 @@ class TokenFile:
     def _index_fd(self) -> tuple[int, str]:
         """The .idx's descriptor (opened on first use, like the .bin's) and its path."""
         path = index_file_path(self.path_prefix)
-        if self._idx_fd is None:
-            with self._lock:
-                if self._idx_fd is None:
-                    self._idx_fd = with_retries(lambda: os.open(path, os.O_RDONLY), path, log=logger.warning,
-                                                error_type=IndexedDatasetError)
-        return self._idx_fd, path
+        return self._opened("_idx_fd", path), path
 
     def _pointers_to_tokens(self, pointers: np.ndarray, path: str, where: str,
                             lengths: Optional[np.ndarray] = None) -> np.ndarray:

@@ -120,7 +120,7 @@ class KeyedPermutation:
         return self(np.arange(self.n))
 
 
-# PCG64's increment (any odd 128-bit number selects a stream; this is numpy's default multiplier, odd)
+# PCG64's increment: any odd 128-bit number selects a stream (this one is PCG's 128-bit default multiplier)
 _PCG64_INCREMENT = 0x2360ED051FC65DA44385DF649FCCF645 | 1
 _generators = threading.local()
 
