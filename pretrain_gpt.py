@@ -16,7 +16,7 @@ import warnings
 
 def launch_rank() -> int:
     """This process's rank as the launcher tells it (before any process group exists); 0 when unknown."""
-    from megatron.dist.launcher import LauncherError, discover
+    from megatron.distributed.launcher import LauncherError, discover
 
     try:
         return discover().rank
@@ -55,8 +55,8 @@ def main(argv: list[str] | None = None) -> int:
     if run.args.get("dry_run") is not None:
         return dry_run(run)
 
-    from megatron.dist import destroy_distributed, initialize_distributed
-    from megatron.dist.parallel_state import ParallelState
+    from megatron.distributed import destroy_distributed, initialize_distributed
+    from megatron.distributed.parallel_state import ParallelState
     from megatron.convert.model_layout import ConversionError
     from megatron.data.indexed_dataset import IndexedDatasetError
     from megatron.data.tokenizers import TokenizerError
@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
 def dry_run(run) -> int:
     """--dry-run [WORLD_SIZE]: print the resolved run on rank 0 and exit; no process group, no model."""
     from megatron.config.arguments import ConfigError
-    from megatron.dist.launcher import LauncherError, discover
+    from megatron.distributed.launcher import LauncherError, discover
     from megatron.training.dry_run import dry_run_report
 
     world_size = run.args["dry_run"]

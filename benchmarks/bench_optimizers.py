@@ -97,7 +97,7 @@ def train_one(a, name: str, file_list: Path, tokenizer: Path, ps_cache: dict) ->
     from megatron.config.arguments import parse_args, validate_run
     from megatron.data.data_iterator import build_data_iterator
     from megatron.data.gpt_dataset import build_datasets
-    from megatron.dist.parallel_state import ParallelState
+    from megatron.distributed.parallel_state import ParallelState
     from megatron.training.engine import build_engine
     from megatron.training.loop import resolve_vocab, seed_everything
 

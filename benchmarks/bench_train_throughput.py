@@ -1,6 +1,6 @@
 """Training throughput of our engine vs Hugging Face transformers on the same small Llama, side by side.
 
-Ours: pretrain_gpt.py's path (parse_args → megatron.dist.initialize_distributed → ParallelState →
+Ours: pretrain_gpt.py's path (parse_args → megatron.distributed.initialize_distributed → ParallelState →
 training.engine.build_engine: GPTModel + DeepSpeed ZeRO-0 + AdamW + LR schedule) on one rank. Theirs:
 LlamaForCausalLM + torch.optim.AdamW + gradient clipping in a plain loop (bf16: torch.autocast, as HF's
 Trainer does). Same sizes, batch and sequence; runs alternate so machine noise hits both. Prints tokens/s,
@@ -58,7 +58,7 @@ def our_flags(a, precision: str) -> list[str]:
 class Ours:
     def __init__(self, a, precision: str, device):
         from megatron.config.arguments import parse_args, validate_run
-        from megatron.dist.parallel_state import ParallelState
+        from megatron.distributed.parallel_state import ParallelState
         from megatron.training.engine import build_engine
 
         run = parse_args(our_flags(a, precision))
@@ -143,7 +143,7 @@ def main() -> None:
     from tqdm import tqdm
 
     from megatron.config.arguments import parse_args
-    from megatron.dist import initialize_distributed
+    from megatron.distributed import initialize_distributed
     from megatron.training.metrics import throughput
 
     if a.threads:

@@ -39,7 +39,7 @@ def build(argv):
     import deepspeed
 
     from megatron.config.arguments import parse_args
-    from megatron.dist.parallel_state import ParallelState
+    from megatron.distributed.parallel_state import ParallelState
     from megatron.training.engine import build_engine
 
     deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
@@ -181,7 +181,7 @@ def train_through_loop(rank, world, argv):
     import deepspeed
 
     from megatron.config.arguments import parse_args
-    from megatron.dist.parallel_state import ParallelState
+    from megatron.distributed.parallel_state import ParallelState
     from megatron.training.loop import train as train_loop
 
     deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)

@@ -83,7 +83,7 @@ def train_cases(rank: int, world_size: int, cases: list[tuple[str, list[str]]]) 
     deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
     make_mock_data_learnable()
     from megatron.config.arguments import parse_args
-    from megatron.dist.parallel_state import ParallelState
+    from megatron.distributed.parallel_state import ParallelState
     from megatron.training.loop import train
 
     record_process_groups()
@@ -125,7 +125,7 @@ def run_main_cases(rank: int, world_size: int, cases: list[tuple[str, list[str]]
 
     import deepspeed
 
-    import megatron.dist
+    import megatron.distributed
 
     deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -133,7 +133,7 @@ def run_main_cases(rank: int, world_size: int, cases: list[tuple[str, list[str]]
         sys.path.insert(0, root)
     import pretrain_gpt
 
-    megatron.dist.destroy_distributed = lambda: None  # run_ranks tears the group down at the end
+    megatron.distributed.destroy_distributed = lambda: None  # run_ranks tears the group down at the end
     out = {}
     for name, argv in cases:
         err, std = io.StringIO(), io.StringIO()
@@ -171,7 +171,7 @@ def logged_cases(rank: int, world_size: int, cases: list[tuple[str, list[str]]])
 
     deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
     from megatron.config.arguments import parse_args
-    from megatron.dist.parallel_state import ParallelState
+    from megatron.distributed.parallel_state import ParallelState
     from megatron.training.loop import train
 
     out = {}
@@ -190,16 +190,16 @@ def logged_cases(rank: int, world_size: int, cases: list[tuple[str, list[str]]])
 
 def checkpoint_flag_cases(rank: int, world_size: int, cases: list[tuple[str, list[str]]]) -> dict:
     """logged_cases for checkpoint flags: a case whose flags or checkpoint are refused records the error text
-    instead of stopping the launch; the notices parse_args produced and megatron.dist.device.empty_cache's calls
+    instead of stopping the launch; the notices parse_args produced and megatron.distributed.device.empty_cache's calls
     (--empty-unused-memory-level) are recorded too."""
     import deepspeed
     import torch
 
     deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
-    import megatron.dist.device as device_module
+    import megatron.distributed.device as device_module
     from megatron.checkpoint.format import CheckpointError
     from megatron.config.arguments import ConfigError, parse_args
-    from megatron.dist.parallel_state import ParallelState
+    from megatron.distributed.parallel_state import ParallelState
     from megatron.training.loop import train
 
     calls = []

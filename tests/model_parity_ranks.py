@@ -12,7 +12,7 @@ import torch.distributed as dist
 
 from megatron.config.model import TransformerConfig
 from megatron.config.parallel import ParallelConfig
-from megatron.dist.parallel_state import ParallelState
+from megatron.distributed.parallel_state import ParallelState
 from megatron.model import GPTModel, allreduce_sequence_parallel_grads, gather_logits, merge_state_dicts
 from megatron.model import register_sequence_parallel_grad_hooks, shard_state_dict
 from megatron.model.sharding import VOCAB_PARAMS

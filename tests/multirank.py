@@ -15,7 +15,7 @@ import traceback
 
 import torch.multiprocessing as mp
 
-from megatron.dist.launcher import free_port as _free_port
+from megatron.distributed.launcher import free_port as _free_port
 
 
 def free_port() -> int:

@@ -47,7 +47,7 @@ def train_logged(rank: int, world_size: int, cases: list) -> dict:
     deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
     ec.make_mock_data_learnable()
     from megatron.config.arguments import parse_args
-    from megatron.dist.parallel_state import ParallelState
+    from megatron.distributed.parallel_state import ParallelState
     from megatron.training.loop import train
 
     ec.record_process_groups()

@@ -9,7 +9,7 @@ from megatron.core.cross_entropy import vocab_parallel_cross_entropy
 from megatron.core.layers import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, merge_shards
 from megatron.core.layers import shard_tensor
 from megatron.core.random import RNGStatesTracker, checkpoint, derive_seed, get_rng_tracker, seed_model_parallel_rng
-from megatron.dist.parallel_state import ParallelState
+from megatron.distributed.parallel_state import ParallelState
 
 
 def test_shard_tensor_splits_each_segment_separately_and_merge_inverts_it():

@@ -2,9 +2,9 @@
 
 import pytest
 
-from megatron.dist import launcher
-from megatron.dist.device import BackendError, check_backend, default_backend
-from megatron.dist.launcher import LauncherError, discover
+from megatron.distributed import launcher
+from megatron.distributed.device import BackendError, check_backend, default_backend
+from megatron.distributed.launcher import LauncherError, discover
 
 
 def no_mpi():
@@ -116,7 +116,7 @@ def test_backend_choice_and_refusals_on_cpu():
 
 
 def test_upstreams_ccl_means_xccl_on_xpu_when_the_oneccl_bindings_are_absent(monkeypatch):
-    from megatron.dist import device
+    from megatron.distributed import device
 
     monkeypatch.setattr(device, "oneccl_bindings_available", lambda: False)
     monkeypatch.setattr(device, "xccl_available", lambda: True)

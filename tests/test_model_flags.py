@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from megatron.config.arguments import parse_args
-from megatron.dist.parallel_state import ParallelState
+from megatron.distributed.parallel_state import ParallelState
 from megatron.model import GPTModel
 
 BASE = ["--num-layers", "3", "--hidden-size", "32", "--num-attention-heads", "4", "--num-key-value-heads", "2",

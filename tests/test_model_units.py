@@ -4,7 +4,7 @@ pipe layer naming, bf16, input errors, and logits identical to Hugging Face GPT-
 import pytest
 import torch
 
-from megatron.dist.parallel_state import ParallelState
+from megatron.distributed.parallel_state import ParallelState
 from megatron.model import GPTModel, gather_logits, merge_state_dicts, partition_of, shard_state_dict
 from model_parity_ranks import VOCAB, batch, gpt_config, llama_config
 

@@ -479,7 +479,7 @@ def test_muonclip_scales_each_heads_query_and_key_rows_down_to_the_threshold():
     """GQA tiny model (4 query heads, 2 key heads per layer), lr 0: the step only clips. Each head's largest
     logit afterwards (same batch, same layer input) is <= t; in each key group the head with the smallest eta
     lands on t; the rows are scaled by eta^alpha (q) and min-of-group eta^(1 - alpha) (k)."""
-    from megatron.dist.parallel_state import ParallelState
+    from megatron.distributed.parallel_state import ParallelState
     from megatron.model import GPTModel
     from megatron.optimizer import build_optimizer
     from megatron.optimizer.muon_clip import MuonClip, head_scales
@@ -520,7 +520,7 @@ def test_muonclip_scales_each_heads_query_and_key_rows_down_to_the_threshold():
 def test_per_layer_galore_steps_in_backward_like_galoreadamw_after_backward():
     """The optimizer-in-backward of galoreadamw8bitperlayer (here with fp32 GaLoreAdamW: the 8-bit one needs
     CUDA) gives galoreadamw's update; gradients are freed in backward; the LR set on the groups is used."""
-    from megatron.dist.parallel_state import ParallelState
+    from megatron.distributed.parallel_state import ParallelState
     from megatron.model import GPTModel
     from megatron.optimizer import build_optimizer, optimizer_param_groups, per_layer_galore
     from megatron.optimizer.per_layer import PerLayerOptimizer

@@ -3,7 +3,7 @@
 import pytest
 
 from megatron.config import ParallelConfig, TransformerConfig, validate_layout
-from megatron.dist.parallel_state import ParallelState
+from megatron.distributed.parallel_state import ParallelState
 from multirank import run_ranks
 
 

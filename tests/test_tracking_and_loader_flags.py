@@ -88,6 +88,6 @@ def test_trust_remote_code_lets_a_tokenizer_directory_run_its_own_class(tmp_path
 
 
 def test_empty_cache_is_a_genuine_no_op_on_cpu():
-    from megatron.dist.device import empty_cache
+    from megatron.distributed.device import empty_cache
 
     assert empty_cache(torch.device("cpu")) is False

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from megatron.config.arguments import ConfigError, parse_args
-from megatron.dist.parallel_state import ParallelState
+from megatron.distributed.parallel_state import ParallelState
 from megatron.model import GPTModel, gather_logits
 from megatron.model.attention import document_attention_mask, document_ids_from_tokens
 from megatron.model.rotary import apply_rotary, rotary_cos_sin, split_qkv_rotary

@@ -53,8 +53,8 @@ WSD_DECAY_STYLES = ("linear", "cosine", "exponential")
 # (flag, kind, why) with kind "flag" (no value) or a type for a value. More in upstream_flags.NO_EFFECT.
 COMPAT_NO_EFFECT = [
     ("--deepspeed", "flag", "the engine is always DeepSpeed"),
-    ("--deepspeed-mpi", "flag", "rank discovery is automatic (megatron.dist)"),
-    ("--local-rank", int, "the local rank is read from the launcher's environment (megatron.dist)"),
+    ("--deepspeed-mpi", "flag", "rank discovery is automatic (megatron.distributed)"),
+    ("--local-rank", int, "the local rank is read from the launcher's environment (megatron.distributed)"),
     ("--no-query-key-layer-scaling", "flag", "attention is computed in fp32-accumulating SDPA"),
     ("--apply-query-key-layer-scaling", "flag", "attention is computed in fp32-accumulating SDPA"),
     ("--no-bias-dropout-fusion", "flag", "no fused kernels to turn off"),

@@ -29,7 +29,7 @@ from megatron.config.model import TransformerConfig
 from megatron.core.layers import ColumnParallelLinear, RowParallelLinear
 from megatron.core.random import checkpoint, derive_seed, tensor_parallel_rng
 from megatron.core.ulysses import heads_to_sequence, sequence_to_heads
-from megatron.dist.parallel_state import ParallelState
+from megatron.distributed.parallel_state import ParallelState
 from megatron.model.rotary import Rotary, rotary_cos_sin, split_qkv_rotary
 
 

@@ -18,7 +18,7 @@ from megatron.config.model import TransformerConfig
 from megatron.core import mappings
 from megatron.core.layers import VocabParallelEmbedding, full_init, mark_partition, shard_tensor
 from megatron.core.random import derive_seed
-from megatron.dist.parallel_state import ParallelState
+from megatron.distributed.parallel_state import ParallelState
 from megatron.model.transformer import hidden_dropout
 
 

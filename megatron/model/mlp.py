@@ -18,7 +18,7 @@ from torch import nn
 from megatron.config.model import TransformerConfig
 from megatron.core.layers import ColumnParallelLinear, RowParallelLinear
 from megatron.core.random import derive_seed
-from megatron.dist.parallel_state import ParallelState
+from megatron.distributed.parallel_state import ParallelState
 
 
 class _SwiGLU(torch.autograd.Function):

@@ -27,7 +27,7 @@ from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
 from megatron.config.model import TransformerConfig
 from megatron.core.cross_entropy import vocab_parallel_cross_entropy
 from megatron.core.random import checkpoint
-from megatron.dist.parallel_state import ParallelState
+from megatron.distributed.parallel_state import ParallelState
 from megatron.model.attention import document_attention_mask
 from megatron.model.embedding import Embedding, OutputLayer, language_model_logits
 from megatron.model.gpt_model import DEFAULT_SEED

@@ -18,7 +18,7 @@ from torch import nn
 
 from megatron.config.model import TransformerConfig
 from megatron.core.random import tensor_parallel_rng
-from megatron.dist.parallel_state import ParallelState
+from megatron.distributed.parallel_state import ParallelState
 from megatron.model.attention import SelfAttention
 from megatron.model.mlp import MLP
 from megatron.model.norms import build_norm

@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 
 from megatron.config.model import TransformerConfig
-from megatron.dist.parallel_state import ParallelState
+from megatron.distributed.parallel_state import ParallelState
 from megatron.training.timers import Timers
 
 
@@ -401,7 +401,7 @@ class TrainingEngine:
     def _release_memory(self, level: int) -> None:
         """--empty-unused-memory-level >= `level`: hand the allocator's unused cached blocks back to the device."""
         if self.empty_unused_memory_level >= level:
-            from megatron.dist.device import empty_cache
+            from megatron.distributed.device import empty_cache
 
             empty_cache(self.device)
 

@@ -22,7 +22,7 @@ import torch
 
 from megatron.config.arguments import RunConfig, global_batch_size, global_batch_size_at, train_iters, \
     train_samples, validate_run
-from megatron.dist.parallel_state import ParallelState
+from megatron.distributed.parallel_state import ParallelState
 from megatron.training.checkpointing import (TrainingProgress, check_checkpoint_contents, check_save_dir,
                                              estimate_checkpoint_bytes, find_checkpoint, load_checkpoint,
                                              save_checkpoint)

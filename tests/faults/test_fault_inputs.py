@@ -22,13 +22,13 @@ def one_process(*flags: str):
 
 
 def test_a_data_list_naming_a_missing_file_exits_2_before_anything_is_built(tmp_path, capsys, monkeypatch):
-    import megatron.dist
+    import megatron.distributed
     import pretrain_gpt
 
     def no_heavy_work(*args, **kwargs):
         raise AssertionError("the process group was set up before the data list was checked")
 
-    monkeypatch.setattr(megatron.dist, "initialize_distributed", no_heavy_work)
+    monkeypatch.setattr(megatron.distributed, "initialize_distributed", no_heavy_work)
     listing = tmp_path / "list.txt"
     listing.write_text(f"1.0 {tmp_path / 'gone'} corpus\n")
     base = [a for a in ec.TINY if a not in ("--mock-data",)]

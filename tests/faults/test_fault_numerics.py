@@ -58,7 +58,7 @@ def numerics_cases(rank: int, world_size: int, root: str) -> dict:
 
     deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
     from megatron.config.arguments import parse_args
-    from megatron.dist.parallel_state import ParallelState
+    from megatron.distributed.parallel_state import ParallelState
     from megatron.training.loop import train
 
     def run(argv, fault=None):

@@ -92,8 +92,8 @@ def group_timeouts(rank: int, world_size: int) -> dict:
     import torch
 
     from megatron.config.arguments import parse_args
-    from megatron.dist import set_default_group_timeout
-    from megatron.dist.parallel_state import ParallelState
+    from megatron.distributed import set_default_group_timeout
+    from megatron.distributed.parallel_state import ParallelState
 
     set_default_group_timeout(datetime.timedelta(minutes=0.7))  # what initialize_distributed does first
     run = parse_args(["--num-layers", "2", "--hidden-size", "16", "--num-attention-heads", "2", "--seq-length", "16",

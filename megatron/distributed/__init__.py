@@ -15,11 +15,11 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from megatron.dist import device as _device
-from megatron.dist import launcher as _launcher
-from megatron.dist.device import BackendError
-from megatron.dist.launcher import LauncherError, LaunchInfo
-from megatron.dist.parallel_state import DeepSpeedMPU, ParallelState
+from megatron.distributed import device as _device
+from megatron.distributed import launcher as _launcher
+from megatron.distributed.device import BackendError
+from megatron.distributed.launcher import LauncherError, LaunchInfo
+from megatron.distributed.parallel_state import DeepSpeedMPU, ParallelState
 
 
 @dataclass
@@ -91,7 +91,7 @@ def set_default_group_timeout(timeout: datetime.timedelta) -> None:
         if not hasattr(c10d, name):
             raise RuntimeError(f"torch {torch.__version__} has no torch.distributed.distributed_c10d.{name}; "
                                "--distributed-timeout-minutes cannot reach every process group: update "
-                               "megatron/dist/__init__.py:set_default_group_timeout for this torch")
+                               "megatron/distributed/__init__.py:set_default_group_timeout for this torch")
         if name == "default_pg_timeout" or isinstance(getattr(c10d, name), datetime.timedelta):
             setattr(c10d, name, timeout)
 

@@ -75,7 +75,7 @@ class ParallelState:
         if not dist.is_initialized():
             raise RuntimeError(
                 f"ParallelState.build for world size {world_size} needs torch.distributed to be initialized "
-                "first (megatron.dist.initialize_distributed)"
+                "first (megatron.distributed.initialize_distributed)"
             )
         for name, varying in (("tp", ("tp",)), ("sp", ("sp",)), ("dp", ("dp",)), ("pp", ("pp",)),
                               ("sdp", ("sp", "dp")), ("mp", ("tp", "pp"))):
