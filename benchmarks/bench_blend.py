@@ -43,7 +43,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from megatron.data.data_list import parse_data_file_list  # noqa: E402
-from megatron.checkpoint.format import replace_atomically  # noqa: E402
+from megatron.fileio import replace_atomically  # noqa: E402
 from megatron.data.indexed_dataset import write_synthetic_dataset  # noqa: E402
 
 DOLMA_LIST_NAME = Path("shared") / "data-lists" / "aurora-dolma-v1.7.txt"

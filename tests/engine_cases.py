@@ -197,7 +197,7 @@ def checkpoint_flag_cases(rank: int, world_size: int, cases: list[tuple[str, lis
 
     deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
     import megatron.distributed.device as device_module
-    from megatron.checkpoint.format import CheckpointError
+    from megatron.errors import CheckpointError
     from megatron.config.arguments import ConfigError, parse_args
     from megatron.distributed.parallel_state import ParallelState
     from megatron.training.loop import train

@@ -78,7 +78,7 @@ def test_to_hf_gives_the_logits_of_the_same_weights_exported_directly(built, tmp
 
 
 def test_load_finds_the_tag_of_their_checkpoints_and_of_universal_folders(built, tmp_path):
-    from megatron.checkpoint.format import CheckpointError
+    from megatron.errors import CheckpointError
     from megatron.convert.sources import foreign_load_tag
 
     root, _ = built
@@ -143,8 +143,8 @@ def test_load_trains_on_like_the_states_it_was_built_from(built):
 def test_format_marker_tells_ours_old_ours_and_megatrons_apart():
     import argparse
 
-    from megatron.checkpoint.format import (CHECKPOINT_FORMAT_KEY, CheckpointError, checkpoint_format_marker,
-                                            checkpoint_format_version)
+    from megatron.checkpoint.format import CHECKPOINT_FORMAT_KEY, checkpoint_format_marker, checkpoint_format_version
+    from megatron.errors import CheckpointError
 
     assert checkpoint_format_version({CHECKPOINT_FORMAT_KEY: checkpoint_format_marker(), "args": {}}, "x") == 2
     assert checkpoint_format_version({"checkpoint_version": 1, "args": {"num_layers": 2}}, "x") == 1  # before it

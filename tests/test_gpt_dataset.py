@@ -250,7 +250,7 @@ def test_samples_are_read_without_mapping_the_token_files_and_with_a_bounded_num
 def test_transient_token_read_errors_are_retried_and_a_truncated_file_is_named(tmp_path, monkeypatch, caplog):
     import errno
 
-    from megatron.checkpoint import format as fmt
+    from megatron import fileio
     from megatron.data import indexed_dataset
     from megatron.data.indexed_dataset import IndexedDatasetError
 
@@ -258,7 +258,7 @@ def test_transient_token_read_errors_are_retried_and_a_truncated_file_is_named(t
     train = build_datasets(DataConfig(data_path=data_path, split="1"), SEQ, 1, (10, 0, 0), 500)[0]
     expected = train.get_tokens(np.arange(10))
     train = build_datasets(DataConfig(data_path=data_path, split="1"), SEQ, 1, (10, 0, 0), 500)[0]
-    monkeypatch.setattr(fmt, "RETRY_BACKOFF_S", 0.001)
+    monkeypatch.setattr(fileio, "RETRY_BACKOFF_S", 0.001)
     failures = {"left": 2}
     real_preadv = os.preadv
 

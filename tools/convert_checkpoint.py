@@ -30,7 +30,7 @@ from tqdm import tqdm  # noqa: E402
 
 from megatron.convert.ds_checkpoint import write_checkpoint  # noqa: E402
 from megatron.convert.hf_io import DTYPES, HFModelSource, export_to_hf, parse_size  # noqa: E402
-from megatron.checkpoint.format import atomic_output  # noqa: E402
+from megatron.fileio import atomic_output  # noqa: E402
 from megatron.convert.model_layout import ConversionError, full_parameter_names  # noqa: E402
 from megatron.convert.sources import open_checkpoint  # noqa: E402
 

@@ -18,7 +18,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from tools.preprocess_data import expand_input_paths, iter_json_texts  # noqa: E402
-from megatron.checkpoint.format import replace_atomically  # noqa: E402
+from megatron.fileio import replace_atomically  # noqa: E402
 
 ENDOFTEXT = "<|endoftext|>"
 

@@ -11,7 +11,8 @@ from __future__ import annotations
 import os
 from typing import Optional
 
-from megatron.checkpoint.format import CheckpointError, list_checkpoint_tags, read_pointer
+from megatron.checkpoint.format import list_checkpoint_tags, read_pointer
+from megatron.errors import CheckpointError
 
 _MODEL_STATES = ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt")
 

@@ -25,10 +25,7 @@ from megatron.config.parallel import ParallelConfig, layout_errors
 from megatron.config.presets import preset
 from megatron.config.reliability import ReliabilityConfig, add_reliability_arguments, reliability_from_args
 from megatron.config.training import OptimizerConfig, PrecisionConfig, TrainingConfig, ZeroConfig
-
-
-class ConfigError(ValueError):
-    """A flag (or a flag and a --deepspeed_config file) is wrong; the message names it and the fix."""
+from megatron.errors import ConfigError
 
 
 @dataclass
@@ -601,7 +598,7 @@ _CHECKPOINT_ARGS_ALWAYS = ("position_embedding_type", "rotary_percent", "add_bia
 def _adopt_checkpoint_args(ns: argparse.Namespace, notices: list) -> None:
     """--use-checkpoint-args: fill the model shape and the tp/pp sizes from the arguments saved in the --load
     checkpoint (--load-tag's, else the pointer's); a --load without a checkpoint yet keeps the flags, as upstream."""
-    from megatron.checkpoint.format import CheckpointError
+    from megatron.errors import CheckpointError
     from megatron.checkpoint.saved_args import checkpoint_directory, read_saved_args
 
     try:

@@ -445,7 +445,7 @@ def load_argonne_checkpoint(training_engine, path: str, *, load_optim: bool = Tr
     """--load of an argonne-lcf/Megatron-DeepSpeed checkpoint: weights, fp32 masters and Adam moments resharded
     into this engine's layout; iteration and consumed samples from their client state; our LR schedule moved to
     their step count. RNG streams start fresh from this run's seed."""
-    from megatron.checkpoint.format import CheckpointError
+    from megatron.errors import CheckpointError
 
     try:
         return _load_argonne(training_engine, path, load_optim=load_optim, finetune=finetune)
@@ -454,7 +454,7 @@ def load_argonne_checkpoint(training_engine, path: str, *, load_optim: bool = Tr
 
 
 def _load_argonne(training_engine, path: str, *, load_optim: bool, finetune: bool):
-    from megatron.checkpoint.format import CheckpointError
+    from megatron.errors import CheckpointError
     from megatron.convert.reshard import load_checkpoint_any_layout
 
     ckpt = ArgonneCheckpoint(path)
@@ -531,7 +531,8 @@ def write_argonne_checkpoint(source: FullModelSource, save_dir: str, tp: int = 1
     per model-parallel rank with their Namespace and checkpoint_version 3.0, tag global_stepN, both pointers."""
     import deepspeed
 
-    from megatron.checkpoint.format import publish_directory, write_text_atomically
+    from megatron.checkpoint.format import publish_directory
+    from megatron.fileio import write_text_atomically
     from megatron.model.sharding import shard_state_dict
 
     config = source.config

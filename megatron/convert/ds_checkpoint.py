@@ -27,9 +27,10 @@ from megatron.convert.model_layout import (ConversionError, FullModelSource, con
 from megatron.convert.zero_shards import OptimizerShards, load_mmap, torch_optimizer_param_order
 from megatron.model.pipeline import pipe_layer_index, pipe_layer_prefix
 from megatron.model.sharding import merge_state_dicts, shard_state_dict
-from megatron.checkpoint.format import (CHECKPOINT_FORMAT_KEY, CheckpointError, checkpoint_format_marker,
-                                        checkpoint_format_version, checkpoint_tag, publish_directory, read_latest_tag, write_manifest,
+from megatron.checkpoint.format import (CHECKPOINT_FORMAT_KEY, checkpoint_format_marker, checkpoint_format_version,
+                                        checkpoint_tag, publish_directory, read_latest_tag, write_manifest,
                                         write_pointers)
+from megatron.errors import CheckpointError
 
 MODEL_FILE = re.compile(r"^mp_rank_(\d+)_model_states\.pt$")
 ZERO3_MODEL_FILE = re.compile(r"^zero_pp_rank_(\d+)_mp_rank_(\d+)_model_states\.pt$")

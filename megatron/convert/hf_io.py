@@ -21,7 +21,7 @@ from tqdm import tqdm
 from megatron.config.model import TransformerConfig
 from megatron.convert import hf_gpt2, hf_llama
 from megatron.convert.model_layout import ConversionError, FullModelSource, expected_shapes, layer_prefixes
-from megatron.checkpoint.format import replace_atomically
+from megatron.fileio import replace_atomically
 
 ARCHITECTURES = {"llama": hf_llama, "gpt2": hf_gpt2}
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,

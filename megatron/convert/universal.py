@@ -162,7 +162,7 @@ def resolve_universal_folder(path: str) -> str:
 
 def check_universal_folder(path: str) -> str:
     """resolve_universal_folder for --load --universal-checkpoint: a CheckpointError the entry point reports."""
-    from megatron.checkpoint.format import CheckpointError
+    from megatron.errors import CheckpointError
 
     try:
         return resolve_universal_folder(path)
@@ -270,7 +270,8 @@ def convert_to_universal(load: str, out: Optional[str] = None, *, workers: int =
     from deepspeed.checkpoint import ds_to_universal
 
     from megatron.convert.ds_checkpoint import DeepSpeedCheckpoint, _has_optim_files
-    from megatron.checkpoint.format import CONTENTS_KEY, publish_directory, write_text_atomically
+    from megatron.checkpoint.format import CONTENTS_KEY, publish_directory
+    from megatron.fileio import write_text_atomically
 
     source = DeepSpeedCheckpoint(load)
     if (source.client_state.get(CONTENTS_KEY) or {}).get("optimizer") is False:
@@ -338,7 +339,7 @@ def _folder_names_for(optimizer, folder_of):
 
 def load_universal_checkpoint(training_engine, path: str, *, load_optim: bool = True, finetune: bool = False):
     """Resume `training_engine` from a universal folder; see _load_universal (errors as CheckpointError)."""
-    from megatron.checkpoint.format import CheckpointError
+    from megatron.errors import CheckpointError
 
     try:
         return _load_universal(training_engine, path, load_optim=load_optim, finetune=finetune)
@@ -358,7 +359,8 @@ def _load_universal(training_engine, path: str, *, load_optim: bool, finetune: b
     fresh from the seed either way (they belong to the ranks of the old layout).
     """
     from megatron.convert.reshard import config_differences, load_checkpoint_any_layout
-    from megatron.checkpoint.format import CheckpointError, TrainingProgress
+    from megatron.checkpoint.format import TrainingProgress
+    from megatron.errors import CheckpointError
 
     ckpt = UniversalCheckpoint(path)
     differences = config_differences(ckpt.config, training_engine.model_config)

@@ -20,7 +20,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from megatron.checkpoint.format import write_text_atomically
+from megatron.fileio import write_text_atomically
 from megatron.data.data_list import SPLIT_NAMES
 
 DEFAULT_EPOCHS_WARNING = 4.0

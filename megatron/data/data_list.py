@@ -21,7 +21,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from megatron.checkpoint.format import with_retries
+from megatron.fileio import with_retries
 from megatron.data.indexed_dataset import (HEADER_BYTES, IndexedDatasetError, MissingFileError, missing_index_error,
                                           read_index_header)
 

@@ -26,7 +26,7 @@ from megatron.data.blend import DEFAULT_WINDOW, PHASE_PERIOD, BlendedIndex, gold
 from megatron.data.data_list import SPLIT_NAMES, DataListError, FileSplits, parse_split, paused_gc, scan_blend
 from megatron.data.indexed_dataset import IndexedDatasetError, TokenFile
 from megatron.data.permutation import derive_key, shuffled_range
-from megatron.checkpoint.format import replace_atomically
+from megatron.fileio import replace_atomically
 
 logger = logging.getLogger(__name__)
 SAMPLE_MODES = ("samples", "documents")

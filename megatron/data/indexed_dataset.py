@@ -27,7 +27,7 @@ from typing import Iterable, Optional, Sequence
 
 import numpy as np
 
-from megatron.checkpoint.format import replace_atomically, with_retries
+from megatron.fileio import replace_atomically, with_retries
 
 logger = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ import re
 import shutil
 import tempfile
 from typing import Optional, Sequence
-from megatron.checkpoint.format import replace_atomically
+from megatron.fileio import replace_atomically
 
 TOKENIZER_TYPES = ("GPT2BPETokenizer", "SentencePieceTokenizer", "Llama2Tokenizer", "HFTokenizer", "NullTokenizer")
 ENDOFTEXT = "<|endoftext|>"

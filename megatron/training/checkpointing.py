@@ -31,13 +31,13 @@ import torch
 import torch.distributed as dist
 
 from megatron.checkpoint.format import (CHECKPOINT_FORMAT_KEY, CONTENTS_KEY, DEEPSPEED_LATEST_FILENAME,
-                                        MANIFEST_FILENAME,
-                                        TMP_PREFIX, TRACKER_FILENAME, CheckpointError, TrainingProgress,
-                                        checkpoint_tag, describe_files, fsync_file, iteration_of_tag,
-                                        list_checkpoint_tags, list_files, os_error_text, publish_directory,
-                                        read_latest_tag, read_manifest, read_pointer, remove_stale_tmp,
-                                        verify_manifest, with_retries, write_manifest, write_pointers,
+                                        MANIFEST_FILENAME, TRACKER_FILENAME, TrainingProgress, checkpoint_tag,
+                                        describe_files, iteration_of_tag, list_checkpoint_tags, list_files,
+                                        publish_directory, read_latest_tag, read_manifest, read_pointer,
+                                        remove_stale_tmp, verify_manifest, write_manifest, write_pointers,
                                         checkpoint_format_marker)
+from megatron.errors import CheckpointError
+from megatron.fileio import TMP_PREFIX, fsync_file, os_error_text, with_retries
 
 
 def rng_state_filename(rank: int) -> str:
