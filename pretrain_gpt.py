@@ -57,10 +57,10 @@ def main(argv: list[str] | None = None) -> int:
 
     from megatron.distributed import destroy_distributed, initialize_distributed
     from megatron.distributed.parallel_state import ParallelState
-    from megatron.convert.model_layout import ConversionError
+    from megatron.checkpoint.layout import ConversionError
     from megatron.data.indexed_dataset import IndexedDatasetError
     from megatron.data.tokenizers import TokenizerError
-    from megatron.training.checkpointing import CheckpointError
+    from megatron.checkpoint.deepspeed_io import CheckpointError
     from megatron.training.engine import EngineConfigError
     from megatron.training.loop import train
     from megatron.training.watchdog import EXIT_HANG, CollectiveFailure

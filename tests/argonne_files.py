@@ -35,7 +35,7 @@ import os
 import torch
 
 from megatron.config.model import TransformerConfig
-from megatron.convert.model_layout import full_parameter_names
+from megatron.checkpoint.layout import full_parameter_names
 from megatron.model.sharding import shard_state_dict
 
 LAYER_NAMES = {"input_norm.": "input_layernorm.", "attention.qkv.": "self_attention.query_key_value.",
@@ -118,7 +118,7 @@ def their_shards(full: dict, config: TransformerConfig, tp: int, version: float)
 
 def random_state(config: TransformerConfig, seed: int) -> dict:
     """{full name: {"fp32", "exp_avg", "exp_avg_sq"}} with random values (exp_avg_sq > 0)."""
-    from megatron.convert.model_layout import expected_shapes, layer_prefixes
+    from megatron.checkpoint.layout import expected_shapes, layer_prefixes
 
     g = torch.Generator().manual_seed(seed)
     out = {}

@@ -54,7 +54,7 @@ def train(engine, ps, run, first_step: int, last_step: int) -> list[float]:
 
 
 def save(engine, run, save_dir: str, iteration: int) -> None:
-    from megatron.training.checkpointing import TrainingProgress, save_checkpoint
+    from megatron.checkpoint.deepspeed_io import TrainingProgress, save_checkpoint
 
     progress = TrainingProgress(iteration=iteration, consumed_samples=iteration * engine.global_batch_size,
                                 args=dict(run.args))
@@ -106,7 +106,7 @@ def train_save_continue(rank, world, argv, save_dir, save_at, steps):
 
 def resume_other_layout(rank, world, argv, load_dir, steps):
     """Build at this (different) layout, load with reshard.load_checkpoint_any_layout, train on to `steps`."""
-    from megatron.convert.reshard import load_checkpoint_any_layout
+    from megatron.checkpoint.reshard import load_checkpoint_any_layout
 
     run, ps, engine = build(argv)
     progress = load_checkpoint_any_layout(engine, load_dir)
@@ -129,7 +129,7 @@ def run_sequence(rank, world, jobs):
 def to_universal(rank, world, load_dir):
     """Rank 0 converts `load_dir` with DeepSpeed's ds_to_universal (convert/universal.py); the others wait."""
     if rank == 0:
-        from megatron.convert.universal import convert_to_universal
+        from megatron.checkpoint.universal import convert_to_universal
 
         convert_to_universal(load_dir)
     return None
@@ -137,7 +137,7 @@ def to_universal(rank, world, load_dir):
 
 def resume_universal(rank, world, argv, load_dir, steps):
     """Build at this layout with --universal-checkpoint, load through checkpointing.load_checkpoint, train on."""
-    from megatron.training.checkpointing import load_checkpoint
+    from megatron.checkpoint.deepspeed_io import load_checkpoint
 
     run, ps, engine = build(argv + ["--universal-checkpoint", "--load", load_dir])
     progress = load_checkpoint(engine, load_dir, torch.device("cpu"), run=run)
@@ -158,8 +158,8 @@ def resume_pair(rank, world, argv, argonne_dir, truth_path, steps):
     from (the LR schedule stepped to where the saved run was); returns both runs' losses and progress."""
     from argonne_files import TruthSource
 
-    from megatron.convert.reshard import load_checkpoint_any_layout
-    from megatron.training.checkpointing import load_checkpoint
+    from megatron.checkpoint.reshard import load_checkpoint_any_layout
+    from megatron.checkpoint.deepspeed_io import load_checkpoint
 
     out = {}
     run, ps, engine = build(argv)

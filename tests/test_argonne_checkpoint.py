@@ -16,9 +16,9 @@ import convert_ranks as cr
 from multirank import run_ranks
 
 from megatron.config.arguments import parse_args
-from megatron.convert.argonne import ArgonneCheckpoint, config_from_argonne_args, is_argonne_checkpoint
+from megatron.checkpoint.argonne import ArgonneCheckpoint, config_from_argonne_args, is_argonne_checkpoint
 from megatron.convert.hf_io import export_to_hf
-from megatron.convert.model_layout import ConversionError, StateDictSource, full_parameter_names
+from megatron.checkpoint.layout import ConversionError, StateDictSource, full_parameter_names
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools"))
 
@@ -79,7 +79,7 @@ def test_to_hf_gives_the_logits_of_the_same_weights_exported_directly(built, tmp
 
 def test_load_finds_the_tag_of_their_checkpoints_and_of_universal_folders(built, tmp_path):
     from megatron.errors import CheckpointError
-    from megatron.convert.sources import foreign_load_tag
+    from megatron.checkpoint.sources import foreign_load_tag
 
     root, _ = built
     assert foreign_load_tag(str(root / "llama_pipe"), universal=False) == "global_step3"  # `latest` names it
@@ -109,7 +109,7 @@ def test_the_arguments_written_for_their_loader_describe_the_same_model(base, ch
     checked before --swiglu there) is the model it was written for."""
     import dataclasses
 
-    from megatron.convert.argonne import argonne_namespace
+    from megatron.checkpoint.argonne import argonne_namespace
 
     config = dataclasses.replace(CONFIGS[base], **changes)
     ns = argonne_namespace(config, 2, 2, None)
@@ -124,7 +124,7 @@ def test_the_arguments_written_for_their_loader_describe_the_same_model(base, ch
 
 def test_load_trains_on_like_the_states_it_was_built_from(built):
     root, _ = built
-    # pretrain_gpt's own loop: --load finds global_step3 (not one of our iter_* tags) and trains one step on
+    # pretrain_gpt's own loop: --load finds global_step3 (not one of our global_step* tags) and trains one step on
     loop = GPT_ARGV + ["--load", str(root / "gpt_nopipe"), "--exit-interval", "4", "--num-workers", "0",
                        "--eval-iters", "0"]
     jobs = [("train_through_loop", loop),

@@ -44,9 +44,9 @@ def runs(tmp_path_factory):
         ("refused", BASE + ["--load", ckpt]),
         ("fresh_lr", BASE + resume + ["--no-load-lr-state", "--empty-unused-memory-level", "1"]),
         ("resumed", BASE + resume + ["--save", ckpt, "--save-interval", "2"]),  # full checkpoint at 4
-        ("tag", BASE + resume + ["--load-tag", "iter_0000002"]),
-        ("tag_missing", BASE + resume + ["--load-tag", "iter_0000003"]),
-        ("checkpoint_args", without_shape(BASE) + resume + ["--use-checkpoint-args", "--load-tag", "iter_0000002"]),
+        ("tag", BASE + resume + ["--load-tag", "global_step2"]),
+        ("tag_missing", BASE + resume + ["--load-tag", "global_step3"]),
+        ("checkpoint_args", without_shape(BASE) + resume + ["--use-checkpoint-args", "--load-tag", "global_step2"]),
         ("norm_tp2", BASE + norm + ["--tensor-model-parallel-size", "2"]),
         ("norm_pp2", BASE + norm + ["--pipeline-model-parallel-size", "2", "--zero-stage", "0", "--save", pipe,
                                     "--save-interval", "1", "--no-save-optim"]),
@@ -58,7 +58,7 @@ def runs(tmp_path_factory):
 def test_no_save_optim_and_rng_write_neither_and_the_manifest_says_so(runs):
     root, r = runs
     assert r["bare"]["error"] is None, r["bare"]["error"]
-    directory = root / "ckpt" / "iter_0000002"
+    directory = root / "ckpt" / "global_step2"
     names = sorted(p.name for p in directory.iterdir())
     assert "mp_rank_00_model_states.pt" in names
     assert not [n for n in names if n.endswith("optim_states.pt") or n.startswith("rng_state")], names
@@ -66,7 +66,7 @@ def test_no_save_optim_and_rng_write_neither_and_the_manifest_says_so(runs):
     assert manifest["contents"] == {"optimizer": False, "rng": False} and set(manifest["files"]) == set(names) - {
         "manifest.json"}
     # the full checkpoint saved later by "resumed" holds both (ZeRO-1 shards of each dp rank, every rank's RNG)
-    full = sorted(p.name for p in (root / "ckpt" / "iter_0000004").iterdir())
+    full = sorted(p.name for p in (root / "ckpt" / "global_step4").iterdir())
     assert len([n for n in full if n.endswith("optim_states.pt")]) == 2 and len(
         [n for n in full if n.startswith("rng_state")]) == 2
 
@@ -74,7 +74,7 @@ def test_no_save_optim_and_rng_write_neither_and_the_manifest_says_so(runs):
 def test_no_save_optim_without_zero_drops_the_optimizer_entry_and_keeps_the_schedule(runs):
     root, r = runs
     assert r["norm_pp2"]["error"] is None, r["norm_pp2"]["error"]
-    state = torch.load(root / "pipe" / "iter_0000001" / "mp_rank_00_model_states.pt", map_location="cpu",
+    state = torch.load(root / "pipe" / "global_step1" / "mp_rank_00_model_states.pt", map_location="cpu",
                        weights_only=False)
     assert state["optimizer"] is None and state["lr_scheduler"]["num_steps"] == 1 and state["iteration"] == 1
     assert state["contents"] == {"optimizer": False, "rng": True}
@@ -82,7 +82,7 @@ def test_no_save_optim_without_zero_drops_the_optimizer_entry_and_keeps_the_sche
 
 def test_resuming_a_checkpoint_without_optimizer_or_rng_state_names_the_flags_to_add(runs):
     error = runs[1]["refused"]["error"]
-    assert error and "iter_0000002" in error and "--no-save-optim" in error and "--no-load-optim" in error
+    assert error and "global_step2" in error and "--no-save-optim" in error and "--no-load-optim" in error
     assert "--no-save-rng" in error and "--no-load-rng" in error
 
 
@@ -100,7 +100,7 @@ def test_load_tag_resumes_the_named_checkpoint_not_the_pointers(runs):
     assert (root / "ckpt" / "latest_checkpointed_iteration.txt").read_text().strip() == "4"
     assert r["tag"]["error"] is None and r["tag"]["start_iteration"] == 2 and r["tag"]["iterations"] == [3, 4]
     error = r["tag_missing"]["error"]
-    assert "--load-tag iter_0000003" in error and "iter_0000002, iter_0000004" in error
+    assert "--load-tag global_step3" in error and "global_step2, global_step4" in error
 
 
 def test_use_checkpoint_args_takes_the_model_shape_from_the_checkpoint(runs):
@@ -140,8 +140,8 @@ def test_no_save_optim_is_refused_at_zero_3_where_the_weights_live_in_the_optimi
 
 
 def test_a_checkpoint_without_optimizer_state_is_refused_by_the_universal_converter_naming_why(runs):
-    from megatron.convert.model_layout import ConversionError
-    from megatron.convert.universal import convert_to_universal
+    from megatron.checkpoint.layout import ConversionError
+    from megatron.checkpoint.universal import convert_to_universal
 
     with pytest.raises(ConversionError, match=r"saved with --no-save-optim: .* convert it with `reshard`"):
-        convert_to_universal(str(runs[0] / "ckpt" / "iter_0000002"), str(runs[0] / "universal"))
+        convert_to_universal(str(runs[0] / "ckpt" / "global_step2"), str(runs[0] / "universal"))

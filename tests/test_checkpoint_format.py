@@ -13,14 +13,14 @@ import pytest
 from megatron import fileio
 from megatron.checkpoint import format as fmt
 from megatron.errors import CheckpointError
-from megatron.training import checkpointing
+from megatron.checkpoint import deepspeed_io as checkpointing
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def fake_checkpoint(save: Path, iteration: int, files=None, pointer=True, manifest=True) -> Path:
-    """An iter_N directory as save_checkpoint leaves it: files, manifest written last, then the pointers."""
-    tmp = save / f".tmp-iter_{iteration:07d}"
+    """A global_stepN directory as save_checkpoint leaves it: files, manifest written last, then the pointers."""
+    tmp = save / f".tmp-global_step{iteration}"
     tmp.mkdir(parents=True)
     for name, data in (files or {"mp_rank_00_model_states.pt": b"m" * 1000 + bytes([iteration]),
                                  "sub/zero_pp_rank_0_optim_states.pt": b"o" * 300}).items():
@@ -28,7 +28,7 @@ def fake_checkpoint(save: Path, iteration: int, files=None, pointer=True, manife
         (tmp / name).write_bytes(data)
     if manifest:
         fmt.write_manifest(str(tmp), iteration=iteration)
-    final = save / f"iter_{iteration:07d}"
+    final = save / f"global_step{iteration}"
     fmt.publish_directory(str(tmp), str(final))
     if pointer:
         fmt.write_pointers(str(save), iteration)
@@ -40,11 +40,11 @@ def test_the_format_module_builds_only_on_the_leaf_modules_and_training_and_conv
     imported = {n.module for n in ast.walk(ast.parse(source)) if isinstance(n, ast.ImportFrom) and n.module}
     imported |= {a.name for n in ast.walk(ast.parse(source)) if isinstance(n, ast.Import) for a in n.names}
     assert {m for m in imported if m.startswith("megatron")} <= {"megatron.errors", "megatron.fileio"}
-    for user in ("megatron/convert/reshard.py", "megatron/convert/ds_checkpoint.py"):
+    for user in ("megatron/checkpoint/reshard.py", "megatron/checkpoint/ds_checkpoint.py"):
         tree = ast.parse((ROOT / user).read_text())
         modules = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
         assert not [m for m in modules if m.startswith("megatron.training")], user
-    assert "megatron.checkpoint.format" in (ROOT / "megatron/training/checkpointing.py").read_text()
+    assert "megatron.checkpoint.format" in (ROOT / "megatron/checkpoint/deepspeed_io.py").read_text()
 
 
 def test_no_bare_os_replace_is_left_in_the_package():
@@ -65,8 +65,8 @@ def test_atomic_output_fsyncs_file_and_directory_before_and_after_the_rename(tmp
     monkeypatch.setattr(os, "fsync", spy_fsync)
     monkeypatch.setattr(os, "replace", lambda a, b: (calls.append(("rename", str(b))), real_replace(a, b)))
     target = tmp_path / "latest"
-    fileio.write_text_atomically(str(target), "iter_0000003")
-    assert target.read_text() == "iter_0000003"
+    fileio.write_text_atomically(str(target), "global_step3")
+    assert target.read_text() == "global_step3"
     kinds = [k for k, _ in calls]
     rename = kinds.index("rename")
     assert any(path.startswith(str(tmp_path / ".tmp-latest")) for k, path in calls[:rename])  # the file
@@ -118,11 +118,11 @@ def test_load_falls_back_to_the_newest_checkpoint_that_verifies_and_says_why(tmp
     fake_checkpoint(tmp_path, 4)
     newest = fake_checkpoint(tmp_path, 6)
     os.truncate(newest / "sub/zero_pp_rank_0_optim_states.pt", 10)
-    (tmp_path / "iter_0000004" / "mp_rank_00_model_states.pt").unlink()
+    (tmp_path / "global_step4" / "mp_rank_00_model_states.pt").unlink()
     lines = []
-    assert checkpointing.find_checkpoint(str(tmp_path), log=lines.append) == "iter_0000002"
-    assert len(lines) == 1 and "falling back to" in lines[0] and str(tmp_path / "iter_0000002") in lines[0]
-    assert "zero_pp_rank_0_optim_states.pt has 10 bytes" in lines[0] and "iter_0000004" in lines[0]
+    assert checkpointing.find_checkpoint(str(tmp_path), log=lines.append) == "global_step2"
+    assert len(lines) == 1 and "falling back to" in lines[0] and str(tmp_path / "global_step2") in lines[0]
+    assert "zero_pp_rank_0_optim_states.pt has 10 bytes" in lines[0] and "global_step4" in lines[0]
 
 
 @pytest.mark.parametrize("flag, strict, exit_on_missing", [("--no-checkpoint-fallback", True, False),
@@ -137,7 +137,7 @@ def test_strict_flags_make_a_damaged_newest_checkpoint_an_error(tmp_path, flag, 
 
 def test_no_checkpoint_that_verifies_is_an_error_naming_every_problem(tmp_path):
     os.truncate(fake_checkpoint(tmp_path, 2) / "mp_rank_00_model_states.pt", 1)
-    with pytest.raises(CheckpointError, match="no checkpoint there verifies.*iter_0000002"):
+    with pytest.raises(CheckpointError, match="no checkpoint there verifies.*global_step2"):
         checkpointing.find_checkpoint(str(tmp_path))
 
 
@@ -145,14 +145,14 @@ def test_a_pointer_to_a_deleted_directory_falls_back_to_an_older_checkpoint(tmp_
     fake_checkpoint(tmp_path, 2)
     fmt.write_pointers(str(tmp_path), 8)
     lines = []
-    assert checkpointing.find_checkpoint(str(tmp_path), log=lines.append) == "iter_0000002"
-    assert "iter_0000008" in lines[0] and "does not exist" in lines[0]
+    assert checkpointing.find_checkpoint(str(tmp_path), log=lines.append) == "global_step2"
+    assert "global_step8" in lines[0] and "does not exist" in lines[0]
 
 
 def test_a_checkpoint_without_manifest_loads_unverified_with_a_warning(tmp_path):
     fake_checkpoint(tmp_path, 3, manifest=False)
     lines = []
-    assert checkpointing.find_checkpoint(str(tmp_path), log=lines.append) == "iter_0000003"
+    assert checkpointing.find_checkpoint(str(tmp_path), log=lines.append) == "global_step3"
     assert "no manifest.json" in lines[0] and "unverified" in lines[0]
 
 
@@ -162,7 +162,7 @@ def test_load_dir_without_checkpoint_warns_and_starts_from_scratch(tmp_path, mak
     if make != "absent":
         load.mkdir()
     if make == "only-tmp":
-        (load / ".tmp-iter_0000005").mkdir()  # a save that died
+        (load / ".tmp-global_step5").mkdir()  # a save that died
     lines = []
     assert checkpointing.find_checkpoint(str(load), log=lines.append) is None
     assert "starts from scratch" in lines[0] and str(load) in lines[0] and "--exit-on-missing-checkpoint" in lines[0]
@@ -173,11 +173,11 @@ def test_load_dir_without_checkpoint_warns_and_starts_from_scratch(tmp_path, mak
 
 def test_stale_tmp_entries_are_removed_and_finished_checkpoints_kept(tmp_path):
     fake_checkpoint(tmp_path, 2)
-    (tmp_path / ".tmp-iter_0000004").mkdir()
-    (tmp_path / ".tmp-iter_0000004" / "half.pt").write_bytes(b"x")
-    (tmp_path / ".tmp-latest.123").write_text("iter_0000004")
-    assert fmt.remove_stale_tmp(str(tmp_path)) == [".tmp-iter_0000004", ".tmp-latest.123"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["iter_0000002", "latest",
+    (tmp_path / ".tmp-global_step4").mkdir()
+    (tmp_path / ".tmp-global_step4" / "half.pt").write_bytes(b"x")
+    (tmp_path / ".tmp-latest.123").write_text("global_step4")
+    assert fmt.remove_stale_tmp(str(tmp_path)) == [".tmp-global_step4", ".tmp-latest.123"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["global_step2", "latest",
                                                           "latest_checkpointed_iteration.txt"]
 
 
@@ -186,15 +186,15 @@ def test_retention_keeps_the_newest_n_and_never_the_pointed_or_newer_ones(tmp_pa
         fake_checkpoint(tmp_path, it)
     fake_checkpoint(tmp_path, 5, pointer=False)  # published, pointer not yet moved: never touched
     removed = checkpointing.apply_retention(str(tmp_path), 2)
-    assert [Path(p).name for p in removed] == ["iter_0000001", "iter_0000002"]
-    assert fmt.list_checkpoint_tags(str(tmp_path)) == ["iter_0000003", "iter_0000004", "iter_0000005"]
+    assert [Path(p).name for p in removed] == ["global_step1", "global_step2"]
+    assert fmt.list_checkpoint_tags(str(tmp_path)) == ["global_step3", "global_step4", "global_step5"]
 
 
 def test_retention_never_deletes_the_only_verified_checkpoint(tmp_path):
     fake_checkpoint(tmp_path, 1)
     fake_checkpoint(tmp_path, 2, manifest=False)
     assert checkpointing.apply_retention(str(tmp_path), 1) == []
-    assert fmt.list_checkpoint_tags(str(tmp_path)) == ["iter_0000001", "iter_0000002"]
+    assert fmt.list_checkpoint_tags(str(tmp_path)) == ["global_step1", "global_step2"]
 
 
 def test_save_dir_check_names_the_path_and_the_shortfall(tmp_path):
@@ -261,3 +261,19 @@ def test_transient_data_read_errors_are_retried_then_fail_naming_the_file(tmp_pa
     failures["left"] = 100
     with pytest.raises(IndexedDatasetError, match=r"corpus.idx: reading failed 4 times with EIO"):
         IndexedDataset(prefix)
+
+
+def test_tags_are_deepspeeds_global_step_and_our_older_iter_tags_still_resolve(tmp_path):
+    assert fmt.checkpoint_tag(3) == "global_step3" and fmt.iteration_of_tag("global_step3") == 3
+    assert fmt.iteration_of_tag("iter_0000007") == 7 and fmt.iteration_of_tag("release") is None
+    older = fake_checkpoint(tmp_path, 2)
+    older.rename(tmp_path / "iter_0000002")  # as this framework wrote it before
+    fmt.write_text_atomically(str(tmp_path / "latest"), "iter_0000002")
+    assert fmt.read_pointer(str(tmp_path)) == "iter_0000002"
+    (tmp_path / "latest").unlink()  # Megatron's tracker alone: "2" finds the older name
+    assert fmt.read_pointer(str(tmp_path)) == "iter_0000002"
+    fake_checkpoint(tmp_path, 5)  # a newer save writes DeepSpeed's names and both pointers
+    assert (tmp_path / "latest").read_text() == "global_step5"
+    assert (tmp_path / "latest_checkpointed_iteration.txt").read_text() == "5"
+    assert fmt.list_checkpoint_tags(str(tmp_path)) == ["iter_0000002", "global_step5"]
+    assert checkpointing.find_checkpoint(str(tmp_path)) == "global_step5"

@@ -15,9 +15,10 @@ import torch
 import convert_ranks as cr
 from multirank import run_ranks
 
-from megatron.convert.ds_checkpoint import DeepSpeedCheckpoint, write_checkpoint
-from megatron.convert.hf_io import HFModelSource, export_to_hf
-from megatron.convert.model_layout import ConversionError
+from megatron.checkpoint.ds_checkpoint import DeepSpeedCheckpoint, write_checkpoint
+from megatron.checkpoint.hf import HFModelSource
+from megatron.convert.hf_io import export_to_hf
+from megatron.checkpoint.layout import ConversionError
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools"))
 
@@ -126,7 +127,7 @@ def test_mismatched_inputs_get_clear_errors(trained, tmp_path):
     with pytest.raises(ConversionError, match="GPT2LMHeadModel.*untied"):
         export_to_hf(DeepSpeedCheckpoint(str(root / "llama")), str(tmp_path / "y"), architecture="gpt2", progress=False)
     broken = tmp_path / "broken"
-    shutil.copytree(root / "llama" / f"iter_{SAVE_AT:07d}", broken)
+    shutil.copytree(root / "llama" / f"global_step{SAVE_AT}", broken)
     os.remove(broken / "layer_02-model_01-model_states.pt")
     with pytest.raises(ConversionError, match="layer_02-model_01"):
         DeepSpeedCheckpoint(str(broken))

@@ -19,8 +19,9 @@ MEASURE = textwrap.dedent(r"""
     import json, sys, threading, time
     import torch
     sys.path.insert(0, sys.argv[1])
-    from megatron.convert.ds_checkpoint import DeepSpeedCheckpoint, write_checkpoint
-    from megatron.convert.hf_io import HFModelSource, export_to_hf
+    from megatron.checkpoint.ds_checkpoint import DeepSpeedCheckpoint, write_checkpoint
+    from megatron.checkpoint.hf import HFModelSource
+    from megatron.convert.hf_io import export_to_hf
 
     def anon_bytes():
         with open("/proc/self/smaps_rollup") as f:

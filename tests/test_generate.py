@@ -6,9 +6,9 @@ import sys
 import torch
 
 from megatron.config.model import TransformerConfig
-from megatron.convert.ds_checkpoint import write_checkpoint
+from megatron.checkpoint.ds_checkpoint import write_checkpoint
 from megatron.convert.hf_io import export_to_hf
-from megatron.convert.model_layout import StateDictSource
+from megatron.checkpoint.layout import StateDictSource
 from megatron.model import GPTModel
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools"))

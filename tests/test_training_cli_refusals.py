@@ -20,7 +20,7 @@ def refused(tmp_path_factory):
     ds_file = root / "ds.json"
     ds_file.write_text(json.dumps({"train_micro_batch_size_per_gpu": 2, "zero_optimization": {"stage": 2}}))
     no_latest = root / "no_latest"
-    (no_latest / "iter_0000004").mkdir(parents=True)
+    (no_latest / "global_step4").mkdir(parents=True)
     cases = [
         ("ds_config_mismatch", ec.flags("--zero-stage", "1", "--deepspeed_config", str(ds_file))),
         ("fp16_on_cpu", ec.flags("--fp16")),

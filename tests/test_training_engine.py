@@ -84,7 +84,7 @@ def four_ranks(root):
 @pytest.fixture(scope="module")
 def other_layouts(root, two_ranks):
     """The tp=2 checkpoint resumed at tp=1 × dp=2, and (via HF and `convert_checkpoint.py from-hf`) fine-tuned."""
-    from megatron.convert.ds_checkpoint import DeepSpeedCheckpoint
+    from megatron.checkpoint.ds_checkpoint import DeepSpeedCheckpoint
     from megatron.convert.hf_io import export_to_hf
 
     export_to_hf(DeepSpeedCheckpoint(str(root / "tp2")), str(root / "hf"), progress=False)
@@ -141,7 +141,7 @@ def test_resume_continues_the_uninterrupted_run_bit_for_bit(two_ranks, four_rank
         cut = rank_result[f"{name}/interrupted"]
         resumed = rank_result[f"{name}/resumed"]
         assert cut["iterations"] == list(range(1, SAVE_AT + 1)) and "--exit-interval" in cut["exit_reason"]
-        assert cut["saved"] and cut["saved"][-1].endswith(f"iter_{SAVE_AT:07d}")
+        assert cut["saved"] and cut["saved"][-1].endswith(f"global_step{SAVE_AT}")
         assert cut["losses"] == full["losses"][:SAVE_AT]
         assert resumed["start_iteration"] == SAVE_AT and resumed["iterations"] == list(range(SAVE_AT + 1, 11))
         assert resumed["losses"] == full["losses"][SAVE_AT:]  # exact float equality
@@ -150,15 +150,15 @@ def test_resume_continues_the_uninterrupted_run_bit_for_bit(two_ranks, four_rank
 def test_checkpoint_files_and_pointers(root, two_ranks):
     ckpt = root / "resume_dp2_zero2"
     assert (ckpt / "latest_checkpointed_iteration.txt").read_text().strip() == str(SAVE_AT)
-    assert (ckpt / "latest").read_text().strip() == f"iter_{SAVE_AT:07d}"
-    files = os.listdir(ckpt / f"iter_{SAVE_AT:07d}")
+    assert (ckpt / "latest").read_text().strip() == f"global_step{SAVE_AT}"
+    files = os.listdir(ckpt / f"global_step{SAVE_AT}")
     assert "rng_state_rank_00000.pt" in files and "rng_state_rank_00001.pt" in files
     assert any(f.endswith("optim_states.pt") for f in files)
     assert not [f for f in os.listdir(ckpt) if f.startswith(".tmp-")]
 
 
 def test_checkpoint_records_the_model_config(root, two_ranks):
-    from megatron.convert.ds_checkpoint import DeepSpeedCheckpoint
+    from megatron.checkpoint.ds_checkpoint import DeepSpeedCheckpoint
 
     ckpt = DeepSpeedCheckpoint(str(root / "tp2"))
     assert ckpt.client_state["model_config"]["hidden_size"] == 32 and ckpt.tp == 2 and ckpt.iteration == SAVE_AT

@@ -8,7 +8,7 @@ import torch
 from engine_cases import flags
 from megatron.config.arguments import parse_args
 from megatron.checkpoint.format import publish_directory, write_pointers
-from megatron.training.checkpointing import CheckpointError, read_latest_tag
+from megatron.checkpoint.deepspeed_io import CheckpointError, read_latest_tag
 from megatron.training.engine import EngineConfigError, check_engine_config, position_ids_and_loss_mask
 
 CPU = torch.device("cpu")
@@ -56,7 +56,7 @@ def test_deepspeed_config_file_disagreeing_with_flags_exits_2_naming_both_sides(
 
 
 def test_load_without_pointer_files_names_the_directory(tmp_path):
-    (tmp_path / ".tmp-iter_0000005").mkdir()  # an interrupted save leaves only this
+    (tmp_path / ".tmp-global_step5").mkdir()  # an interrupted save leaves only this
     with pytest.raises(CheckpointError, match="latest_checkpointed_iteration.txt") as info:
         read_latest_tag(str(tmp_path))
     assert str(tmp_path) in str(info.value)
@@ -64,19 +64,19 @@ def test_load_without_pointer_files_names_the_directory(tmp_path):
 
 def test_load_with_pointer_to_missing_dir_names_the_missing_path(tmp_path):
     (tmp_path / "latest_checkpointed_iteration.txt").write_text("7")
-    with pytest.raises(CheckpointError, match="iter_0000007") as info:
+    with pytest.raises(CheckpointError, match="global_step7") as info:
         read_latest_tag(str(tmp_path))
-    assert str(tmp_path / "iter_0000007") in str(info.value)
+    assert str(tmp_path / "global_step7") in str(info.value)
 
 
 def test_publish_renames_the_finished_dir_then_moves_both_pointers(tmp_path):
-    (tmp_path / ".tmp-iter_0000004").mkdir()
-    (tmp_path / ".tmp-iter_0000004" / "f.pt").write_text("x")
-    publish_directory(str(tmp_path / ".tmp-iter_0000004"), str(tmp_path / "iter_0000004"))
+    (tmp_path / ".tmp-global_step4").mkdir()
+    (tmp_path / ".tmp-global_step4" / "f.pt").write_text("x")
+    publish_directory(str(tmp_path / ".tmp-global_step4"), str(tmp_path / "global_step4"))
     write_pointers(str(tmp_path), 4)
-    assert read_latest_tag(str(tmp_path)) == "iter_0000004"
-    assert (tmp_path / "latest").read_text() == "iter_0000004"
-    assert (tmp_path / "iter_0000004" / "f.pt").exists() and not (tmp_path / ".tmp-iter_0000004").exists()
+    assert read_latest_tag(str(tmp_path)) == "global_step4"
+    assert (tmp_path / "latest").read_text() == "global_step4"
+    assert (tmp_path / "global_step4" / "f.pt").exists() and not (tmp_path / ".tmp-global_step4").exists()
 
 
 def test_reset_position_ids_restart_after_eod_and_eod_mask_loss_masks_eod_inputs():

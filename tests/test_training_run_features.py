@@ -37,7 +37,7 @@ def test_samples_not_a_multiple_of_the_batch_train_whole_batches_and_save_at_the
     root, results = runs
     r = results["partial_batch"]
     assert r["iterations"] == [1, 2] and r["consumed_samples"] == 16 and r["exit_reason"] == "trained 2 iterations"
-    assert r["saved"] and r["saved"][-1].endswith("iter_0000002")
+    assert r["saved"] and r["saved"][-1].endswith("global_step2")
 
 
 def test_the_log_line_is_megatrons(runs):

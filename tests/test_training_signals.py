@@ -41,7 +41,7 @@ def test_sigterm_to_one_rank_saves_a_checkpoint_on_every_rank_and_exits_zero(tmp
     assert "exit signal received" in out0
     iteration = int((save / "latest_checkpointed_iteration.txt").read_text())
     assert 2 <= iteration < 100000
-    tag = f"iter_{iteration:07d}"
+    tag = f"global_step{iteration}"
     assert (save / "latest").read_text() == tag
     files = {p.name for p in (save / tag).iterdir()}
     assert {"rng_state_rank_00000.pt", "rng_state_rank_00001.pt", "mp_rank_00_model_states.pt"} <= files

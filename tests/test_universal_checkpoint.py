@@ -14,9 +14,9 @@ import torch
 import convert_ranks as cr
 from multirank import run_ranks
 
-from megatron.convert.ds_checkpoint import DeepSpeedCheckpoint
-from megatron.convert.model_layout import ConversionError, full_parameter_names
-from megatron.convert.universal import UniversalCheckpoint, convert_to_universal
+from megatron.checkpoint.ds_checkpoint import DeepSpeedCheckpoint
+from megatron.checkpoint.layout import ConversionError, full_parameter_names
+from megatron.checkpoint.universal import UniversalCheckpoint, convert_to_universal
 
 TP2_PP2 = ["--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2", "--zero-stage", "1"]
 TP2_DP2 = ["--tensor-model-parallel-size", "2", "--zero-stage", "1"]
@@ -52,7 +52,7 @@ def trained(tmp_path_factory):
 def test_ds_to_universal_merges_every_tensor_and_moment_like_our_readers(trained, name):
     root, _ = trained
     universal, ours = UniversalCheckpoint(str(root / name)), DeepSpeedCheckpoint(str(root / name))
-    assert universal.tag_dir == str(root / name / f"iter_{SAVE_AT:07d}_universal")
+    assert universal.tag_dir == str(root / name / f"global_step{SAVE_AT}_universal")
     assert os.path.isdir(os.path.join(universal.zero_dir, "layers.0.attention.qkv.weight"))  # GPTModel names
     names = full_parameter_names(ours.config)
     for key in ("fp32", "exp_avg", "exp_avg_sq"):
@@ -123,7 +123,7 @@ def test_universal_folder_is_a_source_for_to_hf_and_reshard(trained, tmp_path):
     from convert_checkpoint import main
 
     root, _ = trained
-    folder = str(root / "llama_fp32" / f"iter_{SAVE_AT:07d}_universal")
+    folder = str(root / "llama_fp32" / f"global_step{SAVE_AT}_universal")
     assert main(["to-hf", "--load", folder, "--out", str(tmp_path / "from_universal"), "--no-tokenizer"]) == 0
     assert main(["to-hf", "--load", str(root / "llama_fp32"), "--out", str(tmp_path / "from_ours"),
                  "--no-tokenizer"]) == 0

@@ -357,7 +357,7 @@ def test_muonclip_max_logits_count_only_the_pairs_a_document_mask_allows():
 
 def test_data_parallel_random_init_refuses_a_checkpoint_saved_without_it(tmp_path):
     """Upstream's check_checkpoint_args: --data-parallel-random-init resumes only a checkpoint saved with it."""
-    from megatron.optimizer.checkpoint_check import check_data_parallel_random_init
+    from megatron.checkpoint.optimizer_check import check_data_parallel_random_init
 
     for tag, saved in (("without", False), ("with", True), ("older", None)):
         (tmp_path / tag).mkdir()

@@ -10,11 +10,11 @@ ours → DeepSpeed universal.
 
 --load of to-hf, reshard and zero-to-fp32 also takes a DeepSpeed universal folder (or a directory whose
 latest_universal names one) and a checkpoint of argonne-lcf/Megatron-DeepSpeed (global_stepN, its Namespace
-arguments, names and QKV order are read; see megatron/convert/argonne.py).
+arguments, names and QKV order are read; see megatron/checkpoint/argonne.py).
 
 from-hf and reshard write weights-only checkpoints: continue from them with `pretrain_gpt.py --load DIR
 --finetune`. To resume a run (optimizer, LR schedule, consumed samples) on another layout, point --load at
-the original checkpoint: the loader reshards it (megatron/convert/reshard.py).
+the original checkpoint: the loader reshards it (megatron/checkpoint/reshard.py).
 """
 
 from __future__ import annotations
@@ -28,11 +28,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from megatron.convert.ds_checkpoint import write_checkpoint  # noqa: E402
-from megatron.convert.hf_io import DTYPES, HFModelSource, export_to_hf, parse_size  # noqa: E402
+from megatron.checkpoint.ds_checkpoint import write_checkpoint  # noqa: E402
+from megatron.checkpoint.hf import HFModelSource  # noqa: E402
+from megatron.convert.hf_io import DTYPES, export_to_hf, parse_size  # noqa: E402
 from megatron.fileio import atomic_output  # noqa: E402
-from megatron.convert.model_layout import ConversionError, full_parameter_names  # noqa: E402
-from megatron.convert.sources import open_checkpoint  # noqa: E402
+from megatron.checkpoint.layout import ConversionError, full_parameter_names  # noqa: E402
+from megatron.checkpoint.sources import open_checkpoint  # noqa: E402
 
 
 def _dtype(text: str) -> torch.dtype:
@@ -46,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("to-hf", help="our checkpoint -> Hugging Face directory (Llama or GPT-2)")
-    p.add_argument("--load", required=True, help="--save dir of the run (follows its latest pointer) or an iter_* dir")
+    p.add_argument("--load", required=True, help="--save dir of the run (follows its latest pointer) or a global_step* dir")
     p.add_argument("--out", required=True, help="new Hugging Face directory")
     p.add_argument("--dtype", type=_dtype, default=torch.float32, help="fp32 (default), bf16 or fp16")
     p.add_argument("--max-shard-size", default="5GB", help="safetensors shard size (default 5GB)")
@@ -77,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     layout_writer("reshard", "our checkpoint -> our checkpoint at another --tp × --pp (weights only)")
 
     p = sub.add_parser("to-universal", help="our ZeRO checkpoint -> DeepSpeed universal folder (ds_to_universal)")
-    p.add_argument("--load", required=True, help="--save dir of the run (follows its latest pointer) or an iter_* dir")
+    p.add_argument("--load", required=True, help="--save dir of the run (follows its latest pointer) or a global_step* dir")
     p.add_argument("--out", default=None, help="default: <iter dir>_universal, with <save>/latest_universal naming it")
     p.add_argument("--workers", type=int, default=1, help="processes extracting ZeRO shards (default 1)")
 
@@ -125,7 +126,7 @@ def main(argv=None) -> int:
             path = write_checkpoint(source, args.save, args.tp, args.pp, dtype=args.dtype, args=source.args)
             print(f"wrote {path} (tp {args.tp} × pp {args.pp}); train on with --load {args.save} --finetune")
         elif args.command == "to-argonne":
-            from megatron.convert.argonne import write_argonne_checkpoint
+            from megatron.checkpoint.argonne import write_argonne_checkpoint
 
             source = open_checkpoint(args.load, weights=args.weights)
             path = write_argonne_checkpoint(source, args.save, args.tp, args.pp, dtype=args.dtype,
@@ -133,7 +134,7 @@ def main(argv=None) -> int:
             print(f"wrote {path} (tp {args.tp} × pp {args.pp}); Megatron-DeepSpeed continues from it with --load "
                   f"{args.save} --finetune (weights only)")
         elif args.command == "to-universal":
-            from megatron.convert.universal import convert_to_universal
+            from megatron.checkpoint.universal import convert_to_universal
 
             path = convert_to_universal(args.load, args.out, workers=args.workers)
             print(f"wrote {path}; resume at any layout with --load {os.path.dirname(path)} --universal-checkpoint")

@@ -55,7 +55,7 @@ def sample(next_logits, prompt_ids: list[int], max_new_tokens: int, *, greedy: b
 
 def load_our_model(load: str, vocab_size: int | None = None):
     """GPTModel (tp=1, eval mode) and its config from our checkpoint at any layout."""
-    from megatron.convert.ds_checkpoint import DeepSpeedCheckpoint
+    from megatron.checkpoint.ds_checkpoint import DeepSpeedCheckpoint
     from megatron.model import GPTModel, shard_state_dict
 
     ckpt = DeepSpeedCheckpoint(load, vocab_size=vocab_size)
@@ -68,7 +68,7 @@ def load_our_model(load: str, vocab_size: int | None = None):
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--load", help="our checkpoint (--save dir or iter_* dir), any tp × pp × ZeRO")
+    src.add_argument("--load", help="our checkpoint (--save dir or global_step* dir), any tp × pp × ZeRO")
     src.add_argument("--hf", help="a Hugging Face model directory (loaded with transformers)")
     p.add_argument("--prompt", action="append", required=True, help="repeat for several prompts")
     p.add_argument("--max-new-tokens", type=int, default=32)

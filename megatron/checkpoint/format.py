@@ -2,19 +2,23 @@
 
 Layout under a --save directory (the names Megatron-DeepSpeed uses):
 
-    <save>/iter_0000100/...                      one checkpoint (engine files, RNG states, manifest.json)
-    <save>/iter_0000100/manifest.json            written last: every other file's size and CRC-32
+    <save>/global_step100/...                    one checkpoint (engine files, RNG states, manifest.json)
+    <save>/global_step100/manifest.json          written last: every other file's size and CRC-32
     <save>/latest_checkpointed_iteration.txt     Megatron's pointer ("100")
-    <save>/latest                                DeepSpeed's pointer ("iter_0000100")
+    <save>/latest                                DeepSpeed's pointer ("global_step100")
+
+Tags are DeepSpeed's `global_step<N>`, as upstream's DeepSpeed path writes them (and its
+`ALCF/helpers.sh convert_ckpt_to_universal` reads them); `iter_<N:07d>` directories, which this framework
+wrote before, are read too.
     <save>/.tmp-*                                a save in progress (or one that died): never read
 
 How a checkpoint becomes visible, so that a crash at any point leaves the previous one as the latest:
-1. every file is written under `<save>/.tmp-iter_N/` and fsynced;
+1. every file is written under `<save>/.tmp-global_stepN/` and fsynced;
 2. the manifest (sizes and checksums of all those files) is written there, last, and fsynced;
-3. the directory tree is fsynced and renamed to `iter_N`, then `<save>` itself is fsynced;
+3. the directory tree is fsynced and renamed to `global_stepN`, then `<save>` itself is fsynced;
 4. only then do the pointer files change, each by write-temporary + fsync + rename + fsync of `<save>`.
 A node crash before step 3's rename leaves a `.tmp-` directory (removed at the next start-up); after it
-and before step 4, an `iter_N` that is complete but not yet pointed to (the pointer still names N-k).
+and before step 4, a `global_stepN` that is complete but not yet pointed to (the pointer still names N-k).
 
 This module imports only megatron.errors and megatron.fileio (the atomic writes and retried reads, which
 datasets, tokenizers and HF exports use too), and needs no process group.
@@ -49,7 +53,7 @@ CHECKPOINT_FORMAT_VERSION = 2
 CONTENTS_KEY = "contents"
 MANIFEST_FORMAT = "megatron-checkpoint-manifest"
 MANIFEST_VERSION = 1
-TAG_PATTERN = re.compile(r"^iter_(\d{7,})$")
+TAG_PATTERN = re.compile(r"^(?:global_step(\d+)|iter_(\d{7,}))$")  # ours and upstream's; iter_: our older tags
 _CHUNK = 8 << 20
 
 
@@ -76,16 +80,32 @@ def checkpoint_format_version(client_state: dict, where: str) -> int:
     raise CheckpointError(
         f"{where} is not a {CHECKPOINT_FORMAT_NAME} checkpoint (checkpoint_version {legacy!r}, arguments of type "
         f"{type(client_state.get('args')).__name__}); a Megatron-DeepSpeed checkpoint is read by "
-        "megatron/convert/argonne.py (tools/convert_checkpoint.py and --load detect it)")
+        "megatron/checkpoint/argonne.py (tools/convert_checkpoint.py and --load detect it)")
 
 
 def checkpoint_tag(iteration: int) -> str:
+    """DeepSpeed's tag for the checkpoint of `iteration`, as upstream's DeepSpeed path names it."""
+    return f"global_step{iteration}"
+
+
+def legacy_checkpoint_tag(iteration: int) -> str:
+    """The tag this framework wrote before it used DeepSpeed's (read, never written)."""
     return f"iter_{iteration:07d}"
 
 
 def iteration_of_tag(tag: str) -> Optional[int]:
+    """N for `global_stepN` and `iter_000000N`; None for any other name ("release", a universal folder...)."""
     match = TAG_PATTERN.match(tag)
-    return int(match.group(1)) if match else None
+    return int(match.group(1) or match.group(2)) if match else None
+
+
+def tag_for_iteration(load_dir: str, iteration: int) -> str:
+    """The tag directory under `load_dir` that holds `iteration`: DeepSpeed's `global_stepN`, or our older
+    `iter_N` where only that exists (DeepSpeed's name when neither does, for the error messages)."""
+    for tag in (checkpoint_tag(iteration), legacy_checkpoint_tag(iteration)):
+        if os.path.isdir(os.path.join(load_dir, tag)):
+            return tag
+    return checkpoint_tag(iteration)
 
 
 @dataclass
@@ -146,7 +166,7 @@ def read_pointer(load_dir: str) -> Optional[str]:
         with open(tracker) as f:
             text = f.read().strip()
         if text.isdigit():
-            return checkpoint_tag(int(text))
+            return tag_for_iteration(load_dir, int(text))
         if text == "release":  # Megatron's marker for a converted release checkpoint
             return "release"
         raise CheckpointError(
@@ -169,23 +189,25 @@ def read_latest_tag(load_dir: str) -> str:
     if tag is None:
         raise CheckpointError(
             f"--load {load_dir}: neither {TRACKER_FILENAME} nor {DEEPSPEED_LATEST_FILENAME} is there, so there "
-            "is no complete checkpoint to resume (a save that was interrupted leaves only a .tmp-iter_* dir); "
+            "is no complete checkpoint to resume (a save that was interrupted leaves only a .tmp-global_step* dir); "
             "point --load at a directory written by --save, or drop --load to start from scratch")
     if not os.path.isdir(os.path.join(load_dir, tag)):
         raise CheckpointError(
             f"the pointer in {load_dir} names {tag!r} but {os.path.join(load_dir, tag)} does not exist; "
-            "restore that directory or edit the pointer to an existing iter_* directory")
+            "restore that directory or edit the pointer to an existing global_step* directory")
     return tag
 
 
 def write_pointers(save_dir: str, iteration: int, tag: Optional[str] = None) -> None:
-    """Point both pointer files at `tag` (default iter_<iteration>); each write is atomic and fsynced."""
+    """Point both pointer files at `tag` (default global_step<iteration>), as upstream writes them: Megatron's
+    `latest_checkpointed_iteration.txt` holds the iteration, DeepSpeed's `latest` the tag; each write is atomic
+    and fsynced."""
     write_text_atomically(os.path.join(save_dir, TRACKER_FILENAME), str(iteration))
     write_text_atomically(os.path.join(save_dir, DEEPSPEED_LATEST_FILENAME), tag or checkpoint_tag(iteration))
 
 
 def list_checkpoint_tags(save_dir: str) -> list[str]:
-    """The iter_* directories under `save_dir`, oldest first (no .tmp- ones)."""
+    """The global_step* (and older global_step*) directories under `save_dir`, oldest first (no .tmp- ones)."""
     if not os.path.isdir(save_dir):
         return []
     tags = [n for n in os.listdir(save_dir) if TAG_PATTERN.match(n) and os.path.isdir(os.path.join(save_dir, n))]

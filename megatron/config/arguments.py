@@ -291,7 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-load-lr-state", action="store_true",
                    help="do not load the checkpoint's LR scheduler state: the schedule the flags describe starts "
                         "over from its step 0 (warmup included) at the resumed iteration")
-    g.add_argument("--load-tag", help="the checkpoint under --load to resume (e.g. iter_0000100), instead of the one "
+    g.add_argument("--load-tag", help="the checkpoint under --load to resume (e.g. global_step100), instead of the one "
                                       "latest_checkpointed_iteration.txt / latest names; verified, no fallback")
     g.add_argument("--use-checkpoint-args", action="store_true",
                    help="take the model shape (layers, hidden, heads, seq length, ...), tp and pp sizes from the "
@@ -735,7 +735,7 @@ def _check_flags(ns: argparse.Namespace, typed: Optional[dict] = None) -> list[s
             errors.append(f"{typed.get(flag, flag)} concerns the checkpoint --load names; give --load")
     if ns.load_tag is not None and (not ns.load_tag.strip() or "/" in ns.load_tag or ns.load_tag in (".", "..")):
         errors.append(f"--load-tag {ns.load_tag!r} must be the name of one checkpoint directory under --load "
-                      "(e.g. iter_0000100)")
+                      "(e.g. global_step100)")
     lengths = [f for f in ("train_iters", "train_samples", "train_tokens") if getattr(ns, f) is not None]
     if len(lengths) > 1:
         errors.append(f"give only one of {', '.join('--' + f.replace('_', '-') for f in lengths)}")

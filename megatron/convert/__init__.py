@@ -6,6 +6,6 @@ padding, streamed one layer at a time (`model_layout.FullModelSource`). Readers 
 loads any checkpoint into a training engine of another layout, optimizer state included.
 """
 
-from megatron.convert.model_layout import FullModelSource, full_parameter_names, layer_prefixes
+from megatron.checkpoint.layout import FullModelSource, full_parameter_names, layer_prefixes
 
 __all__ = ["FullModelSource", "full_parameter_names", "layer_prefixes"]

@@ -7,7 +7,6 @@ from megatron.training.ds_config import build_deepspeed_config, precision_errors
 from megatron.training.lr_schedule import LRSchedule, build_lr_scheduler
 from megatron.training.metrics import forward_flops_per_token, throughput, training_flops_per_token
 from megatron.training.tracking import Tracker
-from megatron.training.checkpointing import CheckpointError, TrainingProgress, load_checkpoint, save_checkpoint
 from megatron.training.engine import EngineConfigError, TrainingEngine, build_engine, check_engine_config
 from megatron.training.loop import TrainResult, train
 from megatron.training.signals import ExitConditions

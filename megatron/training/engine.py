@@ -547,7 +547,7 @@ def build_engine(run, ps: ParallelState, device: torch.device, ds_config: Option
         ds_config = build_deepspeed_config(run, ps.dp_size, device.type)
     pipeline = uses_pipeline_engine(run)
     model = build_model(run.model, ps, pipeline, run.training.seed)
-    from megatron.convert.universal import universal_checkpoint_info
+    from megatron.checkpoint.universal import universal_checkpoint_info
 
     # DeepSpeed saves this attribute of the module in every checkpoint; ds_to_universal merges tp shards by it.
     model.universal_checkpoint_info = universal_checkpoint_info(run.model, ps.tp_size, pipeline)

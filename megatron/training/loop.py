@@ -23,12 +23,12 @@ import torch
 from megatron.config.arguments import RunConfig, global_batch_size, global_batch_size_at, train_iters, \
     train_samples, validate_run
 from megatron.distributed.parallel_state import ParallelState
-from megatron.training.checkpointing import (TrainingProgress, check_checkpoint_contents, check_save_dir,
+from megatron.checkpoint.deepspeed_io import (TrainingProgress, check_checkpoint_contents, check_save_dir,
                                              estimate_checkpoint_bytes, find_checkpoint, load_checkpoint,
                                              save_checkpoint)
 from megatron.training.engine import TrainingEngine, build_engine, check_engine_config
 from megatron.training.lr_schedule import check_lr_schedule
-from megatron.optimizer.checkpoint_check import check_data_parallel_random_init, check_optimizer_state
+from megatron.checkpoint.optimizer_check import check_data_parallel_random_init, check_optimizer_state
 from megatron.training.metrics import throughput
 from megatron.training.numerics import EXIT_NUMERICAL, NanCheck, guard_plain_optimizer
 from megatron.training.signals import ExitConditions
@@ -251,14 +251,14 @@ def train(run: RunConfig, ps: ParallelState, device: torch.device, tracker: Opti
     # --load without a complete checkpoint, and flag combinations the engine cannot run.
     check_lr_schedule(run, dp)
     rel = run.reliability
-    from megatron.convert.sources import foreign_load_tag
+    from megatron.checkpoint.sources import foreign_load_tag
 
     # a universal folder (--universal-checkpoint) or an argonne-lcf/Megatron-DeepSpeed checkpoint, else ours
     load_tag = foreign_load_tag(ckpt.load, t.zero.universal_checkpoint) if ckpt.load else None
     if load_tag is not None and ckpt.load_tag is not None:
         from megatron.config.arguments import ConfigError
 
-        raise ConfigError(f"--load-tag {ckpt.load_tag} chooses among this framework's checkpoints (iter_*), but "
+        raise ConfigError(f"--load-tag {ckpt.load_tag} chooses among this framework's checkpoints (global_step*), but "
                           f"--load {ckpt.load} is a universal or argonne-lcf/Megatron-DeepSpeed checkpoint: point "
                           "--load at the checkpoint folder itself and drop --load-tag")
     if ckpt.load and load_tag is None:

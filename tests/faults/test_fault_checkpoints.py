@@ -46,7 +46,7 @@ def test_kill_9_during_a_save_then_a_truncated_newest_checkpoint_resume_falls_ba
     assert all(verify_manifest(str(save / t)) == [] for t in tags)  # what is published is complete
     assert any(p.name.startswith(".tmp-iter_") for p in save.iterdir())  # the killed save's debris
 
-    victim = save / f"iter_{newest:07d}" / "mp_rank_00_model_states.pt"
+    victim = save / f"global_step{newest}" / "mp_rank_00_model_states.pt"
     os.truncate(victim, victim.stat().st_size // 2)
     previous = newest - 3
     (tmp_path / "second").mkdir()
@@ -59,9 +59,9 @@ def test_kill_9_during_a_save_then_a_truncated_newest_checkpoint_resume_falls_ba
         second.close()
     out = second.output()
     assert codes == [0, 0], out[-3000:]
-    assert f"falling back to {save / f'iter_{previous:07d}'}" in out and str(victim) in out and "truncated" in out
+    assert f"falling back to {save / f'global_step{previous}'}" in out and str(victim) in out and "truncated" in out
     assert "left by a save that did not finish" in out and f"exiting at iteration {previous + 4}" in out
-    assert f"loaded {save / f'iter_{previous:07d}'} at iteration {previous}" in out
+    assert f"loaded {save / f'global_step{previous}'} at iteration {previous}" in out
     run2 = losses(out)
     resumed = sorted(i for i in run2 if i in run1)
     assert resumed and resumed[0] == previous + 1, (sorted(run2), sorted(run1)[-5:])
@@ -100,8 +100,8 @@ def test_a_full_filesystem_fails_the_save_naming_path_and_enospc_and_keeps_the_p
     assert codes == [2, 2], out[-3000:]
     assert "ENOSPC" in out and str(save) in out and "failed" in out, out[-3000:]
     assert "Traceback" not in out, out[-3000:]
-    assert "the latest checkpoint is still iter_0000040" in out
-    assert pointer(save) == 40 and verify_manifest(str(save / "iter_0000040")) == []
+    assert "the latest checkpoint is still global_step40" in out
+    assert pointer(save) == 40 and verify_manifest(str(save / "global_step40")) == []
     assert not [p.name for p in save.iterdir() if p.name.startswith(".tmp-")]
 
 

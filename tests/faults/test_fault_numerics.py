@@ -110,8 +110,8 @@ def test_consecutive_nan_steps_stop_with_a_checkpoint_of_the_last_good_weights(n
     stop = results[0][name]
     assert stop["exit_code"] == 4 and stop["iteration"] == 6  # steps 5 and 6 bad: stop after the second
     assert "2 consecutive steps with a NaN/Inf loss" in stop["exit_reason"]
-    good = torch.load(root / name / "iter_0000004" / "mp_rank_00_model_states.pt", weights_only=False)
-    last = torch.load(root / name / "iter_0000006" / "mp_rank_00_model_states.pt", weights_only=False)
+    good = torch.load(root / name / "global_step4" / "mp_rank_00_model_states.pt", weights_only=False)
+    last = torch.load(root / name / "global_step6" / "mp_rank_00_model_states.pt", weights_only=False)
     assert good["module"].keys() == last["module"].keys()
     for key, value in good["module"].items():  # the bad steps changed nothing: the weights after step 4
         assert torch.all(torch.isfinite(value)) and torch.equal(value, last["module"][key]), key
@@ -122,7 +122,7 @@ def test_a_transient_checkpoint_read_error_is_retried_logged_and_the_resume_succ
         flaky = numerics[1][rank]["flaky_resume"]
         retries = [line for line in flaky["lines"] if "ESTALE" in line]
         assert len(retries) == 2 and "retry 1/3" in retries[0] and "retry 2/3" in retries[1]
-        assert "mp_rank_00_model_states.pt" in retries[0] or "optim" in retries[0] or "iter_0000003" in retries[0]
+        assert "mp_rank_00_model_states.pt" in retries[0] or "optim" in retries[0] or "global_step3" in retries[0]
         # resumed from the NaN stop's checkpoint (iteration 6, the weights after step 4) and trained on
         assert flaky["iteration"] == 10 and sorted(flaky["losses"]) == [7, 8, 9, 10]
         assert all(math.isfinite(loss) for loss in flaky["losses"].values())

@@ -58,7 +58,7 @@ def _assert_saved_and_clean(job, save, codes, left, launcher, target, signame="S
     assert f"exit signal received ({signame}" in out or "exit signal received (on another rank" in out
     iteration = pointer(save)
     assert iteration is not None and iteration >= 3, out[-3000:]
-    tag = save / f"iter_{iteration:07d}"
+    tag = save / f"global_step{iteration}"
     assert {"rng_state_rank_00000.pt", "rng_state_rank_00001.pt", "manifest.json"} <= {p.name for p in tag.iterdir()}
     assert verify_manifest(str(tag)) == []
     assert f"done at iteration {iteration}" in out

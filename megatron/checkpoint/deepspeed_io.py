@@ -2,10 +2,10 @@
 
 Layout under --save (paths look like Megatron-DeepSpeed's):
 
-    <save>/iter_0000100/                    DeepSpeed's files (mp_rank_XX_model_states.pt, zero_*_optim_states.pt, ...)
-    <save>/iter_0000100/rng_state_rank_00003.pt   python/numpy/torch/device RNG and the model's RNG tracker, per rank
+    <save>/global_step100/                    DeepSpeed's files (mp_rank_XX_model_states.pt, zero_*_optim_states.pt, ...)
+    <save>/global_step100/rng_state_rank_00003.pt   python/numpy/torch/device RNG and the model's RNG tracker, per rank
     <save>/latest_checkpointed_iteration.txt      Megatron's pointer ("100")
-    <save>/latest                                  DeepSpeed's pointer ("iter_0000100")
+    <save>/latest                                  DeepSpeed's pointer ("global_step100")
 
 A checkpoint is written under `<save>/.tmp-iter_N`, renamed to `iter_N` by rank 0 once every rank has
 finished, and only then do the two pointer files change (each written to a temporary file and
@@ -13,7 +13,7 @@ os.replace'd), so a crash mid-save never leaves a pointer to a half-written chec
 The training progress (iteration, consumed samples, the run's arguments, the model config) travels in
 DeepSpeed's `client_state`, which every rank gets back from `engine.load_checkpoint`. A checkpoint written
 at another tp / pp / dp / ZeRO stage, or by tools/convert_checkpoint.py, is loaded through
-megatron.convert.reshard instead (the loop passes `run=` to `load_checkpoint`).
+megatron.checkpoint.reshard instead (the loop passes `run=` to `load_checkpoint`).
 """
 
 from __future__ import annotations
@@ -303,7 +303,7 @@ def read_pointer_quietly(save_dir: str) -> Optional[str]:
 
 
 def apply_retention(save_dir: str, keep_last_n: int) -> list[str]:
-    """Delete the oldest iter_* directories so that `keep_last_n` remain; never the one the pointer names,
+    """Delete the oldest global_step* directories so that `keep_last_n` remain; never the one the pointer names,
     never one newer than it, and never the last one that has a manifest. Returns the removed paths."""
     pointed = read_pointer_quietly(save_dir)
     tags = list_checkpoint_tags(save_dir)
@@ -541,17 +541,17 @@ def _load(training_engine, load_dir: str, device: torch.device, *, run, load_opt
     load_optim=False (--no-load-optim): the optimizer state starts fresh; the LR schedule is still resumed.
     load_rng=False (--no-load-rng): keep this run's seeds.
     run: this run's RunConfig. With --universal-checkpoint, `load_dir` is a universal folder (or holds a
-    latest_universal pointer) and megatron.convert.universal loads it. When given and the checkpoint was written at another tp / pp / dp / ZeRO stage
-    (or by tools/convert_checkpoint.py), megatron.convert.reshard loads it instead of DeepSpeed; RNG streams
+    latest_universal pointer) and megatron.checkpoint.universal loads it. When given and the checkpoint was written at another tp / pp / dp / ZeRO stage
+    (or by tools/convert_checkpoint.py), megatron.checkpoint.reshard loads it instead of DeepSpeed; RNG streams
     then start fresh from the seed (they cannot be mapped onto other ranks).
     """
     if run is not None and run.training.zero.universal_checkpoint:
-        from megatron.convert.universal import load_universal_checkpoint
+        from megatron.checkpoint.universal import load_universal_checkpoint
 
         progress = load_universal_checkpoint(training_engine, load_dir, load_optim=load_optim, finetune=finetune)
         _barrier()
         return progress
-    from megatron.convert.argonne import is_argonne_checkpoint, load_argonne_checkpoint
+    from megatron.checkpoint.argonne import is_argonne_checkpoint, load_argonne_checkpoint
 
     if is_argonne_checkpoint(load_dir):  # written by argonne-lcf/Megatron-DeepSpeed (AuroraGPT)
         progress = load_argonne_checkpoint(training_engine, load_dir, load_optim=load_optim, finetune=finetune)
@@ -561,7 +561,7 @@ def _load(training_engine, load_dir: str, device: torch.device, *, run, load_opt
     path = os.path.join(load_dir, tag)
     check_checkpoint_contents(path, load_optim=load_optim, load_rng=load_rng, finetune=finetune)
     if run is not None:
-        from megatron.convert.reshard import checkpoint_layout_differs, load_checkpoint_any_layout
+        from megatron.checkpoint.reshard import checkpoint_layout_differs, load_checkpoint_any_layout
 
         if checkpoint_layout_differs(path, run, training_engine.ps):
             progress = load_checkpoint_any_layout(training_engine, path, load_optim=load_optim,

@@ -41,9 +41,9 @@ import torch
 
 from megatron.checkpoint.format import MANIFEST_FILENAME
 from megatron.config.model import TransformerConfig
-from megatron.convert.model_layout import (ConversionError, FullModelSource, _vocab_size_from_args, expected_shapes,
+from megatron.checkpoint.layout import (ConversionError, FullModelSource, _vocab_size_from_args, expected_shapes,
                                            full_parameter_names, strip_vocab_padding)
-from megatron.convert.zero_shards import OptimizerShards, load_mmap, optim_files
+from megatron.checkpoint.zero_shards import OptimizerShards, load_mmap, optim_files
 from megatron.model.sharding import merge_state_dicts
 
 MODEL_FILE = re.compile(r"^mp_rank_(\d+)_model_states\.pt$")
@@ -455,7 +455,7 @@ def load_argonne_checkpoint(training_engine, path: str, *, load_optim: bool = Tr
 
 def _load_argonne(training_engine, path: str, *, load_optim: bool, finetune: bool):
     from megatron.errors import CheckpointError
-    from megatron.convert.reshard import load_checkpoint_any_layout
+    from megatron.checkpoint.reshard import load_checkpoint_any_layout
 
     ckpt = ArgonneCheckpoint(path)
     if load_optim and not finetune and not any(n.endswith("_optim_states.pt") for n in os.listdir(ckpt.tag_dir)):

@@ -17,7 +17,7 @@ from typing import Callable, Optional
 
 import torch
 
-from megatron.convert.model_layout import ConversionError
+from megatron.checkpoint.layout import ConversionError
 
 OPTIM_FILE = re.compile(r"^(bf16_)?zero_pp_rank_(\d+)_mp_rank_(\d+)_optim_states\.pt$")
 STATE_KEYS = ("fp32", "exp_avg", "exp_avg_sq")

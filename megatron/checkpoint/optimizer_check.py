@@ -56,8 +56,8 @@ def check_optimizer_state(load_dir: str, run, tag: str, ps=None) -> None:
         return
     mine = run.training.optimizer.optimizer
     if mine not in ADAM_STATE:
-        from megatron.convert.argonne import is_argonne_checkpoint
-        from megatron.convert.reshard import checkpoint_layout_differs
+        from megatron.checkpoint.argonne import is_argonne_checkpoint
+        from megatron.checkpoint.reshard import checkpoint_layout_differs
 
         converted = run.training.zero.universal_checkpoint or is_argonne_checkpoint(load_dir) or (
             ps is not None and checkpoint_layout_differs(os.path.join(load_dir, tag), run, ps))

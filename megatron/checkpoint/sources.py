@@ -7,14 +7,14 @@ from __future__ import annotations
 import os
 from typing import Optional
 
-from megatron.convert.model_layout import FullModelSource
+from megatron.checkpoint.layout import FullModelSource
 
 
 def open_checkpoint(path: str, weights: str = "auto", vocab_size: Optional[int] = None) -> FullModelSource:
-    from megatron.convert.argonne import ArgonneCheckpoint, is_argonne_checkpoint
-    from megatron.convert.ds_checkpoint import DeepSpeedCheckpoint
-    from megatron.convert.model_layout import ConversionError
-    from megatron.convert.universal import LATEST_UNIVERSAL_FILENAME, UniversalCheckpoint, is_universal_folder
+    from megatron.checkpoint.argonne import ArgonneCheckpoint, is_argonne_checkpoint
+    from megatron.checkpoint.ds_checkpoint import DeepSpeedCheckpoint
+    from megatron.checkpoint.layout import ConversionError
+    from megatron.checkpoint.universal import LATEST_UNIVERSAL_FILENAME, UniversalCheckpoint, is_universal_folder
 
     if os.path.isdir(path) and is_universal_folder(path):
         if weights == "module":
@@ -32,10 +32,10 @@ def foreign_load_tag(load_dir: str, universal: bool) -> Optional[str]:
     """The tag --load resumes from when `load_dir` is not one of our --save directories: the universal folder
     (with --universal-checkpoint; a CheckpointError when there is none) or an argonne-lcf/Megatron-DeepSpeed
     checkpoint's global_stepN. None for our own checkpoints."""
-    from megatron.convert.argonne import is_argonne_checkpoint, resolve_tag_dir
+    from megatron.checkpoint.argonne import is_argonne_checkpoint, resolve_tag_dir
 
     if universal:
-        from megatron.convert.universal import check_universal_folder
+        from megatron.checkpoint.universal import check_universal_folder
 
         return os.path.basename(check_universal_folder(load_dir))
     if is_argonne_checkpoint(load_dir):

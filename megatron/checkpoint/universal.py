@@ -36,7 +36,7 @@ from typing import Optional
 import torch
 
 from megatron.config.model import TransformerConfig
-from megatron.convert.model_layout import (ConversionError, FullModelSource, config_from_client_state,
+from megatron.checkpoint.layout import (ConversionError, FullModelSource, config_from_client_state,
                                            expected_shapes, full_parameter_names, tokenizer_args_from)
 from megatron.model.pipeline import pipe_layer_index, pipe_layer_prefix
 
@@ -263,13 +263,13 @@ def default_universal_folder(tag_dir: str) -> str:
 
 
 def convert_to_universal(load: str, out: Optional[str] = None, *, workers: int = 1) -> str:
-    """Run DeepSpeed's ds_to_universal on our checkpoint `load` (a --save dir or an iter_* dir); returns the folder.
+    """Run DeepSpeed's ds_to_universal on our checkpoint `load` (a --save dir or a global_step* dir); returns the folder.
 
     out: default `<iter dir>_universal` next to the source, with `<save>/latest_universal` pointing at it.
     """
     from deepspeed.checkpoint import ds_to_universal
 
-    from megatron.convert.ds_checkpoint import DeepSpeedCheckpoint, _has_optim_files
+    from megatron.checkpoint.ds_checkpoint import DeepSpeedCheckpoint, _has_optim_files
     from megatron.checkpoint.format import CONTENTS_KEY, publish_directory
     from megatron.fileio import write_text_atomically
 
@@ -358,7 +358,7 @@ def _load_universal(training_engine, path: str, *, load_optim: bool, finetune: b
     checkpoint on another layout. RNG streams start
     fresh from the seed either way (they belong to the ranks of the old layout).
     """
-    from megatron.convert.reshard import config_differences, load_checkpoint_any_layout
+    from megatron.checkpoint.reshard import config_differences, load_checkpoint_any_layout
     from megatron.checkpoint.format import TrainingProgress
     from megatron.errors import CheckpointError
 

@@ -19,8 +19,8 @@ from typing import Optional
 import torch
 from tqdm import tqdm
 
-from megatron.convert.ds_checkpoint import TIED_PREFIX, DeepSpeedCheckpoint
-from megatron.convert.model_layout import ConversionError
+from megatron.checkpoint.ds_checkpoint import TIED_PREFIX, DeepSpeedCheckpoint
+from megatron.checkpoint.layout import ConversionError
 from megatron.model.pipeline import pipe_layer_prefix
 from megatron.model.sharding import shard_state_dict
 from megatron.checkpoint.format import TrainingProgress

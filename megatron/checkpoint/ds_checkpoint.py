@@ -1,6 +1,6 @@
 """Read and write our DeepSpeed checkpoints at any tp × pp × ZeRO stage, in the layout-free form.
 
-    ckpt = DeepSpeedCheckpoint("runs/x/checkpoints")         # <save> dir (follows `latest`) or an iter_* dir
+    ckpt = DeepSpeedCheckpoint("runs/x/checkpoints")         # <save> dir (follows `latest`) or a global_step* dir
     for prefix, tensors in ckpt.iter_groups(): ...            # full (tp=1, unpadded) tensors, layer by layer
     ckpt.full_optimizer_tensor("layers.0.mlp.fc1.weight", "exp_avg")
     write_checkpoint(source, "runs/y/checkpoints", tp=2, pp=2)   # weights-only; resume with --finetune
@@ -21,10 +21,10 @@ import torch
 from tqdm import tqdm
 
 from megatron.config.model import TransformerConfig
-from megatron.convert.model_layout import (ConversionError, FullModelSource, config_from_client_state,
+from megatron.checkpoint.layout import (ConversionError, FullModelSource, config_from_client_state,
                                            expected_shapes, layer_prefixes, strip_vocab_padding,
                                            tokenizer_args_from)
-from megatron.convert.zero_shards import OptimizerShards, load_mmap, torch_optimizer_param_order
+from megatron.checkpoint.zero_shards import OptimizerShards, load_mmap, torch_optimizer_param_order
 from megatron.model.pipeline import pipe_layer_index, pipe_layer_prefix
 from megatron.model.sharding import merge_state_dicts, shard_state_dict
 from megatron.checkpoint.format import (CHECKPOINT_FORMAT_KEY, checkpoint_format_marker, checkpoint_format_version,
@@ -39,7 +39,7 @@ TIED_PREFIX = "tied_modules.embedding."
 
 
 def resolve_tag_dir(path: str) -> str:
-    """An iter_* directory itself, or the one a --save directory's pointer files name."""
+    """An global_step* directory itself, or the one a --save directory's pointer files name."""
     if not os.path.isdir(path):
         raise ConversionError(f"{path}: no such checkpoint directory")
     names = os.listdir(path)

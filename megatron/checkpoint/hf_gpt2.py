@@ -13,7 +13,7 @@ from typing import Callable
 import torch
 
 from megatron.config.model import TransformerConfig
-from megatron.convert.model_layout import ConversionError
+from megatron.checkpoint.layout import ConversionError
 
 MODEL_TYPE = "gpt2"
 ARCHITECTURE = "GPT2LMHeadModel"
