@@ -136,11 +136,11 @@ def to_universal(rank, world, load_dir):
 
 
 def resume_universal(rank, world, argv, load_dir, steps):
-    """Build at this layout with --universal-checkpoint, load through checkpointing.load_checkpoint, train on."""
-    from megatron.checkpoint.deepspeed_io import load_checkpoint
+    """Build at this layout with --universal-checkpoint, load through checkpoint.resume, train on."""
+    from megatron.checkpoint.resume import load_checkpoint
 
     run, ps, engine = build(argv + ["--universal-checkpoint", "--load", load_dir])
-    progress = load_checkpoint(engine, load_dir, torch.device("cpu"), run=run)
+    progress = load_checkpoint(engine, run)
     losses = train(engine, ps, run, progress.iteration, steps)
     engine.destroy()
     return {"iteration": progress.iteration, "consumed_samples": progress.consumed_samples, "losses": losses}
@@ -154,16 +154,16 @@ def train_save_continue_losses(rank, world, argv, save_dir, save_at, steps):
 
 
 def resume_pair(rank, world, argv, argonne_dir, truth_path, steps):
-    """Train on from the argonne files through checkpointing.load_checkpoint, and from the states they were built
+    """Train on from the argonne files through checkpoint.resume, and from the states they were built
     from (the LR schedule stepped to where the saved run was); returns both runs' losses and progress."""
     from argonne_files import TruthSource
 
     from megatron.checkpoint.reshard import load_checkpoint_any_layout
-    from megatron.checkpoint.deepspeed_io import load_checkpoint
+    from megatron.checkpoint.resume import load_checkpoint
 
     out = {}
-    run, ps, engine = build(argv)
-    progress = load_checkpoint(engine, argonne_dir, torch.device("cpu"), run=run)
+    run, ps, engine = build(argv + ["--load", argonne_dir])
+    progress = load_checkpoint(engine, run)
     out["argonne"] = {"iteration": progress.iteration, "consumed_samples": progress.consumed_samples,
                       "losses": train(engine, ps, run, progress.iteration, steps)}
     engine.destroy()

@@ -78,16 +78,21 @@ def test_to_hf_gives_the_logits_of_the_same_weights_exported_directly(built, tmp
 
 
 def test_load_finds_the_tag_of_their_checkpoints_and_of_universal_folders(built, tmp_path):
+    from megatron.checkpoint.resume import locate
     from megatron.errors import CheckpointError
-    from megatron.checkpoint.sources import foreign_load_tag
+
+    def where(load, *extra):
+        run = parse_args(["--model-preset", "tiny", "--mock-data", "--vocab-size", "256", "--train-iters", "1",
+                          "--load", load, *extra])
+        return locate(run, log=lambda line: None, rank=0)
 
     root, _ = built
-    assert foreign_load_tag(str(root / "llama_pipe"), universal=False) == "global_step3"  # `latest` names it
+    assert where(str(root / "llama_pipe")) == ("argonne", str(root / "llama_pipe"), "global_step3")  # `latest`
     os.remove(root / "gpt_nopipe" / "latest")  # Megatron's tracker alone: "3" -> global_step3
-    assert foreign_load_tag(str(root / "gpt_nopipe"), universal=False) == "global_step3"
-    assert foreign_load_tag(str(tmp_path), universal=False) is None  # not theirs: our own loader decides
+    assert where(str(root / "gpt_nopipe")) == ("argonne", str(root / "gpt_nopipe"), "global_step3")
+    assert where(str(tmp_path)) is None  # not theirs, and no checkpoint of ours yet: training starts from scratch
     with pytest.raises(CheckpointError, match="to-universal"):
-        foreign_load_tag(str(root / "llama_pipe"), universal=True)
+        where(str(root / "llama_pipe"), "--universal-checkpoint")
 
 
 def test_arguments_we_cannot_honour_are_named(built):

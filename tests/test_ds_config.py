@@ -106,7 +106,7 @@ _DEEPSPEED_ACCEPTS = textwrap.dedent("""
     sys.path.insert(0, sys.argv[1])
     from megatron.config.arguments import parse_args
     from megatron.training.ds_config import build_deepspeed_config
-    from megatron.training.lr_schedule import build_lr_scheduler
+    from megatron.optimizer.lr_schedule import build_lr_scheduler
     deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
     base = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "8", "--seq-length", "8", "--mock-data",
             "--vocab-size", "100", "--train-iters", "4", "--lr", "0.1", "--lr-warmup-iters", "2",

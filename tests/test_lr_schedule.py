@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from megatron.config.arguments import ConfigError, parse_args
-from megatron.training.lr_schedule import LRSchedule, build_lr_scheduler
+from megatron.optimizer.lr_schedule import LRSchedule, build_lr_scheduler
 
 MODEL = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "8", "--seq-length", "64", "--mock-data",
          "--vocab-size", "10"]

@@ -23,7 +23,7 @@ from multirank import run_ranks  # noqa: E402
 
 from megatron.config.arguments import ConfigError, parse_args  # noqa: E402
 from megatron.optimizer import optimizer_errors  # noqa: E402
-from megatron.training.lr_schedule import LRSchedule, build_lr_scheduler  # noqa: E402
+from megatron.optimizer.lr_schedule import LRSchedule, build_lr_scheduler  # noqa: E402
 
 TP2 = ("--tensor-model-parallel-size", "2")
 TP2_PP2_DP2 = ("--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2")

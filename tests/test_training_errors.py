@@ -8,7 +8,8 @@ import torch
 from engine_cases import flags
 from megatron.config.arguments import parse_args
 from megatron.checkpoint.format import publish_directory, write_pointers
-from megatron.checkpoint.deepspeed_io import CheckpointError, read_latest_tag
+from megatron.checkpoint.format import read_latest_tag
+from megatron.errors import CheckpointError
 from megatron.training.engine import EngineConfigError, check_engine_config, position_ids_and_loss_mask
 
 CPU = torch.device("cpu")

@@ -355,19 +355,23 @@ def test_muonclip_max_logits_count_only_the_pairs_a_document_mask_allows():
     assert not torch.allclose(found["causal"], found["documents"])
 
 
-def test_data_parallel_random_init_refuses_a_checkpoint_saved_without_it(tmp_path):
+def test_data_parallel_random_init_refuses_a_checkpoint_saved_without_it():
     """Upstream's check_checkpoint_args: --data-parallel-random-init resumes only a checkpoint saved with it."""
-    from megatron.checkpoint.optimizer_check import check_data_parallel_random_init
+    from megatron.checkpoint.resume import CheckpointDescription, plan_resume
+    from megatron.distributed.parallel_state import ParallelState
 
-    for tag, saved in (("without", False), ("with", True), ("older", None)):
-        (tmp_path / tag).mkdir()
-        args = {"optimizer": "adamw"} if saved is None else {"data_parallel_random_init": saved}
-        torch.save({"args": args}, tmp_path / tag / "mp_rank_00_model_states.pt")
-    run = parse_args(LLAMA + ["--data-parallel-random-init"])
-    with pytest.raises(ConfigError, match="--data-parallel-random-init is given, but checkpoint without was saved"):
-        check_data_parallel_random_init(str(tmp_path), run, "without")
-    check_data_parallel_random_init(str(tmp_path), run, "with")
-    check_data_parallel_random_init(str(tmp_path), run, "older")  # records no value: nothing to compare
-    check_data_parallel_random_init(str(tmp_path), parse_args(LLAMA + ["--data-parallel-random-init", "--finetune"]),
-                                    "without")
-    check_data_parallel_random_init(str(tmp_path), parse_args(LLAMA), "with")  # upstream compares only with the flag
+    def plan(saved, *flags):
+        run = parse_args(LLAMA + list(flags))
+        optimizer = run.training.optimizer.optimizer
+        args = {"optimizer": optimizer} if saved is None else {"optimizer": optimizer,
+                                                               "data_parallel_random_init": saved}
+        desc = CheckpointDescription("ours", "ckpt", "global_step1", "ckpt/global_step1", None, args,
+                                     run.model, optimizer, has_optimizer_state=True, has_rng=True, lr_scheduler=None)
+        return plan_resume(desc, run, ParallelState.single())
+
+    with pytest.raises(ConfigError, match="--data-parallel-random-init is given, but the checkpoint was saved"):
+        plan(False, "--data-parallel-random-init")
+    plan(True, "--data-parallel-random-init")
+    plan(None, "--data-parallel-random-init")  # records no value: nothing to compare
+    plan(False, "--data-parallel-random-init", "--finetune")
+    plan(True)  # upstream compares only with the flag

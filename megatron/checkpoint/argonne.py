@@ -100,7 +100,7 @@ def is_argonne_checkpoint(path: str) -> bool:
         return False
     first = sorted(n for n in os.listdir(tag_dir) if MODEL_FILE.match(n))[0]
     try:
-        state = load_mmap(os.path.join(tag_dir, first))
+        state = load_mmap(os.path.join(tag_dir, first), remember=True)
     except (OSError, RuntimeError, EOFError, pickle.UnpicklingError):  # damaged: not recognisable as theirs
         return False
     return isinstance(state.get("args"), argparse.Namespace)
@@ -288,7 +288,7 @@ class ArgonneCheckpoint(FullModelSource):
         self.model_files = {int(m.group(1)): os.path.join(self.tag_dir, n) for n in names if (m := MODEL_FILE.match(n))}
         self.layer_files = {(int(m.group(1)), int(m.group(2))): os.path.join(self.tag_dir, n)
                             for n in names if (m := LAYER_FILE.match(n))}
-        self.state0 = load_mmap(self.model_files[min(self.model_files)])
+        self.state0 = load_mmap(self.model_files[min(self.model_files)], remember=True)
         ns = self.state0.get("args")
         if ns is None:
             raise ConversionError(f"{self.tag_dir}: no 'args' in {os.path.basename(self.model_files[0])}")
@@ -339,7 +339,7 @@ class ArgonneCheckpoint(FullModelSource):
     # ---- where a parameter lives ----
     def _local_names(self, mp_rank: int) -> dict[str, tuple]:
         """Their parameter names (with tp-shard shapes) held by mp rank `mp_rank`."""
-        state = load_mmap(self.model_files[mp_rank])
+        state = load_mmap(self.model_files[mp_rank], remember=True)
         if state.get("param_shapes"):
             return {k: tuple(v) for group in state["param_shapes"] for k, v in group.items()}
         if not self.pipeline:
@@ -364,7 +364,7 @@ class ArgonneCheckpoint(FullModelSource):
 
     def _module(self, mp_rank: int) -> dict:
         if mp_rank not in self._modules:
-            module = load_mmap(self.model_files[mp_rank]).get("module")
+            module = load_mmap(self.model_files[mp_rank], remember=True).get("module")
             if not module:
                 raise ConversionError(f"{self.model_files[mp_rank]} holds no module weights")
             self._modules[mp_rank] = _flatten(module)
@@ -441,23 +441,24 @@ def _flatten(tree: dict, prefix: str = "") -> dict:
 
 # ---- training on from one -------------------------------------------------------------------------------
 
-def load_argonne_checkpoint(training_engine, path: str, *, load_optim: bool = True, finetune: bool = False):
+def load_argonne_checkpoint(training_engine, path: str, *, load_optim: bool = True, finetune: bool = False,
+                            source: Optional["ArgonneCheckpoint"] = None):
     """--load of an argonne-lcf/Megatron-DeepSpeed checkpoint: weights, fp32 masters and Adam moments resharded
     into this engine's layout; iteration and consumed samples from their client state; our LR schedule moved to
     their step count. RNG streams start fresh from this run's seed."""
     from megatron.errors import CheckpointError
 
     try:
-        return _load_argonne(training_engine, path, load_optim=load_optim, finetune=finetune)
+        return _load_argonne(training_engine, path, load_optim=load_optim, finetune=finetune, source=source)
     except ConversionError as err:
         raise CheckpointError(str(err)) from None
 
 
-def _load_argonne(training_engine, path: str, *, load_optim: bool, finetune: bool):
+def _load_argonne(training_engine, path: str, *, load_optim: bool, finetune: bool, source=None):
     from megatron.errors import CheckpointError
     from megatron.checkpoint.reshard import load_checkpoint_any_layout
 
-    ckpt = ArgonneCheckpoint(path)
+    ckpt = source if source is not None else ArgonneCheckpoint(path)
     if load_optim and not finetune and not any(n.endswith("_optim_states.pt") for n in os.listdir(ckpt.tag_dir)):
         raise CheckpointError(f"--load {path}: the checkpoint has no ZeRO/bf16 optimizer shards, so its Adam state "
                               "cannot be read; pass --no-load-optim to continue with a fresh optimizer state")

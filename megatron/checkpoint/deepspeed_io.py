@@ -33,7 +33,7 @@ import torch.distributed as dist
 from megatron.checkpoint.format import (CHECKPOINT_FORMAT_KEY, CONTENTS_KEY, DEEPSPEED_LATEST_FILENAME,
                                         MANIFEST_FILENAME, TRACKER_FILENAME, TrainingProgress, checkpoint_tag,
                                         describe_files, iteration_of_tag, list_checkpoint_tags, list_files,
-                                        publish_directory, read_latest_tag, read_manifest, read_pointer,
+                                        publish_directory, read_manifest, read_pointer,
                                         remove_stale_tmp, verify_manifest, write_manifest, write_pointers,
                                         checkpoint_format_marker)
 from megatron.errors import CheckpointError
@@ -157,6 +157,11 @@ class _CheckpointIO:
             return None
 
     def load(self, path: str, map_location=None):
+        from megatron.checkpoint.zero_shards import take_remembered
+
+        remembered = take_remembered(path)  # the resume's reader already read it: one read per file
+        if remembered is not None:
+            return remembered
         return with_retries(lambda: self.inner.load(path, map_location=map_location), path,
                             self.retries, self.backoff_s, self.log)
 
@@ -478,27 +483,8 @@ def checkpoint_contents(directory: str) -> dict:
     return {"optimizer": bool(contents.get("optimizer", True)), "rng": bool(contents.get("rng", True))}
 
 
-def check_checkpoint_contents(directory: str, *, load_optim: bool, load_rng: bool, finetune: bool) -> None:
-    """Refuse to resume state a checkpoint does not hold (saved with --no-save-optim / --no-save-rng), naming
-    the flag that starts that state fresh instead: a ConfigError (the same verdict on every rank, said once)."""
-    from megatron.config.arguments import ConfigError
-
-    if finetune:
-        return
-    contents = checkpoint_contents(directory)
-    missing = []
-    if load_optim and not contents["optimizer"]:
-        missing.append("no optimizer state (saved with --no-save-optim): resume it with --no-load-optim (the "
-                       "optimizer starts fresh; iteration and LR schedule continue) or --finetune")
-    if load_rng and not contents["rng"]:
-        missing.append("no RNG states (saved with --no-save-rng): resume it with --no-load-rng (random streams "
-                       "start fresh from --seed)")
-    if missing:
-        raise ConfigError(f"{directory} holds " + "; and ".join(missing))
-
-
 @contextlib.contextmanager
-def _lr_scheduler_detached(engine, detach: bool):
+def lr_scheduler_detached(engine, detach: bool):
     """--no-load-lr-state: every loader (DeepSpeed's, the resharding and argonne ones) restores the LR schedule
     only through `engine.lr_scheduler`; without it there the schedule keeps the state the flags built."""
     scheduler = engine.lr_scheduler
@@ -521,53 +507,18 @@ def _missing(load_dir: str, what: str, exit_on_missing: bool, log) -> None:
 
 # ---- load ---------------------------------------------------------------------------------------------
 
-def load_checkpoint(training_engine, load_dir: str, device: torch.device, *, run=None, load_optim: bool = True,
-                    load_rng: bool = True, finetune: bool = False,
-                    set_tracker_states: Optional[Callable[[dict], None]] = None, tag: Optional[str] = None,
-                    log: Callable[[str], None] = print, load_lr_state: bool = True) -> TrainingProgress:
-    """Restore a checkpoint; see _load. load_lr_state=False (--no-load-lr-state): the LR schedule keeps the
-    state the flags built (its step 0) instead of the checkpoint's."""
-    with _lr_scheduler_detached(training_engine.engine, detach=not load_lr_state):
-        return _load(training_engine, load_dir, device, run=run, load_optim=load_optim, load_rng=load_rng,
-                     finetune=finetune, set_tracker_states=set_tracker_states, tag=tag, log=log)
+def load_with_deepspeed(training_engine, load_dir: str, tag: str, device: torch.device, *, load_optim: bool = True,
+                        load_rng: bool = True, finetune: bool = False,
+                        set_tracker_states: Optional[Callable[[dict], None]] = None,
+                        log: Callable[[str], None] = print) -> TrainingProgress:
+    """Restore checkpoint `tag` under `load_dir`, written by `save_checkpoint` at this run's layout, through
+    DeepSpeed's own loader (resume.py decided that it can; it plans every other case).
 
-
-def _load(training_engine, load_dir: str, device: torch.device, *, run, load_optim: bool, load_rng: bool,
-          finetune: bool, set_tracker_states, tag: Optional[str], log: Callable[[str], None]) -> TrainingProgress:
-    """Restore what `save_checkpoint` wrote into an initialised TrainingEngine; returns the progress to resume from.
-
-    tag: which checkpoint under load_dir (from `find_checkpoint`; default the one the pointer names).
     finetune: weights only; iteration, consumed samples, optimizer and LR scheduler start fresh.
     load_optim=False (--no-load-optim): the optimizer state starts fresh; the LR schedule is still resumed.
     load_rng=False (--no-load-rng): keep this run's seeds.
-    run: this run's RunConfig. With --universal-checkpoint, `load_dir` is a universal folder (or holds a
-    latest_universal pointer) and megatron.checkpoint.universal loads it. When given and the checkpoint was written at another tp / pp / dp / ZeRO stage
-    (or by tools/convert_checkpoint.py), megatron.checkpoint.reshard loads it instead of DeepSpeed; RNG streams
-    then start fresh from the seed (they cannot be mapped onto other ranks).
     """
-    if run is not None and run.training.zero.universal_checkpoint:
-        from megatron.checkpoint.universal import load_universal_checkpoint
-
-        progress = load_universal_checkpoint(training_engine, load_dir, load_optim=load_optim, finetune=finetune)
-        _barrier()
-        return progress
-    from megatron.checkpoint.argonne import is_argonne_checkpoint, load_argonne_checkpoint
-
-    if is_argonne_checkpoint(load_dir):  # written by argonne-lcf/Megatron-DeepSpeed (AuroraGPT)
-        progress = load_argonne_checkpoint(training_engine, load_dir, load_optim=load_optim, finetune=finetune)
-        _barrier()
-        return progress
-    tag = tag or read_latest_tag(load_dir)
     path = os.path.join(load_dir, tag)
-    check_checkpoint_contents(path, load_optim=load_optim, load_rng=load_rng, finetune=finetune)
-    if run is not None:
-        from megatron.checkpoint.reshard import checkpoint_layout_differs, load_checkpoint_any_layout
-
-        if checkpoint_layout_differs(path, run, training_engine.ps):
-            progress = load_checkpoint_any_layout(training_engine, path, load_optim=load_optim,
-                                                  finetune=finetune)
-            _barrier()
-            return progress
     engine = training_engine.engine
     try:
         with _CheckpointIO(engine, log=log):
@@ -583,18 +534,16 @@ def _load(training_engine, load_dir: str, device: torch.device, *, run, load_opt
         raise CheckpointError(f"DeepSpeed could not load the checkpoint in {path}; see the log above for why")
     client_state = client_state or {}
     if finetune:
-        progress = TrainingProgress(args=client_state.get("args", {}), checkpoint_path=path, extra=client_state)
-    else:
-        if "iteration" not in client_state:
-            raise CheckpointError(
-                f"{path} has no training progress (iteration, consumed samples): it was not written by this "
-                "framework's --save; use --finetune to load its weights only")
-        progress = TrainingProgress(iteration=int(client_state["iteration"]),
-                                    consumed_samples=int(client_state["consumed_samples"]),
-                                    consumed_tokens=int(client_state.get("consumed_tokens", 0)),
-                                    args=client_state.get("args", {}), checkpoint_path=path,
-                                    extra=client_state)
-    if load_rng and not finetune:
+        return TrainingProgress(args=client_state.get("args", {}), checkpoint_path=path, extra=client_state)
+    if "iteration" not in client_state:
+        raise CheckpointError(
+            f"{path} has no training progress (iteration, consumed samples): it was not written by this "
+            "framework's --save; use --finetune to load its weights only")
+    progress = TrainingProgress(iteration=int(client_state["iteration"]),
+                                consumed_samples=int(client_state["consumed_samples"]),
+                                consumed_tokens=int(client_state.get("consumed_tokens", 0)),
+                                args=client_state.get("args", {}), checkpoint_path=path, extra=client_state)
+    if load_rng:
         rng_path = os.path.join(path, rng_state_filename(_world_rank()))
         if not os.path.isfile(rng_path):
             raise CheckpointError(
@@ -602,5 +551,16 @@ def _load(training_engine, load_dir: str, device: torch.device, *, run, load_opt
                 "pass --no-load-rng to resume with fresh random streams")
         state = with_retries(lambda: torch.load(rng_path, map_location="cpu", weights_only=False), rng_path, log=log)
         restore_rng_state(state, device, set_tracker_states)
-    _barrier()
     return progress
+
+
+def barrier() -> None:
+    """Every rank, when there is a process group."""
+    _barrier()
+
+
+def set_optimizer_clip_grad(optimizer, clip: float) -> None:
+    """DeepSpeed's ZeRO-1/2 optimizer keeps --clip-grad as its `clip_grad` and its checkpoint load restores the
+    saved value (checked against DeepSpeed 0.19.8): put the run's back. Other optimizers read the engine's config."""
+    if hasattr(optimizer, "clip_grad"):
+        optimizer.clip_grad = clip

@@ -78,7 +78,7 @@ class DeepSpeedCheckpoint(FullModelSource):
         first = self.model_files.get(0) or self.zero3_files.get((0, 0))
         if first is None:
             raise ConversionError(f"{self.tag_dir}: the files of model-parallel rank 0 are missing")
-        self.state0 = load_mmap(first)
+        self.state0 = load_mmap(first, remember=True)
         try:
             self.format_version = checkpoint_format_version(self.state0, first)
         except CheckpointError as err:
@@ -154,7 +154,7 @@ class DeepSpeedCheckpoint(FullModelSource):
     # ---- weights -------------------------------------------------------------------------------------------
     def _module(self, mp_rank: int) -> dict:
         if mp_rank not in self._modules:
-            module = load_mmap(self.model_files[mp_rank]).get("module")
+            module = load_mmap(self.model_files[mp_rank], remember=True).get("module")
             if not module:
                 raise ConversionError(f"{self.model_files[mp_rank]} holds no module weights")
             self._modules[mp_rank] = module
@@ -201,9 +201,9 @@ class DeepSpeedCheckpoint(FullModelSource):
         if mp_rank not in self._optim:
             tp_rank, stage = mp_rank % self.tp, mp_rank // self.tp
             if self.zero_stage == 3:
-                model_state = load_mmap(self.zero3_files[(mp_rank, 0)])
+                model_state = load_mmap(self.zero3_files[(mp_rank, 0)], remember=True)
             else:
-                model_state = load_mmap(self.model_files[mp_rank])
+                model_state = load_mmap(self.model_files[mp_rank], remember=True)
             shapes, order = self._local_shapes(mp_rank, model_state, stage, tp_rank)
             self._optim[mp_rank] = OptimizerShards(
                 self.tag_dir, mp_rank, shapes, self._to_full_name, self.zero_stage, model_state,

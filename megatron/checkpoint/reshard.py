@@ -1,7 +1,6 @@
 """Resume a run on a different layout: load a checkpoint saved at (tp, pp, dp, ZeRO) into an engine at (tp', pp', dp', ZeRO').
 
-    if checkpoint_layout_differs(load_dir, run, ps):                       # in training/checkpointing.py
-        progress = load_checkpoint_any_layout(training_engine, load_dir)   # instead of engine.load_checkpoint
+    progress = load_checkpoint_any_layout(training_engine, load_dir)   # resume.py plans when: another layout
 
 Every parameter's fp32 master weight and Adam moments are consolidated to the full (tp=1) tensor
 (ds_checkpoint.DeepSpeedCheckpoint), cut to this rank's tp shard, and written into whatever the
@@ -33,17 +32,6 @@ WEIGHT_FIELDS = ("num_layers", "hidden_size", "num_attention_heads", "num_key_va
 def config_differences(saved, current) -> list[str]:
     return [f"{f}: checkpoint {getattr(saved, f)!r} vs this run {getattr(current, f)!r}"
             for f in WEIGHT_FIELDS if getattr(saved, f) != getattr(current, f)]
-
-
-def checkpoint_layout_differs(load_dir: str, run, ps) -> bool:
-    """True when the checkpoint under `load_dir` cannot be loaded by DeepSpeed as is: another tp, pp, dp or
-    ZeRO stage, or a converted weights-only checkpoint (no optimizer files, or written by the converter)."""
-    ckpt = DeepSpeedCheckpoint(load_dir)
-    from megatron.optimizer import deepspeed_zero_stage
-
-    zero_stage = deepspeed_zero_stage(run)  # what DeepSpeed ran (and wrote), not --zero-stage
-    return (ckpt.tp != ps.tp_size or ckpt.pp != ps.pp_size or ckpt.dp != ps.dp_size * ps.sp_size
-            or ckpt.zero_stage != zero_stage or "converted_from" in ckpt.client_state)
 
 
 def _full_name(local: str, config, pipeline: bool) -> str:

@@ -39,6 +39,7 @@ from megatron.config.model import TransformerConfig
 from megatron.checkpoint.layout import (ConversionError, FullModelSource, config_from_client_state,
                                            expected_shapes, full_parameter_names, tokenizer_args_from)
 from megatron.model.pipeline import pipe_layer_index, pipe_layer_prefix
+from megatron.checkpoint.zero_shards import load_mmap
 
 LATEST_UNIVERSAL_FILENAME = "latest_universal"  # DeepSpeed's pointer to the newest universal folder
 UNIVERSAL_SUFFIX = "_universal"
@@ -177,7 +178,7 @@ class UniversalCheckpoint(FullModelSource):
         self.tag_dir = resolve_universal_folder(path)
         self.description = f"universal checkpoint {self.tag_dir}"
         files = sorted((int(m.group(2)), n) for n in os.listdir(self.tag_dir) if (m := MODEL_STATE_FILE.match(n)))
-        self.state0 = torch.load(os.path.join(self.tag_dir, files[0][1]), map_location="cpu", weights_only=False)
+        self.state0 = load_mmap(os.path.join(self.tag_dir, files[0][1]), remember=True)
         self.config = config_from_client_state(self.state0, self.description)
         if vocab_size:
             self.config = self.config.replace(vocab_size=vocab_size)
@@ -337,17 +338,19 @@ def _folder_names_for(optimizer, folder_of):
         optimizer.param_names = original
 
 
-def load_universal_checkpoint(training_engine, path: str, *, load_optim: bool = True, finetune: bool = False):
-    """Resume `training_engine` from a universal folder; see _load_universal (errors as CheckpointError)."""
+def load_universal_checkpoint(training_engine, path: str, *, load_optim: bool = True, finetune: bool = False,
+                              source: Optional["UniversalCheckpoint"] = None):
+    """Resume `training_engine` from a universal folder (`source`: it, already opened); see _load_universal
+    (errors as CheckpointError)."""
     from megatron.errors import CheckpointError
 
     try:
-        return _load_universal(training_engine, path, load_optim=load_optim, finetune=finetune)
+        return _load_universal(training_engine, path, load_optim=load_optim, finetune=finetune, source=source)
     except ConversionError as err:
         raise CheckpointError(str(err)) from None
 
 
-def _load_universal(training_engine, path: str, *, load_optim: bool, finetune: bool):
+def _load_universal(training_engine, path: str, *, load_optim: bool, finetune: bool, source=None):
     """Resume `training_engine` from the universal folder `path` (or the one `<path>/latest_universal` names).
 
     ZeRO 1-2: DeepSpeed's own loader (the engine was built with checkpoint.load_universal) restores the fp32
@@ -362,7 +365,7 @@ def _load_universal(training_engine, path: str, *, load_optim: bool, finetune: b
     from megatron.checkpoint.format import TrainingProgress
     from megatron.errors import CheckpointError
 
-    ckpt = UniversalCheckpoint(path)
+    ckpt = source if source is not None else UniversalCheckpoint(path)
     differences = config_differences(ckpt.config, training_engine.model_config)
     if differences:
         raise ConversionError(f"--load {path} --universal-checkpoint: the checkpoint's model differs from this "

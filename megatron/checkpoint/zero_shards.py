@@ -23,13 +23,57 @@ OPTIM_FILE = re.compile(r"^(bf16_)?zero_pp_rank_(\d+)_mp_rank_(\d+)_optim_states
 STATE_KEYS = ("fp32", "exp_avg", "exp_avg_sq")
 
 
-def load_mmap(path: str, weights_only: bool = False):
+# Files a reader opened with remember=True in this process (the model-states file a resume describes), so that
+# DeepSpeed's own load of the same file on this rank (deepspeed_io.CheckpointIO.load) takes the object instead of
+# reading the file a second time. Keyed by path; an entry whose file changed since (inode, size, mtime) is stale.
+_REMEMBERED: dict[str, tuple[tuple, object]] = {}
+_REMEMBER_AT_MOST = 4
+
+
+def _file_key(path: str) -> tuple:
+    st = os.stat(path)
+    return st.st_ino, st.st_size, st.st_mtime_ns
+
+
+def load_mmap(path: str, weights_only: bool = False, remember: bool = False):
+    """torch.load of a checkpoint file, memory-mapped (a tensor costs its bytes only when read); remember=True
+    keeps the object for `take_remembered` (one read per file per resume)."""
+    full = os.path.abspath(path)
+    if remember and full in _REMEMBERED:
+        key, obj = _REMEMBERED[full]
+        try:
+            if key == _file_key(full):
+                return obj
+        except OSError:
+            pass
+        del _REMEMBERED[full]
     try:
-        return torch.load(path, map_location="cpu", mmap=True, weights_only=weights_only)
+        obj = torch.load(path, map_location="cpu", mmap=True, weights_only=weights_only)
     except FileNotFoundError:
         raise ConversionError(f"{path}: missing checkpoint file (was the checkpoint copied completely?)") from None
     except RuntimeError:  # written without the zip format: no mmap
-        return torch.load(path, map_location="cpu", weights_only=weights_only)
+        obj = torch.load(path, map_location="cpu", weights_only=weights_only)
+    if remember:
+        while len(_REMEMBERED) >= _REMEMBER_AT_MOST:
+            del _REMEMBERED[next(iter(_REMEMBERED))]
+        _REMEMBERED[full] = (_file_key(full), obj)
+    return obj
+
+
+def take_remembered(path: str):
+    """The object a reader already loaded from `path` (and still current), handed over once; None otherwise."""
+    entry = _REMEMBERED.pop(os.path.abspath(path), None)
+    if entry is None:
+        return None
+    try:
+        return entry[1] if entry[0] == _file_key(path) else None
+    except OSError:
+        return None
+
+
+def forget_remembered() -> None:
+    """Drop what readers remembered (after a resume: the engine holds its own copies now)."""
+    _REMEMBERED.clear()
 
 
 def optim_files(tag_dir: str, mp_rank: int) -> list[str]:

@@ -4,7 +4,7 @@ Each module does one job; the loop reads top to bottom in one file and calls the
 """
 
 from megatron.training.ds_config import build_deepspeed_config, precision_errors
-from megatron.training.lr_schedule import LRSchedule, build_lr_scheduler
+from megatron.optimizer.lr_schedule import LRSchedule, build_lr_scheduler
 from megatron.training.metrics import forward_flops_per_token, throughput, training_flops_per_token
 from megatron.training.tracking import Tracker
 from megatron.training.engine import EngineConfigError, TrainingEngine, build_engine, check_engine_config

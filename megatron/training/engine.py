@@ -553,7 +553,7 @@ def build_engine(run, ps: ParallelState, device: torch.device, ds_config: Option
     model.universal_checkpoint_info = universal_checkpoint_info(run.model, ps.tp_size, pipeline)
     optimizer = build_optimizer(run, model, ps, device.type)
     if lr_scheduler_factory is None:
-        from megatron.training.lr_schedule import build_lr_scheduler
+        from megatron.optimizer.lr_schedule import build_lr_scheduler
 
         scheduler = build_lr_scheduler(optimizer, run, ps.dp_size)
     else:

@@ -23,12 +23,10 @@ import torch
 from megatron.config.arguments import RunConfig, global_batch_size, global_batch_size_at, train_iters, \
     train_samples, validate_run
 from megatron.distributed.parallel_state import ParallelState
-from megatron.checkpoint.deepspeed_io import (TrainingProgress, check_checkpoint_contents, check_save_dir,
-                                             estimate_checkpoint_bytes, find_checkpoint, load_checkpoint,
-                                             save_checkpoint)
+from megatron.checkpoint.format import TrainingProgress
+from megatron.checkpoint.resume import Checkpointer
 from megatron.training.engine import TrainingEngine, build_engine, check_engine_config
-from megatron.training.lr_schedule import check_lr_schedule
-from megatron.checkpoint.optimizer_check import check_data_parallel_random_init, check_optimizer_state
+from megatron.optimizer.lr_schedule import check_lr_schedule
 from megatron.training.metrics import throughput
 from megatron.training.numerics import EXIT_NUMERICAL, NanCheck, guard_plain_optimizer
 from megatron.training.signals import ExitConditions
@@ -243,34 +241,17 @@ def train(run: RunConfig, ps: ParallelState, device: torch.device, tracker: Opti
     """Train `run` on this rank (collective: every rank of `ps` calls it). Returns the losses of this call."""
     validate_run(run, ps.world_size)
     run, tokenizer = resolve_vocab(run)
-    t, ckpt = run.training, run.checkpoint
+    t, ckpt, rel = run.training, run.checkpoint, run.reliability
     dp = ps.dp_size
     total_iters = train_iters(run, dp)
     final_batch = global_batch_size(run, dp)
-    # Refuse what would fail later, before the (slow, collective) model build: the LR schedule's shape, a
-    # --load without a complete checkpoint, and flag combinations the engine cannot run.
+    # Refuse what would fail later, before the (slow, collective) model build: the LR schedule's shape, what a
+    # resume cannot do (checkpoint.resume plans it), the save directory, and what the engine cannot run.
     check_lr_schedule(run, dp)
-    rel = run.reliability
-    from megatron.checkpoint.sources import foreign_load_tag
-
-    # a universal folder (--universal-checkpoint) or an argonne-lcf/Megatron-DeepSpeed checkpoint, else ours
-    load_tag = foreign_load_tag(ckpt.load, t.zero.universal_checkpoint) if ckpt.load else None
-    if load_tag is not None and ckpt.load_tag is not None:
-        from megatron.config.arguments import ConfigError
-
-        raise ConfigError(f"--load-tag {ckpt.load_tag} chooses among this framework's checkpoints (global_step*), but "
-                          f"--load {ckpt.load} is a universal or argonne-lcf/Megatron-DeepSpeed checkpoint: point "
-                          "--load at the checkpoint folder itself and drop --load-tag")
-    if ckpt.load and load_tag is None:
-        load_tag = find_checkpoint(ckpt.load, strict=rel.no_checkpoint_fallback,
-                                   exit_on_missing=rel.exit_on_missing_checkpoint, log=printer, tag=ckpt.load_tag)
-        if load_tag is not None:  # saved with --no-save-optim/--no-save-rng: refused before the model is built
-            check_checkpoint_contents(os.path.join(ckpt.load, load_tag), load_optim=not ckpt.no_load_optim,
-                                      load_rng=not ckpt.no_load_rng, finetune=ckpt.finetune)
+    checkpointer = Checkpointer(run, ps, device, log=printer)
+    run = checkpointer.prepare()  # the run to build: the checkpoint's hyperparameters where the policy says
+    t = run.training
     check_engine_config(run, device)
-    if ckpt.save:  # writable from every rank, room for one checkpoint; stale .tmp-* saves removed
-        check_save_dir(ckpt.save, estimate_checkpoint_bytes(run.model, t.precision),
-                       log=printer if ps.rank == 0 else _quiet)
     seed_everything(t.seed, ps, device, t.data_parallel_random_init)
 
     timers = Timers(run.logging.timing_log_level, run.logging.timing_log_option, device)
@@ -284,20 +265,8 @@ def train(run: RunConfig, ps: ParallelState, device: torch.device, tracker: Opti
                         rel.distributed_timeout_minutes * 60)
     try:
         rng_tracker = _rng_tracker()
-        progress, consumed_valid = TrainingProgress(args=run.args), 0
-        if load_tag is not None:
-            check_optimizer_state(ckpt.load, run, load_tag, ps)  # another optimizer's state: refused unless
-            # --finetune/--no-load-optim
-            check_data_parallel_random_init(ckpt.load, run, load_tag)
-            progress = load_checkpoint(te, ckpt.load, device, run=run, load_optim=not ckpt.no_load_optim,
-                                       load_rng=not ckpt.no_load_rng, finetune=ckpt.finetune,
-                                       set_tracker_states=rng_tracker.set_states, tag=load_tag, log=printer,
-                                       load_lr_state=not ckpt.no_load_lr_state)
-            te.train_weights()  # schedule-free: back from the averaged weights the checkpoint holds
-            consumed_valid = 0 if ckpt.finetune else int(progress.extra.get("consumed_valid_samples", 0))
-            if ps.rank == 0:
-                printer(f"loaded {progress.checkpoint_path} at iteration {progress.iteration}, "
-                        f"{progress.consumed_samples} consumed samples")
+        progress = checkpointer.load(te, set_tracker_states=rng_tracker.set_states)
+        consumed_valid = 0 if ckpt.finetune else int(progress.extra.get("consumed_valid_samples", 0))
         iteration, consumed = progress.iteration, progress.consumed_samples
         result.start_iteration = iteration
 
@@ -327,19 +296,12 @@ def train(run: RunConfig, ps: ParallelState, device: torch.device, tracker: Opti
             watchdog.phase("save")
             state = TrainingProgress(iteration=iteration, consumed_samples=consumed,
                                      consumed_tokens=consumed * run.model.seq_length, args=run.args)
-            with te.eval_weights():  # schedule-free: the checkpoint holds the averaged weights (exact resume)
-                path = save_checkpoint(te.engine, ckpt.save, state, device, tracker_states=rng_tracker.get_states,
-                                       extra_state={"consumed_valid_samples": consumed_valid,
-                                                    "model_config": run.model.to_dict()},
-                                       keep_last_n=rel.keep_last_n_checkpoints, log=printer,
-                                       save_optim=not ckpt.no_save_optim, save_rng=not ckpt.no_save_rng)
-            result.saved.append(path)
+            result.saved.append(checkpointer.save(te, state, tracker_states=rng_tracker.get_states,
+                                                  extra_state={"consumed_valid_samples": consumed_valid}))
             watchdog.phase("idle")
-            if ps.rank == 0:
-                printer(f"saved checkpoint {path}")
 
         log = IntervalLog(run, ps, device, tracker, total_iters, printer, timers)
-        last_saved = iteration if load_tag is not None else None
+        last_saved = iteration if checkpointer.resuming else None
         skipper = IterationSkipper(run.args.get("train_iters_to_skip"), run.args.get("train_range_to_skip"))
         profiler = StepProfiler(run.args.get("profile"), run.args.get("profile_steps") or "2,3",
                                 run.args.get("profile_ranks"), run.args.get("trace_dir") or "./trace/", ps.rank,

@@ -240,6 +240,16 @@ class LRSchedule:
             if wd is not None:
                 group["weight_decay"] = wd * group.get("wd_mult", 1.0)
 
+    def apply(self) -> None:
+        """Set every param group's lr (and weight decay) for the current position again: after a checkpoint
+        load put back the param groups of the step it was saved at."""
+        self._apply()
+
+    def differences(self, state: dict) -> list[str]:
+        """How the checkpoint's schedule `state` differs from this one's shape, one line per setting."""
+        return [f"{_SHAPE[k]}: the flags give {getattr(self, k)!r}, the checkpoint has {state[k]!r}"
+                for k in _SHAPE if k in state and not _same(getattr(self, k), state[k])]
+
     def state_dict(self) -> dict:
         return {key: getattr(self, key) for key in (*_PROGRESS, *_SHAPE)}
 
@@ -250,8 +260,7 @@ class LRSchedule:
             raise ConfigError(f"LR scheduler state from the checkpoint lacks {missing}; "
                               "was it saved by this framework?")
         if self.on_resume == "check":
-            differ = [f"{_SHAPE[k]}: the flags give {getattr(self, k)!r}, the checkpoint has {state[k]!r}"
-                      for k in _SHAPE if k in state and not _same(getattr(self, k), state[k])]
+            differ = self.differences(state)
             if differ:
                 raise ConfigError(
                     "the LR schedule of the flags differs from the checkpoint's:\n  - " + "\n  - ".join(differ)
@@ -331,3 +340,8 @@ def check_lr_schedule(run: RunConfig, dp_size: Optional[int] = None) -> None:
     """Raise the ConfigError `build_lr_scheduler` would raise, without an optimizer: lets the loop refuse a bad
     schedule (e.g. warmup >= decay) before it builds the model."""
     build_lr_scheduler(_NoParams(), run, dp_size)
+
+
+def schedule_differences(run: RunConfig, state: dict, dp_size: Optional[int] = None) -> list[str]:
+    """How the schedule the flags describe differs from a checkpoint's saved schedule `state` (empty: the same)."""
+    return build_lr_scheduler(_NoParams(), run, dp_size).differences(state)

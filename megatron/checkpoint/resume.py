@@ -1,0 +1,452 @@
+"""Resume a run: open the checkpoint --load names once, describe what it holds, plan the resume (every refusal is
+decided here, before the model is built, and reported together), then execute the plan into the built engine.
+
+    checkpointer = Checkpointer(run, ps, device, log)
+    run = checkpointer.prepare()            # refusals; the run the engine is to be built with
+    te = build_engine(run, ps, device)
+    progress = checkpointer.load(te)        # where to continue (iteration 0 when there is nothing to resume)
+    ...
+    checkpointer.save(te, progress, extra_state)
+
+What --load can name (sources.py tells them apart by what is on disk):
+- one of our --save directories, or one checkpoint directory in it (`<save>/global_step3`: loaded as named,
+  the pointer is not consulted); at the run's layout DeepSpeed's own loader reads it, at any other
+  tp / pp / dp / ZeRO stage (or when it was written by tools/convert_checkpoint.py) reshard.py does;
+- a DeepSpeed universal folder (with --universal-checkpoint);
+- a checkpoint written by argonne-lcf/Megatron-DeepSpeed (AuroraGPT).
+
+Hyperparameters on resume. Upstream's OptimizerParamScheduler (its `_check_and_set`) decides the LR schedule's
+shape and the weight decay: by default a flag that differs from the checkpoint is refused,
+--override-opt_param-scheduler takes the flags, --use-checkpoint-opt_param-scheduler the checkpoint's values.
+Adam's betas and eps and --clip-grad are not the scheduler's: under upstream DeepSpeed restores them from the
+checkpoint (the optimizer's param groups, ZeRO's clip value) and a changed flag is ignored without a word. Here
+they follow the same three rules as the weight decay, so a changed flag is applied or refused, never ignored.
+Whatever wins is what the first resumed step uses: DeepSpeed's load puts back the checkpoint's param groups (their
+lr is the one of the step the checkpoint was saved at), so afterwards the LR schedule and the winning values are
+applied again (`_apply_hyperparameters`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+
+from megatron.checkpoint.format import MANIFEST_FILENAME, TrainingProgress
+from megatron.checkpoint.layout import ConversionError
+from megatron.errors import CheckpointError, ConfigError
+
+# The model-shaping fields a checkpoint's weights fix, and the flags that set them.
+SHAPE_FLAGS = {
+    "num_layers": "--num-layers", "hidden_size": "--hidden-size", "num_attention_heads": "--num-attention-heads",
+    "num_key_value_heads": "--num-key-value-heads (--group-query-attention --num-query-groups)",
+    "ffn_hidden_size": "--ffn-hidden-size", "vocab_size": "--vocab-size or the tokenizer's vocabulary",
+    "normalization": "--normalization", "swiglu": "--swiglu", "position_embedding_type": "--position-embedding-type",
+    "max_position_embeddings": "--max-position-embeddings",
+    "untie_embeddings_and_output_weights": "--untie-embeddings-and-output-weights",
+    "add_bias_linear": "--disable-bias-linear",
+}
+# Optimizer hyperparameters compared on resume: (saved-args key, flag, where the run keeps it).
+HYPERPARAMETERS = (
+    ("weight_decay", "--weight-decay", "weight_decay"),
+    ("adam_beta1", "--adam-beta1", "adam_beta1"),
+    ("adam_beta2", "--adam-beta2", "adam_beta2"),
+    ("adam_eps", "--adam-eps", "adam_eps"),
+    ("clip_grad", "--clip-grad", "clip_grad"),
+)
+ADAM_STATE = ("adam", "adamw", "apex.adam")  # what resharding, universal and argonne loads carry across layouts
+_SAME_OPTIMIZER = {"apex.adam": "adamw", "apex.sgd": "sgd", "ipex.fusedlamb": "ipex.lamb"}  # same state layout
+
+
+# ---- where and what --------------------------------------------------------------------------------------
+
+@dataclass
+class CheckpointDescription:
+    """What one checkpoint holds, read from its files once (the reader keeps the model-states object, which
+    DeepSpeed's own load then takes instead of reading the file again)."""
+
+    kind: str  # "ours", "universal" or "argonne"
+    load_dir: str  # what --load names
+    tag: Optional[str]  # the tag under load_dir (ours), else the folder's name
+    path: str  # the checkpoint directory itself
+    source: object  # the opened reader (a FullModelSource: DeepSpeedCheckpoint, UniversalCheckpoint, ...)
+    args: dict  # the run's saved arguments ({} when it records none)
+    config: object  # the saved model's TransformerConfig
+    optimizer: Optional[str]  # the --optimizer it was trained with
+    has_optimizer_state: bool
+    has_rng: bool
+    lr_scheduler: Optional[dict]
+    tp: int = 1
+    pp: int = 1
+    dp: int = 1
+    zero_stage: int = 0
+    converted: bool = False  # written by tools/convert_checkpoint.py: weights only
+
+    def layout(self) -> str:
+        return f"tp {self.tp} × pp {self.pp} × dp {self.dp}, ZeRO-{self.zero_stage}"
+
+
+@dataclass
+class ResumePlan:
+    description: CheckpointDescription
+    run: object  # the RunConfig the engine is built with (the checkpoint's hyperparameters where the policy says)
+    how: str  # "deepspeed" (same layout), "reshard", "universal" or "argonne"
+    load_optim: bool
+    load_rng: bool
+    load_lr_state: bool
+    finetune: bool
+    notices: list = field(default_factory=list)
+
+
+def _is_tag_dir(path: str) -> bool:
+    """A checkpoint directory itself (global_stepN, iter_N or any tag) rather than a --save directory."""
+    from megatron.checkpoint.ds_checkpoint import MODEL_FILE, ZERO3_MODEL_FILE
+
+    if not os.path.isdir(path):
+        return False
+    names = os.listdir(path)
+    return MANIFEST_FILENAME in names or any(MODEL_FILE.match(n) or ZERO3_MODEL_FILE.match(n) for n in names)
+
+
+def locate(run, log: Callable[[str], None], rank: int) -> Optional[tuple[str, str, Optional[str]]]:
+    """Collective (ours: the ranks split the checksums). (kind, load_dir, tag) of what --load names, or None when
+    it holds no checkpoint yet (a warning; an error with --exit-on-missing-checkpoint)."""
+    from megatron.checkpoint.argonne import is_argonne_checkpoint
+    from megatron.checkpoint.deepspeed_io import find_checkpoint
+    from megatron.checkpoint.universal import check_universal_folder
+
+    ckpt, rel = run.checkpoint, run.reliability
+    load = ckpt.load
+    if run.training.zero.universal_checkpoint:
+        if ckpt.load_tag is not None:
+            raise ConfigError(f"--load-tag {ckpt.load_tag} chooses among this framework's checkpoints (global_step*), "
+                              f"but --universal-checkpoint loads the universal folder --load {load} names: point "
+                              "--load at the folder itself and drop --load-tag")
+        folder = check_universal_folder(load)
+        return "universal", os.path.dirname(folder), os.path.basename(folder)
+    if is_argonne_checkpoint(load):
+        from megatron.checkpoint.argonne import resolve_tag_dir
+
+        if ckpt.load_tag is not None:
+            raise ConfigError(f"--load-tag {ckpt.load_tag} chooses among this framework's checkpoints (global_step*), "
+                              f"but --load {load} is an argonne-lcf/Megatron-DeepSpeed checkpoint: point --load at "
+                              "the checkpoint folder itself and drop --load-tag")
+        tag_dir = resolve_tag_dir(load)
+        return "argonne", os.path.dirname(tag_dir), os.path.basename(tag_dir)
+    load_dir, tag = load, ckpt.load_tag
+    if tag is None and _is_tag_dir(load):
+        load_dir, tag = os.path.dirname(os.path.abspath(load)), os.path.basename(os.path.abspath(load))
+        if rank == 0:
+            log(f"--load {load} is one checkpoint directory, not a --save directory: resuming it as named "
+                f"(tag {tag} under {load_dir}; the pointer files there are not consulted)")
+    tag = find_checkpoint(load_dir, strict=rel.no_checkpoint_fallback, exit_on_missing=rel.exit_on_missing_checkpoint,
+                          log=log, tag=tag)
+    return None if tag is None else ("ours", load_dir, tag)
+
+
+def describe(kind: str, load_dir: str, tag: str) -> CheckpointDescription:
+    """Open the checkpoint once and say what it holds."""
+    from megatron.checkpoint.deepspeed_io import checkpoint_contents
+
+    path = os.path.join(load_dir, tag)
+    try:
+        if kind == "universal":
+            from megatron.checkpoint.universal import UniversalCheckpoint
+
+            source = UniversalCheckpoint(path)
+            args = dict(source.args)
+            return CheckpointDescription(
+                kind, load_dir, tag, source.tag_dir, source, args, source.config, _optimizer_name(args),
+                has_optimizer_state=True, has_rng=False, lr_scheduler=source.lr_scheduler_state(),
+                tp=int(args.get("tensor_model_parallel_size") or 1), pp=int(args.get("pipeline_model_parallel_size")
+                                                                           or 1))
+        if kind == "argonne":
+            from megatron.checkpoint.argonne import ArgonneCheckpoint
+
+            source = ArgonneCheckpoint(path)
+            args = dict(source.argonne_args)
+            has_optim = any(n.endswith("_optim_states.pt") for n in os.listdir(source.tag_dir))
+            return CheckpointDescription(
+                kind, load_dir, tag, source.tag_dir, source, args, source.config, _optimizer_name(args),
+                has_optimizer_state=has_optim, has_rng=False, lr_scheduler=None, tp=source.tp, pp=source.pp,
+                zero_stage=source.zero_stage)
+        from megatron.checkpoint.ds_checkpoint import DeepSpeedCheckpoint, _has_optim_files
+
+        source = DeepSpeedCheckpoint(path)
+    except ConversionError as error:
+        raise CheckpointError(f"--load {load_dir}: {error}") from None
+    contents = checkpoint_contents(path)
+    args = dict(source.args)
+    converted = "converted_from" in source.client_state
+    has_optim = contents["optimizer"] and not converted and (
+        source.zero_stage == 0 or _has_optim_files(source.tag_dir))
+    return CheckpointDescription(
+        kind, load_dir, tag, source.tag_dir, source, args, source.config, _optimizer_name(args),
+        has_optimizer_state=has_optim, has_rng=contents["rng"] and not converted,
+        lr_scheduler=source.lr_scheduler_state(), tp=source.tp, pp=source.pp, dp=source.dp,
+        zero_stage=source.zero_stage, converted=converted)
+
+
+def _optimizer_name(args: dict) -> Optional[str]:
+    name = args.get("optimizer")
+    return str(name) if name else None
+
+
+# ---- the plan: every refusal here, together ------------------------------------------------------------------
+
+def plan_resume(desc: CheckpointDescription, run, ps) -> ResumePlan:
+    """What the resume does, and the run the engine is to be built with; a ConfigError listing every refusal."""
+    ckpt = run.checkpoint
+    finetune = ckpt.finetune
+    load_optim = not ckpt.no_load_optim and not finetune
+    load_rng = not ckpt.no_load_rng and not finetune
+    load_lr_state = not ckpt.no_load_lr_state and not finetune
+    where = f"--load {desc.load_dir}" + (f" ({desc.tag})" if desc.kind == "ours" else "")
+    problems = []
+
+    differences = [f"{SHAPE_FLAGS[f]} gives {getattr(run.model, f)!r}, the checkpoint has {getattr(desc.config, f)!r}"
+                   for f in SHAPE_FLAGS if getattr(run.model, f) != getattr(desc.config, f)]
+    if differences:
+        problems.append(f"the flags describe another model than the checkpoint {desc.path}: " + "; ".join(differences)
+                        + ". The checkpoint is fine: give its values (or --use-checkpoint-args to take them from "
+                        "it)")
+
+    if desc.kind == "ours" and not finetune:
+        if load_optim and not desc.has_optimizer_state and not desc.converted:
+            problems.append(f"{desc.path} holds no optimizer state (saved with --no-save-optim): resume it with "
+                            "--no-load-optim (the optimizer starts fresh; iteration and LR schedule continue) or "
+                            "--finetune")
+        if load_rng and not desc.has_rng and not desc.converted:
+            problems.append(f"{desc.path} holds no RNG states (saved with --no-save-rng): resume it with "
+                            "--no-load-rng (random streams start fresh from --seed)")
+
+    how = {"universal": "universal", "argonne": "argonne"}.get(desc.kind) or (
+        "reshard" if _layout_differs(desc, run, ps) else "deepspeed")
+    mine = run.training.optimizer.optimizer
+    if load_optim and desc.has_optimizer_state:
+        if mine not in ADAM_STATE and how != "deepspeed":
+            problems.append(f"{where} needs its optimizer state converted (its layout is {desc.layout()}"
+                            + (f", a {desc.kind} checkpoint" if desc.kind != "ours" else "")
+                            + f"), which carries Adam state only, not --optimizer {mine}'s; resume at the "
+                            "checkpoint's layout, or pass --no-load-optim (fresh optimizer state, schedule kept)")
+        theirs = desc.optimizer
+        if theirs is not None and _SAME_OPTIMIZER.get(theirs, theirs) != _SAME_OPTIMIZER.get(mine, mine):
+            problems.append(f"{where} holds the state of --optimizer {theirs}, but this run uses --optimizer {mine}; "
+                            f"resume with --optimizer {theirs}, or start the new optimizer fresh with "
+                            "--no-load-optim (keeps the iteration and LR schedule) or --finetune")
+
+    if run.training.data_parallel_random_init and not finetune and desc.args.get("data_parallel_random_init") is False:
+        problems.append(f"{where}: --data-parallel-random-init is given, but the checkpoint was saved by a run "
+                        "without it (as upstream, the two must match); drop the flag to resume, or pass --finetune "
+                        "to start a new run from these weights")
+
+    run, notices, policy_problems = _resolve_hyperparameters(desc, run, load_optim, load_lr_state, finetune,
+                                                             ps.dp_size)
+    problems += policy_problems
+    if problems:
+        raise ConfigError(f"cannot resume {where}:\n  - " + "\n  - ".join(problems))
+    return ResumePlan(desc, run, how, load_optim=load_optim, load_rng=load_rng, load_lr_state=load_lr_state,
+                      finetune=finetune, notices=notices)
+
+
+def _layout_differs(desc: CheckpointDescription, run, ps) -> bool:
+    """True when DeepSpeed cannot load the checkpoint as is: another tp, pp, dp or ZeRO stage, or weights only."""
+    from megatron.optimizer import deepspeed_zero_stage
+
+    return (desc.tp != ps.tp_size or desc.pp != ps.pp_size or desc.dp != ps.dp_size * ps.sp_size
+            or desc.zero_stage != deepspeed_zero_stage(run) or desc.converted)
+
+
+def _policy(run) -> str:
+    opt = run.training.optimizer
+    return "override" if opt.override_opt_param_scheduler else \
+        "checkpoint" if opt.use_checkpoint_opt_param_scheduler else "check"
+
+
+def _resolve_hyperparameters(desc: CheckpointDescription, run, load_optim: bool, load_lr_state: bool,
+                             finetune: bool, dp_size: int):
+    """(run with the winning values, notices, refusals) for the LR schedule and the optimizer hyperparameters."""
+    from megatron.optimizer.lr_schedule import schedule_differences
+
+    if finetune:
+        return run, [], []
+    policy = _policy(run)
+    fix = ("give --override-opt_param-scheduler to use the flags' values, or --use-checkpoint-opt_param-scheduler "
+           "to keep the checkpoint's")
+    problems, notices = [], []
+    if load_lr_state and desc.lr_scheduler is not None and policy == "check":
+        differ = schedule_differences(run, desc.lr_scheduler, dp_size)
+        if differ:
+            problems.append("the LR schedule of the flags differs from the checkpoint's: " + "; ".join(differ)
+                            + f"; {fix}")
+    opt = run.training.optimizer
+    taken = {}
+    for key, flag, attr in HYPERPARAMETERS:
+        saved = desc.args.get(key)
+        if saved is None:
+            continue
+        # the weight decay is the schedule's (upstream's start_wd/end_wd); the rest travel with the optimizer state
+        if (key == "weight_decay" and not load_lr_state) or (key != "weight_decay" and not load_optim):
+            continue
+        flags_value = getattr(opt, attr)
+        if _same(flags_value, saved):
+            continue
+        if policy == "check":
+            problems.append(f"{flag} {flags_value} differs from the checkpoint's {saved}; {fix}")
+        elif policy == "checkpoint":
+            taken[attr] = type(flags_value)(saved)
+            notices.append(f"{flag}: using the checkpoint's {saved} (--use-checkpoint-opt_param-scheduler; "
+                           f"the flag gave {flags_value})")
+        else:
+            notices.append(f"{flag}: using the flag's {flags_value} instead of the checkpoint's {saved} "
+                           "(--override-opt_param-scheduler)")
+    if taken:  # the engine is built with them, and the next checkpoint records them
+        optimizer = dataclasses.replace(opt, **taken)
+        run = dataclasses.replace(run, training=dataclasses.replace(run.training, optimizer=optimizer),
+                                  args={**run.args, **taken})
+    return run, notices, problems
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool):
+        return float(a) == float(b)
+    return a == b
+
+
+# ---- executing the plan --------------------------------------------------------------------------------------
+
+def execute(plan: ResumePlan, te, set_tracker_states: Optional[Callable[[dict], None]] = None,
+            log: Callable[[str], None] = print) -> TrainingProgress:
+    """Load the planned checkpoint into the built engine `te` (collective) and apply the winning
+    hyperparameters; returns the progress to continue from."""
+    from megatron.checkpoint import deepspeed_io
+    from megatron.checkpoint.zero_shards import forget_remembered
+
+    desc = plan.description
+    wanted = _hyperparameter_snapshot(te.engine)
+    try:
+        with deepspeed_io.lr_scheduler_detached(te.engine, detach=not plan.load_lr_state):
+            if plan.how == "universal":
+                from megatron.checkpoint.universal import load_universal_checkpoint
+
+                progress = load_universal_checkpoint(te, desc.path, load_optim=plan.load_optim,
+                                                     finetune=plan.finetune, source=desc.source)
+            elif plan.how == "argonne":
+                from megatron.checkpoint.argonne import load_argonne_checkpoint
+
+                progress = load_argonne_checkpoint(te, desc.path, load_optim=plan.load_optim,
+                                                   finetune=plan.finetune, source=desc.source)
+            elif plan.how == "reshard":
+                from megatron.checkpoint.reshard import load_checkpoint_any_layout
+
+                try:
+                    progress = load_checkpoint_any_layout(te, desc.path, load_optim=plan.load_optim,
+                                                          finetune=plan.finetune, source=desc.source)
+                except ConversionError as error:
+                    raise CheckpointError(str(error)) from None
+            else:
+                progress = deepspeed_io.load_with_deepspeed(te, desc.load_dir, desc.tag, te.device,
+                                                            load_optim=plan.load_optim, load_rng=plan.load_rng,
+                                                            finetune=plan.finetune,
+                                                            set_tracker_states=set_tracker_states, log=log)
+    finally:
+        forget_remembered()
+    deepspeed_io.barrier()
+    _apply_hyperparameters(te.engine, wanted)
+    te.train_weights()  # schedule-free: back from the averaged weights the checkpoint holds
+    return progress
+
+
+def _hyperparameter_snapshot(engine) -> list[dict]:
+    """The hyperparameters each param group was built with (from the plan's run), before a load replaces them."""
+    keys = ("weight_decay", "betas", "eps")
+    return [{k: group[k] for k in keys if k in group} for group in engine.optimizer.param_groups]
+
+
+def _apply_hyperparameters(engine, wanted: list[dict]) -> None:
+    """After DeepSpeed restored the checkpoint's param groups and clip value: the run's own (the plan already
+    put the checkpoint's there where the policy takes them), then the LR (and weight decay) of the schedule."""
+    from megatron.checkpoint.deepspeed_io import set_optimizer_clip_grad
+
+    groups = engine.optimizer.param_groups
+    if len(groups) == len(wanted):
+        for group, values in zip(groups, wanted):
+            group.update(values)
+    set_optimizer_clip_grad(engine.optimizer, engine.gradient_clipping())
+    if engine.lr_scheduler is not None:
+        engine.lr_scheduler.apply()
+
+
+# ---- one object for the loop -------------------------------------------------------------------------------
+
+class Checkpointer:
+    """The loop's one entry to checkpoints: `prepare` before the model is built, `load` after, `save` whenever."""
+
+    def __init__(self, run, ps, device: torch.device, log: Callable[[str], None] = print):
+        self.run, self.ps, self.device, self.log = run, ps, device, log
+        self.plan: Optional[ResumePlan] = None
+
+    def _say(self, line: str) -> None:
+        if self.ps.rank == 0:
+            self.log(line)
+
+    def prepare(self):
+        """Collective. Decide the resume and check --save before anything heavy is built; returns the run the
+        engine is to be built with. Every refusal is a ConfigError or CheckpointError."""
+        from megatron.checkpoint.deepspeed_io import check_save_dir, estimate_checkpoint_bytes
+
+        run = self.run
+        if run.checkpoint.load:
+            located = locate(run, self.log, self.ps.rank)
+            if located is not None:
+                self.plan = plan_resume(describe(*located), run, self.ps)
+                for notice in self.plan.notices:
+                    self._say(f"resume: {notice}")
+                run = self.run = self.plan.run
+        if run.checkpoint.save:  # writable from every rank, room for one checkpoint; stale .tmp-* saves removed
+            check_save_dir(run.checkpoint.save, estimate_checkpoint_bytes(run.model, run.training.precision),
+                           log=self.log if self.ps.rank == 0 else (lambda _line: None))
+        return run
+
+    @property
+    def resuming(self) -> bool:
+        return self.plan is not None
+
+    def load(self, te, set_tracker_states: Optional[Callable[[dict], None]] = None) -> TrainingProgress:
+        """Collective. Execute the plan into the built engine; a fresh TrainingProgress when nothing is resumed."""
+        if self.plan is None:
+            return TrainingProgress(args=self.run.args)
+        progress = execute(self.plan, te, set_tracker_states, self.log)
+        if self.plan.finetune:
+            progress = TrainingProgress(args=progress.args, checkpoint_path=progress.checkpoint_path)
+        self._say(f"loaded {progress.checkpoint_path} at iteration {progress.iteration}, "
+                  f"{progress.consumed_samples} consumed samples")
+        return progress
+
+    def save(self, te, progress: TrainingProgress, tracker_states=None, extra_state: Optional[dict] = None) -> str:
+        """Collective. Write `progress` (and the engine's state) under --save; returns the checkpoint directory."""
+        from megatron.checkpoint.deepspeed_io import save_checkpoint
+
+        run = self.run
+        with te.eval_weights():  # schedule-free: the checkpoint holds the averaged weights (exact resume)
+            path = save_checkpoint(te.engine, run.checkpoint.save, progress, self.device,
+                                   tracker_states=tracker_states,
+                                   extra_state={**(extra_state or {}), "model_config": run.model.to_dict()},
+                                   keep_last_n=run.reliability.keep_last_n_checkpoints, log=self.log,
+                                   save_optim=not run.checkpoint.no_save_optim,
+                                   save_rng=not run.checkpoint.no_save_rng)
+        self._say(f"saved checkpoint {path}")
+        return path
+
+
+def load_checkpoint(te, run, log: Callable[[str], None] = print,
+                    set_tracker_states: Optional[Callable[[dict], None]] = None) -> TrainingProgress:
+    """Collective. Locate, describe, plan and execute in one call, into an engine already built for `run` (tools
+    and tests; the loop plans before it builds the engine, so that a refusal costs no model build)."""
+    checkpointer = Checkpointer(dataclasses.replace(run, checkpoint=dataclasses.replace(run.checkpoint, save=None)),
+                                te.ps, te.device, log)
+    checkpointer.prepare()
+    return checkpointer.load(te, set_tracker_states)
