@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from megatron.config import upstream_flags
+from megatron.config.argtypes import non_negative_int, pos_float, pos_int
 from megatron.config.checkpoint import CheckpointConfig
 from megatron.config.data import DataConfig
 from megatron.config.logging import LoggingConfig
@@ -106,29 +107,11 @@ class _Parser(argparse.ArgumentParser):
         raise ConfigError(f"{message} (see --help)")
 
 
-def _positive(kind):
-    def convert(text):
-        value = kind(text)
-        if value <= 0:
-            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
-        return value
-    convert.__name__ = kind.__name__
-    return convert
-
-
-def _non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
     """Every flag, grouped by concern. Model and batch flags default to None so presets and files can fill them."""
     p = _Parser(prog="pretrain_gpt.py", allow_abbrev=False, exit_on_error=False, usage="%(prog)s [flags]   (--help lists them by concern)",
                 description="Pretrain a GPT/Llama model with DeepSpeed (Megatron-DeepSpeed flag names; "
                             "'--a_b' spellings are accepted for every '--a-b').")
-    pos_int, pos_float = _positive(int), _positive(float)
 
     g = p.add_argument_group("model (explicit flags win over --model-preset)")
     g.add_argument("--model-preset", help="named shape from megatron/config/presets.py (tiny, llama2-7b, ...)")
@@ -358,7 +341,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--data-file-list", help="file of 'weight prefix [corpus]' lines")
     g.add_argument("--split", default=DataConfig.split)
     g.add_argument("--sample-mode", choices=("samples", "documents"), default="samples")
-    g.add_argument("--document-shuffle-block", type=_non_negative_int, default=DataConfig.document_shuffle_block,
+    g.add_argument("--document-shuffle-block", type=non_negative_int, default=DataConfig.document_shuffle_block,
                    metavar="N",
                    help="--sample-mode documents: a file with more than N documents in a split is shuffled each "
                         "epoch in blocks of N consecutive documents (cut at a new place each epoch), the blocks in "
