@@ -19,7 +19,7 @@ from megatron.config import upstream_flags
 from megatron.config.argtypes import non_negative_int, pos_float, pos_int
 from megatron.config.checkpoint import CheckpointConfig
 from megatron.config.data import DataConfig
-from megatron.config.logging import LoggingConfig
+from megatron.config.logging import LoggingConfig, ProfilingConfig
 from megatron.config.model import TransformerConfig
 from megatron.config.optimizer_args import add_optimizer_arguments, optimizer_config_values, optimizer_flag_errors
 from megatron.config.parallel import ParallelConfig, layout_errors
@@ -39,6 +39,7 @@ class RunConfig:
     logging: LoggingConfig
     args: dict  # every flag's final value: what checkpoints save as "the run's arguments"
     reliability: ReliabilityConfig = field(default_factory=ReliabilityConfig)  # config/reliability.py
+    profiling: ProfilingConfig = field(default_factory=ProfilingConfig)  # config/logging.py
     notices: list = field(default_factory=list)  # what the flags resolved to, said once by rank 0
 
 
@@ -850,7 +851,8 @@ def parse_args(argv: Optional[list[str]] = None) -> RunConfig:
         adam_beta1=ns.adam_beta1, adam_beta2=ns.adam_beta2, adam_eps=ns.adam_eps, sgd_momentum=ns.sgd_momentum,
         lr_decay_style=ns.lr_decay_style, lr_decay_iters=ns.lr_decay_iters, lr_warmup_iters=ns.lr_warmup_iters or 0,
         lr_warmup_fraction=ns.lr_warmup_fraction, lr_wsd_decay_fraction=ns.lr_wsd_decay_fraction,
-        lr_wsd_decay_style=ns.lr_wsd_decay_style, **optimizer_config_values(ns))
+        lr_wsd_decay_style=ns.lr_wsd_decay_style, lr_decay_samples=ns.lr_decay_samples,
+        lr_warmup_samples=ns.lr_warmup_samples, **optimizer_config_values(ns))
     precision = PrecisionConfig(
         bf16=ns.bf16, fp16=ns.fp16, loss_scale=ns.loss_scale, initial_loss_scale=ns.initial_loss_scale,
         loss_scale_window=ns.loss_scale_window, hysteresis=ns.hysteresis, min_loss_scale=ns.min_loss_scale,
@@ -858,7 +860,8 @@ def parse_args(argv: Optional[list[str]] = None) -> RunConfig:
     zero = ZeroConfig(
         deepspeed=True, deepspeed_config=ns.deepspeed_config, zero_stage=ns.zero_stage,
         cpu_optimizer=ns.cpu_optimizer, offload_param=ns.remote_device == "cpu",
-        universal_checkpoint=ns.universal_checkpoint)
+        universal_checkpoint=ns.universal_checkpoint, reduce_bucket_size=ns.zero_reduce_bucket_size,
+        allgather_bucket_size=ns.zero_allgather_bucket_size)
     training = TrainingConfig(
         micro_batch_size=ns.micro_batch_size, global_batch_size=ns.global_batch_size,
         rampup_batch_size=list(ns.rampup_batch_size) if ns.rampup_batch_size else None,
@@ -867,6 +870,9 @@ def parse_args(argv: Optional[list[str]] = None) -> RunConfig:
         data_parallel_random_init=ns.data_parallel_random_init, exit_interval=ns.exit_interval,
         exit_duration_in_mins=ns.exit_duration_in_mins, exit_signal_handler=ns.exit_signal_handler,
         empty_unused_memory_level=ns.empty_unused_memory_level,
+        train_iters_to_skip=list(ns.train_iters_to_skip) if ns.train_iters_to_skip else None,
+        train_range_to_skip=list(ns.train_range_to_skip) if ns.train_range_to_skip else None,
+        skip_train=ns.skip_train, kill_switch_file=ns.kill_switch_file, dry_run=ns.dry_run,
         optimizer=optimizer, precision=precision, zero=zero)
     checkpoint = CheckpointConfig(save=ns.save, save_interval=ns.save_interval, load=ns.load,
                                   no_load_optim=ns.no_load_optim, no_load_rng=ns.no_load_rng, finetune=ns.finetune,
@@ -885,8 +891,11 @@ def parse_args(argv: Optional[list[str]] = None) -> RunConfig:
                             log_world_size_to_tensorboard=ns.log_world_size_to_tensorboard,
                             log_optimizer_states_to_tensorboard=ns.log_optimizer_states_to_tensorboard,
                             timing_log_level=ns.timing_log_level, timing_log_option=ns.timing_log_option)
+    profiling = ProfilingConfig(profile=ns.profile, profile_steps=ns.profile_steps, profile_ranks=ns.profile_ranks,
+                                trace_dir=ns.trace_dir)
     return RunConfig(model=model, parallel=parallel, data=data, training=training, checkpoint=checkpoint,
-                     logging=logging, args=dict(vars(ns)), reliability=reliability_from_args(ns), notices=notices)
+                     logging=logging, args=dict(vars(ns)), reliability=reliability_from_args(ns),
+                     profiling=profiling, notices=notices)
 
 
 # ---- derived values ------------------------------------------------------------------------------

@@ -25,3 +25,12 @@ class LoggingConfig:
     log_params_norm: bool = False  # the L2 norm of all parameters in each log line and as train/params_norm
     # Peak dense bf16 TFLOPS of one device, for MFU. None: MFU is not reported.
     peak_tflops: Optional[float] = None
+
+
+@dataclass
+class ProfilingConfig:
+    """--profile: a torch.profiler trace of some steps of this launch (training/run_control.StepProfiler)."""
+    profile: Optional[str] = None  # None: no trace; "pt", or "pt-full" with stacks and shapes
+    profile_steps: str = "2,3"  # START,END: steps of this launch, 1-based, inclusive
+    profile_ranks: Optional[list[int]] = None  # None: every rank
+    trace_dir: str = "./trace/"  # where the Chrome traces go

@@ -25,6 +25,9 @@ class OptimizerConfig:
     lr_decay_style: str = "linear"
     lr_decay_iters: Optional[int] = None  # None: train iters
     lr_warmup_iters: int = 0
+    # The schedule counts samples (Megatron's sample-based runs) when either is given, or with a batch ramp-up.
+    lr_decay_samples: Optional[int] = None  # None: the run's train samples
+    lr_warmup_samples: Optional[int] = None  # None or 0: no warmup in samples
     lr_warmup_fraction: Optional[float] = None  # wins over lr_warmup_iters when set
     lr_wsd_decay_fraction: float = 0.1  # wsd: the final fraction of decay iters spent cooling down
     lr_wsd_decay_style: str = "linear"  # wsd cooldown shape: linear, cosine, exponential
@@ -85,6 +88,8 @@ class ZeroConfig:
     cpu_optimizer: bool = False  # ZeRO optimizer-state offload to CPU (DeepSpeedCPUAdam)
     offload_param: bool = False  # ZeRO-3 parameter offload to CPU
     universal_checkpoint: bool = False
+    reduce_bucket_size: Optional[int] = None  # --zero-reduce-bucket-size; None: ds_config.DEFAULT_BUCKET_SIZE
+    allgather_bucket_size: Optional[int] = None  # --zero-allgather-bucket-size (stages 1-2); None: the default
 
 
 @dataclass
@@ -105,6 +110,11 @@ class TrainingConfig:
     exit_duration_in_mins: Optional[float] = None
     exit_signal_handler: bool = False
     empty_unused_memory_level: int = 0  # 1: release the device's cached memory after each step; 2: also after eval
+    train_iters_to_skip: Optional[list[int]] = None  # iterations whose batch is read but not trained on
+    train_range_to_skip: Optional[list[int]] = None  # [start1, end1, start2, end2, ...], inclusive
+    skip_train: bool = False  # evaluate the (loaded) model on the validation and test splits, no training
+    kill_switch_file: Optional[str] = None  # save (with --save) and exit once this file exists
+    dry_run: Optional[int] = None  # --dry-run: None trains; 0: report for the launcher's world size; N: for N
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     precision: PrecisionConfig = field(default_factory=PrecisionConfig)
     zero: ZeroConfig = field(default_factory=ZeroConfig)
