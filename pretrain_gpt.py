@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"pretrain_gpt.py: {error}", file=sys.stderr, flush=True)
         return 2
 
-    if run.args.get("dry_run") is not None:
+    if run.training.dry_run is not None:
         return dry_run(run)
 
     from megatron.distributed import destroy_distributed, initialize_distributed
@@ -103,7 +103,7 @@ def dry_run(run) -> int:
     from megatron.distributed.launcher import LauncherError, discover
     from megatron.training.dry_run import dry_run_report
 
-    world_size = run.args["dry_run"]
+    world_size = run.training.dry_run
     rank = 0
     if not world_size:
         try:

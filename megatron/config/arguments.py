@@ -3,6 +3,12 @@
 `parse_args(argv) -> RunConfig` parses and checks everything that does not need the world size;
 `validate_run(run, world_size)` checks the rest once ranks are known. Derived values (gradient
 accumulation, batch ramp-up, number of train iterations) are small functions of (run, dp size) below.
+
+Each concern declares its flags next to its dataclass (`add_*_arguments(parser)`) and builds that dataclass from
+the parsed namespace (`*_from_args(ns)`): config/model.py, parallel.py, training.py (with optimizer_args.py),
+checkpoint.py, logging.py, data.py and reliability.py. This module keeps what crosses concerns: the order of
+the groups in --help, the flag spellings (--a_b, typos, other frameworks' names, refused and no-effect flags),
+the checks between flags, the --deepspeed_config and --use-checkpoint-args adoption, and RunConfig.
 """
 
 from __future__ import annotations
@@ -16,15 +22,18 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from megatron.config import upstream_flags
-from megatron.config.checkpoint import CheckpointConfig
-from megatron.config.data import DataConfig
-from megatron.config.logging import LoggingConfig
-from megatron.config.model import TransformerConfig
-from megatron.config.optimizer_args import add_optimizer_arguments, optimizer_config_values, optimizer_flag_errors
-from megatron.config.parallel import ParallelConfig, layout_errors
-from megatron.config.presets import preset
+from megatron.config.checkpoint import CheckpointConfig, checkpoint_from_args
+from megatron.config.data import DataConfig, add_data_arguments, add_data_blend_arguments, data_from_args
+from megatron.config.logging import LoggingConfig, ProfilingConfig, add_tracking_arguments, logging_from_args, \
+    profiling_from_args
+from megatron.config.model import TransformerConfig, add_model_arguments, model_from_args
+from megatron.config.optimizer_args import optimizer_flag_errors
+from megatron.config.parallel import ParallelConfig, add_parallel_arguments, layout_errors, parallel_from_args
 from megatron.config.reliability import ReliabilityConfig, add_reliability_arguments, reliability_from_args
-from megatron.config.training import OptimizerConfig, PrecisionConfig, TrainingConfig, ZeroConfig
+from megatron.config.training import (  # noqa: F401 (LR_DECAY_STYLES, WSD_DECAY_STYLES: imported from here too)
+    LR_DECAY_STYLES, WSD_DECAY_STYLES, TrainingConfig, add_batch_arguments, add_deepspeed_arguments,
+    add_precision_arguments, add_run_control_arguments, add_schedule_arguments, training_from_args,
+)
 from megatron.errors import ConfigError
 
 
@@ -38,12 +47,9 @@ class RunConfig:
     logging: LoggingConfig
     args: dict  # every flag's final value: what checkpoints save as "the run's arguments"
     reliability: ReliabilityConfig = field(default_factory=ReliabilityConfig)  # config/reliability.py
+    profiling: ProfilingConfig = field(default_factory=ProfilingConfig)  # config/logging.py
     notices: list = field(default_factory=list)  # what the flags resolved to, said once by rank 0
 
-
-LR_DECAY_STYLES = ("constant", "linear", "cosine", "inverse-square-root", "wsd", "infinite-cosine",
-                   "infinite-inv-square-root")
-WSD_DECAY_STYLES = ("linear", "cosine", "exponential")
 
 # Flags Megatron-DeepSpeed recipes pass that change nothing in training here (kernel-fusion toggles and flags
 # that ask for what is always done here); accepted so recipes run unchanged, and `--help` says so.
@@ -106,311 +112,23 @@ class _Parser(argparse.ArgumentParser):
         raise ConfigError(f"{message} (see --help)")
 
 
-def _positive(kind):
-    def convert(text):
-        value = kind(text)
-        if value <= 0:
-            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
-        return value
-    convert.__name__ = kind.__name__
-    return convert
-
-
-def _non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
     """Every flag, grouped by concern. Model and batch flags default to None so presets and files can fill them."""
     p = _Parser(prog="pretrain_gpt.py", allow_abbrev=False, exit_on_error=False, usage="%(prog)s [flags]   (--help lists them by concern)",
                 description="Pretrain a GPT/Llama model with DeepSpeed (Megatron-DeepSpeed flag names; "
                             "'--a_b' spellings are accepted for every '--a-b').")
-    pos_int, pos_float = _positive(int), _positive(float)
 
-    g = p.add_argument_group("model (explicit flags win over --model-preset)")
-    g.add_argument("--model-preset", help="named shape from megatron/config/presets.py (tiny, llama2-7b, ...)")
-    g.add_argument("--num-layers", type=pos_int)
-    g.add_argument("--hidden-size", type=pos_int)
-    g.add_argument("--ffn-hidden-size", type=pos_int,
-                   help="default 4h, or with --swiglu Megatron's int(8h/3/64)*64")
-    g.add_argument("--num-attention-heads", type=pos_int)
-    g.add_argument("--num-key-value-heads", "--num-query-groups", dest="num_key_value_heads", type=pos_int,
-                   help="fewer than heads: grouped-query attention")
-    g.add_argument("--seq-length", type=pos_int, help="required (a --model-preset fills it)")
-    g.add_argument("--max-position-embeddings", type=pos_int, help="default --seq-length")
-    g.add_argument("--make-vocab-size-divisible-by", type=pos_int, help="default 128")
-    g.add_argument("--normalization", choices=("layernorm", "rmsnorm"))
-    g.add_argument("--norm-epsilon", "--layernorm-epsilon", dest="norm_epsilon", type=pos_float)
-    g.add_argument("--swiglu", action="store_const", const=True)
-    g.add_argument("--use-rotary-position-embeddings", action="store_true")
-    g.add_argument("--no-position-embedding", action="store_true", help="no learned absolute positions")
-    g.add_argument("--position-embedding-type", choices=("learned_absolute", "rope", "none"))
-    g.add_argument("--rotary-position-embeddings-theta", "--rope-theta", dest="rope_theta", type=pos_float)
-    g.add_argument("--untie-embeddings-and-output-weights", action="store_const", const=True)
-    g.add_argument("--disable-bias-linear", dest="add_bias_linear", action="store_const", const=False)
-    g.add_argument("--attention-dropout", type=float)
-    g.add_argument("--hidden-dropout", type=float)
-    g.add_argument("--kv-channels", type=pos_int, help="attention head size; default hidden / heads")
-    g.add_argument("--apply-layernorm-1p", action="store_true",
-                   help="LayerNorm weights centred on zero: the gain is 1 + weight (weight starts at 0)")
-    g.add_argument("--squared-relu", action="store_true", help="MLP activation relu(x)² instead of GeLU")
-    g.add_argument("--openai-gelu", action="store_true",
-                   help="GeLU MLP: the tanh approximation (OpenAI's GPT-2 GeLU), even where --no-bias-gelu-fusion "
-                        "or --disable-bias-linear would select the exact one")
-    g.add_argument("--no-bias-gelu-fusion", dest="bias_gelu_fusion", action="store_false",
-                   help="GeLU MLP: the exact (erf) GeLU, upstream's unfused F.gelu. Without it (and with biases) "
-                        "the GeLU is upstream's fused bias-GeLU, the tanh approximation; --disable-bias-linear "
-                        "turns the fusion off too. SwiGLU and squared-ReLU MLPs are unaffected")
-    g.add_argument("--rotary-percent", type=float, default=1.0,
-                   help="RoPE rotates only the first int(head dim × this) dims of each head (even), the rest "
-                        "pass through (partial rotary, as GPT-NeoX); default 1.0. Hugging Face export refuses "
-                        "values < 1 (LlamaForCausalLM rotates whole heads)")
-    g.add_argument("--attention-softmax-in-fp32", action="store_true",
-                   help="compute attention (scores, softmax, weighted sum) in fp32 under --bf16/--fp16")
-
-    g = p.add_argument_group("initialization")
-    g.add_argument("--init-method-std", type=pos_float, help="std of the normal init of weights; default 0.02")
-    g.add_argument("--adjust-word-embedding-init", action="store_true",
-                   help="initialise the word embeddings with --word-embedding-init-std instead")
-    g.add_argument("--word-embedding-init-std", type=pos_float, default=0.02,
-                   help="with --adjust-word-embedding-init (default 0.02)")
-    g.add_argument("--init-method-xavier-uniform", action="store_true",
-                   help="initialise every weight matrix (qkv, attention output, MLP, word and position embeddings, "
-                        "untied output layer) Xavier-uniform over its full shape instead of normal(0, "
-                        "--init-method-std) (output projections unscaled); --adjust-word-embedding-init still "
-                        "sets the word embeddings' std")
-    g.add_argument("--data-parallel-random-init", action="store_true",
-                   help="seed each data-parallel rank's torch generators (dropout) with seed + 10 × dp rank "
-                        "(upstream's offset), so replicas draw different dropout masks; the weights stay identical "
-                        "on every dp rank (as upstream's broadcast from dp rank 0 leaves them)")
-
-    g = p.add_argument_group("parallelism")
-    g.add_argument("--tensor-model-parallel-size", type=pos_int, default=1)
-    g.add_argument("--pipeline-model-parallel-size", type=pos_int, default=1)
-    g.add_argument("--no-pipeline-parallel", action="store_true",
-                   help="train without DeepSpeed's pipeline engine (set for you with --zero-stage 2/3)")
-    g.add_argument("--sequence-parallel", action="store_true", help="Megatron sequence parallelism (needs tp > 1)")
-    g.add_argument("--ds-sequence-parallel-size", type=pos_int, default=1, help="DeepSpeed-Ulysses group size")
-    g.add_argument("--distributed-backend", choices=("nccl", "gloo", "ccl", "xccl", "mpi", "hccl"),
-                   help="default: picked from the device")
-
-    g = p.add_argument_group("DeepSpeed (a --deepspeed_config file and these flags must agree)")
-    g.add_argument("--deepspeed-config", "--deepscale-config", dest="deepspeed_config",
-                   help="JSON file; values for flags you do not give are taken from it")
-    g.add_argument("--zero-stage", type=int, choices=(0, 1, 2, 3), help="default 1 (as upstream)")
-    g.add_argument("--cpu-optimizer", action="store_const", const=True,
-                   help="offload optimizer state to CPU (DeepSpeedCPUAdam; ZeRO stage >= 1)")
-    g.add_argument("--remote-device", choices=("none", "cpu", "nvme"), default="none",
-                   help="ZeRO-3 parameter offload target")
-    g.add_argument("--zero-reduce-bucket-size", type=pos_int)
-    g.add_argument("--zero-allgather-bucket-size", type=pos_int)
-    g.add_argument("--checkpoint-activations", action="store_true",
-                   help="recompute layers in backward (= --recompute-granularity full --recompute-method uniform)")
-    g.add_argument("--checkpoint-num-layers", type=pos_int, default=1, help="layers per recomputed chunk")
-    g.add_argument("--recompute-activations", action="store_true",
-                   help="= --recompute-granularity selective (as upstream)")
-    g.add_argument("--recompute-granularity", choices=("full", "selective"),
-                   help="full: recompute whole layers; selective: recompute only the core attention")
-    g.add_argument("--recompute-method", choices=("uniform", "block"),
-                   help="full granularity: uniform (chunks of --recompute-num-layers layers) or block (the first "
-                        "--recompute-num-layers layers of each pipeline stage)")
-    g.add_argument("--recompute-num-layers", type=pos_int, default=1)
-    g.add_argument("--universal-checkpoint", action="store_true",
-                   help="--load names a DeepSpeed universal checkpoint folder (or a directory whose latest_universal "
-                        "names one; make it with tools/convert_checkpoint.py to-universal) and resumes it at any "
-                        "tp / pp / dp / ZeRO stage through DeepSpeed's loader (checkpoint.load_universal)")
-
-    g = p.add_argument_group("batch")
-    g.add_argument("--micro-batch-size", type=pos_int, help="per data-parallel rank; default 1")
-    g.add_argument("--global-batch-size", type=pos_int, help="default micro batch × dp")
-    g.add_argument("--rampup-batch-size", type=pos_int, nargs=3, metavar=("START", "INCREMENT", "SAMPLES"),
-                   help="grow the global batch from START by INCREMENT over SAMPLES samples")
-
-    g = p.add_argument_group("schedule and optimizer")
-    g.add_argument("--train-iters", type=pos_int)
-    g.add_argument("--train-samples", type=pos_int)
-    g.add_argument("--train-tokens", type=pos_int)
-    g.add_argument("--lr", type=float, default=OptimizerConfig.lr)
-    g.add_argument("--min-lr", type=float, default=0.0)
-    g.add_argument("--lr-decay-style", type=str.lower, choices=LR_DECAY_STYLES, default="linear")
-    g.add_argument("--lr-decay-iters", type=pos_int, help="default --train-iters")
-    g.add_argument("--lr-decay-samples", type=pos_int, help="with --rampup-batch-size; default --train-samples")
-    g.add_argument("--lr-warmup-iters", type=int)
-    g.add_argument("--lr-warmup-samples", type=int, help="with --rampup-batch-size")
-    g.add_argument("--lr-warmup-fraction", type=float, help="of the decay iters")
-    g.add_argument("--lr-wsd-decay-fraction", "--lr-decay-fraction", dest="lr_wsd_decay_fraction", type=float,
-                   default=0.1, help="wsd: final fraction of the decay iters spent cooling down to --min-lr")
-    g.add_argument("--lr-wsd-decay-style", type=str.lower, choices=WSD_DECAY_STYLES, default="linear")
-    g.add_argument("--weight-decay", type=float, default=0.01)
-    g.add_argument("--clip-grad", type=float, help="default 1.0; 0 disables")
-    g.add_argument("--adam-beta1", type=float, default=0.9)
-    g.add_argument("--adam-beta2", type=float, default=0.999)
-    g.add_argument("--adam-eps", type=pos_float, default=1e-8)
-    g.add_argument("--sgd-momentum", type=float, default=0.9)
-    add_optimizer_arguments(g)  # --optimizer, its hyperparameters, token/infinite/cooldown schedules
-
-    g = p.add_argument_group("precision")
-    g.add_argument("--bf16", action="store_const", const=True)
-    g.add_argument("--fp16", action="store_const", const=True)
-    g.add_argument("--loss-scale", type=pos_float, help="fp16: fixed loss scale; default dynamic")
-    g.add_argument("--initial-loss-scale", type=pos_float, default=2.0**32,
-                   help="fp16 dynamic scaling start (a power of 2)")
-    g.add_argument("--loss-scale-window", type=pos_int, default=1000)
-    g.add_argument("--hysteresis", type=pos_int, default=2)
-    g.add_argument("--min-loss-scale", type=pos_float, default=1.0)
-    g.add_argument("--fp32-residual-connection", action="store_true",
-                   help="keep the residual stream (embedding output, every residual sum, the input of each norm "
-                        "and of the next pipeline stage) in fp32 under --bf16/--fp16; norms hand the sublayers "
-                        "the run's dtype. Needs --bf16 or --fp16 (as upstream)")
-    g.add_argument("--accumulate-allreduce-grads-in-fp32", action="store_true",
-                   help="--bf16: accumulate and all-reduce gradients in fp32 (DeepSpeed's "
-                        "data_types.grad_accum_dtype: its BF16 optimizer, which this DeepSpeed selects at ZeRO "
-                        "stage 1, so --zero-stage 0 runs as 1, with a notice; refused with ZeRO-2/3 and "
-                        "--cpu-optimizer, which accumulate in bf16)")
-
-    g = p.add_argument_group("run control, evaluation and checkpoints")
-    g.add_argument("--seed", type=int, default=1234)
-    g.add_argument("--log-interval", type=pos_int, default=100)
-    g.add_argument("--eval-interval", type=pos_int, default=1000)
-    g.add_argument("--eval-iters", type=int, default=100, help="0 disables evaluation")
-    g.add_argument("--save")
-    g.add_argument("--save-interval", type=pos_int)
-    g.add_argument("--load")
-    g.add_argument("--no-load-optim", action="store_true")
-    g.add_argument("--no-load-rng", action="store_true")
-    g.add_argument("--finetune", action="store_true", help="load weights only; reset iteration and optimizer")
-    g.add_argument("--no-save-optim", action="store_true",
-                   help="checkpoints hold no optimizer state (no DeepSpeed optimizer/ZeRO files); resuming one "
-                        "needs --no-load-optim (or --finetune). Refused at --zero-stage 3, whose weights live in "
-                        "the optimizer shards")
-    g.add_argument("--no-save-rng", action="store_true",
-                   help="checkpoints hold no RNG states (no rng_state_rank_*.pt); resuming one needs --no-load-rng")
-    g.add_argument("--no-load-lr-state", action="store_true",
-                   help="do not load the checkpoint's LR scheduler state: the schedule the flags describe starts "
-                        "over from its step 0 (warmup included) at the resumed iteration")
-    g.add_argument("--load-tag", help="the checkpoint under --load to resume (e.g. global_step100), instead of the one "
-                                      "latest_checkpointed_iteration.txt / latest names; verified, no fallback")
-    g.add_argument("--use-checkpoint-args", action="store_true",
-                   help="take the model shape (layers, hidden, heads, seq length, ...), tp and pp sizes from the "
-                        "arguments saved in the --load checkpoint, as upstream's load_args_from_checkpoint does "
-                        "(shape flags you give yourself win for num-layers/hidden/ffn/heads/seq/positions)")
-    g.add_argument("--exit-interval", type=pos_int)
-    g.add_argument("--exit-duration-in-mins", type=pos_float)
-    g.add_argument("--exit-signal-handler", action="store_true", help="save and exit on SIGTERM")
-    g.add_argument("--empty-unused-memory-level", type=int, choices=(0, 1, 2), default=0,
-                   help="release the accelerator's cached, unused memory (torch's empty_cache on cuda/xpu/mps) to "
-                        "reduce fragmentation: 1 after each step's forward-backward and each evaluation batch, 2 also "
-                        "after each optimizer step; 0 never. On CPU there is no cache to release: a genuine no-op")
-    g.add_argument("--train-iters-to-skip", action="extend", nargs="+", type=pos_int, metavar="N",
-                   help="iterations (as the log numbers them) whose batch is read but not trained on; the LR "
-                        "schedule advances")
-    g.add_argument("--train-range-to-skip", action="extend", nargs="+", type=pos_int, metavar="A B",
-                   help="inclusive iteration ranges to skip like --train-iters-to-skip (pairs)")
-    g.add_argument("--skip-train", action="store_true",
-                   help="no training: evaluate the (loaded) model on the validation and test splits and exit")
-    g.add_argument("--kill-switch-file", help="save (with --save) and exit once this file exists")
-    g.add_argument("--profile", choices=("pt", "pt-full"),
-                   help="torch.profiler trace of --profile_steps (pt-full: with stacks and shapes)")
-    g.add_argument("--profile-steps", default="2,3", metavar="START,END",
-                   help="steps of this launch to profile (1-based, inclusive; default 2,3)")
-    g.add_argument("--profile-ranks", type=int, nargs="+", help="ranks to profile (default all)")
-    g.add_argument("--trace-dir", default="./trace/", help="where --profile writes its Chrome traces")
-    g.add_argument("--dry-run", nargs="?", type=int, const=0, default=None, metavar="WORLD_SIZE",
-                   help="print the resolved run (layout, DeepSpeed config, blend summary, parameters, memory per "
-                        "device) for WORLD_SIZE ranks (default: the launcher's) and exit without training")
-
-    g = p.add_argument_group("tracking")
-    g.add_argument("--tensorboard-dir")
-    g.add_argument("--log-timers-to-tensorboard", action="store_true",
-                   help="write the --timing-log-level timers (max over ranks) to TensorBoard/wandb")
-    g.add_argument("--wandb-project")
-    g.add_argument("--wandb-exp-name")
-    g.add_argument("--wandb-save-dir", help="wandb's directory; default: --tensorboard-dir, else the working "
-                                            "directory")
-    g.add_argument("--tensorboard-queue-size", type=pos_int, default=1000,
-                   help="events TensorBoard queues before writing to disk")
-    g.add_argument("--tensorboard-log-interval", type=pos_int, default=1,
-                   help="write the per-iteration scalars every N iterations (default 1)")
-    g.add_argument("--no-log-learnig-rate-to-tensorboard", dest="log_learning_rate_to_tensorboard",
-                   action="store_false", help="do not log the learning rate (upstream's spelling)")
-    g.add_argument("--no-log-loss-scale-to-tensorboard", dest="log_loss_scale_to_tensorboard",
-                   action="store_false", help="do not log the fp16 loss scale")
-    g.add_argument("--log-world-size-to-tensorboard", action="store_true", help="log the number of ranks")
-    g.add_argument("--log-optimizer-states-to-tensorboard", action="store_true",
-                   help="log L2/L1 norms and max of Adam's moments and of the weights (optimizer/*), every "
-                        "--tensorboard-log-interval iterations")
-    g.add_argument("--timing-log-level", type=int, choices=(0, 1, 2), default=0,
-                   help="0: iteration time only; 1: + forward-backward, optimizer, batch-generator, "
-                        "grads-all-reduce; 2: + per-micro-batch forward-compute, backward-compute")
-    g.add_argument("--timing-log-option", choices=("max", "minmax", "all"), default="minmax",
-                   help="report each timer's max, (min, max) or every rank's value across ranks")
-    g.add_argument("--log-params-norm", action="store_true",
-                   help="compute the L2 norm of all parameters (each counted once over tp/pp/ZeRO) every "
-                        "--log-interval iterations: ' params norm: X |' in the log line, train/params_norm in "
-                        "TensorBoard/wandb")
-    g.add_argument("--peak-tflops", type=pos_float, help="one device's peak dense TFLOPS, for MFU")
-
-    g = p.add_argument_group("data")
-    g.add_argument("--data-path", nargs="*", default=[], help="PREFIX, or W1 PREFIX1 W2 PREFIX2 ...")
-    g.add_argument("--data-file-list", help="file of 'weight prefix [corpus]' lines")
-    g.add_argument("--split", default=DataConfig.split)
-    g.add_argument("--sample-mode", choices=("samples", "documents"), default="samples")
-    g.add_argument("--document-shuffle-block", type=_non_negative_int, default=DataConfig.document_shuffle_block,
-                   metavar="N",
-                   help="--sample-mode documents: a file with more than N documents in a split is shuffled each "
-                        "epoch in blocks of N consecutive documents (cut at a new place each epoch), the blocks in "
-                        "a shuffled order and the documents in a shuffled order inside each block, so that a "
-                        "sample costs O(N + documents / N) to place, not a shuffle of the whole file. 0: one "
-                        "shuffle of all the file's documents, Megatron's distribution (a full index per file and "
-                        "epoch). Files of at most N documents get that one shuffle either way")
-    g.add_argument("--mock-data", action="store_true", help="random tokens, no corpus (needs --vocab-size)")
-    g.add_argument("--tokenizer-type")
-    g.add_argument("--tokenizer-model")
-    g.add_argument("--vocab-file")
-    g.add_argument("--merge-file")
-    g.add_argument("--vocab-size", type=pos_int)
-    g.add_argument("--num-workers", type=int, default=2)
-    g.add_argument("--multiprocessing-context", choices=("fork", "spawn", "forkserver"), default="fork",
-                   help="how DataLoader workers (--num-workers > 0) start (default fork, as upstream)")
-    g.add_argument("--trust-remote-code", action="store_true",
-                   help="HFTokenizer: let transformers run Python code shipped with the tokenizer directory "
-                        "(custom tokenizer classes); off by default")
-    g.add_argument("--eod-mask-loss", action="store_true")
-    g.add_argument("--reset-position-ids", action="store_true")
-    g.add_argument("--reset-attention-mask", action="store_true",
-                   help="attention is causal within each document: a token never attends to tokens before the "
-                        "last EOD preceding it (needs a tokenizer with an EOD token; not with "
-                        "--ds-sequence-parallel-size > 1). SDPA then takes an explicit [b, 1, s, s] mask, which "
-                        "rules out its flash kernel")
-    g.add_argument("--data-impl", choices=("mmap", "infer", "lazy", "cached"), default="infer",
-                   help="the only format is MMIDIDX (.bin/.idx): mmap or infer")
-    g.add_argument("--dataloader-type", choices=("single", "cyclic"), default="single",
-                   help="single: one pass over the blended index (cyclic is not supported)")
-
-    add_reliability_arguments(p)
-
-    # ---- data: per-split blends, corpus mixing, index sharing, the blend report (issue #11) ----
-    g = p.add_argument_group("data: per-split blends and the blend report")
-    for split in ("train", "valid", "test"):
-        g.add_argument(f"--{split}-data-path", nargs="*", default=[],
-                       help=f"the {split} split's own blend (PREFIX, or W1 PREFIX1 ...), whole files; replaces "
-                            "--data-path/--data-file-list and --split")
-    g.add_argument("--shuffle-sample-in-corpus", action="store_true",
-                   help="always on here: the blend interleaves every corpus's files sample by sample over the "
-                        "whole run (upstream without this flag reads a corpus's files one after another)")
-    g.add_argument("--repeated-dataloader", action="store_true",
-                   help="always on here: each split's dataset holds every sample the run asks for, repeating "
-                        "files in new orders as needed, so the data iterator never runs out")
-    g.add_argument("--data-cache-path",
-                   help="no index cache is needed: the blend is arithmetic (computed from the file list, seed "
-                        "and seq length in milliseconds). With --sample-mode documents this directory holds the "
-                        "per-file document indices the ranks share (default: node-local /dev/shm)")
-    g.add_argument("--blend-epochs-warning", type=pos_float, default=4.0,
-                   help="the start-up blend report warns about every corpus repeated more than this many "
-                        "times (default 4)")
+    add_model_arguments(p)  # config/model.py: model, initialization
+    add_parallel_arguments(p)  # config/parallel.py
+    add_deepspeed_arguments(p)  # config/training.py: DeepSpeed, batch, schedule and optimizer, precision, run control
+    add_batch_arguments(p)
+    add_schedule_arguments(p)  # with config/optimizer_args.py's --optimizer, its hyperparameters and schedules
+    add_precision_arguments(p)
+    add_run_control_arguments(p)  # with config/checkpoint.py's and config/logging.py's profiler flags
+    add_tracking_arguments(p)  # config/logging.py
+    add_data_arguments(p)  # config/data.py
+    add_reliability_arguments(p)  # config/reliability.py
+    add_data_blend_arguments(p)  # config/data.py: per-split blends, corpus mixing, the blend report (issue #11)
 
     known = {option for action in p._actions for option in action.option_strings}
     g = p.add_argument_group("accepted for Megatron-DeepSpeed recipes, no effect here (kernel-fusion toggles, "
@@ -632,59 +350,6 @@ def _adopt_checkpoint_args(ns: argparse.Namespace, notices: list) -> None:
                                                                   "the flags already match the checkpoint"))
 
 
-def _resolve_model(ns: argparse.Namespace) -> TransformerConfig:
-    base = preset(ns.model_preset) if ns.model_preset else {}
-    fields = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_key_value_heads",
-              "seq_length", "max_position_embeddings", "make_vocab_size_divisible_by", "normalization",
-              "norm_epsilon", "swiglu", "rope_theta", "untie_embeddings_and_output_weights", "add_bias_linear",
-              "attention_dropout", "hidden_dropout", "init_method_std", "kv_channels")
-    values = dict(base)
-    values.update({k: getattr(ns, k) for k in fields if getattr(ns, k) is not None})
-    if ns.use_rotary_position_embeddings:
-        values["position_embedding_type"] = "rope"  # Megatron-DS: rotary turns learned positions off
-    elif ns.no_position_embedding:
-        values["position_embedding_type"] = "none"
-    elif ns.position_embedding_type:
-        values["position_embedding_type"] = ns.position_embedding_type
-    missing = [f"--{k.replace('_', '-')}" for k in ("num_layers", "hidden_size", "num_attention_heads", "seq_length")
-               if k not in values]
-    if missing:
-        raise ConfigError(f"{', '.join(missing)} required (or give --model-preset NAME)")
-    values["vocab_size"] = ns.vocab_size or 0
-    values["sequence_parallel"] = ns.sequence_parallel
-    values["attention_softmax_in_fp32"] = ns.attention_softmax_in_fp32
-    values["apply_layernorm_1p"] = ns.apply_layernorm_1p
-    values["squared_relu"] = ns.squared_relu
-    values["rotary_percent"] = ns.rotary_percent
-    values["fp32_residual_connection"] = ns.fp32_residual_connection
-    values["init_method"] = "xavier_uniform" if ns.init_method_xavier_uniform else "normal"
-    # Upstream's MLP: --openai-gelu's tanh GeLU; else the fused bias-GeLU (tanh) unless --no-bias-gelu-fusion or
-    # --disable-bias-linear turn the fusion off, leaving F.gelu (exact, erf).
-    fused = ns.bias_gelu_fusion and values.get("add_bias_linear", True)
-    values["gelu_approximation"] = "tanh" if ns.openai_gelu or fused else "none"
-    if ns.adjust_word_embedding_init:
-        values["word_embedding_init_std"] = ns.word_embedding_init_std
-    values.update(_recompute_settings(ns))
-    try:
-        model = TransformerConfig(**values)
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
-    for k in fields + ("position_embedding_type", "gelu_approximation", "init_method"):  # the run's final values
-        setattr(ns, k, getattr(model, k))
-    return model
-
-
-def _recompute_settings(ns: argparse.Namespace) -> dict:
-    """Megatron's recompute flags and the older --checkpoint-activations as the model's recompute fields."""
-    granularity = "selective" if ns.recompute_activations else ns.recompute_granularity
-    if granularity == "selective":
-        return dict(recompute_core_attention=True)
-    if granularity == "full":
-        return dict(checkpoint_activations=True, checkpoint_num_layers=ns.recompute_num_layers,
-                    recompute_method=ns.recompute_method or "uniform")
-    return dict(checkpoint_activations=ns.checkpoint_activations, checkpoint_num_layers=ns.checkpoint_num_layers)
-
-
 def _check_flags(ns: argparse.Namespace, typed: Optional[dict] = None) -> list[str]:
     typed = typed or {}
     errors = []
@@ -846,64 +511,11 @@ def parse_args(argv: Optional[list[str]] = None) -> RunConfig:
         raise ConfigError("invalid arguments:\n  - --fp32-residual-connection keeps the residual stream in fp32 "
                           "under --bf16 or --fp16 (as upstream requires); this run is fp32 already: drop the flag "
                           "or add --bf16")
-    model = _resolve_model(ns)
-    parallel = ParallelConfig(
-        tensor_model_parallel_size=ns.tensor_model_parallel_size,
-        pipeline_model_parallel_size=ns.pipeline_model_parallel_size, sequence_parallel=ns.sequence_parallel,
-        ds_sequence_parallel_size=ns.ds_sequence_parallel_size, no_pipeline_parallel=ns.no_pipeline_parallel,
-        distributed_backend=ns.distributed_backend)
-    data = DataConfig(
-        data_path=list(ns.data_path), data_file_list=ns.data_file_list, split=ns.split,
-        sample_mode=ns.sample_mode, document_shuffle_block=ns.document_shuffle_block, mock_data=ns.mock_data, tokenizer_type=ns.tokenizer_type,
-        tokenizer_model=ns.tokenizer_model, vocab_file=ns.vocab_file, merge_file=ns.merge_file,
-        vocab_size=ns.vocab_size, num_workers=ns.num_workers, multiprocessing_context=ns.multiprocessing_context,
-        trust_remote_code=ns.trust_remote_code, reset_position_ids=ns.reset_position_ids,
-        eod_mask_loss=ns.eod_mask_loss, reset_attention_mask=ns.reset_attention_mask,
-        train_data_path=list(ns.train_data_path),
-        valid_data_path=list(ns.valid_data_path), test_data_path=list(ns.test_data_path),
-        data_cache_path=ns.data_cache_path, blend_epochs_warning=ns.blend_epochs_warning)
-    optimizer = OptimizerConfig(
-        optimizer=ns.optimizer, lr=ns.lr, min_lr=ns.min_lr, weight_decay=ns.weight_decay, clip_grad=ns.clip_grad,
-        adam_beta1=ns.adam_beta1, adam_beta2=ns.adam_beta2, adam_eps=ns.adam_eps, sgd_momentum=ns.sgd_momentum,
-        lr_decay_style=ns.lr_decay_style, lr_decay_iters=ns.lr_decay_iters, lr_warmup_iters=ns.lr_warmup_iters or 0,
-        lr_warmup_fraction=ns.lr_warmup_fraction, lr_wsd_decay_fraction=ns.lr_wsd_decay_fraction,
-        lr_wsd_decay_style=ns.lr_wsd_decay_style, **optimizer_config_values(ns))
-    precision = PrecisionConfig(
-        bf16=ns.bf16, fp16=ns.fp16, loss_scale=ns.loss_scale, initial_loss_scale=ns.initial_loss_scale,
-        loss_scale_window=ns.loss_scale_window, hysteresis=ns.hysteresis, min_loss_scale=ns.min_loss_scale,
-        accumulate_allreduce_grads_in_fp32=ns.accumulate_allreduce_grads_in_fp32)
-    zero = ZeroConfig(
-        deepspeed=True, deepspeed_config=ns.deepspeed_config, zero_stage=ns.zero_stage,
-        cpu_optimizer=ns.cpu_optimizer, offload_param=ns.remote_device == "cpu",
-        universal_checkpoint=ns.universal_checkpoint)
-    training = TrainingConfig(
-        micro_batch_size=ns.micro_batch_size, global_batch_size=ns.global_batch_size,
-        rampup_batch_size=list(ns.rampup_batch_size) if ns.rampup_batch_size else None,
-        train_iters=ns.train_iters, train_samples=ns.train_samples, train_tokens=ns.train_tokens,
-        eval_interval=ns.eval_interval, eval_iters=ns.eval_iters, seed=ns.seed,
-        data_parallel_random_init=ns.data_parallel_random_init, exit_interval=ns.exit_interval,
-        exit_duration_in_mins=ns.exit_duration_in_mins, exit_signal_handler=ns.exit_signal_handler,
-        empty_unused_memory_level=ns.empty_unused_memory_level,
-        optimizer=optimizer, precision=precision, zero=zero)
-    checkpoint = CheckpointConfig(save=ns.save, save_interval=ns.save_interval, load=ns.load,
-                                  no_load_optim=ns.no_load_optim, no_load_rng=ns.no_load_rng, finetune=ns.finetune,
-                                  no_save_optim=ns.no_save_optim, no_save_rng=ns.no_save_rng,
-                                  no_load_lr_state=ns.no_load_lr_state, load_tag=ns.load_tag,
-                                  use_checkpoint_args=ns.use_checkpoint_args)
-    logging = LoggingConfig(log_interval=ns.log_interval, tensorboard_dir=ns.tensorboard_dir,
-                            log_timers_to_tensorboard=ns.log_timers_to_tensorboard,
-                            wandb_project=ns.wandb_project, wandb_exp_name=ns.wandb_exp_name,
-                            wandb_save_dir=ns.wandb_save_dir, peak_tflops=ns.peak_tflops,
-                            log_params_norm=ns.log_params_norm,
-                            tensorboard_queue_size=ns.tensorboard_queue_size,
-                            tensorboard_log_interval=ns.tensorboard_log_interval,
-                            log_learning_rate_to_tensorboard=ns.log_learning_rate_to_tensorboard,
-                            log_loss_scale_to_tensorboard=ns.log_loss_scale_to_tensorboard,
-                            log_world_size_to_tensorboard=ns.log_world_size_to_tensorboard,
-                            log_optimizer_states_to_tensorboard=ns.log_optimizer_states_to_tensorboard,
-                            timing_log_level=ns.timing_log_level, timing_log_option=ns.timing_log_option)
-    return RunConfig(model=model, parallel=parallel, data=data, training=training, checkpoint=checkpoint,
-                     logging=logging, args=dict(vars(ns)), reliability=reliability_from_args(ns), notices=notices)
+    model = model_from_args(ns)  # first: it sets the model flags' final values on ns
+    return RunConfig(model=model, parallel=parallel_from_args(ns), data=data_from_args(ns),
+                     training=training_from_args(ns), checkpoint=checkpoint_from_args(ns),
+                     logging=logging_from_args(ns), args=dict(vars(ns)), reliability=reliability_from_args(ns),
+                     profiling=profiling_from_args(ns), notices=notices)
 
 
 # ---- derived values ------------------------------------------------------------------------------

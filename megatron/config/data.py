@@ -1,9 +1,13 @@
-"""Where tokens come from: the blend of tokenized files, the split, the tokenizer, and mock data."""
+"""Where tokens come from: the blend of tokenized files, the split, the tokenizer, and mock data; the data flags
+(`add_data_arguments`, `add_data_blend_arguments`) and `data_from_args`."""
 
 from __future__ import annotations
 
+import argparse
 from dataclasses import dataclass, field
 from typing import Optional
+
+from megatron.config.argtypes import non_negative_int, pos_float, pos_int
 
 
 @dataclass
@@ -41,3 +45,77 @@ class DataConfig:
     reset_position_ids: bool = False
     reset_attention_mask: bool = False  # attention causal within each document (a new one after each EOD)
     eod_mask_loss: bool = False
+
+
+def add_data_arguments(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("data")
+    g.add_argument("--data-path", nargs="*", default=[], help="PREFIX, or W1 PREFIX1 W2 PREFIX2 ...")
+    g.add_argument("--data-file-list", help="file of 'weight prefix [corpus]' lines")
+    g.add_argument("--split", default=DataConfig.split)
+    g.add_argument("--sample-mode", choices=("samples", "documents"), default="samples")
+    g.add_argument("--document-shuffle-block", type=non_negative_int, default=DataConfig.document_shuffle_block,
+                   metavar="N",
+                   help="--sample-mode documents: a file with more than N documents in a split is shuffled each "
+                        "epoch in blocks of N consecutive documents (cut at a new place each epoch), the blocks in "
+                        "a shuffled order and the documents in a shuffled order inside each block, so that a "
+                        "sample costs O(N + documents / N) to place, not a shuffle of the whole file. 0: one "
+                        "shuffle of all the file's documents, Megatron's distribution (a full index per file and "
+                        "epoch). Files of at most N documents get that one shuffle either way")
+    g.add_argument("--mock-data", action="store_true", help="random tokens, no corpus (needs --vocab-size)")
+    g.add_argument("--tokenizer-type")
+    g.add_argument("--tokenizer-model")
+    g.add_argument("--vocab-file")
+    g.add_argument("--merge-file")
+    g.add_argument("--vocab-size", type=pos_int)
+    g.add_argument("--num-workers", type=int, default=2)
+    g.add_argument("--multiprocessing-context", choices=("fork", "spawn", "forkserver"), default="fork",
+                   help="how DataLoader workers (--num-workers > 0) start (default fork, as upstream)")
+    g.add_argument("--trust-remote-code", action="store_true",
+                   help="HFTokenizer: let transformers run Python code shipped with the tokenizer directory "
+                        "(custom tokenizer classes); off by default")
+    g.add_argument("--eod-mask-loss", action="store_true")
+    g.add_argument("--reset-position-ids", action="store_true")
+    g.add_argument("--reset-attention-mask", action="store_true",
+                   help="attention is causal within each document: a token never attends to tokens before the "
+                        "last EOD preceding it (needs a tokenizer with an EOD token; not with "
+                        "--ds-sequence-parallel-size > 1). SDPA then takes an explicit [b, 1, s, s] mask, which "
+                        "rules out its flash kernel")
+    g.add_argument("--data-impl", choices=("mmap", "infer", "lazy", "cached"), default="infer",
+                   help="the only format is MMIDIDX (.bin/.idx): mmap or infer")
+    g.add_argument("--dataloader-type", choices=("single", "cyclic"), default="single",
+                   help="single: one pass over the blended index (cyclic is not supported)")
+
+
+def add_data_blend_arguments(parser: argparse.ArgumentParser) -> None:
+    """Per-split blends, corpus mixing, index sharing, the blend report (issue #11)."""
+    g = parser.add_argument_group("data: per-split blends and the blend report")
+    for split in ("train", "valid", "test"):
+        g.add_argument(f"--{split}-data-path", nargs="*", default=[],
+                       help=f"the {split} split's own blend (PREFIX, or W1 PREFIX1 ...), whole files; replaces "
+                            "--data-path/--data-file-list and --split")
+    g.add_argument("--shuffle-sample-in-corpus", action="store_true",
+                   help="always on here: the blend interleaves every corpus's files sample by sample over the "
+                        "whole run (upstream without this flag reads a corpus's files one after another)")
+    g.add_argument("--repeated-dataloader", action="store_true",
+                   help="always on here: each split's dataset holds every sample the run asks for, repeating "
+                        "files in new orders as needed, so the data iterator never runs out")
+    g.add_argument("--data-cache-path",
+                   help="no index cache is needed: the blend is arithmetic (computed from the file list, seed "
+                        "and seq length in milliseconds). With --sample-mode documents this directory holds the "
+                        "per-file document indices the ranks share (default: node-local /dev/shm)")
+    g.add_argument("--blend-epochs-warning", type=pos_float, default=4.0,
+                   help="the start-up blend report warns about every corpus repeated more than this many "
+                        "times (default 4)")
+
+
+def data_from_args(ns: argparse.Namespace) -> DataConfig:
+    return DataConfig(
+        data_path=list(ns.data_path), data_file_list=ns.data_file_list, split=ns.split,
+        sample_mode=ns.sample_mode, document_shuffle_block=ns.document_shuffle_block, mock_data=ns.mock_data, tokenizer_type=ns.tokenizer_type,
+        tokenizer_model=ns.tokenizer_model, vocab_file=ns.vocab_file, merge_file=ns.merge_file,
+        vocab_size=ns.vocab_size, num_workers=ns.num_workers, multiprocessing_context=ns.multiprocessing_context,
+        trust_remote_code=ns.trust_remote_code, reset_position_ids=ns.reset_position_ids,
+        eod_mask_loss=ns.eod_mask_loss, reset_attention_mask=ns.reset_attention_mask,
+        train_data_path=list(ns.train_data_path),
+        valid_data_path=list(ns.valid_data_path), test_data_path=list(ns.test_data_path),
+        data_cache_path=ns.data_cache_path, blend_epochs_warning=ns.blend_epochs_warning)

@@ -3,13 +3,21 @@
 `TransformerConfig` holds what defines the weights (sizes, norm, MLP kind, positions,
 attention layout) and the per-run numerics that the model itself applies (dropout,
 init std, Megatron sequence parallelism, activation recomputation).
+
+The model's command-line flags (`add_model_arguments`) and the flags → TransformerConfig builder
+(`model_from_args`, presets included) are at the end; config/arguments.py calls them.
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 from dataclasses import dataclass
 from typing import Optional
+
+from megatron.config.argtypes import pos_float, pos_int
+from megatron.config.presets import preset
+from megatron.errors import ConfigError
 
 NORMALIZATIONS = ("layernorm", "rmsnorm")
 POSITION_EMBEDDING_TYPES = ("learned_absolute", "rope", "none")
@@ -189,3 +197,119 @@ class TransformerConfig:
     def from_dict(cls, d: dict) -> "TransformerConfig":
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in known})
+
+
+# ---- flags (config/arguments.py's build_parser calls these in --help's order) ----------------------
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """The "model" and "initialization" groups. Shape flags default to None so --model-preset can fill them."""
+    g = parser.add_argument_group("model (explicit flags win over --model-preset)")
+    g.add_argument("--model-preset", help="named shape from megatron/config/presets.py (tiny, llama2-7b, ...)")
+    g.add_argument("--num-layers", type=pos_int)
+    g.add_argument("--hidden-size", type=pos_int)
+    g.add_argument("--ffn-hidden-size", type=pos_int,
+                   help="default 4h, or with --swiglu Megatron's int(8h/3/64)*64")
+    g.add_argument("--num-attention-heads", type=pos_int)
+    g.add_argument("--num-key-value-heads", "--num-query-groups", dest="num_key_value_heads", type=pos_int,
+                   help="fewer than heads: grouped-query attention")
+    g.add_argument("--seq-length", type=pos_int, help="required (a --model-preset fills it)")
+    g.add_argument("--max-position-embeddings", type=pos_int, help="default --seq-length")
+    g.add_argument("--make-vocab-size-divisible-by", type=pos_int, help="default 128")
+    g.add_argument("--normalization", choices=("layernorm", "rmsnorm"))
+    g.add_argument("--norm-epsilon", "--layernorm-epsilon", dest="norm_epsilon", type=pos_float)
+    g.add_argument("--swiglu", action="store_const", const=True)
+    g.add_argument("--use-rotary-position-embeddings", action="store_true")
+    g.add_argument("--no-position-embedding", action="store_true", help="no learned absolute positions")
+    g.add_argument("--position-embedding-type", choices=("learned_absolute", "rope", "none"))
+    g.add_argument("--rotary-position-embeddings-theta", "--rope-theta", dest="rope_theta", type=pos_float)
+    g.add_argument("--untie-embeddings-and-output-weights", action="store_const", const=True)
+    g.add_argument("--disable-bias-linear", dest="add_bias_linear", action="store_const", const=False)
+    g.add_argument("--attention-dropout", type=float)
+    g.add_argument("--hidden-dropout", type=float)
+    g.add_argument("--kv-channels", type=pos_int, help="attention head size; default hidden / heads")
+    g.add_argument("--apply-layernorm-1p", action="store_true",
+                   help="LayerNorm weights centred on zero: the gain is 1 + weight (weight starts at 0)")
+    g.add_argument("--squared-relu", action="store_true", help="MLP activation relu(x)² instead of GeLU")
+    g.add_argument("--openai-gelu", action="store_true",
+                   help="GeLU MLP: the tanh approximation (OpenAI's GPT-2 GeLU), even where --no-bias-gelu-fusion "
+                        "or --disable-bias-linear would select the exact one")
+    g.add_argument("--no-bias-gelu-fusion", dest="bias_gelu_fusion", action="store_false",
+                   help="GeLU MLP: the exact (erf) GeLU, upstream's unfused F.gelu. Without it (and with biases) "
+                        "the GeLU is upstream's fused bias-GeLU, the tanh approximation; --disable-bias-linear "
+                        "turns the fusion off too. SwiGLU and squared-ReLU MLPs are unaffected")
+    g.add_argument("--rotary-percent", type=float, default=1.0,
+                   help="RoPE rotates only the first int(head dim × this) dims of each head (even), the rest "
+                        "pass through (partial rotary, as GPT-NeoX); default 1.0. Hugging Face export refuses "
+                        "values < 1 (LlamaForCausalLM rotates whole heads)")
+    g.add_argument("--attention-softmax-in-fp32", action="store_true",
+                   help="compute attention (scores, softmax, weighted sum) in fp32 under --bf16/--fp16")
+
+    g = parser.add_argument_group("initialization")
+    g.add_argument("--init-method-std", type=pos_float, help="std of the normal init of weights; default 0.02")
+    g.add_argument("--adjust-word-embedding-init", action="store_true",
+                   help="initialise the word embeddings with --word-embedding-init-std instead")
+    g.add_argument("--word-embedding-init-std", type=pos_float, default=0.02,
+                   help="with --adjust-word-embedding-init (default 0.02)")
+    g.add_argument("--init-method-xavier-uniform", action="store_true",
+                   help="initialise every weight matrix (qkv, attention output, MLP, word and position embeddings, "
+                        "untied output layer) Xavier-uniform over its full shape instead of normal(0, "
+                        "--init-method-std) (output projections unscaled); --adjust-word-embedding-init still "
+                        "sets the word embeddings' std")
+    g.add_argument("--data-parallel-random-init", action="store_true",
+                   help="seed each data-parallel rank's torch generators (dropout) with seed + 10 × dp rank "
+                        "(upstream's offset), so replicas draw different dropout masks; the weights stay identical "
+                        "on every dp rank (as upstream's broadcast from dp rank 0 leaves them)")
+
+
+def model_from_args(ns: argparse.Namespace) -> TransformerConfig:
+    """The TransformerConfig the flags (over --model-preset) describe; sets the final values back on `ns`, so the
+    run's saved arguments hold them rather than the None a flag defaulted to."""
+    base = preset(ns.model_preset) if ns.model_preset else {}
+    fields = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_key_value_heads",
+              "seq_length", "max_position_embeddings", "make_vocab_size_divisible_by", "normalization",
+              "norm_epsilon", "swiglu", "rope_theta", "untie_embeddings_and_output_weights", "add_bias_linear",
+              "attention_dropout", "hidden_dropout", "init_method_std", "kv_channels")
+    values = dict(base)
+    values.update({k: getattr(ns, k) for k in fields if getattr(ns, k) is not None})
+    if ns.use_rotary_position_embeddings:
+        values["position_embedding_type"] = "rope"  # Megatron-DS: rotary turns learned positions off
+    elif ns.no_position_embedding:
+        values["position_embedding_type"] = "none"
+    elif ns.position_embedding_type:
+        values["position_embedding_type"] = ns.position_embedding_type
+    missing = [f"--{k.replace('_', '-')}" for k in ("num_layers", "hidden_size", "num_attention_heads", "seq_length")
+               if k not in values]
+    if missing:
+        raise ConfigError(f"{', '.join(missing)} required (or give --model-preset NAME)")
+    values["vocab_size"] = ns.vocab_size or 0
+    values["sequence_parallel"] = ns.sequence_parallel
+    values["attention_softmax_in_fp32"] = ns.attention_softmax_in_fp32
+    values["apply_layernorm_1p"] = ns.apply_layernorm_1p
+    values["squared_relu"] = ns.squared_relu
+    values["rotary_percent"] = ns.rotary_percent
+    values["fp32_residual_connection"] = ns.fp32_residual_connection
+    values["init_method"] = "xavier_uniform" if ns.init_method_xavier_uniform else "normal"
+    # Upstream's MLP: --openai-gelu's tanh GeLU; else the fused bias-GeLU (tanh) unless --no-bias-gelu-fusion or
+    # --disable-bias-linear turn the fusion off, leaving F.gelu (exact, erf).
+    fused = ns.bias_gelu_fusion and values.get("add_bias_linear", True)
+    values["gelu_approximation"] = "tanh" if ns.openai_gelu or fused else "none"
+    if ns.adjust_word_embedding_init:
+        values["word_embedding_init_std"] = ns.word_embedding_init_std
+    values.update(_recompute_settings(ns))
+    try:
+        model = TransformerConfig(**values)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    for k in fields + ("position_embedding_type", "gelu_approximation", "init_method"):  # the run's final values
+        setattr(ns, k, getattr(model, k))
+    return model
+
+
+def _recompute_settings(ns: argparse.Namespace) -> dict:
+    """Megatron's recompute flags and the older --checkpoint-activations as the model's recompute fields."""
+    granularity = "selective" if ns.recompute_activations else ns.recompute_granularity
+    if granularity == "selective":
+        return dict(recompute_core_attention=True)
+    if granularity == "full":
+        return dict(checkpoint_activations=True, checkpoint_num_layers=ns.recompute_num_layers,
+                    recompute_method=ns.recompute_method or "uniform")
+    return dict(checkpoint_activations=ns.checkpoint_activations, checkpoint_num_layers=ns.checkpoint_num_layers)

@@ -1,14 +1,17 @@
 """How the job is split: tensor-, pipeline-, data- and sequence-parallel sizes and the comm backend.
 
 `validate_layout` checks a layout against the world size and the model before any
-process group is made, naming the flags to change.
+process group is made, naming the flags to change. `add_parallel_arguments` declares the flags,
+`parallel_from_args` builds the ParallelConfig from them.
 """
 
 from __future__ import annotations
 
+import argparse
 from dataclasses import dataclass
 from typing import Optional
 
+from megatron.config.argtypes import pos_int
 from megatron.config.model import TransformerConfig
 
 
@@ -105,3 +108,23 @@ def validate_layout(world_size: int, parallel: ParallelConfig, model: Optional[T
     errors = layout_errors(world_size, parallel, model)
     if errors:
         raise ValueError("invalid parallel layout:\n  - " + "\n  - ".join(errors))
+
+
+def add_parallel_arguments(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("parallelism")
+    g.add_argument("--tensor-model-parallel-size", type=pos_int, default=1)
+    g.add_argument("--pipeline-model-parallel-size", type=pos_int, default=1)
+    g.add_argument("--no-pipeline-parallel", action="store_true",
+                   help="train without DeepSpeed's pipeline engine (set for you with --zero-stage 2/3)")
+    g.add_argument("--sequence-parallel", action="store_true", help="Megatron sequence parallelism (needs tp > 1)")
+    g.add_argument("--ds-sequence-parallel-size", type=pos_int, default=1, help="DeepSpeed-Ulysses group size")
+    g.add_argument("--distributed-backend", choices=("nccl", "gloo", "ccl", "xccl", "mpi", "hccl"),
+                   help="default: picked from the device")
+
+
+def parallel_from_args(ns: argparse.Namespace) -> ParallelConfig:
+    return ParallelConfig(
+        tensor_model_parallel_size=ns.tensor_model_parallel_size,
+        pipeline_model_parallel_size=ns.pipeline_model_parallel_size, sequence_parallel=ns.sequence_parallel,
+        ds_sequence_parallel_size=ns.ds_sequence_parallel_size, no_pipeline_parallel=ns.no_pipeline_parallel,
+        distributed_backend=ns.distributed_backend)

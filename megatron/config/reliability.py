@@ -11,6 +11,8 @@ import signal
 from dataclasses import dataclass
 from typing import Optional
 
+from megatron.config.argtypes import non_negative_int, pos_float, pos_int
+
 EXIT_SIGNALS = ("SIGTERM", "SIGUSR1", "SIGUSR2", "SIGINT", "SIGHUP")
 
 
@@ -40,26 +42,10 @@ def _signal_list(text: str) -> tuple:
     return names
 
 
-def _positive(kind):
-    def convert(text):
-        value = kind(text)
-        if value <= 0:
-            raise argparse.ArgumentTypeError(f"must be positive (got {text})")
-        return value
-    return convert
-
-
-def _non_negative_int(text):
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0 (got {text})")
-    return value
-
-
 def add_reliability_arguments(parser: argparse.ArgumentParser) -> None:
     d = ReliabilityConfig()
     g = parser.add_argument_group("fault handling (see docs/RELIABILITY.md)")
-    g.add_argument("--distributed-timeout-minutes", type=_positive(float), default=d.distributed_timeout_minutes,
+    g.add_argument("--distributed-timeout-minutes", type=pos_float, default=d.distributed_timeout_minutes,
                    help="a collective that waits longer than this fails (every process group, ours and "
                         "DeepSpeed's); the job then exits naming the ranks that stopped answering")
     g.add_argument("--exit-signal", type=_signal_list, default=",".join(d.exit_signals), dest="exit_signals",
@@ -70,21 +56,21 @@ def add_reliability_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--check-for-nan-in-loss-and-grad", dest="check_for_nan_in_loss_and_grad",
                    action="store_true", default=True, help="(the default) skip a step whose loss or grad norm "
                    "is NaN/Inf, and stop after --max-consecutive-nan-steps of them")
-    g.add_argument("--max-consecutive-nan-steps", type=_positive(int), default=d.max_consecutive_nan_steps,
+    g.add_argument("--max-consecutive-nan-steps", type=pos_int, default=d.max_consecutive_nan_steps,
                    help="after this many consecutive NaN/Inf steps, save the last good state and stop")
-    g.add_argument("--hang-watchdog-factor", type=_positive(float), default=d.hang_watchdog_factor,
+    g.add_argument("--hang-watchdog-factor", type=pos_float, default=d.hang_watchdog_factor,
                    help="a step longer than this times the recent median (and --hang-watchdog-min-seconds) "
                         "is a hang: every rank's last phase is printed and the job exits")
-    g.add_argument("--hang-watchdog-min-seconds", type=_positive(float), default=d.hang_watchdog_min_seconds)
+    g.add_argument("--hang-watchdog-min-seconds", type=pos_float, default=d.hang_watchdog_min_seconds)
     g.add_argument("--exit-on-missing-checkpoint", action="store_true",
                    help="with --load: no checkpoint there (or none that verifies) is an error instead of a "
                         "start from scratch (or a fall back to an older checkpoint)")
     g.add_argument("--no-checkpoint-fallback", action="store_true",
                    help="with --load: a newest checkpoint that fails verification is an error, not a fall back "
                         "to the newest one that verifies")
-    g.add_argument("--keep-last-n-checkpoints", type=_positive(int),
+    g.add_argument("--keep-last-n-checkpoints", type=pos_int,
                    help="after each save keep only the newest N checkpoints (never the only verified one)")
-    g.add_argument("--checkpoint-io-retries", type=_non_negative_int, default=d.io_retries, dest="io_retries",
+    g.add_argument("--checkpoint-io-retries", type=non_negative_int, default=d.io_retries, dest="io_retries",
                    help="retries (with doubling waits) of a checkpoint or data read failing with EIO/ESTALE/EAGAIN")
 
 

@@ -285,7 +285,7 @@ def build_lr_scheduler(optimizer, run: RunConfig, dp_size: Optional[int] = None)
     sets `schedule.increment = global_batch_size_at(...)` whenever the batch grows). `dp_size` is needed
     only when the length comes from --train-samples/--train-tokens without --global-batch-size."""
     opt = run.training.optimizer
-    in_samples = run.args.get("lr_decay_samples") is not None or bool(run.args.get("lr_warmup_samples"))
+    in_samples = opt.lr_decay_samples is not None or bool(opt.lr_warmup_samples)
     if dp_size is None:
         if run.training.rampup_batch_size or (run.training.global_batch_size is None
                                               and (run.training.train_iters is None or in_samples)):
@@ -293,8 +293,8 @@ def build_lr_scheduler(optimizer, run: RunConfig, dp_size: Optional[int] = None)
                               "samples/tokens without --global-batch-size")
         dp_size = 1  # unused: every size below comes from --global-batch-size or --train-iters
     if run.training.rampup_batch_size or in_samples:  # the schedule counts samples (Megatron's sample-based runs)
-        decay = run.args.get("lr_decay_samples") or train_samples(run, dp_size)
-        warmup = run.args.get("lr_warmup_samples") or 0
+        decay = opt.lr_decay_samples or train_samples(run, dp_size)
+        warmup = opt.lr_warmup_samples or 0
         increment = global_batch_size_at(run, 0, dp_size)
         run_length = train_samples(run, dp_size)
     else:

@@ -56,7 +56,7 @@ def generate_deepspeed_config(run: RunConfig, dp_size: int, device_type: Optiona
         "gradient_clipping": t.optimizer.clip_grad,
         "steps_per_print": STEPS_PER_PRINT,
         # DeepSpeed's own timers measure the dp gradient reduction for --timing-log-level >= 1 (training/timers.py)
-        "wall_clock_breakdown": int(run.args.get("timing_log_level") or 0) >= 1,
+        "wall_clock_breakdown": run.logging.timing_log_level >= 1,
         "zero_allow_untested_optimizer": True,  # the loop hands in torch SGD as well as AdamW
         "zero_optimization": _zero_section(run, accelerator),
     }
@@ -87,11 +87,11 @@ def _zero_section(run: RunConfig, accelerator: bool) -> dict:
     section = {"stage": deepspeed_zero_stage(run)}  # 0 when the optimizer partitions its state itself
     if section["stage"] == 0:
         return section
-    bucket = int(run.args.get("zero_reduce_bucket_size") or DEFAULT_BUCKET_SIZE)
+    bucket = zero.reduce_bucket_size or DEFAULT_BUCKET_SIZE
     section.update({"contiguous_gradients": True, "overlap_comm": accelerator, "reduce_scatter": True,
                     "reduce_bucket_size": bucket})
     if zero.zero_stage < 3:
-        section["allgather_bucket_size"] = int(run.args.get("zero_allgather_bucket_size") or DEFAULT_BUCKET_SIZE)
+        section["allgather_bucket_size"] = zero.allgather_bucket_size or DEFAULT_BUCKET_SIZE
     if zero.cpu_optimizer:
         section["offload_optimizer"] = {"device": "cpu", "pin_memory": accelerator}
     if zero.offload_param:

@@ -302,11 +302,10 @@ def train(run: RunConfig, ps: ParallelState, device: torch.device, tracker: Opti
 
         log = IntervalLog(run, ps, device, tracker, total_iters, printer, timers)
         last_saved = iteration if checkpointer.resuming else None
-        skipper = IterationSkipper(run.args.get("train_iters_to_skip"), run.args.get("train_range_to_skip"))
-        profiler = StepProfiler(run.args.get("profile"), run.args.get("profile_steps") or "2,3",
-                                run.args.get("profile_ranks"), run.args.get("trace_dir") or "./trace/", ps.rank,
-                                ps.world_size, device)
-        skip_train = bool(run.args.get("skip_train"))
+        skipper = IterationSkipper(run.training.train_iters_to_skip, run.training.train_range_to_skip)
+        profiler = StepProfiler(run.profiling.profile, run.profiling.profile_steps, run.profiling.profile_ranks,
+                                run.profiling.trace_dir, ps.rank, ps.world_size, device)
+        skip_train = run.training.skip_train
         with exits:
             while iteration < total_iters and not skip_train:
                 te.set_global_batch_size(global_batch_size_at(run, consumed, dp))  # batch ramp-up
@@ -362,8 +361,8 @@ def train(run: RunConfig, ps: ParallelState, device: torch.device, tracker: Opti
                     if ps.rank == 0:
                         printer(f"exiting at iteration {iteration}: {decision.reason}")
                     break
-                if kill_switch_found(run.args.get("kill_switch_file"), device):
-                    result.exit_reason = f"found the kill switch file {run.args['kill_switch_file']}"
+                if kill_switch_found(run.training.kill_switch_file, device):
+                    result.exit_reason = f"found the kill switch file {run.training.kill_switch_file}"
                     if ps.rank == 0:
                         printer(f"exiting at iteration {iteration}: {result.exit_reason}")
                     break
