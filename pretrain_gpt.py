@@ -38,7 +38,8 @@ def main(argv: list[str] | None = None) -> int:
 
     Errors that are the same on every rank (flags, layout, LR schedule) are printed by rank 0 only.
     """
-    from megatron.config.arguments import ConfigError, parse_args
+    from megatron.cli import parse_args
+    from megatron.errors import ConfigError
 
     from megatron.data.data_list import DataListError
     from megatron.training.preflight import check_data_lists

@@ -82,7 +82,7 @@ def train_cases(rank: int, world_size: int, cases: list[tuple[str, list[str]]]) 
 
     deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
     make_mock_data_learnable()
-    from megatron.config.arguments import parse_args
+    from megatron.cli import parse_args
     from megatron.distributed.parallel_state import ParallelState
     from megatron.training.loop import train
 
@@ -170,7 +170,7 @@ def logged_cases(rank: int, world_size: int, cases: list[tuple[str, list[str]]])
     import torch
 
     deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
-    from megatron.config.arguments import parse_args
+    from megatron.cli import parse_args
     from megatron.distributed.parallel_state import ParallelState
     from megatron.training.loop import train
 
@@ -198,7 +198,8 @@ def checkpoint_flag_cases(rank: int, world_size: int, cases: list[tuple[str, lis
     deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
     import megatron.distributed.device as device_module
     from megatron.errors import CheckpointError
-    from megatron.config.arguments import ConfigError, parse_args
+    from megatron.cli import parse_args
+    from megatron.errors import ConfigError
     from megatron.distributed.parallel_state import ParallelState
     from megatron.training.loop import train
 

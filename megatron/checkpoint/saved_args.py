@@ -20,6 +20,8 @@ _MODEL_STATES = ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_
 def checkpoint_directory(load_dir: str, tag: Optional[str] = None) -> Optional[str]:
     """The checkpoint directory --load (and --load-tag) name; None when --load holds no checkpoint yet."""
     named_by = f"--load-tag {tag}"
+    if tag is None and any(os.path.isfile(os.path.join(load_dir, n)) for n in _MODEL_STATES):
+        return load_dir  # --load names one checkpoint directory itself
     if tag is None:
         if not os.path.isdir(load_dir):
             return None
@@ -37,15 +39,15 @@ def checkpoint_directory(load_dir: str, tag: Optional[str] = None) -> Optional[s
 def read_saved_args(directory: str) -> dict:
     """The `args` the checkpoint in `directory` was saved with, as a dict; a CheckpointError naming the file when
     it has none."""
-    import torch
-
     path = next((os.path.join(directory, n) for n in _MODEL_STATES if os.path.isfile(os.path.join(directory, n))),
                 None)
     if path is None:
         raise CheckpointError(f"--use-checkpoint-args: {directory} has none of {', '.join(_MODEL_STATES)}, so it "
                               "records no arguments; give the model flags yourself and drop --use-checkpoint-args")
+    from megatron.checkpoint.zero_shards import load_mmap
+
     try:
-        state = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+        state = load_mmap(path, remember=True)  # a resume that follows describes the same file without reading it
     except Exception as error:  # pickle, zip and OS errors alike: the file cannot be read
         raise CheckpointError(f"--use-checkpoint-args: {path} cannot be read ({type(error).__name__}: {error})") \
             from None
@@ -56,3 +58,15 @@ def read_saved_args(directory: str) -> dict:
         raise CheckpointError(f"--use-checkpoint-args: {path} records no arguments; give the model flags yourself "
                               "and drop --use-checkpoint-args")
     return dict(args)
+
+
+def saved_args_of(load_dir: str, tag: Optional[str] = None) -> Optional[tuple[str, dict]]:
+    """(checkpoint directory, its saved arguments) for --use-checkpoint-args (megatron.cli hands this to
+    config's parse_args); None when --load holds no checkpoint yet. Errors are ConfigErrors naming the flag."""
+    from megatron.errors import ConfigError
+
+    try:
+        directory = checkpoint_directory(load_dir, tag)
+        return None if directory is None else (directory, read_saved_args(directory))
+    except CheckpointError as error:
+        raise ConfigError(str(error)) from None

@@ -313,17 +313,16 @@ _CHECKPOINT_ARGS_ALWAYS = ("position_embedding_type", "rotary_percent", "add_bia
                            "pipeline_model_parallel_size")
 
 
-def _adopt_checkpoint_args(ns: argparse.Namespace, notices: list) -> None:
+def _adopt_checkpoint_args(ns: argparse.Namespace, notices: list, read_saved_args) -> None:
     """--use-checkpoint-args: fill the model shape and the tp/pp sizes from the arguments saved in the --load
-    checkpoint (--load-tag's, else the pointer's); a --load without a checkpoint yet keeps the flags, as upstream."""
-    from megatron.errors import CheckpointError
-    from megatron.checkpoint.saved_args import checkpoint_directory, read_saved_args
-
-    try:
-        directory = checkpoint_directory(ns.load, ns.load_tag)
-        saved = read_saved_args(directory) if directory else None
-    except CheckpointError as error:
-        raise ConfigError(str(error)) from None
+    checkpoint (--load-tag's, else the pointer's); a --load without a checkpoint yet keeps the flags, as upstream.
+    `read_saved_args(load, load_tag) -> (directory, args) | None` reads them (megatron.cli passes the checkpoint
+    package's reader: config/ imports no package above it)."""
+    if read_saved_args is None:
+        raise ConfigError("--use-checkpoint-args: this caller of megatron.config.parse_args reads no checkpoint; "
+                          "parse with megatron.cli.parse_args (as pretrain_gpt.py does)")
+    found = read_saved_args(ns.load, ns.load_tag)
+    directory, saved = found if found is not None else (None, None)
     if saved is None:
         notices.append(f"--use-checkpoint-args: --load {ns.load} holds no checkpoint yet; the flags given are used")
         return
@@ -468,11 +467,12 @@ def _check_flags(ns: argparse.Namespace, typed: Optional[dict] = None) -> list[s
     return errors
 
 
-def parse_args(argv: Optional[list[str]] = None) -> RunConfig:
+def parse_args(argv: Optional[list[str]] = None, read_saved_args=None) -> RunConfig:
     """Parse Megatron-DeepSpeed flags into a RunConfig; raises ConfigError naming the flag and the fix.
 
     Every problem is reported at once (unknown flags, bad values, refused flags, conflicts), each flag
-    spelled as the user typed it."""
+    spelled as the user typed it. read_saved_args: how --use-checkpoint-args reads a checkpoint's arguments
+    (megatron.cli.parse_args passes it; see _adopt_checkpoint_args)."""
     parser = build_parser()
     typed_argv = list(sys.argv[1:] if argv is None else argv)
     argv = _normalize(typed_argv)
@@ -483,7 +483,7 @@ def parse_args(argv: Optional[list[str]] = None) -> RunConfig:
     ns, errors = _parse_collecting(parser, argv, typed)
     notices = []
     if ns.use_checkpoint_args and ns.load and not errors:
-        _adopt_checkpoint_args(ns, notices)
+        _adopt_checkpoint_args(ns, notices, read_saved_args)
     errors += _check_flags(ns, typed)
     if errors:
         raise ConfigError("invalid arguments:\n  - " + "\n  - ".join(errors))
