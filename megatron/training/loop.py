@@ -241,161 +241,204 @@ def train(run: RunConfig, ps: ParallelState, device: torch.device, tracker: Opti
     """Train `run` on this rank (collective: every rank of `ps` calls it). Returns the losses of this call."""
     validate_run(run, ps.world_size)
     run, tokenizer = resolve_vocab(run)
-    t, ckpt, rel = run.training, run.checkpoint, run.reliability
-    dp = ps.dp_size
-    total_iters = train_iters(run, dp)
-    final_batch = global_batch_size(run, dp)
-    # Refuse what would fail later, before the (slow, collective) model build: the LR schedule's shape, what a
+    # Refuse what would fail later before the (slow, collective) model build: the LR schedule's shape, what a
     # resume cannot do (checkpoint.resume plans it), the save directory, and what the engine cannot run.
-    check_lr_schedule(run, dp)
+    check_lr_schedule(run, ps.dp_size)
     checkpointer = Checkpointer(run, ps, device, log=printer)
     run = checkpointer.prepare()  # the run to build: the checkpoint's hyperparameters where the policy says
-    t = run.training
     check_engine_config(run, device)
-    seed_everything(t.seed, ps, device, t.data_parallel_random_init)
+    seed_everything(run.training.seed, ps, device, run.training.data_parallel_random_init)
 
-    timers = Timers(run.logging.timing_log_level, run.logging.timing_log_option, device)
-    te = build_engine(run, ps, device, eod_token=getattr(tokenizer, "eod", None), timers=timers)
-    own_tracker = tracker is None
-    tracker = tracker or Tracker(run.logging, ps.rank, config=run.args)
-    result = TrainResult()
-    exits = ExitConditions(t.exit_signal_handler, t.exit_duration_in_mins, t.exit_interval, device=device,
-                           signals=rel.signal_numbers()).install()  # before DataLoader workers fork
-    watchdog = Watchdog(ps.rank, ps.world_size, rel.hang_watchdog_factor, rel.hang_watchdog_min_seconds,
-                        rel.distributed_timeout_minutes * 60)
+    session = _Session(run, ps, device, checkpointer, tracker, printer, eod=getattr(tokenizer, "eod", None))
     try:
-        rng_tracker = _rng_tracker()
-        progress = checkpointer.load(te, set_tracker_states=rng_tracker.set_states)
-        consumed_valid = 0 if ckpt.finetune else int(progress.extra.get("consumed_valid_samples", 0))
-        iteration, consumed = progress.iteration, progress.consumed_samples
-        result.start_iteration = iteration
-
-        evals = (total_iters // t.eval_interval + 1) * t.eval_iters if t.eval_interval and t.eval_iters else 0
-        from megatron.data.gpt_dataset import build_datasets
-
-        train_ds, valid_ds, test_ds = build_datasets(
-            run.data, run.model.seq_length, t.seed,
-            (train_samples(run, dp), evals * final_batch, t.eval_iters * final_batch if evals else 0),
-            run.model.vocab_size, ps.rank, ps.world_size)
-        if ps.rank == 0:
-            from megatron.data.blend_report import publish_blend_report
-            publish_blend_report((train_ds, valid_ds, test_ds), run.data.blend_epochs_warning, printer, tracker,
-                                 ckpt.save)
-        train_batches, valid_batches = _isolated_rng(lambda: (
-            _iterator(run, ps, train_ds, consumed), _iterator(run, ps, valid_ds, consumed_valid)))
-        # Fault handling: phases for the hang watchdog, NaN/Inf steps skipped (training/numerics.py).
-        train_batches = track_batches(train_batches, watchdog)
-        instrument_engine(te.engine, watchdog)
-        nan_check = NanCheck(rel.check_for_nan_in_loss_and_grad, rel.max_consecutive_nan_steps, ps.rank,
-                             printer if ps.rank == 0 else _quiet, fp16=t.precision.fp16)
-        if rel.check_for_nan_in_loss_and_grad:
-            guard_plain_optimizer(te.engine.optimizer, device)
-        watchdog.start()
-
-        def checkpoint_now() -> None:
-            watchdog.phase("save")
-            state = TrainingProgress(iteration=iteration, consumed_samples=consumed,
-                                     consumed_tokens=consumed * run.model.seq_length, args=run.args)
-            result.saved.append(checkpointer.save(te, state, tracker_states=rng_tracker.get_states,
-                                                  extra_state={"consumed_valid_samples": consumed_valid}))
-            watchdog.phase("idle")
-
-        log = IntervalLog(run, ps, device, tracker, total_iters, printer, timers)
-        last_saved = iteration if checkpointer.resuming else None
-        skipper = IterationSkipper(run.training.train_iters_to_skip, run.training.train_range_to_skip)
-        profiler = StepProfiler(run.profiling.profile, run.profiling.profile_steps, run.profiling.profile_ranks,
-                                run.profiling.trace_dir, ps.rank, ps.world_size, device)
-        skip_train = run.training.skip_train
-        with exits:
-            while iteration < total_iters and not skip_train:
-                te.set_global_batch_size(global_batch_size_at(run, consumed, dp))  # batch ramp-up
-                if t.rampup_batch_size:
-                    te.lr_scheduler.increment = te.global_batch_size  # the schedule counts samples then
-                    te.lr_scheduler.tokens_per_step = te.global_batch_size * run.model.seq_length
-                start = time.time()
-                watchdog.phase("data", iteration + 1)
-                profiler.before_step()
-                user_skipped = skipper.skips(iteration + 1)
-                if user_skipped:
-                    step = te.skip_step(train_batches)
-                    if ps.rank == 0:
-                        printer(f"iteration {iteration + 1} skipped (--train-iters-to-skip/--train-range-to-skip): "
-                                "its batch was read, the LR schedule advanced, the model was not updated")
-                else:
-                    step = te.train_step(train_batches)
-                    log.add(step.loss, step.num_samples, time.time() - start)
-                profiler.after_step()
-                watchdog.step_done(time.time() - start)
-                iteration += 1
-                consumed += step.num_samples
-                result.losses[iteration], result.grad_norms[iteration] = step.loss, step.grad_norm
-                log.iteration_scalars(iteration, step, consumed, te.engine.skipped_steps, loss_scale_of(te.engine),
-                                      te.engine)
-                if log.losses and (iteration % run.logging.log_interval == 0 or iteration == total_iters):
-                    log.emit(iteration, step, consumed, te.engine.skipped_steps, loss_scale_of(te.engine), te)
-
-                numerical_stop = None if user_skipped else nan_check.after_step(iteration, step.loss, step.grad_norm,
-                                                                                step.skipped)
-                if numerical_stop:
-                    result.exit_reason, result.exit_code = numerical_stop, EXIT_NUMERICAL
-                    if ps.rank == 0:
-                        printer(f"exiting at iteration {iteration}: {numerical_stop}")
-                    break
-
-                if valid_batches is not None and t.eval_interval and iteration % t.eval_interval == 0:
-                    watchdog.phase("eval")
-                    with te.eval_weights():  # schedule-free optimizers: evaluate the averaged weights
-                        loss = evaluate(te, valid_batches, t.eval_iters)
-                    watchdog.phase("idle")
-                    consumed_valid += t.eval_iters * te.global_batch_size
-                    result.eval_losses[iteration] = loss
-                    _report_eval("validation", iteration, loss, ps, tracker, printer)
-
-                if ckpt.save and ckpt.save_interval and iteration % ckpt.save_interval == 0:
-                    checkpoint_now()
-                    last_saved = iteration
-
-                decision = exits.check(iteration)
-                if decision.should_exit:
-                    result.exit_reason = decision.reason
-                    if ps.rank == 0:
-                        printer(f"exiting at iteration {iteration}: {decision.reason}")
-                    break
-                if kill_switch_found(run.training.kill_switch_file, device):
-                    result.exit_reason = f"found the kill switch file {run.training.kill_switch_file}"
-                    if ps.rank == 0:
-                        printer(f"exiting at iteration {iteration}: {result.exit_reason}")
-                    break
-        profiler.close()
-        if skip_train:
-            result.exit_reason = f"--skip-train: evaluated at iteration {iteration}"
-            if valid_batches is not None and t.eval_iters:
-                with te.eval_weights():
-                    result.eval_losses[iteration] = evaluate(te, valid_batches, t.eval_iters)
-                _report_eval("validation", iteration, result.eval_losses[iteration], ps, tracker, printer)
-            last_saved = iteration  # nothing trained: nothing to save
-        if ckpt.save and last_saved != iteration:
-            checkpoint_now()
-        if not result.exit_reason or skip_train:
-            result.exit_reason = result.exit_reason or f"trained {total_iters} iterations"
-            if test_ds is not None:
-                test_batches = _isolated_rng(lambda: _iterator(run, ps, test_ds, 0))
-                with te.eval_weights():
-                    result.test_loss = evaluate(te, test_batches, t.eval_iters)
-                _report_eval("test", iteration, result.test_loss, ps, tracker, printer)
-        result.iteration, result.consumed_samples = iteration, consumed
-        tracker.flush()
-        return result
+        session.load()
+        session.loop()
+        session.finish()
+        return session.result
     except RuntimeError as error:
         if not is_collective_failure(error) or ps.world_size == 1:
             raise
-        raise CollectiveFailure(watchdog.describe_failure(error), watchdog.end_stopped_ranks) from error
+        raise CollectiveFailure(session.watchdog.describe_failure(error), session.watchdog.end_stopped_ranks) \
+            from error
     finally:
-        watchdog.stop()
-        exits.restore()
-        te.destroy()
-        if own_tracker:
-            tracker.close()
+        session.close()
+
+
+class _Session:
+    """One call of `train`: the engine and everything around it (tracker, exit conditions, watchdog), the
+    position (iteration, consumed samples) and the result."""
+
+    def __init__(self, run: RunConfig, ps: ParallelState, device: torch.device, checkpointer: Checkpointer,
+                 tracker: Optional[Tracker], printer: Callable[[str], None], eod: Optional[int]):
+        t, rel = run.training, run.reliability
+        self.run, self.ps, self.device, self.checkpointer, self.printer = run, ps, device, checkpointer, printer
+        self.total_iters = train_iters(run, ps.dp_size)
+        self.timers = Timers(run.logging.timing_log_level, run.logging.timing_log_option, device)
+        self.te = build_engine(run, ps, device, eod_token=eod, timers=self.timers)
+        self.own_tracker = tracker is None
+        self.tracker = tracker or Tracker(run.logging, ps.rank, config=run.args)
+        self.result = TrainResult()
+        self.exits = ExitConditions(t.exit_signal_handler, t.exit_duration_in_mins, t.exit_interval, device=device,
+                                    signals=rel.signal_numbers()).install()  # before DataLoader workers fork
+        self.watchdog = Watchdog(ps.rank, ps.world_size, rel.hang_watchdog_factor, rel.hang_watchdog_min_seconds,
+                                 rel.distributed_timeout_minutes * 60)
+        self.rng_tracker = _rng_tracker()
+        self.iteration = self.consumed = self.consumed_valid = 0
+        self.last_saved: Optional[int] = None
+
+    def say(self, line: str) -> None:
+        if self.ps.rank == 0:
+            self.printer(line)
+
+    # ---- set-up: the checkpoint, the data, fault handling ----
+    def load(self) -> None:
+        run, ps, t, rel = self.run, self.ps, self.run.training, self.run.reliability
+        progress = self.checkpointer.load(self.te, set_tracker_states=self.rng_tracker.set_states)
+        self.iteration, self.consumed = progress.iteration, progress.consumed_samples
+        self.consumed_valid = 0 if run.checkpoint.finetune else int(progress.extra.get("consumed_valid_samples", 0))
+        self.result.start_iteration = self.iteration
+        self.last_saved = self.iteration if self.checkpointer.resuming else None
+
+        final_batch = global_batch_size(run, ps.dp_size)
+        evals = (self.total_iters // t.eval_interval + 1) * t.eval_iters if t.eval_interval and t.eval_iters else 0
+        from megatron.data.gpt_dataset import build_datasets
+
+        train_ds, valid_ds, self.test_ds = build_datasets(
+            run.data, run.model.seq_length, t.seed,
+            (train_samples(run, ps.dp_size), evals * final_batch, t.eval_iters * final_batch if evals else 0),
+            run.model.vocab_size, ps.rank, ps.world_size)
+        if ps.rank == 0:
+            from megatron.data.blend_report import publish_blend_report
+            publish_blend_report((train_ds, valid_ds, self.test_ds), run.data.blend_epochs_warning, self.printer,
+                                 self.tracker, run.checkpoint.save)
+        self.train_batches, self.valid_batches = _isolated_rng(lambda: (
+            _iterator(run, ps, train_ds, self.consumed), _iterator(run, ps, valid_ds, self.consumed_valid)))
+        # Fault handling: phases for the hang watchdog, NaN/Inf steps skipped (training/numerics.py).
+        self.train_batches = track_batches(self.train_batches, self.watchdog)
+        instrument_engine(self.te.engine, self.watchdog)
+        self.nan_check = NanCheck(rel.check_for_nan_in_loss_and_grad, rel.max_consecutive_nan_steps, ps.rank,
+                                  self.printer if ps.rank == 0 else _quiet, fp16=t.precision.fp16)
+        if rel.check_for_nan_in_loss_and_grad:
+            guard_plain_optimizer(self.te.engine.optimizer, self.device)
+        self.watchdog.start()
+
+    # ---- the loop ----
+    def loop(self) -> None:
+        run, t = self.run, self.run.training
+        self.log = IntervalLog(run, self.ps, self.device, self.tracker, self.total_iters, self.printer, self.timers)
+        self.skipper = IterationSkipper(t.train_iters_to_skip, t.train_range_to_skip)
+        profiler = StepProfiler(run.profiling.profile, run.profiling.profile_steps, run.profiling.profile_ranks,
+                                run.profiling.trace_dir, self.ps.rank, self.ps.world_size, self.device)
+        with self.exits:
+            while self.iteration < self.total_iters and not t.skip_train:
+                profiler.before_step()
+                step, skipped_by_user = self.step()
+                profiler.after_step()
+                stop = None if skipped_by_user else self.nan_check.after_step(self.iteration, step.loss,
+                                                                              step.grad_norm, step.skipped)
+                if stop:
+                    self.result.exit_code = EXIT_NUMERICAL
+                    self.stop(stop)
+                    break
+                if self.valid_batches is not None and t.eval_interval and self.iteration % t.eval_interval == 0:
+                    self.validate()
+                if run.checkpoint.save and run.checkpoint.save_interval \
+                        and self.iteration % run.checkpoint.save_interval == 0:
+                    self.save()
+                reason = self.exit_reason()
+                if reason:
+                    self.stop(reason)
+                    break
+        profiler.close()
+
+    def step(self):
+        """One iteration (trained, or skipped by --train-iters-to-skip); its logging. (StepResult, skipped?)"""
+        run, te, it = self.run, self.te, self.iteration + 1
+        te.set_global_batch_size(global_batch_size_at(run, self.consumed, self.ps.dp_size))  # batch ramp-up
+        if run.training.rampup_batch_size:
+            te.lr_scheduler.increment = te.global_batch_size  # the schedule counts samples then
+            te.lr_scheduler.tokens_per_step = te.global_batch_size * run.model.seq_length
+        start = time.time()
+        self.watchdog.phase("data", it)
+        skipped = self.skipper.skips(it)
+        if skipped:
+            step = te.skip_step(self.train_batches)
+            self.say(f"iteration {it} skipped (--train-iters-to-skip/--train-range-to-skip): its batch was read, "
+                     "the LR schedule advanced, the model was not updated")
+        else:
+            step = te.train_step(self.train_batches)
+            self.log.add(step.loss, step.num_samples, time.time() - start)
+        self.watchdog.step_done(time.time() - start)
+        self.iteration, self.consumed = it, self.consumed + step.num_samples
+        self.result.losses[it], self.result.grad_norms[it] = step.loss, step.grad_norm
+        scale = loss_scale_of(te.engine)
+        self.log.iteration_scalars(it, step, self.consumed, te.engine.skipped_steps, scale, te.engine)
+        if self.log.losses and (it % run.logging.log_interval == 0 or it == self.total_iters):
+            self.log.emit(it, step, self.consumed, te.engine.skipped_steps, scale, te)
+        return step, skipped
+
+    def validate(self) -> None:
+        t = self.run.training
+        self.watchdog.phase("eval")
+        with self.te.eval_weights():  # schedule-free optimizers: evaluate the averaged weights
+            loss = evaluate(self.te, self.valid_batches, t.eval_iters)
+        self.watchdog.phase("idle")
+        self.consumed_valid += t.eval_iters * self.te.global_batch_size
+        self.result.eval_losses[self.iteration] = loss
+        _report_eval("validation", self.iteration, loss, self.ps, self.tracker, self.printer)
+
+    def save(self) -> None:
+        self.watchdog.phase("save")
+        state = TrainingProgress(iteration=self.iteration, consumed_samples=self.consumed,
+                                 consumed_tokens=self.consumed * self.run.model.seq_length, args=self.run.args)
+        self.result.saved.append(self.checkpointer.save(self.te, state, tracker_states=self.rng_tracker.get_states,
+                                                        extra_state={"consumed_valid_samples": self.consumed_valid}))
+        self.last_saved = self.iteration
+        self.watchdog.phase("idle")
+
+    def exit_reason(self) -> Optional[str]:
+        """Why to stop after this iteration (a signal, --exit-interval, --exit-duration-in-mins, the kill
+        switch file), or None."""
+        decision = self.exits.check(self.iteration)
+        if decision.should_exit:
+            return decision.reason
+        kill_switch = self.run.training.kill_switch_file
+        if kill_switch_found(kill_switch, self.device):
+            return f"found the kill switch file {kill_switch}"
+        return None
+
+    def stop(self, reason: str) -> None:
+        self.result.exit_reason = reason
+        self.say(f"exiting at iteration {self.iteration}: {reason}")
+
+    # ---- the end: --skip-train's evaluation, the final save, the test set ----
+    def finish(self) -> None:
+        run, t, result, it = self.run, self.run.training, self.result, self.iteration
+        if t.skip_train:
+            result.exit_reason = f"--skip-train: evaluated at iteration {it}"
+            if self.valid_batches is not None and t.eval_iters:
+                with self.te.eval_weights():
+                    result.eval_losses[it] = evaluate(self.te, self.valid_batches, t.eval_iters)
+                _report_eval("validation", it, result.eval_losses[it], self.ps, self.tracker, self.printer)
+            self.last_saved = it  # nothing trained: nothing to save
+        if run.checkpoint.save and self.last_saved != it:
+            self.save()
+        if not result.exit_reason or t.skip_train:
+            result.exit_reason = result.exit_reason or f"trained {self.total_iters} iterations"
+            if self.test_ds is not None:
+                test_batches = _isolated_rng(lambda: _iterator(run, self.ps, self.test_ds, 0))
+                with self.te.eval_weights():
+                    result.test_loss = evaluate(self.te, test_batches, t.eval_iters)
+                _report_eval("test", it, result.test_loss, self.ps, self.tracker, self.printer)
+        result.iteration, result.consumed_samples = it, self.consumed
+        self.tracker.flush()
+
+    def close(self) -> None:
+        self.watchdog.stop()
+        self.exits.restore()
+        self.te.destroy()
+        if self.own_tracker:
+            self.tracker.close()
 
 
 def _quiet(_line: str) -> None:
