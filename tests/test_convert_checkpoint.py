@@ -136,3 +136,35 @@ def test_mismatched_inputs_get_clear_errors(trained, tmp_path):
         DeepSpeedCheckpoint(str(broken))
     with pytest.raises(ConversionError, match="vocabulary"):  # a checkpoint read with another tokenizer's size
         DeepSpeedCheckpoint(str(root / "gpt"), vocab_size=5000).state_dict()
+
+
+def _first_loss(argv, tmp_path, name):
+    """Run pretrain_gpt.py on one rank for one iteration; (exit code, output, the logged lm loss or None)."""
+    import re
+    import subprocess
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(29000 + os.getpid() % 500 + len(name)))
+    proc = subprocess.run([sys.executable, os.path.join(root, "pretrain_gpt.py"), *argv, "--train-iters", "1",
+                           "--lr-warmup-iters", "0",
+                           "--log-interval", "1", "--eval-iters", "0"],
+                          capture_output=True, text=True, cwd=str(tmp_path), env=env, timeout=300)
+    out = proc.stdout + proc.stderr
+    found = re.search(r"lm loss[:=] *([0-9.E+-]+)", out)
+    return proc.returncode, out, float(found.group(1)) if found else None
+
+
+def test_a_hugging_face_folder_loads_as_weights_with_finetune(trained, tmp_path):
+    root, _ = trained
+    hf = tmp_path / "hf"
+    export_to_hf(DeepSpeedCheckpoint(str(root / "llama")), str(hf), progress=False)
+    flags = cr.LLAMA_FLAGS + cr.COMMON
+    code, out, from_hf = _first_loss(flags + ["--load", str(hf), "--finetune"], tmp_path, "hf")
+    assert code == 0, out
+    code, out, from_ours = _first_loss(flags + ["--load", str(root / "llama"), "--finetune"], tmp_path, "ours")
+    assert code == 0, out
+    assert from_hf is not None and abs(from_hf - from_ours) < 1e-5  # the same weights, the same first batch
+    code, out, from_scratch = _first_loss(flags, tmp_path, "scratch")
+    assert code == 0 and abs(from_scratch - from_hf) > 1e-3, out  # and they are not the seed's initial weights
+    code, out, _ = _first_loss(flags + ["--load", str(hf)], tmp_path, "refused")
+    assert code == 2 and "Hugging Face folder" in out and "--finetune" in out and "Traceback" not in out

@@ -76,6 +76,25 @@ class HFModelSource(FullModelSource):
                 return handle[candidate]
         raise ConversionError(f"{self.description}: tensor {name!r} is missing from the weight files")
 
+    # What --load of a Hugging Face folder needs (weights only: resume.py accepts it with --finetune).
+    client_state: dict = {"converted_from": "huggingface"}
+    args: dict = {}
+
+    @property
+    def tag_dir(self) -> str:
+        return self.directory
+
+    def full_optimizer_tensor(self, name: str, key: str) -> torch.Tensor:
+        if key != "fp32":
+            raise ConversionError(f"{self.description} holds weights only, no optimizer state {key!r}")
+        return self.full_weight(name).float()
+
+    def optimizer_step(self):
+        return None
+
+    def lr_scheduler_state(self):
+        return None
+
     def load_group(self, prefix):
         if prefix == "output_layer." and "lm_head.weight" not in self._locations:
             raise ConversionError(f"{self.description}: untied embeddings but no lm_head.weight in the weights")

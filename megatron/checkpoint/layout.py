@@ -120,6 +120,17 @@ class FullModelSource:
             check_group(prefix, tensors, self.config, self.description)
             yield prefix, tensors
 
+    def full_weight(self, name: str) -> torch.Tensor:
+        """One full (tp=1, unpadded) weight, read with its layer group (the last group read is kept, so a
+        caller walking the parameters in order reads each group once)."""
+        cached = getattr(self, "_group_cache", None)
+        if cached is None or name not in cached[1]:
+            prefix = next((p for p in layer_prefixes(self.config) if name in expected_shapes(self.config, p)), None)
+            if prefix is None:
+                raise ConversionError(f"{self.description}: {name} is not a weight of the saved model")
+            cached = self._group_cache = (prefix, self.load_group(prefix))
+        return cached[1][name]
+
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The whole model in memory (small models and tests only)."""
         out = {}

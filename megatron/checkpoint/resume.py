@@ -13,7 +13,8 @@ What --load can name (sources.py tells them apart by what is on disk):
   the pointer is not consulted); at the run's layout DeepSpeed's own loader reads it, at any other
   tp / pp / dp / ZeRO stage (or when it was written by tools/convert_checkpoint.py) reshard.py does;
 - a DeepSpeed universal folder (with --universal-checkpoint);
-- a checkpoint written by argonne-lcf/Megatron-DeepSpeed (AuroraGPT).
+- a checkpoint written by argonne-lcf/Megatron-DeepSpeed (AuroraGPT);
+- a Hugging Face Llama or GPT-2 folder (weights only: with --finetune, a new run from those weights).
 
 Hyperparameters on resume. Upstream's OptimizerParamScheduler (its `_check_and_set`) decides the LR schedule's
 shape and the weight decay: by default a flag that differs from the checkpoint is refused,
@@ -68,7 +69,7 @@ class CheckpointDescription:
     """What one checkpoint holds, read from its files once (the reader keeps the model-states object, which
     DeepSpeed's own load then takes instead of reading the file again)."""
 
-    kind: str  # "ours", "universal" or "argonne"
+    kind: str  # "ours", "universal", "argonne" or "huggingface"
     load_dir: str  # what --load names
     tag: Optional[str]  # the tag under load_dir (ours), else the folder's name
     path: str  # the checkpoint directory itself
@@ -93,7 +94,7 @@ class CheckpointDescription:
 class ResumePlan:
     description: CheckpointDescription
     run: object  # the RunConfig the engine is built with (the checkpoint's hyperparameters where the policy says)
-    how: str  # "deepspeed" (same layout), "reshard", "universal" or "argonne"
+    how: str  # "deepspeed" (same layout), "reshard" (any other layout, Hugging Face), "universal" or "argonne"
     load_optim: bool
     load_rng: bool
     load_lr_state: bool
@@ -136,6 +137,11 @@ def locate(run, log: Callable[[str], None], rank: int) -> Optional[tuple[str, st
                               "the checkpoint folder itself and drop --load-tag")
         tag_dir = resolve_tag_dir(load)
         return "argonne", os.path.dirname(tag_dir), os.path.basename(tag_dir)
+    if os.path.isfile(os.path.join(load, "config.json")) and not _is_tag_dir(load):
+        if ckpt.load_tag is not None:
+            raise ConfigError(f"--load-tag {ckpt.load_tag} chooses among this framework's checkpoints "
+                              f"(global_step*), but --load {load} is a Hugging Face folder: drop --load-tag")
+        return "huggingface", os.path.dirname(os.path.abspath(load)), os.path.basename(os.path.abspath(load))
     load_dir, tag = load, ckpt.load_tag
     if tag is None and _is_tag_dir(load):
         load_dir, tag = os.path.dirname(os.path.abspath(load)), os.path.basename(os.path.abspath(load))
@@ -147,12 +153,19 @@ def locate(run, log: Callable[[str], None], rank: int) -> Optional[tuple[str, st
     return None if tag is None else ("ours", load_dir, tag)
 
 
-def describe(kind: str, load_dir: str, tag: str) -> CheckpointDescription:
+def describe(kind: str, load_dir: str, tag: str, make_vocab_size_divisible_by: int = 128) -> CheckpointDescription:
     """Open the checkpoint once and say what it holds."""
     from megatron.checkpoint.deepspeed_io import checkpoint_contents
 
     path = os.path.join(load_dir, tag)
     try:
+        if kind == "huggingface":
+            from megatron.checkpoint.hf import HFModelSource
+
+            source = HFModelSource(path, make_vocab_size_divisible_by)
+            return CheckpointDescription(kind, path, None, path, source, {}, source.config, None,
+                                         has_optimizer_state=False, has_rng=False, lr_scheduler=None,
+                                         converted=True)
         if kind == "universal":
             from megatron.checkpoint.universal import UniversalCheckpoint
 
@@ -204,7 +217,7 @@ def plan_resume(desc: CheckpointDescription, run, ps) -> ResumePlan:
     load_optim = not ckpt.no_load_optim and not finetune
     load_rng = not ckpt.no_load_rng and not finetune
     load_lr_state = not ckpt.no_load_lr_state and not finetune
-    where = f"--load {desc.load_dir}" + (f" ({desc.tag})" if desc.kind == "ours" else "")
+    where = f"--load {run.checkpoint.load}" + (f" ({desc.tag})" if desc.kind == "ours" else "")
     problems = []
 
     differences = [f"{SHAPE_FLAGS[f]} gives {getattr(run.model, f)!r}, the checkpoint has {getattr(desc.config, f)!r}"
@@ -223,7 +236,11 @@ def plan_resume(desc: CheckpointDescription, run, ps) -> ResumePlan:
             problems.append(f"{desc.path} holds no RNG states (saved with --no-save-rng): resume it with "
                             "--no-load-rng (random streams start fresh from --seed)")
 
-    how = {"universal": "universal", "argonne": "argonne"}.get(desc.kind) or (
+    if desc.kind == "huggingface" and not finetune:
+        problems.append(f"{desc.path} is a Hugging Face folder: it holds weights only (no iteration, optimizer or "
+                        "LR schedule to resume); add --finetune to start a new run from its weights, or convert it "
+                        "with tools/convert_checkpoint.py from-hf")
+    how = {"universal": "universal", "argonne": "argonne", "huggingface": "reshard"}.get(desc.kind) or (
         "reshard" if _layout_differs(desc, run, ps) else "deepspeed")
     mine = run.training.optimizer.optimizer
     if load_optim and desc.has_optimizer_state:
@@ -402,7 +419,7 @@ class Checkpointer:
         if run.checkpoint.load:
             located = locate(run, self.log, self.ps.rank)
             if located is not None:
-                self.plan = plan_resume(describe(*located), run, self.ps)
+                self.plan = plan_resume(describe(*located, run.model.make_vocab_size_divisible_by), run, self.ps)
                 for notice in self.plan.notices:
                     self._say(f"resume: {notice}")
                 run = self.run = self.plan.run
