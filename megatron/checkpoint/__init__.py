@@ -1,6 +1,8 @@
-"""The on-disk checkpoint contract shared by training and the converters (format.py).
+"""Every checkpoint: the on-disk format (format.py), the readers of each source (ours at any layout, DeepSpeed
+universal, argonne-lcf/Megatron-DeepSpeed, Hugging Face), saving through DeepSpeed (deepspeed_io.py) and the one
+owner of a resume (resume.py: locate, describe, plan, execute; `Checkpointer` is what the loop calls).
 
-A leaf package: it imports nothing from megatron.training or megatron.convert, so both can build on it.
+It sits below megatron.training and megatron.convert, which both build on it, and imports neither.
 """
 
 from megatron.checkpoint.format import (DEEPSPEED_LATEST_FILENAME, MANIFEST_FILENAME, TRACKER_FILENAME,

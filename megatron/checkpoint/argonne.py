@@ -43,13 +43,12 @@ from megatron.checkpoint.format import MANIFEST_FILENAME
 from megatron.config.model import TransformerConfig
 from megatron.checkpoint.layout import (ConversionError, FullModelSource, _vocab_size_from_args, expected_shapes,
                                            full_parameter_names, strip_vocab_padding)
+from megatron.checkpoint.ds_checkpoint import resolve_tag_dir
 from megatron.checkpoint.zero_shards import OptimizerShards, load_mmap, optim_files
 from megatron.model.sharding import merge_state_dicts
 
 MODEL_FILE = re.compile(r"^mp_rank_(\d+)_model_states\.pt$")
 LAYER_FILE = re.compile(r"^layer_(\d+)-model_(\d+)-model_states\.pt$")
-TRACKER_FILENAME = "latest_checkpointed_iteration.txt"
-DEEPSPEED_LATEST = "latest"
 TIED_GROUP = "tied_modules.embed."
 LAYER_SUFFIXES = {  # theirs -> ours, inside one transformer layer
     "input_layernorm.": "input_norm.",
@@ -63,31 +62,6 @@ IGNORED_BUFFERS = ("inv_freq",)  # RoPE's frequencies: recomputed from rope_thet
 
 
 # ---- tags ----------------------------------------------------------------------------------------------
-
-def _has_model_files(path: str) -> bool:
-    return os.path.isdir(path) and any(MODEL_FILE.match(n) for n in os.listdir(path))
-
-
-def resolve_tag_dir(path: str) -> str:
-    """A global_stepN directory itself, or the one `latest` / `latest_checkpointed_iteration.txt` names."""
-    if not os.path.isdir(path):
-        raise ConversionError(f"{path}: no such checkpoint directory")
-    if _has_model_files(path):
-        return path
-    latest = os.path.join(path, DEEPSPEED_LATEST)
-    tracker = os.path.join(path, TRACKER_FILENAME)
-    candidates = []
-    if os.path.isfile(latest):
-        candidates.append(open(latest).read().strip())
-    if os.path.isfile(tracker):
-        text = open(tracker).read().strip()
-        candidates += ["release"] if text == "release" else [f"global_step{text}", f"iter_{int(text):07d}"] \
-            if text.isdigit() else []
-    for tag in candidates:
-        if _has_model_files(os.path.join(path, tag)):
-            return os.path.join(path, tag)
-    raise ConversionError(f"{path}: no checkpoint found (looked for {candidates or [DEEPSPEED_LATEST, TRACKER_FILENAME]})")
-
 
 def is_argonne_checkpoint(path: str) -> bool:
     """True when `path` (a save dir or a tag dir) holds a checkpoint written by argonne-lcf/Megatron-DeepSpeed:
@@ -532,8 +506,7 @@ def write_argonne_checkpoint(source: FullModelSource, save_dir: str, tp: int = 1
     per model-parallel rank with their Namespace and checkpoint_version 3.0, tag global_stepN, both pointers."""
     import deepspeed
 
-    from megatron.checkpoint.format import publish_directory
-    from megatron.fileio import write_text_atomically
+    from megatron.checkpoint.format import publish_directory, write_pointers
     from megatron.model.sharding import shard_state_dict
 
     config = source.config
@@ -568,6 +541,5 @@ def write_argonne_checkpoint(source: FullModelSource, save_dir: str, tp: int = 1
                     "args": ns, "checkpoint_version": 3.0, "iteration": iteration, "tokens": 0},
                    os.path.join(tmp_dir, f"mp_rank_{mp:02d}_model_states.pt"))
     publish_directory(tmp_dir, final_dir)
-    write_text_atomically(os.path.join(save_dir, TRACKER_FILENAME), str(iteration))
-    write_text_atomically(os.path.join(save_dir, DEEPSPEED_LATEST), tag)
+    write_pointers(save_dir, iteration, tag)
     return final_dir

@@ -129,7 +129,7 @@ def locate(run, log: Callable[[str], None], rank: int) -> Optional[tuple[str, st
         folder = check_universal_folder(load)
         return "universal", os.path.dirname(folder), os.path.basename(folder)
     if is_argonne_checkpoint(load):
-        from megatron.checkpoint.argonne import resolve_tag_dir
+        from megatron.checkpoint.ds_checkpoint import resolve_tag_dir
 
         if ckpt.load_tag is not None:
             raise ConfigError(f"--load-tag {ckpt.load_tag} chooses among this framework's checkpoints (global_step*), "
