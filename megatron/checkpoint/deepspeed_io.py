@@ -1,19 +1,18 @@
-"""Save and resume a training run: DeepSpeed engine state + our progress counters + every rank's RNG streams.
+"""Save a training run through DeepSpeed (engine state + our progress counters + every rank's RNG streams), and
+load one with DeepSpeed's own loader when resume.py has planned that (same layout).
 
-Layout under --save (paths look like Megatron-DeepSpeed's):
+Layout under --save (DeepSpeed's tags, as upstream's DeepSpeed path writes them):
 
-    <save>/global_step100/                    DeepSpeed's files (mp_rank_XX_model_states.pt, zero_*_optim_states.pt, ...)
-    <save>/global_step100/rng_state_rank_00003.pt   python/numpy/torch/device RNG and the model's RNG tracker, per rank
-    <save>/latest_checkpointed_iteration.txt      Megatron's pointer ("100")
-    <save>/latest                                  DeepSpeed's pointer ("global_step100")
+    <save>/global_step100/                           DeepSpeed's files (mp_rank_XX_model_states.pt, ...)
+    <save>/global_step100/rng_state_rank_00003.pt    python/numpy/torch/device RNG and the model's RNG tracker
+    <save>/latest_checkpointed_iteration.txt         Megatron's pointer ("100")
+    <save>/latest                                    DeepSpeed's pointer ("global_step100")
 
-A checkpoint is written under `<save>/.tmp-iter_N`, renamed to `iter_N` by rank 0 once every rank has
-finished, and only then do the two pointer files change (each written to a temporary file and
+A checkpoint is written under `<save>/.tmp-global_stepN`, renamed to `global_stepN` by rank 0 once every rank
+has finished, and only then do the two pointer files change (each written to a temporary file and
 os.replace'd), so a crash mid-save never leaves a pointer to a half-written checkpoint.
 The training progress (iteration, consumed samples, the run's arguments, the model config) travels in
-DeepSpeed's `client_state`, which every rank gets back from `engine.load_checkpoint`. A checkpoint written
-at another tp / pp / dp / ZeRO stage, or by tools/convert_checkpoint.py, is loaded through
-megatron.checkpoint.reshard instead (the loop passes `run=` to `load_checkpoint`).
+DeepSpeed's `client_state`, which every rank gets back from `engine.load_checkpoint`.
 """
 
 from __future__ import annotations

@@ -33,7 +33,7 @@ def test_kill_9_during_a_save_then_a_truncated_newest_checkpoint_resume_falls_ba
                             "--save-interval", "3")
     try:
         deadline = time.time() + 120
-        while not any(p.name.startswith(".tmp-iter_") for p in save.iterdir()):  # a save in progress
+        while not any(p.name.startswith(".tmp-global_step") for p in save.iterdir()):  # a save in progress
             assert time.time() < deadline and first.procs[0].poll() is None, first.output()[-3000:]
         first.signal_group(signal.SIGKILL)
         first.wait(timeout=30)
@@ -44,7 +44,7 @@ def test_kill_9_during_a_save_then_a_truncated_newest_checkpoint_resume_falls_ba
     assert newest is not None and newest >= 6
     tags = list_checkpoint_tags(str(save))
     assert all(verify_manifest(str(save / t)) == [] for t in tags)  # what is published is complete
-    assert any(p.name.startswith(".tmp-iter_") for p in save.iterdir())  # the killed save's debris
+    assert any(p.name.startswith(".tmp-global_step") for p in save.iterdir())  # the killed save's debris
 
     victim = save / f"global_step{newest}" / "mp_rank_00_model_states.pt"
     os.truncate(victim, victim.stat().st_size // 2)
