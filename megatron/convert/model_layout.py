@@ -13,9 +13,10 @@ from typing import Iterator, Mapping, Optional
 import torch
 
 from megatron.config.model import TransformerConfig
+from megatron.errors import MegatronError
 
 
-class ConversionError(ValueError):
+class ConversionError(MegatronError, ValueError):
     """Inputs that cannot be converted; the message names the file/flag and what differs."""
 
 

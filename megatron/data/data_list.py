@@ -22,6 +22,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from megatron.fileio import with_retries
+from megatron.errors import MegatronError
 from megatron.data.indexed_dataset import (HEADER_BYTES, IndexedDatasetError, MissingFileError, missing_index_error,
                                           read_index_header)
 
@@ -34,7 +35,7 @@ SERIAL_PROBE = 64  # files read in the calling thread first, timed, before decid
 SERIAL_SECONDS_PER_ITEM = 200e-6  # faster than this a file (page cache, local disk): no threads
 
 
-class DataListError(ValueError):
+class DataListError(MegatronError, ValueError):
     """Everything wrong with a blend specification; `.problems` lists each one ("where: what")."""
 
     def __init__(self, source: str, problems: Sequence[str], summary: str = ""):
