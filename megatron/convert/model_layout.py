@@ -65,13 +65,6 @@ def full_parameter_names(config: TransformerConfig) -> list[str]:
     return [name for prefix in layer_prefixes(config) for name in expected_shapes(config, prefix)]
 
 
-def group_of(name: str) -> str:
-    """The layer-group prefix a full parameter name belongs to."""
-    if name.startswith("layers."):
-        return ".".join(name.split(".")[:2]) + "."
-    return name.split(".")[0] + "."
-
-
 def strip_vocab_padding(name: str, tensor: torch.Tensor, config: TransformerConfig, source: str) -> torch.Tensor:
     if name in ("embedding.word_embeddings.weight", "output_layer.weight"):
         if tensor.shape[0] < config.vocab_size:
