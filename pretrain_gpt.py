@@ -3,7 +3,7 @@
     torchrun --nproc-per-node 4 pretrain_gpt.py --model-preset tiny --mock-data --vocab-size 256 ...
     mpiexec -n 24 python pretrain_gpt.py ...        (Aurora / Polaris; ranks come from the launcher)
 
-Everything happens in megatron/: config/arguments.py (flags), dist/ (launcher, groups), training/loop.py.
+Everything happens in megatron/: config/arguments.py (flags), distributed/ (launcher, groups), training/loop.py.
 """
 
 from __future__ import annotations
@@ -14,14 +14,15 @@ import sys
 import warnings
 
 
-def launch_rank() -> int:
-    """This process's rank as the launcher tells it (before any process group exists); 0 when unknown."""
+def launch_info():
+    """This process's place in the job as the launcher tells it (before any process group exists); None when
+    unknown (it then counts as rank 0 of 1)."""
     from megatron.distributed.launcher import LauncherError, discover
 
     try:
-        return discover().rank
+        return discover()
     except (LauncherError, ValueError, RuntimeError):
-        return 0
+        return None
 
 
 def warn_once_per_run(rank: int) -> None:
@@ -31,38 +32,50 @@ def warn_once_per_run(rank: int) -> None:
         warnings.simplefilter("ignore")
 
 
+def say_refusal(error, rank: int, world_size: int, same_on_every_rank: bool, master_addr=None,
+                master_port=None) -> None:
+    """A refusal every rank reaches is printed once for the job, whichever rank exits first (rank 0 prints it;
+    the others wait, bounded, for it to confirm and print it themselves if it does not): see
+    megatron/distributed/refusal.py. One that may concern this rank's files only, every rank that sees it says."""
+    from megatron.distributed.refusal import job_store, say_once
+
+    if not same_on_every_rank:
+        print(f"pretrain_gpt.py (rank {rank}): {error}", file=sys.stderr, flush=True)
+        return
+    say_once(f"pretrain_gpt.py: {error}", rank, world_size,
+             store=lambda timeout_s: job_store(rank, world_size, master_addr, master_port, timeout_s))
+
+
 def main(argv: list[str] | None = None) -> int:
     """Exit code 0 when the run finished or exited early on purpose (signal, --exit-*), 2 on bad flags/inputs
     (flags, data, checkpoints, the save directory), 3 when a rank stopped answering (watchdog, collective
     timeout), 4 after --max-consecutive-nan-steps NaN/Inf steps (see docs/RELIABILITY.md).
 
-    Errors that are the same on every rank (flags, layout, LR schedule) are printed by rank 0 only.
+    Errors that are the same on every rank (flags, layout, LR schedule) are printed once, by rank 0, or by
+    another rank when rank 0 does not confirm it did (megatron/distributed/refusal.py).
     """
     from megatron.cli import parse_args
-    from megatron.errors import ConfigError
-
-    from megatron.data.data_list import DataListError
+    from megatron.errors import MegatronError
     from megatron.training.preflight import check_data_lists
 
-    warn_once_per_run(launch_rank())
+    launch = launch_info()
+    warn_once_per_run(launch.rank if launch is not None else 0)
     try:
         run = parse_args(argv)
         check_data_lists(run.data)  # before any other work: the same verdict on every rank
-    except (ConfigError, DataListError) as error:
-        if launch_rank() == 0:
-            print(f"pretrain_gpt.py: {error}", file=sys.stderr, flush=True)
-        return 2
+    except MegatronError as error:
+        # every rank reads the same flags and data lists: the same verdict on every rank, said once
+        if launch is None:
+            say_refusal(error, 0, 1, True)
+        else:
+            say_refusal(error, launch.rank, launch.world_size, True, launch.master_addr, launch.master_port)
+        return error.exit_code
 
     if run.training.dry_run is not None:
         return dry_run(run)
 
     from megatron.distributed import destroy_distributed, initialize_distributed
     from megatron.distributed.parallel_state import ParallelState
-    from megatron.checkpoint.layout import ConversionError
-    from megatron.data.indexed_dataset import IndexedDatasetError
-    from megatron.data.tokenizers import TokenizerError
-    from megatron.checkpoint.deepspeed_io import CheckpointError
-    from megatron.training.engine import EngineConfigError
     from megatron.training.loop import train
     from megatron.training.watchdog import EXIT_HANG, CollectiveFailure
 
@@ -79,20 +92,16 @@ def main(argv: list[str] | None = None) -> int:
             print(f"pretrain_gpt.py: done at iteration {result.iteration}: {result.exit_reason}", flush=True)
         if result.exit_code:
             return result.exit_code
-    except (ConfigError, EngineConfigError) as error:
-        # Bad flags: the same verdict on every rank, so rank 0 says it once, without a traceback.
-        if env.rank == 0:
-            print(f"pretrain_gpt.py: {error}", file=sys.stderr, flush=True)
-        return 2
-    except (CheckpointError, ConversionError, DataListError, IndexedDatasetError, TokenizerError) as error:
-        # bad input that may concern one rank's files: every rank that sees it says so
-        print(f"pretrain_gpt.py (rank {env.rank}): {error}", file=sys.stderr, flush=True)
-        return 2
     except CollectiveFailure as error:  # a rank stopped answering: tearing the groups down could hang too
         print(f"pretrain_gpt.py: {error}", file=sys.stderr, flush=True)
         sys.stdout.flush()
         error.after_report()  # stopped ranks on this node are ended (SIGKILL) once the message is out
         os._exit(EXIT_HANG)
+    except MegatronError as error:
+        # bad flags (the same verdict on every rank: said once, without a traceback), or bad input that may
+        # concern one rank's files (every rank that sees it says so)
+        say_refusal(error, env.rank, env.world_size, error.same_on_every_rank)
+        return error.exit_code
     finally:
         destroy_distributed()  # train() has already destroyed the DeepSpeed engine (its threads and buffers)
     return 0
@@ -100,8 +109,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def dry_run(run) -> int:
     """--dry-run [WORLD_SIZE]: print the resolved run on rank 0 and exit; no process group, no model."""
-    from megatron.config.arguments import ConfigError
     from megatron.distributed.launcher import LauncherError, discover
+    from megatron.errors import MegatronError
     from megatron.training.dry_run import dry_run_report
 
     world_size = run.training.dry_run
@@ -116,7 +125,7 @@ def dry_run(run) -> int:
         return 0
     try:
         print(dry_run_report(run, world_size), flush=True)
-    except ConfigError as error:
+    except MegatronError as error:
         print(f"pretrain_gpt.py: {error}", file=sys.stderr, flush=True)
         return 2
     return 0

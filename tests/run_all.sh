@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite, set-up included: creates/reuses .venv, then runs every test on CPU
-# (multi-rank cases use gloo). Extra arguments go to pytest, e.g. `bash tests/run_all.sh -k blend`.
+# (multi-rank cases use gloo). Extra arguments go to pytest, e.g. `bash tests/run_all.sh -k blend`, or
+# `bash tests/run_all.sh -m "not slow"` for the unit layer (no test that starts processes; tests/conftest.py).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 bash "$ROOT/tools/setup_env.sh"

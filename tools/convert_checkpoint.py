@@ -32,8 +32,9 @@ from megatron.checkpoint.ds_checkpoint import write_checkpoint  # noqa: E402
 from megatron.checkpoint.hf import HFModelSource  # noqa: E402
 from megatron.convert.hf_io import DTYPES, export_to_hf, parse_size  # noqa: E402
 from megatron.fileio import atomic_output  # noqa: E402
-from megatron.checkpoint.layout import ConversionError, full_parameter_names  # noqa: E402
+from megatron.checkpoint.layout import full_parameter_names  # noqa: E402
 from megatron.checkpoint.sources import open_checkpoint  # noqa: E402
+from megatron.errors import MegatronError  # noqa: E402
 
 
 def _dtype(text: str) -> torch.dtype:
@@ -141,9 +142,9 @@ def main(argv=None) -> int:
         else:
             count = zero_to_fp32(args.load, args.out)
             print(f"wrote {count} fp32 tensors to {args.out}")
-    except ConversionError as err:
+    except MegatronError as err:  # ConversionError, CheckpointError, TokenizerError...: the message names the input
         print(f"error: {err}", file=sys.stderr)
-        return 2
+        return err.exit_code
     return 0
 
 

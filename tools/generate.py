@@ -102,17 +102,22 @@ def main(argv=None) -> int:
             return model(tokens).logits[:, -1, :]
     else:
         from megatron.data.tokenizers import build_tokenizer
+        from megatron.errors import MegatronError
 
-        model, config, ckpt = load_our_model(args.load, args.vocab_size)
-        saved = ckpt.tokenizer_args or {}
-        tok_type = args.tokenizer_type or saved.get("tokenizer_type")
-        if not tok_type:
-            print(f"error: {args.load} does not record its tokenizer; pass --tokenizer-type and its files",
-                  file=sys.stderr)
-            return 2
-        tokenizer = build_tokenizer(tok_type, args.tokenizer_model or saved.get("tokenizer_model"),
-                                    args.vocab_file or saved.get("vocab_file"), args.merge_file or saved.get("merge_file"),
-                                    args.vocab_size or saved.get("vocab_size"))
+        try:
+            model, config, ckpt = load_our_model(args.load, args.vocab_size)
+            saved = ckpt.tokenizer_args or {}
+            tok_type = args.tokenizer_type or saved.get("tokenizer_type")
+            if not tok_type:
+                print(f"error: {args.load} does not record its tokenizer; pass --tokenizer-type and its files",
+                      file=sys.stderr)
+                return 2
+            tokenizer = build_tokenizer(tok_type, args.tokenizer_model or saved.get("tokenizer_model"),
+                                        args.vocab_file or saved.get("vocab_file"),
+                                        args.merge_file or saved.get("merge_file"), args.vocab_size or saved.get("vocab_size"))
+        except MegatronError as error:  # a checkpoint or tokenizer that cannot be read: the message names it
+            print(f"error: {error}", file=sys.stderr)
+            return error.exit_code
         if tokenizer.vocab_size != config.vocab_size:
             print(f"error: the tokenizer has {tokenizer.vocab_size} tokens but the model's vocabulary has "
                   f"{config.vocab_size}; pass the run's tokenizer", file=sys.stderr)

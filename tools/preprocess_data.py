@@ -27,15 +27,16 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np  # noqa: E402
 
 from megatron.data.indexed_dataset import (  # noqa: E402
-    IndexedDatasetBuilder, IndexedDatasetError, best_dtype, data_file_path, index_file_path,
+    IndexedDatasetBuilder, best_dtype, data_file_path, index_file_path,
 )
-from megatron.data.tokenizers import TOKENIZER_TYPES, TokenizerError, build_tokenizer  # noqa: E402
+from megatron.data.tokenizers import TOKENIZER_TYPES, build_tokenizer  # noqa: E402
+from megatron.errors import MegatronError  # noqa: E402
 
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz")  # what a directory given as --input contributes
 Segment = namedtuple("Segment", ["path", "start", "end"])  # byte range [start, end) of a file; end None = EOF
 
 
-class BadInputError(ValueError):
+class BadInputError(MegatronError, ValueError):
     """A malformed input line; the message names the file and line."""
 
 
@@ -464,7 +465,7 @@ def main(argv=None) -> int:
     try:
         paths = expand_input_paths(args.input)
         tokenizer = build_tokenizer(**tokenizer_kwargs)
-    except (BadInputError, TokenizerError) as error:
+    except MegatronError as error:  # BadInputError, TokenizerError
         parser.error(str(error))
     prefixes = {key: output_prefix_for(args.output_prefix, key) for key in args.json_keys}
     total_bytes = sum(os.path.getsize(path) for path in paths)
@@ -491,7 +492,7 @@ def main(argv=None) -> int:
         else:
             partitions = split_into_partitions(paths, args.partitions)
             stats = run_partitions(partitions, prefixes, tokenizer, tokenizer_kwargs, args, on_progress)
-    except (BadInputError, IndexedDatasetError) as error:
+    except MegatronError as error:  # BadInputError, IndexedDatasetError
         bar.close()
         print(f"error: {error}", file=sys.stderr)
         return 1

@@ -42,7 +42,7 @@ import torch
 from megatron.checkpoint.format import MANIFEST_FILENAME
 from megatron.config.model import TransformerConfig
 from megatron.checkpoint.layout import (ConversionError, FullModelSource, _vocab_size_from_args, expected_shapes,
-                                           full_parameter_names, strip_vocab_padding)
+                                        strip_vocab_padding)
 from megatron.checkpoint.ds_checkpoint import resolve_tag_dir
 from megatron.checkpoint.zero_shards import OptimizerShards, load_mmap, optim_files
 from megatron.model.sharding import merge_state_dicts
@@ -396,11 +396,6 @@ class ArgonneCheckpoint(FullModelSource):
 
     def load_group(self, prefix: str) -> dict[str, torch.Tensor]:
         return {name: self.full_optimizer_tensor(name, "fp32") for name in expected_shapes(self.config, prefix)}
-
-    def check_complete(self) -> None:
-        """Every parameter of the configuration is found (raises naming the first missing one)."""
-        for name in full_parameter_names(self.config):
-            self.stage_of(name)
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict:

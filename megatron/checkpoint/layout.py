@@ -13,9 +13,10 @@ from typing import Iterator, Mapping, Optional
 import torch
 
 from megatron.config.model import TransformerConfig
+from megatron.errors import MegatronError
 
 
-class ConversionError(ValueError):
+class ConversionError(MegatronError, ValueError):
     """Inputs that cannot be converted; the message names the file/flag and what differs."""
 
 
@@ -62,13 +63,6 @@ def expected_shapes(config: TransformerConfig, prefix: str) -> dict[str, tuple]:
 
 def full_parameter_names(config: TransformerConfig) -> list[str]:
     return [name for prefix in layer_prefixes(config) for name in expected_shapes(config, prefix)]
-
-
-def group_of(name: str) -> str:
-    """The layer-group prefix a full parameter name belongs to."""
-    if name.startswith("layers."):
-        return ".".join(name.split(".")[:2]) + "."
-    return name.split(".")[0] + "."
 
 
 def strip_vocab_padding(name: str, tensor: torch.Tensor, config: TransformerConfig, source: str) -> torch.Tensor:

@@ -177,11 +177,6 @@ def gather_from_tensor_parallel_region(x: torch.Tensor, group) -> torch.Tensor:
 
 
 # ---- Megatron sequence-parallel region (sequence dimension, over the tp group) --------------
-def scatter_to_sequence_parallel_region(x: torch.Tensor, group, dim: int = SEQUENCE_DIM) -> torch.Tensor:
-    """Keep this rank's sequence shard; backward all-gathers the shards."""
-    return x if group_size(group) == 1 else _ScatterToRegion.apply(x, dim, group)
-
-
 def gather_from_sequence_parallel_region(x: torch.Tensor, group, dim: int = SEQUENCE_DIM,
                                          reduce_grad: bool = True) -> torch.Tensor:
     """All-gather sequence shards; backward reduce-scatters (each rank used the full sequence

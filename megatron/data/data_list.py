@@ -22,8 +22,9 @@ from typing import Optional, Sequence
 import numpy as np
 
 from megatron.fileio import with_retries
-from megatron.data.indexed_dataset import (HEADER_BYTES, IndexedDatasetError, MissingFileError, missing_index_error,
-                                          read_index_header)
+from megatron.errors import MegatronError
+from megatron.data.indexed_dataset import (HEADER_BYTES, IndexedDatasetError, MissingFileError, _strip_suffix,
+                                          missing_index_error, read_index_header)
 
 logger = logging.getLogger(__name__)
 
@@ -34,7 +35,7 @@ SERIAL_PROBE = 64  # files read in the calling thread first, timed, before decid
 SERIAL_SECONDS_PER_ITEM = 200e-6  # faster than this a file (page cache, local disk): no threads
 
 
-class DataListError(ValueError):
+class DataListError(MegatronError, ValueError):
     """Everything wrong with a blend specification; `.problems` lists each one ("where: what")."""
 
     def __init__(self, source: str, problems: Sequence[str], summary: str = ""):
@@ -181,20 +182,6 @@ def _read_data_file_list(path: str) -> tuple[list[BlendEntry], list[tuple[int, s
     if not entries and not problems:
         problems.append((0, "no 'weight prefix [corpus]' lines found"))
     return entries, problems
-
-
-def _strip_suffix(prefix: str) -> str:
-    for suffix in (".bin", ".idx"):
-        if prefix.endswith(suffix):
-            return prefix[: -len(suffix)]
-    return prefix
-
-
-def check_files_exist(entries: Sequence[BlendEntry], source: str) -> None:
-    """Raise one DataListError naming every entry whose .bin or .idx is missing (with the count)."""
-    problems, summary = missing_files(entries)
-    if problems:
-        raise DataListError(source, [text for _, text in problems], summary)
 
 
 def _map_in_threads(fn, items: Sequence, progress: Optional[str] = None) -> list:

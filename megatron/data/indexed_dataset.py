@@ -28,6 +28,7 @@ from typing import Iterable, Optional, Sequence
 import numpy as np
 
 from megatron.fileio import replace_atomically, with_retries
+from megatron.errors import MegatronError
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +46,7 @@ _CODE_OF_DTYPE = {dtype: code for code, dtype in DTYPE_CODES.items()}
 IndexHeader = namedtuple("IndexHeader", ["dtype", "num_sequences", "num_documents", "bin_bytes", "num_tokens"])
 
 
-class IndexedDatasetError(ValueError):
+class IndexedDatasetError(MegatronError, ValueError):
     """A `.bin/.idx` pair that is missing, truncated, foreign or inconsistent; the message names the file."""
 
 

@@ -16,13 +16,14 @@ import shutil
 import tempfile
 from typing import Optional, Sequence
 from megatron.fileio import replace_atomically
+from megatron.errors import MegatronError
 
 TOKENIZER_TYPES = ("GPT2BPETokenizer", "SentencePieceTokenizer", "Llama2Tokenizer", "HFTokenizer", "NullTokenizer")
 ENDOFTEXT = "<|endoftext|>"
 _EOS_NAMES = (ENDOFTEXT, "</s>", "<eos>", "<|end_of_text|>", "<|eot_id|>", "[SEP]")
 
 
-class TokenizerError(ValueError):
+class TokenizerError(MegatronError, ValueError):
     """A tokenizer that cannot be built: the message names the flag and the path."""
 
 

@@ -13,13 +13,15 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from megatron.errors import MegatronError
+
 DEVICE_TYPES = ("cuda", "xpu", "mps", "cpu")
 BACKENDS = ("nccl", "xccl", "ccl", "gloo", "mpi")
 # The DeepSpeed accelerator name for each device type (DS_ACCELERATOR).
 DS_ACCELERATOR = {"cuda": "cuda", "xpu": "xpu", "mps": "mps", "cpu": "cpu"}
 
 
-class BackendError(ValueError):
+class BackendError(MegatronError, ValueError):
     """A device/backend choice that cannot work here; the message names the flag and the fix."""
 
 

@@ -13,10 +13,12 @@ import socket
 from dataclasses import dataclass
 from typing import Callable, Mapping, Optional
 
+from megatron.errors import MegatronError
+
 DEFAULT_PORT = 29500
 
 
-class LauncherError(RuntimeError):
+class LauncherError(MegatronError, RuntimeError):
     """The launch environment is incomplete or contradictory; the message says what to set."""
 
 

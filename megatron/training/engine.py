@@ -30,11 +30,14 @@ import torch.distributed as dist
 
 from megatron.config.model import TransformerConfig
 from megatron.distributed.parallel_state import ParallelState
+from megatron.errors import MegatronError
 from megatron.training.timers import Timers
 
 
-class EngineConfigError(ValueError):
+class EngineConfigError(MegatronError, ValueError):
     """A combination of flags the engine cannot run; the message names the flags and the fix."""
+
+    same_on_every_rank = True
 
 
 # ---- what runs where --------------------------------------------------------------------------------

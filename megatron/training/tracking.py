@@ -11,10 +11,11 @@ import os
 from typing import Optional
 
 from megatron.config.logging import LoggingConfig
+from megatron.errors import MegatronError
 
 
-class TrackingError(RuntimeError):
-    pass
+class TrackingError(MegatronError, RuntimeError):
+    """A tracker (wandb) that cannot start on rank 0; the message says what to install or set."""
 
 
 class Tracker:

@@ -36,6 +36,8 @@ import time
 from collections import deque
 from typing import Callable, Optional
 
+from megatron.errors import MegatronError
+
 EXIT_HANG = 3  # a rank stopped answering: documented in docs/RELIABILITY.md
 STEP_PHASES = ("data", "forward", "backward", "optimizer")
 MIN_INTERVAL_S = 0.1  # a phase change is published within this (on a job of up to 1,000 ranks)
@@ -371,10 +373,12 @@ def instrument_engine(engine, watchdog: Watchdog) -> None:
         engine.__dict__[method] = wrap(getattr(engine, method), phase)
 
 
-class CollectiveFailure(RuntimeError):
+class CollectiveFailure(MegatronError, RuntimeError):
     """A collective failed because a rank stopped answering; the message names the rank(s). Whoever reports it
     calls `after_report()` once the message is out, then exits (EXIT_HANG): stopped ranks on this node are ended
     then (Watchdog.end_stopped_ranks)."""
+
+    exit_code = EXIT_HANG
 
     def __init__(self, message: str, after_report: Callable[[], None] = lambda: None):
         super().__init__(message)
