@@ -31,11 +31,12 @@ import zlib
 from dataclasses import dataclass, field
 from typing import Iterable, Optional
 
+from megatron.deepspeed_compat import LATEST_FILENAME
 from megatron.errors import CheckpointError
 from megatron.fileio import TMP_PREFIX, fsync_dir, fsync_tree, os_error_text, write_text_atomically
 
 TRACKER_FILENAME = "latest_checkpointed_iteration.txt"  # Megatron's pointer file
-DEEPSPEED_LATEST_FILENAME = "latest"  # DeepSpeed's pointer file
+DEEPSPEED_LATEST_FILENAME = LATEST_FILENAME  # DeepSpeed's pointer file
 MANIFEST_FILENAME = "manifest.json"
 # Our format marker, in the client state of every mp_rank_*_model_states.pt: {"name": ..., "version": ...}.
 # Megatron-(DeepSpeed) readers key their QKV row order on "checkpoint_version" (0 and 1.0: legacy orders they

@@ -8,6 +8,7 @@ import os
 from typing import Optional
 
 from megatron.convert.model_layout import FullModelSource
+from megatron.deepspeed_compat import LATEST_FILENAME
 
 
 def open_checkpoint(path: str, weights: str = "auto", vocab_size: Optional[int] = None) -> FullModelSource:
@@ -22,7 +23,7 @@ def open_checkpoint(path: str, weights: str = "auto", vocab_size: Optional[int] 
         return UniversalCheckpoint(path, vocab_size=vocab_size)
     if is_argonne_checkpoint(path):
         return ArgonneCheckpoint(path, weights=weights, vocab_size=vocab_size)
-    has_ours = any(os.path.isfile(os.path.join(path, n)) for n in ("latest", "latest_checkpointed_iteration.txt"))
+    has_ours = any(os.path.isfile(os.path.join(path, n)) for n in (LATEST_FILENAME, "latest_checkpointed_iteration.txt"))
     if os.path.isdir(path) and not has_ours and os.path.isfile(os.path.join(path, LATEST_UNIVERSAL_FILENAME)):
         return UniversalCheckpoint(path, vocab_size=vocab_size)
     return DeepSpeedCheckpoint(path, weights=weights, vocab_size=vocab_size)

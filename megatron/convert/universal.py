@@ -35,6 +35,7 @@ from typing import Optional
 
 import torch
 
+from megatron import deepspeed_compat as compat
 from megatron.config.model import TransformerConfig
 from megatron.convert.model_layout import (ConversionError, FullModelSource, config_from_client_state,
                                            expected_shapes, full_parameter_names, tokenizer_args_from)
@@ -134,7 +135,7 @@ def full_name_of(local_name: str, config: TransformerConfig, pipeline: bool) -> 
 # ---- 3a. reading a universal folder ------------------------------------------------------------------
 
 # ds_to_universal copies the source's model-state files: mp_rank_MM (ZeRO 0-2) or zero_pp_rank_D_mp_rank_MM (ZeRO-3)
-MODEL_STATE_FILE = re.compile(r"^(zero_pp_rank_0_)?mp_rank_(\d+)_model_states\.pt$")
+MODEL_STATE_FILE = compat.DP0_MODEL_STATES_FILE
 
 
 def is_universal_folder(path: str) -> bool:
@@ -322,21 +323,6 @@ def _rename_to_model_names(zero_dir: str, config: TransformerConfig, pipeline: b
 
 # ---- 3b. resuming a run from a universal folder ------------------------------------------------------------
 
-@contextlib.contextmanager
-def _folder_names_for(optimizer, folder_of):
-    """DeepSpeed's universal loader (checked against 0.19.8) finds each parameter's folder as
-    `zero/<optimizer.param_names[param]>`; point those names at the folder's own for the length of the load."""
-    original = getattr(optimizer, "param_names", None)
-    if original is None:
-        raise ConversionError(f"{type(optimizer).__name__} has no param_names: this DeepSpeed version's universal "
-                              "loader is not the one this framework was checked against (0.19.8)")
-    optimizer.param_names = {param: folder_of(name) for param, name in original.items()}
-    try:
-        yield
-    finally:
-        optimizer.param_names = original
-
-
 def load_universal_checkpoint(training_engine, path: str, *, load_optim: bool = True, finetune: bool = False):
     """Resume `training_engine` from a universal folder; see _load_universal (errors as CheckpointError)."""
     from megatron.errors import CheckpointError
@@ -378,7 +364,7 @@ def _load_universal(training_engine, path: str, *, load_optim: bool, finetune: b
     folder_name = {local: os.path.basename(ckpt.folder_of(full_name_of(local, config, pipeline)))
                    for local, _ in ds.module.named_parameters()}
     load_dir, tag = os.path.split(ckpt.tag_dir)
-    with _folder_names_for(ds.optimizer, lambda local: folder_name[local]):
+    with compat.universal_folder_names(ds.optimizer, lambda local: folder_name[local]):
         load_path, client_state = ds.load_checkpoint(load_dir, tag=tag, load_optimizer_states=True,
                                                      load_lr_scheduler_states=True, load_module_only=False)
     if load_path is None:

@@ -20,7 +20,9 @@ _SAME = {"apex.adam": "adamw", "apex.sgd": "sgd", "ipex.fusedlamb": "ipex.lamb"}
 
 def checkpoint_saved_args(load_dir: str, tag: str) -> dict | None:
     """The run's arguments recorded in checkpoint `tag` under `load_dir`, or None when it records none."""
-    path = os.path.join(load_dir, tag, "mp_rank_00_model_states.pt")
+    from megatron.deepspeed_compat import model_states_name
+
+    path = os.path.join(load_dir, tag, model_states_name(0))
     if not os.path.isfile(path):
         return None  # a converted or universal checkpoint: weights only, nothing to compare
     state = torch.load(path, map_location="cpu", weights_only=False, mmap=True)

@@ -240,7 +240,9 @@ class TrainingEngine:
 
     def __post_init__(self):
         if self._fp32_without_zero():  # an instance attribute: DeepSpeed's _take_model_step calls ours
-            self.engine.clip_fp32_gradients = self._clip_fp32_gradients
+            from megatron import deepspeed_compat as compat
+
+            compat.replace_fp32_gradient_clipping(self.engine, self._clip_fp32_gradients)
         if self.timers is None:
             self.timers = Timers(0)
         if self.engine.wall_clock_breakdown():
