@@ -8,7 +8,8 @@ below. `check_assumptions()` verifies each of them against the installed DeepSpe
 tests/test_deepspeed_compat.py runs it, so that a DeepSpeed that breaks one fails naming it.
 
 Also here: `CheckpointIO`, the wrapper that routes every file DeepSpeed writes during a save (its checkpoint
-engine's save / makedirs, and the recovery scripts it copies) through our save-error handling.
+engine's save / makedirs, and the recovery scripts it copies) through our save-error handling, and
+`ensure_torch_extensions_dir`, which keeps DeepSpeed's JIT-built ops apart per environment.
 
 A leaf module: stdlib, torch, megatron.errors and megatron.fileio; DeepSpeed is imported inside functions.
 """
@@ -16,9 +17,11 @@ A leaf module: stdlib, torch, megatron.errors and megatron.fileio; DeepSpeed is 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import inspect
 import os
 import re
+import sys
 from typing import Callable, Iterator, Optional
 
 from megatron.errors import CheckpointError
@@ -283,6 +286,51 @@ def without_optimizer_state(state_dict):
     if state_dict.get("optimizer") is not None:
         return {**state_dict, "optimizer": None}
     return state_dict
+
+
+# ---- where DeepSpeed JIT-builds its ops ---------------------------------------------------------------------
+
+_announced = False
+
+
+def _cache_root() -> str:
+    return os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+
+
+def torch_extensions_dir_for_environment() -> str:
+    """A TORCH_EXTENSIONS_DIR of this environment's own: Python, torch and DeepSpeed versions and the
+    interpreter's prefix (one per virtual environment), under the user's cache like torch's default."""
+    from importlib import metadata
+
+    import torch
+
+    try:
+        ds = metadata.version("deepspeed")
+    except metadata.PackageNotFoundError:
+        ds = "none"
+    prefix = hashlib.sha256(os.path.realpath(sys.prefix).encode()).hexdigest()[:8]
+    key = (f"megatron-py{sys.version_info.major}{sys.version_info.minor}-torch{torch.__version__}-ds{ds}-{prefix}"
+           .replace("+", "_").replace(os.sep, "_"))
+    return os.path.join(_cache_root(), "torch_extensions", key)
+
+
+def ensure_torch_extensions_dir(rank: int = 0, log: Callable[[str], None] = print) -> str:
+    """Before anything can JIT-build a DeepSpeed op: when TORCH_EXTENSIONS_DIR is not set, set it to this
+    environment's own directory (torch's default, ~/.cache/torch_extensions/py311_cpu, is shared by every
+    environment, and another DeepSpeed version's build found there breaks the start: "module
+    'deepspeed_shm_comm' has no attribute 'vector_kernel_level'"). Says so once, on rank 0. A user's value is
+    never changed. Returns the directory in use."""
+    global _announced
+    chosen = os.environ.get("TORCH_EXTENSIONS_DIR")
+    if chosen:
+        return chosen
+    chosen = torch_extensions_dir_for_environment()
+    os.environ["TORCH_EXTENSIONS_DIR"] = chosen
+    if rank == 0 and not _announced:
+        _announced = True
+        log(f"TORCH_EXTENSIONS_DIR is not set: DeepSpeed JIT-compiles its ops into {chosen} (this environment's "
+            "own) on first use (~1 min, once)")
+    return chosen
 
 
 # ---- the assumptions, checked against the installed DeepSpeed -----------------------------------------------

@@ -7,11 +7,19 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
+import subprocess
+import sys
+import sysconfig
 import warnings
+from pathlib import Path
 
 import pytest
 
 from megatron import deepspeed_compat as compat
+from multirank import free_port
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize("what", compat.assumptions())
@@ -88,3 +96,70 @@ def test_a_failed_recovery_script_copy_is_a_save_error_naming_the_path_and_errno
     assert "_copy_recovery_script" not in vars(engine) and isinstance(engine.checkpoint_engine, TorchCheckpointEngine)
     with pytest.raises(OSError):  # outside a save DeepSpeed's own method is back
         engine._copy_recovery_script(str(tmp_path))
+
+
+def test_the_extensions_dir_is_set_per_environment_once_and_never_over_a_users(tmp_path, monkeypatch):
+    monkeypatch.setattr(compat, "_announced", False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", "/users/own")
+    said = []
+    assert compat.ensure_torch_extensions_dir(0, said.append) == "/users/own" and said == []
+    monkeypatch.delenv("TORCH_EXTENSIONS_DIR")
+    assert compat.ensure_torch_extensions_dir(1, said.append) == compat.torch_extensions_dir_for_environment()
+    chosen = os.environ["TORCH_EXTENSIONS_DIR"]
+    assert said == [] and chosen.startswith(str(tmp_path / "torch_extensions" / "megatron-py"))
+    assert f"ds{compat.deepspeed_version()}" in chosen and os.path.realpath(sys.prefix) not in chosen
+    monkeypatch.delenv("TORCH_EXTENSIONS_DIR")
+    compat.ensure_torch_extensions_dir(0, said.append)
+    compat.ensure_torch_extensions_dir(0, said.append)
+    assert len(said) == 1 and chosen in said[0]
+
+
+_FOREIGN_OP = r"""
+#include <Python.h>
+/* Another DeepSpeed version's shm comm op: initialize() but no vector_kernel_level(). */
+static PyObject *initialize(PyObject *self, PyObject *args) { Py_RETURN_NONE; }
+static PyMethodDef methods[] = {{"initialize", initialize, METH_VARARGS, ""}, {NULL, NULL, 0, NULL}};
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "deepspeed_shm_comm", NULL, -1, methods};
+PyMODINIT_FUNC PyInit_deepspeed_shm_comm(void) { return PyModule_Create(&module); }
+"""
+
+
+def _built_shm_op() -> Path | None:
+    """This environment's build of DeepSpeed's shm comm op (the suite runs with TORCH_EXTENSIONS_DIR set)."""
+    root = os.environ.get("TORCH_EXTENSIONS_DIR")
+    op = Path(root) / "deepspeed_shm_comm" if root else None
+    return op if op is not None and (op / "deepspeed_shm_comm.so").is_file() and (op / ".ninja_log").is_file() else None
+
+
+def test_a_stale_foreign_jit_build_in_torchs_default_directory_does_not_break_a_start(tmp_path):
+    """torch's default, ~/.cache/torch_extensions/py311_cpu, holds another DeepSpeed's deepspeed_shm_comm (ninja
+    sees it up to date: same build.ninja, log and deps); a start without TORCH_EXTENSIONS_DIR used to load it and
+    die with "module 'deepspeed_shm_comm' has no attribute 'vector_kernel_level'"."""
+    built, cc = _built_shm_op(), shutil.which("cc") or shutil.which("gcc")
+    if built is None or cc is None:
+        pytest.skip("needs a C compiler and this environment's deepspeed_shm_comm build under TORCH_EXTENSIONS_DIR")
+    cache = tmp_path / "cache"
+    tag = f"py{sys.version_info.major}{sys.version_info.minor}{getattr(sys, 'abiflags', '')}_cpu"
+    stale = cache / "torch_extensions" / tag / "deepspeed_shm_comm"
+    shutil.copytree(built, stale)  # keeps the mtimes: ninja finds nothing to rebuild
+    (tmp_path / "op.c").write_text(_FOREIGN_OP)
+    subprocess.run([cc, "-shared", "-fPIC", f"-I{sysconfig.get_paths()['include']}", str(tmp_path / "op.c"), "-o",
+                    str(stale / "deepspeed_shm_comm.so")], check=True)
+    env = {k: v for k, v in os.environ.items() if k not in ("TORCH_EXTENSIONS_DIR", "RANK", "WORLD_SIZE",
+                                                             "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_PORT")}
+    env.update(XDG_CACHE_HOME=str(cache), GLOO_SOCKET_IFNAME="lo", MASTER_ADDR="127.0.0.1", OMP_NUM_THREADS="1",
+               MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
+    keyed = Path(subprocess.run([sys.executable, "-c", "from megatron.deepspeed_compat import "
+                                 "torch_extensions_dir_for_environment as f; print(f())"], env=env, cwd=ROOT,
+                                check=True, capture_output=True, text=True).stdout.strip())
+    assert keyed.parent == cache / "torch_extensions" and keyed.name != tag
+    shutil.copytree(built, keyed / "deepspeed_shm_comm")  # this environment's own build: no ~1 min compile here
+    done = subprocess.run([sys.executable, "pretrain_gpt.py", "--model-preset", "tiny", "--mock-data", "--vocab-size",
+                           "256", "--seq-length", "32", "--micro-batch-size", "2", "--global-batch-size", "2",
+                           "--train-iters", "1", "--eval-iters", "0", "--num-workers", "0"],
+                          env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    out = done.stdout + done.stderr
+    assert done.returncode == 0, out[-3000:]
+    assert "vector_kernel_level" not in out and "done at iteration 1" in out
+    assert out.count(f"DeepSpeed JIT-compiles its ops into {keyed}") == 1

@@ -540,6 +540,9 @@ def build_engine(run, ps: ParallelState, device: torch.device, ds_config: Option
     lr_scheduler_factory(optimizer) -> scheduler: default lr_schedule.build_lr_scheduler(optimizer, run, dp).
     DeepSpeed steps the scheduler at every optimizer step and saves/loads it with the checkpoint.
     """
+    from megatron.deepspeed_compat import ensure_torch_extensions_dir
+
+    ensure_torch_extensions_dir(ps.rank)  # before any DeepSpeed op (comm, Adam) can JIT-build
     import deepspeed
 
     check_engine_config(run, device)
