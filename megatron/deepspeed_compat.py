@@ -40,6 +40,8 @@ def deepspeed_version() -> str:
 # ---- file names (deepspeed/runtime/engine.py and runtime/pipe/module.py, checked against DeepSpeed 0.19.8) -----
 
 LATEST_FILENAME = "latest"  # DeepSpeed's pointer file in the save directory: the tag of the newest checkpoint
+LATEST_UNIVERSAL_FILENAME = "latest_universal"  # its pointer to the newest universal folder (ds_to_universal)
+UNIVERSAL_ZERO_DIR = "zero"  # a universal folder's per-parameter directory: zero/<param name>/{fp32,exp_avg,...}.pt
 RECOVERY_SCRIPTS = ("zero_to_fp32.py", "zero_to_torch.py")  # copied into the save directory by a ZeRO save
 MODEL_STATES_SUFFIX = "_model_states.pt"
 OPTIM_STATES_SUFFIX = "_optim_states.pt"
@@ -194,6 +196,26 @@ def wrap_pipeline_instructions(engine, wrap: Callable[[Callable, str], Callable]
         return False
     engine.__dict__["_INSTRUCTION_MAP"] = {cmd: wrap(fn, cmd.__name__) for cmd, fn in instructions.items()}
     return True
+
+
+BACKWARD_REDUCE_TIMER = "bwd_allreduce_microstep"  # deepspeed.utils.timer.BACKWARD_REDUCE_MICRO_TIMER
+
+
+def replace_timer_log(engine, log: Callable[..., None]) -> None:
+    """Make `log(names, *args, **kwargs)` run where DeepSpeed's engines print their wall-clock timers: they call
+    `self.timers.log(names, ...)` on their SynchronizedWallClockTimer; an instance attribute replaces it.
+    Checked against DeepSpeed 0.19.8."""
+    engine.timers.log = log
+
+
+def set_gradient_allreduce(engine, enabled: bool, pipeline: bool) -> None:
+    """Switch DeepSpeed's gradient all-reduce over data parallelism: DeepSpeedEngine.backward reads
+    `enable_backward_allreduce`; a PipelineEngine keeps that off and reduces in its ReduceGrads instruction,
+    which reads `pipeline_enable_backward_allreduce`. Checked against DeepSpeed 0.19.8."""
+    if pipeline:
+        engine.pipeline_enable_backward_allreduce = enabled
+    else:
+        engine.enable_backward_allreduce = enabled
 
 
 # ---- the checkpoint write wrapper ---------------------------------------------------------------------------
@@ -440,6 +462,21 @@ def _check_tag_and_latest():
     _require(GLOBAL_STEP_TAG.match(global_step_tag(42)).group(1) == "42", "GLOBAL_STEP_TAG does not parse our tag")
 
 
+@_assumption("universal checkpoints: the latest_universal pointer and the zero/<param name>/ folders")
+def _check_universal_names():
+    from deepspeed.checkpoint import ds_to_universal
+    from deepspeed.runtime import base_optimizer
+
+    c = _classes()
+    _require(f'"{LATEST_UNIVERSAL_FILENAME}"' in _source(c["engine"].load_checkpoint) and
+             f"'{LATEST_UNIVERSAL_FILENAME}'" in inspect.getsource(ds_to_universal),
+             f"DeepSpeed no longer names its universal pointer {LATEST_UNIVERSAL_FILENAME}")
+    for module, joined in ((ds_to_universal, "args.output_folder"), (base_optimizer, "checkpoint_dir"),
+                           (c["zero3"], "checkpoint_dir")):
+        _require(f'os.path.join({joined}, "{UNIVERSAL_ZERO_DIR}")' in inspect.getsource(module),
+                 f"{module.__name__} no longer reads or writes the {UNIVERSAL_ZERO_DIR}/ folder")
+
+
 @_assumption("saving: every file DeepSpeed writes goes through engine.checkpoint_engine (save / makedirs) or "
              "engine._copy_recovery_script(save_path), which CheckpointIO wraps")
 def _check_save_writes():
@@ -570,6 +607,31 @@ def _check_instruction_map():
 def assumptions() -> list[str]:
     """What this adapter assumes about DeepSpeed, one line each (the names check_assumptions reports)."""
     return [what for what, _ in _CHECKS]
+
+
+@_assumption("wall-clock timers: engine.timers (SynchronizedWallClockTimer) printed through timers.log(names, ...), "
+             "the dp reduction timed as bwd_allreduce_microstep")
+def _check_timers():
+    from deepspeed.utils import timer
+
+    c = _classes()
+    _require(timer.BACKWARD_REDUCE_MICRO_TIMER == BACKWARD_REDUCE_TIMER,
+             f"the timer is now named {timer.BACKWARD_REDUCE_MICRO_TIMER!r}")
+    _require(_params(timer.SynchronizedWallClockTimer.log)[:2] == ["self", "names"], "SynchronizedWallClockTimer.log changed")
+    _require("self.timers = SynchronizedWallClockTimer()" in _source(c["engine"].__init__), "engine.timers changed")
+    _require("self.timers.log(" in inspect.getsource(c["engine"]) and "self.timers.log(" in inspect.getsource(c["pipe_engine"]),
+             "the engines no longer print through self.timers.log")
+
+
+@_assumption("gradient all-reduce switches: enable_backward_allreduce (DeepSpeedEngine), "
+             "pipeline_enable_backward_allreduce (PipelineEngine's ReduceGrads)")
+def _check_allreduce_switches():
+    c = _classes()
+    _require("if self.enable_backward_allreduce" in _source(c["engine"].backward) or
+             "self.enable_backward_allreduce and" in inspect.getsource(c["engine"]),
+             "DeepSpeedEngine no longer reads enable_backward_allreduce")
+    _require("if self.pipeline_enable_backward_allreduce" in _source(c["pipe_engine"]._exec_reduce_grads),
+             "PipelineEngine's ReduceGrads no longer reads pipeline_enable_backward_allreduce")
 
 
 def check_assumptions(only: Optional[list[str]] = None) -> list[str]:

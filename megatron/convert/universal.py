@@ -41,7 +41,7 @@ from megatron.convert.model_layout import (ConversionError, FullModelSource, con
                                            expected_shapes, full_parameter_names, tokenizer_args_from)
 from megatron.model.pipeline import pipe_layer_index, pipe_layer_prefix
 
-LATEST_UNIVERSAL_FILENAME = "latest_universal"  # DeepSpeed's pointer to the newest universal folder
+LATEST_UNIVERSAL_FILENAME = compat.LATEST_UNIVERSAL_FILENAME  # DeepSpeed's pointer to the newest universal folder
 UNIVERSAL_SUFFIX = "_universal"
 TIED_PIPE_PREFIX = "tied_modules.embedding."  # PipelineModule's name for our TiedLayerSpec("embedding")
 STATE_KEYS = ("fp32", "exp_avg", "exp_avg_sq")
@@ -139,7 +139,7 @@ MODEL_STATE_FILE = compat.DP0_MODEL_STATES_FILE
 
 
 def is_universal_folder(path: str) -> bool:
-    return os.path.isdir(os.path.join(path, "zero")) and any(MODEL_STATE_FILE.match(n) for n in os.listdir(path))
+    return os.path.isdir(os.path.join(path, compat.UNIVERSAL_ZERO_DIR)) and any(MODEL_STATE_FILE.match(n) for n in os.listdir(path))
 
 
 def resolve_universal_folder(path: str) -> str:
@@ -184,7 +184,7 @@ class UniversalCheckpoint(FullModelSource):
             self.config = self.config.replace(vocab_size=vocab_size)
         self.args = dict(self.state0.get("args") or {})
         self.tokenizer_args = tokenizer_args_from(self.args)
-        self.zero_dir = os.path.join(self.tag_dir, "zero")
+        self.zero_dir = os.path.join(self.tag_dir, compat.UNIVERSAL_ZERO_DIR)
         self._dirs = self._index()
 
     def _index(self) -> dict[str, str]:
@@ -303,7 +303,7 @@ def convert_to_universal(load: str, out: Optional[str] = None, *, workers: int =
     try:
         with contextlib.redirect_stdout(open(os.devnull, "w")):
             ds_to_universal.main(args)
-        _rename_to_model_names(os.path.join(tmp, "zero"), source.config, source.pipeline)
+        _rename_to_model_names(os.path.join(tmp, compat.UNIVERSAL_ZERO_DIR), source.config, source.pipeline)
         publish_directory(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

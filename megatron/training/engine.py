@@ -201,6 +201,8 @@ def quiet_deepspeed_timer_log(engine) -> None:
     """DeepSpeed (checked against 0.19.8) prints its wall-clock timers at every micro-step when
     wall_clock_breakdown is on; we read them (get_wall_clock_timers) into our own report instead, so its
     print is replaced by a reset of the same timers."""
+    from megatron import deepspeed_compat as compat
+
     timers = engine.timers
 
     def reset_only(names, *args, **kwargs):
@@ -208,7 +210,7 @@ def quiet_deepspeed_timer_log(engine) -> None:
             if name in timers.get_timers():
                 timers(name).reset()
 
-    timers.log = reset_only
+    compat.replace_timer_log(engine, reset_only)
 
 
 @dataclass
@@ -250,7 +252,9 @@ class TrainingEngine:
 
     def _add_reduce_time(self) -> None:
         """The dp gradient reduction DeepSpeed timed in this micro-step's backward (wall_clock_breakdown)."""
-        ms = self.engine.get_wall_clock_timers().get("bwd_allreduce_microstep")
+        from megatron.deepspeed_compat import BACKWARD_REDUCE_TIMER
+
+        ms = self.engine.get_wall_clock_timers().get(BACKWARD_REDUCE_TIMER)
         if ms is not None:
             self.timers("grads-all-reduce", 1).add(ms / 1000.0)
 
@@ -346,11 +350,10 @@ class TrainingEngine:
         parallelism, not dp)."""
         if getattr(self.engine.optimizer, "needs_gradient_allreduce", None) is None:
             return
+        from megatron.deepspeed_compat import set_gradient_allreduce
+
         wanted = self.ps.dp_size * self.ps.sp_size > 1 and self._optimizer_wants_gradient_allreduce()
-        if self.is_pipeline:
-            self.engine.pipeline_enable_backward_allreduce = wanted
-        else:
-            self.engine.enable_backward_allreduce = wanted
+        set_gradient_allreduce(self.engine, wanted, pipeline=self.is_pipeline)
 
     def _grad_norm_of_reduced_grads(self) -> float:
         """L2 norm of the dp-reduced gradients of the whole model, each parameter counted once.
@@ -540,9 +543,9 @@ def build_engine(run, ps: ParallelState, device: torch.device, ds_config: Option
     lr_scheduler_factory(optimizer) -> scheduler: default lr_schedule.build_lr_scheduler(optimizer, run, dp).
     DeepSpeed steps the scheduler at every optimizer step and saves/loads it with the checkpoint.
     """
-    from megatron.deepspeed_compat import ensure_torch_extensions_dir
+    from megatron import deepspeed_compat as compat
 
-    ensure_torch_extensions_dir(ps.rank)  # before any DeepSpeed op (comm, Adam) can JIT-build
+    compat.ensure_torch_extensions_dir(ps.rank)  # before any DeepSpeed op (comm, Adam) can JIT-build
     import deepspeed
 
     check_engine_config(run, device)
@@ -579,7 +582,7 @@ def build_engine(run, ps: ParallelState, device: torch.device, ds_config: Option
     if not pipeline and ps.dp_size * ps.sp_size == 1 and engine.zero_optimization_stage() == 0:
         # DeepSpeed's gradient all-reduce group (dp x sp) has one rank: its ZeRO-0 reduction would only
         # flatten every gradient into one buffer, "reduce" it and copy it back (exact no-op, ~3% of a step).
-        engine.enable_backward_allreduce = False
+        compat.set_gradient_allreduce(engine, False, pipeline=False)
     return TrainingEngine(engine=engine, ps=ps, device=device, model_config=run.model, ds_config=ds_config,
                           is_pipeline=pipeline, eod_token=eod_token, reset_position_ids=run.data.reset_position_ids,
                           eod_mask_loss=run.data.eod_mask_loss, reset_attention_mask=run.data.reset_attention_mask,
