@@ -168,3 +168,40 @@ def test_a_stale_foreign_jit_build_in_torchs_default_directory_does_not_break_a_
     assert done.returncode == 0, out[-3000:]
     assert "vector_kernel_level" not in out and "done at iteration 1" in out
     assert out.count(f"DeepSpeed JIT-compiles its ops into {keyed}") == 1
+
+
+_ADAPTER_ONLY = {"_get_fp32_opt_state_partition", "_get_param_partition_rank", "_hp_optimizer_states_linked",
+                 "_lazy_init_hp_params_optimizer_state", "_synchronize_tied_weights", "_hp_mapping", "_INSTRUCTION_MAP",
+                 "_copy_recovery_script", "checkpoint_engine", "single_partition_of_fp32_groups",
+                 "fp32_groups_flat_partition", "fp32_partitioned_groups_flat", "cur_scale", "param_names",
+                 "clip_fp32_gradients", "enable_backward_allreduce", "pipeline_enable_backward_allreduce",
+                 "dp_process_group", "bwd_allreduce_microstep", "latest", "latest_universal"}
+
+
+def test_the_adapter_is_a_leaf_and_the_only_module_reaching_into_deepspeed():
+    import ast
+
+    def names(path: Path) -> set[str]:
+        tree = ast.parse(path.read_text())
+        docstrings = {id(node.body[0].value) for node in ast.walk(tree)
+                      if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+                      and node.body and isinstance(node.body[0], ast.Expr)}
+        # messages (what a raise says) and keys of saved dicts (osd["single_partition_of_fp32_groups"]) are not uses
+        spoken = {id(c) for node in ast.walk(tree) if isinstance(node, ast.Raise) for c in ast.walk(node)}
+        spoken |= {id(node.slice) for node in ast.walk(tree) if isinstance(node, ast.Subscript)}
+        found = {n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute)}
+        for n in ast.walk(tree):
+            if isinstance(n, ast.Constant) and isinstance(n.value, str) and id(n) not in docstrings | spoken:
+                found.add(n.value)
+                found.update(p for p in ("_model_states.pt", "_optim_states.pt", "global_step") if p in n.value)
+        return found
+
+    adapter = ROOT / "megatron" / "deepspeed_compat.py"
+    tree = ast.parse(adapter.read_text())
+    top = {a.name for n in tree.body if isinstance(n, ast.Import) for a in n.names}
+    top |= {n.module for n in tree.body if isinstance(n, ast.ImportFrom) and n.module}
+    assert {m for m in top if m.startswith("megatron")} <= {"megatron.errors", "megatron.fileio"}
+    assert not [m for m in top if m.startswith("deepspeed")]  # imported lazily, inside functions
+    reaching = {str(p.relative_to(ROOT)): sorted(names(p) & (_ADAPTER_ONLY | {"_model_states.pt", "_optim_states.pt"}))
+                for p in (ROOT / "megatron").rglob("*.py") if p != adapter}
+    assert {p: n for p, n in reaching.items() if n} == {}
