@@ -13,7 +13,7 @@ setup(
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.4",
-        "deepspeed>=0.15",
+        "deepspeed>=0.19.8,<0.20",  # tested: 0.19.8 (constraints.txt, megatron/deepspeed_compat.py)
         "numpy",
         "mpi4py",
         "sentencepiece",

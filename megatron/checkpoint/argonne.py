@@ -39,6 +39,7 @@ from typing import Optional
 
 import torch
 
+from megatron import deepspeed_compat as compat
 from megatron.checkpoint.format import MANIFEST_FILENAME
 from megatron.config.model import TransformerConfig
 from megatron.checkpoint.layout import (ConversionError, FullModelSource, _vocab_size_from_args, expected_shapes,
@@ -47,8 +48,8 @@ from megatron.checkpoint.ds_checkpoint import resolve_tag_dir
 from megatron.checkpoint.zero_shards import OptimizerShards, load_mmap, optim_files
 from megatron.model.sharding import merge_state_dicts
 
-MODEL_FILE = re.compile(r"^mp_rank_(\d+)_model_states\.pt$")
-LAYER_FILE = re.compile(r"^layer_(\d+)-model_(\d+)-model_states\.pt$")
+MODEL_FILE = compat.MODEL_STATES_FILE
+LAYER_FILE = compat.LAYER_STATES_FILE
 TIED_GROUP = "tied_modules.embed."
 LAYER_SUFFIXES = {  # theirs -> ours, inside one transformer layer
     "input_layernorm.": "input_norm.",
@@ -347,7 +348,7 @@ class ArgonneCheckpoint(FullModelSource):
     def _uses_fp32_masters(self) -> bool:
         if self.weights == "module":
             return False
-        has = any(n.endswith("_optim_states.pt") for n in os.listdir(self.tag_dir))
+        has = any(compat.is_optim_states_file(n) for n in os.listdir(self.tag_dir))
         if self.weights == "fp32" and not has:
             raise ConversionError(f"{self.tag_dir}: --weights fp32 needs ZeRO or bf16 optimizer files; none found")
         return has
@@ -428,7 +429,7 @@ def _load_argonne(training_engine, path: str, *, load_optim: bool, finetune: boo
     from megatron.checkpoint.reshard import load_checkpoint_any_layout
 
     ckpt = source if source is not None else ArgonneCheckpoint(path)
-    if load_optim and not finetune and not any(n.endswith("_optim_states.pt") for n in os.listdir(ckpt.tag_dir)):
+    if load_optim and not finetune and not any(compat.is_optim_states_file(n) for n in os.listdir(ckpt.tag_dir)):
         raise CheckpointError(f"--load {path}: the checkpoint has no ZeRO/bf16 optimizer shards, so its Adam state "
                               "cannot be read; pass --no-load-optim to continue with a fresh optimizer state")
     progress = load_checkpoint_any_layout(training_engine, ckpt.tag_dir, load_optim=load_optim, finetune=finetune,
@@ -510,7 +511,7 @@ def write_argonne_checkpoint(source: FullModelSource, save_dir: str, tp: int = 1
                               f"{config.num_key_value_heads} key/value) do not split evenly")
     if config.num_layers < pp:
         raise ConversionError(f"cannot write pp {pp} stages for {config.num_layers} layers")
-    tag = f"global_step{iteration}"
+    tag = compat.global_step_tag(iteration)
     final_dir = os.path.join(save_dir, tag)
     if os.path.exists(final_dir):
         raise ConversionError(f"{final_dir} already exists; choose another --save directory")
@@ -527,14 +528,14 @@ def write_argonne_checkpoint(source: FullModelSource, save_dir: str, tp: int = 1
                 index, inner = argonne_pipe_layer(name, config)
                 by_layer.setdefault(index, {})[inner] = value.to(dtype).contiguous()
             for index, layer in by_layer.items():
-                torch.save(layer, os.path.join(tmp_dir, f"layer_{index:02d}-model_{t:02d}-model_states.pt"))
+                torch.save(layer, os.path.join(tmp_dir, compat.layer_states_name(index, t)))
     ns = argonne_namespace(config, tp, pp, source.tokenizer_args, iteration)
     for mp in range(tp * pp):
         torch.save({"module": None, "buffer_names": [], "optimizer": None, "param_shapes": None,
                     "lr_scheduler": None, "global_steps": iteration, "global_samples": 0, "skipped_steps": 0,
                     "dp_world_size": 1, "mp_world_size": tp * pp, "ds_config": {}, "ds_version": deepspeed.__version__,
                     "args": ns, "checkpoint_version": 3.0, "iteration": iteration, "tokens": 0},
-                   os.path.join(tmp_dir, f"mp_rank_{mp:02d}_model_states.pt"))
+                   os.path.join(tmp_dir, compat.model_states_name(mp)))
     publish_directory(tmp_dir, final_dir)
     write_pointers(save_dir, iteration, tag)
     return final_dir

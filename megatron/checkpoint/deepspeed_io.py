@@ -98,91 +98,11 @@ def _all_gather(obj) -> list:
     return out
 
 
-# ---- DeepSpeed's checkpoint engine, adapted ----------------------------------------------------------
+# ---- DeepSpeed's checkpoint engine, adapted: megatron/deepspeed_compat.py (with every other DeepSpeed detail) ----
 
-_DS_CHECKED = "0.19.8"  # the DeepSpeed version whose engine.checkpoint_engine (save / load / makedirs) this wraps
-
-
-class _CheckpointIO:
-    """Wraps DeepSpeed's checkpoint engine for one save or load.
-
-    Saving: a failed write (ENOSPC, EACCES, EIO, or torch's "unexpected pos" on a full disk) is recorded,
-    not raised, so this rank still reaches the collectives inside DeepSpeed's save_checkpoint and every rank
-    can agree afterwards that the save failed; the files written are remembered so that this rank fsyncs
-    and checksums exactly what it wrote (on a parallel filesystem only the writer can flush its pages).
-    Loading: reads that fail with a transient error (EIO, ESTALE, EAGAIN: Lustre under load) are retried.
-    """
-
-    def __init__(self, engine, retries: int = 3, backoff_s: float = 1.0, log: Callable[[str], None] = print,
-                 drop_optimizer: bool = False):
-        if not hasattr(engine, "checkpoint_engine"):
-            raise CheckpointError(f"this DeepSpeed ({_deepspeed_version()}) has no engine.checkpoint_engine; "
-                                  f"checkpointing was written against DeepSpeed {_DS_CHECKED}")
-        self.engine, self.inner = engine, engine.checkpoint_engine
-        self.retries, self.backoff_s, self.log = retries, backoff_s, log
-        self.drop_optimizer = drop_optimizer
-        self.errors: list[tuple[str, BaseException]] = []
-        self.written: list[str] = []
-
-    def __enter__(self) -> "_CheckpointIO":
-        self.engine.checkpoint_engine = self
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.engine.checkpoint_engine = self.inner
-
-    def __getattr__(self, name):
-        return getattr(self.inner, name)
-
-    def save(self, state_dict, path: str):
-        if self.errors:  # after the first failure, do not fill the disk further
-            return None
-        if self.drop_optimizer:
-            state_dict = _without_optimizer_state(state_dict)
-            if state_dict is None:
-                return None
-        try:
-            self.inner.save(state_dict, path)
-            self.written.append(path)
-        except (OSError, RuntimeError) as error:
-            self.errors.append((path, error))
-        return None
-
-    def makedirs(self, path, exist_ok=False):
-        try:
-            return self.inner.makedirs(path, exist_ok=exist_ok)
-        except OSError as error:
-            self.errors.append((path, error))
-            return None
-
-    def load(self, path: str, map_location=None):
-        from megatron.checkpoint.zero_shards import take_remembered
-
-        remembered = take_remembered(path)  # the resume's reader already read it: one read per file
-        if remembered is not None:
-            return remembered
-        return with_retries(lambda: self.inner.load(path, map_location=map_location), path,
-                            self.retries, self.backoff_s, self.log)
-
-
-def _without_optimizer_state(state_dict):
-    """--no-save-optim: what DeepSpeed (checked against 0.19.8) asks to save, minus the optimizer state. A ZeRO /
-    BF16-optimizer shard (`*_optim_states.pt`, key "optimizer_state_dict": fp32 masters and moments) is not
-    written at all (None); the model-states file keeps everything but its "optimizer" entry (the plain
-    optimizer's state without ZeRO), so weights, LR schedule and our client state stay."""
-    if not isinstance(state_dict, dict):
-        return state_dict
-    if "optimizer_state_dict" in state_dict:
-        return None
-    if state_dict.get("optimizer") is not None:
-        return {**state_dict, "optimizer": None}
-    return state_dict
-
-
-def _deepspeed_version() -> str:
-    import deepspeed
-
-    return deepspeed.__version__
+from megatron.deepspeed_compat import CheckpointIO as _CheckpointIO  # noqa: E402
+from megatron.deepspeed_compat import deepspeed_version as _deepspeed_version  # noqa: E402,F401
+from megatron.deepspeed_compat import without_optimizer_state as _without_optimizer_state  # noqa: E402,F401
 
 
 def _probe_write(directory: str) -> Optional[OSError]:
@@ -520,7 +440,9 @@ def load_with_deepspeed(training_engine, load_dir: str, tag: str, device: torch.
     path = os.path.join(load_dir, tag)
     engine = training_engine.engine
     try:
-        with _CheckpointIO(engine, log=log):
+        from megatron.checkpoint.zero_shards import take_remembered
+
+        with _CheckpointIO(engine, log=log, preloaded=take_remembered):  # what the resume's reader already read
             load_path, client_state = engine.load_checkpoint(
                 load_dir, tag=tag, load_optimizer_states=load_optim and not finetune,
                 load_lr_scheduler_states=not finetune, load_module_only=finetune)
@@ -556,10 +478,3 @@ def load_with_deepspeed(training_engine, load_dir: str, tag: str, device: torch.
 def barrier() -> None:
     """Every rank, when there is a process group."""
     _barrier()
-
-
-def set_optimizer_clip_grad(optimizer, clip: float) -> None:
-    """DeepSpeed's ZeRO-1/2 optimizer keeps --clip-grad as its `clip_grad` and its checkpoint load restores the
-    saved value (checked against DeepSpeed 0.19.8): put the run's back. Other optimizers read the engine's config."""
-    if hasattr(optimizer, "clip_grad"):
-        optimizer.clip_grad = clip

@@ -13,13 +13,13 @@ A model-parallel rank MM is pp_rank × tp + tp_rank, as DeepSpeed numbers them.
 from __future__ import annotations
 
 import os
-import re
 import shutil
 from typing import Optional
 
 import torch
 from tqdm import tqdm
 
+from megatron import deepspeed_compat as compat
 from megatron.config.model import TransformerConfig
 from megatron.checkpoint.layout import (ConversionError, FullModelSource, config_from_client_state,
                                            expected_shapes, layer_prefixes, strip_vocab_padding,
@@ -32,9 +32,9 @@ from megatron.checkpoint.format import (CHECKPOINT_FORMAT_KEY, checkpoint_format
                                         write_pointers)
 from megatron.errors import CheckpointError
 
-MODEL_FILE = re.compile(r"^mp_rank_(\d+)_model_states\.pt$")
-ZERO3_MODEL_FILE = re.compile(r"^zero_pp_rank_(\d+)_mp_rank_(\d+)_model_states\.pt$")
-LAYER_FILE = re.compile(r"^layer_(\d+)-model_(\d+)-model_states\.pt$")
+MODEL_FILE = compat.MODEL_STATES_FILE
+ZERO3_MODEL_FILE = compat.ZERO3_MODEL_STATES_FILE
+LAYER_FILE = compat.LAYER_STATES_FILE
 TIED_PREFIX = "tied_modules.embedding."
 
 
@@ -116,7 +116,7 @@ class DeepSpeedCheckpoint(FullModelSource):
             raise ConversionError(f"{self.tag_dir}: model states of model-parallel ranks {missing} are missing "
                                   f"(the run had tp {self.tp} × pp {self.pp}); copy the complete checkpoint")
         if self.pipeline:
-            missing = [f"layer_{i:02d}-model_{t:02d}" for i in self._saved_layer_indices() for t in range(self.tp)
+            missing = [compat.layer_states_name(i, t) for i in self._saved_layer_indices() for t in range(self.tp)
                        if (i, t) not in self.layer_files]
             if missing:
                 raise ConversionError(f"{self.tag_dir}: pipeline layer files missing: {missing[:6]}")
@@ -257,7 +257,7 @@ def _all_names(config: TransformerConfig) -> list[str]:
 
 
 def _has_optim_files(tag_dir: str) -> bool:
-    return any(n.endswith("_optim_states.pt") for n in os.listdir(tag_dir))
+    return any(compat.is_optim_states_file(n) for n in os.listdir(tag_dir))
 
 
 # ---- writing ---------------------------------------------------------------------------------------------
@@ -302,7 +302,7 @@ def write_checkpoint(source: FullModelSource, save_dir: str, tp: int = 1, pp: in
                 continue
             index = pipe_layer_index(next(iter(shard)), config)
             local = {k[len(pipe_layer_prefix(index, config)):]: v for k, v in shard.items()}
-            torch.save(local, os.path.join(tmp_dir, f"layer_{index:02d}-model_{t:02d}-model_states.pt"))
+            torch.save(local, os.path.join(tmp_dir, compat.layer_states_name(index, t)))
     client_state = {CHECKPOINT_FORMAT_KEY: checkpoint_format_marker(), "args": run_args, "model_config": config.to_dict(),
                     "converted_from": source.description}
     for stage in range(pp):
@@ -311,7 +311,7 @@ def write_checkpoint(source: FullModelSource, save_dir: str, tp: int = 1, pp: in
                          lr_scheduler=None, skipped_steps=0, global_steps=iteration, global_samples=0,
                          dp_world_size=1, mp_world_size=tp * pp, ds_config={}, ds_version=deepspeed.__version__,
                          **client_state)
-            torch.save(state, os.path.join(tmp_dir, f"mp_rank_{stage * tp + t:02d}_model_states.pt"))
+            torch.save(state, os.path.join(tmp_dir, compat.model_states_name(stage * tp + t)))
     write_manifest(tmp_dir, iteration=iteration, world_size=1, converted_from=source.description)
     publish_directory(tmp_dir, final_dir)
     write_pointers(save_dir, iteration, tag)

@@ -35,11 +35,12 @@ import zlib
 from dataclasses import dataclass, field
 from typing import Iterable, Optional
 
+from megatron.deepspeed_compat import LATEST_FILENAME, global_step_tag
 from megatron.errors import CheckpointError
 from megatron.fileio import TMP_PREFIX, fsync_dir, fsync_tree, os_error_text, write_text_atomically
 
 TRACKER_FILENAME = "latest_checkpointed_iteration.txt"  # Megatron's pointer file
-DEEPSPEED_LATEST_FILENAME = "latest"  # DeepSpeed's pointer file
+DEEPSPEED_LATEST_FILENAME = LATEST_FILENAME  # DeepSpeed's pointer file
 MANIFEST_FILENAME = "manifest.json"
 # Our format marker, in the client state of every mp_rank_*_model_states.pt: {"name": ..., "version": ...}.
 # Megatron-(DeepSpeed) readers key their QKV row order on "checkpoint_version" (0 and 1.0: legacy orders they
@@ -85,7 +86,7 @@ def checkpoint_format_version(client_state: dict, where: str) -> int:
 
 def checkpoint_tag(iteration: int) -> str:
     """DeepSpeed's tag for the checkpoint of `iteration`, as upstream's DeepSpeed path names it."""
-    return f"global_step{iteration}"
+    return global_step_tag(iteration)
 
 
 def legacy_checkpoint_tag(iteration: int) -> str:

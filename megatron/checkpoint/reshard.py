@@ -23,6 +23,7 @@ from megatron.checkpoint.layout import ConversionError
 from megatron.model.pipeline import pipe_layer_prefix
 from megatron.model.sharding import shard_state_dict
 from megatron.checkpoint.format import TrainingProgress
+from megatron import deepspeed_compat as compat
 
 WEIGHT_FIELDS = ("num_layers", "hidden_size", "num_attention_heads", "num_key_value_heads", "ffn_hidden_size",
                  "vocab_size", "normalization", "swiglu", "position_embedding_type", "max_position_embeddings",
@@ -46,9 +47,9 @@ def _full_name(local: str, config, pipeline: bool) -> str:
 def _set_zero3(param, optimizer, value: torch.Tensor, key: Optional[str]) -> None:
     """Write this rank's ZeRO-3 partition of `value` (the full tp-shard tensor) into the fp32 state `key`
     (None: the fp32 master, and the module's own partition too)."""
-    partition, _ = optimizer._get_fp32_opt_state_partition(param, release_swap_buffers=False, optim_state_key=key)
+    partition = compat.fp32_opt_state_partition(optimizer, param, key)
     n = partition.numel()
-    rank = optimizer._get_param_partition_rank(param)
+    rank = compat.param_partition_rank(optimizer, param)
     flat = value.flatten().to(partition.dtype)
     padded = torch.zeros(n * (rank + 1), dtype=flat.dtype)
     padded[: min(flat.numel(), padded.numel())] = flat[: padded.numel()]
@@ -64,11 +65,7 @@ def _ensure_adam_states(optimizer) -> None:
     base = getattr(optimizer, "optimizer", None)
     if base is None:
         return
-    flats = None
-    for attr in ("single_partition_of_fp32_groups", "fp32_groups_flat_partition", "fp32_partitioned_groups_flat"):
-        if getattr(optimizer, attr, None) is not None:
-            flats = getattr(optimizer, attr)
-            break
+    flats = compat.flat_fp32_partitions(optimizer)
     if flats is None:
         raise ConversionError(f"cannot reach the fp32 partitions of {type(optimizer).__name__} to load Adam states")
     tensor_step = isinstance(base, torch.optim.Optimizer) and type(base).__module__.startswith("torch.")
@@ -78,9 +75,7 @@ def _ensure_adam_states(optimizer) -> None:
             state["step"] = torch.tensor(0.0) if tensor_step else 0
             state["exp_avg"] = torch.zeros_like(flat)
             state["exp_avg_sq"] = torch.zeros_like(flat)
-    if hasattr(optimizer, "_lazy_init_hp_params_optimizer_state"):
-        optimizer._hp_optimizer_states_linked = False
-        optimizer._lazy_init_hp_params_optimizer_state()
+    compat.relink_hp_optimizer_states(optimizer)
 
 
 def _set_step(optimizer, step: int) -> None:
@@ -143,7 +138,7 @@ def load_checkpoint_any_layout(training_engine, load_dir: str, *, load_optim: bo
                 value = shard(key)
                 if zero3:
                     _set_zero3(param, optimizer, value, key)
-                elif hasattr(param, "_hp_mapping"):
+                elif compat.has_hp_mapping(param):
                     safe_set_full_optimizer_state(param, value, key)
                 else:
                     optimizer.state[param][key] = value.clone()  # a plain torch optimizer (no ZeRO, fp32)
@@ -151,7 +146,7 @@ def load_checkpoint_any_layout(training_engine, load_dir: str, *, load_optim: bo
     if has_moments and ckpt.optimizer_step() is not None:
         _set_step(optimizer, ckpt.optimizer_step())
     if training_engine.is_pipeline:
-        ds.module._synchronize_tied_weights()
+        compat.synchronize_tied_weights(ds.module)
     if finetune:
         return TrainingProgress(args=ckpt.args, checkpoint_path=ckpt.tag_dir)
     if ckpt.lr_scheduler_state() is not None and ds.lr_scheduler is not None:

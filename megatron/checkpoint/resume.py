@@ -38,6 +38,7 @@ import torch
 
 from megatron.checkpoint.format import MANIFEST_FILENAME, TrainingProgress
 from megatron.checkpoint.layout import ConversionError
+from megatron.deepspeed_compat import is_optim_states_file
 from megatron.errors import CheckpointError, ConfigError
 
 # The model-shaping fields a checkpoint's weights fix, and the flags that set them.
@@ -181,7 +182,7 @@ def describe(kind: str, load_dir: str, tag: str, make_vocab_size_divisible_by: i
 
             source = ArgonneCheckpoint(path)
             args = dict(source.argonne_args)
-            has_optim = any(n.endswith("_optim_states.pt") for n in os.listdir(source.tag_dir))
+            has_optim = any(is_optim_states_file(n) for n in os.listdir(source.tag_dir))
             return CheckpointDescription(
                 kind, load_dir, tag, source.tag_dir, source, args, source.config, _optimizer_name(args),
                 has_optimizer_state=has_optim, has_rng=False, lr_scheduler=None, tp=source.tp, pp=source.pp,
@@ -386,7 +387,7 @@ def _hyperparameter_snapshot(engine) -> list[dict]:
 def _apply_hyperparameters(engine, wanted: list[dict]) -> None:
     """After DeepSpeed restored the checkpoint's param groups and clip value: the run's own (the plan already
     put the checkpoint's there where the policy takes them), then the LR (and weight decay) of the schedule."""
-    from megatron.checkpoint.deepspeed_io import set_optimizer_clip_grad
+    from megatron.deepspeed_compat import set_optimizer_clip_grad
 
     groups = engine.optimizer.param_groups
     if len(groups) == len(wanted):

@@ -12,9 +12,10 @@ import os
 from typing import Optional
 
 from megatron.checkpoint.format import list_checkpoint_tags, read_pointer
+from megatron.deepspeed_compat import model_states_name, zero3_model_states_name
 from megatron.errors import CheckpointError
 
-_MODEL_STATES = ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt")
+_MODEL_STATES = (model_states_name(0), zero3_model_states_name(0, 0))
 
 
 def checkpoint_directory(load_dir: str, tag: Optional[str] = None) -> Optional[str]:

@@ -8,7 +8,9 @@ from __future__ import annotations
 import os
 from typing import Optional
 
+from megatron.checkpoint.format import TRACKER_FILENAME
 from megatron.checkpoint.layout import FullModelSource
+from megatron.deepspeed_compat import LATEST_FILENAME
 
 
 def open_checkpoint(path: str, weights: str = "auto", vocab_size: Optional[int] = None) -> FullModelSource:
@@ -27,7 +29,7 @@ def open_checkpoint(path: str, weights: str = "auto", vocab_size: Optional[int] 
         from megatron.checkpoint.hf import HFModelSource
 
         return HFModelSource(path)
-    has_ours = any(os.path.isfile(os.path.join(path, n)) for n in ("latest", "latest_checkpointed_iteration.txt"))
+    has_ours = any(os.path.isfile(os.path.join(path, n)) for n in (LATEST_FILENAME, TRACKER_FILENAME))
     if os.path.isdir(path) and not has_ours and os.path.isfile(os.path.join(path, LATEST_UNIVERSAL_FILENAME)):
         return UniversalCheckpoint(path, vocab_size=vocab_size)
     return DeepSpeedCheckpoint(path, weights=weights, vocab_size=vocab_size)

@@ -35,13 +35,14 @@ from typing import Optional
 
 import torch
 
+from megatron import deepspeed_compat as compat
 from megatron.config.model import TransformerConfig
 from megatron.checkpoint.layout import (ConversionError, FullModelSource, config_from_client_state,
                                            expected_shapes, full_parameter_names, tokenizer_args_from)
 from megatron.model.pipeline import pipe_layer_index, pipe_layer_prefix
 from megatron.checkpoint.zero_shards import load_mmap
 
-LATEST_UNIVERSAL_FILENAME = "latest_universal"  # DeepSpeed's pointer to the newest universal folder
+LATEST_UNIVERSAL_FILENAME = compat.LATEST_UNIVERSAL_FILENAME  # DeepSpeed's pointer to the newest universal folder
 UNIVERSAL_SUFFIX = "_universal"
 TIED_PIPE_PREFIX = "tied_modules.embedding."  # PipelineModule's name for our TiedLayerSpec("embedding")
 STATE_KEYS = ("fp32", "exp_avg", "exp_avg_sq")
@@ -135,11 +136,11 @@ def full_name_of(local_name: str, config: TransformerConfig, pipeline: bool) -> 
 # ---- 3a. reading a universal folder ------------------------------------------------------------------
 
 # ds_to_universal copies the source's model-state files: mp_rank_MM (ZeRO 0-2) or zero_pp_rank_D_mp_rank_MM (ZeRO-3)
-MODEL_STATE_FILE = re.compile(r"^(zero_pp_rank_0_)?mp_rank_(\d+)_model_states\.pt$")
+MODEL_STATE_FILE = compat.DP0_MODEL_STATES_FILE
 
 
 def is_universal_folder(path: str) -> bool:
-    return os.path.isdir(os.path.join(path, "zero")) and any(MODEL_STATE_FILE.match(n) for n in os.listdir(path))
+    return os.path.isdir(os.path.join(path, compat.UNIVERSAL_ZERO_DIR)) and any(MODEL_STATE_FILE.match(n) for n in os.listdir(path))
 
 
 def resolve_universal_folder(path: str) -> str:
@@ -184,7 +185,7 @@ class UniversalCheckpoint(FullModelSource):
             self.config = self.config.replace(vocab_size=vocab_size)
         self.args = dict(self.state0.get("args") or {})
         self.tokenizer_args = tokenizer_args_from(self.args)
-        self.zero_dir = os.path.join(self.tag_dir, "zero")
+        self.zero_dir = os.path.join(self.tag_dir, compat.UNIVERSAL_ZERO_DIR)
         self._dirs = self._index()
 
     def _index(self) -> dict[str, str]:
@@ -303,7 +304,7 @@ def convert_to_universal(load: str, out: Optional[str] = None, *, workers: int =
     try:
         with contextlib.redirect_stdout(open(os.devnull, "w")):
             ds_to_universal.main(args)
-        _rename_to_model_names(os.path.join(tmp, "zero"), source.config, source.pipeline)
+        _rename_to_model_names(os.path.join(tmp, compat.UNIVERSAL_ZERO_DIR), source.config, source.pipeline)
         publish_directory(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -322,21 +323,6 @@ def _rename_to_model_names(zero_dir: str, config: TransformerConfig, pipeline: b
 
 
 # ---- 3b. resuming a run from a universal folder ------------------------------------------------------------
-
-@contextlib.contextmanager
-def _folder_names_for(optimizer, folder_of):
-    """DeepSpeed's universal loader (checked against 0.19.8) finds each parameter's folder as
-    `zero/<optimizer.param_names[param]>`; point those names at the folder's own for the length of the load."""
-    original = getattr(optimizer, "param_names", None)
-    if original is None:
-        raise ConversionError(f"{type(optimizer).__name__} has no param_names: this DeepSpeed version's universal "
-                              "loader is not the one this framework was checked against (0.19.8)")
-    optimizer.param_names = {param: folder_of(name) for param, name in original.items()}
-    try:
-        yield
-    finally:
-        optimizer.param_names = original
-
 
 def load_universal_checkpoint(training_engine, path: str, *, load_optim: bool = True, finetune: bool = False,
                               source: Optional["UniversalCheckpoint"] = None):
@@ -381,7 +367,7 @@ def _load_universal(training_engine, path: str, *, load_optim: bool, finetune: b
     folder_name = {local: os.path.basename(ckpt.folder_of(full_name_of(local, config, pipeline)))
                    for local, _ in ds.module.named_parameters()}
     load_dir, tag = os.path.split(ckpt.tag_dir)
-    with _folder_names_for(ds.optimizer, lambda local: folder_name[local]):
+    with compat.universal_folder_names(ds.optimizer, lambda local: folder_name[local]):
         load_path, client_state = ds.load_checkpoint(load_dir, tag=tag, load_optimizer_states=True,
                                                      load_lr_scheduler_states=True, load_module_only=False)
     if load_path is None:

@@ -12,14 +12,14 @@ from __future__ import annotations
 
 import math
 import os
-import re
 from typing import Callable, Optional
 
 import torch
 
+from megatron import deepspeed_compat as compat
 from megatron.checkpoint.layout import ConversionError
 
-OPTIM_FILE = re.compile(r"^(bf16_)?zero_pp_rank_(\d+)_mp_rank_(\d+)_optim_states\.pt$")
+OPTIM_FILE = compat.OPTIM_STATES_FILE
 STATE_KEYS = ("fp32", "exp_avg", "exp_avg_sq")
 
 

@@ -52,6 +52,10 @@ def initialize_distributed(backend: Optional[str] = None, timeout_minutes: float
         os.environ.setdefault("GLOO_SOCKET_IFNAME", _loopback_interface())
     timeout = datetime.timedelta(minutes=timeout_minutes)
     set_default_group_timeout(timeout)
+    if use_deepspeed:  # before DeepSpeed's comm JIT-builds its shared-memory op
+        from megatron.deepspeed_compat import ensure_torch_extensions_dir
+
+        ensure_torch_extensions_dir(info.rank)
     if not dist.is_initialized():
         if use_deepspeed:
             import deepspeed

@@ -146,11 +146,13 @@ class Lamb(torch.optim.Optimizer):
 
 def attach_deepspeed_partitions(engine, lamb: "Lamb", ps) -> None:
     """Give `lamb` DeepSpeed's parameter → flat-partition fragment map (ZeRO-1/2, bf16 optimizer)."""
+    from megatron import deepspeed_compat as compat
+
     params = list(engine.module.parameters())
     flats = [group["params"] for group in lamb.param_groups]
     fragments: dict = {}
     for key, param in enumerate(params):
-        mapping = getattr(param, "_hp_mapping", None)
+        mapping = compat.hp_mapping(param)
         if mapping is None:
             continue  # no fragment of this parameter on this dp rank
         flat_list = flats[mapping.param_group_index]
@@ -163,5 +165,5 @@ def attach_deepspeed_partitions(engine, lamb: "Lamb", ps) -> None:
         raise RuntimeError("LAMB found no parameter fragments in DeepSpeed's flat partitions; "
                            "this DeepSpeed optimizer wrapper is not supported (checked: ZeRO-1/2 in DeepSpeed 0.19.8)")
     split = [bool(ps.tp_size > 1 and getattr(p, "tensor_model_parallel", False)) for p in params]
-    dp_group = getattr(engine.optimizer, "dp_process_group", None) or ps.dp_group  # ZeRO's own partition group
+    dp_group = compat.zero_partition_group(engine.optimizer) or ps.dp_group  # ZeRO's own partition group
     lamb.attach_partitions(fragments, len(params), split, dp_group)

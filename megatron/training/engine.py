@@ -204,6 +204,8 @@ def quiet_deepspeed_timer_log(engine) -> None:
     """DeepSpeed (checked against 0.19.8) prints its wall-clock timers at every micro-step when
     wall_clock_breakdown is on; we read them (get_wall_clock_timers) into our own report instead, so its
     print is replaced by a reset of the same timers."""
+    from megatron import deepspeed_compat as compat
+
     timers = engine.timers
 
     def reset_only(names, *args, **kwargs):
@@ -211,7 +213,7 @@ def quiet_deepspeed_timer_log(engine) -> None:
             if name in timers.get_timers():
                 timers(name).reset()
 
-    timers.log = reset_only
+    compat.replace_timer_log(engine, reset_only)
 
 
 @dataclass
@@ -243,7 +245,9 @@ class TrainingEngine:
 
     def __post_init__(self):
         if self._fp32_without_zero():  # an instance attribute: DeepSpeed's _take_model_step calls ours
-            self.engine.clip_fp32_gradients = self._clip_fp32_gradients
+            from megatron import deepspeed_compat as compat
+
+            compat.replace_fp32_gradient_clipping(self.engine, self._clip_fp32_gradients)
         if self.timers is None:
             self.timers = Timers(0)
         if self.engine.wall_clock_breakdown():
@@ -251,7 +255,9 @@ class TrainingEngine:
 
     def _add_reduce_time(self) -> None:
         """The dp gradient reduction DeepSpeed timed in this micro-step's backward (wall_clock_breakdown)."""
-        ms = self.engine.get_wall_clock_timers().get("bwd_allreduce_microstep")
+        from megatron.deepspeed_compat import BACKWARD_REDUCE_TIMER
+
+        ms = self.engine.get_wall_clock_timers().get(BACKWARD_REDUCE_TIMER)
         if ms is not None:
             self.timers("grads-all-reduce", 1).add(ms / 1000.0)
 
@@ -347,11 +353,10 @@ class TrainingEngine:
         parallelism, not dp)."""
         if getattr(self.engine.optimizer, "needs_gradient_allreduce", None) is None:
             return
+        from megatron.deepspeed_compat import set_gradient_allreduce
+
         wanted = self.ps.dp_size * self.ps.sp_size > 1 and self._optimizer_wants_gradient_allreduce()
-        if self.is_pipeline:
-            self.engine.pipeline_enable_backward_allreduce = wanted
-        else:
-            self.engine.enable_backward_allreduce = wanted
+        set_gradient_allreduce(self.engine, wanted, pipeline=self.is_pipeline)
 
     def _grad_norm_of_reduced_grads(self) -> float:
         """L2 norm of the dp-reduced gradients of the whole model, each parameter counted once.
@@ -541,6 +546,9 @@ def build_engine(run, ps: ParallelState, device: torch.device, ds_config: Option
     lr_scheduler_factory(optimizer) -> scheduler: default lr_schedule.build_lr_scheduler(optimizer, run, dp).
     DeepSpeed steps the scheduler at every optimizer step and saves/loads it with the checkpoint.
     """
+    from megatron import deepspeed_compat as compat
+
+    compat.ensure_torch_extensions_dir(ps.rank)  # before any DeepSpeed op (comm, Adam) can JIT-build
     import deepspeed
 
     check_engine_config(run, device)
@@ -577,7 +585,7 @@ def build_engine(run, ps: ParallelState, device: torch.device, ds_config: Option
     if not pipeline and ps.dp_size * ps.sp_size == 1 and engine.zero_optimization_stage() == 0:
         # DeepSpeed's gradient all-reduce group (dp x sp) has one rank: its ZeRO-0 reduction would only
         # flatten every gradient into one buffer, "reduce" it and copy it back (exact no-op, ~3% of a step).
-        engine.enable_backward_allreduce = False
+        compat.set_gradient_allreduce(engine, False, pipeline=False)
     return TrainingEngine(engine=engine, ps=ps, device=device, model_config=run.model, ds_config=ds_config,
                           is_pipeline=pipeline, eod_token=eod_token, reset_position_ids=run.data.reset_position_ids,
                           eod_mask_loss=run.data.eod_mask_loss, reset_attention_mask=run.data.reset_attention_mask,

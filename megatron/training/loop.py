@@ -135,8 +135,9 @@ def loss_scale_of(engine) -> Optional[float]:
     """The fp16 dynamic loss scale; None for bf16/fp32 (nothing is scaled)."""
     if not engine.fp16_enabled():
         return None
-    scale = getattr(engine.optimizer, "cur_scale", None)
-    return None if scale is None else float(scale)
+    from megatron import deepspeed_compat as compat
+
+    return compat.loss_scale(engine.optimizer)
 
 
 class IntervalLog:

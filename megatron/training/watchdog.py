@@ -362,12 +362,11 @@ def instrument_engine(engine, watchdog: Watchdog) -> None:
             return fn(*args, **kwargs)
         return wrapped
 
-    instructions = getattr(type(engine), "_INSTRUCTION_MAP", None)
-    if isinstance(instructions, dict):
-        phases = {"LoadMicroBatch": "data", "ForwardPass": "forward", "BackwardPass": "backward",
-                  "OptimizerStep": "optimizer"}
-        engine.__dict__["_INSTRUCTION_MAP"] = {
-            cmd: wrap(fn, phases[cmd.__name__]) if cmd.__name__ in phases else fn for cmd, fn in instructions.items()}
+    from megatron import deepspeed_compat as compat
+
+    phases = {"LoadMicroBatch": "data", "ForwardPass": "forward", "BackwardPass": "backward",
+              "OptimizerStep": "optimizer"}
+    if compat.wrap_pipeline_instructions(engine, lambda fn, name: wrap(fn, phases[name]) if name in phases else fn):
         return
     for method, phase in (("backward", "backward"), ("step", "optimizer")):
         engine.__dict__[method] = wrap(getattr(engine, method), phase)

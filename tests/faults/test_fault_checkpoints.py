@@ -2,8 +2,8 @@
 - kill -9 of the whole job during a save: the pointer still names the previous, verified checkpoint;
 - a truncated file in the newest checkpoint: the relaunch warns, falls back to the one before, removes the
   dead save's .tmp- directory, and continues the loss of the uninterrupted run exactly (to the logged digits);
-- a full filesystem (a 4 MiB tmpfs mounted by the test; we are root): the save fails naming the path and
-  ENOSPC, exit 2 on every rank, no debris, the previous checkpoint stays the latest;
+- a full filesystem (a 4 MiB tmpfs mounted by the test; we are root), filled before the save is asked for: the
+  save fails naming the path and ENOSPC, exit 2 on every rank, no debris, the previous checkpoint stays the latest;
 - an unwritable --save (root with CAP_DAC_OVERRIDE dropped through setpriv, so permissions apply): refused at
   start-up, before the model is built, exit 2 naming the path and EACCES."""
 
@@ -85,14 +85,28 @@ def small_tmpfs(tmp_path):
 
 def test_a_full_filesystem_fails_the_save_naming_path_and_enospc_and_keeps_the_previous_checkpoint(
         tmp_path, small_tmpfs):
+    """Deterministic: the first run saves iteration 40 and stops; the second resumes (its start-up checks see room),
+    the test fills the disk while it trains (--save-interval too large to save on its own), then SIGTERM
+    (--exit-signal-handler) makes it save into the full filesystem. The recovery scripts DeepSpeed copies into
+    --save on a ZeRO save (zero_to_fp32.py) fail there as well, and are reported like the other files."""
     save = small_tmpfs / "ckpt"
-    job = Job.start_until(tmp_path, "none", "saved checkpoint", "--train-iters", "100000", "--num-workers", "0",
-                          "--save", str(save), "--save-interval", "40")
+    first = Job.start(tmp_path, "none", "--train-iters", "100000", "--num-workers", "0", "--save", str(save),
+                      "--save-interval", "40", "--exit-interval", "40")
+    try:
+        codes = first.wait(timeout=180)
+    finally:
+        first.close()
+    assert codes == [0, 0] and pointer(save) == 40, first.output()[-3000:]
+    (tmp_path / "second").mkdir()
+    job = Job.start_until(tmp_path / "second", "none", f"iteration {42:8d}/", "--train-iters", "100000",
+                          "--num-workers", "0", "--save", str(save), "--load", str(save),
+                          "--save-interval", "1000000", "--exit-signal-handler")
     try:
         filler = small_tmpfs / "filler"
         with open(filler, "wb") as f:  # what is left of the 4 MiB, minus a few KiB: the next save cannot fit
             free = shutil.disk_usage(small_tmpfs).free
             f.write(b"\0" * max(0, free - 16 * 1024))
+        job.signal_group(signal.SIGTERM)
         codes = job.wait(timeout=180)
     finally:
         job.close()
