@@ -111,7 +111,8 @@ class _CheckpointIO:
     not raised, so this rank still reaches the collectives inside DeepSpeed's save_checkpoint and every rank
     can agree afterwards that the save failed; the files written are remembered so that this rank fsyncs
     and checksums exactly what it wrote (on a parallel filesystem only the writer can flush its pages).
-    Loading: reads that fail with a transient error (EIO, ESTALE, EAGAIN: Lustre under load) are retried.
+    Loading: reads that fail with a transient error (EIO, ESTALE, EAGAIN: Lustre under load) are retried; a
+    model-states file is deserialized once per load (taken from the resume's reader, or read once and kept).
     """
 
     def __init__(self, engine, retries: int = 3, backoff_s: float = 1.0, log: Callable[[str], None] = print,
@@ -124,6 +125,7 @@ class _CheckpointIO:
         self.drop_optimizer = drop_optimizer
         self.errors: list[tuple[str, BaseException]] = []
         self.written: list[str] = []
+        self.loaded: dict[str, object] = {}  # model-states objects read in this load, by path
 
     def __enter__(self) -> "_CheckpointIO":
         self.engine.checkpoint_engine = self
@@ -159,11 +161,18 @@ class _CheckpointIO:
     def load(self, path: str, map_location=None):
         from megatron.checkpoint.zero_shards import take_remembered
 
-        remembered = take_remembered(path)  # the resume's reader already read it: one read per file
-        if remembered is not None:
-            return remembered
-        return with_retries(lambda: self.inner.load(path, map_location=map_location), path,
-                            self.retries, self.backoff_s, self.log)
+        # DeepSpeed (0.19.8) reads the model-states file twice in one load_checkpoint (its SDLoader's
+        # check_ckpt_list, then load): the second read gets the object of the first
+        key = os.path.abspath(path)
+        if key in self.loaded:
+            return self.loaded[key]
+        obj = take_remembered(path)  # the resume's reader already read it: one read per file
+        if obj is None:
+            obj = with_retries(lambda: self.inner.load(path, map_location=map_location), path,
+                               self.retries, self.backoff_s, self.log)
+        if os.path.basename(path).endswith("model_states.pt"):
+            self.loaded[key] = obj
+        return obj
 
 
 def _without_optimizer_state(state_dict):

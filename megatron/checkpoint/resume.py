@@ -402,7 +402,13 @@ class Checkpointer:
         if run.checkpoint.load:
             located = locate(run, self.log, self.ps.rank)
             if located is not None:
-                self.plan = plan_resume(describe(*located), run, self.ps)
+                try:
+                    self.plan = plan_resume(describe(*located), run, self.ps)
+                except BaseException:  # refused: nothing loads, so drop the objects the reader kept for the load
+                    from megatron.checkpoint.zero_shards import forget_remembered
+
+                    forget_remembered()
+                    raise
                 for notice in self.plan.notices:
                     self._say(f"resume: {notice}")
                 run = self.run = self.plan.run
