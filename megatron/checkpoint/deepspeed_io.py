@@ -530,7 +530,7 @@ def load_with_deepspeed(training_engine, load_dir: str, tag: str, device: torch.
     path = os.path.join(load_dir, tag)
     engine = training_engine.engine
     try:
-        with _CheckpointIO(engine, log=log):
+        with _CheckpointIO(engine, log=log), _zero3_weights_of_tag(tag):
             load_path, client_state = engine.load_checkpoint(
                 load_dir, tag=tag, load_optimizer_states=load_optim and not finetune,
                 load_lr_scheduler_states=not finetune, load_module_only=finetune)
@@ -561,6 +561,29 @@ def load_with_deepspeed(training_engine, load_dir: str, tag: str, device: torch.
         state = with_retries(lambda: torch.load(rng_path, map_location="cpu", weights_only=False), rng_path, log=log)
         restore_rng_state(state, device, set_tracker_states)
     return progress
+
+
+@contextlib.contextmanager
+def _zero3_weights_of_tag(tag: str):
+    """At ZeRO-3 without optimizer states, DeepSpeed (checked against 0.19.8: engine._load_checkpoint) takes the
+    weights from `get_fp32_state_dict_from_zero_checkpoint(load_dir)`, which reads the tag the `latest` pointer
+    names, not the one being loaded (--load-tag, --load of a tag directory, a fallback past a damaged newest
+    checkpoint): give it the tag."""
+    import deepspeed.runtime.engine as ds_engine
+
+    real = getattr(ds_engine, "get_fp32_state_dict_from_zero_checkpoint", None)
+    if real is None:
+        yield
+        return
+
+    def of_tag(checkpoint_dir, tag_arg=None, *args, **kwargs):
+        return real(checkpoint_dir, tag if tag_arg is None else tag_arg, *args, **kwargs)
+
+    ds_engine.get_fp32_state_dict_from_zero_checkpoint = of_tag
+    try:
+        yield
+    finally:
+        ds_engine.get_fp32_state_dict_from_zero_checkpoint = real
 
 
 def barrier() -> None:
