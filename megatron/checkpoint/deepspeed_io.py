@@ -112,7 +112,7 @@ class _CheckpointIO:
     can agree afterwards that the save failed; the files written are remembered so that this rank fsyncs
     and checksums exactly what it wrote (on a parallel filesystem only the writer can flush its pages).
     Loading: reads that fail with a transient error (EIO, ESTALE, EAGAIN: Lustre under load) are retried; a
-    model-states file is deserialized once per load (taken from the resume's reader, or read once and kept).
+    model-states file is deserialized once per resume (taken from the resume's reader, or read once and kept).
     """
 
     def __init__(self, engine, retries: int = 3, backoff_s: float = 1.0, log: Callable[[str], None] = print,
@@ -125,7 +125,6 @@ class _CheckpointIO:
         self.drop_optimizer = drop_optimizer
         self.errors: list[tuple[str, BaseException]] = []
         self.written: list[str] = []
-        self.loaded: dict[str, object] = {}  # model-states objects read in this load, by path
 
     def __enter__(self) -> "_CheckpointIO":
         self.engine.checkpoint_engine = self
@@ -159,19 +158,17 @@ class _CheckpointIO:
             return None
 
     def load(self, path: str, map_location=None):
-        from megatron.checkpoint.zero_shards import take_remembered
+        from megatron.checkpoint.zero_shards import remember_loaded, take_remembered
 
-        # DeepSpeed (0.19.8) reads the model-states file twice in one load_checkpoint (its SDLoader's
-        # check_ckpt_list, then load): the second read gets the object of the first
-        key = os.path.abspath(path)
-        if key in self.loaded:
-            return self.loaded[key]
-        obj = take_remembered(path)  # the resume's reader already read it: one read per file
+        obj = take_remembered(path)  # the resume's reader (or this load) already read it: one read per file
         if obj is None:
             obj = with_retries(lambda: self.inner.load(path, map_location=map_location), path,
                                self.retries, self.backoff_s, self.log)
-        if os.path.basename(path).endswith("model_states.pt"):
-            self.loaded[key] = obj
+            # DeepSpeed (0.19.8) reads a model-states file twice in one load_checkpoint (its SDLoader's
+            # check_ckpt_list, then load), and the resume's reader may read it after (ZeRO-3 weights without
+            # optimizer states): they get this object; resume.execute forgets it afterwards
+            if os.path.basename(path).endswith("model_states.pt"):
+                remember_loaded(path, obj)
         return obj
 
 
@@ -519,9 +516,10 @@ def _missing(load_dir: str, what: str, exit_on_missing: bool, log) -> None:
 def load_with_deepspeed(training_engine, load_dir: str, tag: str, device: torch.device, *, load_optim: bool = True,
                         load_rng: bool = True, finetune: bool = False,
                         set_tracker_states: Optional[Callable[[dict], None]] = None,
-                        log: Callable[[str], None] = print) -> TrainingProgress:
+                        log: Callable[[str], None] = print, source=None) -> TrainingProgress:
     """Restore checkpoint `tag` under `load_dir`, written by `save_checkpoint` at this run's layout, through
-    DeepSpeed's own loader (resume.py decided that it can; it plans every other case).
+    DeepSpeed's own loader (resume.py decided that it can; it plans every other case). source: the resume's
+    opened DeepSpeedCheckpoint of it (the ZeRO-3 weights without optimizer states come from it).
 
     finetune: weights only; iteration, consumed samples, optimizer and LR scheduler start fresh.
     load_optim=False (--no-load-optim): the optimizer state starts fresh; the LR schedule is still resumed.
@@ -530,7 +528,7 @@ def load_with_deepspeed(training_engine, load_dir: str, tag: str, device: torch.
     path = os.path.join(load_dir, tag)
     engine = training_engine.engine
     try:
-        with _CheckpointIO(engine, log=log), _zero3_weights_of_tag(tag):
+        with _CheckpointIO(engine, log=log), _zero3_weights_of_tag(training_engine, tag, source):
             load_path, client_state = engine.load_checkpoint(
                 load_dir, tag=tag, load_optimizer_states=load_optim and not finetune,
                 load_lr_scheduler_states=not finetune, load_module_only=finetune)
@@ -564,11 +562,14 @@ def load_with_deepspeed(training_engine, load_dir: str, tag: str, device: torch.
 
 
 @contextlib.contextmanager
-def _zero3_weights_of_tag(tag: str):
-    """At ZeRO-3 without optimizer states, DeepSpeed (checked against 0.19.8: engine._load_checkpoint) takes the
-    weights from `get_fp32_state_dict_from_zero_checkpoint(load_dir)`, which reads the tag the `latest` pointer
-    names, not the one being loaded (--load-tag, --load of a tag directory, a fallback past a damaged newest
-    checkpoint): give it the tag."""
+def _zero3_weights_of_tag(training_engine, tag: str, source=None):
+    """At ZeRO-3 without optimizer states (--no-load-optim, --finetune), DeepSpeed (checked against 0.19.8:
+    engine._load_checkpoint) takes the weights from `get_fp32_state_dict_from_zero_checkpoint(load_dir)`, which
+    reads the tag the `latest` pointer names, not the one being loaded (--load-tag, --load of a tag directory, a
+    fallback past a damaged newest checkpoint), merges one model-parallel rank only (it fails at tp × pp > 1)
+    and torch.loads every file again. With `source` (the resume's DeepSpeedCheckpoint of that tag) the weights
+    are this rank's tp shards of the checkpoint's fp32 masters, read through it; without, DeepSpeed's function
+    is given the tag."""
     import deepspeed.runtime.engine as ds_engine
 
     real = getattr(ds_engine, "get_fp32_state_dict_from_zero_checkpoint", None)
@@ -577,6 +578,8 @@ def _zero3_weights_of_tag(tag: str):
         return
 
     def of_tag(checkpoint_dir, tag_arg=None, *args, **kwargs):
+        if source is not None and hasattr(source, "full_optimizer_tensor"):
+            return _fp32_module_state(training_engine, source)
         return real(checkpoint_dir, tag if tag_arg is None else tag_arg, *args, **kwargs)
 
     ds_engine.get_fp32_state_dict_from_zero_checkpoint = of_tag
@@ -584,6 +587,25 @@ def _zero3_weights_of_tag(tag: str):
         yield
     finally:
         ds_engine.get_fp32_state_dict_from_zero_checkpoint = real
+
+
+def _fp32_module_state(training_engine, source) -> dict:
+    """The module state dict of this rank (its tp shards) from the checkpoint's fp32 master weights."""
+    from megatron.checkpoint.reshard import _full_name
+    from megatron.model.sharding import shard_state_dict
+
+    module, config, ps = training_engine.engine.module, training_engine.model_config, training_engine.ps
+    local_of = {id(p): local for local, p in module.named_parameters()}
+    out = {}
+    for key, value in module.state_dict(keep_vars=True).items():
+        local = local_of.get(id(value))
+        if local is None:  # a buffer (the model registers none): this run's
+            out[key] = value.detach().clone()
+            continue
+        name = _full_name(local, config, training_engine.is_pipeline)
+        full = source.full_optimizer_tensor(name, "fp32")
+        out[key] = shard_state_dict({name: full}, config, ps.tp_size, ps.tp_rank)[name].float()
+    return out
 
 
 def barrier() -> None:

@@ -351,7 +351,8 @@ def execute(plan: ResumePlan, te, set_tracker_states: Optional[Callable[[dict], 
                 progress = deepspeed_io.load_with_deepspeed(te, desc.load_dir, desc.tag, te.device,
                                                             load_optim=plan.load_optim, load_rng=plan.load_rng,
                                                             finetune=plan.finetune,
-                                                            set_tracker_states=set_tracker_states, log=log)
+                                                            set_tracker_states=set_tracker_states, log=log,
+                                                            source=desc.source)
     finally:
         forget_remembered()
     deepspeed_io.barrier()
