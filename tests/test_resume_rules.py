@@ -2,7 +2,8 @@
 
 - a checkpoint's optimizer state that the run's --optimizer cannot take is refused before the engine is built,
   also at ZeRO-3 (whose model-states file is zero_pp_rank_0_mp_rank_00_model_states.pt), and --no-load-optim
-  resumes it;
+  resumes it with the weights of the checkpoint it names (also at tp 2, where DeepSpeed's own weights-only
+  ZeRO-3 load fails);
 - a changed --weight-decay / --clip-grad / --adam-beta2 is refused by default (naming the flag, the checkpoint's
   value and both policy flags), the flag's value is what the first resumed step uses with
   --override-opt_param-scheduler, the checkpoint's with --use-checkpoint-opt_param-scheduler (with a notice);
