@@ -232,18 +232,19 @@ class CheckpointIO:
     filesystem only the writer can flush its pages).
     Loading: reads that fail with a transient error (EIO, ESTALE, EAGAIN: Lustre under load) are retried;
     `preloaded(path)` may hand over an object already read from `path` (the resume's reader read it: one read
-    per file), None to read it.
+    per file), None to read it; `on_load(path, obj)` is told of each file read.
     """
 
     def __init__(self, engine, retries: int = 3, backoff_s: float = 1.0, log: Callable[[str], None] = print,
-                 drop_optimizer: bool = False, preloaded: Optional[Callable[[str], object]] = None):
+                 drop_optimizer: bool = False, preloaded: Optional[Callable[[str], object]] = None,
+                 on_load: Optional[Callable[[str, object], None]] = None):
         if not hasattr(engine, "checkpoint_engine"):
             raise CheckpointError(f"this DeepSpeed ({deepspeed_version()}) has no engine.checkpoint_engine; "
                                   f"{ADAPTER} was checked against DeepSpeed {CHECKED_VERSION}")
         self.engine, self.inner = engine, engine.checkpoint_engine
         self.retries, self.backoff_s, self.log = retries, backoff_s, log
         self.drop_optimizer = drop_optimizer
-        self.preloaded = preloaded
+        self.preloaded, self.on_load = preloaded, on_load
         self.errors: list[tuple[str, BaseException]] = []
         self.written: list[str] = []
 
@@ -298,8 +299,11 @@ class CheckpointIO:
         already = self.preloaded(path) if self.preloaded is not None else None
         if already is not None:
             return already
-        return with_retries(lambda: self.inner.load(path, map_location=map_location), path,
-                            self.retries, self.backoff_s, self.log)
+        obj = with_retries(lambda: self.inner.load(path, map_location=map_location), path,
+                           self.retries, self.backoff_s, self.log)
+        if self.on_load is not None:
+            self.on_load(path, obj)
+        return obj
 
 
 def without_optimizer_state(state_dict):
@@ -384,6 +388,27 @@ def _params(fn) -> list[str]:
 
 def _source(fn) -> str:
     return inspect.getsource(fn)
+
+
+@contextlib.contextmanager
+def zero3_module_weights(provide: Callable[[str, Optional[str]], dict]) -> Iterator[None]:
+    """At ZeRO-3 without optimizer states (load_optimizer_states=False or load_module_only), DeepSpeed 0.19.8's
+    engine._load_checkpoint takes the module's weights from `get_fp32_state_dict_from_zero_checkpoint(load_dir)`
+    (imported into deepspeed.runtime.engine): it follows the `latest` pointer, not the tag being loaded,
+    merges one model-parallel rank only and reads every file again. For the length of the load,
+    `provide(checkpoint_dir, tag)` answers instead (tag None: DeepSpeed passed none)."""
+    import deepspeed.runtime.engine as ds_engine
+
+    real = ds_engine.get_fp32_state_dict_from_zero_checkpoint
+
+    def answer(checkpoint_dir, tag=None, *args, **kwargs):
+        return provide(checkpoint_dir, tag)
+
+    ds_engine.get_fp32_state_dict_from_zero_checkpoint = answer
+    try:
+        yield
+    finally:
+        ds_engine.get_fp32_state_dict_from_zero_checkpoint = real
 
 
 def set_optimizer_clip_grad(optimizer, clip: float) -> None:
@@ -646,6 +671,17 @@ def _check_allreduce_switches():
              "DeepSpeedEngine no longer reads enable_backward_allreduce")
     _require("if self.pipeline_enable_backward_allreduce" in _source(c["pipe_engine"]._exec_reduce_grads),
              "PipelineEngine's ReduceGrads no longer reads pipeline_enable_backward_allreduce")
+
+
+@_assumption("ZeRO-3 without optimizer states: engine._load_checkpoint takes the module weights from "
+             "deepspeed.runtime.engine.get_fp32_state_dict_from_zero_checkpoint")
+def _check_zero3_module_weights():
+    import deepspeed.runtime.engine as ds_engine
+
+    _require(hasattr(ds_engine, "get_fp32_state_dict_from_zero_checkpoint"),
+             "deepspeed.runtime.engine no longer imports get_fp32_state_dict_from_zero_checkpoint")
+    _require("get_fp32_state_dict_from_zero_checkpoint(" in _source(_classes()["engine"]._load_checkpoint),
+             "engine._load_checkpoint no longer calls get_fp32_state_dict_from_zero_checkpoint")
 
 
 @_assumption("ZeRO-1/2, ZeRO-3 and bf16 optimizers clip by their clip_grad attribute, which a checkpoint load "

@@ -229,3 +229,112 @@ def checkpoint_flag_cases(rank: int, world_size: int, cases: list[tuple[str, lis
         out[name] = entry
     device_module.empty_cache = real_empty_cache
     return out
+
+
+def resume_rule_cases(rank: int, world_size: int, cases: list) -> dict:
+    """checkpoint_flag_cases for the resume rules (checkpoint/resume.py). Each case is (name, flags) or
+    (name, flags, options); for every case it records besides the lines and the scalars:
+    - "error": the ConfigError/CheckpointError text of a refused case, "engines_built": how many engines it built;
+    - "after_load": this rank's optimizer param groups (lr, weight_decay, betas, eps) and ZeRO's `clip_grad`
+      right after Checkpointer.load, before any step;
+    - "weight_change": how far the first training step moved this rank's weights (sum of |Δ|);
+    - "reads": {path: number of torch.load calls} on this rank during Checkpointer.prepare + load;
+    - "pointers": (latest, latest_checkpointed_iteration.txt) under --save right after the case.
+    options: {"no_handover": True} makes DeepSpeed's load read every file itself (zero_shards.take_remembered
+    finds nothing); {"skip_apply_hyperparameters": True} skips resume._apply_hyperparameters (the values
+    DeepSpeed's load restored stay). Both are controls: they show the checks can fail."""
+    import deepspeed
+    import torch
+
+    deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
+    import megatron.checkpoint.resume as resume
+    import megatron.checkpoint.zero_shards as zero_shards
+    import megatron.training.loop as loop
+    from megatron.config.arguments import ConfigError, parse_args
+    from megatron.distributed.parallel_state import ParallelState
+    from megatron.errors import CheckpointError
+    from megatron.training.engine import TrainingEngine
+
+    record_process_groups()
+    real = {"prepare": resume.Checkpointer.prepare, "load": resume.Checkpointer.load,
+            "build_engine": loop.build_engine, "train_step": TrainingEngine.train_step,
+            "torch_load": torch.load, "take_remembered": zero_shards.take_remembered,
+            "apply": resume._apply_hyperparameters}
+    state: dict = {}
+
+    def counting_load(f, *args, **kwargs):
+        if isinstance(f, (str, os.PathLike)):
+            path = os.path.abspath(os.fspath(f))
+            state["reads"][path] = state["reads"].get(path, 0) + 1
+        return real["torch_load"](f, *args, **kwargs)
+
+    def prepare(self):
+        torch.load = counting_load
+        try:
+            return real["prepare"](self)
+        finally:
+            torch.load = real["torch_load"]
+
+    def load(self, te, *args, **kwargs):
+        torch.load = counting_load
+        try:
+            progress = real["load"](self, te, *args, **kwargs)
+        finally:
+            torch.load = real["torch_load"]
+        optimizer = te.engine.optimizer
+        state["after_load"] = {
+            "groups": [{k: (list(g[k]) if k == "betas" else g[k]) for k in ("lr", "weight_decay", "betas", "eps")
+                        if k in g} for g in optimizer.param_groups],
+            "clip_grad": getattr(optimizer, "clip_grad", None)}
+        return progress
+
+    def build_engine(*args, **kwargs):
+        state["engines_built"] += 1
+        return real["build_engine"](*args, **kwargs)
+
+    def weights(te):
+        return [getattr(p, "ds_tensor", p).detach().float().clone() for p in te.engine.module.parameters()]
+
+    def train_step(self, batches):
+        if state["weight_change"] is not None:
+            return real["train_step"](self, batches)
+        before = weights(self)
+        step = real["train_step"](self, batches)
+        state["weight_change"] = float(sum((a - b).abs().sum() for a, b in zip(weights(self), before)))
+        return step
+
+    resume.Checkpointer.prepare, resume.Checkpointer.load = prepare, load
+    loop.build_engine, TrainingEngine.train_step = build_engine, train_step
+    out = {}
+    try:
+        for case in cases:
+            name, argv, options = case if len(case) == 3 else (*case, {})
+            destroy_previous_case_groups()
+            state.update(reads={}, after_load=None, weight_change=None, engines_built=0)
+            zero_shards.take_remembered = (lambda path: None) if options.get("no_handover") \
+                else real["take_remembered"]
+            resume._apply_hyperparameters = (lambda engine, wanted: None) if options.get(
+                "skip_apply_hyperparameters") else real["apply"]
+            lines, tracker = [], RecordingTracker()
+            entry = {"lines": lines, "scalars": tracker.scalars, "error": None}
+            try:
+                run = parse_args(argv)
+                ps = ParallelState.build(run.parallel, run.model)
+                result = loop.train(run, ps, torch.device("cpu"), tracker=tracker, printer=lines.append)
+                entry.update(iterations=sorted(result.losses), start_iteration=result.start_iteration,
+                             losses=[result.losses[i] for i in sorted(result.losses)], saved=list(result.saved))
+                save = run.checkpoint.save
+                if save and result.saved:
+                    entry["pointers"] = tuple(open(os.path.join(save, n)).read().strip()
+                                              for n in ("latest", "latest_checkpointed_iteration.txt"))
+            except (ConfigError, CheckpointError) as error:
+                entry["error"] = str(error)
+            entry.update(reads=dict(state["reads"]), after_load=state["after_load"],
+                         weight_change=state["weight_change"], engines_built=state["engines_built"])
+            out[name] = entry
+    finally:
+        resume.Checkpointer.prepare, resume.Checkpointer.load = real["prepare"], real["load"]
+        loop.build_engine, TrainingEngine.train_step = real["build_engine"], real["train_step"]
+        zero_shards.take_remembered, resume._apply_hyperparameters = real["take_remembered"], real["apply"]
+        torch.load = real["torch_load"]
+    return out

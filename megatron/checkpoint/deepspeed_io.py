@@ -103,6 +103,15 @@ def _all_gather(obj) -> list:
 from megatron.deepspeed_compat import CheckpointIO as _CheckpointIO  # noqa: E402
 from megatron.deepspeed_compat import deepspeed_version as _deepspeed_version  # noqa: E402,F401
 from megatron.deepspeed_compat import without_optimizer_state as _without_optimizer_state  # noqa: E402,F401
+from megatron.deepspeed_compat import MODEL_STATES_SUFFIX, zero3_module_weights  # noqa: E402
+
+
+def _remember_model_states(path: str, obj) -> None:
+    """A model-states file DeepSpeed read, kept for its second read and the resume's reader (one read a file)."""
+    from megatron.checkpoint.zero_shards import remember_loaded
+
+    if os.path.basename(path).endswith(MODEL_STATES_SUFFIX):
+        remember_loaded(path, obj)
 
 
 def _probe_write(directory: str) -> Optional[OSError]:
@@ -429,9 +438,10 @@ def _missing(load_dir: str, what: str, exit_on_missing: bool, log) -> None:
 def load_with_deepspeed(training_engine, load_dir: str, tag: str, device: torch.device, *, load_optim: bool = True,
                         load_rng: bool = True, finetune: bool = False,
                         set_tracker_states: Optional[Callable[[dict], None]] = None,
-                        log: Callable[[str], None] = print) -> TrainingProgress:
+                        log: Callable[[str], None] = print, source=None) -> TrainingProgress:
     """Restore checkpoint `tag` under `load_dir`, written by `save_checkpoint` at this run's layout, through
-    DeepSpeed's own loader (resume.py decided that it can; it plans every other case).
+    DeepSpeed's own loader (resume.py decided that it can; it plans every other case). source: the resume's
+    opened DeepSpeedCheckpoint of it (the ZeRO-3 weights without optimizer states come from it).
 
     finetune: weights only; iteration, consumed samples, optimizer and LR scheduler start fresh.
     load_optim=False (--no-load-optim): the optimizer state starts fresh; the LR schedule is still resumed.
@@ -442,7 +452,10 @@ def load_with_deepspeed(training_engine, load_dir: str, tag: str, device: torch.
     try:
         from megatron.checkpoint.zero_shards import take_remembered
 
-        with _CheckpointIO(engine, log=log, preloaded=take_remembered):  # what the resume's reader already read
+        # what the resume's reader already read is handed over; DeepSpeed (0.19.8) reads a model-states file twice
+        # in one load_checkpoint (its SDLoader's check, then the load), so what it reads is kept for the second
+        with _CheckpointIO(engine, log=log, preloaded=take_remembered, on_load=_remember_model_states), \
+                _zero3_weights_of_tag(training_engine, tag, source):
             load_path, client_state = engine.load_checkpoint(
                 load_dir, tag=tag, load_optimizer_states=load_optim and not finetune,
                 load_lr_scheduler_states=not finetune, load_module_only=finetune)
@@ -473,6 +486,42 @@ def load_with_deepspeed(training_engine, load_dir: str, tag: str, device: torch.
         state = with_retries(lambda: torch.load(rng_path, map_location="cpu", weights_only=False), rng_path, log=log)
         restore_rng_state(state, device, set_tracker_states)
     return progress
+
+
+def _zero3_weights_of_tag(training_engine, tag: str, source=None):
+    """At ZeRO-3 without optimizer states (--no-load-optim, --finetune), DeepSpeed takes the module weights from
+    a function that follows the `latest` pointer, not the tag being loaded (--load-tag, --load of a tag
+    directory, a fallback past a damaged newest checkpoint), merges one model-parallel rank only (it fails at
+    tp × pp > 1) and reads every file again (megatron/deepspeed_compat.py zero3_module_weights). With `source`
+    (the resume's DeepSpeedCheckpoint of that tag) the weights are this rank's tp shards of the checkpoint's
+    fp32 masters, read through it; without, DeepSpeed's own function is asked for the tag."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    def provide(checkpoint_dir, tag_arg):
+        if source is not None and hasattr(source, "full_optimizer_tensor"):
+            return _fp32_module_state(training_engine, source)
+        return get_fp32_state_dict_from_zero_checkpoint(checkpoint_dir, tag if tag_arg is None else tag_arg)
+
+    return zero3_module_weights(provide)
+
+
+def _fp32_module_state(training_engine, source) -> dict:
+    """The module state dict of this rank (its tp shards) from the checkpoint's fp32 master weights."""
+    from megatron.checkpoint.reshard import _full_name
+    from megatron.model.sharding import shard_state_dict
+
+    module, config, ps = training_engine.engine.module, training_engine.model_config, training_engine.ps
+    local_of = {id(p): local for local, p in module.named_parameters()}
+    out = {}
+    for key, value in module.state_dict(keep_vars=True).items():
+        local = local_of.get(id(value))
+        if local is None:  # a buffer (the model registers none): this run's
+            out[key] = value.detach().clone()
+            continue
+        name = _full_name(local, config, training_engine.is_pipeline)
+        full = source.full_optimizer_tensor(name, "fp32")
+        out[key] = shard_state_dict({name: full}, config, ps.tp_size, ps.tp_rank)[name].float()
+    return out
 
 
 def barrier() -> None:

@@ -59,6 +59,8 @@ HYPERPARAMETERS = (
     ("adam_eps", "--adam-eps", "adam_eps"),
     ("clip_grad", "--clip-grad", "clip_grad"),
 )
+# Optimizers that take no --adam-beta1/2 or --adam-eps (megatron/optimizer/__init__.py): those flags are not compared
+WITHOUT_ADAM_HYPERPARAMETERS = ("sgd", "apex.sgd", "sgdschedulefree", "sophiag", "muon", "muonclip")
 ADAM_STATE = ("adam", "adamw", "apex.adam")  # what resharding, universal and argonne loads carry across layouts
 _SAME_OPTIMIZER = {"apex.adam": "adamw", "apex.sgd": "sgd", "ipex.fusedlamb": "ipex.lamb"}  # same state layout
 
@@ -309,6 +311,8 @@ def _resolve_hyperparameters(desc: CheckpointDescription, run, load_optim: bool,
         # the weight decay is the schedule's (upstream's start_wd/end_wd); the rest travel with the optimizer state
         if (key == "weight_decay" and not load_lr_state) or (key != "weight_decay" and not load_optim):
             continue
+        if key.startswith("adam_") and opt.optimizer in WITHOUT_ADAM_HYPERPARAMETERS:
+            continue
         flags_value = getattr(opt, attr)
         if _same(flags_value, saved):
             continue
@@ -369,7 +373,8 @@ def execute(plan: ResumePlan, te, set_tracker_states: Optional[Callable[[dict], 
                 progress = deepspeed_io.load_with_deepspeed(te, desc.load_dir, desc.tag, te.device,
                                                             load_optim=plan.load_optim, load_rng=plan.load_rng,
                                                             finetune=plan.finetune,
-                                                            set_tracker_states=set_tracker_states, log=log)
+                                                            set_tracker_states=set_tracker_states, log=log,
+                                                            source=desc.source)
     finally:
         forget_remembered()
     deepspeed_io.barrier()
@@ -420,7 +425,13 @@ class Checkpointer:
         if run.checkpoint.load:
             located = locate(run, self.log, self.ps.rank)
             if located is not None:
-                self.plan = plan_resume(describe(*located, run.model.make_vocab_size_divisible_by), run, self.ps)
+                try:
+                    self.plan = plan_resume(describe(*located, run.model.make_vocab_size_divisible_by), run, self.ps)
+                except BaseException:  # refused: nothing loads, so drop the objects the reader kept for the load
+                    from megatron.checkpoint.zero_shards import forget_remembered
+
+                    forget_remembered()
+                    raise
                 for notice in self.plan.notices:
                     self._say(f"resume: {notice}")
                 run = self.run = self.plan.run

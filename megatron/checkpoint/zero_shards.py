@@ -54,15 +54,27 @@ def load_mmap(path: str, weights_only: bool = False, remember: bool = False):
     except RuntimeError:  # written without the zip format: no mmap
         obj = torch.load(path, map_location="cpu", weights_only=weights_only)
     if remember:
-        while len(_REMEMBERED) >= _REMEMBER_AT_MOST:
-            del _REMEMBERED[next(iter(_REMEMBERED))]
-        _REMEMBERED[full] = (_file_key(full), obj)
+        remember_loaded(full, obj)
     return obj
 
 
+def remember_loaded(path: str, obj) -> None:
+    """Keep `obj`, just read from `path`, for `take_remembered` and `load_mmap(remember=True)` (DeepSpeed's load
+    of a model-states file, which a reader of the same resume reads too)."""
+    full = os.path.abspath(path)
+    _REMEMBERED.pop(full, None)
+    while len(_REMEMBERED) >= _REMEMBER_AT_MOST:
+        del _REMEMBERED[next(iter(_REMEMBERED))]
+    try:
+        _REMEMBERED[full] = (_file_key(full), obj)
+    except OSError:
+        pass
+
+
 def take_remembered(path: str):
-    """The object a reader already loaded from `path` (and still current), handed over once; None otherwise."""
-    entry = _REMEMBERED.pop(os.path.abspath(path), None)
+    """The object a reader already loaded from `path` (and still current); None otherwise. It stays remembered
+    (a reader of the same resume may need it again after DeepSpeed's load) until `forget_remembered`."""
+    entry = _REMEMBERED.get(os.path.abspath(path))
     if entry is None:
         return None
     try:
