@@ -129,7 +129,7 @@ def run_sequence(rank, world, jobs):
 def to_universal(rank, world, load_dir):
     """Rank 0 converts `load_dir` with DeepSpeed's ds_to_universal (convert/universal.py); the others wait."""
     if rank == 0:
-        from megatron.checkpoint.universal import convert_to_universal
+        from megatron.convert.to_universal import convert_to_universal
 
         convert_to_universal(load_dir)
     return None

@@ -114,7 +114,7 @@ def test_the_arguments_written_for_their_loader_describe_the_same_model(base, ch
     checked before --swiglu there) is the model it was written for."""
     import dataclasses
 
-    from megatron.checkpoint.argonne import argonne_namespace
+    from megatron.convert.to_argonne import argonne_namespace
 
     config = dataclasses.replace(CONFIGS[base], **changes)
     ns = argonne_namespace(config, 2, 2, None)

@@ -141,7 +141,7 @@ def test_no_save_optim_is_refused_at_zero_3_where_the_weights_live_in_the_optimi
 
 def test_a_checkpoint_without_optimizer_state_is_refused_by_the_universal_converter_naming_why(runs):
     from megatron.checkpoint.layout import ConversionError
-    from megatron.checkpoint.universal import convert_to_universal
+    from megatron.convert.to_universal import convert_to_universal
 
     with pytest.raises(ConversionError, match=r"saved with --no-save-optim: .* convert it with `reshard`"):
         convert_to_universal(str(runs[0] / "ckpt" / "global_step2"), str(runs[0] / "universal"))

@@ -15,7 +15,8 @@ import torch
 import convert_ranks as cr
 from multirank import run_ranks
 
-from megatron.checkpoint.ds_checkpoint import DeepSpeedCheckpoint, write_checkpoint
+from megatron.checkpoint.ds_checkpoint import DeepSpeedCheckpoint
+from megatron.convert.ds_writer import write_checkpoint
 from megatron.checkpoint.hf import HFModelSource
 from megatron.convert.hf_io import export_to_hf
 from megatron.checkpoint.layout import ConversionError

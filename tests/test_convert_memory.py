@@ -19,7 +19,8 @@ MEASURE = textwrap.dedent(r"""
     import json, sys, threading, time
     import torch
     sys.path.insert(0, sys.argv[1])
-    from megatron.checkpoint.ds_checkpoint import DeepSpeedCheckpoint, write_checkpoint
+    from megatron.checkpoint.ds_checkpoint import DeepSpeedCheckpoint
+    from megatron.convert.ds_writer import write_checkpoint
     from megatron.checkpoint.hf import HFModelSource
     from megatron.convert.hf_io import export_to_hf
 

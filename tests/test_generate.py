@@ -6,7 +6,7 @@ import sys
 import torch
 
 from megatron.config.model import TransformerConfig
-from megatron.checkpoint.ds_checkpoint import write_checkpoint
+from megatron.convert.ds_writer import write_checkpoint
 from megatron.convert.hf_io import export_to_hf
 from megatron.checkpoint.layout import StateDictSource
 from megatron.model import GPTModel

@@ -16,7 +16,9 @@ def _imports(tree: ast.AST):
         if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
             yield from (m for child in node.orelse for m in _imports(ast.Module(body=[child], type_ignores=[])))
             continue
-        if isinstance(node, ast.ImportFrom) and node.module:
+        if isinstance(node, ast.ImportFrom) and node.module == "megatron":  # from megatron import fileio, ...
+            yield from (f"megatron.{alias.name}" for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
             yield node.module
         elif isinstance(node, ast.Import):
             yield from (alias.name for alias in node.names)
@@ -72,11 +74,12 @@ def test_the_cycle_finder_sees_function_local_imports(tmp_path):
     pkg = tmp_path / "megatron"
     (pkg / "a").mkdir(parents=True)
     (pkg / "b").mkdir()
-    (pkg / "a" / "x.py").write_text("from megatron.b.y import f\n")
+    (pkg / "a" / "x.py").write_text("from megatron.b.y import f\nfrom megatron import d\n")
     (pkg / "b" / "y.py").write_text("def f():\n    from megatron.a import x\n"
                                     "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    import megatron.c\n")
     graph = package_graph(pkg)
     assert set(graph["b"]) == {"a"}  # the TYPE_CHECKING import is left out
+    assert set(graph["a"]) == {"b", "d"}  # `from megatron import d` names a package too
     assert find_cycle(graph) == ["a", "b", "a"]
 
 

@@ -16,7 +16,8 @@ from multirank import run_ranks
 
 from megatron.checkpoint.ds_checkpoint import DeepSpeedCheckpoint
 from megatron.checkpoint.layout import ConversionError, full_parameter_names
-from megatron.checkpoint.universal import UniversalCheckpoint, convert_to_universal
+from megatron.checkpoint.universal import UniversalCheckpoint
+from megatron.convert.to_universal import convert_to_universal
 
 TP2_PP2 = ["--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2", "--zero-stage", "1"]
 TP2_DP2 = ["--tensor-model-parallel-size", "2", "--zero-stage", "1"]

@@ -28,7 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from megatron.checkpoint.ds_checkpoint import write_checkpoint  # noqa: E402
+from megatron.convert.ds_writer import write_checkpoint  # noqa: E402
 from megatron.checkpoint.hf import HFModelSource  # noqa: E402
 from megatron.convert.hf_io import DTYPES, export_to_hf, parse_size  # noqa: E402
 from megatron.fileio import atomic_output  # noqa: E402
@@ -127,7 +127,7 @@ def main(argv=None) -> int:
             path = write_checkpoint(source, args.save, args.tp, args.pp, dtype=args.dtype, args=source.args)
             print(f"wrote {path} (tp {args.tp} × pp {args.pp}); train on with --load {args.save} --finetune")
         elif args.command == "to-argonne":
-            from megatron.checkpoint.argonne import write_argonne_checkpoint
+            from megatron.convert.to_argonne import write_argonne_checkpoint
 
             source = open_checkpoint(args.load, weights=args.weights)
             path = write_argonne_checkpoint(source, args.save, args.tp, args.pp, dtype=args.dtype,
@@ -135,7 +135,7 @@ def main(argv=None) -> int:
             print(f"wrote {path} (tp {args.tp} × pp {args.pp}); Megatron-DeepSpeed continues from it with --load "
                   f"{args.save} --finetune (weights only)")
         elif args.command == "to-universal":
-            from megatron.checkpoint.universal import convert_to_universal
+            from megatron.convert.to_universal import convert_to_universal
 
             path = convert_to_universal(args.load, args.out, workers=args.workers)
             print(f"wrote {path}; resume at any layout with --load {os.path.dirname(path)} --universal-checkpoint")

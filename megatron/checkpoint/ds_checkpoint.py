@@ -3,7 +3,7 @@
     ckpt = DeepSpeedCheckpoint("runs/x/checkpoints")         # <save> dir (follows `latest`) or a global_step* dir
     for prefix, tensors in ckpt.iter_groups(): ...            # full (tp=1, unpadded) tensors, layer by layer
     ckpt.full_optimizer_tensor("layers.0.mlp.fc1.weight", "exp_avg")
-    write_checkpoint(source, "runs/y/checkpoints", tp=2, pp=2)   # weights-only; resume with --finetune
+    megatron.convert.ds_writer.write_checkpoint(source, "runs/y", tp=2, pp=2)   # the writer, weights only
 
 Files read: `mp_rank_MM_model_states.pt` (module weights, client state), `layer_XX-model_TT-model_states.pt`
 (pipeline layers), `zero_pp_rank_D_mp_rank_MM_model_states.pt` (ZeRO-3) and the optimizer files (zero_shards.py).
@@ -13,11 +13,9 @@ A model-parallel rank MM is pp_rank × tp + tp_rank, as DeepSpeed numbers them.
 from __future__ import annotations
 
 import os
-import shutil
 from typing import Optional
 
 import torch
-from tqdm import tqdm
 
 from megatron import deepspeed_compat as compat
 from megatron.config.model import TransformerConfig
@@ -26,10 +24,8 @@ from megatron.checkpoint.layout import (ConversionError, FullModelSource, config
                                            tokenizer_args_from)
 from megatron.checkpoint.zero_shards import OptimizerShards, load_mmap, torch_optimizer_param_order
 from megatron.model.pipeline import pipe_layer_index, pipe_layer_prefix
-from megatron.model.sharding import merge_state_dicts, shard_state_dict
-from megatron.checkpoint.format import (CHECKPOINT_FORMAT_KEY, checkpoint_format_marker, checkpoint_format_version,
-                                        checkpoint_tag, publish_directory, read_latest_tag, write_manifest,
-                                        write_pointers)
+from megatron.model.sharding import merge_state_dicts
+from megatron.checkpoint.format import checkpoint_format_version, read_latest_tag
 from megatron.errors import CheckpointError
 
 MODEL_FILE = compat.MODEL_STATES_FILE
@@ -258,61 +254,3 @@ def _all_names(config: TransformerConfig) -> list[str]:
 
 def _has_optim_files(tag_dir: str) -> bool:
     return any(compat.is_optim_states_file(n) for n in os.listdir(tag_dir))
-
-
-# ---- writing ---------------------------------------------------------------------------------------------
-
-def write_checkpoint(source: FullModelSource, save_dir: str, tp: int = 1, pp: int = 1, *,
-                     dtype: torch.dtype = torch.float32, iteration: int = 0, args: Optional[dict] = None,
-                     progress: bool = True) -> str:
-    """Write `source` as a weights-only checkpoint of our training run at tp × pp (load it with --finetune).
-
-    pp == 1 writes what DeepSpeedEngine reads (mp_rank_TT_model_states.pt with the module); pp > 1 writes
-    PipelineModule's per-layer files plus one mp_rank file per model-parallel rank.
-    """
-    import deepspeed
-
-    from megatron.config.parallel import ParallelConfig, layout_errors
-
-    config = source.config
-    errors = layout_errors(tp * pp, ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp),
-                           config)
-    if errors:
-        raise ConversionError(f"cannot write a tp {tp} × pp {pp} checkpoint: " + "; ".join(errors))
-    tag = checkpoint_tag(iteration)
-    tmp_dir = os.path.join(save_dir, ".tmp-" + tag)
-    final_dir = os.path.join(save_dir, tag)
-    if os.path.exists(final_dir):
-        raise ConversionError(f"{final_dir} already exists; choose another --save directory")
-    shutil.rmtree(tmp_dir, ignore_errors=True)
-    os.makedirs(tmp_dir)
-    run_args = dict(args or {})
-    run_args.update({k: v for k, v in config.to_dict().items()})
-    run_args.update(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
-    if source.tokenizer_args:
-        run_args.update(source.tokenizer_args)
-    modules = [dict() for _ in range(tp)]
-    for prefix, tensors in tqdm(source.iter_groups(), total=len(layer_prefixes(config)), desc="write checkpoint",
-                                unit="layer", disable=not progress):
-        tensors = {k: v.to(dtype) for k, v in tensors.items()}
-        for t in range(tp):
-            shard = shard_state_dict(tensors, config, tp, t)
-            if pp == 1:
-                modules[t].update(shard)
-                continue
-            index = pipe_layer_index(next(iter(shard)), config)
-            local = {k[len(pipe_layer_prefix(index, config)):]: v for k, v in shard.items()}
-            torch.save(local, os.path.join(tmp_dir, compat.layer_states_name(index, t)))
-    client_state = {CHECKPOINT_FORMAT_KEY: checkpoint_format_marker(), "args": run_args, "model_config": config.to_dict(),
-                    "converted_from": source.description}
-    for stage in range(pp):
-        for t in range(tp):
-            state = dict(module=modules[t] if pp == 1 else None, buffer_names=[], optimizer=None, param_shapes=None,
-                         lr_scheduler=None, skipped_steps=0, global_steps=iteration, global_samples=0,
-                         dp_world_size=1, mp_world_size=tp * pp, ds_config={}, ds_version=deepspeed.__version__,
-                         **client_state)
-            torch.save(state, os.path.join(tmp_dir, compat.model_states_name(stage * tp + t)))
-    write_manifest(tmp_dir, iteration=iteration, world_size=1, converted_from=source.description)
-    publish_directory(tmp_dir, final_dir)
-    write_pointers(save_dir, iteration, tag)
-    return final_dir

@@ -22,7 +22,7 @@ from tqdm import tqdm
 from megatron.config.model import TransformerConfig
 from megatron.checkpoint.hf import ARCHITECTURES
 from megatron.checkpoint import hf_gpt2, hf_llama
-from megatron.checkpoint.layout import ConversionError, FullModelSource, expected_shapes, layer_prefixes
+from megatron.checkpoint.layout import ConversionError, FullModelSource, layer_prefixes
 from megatron.fileio import replace_atomically
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,

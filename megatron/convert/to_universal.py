@@ -1,0 +1,83 @@
+"""Convert one of our checkpoints to a DeepSpeed universal folder (DeepSpeed's ds_to_universal, with the
+parameter folders renamed to our GPTModel names); megatron/checkpoint/universal.py reads and resumes them.
+
+    convert_to_universal("runs/x/checkpoints")      # -> runs/x/checkpoints/global_stepN_universal
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import shutil
+from typing import Optional
+
+from megatron import deepspeed_compat as compat
+from megatron.checkpoint.layout import ConversionError
+from megatron.checkpoint.universal import (LATEST_UNIVERSAL_FILENAME, UNIVERSAL_SUFFIX, UniversalCheckpoint,
+                                           full_name_of)
+from megatron.config.model import TransformerConfig
+
+
+def default_universal_folder(tag_dir: str) -> str:
+    return tag_dir.rstrip(os.sep) + UNIVERSAL_SUFFIX
+
+
+def convert_to_universal(load: str, out: Optional[str] = None, *, workers: int = 1) -> str:
+    """Run DeepSpeed's ds_to_universal on our checkpoint `load` (a --save dir or a global_step* dir); returns the folder.
+
+    out: default `<iter dir>_universal` next to the source, with `<save>/latest_universal` pointing at it.
+    """
+    from deepspeed.checkpoint import ds_to_universal
+
+    from megatron.checkpoint.ds_checkpoint import DeepSpeedCheckpoint, _has_optim_files
+    from megatron.checkpoint.format import CONTENTS_KEY, publish_directory
+    from megatron.fileio import write_text_atomically
+
+    source = DeepSpeedCheckpoint(load)
+    if (source.client_state.get(CONTENTS_KEY) or {}).get("optimizer") is False:
+        raise ConversionError(
+            f"{source.tag_dir} was saved with --no-save-optim: it holds no optimizer shards, and DeepSpeed's universal "
+            "converter reads the weights from those. Resume it on another layout by pointing --load at it directly "
+            "(with --no-load-optim), or convert it with `reshard`")
+    if not _has_optim_files(source.tag_dir):
+        raise ConversionError(
+            f"{source.tag_dir} holds no ZeRO or bf16 optimizer shards (an fp32 run without ZeRO keeps its optimizer "
+            "in the model files), and DeepSpeed's universal converter reads only those. Resume it on another layout "
+            "by pointing --load at it directly, or train with --zero-stage 1 to make convertible checkpoints")
+    state_info = source.client_state.get("universal_checkpoint_info")
+    if not state_info:
+        raise ConversionError(
+            f"{source.tag_dir} carries no universal_checkpoint_info (written before this framework saved it); "
+            "resume it on the new layout with --load (the loader reshards), or convert with `reshard`")
+    out = os.path.abspath(out or default_universal_folder(source.tag_dir))
+    if os.path.exists(out):
+        raise ConversionError(f"{out} already exists; remove it or choose another --out")
+    parent, name = os.path.split(out)
+    os.makedirs(parent, exist_ok=True)
+    tmp = os.path.join(parent, ".tmp-" + name)
+    shutil.rmtree(tmp, ignore_errors=True)
+    args = argparse.Namespace(input_folder=source.tag_dir, output_folder=tmp, num_extract_workers=workers,
+                              num_merge_workers=max(1, workers // 2), keep_temp_folder=False, strict=True,
+                              inject_missing_state=False)
+    try:
+        with contextlib.redirect_stdout(open(os.devnull, "w")):
+            ds_to_universal.main(args)
+        _rename_to_model_names(os.path.join(tmp, compat.UNIVERSAL_ZERO_DIR), source.config, source.pipeline)
+        publish_directory(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    write_text_atomically(os.path.join(parent, LATEST_UNIVERSAL_FILENAME), name)
+    UniversalCheckpoint(out)  # every parameter is there, with the shape the configuration says
+    return out
+
+
+def _rename_to_model_names(zero_dir: str, config: TransformerConfig, pipeline: bool) -> None:
+    if not pipeline:
+        return
+    for local in os.listdir(zero_dir):
+        if os.path.isdir(os.path.join(zero_dir, local)):
+            os.rename(os.path.join(zero_dir, local), os.path.join(zero_dir, full_name_of(local, config, True)))
+
+
