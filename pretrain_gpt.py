@@ -46,13 +46,16 @@ def say_refusal(error, rank: int, world_size: int, same_on_every_rank: bool, mas
              store=lambda timeout_s: job_store(rank, world_size, master_addr, master_port, timeout_s))
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, alcf: bool = False) -> int:
     """Exit code 0 when the run finished or exited early on purpose (signal, --exit-*), 2 on bad flags/inputs
     (flags, data, checkpoints, the save directory), 3 when a rank stopped answering (watchdog, collective
     timeout), 4 after --max-consecutive-nan-steps NaN/Inf steps (see docs/RELIABILITY.md).
 
     Errors that are the same on every rank (flags, layout, LR schedule) are printed once, by rank 0, or by
     another rank when rank 0 does not confirm it did (megatron/distributed/refusal.py).
+
+    alcf: pretrain_gpt_alcf.py's run, which starts wandb by default as upstream's ALCF entry does
+    (megatron/training/tracking.py); here wandb is opt-in (--wandb-project), as in upstream's pretrain_gpt.py.
     """
     from megatron.cli import parse_args
     from megatron.errors import MegatronError
@@ -71,6 +74,12 @@ def main(argv: list[str] | None = None) -> int:
             say_refusal(error, launch.rank, launch.world_size, True, launch.master_addr, launch.master_port)
         return error.exit_code
 
+    if alcf:
+        import dataclasses
+
+        from megatron.training.tracking import alcf_wandb_defaults
+
+        run = dataclasses.replace(run, logging=alcf_wandb_defaults(run.logging))
     if run.training.dry_run is not None:
         return dry_run(run)
 

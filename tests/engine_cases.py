@@ -149,7 +149,7 @@ class RecordingTracker:
     def __init__(self):
         self.scalars: dict = {}
 
-    def log(self, scalars: dict, step: int) -> None:
+    def log(self, scalars: dict, step: int, tensorboard_only: bool = False) -> None:
         for name, value in scalars.items():
             if value is not None:
                 self.scalars.setdefault(name, {})[step] = float(value)

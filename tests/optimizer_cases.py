@@ -28,10 +28,10 @@ LR = {"sgd": "0.3", "sgdschedulefree": "0.5", "ds.fusedlamb": "0.05", "ipex.lamb
 EXTRA = {"muonclip": ("--muonclip-t", "0.05"),
          "dshampooadamw": ("--dshampooadamw-max-preconditioner-dim", "16", "--dshampooadamw-precondition-freq", "1")}
 
-# Megatron's log line: " iteration        3/       7 | consumed samples:           12 | ... | learning rate:
-# 1.000000E-02 | global batch size:     4 | ..."
-_LINE = re.compile(r"iteration\s+(\d+)/\s*\d+ \| consumed samples:\s+(\d+) \|.*?\| learning rate: (\S+) \| "
-                   r"global batch size:\s+(\d+) \|")
+# upstream's log line: " iteration=       3/       7 | consumed_samples=          12 | ... | learning_rate=0.01 |
+# global_batch_size=    4 | ..." (the LR after the iteration's step)
+_LINE = re.compile(r"iteration=\s*(\d+)/\s*\d+ \| consumed_samples=\s*(\d+) \|.*?\| learning_rate=(\S+) \| "
+                   r"global_batch_size=\s*(\d+) \|")
 
 
 def optimizer_flags(name: str, *extra: str) -> list[str]:

@@ -88,11 +88,13 @@ def test_resuming_a_checkpoint_without_optimizer_or_rng_state_names_the_flags_to
 
 def test_no_load_lr_state_restarts_the_schedule_where_a_plain_resume_continues_it(runs):
     r = runs[1]
-    lr = {name: r[name]["scalars"]["train/learning_rate"] for name in ("bare", "fresh_lr", "resumed")}
+    # the LR logged is the one after the iteration's step, as upstream logs it
+    lr = {name: r[name]["scalars"]["learning-rate/learning-rate"] for name in ("bare", "fresh_lr", "resumed")}
     assert r["fresh_lr"]["start_iteration"] == r["resumed"]["start_iteration"] == 2
+    assert lr["bare"][1] == pytest.approx(0.5e-2) and lr["bare"][2] == pytest.approx(1e-2)  # 2 warmup steps
     assert lr["fresh_lr"][3] == pytest.approx(lr["bare"][1]) and lr["fresh_lr"][4] == pytest.approx(lr["bare"][2])
-    # a plain resume continues the checkpoint's schedule: its 2 warmup steps are done, iteration 3 runs at --lr
-    assert lr["resumed"][3] == pytest.approx(1e-2) and lr["resumed"][4] < lr["resumed"][3]
+    # a plain resume continues the checkpoint's schedule: warmup done, it decays linearly to 0 after step 4
+    assert lr["resumed"][3] == pytest.approx(0.5e-2) and lr["resumed"][4] == pytest.approx(0.0, abs=1e-12)
 
 
 def test_load_tag_resumes_the_named_checkpoint_not_the_pointers(runs):
@@ -114,14 +116,15 @@ def test_use_checkpoint_args_takes_the_model_shape_from_the_checkpoint(runs):
 
 def test_params_norm_is_logged_and_the_same_on_every_layout(runs):
     r = runs[1]
-    line = next(x for x in r["bare"]["lines"] if x.startswith(" iteration        1/"))
-    assert " params norm: " in line and line.index("grad norm:") < line.index("params norm:")
-    norms = {name: r[name]["scalars"]["train/params_norm"][1] for name in ("bare", "norm_tp2", "norm_pp2",
-                                                                           "norm_zero3")}
+    line = next(x for x in r["bare"]["lines"] if x.startswith(" iteration=       1/"))
+    assert " params_norm=" in line and line.index("| grad_norm=") < line.index("| params_norm=")
+    norms = {name: r[name]["scalars"]["training/params-norm"][1] for name in ("bare", "norm_tp2", "norm_pp2",
+                                                                              "norm_zero3")}
     assert norms["bare"] > 1.0
     for name, value in norms.items():
         assert value == pytest.approx(norms["bare"], rel=1e-4), norms
-    assert "train/params_norm" not in r["resumed"]["scalars"]  # only with the flag
+    assert r["bare"]["scalars"]["loss/params_norm"][1] == norms["bare"]  # upstream's other name for it
+    assert "training/params-norm" not in r["resumed"]["scalars"]  # only with the flag
 
 
 def test_empty_unused_memory_level_releases_after_forward_backward_and_after_the_step(runs):

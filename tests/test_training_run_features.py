@@ -1,4 +1,4 @@
-"""Run-level flags change what they should: whole-batch run length with the final save, Megatron's log line,
+"""Run-level flags change what they should: whole-batch run length with the final save, upstream's log line,
 per-phase timers, TensorBoard selections (learning rate, world size, optimizer states), skipped iterations,
 torch.profiler traces, the kill-switch file and --skip-train; one 2-rank launch."""
 
@@ -40,13 +40,16 @@ def test_samples_not_a_multiple_of_the_batch_train_whole_batches_and_save_at_the
     assert r["saved"] and r["saved"][-1].endswith("global_step2")
 
 
-def test_the_log_line_is_megatrons(runs):
+def test_the_log_line_is_upstreams(runs):
     lines = runs[1]["partial_batch"]["lines"]
-    line = next(x for x in lines if x.startswith(" iteration        2/       2 |"))
-    assert re.search(r"\| consumed samples: +16 \| consumed tokens: +512 \| elapsed time per iteration \(ms\): "
-                     r"[\d.]+ \| learning rate: [\d.]+E[-+]\d+ \| global batch size: +8 \| lm loss: [\d.]+E[-+]\d+ \|",
-                     line), line
-    assert "| number of skipped iterations:   0 |" in line and "| TFLOPs:" in line
+    line = next(x for x in lines if x.startswith(" iteration=       2/       2 |"))
+    # argonne-lcf/Megatron-DeepSpeed's megatron/training_log.py: fields, order and number formats (fp32 ZeRO-0:
+    # no loss scale); the LR is the one after the step (constant here)
+    assert re.fullmatch(r" iteration=       2/       2 \| consumed_samples=          16 \| consumed_tokens=         512 \| "
+                        r"elapsed_time_per_iteration_ms=\d+\.\d \| learning_rate=0\.01 \| global_batch_size=    8 \| "
+                        r"lm loss=\d+\.\d{6} \| grad_norm=\d+\.\d{3} \| actual_seqlen=   32 \| "
+                        r"number_of_skipped_iterations=  0 \| number_of_nan_iterations=  0 \| samples_per_second=\d+\.\d{3} \| "
+                        r"tokens_per_gpu_per_second_tgs=\d+\.\d{3} \| TFLOPs=\d+\.\d\d \| memory_MB=\d+ \|", line), line
 
 
 def test_timers_report_each_phase_at_level_2_and_reach_tensorboard(runs):
@@ -55,12 +58,13 @@ def test_timers_report_each_phase_at_level_2_and_reach_tensorboard(runs):
     start = lines.index("(min, max) time across ranks (ms):")
     phases = {line.split()[0] for line in lines[start + 1:start + 7]}
     assert {"forward-backward", "forward-compute", "backward-compute", "batch-generator", "optimizer"} <= phases
-    assert r["scalars"]["timers/forward-backward"][2] > 0 and r["scalars"]["timers/optimizer"][2] > 0
+    assert r["scalars"]["timers/forward-backward-time"][2] > 0 and r["scalars"]["timers/optimizer-time"][2] > 0
 
 
 def test_tensorboard_selections_and_optimizer_states(runs):
     s = runs[1]["partial_batch"]["scalars"]
-    assert "train/learning_rate" not in s and s["train/world_size"] == {1: 2.0, 2: 2.0}
+    assert "learning-rate/learning-rate" not in s and s["world-size/world-size"] == {1: 2.0, 2: 2.0}
+    assert s["optimizer/iteration"] == {1: 1.0, 2: 2.0} and s["optimizer/consumed_train_tokens"][2] == 16 * 32
     assert s["optimizer/momentum_l2"][2] > 0 and s["optimizer/variance_l2"][2] > 0
     assert s["optimizer/weight_l2"][2] > s["optimizer/weight_abs_max"][2] > 0
 
@@ -70,7 +74,11 @@ def test_skipped_iterations_read_their_batch_and_advance_the_schedule_without_tr
     assert r["iterations"] == [1, 2, 3, 4] and r["consumed_samples"] == 32  # batches 2 and 3 were read
     assert [x != x for x in r["losses"]] == [False, True, True, False]  # no loss computed for 2 and 3
     assert any(line.startswith("iteration 2 skipped") for line in r["lines"])
-    assert r["scalars"]["train/skipped_steps"][4] == 2
+    # upstream counts them per log interval (--log-interval 1 here), in the line and as training/skiped_iterations
+    assert r["scalars"]["training/skiped_iterations"] == {1: 0.0, 2: 1.0, 3: 1.0, 4: 0.0}
+    skipped = [x for x in r["lines"] if x.startswith(" iteration=       3/")][0]
+    assert "| number_of_skipped_iterations=  1 | number_of_nan_iterations=  0 |" in skipped
+    assert "lm loss=" not in skipped  # no applied step in the interval: upstream shows no loss
 
 
 def test_profile_writes_a_chrome_trace_of_the_chosen_steps_on_the_chosen_ranks(runs):
@@ -91,3 +99,9 @@ def test_skip_train_evaluates_without_training(runs):
     r = runs[1]["skip_train"]
     assert r["iterations"] == [] and r["exit_reason"].startswith("--skip-train")
     assert 0 in r["eval_losses"] and r["test_loss"] is not None
+    # upstream's end-of-training lines (megatron/training.py): "validation loss at" for the test set too
+    lines = "\n".join(r["lines"])
+    assert (f" validation loss at iteration 0 on 8-sample draw from validation set | "
+            f"lm loss value={r['eval_losses'][0]:.6f}lm loss PPL=") in lines
+    assert (f" validation loss at iteration 0 on 8-sample draw from test set | "
+            f"lm loss value={r['test_loss']:.6f}lm loss PPL=") in lines

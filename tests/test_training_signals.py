@@ -24,7 +24,7 @@ def test_sigterm_to_one_rank_saves_a_checkpoint_on_every_rank_and_exits_zero(tmp
              for r in range(2)]
     try:
         deadline = time.time() + 180
-        while f" iteration {2:8d}/" not in (tmp_path / "rank0.log").read_text():  # Megatron's log line
+        while f" iteration={2:8d}/" not in (tmp_path / "rank0.log").read_text():  # upstream's log line
             assert time.time() < deadline and all(p.poll() is None for p in procs), \
                 (tmp_path / "rank0.log").read_text()[-3000:]
             time.sleep(0.5)

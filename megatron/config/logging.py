@@ -25,8 +25,9 @@ class LoggingConfig:
     timing_log_option: str = "minmax"  # max, minmax or all (ranks)
     wandb_project: Optional[str] = None
     wandb_exp_name: Optional[str] = None
-    wandb_save_dir: Optional[str] = None  # None: tensorboard_dir, else the working directory
-    log_params_norm: bool = False  # the L2 norm of all parameters in each log line and as train/params_norm
+    wandb_save_dir: Optional[str] = None  # None: ${save}/wandb, else the working directory (training/tracking.py)
+    wandb_optional: bool = False  # a wandb that cannot start is reported, not fatal (pretrain_gpt_alcf.py's default)
+    log_params_norm: bool = False  # the L2 norm of all parameters in each log line and as training/params-norm
     # Peak dense bf16 TFLOPS of one device, for MFU. None: MFU is not reported.
     peak_tflops: Optional[float] = None
 
@@ -47,7 +48,7 @@ def add_tracking_arguments(parser: argparse.ArgumentParser) -> None:
                    help="write the --timing-log-level timers (max over ranks) to TensorBoard/wandb")
     g.add_argument("--wandb-project")
     g.add_argument("--wandb-exp-name")
-    g.add_argument("--wandb-save-dir", help="wandb's directory; default: --tensorboard-dir, else the working "
+    g.add_argument("--wandb-save-dir", help="wandb's directory; default: SAVE/wandb (--save), else the working "
                                             "directory")
     g.add_argument("--tensorboard-queue-size", type=pos_int, default=1000,
                    help="events TensorBoard queues before writing to disk")
@@ -68,7 +69,7 @@ def add_tracking_arguments(parser: argparse.ArgumentParser) -> None:
                    help="report each timer's max, (min, max) or every rank's value across ranks")
     g.add_argument("--log-params-norm", action="store_true",
                    help="compute the L2 norm of all parameters (each counted once over tp/pp/ZeRO) every "
-                        "--log-interval iterations: ' params norm: X |' in the log line, train/params_norm in "
+                        "--log-interval iterations: ' params_norm=X |' in the log line, training/params-norm in "
                         "TensorBoard/wandb")
     g.add_argument("--peak-tflops", type=pos_float, help="one device's peak dense TFLOPS, for MFU")
 

@@ -223,6 +223,7 @@ class StepResult:
     learning_rate: float  # the lr this step used
     skipped: bool  # fp16 overflow: the optimizer step was skipped
     num_samples: int  # samples in this global batch
+    next_learning_rate: Optional[float] = None  # the lr after the step's schedule step (what upstream's log shows)
 
 
 @dataclass
@@ -485,7 +486,8 @@ class TrainingEngine:
             norm = self.engine.get_global_grad_norm()
             grad_norm = None if norm is None else float(norm.item() if torch.is_tensor(norm) else norm)
         return StepResult(loss=loss, grad_norm=grad_norm, learning_rate=lr,
-                          skipped=self.engine.skipped_steps > skipped_before, num_samples=self.global_batch_size)
+                          skipped=self.engine.skipped_steps > skipped_before, num_samples=self.global_batch_size,
+                          next_learning_rate=self._lr())
 
     def skip_step(self, batches: Iterator[dict]) -> StepResult:
         """Upstream's --train-iters-to-skip/--train-range-to-skip step: read this global batch's micro-batches,
@@ -500,7 +502,7 @@ class TrainingEngine:
         engine.global_samples += self.global_batch_size
         self.lr_scheduler.step()
         return StepResult(loss=float("nan"), grad_norm=None, learning_rate=lr, skipped=True,
-                          num_samples=self.global_batch_size)
+                          num_samples=self.global_batch_size, next_learning_rate=self._lr())
 
     @torch.no_grad()
     def eval_step(self, batches: Iterator[dict]) -> float:

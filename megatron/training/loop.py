@@ -34,7 +34,7 @@ from megatron.training.run_control import IterationSkipper, StepProfiler, kill_s
 from megatron.training.timers import Timers
 from megatron.training.watchdog import (CollectiveFailure, Watchdog, instrument_engine, is_collective_failure,
                                         track_batches)
-from megatron.training.tracking import Tracker
+from megatron.training.tracking import Tracker, default_wandb_dir
 
 
 @dataclass
@@ -43,6 +43,7 @@ class TrainResult:
     grad_norms: dict = field(default_factory=dict)  # iteration -> grad norm (None when not reported)
     eval_losses: dict = field(default_factory=dict)  # iteration -> validation loss
     test_loss: Optional[float] = None
+    final_valid_loss: Optional[float] = None  # the end-of-training validation evaluation (upstream's)
     start_iteration: int = 0
     iteration: int = 0
     consumed_samples: int = 0
@@ -101,48 +102,56 @@ def _isolated_rng(fn: Callable):
 # ---- logging ----------------------------------------------------------------------------------------
 
 def megatron_log_line(iteration: int, total_iters: int, consumed_samples: int, consumed_tokens: int,
-                      ms_per_iteration: float, learning_rate: float, global_batch: int, loss: float,
-                      loss_scale: Optional[float], grad_norm: Optional[float], skipped: int, nan_iterations: int,
-                      samples_per_s: float, tokens_per_gpu_per_s: float, tflops: float, mfu: Optional[float],
-                      hfu: Optional[float], memory_mb: float, params_norm: Optional[float] = None) -> str:
-    """Megatron-DeepSpeed's training log line (' iteration N/ M | consumed samples: ... |'), so the log parsers
-    and plotting scripts users have keep working; MFU/HFU and memory are appended at the end."""
-    line = f" iteration {iteration:8d}/{total_iters:8d} |"
-    line += f" consumed samples: {consumed_samples:12d} |"
-    line += f" consumed tokens: {consumed_tokens:12d} |"
-    line += f" elapsed time per iteration (ms): {ms_per_iteration:.1f} |"
-    line += f" learning rate: {learning_rate:.6E} |"
-    line += f" global batch size: {global_batch:5d} |"
-    line += f" lm loss: {loss:.6E} |"
+                      ms_per_iteration: float, learning_rate: float, global_batch: int, loss: Optional[float],
+                      loss_scale: Optional[float], grad_norm: Optional[float], actual_seqlen: int, skipped: int,
+                      nan_iterations: int, samples_per_s: float, tokens_per_gpu_per_s: float, tflops: float,
+                      mfu: Optional[float], hfu: Optional[float], memory_mb: float,
+                      params_norm: Optional[float] = None) -> str:
+    """argonne-lcf/Megatron-DeepSpeed's training log line (its megatron/training_log.py, `key=value` since 2024):
+    the same fields in the same order with the same number formats, so its users' log parsers and plotting
+    scripts read ours. `loss` is the mean over the interval's applied steps, shown only when > 0 as upstream
+    does; our extra fields (MFU and HFU in percent of --peak-tflops, memory in MiB) come last, in the same style."""
+    line = f" iteration={iteration:8d}/{total_iters:8d} |"
+    line += f" consumed_samples={consumed_samples:12d} |"
+    line += f" consumed_tokens={consumed_tokens:12d} |"
+    line += f" elapsed_time_per_iteration_ms={ms_per_iteration:.1f} |"
+    line += f" learning_rate={learning_rate:.6g} |"
+    line += f" global_batch_size={global_batch:5d} |"
+    if loss is not None and loss > 0.0:
+        line += f" lm loss={loss:.6f} |"
     if loss_scale is not None:
-        line += f" loss scale: {loss_scale:.1f} |"
+        line += f" loss_scale={loss_scale:.1f} |"
     if grad_norm is not None:
-        line += f" grad norm: {grad_norm:.3f} |"
-    if params_norm is not None:  # --log-params-norm, where Megatron puts it
-        line += f" params norm: {params_norm:.3f} |"
-    line += f" number of skipped iterations: {skipped:3d} |"
-    line += f" number of nan iterations: {nan_iterations:3d} |"
-    line += f" samples per second: {samples_per_s:.3f} |"
-    line += f" tokens per gpu per second (tgs): {tokens_per_gpu_per_s:.3f} |"
-    line += f" TFLOPs: {tflops:.2f} |"
+        line += f" grad_norm={grad_norm:.3f} |"
+    if params_norm is not None:  # --log-params-norm, where upstream puts it
+        line += f" params_norm={params_norm:.3f} |"
+    line += f" actual_seqlen={actual_seqlen:5d} |"
+    line += f" number_of_skipped_iterations={skipped:3d} |"
+    line += f" number_of_nan_iterations={nan_iterations:3d} |"
+    line += f" samples_per_second={samples_per_s:.3f} |"
+    line += f" tokens_per_gpu_per_second_tgs={tokens_per_gpu_per_s:.3f} |"
+    line += f" TFLOPs={tflops:.2f} |"
     if mfu is not None:
-        line += f" MFU: {100 * mfu:.2f}% | HFU: {100 * hfu:.2f}% |"
-    line += f" memory (MB): {memory_mb:.0f} |"
+        line += f" MFU_percent={100 * mfu:.2f} | HFU_percent={100 * hfu:.2f} |"
+    line += f" memory_MB={memory_mb:.0f} |"
     return line
 
 
 def loss_scale_of(engine) -> Optional[float]:
-    """The fp16 dynamic loss scale; None for bf16/fp32 (nothing is scaled)."""
-    if not engine.fp16_enabled():
-        return None
+    """The loss scale upstream's log shows: DeepSpeed's optimizer's current scale where it has one (fp16's dynamic
+    scale; 1.0 for the ZeRO optimizers), 1.0 under bf16 (nothing is scaled), None otherwise (fp32 without ZeRO)."""
     from megatron import deepspeed_compat as compat
 
-    return compat.loss_scale(engine.optimizer)
+    scale = compat.loss_scale(engine.optimizer)
+    if scale is None and engine.bfloat16_enabled():
+        return 1.0
+    return scale
 
 
 class IntervalLog:
-    """Accumulates steps between two log lines and prints Megatron's per-interval line on rank 0; writes the
-    per-iteration scalars to TensorBoard/wandb every --tensorboard-log-interval iterations."""
+    """Accumulates the steps between two log lines and prints upstream's per-interval line on rank 0; writes
+    upstream's wandb metrics (megatron/training_log.py) to the tracker: the per-iteration ones every
+    --tensorboard-log-interval iterations, the per-interval ones (throughput/*, loss/*, training/*) with the line."""
 
     def __init__(self, run: RunConfig, ps: ParallelState, device: torch.device, tracker: Tracker, total_iters: int,
                  printer: Callable[[str], None], timers: Optional[Timers] = None):
@@ -152,67 +161,115 @@ class IntervalLog:
         self.reset()
 
     def reset(self) -> None:
-        self.losses, self.samples, self.seconds = [], 0, 0.0
+        # applied steps' losses; every iteration (applied or skipped); skipped ones; skipped ones with a NaN/Inf
+        # loss (upstream's "nan iterations"); samples and seconds of all of them
+        self.losses, self.iterations, self.skipped, self.nan_iterations = [], 0, 0, 0
+        self.samples, self.seconds = 0, 0.0
 
-    def add(self, loss: float, samples: int, seconds: float) -> None:
-        self.losses.append(loss)
+    def add(self, loss: float, samples: int, seconds: float, skipped: bool = False,
+            loss_is_known: bool = True) -> None:
+        """One iteration. `skipped`: its update was not applied (fp16 overflow, a NaN/Inf step, or
+        --train-iters-to-skip, which has no loss: loss_is_known=False)."""
+        self.iterations += 1
         self.samples += samples
         self.seconds += seconds
+        if not skipped:
+            self.losses.append(loss)
+        else:
+            self.skipped += 1
+            self.nan_iterations += int(loss_is_known and not math.isfinite(loss))
 
-    def iteration_scalars(self, iteration: int, step, consumed_samples: int, skipped_total: int,
-                          loss_scale: Optional[float], engine=None) -> None:
-        """This iteration's scalars, every --tensorboard-log-interval iterations (upstream's training_log)."""
+    def iteration_scalars(self, iteration: int, step, consumed_samples: int, loss_scale: Optional[float],
+                          engine=None) -> None:
+        """This iteration's scalars, every --tensorboard-log-interval iterations (upstream's training_log). The
+        learning rate is the one after the step, as upstream logs it."""
         lg = self.run.logging
         if iteration % lg.tensorboard_log_interval:
             return
+        tokens = consumed_samples * self.run.model.seq_length
+        lr = step.next_learning_rate
         if lg.log_optimizer_states_to_tensorboard and engine is not None:  # collective: before the rank-0 filter
             from megatron.training.optimizer_stats import optimizer_state_stats
 
-            self.tracker.log(optimizer_state_stats(engine, self.ps, self.device), iteration)
-        seq = self.run.model.seq_length
-        scalars = {
-            "train/loss": step.loss, "train/grad_norm": step.grad_norm, "train/skipped_steps": skipped_total,
-            "train/global_batch_size": step.num_samples, "train/consumed_samples": consumed_samples,
-            "train/consumed_tokens": consumed_samples * seq,
-        }
+            stats = optimizer_state_stats(engine, self.ps, self.device)
+            self.tracker.log({"optimizer/learning_rate": lr, "optimizer/iteration": iteration,
+                              "optimizer/consumed_train_tokens": tokens, **stats}, iteration)
+        scalars = {}
         if lg.log_learning_rate_to_tensorboard:
-            scalars["train/learning_rate"] = step.learning_rate
+            scalars |= {"learning-rate/iteration": iteration, "learning-rate/learning-rate": lr}
+        scalars |= {"lm-loss-training/iteration": iteration, "lm-loss-training/consumed_train_tokens": tokens,
+                    "lm-loss-training/lm loss": step.loss, "training/grad-norm": step.grad_norm}
+        # ours, where upstream's training_log has none (Megatron's TensorBoard names)
+        scalars["batch-size/batch-size"] = step.num_samples
         if lg.log_loss_scale_to_tensorboard and loss_scale is not None:
-            scalars["train/loss_scale"] = loss_scale
+            scalars["loss-scale/loss-scale"] = loss_scale
         if lg.log_world_size_to_tensorboard:
-            scalars["train/world_size"] = self.ps.world_size
+            scalars["world-size/world-size"] = self.ps.world_size
         self.tracker.log(scalars, iteration)
 
-    def emit(self, iteration: int, step, consumed_samples: int, skipped_total: int,
-             loss_scale: Optional[float] = None, engine=None) -> None:
-        """Collective when --log-params-norm (the norm is summed over the model-parallel ranks): every rank calls
-        it; rank 0 prints."""
-        run = self.run
+    def emit(self, iteration: int, step, consumed_samples: int, loss_scale: Optional[float] = None,
+             engine=None) -> None:
+        """The interval's line and metrics. Collective when --log-params-norm (the norm is summed over the
+        model-parallel ranks): every rank calls it; rank 0 prints."""
+        run, ps = self.run, self.ps
         params_norm = engine.params_norm() if run.logging.log_params_norm and engine is not None else None
-        if params_norm is not None:
-            self.tracker.log({"train/params_norm": params_norm}, iteration)
         seq = run.model.seq_length
-        rates = throughput(run.model, max(self.seconds, 1e-9), self.samples, self.ps.world_size, seq,
+        tokens = consumed_samples * seq
+        iterations = max(1, self.iterations)
+        seconds_per_iteration = max(self.seconds, 1e-9) / iterations
+        rates = throughput(run.model, max(self.seconds, 1e-9), self.samples, ps.world_size, seq,
                            run.logging.peak_tflops)
-        loss = sum(self.losses) / max(1, len(self.losses))
+        loss = sum(self.losses) / len(self.losses) if self.losses else None  # upstream: over the applied steps
         memory = memory_in_use_mb(self.device)
-        timers = self.timers.gather(normalizer=max(1, len(self.losses))) if self.timers.level else {}
+        timers = self.timers.gather(normalizer=iterations) if self.timers.level else {}
         if run.logging.log_timers_to_tensorboard:
-            self.tracker.log({f"timers/{name}": max(ms) for name, ms in timers.items()}, iteration)
-        self.tracker.log({
-            "throughput/tokens_per_s": rates.tokens_per_s, "throughput/samples_per_s": rates.samples_per_s,
-            "throughput/tflops_per_device": rates.tflops_per_device, "throughput/mfu": rates.mfu,
-            "throughput/hardware_tflops_per_device": rates.hardware_tflops_per_device, "throughput/hfu": rates.hfu,
-            "throughput/iteration_time_ms": 1000 * self.seconds / max(1, len(self.losses)),
+            self.tracker.log({"timers/iteration": iteration,
+                              **{f"timers/{name}-time": max(ms) for name, ms in timers.items()}}, iteration)
+        dp = ps.dp_size
+        # upstream's names and values (megatron/training_log.py), its quirks included so that runs compare in
+        # one wandb project: iteration-time and elapsed_ms_per_iteration are in seconds, tflops-new in FLOP/s
+        scalars = {
+            "throughput/iteration": iteration,
+            "throughput/iteration-time": seconds_per_iteration,
+            "throughput/samples_per_sec": rates.samples_per_s,
+            "throughput/samples_per_sec_per_replica": rates.samples_per_s / dp,
+            "throughput/tokens_per_sec": rates.tokens_per_s,
+            "throughput/tokens_per_sec_per_replica": rates.tokens_per_s / dp,
+            "throughput/tokens_per_gpu_per_sec": rates.tokens_per_s_per_device,
+            "throughput/tokens_per_gpu_per_sec_per_replica": rates.tokens_per_s_per_device / dp,
+            "throughput/tflops": rates.hardware_tflops_per_device,
+            "throughput/tflops-new": rates.tflops_per_device * ps.world_size * 1e12,
+            "throughput/tflops-lm": rates.tflops_per_device,
+            "throughput/approx_params_in_billions": run.model.num_parameters() / 1e9,
+            "throughput/elapsed_ms_per_iteration": seconds_per_iteration,
+            "loss/iteration": iteration,
+            "loss/lm loss": step.loss,
+            "loss/loss_scale": loss_scale,
+            "loss/grad_norm": step.grad_norm,
+            "loss/params_norm": params_norm,
+            "training/params-norm": params_norm,
+            "training/iteration": iteration,
+            "training/iteration_time": seconds_per_iteration,
+            "training/iteration_time_vs_tokens": seconds_per_iteration / max(1, tokens),
+            "training/iteration_time_vs_samples": seconds_per_iteration / max(1, consumed_samples),
+            "training/consumed_samples": consumed_samples,
+            "training/consumed_tokens": tokens,
+            "training/skiped_iterations": self.skipped,  # sic: upstream's spelling
+            "training/nan_iterations": self.nan_iterations,
+            # ours, where upstream has none
+            "throughput/mfu": rates.mfu, "throughput/hfu": rates.hfu,
+            "throughput/hardware_tflops_per_device": rates.hardware_tflops_per_device,
             "memory/in_use_mb": memory,
-        }, iteration)
-        if self.ps.rank == 0:
+        }
+        if loss is not None and loss > 0.0:
+            scalars["loss/lm loss_avg"] = loss
+        self.tracker.log(scalars, iteration)
+        if ps.rank == 0:
             self.printer(megatron_log_line(
-                iteration, self.total_iters, consumed_samples, consumed_samples * seq,
-                1000 * self.seconds / max(1, len(self.losses)), step.learning_rate, step.num_samples, loss,
-                loss_scale, step.grad_norm, skipped_total, sum(1 for x in self.losses if math.isnan(x)),
-                rates.samples_per_s, rates.tokens_per_s_per_device, rates.tflops_per_device, rates.mfu, rates.hfu,
-                memory, params_norm))
+                iteration, self.total_iters, consumed_samples, tokens, 1000 * seconds_per_iteration,
+                step.next_learning_rate, step.num_samples, loss, loss_scale, step.grad_norm, seq, self.skipped,
+                self.nan_iterations, rates.samples_per_s, rates.tokens_per_s_per_device, rates.tflops_per_device,
+                rates.mfu, rates.hfu, memory, params_norm))
             for line in self.timers.log_lines(timers):
                 self.printer(line)
         self.reset()
@@ -226,13 +283,28 @@ def evaluate(te: TrainingEngine, batches, eval_iters: int) -> float:
     return sum(losses) / len(losses)
 
 
-def _report_eval(name: str, iteration: int, loss: float, ps: ParallelState, tracker: Tracker, printer) -> None:
-    ppl = float(np.exp(min(loss, 20.0)))
-    tracker.log({f"{name}/loss": loss, f"{name}/ppl": ppl}, iteration)
-    if ps.rank == 0:  # Megatron's evaluation lines, framed by dashes
-        where = f"iteration {iteration}" if name == "validation" else f"the end of training for {name} data"
-        line = f" {name} loss at {where} | lm loss value: {loss:.6E} | lm loss PPL: {ppl:.6E} | "
+def _report_eval(data: str, prefix: str, iteration: int, consumed_samples: int, seq_length: int, loss: float,
+                 ps: ParallelState, tracker: Tracker, printer) -> None:
+    """Upstream's evaluate_and_print_results (megatron/training.py): `data` is "validation" or "test"; the line
+    reads " validation loss at <prefix> | lm loss value=X.XXXXXXlm loss PPL=Y.YYYYYY" for both (upstream writes
+    "validation loss" for the test set too, and no separator between the two fields), framed by dashes. wandb
+    gets upstream's val/* or test/* names; TensorBoard gets those and upstream's lm-loss-validation/* ones,
+    also against consumed samples and tokens."""
+    ppl = math.exp(min(20.0, loss))
+    key = "test" if data == "test" else "val"
+    name = f"lm-loss-validation/lm loss {data}"
+    tracker.log({f"{key}/iteration": iteration, f"{key}/lm loss": loss, f"{key}/ppl_lm loss": ppl, name: loss},
+                iteration)
+    tracker.log({f"{name} vs samples": loss}, consumed_samples, tensorboard_only=True)
+    tracker.log({f"{name} vs tokens": loss}, consumed_samples * seq_length, tensorboard_only=True)
+    if ps.rank == 0:
+        line = f" validation loss at {prefix} | lm loss value={loss:.6f}lm loss PPL={ppl:.6f}"
         printer("-" * (len(line) + 1) + "\n" + line + "\n" + "-" * (len(line) + 1))
+
+
+def _draw(eval_iters: int, global_batch: int, data: str) -> str:
+    """The end-of-training prefix: "iteration N on K-sample draw from validation set" without N."""
+    return f"on {eval_iters * global_batch}-sample draw from {data} set"
 
 
 # ---- the loop ---------------------------------------------------------------------------------------
@@ -277,7 +349,8 @@ class _Session:
         self.timers = Timers(run.logging.timing_log_level, run.logging.timing_log_option, device)
         self.te = build_engine(run, ps, device, eod_token=eod, timers=self.timers)
         self.own_tracker = tracker is None
-        self.tracker = tracker or Tracker(run.logging, ps.rank, config=run.args)
+        self.tracker = tracker or Tracker(run.logging, ps.rank, config=run.args,
+                                          wandb_dir=default_wandb_dir(run.checkpoint.save))
         self.result = TrainResult()
         self.exits = ExitConditions(t.exit_signal_handler, t.exit_duration_in_mins, t.exit_interval, device=device,
                                     signals=rel.signal_numbers()).install()  # before DataLoader workers fork
@@ -368,14 +441,15 @@ class _Session:
                      "the LR schedule advanced, the model was not updated")
         else:
             step = te.train_step(self.train_batches)
-            self.log.add(step.loss, step.num_samples, time.time() - start)
+        # upstream counts both kinds of skipped iteration in its interval (a user-skipped one has no loss)
+        self.log.add(step.loss, step.num_samples, time.time() - start, skipped=step.skipped, loss_is_known=not skipped)
         self.watchdog.step_done(time.time() - start)
         self.iteration, self.consumed = it, self.consumed + step.num_samples
         self.result.losses[it], self.result.grad_norms[it] = step.loss, step.grad_norm
         scale = loss_scale_of(te.engine)
-        self.log.iteration_scalars(it, step, self.consumed, te.engine.skipped_steps, scale, te.engine)
-        if self.log.losses and (it % run.logging.log_interval == 0 or it == self.total_iters):
-            self.log.emit(it, step, self.consumed, te.engine.skipped_steps, scale, te)
+        self.log.iteration_scalars(it, step, self.consumed, scale, te.engine)
+        if self.log.iterations and (it % run.logging.log_interval == 0 or it == self.total_iters):
+            self.log.emit(it, step, self.consumed, scale, te)
         return step, skipped
 
     def validate(self) -> None:
@@ -386,7 +460,8 @@ class _Session:
         self.watchdog.phase("idle")
         self.consumed_valid += t.eval_iters * self.te.global_batch_size
         self.result.eval_losses[self.iteration] = loss
-        _report_eval("validation", self.iteration, loss, self.ps, self.tracker, self.printer)
+        _report_eval("validation", f"iteration {self.iteration}", self.iteration, self.consumed,
+                     self.run.model.seq_length, loss, self.ps, self.tracker, self.printer)
 
     def save(self) -> None:
         self.watchdog.phase("save")
@@ -412,25 +487,36 @@ class _Session:
         self.result.exit_reason = reason
         self.say(f"exiting at iteration {self.iteration}: {reason}")
 
-    # ---- the end: --skip-train's evaluation, the final save, the test set ----
+    # ---- the end: the final save, then upstream's end-of-training validation and test evaluations ----
     def finish(self) -> None:
+        """As upstream's pretrain() after train(): save, then evaluate --eval-iters batches of the validation set
+        and of the test set (also with --skip-train, at the loaded iteration); not after an early exit (a
+        signal, --exit-*, the kill switch, too many NaN steps), where upstream exits inside its loop."""
         run, t, result, it = self.run, self.run.training, self.result, self.iteration
         if t.skip_train:
             result.exit_reason = f"--skip-train: evaluated at iteration {it}"
-            if self.valid_batches is not None and t.eval_iters:
-                with self.te.eval_weights():
-                    result.eval_losses[it] = evaluate(self.te, self.valid_batches, t.eval_iters)
-                _report_eval("validation", it, result.eval_losses[it], self.ps, self.tracker, self.printer)
             self.last_saved = it  # nothing trained: nothing to save
         if run.checkpoint.save and self.last_saved != it:
             self.save()
         if not result.exit_reason or t.skip_train:
             result.exit_reason = result.exit_reason or f"trained {self.total_iters} iterations"
+            final_batch = global_batch_size(run, self.ps.dp_size)
+            if self.valid_batches is not None and t.eval_iters:
+                with self.te.eval_weights():  # schedule-free optimizers: evaluate the averaged weights
+                    result.final_valid_loss = evaluate(self.te, self.valid_batches, t.eval_iters)
+                self.consumed_valid += t.eval_iters * self.te.global_batch_size
+                if t.skip_train:
+                    result.eval_losses[it] = result.final_valid_loss
+                _report_eval("validation", f"iteration {it} {_draw(t.eval_iters, final_batch, 'validation')}", it,
+                             self.consumed, run.model.seq_length, result.final_valid_loss, self.ps, self.tracker,
+                             self.printer)
             if self.test_ds is not None:
                 test_batches = _isolated_rng(lambda: _iterator(run, self.ps, self.test_ds, 0))
                 with self.te.eval_weights():
                     result.test_loss = evaluate(self.te, test_batches, t.eval_iters)
-                _report_eval("test", it, result.test_loss, self.ps, self.tracker, self.printer)
+                _report_eval("test", f"iteration {it} {_draw(t.eval_iters, final_batch, 'test')}", it,
+                             self.consumed, run.model.seq_length, result.test_loss, self.ps, self.tracker,
+                             self.printer)
         result.iteration, result.consumed_samples = it, self.consumed
         self.tracker.flush()
 

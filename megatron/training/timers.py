@@ -6,7 +6,7 @@
     timers.log_lines(["forward-backward", "optimizer"], group, normalizer=10)
         -> ["(min, max) time across ranks (ms):", "    optimizer ....: (12.31, 12.90)"]
 
-Levels (upstream's meaning): 0 reports only the iteration time (the log line's "elapsed time per iteration");
+Levels (upstream's meaning): 0 reports only the iteration time (the log line's "elapsed_time_per_iteration_ms");
 1 adds the phases that run once per iteration: forward-backward (all micro-batches), optimizer, batch-generator
 (waiting for the data iterator) and grads-all-reduce (the data-parallel gradient reduction, read from
 DeepSpeed's own timer, which needs DeepSpeed's wall_clock_breakdown); 2 adds the per-micro-batch forward-compute

@@ -1,13 +1,26 @@
-"""Experiment tracking: scalars to TensorBoard (--tensorboard-dir) and wandb (--wandb-project) from rank 0 only.
+"""Experiment tracking: scalars to TensorBoard (--tensorboard-dir) and wandb from rank 0 only.
 
-`Tracker(run.logging, rank, config=run.args)` is a no-op on other ranks and when neither is configured, so the
-loop calls `tracker.log({...}, step)` everywhere without checks. wandb runs offline with WANDB_MODE=offline.
+`Tracker(run.logging, rank, config=run.args, wandb_dir=...)` is a no-op on other ranks and when neither is
+configured, so the loop calls `tracker.log({...}, step)` everywhere without checks. wandb runs offline with
+WANDB_MODE=offline. The metric names are upstream's (argonne-lcf/Megatron-DeepSpeed's megatron/training_log.py and
+evaluate_and_print_results): training/*, throughput/*, loss/*, learning-rate/*, lm-loss-training/*,
+lm-loss-validation/*, optimizer/*, val/*, test/*, timers/*; TensorBoard gets the same names.
+
+When wandb starts, as upstream:
+- pretrain_gpt.py: with --wandb-project (opt-in, as upstream's plain entry), in --wandb-save-dir, else
+  `${--save}/wandb`, else the working directory;
+- pretrain_gpt_alcf.py: by default (`alcf_wandb_defaults`), as upstream's ALCF entry does through ezpz.setup_wandb:
+  project $WB_PROJECT, else $WANDB_PROJECT, else "AuroraGPT" (--wandb-project, when given, wins), unless
+  WANDB_MODE=disabled; in the working directory (ezpz's default) unless --wandb-save-dir. A wandb that cannot
+  start (not installed, not logged in) is then reported and the run goes on without it, as ezpz does.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import sys
+from dataclasses import replace
 from typing import Optional
 
 from megatron.config.logging import LoggingConfig
@@ -34,20 +47,27 @@ class Tracker:
             if config:
                 self.tensorboard.add_text("arguments", "```\n" + json.dumps(config, indent=1, default=str) + "\n```")
         if logging.wandb_project:
-            self.wandb_run = _start_wandb(logging, config, wandb_dir or logging.wandb_save_dir
-                                          or logging.tensorboard_dir or os.getcwd())
+            directory = logging.wandb_save_dir or wandb_dir or os.getcwd()
+            try:
+                self.wandb_run = _start_wandb(logging, config, directory)
+            except TrackingError as error:
+                if not logging.wandb_optional:
+                    raise
+                print(f"wandb: not started, the run goes on without it: {error}", file=sys.stderr, flush=True)
 
     @property
     def active(self) -> bool:
         return self.tensorboard is not None or self.wandb_run is not None
 
-    def log(self, scalars: dict, step: int) -> None:
-        """Write each name → number at `step` (an iteration); None values are skipped."""
+    def log(self, scalars: dict, step: int, tensorboard_only: bool = False) -> None:
+        """Write each name → number at `step` (an iteration); None values are skipped. tensorboard_only: for
+        upstream's TensorBoard-only series plotted against another axis (consumed samples or tokens), which
+        wandb's one monotonic step cannot take."""
         scalars = {k: float(v) for k, v in scalars.items() if v is not None}
         if self.tensorboard is not None:
             for name, value in scalars.items():
                 self.tensorboard.add_scalar(name, value, step)
-        if self.wandb_run is not None and scalars:
+        if self.wandb_run is not None and scalars and not tensorboard_only:
             self.wandb_run.log(scalars, step=step)
 
     def log_table(self, name: str, columns: list, rows: list, text: str = "", step: int = 0) -> None:
@@ -79,6 +99,22 @@ class Tracker:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def default_wandb_dir(save: Optional[str]) -> Optional[str]:
+    """Upstream's default for --wandb-save-dir (megatron/global_vars.py): `${--save}/wandb`; None without --save."""
+    return os.path.join(save, "wandb") if save else None
+
+
+def alcf_wandb_defaults(logging: LoggingConfig, environ=os.environ) -> LoggingConfig:
+    """pretrain_gpt_alcf.py's wandb, as upstream's ALCF entry starts it on rank 0 (ezpz.setup_wandb): on unless
+    WANDB_MODE=disabled; project --wandb-project, else $WB_PROJECT, else $WANDB_PROJECT, else "AuroraGPT"; in
+    --wandb-save-dir, else the working directory; a wandb that cannot start does not stop the run."""
+    if str(environ.get("WANDB_MODE", "")).lower() == "disabled":
+        return replace(logging, wandb_project=None)
+    project = logging.wandb_project or environ.get("WB_PROJECT") or environ.get("WANDB_PROJECT") or "AuroraGPT"
+    return replace(logging, wandb_project=project, wandb_save_dir=logging.wandb_save_dir or os.getcwd(),
+                   wandb_optional=logging.wandb_project is None)
 
 
 def _start_wandb(logging: LoggingConfig, config: Optional[dict], directory: str):

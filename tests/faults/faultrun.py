@@ -1,7 +1,7 @@
 """Launch a tiny 2-rank pretrain_gpt.py job under torchrun, mpiexec or no launcher, and break it.
 
     job = Job.start(tmp_path, "torchrun", "--save", str(save), ...)
-    job.wait_for("iteration        3/")      # a line in the ranks' output
+    job.wait_for("iteration=       3/")      # a line in the ranks' output
     job.signal_launcher(signal.SIGTERM)       # or signal_group / signal_rank(1) / rank_pid(1)
     codes = job.wait(timeout=90)              # launcher's (or each rank's) exit code; fails the test on a hang
 

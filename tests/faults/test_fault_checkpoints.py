@@ -19,7 +19,7 @@ import pytest
 from faultrun import Job, pointer
 from megatron.checkpoint.format import list_checkpoint_tags, verify_manifest
 
-LOSS = re.compile(r"iteration +(\d+)/ *\d+ \|.*?lm loss: ([0-9.E+-]+)")
+LOSS = re.compile(r"iteration= *(\d+)/ *\d+ \|.*?\| lm loss=([0-9.e+-]+) \|")  # upstream's key=value line
 
 
 def losses(text: str) -> dict:
@@ -28,7 +28,7 @@ def losses(text: str) -> dict:
 
 def test_kill_9_during_a_save_then_a_truncated_newest_checkpoint_resume_falls_back_and_continues_exactly(tmp_path):
     save = tmp_path / "ckpt"
-    first = Job.start_until(tmp_path, "none", f"iteration {7:8d}/",  # two checkpoints (3, 6) published
+    first = Job.start_until(tmp_path, "none", f"iteration={7:8d}/",  # two checkpoints (3, 6) published
                             "--train-iters", "100000", "--num-workers", "0", "--save", str(save),
                             "--save-interval", "3")
     try:
@@ -66,8 +66,8 @@ def test_kill_9_during_a_save_then_a_truncated_newest_checkpoint_resume_falls_ba
     resumed = sorted(i for i in run2 if i in run1)
     assert resumed and resumed[0] == previous + 1, (sorted(run2), sorted(run1)[-5:])
     assert [run2[i] for i in resumed] == [run1[i] for i in resumed]  # the same run, continued
-    first_resumed = [line for line in out.splitlines() if f"iteration {previous + 1:8d}/" in line][0]
-    assert "learning rate: 1.000000E-03" in first_resumed  # a resumed run really trains (not at LR 0)
+    first_resumed = [line for line in out.splitlines() if f"iteration={previous + 1:8d}/" in line][0]
+    assert "| learning_rate=0.001 |" in first_resumed  # a resumed run really trains (not at LR 0)
     assert not any(p.name.startswith(".tmp-") for p in save.iterdir())
 
 
@@ -98,7 +98,7 @@ def test_a_full_filesystem_fails_the_save_naming_path_and_enospc_and_keeps_the_p
         first.close()
     assert codes == [0, 0] and pointer(save) == 40, first.output()[-3000:]
     (tmp_path / "second").mkdir()
-    job = Job.start_until(tmp_path / "second", "none", f"iteration {42:8d}/", "--train-iters", "100000",
+    job = Job.start_until(tmp_path / "second", "none", f"iteration={42:8d}/", "--train-iters", "100000",
                           "--num-workers", "0", "--save", str(save), "--load", str(save),
                           "--save-interval", "1000000", "--exit-signal-handler")
     try:

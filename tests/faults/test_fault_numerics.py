@@ -100,8 +100,8 @@ def test_a_nan_loss_at_step_k_is_reported_and_skipped_and_training_goes_on(numer
     assert math.isnan(losses[3]) and all(math.isfinite(losses[i]) for i in (1, 2, 4))
     report = [line for line in results["lines"] if "--check-for-nan-in-loss-and-grad" in line]
     assert "rank 0: iteration 3: lm loss nan" in report[0] and "update was skipped (1 in a row" in report[0]
-    log3 = [line for line in results["lines"] if re.search(r"iteration +3/", line)][0]
-    assert "number of skipped iterations:   1" in log3 and math.isfinite(losses[4])
+    log3 = [line for line in results["lines"] if re.search(r"iteration= +3/", line)][0]
+    assert "number_of_skipped_iterations=  1 | number_of_nan_iterations=  1 |" in log3 and math.isfinite(losses[4])
 
 
 @pytest.mark.parametrize("name", ["plain", "zero1"])

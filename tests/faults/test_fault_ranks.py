@@ -24,7 +24,7 @@ FAST_WATCHDOG = ["--hang-watchdog-min-seconds", "5", "--hang-watchdog-factor", "
 
 
 def _start(tmp_path, launcher, env=None):
-    return Job.start_until(tmp_path, launcher, f"iteration {3:8d}/", "--train-iters", "100000", "--num-workers", "0",
+    return Job.start_until(tmp_path, launcher, f"iteration={3:8d}/", "--train-iters", "100000", "--num-workers", "0",
                            *FAST_WATCHDOG, env=env)
 
 

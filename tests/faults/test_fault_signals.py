@@ -28,7 +28,7 @@ def case(launcher, target):
 
 def _run_and_signal(tmp_path, launcher, target, sig=signal.SIGTERM, extra=()):
     save = tmp_path / "ckpt"
-    job = Job.start_until(tmp_path, launcher, f"iteration {3:8d}/", "--train-iters", "100000", "--exit-signal-handler",
+    job = Job.start_until(tmp_path, launcher, f"iteration={3:8d}/", "--train-iters", "100000", "--exit-signal-handler",
                           "--num-workers", "1", "--save", str(save), "--save-interval", "100000", *extra)
     try:
         if target == "launcher":
