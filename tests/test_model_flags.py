@@ -134,6 +134,6 @@ def test_squared_relu_replaces_the_gelu_of_the_mlp():
     with torch.no_grad():
         torch.testing.assert_close(mlp(x), mlp.fc2(torch.relu(mlp.fc1(x)) ** 2))
         assert not torch.allclose(mlp(x), gpt().layers[0].mlp(x))
-    from megatron.convert import hf_gpt2
+    from megatron.checkpoint import hf_gpt2
 
     assert any("squared ReLU" in e for e in hf_gpt2.inexpressible(m.config))  # converters refuse it

@@ -81,7 +81,7 @@ def test_rotary_percent_reaches_the_model_and_bad_values_are_named():
         parse_args(LLAMA + ["--rotary-percent", "0.2"])
     with pytest.raises(ConfigError, match="--rotary-percent 0.5 needs rotary position embeddings"):
         parse_args(GPT + ["--rotary-percent", "0.5"])
-    from megatron.convert import hf_llama
+    from megatron.checkpoint import hf_llama
 
     assert any("--rotary-percent 0.5" in e for e in hf_llama.inexpressible(run.model))
     assert hf_llama.inexpressible(full.config) == []
@@ -142,7 +142,7 @@ def test_the_gelu_of_the_mlp_is_upstreams_choice_and_equals_torchs(flags, approx
 
 def test_gelu_choice_round_trips_through_hugging_face_gpt2_and_bad_combinations_are_named():
     transformers = pytest.importorskip("transformers")
-    from megatron.convert import hf_gpt2
+    from megatron.checkpoint import hf_gpt2
 
     for flags, name in (([], "gelu_new"), (["--no-bias-gelu-fusion"], "gelu")):
         model, run = build(GPT, *flags)

@@ -419,6 +419,12 @@ class Checkpointer:
     def prepare(self):
         """Collective. Decide the resume and check --save before anything heavy is built; returns the run the
         engine is to be built with. Every refusal is a ConfigError or CheckpointError."""
+        from megatron.checkpoint.zero_shards import read_log
+
+        with read_log(self.log):
+            return self._prepare()
+
+    def _prepare(self):
         from megatron.checkpoint.deepspeed_io import check_save_dir, estimate_checkpoint_bytes
 
         run = self.run
@@ -448,7 +454,10 @@ class Checkpointer:
         """Collective. Execute the plan into the built engine; a fresh TrainingProgress when nothing is resumed."""
         if self.plan is None:
             return TrainingProgress(args=self.run.args)
-        progress = execute(self.plan, te, set_tracker_states, self.log)
+        from megatron.checkpoint.zero_shards import read_log
+
+        with read_log(self.log):
+            progress = execute(self.plan, te, set_tracker_states, self.log)
         if self.plan.finetune:
             progress = TrainingProgress(args=progress.args, checkpoint_path=progress.checkpoint_path)
         self._say(f"loaded {progress.checkpoint_path} at iteration {progress.iteration}, "

@@ -10,6 +10,7 @@ Files are memory-mapped, so a parameter costs only its own bytes when it is read
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from typing import Callable, Optional
@@ -18,6 +19,7 @@ import torch
 
 from megatron import deepspeed_compat as compat
 from megatron.checkpoint.layout import ConversionError
+from megatron.fileio import with_retries
 
 OPTIM_FILE = compat.OPTIM_STATES_FILE
 STATE_KEYS = ("fp32", "exp_avg", "exp_avg_sq")
@@ -35,9 +37,32 @@ def _file_key(path: str) -> tuple:
     return st.st_ino, st.st_size, st.st_mtime_ns
 
 
+_READ_LOG: list = [print]  # where a retried read is reported (read_log sets it for the length of a resume)
+
+
+@contextlib.contextmanager
+def read_log(log: Callable[[str], None]):
+    """Report the retries of the reads inside (a transient EIO/ESTALE on a parallel filesystem) through `log`."""
+    _READ_LOG.append(log)
+    try:
+        yield
+    finally:
+        _READ_LOG.pop()
+
+
+def _torch_load(path: str, weights_only: bool):
+    try:
+        return torch.load(path, map_location="cpu", mmap=True, weights_only=weights_only)
+    except FileNotFoundError:
+        raise ConversionError(f"{path}: missing checkpoint file (was the checkpoint copied completely?)") from None
+    except RuntimeError:  # written without the zip format: no mmap
+        return torch.load(path, map_location="cpu", weights_only=weights_only)
+
+
 def load_mmap(path: str, weights_only: bool = False, remember: bool = False):
-    """torch.load of a checkpoint file, memory-mapped (a tensor costs its bytes only when read); remember=True
-    keeps the object for `take_remembered` (one read per file per resume)."""
+    """torch.load of a checkpoint file, memory-mapped (a tensor costs its bytes only when read), retried on a
+    transient OS error (fileio.with_retries); remember=True keeps the object for `take_remembered` (one read per
+    file per resume)."""
     full = os.path.abspath(path)
     if remember and full in _REMEMBERED:
         key, obj = _REMEMBERED[full]
@@ -47,12 +72,7 @@ def load_mmap(path: str, weights_only: bool = False, remember: bool = False):
         except OSError:
             pass
         del _REMEMBERED[full]
-    try:
-        obj = torch.load(path, map_location="cpu", mmap=True, weights_only=weights_only)
-    except FileNotFoundError:
-        raise ConversionError(f"{path}: missing checkpoint file (was the checkpoint copied completely?)") from None
-    except RuntimeError:  # written without the zip format: no mmap
-        obj = torch.load(path, map_location="cpu", weights_only=weights_only)
+    obj = with_retries(lambda: _torch_load(path, weights_only), path, log=lambda line: _READ_LOG[-1](line))
     if remember:
         remember_loaded(full, obj)
     return obj
