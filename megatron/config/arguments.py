@@ -28,6 +28,7 @@ from megatron.config.logging import LoggingConfig, ProfilingConfig, add_tracking
     profiling_from_args
 from megatron.config.model import TransformerConfig, add_model_arguments, model_from_args
 from megatron.config.optimizer_args import optimizer_flag_errors
+from megatron.config.presets import preset_error
 from megatron.config.parallel import ParallelConfig, add_parallel_arguments, layout_errors, parallel_from_args
 from megatron.config.reliability import ReliabilityConfig, add_reliability_arguments, reliability_from_args
 from megatron.config.training import (  # noqa: F401 (LR_DECAY_STYLES, WSD_DECAY_STYLES: imported from here too)
@@ -360,6 +361,8 @@ def _check_flags(ns: argparse.Namespace, typed: Optional[dict] = None) -> list[s
         if off and value and set(value) <= off:  # e.g. --num-experts 1: a dense model, as here
             continue
         errors.append(f"{typed.get(flag, flag)}: {why}")
+    if ns.model_preset and preset_error(ns.model_preset):
+        errors.append(preset_error(ns.model_preset))
     if ns.bf16 and ns.fp16:
         errors.append("--bf16 and --fp16 both given; pick one")
     granularity = "selective" if ns.recompute_activations else ns.recompute_granularity
