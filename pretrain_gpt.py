@@ -54,6 +54,9 @@ def main(argv: list[str] | None = None) -> int:
     Errors that are the same on every rank (flags, layout, LR schedule) are printed once, by rank 0, or by
     another rank when rank 0 does not confirm it did (megatron/distributed/refusal.py).
     """
+    from megatron.deepspeed_compat import quiet_cpu_accelerator_probe
+
+    quiet_cpu_accelerator_probe()  # before DeepSpeed is imported: no "Setting accelerator to CPU" per rank
     from megatron.cli import parse_args
     from megatron.errors import MegatronError
     from megatron.training.preflight import preflight

@@ -361,6 +361,23 @@ def ensure_torch_extensions_dir(rank: int = 0, log: Callable[[str], None] = prin
     return chosen
 
 
+def quiet_cpu_accelerator_probe() -> None:
+    """Before DeepSpeed is imported, on a machine whose torch sees no accelerator (cuda, xpu, mps), tell it so:
+    DS_ACCELERATOR=cpu, DeepSpeed's own variable. Otherwise its auto-detection warns "Setting accelerator to CPU.
+    If you have GPU or other accelerator, we were unable to detect it." on every import (every tool call, --help
+    included). A DS_ACCELERATOR the user set is kept."""
+    if os.environ.get("DS_ACCELERATOR"):
+        return
+    import torch
+
+    xpu = getattr(torch, "xpu", None)
+    mps = getattr(torch.backends, "mps", None)
+    if torch.cuda.is_available() or (xpu is not None and xpu.is_available()) or (mps is not None
+                                                                               and mps.is_available()):
+        return
+    os.environ["DS_ACCELERATOR"] = "cpu"
+
+
 # ---- the assumptions, checked against the installed DeepSpeed -----------------------------------------------
 
 _CHECKS: list[tuple[str, Callable[[], None]]] = []

@@ -28,8 +28,8 @@ from megatron.checkpoint.zero_shards import OptimizerShards, load_mmap, torch_op
 from megatron.model.pipeline import pipe_layer_index, pipe_layer_prefix
 from megatron.model.sharding import merge_state_dicts, shard_state_dict
 from megatron.checkpoint.format import (CHECKPOINT_FORMAT_KEY, checkpoint_format_marker, checkpoint_format_version,
-                                        checkpoint_tag, publish_directory, read_latest_tag, write_manifest,
-                                        write_pointers)
+                                        checkpoint_tag, publish_directory, read_latest_tag, READ_ADVICE,
+                                        write_manifest, write_pointers)
 from megatron.errors import CheckpointError
 
 MODEL_FILE = compat.MODEL_STATES_FILE
@@ -46,7 +46,7 @@ def resolve_tag_dir(path: str) -> str:
     if any(MODEL_FILE.match(n) or ZERO3_MODEL_FILE.match(n) for n in names):
         return path
     try:
-        return os.path.join(path, read_latest_tag(path))
+        return os.path.join(path, read_latest_tag(path, READ_ADVICE))  # a reader: no "start from scratch"
     except CheckpointError as error:
         raise ConversionError(str(error)) from error
 
