@@ -87,9 +87,9 @@ def _mistakes(d: dict) -> list:
          PY + ["tools/train_tokenizer.py", "--input", d["tmp"] + "/zz*.jsonl", "--type", "sentencepiece",
                "--vocab-size", "300", "--output-dir", d["tmp"] + "/tok"], ["the glob matches no files"], []),
         ("merge_datasets: a missing prefix", PY + ["tools/merge_datasets.py", "--input", d["missing"],
-                                                   "--output-prefix", d["tmp"] + "/m"], [d["missing"]], []),
+                                                   "--output-prefix", d["tmp"] + "/m"], [d["missing"] + ".idx not found"], []),
         ("build_corpus: an output directory that cannot be made",
-         PY + ["tools/build_corpus.py", "--output-dir", d["data"] + ".bin/sub"], ["--output-dir", "cannot create"],
+         PY + ["tools/build_corpus.py", "--output-dir", d["data"] + ".bin/sub"], ["cannot create it", "--output-dir"],
          []),
     ]
 
@@ -177,3 +177,51 @@ def test_a_layout_mistake_is_said_once_under_torchrun_and_mpiexec():
             assert result.returncode == 1 and "exitcode  : 2" in output, output[-3000:]
         else:
             assert result.returncode == 2, output[-3000:]
+
+
+def _help(flag: str, monkeypatch) -> str:
+    import contextlib
+    import io
+
+    from megatron.config.arguments import build_parser
+
+    monkeypatch.setenv("COLUMNS", "100")
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), pytest.raises(SystemExit) as exit_info:
+        build_parser().parse_args([flag])
+    assert exit_info.value.code in (0, None)
+    return out.getvalue()
+
+
+def test_help_states_every_default_and_leaves_refused_and_no_effect_flags_to_help_all(monkeypatch):
+    from megatron.config import upstream_flags
+    from megatron.config.arguments import COMPAT_NO_EFFECT, build_parser
+
+    parser = build_parser()
+    shown = [a for g in parser._action_groups if not getattr(g, "hidden_from_help", False) for a in g._group_actions]
+    formatter = parser._get_formatter()
+    silent = [a.option_strings[0] for a in shown if a.option_strings and a.default is not argparse_suppress()
+              and not any(word in formatter._get_help_string(a).lower() for word in ("default", "required"))]
+    assert silent == [], f"flags whose --help states no default: {silent}"
+
+    main, everything = _help("--help", monkeypatch), _help("--help-all", monkeypatch)
+    assert "--lr X" in main and "(default: 0.0003)" in main and "--split VALUE" in main and "969,30,1" in main
+    hidden = [flag for flag, *_ in COMPAT_NO_EFFECT + upstream_flags.NO_EFFECT] + list(upstream_flags.REFUSED)
+    listed = {token for line in main.splitlines() for token in line.split() if token.startswith("--")}
+    assert [flag for flag in hidden if flag in listed and flag not in _working_flags(parser)] == []
+    assert "--help-all lists them" in main
+    assert all(f"{flag} " in everything or f"{flag}\n" in everything for flag in upstream_flags.REFUSED)
+    assert "no effect: no fused kernels to turn off" in " ".join(everything.split())
+    assert len(main.splitlines()) < 450, len(main.splitlines())  # was 927 with the refused and no-effect flags
+
+
+def argparse_suppress():
+    import argparse
+
+    return argparse.SUPPRESS
+
+
+def _working_flags(parser) -> set:
+    """Flags of the groups --help shows (an upstream no-effect name can be implemented by a working flag)."""
+    return {s for g in parser._action_groups if not getattr(g, "hidden_from_help", False)
+            for a in g._group_actions for s in a.option_strings}

@@ -113,27 +113,90 @@ class _Parser(argparse.ArgumentParser):
         raise ConfigError(f"{message} (see --help)")
 
 
+def default_text(action: argparse.Action) -> Optional[str]:
+    """What --help says of a flag's default: '(default: X)', or None when its help states it already (a help that
+    says "default" or "required")."""
+    helptext = (action.help or "").lower()
+    if ("default" in helptext or "required" in helptext or action.default is argparse.SUPPRESS
+            or action.dest.startswith("refused__") or helptext.startswith("no effect")):
+        return None
+    if isinstance(action, argparse._StoreFalseAction):
+        return "(default: on)"
+    if isinstance(action, (argparse._StoreTrueAction, argparse._StoreConstAction)):
+        return "(default: on)" if action.default else "(default: off)"
+    if action.default is None:
+        return "(default: not set)"
+    if isinstance(action.default, (list, tuple)):
+        return f"(default: {' '.join(str(v) for v in action.default) or 'none'})"
+    return f"(default: {action.default})"
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """Every flag states its default; one line per flag where the terminal allows."""
+
+    def __init__(self, prog):
+        super().__init__(prog, max_help_position=38)
+
+    def _get_help_string(self, action):
+        extra = default_text(action) if action.option_strings and action.help is not argparse.SUPPRESS else None
+        text = action.help or ""
+        return f"{text} {extra}".strip() if extra else text
+
+
+class _HelpAction(argparse.Action):
+    """-h/--help: the flags that do something, by concern; --help-all: also the no-effect and refused flags (each
+    with its reason), so that `--help-all | grep FLAG` finds any upstream flag."""
+
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, help=None):
+        super().__init__(option_strings, dest=dest, default=default, nargs=0, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        everything = option_string == "--help-all"
+        groups = parser._action_groups
+        hidden = [g for g in groups if getattr(g, "hidden_from_help", False)]
+        if not everything:
+            parser._action_groups = [g for g in groups if g not in hidden]
+        try:
+            text = parser.format_help()
+        finally:
+            parser._action_groups = groups
+        if not everything:
+            counts = " and ".join(f"{len(g._group_actions)} {g.short_name}" for g in hidden)
+            text += (f"\nAlso accepted: {counts} flags of argonne-lcf/Megatron-DeepSpeed (each with its reason): "
+                     "--help-all lists them.\n")
+        parser._print_message(text, sys.stdout)
+        parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Every flag, grouped by concern. Model and batch flags default to None so presets and files can fill them."""
-    p = _Parser(prog="pretrain_gpt.py", allow_abbrev=False, exit_on_error=False, usage="%(prog)s [flags]   (--help lists them by concern)",
+    p = _Parser(prog="pretrain_gpt.py", allow_abbrev=False, exit_on_error=False, add_help=False,
+                usage="%(prog)s [flags]   (--help lists them by concern; --help-all adds the no-effect and refused "
+                      "flags)", formatter_class=_HelpFormatter,
                 description="Pretrain a GPT/Llama model with DeepSpeed (Megatron-DeepSpeed flag names; "
                             "'--a_b' spellings are accepted for every '--a-b').")
+    p.add_argument("-h", "--help", action=_HelpAction, help="list the flags that act here, by concern, and exit")
+    p.add_argument("--help-all", action=_HelpAction,
+                   help="also list upstream's flags that have no effect here or are refused, with the reasons")
 
+    # The groups in --help follow a user's concerns: what model, on what data, on how many devices, how long and
+    # how fast it learns, then checkpoints, logging and fault handling.
     add_model_arguments(p)  # config/model.py: model, initialization
+    add_data_arguments(p)  # config/data.py
+    add_data_blend_arguments(p)  # config/data.py: per-split blends, corpus mixing, the blend report (issue #11)
     add_parallel_arguments(p)  # config/parallel.py
-    add_deepspeed_arguments(p)  # config/training.py: DeepSpeed, batch, schedule and optimizer, precision, run control
-    add_batch_arguments(p)
+    add_batch_arguments(p)  # config/training.py: batch, schedule and optimizer, precision, DeepSpeed, run control
     add_schedule_arguments(p)  # with config/optimizer_args.py's --optimizer, its hyperparameters and schedules
     add_precision_arguments(p)
+    add_deepspeed_arguments(p)
     add_run_control_arguments(p)  # with config/checkpoint.py's and config/logging.py's profiler flags
     add_tracking_arguments(p)  # config/logging.py
-    add_data_arguments(p)  # config/data.py
     add_reliability_arguments(p)  # config/reliability.py
-    add_data_blend_arguments(p)  # config/data.py: per-split blends, corpus mixing, the blend report (issue #11)
 
     known = {option for action in p._actions for option in action.option_strings}
     g = p.add_argument_group("accepted for Megatron-DeepSpeed recipes, no effect here (kernel-fusion toggles, "
                              "and flags asking for what is always done here)")
+    g.hidden_from_help, g.short_name = True, "no-effect"
     for flag, kind, why in COMPAT_NO_EFFECT + upstream_flags.NO_EFFECT:
         if flag in known:  # implemented by a flag above: that one wins
             continue
@@ -143,12 +206,42 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             g.add_argument(flag, type=kind, help=f"no effect: {why}")
     g = p.add_argument_group("refused (not supported here)")
+    g.hidden_from_help, g.short_name = True, "refused"
     for flag, why in REFUSED.items():
         if flag in known:
             continue
         known.add(flag)
         g.add_argument(flag, nargs="*", default=None, metavar="ARG", dest=_refused_dest(flag), help=why)
+    _finish_help(p)
     return p
+
+
+def _short_metavar(action: argparse.Action) -> Optional[str]:
+    """A short name for a flag's value in --help (N, X, PATH, VALUE) instead of argparse's upper-cased dest, so
+    that most flags fit on one line; None where the flag names its own metavar or takes no value."""
+    if action.metavar is not None or action.choices is not None or action.nargs == 0 or not action.option_strings:
+        return None
+    dest = action.dest
+    kind = getattr(action.type, "__name__", "")  # config/argtypes.py's converters keep int's / float's name
+    if kind == "int":
+        return "N"
+    if kind == "float":
+        return "X"
+    if any(word in dest for word in ("path", "file", "dir", "load", "save", "model")) and dest != "model_preset":
+        return "PATH"
+    return "VALUE"
+
+
+def _finish_help(parser: argparse.ArgumentParser) -> None:
+    """Every flag that does something states its default in --help, and its value has a short name."""
+    for action in parser._actions:
+        if not action.option_strings or action.dest.startswith("refused__"):
+            continue
+        metavar = _short_metavar(action)
+        if metavar:
+            action.metavar = metavar
+        if not action.help:
+            action.help = default_text(action)
 
 
 def _refused_dest(flag: str) -> str:
