@@ -86,6 +86,9 @@ def _mistakes(d: dict) -> list:
         ("train_tokenizer: a glob matching nothing",
          PY + ["tools/train_tokenizer.py", "--input", d["tmp"] + "/zz*.jsonl", "--type", "sentencepiece",
                "--vocab-size", "300", "--output-dir", d["tmp"] + "/tok"], ["the glob matches no files"], []),
+        ("train_tokenizer: a vocabulary smaller than the text's characters",
+         PY + ["tools/train_tokenizer.py", "--input", d["chars_jsonl"], "--type", "sentencepiece", "--vocab-size",
+               "300", "--output-dir", d["tmp"] + "/tok"], ["--vocab-size 300 does not fit this text"], []),
         ("merge_datasets: a missing prefix", PY + ["tools/merge_datasets.py", "--input", d["missing"],
                                                    "--output-prefix", d["tmp"] + "/m"], [d["missing"] + ".idx not found"], []),
         ("build_corpus: an output directory that cannot be made",
@@ -119,8 +122,11 @@ def inputs(tmp_path_factory):
     (tmp / "hf").mkdir()
     (tmp / "hf" / "config.json").write_text("{}")
     (tmp / "bad.jsonl").write_text('{"text": "1 2"}\n{"text": "3\n')
+    (tmp / "chars.jsonl").write_text("".join(f'{{"text": "{chr(0x4E00 + i) * 3} {chr(0x4E00 + i + 1)}"}}\n'
+                                             for i in range(0, 1200, 2)))
     return {"tmp": str(tmp), "data": str(tmp / "d_text_document"), "missing": str(tmp / "nothing_here"),
-            "ckpt": str(tmp / "ckpt"), "hf_no_tokenizer": str(tmp / "hf"), "bad_jsonl": str(tmp / "bad.jsonl")}
+            "ckpt": str(tmp / "ckpt"), "hf_no_tokenizer": str(tmp / "hf"), "bad_jsonl": str(tmp / "bad.jsonl"),
+            "chars_jsonl": str(tmp / "chars.jsonl")}
 
 
 def _env():

@@ -131,6 +131,13 @@ def main(argv=None) -> int:
     except MegatronError as error:  # a malformed input line: the message names the file and the line
         print(f"train_tokenizer.py: error: {error}", file=sys.stderr)
         return error.exit_code
+    except RuntimeError as error:  # SentencePiece's trainer refusing the vocabulary size for this text
+        reason = str(error).split("] ")[-1].strip()
+        if args.type != "sentencepiece" or "ocabulary size" not in reason:
+            raise
+        print(f"train_tokenizer.py: error: --vocab-size {args.vocab_size} does not fit this text: {reason} "
+              "(SentencePiece); change --vocab-size or give more text", file=sys.stderr)
+        return 2
     print(f"trained a {args.type} tokenizer ({args.vocab_size} ids) on {len(paths)} file(s) in "
           f"{time.time() - start:.1f}s; wrote {', '.join(written)}")
     print(f"use it with: {usage}")
