@@ -231,3 +231,36 @@ def _working_flags(parser) -> set:
     """Flags of the groups --help shows (an upstream no-effect name can be implemented by a working flag)."""
     return {s for g in parser._action_groups if not getattr(g, "hidden_from_help", False)
             for a in g._group_actions for s in a.option_strings}
+
+
+def test_flag_errors_and_model_shape_errors_are_reported_together():
+    from megatron.config.arguments import parse_args
+    from megatron.errors import ConfigError
+
+    with pytest.raises(ConfigError) as info:
+        parse_args(["--model-preset", "tiny", "--mock-data", "--vocab-size", "64", "--train-iters", "2", "--bf16",
+                    "--fp16", "--num-attention-heads", "6"])
+    assert "--bf16 and --fp16 both given" in str(info.value)
+    assert "--hidden-size 64 is not divisible by --num-attention-heads 6" in str(info.value)
+
+
+def test_preflight_reports_every_independent_problem_at_once(tmp_path):
+    """Layout, batch, data file, tokenizer and engine problems of one command line, in one message."""
+    from megatron.config.arguments import parse_args
+    from megatron.errors import ConfigError
+    from megatron.training.preflight import preflight
+
+    run = parse_args(["--model-preset", "tiny", "--micro-batch-size", "4", "--global-batch-size", "15",
+                      "--train-iters", "2", "--data-path", str(tmp_path / "gone"), "--fp16",
+                      "--tensor-model-parallel-size", "3"])
+    with pytest.raises(ConfigError) as info:
+        preflight(run, world_size=3, device_type="cpu")
+    message = str(info.value)
+    for part in ("--num-attention-heads 8 is not divisible by --tensor-model-parallel-size 3",
+                 f"{tmp_path / 'gone'} is missing .bin and .idx", "no vocabulary: give --tokenizer-type",
+                 "--fp16 does not run on CPU"):
+        assert part in message, (part, message)
+    run = parse_args(["--model-preset", "tiny", "--micro-batch-size", "4", "--global-batch-size", "15",
+                      "--train-iters", "2", "--mock-data", "--vocab-size", "64"])
+    with pytest.raises(ConfigError, match="--global-batch-size 15 is not divisible by --micro-batch-size 4"):
+        preflight(run, world_size=1)

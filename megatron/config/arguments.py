@@ -563,6 +563,24 @@ def _check_flags(ns: argparse.Namespace, typed: Optional[dict] = None) -> list[s
     return errors
 
 
+def _model_errors(ns: argparse.Namespace) -> list[str]:
+    """The model shape's problems (as model_from_args reports them), for a command line already refused for other
+    reasons. Best effort: flags refused or given bad values may leave no model to check, and then nothing is
+    added (those flags are reported)."""
+    import copy
+
+    try:
+        model_from_args(copy.copy(ns))
+    except ConfigError as error:
+        lines = str(error).splitlines()
+        if lines[0] == "invalid model configuration:":
+            return [line.strip()[2:] for line in lines[1:]]
+        return [str(error)]
+    except Exception:  # noqa: BLE001 (a namespace with refused or dropped flags: reported already)
+        return []
+    return []
+
+
 def parse_args(argv: Optional[list[str]] = None, read_saved_args=None) -> RunConfig:
     """Parse Megatron-DeepSpeed flags into a RunConfig; raises ConfigError naming the flag and the fix.
 
@@ -582,6 +600,7 @@ def parse_args(argv: Optional[list[str]] = None, read_saved_args=None) -> RunCon
         _adopt_checkpoint_args(ns, notices, read_saved_args)
     errors += _check_flags(ns, typed)
     if errors:
+        errors += [e for e in _model_errors(ns) if e not in errors]  # one launch reports the model's problems too
         raise ConfigError("invalid arguments:\n  - " + "\n  - ".join(errors))
     if ns.deepspeed_config:
         _adopt_deepspeed_file(ns)
