@@ -264,3 +264,16 @@ def test_preflight_reports_every_independent_problem_at_once(tmp_path):
                       "--train-iters", "2", "--mock-data", "--vocab-size", "64"])
     with pytest.raises(ConfigError, match="--global-batch-size 15 is not divisible by --micro-batch-size 4"):
         preflight(run, world_size=1)
+
+
+def test_dry_run_names_the_flag_the_run_length_comes_from():
+    from megatron.config.arguments import parse_args
+    from megatron.training.dry_run import dry_run_report
+
+    base = ["--model-preset", "tiny", "--mock-data", "--vocab-size", "64", "--micro-batch-size", "2",
+            "--global-batch-size", "4"]
+    by_iters = dry_run_report(parse_args(base + ["--train-iters", "3"]), 1)
+    assert "3 iterations = 12 samples = 768 tokens (--train-iters)" in by_iters
+    assert "--train-samples" not in by_iters and "--train-tokens" not in by_iters
+    by_samples = dry_run_report(parse_args(base + ["--train-samples", "10"]), 1)
+    assert "2 iterations = 8 samples = 512 tokens (--train-samples gives 10 samples" in by_samples
