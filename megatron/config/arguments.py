@@ -14,9 +14,11 @@ the checks between flags, the --deepspeed_config and --use-checkpoint-args adopt
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import difflib
 import json
 import math
+import re
 import sys
 from dataclasses import dataclass, field
 from typing import Optional
@@ -124,6 +126,8 @@ def default_text(action: argparse.Action) -> Optional[str]:
         return "(default: on)"
     if isinstance(action, (argparse._StoreTrueAction, argparse._StoreConstAction)):
         return "(default: on)" if action.default else "(default: off)"
+    if action.default is None and getattr(action, "model_default", None) is not None:
+        return f"(default: {action.model_default}, or the --model-preset's)"
     if action.default is None:
         return "(default: not set)"
     if isinstance(action.default, (list, tuple)):
@@ -137,10 +141,26 @@ class _HelpFormatter(argparse.HelpFormatter):
     def __init__(self, prog):
         super().__init__(prog, max_help_position=38)
 
+    brief = False  # --help: each flag's first sentence (and its default); --help-all: the whole text
+
     def _get_help_string(self, action):
         extra = default_text(action) if action.option_strings and action.help is not argparse.SUPPRESS else None
         text = action.help or ""
+        if self.brief:
+            text = _first_sentence(text)
         return f"{text} {extra}".strip() if extra else text
+
+
+def _first_sentence(text: str) -> str:
+    """The help text up to its first '. ' or '; ' (with its default, if that is stated later); --help-all has
+    the rest."""
+    cut = min((i for i in (text.find(". "), text.find("; ")) if i > 0), default=-1)
+    if cut < 0:
+        return text
+    rest = text[cut:]
+    stated = re.search(r"\bdefault\b.*?(?=\)|; |\. |$)", rest, re.I)
+    return text[:cut] + (f" ({stated.group(0).strip('() ')})" if stated and "default" not in text[:cut].lower()
+                         else "") + " ..."
 
 
 class _HelpAction(argparse.Action):
@@ -156,10 +176,12 @@ class _HelpAction(argparse.Action):
         hidden = [g for g in groups if getattr(g, "hidden_from_help", False)]
         if not everything:
             parser._action_groups = [g for g in groups if g not in hidden]
+        _HelpFormatter.brief = not everything
         try:
             text = parser.format_help()
         finally:
             parser._action_groups = groups
+            _HelpFormatter.brief = False
         if not everything:
             counts = " and ".join(f"{len(g._group_actions)} {g.short_name}" for g in hidden)
             text += (f"\nAlso accepted: {counts} flags of argonne-lcf/Megatron-DeepSpeed (each with its reason): "
@@ -234,9 +256,13 @@ def _short_metavar(action: argparse.Action) -> Optional[str]:
 
 def _finish_help(parser: argparse.ArgumentParser) -> None:
     """Every flag that does something states its default in --help, and its value has a short name."""
+    model_defaults = {f.name: f.default for f in dataclasses.fields(TransformerConfig)
+                      if f.default is not dataclasses.MISSING}
     for action in parser._actions:
         if not action.option_strings or action.dest.startswith("refused__"):
             continue
+        if action.default is None and model_defaults.get(action.dest) not in (None, 0, ""):
+            action.model_default = model_defaults[action.dest]  # a model flag left unset: the model's default
         metavar = _short_metavar(action)
         if metavar:
             action.metavar = metavar
