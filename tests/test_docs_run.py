@@ -71,7 +71,7 @@ def test_every_cpu_runnable_block_runs_as_written(doc, tmp_path):
 
 def test_the_variables_the_scripts_export_are_documented():
     exported = set()
-    for script in (ROOT / "ALCF" / "demo_cpu.sh", ROOT / "tests" / "run_all.sh"):
+    for script in (ROOT / "ALCF" / "demo_cpu.sh", ROOT / "tests" / "run_all.sh", *(ROOT / "examples").glob("*.sh")):
         for statement in re.findall(r"^export (.*?)(?<!\\)$", script.read_text(), re.M | re.S):
             exported |= set(re.findall(r"\b([A-Z][A-Z0-9_]+)=", statement))
     exported.discard("PATH")
@@ -91,5 +91,12 @@ def test_the_documents_agree_with_the_code():
     from megatron.data.blend_report import REPORT_JSON
 
     assert REPORT_JSON in readme and REPORT_JSON in architecture
-    assert "megatron/checkpoint/" in readme.split("## Layout", 1)[1].split("##", 1)[0]
+    layout = readme.split("## Layout", 1)[1].split("\n## ", 1)[0]
+    untracked = {"data", "runs", "checkpoints", "outputs", "build", "wandb", "__pycache__"}  # .gitignore's
+    folders = {p.name for p in ROOT.iterdir() if p.is_dir() and not p.name.startswith(".")
+               and p.name not in untracked and not p.name.endswith(".egg-info")}
+    for folder in sorted(folders):
+        assert f"{folder}/" in layout, f"README's Layout leaves out {folder}/"
+    for package in sorted(p.name for p in (ROOT / "megatron").iterdir() if (p / "__init__.py").exists()):
+        assert f"megatron/{package}/" in layout, f"README's Layout leaves out megatron/{package}/"
     assert "torchrun` returns 1" in reliability and "exitcode  : 2" in reliability
