@@ -149,7 +149,7 @@ def test_merge_datasets_concatenates_documents_and_refuses_mixed_dtypes(tmp_path
     got, ds = _contents(out)
     assert got == [[1, 2], [3], [4, 5], [6, 7, 8]] and ds.document_indices.tolist() == [0, 1, 2, 3, 4]
     assert merge_datasets.main(["--input", str(tmp_path / "c"), str(tmp_path / "wide"),
-                                "--output-prefix", str(tmp_path / "mixed")]) == 1
+                                "--output-prefix", str(tmp_path / "mixed")]) == 2  # bad input: exit 2
     assert "different dtypes" in capsys.readouterr().err and not os.path.exists(tmp_path / "mixed.bin")
 
 
