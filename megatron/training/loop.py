@@ -7,7 +7,6 @@ Distributed initialisation and the ParallelState belong to the caller (pretrain_
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 import random
