@@ -57,15 +57,24 @@ def main(argv: list[str] | None = None, alcf: bool = False) -> int:
     alcf: pretrain_gpt_alcf.py's run, which starts wandb by default as upstream's ALCF entry does
     (megatron/training/tracking.py); here wandb is opt-in (--wandb-project), as in upstream's pretrain_gpt.py.
     """
+    from megatron.deepspeed_compat import quiet_cpu_accelerator_probe
+
+    quiet_cpu_accelerator_probe()  # before DeepSpeed is imported: no "Setting accelerator to CPU" per rank
     from megatron.cli import parse_args
     from megatron.errors import MegatronError
-    from megatron.training.preflight import check_data_lists
+    from megatron.training.preflight import preflight
 
     launch = launch_info()
     warn_once_per_run(launch.rank if launch is not None else 0)
     try:
         run = parse_args(argv)
-        check_data_lists(run.data)  # before any other work: the same verdict on every rank
+        if run.training.dry_run is None:
+            # before any process group or engine, on every launch path: the layout against the launcher's world
+            # size (1 under plain python), batch sizes, data lists, tokenizer, LR schedule, engine, all reported
+            # together
+            from megatron.distributed.device import detect_device_type
+
+            preflight(run, launch.world_size if launch is not None else 1, detect_device_type())
     except MegatronError as error:
         # every rank reads the same flags and data lists: the same verdict on every rank, said once
         if launch is None:

@@ -350,19 +350,43 @@ def ensure_torch_extensions_dir(rank: int = 0, log: Callable[[str], None] = prin
     """Before anything can JIT-build a DeepSpeed op: when TORCH_EXTENSIONS_DIR is not set, set it to this
     environment's own directory (torch's default, ~/.cache/torch_extensions/py311_cpu, is shared by every
     environment, and another DeepSpeed version's build found there breaks the start: "module
-    'deepspeed_shm_comm' has no attribute 'vector_kernel_level'"). Says so once, on rank 0. A user's value is
-    never changed. Returns the directory in use."""
+    'deepspeed_shm_comm' has no attribute 'vector_kernel_level'"). When the ops are not built there yet, says once,
+    on rank 0, that the first start compiles them (~25 s each). A user's value is never changed. Returns the
+    directory in use."""
     global _announced
     chosen = os.environ.get("TORCH_EXTENSIONS_DIR")
-    if chosen:
-        return chosen
-    chosen = torch_extensions_dir_for_environment()
-    os.environ["TORCH_EXTENSIONS_DIR"] = chosen
-    if rank == 0 and not _announced:
+    given = bool(chosen)
+    if not given:
+        chosen = torch_extensions_dir_for_environment()
+        os.environ["TORCH_EXTENSIONS_DIR"] = chosen
+    if rank == 0 and not _announced and not _comm_op_built(chosen):  # the first run waits silently otherwise
         _announced = True
-        log(f"TORCH_EXTENSIONS_DIR is not set: DeepSpeed JIT-compiles its ops into {chosen} (this environment's "
-            "own) on first use (~1 min, once)")
+        where = "TORCH_EXTENSIONS_DIR" if given else "TORCH_EXTENSIONS_DIR is not set: this environment's own"
+        log(f"DeepSpeed JIT-compiles its ops on first use, once per environment ({where}: {chosen}): about 25 s "
+            "for its communication op, as long again for cpu_adam with --cpu-optimizer")
     return chosen
+
+
+def _comm_op_built(extensions_dir: str) -> bool:
+    """Whether DeepSpeed's shared-memory communication op is already built in `extensions_dir`."""
+    return os.path.isfile(os.path.join(extensions_dir, "deepspeed_shm_comm", "deepspeed_shm_comm.so"))
+
+
+def quiet_cpu_accelerator_probe() -> None:
+    """Before DeepSpeed is imported, on a machine whose torch sees no accelerator (cuda, xpu, mps), tell it so:
+    DS_ACCELERATOR=cpu, DeepSpeed's own variable. Otherwise its auto-detection warns "Setting accelerator to CPU.
+    If you have GPU or other accelerator, we were unable to detect it." on every import (every tool call, --help
+    included). A DS_ACCELERATOR the user set is kept."""
+    if os.environ.get("DS_ACCELERATOR"):
+        return
+    import torch
+
+    xpu = getattr(torch, "xpu", None)
+    mps = getattr(torch.backends, "mps", None)
+    if torch.cuda.is_available() or (xpu is not None and xpu.is_available()) or (mps is not None
+                                                                               and mps.is_available()):
+        return
+    os.environ["DS_ACCELERATOR"] = "cpu"
 
 
 # ---- the assumptions, checked against the installed DeepSpeed -----------------------------------------------

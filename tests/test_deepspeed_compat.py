@@ -103,7 +103,15 @@ def test_the_extensions_dir_is_set_per_environment_once_and_never_over_a_users(t
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", "/users/own")
     said = []
-    assert compat.ensure_torch_extensions_dir(0, said.append) == "/users/own" and said == []
+    (tmp_path / "built" / "deepspeed_shm_comm").mkdir(parents=True)
+    (tmp_path / "built" / "deepspeed_shm_comm" / "deepspeed_shm_comm.so").write_bytes(b"")
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "built"))
+    assert compat.ensure_torch_extensions_dir(0, said.append) == str(tmp_path / "built") and said == []
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", "/users/own")  # not built yet: the first start compiles, said once
+    assert compat.ensure_torch_extensions_dir(0, said.append) == "/users/own"
+    assert len(said) == 1 and "/users/own" in said[0] and "25 s" in said[0]
+    said.clear()
+    monkeypatch.setattr(compat, "_announced", False)
     monkeypatch.delenv("TORCH_EXTENSIONS_DIR")
     assert compat.ensure_torch_extensions_dir(1, said.append) == compat.torch_extensions_dir_for_environment()
     chosen = os.environ["TORCH_EXTENSIONS_DIR"]

@@ -109,11 +109,11 @@ def test_a_malformed_line_stops_with_file_and_line_or_is_counted_when_skipped(tm
     (tmp_path / "bad.jsonl").write_text("\n".join(lines) + "\n")
     prefix = str(tmp_path / "out")
     args = ["--input", str(tmp_path / "bad.jsonl"), "--output-prefix", prefix, "--workers", "2", "--quiet"] + bpe
-    assert preprocess_data.main(args) == 1
+    assert preprocess_data.main(args) == 2
     assert "bad.jsonl:4: invalid JSON" in capsys.readouterr().err
     assert os.listdir(tmp_path) == ["bad.jsonl"]  # nothing under final or temporary names
 
-    assert preprocess_data.main(args + ["--partitions", "2", "--block-mb", "0.00005"]) == 1
+    assert preprocess_data.main(args + ["--partitions", "2", "--block-mb", "0.00005"]) == 2
     assert "bad.jsonl:4: invalid JSON" in capsys.readouterr().err  # line numbers survive partitioning
     assert os.listdir(tmp_path) == ["bad.jsonl"]
 
@@ -128,7 +128,7 @@ def test_a_malformed_line_stops_with_file_and_line_or_is_counted_when_skipped(tm
     (tmp_path / "ids.jsonl").write_text('{"text": "1 2 3"}\n{"text": "4 five"}\n{"text": "7"}\n')
     null = ["--input", str(tmp_path / "ids.jsonl"), "--output-prefix", str(tmp_path / "ids"), "--quiet",
             "--tokenizer-type", "NullTokenizer", "--vocab-size", "10", "--append-eod"]
-    assert preprocess_data.main(null) == 1
+    assert preprocess_data.main(null) == 2
     assert "ids.jsonl:2: the tokenizer refused the text" in capsys.readouterr().err
     assert preprocess_data.main(null + ["--skip-bad-lines"]) == 0
     assert _contents(str(tmp_path / "ids_text_document"))[0] == [[1, 2, 3, 9], [7, 9]]
@@ -149,7 +149,7 @@ def test_merge_datasets_concatenates_documents_and_refuses_mixed_dtypes(tmp_path
     got, ds = _contents(out)
     assert got == [[1, 2], [3], [4, 5], [6, 7, 8]] and ds.document_indices.tolist() == [0, 1, 2, 3, 4]
     assert merge_datasets.main(["--input", str(tmp_path / "c"), str(tmp_path / "wide"),
-                                "--output-prefix", str(tmp_path / "mixed")]) == 1
+                                "--output-prefix", str(tmp_path / "mixed")]) == 2  # bad input: exit 2
     assert "different dtypes" in capsys.readouterr().err and not os.path.exists(tmp_path / "mixed.bin")
 
 

@@ -215,6 +215,11 @@ def main(argv=None) -> int:
         parser.error(f"--shards {args.shards}: must be >= 1")
     if args.stdlib and not os.path.isdir(args.stdlib):
         parser.error(f"--stdlib {args.stdlib}: not a directory")
+    try:
+        os.makedirs(args.output_dir, exist_ok=True)
+    except OSError as error:
+        parser.error(f"--output-dir {args.output_dir}: cannot create it ({error.strerror}); choose a writable "
+                     "directory")
     written = build_corpus(args.output_dir, args.shards, args.max_mb, args.max_docs, args.stdlib, args.tokenized_dir)
     skipped = written.pop("_skipped")
     list_path = written.pop("_data_file_list")

@@ -25,6 +25,10 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from megatron.deepspeed_compat import quiet_cpu_accelerator_probe  # noqa: E402
+
+quiet_cpu_accelerator_probe()  # before DeepSpeed is imported: no "Setting accelerator to CPU" warning on a CPU
+
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 

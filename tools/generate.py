@@ -15,6 +15,10 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from megatron.deepspeed_compat import quiet_cpu_accelerator_probe  # noqa: E402
+
+quiet_cpu_accelerator_probe()  # before DeepSpeed is imported: no "Setting accelerator to CPU" warning on a CPU
+
 import torch  # noqa: E402
 
 
@@ -65,6 +69,25 @@ def load_our_model(load: str, vocab_size: int | None = None):
     return model.eval(), config, ckpt
 
 
+HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
+
+
+def hf_folder_error(path: str):
+    """Why `path` is not a Hugging Face model folder with a tokenizer (naming it and the fix); None when it is.
+    Checked here: given a missing path, transformers takes it for a Hub repo id, and a folder without tokenizer
+    files ends in a misleading 'install sentencepiece'."""
+    fix = "point --hf at a folder written by tools/convert_checkpoint.py to-hf (or save_pretrained)"
+    if not os.path.isdir(path):
+        return f"--hf {path}: no such directory; {fix}"
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        return f"--hf {path}: no config.json there, so it is not a Hugging Face model folder; {fix}"
+    if not any(os.path.isfile(os.path.join(path, name)) for name in HF_TOKENIZER_FILES):
+        return (f"--hf {path}: no tokenizer files there ({', '.join(HF_TOKENIZER_FILES)}); export with "
+                "tokenizer files (to-hf without --no-tokenizer, from a run that recorded its tokenizer) or copy "
+                "them into the folder")
+    return None
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_mutually_exclusive_group(required=True)
@@ -88,10 +111,19 @@ def main(argv=None) -> int:
     settings = dict(greedy=args.greedy, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
 
     if args.hf:
+        problem = hf_folder_error(args.hf)
+        if problem:
+            print(f"error: {problem}", file=sys.stderr)
+            return 2
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(args.hf)
-        model = AutoModelForCausalLM.from_pretrained(args.hf).eval()
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(args.hf)
+            model = AutoModelForCausalLM.from_pretrained(args.hf).eval()
+        except (OSError, ValueError) as error:  # a damaged or unsupported folder: transformers' reason
+            print(f"error: --hf {args.hf}: transformers cannot load it ({error}); point --hf at a folder written by "
+                  "tools/convert_checkpoint.py to-hf or save_pretrained", file=sys.stderr)
+            return 2
         encode, eos = tokenizer.encode, tokenizer.eos_token_id
 
         def decode(ids):

@@ -75,9 +75,13 @@ def main(argv=None) -> int:
         directory = os.path.dirname(os.path.abspath(args.output_prefix))
         os.makedirs(directory, exist_ok=True)
         totals = merge_datasets(prefixes, args.output_prefix)
-    except IndexedDatasetError as error:
+    except IndexedDatasetError as error:  # a bad user input: exit 2, as every entry point (docs/RELIABILITY.md)
         print(f"error: {error}", file=sys.stderr)
-        return 1
+        return 2
+    except OSError as error:
+        print(f"error: --output-prefix {args.output_prefix}: cannot write there ({error.strerror}); choose a "
+              "writable directory", file=sys.stderr)
+        return 2
     print(f"merged {totals['datasets']} dataset(s): {totals['documents']:,} documents, {totals['tokens']:,} "
           f"{totals['dtype']} tokens into {args.output_prefix}.bin/.idx in {time.time() - start:.2f}s")
     return 0

@@ -495,7 +495,7 @@ def main(argv=None) -> int:
     except MegatronError as error:  # BadInputError, IndexedDatasetError
         bar.close()
         print(f"error: {error}", file=sys.stderr)
-        return 1
+        return error.exit_code  # 2: bad input, as every entry point (docs/RELIABILITY.md)
     bar.update(total_bytes - bar.n)
     bar.close()
     elapsed = time.time() - start

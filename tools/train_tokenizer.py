@@ -18,6 +18,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from tools.preprocess_data import expand_input_paths, iter_json_texts  # noqa: E402
+from megatron.errors import MegatronError  # noqa: E402
 from megatron.fileio import replace_atomically  # noqa: E402
 
 ENDOFTEXT = "<|endoftext|>"
@@ -103,21 +104,40 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     if args.vocab_size < 300 and args.type == "bpe":
-        raise SystemExit(f"--vocab-size {args.vocab_size}: byte-level BPE needs at least 257 ids (256 bytes + "
-                         "<|endoftext|>); use >= 300")
-    paths = expand_input_paths(args.input)
+        parser.error(f"--vocab-size {args.vocab_size}: byte-level BPE needs at least 257 ids (256 bytes + "
+                     "<|endoftext|>); use >= 300")  # exit 2, as every bad input
+    try:
+        paths = expand_input_paths(args.input)
+        os.makedirs(args.output_dir, exist_ok=True)
+    except MegatronError as error:  # --input matching no file: the message names it
+        parser.error(str(error))
+    except OSError as error:
+        parser.error(f"--output-dir {args.output_dir}: cannot create it ({error.strerror}); choose a writable "
+                     "directory")
     texts = iter_json_texts(paths, args.json_keys, max_docs=args.max_docs)
     start = time.time()
-    if args.type == "bpe":
-        written = train_bpe(texts, args.vocab_size, args.output_dir, args.min_frequency)
-        usage = (f"--tokenizer-type GPT2BPETokenizer --vocab-file {written[0]} --merge-file {written[1]}  "
-                 f"(or --tokenizer-type HFTokenizer --tokenizer-model {written[2]})")
-    else:
-        written = train_sentencepiece(texts, args.vocab_size, args.output_dir, args.sentencepiece_model_type,
-                                      args.model_name)
-        usage = f"--tokenizer-type SentencePieceTokenizer|Llama2Tokenizer --tokenizer-model {written[0]}"
+    try:
+        if args.type == "bpe":
+            written = train_bpe(texts, args.vocab_size, args.output_dir, args.min_frequency)
+            usage = (f"--tokenizer-type GPT2BPETokenizer --vocab-file {written[0]} --merge-file {written[1]}  "
+                     f"(or --tokenizer-type HFTokenizer --tokenizer-model {written[2]})")
+        else:
+            written = train_sentencepiece(texts, args.vocab_size, args.output_dir, args.sentencepiece_model_type,
+                                          args.model_name)
+            usage = f"--tokenizer-type SentencePieceTokenizer|Llama2Tokenizer --tokenizer-model {written[0]}"
+    except MegatronError as error:  # a malformed input line: the message names the file and the line
+        print(f"train_tokenizer.py: error: {error}", file=sys.stderr)
+        return error.exit_code
+    except RuntimeError as error:  # SentencePiece's trainer refusing the vocabulary size for this text
+        reason = str(error).split("] ")[-1].strip()
+        if args.type != "sentencepiece" or "ocabulary size" not in reason:
+            raise
+        print(f"train_tokenizer.py: error: --vocab-size {args.vocab_size} does not fit this text: {reason} "
+              "(SentencePiece); change --vocab-size or give more text", file=sys.stderr)
+        return 2
     print(f"trained a {args.type} tokenizer ({args.vocab_size} ids) on {len(paths)} file(s) in "
           f"{time.time() - start:.1f}s; wrote {', '.join(written)}")
     print(f"use it with: {usage}")

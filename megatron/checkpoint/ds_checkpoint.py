@@ -25,7 +25,7 @@ from megatron.checkpoint.layout import (ConversionError, FullModelSource, config
 from megatron.checkpoint.zero_shards import OptimizerShards, load_mmap, torch_optimizer_param_order
 from megatron.model.pipeline import pipe_layer_index, pipe_layer_prefix
 from megatron.model.sharding import merge_state_dicts
-from megatron.checkpoint.format import checkpoint_format_version, read_latest_tag
+from megatron.checkpoint.format import READ_ADVICE, checkpoint_format_version, read_latest_tag
 from megatron.errors import CheckpointError
 
 MODEL_FILE = compat.MODEL_STATES_FILE
@@ -42,7 +42,7 @@ def resolve_tag_dir(path: str) -> str:
     if any(MODEL_FILE.match(n) or ZERO3_MODEL_FILE.match(n) for n in names):
         return path
     try:
-        return os.path.join(path, read_latest_tag(path))
+        return os.path.join(path, read_latest_tag(path, READ_ADVICE))  # a reader: no "start from scratch"
     except CheckpointError as error:
         raise ConversionError(str(error)) from error
 

@@ -182,16 +182,22 @@ def read_pointer(load_dir: str) -> Optional[str]:
     return None
 
 
-def read_latest_tag(load_dir: str) -> str:
-    """The tag that --load resumes from, with an error naming the path when there is none."""
+RESUME_ADVICE = "point --load at a directory written by --save, or drop --load to start from scratch"
+READ_ADVICE = ("point --load at a directory written by pretrain_gpt.py --save, or at one of its global_step* "
+               "directories")
+
+
+def read_latest_tag(load_dir: str, advice: str = RESUME_ADVICE) -> str:
+    """The tag that --load resumes from, with an error naming the path when there is none. `advice`: what to do
+    then (a training run may start from scratch; a converter or generate.py needs a checkpoint: READ_ADVICE)."""
     if not os.path.isdir(load_dir):
         raise CheckpointError(f"--load {load_dir}: no such directory")
     tag = read_pointer(load_dir)
     if tag is None:
         raise CheckpointError(
             f"--load {load_dir}: neither {TRACKER_FILENAME} nor {DEEPSPEED_LATEST_FILENAME} is there, so there "
-            "is no complete checkpoint to resume (a save that was interrupted leaves only a .tmp-global_step* dir); "
-            "point --load at a directory written by --save, or drop --load to start from scratch")
+            "is no complete checkpoint to read (a save that was interrupted leaves only a .tmp-global_step* dir); "
+            + advice)
     if not os.path.isdir(os.path.join(load_dir, tag)):
         raise CheckpointError(
             f"the pointer in {load_dir} names {tag!r} but {os.path.join(load_dir, tag)} does not exist; "

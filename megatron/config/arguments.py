@@ -14,9 +14,11 @@ the checks between flags, the --deepspeed_config and --use-checkpoint-args adopt
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import difflib
 import json
 import math
+import re
 import sys
 from dataclasses import dataclass, field
 from typing import Optional
@@ -28,6 +30,7 @@ from megatron.config.logging import LoggingConfig, ProfilingConfig, add_tracking
     profiling_from_args
 from megatron.config.model import TransformerConfig, add_model_arguments, model_from_args
 from megatron.config.optimizer_args import optimizer_flag_errors
+from megatron.config.presets import preset_error
 from megatron.config.parallel import ParallelConfig, add_parallel_arguments, layout_errors, parallel_from_args
 from megatron.config.reliability import ReliabilityConfig, add_reliability_arguments, reliability_from_args
 from megatron.config.training import (  # noqa: F401 (LR_DECAY_STYLES, WSD_DECAY_STYLES: imported from here too)
@@ -112,27 +115,110 @@ class _Parser(argparse.ArgumentParser):
         raise ConfigError(f"{message} (see --help)")
 
 
+def default_text(action: argparse.Action) -> Optional[str]:
+    """What --help says of a flag's default: '(default: X)', or None when its help states it already (a help that
+    says "default" or "required")."""
+    helptext = (action.help or "").lower()
+    if ("default" in helptext or "required" in helptext or action.default is argparse.SUPPRESS
+            or action.dest.startswith("refused__") or helptext.startswith("no effect")):
+        return None
+    if isinstance(action, argparse._StoreFalseAction):
+        return "(default: on)"
+    if isinstance(action, (argparse._StoreTrueAction, argparse._StoreConstAction)):
+        return "(default: on)" if action.default else "(default: off)"
+    if action.default is None and getattr(action, "model_default", None) is not None:
+        return f"(default: {action.model_default}, or the --model-preset's)"
+    if action.default is None:
+        return "(default: not set)"
+    if isinstance(action.default, (list, tuple)):
+        return f"(default: {' '.join(str(v) for v in action.default) or 'none'})"
+    return f"(default: {action.default})"
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """Every flag states its default; one line per flag where the terminal allows."""
+
+    def __init__(self, prog):
+        super().__init__(prog, max_help_position=38)
+
+    brief = False  # --help: each flag's first sentence (and its default); --help-all: the whole text
+
+    def _get_help_string(self, action):
+        extra = default_text(action) if action.option_strings and action.help is not argparse.SUPPRESS else None
+        text = action.help or ""
+        if self.brief:
+            text = _first_sentence(text)
+        return f"{text} {extra}".strip() if extra else text
+
+
+def _first_sentence(text: str) -> str:
+    """The help text up to its first '. ' or '; ' (with its default, if that is stated later); --help-all has
+    the rest."""
+    cut = min((i for i in (text.find(". "), text.find("; ")) if i > 0), default=-1)
+    if cut < 0:
+        return text
+    rest = text[cut:]
+    stated = re.search(r"\bdefault\b.*?(?=\)|; |\. |$)", rest, re.I)
+    return text[:cut] + (f" ({stated.group(0).strip('() ')})" if stated and "default" not in text[:cut].lower()
+                         else "") + " ..."
+
+
+class _HelpAction(argparse.Action):
+    """-h/--help: the flags that do something, by concern; --help-all: also the no-effect and refused flags (each
+    with its reason), so that `--help-all | grep FLAG` finds any upstream flag."""
+
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, help=None):
+        super().__init__(option_strings, dest=dest, default=default, nargs=0, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        everything = option_string == "--help-all"
+        groups = parser._action_groups
+        hidden = [g for g in groups if getattr(g, "hidden_from_help", False)]
+        if not everything:
+            parser._action_groups = [g for g in groups if g not in hidden]
+        _HelpFormatter.brief = not everything
+        try:
+            text = parser.format_help()
+        finally:
+            parser._action_groups = groups
+            _HelpFormatter.brief = False
+        if not everything:
+            counts = " and ".join(f"{len(g._group_actions)} {g.short_name}" for g in hidden)
+            text += (f"\nAlso accepted: {counts} flags of argonne-lcf/Megatron-DeepSpeed (each with its reason): "
+                     "--help-all lists them.\n")
+        parser._print_message(text, sys.stdout)
+        parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Every flag, grouped by concern. Model and batch flags default to None so presets and files can fill them."""
-    p = _Parser(prog="pretrain_gpt.py", allow_abbrev=False, exit_on_error=False, usage="%(prog)s [flags]   (--help lists them by concern)",
+    p = _Parser(prog="pretrain_gpt.py", allow_abbrev=False, exit_on_error=False, add_help=False,
+                usage="%(prog)s [flags]   (--help lists them by concern; --help-all adds the no-effect and refused "
+                      "flags)", formatter_class=_HelpFormatter,
                 description="Pretrain a GPT/Llama model with DeepSpeed (Megatron-DeepSpeed flag names; "
                             "'--a_b' spellings are accepted for every '--a-b').")
+    p.add_argument("-h", "--help", action=_HelpAction, help="list the flags that act here, by concern, and exit")
+    p.add_argument("--help-all", action=_HelpAction,
+                   help="also list upstream's flags that have no effect here or are refused, with the reasons")
 
+    # The groups in --help follow a user's concerns: what model, on what data, on how many devices, how long and
+    # how fast it learns, then checkpoints, logging and fault handling.
     add_model_arguments(p)  # config/model.py: model, initialization
+    add_data_arguments(p)  # config/data.py
+    add_data_blend_arguments(p)  # config/data.py: per-split blends, corpus mixing, the blend report (issue #11)
     add_parallel_arguments(p)  # config/parallel.py
-    add_deepspeed_arguments(p)  # config/training.py: DeepSpeed, batch, schedule and optimizer, precision, run control
-    add_batch_arguments(p)
+    add_batch_arguments(p)  # config/training.py: batch, schedule and optimizer, precision, DeepSpeed, run control
     add_schedule_arguments(p)  # with config/optimizer_args.py's --optimizer, its hyperparameters and schedules
     add_precision_arguments(p)
+    add_deepspeed_arguments(p)
     add_run_control_arguments(p)  # with config/checkpoint.py's and config/logging.py's profiler flags
     add_tracking_arguments(p)  # config/logging.py
-    add_data_arguments(p)  # config/data.py
     add_reliability_arguments(p)  # config/reliability.py
-    add_data_blend_arguments(p)  # config/data.py: per-split blends, corpus mixing, the blend report (issue #11)
 
     known = {option for action in p._actions for option in action.option_strings}
     g = p.add_argument_group("accepted for Megatron-DeepSpeed recipes, no effect here (kernel-fusion toggles, "
                              "and flags asking for what is always done here)")
+    g.hidden_from_help, g.short_name = True, "no-effect"
     for flag, kind, why in COMPAT_NO_EFFECT + upstream_flags.NO_EFFECT:
         if flag in known:  # implemented by a flag above: that one wins
             continue
@@ -142,12 +228,46 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             g.add_argument(flag, type=kind, help=f"no effect: {why}")
     g = p.add_argument_group("refused (not supported here)")
+    g.hidden_from_help, g.short_name = True, "refused"
     for flag, why in REFUSED.items():
         if flag in known:
             continue
         known.add(flag)
         g.add_argument(flag, nargs="*", default=None, metavar="ARG", dest=_refused_dest(flag), help=why)
+    _finish_help(p)
     return p
+
+
+def _short_metavar(action: argparse.Action) -> Optional[str]:
+    """A short name for a flag's value in --help (N, X, PATH, VALUE) instead of argparse's upper-cased dest, so
+    that most flags fit on one line; None where the flag names its own metavar or takes no value."""
+    if action.metavar is not None or action.choices is not None or action.nargs == 0 or not action.option_strings:
+        return None
+    dest = action.dest
+    kind = getattr(action.type, "__name__", "")  # config/argtypes.py's converters keep int's / float's name
+    if kind == "int":
+        return "N"
+    if kind == "float":
+        return "X"
+    if any(word in dest for word in ("path", "file", "dir", "load", "save", "model")) and dest != "model_preset":
+        return "PATH"
+    return "VALUE"
+
+
+def _finish_help(parser: argparse.ArgumentParser) -> None:
+    """Every flag that does something states its default in --help, and its value has a short name."""
+    model_defaults = {f.name: f.default for f in dataclasses.fields(TransformerConfig)
+                      if f.default is not dataclasses.MISSING}
+    for action in parser._actions:
+        if not action.option_strings or action.dest.startswith("refused__"):
+            continue
+        if action.default is None and model_defaults.get(action.dest) not in (None, 0, ""):
+            action.model_default = model_defaults[action.dest]  # a model flag left unset: the model's default
+        metavar = _short_metavar(action)
+        if metavar:
+            action.metavar = metavar
+        if not action.help:
+            action.help = default_text(action)
 
 
 def _refused_dest(flag: str) -> str:
@@ -360,6 +480,8 @@ def _check_flags(ns: argparse.Namespace, typed: Optional[dict] = None) -> list[s
         if off and value and set(value) <= off:  # e.g. --num-experts 1: a dense model, as here
             continue
         errors.append(f"{typed.get(flag, flag)}: {why}")
+    if ns.model_preset and preset_error(ns.model_preset):
+        errors.append(preset_error(ns.model_preset))
     if ns.bf16 and ns.fp16:
         errors.append("--bf16 and --fp16 both given; pick one")
     granularity = "selective" if ns.recompute_activations else ns.recompute_granularity
@@ -467,6 +589,24 @@ def _check_flags(ns: argparse.Namespace, typed: Optional[dict] = None) -> list[s
     return errors
 
 
+def _model_errors(ns: argparse.Namespace) -> list[str]:
+    """The model shape's problems (as model_from_args reports them), for a command line already refused for other
+    reasons. Best effort: flags refused or given bad values may leave no model to check, and then nothing is
+    added (those flags are reported)."""
+    import copy
+
+    try:
+        model_from_args(copy.copy(ns))
+    except ConfigError as error:
+        lines = str(error).splitlines()
+        if lines[0] == "invalid model configuration:":
+            return [line.strip()[2:] for line in lines[1:]]
+        return [str(error)]
+    except Exception:  # noqa: BLE001 (a namespace with refused or dropped flags: reported already)
+        return []
+    return []
+
+
 def parse_args(argv: Optional[list[str]] = None, read_saved_args=None) -> RunConfig:
     """Parse Megatron-DeepSpeed flags into a RunConfig; raises ConfigError naming the flag and the fix.
 
@@ -486,6 +626,7 @@ def parse_args(argv: Optional[list[str]] = None, read_saved_args=None) -> RunCon
         _adopt_checkpoint_args(ns, notices, read_saved_args)
     errors += _check_flags(ns, typed)
     if errors:
+        errors += [e for e in _model_errors(ns) if e not in errors]  # one launch reports the model's problems too
         raise ConfigError("invalid arguments:\n  - " + "\n  - ".join(errors))
     if ns.deepspeed_config:
         _adopt_deepspeed_file(ns)

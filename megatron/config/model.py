@@ -204,11 +204,11 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """The "model" and "initialization" groups. Shape flags default to None so --model-preset can fill them."""
     g = parser.add_argument_group("model (explicit flags win over --model-preset)")
     g.add_argument("--model-preset", help="named shape from megatron/config/presets.py (tiny, llama2-7b, ...)")
-    g.add_argument("--num-layers", type=pos_int)
-    g.add_argument("--hidden-size", type=pos_int)
+    g.add_argument("--num-layers", type=pos_int, help="required (a --model-preset fills it)")
+    g.add_argument("--hidden-size", type=pos_int, help="required (a --model-preset fills it)")
     g.add_argument("--ffn-hidden-size", type=pos_int,
                    help="default 4h, or with --swiglu Megatron's int(8h/3/64)*64")
-    g.add_argument("--num-attention-heads", type=pos_int)
+    g.add_argument("--num-attention-heads", type=pos_int, help="required (a --model-preset fills it)")
     g.add_argument("--num-key-value-heads", "--num-query-groups", dest="num_key_value_heads", type=pos_int,
                    help="fewer than heads: grouped-query attention")
     g.add_argument("--seq-length", type=pos_int, help="required (a --model-preset fills it)")

@@ -7,6 +7,10 @@ exactly upstream's HEADS, NLAYERS, HIDDEN, NUM_KV_HEAD, FFN_HIDDEN_SIZE and SEQ.
 
 from __future__ import annotations
 
+import difflib
+
+from megatron.errors import ConfigError
+
 _LLAMA_STYLE = dict(
     normalization="rmsnorm",
     swiglu=True,
@@ -48,7 +52,16 @@ PRESETS: dict[str, dict] = {
 
 def preset(name: str) -> dict:
     """Model-flag values of a named preset (a copy); unknown names list the known ones."""
-    key = name.lower()
-    if key not in PRESETS:
-        raise ValueError(f"unknown --model-preset {name!r}; known presets: {', '.join(sorted(PRESETS))}")
-    return dict(PRESETS[key])
+    error = preset_error(name)
+    if error:
+        raise ConfigError(error)
+    return dict(PRESETS[name.lower()])
+
+
+def preset_error(name: str):
+    """Why `name` is not a preset (naming the nearest and the known ones); None when it is one."""
+    if name.lower() in PRESETS:
+        return None
+    close = difflib.get_close_matches(name.lower(), list(PRESETS), n=1, cutoff=0.6)
+    hint = f"did you mean {close[0]}? " if close else ""
+    return f"unknown --model-preset {name!r}; {hint}known presets: {', '.join(sorted(PRESETS))}"

@@ -81,8 +81,7 @@ def dry_run_report(run: RunConfig, world_size: int, launch_line: Optional[str] =
         f"micro batch {t.micro_batch_size} × dp {dp} × accumulation {gradient_accumulation_steps(run, dp)} = "
         f"global batch {global_batch_size(run, dp)} samples of {m.seq_length} tokens",
         f"{iters} iterations = {iters * global_batch_size(run, dp)} samples = "
-        f"{iters * global_batch_size(run, dp) * m.seq_length} tokens (--train-samples/--train-tokens give "
-        f"{train_samples(run, dp)} samples)",
+        f"{iters * global_batch_size(run, dp) * m.seq_length} tokens{_length_source(run, dp)}",
         "",
         "== DeepSpeed config",
         json.dumps(build_deepspeed_config(run, dp), indent=2, sort_keys=True),
@@ -100,6 +99,15 @@ def dry_run_report(run: RunConfig, world_size: int, launch_line: Optional[str] =
     for notice in run.notices:
         lines.append(f"note: {notice}")
     return "\n".join(lines)
+
+
+def _length_source(run: RunConfig, dp: int) -> str:
+    """Where the run length comes from, when it is not --train-iters: the flag and the samples it gives."""
+    t = run.training
+    if t.train_iters is not None:
+        return " (--train-iters)"
+    flag = "--train-samples" if t.train_samples is not None else "--train-tokens"
+    return f" ({flag} gives {train_samples(run, dp)} samples; whole global batches are trained)"
 
 
 def _with_vocab(run: RunConfig):

@@ -7,7 +7,6 @@ Distributed initialisation and the ParallelState belong to the caller (pretrain_
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 import random
@@ -26,6 +25,7 @@ from megatron.distributed.parallel_state import ParallelState
 from megatron.checkpoint.format import TrainingProgress
 from megatron.checkpoint.resume import Checkpointer
 from megatron.training.engine import TrainingEngine, build_engine, check_engine_config
+from megatron.training.preflight import resolve_vocab  # noqa: F401 (imported from here too)
 from megatron.optimizer.lr_schedule import check_lr_schedule
 from megatron.training.metrics import throughput
 from megatron.training.numerics import EXIT_NUMERICAL, NanCheck, guard_plain_optimizer
@@ -63,19 +63,6 @@ def seed_everything(seed: int, ps: ParallelState, device: torch.device,
     random.seed(seed)
     np.random.seed(seed)
     seed_model_parallel_rng(seed, ps, device.type, data_parallel_random_init=data_parallel_random_init)
-
-
-def resolve_vocab(run: RunConfig):
-    """(run with model.vocab_size set, tokenizer) from --tokenizer-type, or NullTokenizer(--vocab-size)."""
-    from megatron.data.tokenizers import NullTokenizer, build_tokenizer_from_config
-
-    if run.data.tokenizer_type:
-        tokenizer = build_tokenizer_from_config(run.data)
-    elif run.data.vocab_size:
-        tokenizer = NullTokenizer(run.data.vocab_size)
-    else:
-        raise ValueError("no vocabulary: give --tokenizer-type (and its files), or --vocab-size with --mock-data")
-    return dataclasses.replace(run, model=run.model.replace(vocab_size=tokenizer.vocab_size)), tokenizer
 
 
 def memory_in_use_mb(device: torch.device) -> float:
