@@ -221,9 +221,11 @@ def test_help_states_every_default_and_leaves_refused_and_no_effect_flags_to_hel
     assert "--help-all lists them" in main
     assert all(f"{flag} " in everything or f"{flag}\n" in everything for flag in upstream_flags.REFUSED)
     assert "no effect: no fused kernels to turn off" in " ".join(everything.split())
-    assert len(main.splitlines()) < 400, len(main.splitlines())  # was 927 with the refused and no-effect flags
+    assert len(main.splitlines()) < 220, len(main.splitlines())  # was 927 with the refused and no-effect flags
+    assert "--rotary-percent" not in main and "(+ 10 more: --help-all)" in main  # the rest: --help-all
+    assert "--rotary-percent" in everything and "--muon-ns-steps" in everything
     assert "(default: 0.1, or the --model-preset's)" in main  # a model flag left unset: the model's default
-    assert "(partial rotary, as GPT-NeoX) (default 1.0) ..." in " ".join(main.split())  # --help: first sentence
+    assert "std of the normal init of weights (default 0.02) ..." in " ".join(main.split())  # --help: first sentence
     assert "Hugging Face export refuses values" in " ".join(everything.split())  # --help-all: the whole text
 
 

@@ -163,6 +163,32 @@ def _first_sentence(text: str) -> str:
                          else "") + " ..."
 
 
+# The flags --help shows: what an AuroraGPT recipe or a first run sets. Every other working flag is listed by
+# --help-all (each group's line in --help says how many more it has), with the no-effect and refused ones.
+HELP_ESSENTIALS = frozenset("""
+    --model-preset --num-layers --hidden-size --ffn-hidden-size --num-attention-heads --num-key-value-heads
+    --seq-length --max-position-embeddings --normalization --swiglu --use-rotary-position-embeddings
+    --position-embedding-type --rotary-position-embeddings-theta --untie-embeddings-and-output-weights
+    --disable-bias-linear --attention-dropout --hidden-dropout --init-method-std
+    --data-path --data-file-list --split --sample-mode --mock-data --tokenizer-type --tokenizer-model --vocab-file
+    --merge-file --vocab-size --num-workers --data-cache-path --train-data-path --valid-data-path --test-data-path
+    --tensor-model-parallel-size --pipeline-model-parallel-size --sequence-parallel --ds-sequence-parallel-size
+    --distributed-backend
+    --micro-batch-size --global-batch-size --rampup-batch-size
+    --train-iters --train-samples --train-tokens --lr --min-lr --lr-decay-style --lr-decay-iters
+    --lr-warmup-iters --lr-warmup-fraction --weight-decay --clip-grad --adam-beta1 --adam-beta2 --adam-eps
+    --optimizer --override-opt-param-scheduler --use-checkpoint-opt-param-scheduler
+    --bf16 --fp16 --accumulate-allreduce-grads-in-fp32
+    --deepspeed-config --zero-stage --cpu-optimizer --checkpoint-activations --recompute-granularity
+    --universal-checkpoint
+    --seed --log-interval --eval-interval --eval-iters --save --save-interval --load --no-load-optim --no-load-rng
+    --finetune --load-tag --use-checkpoint-args --exit-interval --exit-duration-in-mins --exit-signal-handler
+    --dry-run
+    --tensorboard-dir --wandb-project --timing-log-level --log-params-norm --peak-tflops
+    --distributed-timeout-minutes --keep-last-n-checkpoints --no-checkpoint-fallback
+""".split())
+
+
 class _HelpAction(argparse.Action):
     """-h/--help: the flags that do something, by concern; --help-all: also the no-effect and refused flags (each
     with its reason), so that `--help-all | grep FLAG` finds any upstream flag."""
@@ -174,13 +200,24 @@ class _HelpAction(argparse.Action):
         everything = option_string == "--help-all"
         groups = parser._action_groups
         hidden = [g for g in groups if getattr(g, "hidden_from_help", False)]
+        members = {id(g): g._group_actions for g in groups}
         if not everything:
             parser._action_groups = [g for g in groups if g not in hidden]
+            for group in parser._action_groups:  # the essentials, then how many more --help-all shows
+                more = [a for a in group._group_actions if a.option_strings and a.help is not argparse.SUPPRESS
+                        and not HELP_ESSENTIALS & set(a.option_strings) and not isinstance(a, _HelpAction)]
+                group._group_actions = [a for a in group._group_actions if a not in more]
+                if more and group.title:
+                    group.description = f"(+ {len(more)} more: --help-all)"
         _HelpFormatter.brief = not everything
         try:
             text = parser.format_help()
         finally:
             parser._action_groups = groups
+            for group in groups:
+                group._group_actions = members[id(group)]
+                if group.description and group.description.startswith("(+ "):
+                    group.description = None
             _HelpFormatter.brief = False
         if not everything:
             counts = " and ".join(f"{len(g._group_actions)} {g.short_name}" for g in hidden)
@@ -193,13 +230,14 @@ class _HelpAction(argparse.Action):
 def build_parser() -> argparse.ArgumentParser:
     """Every flag, grouped by concern. Model and batch flags default to None so presets and files can fill them."""
     p = _Parser(prog="pretrain_gpt.py", allow_abbrev=False, exit_on_error=False, add_help=False,
-                usage="%(prog)s [flags]   (--help lists them by concern; --help-all adds the no-effect and refused "
-                      "flags)", formatter_class=_HelpFormatter,
+                usage="%(prog)s [flags]   (--help: the flags most runs set, by concern; --help-all: every flag, "
+                      "with upstream's no-effect and refused ones)", formatter_class=_HelpFormatter,
                 description="Pretrain a GPT/Llama model with DeepSpeed (Megatron-DeepSpeed flag names; "
                             "'--a_b' spellings are accepted for every '--a-b').")
-    p.add_argument("-h", "--help", action=_HelpAction, help="list the flags that act here, by concern, and exit")
+    p.add_argument("-h", "--help", action=_HelpAction, help="list the flags most runs set, by concern, and exit")
     p.add_argument("--help-all", action=_HelpAction,
-                   help="also list upstream's flags that have no effect here or are refused, with the reasons")
+                   help="list every flag, with its whole text, and upstream's flags that have no effect here or are "
+                        "refused, with the reasons")
 
     # The groups in --help follow a user's concerns: what model, on what data, on how many devices, how long and
     # how fast it learns, then checkpoints, logging and fault handling.
