@@ -61,13 +61,16 @@ def main(argv: list[str] | None = None, alcf: bool = False) -> int:
 
     quiet_cpu_accelerator_probe()  # before DeepSpeed is imported: no "Setting accelerator to CPU" per rank
     from megatron.cli import parse_args
-    from megatron.errors import MegatronError
-    from megatron.training.preflight import preflight
+    from megatron.errors import ConfigError, MegatronError
+    from megatron.training.preflight import preflight, with_data_list_problems
 
     launch = launch_info()
     warn_once_per_run(launch.rank if launch is not None else 0)
     try:
-        run = parse_args(argv)
+        try:
+            run = parse_args(argv)
+        except ConfigError as refused:  # the data lists too, so a flag error does not hide a missing file
+            raise with_data_list_problems(refused, sys.argv[1:] if argv is None else argv) from None
         if run.training.dry_run is None:
             # before any process group or engine, on every launch path: the layout against the launcher's world
             # size (1 under plain python), batch sizes, data lists, tokenizer, LR schedule, engine, all reported

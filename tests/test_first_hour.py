@@ -274,6 +274,17 @@ def test_preflight_reports_every_independent_problem_at_once(tmp_path):
         preflight(run, world_size=1)
 
 
+def test_a_refused_flag_does_not_hide_a_missing_data_file(tmp_path, capsys):
+    """The flag stage refuses before a RunConfig exists; the data lists are still checked and said with it."""
+    import pretrain_gpt
+
+    code = pretrain_gpt.main(["--model-preset", "tiny", "--tokenizer-type", "NullTokenizer", "--vocab-size", "64",
+                              "--train-iters", "2", "--lr-bogus", "3", "--data-path", str(tmp_path / "gone")])
+    err = capsys.readouterr().err
+    assert code == 2 and "2 problems" in err and "unknown flag --lr-bogus" in err, err
+    assert f"{tmp_path / 'gone'} is missing .bin and .idx" in err and err.count("pretrain_gpt.py:") == 1, err
+
+
 def test_dry_run_names_the_flag_the_run_length_comes_from():
     from megatron.config.arguments import parse_args
     from megatron.training.dry_run import dry_run_report

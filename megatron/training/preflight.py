@@ -29,6 +29,49 @@ def check_data_lists(data_config) -> None:
     blend_entries(data_config.data_path, data_config.data_file_list)
 
 
+def data_list_problems_of_argv(argv: list[str]) -> list[str]:
+    """The data lists' problems on a command line whose other flags were refused (so no RunConfig exists): the
+    data flags are read on their own, leniently, so that a flag error does not hide a missing data file."""
+    import argparse
+
+    from megatron.config.arguments import _normalize
+    from megatron.config.data import DataConfig
+    from megatron.errors import MegatronError
+
+    p = argparse.ArgumentParser(add_help=False, allow_abbrev=False, exit_on_error=False)
+    for name in ("--data-path", "--train-data-path", "--valid-data-path", "--test-data-path"):
+        p.add_argument(name, nargs="*", default=[])
+    p.add_argument("--data-file-list")
+    p.add_argument("--mock-data", action="store_true")
+    try:
+        ns, _ = p.parse_known_args(_normalize(list(argv)))
+    except (argparse.ArgumentError, SystemExit):  # a data flag itself is malformed: the refusal says so
+        return []
+    config = DataConfig(data_path=ns.data_path, data_file_list=ns.data_file_list, mock_data=ns.mock_data,
+                        train_data_path=ns.train_data_path, valid_data_path=ns.valid_data_path,
+                        test_data_path=ns.test_data_path)
+    if not (config.data_path or config.data_file_list or any(getattr(config, f"{n}_data_path") for n in SPLIT_NAMES)):
+        return []
+    try:
+        check_data_lists(config)
+    except MegatronError as error:
+        return [str(error)]
+    except (OSError, ValueError):  # anything the full check reports better once the flags are fixed
+        return []
+    return []
+
+
+def with_data_list_problems(refused, argv: list[str]):
+    """`refused` (the flags' ConfigError), with the data lists' problems added when there are any."""
+    from megatron.errors import ConfigError
+
+    extra = data_list_problems_of_argv(argv)
+    if not extra:
+        return refused
+    return ConfigError(f"{1 + len(extra)} problems; fix them all before relaunching:\n"
+                       + "\n".join("* " + str(e).replace("\n", "\n  ") for e in [refused, *extra]))
+
+
 def preflight_errors(run, world_size: int, device_type: str = "cpu") -> list[str]:
     """Every problem of `run` that can be found before any process group, engine or model exists, each a
     message naming the input and the fix; independent checks all run (a missing data file does not hide a
