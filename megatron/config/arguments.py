@@ -442,7 +442,7 @@ def _check_flags(ns: argparse.Namespace, typed: Optional[dict] = None) -> list[s
     if zero >= 2 and ns.pipeline_model_parallel_size > 1:
         errors.append(f"--zero-stage {zero} does not work with DeepSpeed's pipeline engine "
                       f"(--pipeline-model-parallel-size {ns.pipeline_model_parallel_size}); use --zero-stage <= 1")
-    if ns.cpu_optimizer and zero == 0:
+    if ns.cpu_optimizer and ns.zero_stage == 0:  # not given: the default stage 1 (as upstream), or the file's
         errors.append("--cpu-optimizer offloads ZeRO optimizer state: it needs --zero-stage >= 1")
     if ns.remote_device == "nvme":
         errors.append("--remote-device nvme is not supported; use cpu or none")
@@ -494,6 +494,9 @@ def parse_args(argv: Optional[list[str]] = None, read_saved_args=None) -> RunCon
                           ("bf16", False), ("fp16", False), ("clip_grad", 1.0)):
         if getattr(ns, dest) is None:
             setattr(ns, dest, default)
+    if ns.cpu_optimizer and ns.zero_stage == 0:  # stage 0 from the --deepspeed_config file
+        raise ConfigError(f"--cpu-optimizer offloads ZeRO optimizer state: it needs ZeRO stage >= 1, but "
+                          f"{ns.deepspeed_config} has zero_optimization.stage = 0")
     file_states_zero = bool(ns.deepspeed_config) and \
         "zero_stage" in deepspeed_file_values(read_deepspeed_config(ns.deepspeed_config))
     if ns.bf16 and ns.accumulate_allreduce_grads_in_fp32 and ns.zero_stage == 0:
