@@ -15,9 +15,10 @@ saved to CKPT_DIR/.env (upstream's save_dotenv), all relative to the repository 
   - flags given after the script name come last, so they win (upstream puts them before its own);
   - no DeepSpeed JSON file is written: the flags carry the same settings and pretrain_gpt.py generates it
     (DRY_RUN=1 prints it); DATA_FILE_LIST has no machine default (we ship no data lists);
-  - --accumulate-allreduce-grads-in-fp32 is passed only where it can take effect (bf16 with ZeRO stage 1 on the
-    device: DeepSpeed's BF16 optimizer); elsewhere DeepSpeed accumulates in the run's dtype, upstream's runs
-    included (at ZERO_STAGE=0 upstream's DeepSpeed config asks for no fp32 accumulation, and DeepSpeed has none);
+  - --accumulate-allreduce-grads-in-fp32 is passed only where upstream's run accumulates in fp32: upstream passes
+    the flag always, but its DeepSpeed config decides, and that asks for data_types.grad_accum_dtype = fp32 only
+    at pp > 1 (ZeRO 1/2), which DeepSpeed honours for bf16 at ZeRO stage 1 without CPU offload (its BF16
+    optimizer). So the default Aurora run (bf16, ZeRO-1, pp = 1) accumulates in bf16, as upstream's does;
   - our additions: MOCK_DATA=1 (random tokens, VOCAB_SIZE), CPU_OPTIMIZER=1, WANDB_PROJECT, PEAK_TFLOPS,
     DRY_RUN=1, CPU_BIND.
 """
@@ -186,6 +187,20 @@ def _int(env: dict, name: str, default) -> int:
         raise RecipeError(f"{name}={value!r} is not an integer") from None
 
 
+def upstream_grad_accum_dtype(zero_stage: int, pp: int) -> "str | None":
+    """data_types.grad_accum_dtype in the DeepSpeed config upstream's generateDSconfig writes: fp32 at ZeRO 1/2
+    with pipeline parallelism (pp > 1), otherwise none (DeepSpeed's default: the model's dtype)."""
+    return "fp32" if zero_stage in (1, 2) and pp > 1 else None
+
+
+def fp32_accumulation(dtype: str, zero_stage: int, pp: int, cpu_optimizer: bool) -> bool:
+    """Whether upstream's run accumulates gradients in fp32: its DeepSpeed config decides (its
+    --accumulate-allreduce-grads-in-fp32 never reaches DeepSpeed), and DeepSpeed uses that config's fp32 only for
+    bf16 at ZeRO stage 1 without CPU offload (its BF16 optimizer); elsewhere the run's dtype, here as there."""
+    return (upstream_grad_accum_dtype(zero_stage, pp) == "fp32" and dtype == "bf16" and zero_stage == 1
+            and not cpu_optimizer)
+
+
 def upstream_model_arch(preset: str, nlayers: int) -> str:
     """The MODEL_ARCH that upstream's get_model_arch_* exports (it names the run directory)."""
     return {"auroragpt-7b": "AuroraGPT-7B", "auroragpt-2b": "AuroraGPT-2B", "auroragpt-70b": "AuroraGPT-70B",
@@ -328,9 +343,7 @@ def resolve(machine: str, env: dict, extra: list[str]) -> dict:
     if dtype != "fp32":
         f += [f"--{dtype}"]
     backend = _get(env, mc["backend_knob"], mc["backend"])
-    if dtype == "bf16" and _int(run_env, "ZERO_STAGE", 1) == 1 and _get(env, "CPU_OPTIMIZER") != "1":
-        # Upstream passes it always; under DeepSpeed it takes effect only here (bf16, ZeRO-1: the BF16
-        # optimizer); fp16, ZeRO-0 and ZeRO-2/3 accumulate in the run's dtype there as here, so it is left out.
+    if fp32_accumulation(dtype, _int(run_env, "ZERO_STAGE", 1), pp, _get(env, "CPU_OPTIMIZER") == "1"):
         f += ["--accumulate-allreduce-grads-in-fp32"]
     f += ["--adjust-word-embedding-init",
           f"--adam-beta1={_get(env, 'ADAM_BETA1', '0.9')}", f"--adam-beta2={_get(env, 'ADAM_BETA2', '0.95')}",

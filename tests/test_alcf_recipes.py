@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from megatron.config.arguments import parse_args
+from megatron.config.arguments import ConfigError, parse_args
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "ALCF"))
@@ -46,7 +46,8 @@ def test_upstream_defaults_on_two_aurora_nodes(tmp_path):
     assert (o.optimizer, o.lr, o.lr_decay_style, o.lr_warmup_fraction, o.weight_decay) == \
         ("adamw", 2e-4, "cosine", 0.05, 0.1)
     assert (o.adam_beta1, o.adam_beta2, o.adam_eps, o.clip_grad) == (0.9, 0.95, 1e-5, 1.0)
-    assert t.precision.bf16 and t.precision.accumulate_allreduce_grads_in_fp32
+    # upstream's DeepSpeed config has no data_types at pp = 1: bf16 accumulation (ZeRO-1), whatever its flag says
+    assert t.precision.bf16 and not t.precision.accumulate_allreduce_grads_in_fp32
     assert run.logging.timing_log_level == 1 and run.logging.log_interval == 1
     assert run.parallel.distributed_backend == "ccl" and t.eval_iters == 20 and t.eval_interval == 100
 
@@ -215,3 +216,59 @@ def test_a_launched_recipe_tees_its_output_and_saves_the_environment_as_upstream
     assert "mpiexec says hello" in proc.stdout
     dotenv = (ckpt / ".env").read_text().splitlines()
     assert "MY_KNOB_VALUE=42" in dotenv and "MOCK_DATA=1" in dotenv
+
+
+def _upstream_ds_config(dtype, zero, pp, cpu_optimizer) -> dict:
+    """The settings of upstream's generateDSconfig (ALCF/helpers.sh) that decide the accumulation dtype."""
+    cfg = {"bf16": {"enabled": dtype == "bf16"}, "fp16": {"enabled": dtype == "fp16"}}
+    if zero in (1, 2, 3):
+        cfg["zero_optimization"] = {"stage": zero}
+        if cpu_optimizer and zero in (1, 2):
+            cfg["zero_optimization"]["offload_optimizer"] = {"device": "cpu"}
+    if zero in (1, 2) and pp > 1:
+        cfg["data_types"] = {"grad_accum_dtype": "fp32"}
+    return cfg
+
+
+def _deepspeed_accumulation_dtype(cfg: dict) -> str:
+    """DeepSpeed 0.19.8's choice (engine.get_data_types / _do_optimizer_sanity_check): fp32 accumulation for bf16
+    only at ZeRO stage 1 without CPU offload (its BF16 optimizer); the model's dtype everywhere else."""
+    model = "bf16" if cfg.get("bf16", {}).get("enabled") else "fp16" if cfg.get("fp16", {}).get("enabled") else "fp32"
+    zero = cfg.get("zero_optimization", {})
+    asked = cfg.get("data_types", {}).get("grad_accum_dtype", model)
+    offload = zero.get("offload_optimizer", {}).get("device") == "cpu"
+    if model == "bf16" and asked == "fp32" and zero.get("stage", 0) == 1 and not offload:
+        return "fp32"
+    return model
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp16", "fp32"])
+def test_gradient_accumulation_dtype_equals_upstreams_for_every_knob_setting(tmp_path, dtype):
+    """Upstream's DeepSpeed config decides its accumulation dtype (its --accumulate-allreduce-grads-in-fp32 never
+    reaches DeepSpeed): data_types.grad_accum_dtype = fp32 only at pp > 1. The config generated from our
+    recipe's flags accumulates in the same dtype for every knob setting, and states fp32 wherever upstream's
+    fp32 takes effect."""
+    from megatron.training.ds_config import generate_deepspeed_config
+
+    checked = 0
+    for zero in (0, 1, 2, 3):
+        for pp in (1, 2):
+            for cpu in (False, True):
+                env = {"PBS_NODEFILE": _hosts(tmp_path), "MOCK_DATA": "1", "DTYPE": dtype, "ZERO_STAGE": str(zero),
+                       "PP": str(pp), "MODEL_ARCH": "AuroraGPT-2B", **({"CPU_OPTIMIZER": "1"} if cpu else {})}
+                try:
+                    r, run = _run("aurora", env)
+                except ConfigError:
+                    continue  # refused here (ZeRO-2/3 with pp > 1, --cpu-optimizer at ZeRO-0): not a silent change
+                ours = generate_deepspeed_config(run, dp_size=24 // pp)
+                theirs = _upstream_ds_config(dtype, zero, pp, cpu)
+                assert _deepspeed_accumulation_dtype(ours) == _deepspeed_accumulation_dtype(theirs), (zero, pp, cpu)
+                if dtype == "bf16" and _deepspeed_accumulation_dtype(theirs) == "fp32":  # upstream's fp32 counts
+                    assert ours["data_types"] == theirs["data_types"]
+                checked += 1
+    assert checked >= 8
+    r, run = _run("aurora", {"PBS_NODEFILE": _hosts(tmp_path), "MOCK_DATA": "1", "DTYPE": dtype})
+    assert "data_types" not in generate_deepspeed_config(run, dp_size=24)  # the default Aurora run: pp = 1
+    if dtype == "bf16":
+        r, run = _run("aurora", {"PBS_NODEFILE": _hosts(tmp_path), "MOCK_DATA": "1", "PP": "2"})
+        assert generate_deepspeed_config(run, dp_size=12)["data_types"] == {"grad_accum_dtype": "fp32"}

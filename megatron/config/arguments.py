@@ -301,6 +301,25 @@ def _adopt_deepspeed_file(ns: argparse.Namespace) -> None:
                           + "\n  - ".join(errors))
 
 
+_FP32_NAMES = ("torch.float32", "fp32", "float32", "float")  # DeepSpeed's DtypeEnum.fp32 spellings
+
+
+def _file_decides_accumulation(ns: argparse.Namespace, notices: list) -> None:
+    """With a --deepspeed_config file, its data_types.grad_accum_dtype decides the gradient accumulation dtype, as
+    upstream (its --accumulate-allreduce-grads-in-fp32 reaches only Megatron's own DDP, which a DeepSpeed run does
+    not use); a file without it gets DeepSpeed's default, the model's dtype. A flag the file overrides gets a
+    notice naming both."""
+    accum = read_deepspeed_config(ns.deepspeed_config).get("data_types", {})
+    accum = accum.get("grad_accum_dtype") if isinstance(accum, dict) else None
+    file_fp32 = isinstance(accum, str) and accum.lower() in _FP32_NAMES
+    if ns.accumulate_allreduce_grads_in_fp32 and not file_fp32 and (ns.bf16 or ns.fp16):
+        said = "has no data_types.grad_accum_dtype" if accum is None else f"sets data_types.grad_accum_dtype = {accum}"
+        notices.append(f"--accumulate-allreduce-grads-in-fp32 is overridden by {ns.deepspeed_config}, which {said}: "
+                       f"gradients accumulate in {accum or ('bf16' if ns.bf16 else 'fp16')}, as upstream runs it "
+                       "(the DeepSpeed config file decides)")
+    ns.accumulate_allreduce_grads_in_fp32 = file_fp32 and bool(ns.bf16)
+
+
 # --use-checkpoint-args, as upstream's load_args_from_checkpoint: these take the checkpoint's value when the flag
 # is not given (upstream's list, plus this framework's shape settings upstream has no flag for) ...
 _CHECKPOINT_ARGS_IF_UNSET = ("num_layers", "hidden_size", "ffn_hidden_size", "seq_length", "num_attention_heads",
@@ -377,7 +396,7 @@ def _check_flags(ns: argparse.Namespace, typed: Optional[dict] = None) -> list[s
     if ns.reset_attention_mask and ns.ds_sequence_parallel_size > 1:
         errors.append("--reset-attention-mask is not supported with --ds-sequence-parallel-size "
                       f"{ns.ds_sequence_parallel_size} (Ulysses); drop one")
-    if ns.accumulate_allreduce_grads_in_fp32 and ns.fp16:
+    if ns.accumulate_allreduce_grads_in_fp32 and ns.fp16 and not ns.deepspeed_config:  # a file decides (notice)
         errors.append("--accumulate-allreduce-grads-in-fp32 is supported with --bf16 (and fp32) only, not --fp16")
     if ns.train_range_to_skip and len(ns.train_range_to_skip) % 2:
         errors.append(f"--train-range-to-skip takes pairs START END (got {len(ns.train_range_to_skip)} values)")
@@ -494,6 +513,8 @@ def parse_args(argv: Optional[list[str]] = None, read_saved_args=None) -> RunCon
                           ("bf16", False), ("fp16", False), ("clip_grad", 1.0)):
         if getattr(ns, dest) is None:
             setattr(ns, dest, default)
+    if ns.deepspeed_config:
+        _file_decides_accumulation(ns, notices)
     if ns.cpu_optimizer and ns.zero_stage == 0:  # stage 0 from the --deepspeed_config file
         raise ConfigError(f"--cpu-optimizer offloads ZeRO optimizer state: it needs ZeRO stage >= 1, but "
                           f"{ns.deepspeed_config} has zero_optimization.stage = 0")

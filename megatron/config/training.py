@@ -214,7 +214,8 @@ def add_precision_arguments(parser: argparse.ArgumentParser) -> None:
                    help="--bf16: accumulate and all-reduce gradients in fp32 (DeepSpeed's "
                         "data_types.grad_accum_dtype: its BF16 optimizer, which this DeepSpeed selects at ZeRO "
                         "stage 1, so --zero-stage 0 runs as 1, with a notice; refused with ZeRO-2/3 and "
-                        "--cpu-optimizer, which accumulate in bf16)")
+                        "--cpu-optimizer, which accumulate in bf16). With --deepspeed_config the file's "
+                        "data_types.grad_accum_dtype decides, as upstream (a notice when it overrides this flag)")
 
 
 def add_run_control_arguments(parser: argparse.ArgumentParser) -> None:
