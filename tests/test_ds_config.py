@@ -138,6 +138,22 @@ def test_user_file_with_optimizer_section_or_disagreeing_values_is_refused(tmp_p
         build_deepspeed_config(run, dp_size=1)
 
 
+def test_fp16_starts_at_upstreams_effective_loss_scale_unless_the_flag_says_otherwise():
+    """Upstream's --initial-loss-scale (default 2**32) never reaches DeepSpeed: its fp16 runs start at DeepSpeed's
+    default 2**16 (initial_scale_power 16). Decision: the flag is honoured when given; its default is 2**16."""
+    cfg = build_deepspeed_config(parse_args([*BASE, "--fp16"]), dp_size=1)
+    assert cfg["fp16"]["initial_scale_power"] == 16 and cfg["fp16"]["loss_scale"] == 0
+    assert parse_args([*BASE, "--fp16"]).args["initial_loss_scale"] == 2.0**16  # saved as it ran
+    cfg = build_deepspeed_config(parse_args([*BASE, "--fp16", "--initial-loss-scale", str(2**32)]), dp_size=1)
+    assert cfg["fp16"]["initial_scale_power"] == 32
+    # upstream's file (helpers.sh generateDSconfig, DTYPE=fp16) has no initial_scale_power: DeepSpeed starts at 2**16
+    from deepspeed.runtime.precision_config import get_float16_config
+
+    upstream = {"fp16": {"enabled": True, "loss_scale": 0, "loss_scale_window": 1000, "hysteresis": 2,
+                         "min_loss_scale": 1}}
+    assert get_float16_config(upstream).initial_scale_power == 16
+
+
 def test_precision_errors_refuse_fp16_on_cpu_only():
     fp16 = parse_args([*BASE, "--fp16"])
     assert any("--fp16 does not run on CPU" in e for e in precision_errors(fp16, "cpu"))

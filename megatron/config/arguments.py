@@ -503,7 +503,8 @@ def parse_args(argv: Optional[list[str]] = None, read_saved_args=None) -> RunCon
         _adopt_deepspeed_file(ns)
     # Defaults for the flags that a preset or a DeepSpeed file may fill, then the final values.
     for dest, default in (("micro_batch_size", 1), ("zero_stage", 1), ("cpu_optimizer", False),
-                          ("bf16", False), ("fp16", False), ("clip_grad", 1.0)):
+                          ("bf16", False), ("fp16", False), ("clip_grad", 1.0),
+                          ("initial_loss_scale", 2.0**16)):  # upstream's effective start (config/training.py)
         if getattr(ns, dest) is None:
             setattr(ns, dest, default)
     if ns.deepspeed_config:

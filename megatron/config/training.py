@@ -82,7 +82,9 @@ class PrecisionConfig:
     bf16: bool = False
     fp16: bool = False
     loss_scale: Optional[float] = None  # fp16: fixed scale; None: dynamic
-    initial_loss_scale: float = 2.0**32
+    # Upstream's --initial-loss-scale (default 2**32) never reaches DeepSpeed, so its fp16 runs start at DeepSpeed's
+    # 2**16; the flag is honoured here when given, and its default is that effective start.
+    initial_loss_scale: float = 2.0**16
     loss_scale_window: int = 1000
     hysteresis: int = 2
     min_loss_scale: float = 1.0
@@ -201,8 +203,9 @@ def add_precision_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--bf16", action="store_const", const=True)
     g.add_argument("--fp16", action="store_const", const=True)
     g.add_argument("--loss-scale", type=pos_float, help="fp16: fixed loss scale; default dynamic")
-    g.add_argument("--initial-loss-scale", type=pos_float, default=2.0**32,
-                   help="fp16 dynamic scaling start (a power of 2)")
+    g.add_argument("--initial-loss-scale", type=pos_float,
+                   help="fp16 dynamic scaling start (a power of 2); default 2**16, where upstream's runs start: "
+                        "its flag (default 2**32) never reaches DeepSpeed, whose default initial_scale_power is 16")
     g.add_argument("--loss-scale-window", type=pos_int, default=1000)
     g.add_argument("--hysteresis", type=pos_int, default=2)
     g.add_argument("--min-loss-scale", type=pos_float, default=1.0)
