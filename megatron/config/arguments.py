@@ -412,13 +412,17 @@ def _check_flags(ns: argparse.Namespace, typed: Optional[dict] = None) -> list[s
     if ns.load_tag is not None and (not ns.load_tag.strip() or "/" in ns.load_tag or ns.load_tag in (".", "..")):
         errors.append(f"--load-tag {ns.load_tag!r} must be the name of one checkpoint directory under --load "
                       "(e.g. global_step100)")
-    lengths = [f for f in ("train_iters", "train_samples", "train_tokens") if getattr(ns, f) is not None]
+    lengths = [f for f in ("train_iters", "train_samples") if getattr(ns, f) is not None]
     if len(lengths) > 1:
         errors.append(f"give only one of {', '.join('--' + f.replace('_', '-') for f in lengths)}")
+    if ns.train_tokens is not None and not lengths:
+        errors.append("--train-tokens is a token budget, as upstream's: training stops at --train-iters (or "
+                      "--train-samples) or once it has consumed --train-tokens tokens, whichever comes first; "
+                      "give --train-iters or --train-samples too")
     if ns.rampup_batch_size:
         start, increment, _ = ns.rampup_batch_size
         if ns.train_iters is not None:
-            errors.append("--rampup-batch-size needs --train-samples or --train-tokens, not --train-iters")
+            errors.append("--rampup-batch-size needs --train-samples, not --train-iters")
         if ns.global_batch_size is None:
             errors.append("--rampup-batch-size needs --global-batch-size (the batch it ramps up to)")
         elif start > ns.global_batch_size or (ns.global_batch_size - start) % increment:
@@ -574,15 +578,21 @@ def global_batch_size_at(run: RunConfig, consumed_samples: int, dp_size: int) ->
 
 
 def train_samples(run: RunConfig, dp_size: int) -> int:
-    """Samples the run trains on: --train-samples, --train-tokens / seq length, or iters × global batch."""
+    """Samples the run trains on: --train-samples, or iters × global batch (--train-tokens may stop it earlier:
+    `stops_at_train_tokens`)."""
     t = run.training
     if t.train_samples is not None:
         return t.train_samples
-    if t.train_tokens is not None:
-        return t.train_tokens // run.model.seq_length
     if t.train_iters is not None:
         return t.train_iters * global_batch_size(run, dp_size)
-    raise ConfigError("the run length is not set: give --train-iters, --train-samples or --train-tokens")
+    raise ConfigError("the run length is not set: give --train-iters or --train-samples")
+
+
+def stops_at_train_tokens(run: RunConfig, consumed_samples: int) -> bool:
+    """Upstream's loop condition: with --train-tokens, training stops once the consumed tokens (consumed samples
+    × seq length) reach it, even before --train-iters."""
+    tokens = run.training.train_tokens
+    return tokens is not None and consumed_samples * run.model.seq_length >= tokens
 
 
 def train_iters(run: RunConfig, dp_size: int) -> int:

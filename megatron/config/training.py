@@ -177,7 +177,9 @@ def add_schedule_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("schedule and optimizer")
     g.add_argument("--train-iters", type=pos_int)
     g.add_argument("--train-samples", type=pos_int)
-    g.add_argument("--train-tokens", type=pos_int)
+    g.add_argument("--train-tokens", type=pos_int,
+                   help="token budget over all runs (as upstream): training also stops once it has consumed this "
+                        "many tokens; needs --train-iters or --train-samples, which set the run length")
     g.add_argument("--lr", type=float, default=OptimizerConfig.lr)
     g.add_argument("--min-lr", type=float, default=0.0)
     g.add_argument("--lr-decay-style", type=str.lower, choices=LR_DECAY_STYLES, default="linear")

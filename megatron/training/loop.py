@@ -20,8 +20,8 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
-from megatron.config.arguments import RunConfig, global_batch_size, global_batch_size_at, train_iters, \
-    train_samples, validate_run
+from megatron.config.arguments import RunConfig, global_batch_size, global_batch_size_at, stops_at_train_tokens, \
+    train_iters, train_samples, validate_run
 from megatron.distributed.parallel_state import ParallelState
 from megatron.checkpoint.format import TrainingProgress
 from megatron.checkpoint.resume import Checkpointer
@@ -331,7 +331,8 @@ class _Session:
         profiler = StepProfiler(run.profiling.profile, run.profiling.profile_steps, run.profiling.profile_ranks,
                                 run.profiling.trace_dir, self.ps.rank, self.ps.world_size, self.device)
         with self.exits:
-            while self.iteration < self.total_iters and not t.skip_train:
+            while self.iteration < self.total_iters and not t.skip_train \
+                    and not stops_at_train_tokens(run, self.consumed):  # --train-tokens: upstream's budget
                 profiler.before_step()
                 step, skipped_by_user = self.step()
                 profiler.after_step()
@@ -425,7 +426,9 @@ class _Session:
         if run.checkpoint.save and self.last_saved != it:
             self.save()
         if not result.exit_reason or t.skip_train:
-            result.exit_reason = result.exit_reason or f"trained {self.total_iters} iterations"
+            result.exit_reason = result.exit_reason or (
+                f"consumed --train-tokens {t.train_tokens} tokens" if it < self.total_iters
+                and stops_at_train_tokens(run, self.consumed) else f"trained {self.total_iters} iterations")
             if self.test_ds is not None:
                 test_batches = _isolated_rng(lambda: _iterator(run, self.ps, self.test_ds, 0))
                 with self.te.eval_weights():
