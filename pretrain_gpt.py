@@ -87,7 +87,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"pretrain_gpt.py: {ps.describe()} on {env.device} ({env.backend}, {env.launcher})", flush=True)
             for notice in run.notices:
                 print(f"pretrain_gpt.py: note: {notice}", flush=True)
-        result = train(run, ps, env.device)
+        import megatron
+
+        result = train(run, ps, env.device, start_time=megatron.START_TIME)  # upstream's clock: from the start
         if env.rank == 0:
             print(f"pretrain_gpt.py: done at iteration {result.iteration}: {result.exit_reason}", flush=True)
         if result.exit_code:

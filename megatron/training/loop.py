@@ -29,7 +29,7 @@ from megatron.training.engine import TrainingEngine, build_engine, check_engine_
 from megatron.optimizer.lr_schedule import check_lr_schedule
 from megatron.training.metrics import throughput
 from megatron.training.numerics import EXIT_NUMERICAL, NanCheck, guard_plain_optimizer
-from megatron.training.signals import ExitConditions
+from megatron.training.signals import ExitConditions, job_start_time
 from megatron.training.run_control import IterationSkipper, StepProfiler, kill_switch_found
 from megatron.training.timers import Timers
 from megatron.training.watchdog import (CollectiveFailure, Watchdog, instrument_engine, is_collective_failure,
@@ -238,8 +238,13 @@ def _report_eval(name: str, iteration: int, loss: float, ps: ParallelState, trac
 # ---- the loop ---------------------------------------------------------------------------------------
 
 def train(run: RunConfig, ps: ParallelState, device: torch.device, tracker: Optional[Tracker] = None,
-          printer: Callable[[str], None] = lambda line: print(line, flush=True)) -> TrainResult:
-    """Train `run` on this rank (collective: every rank of `ps` calls it). Returns the losses of this call."""
+          printer: Callable[[str], None] = lambda line: print(line, flush=True),
+          start_time: Optional[float] = None) -> TrainResult:
+    """Train `run` on this rank (collective: every rank of `ps` calls it). Returns the losses of this call.
+
+    `start_time`: where --exit-duration-in-mins counts from (the entry points pass megatron.START_TIME, the
+    process's start, as upstream); None: this call. The earliest rank's counts."""
+    start_time = time.time() if start_time is None else start_time
     validate_run(run, ps.world_size)
     run, tokenizer = resolve_vocab(run)
     # Refuse what would fail later before the (slow, collective) model build: the LR schedule's shape, what a
@@ -250,7 +255,8 @@ def train(run: RunConfig, ps: ParallelState, device: torch.device, tracker: Opti
     check_engine_config(run, device)
     seed_everything(run.training.seed, ps, device, run.training.data_parallel_random_init)
 
-    session = _Session(run, ps, device, checkpointer, tracker, printer, eod=getattr(tokenizer, "eod", None))
+    session = _Session(run, ps, device, checkpointer, tracker, printer, eod=getattr(tokenizer, "eod", None),
+                       start_time=start_time)
     try:
         session.load()
         session.loop()
@@ -270,7 +276,8 @@ class _Session:
     position (iteration, consumed samples) and the result."""
 
     def __init__(self, run: RunConfig, ps: ParallelState, device: torch.device, checkpointer: Checkpointer,
-                 tracker: Optional[Tracker], printer: Callable[[str], None], eod: Optional[int]):
+                 tracker: Optional[Tracker], printer: Callable[[str], None], eod: Optional[int],
+                 start_time: Optional[float] = None):
         t, rel = run.training, run.reliability
         self.run, self.ps, self.device, self.checkpointer, self.printer = run, ps, device, checkpointer, printer
         self.total_iters = train_iters(run, ps.dp_size)
@@ -279,8 +286,11 @@ class _Session:
         self.own_tracker = tracker is None
         self.tracker = tracker or Tracker(run.logging, ps.rank, config=run.args)
         self.result = TrainResult()
+        start = time.time() if start_time is None else start_time
+        if t.exit_duration_in_mins is not None:  # the earliest rank's start (collective), as upstream
+            start = job_start_time(start, device)
         self.exits = ExitConditions(t.exit_signal_handler, t.exit_duration_in_mins, t.exit_interval, device=device,
-                                    signals=rel.signal_numbers()).install()  # before DataLoader workers fork
+                                    signals=rel.signal_numbers(), start_time=start).install()  # before workers fork
         self.watchdog = Watchdog(ps.rank, ps.world_size, rel.hang_watchdog_factor, rel.hang_watchdog_min_seconds,
                                  rel.distributed_timeout_minutes * 60)
         self.rng_tracker = _rng_tracker()
