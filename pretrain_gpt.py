@@ -46,7 +46,27 @@ def say_refusal(error, rank: int, world_size: int, same_on_every_rank: bool, mas
              store=lambda timeout_s: job_store(rank, world_size, master_addr, master_port, timeout_s))
 
 
-def main(argv: list[str] | None = None) -> int:
+def data_path_directory(run) -> None:
+    """Upstream's ALCF entry (pretrain_gpt_alcf.py): a --data-path that is one directory blends every file in it
+    whose name contains ".bin", each with weight 1 (prefix: the name up to ".bin"), in os.listdir's order, as
+    upstream builds it. A notice says so."""
+    data = run.data
+    if len(data.data_path) != 1 or not os.path.isdir(data.data_path[0]):
+        return
+    directory = data.data_path[0]
+    path = directory + "/"
+    prefixes = [path + f.split(".bin")[0] for f in os.listdir(path) if os.path.isfile(path + f) and ".bin" in f]
+    if not prefixes:
+        from megatron.errors import ConfigError
+
+        raise ConfigError(f"--data-path {directory} is a directory without .bin files (pretrain_gpt_alcf.py blends "
+                          "every .bin file of a directory given as --data-path)")
+    data.data_path = [item for prefix in prefixes for item in ("1", prefix)]
+    run.notices.append(f"--data-path {directory}: a directory, so its {len(prefixes)} .bin files are blended with "
+                       "weight 1 each (upstream's pretrain_gpt_alcf.py)")
+
+
+def main(argv: list[str] | None = None, alcf_entry: bool = False) -> int:
     """Exit code 0 when the run finished or exited early on purpose (signal, --exit-*), 2 on bad flags/inputs
     (flags, data, checkpoints, the save directory), 3 when a rank stopped answering (watchdog, collective
     timeout), 4 after --max-consecutive-nan-steps NaN/Inf steps (see docs/RELIABILITY.md).
@@ -62,6 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     warn_once_per_run(launch.rank if launch is not None else 0)
     try:
         run = parse_args(argv)
+        if alcf_entry:
+            data_path_directory(run)
         check_data_lists(run.data)  # before any other work: the same verdict on every rank
     except MegatronError as error:
         # every rank reads the same flags and data lists: the same verdict on every rank, said once

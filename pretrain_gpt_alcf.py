@@ -1,5 +1,6 @@
 """Upstream's ALCF entry point (argonne-lcf/Megatron-DeepSpeed's ALCF/helpers.sh launches this file): the same
-run as pretrain_gpt.py, flag for flag, so recipes that name it work unchanged."""
+run as pretrain_gpt.py, flag for flag, so recipes that name it work unchanged; as upstream's, a --data-path that
+is a directory blends every .bin file in it with weight 1 (pretrain_gpt.data_path_directory)."""
 
 from __future__ import annotations
 
@@ -7,4 +8,4 @@ from __future__ import annotations
 from pretrain_gpt import exit_with, main
 
 if __name__ == "__main__":
-    exit_with(main())
+    exit_with(main(alcf_entry=True))
