@@ -50,10 +50,10 @@ def test_sigterm_to_one_rank_saves_a_checkpoint_on_every_rank_and_exits_zero(tmp
 
 
 _STARTED_EARLIER = """
-import runpy, sys
+import runpy, sys, time
 import megatron
-if sys.argv[1] == "1":
-    megatron.START_TIME -= 90  # this rank's process started 90 s ago (a slow start-up, as at scale)
+if sys.argv[1] == "1":  # this rank's process started 90 s ago (a slow start-up, as at scale)
+    megatron.START_TIME = getattr(megatron, "START_TIME", time.time()) - 90
 sys.argv = ["pretrain_gpt.py", *sys.argv[2:]]
 runpy.run_path(sys.argv[0], run_name="__main__")
 """
