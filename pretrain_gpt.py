@@ -46,6 +46,26 @@ def say_refusal(error, rank: int, world_size: int, same_on_every_rank: bool, mas
              store=lambda timeout_s: job_store(rank, world_size, master_addr, master_port, timeout_s))
 
 
+def data_path_directory(run) -> None:
+    """Upstream's ALCF entry (pretrain_gpt_alcf.py): a --data-path that is one directory blends every file in it
+    whose name contains ".bin", each with weight 1 (prefix: the name up to ".bin"), in os.listdir's order, as
+    upstream builds it. A notice says so."""
+    data = run.data
+    if len(data.data_path) != 1 or not os.path.isdir(data.data_path[0]):
+        return
+    directory = data.data_path[0]
+    path = directory + "/"
+    prefixes = [path + f.split(".bin")[0] for f in os.listdir(path) if os.path.isfile(path + f) and ".bin" in f]
+    if not prefixes:
+        from megatron.errors import ConfigError
+
+        raise ConfigError(f"--data-path {directory} is a directory without .bin files (pretrain_gpt_alcf.py blends "
+                          "every .bin file of a directory given as --data-path)")
+    data.data_path = [item for prefix in prefixes for item in ("1", prefix)]
+    run.notices.append(f"--data-path {directory}: a directory, so its {len(prefixes)} .bin files are blended with "
+                       "weight 1 each (upstream's pretrain_gpt_alcf.py)")
+
+
 def main(argv: list[str] | None = None, alcf: bool = False) -> int:
     """Exit code 0 when the run finished or exited early on purpose (signal, --exit-*), 2 on bad flags/inputs
     (flags, data, checkpoints, the save directory), 3 when a rank stopped answering (watchdog, collective
@@ -71,6 +91,8 @@ def main(argv: list[str] | None = None, alcf: bool = False) -> int:
             run = parse_args(argv)
         except ConfigError as refused:  # the data lists too, so a flag error does not hide a missing file
             raise with_data_list_problems(refused, sys.argv[1:] if argv is None else argv) from None
+        if alcf:
+            data_path_directory(run)  # upstream's ALCF entry: a --data-path directory blends its .bin files
         if run.training.dry_run is None:
             # before any process group or engine, on every launch path: the layout against the launcher's world
             # size (1 under plain python), batch sizes, data lists, tokenizer, LR schedule, engine, all reported
@@ -108,7 +130,9 @@ def main(argv: list[str] | None = None, alcf: bool = False) -> int:
             print(f"pretrain_gpt.py: {ps.describe()} on {env.device} ({env.backend}, {env.launcher})", flush=True)
             for notice in run.notices:
                 print(f"pretrain_gpt.py: note: {notice}", flush=True)
-        result = train(run, ps, env.device)
+        import megatron
+
+        result = train(run, ps, env.device, start_time=megatron.START_TIME)  # upstream's clock: from the start
         if env.rank == 0:
             print(f"pretrain_gpt.py: done at iteration {result.iteration}: {result.exit_reason}", flush=True)
         if result.exit_code:

@@ -5,7 +5,8 @@
 # LR_WARMUP_FRAC, LR_DECAY_ITERS, OPT, ADAM_BETA1/2, ADAM_EPS, WEIGHT_DECAY, CLIP_GRAD, DTYPE, ROPE_THETA,
 # USE_ACTIVATION_CHECKPOINTING, ACT_CKPT_NUM_LAYERS, TIMING_LOG_LEVEL, DATA_FILE_LIST, TOKENIZER_TYPE,
 # TOKENIZER_MODEL, CKPT_DIR, LOAD, SAVE, ... see ALCF/recipe.py), refuses unknown or conflicting ones before
-# launching, and execs mpiexec. DRY_RUN=1 prints the resolved run instead. Flags after the script name are
+# launching, and runs mpiexec with its output teed to logs/<run>/<date>_<ws>_<host>/output.log (as upstream).
+# DRY_RUN=1 prints the resolved run (and its upstream-named run directory) instead. Flags after the script name are
 # appended (they win).
 
 ALCF_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"

@@ -5,16 +5,20 @@
 
 The environment variables are argonne-lcf/Megatron-DeepSpeed's (`ALCF/helpers.sh`: setParams, setup_run_cmd,
 set_args, get_model_arch_*), with its defaults, and the flags are the ones its `setup_run_cmd` builds, so a
-recipe moves over unchanged. Differences, each on purpose:
+recipe moves over unchanged. The run is named as upstream names it (get_output_prefix): checkpoints, TensorBoard
+and a relaunch's --load in checkpoints/<prefix> (CKPT_DIR overrides), the whole output teed to
+logs/<prefix>/<%Y%m%d-%H%M%S>_<WORLD_SIZE>_<HOSTNAME>/output.log (listed in logs/latest), and the environment
+saved to CKPT_DIR/.env (upstream's save_dotenv), all relative to the repository root. Differences, each on purpose:
   - a knob this file does not know (a misspelling, or one of upstream's we do not support) and two knobs that
     disagree (OPT vs OPTIMIZER, GLOBAL_BATCH vs MICRO_BATCH × DP × GRAD_ACC_STEPS, HIDDEN under a fixed
     MODEL_ARCH, ...) are errors before launch; upstream silently takes one of them;
   - flags given after the script name come last, so they win (upstream puts them before its own);
   - no DeepSpeed JSON file is written: the flags carry the same settings and pretrain_gpt.py generates it
     (DRY_RUN=1 prints it); DATA_FILE_LIST has no machine default (we ship no data lists);
-  - --accumulate-allreduce-grads-in-fp32 is passed only where it can take effect (bf16 with ZeRO stage 1 on the
-    device: DeepSpeed's BF16 optimizer); elsewhere DeepSpeed accumulates in the run's dtype, upstream's runs
-    included (at ZERO_STAGE=0 upstream's DeepSpeed config asks for no fp32 accumulation, and DeepSpeed has none);
+  - --accumulate-allreduce-grads-in-fp32 is passed only where upstream's run accumulates in fp32: upstream passes
+    the flag always, but its DeepSpeed config decides, and that asks for data_types.grad_accum_dtype = fp32 only
+    at pp > 1 (ZeRO 1/2), which DeepSpeed honours for bf16 at ZeRO stage 1 without CPU offload (its BF16
+    optimizer). So the default Aurora run (bf16, ZeRO-1, pp = 1) accumulates in bf16, as upstream's does;
   - our additions: MOCK_DATA=1 (random tokens, VOCAB_SIZE), CPU_OPTIMIZER=1, WANDB_PROJECT, PEAK_TFLOPS,
     DRY_RUN=1, CPU_BIND.
 """
@@ -183,6 +187,62 @@ def _int(env: dict, name: str, default) -> int:
         raise RecipeError(f"{name}={value!r} is not an integer") from None
 
 
+def upstream_grad_accum_dtype(zero_stage: int, pp: int) -> "str | None":
+    """data_types.grad_accum_dtype in the DeepSpeed config upstream's generateDSconfig writes: fp32 at ZeRO 1/2
+    with pipeline parallelism (pp > 1), otherwise none (DeepSpeed's default: the model's dtype)."""
+    return "fp32" if zero_stage in (1, 2) and pp > 1 else None
+
+
+def fp32_accumulation(dtype: str, zero_stage: int, pp: int, cpu_optimizer: bool) -> bool:
+    """Whether upstream's run accumulates gradients in fp32: its DeepSpeed config decides (its
+    --accumulate-allreduce-grads-in-fp32 never reaches DeepSpeed), and DeepSpeed uses that config's fp32 only for
+    bf16 at ZeRO stage 1 without CPU offload (its BF16 optimizer); elsewhere the run's dtype, here as there."""
+    return (upstream_grad_accum_dtype(zero_stage, pp) == "fp32" and dtype == "bf16" and zero_stage == 1
+            and not cpu_optimizer)
+
+
+def upstream_model_arch(preset: str, nlayers: int) -> str:
+    """The MODEL_ARCH that upstream's get_model_arch_* exports (it names the run directory)."""
+    return {"auroragpt-7b": "AuroraGPT-7B", "auroragpt-2b": "AuroraGPT-2B", "auroragpt-70b": "AuroraGPT-70B",
+            "auroragpt-33b": "AuroraGPT-33B", "llama3-3b": f"llama3-3B-nLayers{nlayers}",
+            "smollm3-3b": f"smollm3-nLayers{nlayers}", "phi4-mini": f"phi4-mini-nLayers{nlayers}"}[preset]
+
+
+def output_prefix(env: dict, preset: str, model: dict, *, world, zero, micro, global_batch, sp, pp, tp, dtype,
+                  opt) -> str:
+    """Upstream's get_output_prefix (ALCF/helpers.sh), character for character: it names the checkpoint directory
+    (checkpoints/<prefix>, the --load and --save of a relaunch) and the log directory (logs/<prefix>/...).
+    TRAIN_TOKENS counts only when given or defaulted (TRAIN_ITERS alone: upstream's _ntok0B); _tok and _tm only when
+    TOKENIZER_TYPE / TOKENIZER_MODEL are in the environment (upstream names the run before it defaults them)."""
+    pre = (f"ws{world}-ds-stage{zero}-nl{model['NLAYERS']}-hs{model['HIDDEN']}-mb{micro}-seq{model['SEQ']}"
+           f"-gb{global_batch}-sp{sp}-pp{pp}-tp{tp}-{dtype}-opt{opt}"
+           f"-lr{_get(env, 'LR', '0.0002')}-lwf{_get(env, 'LR_WARMUP_FRAC', '0.05')}")
+    pre = f"{upstream_model_arch(preset, model['NLAYERS'])}-{pre}"
+    if _get(env, "TRAIN_TOKENS") or not (_get(env, "TRAIN_ITERS") or _get(env, "TRAIN_ITER")):
+        tokens = _int(env, "TRAIN_TOKENS", 4673780159710)
+    else:
+        tokens = 0  # upstream's $((TRAIN_TOKENS / 10 ** 9)) of an unset TRAIN_TOKENS
+    pre += f"_ntok{tokens // 10**9}B"
+    if _get(env, "TOKENIZER_TYPE"):
+        pre += "_tok" + env["TOKENIZER_TYPE"].replace("Tokenizer", "")
+    if _get(env, "TOKENIZER_MODEL"):
+        pre += "_tm" + env["TOKENIZER_MODEL"].replace("/", "_")
+    if _get(env, "LR_DECAY_ITERS"):
+        pre += f"_ldi{env['LR_DECAY_ITERS']}"
+    if not _get(env, "NO_FLASH_ATTN"):
+        pre += "_flash"
+    return pre
+
+
+def output_dir(prefix: str, world_size: int, now=None, host=None) -> str:
+    """Upstream's setOutput: logs/<prefix>/<%Y%m%d-%H%M%S>_<WORLD_SIZE>_<HOSTNAME>; output.log goes in it."""
+    import datetime
+    import socket
+
+    now = now or datetime.datetime.now()
+    return str(Path("logs") / prefix / f"{now:%Y%m%d-%H%M%S}_{world_size}_{host or socket.gethostname()}")
+
+
 def resolve(machine: str, env: dict, extra: list[str]) -> dict:
     """The run upstream's knobs describe: {'flags', 'launch', 'env', 'world_size'}; RecipeError lists problems."""
     from megatron.config.presets import PRESETS
@@ -243,9 +303,9 @@ def resolve(machine: str, env: dict, extra: list[str]) -> dict:
     dtype = _get(env, "DTYPE", mc["dtype"])
     if dtype not in ("bf16", "fp16", "fp32"):
         raise RecipeError(f"DTYPE={dtype} is not one of bf16, fp16, fp32")
-    ckpt_dir = _get(env, "CKPT_DIR") or str(Path("checkpoints") / (
-        f"{arch_name}-ws{world}-ds-stage{_int(run_env, 'ZERO_STAGE', 1)}-nl{model['NLAYERS']}-hs{model['HIDDEN']}"
-        f"-mb{micro}-seq{seq}-gb{global_batch}-sp{sp}-pp{pp}-tp{tp}-{dtype}-opt{opt}"))
+    prefix = output_prefix(env, preset, model, world=world, zero=_int(run_env, 'ZERO_STAGE', 1), micro=micro,
+                           global_batch=global_batch, sp=sp, pp=pp, tp=tp, dtype=dtype, opt=opt)
+    ckpt_dir = _get(env, "CKPT_DIR") or str(Path("checkpoints") / prefix)
     hidden = model["HIDDEN"]
 
     f: list[str] = []
@@ -283,9 +343,7 @@ def resolve(machine: str, env: dict, extra: list[str]) -> dict:
     if dtype != "fp32":
         f += [f"--{dtype}"]
     backend = _get(env, mc["backend_knob"], mc["backend"])
-    if dtype == "bf16" and _int(run_env, "ZERO_STAGE", 1) == 1 and _get(env, "CPU_OPTIMIZER") != "1":
-        # Upstream passes it always; under DeepSpeed it takes effect only here (bf16, ZeRO-1: the BF16
-        # optimizer); fp16, ZeRO-0 and ZeRO-2/3 accumulate in the run's dtype there as here, so it is left out.
+    if fp32_accumulation(dtype, _int(run_env, "ZERO_STAGE", 1), pp, _get(env, "CPU_OPTIMIZER") == "1"):
         f += ["--accumulate-allreduce-grads-in-fp32"]
     f += ["--adjust-word-embedding-init",
           f"--adam-beta1={_get(env, 'ADAM_BETA1', '0.9')}", f"--adam-beta2={_get(env, 'ADAM_BETA2', '0.95')}",
@@ -326,7 +384,35 @@ def resolve(machine: str, env: dict, extra: list[str]) -> dict:
     else:
         launch += [f"--cpu-bind={_get(env, 'CPU_BIND', 'depth')}", "--depth=8"]
     launch += [sys.executable, str(REPO / "pretrain_gpt_alcf.py")]
-    return {"flags": f, "launch": launch, "env": launch_env, "world_size": world}
+    return {"flags": f, "launch": launch, "env": launch_env, "world_size": world, "output_prefix": prefix,
+            "ckpt_dir": ckpt_dir}
+
+
+def save_dotenv(ckpt_dir: str, environ: dict) -> Path:
+    """Upstream's save_dotenv: the environment (printenv without LS_COLORS) in CKPT_DIR/.env."""
+    path = Path(ckpt_dir) / ".env"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(f"{k}={v}\n" for k, v in environ.items() if k != "LS_COLORS"))
+    return path
+
+
+def run_teed(command: list[str], env: dict, log_path: Path) -> int:
+    """Run the launch line with its stdout and stderr to the terminal and appended to `log_path` (upstream's
+    `bash -c "${run_cmd[*]}" |& tee -a "${OUTPUT_LOG}"`); SIGINT/SIGTERM reach mpiexec; mpiexec's exit status."""
+    import signal
+    import subprocess
+
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda signum, _frame: proc.send_signal(signum))
+        out = sys.stdout.buffer
+        for chunk in iter(lambda: proc.stdout.read1(65536), b""):
+            out.write(chunk)
+            out.flush()
+            log.write(chunk)
+            log.flush()
+        return proc.wait()
 
 
 def main(argv: list[str]) -> int:
@@ -342,19 +428,31 @@ def main(argv: list[str]) -> int:
     command = r["launch"] + r["flags"]
     line = " ".join(f"{k}={shlex.quote(v)}" for k, v in r["env"].items())
     line = (line + " " if line else "") + shlex.join(command)
+    out_dir = Path(output_dir(r["output_prefix"], r["world_size"]))
+    log_path = out_dir / "output.log"
     if _get(os.environ, "DRY_RUN") == "1":
         from megatron.config.arguments import ConfigError, parse_args
         from megatron.training.dry_run import dry_run_report
 
         try:
-            print(dry_run_report(parse_args(r["flags"]), r["world_size"], launch_line=line), flush=True)
+            report = dry_run_report(parse_args(r["flags"]), r["world_size"], launch_line=line)
         except ConfigError as e:
             print(f"ALCF recipe: the flags it builds are refused (nothing was launched):\n{e}", file=sys.stderr)
             return 2
+        print(f"== run directory\ncheckpoints: {r['ckpt_dir']}\nlog: {log_path}\n", flush=True)
+        print(report, flush=True)
         return 0
-    print(line, flush=True)
-    os.execvpe(command[0], command, {**os.environ, **r["env"]})
-    return 0  # not reached
+    # upstream's setOutput, save_dotenv and train_alcf.sh: the log directory, logs/latest, CKPT_DIR/.env, then the
+    # launch line, where the output goes, and the whole run's output, all appended to output.log
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with open(Path("logs") / "latest", "a") as latest:
+        latest.write(f"{log_path}\n")
+    save_dotenv(r["ckpt_dir"], dict(os.environ))
+    with open(log_path, "a") as log:
+        for text in (line, f"Output will be saved to {log_path}"):
+            print(text, flush=True)
+            log.write(text + "\n")
+    return run_teed(command, {**os.environ, **r["env"]}, log_path)
 
 
 if __name__ == "__main__":

@@ -5,8 +5,8 @@ import json
 import pytest
 
 from megatron.config.arguments import (
-    ConfigError, global_batch_size_at, gradient_accumulation_steps, parse_args, train_iters, train_samples,
-    validate_run,
+    ConfigError, global_batch_size_at, gradient_accumulation_steps, parse_args, stops_at_train_tokens, train_iters,
+    train_samples, validate_run,
 )
 
 BASE = ["--mock-data", "--vocab-size", "1000", "--train-iters", "10"]
@@ -140,11 +140,14 @@ def test_train_iters_from_iters_samples_and_tokens():
     assert train_iters(parse_args([*common, "--train-samples", "80"]), 2) == 10
     # Not a multiple of the global batch: whole batches only (Megatron rounds down), so the data never runs out.
     assert train_iters(parse_args([*common, "--train-samples", "87"]), 2) == 10
-    assert train_iters(parse_args([*common, "--train-tokens", str(32 * 87)]), 2) == 10
     with pytest.raises(ConfigError, match=r"--train-samples gives 7 samples, fewer than one global batch \(8\)"):
         train_iters(parse_args([*common, "--train-samples", "7"]), 2)
-    run = parse_args([*common, "--train-tokens", str(32 * 8 * 5)])
-    assert train_samples(run, 2) == 40 and train_iters(run, 2) == 5
+    # --train-tokens is upstream's token budget, not the run length: it goes with --train-iters/--train-samples
+    run = parse_args([*common, "--train-samples", "80", "--train-tokens", str(32 * 8 * 5)])
+    assert train_samples(run, 2) == 80 and train_iters(run, 2) == 10
+    assert not stops_at_train_tokens(run, 32) and stops_at_train_tokens(run, 40)
+    with pytest.raises(ConfigError, match=r"--train-tokens is a token budget.*give --train-iters or --train-samples"):
+        parse_args([*common, "--train-tokens", str(32 * 87)])
 
 
 def test_rampup_batch_size_follows_megatron_semantics():
@@ -155,7 +158,7 @@ def test_rampup_batch_size_follows_megatron_semantics():
         [4, 4, 8, 12, 12, 16, 16]
     # walk: 4×8 = 32 samples (8 iters), 8×4 = 32 (4 iters), 12×3 = 36 → 100 (3 iters), then 100 // 16 → 6 iters.
     assert train_iters(run, dp_size=2) == 8 + 4 + 3 + 6
-    with pytest.raises(ConfigError, match=r"--rampup-batch-size needs --train-samples or --train-tokens"):
+    with pytest.raises(ConfigError, match=r"--rampup-batch-size needs --train-samples, not --train-iters"):
         parse_args([*LLAMA, *BASE, "--global-batch-size", "16", "--rampup-batch-size", "4", "4", "96"])
 
 

@@ -191,3 +191,40 @@ def test_paused_gc_restores_the_collector_as_it_found_it():
         assert not gc.isenabled()
     finally:
         gc.enable()
+
+
+def test_alcf_entry_blends_every_bin_file_of_a_data_path_directory_with_weight_one(tmp_path):
+    """Upstream's pretrain_gpt_alcf.py: --data-path DIR takes every file whose name contains ".bin", weight 1 each,
+    in os.listdir's order; pretrain_gpt.py (as upstream's plain entry) takes DIR as a prefix."""
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    data = tmp_path / "corpus"
+    data.mkdir()
+    for name, seed in (("web_text_document", 0), ("code_text_document", 1), ("books_text_document", 2)):
+        write_file(str(data / name), 20, seed=seed)
+    (data / "README.txt").write_text("not data")
+    flags = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4", "--seq-length", "32",
+             "--vocab-size", "256", "--tokenizer-type", "NullTokenizer", "--train-iters", "2",
+             "--global-batch-size", "2", "--data-path", str(data), "--dry-run", "1"]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    alcf = subprocess.run([sys.executable, str(root / "pretrain_gpt_alcf.py"), *flags], capture_output=True,
+                          text=True, env=env, cwd=tmp_path, timeout=300)
+    assert alcf.returncode == 0, alcf.stderr[-3000:]
+    order = [f.split(".bin")[0] for f in os.listdir(str(data) + "/") if ".bin" in f]
+    assert len(order) == 3
+
+    import pretrain_gpt
+    from megatron.config.arguments import parse_args
+
+    run = parse_args(flags)
+    pretrain_gpt.data_path_directory(run)
+    assert run.data.data_path == [item for name in order for item in ("1", f"{data}/{name}")]
+    assert "its 3 .bin files are blended with weight 1 each" in run.notices[-1]
+    for name in order:
+        assert name in alcf.stdout
+    plain = subprocess.run([sys.executable, str(root / "pretrain_gpt.py"), *flags], capture_output=True, text=True,
+                           env=env, cwd=tmp_path, timeout=300)
+    assert plain.returncode == 2 and str(data) in plain.stderr

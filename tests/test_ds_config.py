@@ -63,6 +63,50 @@ def test_accumulate_allreduce_grads_in_fp32_sets_deepspeeds_grad_accum_dtype_or_
     assert precision_errors(fp32, "cpu") == [] and "data_types" not in build_deepspeed_config(fp32, dp_size=1)
 
 
+def test_a_deepspeed_config_file_decides_the_accumulation_dtype_as_upstream(tmp_path):
+    """Upstream's --accumulate-allreduce-grads-in-fp32 never reaches DeepSpeed: its config file decides, and a
+    file without data_types.grad_accum_dtype gets DeepSpeed's default (the model's dtype). A flag the file
+    overrides gets a one-line notice naming both; without a file, the flag decides."""
+    plain = tmp_path / "plain.json"
+    plain.write_text(json.dumps({"train_micro_batch_size_per_gpu": 2, "bf16": {"enabled": True},
+                                 "zero_optimization": {"stage": 1}}))
+    run = parse_args([*BASE, "--bf16", "--accumulate-allreduce-grads-in-fp32", "--deepspeed_config", str(plain)])
+    assert not run.training.precision.accumulate_allreduce_grads_in_fp32
+    assert "data_types" not in build_deepspeed_config(run, dp_size=2)
+    [notice] = [n for n in run.notices if "--accumulate-allreduce-grads-in-fp32" in n]
+    assert str(plain) in notice and "has no data_types.grad_accum_dtype" in notice and "in bf16" in notice
+    assert "\n" not in notice
+    # the file's fp32 decides without the flag
+    fp32 = tmp_path / "fp32.json"
+    fp32.write_text(json.dumps({"train_micro_batch_size_per_gpu": 2, "bf16": {"enabled": True},
+                                "zero_optimization": {"stage": 1}, "data_types": {"grad_accum_dtype": "fp32"}}))
+    run = parse_args([*BASE, "--bf16", "--deepspeed_config", str(fp32)])
+    assert run.training.precision.accumulate_allreduce_grads_in_fp32 and run.notices == []
+    assert build_deepspeed_config(run, dp_size=2)["data_types"] == {"grad_accum_dtype": "fp32"}
+    run = parse_args([*BASE, "--bf16", "--accumulate-allreduce-grads-in-fp32", "--deepspeed_config", str(fp32)])
+    assert run.training.precision.accumulate_allreduce_grads_in_fp32 and run.notices == []
+    # a file naming another dtype is named in the notice
+    bf16 = tmp_path / "bf16.json"
+    bf16.write_text(json.dumps({"bf16": {"enabled": True}, "data_types": {"grad_accum_dtype": "bf16"}}))
+    run = parse_args([*BASE, "--bf16", "--accumulate-allreduce-grads-in-fp32", "--deepspeed_config", str(bf16)])
+    assert not run.training.precision.accumulate_allreduce_grads_in_fp32
+    assert "sets data_types.grad_accum_dtype = bf16" in run.notices[0]
+    assert build_deepspeed_config(run, dp_size=2)["data_types"] == {"grad_accum_dtype": "bf16"}
+    # upstream's Polaris recipe (fp16, the flag always, a file without data_types): a notice, not a refusal
+    fp16 = tmp_path / "fp16.json"
+    fp16.write_text(json.dumps({"fp16": {"enabled": True}, "zero_optimization": {"stage": 1}}))
+    run = parse_args([*BASE, "--fp16", "--accumulate-allreduce-grads-in-fp32", "--deepspeed_config", str(fp16)])
+    assert not run.training.precision.accumulate_allreduce_grads_in_fp32 and "in fp16" in run.notices[0]
+    with pytest.raises(ConfigError, match="not --fp16"):  # without a file the flag decides, and fp16 cannot
+        parse_args([*BASE, "--fp16", "--accumulate-allreduce-grads-in-fp32"])
+    # upstream's AuroraGPT-2B (bf16, ZeRO-0, the flag, no data_types): ZeRO-0 with bf16 accumulation, as upstream
+    zero0 = tmp_path / "zero0.json"
+    zero0.write_text(json.dumps({"bf16": {"enabled": True}}))
+    run = parse_args([*BASE, "--bf16", "--zero-stage", "0", "--accumulate-allreduce-grads-in-fp32",
+                      "--deepspeed_config", str(zero0)])
+    assert run.training.zero.zero_stage == 0 and not run.training.precision.accumulate_allreduce_grads_in_fp32
+
+
 def test_user_file_is_merged_keeping_its_extra_sections(tmp_path):
     path = tmp_path / "ds.json"
     path.write_text(json.dumps({
@@ -92,6 +136,22 @@ def test_user_file_with_optimizer_section_or_disagreeing_values_is_refused(tmp_p
     run.training.zero.zero_stage = 1
     with pytest.raises(ConfigError, match=r"--zero-stage gives zero_optimization.stage = 1 but .*ds.json has 2"):
         build_deepspeed_config(run, dp_size=1)
+
+
+def test_fp16_starts_at_upstreams_effective_loss_scale_unless_the_flag_says_otherwise():
+    """Upstream's --initial-loss-scale (default 2**32) never reaches DeepSpeed: its fp16 runs start at DeepSpeed's
+    default 2**16 (initial_scale_power 16). Decision: the flag is honoured when given; its default is 2**16."""
+    cfg = build_deepspeed_config(parse_args([*BASE, "--fp16"]), dp_size=1)
+    assert cfg["fp16"]["initial_scale_power"] == 16 and cfg["fp16"]["loss_scale"] == 0
+    assert parse_args([*BASE, "--fp16"]).args["initial_loss_scale"] == 2.0**16  # saved as it ran
+    cfg = build_deepspeed_config(parse_args([*BASE, "--fp16", "--initial-loss-scale", str(2**32)]), dp_size=1)
+    assert cfg["fp16"]["initial_scale_power"] == 32
+    # upstream's file (helpers.sh generateDSconfig, DTYPE=fp16) has no initial_scale_power: DeepSpeed starts at 2**16
+    from deepspeed.runtime.precision_config import get_float16_config
+
+    upstream = {"fp16": {"enabled": True, "loss_scale": 0, "loss_scale_window": 1000, "hysteresis": 2,
+                         "min_loss_scale": 1}}
+    assert get_float16_config(upstream).initial_scale_power == 16
 
 
 def test_precision_errors_refuse_fp16_on_cpu_only():

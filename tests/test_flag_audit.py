@@ -16,11 +16,9 @@ UPSTREAM = [line.strip() for line in (Path(__file__).parent / "data" / "upstream
 
 # The only accepted-with-no-effect flags: kernel/fusion toggles, and flags that ask for what is always done here.
 TRUE_NO_OPS = {
-    "--deepspeed", "--deepscale", "--deepspeed-mpi", "--local-rank", "--no-query-key-layer-scaling",
-    "--apply-query-key-layer-scaling", "--no-bias-dropout-fusion",
+    "--deepspeed", "--deepscale", "--deepspeed-mpi", "--local-rank", "--no-bias-dropout-fusion",
     "--no-masked-softmax-fusion", "--no-gradient-accumulation-fusion", "--no-persist-layer-norm",
-    "--no-async-tensor-model-parallel-allreduce", "--use-flash-attn", "--use-flash-attn-v1", "--use-flash-attn-v2",
-    "--use-flash-attn-triton", "--use-flash-attn-builder", "--blend-sample-in-corpus",
+    "--no-async-tensor-model-parallel-allreduce", "--blend-sample-in-corpus",
     "--log-memory-to-tensorboard", "--log-validation-ppl-to-tensorboard", "--log-batch-size-to-tensorboard",
     "--disable-mem-efficient-ln", "--no-barrier-with-level-1-timing", "--use-cpu-initialization",
     "--no-initialization", "--zero-reduce-scatter", "--zero-contigious-gradients", "--use-pin-memory",

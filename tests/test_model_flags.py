@@ -1,4 +1,5 @@
-"""Model-side flags change what they should: --kv-channels (head size), --attention-softmax-in-fp32,
+"""Model-side flags change what they should: --kv-channels (head size), bf16 attention as upstream's (query-key
+layer scaling, --attention-softmax-in-fp32, flash),
 --adjust-word-embedding-init/--word-embedding-init-std, selective and block recomputation (same gradients,
 fewer saved activations), in one process without torch.distributed."""
 
@@ -37,17 +38,84 @@ def test_kv_channels_sets_the_head_size_apart_from_hidden_over_heads():
         run.model.padded_vocab_size() - 64) * 32  # the count formula follows the wider projections (no padding)
 
 
-def test_attention_softmax_in_fp32_computes_bf16_attention_in_fp32():
+def _upstream_core_attention(q, k, v, layer_number, apply_query_key_layer_scaling, attention_softmax_in_fp32):
+    """argonne-lcf/Megatron-DeepSpeed's CoreAttention.forward with FusedScaleMaskSoftmax.forward_torch_softmax
+    (megatron/model/transformer.py, fused_softmax.py; --no-masked-softmax-fusion, causal mask, bf16), transcribed:
+    inputs [sq, b, np, hn] as upstream lays them out."""
+    import math
+
+    softmax_in_fp32 = attention_softmax_in_fp32 or apply_query_key_layer_scaling
+    layer_number = max(1, layer_number)
+    coeff = None
+    norm_factor = math.sqrt(q.size(3))
+    if apply_query_key_layer_scaling:
+        coeff = layer_number
+        norm_factor *= coeff
+    output_size = (q.size(1), q.size(2), q.size(0), k.size(0))
+    query_layer = q.reshape(output_size[2], output_size[0] * output_size[1], -1)
+    key_layer = k.reshape(output_size[3], output_size[0] * output_size[1], -1)
+    buffer = torch.empty(output_size[0] * output_size[1], output_size[2], output_size[3], dtype=q.dtype)
+    matmul_result = torch.baddbmm(buffer, query_layer.transpose(0, 1), key_layer.transpose(0, 1).transpose(1, 2),
+                                  beta=0.0, alpha=(1.0 / norm_factor))
+    attention_scores = matmul_result.view(*output_size)
+    sq, sk = attention_scores.shape[-2:]
+    mask = torch.tril(torch.ones(1, 1, sq, sk)) < 0.5  # get_ltor_masks_and_position_ids: True = masked
+    x = attention_scores  # forward_torch_softmax (input_in_bf16)
+    if softmax_in_fp32:
+        x = x.float()
+    if coeff is not None:
+        x = x * coeff
+    x = x.masked_fill_(mask, -10000.0)  # attention_mask_func
+    probs = torch.nn.Softmax(dim=-1)(x)
+    if softmax_in_fp32:
+        probs = probs.bfloat16()
+    output_size = (v.size(1), v.size(2), q.size(0), v.size(3))
+    value_layer = v.reshape(v.size(0), output_size[0] * output_size[1], -1)
+    probs = probs.view(output_size[0] * output_size[1], output_size[2], -1)
+    context = torch.bmm(probs, value_layer.transpose(0, 1)).view(*output_size)
+    return context.permute(2, 0, 1, 3).contiguous()  # [sq, b, np, hn]
+
+
+@pytest.mark.parametrize("flags, scaling, fp32", [
+    ((), True, False),  # upstream's default: query-key layer scaling, so the softmax is in fp32
+    (("--no-query-key-layer-scaling",), False, False),  # softmax in bf16
+    (("--no-query-key-layer-scaling", "--attention-softmax-in-fp32"), False, True),  # only the softmax in fp32
+])
+def test_bf16_attention_without_flash_is_upstreams_core_attention(flags, scaling, fp32):
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(2, 16, 4, 8, generator=g).mul(4).to(torch.bfloat16) for _ in range(3))  # [b, s, h, d]
+    m, run = model(*flags)
+    assert run.model.apply_query_key_layer_scaling == scaling and not run.model.flash_attention
+    for index in (0, 2):  # layer numbers 1 and 3
+        ours = m.layers[index].attention._attend(q, k, v)
+        theirs = _upstream_core_attention(*(t.transpose(0, 1) for t in (q, k, v)), index + 1, scaling, fp32)
+        assert ours.dtype == torch.bfloat16
+        assert torch.equal(ours, theirs.transpose(0, 1)), (flags, index)
+    # the test tells the cases apart: layer 3 with and without scaling (bf16 scores of QKᵀ/(√d·3), then × 3 in
+    # fp32), and this framework's former attention (bf16 SDPA; all of it in fp32 with --attention-softmax-in-fp32)
+    args = [t.transpose(0, 1) for t in (q, k, v)]
+    assert not torch.equal(_upstream_core_attention(*args, 3, True, False),
+                           _upstream_core_attention(*args, 3, False, False))
+    import torch.nn.functional as F
+
+    former = F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v)), is_causal=True).transpose(1, 2)
+    former_fp32 = F.scaled_dot_product_attention(*(t.float().transpose(1, 2) for t in (q, k, v)),
+                                                 is_causal=True).transpose(1, 2).to(torch.bfloat16)
+    ours = m.layers[0].attention._attend(q, k, v)
+    assert not torch.equal(ours, former) and not torch.equal(ours, former_fp32)
+
+
+def test_flash_attention_flags_run_sdpa_whatever_the_softmax_flags():
     import torch.nn.functional as F
 
     g = torch.Generator().manual_seed(1)
     q, k, v = (torch.randn(2, 16, 4, 8, generator=g).to(torch.bfloat16) for _ in range(3))
-    plain = model()[0].layers[0].attention._attend(q, k, v)
-    fp32 = model("--attention-softmax-in-fp32")[0].layers[0].attention._attend(q, k, v)
-    exact = F.scaled_dot_product_attention(*(t.float().transpose(1, 2) for t in (q, k, v)), is_causal=True)
-    assert fp32.dtype == plain.dtype == torch.bfloat16
-    assert torch.equal(fp32, exact.transpose(1, 2).to(torch.bfloat16))  # scores, softmax and sum in fp32
-    assert not torch.equal(plain, fp32)  # bf16 SDPA rounds on the way
+    sdpa = F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v)), is_causal=True).transpose(1, 2)
+    for flags in (("--use-flash-attn-builder",), ("--use-flash-attn-v2", "--no-query-key-layer-scaling"),
+                  ("--use-flash-attn", "--attention-softmax-in-fp32")):
+        m, run = model(*flags)
+        assert run.model.flash_attention
+        assert torch.equal(m.layers[1].attention._attend(q, k, v), sdpa), flags
 
 
 def test_adjust_word_embedding_init_uses_the_word_embedding_std():

@@ -413,6 +413,39 @@ def test_ds_fused_adam_and_cpu_torch_adam_choose_upstreams_optimizers():
     assert "zero_force_ds_cpu_optimizer" not in generate_deepspeed_config(plain, 1)
 
 
+@pytest.mark.parametrize("name", ["adam", "adamw"])
+def test_cpu_optimizer_steps_adamw_as_upstreams_deepspeed_cpu_adam(name):
+    """Upstream builds DeepSpeedCPUAdam for --cpu-optimizer --optimizer adam with its default adamw_mode=True:
+    decoupled weight decay (AdamW), the same step as --cpu_torch_adam's torch.optim.AdamW. --cpu-optimizer needs
+    no --zero-stage: the default stage is 1."""
+    from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+    from megatron.optimizer import build_optimizer
+
+    def one_step(optimizer_of):
+        torch.manual_seed(0)
+        model = torch.nn.Linear(8, 8)
+        optimizer = optimizer_of(model)
+        for _ in range(3):
+            optimizer.zero_grad()
+            model(torch.randn(4, 8)).square().sum().backward()
+            optimizer.step()
+        return optimizer, [p.detach().clone() for p in model.parameters()]
+
+    wd = ["--weight-decay", "0.5", "--lr", "0.01"]
+    base = ec.TINY[:-2]
+    assert ec.TINY[-2:] == ["--zero-stage", "0"]
+    run = parse_args(ec.flags("--optimizer", name, "--cpu-optimizer", *wd, base=base))  # no --zero-stage: stage 1
+    assert run.training.zero.zero_stage == 1 and run.training.zero.cpu_optimizer
+    cpu_adam, got = one_step(lambda m: build_optimizer(run, m))
+    assert isinstance(cpu_adam, DeepSpeedCPUAdam) and cpu_adam.adam_w_mode
+    torch_run = parse_args(ec.flags("--optimizer", name, "--cpu-optimizer", "--cpu_torch_adam", *wd, base=base))
+    torch_adam, want = one_step(lambda m: build_optimizer(torch_run, m))
+    assert type(torch_adam) is torch.optim.AdamW
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+
+
 def test_cpu_torch_adam_trains_with_offloaded_zero_state():
     result = run_ranks(1, ec.train_cases, [("cpu_torch_adam", ec.flags(
         "--zero-stage", "1", "--cpu-optimizer", "--cpu_torch_adam", "--train-iters", "4", "--log-interval", "1"))])

@@ -29,6 +29,9 @@ def runs(tmp_path_factory):
         ("kill_switch", ec.flags("--kill-switch-file", str(root / "stop"), "--save", str(root / "killed"),
                                  "--save-interval", "100")),
         ("skip_train", ec.flags("--skip-train", "--eval-iters", "1", "--eval-interval", "5", "--split", "8,1,1")),
+        # upstream's --train-tokens budget: 763 tokens = 2.98 batches of 8 × 32, so training stops after 3 of 10
+        ("train_tokens", ec.flags("--train-iters", "10", "--train-tokens", str(3 * 8 * 32 - 5),
+                                  "--save", str(root / "tokens"), "--save-interval", "100")),
     ]
     return root, run_ranks(2, ec.logged_cases, cases)[0]
 
@@ -105,3 +108,11 @@ def test_skip_train_evaluates_without_training(runs):
             f"lm loss value={r['eval_losses'][0]:.6f}lm loss PPL=") in lines
     assert (f" validation loss at iteration 0 on 8-sample draw from test set | "
             f"lm loss value={r['test_loss']:.6f}lm loss PPL=") in lines
+
+
+def test_train_tokens_stops_training_once_consumed_as_upstreams_loop(runs):
+    root, results = runs
+    r = results["train_tokens"]
+    assert r["iterations"] == [1, 2, 3] and r["consumed_samples"] == 24
+    assert r["exit_reason"] == "consumed --train-tokens 763 tokens"
+    assert r["saved"] and r["saved"][-1].endswith("global_step3")  # the normal end: the final save

@@ -1,4 +1,5 @@
-"""--exit-signal-handler: SIGTERM to ONE rank of a 2-rank pretrain_gpt.py run makes both save and exit cleanly."""
+"""--exit-signal-handler: SIGTERM to ONE rank of a 2-rank pretrain_gpt.py run makes both save and exit cleanly.
+--exit-duration-in-mins counts from the earliest rank's process start, as upstream's _TRAIN_START_TIME."""
 
 import os
 import signal
@@ -46,3 +47,37 @@ def test_sigterm_to_one_rank_saves_a_checkpoint_on_every_rank_and_exits_zero(tmp
     files = {p.name for p in (save / tag).iterdir()}
     assert {"rng_state_rank_00000.pt", "rng_state_rank_00001.pt", "mp_rank_00_model_states.pt"} <= files
     assert f"done at iteration {iteration}" in out0
+
+
+_STARTED_EARLIER = """
+import runpy, sys, time
+import megatron
+if sys.argv[1] == "1":  # this rank's process started 90 s ago (a slow start-up, as at scale)
+    megatron.START_TIME = getattr(megatron, "START_TIME", time.time()) - 90
+sys.argv = ["pretrain_gpt.py", *sys.argv[2:]]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def test_exit_duration_counts_from_the_earliest_ranks_process_start(tmp_path):
+    """Upstream's clock starts when megatron/training.py is imported, the MIN over ranks; ours at
+    megatron.START_TIME (set when the entry imports megatron), the MIN over ranks: a job whose start-up took 90 s
+    is over --exit-duration-in-mins 1 after its first iteration, on every rank."""
+    argv = flags("--train-iters", "6", "--log-interval", "1", "--exit-duration-in-mins", "1")
+    port = free_port()
+    logs = [open(tmp_path / f"rank{r}.log", "w+") for r in range(2)]  # files: a full pipe cannot block a rank
+    procs = [subprocess.Popen([sys.executable, "-c", _STARTED_EARLIER, str(r), *argv], env=rank_env(r, 2, port),
+                              stdout=logs[r], stderr=subprocess.STDOUT, cwd=ROOT)
+             for r in range(2)]
+    try:
+        for p in procs:
+            p.wait(timeout=300)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+        for f in logs:
+            f.close()
+    outs = [(tmp_path / f"rank{r}.log").read_text() for r in range(2)]
+    assert [p.returncode for p in procs] == [0, 0], outs[0][-3000:] + outs[1][-3000:]
+    assert "exiting at iteration 1: --exit-duration-in-mins 1.0 reached" in outs[0], outs[0][-3000:]

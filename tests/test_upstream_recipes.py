@@ -3,8 +3,9 @@ ALCF/helpers.sh builds (tests/data/upstream_recipes/, reconstructed from it) tra
 with only overrides appended (last flag wins) that shrink the model and the batch, point the data at a tiny
 tokenized file list, and name an empty directory as --load (where every upstream recipe begins).
 
-The 2B recipe asks for bf16 at ZeRO stage 0 with --accumulate-allreduce-grads-in-fp32: DeepSpeed's BF16 optimizer,
-which DeepSpeed 0.19.8 selects as stage 1 (a notice says so)."""
+Each passes --accumulate-allreduce-grads-in-fp32 and a DeepSpeed config without data_types (upstream's at pp = 1): the
+file decides, as upstream, so gradients accumulate in bf16 (a notice names the overridden flag), and the 2B recipe
+runs at ZeRO stage 0 as it asks."""
 
 import json
 from pathlib import Path

@@ -61,18 +61,11 @@ COMPAT_NO_EFFECT = [
     ("--deepspeed", "flag", "the engine is always DeepSpeed"),
     ("--deepspeed-mpi", "flag", "rank discovery is automatic (megatron.distributed)"),
     ("--local-rank", int, "the local rank is read from the launcher's environment (megatron.distributed)"),
-    ("--no-query-key-layer-scaling", "flag", "attention is computed in fp32-accumulating SDPA"),
-    ("--apply-query-key-layer-scaling", "flag", "attention is computed in fp32-accumulating SDPA"),
     ("--no-bias-dropout-fusion", "flag", "no fused kernels to turn off"),
     ("--no-masked-softmax-fusion", "flag", "no fused kernels to turn off"),
     ("--no-gradient-accumulation-fusion", "flag", "no fused kernels to turn off"),
     ("--no-persist-layer-norm", "flag", "no fused kernels to turn off"),
     ("--no-async-tensor-model-parallel-allreduce", "flag", "tp all-reduces are synchronous"),
-    ("--use-flash-attn", "flag", "attention always uses torch SDPA, which picks flash kernels itself"),
-    ("--use-flash-attn-v1", "flag", "attention always uses torch SDPA, which picks flash kernels itself"),
-    ("--use-flash-attn-v2", "flag", "attention always uses torch SDPA, which picks flash kernels itself"),
-    ("--use-flash-attn-triton", "flag", "attention always uses torch SDPA, which picks flash kernels itself"),
-    ("--use-flash-attn-builder", "flag", "attention always uses torch SDPA, which picks flash kernels itself"),
     ("--blend-sample-in-corpus", "flag", "the blended index always blends per sample"),
     ("--log-memory-to-tensorboard", "flag", "memory in use is always logged (memory/in_use_mb)"),
     ("--log-validation-ppl-to-tensorboard", "flag", "validation perplexity is always logged"),
@@ -459,6 +452,25 @@ def _adopt_deepspeed_file(ns: argparse.Namespace) -> None:
                           + "\n  - ".join(errors))
 
 
+_FP32_NAMES = ("torch.float32", "fp32", "float32", "float")  # DeepSpeed's DtypeEnum.fp32 spellings
+
+
+def _file_decides_accumulation(ns: argparse.Namespace, notices: list) -> None:
+    """With a --deepspeed_config file, its data_types.grad_accum_dtype decides the gradient accumulation dtype, as
+    upstream (its --accumulate-allreduce-grads-in-fp32 reaches only Megatron's own DDP, which a DeepSpeed run does
+    not use); a file without it gets DeepSpeed's default, the model's dtype. A flag the file overrides gets a
+    notice naming both."""
+    accum = read_deepspeed_config(ns.deepspeed_config).get("data_types", {})
+    accum = accum.get("grad_accum_dtype") if isinstance(accum, dict) else None
+    file_fp32 = isinstance(accum, str) and accum.lower() in _FP32_NAMES
+    if ns.accumulate_allreduce_grads_in_fp32 and not file_fp32 and (ns.bf16 or ns.fp16):
+        said = "has no data_types.grad_accum_dtype" if accum is None else f"sets data_types.grad_accum_dtype = {accum}"
+        notices.append(f"--accumulate-allreduce-grads-in-fp32 is overridden by {ns.deepspeed_config}, which {said}: "
+                       f"gradients accumulate in {accum or ('bf16' if ns.bf16 else 'fp16')}, as upstream runs it "
+                       "(the DeepSpeed config file decides)")
+    ns.accumulate_allreduce_grads_in_fp32 = file_fp32 and bool(ns.bf16)
+
+
 # --use-checkpoint-args, as upstream's load_args_from_checkpoint: these take the checkpoint's value when the flag
 # is not given (upstream's list, plus this framework's shape settings upstream has no flag for) ...
 _CHECKPOINT_ARGS_IF_UNSET = ("num_layers", "hidden_size", "ffn_hidden_size", "seq_length", "num_attention_heads",
@@ -537,7 +549,7 @@ def _check_flags(ns: argparse.Namespace, typed: Optional[dict] = None) -> list[s
     if ns.reset_attention_mask and ns.ds_sequence_parallel_size > 1:
         errors.append("--reset-attention-mask is not supported with --ds-sequence-parallel-size "
                       f"{ns.ds_sequence_parallel_size} (Ulysses); drop one")
-    if ns.accumulate_allreduce_grads_in_fp32 and ns.fp16:
+    if ns.accumulate_allreduce_grads_in_fp32 and ns.fp16 and not ns.deepspeed_config:  # a file decides (notice)
         errors.append("--accumulate-allreduce-grads-in-fp32 is supported with --bf16 (and fp32) only, not --fp16")
     if ns.train_range_to_skip and len(ns.train_range_to_skip) % 2:
         errors.append(f"--train-range-to-skip takes pairs START END (got {len(ns.train_range_to_skip)} values)")
@@ -560,13 +572,17 @@ def _check_flags(ns: argparse.Namespace, typed: Optional[dict] = None) -> list[s
     if ns.load_tag is not None and (not ns.load_tag.strip() or "/" in ns.load_tag or ns.load_tag in (".", "..")):
         errors.append(f"--load-tag {ns.load_tag!r} must be the name of one checkpoint directory under --load "
                       "(e.g. global_step100)")
-    lengths = [f for f in ("train_iters", "train_samples", "train_tokens") if getattr(ns, f) is not None]
+    lengths = [f for f in ("train_iters", "train_samples") if getattr(ns, f) is not None]
     if len(lengths) > 1:
         errors.append(f"give only one of {', '.join('--' + f.replace('_', '-') for f in lengths)}")
+    if ns.train_tokens is not None and not lengths:
+        errors.append("--train-tokens is a token budget, as upstream's: training stops at --train-iters (or "
+                      "--train-samples) or once it has consumed --train-tokens tokens, whichever comes first; "
+                      "give --train-iters or --train-samples too")
     if ns.rampup_batch_size:
         start, increment, _ = ns.rampup_batch_size
         if ns.train_iters is not None:
-            errors.append("--rampup-batch-size needs --train-samples or --train-tokens, not --train-iters")
+            errors.append("--rampup-batch-size needs --train-samples, not --train-iters")
         if ns.global_batch_size is None:
             errors.append("--rampup-batch-size needs --global-batch-size (the batch it ramps up to)")
         elif start > ns.global_batch_size or (ns.global_batch_size - start) % increment:
@@ -602,7 +618,7 @@ def _check_flags(ns: argparse.Namespace, typed: Optional[dict] = None) -> list[s
     if zero >= 2 and ns.pipeline_model_parallel_size > 1:
         errors.append(f"--zero-stage {zero} does not work with DeepSpeed's pipeline engine "
                       f"(--pipeline-model-parallel-size {ns.pipeline_model_parallel_size}); use --zero-stage <= 1")
-    if ns.cpu_optimizer and zero == 0:
+    if ns.cpu_optimizer and ns.zero_stage == 0:  # not given: the default stage 1 (as upstream), or the file's
         errors.append("--cpu-optimizer offloads ZeRO optimizer state: it needs --zero-stage >= 1")
     if ns.remote_device == "nvme":
         errors.append("--remote-device nvme is not supported; use cpu or none")
@@ -670,9 +686,15 @@ def parse_args(argv: Optional[list[str]] = None, read_saved_args=None) -> RunCon
         _adopt_deepspeed_file(ns)
     # Defaults for the flags that a preset or a DeepSpeed file may fill, then the final values.
     for dest, default in (("micro_batch_size", 1), ("zero_stage", 1), ("cpu_optimizer", False),
-                          ("bf16", False), ("fp16", False), ("clip_grad", 1.0)):
+                          ("bf16", False), ("fp16", False), ("clip_grad", 1.0),
+                          ("initial_loss_scale", 2.0**16)):  # upstream's effective start (config/training.py)
         if getattr(ns, dest) is None:
             setattr(ns, dest, default)
+    if ns.deepspeed_config:
+        _file_decides_accumulation(ns, notices)
+    if ns.cpu_optimizer and ns.zero_stage == 0:  # stage 0 from the --deepspeed_config file
+        raise ConfigError(f"--cpu-optimizer offloads ZeRO optimizer state: it needs ZeRO stage >= 1, but "
+                          f"{ns.deepspeed_config} has zero_optimization.stage = 0")
     file_states_zero = bool(ns.deepspeed_config) and \
         "zero_stage" in deepspeed_file_values(read_deepspeed_config(ns.deepspeed_config))
     if ns.bf16 and ns.accumulate_allreduce_grads_in_fp32 and ns.zero_stage == 0:
@@ -735,15 +757,21 @@ def global_batch_size_at(run: RunConfig, consumed_samples: int, dp_size: int) ->
 
 
 def train_samples(run: RunConfig, dp_size: int) -> int:
-    """Samples the run trains on: --train-samples, --train-tokens / seq length, or iters × global batch."""
+    """Samples the run trains on: --train-samples, or iters × global batch (--train-tokens may stop it earlier:
+    `stops_at_train_tokens`)."""
     t = run.training
     if t.train_samples is not None:
         return t.train_samples
-    if t.train_tokens is not None:
-        return t.train_tokens // run.model.seq_length
     if t.train_iters is not None:
         return t.train_iters * global_batch_size(run, dp_size)
-    raise ConfigError("the run length is not set: give --train-iters, --train-samples or --train-tokens")
+    raise ConfigError("the run length is not set: give --train-iters or --train-samples")
+
+
+def stops_at_train_tokens(run: RunConfig, consumed_samples: int) -> bool:
+    """Upstream's loop condition: with --train-tokens, training stops once the consumed tokens (consumed samples
+    × seq length) reach it, even before --train-iters."""
+    tokens = run.training.train_tokens
+    return tokens is not None and consumed_samples * run.model.seq_length >= tokens
 
 
 def train_iters(run: RunConfig, dp_size: int) -> int:

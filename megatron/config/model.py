@@ -54,7 +54,13 @@ class TransformerConfig:
     init_method_std: float = 0.02
     word_embedding_init_std: Optional[float] = None  # None: init_method_std (--adjust-word-embedding-init sets it)
     kv_channels: Optional[int] = None  # attention head size; None: hidden_size // num_attention_heads
-    attention_softmax_in_fp32: bool = False  # attention in fp32 when activations are bf16/fp16
+    # Under bf16/fp16 without flash attention, upstream's CoreAttention: scores QKᵀ/(√d·L) in the activations'
+    # dtype (L = the 1-based layer number with query-key layer scaling, else 1), softmax in fp32 (after × L) when
+    # apply_query_key_layer_scaling or attention_softmax_in_fp32, else in the activations' dtype, probabilities
+    # back to that dtype for the weighted sum. With flash attention (--use-flash-attn*): SDPA (fp32 softmax inside).
+    attention_softmax_in_fp32: bool = False
+    apply_query_key_layer_scaling: bool = True  # upstream's default; --no-query-key-layer-scaling turns it off
+    flash_attention: bool = False  # --use-flash-attn, -v1, -v2, -triton, -builder
     apply_layernorm_1p: bool = False  # LayerNorm weight stored zero-centred: y = norm(x) * (1 + w) + b
     squared_relu: bool = False  # MLP activation relu(x)² instead of GeLU
     # The GeLU of a non-gated MLP: "tanh" (upstream's fused bias-GeLU and --openai-gelu) or "none", the exact
@@ -241,7 +247,21 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                         "pass through (partial rotary, as GPT-NeoX); default 1.0. Hugging Face export refuses "
                         "values < 1 (LlamaForCausalLM rotates whole heads)")
     g.add_argument("--attention-softmax-in-fp32", action="store_true",
-                   help="compute attention (scores, softmax, weighted sum) in fp32 under --bf16/--fp16")
+                   help="under --bf16/--fp16 without flash attention: the attention softmax (masking and softmax) "
+                        "in fp32; scores and weighted sum stay in the run's dtype. Already so unless "
+                        "--no-query-key-layer-scaling (as upstream)")
+    g.add_argument("--no-query-key-layer-scaling", dest="apply_query_key_layer_scaling", action="store_false",
+                   default=True,
+                   help="do not scale QKᵀ by 1 / layer number (upstream's default scales it and then computes the "
+                        "softmax in fp32 under --bf16/--fp16; without scaling the softmax is in the run's dtype "
+                        "unless --attention-softmax-in-fp32). Flash attention is unaffected")
+    g.add_argument("--apply-query-key-layer-scaling", dest="apply_query_key_layer_scaling", action="store_true",
+                   help="scale QKᵀ by 1 / layer number (the default)")
+    for flag in ("--use-flash-attn", "--use-flash-attn-v1", "--use-flash-attn-v2", "--use-flash-attn-triton",
+                 "--use-flash-attn-builder"):
+        g.add_argument(flag, dest="use_flash_attn", action="store_true",
+                       help="flash attention (torch SDPA's fused kernels: softmax in fp32 inside, whatever the "
+                            "layer-scaling flags); without it, under --bf16/--fp16, upstream's unfused attention")
 
     g = parser.add_argument_group("initialization")
     g.add_argument("--init-method-std", type=pos_float, help="std of the normal init of weights; default 0.02")
@@ -283,6 +303,8 @@ def model_from_args(ns: argparse.Namespace) -> TransformerConfig:
     values["vocab_size"] = ns.vocab_size or 0
     values["sequence_parallel"] = ns.sequence_parallel
     values["attention_softmax_in_fp32"] = ns.attention_softmax_in_fp32
+    values["apply_query_key_layer_scaling"] = ns.apply_query_key_layer_scaling
+    values["flash_attention"] = ns.use_flash_attn
     values["apply_layernorm_1p"] = ns.apply_layernorm_1p
     values["squared_relu"] = ns.squared_relu
     values["rotary_percent"] = ns.rotary_percent

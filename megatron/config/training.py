@@ -82,7 +82,9 @@ class PrecisionConfig:
     bf16: bool = False
     fp16: bool = False
     loss_scale: Optional[float] = None  # fp16: fixed scale; None: dynamic
-    initial_loss_scale: float = 2.0**32
+    # Upstream's --initial-loss-scale (default 2**32) never reaches DeepSpeed, so its fp16 runs start at DeepSpeed's
+    # 2**16; the flag is honoured here when given, and its default is that effective start.
+    initial_loss_scale: float = 2.0**16
     loss_scale_window: int = 1000
     hysteresis: int = 2
     min_loss_scale: float = 1.0
@@ -173,9 +175,11 @@ def add_batch_arguments(parser: argparse.ArgumentParser) -> None:
 
 def add_schedule_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("schedule and optimizer")
-    g.add_argument("--train-iters", type=pos_int, help="run length in iterations; one of the three is required")
+    g.add_argument("--train-iters", type=pos_int, help="run length in iterations; this or --train-samples is required")
     g.add_argument("--train-samples", type=pos_int, help="run length in samples (whole global batches)")
-    g.add_argument("--train-tokens", type=pos_int, help="run length in tokens (whole global batches)")
+    g.add_argument("--train-tokens", type=pos_int,
+                   help="token budget over all runs (as upstream): training also stops once it has consumed this "
+                        "many tokens; needs --train-iters or --train-samples, which set the run length")
     g.add_argument("--lr", type=float, default=OptimizerConfig.lr)
     g.add_argument("--min-lr", type=float, default=0.0)
     g.add_argument("--lr-decay-style", type=str.lower, choices=LR_DECAY_STYLES, default="linear")
@@ -201,8 +205,9 @@ def add_precision_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--bf16", action="store_const", const=True)
     g.add_argument("--fp16", action="store_const", const=True)
     g.add_argument("--loss-scale", type=pos_float, help="fp16: fixed loss scale; default dynamic")
-    g.add_argument("--initial-loss-scale", type=pos_float, default=2.0**32,
-                   help="fp16 dynamic scaling start (a power of 2)")
+    g.add_argument("--initial-loss-scale", type=pos_float,
+                   help="fp16 dynamic scaling start (a power of 2); default 2**16, where upstream's runs start: "
+                        "its flag (default 2**32) never reaches DeepSpeed, whose default initial_scale_power is 16")
     g.add_argument("--loss-scale-window", type=pos_int, default=1000)
     g.add_argument("--hysteresis", type=pos_int, default=2)
     g.add_argument("--min-loss-scale", type=pos_float, default=1.0)
@@ -214,7 +219,8 @@ def add_precision_arguments(parser: argparse.ArgumentParser) -> None:
                    help="--bf16: accumulate and all-reduce gradients in fp32 (DeepSpeed's "
                         "data_types.grad_accum_dtype: its BF16 optimizer, which this DeepSpeed selects at ZeRO "
                         "stage 1, so --zero-stage 0 runs as 1, with a notice; refused with ZeRO-2/3 and "
-                        "--cpu-optimizer, which accumulate in bf16)")
+                        "--cpu-optimizer, which accumulate in bf16). With --deepspeed_config the file's "
+                        "data_types.grad_accum_dtype decides, as upstream (a notice when it overrides this flag)")
 
 
 def add_run_control_arguments(parser: argparse.ArgumentParser) -> None:

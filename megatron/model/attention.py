@@ -49,9 +49,11 @@ def document_attention_mask(document_ids: torch.Tensor) -> torch.Tensor:
 
 
 class SelfAttention(nn.Module):
-    def __init__(self, config: TransformerConfig, ps: ParallelState, seed: int, prefix: str):
+    def __init__(self, config: TransformerConfig, ps: ParallelState, seed: int, prefix: str, layer_number: int = 0):
+        """`layer_number`: the layer's 0-based index in the whole model (query-key layer scaling uses it + 1)."""
         super().__init__()
         self.config, self.ps = config, ps
+        self.layer_number = max(1, layer_number + 1)  # upstream's 1-based ParallelTransformerLayer number
         tp = ps.tp_size
         d = config.head_dim
         self.heads_per_rank = config.num_attention_heads // tp
@@ -137,19 +139,60 @@ class SelfAttention(nn.Module):
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Causal SDPA on [b, s, heads, d] (or masked by `attention_mask` [b, 1, s, s], True = attend);
+        """Causal attention on [b, s, heads, d] (or masked by `attention_mask` [b, 1, s, s], True = attend);
         dropout draws from the tp stream (heads differ per rank).
 
-        With attention_softmax_in_fp32 a bf16/fp16 q, k, v are upcast so the scores, softmax and weighted sum
-        are computed (and rounded) in fp32; the result goes back to the input dtype."""
+        bf16/fp16 without flash attention: upstream's CoreAttention (`_attend_unfused`). Otherwise torch SDPA:
+        fp32 runs, and flash attention, whose kernels compute the softmax in fp32 whatever the layer-scaling
+        flags (as upstream's flash path ignores them)."""
+        if q.dtype in (torch.bfloat16, torch.float16) and not self.config.flash_attention:
+            return self._attend_unfused(q, k, v, attention_mask)
         dropout = self.config.attention_dropout if self.training else 0.0
-        dtype = q.dtype
-        if self.config.attention_softmax_in_fp32 and dtype in (torch.bfloat16, torch.float16):
-            q, k, v = q.float(), k.float(), v.float()
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
         with tensor_parallel_rng(self.ps.tp_size, needed=dropout > 0):
             out = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=attention_mask, dropout_p=dropout, is_causal=attention_mask is None,
                 enable_gqa=k.shape[1] != q.shape[1]
             )
-        return out.transpose(1, 2).to(dtype)
+        return out.transpose(1, 2)
+
+    def _attend_unfused(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                        attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Upstream's CoreAttention with FusedScaleMaskSoftmax's torch path (megatron/model/transformer.py,
+        fused_softmax.py), op for op: scores = baddbmm(q, kᵀ, alpha = 1/norm_factor) in the activations' dtype,
+        norm_factor = √d × L with query-key layer scaling (L = the layer number), else √d; the softmax in fp32
+        when layer scaling or --attention-softmax-in-fp32 (scores upcast, × L, masked with -10000, softmax,
+        probabilities back to the activations' dtype), else in the activations' dtype; dropout on the
+        probabilities; their product with v in the activations' dtype."""
+        config = self.config
+        dtype = q.dtype
+        b, s, heads, d = q.shape
+        group = heads // k.shape[2]
+        if group > 1:  # GQA: upstream repeats each key/value head for its group of query heads
+            k, v = k.repeat_interleave(group, dim=2), v.repeat_interleave(group, dim=2)
+        scaling = config.apply_query_key_layer_scaling
+        coeff = self.layer_number if scaling else None
+        norm_factor = math.sqrt(d) * (coeff or 1)
+        softmax_in_fp32 = config.attention_softmax_in_fp32 or scaling
+        qb = q.permute(0, 2, 1, 3).reshape(b * heads, s, d)
+        kb = k.permute(0, 2, 3, 1).reshape(b * heads, d, s)
+        buffer = torch.empty(b * heads, s, s, dtype=dtype, device=q.device)
+        scores = torch.baddbmm(buffer, qb, kb, beta=0.0, alpha=1.0 / norm_factor).view(b, heads, s, s)
+        if softmax_in_fp32:
+            scores = scores.float()
+        if coeff is not None:
+            scores = scores * coeff
+        if attention_mask is None:
+            masked = torch.ones(s, s, dtype=torch.bool, device=q.device).triu(1)
+        else:
+            masked = ~attention_mask
+        probs = torch.softmax(scores.masked_fill(masked, -10000.0), dim=-1)
+        if softmax_in_fp32:
+            probs = probs.to(dtype)
+        dropout = config.attention_dropout if self.training else 0.0
+        if dropout > 0:
+            with tensor_parallel_rng(self.ps.tp_size):
+                probs = F.dropout(probs, p=dropout, training=True)
+        vb = v.permute(0, 2, 1, 3).reshape(b * heads, s, d)
+        out = torch.bmm(probs.view(b * heads, s, s), vb).view(b, heads, s, d)
+        return out.transpose(1, 2)

@@ -41,7 +41,7 @@ class TransformerLayer(nn.Module):
         self.sequence_parallel = config.sequence_parallel and ps.tp_size > 1
         prefix = f"layers.{layer_number}."
         self.input_norm = build_norm(config, self.sequence_parallel)
-        self.attention = SelfAttention(config, ps, seed, prefix + "attention.")
+        self.attention = SelfAttention(config, ps, seed, prefix + "attention.", layer_number)
         self.post_attention_norm = build_norm(config, self.sequence_parallel)
         self.mlp = MLP(config, ps, seed, prefix + "mlp.")
 

@@ -232,8 +232,10 @@ def build_optimizer(run, model: torch.nn.Module, ps=None, device_type: str = "cp
     if run.training.zero.cpu_optimizer:
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 
+        # adamw_mode=True (DeepSpeedCPUAdam's default, as upstream builds it for --optimizer adam): decoupled
+        # weight decay for adam, adamw and apex.adam alike, as --cpu_torch_adam's torch.optim.AdamW
         return DeepSpeedCPUAdam(groups, lr=opt.lr, betas=betas, eps=opt.adam_eps, weight_decay=opt.weight_decay,
-                                adamw_mode=name != "adam")
+                                adamw_mode=True)
     if name == "adam":
         return torch.optim.Adam(groups, lr=opt.lr, betas=betas, eps=opt.adam_eps, weight_decay=opt.weight_decay)
     if name in ("adamw", "apex.adam"):

@@ -81,7 +81,9 @@ def dry_run_report(run: RunConfig, world_size: int, launch_line: Optional[str] =
         f"micro batch {t.micro_batch_size} × dp {dp} × accumulation {gradient_accumulation_steps(run, dp)} = "
         f"global batch {global_batch_size(run, dp)} samples of {m.seq_length} tokens",
         f"{iters} iterations = {iters * global_batch_size(run, dp)} samples = "
-        f"{iters * global_batch_size(run, dp) * m.seq_length} tokens{_length_source(run, dp)}",
+        f"{iters * global_batch_size(run, dp) * m.seq_length} tokens{_length_source(run, dp)}" + (
+            f"; --train-tokens {t.train_tokens} stops it once that many tokens are consumed"
+            if t.train_tokens is not None else ""),
         "",
         "== DeepSpeed config",
         json.dumps(build_deepspeed_config(run, dp), indent=2, sort_keys=True),

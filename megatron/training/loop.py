@@ -19,8 +19,8 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
-from megatron.config.arguments import RunConfig, global_batch_size, global_batch_size_at, train_iters, \
-    train_samples, validate_run
+from megatron.config.arguments import RunConfig, global_batch_size, global_batch_size_at, stops_at_train_tokens, \
+    train_iters, train_samples, validate_run
 from megatron.distributed.parallel_state import ParallelState
 from megatron.checkpoint.format import TrainingProgress
 from megatron.checkpoint.resume import Checkpointer
@@ -29,7 +29,7 @@ from megatron.training.preflight import resolve_vocab  # noqa: F401 (imported fr
 from megatron.optimizer.lr_schedule import check_lr_schedule
 from megatron.training.metrics import throughput
 from megatron.training.numerics import EXIT_NUMERICAL, NanCheck, guard_plain_optimizer
-from megatron.training.signals import ExitConditions
+from megatron.training.signals import ExitConditions, job_start_time
 from megatron.training.run_control import IterationSkipper, StepProfiler, kill_switch_found
 from megatron.training.timers import Timers
 from megatron.training.watchdog import (CollectiveFailure, Watchdog, instrument_engine, is_collective_failure,
@@ -297,8 +297,13 @@ def _draw(eval_iters: int, global_batch: int, data: str) -> str:
 # ---- the loop ---------------------------------------------------------------------------------------
 
 def train(run: RunConfig, ps: ParallelState, device: torch.device, tracker: Optional[Tracker] = None,
-          printer: Callable[[str], None] = lambda line: print(line, flush=True)) -> TrainResult:
-    """Train `run` on this rank (collective: every rank of `ps` calls it). Returns the losses of this call."""
+          printer: Callable[[str], None] = lambda line: print(line, flush=True),
+          start_time: Optional[float] = None) -> TrainResult:
+    """Train `run` on this rank (collective: every rank of `ps` calls it). Returns the losses of this call.
+
+    `start_time`: where --exit-duration-in-mins counts from (the entry points pass megatron.START_TIME, the
+    process's start, as upstream); None: this call. The earliest rank's counts."""
+    start_time = time.time() if start_time is None else start_time
     validate_run(run, ps.world_size)
     run, tokenizer = resolve_vocab(run)
     # Refuse what would fail later before the (slow, collective) model build: the LR schedule's shape, what a
@@ -309,7 +314,8 @@ def train(run: RunConfig, ps: ParallelState, device: torch.device, tracker: Opti
     check_engine_config(run, device)
     seed_everything(run.training.seed, ps, device, run.training.data_parallel_random_init)
 
-    session = _Session(run, ps, device, checkpointer, tracker, printer, eod=getattr(tokenizer, "eod", None))
+    session = _Session(run, ps, device, checkpointer, tracker, printer, eod=getattr(tokenizer, "eod", None),
+                       start_time=start_time)
     try:
         session.load()
         session.loop()
@@ -329,7 +335,8 @@ class _Session:
     position (iteration, consumed samples) and the result."""
 
     def __init__(self, run: RunConfig, ps: ParallelState, device: torch.device, checkpointer: Checkpointer,
-                 tracker: Optional[Tracker], printer: Callable[[str], None], eod: Optional[int]):
+                 tracker: Optional[Tracker], printer: Callable[[str], None], eod: Optional[int],
+                 start_time: Optional[float] = None):
         t, rel = run.training, run.reliability
         self.run, self.ps, self.device, self.checkpointer, self.printer = run, ps, device, checkpointer, printer
         self.total_iters = train_iters(run, ps.dp_size)
@@ -339,8 +346,11 @@ class _Session:
         self.tracker = tracker or Tracker(run.logging, ps.rank, config=run.args,
                                           wandb_dir=default_wandb_dir(run.checkpoint.save))
         self.result = TrainResult()
+        start = time.time() if start_time is None else start_time
+        if t.exit_duration_in_mins is not None:  # the earliest rank's start (collective), as upstream
+            start = job_start_time(start, device)
         self.exits = ExitConditions(t.exit_signal_handler, t.exit_duration_in_mins, t.exit_interval, device=device,
-                                    signals=rel.signal_numbers()).install()  # before DataLoader workers fork
+                                    signals=rel.signal_numbers(), start_time=start).install()  # before workers fork
         self.watchdog = Watchdog(ps.rank, ps.world_size, rel.hang_watchdog_factor, rel.hang_watchdog_min_seconds,
                                  rel.distributed_timeout_minutes * 60)
         self.rng_tracker = _rng_tracker()
@@ -391,7 +401,8 @@ class _Session:
         profiler = StepProfiler(run.profiling.profile, run.profiling.profile_steps, run.profiling.profile_ranks,
                                 run.profiling.trace_dir, self.ps.rank, self.ps.world_size, self.device)
         with self.exits:
-            while self.iteration < self.total_iters and not t.skip_train:
+            while self.iteration < self.total_iters and not t.skip_train \
+                    and not stops_at_train_tokens(run, self.consumed):  # --train-tokens: upstream's budget
                 profiler.before_step()
                 step, skipped_by_user = self.step()
                 profiler.after_step()
@@ -486,7 +497,9 @@ class _Session:
         if run.checkpoint.save and self.last_saved != it:
             self.save()
         if not result.exit_reason or t.skip_train:
-            result.exit_reason = result.exit_reason or f"trained {self.total_iters} iterations"
+            result.exit_reason = result.exit_reason or (
+                f"consumed --train-tokens {t.train_tokens} tokens" if it < self.total_iters
+                and stops_at_train_tokens(run, self.consumed) else f"trained {self.total_iters} iterations")
             final_batch = global_batch_size(run, self.ps.dp_size)
             if self.valid_batches is not None and t.eval_iters:
                 with self.te.eval_weights():  # schedule-free optimizers: evaluate the averaged weights

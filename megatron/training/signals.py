@@ -46,6 +46,16 @@ class SignalFlag:
         self._previous.clear()
 
 
+def job_start_time(local_start: float, device: torch.device) -> float:
+    """The job's start for --exit-duration-in-mins: the earliest rank's (a MIN all-reduce in float64, as
+    upstream's pretrain() does with _TRAIN_START_TIME). Collective when torch.distributed is initialised."""
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return local_start
+    start = torch.tensor([local_start], dtype=torch.float64, device=device)
+    dist.all_reduce(start, op=dist.ReduceOp.MIN)
+    return float(start.item())
+
+
 @dataclass
 class ExitDecision:
     should_exit: bool
