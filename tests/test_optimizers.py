@@ -236,8 +236,9 @@ def test_cooldown_resumes_a_constant_lr_checkpoint_into_a_cooldown(single):
     assert {lr for _, _, lr, _ in constant["log"]} == {0.05}
     cooled = _ok(single["cooldown"], "cooldown")
     assert cooled["start_iteration"] == 6 and [it for it, *_ in cooled["log"]] == list(range(7, 13))
-    # decay length 12, cooldown over the last 0.5 · 12 = 6 steps: lr = min + (max - min)(1 - sqrt(s / 6))
-    expected = [0.005 + 0.045 * (1 - math.sqrt(s / 6)) for s in range(6)]
+    # decay length 12, cooldown over the last 0.5 · 12 = 6 steps: lr = min + (max - min)(1 - sqrt(s / 6)); the
+    # log line shows the LR after each step, as upstream's does (steps 7..12 ran at s = 0..5, then show s + 1)
+    expected = [0.005 + 0.045 * (1 - math.sqrt(s / 6)) for s in range(1, 7)]
     assert [lr for _, _, lr, _ in cooled["log"]] == pytest.approx(expected, rel=1e-4)
     assert cooled["losses"][-1] < constant["losses"][-1]
 
