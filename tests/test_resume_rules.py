@@ -221,3 +221,18 @@ def test_a_resume_deserializes_each_checkpoint_file_at_most_once(runs):
         # control: without the hand-over DeepSpeed's load reads the model-states file the reader already read
         reads = ok(r, "plain_without_handover")["reads"]
         assert [n for p, n in reads.items() if p.endswith("mp_rank_00_model_states.pt")][0] > 1, reads
+
+
+def test_load_tag_is_refused_naming_what_load_is_when_it_is_not_a_save_directory(tmp_path):
+    from megatron.checkpoint.resume import locate
+    from megatron.config.arguments import parse_args
+    from megatron.errors import ConfigError
+
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    (hf / "config.json").write_text("{}")
+    run = parse_args(["--model-preset", "tiny", "--mock-data", "--vocab-size", "256", "--train-iters", "1",
+                      "--load", str(hf), "--load-tag", "global_step3", "--finetune"])
+    with pytest.raises(ConfigError, match=r"--load-tag global_step3 .* is a Hugging Face folder: point --load at that "
+                                          r"folder itself and drop --load-tag"):
+        locate(run, log=lambda line: None, rank=0)

@@ -125,25 +125,17 @@ def locate(run, log: Callable[[str], None], rank: int) -> Optional[tuple[str, st
     ckpt, rel = run.checkpoint, run.reliability
     load = ckpt.load
     if run.training.zero.universal_checkpoint:
-        if ckpt.load_tag is not None:
-            raise ConfigError(f"--load-tag {ckpt.load_tag} chooses among this framework's checkpoints (global_step*), "
-                              f"but --universal-checkpoint loads the universal folder --load {load} names: point "
-                              "--load at the folder itself and drop --load-tag")
+        _no_load_tag(ckpt, f"--universal-checkpoint loads the universal folder --load {load} names")
         folder = check_universal_folder(load)
         return "universal", os.path.dirname(folder), os.path.basename(folder)
     if is_argonne_checkpoint(load):
         from megatron.checkpoint.ds_checkpoint import resolve_tag_dir
 
-        if ckpt.load_tag is not None:
-            raise ConfigError(f"--load-tag {ckpt.load_tag} chooses among this framework's checkpoints (global_step*), "
-                              f"but --load {load} is an argonne-lcf/Megatron-DeepSpeed checkpoint: point --load at "
-                              "the checkpoint folder itself and drop --load-tag")
+        _no_load_tag(ckpt, f"--load {load} is an argonne-lcf/Megatron-DeepSpeed checkpoint")
         tag_dir = resolve_tag_dir(load)
         return "argonne", os.path.dirname(tag_dir), os.path.basename(tag_dir)
     if os.path.isfile(os.path.join(load, "config.json")) and not _is_tag_dir(load):
-        if ckpt.load_tag is not None:
-            raise ConfigError(f"--load-tag {ckpt.load_tag} chooses among this framework's checkpoints "
-                              f"(global_step*), but --load {load} is a Hugging Face folder: drop --load-tag")
+        _no_load_tag(ckpt, f"--load {load} is a Hugging Face folder")
         return "huggingface", os.path.dirname(os.path.abspath(load)), os.path.basename(os.path.abspath(load))
     load_dir, tag = load, ckpt.load_tag
     if tag is None and _is_tag_dir(load):
@@ -154,6 +146,13 @@ def locate(run, log: Callable[[str], None], rank: int) -> Optional[tuple[str, st
     tag = find_checkpoint(load_dir, strict=rel.no_checkpoint_fallback, exit_on_missing=rel.exit_on_missing_checkpoint,
                           log=log, tag=tag)
     return None if tag is None else ("ours", load_dir, tag)
+
+
+def _no_load_tag(ckpt, what: str) -> None:
+    """--load-tag picks among our tags; refused, naming what --load is instead, for the other sources."""
+    if ckpt.load_tag is not None:
+        raise ConfigError(f"--load-tag {ckpt.load_tag} chooses among this framework's checkpoints (global_step*), but "
+                          f"{what}: point --load at that folder itself and drop --load-tag")
 
 
 def describe(kind: str, load_dir: str, tag: str, make_vocab_size_divisible_by: int = 128) -> CheckpointDescription:
