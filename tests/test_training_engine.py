@@ -23,6 +23,7 @@ LAYOUTS_2 = {
     "dp2_zero1": ["--zero-stage", "1"],
     "dp2_zero2": ["--zero-stage", "2"],
     "dp2_zero3": ["--zero-stage", "3"],
+    # --cpu-optimizer runs DeepSpeedCPUAdam in AdamW mode for --optimizer adam, as upstream: compared with AdamW
     "dp2_zero2_cpu_optimizer": ["--zero-stage", "2", "--cpu-optimizer"],
     "ulysses_sp2": ["--ds-sequence-parallel-size", "2"],
 }
@@ -58,9 +59,19 @@ def root(tmp_path_factory):
     return tmp_path_factory.mktemp("engine")
 
 
+# the single-rank run each layout must track: Adam (TINY's default), or AdamW where the layout runs AdamW
+REFERENCE_OF = {"dp2_zero2_cpu_optimizer": "single_adamw"}
+
+
 @pytest.fixture(scope="module")
-def reference():
-    return run_ranks(1, ec.train_cases, [("single", ec.flags())])[0]["single"]
+def references():
+    return run_ranks(1, ec.train_cases, [("single", ec.flags()),
+                                         ("single_adamw", ec.flags("--optimizer", "adamw"))])[0]
+
+
+@pytest.fixture(scope="module")
+def reference(references):
+    return references["single"]
 
 
 @pytest.fixture(scope="module")
@@ -108,7 +119,8 @@ def test_single_rank_reference_learns(reference):
 
 
 @pytest.mark.parametrize("name", list(LAYOUTS_2))
-def test_two_rank_layout_matches_single_rank_loss(two_ranks, reference, name):
+def test_two_rank_layout_matches_single_rank_loss(two_ranks, references, name):
+    reference = references[REFERENCE_OF.get(name, "single")]
     for rank_result in two_ranks:  # every rank reports the same global-batch loss
         assert_tracks(rank_result[name]["losses"], reference["losses"], 1e-5, 2e-4)
 
@@ -125,11 +137,12 @@ def test_bf16_tracks_the_fp32_loss(two_ranks, reference):
     assert losses != reference["losses"]  # it really ran in bf16
 
 
-def test_every_layout_reports_and_clips_by_the_single_rank_grad_norm(two_ranks, four_ranks, reference):
+def test_every_layout_reports_and_clips_by_the_single_rank_grad_norm(two_ranks, four_ranks, references):
     # the clipping norm must count every parameter once over tp and pp (--clip-grad 1.0 is active here)
-    assert max(reference["grad_norms"]) > 1.0
+    assert max(references["single"]["grad_norms"]) > 1.0
     for results, names in ((two_ranks, LAYOUTS_2), (four_ranks, LAYOUTS_4)):
         for name in names:
+            reference = references[REFERENCE_OF.get(name, "single")]
             assert results[0][name]["grad_norms"] == pytest.approx(reference["grad_norms"], rel=1e-4), name
 
 
