@@ -35,6 +35,8 @@ from megatron.checkpoint.format import (CHECKPOINT_FORMAT_KEY, CONTENTS_KEY, DEE
                                         publish_directory, read_manifest, read_pointer,
                                         remove_stale_tmp, verify_manifest, write_manifest, write_pointers,
                                         checkpoint_format_marker)
+from megatron.deepspeed_compat import CheckpointIO as _CheckpointIO
+from megatron.deepspeed_compat import MODEL_STATES_SUFFIX, deepspeed_version, zero3_module_weights
 from megatron.errors import CheckpointError
 from megatron.fileio import TMP_PREFIX, fsync_file, os_error_text, with_retries
 
@@ -100,12 +102,6 @@ def _all_gather(obj) -> list:
 
 # ---- DeepSpeed's checkpoint engine, adapted: megatron/deepspeed_compat.py (with every other DeepSpeed detail) ----
 
-from megatron.deepspeed_compat import CheckpointIO as _CheckpointIO  # noqa: E402
-from megatron.deepspeed_compat import deepspeed_version as _deepspeed_version  # noqa: E402,F401
-from megatron.deepspeed_compat import without_optimizer_state as _without_optimizer_state  # noqa: E402,F401
-from megatron.deepspeed_compat import MODEL_STATES_SUFFIX, zero3_module_weights  # noqa: E402
-
-
 def _remember_model_states(path: str, obj) -> None:
     """A model-states file DeepSpeed read, kept for its second read and the resume's reader (one read a file)."""
     from megatron.checkpoint.zero_shards import remember_loaded
@@ -147,7 +143,7 @@ def save_checkpoint(engine, save_dir: str, progress: TrainingProgress, device: t
                     save_optim: bool = True, save_rng: bool = True) -> str:
     """Collective: every rank calls it. Returns the final checkpoint directory.
 
-    save_optim=False (--no-save-optim): no optimizer state is written (see _without_optimizer_state);
+    save_optim=False (--no-save-optim): no optimizer state is written (see deepspeed_compat.without_optimizer_state);
     save_rng=False (--no-save-rng): no rng_state_rank_*.pt. The manifest records what the checkpoint holds
     ("contents"), so that a resume that would need the missing state is refused naming the flag to add.
 
@@ -200,7 +196,7 @@ def save_checkpoint(engine, save_dir: str, progress: TrainingProgress, device: t
             others = [n for n in list_files(tmp_dir) if n not in files]  # anything DeepSpeed wrote another way
             files.update(describe_files(tmp_dir, others))
             write_manifest(tmp_dir, files, iteration=progress.iteration, world_size=_world_size(),
-                           deepspeed_version=_deepspeed_version(),
+                           deepspeed_version=deepspeed_version(),
                            **{CONTENTS_KEY: {"optimizer": save_optim, "rng": save_rng}})
             publish_directory(tmp_dir, final_dir)
             write_pointers(save_dir, progress.iteration, tag)
