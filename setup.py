@@ -27,7 +27,12 @@ setup(
         "galore-torch",
     ],
     extras_require={
-        "test": ["pytest", "pytest-timeout"],
+        # The suite also checks against the field's references: TRL (DPO/SFT), lm-evaluation-harness, the openai client.
+        "test": ["pytest", "pytest-timeout", "trl", "lm-eval>=0.4,<0.5", "openai", "httpx"],
+        # tools/run_text_generation_server.py: FastAPI on uvicorn (megatron/inference/server.py says why)
+        "serve": ["fastapi", "uvicorn"],
+        # tools/evaluate.py: lm-evaluation-harness in-process on our checkpoints
+        "eval": ["lm-eval>=0.4,<0.5"],
         # benchmarks/bench_optimizers.py draws its loss curves with matplotlib
         "bench": ["matplotlib"],
         "tracking": ["wandb", "tensorboard"],

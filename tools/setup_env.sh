@@ -9,7 +9,7 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${MEGATRON_VENV:-$ROOT/.venv}"
 PYTHON="${PYTHON:-python3}"
 TORCH_VERSION="$(sed -n 's/^torch==\(.*\)$/\1/p' "$ROOT/constraints.txt")"
-EXTRAS="${MEGATRON_EXTRAS:-test,tracking,local-mpi}"
+EXTRAS="${MEGATRON_EXTRAS:-test,tracking,local-mpi,serve,eval}"
 STAMP="$VENV/.megatron-setup"
 want="$(cat "$ROOT/setup.py" "$ROOT/constraints.txt" "$0" | sha256sum | cut -c1-16) extras=$EXTRAS"
 
