@@ -374,7 +374,7 @@ class ArgonneCheckpoint(FullModelSource):
             if path is None:
                 raise ConversionError(f"{self.tag_dir}: layer_{index:02d}-model_{tp_rank:02d}-model_states.pt is "
                                       f"missing (it holds {full})")
-            return load_mmap(path, weights_only=True)[inner]
+            return load_mmap(path)[inner]
         local = [k for k in self._module(mp) if argonne_to_full_name(k, self.config, False) == full]
         if not local:
             raise ConversionError(f"{self.model_files[mp]}: no weight for {full}")

@@ -180,7 +180,7 @@ class DeepSpeedCheckpoint(FullModelSource):
     def _layer(self, index: int, tp_rank: int) -> dict:
         key = (index, tp_rank)
         if getattr(self, "_layer_cache_key", None) != key:
-            self._layer_cache = load_mmap(self.layer_files[key], weights_only=True)
+            self._layer_cache = load_mmap(self.layer_files[key])
             self._layer_cache_key = key
         return self._layer_cache
 
@@ -222,12 +222,12 @@ class DeepSpeedCheckpoint(FullModelSource):
         last = self.config.num_layers + 2
         has_tied = tied and (stage == 0 or bounds[stage] <= last < bounds[stage + 1])
         if has_tied:  # PipelineModule registers tied_modules before the layers
-            for k, v in load_mmap(self.layer_files[(0, tp_rank)], weights_only=True).items():
+            for k, v in load_mmap(self.layer_files[(0, tp_rank)]).items():
                 shapes[TIED_PREFIX + k] = tuple(v.shape)
         for index in range(bounds[stage], bounds[stage + 1]):
             if tied and index in (0, last):
                 continue
-            for k, v in load_mmap(self.layer_files[(index, tp_rank)], weights_only=True).items():
+            for k, v in load_mmap(self.layer_files[(index, tp_rank)]).items():
                 shapes[f"{index}.{k}"] = tuple(v.shape)
         return shapes, list(shapes)
 
