@@ -133,7 +133,7 @@ def main(argv=None) -> int:
         def next_logits(tokens):
             return model(tokens).logits[:, -1, :]
     else:
-        from megatron.data.tokenizers import build_tokenizer
+        from megatron.data.tokenizers import NullTokenizer, build_tokenizer
         from megatron.errors import MegatronError
 
         try:
@@ -150,6 +150,9 @@ def main(argv=None) -> int:
         except MegatronError as error:  # a checkpoint or tokenizer that cannot be read: the message names it
             print(f"error: {error}", file=sys.stderr)
             return error.exit_code
+        if tok_type == "NullTokenizer" and tokenizer.vocab_size == config.vocab_size + 1:
+            # saved with this framework's older NullTokenizer (--vocab-size V: V tokens, EOD V - 1; docs/UPSTREAM.md)
+            tokenizer = NullTokenizer(config.vocab_size, eod_in_vocab_size=True)
         if tokenizer.vocab_size != config.vocab_size:
             print(f"error: the tokenizer has {tokenizer.vocab_size} tokens but the model's vocabulary has "
                   f"{config.vocab_size}; pass the run's tokenizer", file=sys.stderr)

@@ -153,8 +153,8 @@ def config_from_argonne_args(ns, source: str, vocab_size: Optional[int] = None) 
 
 def _argonne_vocab_size(a: dict, source: str) -> int:
     if a.get("tokenizer_type") == "NullTokenizer":
-        # Their NullTokenizer has --vocab-size V ids plus an end-of-document id V (megatron/tokenizer/tokenizer.py);
-        # ours counts that id in V, so their V is our V + 1.
+        # Their NullTokenizer has --vocab-size V ids plus an end-of-document id V (megatron/tokenizer/tokenizer.py),
+        # as ours (data/tokenizers.py NullTokenizer)
         return int(a["vocab_size"]) + 1
     return _vocab_size_from_args(a, source)
 
@@ -163,7 +163,9 @@ def tokenizer_args_from_argonne(a: dict, vocab_size: int) -> Optional[dict]:
     if not a.get("tokenizer_type"):
         return None
     return {"tokenizer_type": a["tokenizer_type"], "tokenizer_model": a.get("tokenizer_model"),
-            "vocab_file": a.get("vocab_file"), "merge_file": a.get("merge_file"), "vocab_size": vocab_size}
+            "vocab_file": a.get("vocab_file"), "merge_file": a.get("merge_file"),
+            # NullTokenizer: the --vocab-size flag (V; the model has V + 1), as our own saved tokenizer arguments
+            "vocab_size": a.get("vocab_size") if a["tokenizer_type"] == "NullTokenizer" else vocab_size}
 
 
 # ---- names ---------------------------------------------------------------------------------------------

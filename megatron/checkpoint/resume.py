@@ -222,6 +222,7 @@ def plan_resume(desc: CheckpointDescription, run, ps) -> ResumePlan:
     where = f"--load {run.checkpoint.load}" + (f" ({desc.tag})" if desc.kind == "ours" else "")
     problems = []
 
+    run, legacy_notice = _older_null_tokenizer(desc, run)
     differences = [f"{SHAPE_FLAGS[f]} gives {getattr(run.model, f)!r}, the checkpoint has {getattr(desc.config, f)!r}"
                    for f in SHAPE_FLAGS if getattr(run.model, f) != getattr(desc.config, f)]
     if differences:
@@ -265,10 +266,28 @@ def plan_resume(desc: CheckpointDescription, run, ps) -> ResumePlan:
     run, notices, policy_problems = _resolve_hyperparameters(desc, run, load_optim, load_lr_state, finetune,
                                                              ps.dp_size)
     problems += policy_problems
+    if legacy_notice:
+        notices.insert(0, legacy_notice)
     if problems:
         raise ConfigError(f"cannot resume {where}:\n  - " + "\n  - ".join(problems))
     return ResumePlan(desc, run, how, load_optim=load_optim, load_rng=load_rng, load_lr_state=load_lr_state,
                       finetune=finetune, notices=notices)
+
+
+def _older_null_tokenizer(desc: CheckpointDescription, run):
+    """(run, notice): a checkpoint of ours saved when this framework's NullTokenizer counted the end-of-document id
+    in --vocab-size V (V tokens, EOD V - 1; now V + 1 tokens, EOD V, as upstream) is recognised by its model
+    having exactly the flag's V tokens; the run then keeps that convention (model vocabulary V, EOD V - 1)."""
+    data = run.data
+    if (desc.kind != "ours" or data.tokenizer_type not in (None, "NullTokenizer") or data.vocab_size is None
+            or run.model.vocab_size != data.vocab_size + 1 or desc.config.vocab_size != data.vocab_size):
+        return run, None
+    run = dataclasses.replace(run, model=run.model.replace(vocab_size=data.vocab_size))
+    return run, (f"{desc.path} was saved with this framework's older NullTokenizer convention (--vocab-size "
+                 f"{data.vocab_size} meant {data.vocab_size} tokens, end of document {data.vocab_size - 1}); the run "
+                 f"keeps it: {data.vocab_size} tokens, end-of-document id {data.vocab_size - 1} (a new run with "
+                 f"--vocab-size {data.vocab_size} has {data.vocab_size + 1} tokens and end of document "
+                 f"{data.vocab_size}, as upstream; docs/UPSTREAM.md)")
 
 
 def _layout_differs(desc: CheckpointDescription, run, ps) -> bool:

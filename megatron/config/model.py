@@ -300,7 +300,10 @@ def model_from_args(ns: argparse.Namespace) -> TransformerConfig:
                if k not in values]
     if missing:
         raise ConfigError(f"{', '.join(missing)} required (or give --model-preset NAME)")
-    values["vocab_size"] = ns.vocab_size or 0
+    # NullTokenizer (no --tokenizer-type, or that one): --vocab-size V gives V + 1 tokens, the EOD id V (upstream's
+    # _NullTokenizer); another tokenizer's own size replaces this once it is built
+    null = getattr(ns, "tokenizer_type", None) in (None, "NullTokenizer")
+    values["vocab_size"] = (ns.vocab_size + (1 if null else 0)) if ns.vocab_size else 0
     values["sequence_parallel"] = ns.sequence_parallel
     values["attention_softmax_in_fp32"] = ns.attention_softmax_in_fp32
     values["apply_query_key_layer_scaling"] = ns.apply_query_key_layer_scaling
