@@ -112,6 +112,55 @@ def stage_data(args):
             f.write(f"{w} {prefix} {corpus}\n")
 
 
+# the tiny model every upstream run uses (dataset building needs the model flags too)
+MODEL_FLAGS = [
+    "--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4",
+    "--seq-length", "32", "--max-position-embeddings", "512",
+    "--tokenizer-type", "NullTokenizer", "--vocab-size", str(VOCAB),
+]
+ORDER_COMMON = MODEL_FLAGS + [
+    "--micro-batch-size", "1", "--global-batch-size", "8", "--train-iters", "24",
+    "--eval-iters", "1", "--eval-interval", "1000", "--split", "98,1,1", "--seed", "1234",
+    "--data-cache-path", "cache",
+]
+BLEND_TRIPLETS = ["0.5", "data/corpus_a_text_document", "web",
+                  "0.2", "data/corpus_b_text_document", "web",
+                  "0.3", "data/corpus_c_text_document", "code"]
+ORDER_CASES = {
+    "filelist": ["--data-file-list", "data/file_list.txt"],
+    "filelist_shuffle": ["--data-file-list", "data/file_list.txt", "--shuffle-sample-in-corpus"],
+    "filelist_blend": ["--data-file-list", "data/file_list.txt", "--blend-sample-in-corpus"],
+    "filelist_shuffle_blend": ["--data-file-list", "data/file_list.txt",
+                               "--shuffle-sample-in-corpus", "--blend-sample-in-corpus"],
+    "datapath_triplets": ["--data-path", *BLEND_TRIPLETS],
+    "single": ["--data-path", "data/corpus_b_text_document"],
+    "eod_single": ["--data-path", "data/eod_e_text_document"],
+}
+
+
+def stage_order(args):
+    env = upstream_env(args.upstream)
+    env["PYTHONPATH"] = f"{args.upstream}{os.pathsep}{HERE}"
+    for k, (case, flags) in enumerate(ORDER_CASES.items()):
+        work = args.work / "order" / case
+        if work.exists():
+            shutil.rmtree(work)
+        work.mkdir(parents=True)
+        shutil.copytree(HERE / "data", work / "data", ignore=shutil.ignore_patterns("*.jsonl"))
+        env["DUMP_DIR"] = "dump"
+        env["MASTER_PORT"] = str(29600 + k)
+        cmd = [sys.executable, HERE / "dump_order.py", *ORDER_COMMON, *flags]
+        run(cmd, work, env, log=work / "log.txt")
+        dest = HERE / "order" / case
+        if dest.exists():
+            shutil.rmtree(dest)
+        shutil.copytree(work / "dump", dest)
+        shutil.copytree(work / "cache", dest / "cache")
+        (dest / "command.txt").write_text(
+            "python pretrain_gpt_alcf.py-equivalent dataset build (dump_order.py) with:\n"
+            + " ".join(ORDER_COMMON + flags) + "\n")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--stage", choices=["data", "order", "train", "logits"], required=True)
