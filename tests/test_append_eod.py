@@ -111,3 +111,34 @@ def test_other_unlisted_bytes_still_refused(tmp_path):
         scan_file(prefix, (1.0, 0.0, 0.0))
     with pytest.raises(idx.IndexedDatasetError, match="not an index written by upstream's --append-eod|another"):
         idx.repair_appended_eod(prefix)
+
+
+# ---- upstream's own --append-eod file (tests/data/upstream/, written by its tools/preprocess_data.py) ----------
+
+UPSTREAM = os.path.join(ROOT, "tests", "data", "upstream")
+
+
+def test_upstream_append_eod_file_reads_as_upstream_and_repairs(tmp_path, caplog):
+    import json
+    import shutil
+
+    source = os.path.join(UPSTREAM, "data", "eod_e_text_document")
+    read = np.load(os.path.join(UPSTREAM, "order", "eod_single", "documents_read.npy"))
+    read_sizes = np.load(os.path.join(UPSTREAM, "order", "eod_single", "documents_read_sizes.npy"))
+    caplog.set_level(logging.WARNING)
+    ds = idx.IndexedDataset(source)
+    ours = [ds.get(k) for k in range(ds.num_documents)]  # one sentence per document
+    assert [len(d) for d in ours] == read_sizes.tolist()
+    assert np.concatenate(ours).tolist() == read.tolist()  # what upstream's MMapIndexedDataset.get served
+    scan_file(source, (0.98, 0.01, 0.01))
+    warned = _warnings(caplog)
+    assert len(warned) == 1 and "30 end-of-document tokens" in warned[0].getMessage()
+
+    prefix = str(tmp_path / "eod_e_text_document")
+    for suffix in (".bin", ".idx"):
+        shutil.copy(source + suffix, prefix + suffix)
+    assert idx.repair_appended_eod(prefix) == {"documents": 30, "eod_tokens": 30, "eod_id": 256, "repaired": True}
+    repaired = idx.IndexedDataset(prefix)
+    with open(os.path.join(UPSTREAM, "data", "eod_e.jsonl")) as f:
+        texts = [[int(t) for t in json.loads(line)["text"].split(" ")] for line in f]
+    assert [repaired.get(k).tolist() for k in range(repaired.num_documents)] == [t + [256] for t in texts]
