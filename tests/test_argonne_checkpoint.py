@@ -179,3 +179,37 @@ def test_to_argonne_writes_the_files_their_layout_documents(built, tmp_path):
     back = ArgonneCheckpoint(str(tmp_path / "back"))
     assert back.version == 3.0 and back.config.to_dict() == config.to_dict()
     assert all(torch.equal(t, truth[n]) for n, t in back.state_dict().items())
+
+
+def test_their_lr_schedule_reads_as_ours():
+    """Their OptimizerParamScheduler state (lengths in samples) is our LRSchedule state: equal to the flags' own
+    schedule when they describe the same one, and what --use-checkpoint-opt_param-scheduler continues from."""
+    from megatron.checkpoint.argonne import argonne_lr_state
+    from megatron.optimizer.lr_schedule import _NoParams, build_lr_scheduler, schedule_differences
+
+    state = argonne_lr_state(af.UPSTREAM_SCHEDULER, 4)
+    assert (state["num_steps"], state["warmup_steps"], state["decay_steps"], state["increment"]) == (3, 2, 8, 1)
+    run = parse_args(GPT_ARGV)
+    assert schedule_differences(run, state, 1) == []
+    other = parse_args(GPT_ARGV + ["--lr", "1e-3", "--use-checkpoint-opt_param-scheduler"])
+    assert any(line.startswith("--lr:") for line in schedule_differences(other, state, 1))
+    truth = build_lr_scheduler(_NoParams(), run, 1)
+    for _ in range(3):
+        truth.step()
+    taken = build_lr_scheduler(_NoParams(), other, 1)
+    taken.load_state_dict(state)  # the checkpoint's shape and position
+    for _ in range(4):
+        assert taken.get_lr() == pytest.approx(truth.get_lr(), rel=1e-12)
+        taken.step()
+        truth.step()
+    # lengths that are not whole global batches stay in samples (stepped by the global batch): still their schedule
+    odd = argonne_lr_state(dict(af.UPSTREAM_SCHEDULER, lr_warmup_steps=6), 4)
+    assert (odd["increment"], odd["num_steps"], odd["warmup_steps"], odd["decay_steps"]) == (4, 12, 6, 32)
+
+
+def test_describe_reads_their_schedule(built):
+    from megatron.checkpoint.resume import describe
+
+    root, _ = built
+    desc = describe("argonne", str(root / "gpt_nopipe"), "global_step3")
+    assert desc.lr_scheduler["num_steps"] == 3 and desc.lr_scheduler["max_lr"] == 3e-3

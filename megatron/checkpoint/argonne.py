@@ -159,6 +159,31 @@ def _argonne_vocab_size(a: dict, source: str) -> int:
     return _vocab_size_from_args(a, source)
 
 
+def argonne_lr_state(sched: dict, global_batch_size: int) -> dict:
+    """Their OptimizerParamScheduler.state_dict() (megatron/optimizer_param_scheduler.py: every length in samples,
+    stepped by the global batch each iteration) as our LRSchedule state. In iterations (increment 1, as our runs
+    without a batch ramp-up count) when every length is a whole number of global batches, so that the same
+    schedule compares equal to the flags'; else in samples (increment = the global batch), which continues their
+    schedule exactly too but differs from an iteration-counting run's flags (take it with
+    --use-checkpoint-opt_param-scheduler)."""
+    lengths = {"num_steps": sched.get("num_steps"), "warmup_steps": sched.get("lr_warmup_steps"),
+               "decay_steps": sched.get("lr_decay_steps"), "wd_incr_steps": sched.get("wd_incr_steps")}
+    lengths = {k: v for k, v in lengths.items() if v is not None}
+    gbs = max(1, int(global_batch_size))
+    in_iterations = all(float(v) % gbs == 0 for v in lengths.values())
+    state = {k: int(round(float(v) / gbs)) if in_iterations else int(round(float(v))) for k, v in lengths.items()}
+    state.update(increment=1 if in_iterations else gbs, max_lr=float(sched["max_lr"]),
+                 min_lr=float(sched.get("min_lr") or 0.0), decay_style=sched.get("lr_decay_style"),
+                 wsd_decay_steps=None, wsd_decay_style="linear", num_tokens=int(sched.get("num_tokens") or 0))
+    for theirs, ours in (("lr_decay_tokens", "decay_tokens"), ("lr_warmup_tokens", "warmup_tokens"),
+                         ("wd_incr_style", "wd_incr_style")):
+        if theirs in sched:
+            state[ours] = sched[theirs]
+    if sched.get("wd_incr_style", "constant") != "constant":  # else both are --weight-decay (compared on its own)
+        state.update(start_wd=sched.get("start_wd"), end_wd=sched.get("end_wd"))
+    return state
+
+
 def tokenizer_args_from_argonne(a: dict, vocab_size: int) -> Optional[dict]:
     if not a.get("tokenizer_type"):
         return None
@@ -306,7 +331,12 @@ class ArgonneCheckpoint(FullModelSource):
         return int(self.state0.get("iteration") or 0)
 
     def lr_scheduler_state(self) -> Optional[dict]:
-        return None  # theirs has another shape; load_argonne_checkpoint moves ours to their step count
+        """Their OptimizerParamScheduler state (DeepSpeed's 'lr_scheduler' entry, or Megatron's 'opt_param_scheduler'
+        / 'lr_scheduler' without DeepSpeed) in our LRSchedule's keys; None when the checkpoint has none."""
+        sched = self.state0.get("lr_scheduler") or self.state0.get("opt_param_scheduler")
+        if not isinstance(sched, dict) or "num_steps" not in sched:
+            return None
+        return argonne_lr_state(sched, int(self.argonne_args.get("global_batch_size") or 1))
 
     def lr_scheduler_num_steps(self) -> Optional[int]:
         sched = self.state0.get("lr_scheduler")
@@ -436,9 +466,16 @@ def _load_argonne(training_engine, path: str, *, load_optim: bool, finetune: boo
     progress = load_checkpoint_any_layout(training_engine, ckpt.tag_dir, load_optim=load_optim, finetune=finetune,
                                           source=ckpt)
     scheduler = training_engine.engine.lr_scheduler
-    if not finetune and scheduler is not None:
-        # Their OptimizerParamScheduler counts samples (megatron/training.py steps it by the global batch);
-        # ours counts iterations unless the batch ramps up (then samples too).
+    saved = ckpt.lr_scheduler_state()
+    if not finetune and scheduler is not None and saved is not None:
+        # their schedule's state as ours: the policy (--use-checkpoint-opt_param-scheduler, --override-...,
+        # or the flags and the checkpoint must agree) applies as for our own checkpoints
+        if saved["increment"] != 1 and getattr(scheduler, "on_resume", None) == "override":
+            saved = dict(saved, increment=scheduler.increment, num_steps=progress.iteration * scheduler.increment)
+        scheduler.load_state_dict(saved)
+    elif not finetune and scheduler is not None:
+        # no schedule saved: ours moved to their step count (their scheduler counts samples, stepped by the
+        # global batch; ours iterations unless the batch ramps up)
         state = scheduler.state_dict()
         samples = ckpt.lr_scheduler_num_steps()
         state["num_steps"] = progress.iteration if state["increment"] == 1 else (

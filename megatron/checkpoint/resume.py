@@ -186,8 +186,8 @@ def describe(kind: str, load_dir: str, tag: str, make_vocab_size_divisible_by: i
             has_optim = any(is_optim_states_file(n) for n in os.listdir(source.tag_dir))
             return CheckpointDescription(
                 kind, load_dir, tag, source.tag_dir, source, args, source.config, _optimizer_name(args),
-                has_optimizer_state=has_optim, has_rng=False, lr_scheduler=None, tp=source.tp, pp=source.pp,
-                zero_stage=source.zero_stage)
+                has_optimizer_state=has_optim, has_rng=False, lr_scheduler=source.lr_scheduler_state(), tp=source.tp,
+                pp=source.pp, zero_stage=source.zero_stage)
         from megatron.checkpoint.ds_checkpoint import DeepSpeedCheckpoint, _has_optim_files
 
         source = DeepSpeedCheckpoint(path)
