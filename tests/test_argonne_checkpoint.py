@@ -48,7 +48,8 @@ def test_reader_recovers_config_weights_and_moments_bit_for_bit(built, variant):
     name, _, _ = VARIANTS[variant]
     ckpt = ArgonneCheckpoint(str(root / variant))
     assert is_argonne_checkpoint(str(root / variant)) and ckpt.tag_dir.endswith("global_step3")
-    assert ckpt.config.to_dict() == CONFIGS[name].replace(sequence_parallel=False).to_dict()
+    # their loss spans the padded vocabulary: the reader says so (resume follows it unless told otherwise)
+    assert ckpt.config.to_dict() == CONFIGS[name].replace(sequence_parallel=False, loss_over_padded_vocab=True).to_dict()
     for param in full_parameter_names(ckpt.config):
         for key in ("fp32", "exp_avg", "exp_avg_sq"):
             assert torch.equal(ckpt.full_optimizer_tensor(param, key), states[name][param][key]), (param, key)
@@ -177,7 +178,7 @@ def test_to_argonne_writes_the_files_their_layout_documents(built, tmp_path):
         a, b = torch.load(ours / name), torch.load(documented / name)
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
     back = ArgonneCheckpoint(str(tmp_path / "back"))
-    assert back.version == 3.0 and back.config.to_dict() == config.to_dict()
+    assert back.version == 3.0 and back.config.to_dict() == config.replace(loss_over_padded_vocab=True).to_dict()
     assert all(torch.equal(t, truth[n]) for n, t in back.state_dict().items())
 
 

@@ -134,6 +134,9 @@ def config_from_argonne_args(ns, source: str, vocab_size: Optional[int] = None) 
         fp32_residual_connection=bool(a.get("fp32_residual_connection")),
         init_method="xavier_uniform" if a.get("init_method_xavier_uniform") else "normal",
         apply_layernorm_1p=bool(a.get("apply_layernorm_1p")), squared_relu=bool(a.get("squared_relu")),
+        # their loss: vocab_parallel_cross_entropy over the padded vocabulary (megatron/core/tensor_parallel/
+        # cross_entropy.py), so the padding rows were trained
+        loss_over_padded_vocab=True,
         # their MLP: openai_gelu (tanh), else the fused bias-GeLU (tanh) unless the fusion was off: F.gelu (erf)
         gelu_approximation="tanh" if a.get("openai_gelu") or (
             a.get("bias_gelu_fusion", True) and a.get("add_bias_linear", True)) else "none")
@@ -421,7 +424,7 @@ class ArgonneCheckpoint(FullModelSource):
                 shard = argonne_qkv_shard_to_ours(shard, self.version, self.config, self.tp)
             shards.append({name: shard})
         merged = merge_state_dicts(shards, self.config)[name]
-        return strip_vocab_padding(name, merged, self.config, self.description)
+        return strip_vocab_padding(name, merged, self.config, self.description, self.keep_vocab_padding)
 
     def optimizer_step(self) -> Optional[int]:
         return self.optimizer(0).step if self._uses_fp32_masters() else None

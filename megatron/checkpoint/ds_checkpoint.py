@@ -189,7 +189,7 @@ class DeepSpeedCheckpoint(FullModelSource):
         for name in expected_shapes(self.config, prefix):
             shards = [{name: self._local_shard(name, t)} for t in range(self.tp)]
             merged = merge_state_dicts(shards, self.config)[name]
-            out[name] = strip_vocab_padding(name, merged, self.config, self.description)
+            out[name] = strip_vocab_padding(name, merged, self.config, self.description, self.keep_vocab_padding)
         return out
 
     # ---- optimizer ------------------------------------------------------------------------------------------
@@ -242,7 +242,7 @@ class DeepSpeedCheckpoint(FullModelSource):
         else:
             shards = [{name: self.optimizer(self.mp_rank(t, stage)).get(name, key)} for t in range(self.tp)]
         merged = merge_state_dicts(shards, self.config)[name]
-        return strip_vocab_padding(name, merged, self.config, self.description)
+        return strip_vocab_padding(name, merged, self.config, self.description, self.keep_vocab_padding)
 
     def lr_scheduler_state(self) -> Optional[dict]:
         return self.state0.get("lr_scheduler")

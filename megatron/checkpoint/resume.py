@@ -223,6 +223,7 @@ def plan_resume(desc: CheckpointDescription, run, ps) -> ResumePlan:
     problems = []
 
     run, legacy_notice = _older_null_tokenizer(desc, run)
+    run, padded_notice, padded_problem = _padded_vocab_loss(desc, run, ps)
     differences = [f"{SHAPE_FLAGS[f]} gives {getattr(run.model, f)!r}, the checkpoint has {getattr(desc.config, f)!r}"
                    for f in SHAPE_FLAGS if getattr(run.model, f) != getattr(desc.config, f)]
     if differences:
@@ -266,8 +267,9 @@ def plan_resume(desc: CheckpointDescription, run, ps) -> ResumePlan:
     run, notices, policy_problems = _resolve_hyperparameters(desc, run, load_optim, load_lr_state, finetune,
                                                              ps.dp_size)
     problems += policy_problems
-    if legacy_notice:
-        notices.insert(0, legacy_notice)
+    notices[:0] = [n for n in (legacy_notice, padded_notice) if n]
+    if padded_problem:
+        problems.append(padded_problem)
     if problems:
         raise ConfigError(f"cannot resume {where}:\n  - " + "\n  - ".join(problems))
     return ResumePlan(desc, run, how, load_optim=load_optim, load_rng=load_rng, load_lr_state=load_lr_state,
@@ -288,6 +290,38 @@ def _older_null_tokenizer(desc: CheckpointDescription, run):
                  f"keeps it: {data.vocab_size} tokens, end-of-document id {data.vocab_size - 1} (a new run with "
                  f"--vocab-size {data.vocab_size} has {data.vocab_size + 1} tokens and end of document "
                  f"{data.vocab_size}, as upstream; docs/UPSTREAM.md)")
+
+
+def _padded_vocab_loss(desc: CheckpointDescription, run, ps):
+    """(run, notice, problem) for the loss over the padded vocabulary: without --[no-]loss-over-padded-vocab the
+    run follows how the checkpoint was trained (every argonne-lcf/Megatron-DeepSpeed checkpoint: over the padded
+    vocabulary, its padding rows trained); with it on, the padding rows the checkpoint trained must fit this
+    layout's padding."""
+    given = (run.args or {}).get("loss_over_padded_vocab")
+    trained = bool(getattr(desc.config, "loss_over_padded_vocab", False))
+    notice = None
+    if given is None and trained != run.model.loss_over_padded_vocab:
+        run = dataclasses.replace(run, model=run.model.replace(loss_over_padded_vocab=trained))
+        if trained:
+            who = "argonne-lcf/Megatron-DeepSpeed" if desc.kind == "argonne" else "a run"
+            notice = (f"the loss's softmax runs over the padded vocabulary ({run.model.padded_vocab_size(ps.tp_size)} "
+                      f"columns for {run.model.vocab_size} tokens) and trains the padding rows, as {who} trained "
+                      f"{desc.path} (--loss-over-padded-vocab; --no-loss-over-padded-vocab masks the padding)")
+    if not (run.model.loss_over_padded_vocab and trained) or desc.kind not in ("ours", "argonne"):
+        return run, notice, None
+    theirs, ours = desc.config.padded_vocab_size(desc.tp), run.model.padded_vocab_size(ps.tp_size)
+    if theirs > ours:
+        return run, notice, (
+            f"--loss-over-padded-vocab: {desc.path} trained {theirs} vocabulary rows (padded at tp {desc.tp}), but "
+            f"this run pads the vocabulary to {ours} (--make-vocab-size-divisible-by "
+            f"{run.model.make_vocab_size_divisible_by} × tp {ps.tp_size}), which has no room for all of them; run at "
+            f"tp {desc.tp} (or a --make-vocab-size-divisible-by giving {theirs}), or pass "
+            "--no-loss-over-padded-vocab to drop the padding rows and mask them in the loss")
+    if theirs < ours:
+        notice = ((notice + "; ") if notice else "") + (
+            f"this run pads the vocabulary to {ours} rows, the checkpoint to {theirs}: the {ours - theirs} new "
+            "padding rows start at zero, so the loss is not the checkpoint run's own")
+    return run, notice, None
 
 
 def _layout_differs(desc: CheckpointDescription, run, ps) -> bool:
@@ -366,6 +400,8 @@ def execute(plan: ResumePlan, te, set_tracker_states: Optional[Callable[[dict], 
     from megatron.checkpoint.zero_shards import forget_remembered
 
     desc = plan.description
+    if hasattr(desc.source, "keep_vocab_padding"):  # the padding rows travel when the loss trains them
+        desc.source.keep_vocab_padding = bool(plan.run.model.loss_over_padded_vocab)
     wanted = _hyperparameter_snapshot(te.engine)
     try:
         with deepspeed_io.lr_scheduler_detached(te.engine, detach=not plan.load_lr_state):

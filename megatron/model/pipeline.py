@@ -88,7 +88,7 @@ class MaskedMeanLoss:
 
     def __call__(self, logits: torch.Tensor, targets) -> torch.Tensor:
         labels, loss_mask = targets
-        losses = vocab_parallel_cross_entropy(logits, labels, self.ps.tp_group, self.config.vocab_size)
+        losses = vocab_parallel_cross_entropy(logits, labels, self.ps.tp_group, self.config.loss_vocab_size)
         mask = loss_mask.reshape(-1).float()
         return (losses.reshape(-1) * mask).sum() / mask.sum().clamp(min=1.0)
 

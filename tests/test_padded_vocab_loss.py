@@ -1,0 +1,63 @@
+"""--loss-over-padded-vocab: the loss's softmax spans the padded vocabulary (upstream's), its padding rows train,
+and they travel through resharding; without it they are masked and dropped."""
+
+import torch
+
+from megatron.config.arguments import parse_args
+from megatron.distributed.parallel_state import ParallelState
+from megatron.model.gpt_model import GPTModel
+from megatron.model.sharding import shard_state_dict
+
+FLAGS = ["--num-layers", "1", "--hidden-size", "16", "--num-attention-heads", "2", "--seq-length", "8",
+         "--mock-data", "--vocab-size", "20", "--make-vocab-size-divisible-by", "8", "--train-iters", "1",
+         "--hidden-dropout", "0", "--attention-dropout", "0", "--untie-embeddings-and-output-weights"]
+
+
+def _loss_and_grad(*flags):
+    run = parse_args(FLAGS + list(flags))
+    model = GPTModel(run.model, ParallelState.single(), seed=3)
+    with torch.no_grad():  # padding rows as a checkpoint that trained them would hold them
+        model.output_layer.weight[run.model.vocab_size:] = 0.5
+    tokens = torch.randint(0, run.model.vocab_size, (2, 9), generator=torch.Generator().manual_seed(0))
+    logits = model(tokens[:, :-1])
+    return run, model, logits, tokens, None
+
+
+def test_flag_selects_the_softmax_span_and_trains_the_padding():
+    run, model, logits, tokens, _ = _loss_and_grad("--loss-over-padded-vocab")
+    assert run.model.vocab_size == 21 and run.model.padded_vocab_size() == 24 and run.model.loss_over_padded_vocab
+    from megatron.core.cross_entropy import vocab_parallel_cross_entropy
+
+    labels = tokens[:, 1:]
+    over_padded = vocab_parallel_cross_entropy(logits, labels, None, run.model.loss_vocab_size)
+    expected = torch.nn.functional.cross_entropy(logits.reshape(-1, 24).float(), labels.reshape(-1), reduction="none")
+    torch.testing.assert_close(over_padded.reshape(-1), expected, rtol=1e-6, atol=1e-6)
+    over_padded.mean().backward()
+    assert model.output_layer.weight.grad[21:].abs().sum() > 0  # the padding rows train
+
+    masked_run, masked_model, masked_logits, _, _ = _loss_and_grad("--no-loss-over-padded-vocab")
+    assert masked_run.model.loss_vocab_size == 21
+    masked = vocab_parallel_cross_entropy(masked_logits, labels, None, masked_run.model.loss_vocab_size)
+    expected = torch.nn.functional.cross_entropy(masked_logits[..., :21].reshape(-1, 21).float(), labels.reshape(-1),
+                                                 reduction="none")
+    torch.testing.assert_close(masked.reshape(-1), expected, rtol=1e-6, atol=1e-6)
+    masked.mean().backward()
+    assert masked_model.output_layer.weight.grad[21:].abs().sum() == 0
+    assert parse_args(FLAGS).model.loss_over_padded_vocab is False  # default off for a new run
+
+
+def test_resharding_keeps_trained_padding_rows_only_with_the_flag():
+    run = parse_args(FLAGS + ["--loss-over-padded-vocab"])
+    full = torch.arange(24 * 16, dtype=torch.float32).reshape(24, 16)  # rows 21..23: trained padding
+    kept = shard_state_dict({"output_layer.weight": full}, run.model, 2, 1)["output_layer.weight"]
+    assert kept.shape[0] == 16  # tp 2 pads 21 to 32: rank 1 holds rows 16..31
+    assert torch.equal(kept[:8], full[16:]) and kept[8:].abs().sum() == 0  # every trained row kept
+    dropped = shard_state_dict({"output_layer.weight": full}, run.model.replace(loss_over_padded_vocab=False), 2, 1)
+    assert torch.equal(dropped["output_layer.weight"][:5], full[16:21])
+    assert dropped["output_layer.weight"][5:].abs().sum() == 0
+    smaller = run.model.replace(make_vocab_size_divisible_by=1)  # pads 21 to 22 at tp 2: no room for rows 22, 23
+    try:
+        shard_state_dict({"output_layer.weight": full}, smaller, 2, 0)
+        raise AssertionError("trained padding rows that do not fit were dropped silently")
+    except ValueError as error:
+        assert "--no-loss-over-padded-vocab" in str(error)
