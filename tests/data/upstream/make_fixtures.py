@@ -135,13 +135,19 @@ ORDER_CASES = {
     "datapath_triplets": ["--data-path", *BLEND_TRIPLETS],
     "single": ["--data-path", "data/corpus_b_text_document"],
     "eod_single": ["--data-path", "data/eod_e_text_document"],
+    # the data of the checkpoint runs below (ckpt/*): same data flags, split, iterations and batch
+    "train_run": ["--data-file-list", "data/file_list.txt", "--shuffle-sample-in-corpus",
+                  "--split", "990,10,0", "--train-iters", "8"],
 }
 
 
 def stage_order(args):
     env = upstream_env(args.upstream)
     env["PYTHONPATH"] = f"{args.upstream}{os.pathsep}{HERE}"
+    only = set(args.only.split(",")) if args.only else set(ORDER_CASES)
     for k, (case, flags) in enumerate(ORDER_CASES.items()):
+        if case not in only:
+            continue
         work = args.work / "order" / case
         if work.exists():
             shutil.rmtree(work)
@@ -369,12 +375,81 @@ def stage_logits(args):
         shutil.copy(work / "logits.npy", out_dir / f"{name}.npy")
 
 
+def pickle_globals(path):
+    """The module.name of every global a torch.save zip's pickles reference (read with pickletools, nothing loaded)."""
+    import io
+    import pickletools
+    import zipfile
+    found = set()
+    with zipfile.ZipFile(path) as z:
+        for member in z.namelist():
+            if not member.endswith(".pkl"):
+                continue
+            strings = []
+            for op, arg, _ in pickletools.genops(io.BytesIO(z.read(member))):
+                if op.name in ("SHORT_BINUNICODE", "BINUNICODE", "UNICODE", "BINUNICODE8"):
+                    strings.append(arg)
+                elif op.name == "GLOBAL":
+                    found.add(arg.replace(" ", "."))
+                elif op.name == "STACK_GLOBAL":
+                    found.add(f"{strings[-2]}.{strings[-1]}")
+    return sorted(found)
+
+
+def stage_index(args):
+    """INDEX.json: every fixture, its layout and files, for the tests that consume them."""
+    index = {
+        "upstream_commit": "ffa3456d68b630192fcaefcc3288bd18525b8d95",
+        "deepspeed": "0.19.4", "torch": "2.13.0+cpu",
+        "tokenizer": {"type": "NullTokenizer", "vocab_size_flag": VOCAB, "tokenizer_vocab_size": VOCAB + 1,
+                      "eod_id": VOCAB},
+        "data": {}, "order": {}, "checkpoints": {}, "logits": {},
+    }
+    for name, (n_docs, _, _, eod) in CORPORA.items():
+        prefix = f"data/{name}_text_document"
+        index["data"][name] = {"prefix": prefix, "documents": n_docs, "append_eod": eod, "dtype": "uint16",
+                               "bin_tokens": (HERE / f"{prefix}.bin").stat().st_size // 2,
+                               "jsonl": f"data/{name}.jsonl"}
+    index["data_file_list"] = "data/file_list.txt"
+    for case, flags in ORDER_CASES.items():
+        d = HERE / "order" / case
+        if not d.is_dir():
+            continue
+        entry = {"dir": f"order/{case}", "flags": ORDER_COMMON + flags,
+                 "files": sorted(p.name for p in d.iterdir() if p.is_file()),
+                 "cache_files": sorted(p.name for p in (d / "cache").iterdir())}
+        for split in ("train", "valid"):
+            if (d / f"{split}_tokens.npy").exists():
+                entry[f"{split}_samples"] = int(np.load(d / f"{split}_tokens.npy").shape[0])
+        index["order"][case] = entry
+    for name in TRAIN_RUNS:
+        d = HERE / "ckpt" / name
+        if not d.is_dir():
+            continue
+        losses = json.loads((d / "losses.json").read_text())
+        step = d / "checkpoints" / f"global_step{losses['saved_iteration']}"
+        files = sorted(p.name for p in step.iterdir())
+        index["checkpoints"][name] = {
+            "dir": f"ckpt/{name}", "load": f"ckpt/{name}/checkpoints", **losses["layout"],
+            "iteration": losses["saved_iteration"], "train_iters": losses["train_iters"],
+            "padded_vocab_size": 128 * losses["layout"]["tensor_parallel"] * -(-(VOCAB + 1) // (128 * losses["layout"]["tensor_parallel"])),
+            "files": files, "losses": f"ckpt/{name}/losses.json", "command": f"ckpt/{name}/command.txt",
+            "ds_config": f"ckpt/{name}/ds_config.json",
+            "pickle_globals": {f: pickle_globals(step / f) for f in files},
+        }
+        if (HERE / "logits" / f"{name}.npy").exists():
+            index["logits"][name] = {"tokens": "logits/tokens.npy", "logits": f"logits/{name}.npy",
+                                     "shape": list(np.load(HERE / "logits" / f"{name}.npy").shape),
+                                     "dtype": "float32", "over": "the padded vocabulary"}
+    (HERE / "INDEX.json").write_text(json.dumps(index, indent=1) + "\n")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--stage", choices=["data", "order", "train", "logits"], required=True)
+    parser.add_argument("--stage", choices=["data", "order", "train", "logits", "index"], required=True)
     parser.add_argument("--upstream", type=Path, default=Path("/work/upstream-src/Megatron-DeepSpeed"))
     parser.add_argument("--work", type=Path, default=Path("/work/upstream-work"))
-    parser.add_argument("--only", default="", help="comma-separated train runs (default: all)")
+    parser.add_argument("--only", default="", help="comma-separated cases or runs of the stage (default: all)")
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     globals()[f"stage_{args.stage}"](args)
