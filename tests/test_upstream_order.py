@@ -139,3 +139,20 @@ def test_the_split_follows_upstreams_rounding():
     assert upstream_split("969, 30, 1", 1000) == [0, 969, 999, 1000]
     assert upstream_split("90,8,2", 26) == [0, 23, 25, 26]  # 23.4, 2.08, 0.52 rounded, the excess off the end
     assert upstream_split("1", 7) == [0, 7, 7, 7]
+
+
+def test_large_file_orders_are_written_once_per_node_and_mapped_by_the_other_ranks(tmp_path):
+    def train():
+        dataset = _datasets(tmp_path, "list_shuffle")[0]
+        dataset.order_dir, dataset.share_min_bytes = str(tmp_path / "orders"), 0  # share every file's order
+        return dataset
+
+    first, second = train(), train()
+    samples = np.arange(len(first))
+    expected = first.get_tokens(samples)
+    assert first.builds == 4 and first.shared_loads == 0 and len(list((tmp_path / "orders").iterdir())) == 4
+    np.testing.assert_array_equal(second.get_tokens(samples), expected)
+    assert second.builds == 0 and second.shared_loads == 4
+    first.close()
+    assert not list((tmp_path / "orders").iterdir())
+    np.testing.assert_array_equal(second.get_tokens(samples), expected)  # its maps stay valid

@@ -32,20 +32,30 @@ module recomputes each with numpy, from the .idx files alone (no cache needed, n
 Costs, where exactness forces them (measured at 2T tokens in benchmarks/bench_upstream_order.py,
 benchmarks/RESULTS.md):
 - a file's doc_idx and shuffle_idx are RandomState shuffles whose random draws depend on every earlier draw:
-  O(documents x epochs + samples) for a file, built the first time one of its samples is read (lazily, per
-  file; least recently used files are dropped over a memory budget and rebuilt when read again);
+  O(documents x epochs + samples) per file, built the first time one of its samples is read (lazily, per
+  file). The result (4 bytes per document and epoch, 12 per sample) is written once per node into
+  node-local RAM (/dev/shm, a temporary name then a rename) and memory-mapped by every rank that needs it:
+  no barrier, no rank waits for another (a rank that finds no file builds it; the same bytes), nothing on
+  a shared filesystem, removed by its writer at exit. Orders under 1 MiB stay private to the process;
 - a corpus's permutation (--shuffle-sample-in-corpus) is one RandomState shuffle: O(corpus samples), built
-  on first use of the corpus;
+  on first use of the corpus (8 bytes per sample, per process);
 - the greedy blends are sequential (each choice depends on every earlier one): O(samples x datasets) from
   sample 0, computed lazily as far as read, keeping the blend's counts every BLEND_BLOCK samples so that
   any sample already passed is recomputed from the nearest block. Starting a run costs one block; resuming
-  at consumed_samples = N costs O(N x corpora) once.
+  at consumed_samples = N costs O(N x corpora) once (about 1 us per sample for 14 corpora, in Python).
+Reading a sample: its file's order (above), then one .idx read per document it spans and one .bin read per
+piece, as upstream reads it (by the .idx's pointers and lengths).
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import logging
 import math
+import multiprocessing.util
+import os
+import tempfile
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -55,13 +65,16 @@ import numpy as np
 
 from megatron.data.data_list import SPLIT_NAMES, DataListError, paused_gc
 from megatron.data.indexed_dataset import TokenFile, read_index_header
+from megatron.fileio import replace_atomically
 
 logger = logging.getLogger(__name__)
 
 UPSTREAM_NUM_SAMPLES_FACTOR = 1.005  # dataset_utils.get_datasets_weights_and_num_samples
 LAST_EPOCH_FRACTION = 0.80  # gpt_dataset._build_index_mappings: separate_last_epoch below 80 % of an epoch
 BLEND_BLOCK = 4096  # the greedy blend keeps its counts every this many samples
-DEFAULT_FILE_CACHE_BYTES = 1 << 30  # per process: built file orders kept (doc_idx, token ends, shuffle_idx)
+SHARE_MIN_BYTES = 1 << 20  # a file order this large is written once per node and memory-mapped by its ranks
+DEFAULT_PRIVATE_BYTES = 256 << 20  # per process: the most bytes of smaller (unshared) file orders kept
+MAX_KEPT_ORDERS = 8192  # file orders (mapped or not) one process keeps at most
 
 
 class UpstreamOrderError(DataListError):
@@ -118,50 +131,61 @@ def per_file_samples(weights: Sequence[float], requested: Sequence[int]) -> tupl
 
 
 # ---- level 2: one file's order ---------------------------------------------------------------------------
-@dataclass
 class FileOrder:
-    """One file's split in upstream's order: doc_idx (absolute sequence numbers), the cumulative token ends of
-    doc_idx, each sequence's first token in the .bin, and shuffle_idx."""
-    doc_idx: np.ndarray
-    ends: np.ndarray
-    first_sequence: int
-    pointers: np.ndarray  # token offset of sequences [first_sequence, ...) in the .bin
-    shuffle_idx: np.ndarray
+    """One file's split in upstream's order, in one flat integer array (int32 where the numbers fit, so that
+    it can be written once and memory-mapped): [documents, epochs, samples S]; `lengths` of the split's
+    sequences; `doc_idx` (sequence numbers relative to `first`); upstream's sample_idx rows (position in
+    doc_idx, offset in that document) of samples 0..S; `shuffle_idx`. 4 bytes per document and epoch plus
+    12 per sample (upstream's cache: 4 and 20)."""
+
+    def __init__(self, flat: np.ndarray, first: int):
+        documents, epochs, samples = (int(v) for v in flat[:3])
+        expected = 3 + documents * (1 + epochs) + 3 * samples + 2
+        if flat.size != expected:
+            raise ValueError(f"file order of {flat.size} numbers, expected {expected}")
+        self.flat, self.first = flat, first
+        self.lengths = flat[3:3 + documents]
+        at = 3 + documents
+        self.doc_idx = flat[at:at + documents * epochs]
+        at += documents * epochs
+        self.sample_idx = flat[at:at + 2 * (samples + 1)].reshape(samples + 1, 2)
+        self.shuffle_idx = flat[at + 2 * (samples + 1):]
 
     @property
     def nbytes(self) -> int:
-        return self.doc_idx.nbytes + self.ends.nbytes + self.pointers.nbytes + self.shuffle_idx.nbytes
+        return self.flat.nbytes
 
-    def pieces(self, sample: int, seq_length: int) -> list[tuple[int, int]]:
-        """[(first token in the .bin, tokens), ...] of file sample `sample` (seq_length + 1 tokens)."""
-        position = int(self.shuffle_idx[sample]) * seq_length
-        last = position + seq_length  # inclusive
-        first_doc = int(np.searchsorted(self.ends, position, side="right"))
-        last_doc = int(np.searchsorted(self.ends, last, side="right"))
-        out = []
-        for d in range(first_doc, last_doc + 1):
-            doc_start = int(self.ends[d - 1]) if d else 0
-            lo, hi = max(position, doc_start), min(last + 1, int(self.ends[d]))
-            if hi > lo:
-                sequence = int(self.doc_idx[d]) - self.first_sequence
-                out.append((int(self.pointers[sequence]) + lo - doc_start, hi - lo))
-        return out
+    def pieces(self, sample: int, token_offsets) -> list[tuple[int, int]]:
+        """[(first token in the .bin, tokens), ...] of file sample `sample`, as upstream's GPTDataset reads it;
+        `token_offsets(sequences)` gives the sequences' first tokens (from the .idx)."""
+        i = int(self.shuffle_idx[sample])
+        (d0, o0), (d1, o1) = self.sample_idx[i].tolist(), self.sample_idx[i + 1].tolist()
+        docs = self.doc_idx[d0:d1 + 1].astype(np.int64)
+        starts = token_offsets(docs + self.first).tolist()
+        lengths = self.lengths[docs].tolist()
+        if d0 == d1:
+            return [(starts[0] + o0, o1 - o0 + 1)]
+        out = [(starts[0] + o0, lengths[0] - o0)]
+        out += [(start, length) for start, length in zip(starts[1:-1], lengths[1:-1])]
+        out.append((starts[-1], o1 + 1))
+        return [piece for piece in out if piece[1] > 0]
 
 
-def shuffled_doc_idx(first: int, stop: int, num_epochs: int, rng: np.random.RandomState,
-                     separate_last_epoch: bool) -> np.ndarray:
-    """Upstream's _build_doc_idx: E copies of sequences [first, stop), shuffled (the last epoch apart)."""
+def shuffled_doc_idx(documents: int, num_epochs: int, rng: np.random.RandomState, separate_last_epoch: bool,
+                     dtype=np.int32) -> np.ndarray:
+    """Upstream's _build_doc_idx: E copies of [0, documents), shuffled (the last epoch apart when separate).
+    RandomState.shuffle draws the same numbers for any dtype and offset, so relative numbers give upstream's
+    order."""
     if not separate_last_epoch or num_epochs == 1:
-        doc_idx = np.tile(np.arange(first, stop, dtype=np.int32), num_epochs)
+        doc_idx = np.tile(np.arange(documents, dtype=dtype), num_epochs)
         rng.shuffle(doc_idx)
         return doc_idx
-    head = shuffled_doc_idx(first, stop, num_epochs - 1, rng, False)
-    return np.concatenate((head, shuffled_doc_idx(first, stop, 1, rng, False)))
+    head = shuffled_doc_idx(documents, num_epochs - 1, rng, False, dtype)
+    return np.concatenate((head, shuffled_doc_idx(documents, 1, rng, False, dtype)))
 
 
-def shuffled_samples(num_samples: int, total: int, rng: np.random.RandomState) -> np.ndarray:
+def shuffled_samples(num_samples: int, total: int, rng: np.random.RandomState, dtype=np.int64) -> np.ndarray:
     """Upstream's _build_shuffle_idx: [0, num_samples) shuffled, then [num_samples, total) shuffled."""
-    dtype = np.uint32 if total < np.iinfo(np.uint32).max - 1 else np.int64
     head = np.arange(num_samples, dtype=dtype)
     rng.shuffle(head)
     if num_samples == total:
@@ -171,24 +195,49 @@ def shuffled_samples(num_samples: int, total: int, rng: np.random.RandomState) -
     return np.concatenate((head, tail))
 
 
-def build_file_order(lengths: np.ndarray, pointers: np.ndarray, first_sequence: int, num_samples: int,
-                     seq_length: int, seed: int) -> FileOrder:
-    """Upstream's _build_index_mappings for one file's split: `lengths`/`pointers` are its sequences' .idx
-    entries (int32 lengths, token offsets), `num_samples` the samples asked of this file."""
-    tokens = int(lengths.sum(dtype=np.int64))
+def file_order_shape(tokens: int, num_samples: int, seq_length: int) -> tuple[int, int, bool]:
+    """(epochs, samples S, separate_last_epoch) of upstream's index mappings for a split of `tokens` tokens."""
     epochs = upstream_epochs(tokens, seq_length, num_samples)
-    rng = np.random.RandomState(seed=seed)
     separate = False
     if epochs > 1:
         before_last = ((epochs - 1) * tokens - 1) // seq_length
-        per_epoch = (tokens - 1) // seq_length
-        separate = num_samples - before_last < int(LAST_EPOCH_FRACTION * per_epoch)
-    stop = first_sequence + lengths.size
-    doc_idx = shuffled_doc_idx(first_sequence, stop, epochs, rng, separate)
-    ends = np.cumsum(lengths[doc_idx - first_sequence], dtype=np.int64)
-    total = (epochs * tokens - 1) // seq_length
-    shuffle_idx = shuffled_samples(before_last if separate else total, total, rng)
-    return FileOrder(doc_idx, ends, first_sequence, pointers, shuffle_idx)
+        separate = num_samples - before_last < int(LAST_EPOCH_FRACTION * ((tokens - 1) // seq_length))
+    return epochs, (epochs * tokens - 1) // seq_length, separate
+
+
+def build_file_order(lengths: np.ndarray, first: int, num_samples: int, seq_length: int, seed: int) -> FileOrder:
+    """Upstream's _build_index_mappings for one file's split: `lengths` its sequences' .idx lengths, `first` the
+    split's first sequence, `num_samples` the samples asked of this file. O(documents x epochs + samples)."""
+    documents = lengths.size
+    tokens = int(lengths.sum(dtype=np.int64))
+    epochs, samples, separate = file_order_shape(tokens, num_samples, seq_length)
+    wide = max(documents * epochs, samples + 1, int(lengths.max(initial=0))) >= np.iinfo(np.int32).max - 1
+    dtype = np.int64 if wide else np.int32
+    rng = np.random.RandomState(seed=seed)
+    doc_idx = shuffled_doc_idx(documents, epochs, rng, separate, dtype)
+    ends = np.cumsum(lengths[doc_idx], dtype=np.int64)  # tokens of doc_idx's first d + 1 documents
+    positions = np.arange(samples + 1, dtype=np.int64) * seq_length  # sample i starts on token i x seq
+    where = np.searchsorted(ends, positions, side="right")  # the document holding that token
+    offsets = positions - (ends[where] - lengths[doc_idx[where]])
+    where[0] = offsets[0] = 0  # upstream's first row, even when doc_idx[0] is empty
+    del ends, positions
+    before_last = ((epochs - 1) * tokens - 1) // seq_length
+    shuffle_idx = shuffled_samples(before_last if separate else samples, samples, rng, dtype)
+    flat = np.concatenate((np.array([documents, epochs, samples], dtype=dtype), lengths.astype(dtype), doc_idx,
+                           np.stack((where, offsets), axis=1).reshape(-1).astype(dtype), shuffle_idx))
+    return FileOrder(flat, first)
+
+
+def default_order_dir() -> str:
+    """Node-local RAM (/dev/shm) where it exists, else the temporary directory; one per user."""
+    base = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else tempfile.gettempdir()
+    return os.path.join(base, f"megatron-upstream-order-{os.getuid() if hasattr(os, 'getuid') else 0}")
+
+
+def _remove_files(paths: list) -> None:
+    while paths:
+        with contextlib.suppress(OSError, IndexError):
+            os.remove(paths.pop())
 
 
 # ---- levels 3 and 4: the greedy blend ------------------------------------------------------------------
@@ -356,15 +405,20 @@ class UpstreamOrderDataset:
     def __init__(self, files: Sequence[UpstreamFile], weights: Optional[Sequence[float]],
                  corpora: Optional[Sequence[str]], split: int, requested: Sequence[int], seq_length: int,
                  seed: int, shuffle_sample_in_corpus: bool = False, blend_sample_in_corpus: bool = False,
-                 vocab_size: Optional[int] = None, cache_bytes: int = DEFAULT_FILE_CACHE_BYTES):
+                 vocab_size: Optional[int] = None, order_dir: Optional[str] = None,
+                 cache_bytes: int = DEFAULT_PRIVATE_BYTES, share_min_bytes: int = SHARE_MIN_BYTES):
         self.files, self.split, self.seq_length, self.seed = list(files), split, int(seq_length), int(seed)
         self.vocab_size = vocab_size
-        self.cache_bytes = int(cache_bytes)
+        self.order_dir = order_dir or default_order_dir()
+        self.cache_bytes, self.share_min_bytes = int(cache_bytes), int(share_min_bytes)
         self.sample_mode = "upstream"
         self._orders: "OrderedDict[int, FileOrder]" = OrderedDict()
         self._readers: "OrderedDict[int, TokenFile]" = OrderedDict()
         self._lock = threading.Lock()
-        self.builds = 0
+        self.builds = self.shared_loads = 0
+        self._written: list[str] = []
+        # run at exit in this process only (DataLoader workers too); holds the list, not this object
+        multiprocessing.util.Finalize(None, _remove_files, args=(self._written,), exitpriority=10)
         if corpora is None:  # one prefix: upstream's GPTDataset itself, all its (E x T - 1) // seq samples
             self.file_samples = [int(requested[split])]
             self.corpora: list[Corpus] = []
@@ -414,26 +468,66 @@ class UpstreamOrderDataset:
                     self._readers.popitem(last=False)
             return reader
 
-    def file_order(self, file: int) -> FileOrder:
-        """File `file`'s doc_idx/shuffle_idx, built on first use and kept within `cache_bytes` (LRU)."""
-        with self._lock:
-            order = self._orders.get(file)
-            if order is not None:
-                self._orders.move_to_end(file)
-                return order
+    def _order_path(self, file: int) -> str:
         meta = self.files[file]
-        lengths, pointers = self.reader(file).index_range(meta.first, meta.stop)
+        description = (f"{os.path.abspath(meta.prefix)}|{meta.num_tokens}|{meta.num_sequences}|{meta.first}|"
+                       f"{meta.stop}|{self.file_samples[file]}|{self.seq_length}|{self.seed}|upstream-v1")
+        return os.path.join(self.order_dir, hashlib.sha1(description.encode()).hexdigest()[:24] + ".npy")
+
+    def _load_or_build(self, file: int) -> tuple[FileOrder, bool]:
+        """(order, mapped?): the node's shared copy if a rank wrote it, else built here (and shared when large).
+        No rank waits for another: a rank that finds no file builds it (the same bytes) and renames it in."""
+        meta = self.files[file]
+        path = self._order_path(file)
+        try:
+            order = FileOrder(np.load(path, mmap_mode="r"), meta.first)
+            if order.lengths.size == meta.stop - meta.first:
+                with self._lock:
+                    self.shared_loads += 1
+                return order, True
+        except (OSError, ValueError):  # absent, being replaced, or removed by its writer: build it here
+            pass
+        lengths, _ = self.reader(file).index_range(meta.first, meta.stop)
         self._check_tokens(file, int(lengths.sum(dtype=np.int64)))
-        order = build_file_order(lengths, pointers, meta.first, self.file_samples[file], self.seq_length,
-                                 self.seed)
+        order = build_file_order(lengths, meta.first, self.file_samples[file], self.seq_length, self.seed)
         with self._lock:
             self.builds += 1
-            self._orders[file] = order
-            total = sum(o.nbytes for o in self._orders.values())
-            while total > self.cache_bytes and len(self._orders) > 1:
-                _, dropped = self._orders.popitem(last=False)
-                total -= dropped.nbytes
+        if order.nbytes < self.share_min_bytes:
+            return order, False
+        try:
+            os.makedirs(self.order_dir, exist_ok=True)
+            temporary = f"{path}.tmp-{os.getpid()}-{threading.get_ident()}.npy"
+            np.save(temporary, order.flat)
+            replace_atomically(temporary, path)
+            self._written.append(path)
+            return FileOrder(np.load(path, mmap_mode="r"), meta.first), True
+        except OSError as error:  # a full or read-only directory: keep the private copy
+            logger.debug("upstream file order %s not shared: %s", path, error)
+            return order, False
+
+    def file_order(self, file: int) -> FileOrder:
+        """File `file`'s upstream order: from this process's cache, the node's shared copy, or built now.
+        Kept: every mapped order (up to MAX_KEPT_ORDERS) and at most `cache_bytes` of private ones (LRU)."""
+        with self._lock:
+            hit = self._orders.get(file)
+            if hit is not None:
+                self._orders.move_to_end(file)
+                return hit[0]
+        order, mapped = self._load_or_build(file)
+        with self._lock:
+            self._orders[file] = (order, mapped)
+            private = sum(o.nbytes for o, m in self._orders.values() if not m)
+            for key in list(self._orders):
+                if private <= self.cache_bytes and len(self._orders) <= MAX_KEPT_ORDERS:
+                    break
+                if key != file:
+                    dropped, was_mapped = self._orders.pop(key)
+                    private -= 0 if was_mapped else dropped.nbytes
         return order
+
+    def close(self) -> None:
+        """Remove the shared orders this process wrote (ranks still mapping one keep its pages)."""
+        _remove_files(self._written)
 
     def _check_tokens(self, file: int, tokens: int) -> None:
         if tokens < 2:
@@ -453,7 +547,7 @@ class UpstreamOrderDataset:
 
     def sample_pieces(self, sample: int) -> tuple[int, list[tuple[int, int]]]:
         file, j = self.locate(sample)
-        return file, self.file_order(file).pieces(j, self.seq_length)
+        return file, self.file_order(file).pieces(j, self.reader(file).token_offsets)
 
     def get_tokens(self, global_samples) -> np.ndarray:
         samples = np.asarray(global_samples, dtype=np.int64).reshape(-1)
@@ -481,12 +575,13 @@ class UpstreamOrderDataset:
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
-        state.update(_orders=OrderedDict(), _readers=OrderedDict(), _lock=None)
+        state.update(_orders=OrderedDict(), _readers=OrderedDict(), _lock=None, _written=[])
         return state
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
         self._lock = threading.Lock()
+        multiprocessing.util.Finalize(None, _remove_files, args=(self._written,), exitpriority=10)
 
     def __repr__(self) -> str:
         return (f"UpstreamOrderDataset({SPLIT_NAMES[self.split]}, files={len(self.files)}, "
