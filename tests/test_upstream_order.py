@@ -16,7 +16,9 @@ from megatron.config.arguments import parse_args
 from megatron.config.data import DataConfig
 from megatron.data.data_iterator import build_data_iterator
 from megatron.data.gpt_dataset import build_datasets
-from megatron.data.upstream_order import GreedyBlend, UpstreamOrderError, choose_sample_mode, upstream_split
+from megatron.data.upstream_order import (
+    GreedyBlend, SharedArrays, UpstreamOrderError, choose_sample_mode, upstream_split,
+)
 
 FIXTURES = Path(__file__).parent / "data" / "upstream" / "order"
 MANIFEST = json.loads((FIXTURES / "manifest.json").read_text())
@@ -141,18 +143,19 @@ def test_the_split_follows_upstreams_rounding():
     assert upstream_split("1", 7) == [0, 7, 7, 7]
 
 
-def test_large_file_orders_are_written_once_per_node_and_mapped_by_the_other_ranks(tmp_path):
+def test_large_orders_are_written_once_per_node_and_mapped_by_the_other_ranks(tmp_path):
     def train():
         dataset = _datasets(tmp_path, "list_shuffle")[0]
-        dataset.order_dir, dataset.share_min_bytes = str(tmp_path / "orders"), 0  # share every file's order
+        dataset.shared = SharedArrays(str(tmp_path / "orders"), min_bytes=0)  # share every array
         return dataset
 
     first, second = train(), train()
     samples = np.arange(len(first))
     expected = first.get_tokens(samples)
-    assert first.builds == 4 and first.shared_loads == 0 and len(list((tmp_path / "orders").iterdir())) == 4
+    # 4 file orders and the 2 corpus permutations
+    assert (first.shared.builds, first.shared.loads) == (6, 0) and len(list((tmp_path / "orders").iterdir())) == 6
     np.testing.assert_array_equal(second.get_tokens(samples), expected)
-    assert second.builds == 0 and second.shared_loads == 4
+    assert (second.shared.builds, second.shared.loads) == (0, 6)
     first.close()
     assert not list((tmp_path / "orders").iterdir())
     np.testing.assert_array_equal(second.get_tokens(samples), expected)  # its maps stay valid

@@ -240,6 +240,53 @@ def _remove_files(paths: list) -> None:
             os.remove(paths.pop())
 
 
+class SharedArrays:
+    """Arrays computed once per node: `get(description, build)` maps `directory/<hash>.npy` when a process
+    wrote it, else builds it here and, when it holds at least `min_bytes`, writes it (temporary name, then
+    rename) and maps it. No process waits for another: two that miss the file both build it (the same bytes).
+    A process removes the files it wrote when it exits (`close`); a process still mapping one keeps its pages."""
+
+    def __init__(self, directory: Optional[str] = None, min_bytes: int = SHARE_MIN_BYTES):
+        self.directory, self.min_bytes = directory or default_order_dir(), int(min_bytes)
+        self.builds = self.loads = 0
+        self._written: list[str] = []
+        multiprocessing.util.Finalize(None, _remove_files, args=(self._written,), exitpriority=10)
+
+    def get(self, description: str, build, check=lambda array: True) -> tuple[np.ndarray, bool]:
+        """(array, mapped?) for `description` (hashed into the file name); `check(array)` vets a mapped file."""
+        path = os.path.join(self.directory, hashlib.sha1(description.encode()).hexdigest()[:24] + ".npy")
+        try:
+            array = np.load(path, mmap_mode="r")
+            if check(array):
+                self.loads += 1
+                return array, True
+        except (OSError, ValueError):  # absent, being replaced, or removed by its writer: build it here
+            pass
+        array = build()
+        self.builds += 1
+        if array.nbytes < self.min_bytes:
+            return array, False
+        try:
+            os.makedirs(self.directory, exist_ok=True)
+            temporary = f"{path}.tmp-{os.getpid()}-{threading.get_ident()}.npy"
+            np.save(temporary, array)
+            replace_atomically(temporary, path)
+            self._written.append(path)
+            return np.load(path, mmap_mode="r"), True
+        except OSError as error:  # a full or read-only directory: keep the private copy
+            logger.debug("upstream order array %s not shared: %s", path, error)
+            return array, False
+
+    def close(self) -> None:
+        _remove_files(self._written)
+
+    def __getstate__(self) -> dict:  # a DataLoader worker removes only what it wrote itself
+        return {"directory": self.directory, "min_bytes": self.min_bytes}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["directory"], state["min_bytes"])
+
+
 # ---- levels 3 and 4: the greedy blend ------------------------------------------------------------------
 class GreedyBlend:
     """helpers.cpp's build_blending_indices, computed lazily: sample s -> (dataset, its sample number).
@@ -364,17 +411,26 @@ class Corpus:
         self.index = GreedyBlend(counts / np.int64(self.size), self.size) if blend else Concatenation(counts)
         self._permutation: Optional[np.ndarray] = None
 
-    def permutation(self) -> np.ndarray:
+    def _build_permutation(self) -> np.ndarray:
+        # the shuffle draws the same numbers for any dtype: int32 where it fits
+        permutation = np.arange(self.size, dtype=np.int32 if self.size < np.iinfo(np.int32).max else np.int64)
+        np.random.RandomState(seed=self.seed).shuffle(permutation)
+        return permutation
+
+    def permutation(self, shared: Optional["SharedArrays"] = None) -> np.ndarray:
+        """Upstream's shuffle_index of this corpus (shared once per node through `shared`)."""
         if self._permutation is None:
-            permutation = np.arange(self.size, dtype=np.int64)
-            np.random.RandomState(seed=self.seed).shuffle(permutation)
-            self._permutation = permutation
+            if shared is None:
+                self._permutation = self._build_permutation()
+            else:
+                self._permutation = shared.get(f"corpus|{self.size}|{self.seed}|upstream-v1", self._build_permutation,
+                                               lambda array: array.shape == (self.size,))[0]
         return self._permutation
 
-    def __getitem__(self, sample: int) -> tuple[int, int]:
+    def locate(self, sample: int, shared: Optional["SharedArrays"] = None) -> tuple[int, int]:
         """Corpus sample -> (file number in the whole list, that file's sample)."""
         if self.shuffle:
-            sample = int(self.permutation()[sample])
+            sample = int(self.permutation(shared)[sample])
         d, j = self.index[sample]
         return self.files[d], j
 
@@ -409,16 +465,12 @@ class UpstreamOrderDataset:
                  cache_bytes: int = DEFAULT_PRIVATE_BYTES, share_min_bytes: int = SHARE_MIN_BYTES):
         self.files, self.split, self.seq_length, self.seed = list(files), split, int(seq_length), int(seed)
         self.vocab_size = vocab_size
-        self.order_dir = order_dir or default_order_dir()
-        self.cache_bytes, self.share_min_bytes = int(cache_bytes), int(share_min_bytes)
+        self.shared = SharedArrays(order_dir, share_min_bytes)
+        self.cache_bytes = int(cache_bytes)
         self.sample_mode = "upstream"
-        self._orders: "OrderedDict[int, FileOrder]" = OrderedDict()
+        self._orders: "OrderedDict[int, tuple[FileOrder, bool]]" = OrderedDict()
         self._readers: "OrderedDict[int, TokenFile]" = OrderedDict()
         self._lock = threading.Lock()
-        self.builds = self.shared_loads = 0
-        self._written: list[str] = []
-        # run at exit in this process only (DataLoader workers too); holds the list, not this object
-        multiprocessing.util.Finalize(None, _remove_files, args=(self._written,), exitpriority=10)
         if corpora is None:  # one prefix: upstream's GPTDataset itself, all its (E x T - 1) // seq samples
             self.file_samples = [int(requested[split])]
             self.corpora: list[Corpus] = []
@@ -455,7 +507,7 @@ class UpstreamOrderDataset:
         if self.blend is None:
             return 0, sample
         corpus, k = self.blend[sample]
-        return self.corpora[corpus][k]
+        return self.corpora[corpus].locate(k, self.shared)
 
     def reader(self, file: int) -> TokenFile:
         with self._lock:
@@ -468,42 +520,20 @@ class UpstreamOrderDataset:
                     self._readers.popitem(last=False)
             return reader
 
-    def _order_path(self, file: int) -> str:
-        meta = self.files[file]
-        description = (f"{os.path.abspath(meta.prefix)}|{meta.num_tokens}|{meta.num_sequences}|{meta.first}|"
-                       f"{meta.stop}|{self.file_samples[file]}|{self.seq_length}|{self.seed}|upstream-v1")
-        return os.path.join(self.order_dir, hashlib.sha1(description.encode()).hexdigest()[:24] + ".npy")
-
     def _load_or_build(self, file: int) -> tuple[FileOrder, bool]:
-        """(order, mapped?): the node's shared copy if a rank wrote it, else built here (and shared when large).
-        No rank waits for another: a rank that finds no file builds it (the same bytes) and renames it in."""
+        """(order, mapped?): the node's shared copy if a process wrote it, else built here (shared when large)."""
         meta = self.files[file]
-        path = self._order_path(file)
-        try:
-            order = FileOrder(np.load(path, mmap_mode="r"), meta.first)
-            if order.lengths.size == meta.stop - meta.first:
-                with self._lock:
-                    self.shared_loads += 1
-                return order, True
-        except (OSError, ValueError):  # absent, being replaced, or removed by its writer: build it here
-            pass
-        lengths, _ = self.reader(file).index_range(meta.first, meta.stop)
-        self._check_tokens(file, int(lengths.sum(dtype=np.int64)))
-        order = build_file_order(lengths, meta.first, self.file_samples[file], self.seq_length, self.seed)
-        with self._lock:
-            self.builds += 1
-        if order.nbytes < self.share_min_bytes:
-            return order, False
-        try:
-            os.makedirs(self.order_dir, exist_ok=True)
-            temporary = f"{path}.tmp-{os.getpid()}-{threading.get_ident()}.npy"
-            np.save(temporary, order.flat)
-            replace_atomically(temporary, path)
-            self._written.append(path)
-            return FileOrder(np.load(path, mmap_mode="r"), meta.first), True
-        except OSError as error:  # a full or read-only directory: keep the private copy
-            logger.debug("upstream file order %s not shared: %s", path, error)
-            return order, False
+        description = (f"file|{os.path.abspath(meta.prefix)}|{meta.num_tokens}|{meta.num_sequences}|{meta.first}|"
+                       f"{meta.stop}|{self.file_samples[file]}|{self.seq_length}|{self.seed}|upstream-v1")
+
+        def build() -> np.ndarray:
+            lengths, _ = self.reader(file).index_range(meta.first, meta.stop)
+            self._check_tokens(file, int(lengths.sum(dtype=np.int64)))
+            return build_file_order(lengths, meta.first, self.file_samples[file], self.seq_length, self.seed).flat
+
+        flat, mapped = self.shared.get(description, build,
+                                       lambda array: array.size > 3 and int(array[0]) == meta.stop - meta.first)
+        return FileOrder(flat, meta.first), mapped
 
     def file_order(self, file: int) -> FileOrder:
         """File `file`'s upstream order: from this process's cache, the node's shared copy, or built now.
@@ -526,8 +556,8 @@ class UpstreamOrderDataset:
         return order
 
     def close(self) -> None:
-        """Remove the shared orders this process wrote (ranks still mapping one keep its pages)."""
-        _remove_files(self._written)
+        """Remove the shared arrays this process wrote (ranks still mapping one keep its pages)."""
+        self.shared.close()
 
     def _check_tokens(self, file: int, tokens: int) -> None:
         if tokens < 2:
@@ -575,13 +605,12 @@ class UpstreamOrderDataset:
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
-        state.update(_orders=OrderedDict(), _readers=OrderedDict(), _lock=None, _written=[])
+        state.update(_orders=OrderedDict(), _readers=OrderedDict(), _lock=None)
         return state
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
         self._lock = threading.Lock()
-        multiprocessing.util.Finalize(None, _remove_files, args=(self._written,), exitpriority=10)
 
     def __repr__(self) -> str:
         return (f"UpstreamOrderDataset({SPLIT_NAMES[self.split]}, files={len(self.files)}, "

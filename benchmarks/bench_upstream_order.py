@@ -1,0 +1,121 @@
+"""What --sample-mode upstream costs at 2T tokens on the Dolma list's shape, part by part.
+
+Upstream's order is exact only if its O(documents) and O(samples) steps are done as upstream does them
+(megatron/data/upstream_order.py says which and why). This measures each at full size, on the shape of
+../shared/data-lists/aurora-dolma-v1.7.txt (2,419 files, 14 corpora, its weights; each corpus with its
+average document length in Dolma v1.7, as benchmarks/bench_blend.py; 2T tokens; seq 4096; --split 969,30,1;
+train samples = 2T / 4096, as --train-iters x --global-batch-size):
+  1. the top-level greedy blend over the corpora: the first block (what starting a run costs) and a resume at
+     consumed_samples = N (default: half the run), which recomputes the blend from sample 0;
+  2. the corpora's --shuffle-sample-in-corpus permutations (all 14: the first global batch touches every corpus);
+  3. the per-file orders (doc_idx, sample_idx rows, shuffle_idx): built from in-memory document lengths with the
+     file's Dolma document count, for every --file-stride-th file (default 10: 242 files, every corpus), then
+     scaled to the 2,419 files; the bytes of all 2,419 orders are computed exactly.
+No .idx files are written (Dolma's documents would need ~44 GB of them): the costs measured are the
+computations, which read nothing but the lengths. One process, one thread (OMP_NUM_THREADS=1); times are the
+process's CPU seconds (a loaded machine inflates wall time, not these).
+Usage: .venv/bin/python benchmarks/bench_upstream_order.py [--resume-at 0.5] [--file-stride 10]
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import resource
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from bench_blend import dolma_document_tokens, find_dolma_list, git_commit  # noqa: E402
+from megatron.data.data_list import parse_data_file_list  # noqa: E402
+from megatron.data.upstream_order import (  # noqa: E402
+    BLEND_BLOCK, Corpus, GreedyBlend, build_file_order, file_order_shape, per_file_samples, upstream_split,
+)
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data-list", type=Path)
+    parser.add_argument("--tokens", type=float, default=2e12)
+    parser.add_argument("--seq-length", type=int, default=4096)
+    parser.add_argument("--resume-at", type=float, default=0.5, help="fraction of the run a resume starts at")
+    parser.add_argument("--file-stride", type=int, default=10, help="build every N-th file's order")
+    args = parser.parse_args()
+    entries = parse_data_file_list(str(find_dolma_list(args.data_list)))
+    weights = np.array([e.weight for e in entries])
+    file_tokens = np.maximum((weights / weights.sum() * args.tokens).astype(np.int64), 1 << 16)
+    documents = [max(int(t // dolma_document_tokens(e.corpus)), 1) for e, t in zip(entries, file_tokens)]
+    seq, split = args.seq_length, "969,30,1"
+    train = int(args.tokens // seq)
+    _, counts = per_file_samples(weights.tolist(), [train, 0, 0])
+    file_samples = [c[0] for c in counts]
+    corpora = [e.corpus for e in entries]
+    names = sorted(set(corpora))
+    sizes = [sum(n for n, c in zip(file_samples, corpora) if c == name) for name in names]
+    total = sum(file_samples)
+    print(f"{len(entries)} files, {len(names)} corpora, {sum(documents):,} documents, {args.tokens:.3g} tokens, "
+          f"seq {seq}: {total:,} train samples (upstream's 1.005 margin included)")
+    rows = []
+
+    # 1. the greedy blend over the corpora
+    achieved = np.array([float(n) / total for n in sizes])
+    achieved /= np.sum(achieved)
+    t0 = time.process_time()
+    GreedyBlend(achieved, total)[0]
+    rows.append(("greedy blend, start (first block)", time.process_time() - t0, f"{BLEND_BLOCK} samples"))
+    at = int(total * args.resume_at)
+    t0 = time.process_time()
+    GreedyBlend(achieved, total)[at]
+    seconds = time.process_time() - t0
+    rows.append((f"greedy blend, resume at {at:,}", seconds, f"{seconds / max(at, 1) * 1e9:.0f} ns/sample"))
+
+    # 2. the corpus permutations
+    t0 = time.process_time()
+    nbytes = 0
+    for name, size in zip(names, sizes):
+        nbytes += Corpus(name, [0], [size], 1234, True, False).permutation().nbytes
+    rows.append(("corpus permutations (all 14)", time.process_time() - t0, f"{nbytes / 2**30:.2f} GiB per process"))
+
+    # 3. per-file orders
+    rng = np.random.default_rng(0)
+    built_documents = built_seconds = 0.0
+    picked = range(0, len(entries), args.file_stride)
+    for f in picked:
+        docs = upstream_split(split, documents[f])[1]  # the train split's documents
+        mean = file_tokens[f] / documents[f]
+        lengths = np.maximum(rng.exponential(mean, docs), 1).astype(np.int32)
+        t0 = time.process_time()
+        build_file_order(lengths, 0, file_samples[f], seq, 1234)
+        built_seconds += time.process_time() - t0
+        built_documents += docs
+    all_documents = sum(upstream_split(split, d)[1] for d in documents)
+    per_document = built_seconds / built_documents
+    order_bytes = 0
+    for f in range(len(entries)):
+        docs = upstream_split(split, documents[f])[1]
+        epochs, samples, _ = file_order_shape(int(file_tokens[f] * docs / documents[f]), file_samples[f], seq)
+        order_bytes += 4 * (3 + docs * (1 + epochs) + 3 * samples + 2)
+    rows.append((f"file orders, {len(picked)} files built", built_seconds,
+                 f"{built_documents:,.0f} documents, {per_document * 1e9:.0f} ns/document"))
+    rows.append(("file orders, all 2,419 (scaled)", per_document * all_documents,
+                 f"{all_documents:,} documents; {order_bytes / 2**30:.1f} GiB per node (/dev/shm)"))
+
+    print(f"\n{platform.node()} {platform.processor() or platform.machine()}, commit {git_commit()}, "
+          f"numpy {np.__version__}, peak RSS {peak_rss_mb():.0f} MB\n")
+    print("| part | CPU seconds | note |\n|---|---:|---|")
+    for name, seconds, note in rows:
+        print(f"| {name} | {seconds:.2f} | {note} |")
+
+
+if __name__ == "__main__":
+    main()
