@@ -159,3 +159,20 @@ def test_large_orders_are_written_once_per_node_and_mapped_by_the_other_ranks(tm
     first.close()
     assert not list((tmp_path / "orders").iterdir())
     np.testing.assert_array_equal(second.get_tokens(samples), expected)  # its maps stay valid
+
+
+def test_the_blend_counts_kept_in_the_data_cache_path_spare_the_next_resume(tmp_path):
+    weights = np.array([0.5, 0.3, 0.2])
+    first = GreedyBlend(weights, 5000, block=8, store=str(tmp_path))
+    expected = first[4000]
+    [stored] = list(tmp_path.glob("upstream-blend-*.npy"))
+    assert np.load(stored).shape == (501, 3)
+    again = GreedyBlend(weights, 5000, block=8, store=str(tmp_path))
+    calls = []
+    run = again._run
+    again._run = lambda *a: calls.append(a[0]) or run(*a)
+    assert again[4000] == expected and calls == [4000]  # only the block itself, from the kept counts
+    assert GreedyBlend(weights, 5000, block=8).arrays(3990, 4010)[0].tolist() == \
+        again.arrays(3990, 4010)[0].tolist()
+    np.save(stored, np.ones((600, 2), dtype=np.int64))  # not this blend's: ignored
+    assert GreedyBlend(weights, 5000, block=8, store=str(tmp_path))[4000] == expected
