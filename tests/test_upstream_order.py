@@ -176,3 +176,17 @@ def test_the_blend_counts_kept_in_the_data_cache_path_spare_the_next_resume(tmp_
         again.arrays(3990, 4010)[0].tolist()
     np.save(stored, np.ones((600, 2), dtype=np.int64))  # not this blend's: ignored
     assert GreedyBlend(weights, 5000, block=8, store=str(tmp_path))[4000] == expected
+
+
+def test_a_file_without_documents_in_a_split_fails_when_drawn_as_upstream_does(tmp_path):
+    from megatron.data.indexed_dataset import write_dataset
+
+    write_dataset(str(tmp_path / "big"), [np.arange(1, 30, dtype=np.uint16)] * 40, np.uint16)
+    write_dataset(str(tmp_path / "tiny"), [np.arange(1, 30, dtype=np.uint16)] * 3, np.uint16)  # no valid document
+    listing = tmp_path / "list.txt"
+    listing.write_text(f"1 {tmp_path / 'big'} a\n1 {tmp_path / 'tiny'} b\n")
+    train, valid, _ = build_datasets(DataConfig(data_file_list=str(listing), split="90,8,2", sample_mode="upstream"),
+                                     16, 1, (40, 20, 0), None)
+    assert train.get_tokens(np.arange(len(train))).shape == (len(train), 17)
+    with pytest.raises(UpstreamOrderError, match="tiny: no document in the valid split"):
+        valid.get_tokens(np.arange(len(valid)))

@@ -526,12 +526,11 @@ class UpstreamOrderDataset:
             achieved /= np.sum(achieved)
             self.num_samples = sum(self.file_samples)
             self.blend = GreedyBlend(achieved, self.num_samples, store=blend_store)
-        for f, file in enumerate(self.files):
-            if self.file_samples[f] > 0 and file.stop <= file.first:
-                raise UpstreamOrderError("--sample-mode upstream", [
-                    f"{file.prefix}: no sequence in the {SPLIT_NAMES[split]} split (--split gives it none), but "
-                    f"upstream's blend asks {self.file_samples[f]} samples of it (upstream fails on this blend): "
-                    "give the file more documents, another --split, or drop it from the list"])
+        empty = [file.prefix for f, file in enumerate(self.files) if self.file_samples[f] > 0 and file.stop <= file.first]
+        if empty:  # upstream builds no dataset for them and fails when the blend first draws one: so do we
+            logger.warning("--sample-mode upstream: %d file(s) have no document in the %s split but are asked for "
+                           "samples (upstream fails when one is drawn; so will this run): %s", len(empty),
+                           SPLIT_NAMES[split], ", ".join(empty[:20]) + (" ..." if len(empty) > 20 else ""))
 
     def __len__(self) -> int:
         return self.num_samples
@@ -561,6 +560,12 @@ class UpstreamOrderDataset:
         meta = self.files[file]
         description = (f"file|{os.path.abspath(meta.prefix)}|{meta.num_tokens}|{meta.num_sequences}|{meta.first}|"
                        f"{meta.stop}|{self.file_samples[file]}|{self.seq_length}|{self.seed}|upstream-v1")
+
+        if meta.stop <= meta.first:
+            raise UpstreamOrderError("--sample-mode upstream", [
+                f"{meta.prefix}: no document in the {SPLIT_NAMES[self.split]} split (--split gives it none), but "
+                f"upstream's blend asks {self.file_samples[file]} samples of it and has drawn one (upstream fails "
+                "here too): give the file more documents, another --split, or drop it from the list"])
 
         def build() -> np.ndarray:
             lengths, _ = self.reader(file).index_range(meta.first, meta.stop)
@@ -596,10 +601,10 @@ class UpstreamOrderDataset:
         self.shared.close()
 
     def _check_tokens(self, file: int, tokens: int) -> None:
-        if tokens < 2:
+        if tokens < 1:
             meta = self.files[file]
             raise UpstreamOrderError("--sample-mode upstream", [
-                f"{meta.prefix}: fewer than 2 tokens in the {SPLIT_NAMES[self.split]} split, but upstream asks "
+                f"{meta.prefix}: no token in the {SPLIT_NAMES[self.split]} split, but upstream asks "
                 f"{self.file_samples[file]} samples of it (upstream loops forever on this file): drop it from the "
                 "list or give it more tokens"])
 
