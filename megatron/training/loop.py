@@ -376,11 +376,17 @@ class _Session:
         final_batch = global_batch_size(run, ps.dp_size)
         evals = (self.total_iters // t.eval_interval + 1) * t.eval_iters if t.eval_interval and t.eval_iters else 0
         from megatron.data.gpt_dataset import build_datasets
+        from megatron.data.upstream_order import choose_sample_mode
 
+        plan = self.checkpointer.plan
+        mode, why = choose_sample_mode(run.data, run.checkpoint.load,
+                                       plan is not None and plan.description.kind == "argonne")
+        if why:
+            self.say(why)
         train_ds, valid_ds, self.test_ds = build_datasets(
             run.data, run.model.seq_length, t.seed,
             (train_samples(run, ps.dp_size), evals * final_batch, t.eval_iters * final_batch if evals else 0),
-            run.model.vocab_size, ps.rank, ps.world_size)
+            run.model.vocab_size, ps.rank, ps.world_size, sample_mode=mode)
         if ps.rank == 0:
             from megatron.data.blend_report import publish_blend_report
             publish_blend_report((train_ds, valid_ds, self.test_ds), run.data.blend_epochs_warning, self.printer,

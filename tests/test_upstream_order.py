@@ -1,0 +1,192 @@
+"""--sample-mode upstream serves argonne-lcf/Megatron-DeepSpeed's own sample order.
+
+The expected tokens are upstream's, dumped by its real code (ffa3456d) from the committed token files:
+tests/data/upstream/order/make_order_fixtures.py (which says how it was run) and manifest.json. Four files in
+two corpora over 1 to 11 epochs each, train/valid/test from --split 90,8,2, with the corpus flags of
+pretrain_gpt_alcf.py, and upstream's data loader resumed at consumed_samples = N."""
+
+import json
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from megatron.config.arguments import parse_args
+from megatron.config.data import DataConfig
+from megatron.data.data_iterator import build_data_iterator
+from megatron.data.gpt_dataset import build_datasets
+from megatron.data.upstream_order import (
+    GreedyBlend, SharedArrays, UpstreamOrderError, choose_sample_mode, upstream_split,
+)
+
+FIXTURES = Path(__file__).parent / "data" / "upstream" / "order"
+MANIFEST = json.loads((FIXTURES / "manifest.json").read_text())
+
+
+def _file_list(tmp_path, corpus=True) -> str:
+    path = tmp_path / "data_file_list.txt"
+    path.write_text("".join(f"{f['weight']} {FIXTURES / 'data' / f['name']}" + (f" {f['corpus']}" if corpus else "")
+                            + "\n" for f in MANIFEST["files"]))
+    return str(path)
+
+
+def _requested() -> tuple[int, int, int]:
+    """Upstream's training.py arithmetic for the manifest's run (train, valid, test samples)."""
+    m = MANIFEST
+    evals = (m["train_iters"] // m["eval_interval"] + 1) * m["eval_iters"]
+    return m["train_iters"] * m["global_batch_size"], evals * m["global_batch_size"], \
+        m["eval_iters"] * m["global_batch_size"]
+
+
+def _datasets(tmp_path, name: str):
+    flags = MANIFEST["configs"][name]["flags"]
+    if "--data-file-list" in flags:
+        config = DataConfig(data_file_list=_file_list(tmp_path), split=MANIFEST["split"], sample_mode="upstream",
+                            shuffle_sample_in_corpus="--shuffle-sample-in-corpus" in flags,
+                            blend_sample_in_corpus="--blend-sample-in-corpus" in flags)
+    else:
+        config = DataConfig(data_path=[str(FIXTURES / "data" / MANIFEST["files"][0]["name"])],
+                            split=MANIFEST["split"], sample_mode="upstream")
+    return build_datasets(config, MANIFEST["seq_length"], MANIFEST["seed"], _requested(), None)
+
+
+@pytest.mark.parametrize("name", sorted(MANIFEST["configs"]))
+def test_every_sample_of_every_split_is_upstreams(tmp_path, name):
+    expected = np.load(FIXTURES / f"{name}.npz")
+    datasets = _datasets(tmp_path, name)
+    for split, dataset in zip(("train", "valid", "test"), datasets):
+        assert split in expected.files, f"upstream has no {split} split here"
+        ours = dataset.get_tokens(np.arange(len(dataset)))
+        assert ours.shape == expected[split].shape
+        np.testing.assert_array_equal(ours, expected[split], err_msg=f"{name} {split}")
+
+
+@pytest.mark.parametrize("name", ["list_shuffle", "list_blend_shuffle"])
+def test_resuming_at_consumed_samples_continues_at_upstreams_sample(tmp_path, name):
+    expected = np.load(FIXTURES / f"{name}.npz")
+    train = _datasets(tmp_path, name)[0]
+    mbs = MANIFEST["micro_batch_size"]
+    for key in [k for k in expected.files if k.startswith("resume_")]:
+        consumed = int(key.split("_")[1])
+        batches = build_data_iterator(train, mbs, 0, 1, consumed)
+        ours = np.concatenate([next(batches)["tokens"].numpy() for _ in range(2)])
+        np.testing.assert_array_equal(ours, expected[key], err_msg=f"resumed at {consumed}")
+        # two data-parallel ranks read the same global samples between them
+        ranks = [build_data_iterator(train, mbs // 2, r, 2, consumed) for r in range(2)]
+        both = np.concatenate([next(it)["tokens"].numpy() for it in ranks])
+        np.testing.assert_array_equal(both, expected[key][:mbs])
+
+
+def test_a_dataset_sent_to_a_worker_process_serves_the_same_samples(tmp_path):
+    train = _datasets(tmp_path, "list_blend_shuffle")[0]
+    samples = np.arange(0, len(train), 7)
+    first = train.get_tokens(samples)
+    np.testing.assert_array_equal(pickle.loads(pickle.dumps(train)).get_tokens(samples[::-1]), first[::-1])
+
+
+def test_the_lazy_greedy_blend_recomputes_passed_blocks_exactly():
+    weights = np.array([0.37, 0.21, 0.29, 0.13])
+    whole = GreedyBlend(weights, 5000, block=100000).arrays()
+    blocked = GreedyBlend(weights, 5000, block=64)
+    assert blocked[4321] == (int(whole[0][4321]), int(whole[1][4321]))  # forward to block 67 first ...
+    for sample in (3, 4999, 64, 63, 2000):  # ... then back and forth
+        assert blocked[sample] == (int(whole[0][sample]), int(whole[1][sample]))
+    for a, b in zip(blocked.arrays(10, 4000), (whole[0][10:4000], whole[1][10:4000])):
+        np.testing.assert_array_equal(a, b)
+    many = GreedyBlend(np.full(60, 1 / 60), 500, block=50)  # the numpy path (more than 48 datasets)
+    chosen, numbers = many.arrays()
+    assert np.bincount(chosen, minlength=60).tolist() == [9] * 20 + [8] * 40
+    assert all(numbers[chosen == d].tolist() == list(range((chosen == d).sum())) for d in range(60))
+
+
+def test_upstream_checkpoints_select_upstreams_order_unless_the_flag_says_otherwise():
+    default = DataConfig(data_path=["x"])
+    assert choose_sample_mode(default, None, False) == ("samples", None)
+    mode, why = choose_sample_mode(default, "/ckpt", True)
+    assert mode == "upstream" and "because --load /ckpt is an upstream checkpoint" in why
+    typed = DataConfig(data_path=["x"], sample_mode="documents", sample_mode_given=True)
+    mode, why = choose_sample_mode(typed, "/ckpt", True)
+    assert mode == "documents" and "not upstream's" in why
+    assert choose_sample_mode(DataConfig(mock_data=True), "/ckpt", True)[0] == "samples"
+
+
+def test_the_flags_reach_the_data_config():
+    base = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "8", "--seq-length", "64",
+            "--train-iters", "10", "--data-file-list", "/tmp/list.txt", "--tokenizer-type", "NullTokenizer",
+            "--vocab-size", "100"]
+    run = parse_args(base + ["--sample-mode", "upstream", "--shuffle-sample-in-corpus", "--blend-sample-in-corpus"])
+    d = run.data
+    assert (d.sample_mode, d.sample_mode_given, d.shuffle_sample_in_corpus, d.blend_sample_in_corpus) == \
+        ("upstream", True, True, True)
+    d = parse_args(base).data
+    assert (d.sample_mode, d.sample_mode_given, d.shuffle_sample_in_corpus, d.blend_sample_in_corpus) == \
+        ("samples", False, False, False)
+
+
+def test_blends_upstream_cannot_read_are_refused_by_name(tmp_path):
+    prefix = str(FIXTURES / "data" / MANIFEST["files"][0]["name"])
+    with pytest.raises(UpstreamOrderError, match="no corpus"):
+        build_datasets(DataConfig(data_file_list=_file_list(tmp_path, corpus=False), split="90,8,2",
+                                  sample_mode="upstream"), 16, 1, (10, 0, 0), None)
+    with pytest.raises(UpstreamOrderError, match="--data-file-list"):
+        build_datasets(DataConfig(data_path=["1", prefix, "1", prefix], split="90,8,2", sample_mode="upstream"),
+                       16, 1, (10, 0, 0), None)
+    with pytest.raises(UpstreamOrderError, match="integers"):
+        build_datasets(DataConfig(data_file_list=_file_list(tmp_path), split="90.5,9.5,0", sample_mode="upstream"),
+                       16, 1, (10, 0, 0), None)
+
+
+def test_the_split_follows_upstreams_rounding():
+    assert upstream_split("969, 30, 1", 1000) == [0, 969, 999, 1000]
+    assert upstream_split("90,8,2", 26) == [0, 23, 25, 26]  # 23.4, 2.08, 0.52 rounded, the excess off the end
+    assert upstream_split("1", 7) == [0, 7, 7, 7]
+
+
+def test_large_orders_are_written_once_per_node_and_mapped_by_the_other_ranks(tmp_path):
+    def train():
+        dataset = _datasets(tmp_path, "list_shuffle")[0]
+        dataset.shared = SharedArrays(str(tmp_path / "orders"), min_bytes=0)  # share every array
+        return dataset
+
+    first, second = train(), train()
+    samples = np.arange(len(first))
+    expected = first.get_tokens(samples)
+    # 4 file orders and the 2 corpus permutations
+    assert (first.shared.builds, first.shared.loads) == (6, 0) and len(list((tmp_path / "orders").iterdir())) == 6
+    np.testing.assert_array_equal(second.get_tokens(samples), expected)
+    assert (second.shared.builds, second.shared.loads) == (0, 6)
+    first.close()
+    assert not list((tmp_path / "orders").iterdir())
+    np.testing.assert_array_equal(second.get_tokens(samples), expected)  # its maps stay valid
+
+
+def test_the_blend_counts_kept_in_the_data_cache_path_spare_the_next_resume(tmp_path):
+    weights = np.array([0.5, 0.3, 0.2])
+    first = GreedyBlend(weights, 5000, block=8, store=str(tmp_path))
+    expected = first[4000]
+    [stored] = list(tmp_path.glob("upstream-blend-*.npy"))
+    assert np.load(stored).shape == (501, 3)
+    again = GreedyBlend(weights, 5000, block=8, store=str(tmp_path))
+    calls = []
+    run = again._run
+    again._run = lambda *a: calls.append(a[0]) or run(*a)
+    assert again[4000] == expected and calls == [4000]  # only the block itself, from the kept counts
+    assert GreedyBlend(weights, 5000, block=8).arrays(3990, 4010)[0].tolist() == \
+        again.arrays(3990, 4010)[0].tolist()
+    np.save(stored, np.ones((600, 2), dtype=np.int64))  # not this blend's: ignored
+    assert GreedyBlend(weights, 5000, block=8, store=str(tmp_path))[4000] == expected
+
+
+def test_a_file_without_documents_in_a_split_fails_when_drawn_as_upstream_does(tmp_path):
+    from megatron.data.indexed_dataset import write_dataset
+
+    write_dataset(str(tmp_path / "big"), [np.arange(1, 30, dtype=np.uint16)] * 40, np.uint16)
+    write_dataset(str(tmp_path / "tiny"), [np.arange(1, 30, dtype=np.uint16)] * 3, np.uint16)  # no valid document
+    listing = tmp_path / "list.txt"
+    listing.write_text(f"1 {tmp_path / 'big'} a\n1 {tmp_path / 'tiny'} b\n")
+    train, valid, _ = build_datasets(DataConfig(data_file_list=str(listing), split="90,8,2", sample_mode="upstream"),
+                                     16, 1, (40, 20, 0), None)
+    assert train.get_tokens(np.arange(len(train))).shape == (len(train), 17)
+    with pytest.raises(UpstreamOrderError, match="tiny: no document in the valid split"):
+        valid.get_tokens(np.arange(len(valid)))
