@@ -174,7 +174,9 @@ def argonne_lr_state(sched: dict, global_batch_size: int) -> dict:
     lengths = {k: v for k, v in lengths.items() if v is not None}
     gbs = max(1, int(global_batch_size))
     in_iterations = all(float(v) % gbs == 0 for v in lengths.values())
-    state = {k: int(round(float(v) / gbs)) if in_iterations else int(round(float(v))) for k, v in lengths.items()}
+    # a length in samples need not be whole: --lr-warmup-fraction 0.05 of 64 samples is their 3.2 (kept as is)
+    state = {k: int(float(v)) // gbs if in_iterations else (int(v) if float(v).is_integer() else float(v))
+             for k, v in lengths.items()}
     state.update(increment=1 if in_iterations else gbs, max_lr=float(sched["max_lr"]),
                  min_lr=float(sched.get("min_lr") or 0.0), decay_style=sched.get("lr_decay_style"),
                  wsd_decay_steps=None, wsd_decay_style="linear", num_tokens=int(sched.get("num_tokens") or 0))
