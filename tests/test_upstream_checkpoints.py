@@ -1,0 +1,137 @@
+"""Checkpoints written by upstream itself (argonne-lcf/Megatron-DeepSpeed ffa3456d, tests/data/upstream/ckpt/, see
+its README and INDEX.json): they open without upstream installed, to-hf gives upstream's own forward, our loss over
+the padded vocabulary is upstream's loss, and resuming with upstream's exact command line through
+pretrain_gpt_alcf.py repeats upstream's next learning rates and losses."""
+
+import glob
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from megatron.checkpoint import unpickle
+from megatron.checkpoint.argonne import ArgonneCheckpoint
+from megatron.distributed.parallel_state import ParallelState
+from megatron.model.gpt_model import GPTModel
+from megatron.model.sharding import shard_state_dict
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+UPSTREAM = os.path.join(ROOT, "tests", "data", "upstream")
+INDEX = json.load(open(os.path.join(UPSTREAM, "INDEX.json")))
+CHECKPOINTS = sorted(INDEX["checkpoints"])
+
+
+def _load(name):
+    return os.path.join(UPSTREAM, INDEX["checkpoints"][name]["load"])
+
+
+@pytest.mark.parametrize("name", CHECKPOINTS)
+def test_upstream_checkpoint_opens_without_upstream(name):
+    info = INDEX["checkpoints"][name]
+    files = glob.glob(os.path.join(_load(name), f"global_step{info['iteration']}", "*.pt"))
+    assert files and all(unpickle.unknown_globals(f) == [] for f in files)  # ModelType, Namespace, numpy RNG, ...
+    ckpt = ArgonneCheckpoint(_load(name))
+    assert ckpt.state0["args"].model_type is unpickle.ModelType.encoder_or_decoder
+    assert (ckpt.tp, ckpt.pp, ckpt.iteration) == (info["tensor_parallel"], info["pipeline_parallel"], info["iteration"])
+    # NullTokenizer --vocab-size 256: 257 tokens (EOD 256), padded as upstream padded it
+    assert ckpt.config.vocab_size == INDEX["tokenizer"]["tokenizer_vocab_size"] == 257
+    assert ckpt.config.padded_vocab_size(ckpt.tp) == info["padded_vocab_size"]
+    assert ckpt.config.loss_over_padded_vocab
+    sched = ckpt.lr_scheduler_state()  # their samples: 4 iterations of 8, warmup 0.05 × 64 samples
+    assert (sched["num_steps"], sched["warmup_steps"], sched["decay_steps"], sched["increment"]) == (32, 3.2, 64, 8)
+
+
+@pytest.mark.parametrize("name", CHECKPOINTS)
+def test_to_hf_gives_upstreams_own_forward(name, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    sys.path.insert(0, os.path.join(ROOT, "tools"))
+    from convert_checkpoint import main
+
+    assert main(["to-hf", "--load", _load(name), "--out", str(tmp_path / "hf")]) == 0
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"), dtype=torch.float32).eval()
+    tokens = torch.from_numpy(np.load(os.path.join(UPSTREAM, INDEX["logits"][CHECKPOINTS[-1]]["tokens"])))
+    with torch.no_grad():
+        logits = hf(tokens).logits
+    assert logits.shape[-1] == 257  # the Hugging Face model has the real vocabulary only
+    if name in INDEX["logits"]:
+        theirs = torch.from_numpy(np.load(os.path.join(UPSTREAM, INDEX["logits"][name]["logits"])))
+        torch.testing.assert_close(logits, theirs[..., :257], rtol=0, atol=1e-5)
+    else:  # no forward of upstream's recorded for this one: ours of the same checkpoint
+        ours = _our_model(name)[0]
+        with torch.no_grad():
+            torch.testing.assert_close(logits, ours(tokens)[..., :257], rtol=0, atol=1e-5)
+
+
+def _our_model(name):
+    """GPTModel (one rank) with the checkpoint's weights and its padding rows, padded as upstream padded them."""
+    ckpt = ArgonneCheckpoint(_load(name))
+    ckpt.keep_vocab_padding = True
+    padded = ckpt.config.padded_vocab_size(ckpt.tp)
+    config = ckpt.config.replace(make_vocab_size_divisible_by=padded)  # one rank, upstream's padded width
+    model = GPTModel(config, ParallelState.single(), seed=0)
+    model.load_state_dict(shard_state_dict(ckpt.state_dict(), config, 1, 0))
+    return model.eval(), config
+
+
+def test_our_loss_over_the_padded_vocabulary_is_upstreams():
+    """With --loss-over-padded-vocab (the default on an upstream checkpoint) the loss on a batch is upstream's; the
+    real-vocabulary loss (--no-loss-over-padded-vocab) is another number (6.40 against 5.71 here)."""
+    from megatron.core.cross_entropy import vocab_parallel_cross_entropy
+
+    name = next(iter(INDEX["logits"]))
+    model, config = _our_model(name)
+    tokens = torch.from_numpy(np.load(os.path.join(UPSTREAM, INDEX["logits"][name]["tokens"])))
+    theirs = torch.from_numpy(np.load(os.path.join(UPSTREAM, INDEX["logits"][name]["logits"])))
+    labels = tokens[:, 1:]
+    upstream_loss = torch.nn.functional.cross_entropy(theirs[:, :-1].reshape(-1, theirs.shape[-1]), labels.reshape(-1))
+    with torch.no_grad():
+        logits = model(tokens[:, :-1])
+        torch.testing.assert_close(logits, theirs[:, :-1], rtol=0, atol=1e-5)  # the padding columns too
+        ours = vocab_parallel_cross_entropy(logits, labels, None, config.loss_vocab_size).mean()
+        masked = vocab_parallel_cross_entropy(logits, labels, None, config.vocab_size).mean()
+    assert abs(ours.item() - upstream_loss.item()) < 1e-5
+    assert upstream_loss.item() - masked.item() > 0.5
+
+
+# ---- resuming upstream's run with upstream's exact command line ---------------------------------------------------
+
+_LINE = re.compile(r"iteration=\s*(\d+)/\s*\d+ \|.*?learning_rate=([0-9.e+-]+) \|.*?lm loss=([0-9.]+)")
+
+
+@pytest.mark.parametrize("name", CHECKPOINTS)
+def test_resume_with_upstreams_command_line_repeats_its_losses(name, tmp_path):
+    """Their command (command.txt) run from a copy of the fixture's layout, through our pretrain_gpt_alcf.py on two
+    ranks: the checkpoint's LR schedule, the padded-vocabulary loss and upstream's sample order are chosen from the
+    checkpoint, and iterations 5..8 repeat upstream's (fp32: the printed 6 decimals, within 1e-5)."""
+    from multirank import free_port, rank_env
+
+    info = INDEX["checkpoints"][name]
+    fixture = os.path.join(UPSTREAM, info["dir"])
+    shutil.copytree(os.path.join(UPSTREAM, "data"), tmp_path / "data", ignore=shutil.ignore_patterns("*.jsonl"))
+    shutil.copytree(_load(name), tmp_path / "checkpoints")  # --save writes there too
+    shutil.copy(os.path.join(fixture, "ds_config.json"), tmp_path)
+    lines = [line for line in open(os.path.join(fixture, "command.txt")) if "pretrain_gpt_alcf.py" in line]
+    argv = lines[-1].split("pretrain_gpt_alcf.py", 1)[1].split()  # the continuous / resumed run's line
+    port = free_port()
+    procs = [subprocess.Popen([sys.executable, os.path.join(ROOT, "pretrain_gpt_alcf.py"), *argv], cwd=tmp_path,
+                              env={**os.environ, **rank_env(rank, 2, port), "WANDB_MODE": "disabled",
+                                   "PYTHONPATH": ROOT},
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for rank in range(2)]
+    outputs = [p.communicate(timeout=500)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+    text = "".join(outputs)
+    assert "resume: the loss's softmax runs over the padded vocabulary" in text
+    assert "sample order: upstream's" in text
+    ours = {int(i): (float(lr), float(loss)) for i, lr, loss in _LINE.findall(text)}
+    theirs = json.load(open(os.path.join(fixture, "losses.json")))["resumed_run"]
+    assert sorted(ours) == sorted(int(i) for i in theirs) == [5, 6, 7, 8]
+    for i, values in theirs.items():
+        lr, loss = ours[int(i)]
+        assert loss == pytest.approx(values["lm_loss"], abs=1e-5), (i, loss, values)
+        assert lr == pytest.approx(values["learning_rate"], rel=1e-5, abs=1e-12), (i, lr, values)
