@@ -692,8 +692,8 @@ def upstream_files(prefixes: Sequence[str], split: str) -> list[list[UpstreamFil
 def build_upstream_datasets(data_config, seq_length: int, seed: int, num_samples: Sequence[int],
                             vocab_size: Optional[int] = None) -> tuple:
     """(train, valid, test) in upstream's order from a DataConfig, as pretrain_gpt_alcf.py builds them:
-    a --data-file-list of "weight prefix corpus" lines (every line needs its corpus), or one --data-path
-    prefix. None for a split with no samples asked or a zero --split weight."""
+    "weight prefix corpus" triplets (--data-file-list lines or --data-path words; every entry needs its
+    corpus), or one --data-path prefix. None for a split with no samples asked or a zero --split weight."""
     from megatron.data.data_list import blend_entries
 
     if any(getattr(data_config, f"{name}_data_path", None) for name in SPLIT_NAMES):
@@ -701,16 +701,14 @@ def build_upstream_datasets(data_config, seq_length: int, seed: int, num_samples
             "--train-/--valid-/--test-data-path are not reproduced in upstream's order yet: use a "
             "--data-file-list, or another --sample-mode"])
     entries = blend_entries(data_config.data_path, data_config.data_file_list)
-    single = not data_config.data_file_list and len(entries) == 1 and len(data_config.data_path) == 1
+    words = [word for item in data_config.data_path for word in str(item).split()]
+    single = not data_config.data_file_list and len(words) == 1
     if not single:
-        if not data_config.data_file_list:
-            raise UpstreamOrderError("--sample-mode upstream", [
-                "upstream's pretrain_gpt_alcf.py blends only a --data-file-list ('weight prefix corpus' lines) "
-                "or reads one --data-path prefix: write the blend as a --data-file-list"])
         missing = [e.where for e in entries if not e.corpus]
-        if missing:
-            raise UpstreamOrderError(data_config.data_file_list, [
-                f"{where}: no corpus; upstream needs 'weight prefix corpus' on every line" for where in missing])
+        if missing:  # upstream reads triplets only (get_datasets_corpuses_weights_and_num_samples)
+            raise UpstreamOrderError(data_config.data_file_list or "--data-path", [
+                f"{where}: no corpus; upstream's pretrain_gpt_alcf.py blends only 'weight prefix corpus' "
+                "triplets (--data-file-list lines, or --data-path words)" for where in missing])
     files = upstream_files([e.prefix for e in entries], data_config.split)
     weights = upstream_split_weights(data_config.split) if not single else None
     datasets = []
