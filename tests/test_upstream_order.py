@@ -109,6 +109,9 @@ def test_upstream_checkpoints_select_upstreams_order_unless_the_flag_says_otherw
     mode, why = choose_sample_mode(typed, "/ckpt", True)
     assert mode == "documents" and "not upstream's" in why
     assert choose_sample_mode(DataConfig(mock_data=True), "/ckpt", True)[0] == "samples"
+    mode, why = choose_sample_mode(default, "/ours", False, "upstream")  # ours, saved by a run in upstream's order
+    assert mode == "upstream" and "because --load /ours was trained in it" in why
+    assert choose_sample_mode(default, "/ours", False, "samples") == ("samples", None)
 
 
 def test_the_flags_reach_the_data_config():

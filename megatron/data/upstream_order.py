@@ -658,22 +658,28 @@ class UpstreamOrderDataset:
                 f"corpora={len(self.corpora) or 1}, samples={self.num_samples}, seq_length={self.seq_length})")
 
 
-def choose_sample_mode(data_config, load: Optional[str], upstream_checkpoint: bool) -> tuple[str, Optional[str]]:
+def choose_sample_mode(data_config, load: Optional[str], upstream_checkpoint: bool,
+                       checkpoint_order: Optional[str] = None) -> tuple[str, Optional[str]]:
     """The sample mode a run uses and the line that says why (None: the usual default, nothing to say).
     An explicit --sample-mode wins; otherwise resuming an upstream checkpoint (`upstream_checkpoint`, from the
-    checkpoint's description) reads upstream's order, so the run continues upstream's data."""
+    checkpoint's description), or one of ours saved by a run in upstream's order (`checkpoint_order`, the
+    "sample_order" it saved), reads upstream's order, so the run continues upstream's data."""
     mode = data_config.sample_mode
     if data_config.mock_data:
         return mode, None
+    upstream_data = upstream_checkpoint or checkpoint_order == "upstream"
     if getattr(data_config, "sample_mode_given", False):
-        if upstream_checkpoint and mode != "upstream":
+        if upstream_data and mode != "upstream":
             return mode, (f"sample order: --sample-mode {mode} (as asked), not upstream's, although --load {load} "
-                          "is an upstream checkpoint: the run will not read the samples upstream would have read "
-                          "next")
-        return mode, (f"sample order: upstream's (--sample-mode upstream)" if mode == "upstream" else None)
+                          f"{'is an upstream checkpoint' if upstream_checkpoint else 'was trained in it'}: the run "
+                          "will not read the samples upstream's order gives next")
+        return mode, ("sample order: upstream's (--sample-mode upstream)" if mode == "upstream" else None)
     if upstream_checkpoint:
         return "upstream", (f"sample order: upstream's (its doc_idx, shuffle_idx and blend, recomputed) because "
                             f"--load {load} is an upstream checkpoint; --sample-mode overrides")
+    if checkpoint_order == "upstream":
+        return "upstream", (f"sample order: upstream's because --load {load} was trained in it; --sample-mode "
+                            "overrides")
     return mode, None
 
 

@@ -355,6 +355,7 @@ class _Session:
                                  rel.distributed_timeout_minutes * 60)
         self.rng_tracker = _rng_tracker()
         self.iteration = self.consumed = self.consumed_valid = 0
+        self.sample_order = run.data.sample_mode  # set by load(): the order this run reads
         self.last_saved: Optional[int] = None
 
     def say(self, line: str) -> None:
@@ -375,7 +376,9 @@ class _Session:
 
         plan = self.checkpointer.plan
         mode, why = choose_sample_mode(run.data, run.checkpoint.load,
-                                       plan is not None and plan.description.kind == "argonne")
+                                       plan is not None and plan.description.kind == "argonne",
+                                       progress.extra.get("sample_order"))
+        self.sample_order = mode  # saved with each checkpoint, so that its resume keeps the order
         if why:
             self.say(why)
         train_ds, valid_ds, self.test_ds = build_datasets(
@@ -469,7 +472,8 @@ class _Session:
         state = TrainingProgress(iteration=self.iteration, consumed_samples=self.consumed,
                                  consumed_tokens=self.consumed * self.run.model.seq_length, args=self.run.args)
         self.result.saved.append(self.checkpointer.save(self.te, state, tracker_states=self.rng_tracker.get_states,
-                                                        extra_state={"consumed_valid_samples": self.consumed_valid}))
+                                                        extra_state={"consumed_valid_samples": self.consumed_valid,
+                                                                     "sample_order": self.sample_order}))
         self.last_saved = self.iteration
         self.watchdog.phase("idle")
 
