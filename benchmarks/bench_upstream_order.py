@@ -6,7 +6,8 @@ Upstream's order is exact only if its O(documents) and O(samples) steps are done
 average document length in Dolma v1.7, as benchmarks/bench_blend.py; 2T tokens; seq 4096; --split 969,30,1;
 train samples = 2T / 4096, as --train-iters x --global-batch-size):
   1. the top-level greedy blend over the corpora: the first block (what starting a run costs) and a resume at
-     consumed_samples = N (default: half the run), which recomputes the blend from sample 0;
+     consumed_samples = N (default: half the run), which recomputes the blend from sample 0; and, for
+     --blend-sample-in-corpus, the greedy blend over the files of the largest corpus (20,000 steps, scaled);
   2. the corpora's --shuffle-sample-in-corpus permutations (all 14: the first global batch touches every corpus);
   3. the per-file orders (doc_idx, sample_idx rows, shuffle_idx): built from in-memory document lengths with the
      file's Dolma document count, for every --file-stride-th file (default 10: 242 files, every corpus), then
@@ -130,6 +131,16 @@ def main():
     seconds = time.process_time() - t0
     rows.append((f"greedy blend, resume at {at:,}", seconds, f"{seconds / max(at, 1) * 1e9:.0f} ns/sample"))
 
+    # 1b. --blend-sample-in-corpus: the greedy blend over the files of the largest corpus (numpy per step)
+    largest = names[int(np.argmax(sizes))]
+    members = np.array([n for n, c in zip(file_samples, corpora) if c == largest], dtype=np.int64)
+    steps = 20000
+    t0 = time.process_time()
+    GreedyBlend(members / np.int64(members.sum()), int(members.sum()), block=steps)[0]
+    seconds = (time.process_time() - t0) / steps
+    rows.append((f"in-corpus blend ({largest}: {members.size} files), whole corpus (scaled)",
+                 seconds * int(members.sum()), f"{seconds * 1e6:.1f} us/sample over {int(members.sum()):,} samples"))
+
     # 2. the corpus permutations
     t0 = time.process_time()
     nbytes = 0
@@ -172,8 +183,8 @@ def main():
         peer = json.loads(result.stdout.strip().splitlines()[-1])
     print(f"\n{platform.node()} {platform.processor() or platform.machine()}, commit {git_commit()}, "
           f"numpy {np.__version__}, peak RSS {peak_rss_mb():.0f} MB\n")
-    upstream = {0: None, 1: peer.get("blend"), 2: peer.get("permutations"), 3: peer.get("files"),
-                4: peer.get("files") and peer["files"] * all_documents / built_documents}
+    upstream = {0: None, 1: peer.get("blend"), 3: peer.get("permutations"), 4: peer.get("files"),
+                5: peer.get("files") and peer["files"] * all_documents / built_documents}
     print("| part | ours, CPU s | upstream's code, CPU s | note |\n|---|---:|---:|---|")
     for i, (name, seconds, note) in enumerate(rows):
         theirs = upstream.get(i)

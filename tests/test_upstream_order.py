@@ -109,6 +109,9 @@ def test_upstream_checkpoints_select_upstreams_order_unless_the_flag_says_otherw
     mode, why = choose_sample_mode(typed, "/ckpt", True)
     assert mode == "documents" and "not upstream's" in why
     assert choose_sample_mode(DataConfig(mock_data=True), "/ckpt", True)[0] == "samples"
+    mode, why = choose_sample_mode(default, "/ours", False, "upstream")  # ours, saved by a run in upstream's order
+    assert mode == "upstream" and "because --load /ours was trained in it" in why
+    assert choose_sample_mode(default, "/ours", False, "samples") == ("samples", None)
 
 
 def test_the_flags_reach_the_data_config():
@@ -129,7 +132,7 @@ def test_blends_upstream_cannot_read_are_refused_by_name(tmp_path):
     with pytest.raises(UpstreamOrderError, match="no corpus"):
         build_datasets(DataConfig(data_file_list=_file_list(tmp_path, corpus=False), split="90,8,2",
                                   sample_mode="upstream"), 16, 1, (10, 0, 0), None)
-    with pytest.raises(UpstreamOrderError, match="--data-file-list"):
+    with pytest.raises(UpstreamOrderError, match="triplets"):
         build_datasets(DataConfig(data_path=["1", prefix, "1", prefix], split="90,8,2", sample_mode="upstream"),
                        16, 1, (10, 0, 0), None)
     with pytest.raises(UpstreamOrderError, match="integers"):
@@ -190,3 +193,52 @@ def test_a_file_without_documents_in_a_split_fails_when_drawn_as_upstream_does(t
     assert train.get_tokens(np.arange(len(train))).shape == (len(train), 17)
     with pytest.raises(UpstreamOrderError, match="tiny: no document in the valid split"):
         valid.get_tokens(np.arange(len(valid)))
+
+
+# ---- the fixtures of tests/data/upstream/README.md ("order/"): upstream's own command lines, through ours ----
+UPSTREAM_DIR = Path(__file__).parent / "data" / "upstream"
+UPSTREAM_CASES = sorted(p.name for p in (UPSTREAM_DIR / "order").iterdir() if (p / "command.txt").exists())
+
+
+def _upstream_case(case: str, monkeypatch):
+    """Our parse_args of the case's exact upstream command line (+ --sample-mode upstream), its datasets."""
+    import shlex
+
+    from megatron.training.loop import requested_samples
+
+    monkeypatch.chdir(UPSTREAM_DIR)  # the command lines name data/... relative to this directory
+    argv = shlex.split((UPSTREAM_DIR / "order" / case / "command.txt").read_text().splitlines()[1])
+    run = parse_args(argv + ["--sample-mode", "upstream"])
+    return run, build_datasets(run.data, run.model.seq_length, run.training.seed, requested_samples(run, 1), None)
+
+
+@pytest.mark.parametrize("case", UPSTREAM_CASES)
+def test_upstreams_command_lines_read_upstreams_samples(case, monkeypatch):
+    _, datasets = _upstream_case(case, monkeypatch)
+    for split, dataset in zip(("train", "valid"), datasets):
+        path = UPSTREAM_DIR / "order" / case / f"{split}_tokens.npy"
+        if not path.exists():  # upstream built no such split (an empty one)
+            assert dataset is None
+            continue
+        expected = np.load(path)
+        np.testing.assert_array_equal(dataset.get_tokens(np.arange(len(dataset))), expected, err_msg=f"{case} {split}")
+
+
+def test_each_files_indices_are_upstreams_cached_arrays(monkeypatch):
+    """Below the tokens: doc_idx, sample_idx and shuffle_idx of every train file equal upstream's cache files."""
+    _, (train, _, _) = _upstream_case("filelist_shuffle", monkeypatch)
+    cache = UPSTREAM_DIR / "order" / "filelist_shuffle" / "cache"
+    compared = 0
+    for description in cache.glob("*.dsc"):
+        lines = description.read_text().splitlines()
+        if lines[0] != "GPT Dataset" or "Dataset name train" not in lines:
+            continue
+        prefix = lines[2].removeprefix("Data prefix ")
+        file = [f.prefix for f in train.files].index(prefix)
+        order = train.file_order(file)
+        stem = str(description)[:-len(".dsc")]
+        np.testing.assert_array_equal(order.doc_idx + order.first, np.load(stem + "_doc_idx.npy"))
+        np.testing.assert_array_equal(order.sample_idx, np.load(stem + "_sample_idx.npy"))
+        np.testing.assert_array_equal(order.shuffle_idx, np.load(stem + "_shuffle_idx.npy"))
+        compared += 1
+    assert compared == len(train.files) == 4

@@ -1,50 +1,61 @@
-"""Upstream's sample order (`--sample-mode upstream`): global sample -> tokens exactly as argonne-lcf/Megatron-DeepSpeed.
+"""Upstream's sample order (`--sample-mode upstream`): global sample -> tokens exactly as argonne's code.
 
-Resuming an AuroraGPT run must continue its data where upstream left it: same files, seed, split and flags give
-the same seq_length + 1 tokens for every global sample number. Upstream (ffa3456d: megatron/data/gpt_dataset.py,
-blendable_dataset.py, helpers.cpp, pretrain_gpt_alcf.py, training.py) builds its order in four levels; this
-module recomputes each with numpy, from the .idx files alone (no cache needed, none written):
+Resuming an AuroraGPT run must continue its data where upstream (argonne-lcf/Megatron-DeepSpeed) left it: the
+same files, seed, split and flags give the same seq_length + 1 tokens for every global sample number. Upstream
+(ffa3456d: megatron/data/gpt_dataset.py, blendable_dataset.py, dataset_utils.py, helpers.cpp,
+pretrain_gpt_alcf.py, training.py) builds its order in four levels; this module recomputes each with numpy,
+from the .idx files alone (upstream's index cache is neither needed nor written):
 
 1. Sample counts. The loop asks for N samples of a split (train: --train-iters x final global batch or
    --train-samples; valid: (train_iters // eval_interval + 1) x eval_iters x batch; test: eval_iters x batch).
-   File f of a --data-file-list ("weight prefix corpus" lines) gets n_f = ceil(N x w_f x 1.005) of them,
-   w_f its weight over the sum of all weights. A single --data-path prefix gets exactly N (no blend).
+   File f of the blend ("weight prefix corpus" triplets: --data-file-list lines or --data-path words) gets
+   n_f = ceil(N x w_f x 1.005) of them, w_f its weight over the sum of all weights. A single --data-path
+   prefix is upstream's plain GPTDataset: all of its (E x T - 1) // seq samples (level 2), no blend.
 2. One file (upstream's GPTDataset). Its split is the sequence range [a, b) cut by --split with upstream's
-   rounding (on the .idx's sequences). T = tokens of [a, b); E = the least number of epochs with
-   (E x T - 1) // seq >= n_f; a generator `numpy.random.RandomState(seed)` then
+   rounding. T = tokens of [a, b); E = the least number of epochs with (E x T - 1) // seq >= n_f; one
+   `numpy.random.RandomState(seed)` then
    - shuffles the E copies of [a, b) into `doc_idx` (the last epoch shuffled on its own when it holds fewer
      than 80 % of an epoch's (T - 1) // seq samples: "separate_last_epoch");
-   - shuffles [0, S) into `shuffle_idx`, S = (E x T - 1) // seq (the first S' = ((E - 1) x T - 1) // seq
-     and the rest apart when the last epoch is separate).
-   File sample j is then tokens [i x seq, (i + 1) x seq] (inclusive) of the documents of doc_idx laid end
-   to end, i = shuffle_idx[j]: the same tokens as helpers.cpp's `build_sample_idx` rows i and i + 1 (every
-   sample starts on the token where the previous one ended). We keep the cumulative token ends of doc_idx
-   instead of sample_idx, and place a sample by two binary searches.
+   - shuffles [0, S) into `shuffle_idx`, S = (E x T - 1) // seq (the first ((E - 1) x T - 1) // seq and the
+     rest apart when the last epoch is separate).
+   Laid end to end, the documents of doc_idx are one token stream; sample i is its tokens [i x seq,
+   (i + 1) x seq] (each sample starts on the token where the previous one ended), and helpers.cpp's
+   `build_sample_idx` row i is (document holding token i x seq, offset in it). We get the rows at once by a
+   binary search of i x seq in the running token counts. Worked example, seq = 4 and doc_idx's documents
+   of 3, 5 and 2 tokens: running counts [3, 8, 10], S = (10 - 1) // 4 = 2; tokens 0, 4, 8 lie in documents
+   0, 1, 2 at offsets 0, 1, 0, so sample 1 is document 1 from offset 1 (4 tokens) and document 2's first
+   token. File sample j is sample shuffle_idx[j].
 3. A corpus (upstream's BuildCorpusDataset): its files in list order, n_c = sum of their n_f samples.
-   Corpus sample k is file sample (i, j) of either the concatenation of the files' samples, or, with
-   --blend-sample-in-corpus, of helpers.cpp's greedy blend with weights n_f / n_c (below); with
-   --shuffle-sample-in-corpus, k first goes through a permutation of [0, n_c) by a fresh
-   RandomState(seed).
-4. The split (upstream's BlendableDataset): corpora in sorted name order, weights n_c / (train split's
-   total), normalised; global sample g is corpus sample (c, k) of the greedy blend of size sum n_c:
-   sample s goes to the first corpus c with the largest weight_c x max(s, 1) - taken_c (doubles, as C++).
+   Corpus sample k is file sample (f, j) of either the files' samples laid end to end, or, with
+   --blend-sample-in-corpus, helpers.cpp's greedy blend (below) with weights n_f / n_c; with
+   --shuffle-sample-in-corpus, k first goes through a permutation of [0, n_c) by a fresh RandomState(seed).
+4. The split (upstream's BlendableDataset): corpora in sorted name order, weights n_c / (the train split's
+   sum of n_f), normalised; global sample g is corpus sample (c, k) of the greedy blend of size sum n_c:
+   sample s goes to the first corpus c with the largest weight_c x max(s, 1) - taken_c (in doubles, as the
+   C++ computes it, so that ties and roundings fall the same way).
 
-Costs, where exactness forces them (measured at 2T tokens in benchmarks/bench_upstream_order.py,
-benchmarks/RESULTS.md):
-- a file's doc_idx and shuffle_idx are RandomState shuffles whose random draws depend on every earlier draw:
+Costs, where exactness forces them (measured at 2T tokens by benchmarks/bench_upstream_order.py, with
+upstream's own functions side by side: benchmarks/RESULTS.md):
+- a file's doc_idx and shuffle_idx are RandomState shuffles whose draws depend on every earlier draw:
   O(documents x epochs + samples) per file, built the first time one of its samples is read (lazily, per
-  file). The result (4 bytes per document and epoch, 12 per sample) is written once per node into
-  node-local RAM (/dev/shm, a temporary name then a rename) and memory-mapped by every rank that needs it:
-  no barrier, no rank waits for another (a rank that finds no file builds it; the same bytes), nothing on
-  a shared filesystem, removed by its writer at exit. Orders under 1 MiB stay private to the process;
-- a corpus's permutation (--shuffle-sample-in-corpus) is one RandomState shuffle: O(corpus samples), built
-  on first use of the corpus (8 bytes per sample, per process);
+  file). The result (4 bytes per document and epoch plus 12 per sample, against 4 and 20 in upstream's
+  cache) is written once per node into node-local RAM (/dev/shm: a temporary name, then a rename) and
+  memory-mapped by every rank that needs it (`SharedArrays`): no barrier, no rank waits for another (a rank
+  that finds no file builds it: the same bytes), nothing on a shared filesystem, removed by its writer at
+  exit. Orders under 1 MiB stay private to the process;
+- a corpus's permutation (--shuffle-sample-in-corpus) is one RandomState shuffle: O(corpus samples), 4 bytes
+  a sample, built on the corpus's first use and shared per node the same way;
 - the greedy blends are sequential (each choice depends on every earlier one): O(samples x datasets) from
-  sample 0, computed lazily as far as read, keeping the blend's counts every BLEND_BLOCK samples so that
-  any sample already passed is recomputed from the nearest block. Starting a run costs one block; resuming
-  at consumed_samples = N costs O(N x corpora) once (about 1 us per sample for 14 corpora, in Python).
-Reading a sample: its file's order (above), then one .idx read per document it spans and one .bin read per
-piece, as upstream reads it (by the .idx's pointers and lengths).
+  sample 0, computed lazily as far as read, keeping the counts every BLEND_BLOCK samples, so that a sample
+  already passed is recomputed from its block. Starting a run costs one block; resuming at
+  consumed_samples = N costs O(N x corpora) once (~1 us a sample for 14 corpora, in Python), and with
+  --data-cache-path the counts are kept there, so that the next resume of the same run starts at once.
+  --blend-sample-in-corpus blends a corpus's files the same way: over a corpus of more than 48 files one
+  numpy step per sample (~3.5 us for 1,107 files), and with --shuffle-sample-in-corpus the corpus's first
+  sample read computes nearly its whole blend (upstream's C++ also costs O(samples x files) there);
+Reading a sample: its file's order, then one .idx read per document it spans (where the document starts)
+and one .bin read per piece, as upstream reads it (by the .idx's pointers and lengths, so --append-eod
+files with their uncounted end-of-document tokens read exactly as upstream reads them).
 """
 
 from __future__ import annotations
@@ -526,7 +537,8 @@ class UpstreamOrderDataset:
             achieved /= np.sum(achieved)
             self.num_samples = sum(self.file_samples)
             self.blend = GreedyBlend(achieved, self.num_samples, store=blend_store)
-        empty = [file.prefix for f, file in enumerate(self.files) if self.file_samples[f] > 0 and file.stop <= file.first]
+        empty = [file.prefix for f, file in enumerate(self.files)
+                 if self.file_samples[f] > 0 and file.stop <= file.first]
         if empty:  # upstream builds no dataset for them and fails when the blend first draws one: so do we
             logger.warning("--sample-mode upstream: %d file(s) have no document in the %s split but are asked for "
                            "samples (upstream fails when one is drawn; so will this run): %s", len(empty),
@@ -658,22 +670,28 @@ class UpstreamOrderDataset:
                 f"corpora={len(self.corpora) or 1}, samples={self.num_samples}, seq_length={self.seq_length})")
 
 
-def choose_sample_mode(data_config, load: Optional[str], upstream_checkpoint: bool) -> tuple[str, Optional[str]]:
+def choose_sample_mode(data_config, load: Optional[str], upstream_checkpoint: bool,
+                       checkpoint_order: Optional[str] = None) -> tuple[str, Optional[str]]:
     """The sample mode a run uses and the line that says why (None: the usual default, nothing to say).
     An explicit --sample-mode wins; otherwise resuming an upstream checkpoint (`upstream_checkpoint`, from the
-    checkpoint's description) reads upstream's order, so the run continues upstream's data."""
+    checkpoint's description), or one of ours saved by a run in upstream's order (`checkpoint_order`, the
+    "sample_order" it saved), reads upstream's order, so the run continues upstream's data."""
     mode = data_config.sample_mode
     if data_config.mock_data:
         return mode, None
+    upstream_data = upstream_checkpoint or checkpoint_order == "upstream"
     if getattr(data_config, "sample_mode_given", False):
-        if upstream_checkpoint and mode != "upstream":
+        if upstream_data and mode != "upstream":
             return mode, (f"sample order: --sample-mode {mode} (as asked), not upstream's, although --load {load} "
-                          "is an upstream checkpoint: the run will not read the samples upstream would have read "
-                          "next")
-        return mode, (f"sample order: upstream's (--sample-mode upstream)" if mode == "upstream" else None)
+                          f"{'is an upstream checkpoint' if upstream_checkpoint else 'was trained in it'}: the run "
+                          "will not read the samples upstream's order gives next")
+        return mode, ("sample order: upstream's (--sample-mode upstream)" if mode == "upstream" else None)
     if upstream_checkpoint:
         return "upstream", (f"sample order: upstream's (its doc_idx, shuffle_idx and blend, recomputed) because "
                             f"--load {load} is an upstream checkpoint; --sample-mode overrides")
+    if checkpoint_order == "upstream":
+        return "upstream", (f"sample order: upstream's because --load {load} was trained in it; --sample-mode "
+                            "overrides")
     return mode, None
 
 
@@ -692,8 +710,8 @@ def upstream_files(prefixes: Sequence[str], split: str) -> list[list[UpstreamFil
 def build_upstream_datasets(data_config, seq_length: int, seed: int, num_samples: Sequence[int],
                             vocab_size: Optional[int] = None) -> tuple:
     """(train, valid, test) in upstream's order from a DataConfig, as pretrain_gpt_alcf.py builds them:
-    a --data-file-list of "weight prefix corpus" lines (every line needs its corpus), or one --data-path
-    prefix. None for a split with no samples asked or a zero --split weight."""
+    "weight prefix corpus" triplets (--data-file-list lines or --data-path words; every entry needs its
+    corpus), or one --data-path prefix. None for a split with no samples asked or a zero --split weight."""
     from megatron.data.data_list import blend_entries
 
     if any(getattr(data_config, f"{name}_data_path", None) for name in SPLIT_NAMES):
@@ -701,16 +719,14 @@ def build_upstream_datasets(data_config, seq_length: int, seed: int, num_samples
             "--train-/--valid-/--test-data-path are not reproduced in upstream's order yet: use a "
             "--data-file-list, or another --sample-mode"])
     entries = blend_entries(data_config.data_path, data_config.data_file_list)
-    single = not data_config.data_file_list and len(entries) == 1 and len(data_config.data_path) == 1
+    words = [word for item in data_config.data_path for word in str(item).split()]
+    single = not data_config.data_file_list and len(words) == 1
     if not single:
-        if not data_config.data_file_list:
-            raise UpstreamOrderError("--sample-mode upstream", [
-                "upstream's pretrain_gpt_alcf.py blends only a --data-file-list ('weight prefix corpus' lines) "
-                "or reads one --data-path prefix: write the blend as a --data-file-list"])
         missing = [e.where for e in entries if not e.corpus]
-        if missing:
-            raise UpstreamOrderError(data_config.data_file_list, [
-                f"{where}: no corpus; upstream needs 'weight prefix corpus' on every line" for where in missing])
+        if missing:  # upstream reads triplets only (get_datasets_corpuses_weights_and_num_samples)
+            raise UpstreamOrderError(data_config.data_file_list or "--data-path", [
+                f"{where}: no corpus; upstream's pretrain_gpt_alcf.py blends only 'weight prefix corpus' "
+                "triplets (--data-file-list lines, or --data-path words)" for where in missing])
     files = upstream_files([e.prefix for e in entries], data_config.split)
     weights = upstream_split_weights(data_config.split) if not single else None
     datasets = []
