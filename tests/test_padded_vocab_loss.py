@@ -61,3 +61,49 @@ def test_resharding_keeps_trained_padding_rows_only_with_the_flag():
         raise AssertionError("trained padding rows that do not fit were dropped silently")
     except ValueError as error:
         assert "--no-loss-over-padded-vocab" in str(error)
+
+
+def _plan(saved_config, *flags, kind="ours"):
+    from megatron.checkpoint.resume import CheckpointDescription, plan_resume
+
+    run = parse_args(FLAGS + ["--load", "ckpt"] + list(flags))
+    optimizer = run.training.optimizer.optimizer
+    desc = CheckpointDescription(kind, "ckpt", "global_step1", "ckpt/global_step1", None, {"optimizer": optimizer},
+                                 saved_config, optimizer, has_optimizer_state=True, has_rng=True, lr_scheduler=None)
+    return plan_resume(desc, run, ParallelState.single())
+
+
+def test_resume_follows_how_the_checkpoint_was_trained_unless_told():
+    run = parse_args(FLAGS)
+    trained = run.model.replace(loss_over_padded_vocab=True)
+    plan = _plan(trained)
+    assert plan.run.model.loss_over_padded_vocab
+    assert any("softmax runs over the padded vocabulary (24 columns for 21 tokens)" in n for n in plan.notices)
+    assert not _plan(trained, "--no-loss-over-padded-vocab").run.model.loss_over_padded_vocab
+    assert not _plan(run.model).run.model.loss_over_padded_vocab  # a checkpoint that masked: masked
+    assert _plan(run.model, "--loss-over-padded-vocab").run.model.loss_over_padded_vocab
+    # trained rows this run's padding has no room for: refused, naming both sizes and the ways out
+    wider = trained.replace(make_vocab_size_divisible_by=32)  # 32 rows against this run's 24
+    try:
+        _plan(wider, "--make-vocab-size-divisible-by", "32", "--loss-over-padded-vocab")  # same padding: fine
+        _plan(wider)
+        raise AssertionError("trained padding rows beyond this run's padding were accepted")
+    except Exception as error:  # ConfigError
+        assert "trained 32 vocabulary rows" in str(error) and "--no-loss-over-padded-vocab" in str(error)
+
+
+def test_older_null_tokenizer_checkpoints_keep_their_convention():
+    """A checkpoint of ours saved when --vocab-size V meant V tokens (EOD V - 1): its model has exactly the flag's
+    V tokens, and the resumed run keeps them (a new run has V + 1, EOD V, as upstream)."""
+    run = parse_args(FLAGS)
+    assert run.model.vocab_size == 21  # --vocab-size 20, now
+    older = run.model.replace(vocab_size=20)
+    plan = _plan(older)
+    assert plan.run.model.vocab_size == 20
+    assert any("older NullTokenizer convention" in n and "end-of-document id 19" in n for n in plan.notices)
+    assert _plan(run.model).run.model.vocab_size == 21  # saved with the current convention: as it is
+    try:
+        _plan(run.model.replace(vocab_size=30))
+        raise AssertionError("another vocabulary was accepted")
+    except Exception as error:
+        assert "--vocab-size or the tokenizer's vocabulary gives 21" in str(error)
