@@ -172,12 +172,13 @@ def stage_order(args):
 # upstream commit, with the tiny sizes below, NullTokenizer, gloo and CPU.
 TRAIN_SIZES = dict(NLAYERS=2, HIDDEN=32, HEADS=4, NUM_KV_HEAD=4, FFN_HIDDEN_SIZE=64, SEQ=32,
                    MICRO_BATCH=2, GLOBAL_BATCH=8, TRAIN_ITERS=8, SAVE_ITER=4)
-# name -> (tensor parallel, pipeline parallel, dtype)
+# name -> (tensor parallel, pipeline parallel, dtype[, data parallel = 1])
 TRAIN_RUNS = {
     "tp2_fp32": (2, 1, "fp32"),
     "pp2_fp32": (1, 2, "fp32"),
     "tp2pp2_fp32": (2, 2, "fp32"),
     "tp2_bf16": (2, 1, "bf16"),
+    "dp2_fp32": (1, 1, "fp32", 2),  # ZeRO-1 over two data-parallel ranks: the optimizer state is sharded
 }
 # run (--only pp2_bf16) but not committed, to keep the fixtures small; README.md records its losses
 OPTIONAL_TRAIN_RUNS = {"pp2_bf16": (1, 2, "bf16")}
@@ -282,10 +283,11 @@ def stage_train(args):
     env = upstream_env(args.upstream)
     only = set(args.only.split(",")) if args.only else set(TRAIN_RUNS)
     s = TRAIN_SIZES
-    for k, (name, (tp, pp, dtype)) in enumerate({**TRAIN_RUNS, **OPTIONAL_TRAIN_RUNS}.items()):
+    for k, (name, (tp, pp, dtype, *dp)) in enumerate({**TRAIN_RUNS, **OPTIONAL_TRAIN_RUNS}.items()):
         if name not in only:
             continue
-        world = tp * pp
+        dp = dp[0] if dp else 1
+        world = tp * pp * dp
         work = args.work / "train" / name
         if work.exists():
             shutil.rmtree(work)
@@ -330,7 +332,7 @@ def stage_train(args):
             "# continuous run and upstream's own resume (same line, the latter with checkpoints/ = the saved one):\n%s\n"
             % (s["SAVE_ITER"], rel(saved_cmd), rel(cont_cmd)))
         (dest / "losses.json").write_text(json.dumps({
-            "layout": {"tensor_parallel": tp, "pipeline_parallel": pp, "data_parallel": 1,
+            "layout": {"tensor_parallel": tp, "pipeline_parallel": pp, "data_parallel": dp,
                        "dtype": dtype, "zero_stage": 1, "world_size": world},
             "saved_iteration": s["SAVE_ITER"], "train_iters": s["TRAIN_ITERS"],
             "saved_run": saved, "continuous_run": continuous, "resumed_run": resumed,
@@ -357,10 +359,10 @@ def stage_logits(args):
     out_dir = HERE / "logits"
     out_dir.mkdir(exist_ok=True)
     np.save(out_dir / "tokens.npy", logits_tokens())
-    for k, (name, (tp, pp, dtype)) in enumerate({**TRAIN_RUNS, **OPTIONAL_TRAIN_RUNS}.items()):
+    for k, (name, (tp, pp, dtype, *dp)) in enumerate({**TRAIN_RUNS, **OPTIONAL_TRAIN_RUNS}.items()):
         if name not in only or not (HERE / "ckpt" / name).is_dir():
             continue
-        world = tp * pp
+        world = tp * pp * (dp[0] if dp else 1)
         work = args.work / "logits" / name
         if work.exists():
             shutil.rmtree(work)
