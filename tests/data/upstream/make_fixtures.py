@@ -8,6 +8,9 @@ This script is for making fixtures only: it runs in the side environment describ
     python tests/data/upstream/make_fixtures.py --stage order   # sample-order dumps (upstream's gpt_dataset code)
     python tests/data/upstream/make_fixtures.py --stage train   # checkpoints + losses (upstream's pretrain_gpt_alcf.py)
     python tests/data/upstream/make_fixtures.py --stage logits  # upstream's forward of the saved models
+    python tests/data/upstream/make_fixtures.py --stage index   # INDEX.json (numpy only)
+
+--only a,b limits order/train/logits to those cases or runs; --work is the scratch directory.
 
 Every upstream run happens in a scratch directory (--work) with paths relative to it, so that the
 paths upstream records (data prefixes in cache descriptions, the data-file list) are the relative
@@ -72,7 +75,7 @@ def run(cmd, cwd, env, log=None):
     return out
 
 
-def make_documents(name, n_docs, lo, hi, rng):
+def make_documents(n_docs, lo, hi, rng):
     """Documents of arithmetic progressions mod VOCAB: learnable, so losses fall."""
     docs = []
     for _ in range(n_docs):
@@ -93,7 +96,7 @@ def stage_data(args):
     out_dir.mkdir(exist_ok=True)
     rng = np.random.RandomState(SEED_DATA)
     for name, (n_docs, lo, hi, eod) in CORPORA.items():
-        docs = make_documents(name, n_docs, lo, hi, rng)
+        docs = make_documents(n_docs, lo, hi, rng)
         jsonl = work / "data" / f"{name}.jsonl"
         with open(jsonl, "w") as f:
             for doc in docs:
@@ -258,10 +261,8 @@ def train_flags(tp, pp, dtype, ckpt, train_iters):
     return flags
 
 
-ANSI = None
-
-
 def strip_ansi(text):
+    """Upstream logs through rich: drop the colour codes."""
     import re
     return re.sub(r"\x1b\[[0-9;]*m", "", text)
 
