@@ -452,7 +452,9 @@ def stage_index(args):
         if (HERE / "logits" / f"{name}.npy").exists():
             index["logits"][name] = {"tokens": "logits/tokens.npy", "logits": f"logits/{name}.npy",
                                      "shape": list(np.load(HERE / "logits" / f"{name}.npy").shape),
-                                     "dtype": "float32", "over": "the padded vocabulary"}
+                                     "dtype": "float32", "over": "the padded vocabulary",
+                                     "next_batch_token_loss": f"logits/{name}_next_batch_token_loss.npy",
+                                     "next_batch_samples": "order/train_run train samples 32-39 (iteration 5)"}
     (HERE / "INDEX.json").write_text(json.dumps(index, indent=1) + "\n")
 
 
