@@ -79,7 +79,7 @@ def main():
             losses = tensor_parallel.vocab_parallel_cross_entropy(
                 local[:, n_fixed:].float().contiguous(), labels.transpose(0, 1).contiguous())
             losses = losses.transpose(0, 1).contiguous()  # [n, s]
-        if mpu.get_tensor_model_parallel_rank() == 0:
+        if mpu.get_tensor_model_parallel_rank() == 0 and mpu.get_data_parallel_rank() == 0:
             np.save(os.environ["LOGITS"], logits.numpy().astype(np.float32))
             print(f"wrote logits {tuple(logits.shape)} at iteration {args.iteration}", flush=True)
             if labels is not None:
