@@ -242,3 +242,30 @@ def test_each_files_indices_are_upstreams_cached_arrays(monkeypatch):
         np.testing.assert_array_equal(order.shuffle_idx, np.load(stem + "_shuffle_idx.npy"))
         compared += 1
     assert compared == len(train.files) == 4
+
+
+def test_upstreams_own_cached_blend_is_read_from_the_data_cache_path(monkeypatch, tmp_path, caplog):
+    """Upstream's run left its blend index in --data-cache-path: a resume reads it (as upstream does) instead of
+    recomputing the blend; a cache that is not this blend's is not used."""
+    import shutil
+
+    cache = tmp_path / "cache"
+    shutil.copytree(UPSTREAM_DIR / "order" / "filelist_shuffle" / "cache", cache)
+    run, _ = _upstream_case("filelist_shuffle", monkeypatch)
+    run.data.data_cache_path = str(cache)
+    from megatron.training.loop import requested_samples
+
+    with caplog.at_level("INFO", logger="megatron.data.upstream_order"):
+        train, valid, _ = build_datasets(run.data, run.model.seq_length, run.training.seed,
+                                         requested_samples(run, 1), None)
+    assert type(train.blend).__name__ == "CachedIndex" and type(valid.blend).__name__ == "CachedIndex"
+    assert all(type(c.index).__name__ == "CachedIndex" for c in train.corpora)  # keyed by corpus name and size
+    assert "read from upstream's cache" in caplog.text
+    for split, dataset in (("train", train), ("valid", valid)):
+        expected = np.load(UPSTREAM_DIR / "order" / "filelist_shuffle" / f"{split}_tokens.npy")
+        np.testing.assert_array_equal(dataset.get_tokens(np.arange(len(dataset))), expected)
+    stem = str(train.blend.path)[:-len("_index.npy")]
+    index = np.load(stem + "_index.npy")
+    np.save(stem + "_index.npy", 1 - index)  # another blend's: refused by its first block
+    train = build_datasets(run.data, run.model.seq_length, run.training.seed, requested_samples(run, 1), None)[0]
+    assert type(train.blend).__name__ == "GreedyBlend"

@@ -443,18 +443,85 @@ class Concatenation:
         return d, sample - (int(self.ends[d - 1]) if d else 0)
 
 
+class CachedIndex:
+    """A blend index upstream wrote into its --data-cache-path (`<md5>_index.npy`, `<md5>_sample_index.npy`),
+    memory-mapped: sample -> (dataset, its sample number), as upstream reads it back on a resume."""
+
+    def __init__(self, index: np.ndarray, sample_index: np.ndarray, path: str):
+        self.index, self.sample_index, self.path = index, sample_index, path
+        self.size = int(index.size)
+
+    def __getitem__(self, sample: int) -> tuple[int, int]:
+        if not 0 <= sample < self.size:
+            raise IndexError(f"blend sample {sample} outside [0, {self.size})")
+        return int(self.index[sample]), int(self.sample_index[sample])
+
+
+def _load_cached_index(stem: str, size: int, datasets: int, check: Optional["GreedyBlend"]) -> Optional[CachedIndex]:
+    """Upstream's cached (index, sample_index) at `stem`, or None when absent or not this blend's: the sizes,
+    the dataset numbers, and (when `check` is given) the first block against the blend computed here."""
+    try:
+        index = np.load(stem + "_index.npy", mmap_mode="r")
+        sample_index = np.load(stem + "_sample_index.npy", mmap_mode="r")
+    except (OSError, ValueError):
+        return None
+    if index.shape != (size,) or sample_index.shape != (size,) or not size:
+        return None
+    head = min(size, BLEND_BLOCK)
+    if int(index[:head].max()) >= datasets or int(index[:head].min()) < 0:
+        return None
+    if check is not None:
+        chosen, numbers = check.arrays(0, head)
+        if not (np.array_equal(chosen, index[:head]) and np.array_equal(numbers, sample_index[:head])):
+            logger.warning("%s_index.npy: upstream's cached blend index differs from its own algorithm in the first "
+                           "%d samples; not used (recomputed instead)", stem, head)
+            return None
+    return CachedIndex(index, sample_index, stem + "_index.npy")
+
+
+def cached_top_blend(cache_dir: str, corpus_descriptions: Sequence[str], size: int,
+                     check: "GreedyBlend") -> Optional[CachedIndex]:
+    """Upstream's BlendableDataset index from its --data-cache-path: the `.dsc` that lists these corpora and
+    this size (its "Weights:" line is numpy's print of the weights, not compared), its two arrays."""
+    head = "Blendable dataset\n\nDatasets:\n" + "".join(d + "\n\n" for d in corpus_descriptions)
+    try:
+        names = [n for n in os.listdir(cache_dir) if n.endswith(".dsc")]
+    except OSError:
+        return None
+    for name in sorted(names):
+        try:
+            with open(os.path.join(cache_dir, name)) as handle:
+                text = handle.read()
+        except (OSError, UnicodeDecodeError):
+            continue
+        if text.startswith(head) and text.endswith(f"\nSize: {size}\n"):
+            found = _load_cached_index(os.path.join(cache_dir, name[:-len(".dsc")]), size, len(corpus_descriptions),
+                                       check)
+            if found is not None:
+                return found
+    return None
+
+
 class Corpus:
-    """Upstream's BuildCorpusDataset: its files' samples, concatenated or blended, optionally permuted."""
+    """Upstream's BuildCorpusDataset: its files' samples, concatenated or blended, optionally permuted.
+    With `store` (--data-cache-path) holding upstream's own index of this corpus (keyed, as upstream keys it,
+    by the corpus name and sample count only), that index is read, as upstream reads it on a resume."""
 
     def __init__(self, name: str, files: Sequence[int], samples: Sequence[int], seed: int, shuffle: bool,
-                 blend: bool, store: Optional[str] = None):
+                 blend: bool, store: Optional[str] = None, prefixes: Sequence[str] = (), seq_length: int = 0):
         self.name, self.files = name, list(files)
         counts = np.asarray(samples, dtype=np.int64)
         self.size = int(counts.sum())
         self.seed, self.shuffle = seed, shuffle
+        # upstream's BuildCorpusDataset.desc, which its BlendableDataset's description lists
+        self.description = "CorpusDataset:" + "".join(p + "," for p in prefixes) + f"-{self.size}-{seq_length}{seed}"
+        cached = None
+        if store:
+            key = hashlib.md5(f"{name}\n {self.size}".encode("utf-8")).hexdigest()
+            cached = _load_cached_index(os.path.join(store, key), self.size, len(self.files), None)
         # upstream: weights = num_samples_list / self.num_samples (not renormalised)
-        self.index = GreedyBlend(counts / np.int64(self.size), self.size, store=store) if blend \
-            else Concatenation(counts)
+        self.index = cached or (GreedyBlend(counts / np.int64(self.size), self.size, store=store) if blend
+                                else Concatenation(counts))
         self._permutation: Optional[np.ndarray] = None
 
     def _build_permutation(self) -> np.ndarray:
@@ -532,11 +599,19 @@ class UpstreamOrderDataset:
             names = sorted(set(corpora))
             self.corpora = [Corpus(name, [f for f, c in enumerate(corpora) if c == name],
                                    [self.file_samples[f] for f, c in enumerate(corpora) if c == name], self.seed,
-                                   shuffle_sample_in_corpus, blend_sample_in_corpus, blend_store) for name in names]
+                                   shuffle_sample_in_corpus, blend_sample_in_corpus, blend_store,
+                                   [file.prefix for file, c in zip(self.files, corpora) if c == name],
+                                   self.seq_length) for name in names]
             achieved = np.array([float(c.size) / total_train for c in self.corpora], dtype=np.float64)
             achieved /= np.sum(achieved)
             self.num_samples = sum(self.file_samples)
             self.blend = GreedyBlend(achieved, self.num_samples, store=blend_store)
+            cached = cached_top_blend(blend_store, [c.description for c in self.corpora], self.num_samples,
+                                      self.blend) if blend_store else None
+            if cached is not None:  # upstream's own index of this blend: a resume at any N costs nothing
+                logger.info("sample order: the %s split's blend index read from upstream's cache %s",
+                            SPLIT_NAMES[split], cached.path)
+                self.blend = cached
         empty = [file.prefix for f, file in enumerate(self.files)
                  if self.file_samples[f] > 0 and file.stop <= file.first]
         if empty:  # upstream builds no dataset for them and fails when the blend first draws one: so do we
@@ -727,7 +802,9 @@ def build_upstream_datasets(data_config, seq_length: int, seed: int, num_samples
             raise UpstreamOrderError(data_config.data_file_list or "--data-path", [
                 f"{where}: no corpus; upstream's pretrain_gpt_alcf.py blends only 'weight prefix corpus' "
                 "triplets (--data-file-list lines, or --data-path words)" for where in missing])
-    files = upstream_files([e.prefix for e in entries], data_config.split)
+    # pretrain_gpt_alcf.py cuts a list line's file name at ".bin"; its caches name the prefix so
+    prefixes = [e.prefix.split(".bin")[0] if data_config.data_file_list else e.prefix for e in entries]
+    files = upstream_files(prefixes, data_config.split)
     weights = upstream_split_weights(data_config.split) if not single else None
     datasets = []
     for split in range(3):
