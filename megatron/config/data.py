@@ -121,10 +121,10 @@ def add_data_blend_arguments(parser: argparse.ArgumentParser) -> None:
                    help="no index cache is needed: the blend is arithmetic (computed from the file list, seed "
                         "and seq length in milliseconds). With --sample-mode documents this directory holds the "
                         "per-file document indices the ranks share (default: node-local /dev/shm). With "
-                        "--sample-mode upstream, upstream's index files are not read (its order is recomputed from the "
-                        "files); the greedy blend's running counts are kept here (8 bytes per corpus every 4,096 "
-                        "samples), so that a later resume of the same run need not recompute the blend from "
-                        "sample 0")
+                        "--sample-mode upstream, upstream's own blend indices found here (as its runs leave them) are read "
+                        "as upstream reads them on a resume; otherwise its order is recomputed from the files and "
+                        "the greedy blend's running counts are kept here (8 bytes per corpus every 4,096 samples), "
+                        "so that a later resume of the same run need not recompute the blend from sample 0")
     g.add_argument("--blend-epochs-warning", type=pos_float, default=4.0,
                    help="the start-up blend report warns about every corpus repeated more than this many "
                         "times (default 4)")

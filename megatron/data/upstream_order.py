@@ -4,7 +4,8 @@ Resuming an AuroraGPT run must continue its data where upstream (argonne-lcf/Meg
 same files, seed, split and flags give the same seq_length + 1 tokens for every global sample number. Upstream
 (ffa3456d: megatron/data/gpt_dataset.py, blendable_dataset.py, dataset_utils.py, helpers.cpp,
 pretrain_gpt_alcf.py, training.py) builds its order in four levels; this module recomputes each with numpy,
-from the .idx files alone (upstream's index cache is neither needed nor written):
+from the .idx files alone (upstream's index cache is not needed, and not written; its blend indices are read
+when --data-cache-path holds them, see below):
 
 1. Sample counts. The loop asks for N samples of a split (train: --train-iters x final global batch or
    --train-samples; valid: (train_iters // eval_interval + 1) x eval_iters x batch; test: eval_iters x batch).
@@ -50,6 +51,9 @@ upstream's own functions side by side: benchmarks/RESULTS.md):
   already passed is recomputed from its block. Starting a run costs one block; resuming at
   consumed_samples = N costs O(N x corpora) once (~1 us a sample for 14 corpora, in Python), and with
   --data-cache-path the counts are kept there, so that the next resume of the same run starts at once.
+  When --data-cache-path holds upstream's own blend indices (its BlendableDataset's `<md5>_index.npy` and
+  `_sample_index.npy`, found by its `.dsc`; each corpus's, keyed as upstream keys them by corpus name and
+  sample count), they are memory-mapped and used as upstream uses them on a resume: nothing is recomputed;
   --blend-sample-in-corpus blends a corpus's files the same way: over a corpus of more than 48 files one
   numpy step per sample (~3.5 us for 1,107 files), and with --shuffle-sample-in-corpus the corpus's first
   sample read computes nearly its whole blend (upstream's C++ also costs O(samples x files) there);
