@@ -146,7 +146,8 @@ def main():
     nbytes = 0
     for name, size in zip(names, sizes):
         nbytes += Corpus(name, [0], [size], 1234, True, False).permutation().nbytes
-    rows.append(("corpus permutations (all 14)", time.process_time() - t0, f"{nbytes / 2**30:.2f} GiB per process"))
+    rows.append(("corpus permutations (all 14)", time.process_time() - t0,
+                 f"{nbytes / 2**30:.2f} GiB (int32), shared per node"))
 
     # 3. per-file orders
     rng = np.random.default_rng(0)
