@@ -69,7 +69,9 @@ def test_resuming_at_consumed_samples_continues_at_upstreams_sample(tmp_path, na
     mbs = MANIFEST["micro_batch_size"]
     for key in [k for k in expected.files if k.startswith("resume_")]:
         consumed = int(key.split("_")[1])
+        train.blend._blocks.clear()
         batches = build_data_iterator(train, mbs, 0, 1, consumed)
+        assert bool(train.blend._blocks) == (consumed > 0)  # computed before any worker would fork
         ours = np.concatenate([next(batches)["tokens"].numpy() for _ in range(2)])
         np.testing.assert_array_equal(ours, expected[key], err_msg=f"resumed at {consumed}")
         # two data-parallel ranks read the same global samples between them

@@ -88,6 +88,7 @@ UPSTREAM_NUM_SAMPLES_FACTOR = 1.005  # dataset_utils.get_datasets_weights_and_nu
 LAST_EPOCH_FRACTION = 0.80  # gpt_dataset._build_index_mappings: separate_last_epoch below 80 % of an epoch
 BLEND_BLOCK = 4096  # the greedy blend keeps its counts every this many samples
 STORE_EVERY_BLOCKS = 256  # with --data-cache-path, the counts are written after this many new blocks
+PROGRESS_SAMPLES = 10_000_000  # a longer recomputation of a blend shows a progress bar (rank 0)
 SHARE_MIN_BYTES = 1 << 20  # a file order this large is written once per node and memory-mapped by its ranks
 DEFAULT_PRIVATE_BYTES = 256 << 20  # per process: the most bytes of smaller (unshared) file orders kept
 MAX_KEPT_ORDERS = 8192  # file orders (mapped or not) one process keeps at most
@@ -312,7 +313,9 @@ class GreedyBlend:
     is computed forward from 0, as far as asked; `taken` is kept at every multiple of `block`, so that a
     sample already passed is recomputed from its block (one block costs block x datasets steps)."""
 
-    def __init__(self, weights: Sequence[float], size: int, block: int = BLEND_BLOCK, store: Optional[str] = None):
+    def __init__(self, weights: Sequence[float], size: int, block: int = BLEND_BLOCK, store: Optional[str] = None,
+                 progress: bool = False):
+        self.progress = progress  # a progress bar when a forward run covers more than PROGRESS_SAMPLES
         self.weights = [float(w) for w in weights]
         self.size, self.block = int(size), int(block)
         self._checkpoints = [np.zeros(len(self.weights), dtype=np.int64)]  # taken[] at s = i * block
@@ -389,8 +392,13 @@ class GreedyBlend:
                 return hit
             if self.store_path and self._stored == 0 and len(self._checkpoints) <= b:
                 self._read_store()
-            while len(self._checkpoints) <= b:  # forward from the last kept counts
-                known = len(self._checkpoints) - 1
+            todo = range(len(self._checkpoints) - 1, b)  # forward from the last kept counts
+            if self.progress and len(todo) * self.block > PROGRESS_SAMPLES:
+                from tqdm import tqdm  # only for a long recomputation
+
+                todo = tqdm(todo, desc="upstream's blend up to the resumed sample", unit="block",
+                            unit_scale=self.block, mininterval=10)
+            for known in todo:
                 start = known * self.block
                 _, _, taken = self._run(start, self._checkpoints[known], min(self.block, self.size - start))
                 self._checkpoints.append(taken)
@@ -580,7 +588,7 @@ class UpstreamOrderDataset:
                  seed: int, shuffle_sample_in_corpus: bool = False, blend_sample_in_corpus: bool = False,
                  vocab_size: Optional[int] = None, order_dir: Optional[str] = None,
                  cache_bytes: int = DEFAULT_PRIVATE_BYTES, share_min_bytes: int = SHARE_MIN_BYTES,
-                 blend_store: Optional[str] = None):
+                 blend_store: Optional[str] = None, progress: bool = False):
         self.files, self.split, self.seq_length, self.seed = list(files), split, int(seq_length), int(seed)
         self.vocab_size = vocab_size
         self.shared = SharedArrays(order_dir, share_min_bytes)
@@ -609,7 +617,7 @@ class UpstreamOrderDataset:
             achieved = np.array([float(c.size) / total_train for c in self.corpora], dtype=np.float64)
             achieved /= np.sum(achieved)
             self.num_samples = sum(self.file_samples)
-            self.blend = GreedyBlend(achieved, self.num_samples, store=blend_store)
+            self.blend = GreedyBlend(achieved, self.num_samples, store=blend_store, progress=progress)
             cached = cached_top_blend(blend_store, [c.description for c in self.corpora], self.num_samples,
                                       self.blend) if blend_store else None
             if cached is not None:  # upstream's own index of this blend: a resume at any N costs nothing
@@ -707,6 +715,12 @@ class UpstreamOrderDataset:
         self._check_tokens(file, tokens)
         return tokens
 
+    def prepare(self, consumed_samples: int) -> None:
+        """Before DataLoader workers fork: compute the blend up to `consumed_samples` here, once, rather than
+        in every worker (a resume recomputes upstream's greedy blend from sample 0)."""
+        if 0 < consumed_samples < self.num_samples:
+            self.locate(consumed_samples)
+
     def sample_pieces(self, sample: int) -> tuple[int, list[tuple[int, int]]]:
         file, j = self.locate(sample)
         return file, self.file_order(file).pieces(j, self.reader(file).token_offsets)
@@ -787,7 +801,7 @@ def upstream_files(prefixes: Sequence[str], split: str) -> list[list[UpstreamFil
 
 
 def build_upstream_datasets(data_config, seq_length: int, seed: int, num_samples: Sequence[int],
-                            vocab_size: Optional[int] = None) -> tuple:
+                            vocab_size: Optional[int] = None, progress: bool = False) -> tuple:
     """(train, valid, test) in upstream's order from a DataConfig, as pretrain_gpt_alcf.py builds them:
     "weight prefix corpus" triplets (--data-file-list lines or --data-path words; every entry needs its
     corpus), or one --data-path prefix. None for a split with no samples asked or a zero --split weight."""
@@ -825,5 +839,5 @@ def build_upstream_datasets(data_config, seq_length: int, seed: int, num_samples
             datasets.append(UpstreamOrderDataset(
                 files[split], [e.weight for e in entries], [e.corpus for e in entries], split, num_samples,
                 seq_length, seed, data_config.shuffle_sample_in_corpus, data_config.blend_sample_in_corpus,
-                vocab_size=vocab_size, blend_store=data_config.data_cache_path))
+                vocab_size=vocab_size, blend_store=data_config.data_cache_path, progress=progress))
     return tuple(datasets)
