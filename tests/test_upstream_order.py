@@ -102,6 +102,17 @@ def test_the_lazy_greedy_blend_recomputes_passed_blocks_exactly():
     assert all(numbers[chosen == d].tolist() == list(range((chosen == d).sum())) for d in range(60))
 
 
+@pytest.mark.parametrize("name", ["greedy_5", "greedy_60"])
+@pytest.mark.parametrize("python_max_datasets", [0, 100])  # the numpy path, the plain-Python path
+def test_both_greedy_paths_are_helpers_cpps_blend(name, python_max_datasets):
+    expected = np.load(FIXTURES / f"{name}.npz")
+    blend = GreedyBlend(expected["weights"], expected["index"].size, block=1000)
+    blend.python_max_datasets = python_max_datasets
+    chosen, numbers = blend.arrays()
+    np.testing.assert_array_equal(chosen, expected["index"])
+    np.testing.assert_array_equal(numbers, expected["sample_index"])
+
+
 def test_upstream_checkpoints_select_upstreams_order_unless_the_flag_says_otherwise():
     default = DataConfig(data_path=["x"])
     assert choose_sample_mode(default, None, False) == ("samples", None)

@@ -313,6 +313,8 @@ class GreedyBlend:
     is computed forward from 0, as far as asked; `taken` is kept at every multiple of `block`, so that a
     sample already passed is recomputed from its block (one block costs block x datasets steps)."""
 
+    python_max_datasets = 48  # more datasets: one numpy step per sample
+
     def __init__(self, weights: Sequence[float], size: int, block: int = BLEND_BLOCK, store: Optional[str] = None,
                  progress: bool = False):
         self.progress = progress  # a progress bar when a forward run covers more than PROGRESS_SAMPLES
@@ -360,7 +362,7 @@ class GreedyBlend:
             chosen[:] = 0
             numbers[:] = np.arange(int(taken[0]), int(taken[0]) + count)
             return chosen, numbers, taken + count
-        if datasets <= 48:  # plain Python floats beat numpy's per-call cost for a few datasets
+        if datasets <= self.python_max_datasets:  # plain Python floats beat numpy's per-call cost for a few
             counts = [int(t) for t in taken]
             pairs = list(enumerate(weights))[1:]
             w0 = weights[0]
@@ -378,8 +380,12 @@ class GreedyBlend:
             return chosen, numbers, np.asarray(counts, dtype=np.int64)
         w = np.asarray(weights, dtype=np.float64)
         counts = taken.astype(np.float64)
+        errors = np.empty_like(w)
+        multiply, subtract = np.multiply, np.subtract
         for k in range(count):
-            d = int(np.argmax(w * max(float(start + k), 1.0) - counts))  # argmax: the first of equal maxima
+            multiply(w, float(start + k) if start + k > 1 else 1.0, out=errors)
+            subtract(errors, counts, out=errors)
+            d = int(errors.argmax())  # argmax: the first of equal maxima, as the C++'s strict '>'
             chosen[k], numbers[k] = d, int(counts[d])
             counts[d] += 1.0
         return chosen, numbers, counts.astype(np.int64)

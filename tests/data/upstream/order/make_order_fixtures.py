@@ -14,7 +14,8 @@ megatron.training.build_train_valid_test_datasets (its train/valid/test sample a
 pretrain_gpt_alcf.train_valid_test_datasets_provider (its --data-file-list reader), so through
 gpt_dataset.build_train_valid_test_datasets, BuildCorpusDataset, BlendableDataset and helpers.cpp; and dumps
 every sample of every split, plus the first micro-batches of upstream's build_pretraining_data_loader at
-consumed_samples = N (a resume). One .npz per configuration (flags below), and manifest.json.
+consumed_samples = N (a resume). One .npz per configuration (flags below), and manifest.json. Also
+greedy_60.npz and greedy_5.npz: helpers.build_blending_indices itself over 60 and 5 weights, 6,000 samples.
 
 The one change to upstream's import path: megatron.training imports megatron/model/vision/knn_monitor.py,
 which imports megatron/data/vit_dataset.py, which needs torchvision (CUDA-only wheels): that module is
@@ -126,6 +127,16 @@ def main():
             np.savez_compressed(os.path.join(OUT, f"{name}.npz"), **arrays)
             manifest["configs"][name] = {"flags": data[:1] + flags, "splits": {k: list(v.shape) for k, v in arrays.items()},
                                          "argv": argv}
+    # helpers.cpp's greedy blend itself, over many datasets (uneven weights, some nearly equal) and a few
+    from megatron.data import helpers
+
+    for name, count in (("greedy_60", 60), ("greedy_5", 5)):
+        weights = np.random.default_rng(count).random(count)
+        weights[1::7] = weights[0]  # ties
+        weights /= weights.sum()
+        index, sample_index = np.zeros(6000, np.int64), np.zeros(6000, np.int64)
+        helpers.build_blending_indices(index, sample_index, weights, count, 6000, False)
+        np.savez_compressed(os.path.join(OUT, f"{name}.npz"), weights=weights, index=index, sample_index=sample_index)
     with open(os.path.join(OUT, "manifest.json"), "w") as handle:
         json.dump(manifest, handle, indent=1)
     os.remove(list_path)
