@@ -55,7 +55,7 @@ upstream's own functions side by side: benchmarks/RESULTS.md):
   `_sample_index.npy`, found by its `.dsc`; each corpus's, keyed as upstream keys them by corpus name and
   sample count), they are memory-mapped and used as upstream uses them on a resume: nothing is recomputed;
   --blend-sample-in-corpus blends a corpus's files the same way: over a corpus of more than 48 files one
-  numpy step per sample (~3.5 us for 1,107 files), and with --shuffle-sample-in-corpus the corpus's first
+  numpy step per sample (2-4 us for 1,107 files), and with --shuffle-sample-in-corpus the corpus's first
   sample read computes nearly its whole blend (upstream's C++ also costs O(samples x files) there);
 Reading a sample: its file's order, then one .idx read per document it spans (where the document starts)
 and one .bin read per piece, as upstream reads it (by the .idx's pointers and lengths, so --append-eod
