@@ -282,3 +282,13 @@ def test_upstreams_own_cached_blend_is_read_from_the_data_cache_path(monkeypatch
     np.save(stem + "_index.npy", 1 - index)  # another blend's: refused by its first block
     train = build_datasets(run.data, run.model.seq_length, run.training.seed, requested_samples(run, 1), None)[0]
     assert type(train.blend).__name__ == "GreedyBlend"
+
+
+def test_an_upstream_checkpoint_resumes_its_validation_samples_where_upstream_would():
+    from megatron.checkpoint.argonne import ArgonneCheckpoint
+
+    checkpoint = object.__new__(ArgonneCheckpoint)  # only the two dictionaries client_state reads
+    checkpoint.state0, checkpoint.args = {"iteration": 40, "tokens": 0}, {}
+    checkpoint.argonne_args = {"consumed_train_samples": 320, "consumed_valid_samples": 48}
+    state = checkpoint.client_state
+    assert (state["consumed_samples"], state["consumed_valid_samples"]) == (320, 48)
