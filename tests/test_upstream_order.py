@@ -277,6 +277,9 @@ def test_upstreams_own_cached_blend_is_read_from_the_data_cache_path(monkeypatch
     for split, dataset in (("train", train), ("valid", valid)):
         expected = np.load(UPSTREAM_DIR / "order" / "filelist_shuffle" / f"{split}_tokens.npy")
         np.testing.assert_array_equal(dataset.get_tokens(np.arange(len(dataset))), expected)
+    again = pickle.loads(pickle.dumps(train))  # as a spawned worker gets it: the cache mapped again
+    assert isinstance(again.blend.index, np.memmap) and len(pickle.dumps(train.blend)) < 1000
+    np.testing.assert_array_equal(again.get_tokens(np.arange(len(train))), train.get_tokens(np.arange(len(train))))
     stem = str(train.blend.path)[:-len("_index.npy")]
     index = np.load(stem + "_index.npy")
     np.save(stem + "_index.npy", 1 - index)  # another blend's: refused by its first block

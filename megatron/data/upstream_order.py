@@ -474,6 +474,14 @@ class CachedIndex:
             raise IndexError(f"blend sample {sample} outside [0, {self.size})")
         return int(self.index[sample]), int(self.sample_index[sample])
 
+    def __getstate__(self) -> dict:  # a spawned DataLoader worker maps the files again (not a copy of them)
+        return {"path": self.path}
+
+    def __setstate__(self, state: dict) -> None:
+        stem = state["path"][:-len("_index.npy")]
+        self.__init__(np.load(stem + "_index.npy", mmap_mode="r"), np.load(stem + "_sample_index.npy", mmap_mode="r"),
+                      state["path"])
+
 
 def _load_cached_index(stem: str, size: int, datasets: int, check: Optional["GreedyBlend"]) -> Optional[CachedIndex]:
     """Upstream's cached (index, sample_index) at `stem`, or None when absent or not this blend's: the sizes,
