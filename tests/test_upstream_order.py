@@ -40,14 +40,18 @@ def _requested() -> tuple[int, int, int]:
 
 
 def _datasets(tmp_path, name: str):
-    flags = MANIFEST["configs"][name]["flags"]
-    if "--data-file-list" in flags:
+    flags, kind = MANIFEST["configs"][name]["flags"], MANIFEST["configs"][name]["kind"]
+    prefix = [str(FIXTURES / "data" / f["name"]) for f in MANIFEST["files"]]
+    if kind == "list":
         config = DataConfig(data_file_list=_file_list(tmp_path), split=MANIFEST["split"], sample_mode="upstream",
                             shuffle_sample_in_corpus="--shuffle-sample-in-corpus" in flags,
                             blend_sample_in_corpus="--blend-sample-in-corpus" in flags)
-    else:
-        config = DataConfig(data_path=[str(FIXTURES / "data" / MANIFEST["files"][0]["name"])],
-                            split=MANIFEST["split"], sample_mode="upstream")
+    elif kind == "single":
+        config = DataConfig(data_path=[prefix[0]], split=MANIFEST["split"], sample_mode="upstream")
+    else:  # each split its own paths, as make_order_fixtures.py gives them
+        config = DataConfig(train_data_path=["0.6", prefix[0], "0.4", prefix[2]], valid_data_path=[prefix[3]],
+                            test_data_path=["0.5", prefix[1], "0.5", prefix[3]], split=MANIFEST["split"],
+                            sample_mode="upstream")
     return build_datasets(config, MANIFEST["seq_length"], MANIFEST["seed"], _requested(), None)
 
 

@@ -11,7 +11,10 @@ when --data-cache-path holds them, see below):
    --train-samples; valid: (train_iters // eval_interval + 1) x eval_iters x batch; test: eval_iters x batch).
    File f of the blend ("weight prefix corpus" triplets: --data-file-list lines or --data-path words) gets
    n_f = ceil(N x w_f x 1.005) of them, w_f its weight over the sum of all weights. A single --data-path
-   prefix is upstream's plain GPTDataset: all of its (E x T - 1) // seq samples (level 2), no blend.
+   prefix is upstream's plain GPTDataset: all of its (E x T - 1) // seq samples (level 2), no blend. A split
+   of its own (--train-/--valid-/--test-data-path, pretrain_gpt.py's build_dataset) takes each file whole:
+   one prefix is such a GPTDataset, "weight prefix" pairs blend the files' GPTDatasets directly (level 4
+   with the files as the datasets and their normalised weights).
 2. One file (upstream's GPTDataset). Its split is the sequence range [a, b) cut by --split with upstream's
    rounding. T = tokens of [a, b); E = the least number of epochs with (E x T - 1) // seq >= n_f; one
    `numpy.random.RandomState(seed)` then
@@ -611,13 +614,20 @@ class UpstreamOrderDataset:
         self._orders: "OrderedDict[int, tuple[FileOrder, bool]]" = OrderedDict()
         self._readers: "OrderedDict[int, TokenFile]" = OrderedDict()
         self._lock = threading.Lock()
-        if corpora is None:  # one prefix: upstream's GPTDataset itself, all its (E x T - 1) // seq samples
+        self.corpora: list[Corpus] = []
+        if corpora is None and weights is None:  # one prefix: upstream's GPTDataset, all its (E x T - 1) // seq
             self.file_samples = [int(requested[split])]
-            self.corpora: list[Corpus] = []
             self.blend = None
             tokens = self._split_tokens(0)
             self.num_samples = (upstream_epochs(tokens, self.seq_length, self.file_samples[0]) * tokens - 1) \
                 // self.seq_length
+        elif corpora is None:  # --<split>-data-path pairs: build_dataset's BlendableDataset of the files
+            normalised, counts = per_file_samples(weights, [requested[split]])
+            self.file_samples = [c[0] for c in counts]
+            blend_weights = np.array(normalised, dtype=np.float64)
+            blend_weights /= np.sum(blend_weights)
+            self.num_samples = sum(self.file_samples)
+            self.blend = GreedyBlend(blend_weights, self.num_samples, store=blend_store, progress=progress)
         else:
             _, counts = per_file_samples(weights, requested)
             self.file_samples = [c[split] for c in counts]
@@ -654,6 +664,8 @@ class UpstreamOrderDataset:
             raise IndexError(f"{SPLIT_NAMES[self.split]} sample {sample} outside [0, {self.num_samples})")
         if self.blend is None:
             return 0, sample
+        if not self.corpora:  # files blended directly (--<split>-data-path)
+            return self.blend[sample]
         corpus, k = self.blend[sample]
         return self.corpora[corpus].locate(k, self.shared)
 
@@ -814,17 +826,42 @@ def upstream_files(prefixes: Sequence[str], split: str) -> list[list[UpstreamFil
     return out
 
 
+def _separate_split(items: Sequence[str], split: int, data_config, seq_length: int, seed: int,
+                    num_samples: Sequence[int], vocab_size: Optional[int], progress: bool):
+    """A split of its own (--<split>-data-path), as upstream's build_dataset makes it: one prefix is a
+    GPTDataset over all the file's documents; 'weight prefix' pairs blend such datasets directly (files get
+    ceil(N x w x 1.005) samples, the blend's weights are the normalised file weights). --split is not used."""
+    from megatron.data.data_list import parse_data_path
+
+    if not items or num_samples[split] <= 0:
+        return None
+    flag = f"--{SPLIT_NAMES[split]}-data-path"
+    words = [word for item in items for word in str(item).split()]
+    entries = parse_data_path(words, flag)
+    if len(words) > 1 and any(e.corpus for e in entries):
+        raise UpstreamOrderError(flag, ["upstream's build_dataset reads 'weight prefix' pairs here, not triplets"])
+    files = []
+    for entry in entries:
+        header = read_index_header(entry.prefix)
+        files.append(UpstreamFile(entry.prefix, header.dtype, header.num_sequences, header.num_tokens, 0,
+                                  header.num_sequences))
+    weights = None if len(words) == 1 else [e.weight for e in entries]
+    return UpstreamOrderDataset(files, weights, None, split, num_samples, seq_length, seed, vocab_size=vocab_size,
+                                blend_store=data_config.data_cache_path, progress=progress)
+
+
 def build_upstream_datasets(data_config, seq_length: int, seed: int, num_samples: Sequence[int],
                             vocab_size: Optional[int] = None, progress: bool = False) -> tuple:
-    """(train, valid, test) in upstream's order from a DataConfig, as pretrain_gpt_alcf.py builds them:
-    "weight prefix corpus" triplets (--data-file-list lines or --data-path words; every entry needs its
-    corpus), or one --data-path prefix. None for a split with no samples asked or a zero --split weight."""
+    """(train, valid, test) in upstream's order from a DataConfig, as upstream builds them: "weight prefix
+    corpus" triplets (--data-file-list lines or --data-path words; every entry needs its corpus), one
+    --data-path prefix, or each split's own --<split>-data-path (pretrain_gpt.py's build_dataset). None for a
+    split with no samples asked, a zero --split weight, or no path of its own."""
     from megatron.data.data_list import blend_entries
 
-    if any(getattr(data_config, f"{name}_data_path", None) for name in SPLIT_NAMES):
-        raise UpstreamOrderError("--sample-mode upstream", [
-            "--train-/--valid-/--test-data-path are not reproduced in upstream's order yet: use a "
-            "--data-file-list, or another --sample-mode"])
+    separate = [list(getattr(data_config, f"{name}_data_path", None) or []) for name in SPLIT_NAMES]
+    if any(separate):
+        return tuple(_separate_split(words, split, data_config, seq_length, seed, num_samples, vocab_size, progress)
+                     for split, words in enumerate(separate))
     entries = blend_entries(data_config.data_path, data_config.data_file_list)
     words = [word for item in data_config.data_path for word in str(item).split()]
     single = not data_config.data_file_list and len(words) == 1
