@@ -1,9 +1,13 @@
 """--sample-mode upstream serves argonne-lcf/Megatron-DeepSpeed's own sample order.
 
-The expected tokens are upstream's, dumped by its real code (ffa3456d) from the committed token files:
-tests/data/upstream/order/make_order_fixtures.py (which says how it was run) and manifest.json. Four files in
-two corpora over 1 to 11 epochs each, train/valid/test from --split 90,8,2, with the corpus flags of
-pretrain_gpt_alcf.py, and upstream's data loader resumed at consumed_samples = N."""
+The expected tokens are upstream's, dumped by its real code (ffa3456d), never reconstructed:
+- tests/data/upstream/order/*.npz and manifest.json, made by make_order_fixtures.py (which says how it was run)
+  from the token files next to it: four files in two corpora over 1 to 11 epochs each, train/valid/test from
+  --split 90,8,2, with the corpus flags of pretrain_gpt_alcf.py, a single prefix, each split's own paths,
+  upstream's data loader resumed at consumed_samples = N, and helpers.cpp's greedy blend itself;
+- tests/data/upstream/order/<case>/ (tests/data/upstream/README.md): upstream's command lines, tokens and its
+  own --data-cache-path output, read here through our parse_args.
+"""
 
 import json
 import pickle
