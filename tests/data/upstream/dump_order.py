@@ -13,7 +13,7 @@ import sys
 
 import numpy as np
 
-import pretrain_gpt_alcf  # noqa: F401  (sets up torch.distributed through ezpz, as upstream's entry point does)
+import pretrain_gpt_alcf  # its import sets up torch.distributed through ezpz, as upstream's entry point does)
 from megatron import get_args
 from megatron.initialize import initialize_megatron
 from megatron.training import build_train_valid_test_datasets

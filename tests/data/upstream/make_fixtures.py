@@ -8,6 +8,9 @@ This script is for making fixtures only: it runs in the side environment describ
     python tests/data/upstream/make_fixtures.py --stage order   # sample-order dumps (upstream's gpt_dataset code)
     python tests/data/upstream/make_fixtures.py --stage train   # checkpoints + losses (upstream's pretrain_gpt_alcf.py)
     python tests/data/upstream/make_fixtures.py --stage logits  # upstream's forward of the saved models
+    python tests/data/upstream/make_fixtures.py --stage index   # INDEX.json (numpy only)
+
+--only a,b limits order/train/logits to those cases or runs; --work is the scratch directory.
 
 Every upstream run happens in a scratch directory (--work) with paths relative to it, so that the
 paths upstream records (data prefixes in cache descriptions, the data-file list) are the relative
@@ -72,7 +75,7 @@ def run(cmd, cwd, env, log=None):
     return out
 
 
-def make_documents(name, n_docs, lo, hi, rng):
+def make_documents(n_docs, lo, hi, rng):
     """Documents of arithmetic progressions mod VOCAB: learnable, so losses fall."""
     docs = []
     for _ in range(n_docs):
@@ -93,7 +96,7 @@ def stage_data(args):
     out_dir.mkdir(exist_ok=True)
     rng = np.random.RandomState(SEED_DATA)
     for name, (n_docs, lo, hi, eod) in CORPORA.items():
-        docs = make_documents(name, n_docs, lo, hi, rng)
+        docs = make_documents(n_docs, lo, hi, rng)
         jsonl = work / "data" / f"{name}.jsonl"
         with open(jsonl, "w") as f:
             for doc in docs:
@@ -172,14 +175,16 @@ def stage_order(args):
 # upstream commit, with the tiny sizes below, NullTokenizer, gloo and CPU.
 TRAIN_SIZES = dict(NLAYERS=2, HIDDEN=32, HEADS=4, NUM_KV_HEAD=4, FFN_HIDDEN_SIZE=64, SEQ=32,
                    MICRO_BATCH=2, GLOBAL_BATCH=8, TRAIN_ITERS=8, SAVE_ITER=4)
-# name -> (tensor parallel, pipeline parallel, dtype)
+# name -> (tensor parallel, pipeline parallel, dtype[, data parallel = 1])
 TRAIN_RUNS = {
     "tp2_fp32": (2, 1, "fp32"),
     "pp2_fp32": (1, 2, "fp32"),
     "tp2pp2_fp32": (2, 2, "fp32"),
     "tp2_bf16": (2, 1, "bf16"),
-    "pp2_bf16": (1, 2, "bf16"),
+    "dp2_fp32": (1, 1, "fp32", 2),  # ZeRO-1 over two data-parallel ranks: the optimizer state is sharded
 }
+# run (--only pp2_bf16) but not committed, to keep the fixtures small; README.md records its losses
+OPTIONAL_TRAIN_RUNS = {"pp2_bf16": (1, 2, "bf16")}
 
 
 def ds_config(tp, pp, dtype, world):
@@ -256,10 +261,8 @@ def train_flags(tp, pp, dtype, ckpt, train_iters):
     return flags
 
 
-ANSI = None
-
-
 def strip_ansi(text):
+    """Upstream logs through rich: drop the colour codes."""
     import re
     return re.sub(r"\x1b\[[0-9;]*m", "", text)
 
@@ -281,10 +284,11 @@ def stage_train(args):
     env = upstream_env(args.upstream)
     only = set(args.only.split(",")) if args.only else set(TRAIN_RUNS)
     s = TRAIN_SIZES
-    for k, (name, (tp, pp, dtype)) in enumerate(TRAIN_RUNS.items()):
+    for k, (name, (tp, pp, dtype, *dp)) in enumerate({**TRAIN_RUNS, **OPTIONAL_TRAIN_RUNS}.items()):
         if name not in only:
             continue
-        world = tp * pp
+        dp = dp[0] if dp else 1
+        world = tp * pp * dp
         work = args.work / "train" / name
         if work.exists():
             shutil.rmtree(work)
@@ -329,7 +333,7 @@ def stage_train(args):
             "# continuous run and upstream's own resume (same line, the latter with checkpoints/ = the saved one):\n%s\n"
             % (s["SAVE_ITER"], rel(saved_cmd), rel(cont_cmd)))
         (dest / "losses.json").write_text(json.dumps({
-            "layout": {"tensor_parallel": tp, "pipeline_parallel": pp, "data_parallel": 1,
+            "layout": {"tensor_parallel": tp, "pipeline_parallel": pp, "data_parallel": dp,
                        "dtype": dtype, "zero_stage": 1, "world_size": world},
             "saved_iteration": s["SAVE_ITER"], "train_iters": s["TRAIN_ITERS"],
             "saved_run": saved, "continuous_run": continuous, "resumed_run": resumed,
@@ -356,10 +360,10 @@ def stage_logits(args):
     out_dir = HERE / "logits"
     out_dir.mkdir(exist_ok=True)
     np.save(out_dir / "tokens.npy", logits_tokens())
-    for k, (name, (tp, pp, dtype)) in enumerate(TRAIN_RUNS.items()):
+    for k, (name, (tp, pp, dtype, *dp)) in enumerate({**TRAIN_RUNS, **OPTIONAL_TRAIN_RUNS}.items()):
         if name not in only or not (HERE / "ckpt" / name).is_dir():
             continue
-        world = tp * pp
+        world = tp * pp * (dp[0] if dp else 1)
         work = args.work / "logits" / name
         if work.exists():
             shutil.rmtree(work)
@@ -367,12 +371,20 @@ def stage_logits(args):
         shutil.copytree(HERE / "ckpt" / name / "checkpoints", work / "checkpoints")
         shutil.copy(HERE / "ckpt" / name / "ds_config.json", work / "ds_config.json")
         shutil.copytree(HERE / "data", work / "data", ignore=shutil.ignore_patterns("*.jsonl", "eod_*"))
+        # the batch of the first iteration after the save: global samples [SAVE_ITER * GBS, + GBS) of
+        # the checkpoint runs' data (order/train_run), as upstream's sequential sampler serves them
+        gbs = TRAIN_SIZES["GLOBAL_BATCH"]
+        first = TRAIN_SIZES["SAVE_ITER"] * gbs
+        batch = np.load(HERE / "order" / "train_run" / "train_tokens.npy")[first:first + gbs]
+        np.save(work / "batch.npy", batch)
         env.update(MASTER_PORT=str(29800 + k), LOCAL_SIZE=str(world),
-                   TOKENS=str(out_dir / "tokens.npy"), LOGITS=str(work / "logits.npy"))
+                   TOKENS=str(out_dir / "tokens.npy"), LOGITS=str(work / "logits.npy"),
+                   BATCH=str(work / "batch.npy"), BATCH_LOSS=str(work / "batch_loss.npy"))
         cmd = [Path(sys.executable).parent / "mpiexec", "-n", str(world), sys.executable, HERE / "dump_logits.py",
                *train_flags(tp, pp, dtype, "checkpoints", TRAIN_SIZES["TRAIN_ITERS"])]
         run(cmd, work, env, log=work / "log.txt")
         shutil.copy(work / "logits.npy", out_dir / f"{name}.npy")
+        shutil.copy(work / "batch_loss.npy", out_dir / f"{name}_next_batch_token_loss.npy")
 
 
 def pickle_globals(path):
@@ -440,7 +452,9 @@ def stage_index(args):
         if (HERE / "logits" / f"{name}.npy").exists():
             index["logits"][name] = {"tokens": "logits/tokens.npy", "logits": f"logits/{name}.npy",
                                      "shape": list(np.load(HERE / "logits" / f"{name}.npy").shape),
-                                     "dtype": "float32", "over": "the padded vocabulary"}
+                                     "dtype": "float32", "over": "the padded vocabulary",
+                                     "next_batch_token_loss": f"logits/{name}_next_batch_token_loss.npy",
+                                     "next_batch_samples": "order/train_run train samples 32-39 (iteration 5)"}
     (HERE / "INDEX.json").write_text(json.dumps(index, indent=1) + "\n")
 
 
