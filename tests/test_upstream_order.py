@@ -221,21 +221,24 @@ UPSTREAM_DIR = Path(__file__).parent / "data" / "upstream"
 UPSTREAM_CASES = sorted(p.name for p in (UPSTREAM_DIR / "order").iterdir() if (p / "command.txt").exists())
 
 
-def _upstream_case(case: str, monkeypatch):
-    """Our parse_args of the case's exact upstream command line (+ --sample-mode upstream), its datasets."""
+def _upstream_case(case: str, monkeypatch, tmp_path):
+    """Our parse_args of the case's exact upstream command line (+ --sample-mode upstream), its datasets, run in
+    a copy of the fixtures' data (the command lines name data/... and --data-cache-path cache relative to it)."""
     import shlex
+
+    from upstream_fixtures import copy_data
 
     from megatron.training.loop import requested_samples
 
-    monkeypatch.chdir(UPSTREAM_DIR)  # the command lines name data/... relative to this directory
+    monkeypatch.chdir(copy_data(tmp_path / "run"))
     argv = shlex.split((UPSTREAM_DIR / "order" / case / "command.txt").read_text().splitlines()[1])
     run = parse_args(argv + ["--sample-mode", "upstream"])
     return run, build_datasets(run.data, run.model.seq_length, run.training.seed, requested_samples(run, 1), None)
 
 
 @pytest.mark.parametrize("case", UPSTREAM_CASES)
-def test_upstreams_command_lines_read_upstreams_samples(case, monkeypatch):
-    _, datasets = _upstream_case(case, monkeypatch)
+def test_upstreams_command_lines_read_upstreams_samples(case, monkeypatch, tmp_path):
+    _, datasets = _upstream_case(case, monkeypatch, tmp_path)
     for split, dataset in zip(("train", "valid"), datasets):
         path = UPSTREAM_DIR / "order" / case / f"{split}_tokens.npy"
         if not path.exists():  # upstream built no such split (an empty one)
@@ -245,9 +248,9 @@ def test_upstreams_command_lines_read_upstreams_samples(case, monkeypatch):
         np.testing.assert_array_equal(dataset.get_tokens(np.arange(len(dataset))), expected, err_msg=f"{case} {split}")
 
 
-def test_each_files_indices_are_upstreams_cached_arrays(monkeypatch):
+def test_each_files_indices_are_upstreams_cached_arrays(monkeypatch, tmp_path):
     """Below the tokens: doc_idx, sample_idx and shuffle_idx of every train file equal upstream's cache files."""
-    _, (train, _, _) = _upstream_case("filelist_shuffle", monkeypatch)
+    _, (train, _, _) = _upstream_case("filelist_shuffle", monkeypatch, tmp_path)
     cache = UPSTREAM_DIR / "order" / "filelist_shuffle" / "cache"
     compared = 0
     for description in cache.glob("*.dsc"):
@@ -272,7 +275,7 @@ def test_upstreams_own_cached_blend_is_read_from_the_data_cache_path(monkeypatch
 
     cache = tmp_path / "cache"
     shutil.copytree(UPSTREAM_DIR / "order" / "filelist_shuffle" / "cache", cache)
-    run, _ = _upstream_case("filelist_shuffle", monkeypatch)
+    run, _ = _upstream_case("filelist_shuffle", monkeypatch, tmp_path)
     run.data.data_cache_path = str(cache)
     from megatron.training.loop import requested_samples
 
