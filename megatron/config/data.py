@@ -59,12 +59,12 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--data-file-list", help="file of 'weight prefix [corpus]' lines")
     g.add_argument("--split", default=DataConfig.split)
     g.add_argument("--sample-mode", choices=("samples", "documents", "upstream"), default=None,
-                   help="samples (default): consecutive windows of each file, our arithmetic blend; documents: "
-                        "Megatron's document-shuffled samples; upstream: argonne-lcf/Megatron-DeepSpeed's exact "
-                        "sample order (its doc_idx/sample_idx/shuffle_idx per file and its greedy blend over the "
-                        "corpora of a --data-file-list), so that a run resumed from an upstream checkpoint reads "
-                        "the samples upstream would have read. Default when --load is an upstream checkpoint: "
-                        "upstream")
+                   help="upstream = argonne-lcf/Megatron-DeepSpeed's exact sample order (the default when --load "
+                        "is an upstream checkpoint); else samples (default) or documents. upstream: its doc_idx/"
+                        "sample_idx/shuffle_idx per file and its greedy blend over the corpora of a --data-file-list, "
+                        "so that a run resumed from an upstream checkpoint reads the samples upstream would have "
+                        "read; samples: consecutive windows of each file, our arithmetic blend; documents: "
+                        "Megatron's document-shuffled samples")
     g.add_argument("--document-shuffle-block", type=non_negative_int, default=DataConfig.document_shuffle_block,
                    metavar="N",
                    help="--sample-mode documents: a file with more than N documents in a split is shuffled each "
