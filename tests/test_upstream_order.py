@@ -306,3 +306,13 @@ def test_an_upstream_checkpoint_resumes_its_validation_samples_where_upstream_wo
     checkpoint.argonne_args = {"consumed_train_samples": 320, "consumed_valid_samples": 48}
     state = checkpoint.client_state
     assert (state["consumed_samples"], state["consumed_valid_samples"]) == (320, 48)
+
+
+@pytest.mark.slow  # DataLoader worker processes
+def test_dataloader_workers_serve_the_same_batches(tmp_path):
+    train = _datasets(tmp_path, "list_blend_shuffle")[0]
+    mbs = MANIFEST["micro_batch_size"]
+    plain = build_data_iterator(train, mbs, 0, 1, 120)
+    workers = build_data_iterator(train, mbs, 0, 1, 120, num_workers=2, multiprocessing_context="fork")
+    for _ in range(4):
+        np.testing.assert_array_equal(next(workers)["tokens"].numpy(), next(plain)["tokens"].numpy())
