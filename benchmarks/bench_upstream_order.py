@@ -47,9 +47,10 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from bench_blend import dolma_document_tokens, find_dolma_list, git_commit  # noqa: E402
 from megatron.data.data_list import parse_data_file_list  # noqa: E402
-from megatron.data.upstream_order import (  # noqa: E402
-    BLEND_BLOCK, Corpus, GreedyBlend, build_file_order, file_order_shape, per_file_samples, upstream_split,
+from megatron.data.upstream_index import (  # noqa: E402
+    BLEND_BLOCK, GreedyBlend, build_file_order, file_order_shape, per_file_samples, upstream_split,
 )
+from megatron.data.upstream_order import Corpus  # noqa: E402
 
 
 # upstream's functions on the same inputs (run by --upstream-python with PYTHONPATH=--upstream-src)

@@ -20,9 +20,8 @@ from megatron.config.arguments import parse_args
 from megatron.config.data import DataConfig
 from megatron.data.data_iterator import build_data_iterator
 from megatron.data.gpt_dataset import build_datasets
-from megatron.data.upstream_order import (
-    GreedyBlend, SharedArrays, UpstreamOrderError, choose_sample_mode, upstream_split,
-)
+from megatron.data.upstream_index import GreedyBlend, UpstreamOrderError, upstream_split
+from megatron.data.upstream_order import SharedArrays, choose_sample_mode
 
 FIXTURES = Path(__file__).parent / "data" / "upstream" / "order"
 MANIFEST = json.loads((FIXTURES / "manifest.json").read_text())
