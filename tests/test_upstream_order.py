@@ -152,9 +152,10 @@ def test_blends_upstream_cannot_read_are_refused_by_name(tmp_path):
     with pytest.raises(UpstreamOrderError, match="no corpus"):
         build_datasets(DataConfig(data_file_list=_file_list(tmp_path, corpus=False), split="90,8,2",
                                   sample_mode="upstream"), 16, 1, (10, 0, 0), None)
-    with pytest.raises(UpstreamOrderError, match="triplets"):
+    with pytest.raises(UpstreamOrderError, match="triplets") as refused:
         build_datasets(DataConfig(data_path=["1", prefix, "1", prefix], split="90,8,2", sample_mode="upstream"),
                        16, 1, (10, 0, 0), None)
+    assert "--sample-mode samples or documents reads this blend in our own order" in str(refused.value)
     with pytest.raises(UpstreamOrderError, match="integers"):
         build_datasets(DataConfig(data_file_list=_file_list(tmp_path), split="90.5,9.5,0", sample_mode="upstream"),
                        16, 1, (10, 0, 0), None)

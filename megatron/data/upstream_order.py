@@ -423,12 +423,25 @@ def _separate_split(items: Sequence[str], split: int, data_config, seq_length: i
                                 blend_store=data_config.data_cache_path, progress=progress)
 
 
+OTHER_ORDER_HINT = ("--sample-mode samples or documents reads this blend in our own order (upstream's is the "
+                    "default only when --load is an upstream checkpoint or was trained in it)")
+
+
 def build_upstream_datasets(data_config, seq_length: int, seed: int, num_samples: Sequence[int],
                             vocab_size: Optional[int] = None, progress: bool = False) -> tuple:
     """(train, valid, test) in upstream's order from a DataConfig, as upstream builds them: "weight prefix
     corpus" triplets (--data-file-list lines or --data-path words; every entry needs its corpus), one
     --data-path prefix, or each split's own --<split>-data-path (pretrain_gpt.py's build_dataset). None for a
-    split with no samples asked, a zero --split weight, or no path of its own."""
+    split with no samples asked, a zero --split weight, or no path of its own. A blend upstream cannot read is
+    refused with its problems and how to read it in another order."""
+    try:
+        return _build_upstream_datasets(data_config, seq_length, seed, num_samples, vocab_size, progress)
+    except UpstreamOrderError as error:
+        raise UpstreamOrderError(error.source, error.problems + [OTHER_ORDER_HINT]) from None
+
+
+def _build_upstream_datasets(data_config, seq_length: int, seed: int, num_samples: Sequence[int],
+                             vocab_size: Optional[int], progress: bool) -> tuple:
     from megatron.data.data_list import blend_entries
 
     separate = [list(getattr(data_config, f"{name}_data_path", None) or []) for name in SPLIT_NAMES]
