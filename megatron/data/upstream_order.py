@@ -170,8 +170,10 @@ class UpstreamFile:
 class UpstreamOrderDataset:
     """A split in upstream's order: `get_tokens(global samples)` -> [n, seq_length + 1] int64 tokens.
 
-    `files` with `weights` and `corpora` (None: a single --data-path prefix, upstream's unblended path);
-    `requested` the (train, valid, test) samples the loop asks for (all three: file counts depend on them)."""
+    Three shapes, as upstream builds them: `weights` and `corpora` (its corpus blend of a --data-file-list or
+    --data-path triplets); `weights` alone (a --<split>-data-path's files blended directly); neither (one file,
+    upstream's unblended GPTDataset). `requested`: the (train, valid, test) samples the loop asks for (all
+    three: a corpus blend's file counts and weights depend on the train count)."""
 
     def __init__(self, files: Sequence[UpstreamFile], weights: Optional[Sequence[float]],
                  corpora: Optional[Sequence[str]], split: int, requested: Sequence[int], seq_length: int,
