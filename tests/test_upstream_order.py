@@ -279,7 +279,14 @@ def test_upstreams_own_cached_blend_is_read_from_the_data_cache_path(monkeypatch
     run.data.data_cache_path = str(cache)
     from megatron.training.loop import requested_samples
 
-    with caplog.at_level("INFO", logger="megatron.data.upstream_order"):
+    import megatron.data.upstream_index as upstream_index
+
+    def no_listing(path):
+        raise AssertionError(f"listed {path}: the cache should be found by name")
+
+    with caplog.at_level("INFO", logger="megatron.data.upstream_order"), \
+            monkeypatch.context() as patch:  # upstream's file name: the md5 of its description, numpy's print
+        patch.setattr(upstream_index.os, "listdir", no_listing)
         train, valid, _ = build_datasets(run.data, run.model.seq_length, run.training.seed,
                                          requested_samples(run, 1), None)
     assert type(train.blend).__name__ == "CachedIndex" and type(valid.blend).__name__ == "CachedIndex"
@@ -292,6 +299,13 @@ def test_upstreams_own_cached_blend_is_read_from_the_data_cache_path(monkeypatch
     assert isinstance(again.blend.index, np.memmap) and len(pickle.dumps(train.blend)) < 1000
     np.testing.assert_array_equal(again.get_tokens(np.arange(len(train))), train.get_tokens(np.arange(len(train))))
     stem = str(train.blend.path)[:-len("_index.npy")]
+    listed = sorted(p.name for p in cache.iterdir())
+    (cache / Path(stem + ".dsc").name).rename(cache / "renamed.dsc")  # not found by name: found by its content
+    for suffix in ("_index.npy", "_sample_index.npy"):
+        Path(stem + suffix).rename(cache / f"renamed{suffix}")
+    moved = build_datasets(run.data, run.model.seq_length, run.training.seed, requested_samples(run, 1), None)[0]
+    assert moved.blend.path == str(cache / "renamed_index.npy") and len(listed) == len(list(cache.iterdir()))
+    stem = str(cache / "renamed")
     index = np.load(stem + "_index.npy")
     np.save(stem + "_index.npy", 1 - index)  # another blend's: refused by its first block
     train = build_datasets(run.data, run.model.seq_length, run.training.seed, requested_samples(run, 1), None)[0]

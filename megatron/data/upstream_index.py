@@ -441,11 +441,17 @@ def load_cached_index(stem: str, size: int, datasets: int, check: Optional["Gree
     return CachedIndex(index, sample_index, stem + "_index.npy")
 
 
-def cached_top_blend(cache_dir: str, corpus_descriptions: Sequence[str], size: int,
+def cached_top_blend(cache_dir: str, corpus_descriptions: Sequence[str], weights: np.ndarray, size: int,
                      check: "GreedyBlend") -> Optional[CachedIndex]:
-    """Upstream's BlendableDataset index from its --data-cache-path: the `.dsc` that lists these corpora and
-    this size (its "Weights:" line is numpy's print of the weights, not compared), its two arrays."""
+    """Upstream's BlendableDataset index from its --data-cache-path. Its files are named by the md5 of their
+    description, which prints the weights with numpy: looked up directly with this numpy's print, else found
+    by the `.dsc` that lists these corpora and this size (the weights' print aside)."""
     head = "Blendable dataset\n\nDatasets:\n" + "".join(d + "\n\n" for d in corpus_descriptions)
+    description = head + f"Weights: {np.asarray(weights, dtype=np.float64)}\nSize: {size}\n"
+    direct = load_cached_index(os.path.join(cache_dir, hashlib.md5(description.encode("utf-8")).hexdigest()), size,
+                               len(corpus_descriptions), check)
+    if direct is not None:
+        return direct
     try:
         names = [n for n in os.listdir(cache_dir) if n.endswith(".dsc")]
     except OSError:

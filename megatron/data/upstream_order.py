@@ -217,8 +217,8 @@ class UpstreamOrderDataset:
             achieved /= np.sum(achieved)
             self.num_samples = sum(self.file_samples)
             self.blend = GreedyBlend(achieved, self.num_samples, store=blend_store, progress=progress)
-            cached = cached_top_blend(blend_store, [c.description for c in self.corpora], self.num_samples,
-                                      self.blend) if blend_store else None
+            cached = cached_top_blend(blend_store, [c.description for c in self.corpora], achieved,
+                                      self.num_samples, self.blend) if blend_store else None
             if cached is not None:  # upstream's own index of this blend: a resume at any N costs nothing
                 logger.info("sample order: the %s split's blend index read from upstream's cache %s",
                             SPLIT_NAMES[split], cached.path)
