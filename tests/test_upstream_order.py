@@ -291,6 +291,8 @@ def test_upstreams_own_cached_blend_is_read_from_the_data_cache_path(monkeypatch
                                          requested_samples(run, 1), None)
     assert type(train.blend).__name__ == "CachedIndex" and type(valid.blend).__name__ == "CachedIndex"
     assert all(type(c.index).__name__ == "CachedIndex" for c in train.corpora)  # keyed by corpus name and size
+    assert train.summary().startswith("train: 195 samples in upstream's order from 2 corpora (code 78, web 117) "
+                                      "of 4 files, blend index from upstream's cache ")
     assert "read from upstream's cache" in caplog.text
     for split, dataset in (("train", train), ("valid", valid)):
         expected = np.load(UPSTREAM_DIR / "order" / "filelist_shuffle" / f"{split}_tokens.npy")

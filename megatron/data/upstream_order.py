@@ -33,8 +33,8 @@ import numpy as np
 from megatron.data.data_list import SPLIT_NAMES, paused_gc
 from megatron.data.indexed_dataset import TokenFile, read_index_header
 from megatron.data.upstream_index import (
-    Concatenation, FileOrder, GreedyBlend, UpstreamOrderError, build_file_order, cached_top_blend, load_cached_index,
-    per_file_samples, upstream_epochs, upstream_split, upstream_split_weights,
+    CachedIndex, Concatenation, FileOrder, GreedyBlend, UpstreamOrderError, build_file_order, cached_top_blend,
+    load_cached_index, per_file_samples, upstream_epochs, upstream_split, upstream_split_weights,
 )
 from megatron.fileio import replace_atomically
 
@@ -232,6 +232,16 @@ class UpstreamOrderDataset:
 
     def __len__(self) -> int:
         return self.num_samples
+
+    def summary(self) -> str:
+        """One line for the start-up log (upstream's order has no blend report here)."""
+        if self.corpora:
+            shape = (f"{len(self.corpora)} corpora ({', '.join(f'{c.name} {c.size:,}' for c in self.corpora[:8])}"
+                     f"{', ...' if len(self.corpora) > 8 else ''}) of {len(self.files)} files")
+        else:
+            shape = f"{len(self.files)} file{'s' if len(self.files) > 1 else ''}"
+        where = f", blend index from upstream's cache {self.blend.path}" if isinstance(self.blend, CachedIndex) else ""
+        return f"{SPLIT_NAMES[self.split]}: {self.num_samples:,} samples in upstream's order from {shape}{where}"
 
     def locate(self, sample: int) -> tuple[int, int]:
         """Global sample -> (file, that file's sample number)."""
