@@ -25,7 +25,6 @@ replaced by a stub in sys.modules before the import (nothing here uses it).
 
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import types
@@ -117,7 +116,7 @@ def main():
                     str(EVAL_INTERVAL), "--eval-iters", str(EVAL_ITERS), "--split", "90,8,2", "--seed", str(SEED),
                     "--data-cache-path", cache, "--tokenizer-type", "NullTokenizer", "--vocab-size", "500000",
                     "--num-workers", "0"] + data + flags
-            args = upstream_args(argv)
+            upstream_args(argv)
             provider = pretrain_gpt if kind == "separate" else pretrain_gpt_alcf
             datasets = build_train_valid_test_datasets(provider.train_valid_test_datasets_provider)
             arrays = {}
