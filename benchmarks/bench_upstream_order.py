@@ -17,8 +17,12 @@ With --upstream-python (a Python that imports upstream's code: /work/upstream-en
 child process, side by side: helpers.build_blending_indices over the whole run (upstream builds it whole,
 once, on rank 0), gpt_dataset._build_doc_idx + helpers.build_sample_idx + _build_shuffle_idx for the same
 files and lengths, and its corpus permutation (numpy, as ours).
-No .idx files are written (Dolma's documents would need ~44 GB of them): the costs measured are the
-computations, which read nothing but the lengths. One process, one thread (OMP_NUM_THREADS=1); times are the
+No .idx files are written for these (Dolma's documents would need ~44 GB of them): the costs measured are
+the computations, which read nothing but the lengths.
+--read-files N (0: skip) adds reading, like with like: N sparse synthetic files of 60 M tokens and 60,000
+documents in 4 corpora (under --workdir), built with each --sample-mode and the same flags; CPU seconds to
+build the datasets and to read global samples [0, 256) (cold: upstream's file orders and permutations are
+built then) and [256, 512). One process, one thread (OMP_NUM_THREADS=1); times are the
 process's CPU seconds (a loaded machine inflates wall time, not these).
 Usage: .venv/bin/python benchmarks/bench_upstream_order.py [--resume-at 0.5] [--file-stride 10]
 """
@@ -43,9 +47,10 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from bench_blend import dolma_document_tokens, find_dolma_list, git_commit  # noqa: E402
 from megatron.data.data_list import parse_data_file_list  # noqa: E402
-from megatron.data.upstream_order import (  # noqa: E402
-    BLEND_BLOCK, Corpus, GreedyBlend, build_file_order, file_order_shape, per_file_samples, upstream_split,
+from megatron.data.upstream_index import (  # noqa: E402
+    BLEND_BLOCK, GreedyBlend, build_file_order, file_order_shape, per_file_samples, upstream_split,
 )
+from megatron.data.upstream_order import Corpus  # noqa: E402
 
 
 # upstream's functions on the same inputs (run by --upstream-python with PYTHONPATH=--upstream-src)
@@ -93,6 +98,39 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def read_rows(workdir: Path, files: int, seq: int) -> list[tuple]:
+    """(mode, build s, first 256 samples s, next 256 s) for each --sample-mode on synthetic files."""
+    from megatron.config.data import DataConfig
+    from megatron.data.gpt_dataset import build_datasets
+    from megatron.data.indexed_dataset import write_synthetic_dataset
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    lines = []
+    for i in range(files):
+        prefix = workdir / f"file{i:03d}"
+        if not prefix.with_suffix(".idx").exists():
+            write_synthetic_dataset(str(prefix), 60_000_000, 60_000, np.uint16, seed=i, sparse=True)
+        lines.append(f"{1 + i % 3} {prefix} corpus{i % 4}\n")
+    listing = workdir / "data_file_list.txt"
+    listing.write_text("".join(lines))
+    samples = files * 60_000_000 // seq
+    rows = []
+    for mode in ("upstream", "documents", "samples"):
+        config = DataConfig(data_file_list=str(listing), split="969,30,1", sample_mode=mode,
+                            shuffle_sample_in_corpus=True)
+        t0 = time.process_time()
+        train = build_datasets(config, seq, 1234, (samples, 0, 0), None)[0]
+        t1 = time.process_time()
+        train.get_tokens(np.arange(256))
+        t2 = time.process_time()
+        train.get_tokens(np.arange(256, 512))
+        t3 = time.process_time()
+        if hasattr(train, "close"):
+            train.close()
+        rows.append((mode, t1 - t0, t2 - t1, t3 - t2))
+    return rows
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-list", type=Path)
@@ -100,6 +138,8 @@ def main():
     parser.add_argument("--seq-length", type=int, default=4096)
     parser.add_argument("--resume-at", type=float, default=0.5, help="fraction of the run a resume starts at")
     parser.add_argument("--file-stride", type=int, default=10, help="build every N-th file's order")
+    parser.add_argument("--read-files", type=int, default=12, help="synthetic files for the read rows (0: none)")
+    parser.add_argument("--workdir", type=Path, default=ROOT / "benchmarks" / ".cache" / "upstream-order")
     parser.add_argument("--upstream-python", help="a Python that imports upstream's code (side by side)")
     parser.add_argument("--upstream-src", help="upstream's source tree (helpers compiled)")
     args = parser.parse_args()
@@ -146,7 +186,8 @@ def main():
     nbytes = 0
     for name, size in zip(names, sizes):
         nbytes += Corpus(name, [0], [size], 1234, True, False).permutation().nbytes
-    rows.append(("corpus permutations (all 14)", time.process_time() - t0, f"{nbytes / 2**30:.2f} GiB per process"))
+    rows.append(("corpus permutations (all 14)", time.process_time() - t0,
+                 f"{nbytes / 2**30:.2f} GiB (int32), shared per node"))
 
     # 3. per-file orders
     rng = np.random.default_rng(0)
@@ -174,6 +215,7 @@ def main():
     rows.append(("file orders, all 2,419 (scaled)", per_document * all_documents,
                  f"{all_documents:,} documents; {order_bytes / 2**30:.1f} GiB per node (/dev/shm)"))
 
+    reads = read_rows(args.workdir, args.read_files, seq) if args.read_files else []
     peer = {}
     if args.upstream_python:
         job = {"weights": achieved.tolist(), "total": total, "corpus_sizes": sizes, "seq": seq, "files": jobs}
@@ -192,6 +234,12 @@ def main():
         if i == 1 and theirs is not None:
             peer_note += f" (whole blend, {total:,} samples)"
         print(f"| {name} | {seconds:.2f} | {peer_note} | {note} |")
+    if reads:
+        print(f"\nReading, {args.read_files} synthetic files (60 M tokens, 60,000 documents each, 4 corpora), "
+              "--shuffle-sample-in-corpus, CPU seconds:\n")
+        print("| --sample-mode | build | samples [0, 256) | samples [256, 512) |\n|---|---:|---:|---:|")
+        for mode, build, first, second in reads:
+            print(f"| {mode} | {build:.3f} | {first:.3f} | {second:.3f} |")
 
 
 if __name__ == "__main__":

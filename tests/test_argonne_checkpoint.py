@@ -154,8 +154,11 @@ def test_load_trains_on_like_the_states_it_was_built_from(built, tmp_path):
     looped = results[0][0]
     assert looped["start"] == 3 and any(list(r[0]["losses"]) == [4] for r in results)
     assert looped["loaded"] == [f"loaded {root / 'gpt_nopipe' / 'global_step3'} at iteration 3, 12 consumed samples"]
-    assert len(looped["sample_order"]) == 1 and looped["sample_order"][0].startswith(
-        f"sample order: upstream's (its doc_idx, shuffle_idx and blend, recomputed) because --load {root / 'gpt_nopipe'}")
+    because = f"sample order: upstream's (its doc_idx, shuffle_idx and blend, recomputed) because --load {root}"
+    assert len(looped["sample_order"]) == 2 and looped["sample_order"][0].startswith(because)
+    # 8 iterations x 4 samples, weights 1 : 2: ceil(32 / 3 x 1.005) = 11 and ceil(64 / 3 x 1.005) = 22
+    assert looped["sample_order"][1] == \
+        "sample order: train: 33 samples in upstream's order from 2 corpora (a 11, b 22) of 2 files"
     for job in results[0][1:]:
         assert job["argonne"]["iteration"] == 3 and job["argonne"]["consumed_samples"] == 12
         assert job["argonne"]["losses"] == job["truth"]["losses"]

@@ -1,9 +1,13 @@
 """--sample-mode upstream serves argonne-lcf/Megatron-DeepSpeed's own sample order.
 
-The expected tokens are upstream's, dumped by its real code (ffa3456d) from the committed token files:
-tests/data/upstream/order/make_order_fixtures.py (which says how it was run) and manifest.json. Four files in
-two corpora over 1 to 11 epochs each, train/valid/test from --split 90,8,2, with the corpus flags of
-pretrain_gpt_alcf.py, and upstream's data loader resumed at consumed_samples = N."""
+The expected tokens are upstream's, dumped by its real code (ffa3456d), never reconstructed:
+- tests/data/upstream/order/*.npz and manifest.json, made by make_order_fixtures.py (which says how it was run)
+  from the token files next to it: four files in two corpora over 1 to 11 epochs each, train/valid/test from
+  --split 90,8,2, with the corpus flags of pretrain_gpt_alcf.py, a single prefix, each split's own paths,
+  upstream's data loader resumed at consumed_samples = N, and helpers.cpp's greedy blend itself;
+- tests/data/upstream/order/<case>/ (tests/data/upstream/README.md): upstream's command lines, tokens and its
+  own --data-cache-path output, read here through our parse_args.
+"""
 
 import json
 import pickle
@@ -16,9 +20,8 @@ from megatron.config.arguments import parse_args
 from megatron.config.data import DataConfig
 from megatron.data.data_iterator import build_data_iterator
 from megatron.data.gpt_dataset import build_datasets
-from megatron.data.upstream_order import (
-    GreedyBlend, SharedArrays, UpstreamOrderError, choose_sample_mode, upstream_split,
-)
+from megatron.data.upstream_index import GreedyBlend, UpstreamOrderError, upstream_split
+from megatron.data.upstream_order import SharedArrays, choose_sample_mode
 
 FIXTURES = Path(__file__).parent / "data" / "upstream" / "order"
 MANIFEST = json.loads((FIXTURES / "manifest.json").read_text())
@@ -40,14 +43,18 @@ def _requested() -> tuple[int, int, int]:
 
 
 def _datasets(tmp_path, name: str):
-    flags = MANIFEST["configs"][name]["flags"]
-    if "--data-file-list" in flags:
+    flags, kind = MANIFEST["configs"][name]["flags"], MANIFEST["configs"][name]["kind"]
+    prefix = [str(FIXTURES / "data" / f["name"]) for f in MANIFEST["files"]]
+    if kind == "list":
         config = DataConfig(data_file_list=_file_list(tmp_path), split=MANIFEST["split"], sample_mode="upstream",
                             shuffle_sample_in_corpus="--shuffle-sample-in-corpus" in flags,
                             blend_sample_in_corpus="--blend-sample-in-corpus" in flags)
-    else:
-        config = DataConfig(data_path=[str(FIXTURES / "data" / MANIFEST["files"][0]["name"])],
-                            split=MANIFEST["split"], sample_mode="upstream")
+    elif kind == "single":
+        config = DataConfig(data_path=[prefix[0]], split=MANIFEST["split"], sample_mode="upstream")
+    else:  # each split its own paths, as make_order_fixtures.py gives them
+        config = DataConfig(train_data_path=["0.6", prefix[0], "0.4", prefix[2]], valid_data_path=[prefix[3]],
+                            test_data_path=["0.5", prefix[1], "0.5", prefix[3]], split=MANIFEST["split"],
+                            sample_mode="upstream")
     return build_datasets(config, MANIFEST["seq_length"], MANIFEST["seed"], _requested(), None)
 
 
@@ -69,7 +76,9 @@ def test_resuming_at_consumed_samples_continues_at_upstreams_sample(tmp_path, na
     mbs = MANIFEST["micro_batch_size"]
     for key in [k for k in expected.files if k.startswith("resume_")]:
         consumed = int(key.split("_")[1])
+        train.blend._blocks.clear()
         batches = build_data_iterator(train, mbs, 0, 1, consumed)
+        assert bool(train.blend._blocks) == (consumed > 0)  # computed before any worker would fork
         ours = np.concatenate([next(batches)["tokens"].numpy() for _ in range(2)])
         np.testing.assert_array_equal(ours, expected[key], err_msg=f"resumed at {consumed}")
         # two data-parallel ranks read the same global samples between them
@@ -98,6 +107,17 @@ def test_the_lazy_greedy_blend_recomputes_passed_blocks_exactly():
     chosen, numbers = many.arrays()
     assert np.bincount(chosen, minlength=60).tolist() == [9] * 20 + [8] * 40
     assert all(numbers[chosen == d].tolist() == list(range((chosen == d).sum())) for d in range(60))
+
+
+@pytest.mark.parametrize("name", ["greedy_5", "greedy_60"])
+@pytest.mark.parametrize("python_max_datasets", [0, 100])  # the numpy path, the plain-Python path
+def test_both_greedy_paths_are_helpers_cpps_blend(name, python_max_datasets):
+    expected = np.load(FIXTURES / f"{name}.npz")
+    blend = GreedyBlend(expected["weights"], expected["index"].size, block=1000)
+    blend.python_max_datasets = python_max_datasets
+    chosen, numbers = blend.arrays()
+    np.testing.assert_array_equal(chosen, expected["index"])
+    np.testing.assert_array_equal(numbers, expected["sample_index"])
 
 
 def test_upstream_checkpoints_select_upstreams_order_unless_the_flag_says_otherwise():
@@ -132,9 +152,10 @@ def test_blends_upstream_cannot_read_are_refused_by_name(tmp_path):
     with pytest.raises(UpstreamOrderError, match="no corpus"):
         build_datasets(DataConfig(data_file_list=_file_list(tmp_path, corpus=False), split="90,8,2",
                                   sample_mode="upstream"), 16, 1, (10, 0, 0), None)
-    with pytest.raises(UpstreamOrderError, match="triplets"):
+    with pytest.raises(UpstreamOrderError, match="triplets") as refused:
         build_datasets(DataConfig(data_path=["1", prefix, "1", prefix], split="90,8,2", sample_mode="upstream"),
                        16, 1, (10, 0, 0), None)
+    assert "--sample-mode samples or documents reads this blend in our own order" in str(refused.value)
     with pytest.raises(UpstreamOrderError, match="integers"):
         build_datasets(DataConfig(data_file_list=_file_list(tmp_path), split="90.5,9.5,0", sample_mode="upstream"),
                        16, 1, (10, 0, 0), None)
@@ -200,21 +221,24 @@ UPSTREAM_DIR = Path(__file__).parent / "data" / "upstream"
 UPSTREAM_CASES = sorted(p.name for p in (UPSTREAM_DIR / "order").iterdir() if (p / "command.txt").exists())
 
 
-def _upstream_case(case: str, monkeypatch):
-    """Our parse_args of the case's exact upstream command line (+ --sample-mode upstream), its datasets."""
+def _upstream_case(case: str, monkeypatch, tmp_path):
+    """Our parse_args of the case's exact upstream command line (+ --sample-mode upstream), its datasets, run in
+    a copy of the fixtures' data (the command lines name data/... and --data-cache-path cache relative to it)."""
     import shlex
+
+    from upstream_fixtures import copy_data
 
     from megatron.training.loop import requested_samples
 
-    monkeypatch.chdir(UPSTREAM_DIR)  # the command lines name data/... relative to this directory
+    monkeypatch.chdir(copy_data(tmp_path / "run"))
     argv = shlex.split((UPSTREAM_DIR / "order" / case / "command.txt").read_text().splitlines()[1])
     run = parse_args(argv + ["--sample-mode", "upstream"])
     return run, build_datasets(run.data, run.model.seq_length, run.training.seed, requested_samples(run, 1), None)
 
 
 @pytest.mark.parametrize("case", UPSTREAM_CASES)
-def test_upstreams_command_lines_read_upstreams_samples(case, monkeypatch):
-    _, datasets = _upstream_case(case, monkeypatch)
+def test_upstreams_command_lines_read_upstreams_samples(case, monkeypatch, tmp_path):
+    _, datasets = _upstream_case(case, monkeypatch, tmp_path)
     for split, dataset in zip(("train", "valid"), datasets):
         path = UPSTREAM_DIR / "order" / case / f"{split}_tokens.npy"
         if not path.exists():  # upstream built no such split (an empty one)
@@ -224,9 +248,9 @@ def test_upstreams_command_lines_read_upstreams_samples(case, monkeypatch):
         np.testing.assert_array_equal(dataset.get_tokens(np.arange(len(dataset))), expected, err_msg=f"{case} {split}")
 
 
-def test_each_files_indices_are_upstreams_cached_arrays(monkeypatch):
+def test_each_files_indices_are_upstreams_cached_arrays(monkeypatch, tmp_path):
     """Below the tokens: doc_idx, sample_idx and shuffle_idx of every train file equal upstream's cache files."""
-    _, (train, _, _) = _upstream_case("filelist_shuffle", monkeypatch)
+    _, (train, _, _) = _upstream_case("filelist_shuffle", monkeypatch, tmp_path)
     cache = UPSTREAM_DIR / "order" / "filelist_shuffle" / "cache"
     compared = 0
     for description in cache.glob("*.dsc"):
@@ -242,3 +266,69 @@ def test_each_files_indices_are_upstreams_cached_arrays(monkeypatch):
         np.testing.assert_array_equal(order.shuffle_idx, np.load(stem + "_shuffle_idx.npy"))
         compared += 1
     assert compared == len(train.files) == 4
+
+
+def test_upstreams_own_cached_blend_is_read_from_the_data_cache_path(monkeypatch, tmp_path, caplog):
+    """Upstream's run left its blend index in --data-cache-path: a resume reads it (as upstream does) instead of
+    recomputing the blend; a cache that is not this blend's is not used."""
+    import shutil
+
+    cache = tmp_path / "cache"
+    shutil.copytree(UPSTREAM_DIR / "order" / "filelist_shuffle" / "cache", cache)
+    run, _ = _upstream_case("filelist_shuffle", monkeypatch, tmp_path)
+    run.data.data_cache_path = str(cache)
+    from megatron.training.loop import requested_samples
+
+    import megatron.data.upstream_index as upstream_index
+
+    def no_listing(path):
+        raise AssertionError(f"listed {path}: the cache should be found by name")
+
+    with caplog.at_level("INFO", logger="megatron.data.upstream_order"), \
+            monkeypatch.context() as patch:  # upstream's file name: the md5 of its description, numpy's print
+        patch.setattr(upstream_index.os, "listdir", no_listing)
+        train, valid, _ = build_datasets(run.data, run.model.seq_length, run.training.seed,
+                                         requested_samples(run, 1), None)
+    assert type(train.blend).__name__ == "CachedIndex" and type(valid.blend).__name__ == "CachedIndex"
+    assert all(type(c.index).__name__ == "CachedIndex" for c in train.corpora)  # keyed by corpus name and size
+    assert train.summary().startswith("train: 195 samples in upstream's order from 2 corpora (code 78, web 117) "
+                                      "of 4 files, blend index from upstream's cache ")
+    assert "read from upstream's cache" in caplog.text
+    for split, dataset in (("train", train), ("valid", valid)):
+        expected = np.load(UPSTREAM_DIR / "order" / "filelist_shuffle" / f"{split}_tokens.npy")
+        np.testing.assert_array_equal(dataset.get_tokens(np.arange(len(dataset))), expected)
+    again = pickle.loads(pickle.dumps(train))  # as a spawned worker gets it: the cache mapped again
+    assert isinstance(again.blend.index, np.memmap) and len(pickle.dumps(train.blend)) < 1000
+    np.testing.assert_array_equal(again.get_tokens(np.arange(len(train))), train.get_tokens(np.arange(len(train))))
+    stem = str(train.blend.path)[:-len("_index.npy")]
+    listed = sorted(p.name for p in cache.iterdir())
+    (cache / Path(stem + ".dsc").name).rename(cache / "renamed.dsc")  # not found by name: found by its content
+    for suffix in ("_index.npy", "_sample_index.npy"):
+        Path(stem + suffix).rename(cache / f"renamed{suffix}")
+    moved = build_datasets(run.data, run.model.seq_length, run.training.seed, requested_samples(run, 1), None)[0]
+    assert moved.blend.path == str(cache / "renamed_index.npy") and len(listed) == len(list(cache.iterdir()))
+    stem = str(cache / "renamed")
+    index = np.load(stem + "_index.npy")
+    np.save(stem + "_index.npy", 1 - index)  # another blend's: refused by its first block
+    train = build_datasets(run.data, run.model.seq_length, run.training.seed, requested_samples(run, 1), None)[0]
+    assert type(train.blend).__name__ == "GreedyBlend"
+
+
+def test_an_upstream_checkpoint_resumes_its_validation_samples_where_upstream_would():
+    from megatron.checkpoint.argonne import ArgonneCheckpoint
+
+    checkpoint = object.__new__(ArgonneCheckpoint)  # only the two dictionaries client_state reads
+    checkpoint.state0, checkpoint.args = {"iteration": 40, "tokens": 0}, {}
+    checkpoint.argonne_args = {"consumed_train_samples": 320, "consumed_valid_samples": 48}
+    state = checkpoint.client_state
+    assert (state["consumed_samples"], state["consumed_valid_samples"]) == (320, 48)
+
+
+@pytest.mark.slow  # DataLoader worker processes
+def test_dataloader_workers_serve_the_same_batches(tmp_path):
+    train = _datasets(tmp_path, "list_blend_shuffle")[0]
+    mbs = MANIFEST["micro_batch_size"]
+    plain = build_data_iterator(train, mbs, 0, 1, 120)
+    workers = build_data_iterator(train, mbs, 0, 1, 120, num_workers=2, multiprocessing_context="fork")
+    for _ in range(4):
+        np.testing.assert_array_equal(next(workers)["tokens"].numpy(), next(plain)["tokens"].numpy())

@@ -59,12 +59,12 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--data-file-list", help="file of 'weight prefix [corpus]' lines")
     g.add_argument("--split", default=DataConfig.split)
     g.add_argument("--sample-mode", choices=("samples", "documents", "upstream"), default=None,
-                   help="samples (default): consecutive windows of each file, our arithmetic blend; documents: "
-                        "Megatron's document-shuffled samples; upstream: argonne-lcf/Megatron-DeepSpeed's exact "
-                        "sample order (its doc_idx/sample_idx/shuffle_idx per file and its greedy blend over the "
-                        "corpora of a --data-file-list), so that a run resumed from an upstream checkpoint reads "
-                        "the samples upstream would have read. Default when --load is an upstream checkpoint: "
-                        "upstream")
+                   help="upstream = argonne-lcf/Megatron-DeepSpeed's exact sample order (the default when --load "
+                        "is an upstream checkpoint); else samples (default) or documents. upstream: its doc_idx/"
+                        "sample_idx/shuffle_idx per file and its greedy blend over the corpora of a --data-file-list, "
+                        "so that a run resumed from an upstream checkpoint reads the samples upstream would have "
+                        "read; samples: consecutive windows of each file, our arithmetic blend; documents: "
+                        "Megatron's document-shuffled samples")
     g.add_argument("--document-shuffle-block", type=non_negative_int, default=DataConfig.document_shuffle_block,
                    metavar="N",
                    help="--sample-mode documents: a file with more than N documents in a split is shuffled each "
@@ -121,10 +121,10 @@ def add_data_blend_arguments(parser: argparse.ArgumentParser) -> None:
                    help="no index cache is needed: the blend is arithmetic (computed from the file list, seed "
                         "and seq length in milliseconds). With --sample-mode documents this directory holds the "
                         "per-file document indices the ranks share (default: node-local /dev/shm). With "
-                        "--sample-mode upstream, upstream's index files are not read (its order is recomputed from the "
-                        "files); the greedy blend's running counts are kept here (8 bytes per corpus every 4,096 "
-                        "samples), so that a later resume of the same run need not recompute the blend from "
-                        "sample 0")
+                        "--sample-mode upstream, upstream's own blend indices found here (as its runs leave them) are read "
+                        "as upstream reads them on a resume; otherwise its order is recomputed from the files and "
+                        "the greedy blend's running counts are kept here (8 bytes per corpus every 4,096 samples), "
+                        "so that a later resume of the same run need not recompute the blend from sample 0")
     g.add_argument("--blend-epochs-warning", type=pos_float, default=4.0,
                    help="the start-up blend report warns about every corpus repeated more than this many "
                         "times (default 4)")

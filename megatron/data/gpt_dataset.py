@@ -640,7 +640,7 @@ def build_datasets(data_config, seq_length: int, seed: int, num_samples: tuple[i
                      for split, n in enumerate(num_samples))
     mode = sample_mode or data_config.sample_mode
     if mode == "upstream":  # argonne-lcf/Megatron-DeepSpeed's exact order (upstream_order.py)
-        return build_upstream_datasets(data_config, seq_length, seed, num_samples, vocab_size)
+        return build_upstream_datasets(data_config, seq_length, seed, num_samples, vocab_size, progress=rank == 0)
     cache = document_index_cache or getattr(data_config, "data_cache_path", None)
     sources = _split_sources(data_config, progress=rank == 0) if any(n > 0 for n in num_samples) else [None] * 3
     datasets = []

@@ -387,6 +387,9 @@ class _Session:
         train_ds, valid_ds, self.test_ds = build_datasets(
             run.data, run.model.seq_length, t.seed, requested_samples(run, ps.dp_size),
             run.model.vocab_size, ps.rank, ps.world_size, sample_mode=mode)
+        for dataset in (train_ds, valid_ds, self.test_ds):
+            if hasattr(dataset, "summary"):  # upstream's order: its shape, in place of the blend report
+                self.say(f"sample order: {dataset.summary()}")
         if ps.rank == 0:
             from megatron.data.blend_report import publish_blend_report
             publish_blend_report((train_ds, valid_ds, self.test_ds), run.data.blend_epochs_warning, self.printer,

@@ -11,10 +11,12 @@ What it does, all with upstream's code: writes 4 token files with upstream's MMa
 tokens; token value = 100000 * file + its position in the file, so a sample names where each token came from);
 parses a command line with upstream's megatron.arguments.parse_args; builds the datasets through upstream's
 megatron.training.build_train_valid_test_datasets (its train/valid/test sample arithmetic) with
-pretrain_gpt_alcf.train_valid_test_datasets_provider (its --data-file-list reader), so through
+pretrain_gpt_alcf.train_valid_test_datasets_provider (its --data-file-list reader; pretrain_gpt.py's provider
+for the case with --train-/--valid-/--test-data-path), so through
 gpt_dataset.build_train_valid_test_datasets, BuildCorpusDataset, BlendableDataset and helpers.cpp; and dumps
 every sample of every split, plus the first micro-batches of upstream's build_pretraining_data_loader at
-consumed_samples = N (a resume). One .npz per configuration (flags below), and manifest.json.
+consumed_samples = N (a resume). One .npz per configuration (flags below), and manifest.json. Also
+greedy_60.npz and greedy_5.npz: helpers.build_blending_indices itself over 60 and 5 weights, 6,000 samples.
 
 The one change to upstream's import path: megatron.training imports megatron/model/vision/knn_monitor.py,
 which imports megatron/data/vit_dataset.py, which needs torchvision (CUDA-only wheels): that module is
@@ -23,7 +25,6 @@ replaced by a stub in sys.modules before the import (nothing here uses it).
 
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import types
@@ -68,11 +69,13 @@ def write_files(directory):
     return prefixes
 
 
-CONFIGS = {  # name: (uses the file list, extra flags)
-    "list_shuffle": (True, ["--shuffle-sample-in-corpus"]),  # what ALCF/helpers.sh passes
-    "list_blend_shuffle": (True, ["--shuffle-sample-in-corpus", "--blend-sample-in-corpus"]),
-    "list_plain": (True, []),
-    "single_prefix": (False, []),
+CONFIGS = {  # name: (data flags: "list", "single" or "separate", extra flags)
+    "list_shuffle": ("list", ["--shuffle-sample-in-corpus"]),  # what ALCF/helpers.sh passes
+    "list_blend_shuffle": ("list", ["--shuffle-sample-in-corpus", "--blend-sample-in-corpus"]),
+    "list_plain": ("list", []),
+    "single_prefix": ("single", []),
+    # each split its own paths: pretrain_gpt.py's provider (pretrain_gpt_alcf.py's needs --data-path or a list)
+    "separate_paths": ("separate", []),
 }
 
 
@@ -99,17 +102,23 @@ def main():
                 "eval_interval": EVAL_INTERVAL, "eval_iters": EVAL_ITERS, "split": "90,8,2",
                 "files": [{"name": os.path.basename(p), "corpus": c, "weight": w} for p, (c, w, _) in zip(prefixes, FILES)],
                 "configs": {}}
-    for name, (use_list, flags) in CONFIGS.items():
+    import pretrain_gpt
+
+    for name, (kind, flags) in CONFIGS.items():
         with tempfile.TemporaryDirectory() as cache:
-            data = ["--data-file-list", list_path] if use_list else ["--data-path", prefixes[0]]
+            data = {"list": ["--data-file-list", list_path], "single": ["--data-path", prefixes[0]],
+                    "separate": ["--train-data-path", "0.6", prefixes[0], "0.4", prefixes[2],
+                                 "--valid-data-path", prefixes[3],
+                                 "--test-data-path", "0.5", prefixes[1], "0.5", prefixes[3]]}[kind]
             argv = ["--num-layers", "2", "--hidden-size", "16", "--num-attention-heads", "2", "--seq-length",
                     str(SEQ), "--max-position-embeddings", str(SEQ), "--micro-batch-size", str(MBS),
                     "--global-batch-size", str(GBS), "--train-iters", str(TRAIN_ITERS), "--eval-interval",
                     str(EVAL_INTERVAL), "--eval-iters", str(EVAL_ITERS), "--split", "90,8,2", "--seed", str(SEED),
                     "--data-cache-path", cache, "--tokenizer-type", "NullTokenizer", "--vocab-size", "500000",
                     "--num-workers", "0"] + data + flags
-            args = upstream_args(argv)
-            datasets = build_train_valid_test_datasets(pretrain_gpt_alcf.train_valid_test_datasets_provider)
+            upstream_args(argv)
+            provider = pretrain_gpt if kind == "separate" else pretrain_gpt_alcf
+            datasets = build_train_valid_test_datasets(provider.train_valid_test_datasets_provider)
             arrays = {}
             for split, ds in zip(("train", "valid", "test"), datasets):
                 if ds is None:
@@ -124,8 +133,18 @@ def main():
                         break
                 arrays[f"resume_{n}"] = np.concatenate(batches)
             np.savez_compressed(os.path.join(OUT, f"{name}.npz"), **arrays)
-            manifest["configs"][name] = {"flags": data[:1] + flags, "splits": {k: list(v.shape) for k, v in arrays.items()},
-                                         "argv": argv}
+            manifest["configs"][name] = {"flags": data[:1] + flags, "kind": kind, "argv": argv,
+                                         "splits": {k: list(v.shape) for k, v in arrays.items()}}
+    # helpers.cpp's greedy blend itself, over many datasets (uneven weights, some nearly equal) and a few
+    from megatron.data import helpers
+
+    for name, count in (("greedy_60", 60), ("greedy_5", 5)):
+        weights = np.random.default_rng(count).random(count)
+        weights[1::7] = weights[0]  # ties
+        weights /= weights.sum()
+        index, sample_index = np.zeros(6000, np.int64), np.zeros(6000, np.int64)
+        helpers.build_blending_indices(index, sample_index, weights, count, 6000, False)
+        np.savez_compressed(os.path.join(OUT, f"{name}.npz"), weights=weights, index=index, sample_index=sample_index)
     with open(os.path.join(OUT, "manifest.json"), "w") as handle:
         json.dump(manifest, handle, indent=1)
     os.remove(list_path)
