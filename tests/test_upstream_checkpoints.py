@@ -27,7 +27,7 @@ INDEX = json.load(open(os.path.join(UPSTREAM, "INDEX.json")))
 CHECKPOINTS = sorted(INDEX["checkpoints"])
 FP32 = [name for name in CHECKPOINTS if INDEX["checkpoints"][name]["dtype"] == "fp32"]
 BF16_LOGITS_ATOL = 0.05  # measured 0.026 on logits up to 3.1 (bf16 keeps 8 bits of mantissa)
-BF16_LOSS_ATOL = 1e-2  # resumed bf16 losses: ours against upstream's, printed to 6 decimals
+BF16_LOSS_ATOL = 2e-3  # resumed bf16 losses, ours against upstream's: measured at most 7e-4 (tp2_bf16)
 
 
 def _load(name):
