@@ -105,6 +105,37 @@ def test_our_loss_over_the_padded_vocabulary_is_upstreams(name):
 
 # ---- resuming upstream's run with upstream's exact command line ---------------------------------------------------
 
+DEFAULT_POLICY = ("pp2_fp32", "dp2_fp32")  # resumed without --use-checkpoint-opt_param-scheduler
+
+
+def _command(name):
+    """Upstream's command line of the continuous / resumed run (command.txt), after the script name."""
+    fixture = os.path.join(UPSTREAM, INDEX["checkpoints"][name]["dir"])
+    lines = [line for line in open(os.path.join(fixture, "command.txt")) if "pretrain_gpt_alcf.py" in line]
+    return lines[-1].split("pretrain_gpt_alcf.py", 1)[1].split()
+
+
+def test_the_default_policy_compares_the_schedule_upstreams_way():
+    """Without --use-checkpoint-opt_param-scheduler upstream checks the flags' schedule against the checkpoint's
+    (its _check_and_set), in samples with the warmup fraction unrounded: its own command line passes, a changed
+    --lr or warmup is refused naming it."""
+    from megatron.checkpoint.resume import describe, plan_resume
+    from megatron.config.arguments import parse_args
+    from megatron.errors import ConfigError
+
+    name = "pp2_fp32"  # tp 1: one rank's padding is the checkpoint's
+    load = _load(name)
+    argv = [a for a in _command(name) if a != "--use-checkpoint-opt_param-scheduler"
+            and not a.startswith(("--load=", "--deepspeed_config=", "--data-file-list="))]
+    argv += ["--load", load, "--mock-data"]
+    desc = describe("argonne", load, f"global_step{INDEX['checkpoints'][name]['iteration']}")
+    plan_resume(desc, parse_args(argv), ParallelState.single())
+    for flags, named in ((["--lr", "0.0003"], "--lr: the flags give 0.0003, the checkpoint has 0.0002"),
+                         (["--lr-warmup-fraction", "0.1"], "the flags give 6.4, the checkpoint has 3.2")):
+        with pytest.raises(ConfigError, match=re.escape(named)):
+            plan_resume(desc, parse_args(argv + flags), ParallelState.single())
+
+
 _LINE = re.compile(r"iteration=\s*(\d+)/\s*\d+ \|.*?learning_rate=([0-9.e+-]+) \|.*?lm loss=([0-9.]+)")
 
 
@@ -121,8 +152,9 @@ def test_resume_with_upstreams_command_line_repeats_its_losses(name, tmp_path):
     shutil.copytree(os.path.join(UPSTREAM, "data"), tmp_path / "data", ignore=shutil.ignore_patterns("*.jsonl"))
     shutil.copytree(_load(name), tmp_path / "checkpoints")  # --save writes there too
     shutil.copy(os.path.join(fixture, "ds_config.json"), tmp_path)
-    lines = [line for line in open(os.path.join(fixture, "command.txt")) if "pretrain_gpt_alcf.py" in line]
-    argv = lines[-1].split("pretrain_gpt_alcf.py", 1)[1].split()  # the continuous / resumed run's line
+    argv = _command(name)
+    if name in DEFAULT_POLICY:  # upstream accepts its schedule without the flag too (the flags agree with it)
+        argv.remove("--use-checkpoint-opt_param-scheduler")
     port, world = free_port(), info["world_size"]
     procs = [subprocess.Popen([sys.executable, os.path.join(ROOT, "pretrain_gpt_alcf.py"), *argv], cwd=tmp_path,
                               env={**os.environ, **rank_env(rank, world, port), "WANDB_MODE": "disabled",

@@ -167,8 +167,8 @@ def argonne_lr_state(sched: dict, global_batch_size: int) -> dict:
     stepped by the global batch each iteration) as our LRSchedule state. In iterations (increment 1, as our runs
     without a batch ramp-up count) when every length is a whole number of global batches, so that the same
     schedule compares equal to the flags'; else in samples (increment = the global batch), which continues their
-    schedule exactly too but differs from an iteration-counting run's flags (take it with
-    --use-checkpoint-opt_param-scheduler)."""
+    schedule exactly too (resume.plan_resume compares it with the flags' schedule built upstream's way,
+    `argonne_lr_state_of_flags`)."""
     lengths = {"num_steps": sched.get("num_steps"), "warmup_steps": sched.get("lr_warmup_steps"),
                "decay_steps": sched.get("lr_decay_steps"), "wd_incr_steps": sched.get("wd_incr_steps")}
     lengths = {k: v for k, v in lengths.items() if v is not None}
@@ -187,6 +187,35 @@ def argonne_lr_state(sched: dict, global_batch_size: int) -> dict:
     if sched.get("wd_incr_style", "constant") != "constant":  # else both are --weight-decay (compared on its own)
         state.update(start_wd=sched.get("start_wd"), end_wd=sched.get("end_wd"))
     return state
+
+
+def argonne_lr_state_of_flags(run, dp_size: int, saved: dict) -> dict:
+    """The schedule upstream builds from the run's flags (its megatron/training.py get_optimizer_param_scheduler:
+    lengths in samples, --lr-warmup-fraction × the decay samples unrounded), as `argonne_lr_state` gives a
+    checkpoint's, at the position of `saved` (a checkpoint's argonne_lr_state): the two compare key by key."""
+    from megatron.config.arguments import global_batch_size, train_samples
+
+    opt, t = run.training.optimizer, run.training
+    gbs = global_batch_size(run, dp_size)
+    num_steps = int(saved["num_steps"]) * (gbs if saved.get("increment", 1) == 1 else 1)  # in samples
+    if t.train_iters is not None:
+        decay = (opt.lr_decay_iters or t.train_iters) * gbs
+        warmup = opt.lr_warmup_iters * gbs
+        wd_steps = t.train_iters * gbs
+    else:
+        decay = opt.lr_decay_samples or train_samples(run, dp_size)
+        warmup = opt.lr_warmup_samples or 0
+        wd_steps = train_samples(run, dp_size)
+    if opt.lr_warmup_fraction is not None:
+        warmup = opt.lr_warmup_fraction * decay
+    wd = opt.weight_decay
+    sched = {"max_lr": opt.lr, "min_lr": opt.min_lr, "lr_decay_style": opt.lr_decay_style, "num_steps": num_steps,
+             "lr_decay_steps": decay, "lr_warmup_steps": warmup, "wd_incr_steps": wd_steps,
+             "lr_decay_tokens": opt.lr_decay_tokens, "lr_warmup_tokens": opt.lr_warmup_tokens,
+             "wd_incr_style": opt.weight_decay_incr_style,
+             "start_wd": wd if opt.start_weight_decay is None else opt.start_weight_decay,
+             "end_wd": wd if opt.end_weight_decay is None else opt.end_weight_decay}
+    return argonne_lr_state(sched, gbs)
 
 
 def tokenizer_args_from_argonne(a: dict, vocab_size: int) -> Optional[dict]:
@@ -470,17 +499,27 @@ def _load_argonne(training_engine, path: str, *, load_optim: bool, finetune: boo
     if load_optim and not finetune and not any(compat.is_optim_states_file(n) for n in os.listdir(ckpt.tag_dir)):
         raise CheckpointError(f"--load {path}: the checkpoint has no ZeRO/bf16 optimizer shards, so its Adam state "
                               "cannot be read; pass --no-load-optim to continue with a fresh optimizer state")
-    progress = load_checkpoint_any_layout(training_engine, ckpt.tag_dir, load_optim=load_optim, finetune=finetune,
-                                          source=ckpt)
     scheduler = training_engine.engine.lr_scheduler
     saved = ckpt.lr_scheduler_state()
-    if not finetune and scheduler is not None and saved is not None:
-        # their schedule's state as ours: the policy (--use-checkpoint-opt_param-scheduler, --override-...,
-        # or the flags and the checkpoint must agree) applies as for our own checkpoints
-        if saved["increment"] != 1 and getattr(scheduler, "on_resume", None) == "override":
-            saved = dict(saved, increment=scheduler.increment, num_steps=progress.iteration * scheduler.increment)
-        scheduler.load_state_dict(saved)
-    elif not finetune and scheduler is not None:
+    policy = getattr(scheduler, "on_resume", None)
+    # The schedule's policy (--use-checkpoint-opt_param-scheduler, --override-..., or by default the flags and the
+    # checkpoint must agree) applies as for our own checkpoints. By default resume.plan_resume has compared the
+    # flags with the checkpoint upstream's way (in samples): they agree, so the checkpoint's state, in upstream's
+    # own units, is the flags' schedule and is taken as it is (here and in the resharding load).
+    if policy == "check" and saved is not None and not finetune:
+        scheduler.on_resume = "checkpoint"
+    try:
+        progress = load_checkpoint_any_layout(training_engine, ckpt.tag_dir, load_optim=load_optim,
+                                              finetune=finetune, source=ckpt)
+        if not finetune and scheduler is not None and saved is not None:
+            if saved["increment"] != 1 and policy == "override":  # the flags' units, the checkpoint's position
+                saved = dict(saved, increment=scheduler.increment,
+                             num_steps=progress.iteration * scheduler.increment)
+            scheduler.load_state_dict(saved)
+    finally:
+        if scheduler is not None and policy is not None:
+            scheduler.on_resume = policy
+    if not finetune and scheduler is not None and saved is None:
         # no schedule saved: ours moved to their step count (their scheduler counts samples, stepped by the
         # global batch; ours iterations unless the batch ramps up)
         state = scheduler.state_dict()

@@ -350,7 +350,8 @@ def _resolve_hyperparameters(desc: CheckpointDescription, run, load_optim: bool,
            "to keep the checkpoint's")
     problems, notices = [], []
     if load_lr_state and desc.lr_scheduler is not None and policy == "check":
-        differ = schedule_differences(run, desc.lr_scheduler, dp_size)
+        differ = _argonne_schedule_differences(run, desc.lr_scheduler, dp_size) if desc.kind == "argonne" \
+            else schedule_differences(run, desc.lr_scheduler, dp_size)
         if differ:
             problems.append("the LR schedule of the flags differs from the checkpoint's: " + "; ".join(differ)
                             + f"; {fix}")
@@ -382,6 +383,28 @@ def _resolve_hyperparameters(desc: CheckpointDescription, run, load_optim: bool,
         run = dataclasses.replace(run, training=dataclasses.replace(run.training, optimizer=optimizer),
                                   args={**run.args, **taken})
     return run, notices, problems
+
+
+# what sets each of upstream's schedule settings, as our LRSchedule state names them (megatron/checkpoint/argonne.py)
+_UPSTREAM_SCHEDULE_FLAGS = {
+    "max_lr": "--lr", "min_lr": "--min-lr", "decay_style": "--lr-decay-style",
+    "decay_steps": "--lr-decay-iters/--lr-decay-samples (default: the run length)",
+    "warmup_steps": "--lr-warmup-iters/--lr-warmup-samples/--lr-warmup-fraction",
+    "wd_incr_steps": "the run length (weight-decay increments)", "decay_tokens": "--lr-decay-tokens",
+    "warmup_tokens": "--lr-warmup-tokens", "wd_incr_style": "--weight-decay-incr-style",
+    "start_wd": "--start-weight-decay", "end_wd": "--end-weight-decay"}
+
+
+def _argonne_schedule_differences(run, saved: dict, dp_size: int) -> list[str]:
+    """Upstream's check (its OptimizerParamScheduler._check_and_set) of an upstream checkpoint's schedule: the
+    flags' schedule built upstream's way (lengths in samples, the warmup fraction unrounded) against the saved
+    one, in the same units; one line per difference."""
+    from megatron.checkpoint.argonne import argonne_lr_state_of_flags
+
+    flags = argonne_lr_state_of_flags(run, dp_size, saved)
+    return [f"{what}: the flags give {flags[k]!r}, the checkpoint has {saved[k]!r}"
+            for k, what in _UPSTREAM_SCHEDULE_FLAGS.items()
+            if k in saved and k in flags and not _same(flags[k], saved[k])]
 
 
 def _same(a, b) -> bool:
