@@ -15,7 +15,7 @@ from megatron.config import DataConfig
 from megatron.data.data_iterator import build_data_iterator
 from megatron.data.indexed_dataset import IndexedDataset, write_dataset
 from megatron.data.post_training import (
-    PostTrainingDataError, build_post_training_datasets, collate, open_post_training_data,
+    PostTrainingDataError, _pack_best_fit, build_post_training_datasets, collate, open_post_training_data,
 )
 from megatron.data.post_training_format import common_prefix_length
 from megatron.errors import ConfigError
@@ -321,6 +321,17 @@ def test_packing_never_attends_across_examples_and_restarts_positions(tmp_path):
     assert any("packed" in line for line in report.lines())
 
 
+def test_best_fit_packing_fills_rows_tighter_than_next_fit_and_places_every_example_once():
+    bounds, positions = _pack_best_fit(np.array([6, 7, 5, 4]), 11)
+    rows = [positions[a:b].tolist() for a, b in zip(bounds[:-1], bounds[1:])]
+    assert rows == [[0, 2], [1, 3]]  # next fit would need 3 rows: [6], [7], [5, 4]
+    lengths = np.random.default_rng(0).integers(1, 30, size=500)
+    bounds, positions = _pack_best_fit(lengths, 32)
+    assert sorted(positions.tolist()) == list(range(500))
+    sums = [int(lengths[positions[a:b]].sum()) for a, b in zip(bounds[:-1], bounds[1:])]
+    assert max(sums) <= 32 and len(sums) <= np.ceil(lengths.sum() / 32) * 1.1
+
+
 def test_overlong_examples_are_truncated_or_dropped_and_counted(tmp_path):
     # seq_length 6 -> rows of 7 tokens: lengths 7 fits, 8 and 12 are too long; the 12's response starts at
     # token 9, beyond the first 7, so truncating it leaves no response token and drops it anyway
@@ -384,6 +395,10 @@ def test_order_is_deterministic_per_seed_and_split_and_resumes_from_consumed_sam
     resumed = [torch.cat([b["tokens"] for b in batches]) for batches in zip(
         *(build_data_iterator(build(7)[0], 1, rank, 2, 40, collate_fn=collate) for rank in range(2)))]
     assert all(torch.equal(a, b) for a, b in zip(full[20:], resumed)) and len(resumed) == 30
+    # DataLoader workers read the same micro-batches (the datasets pickle)
+    loaded = [b["tokens"] for b in build_data_iterator(build(7)[0], 2, 0, 1, 90, num_workers=1,
+                                                       multiprocessing_context="fork", collate_fn=collate)]
+    assert len(loaded) == 5 and all(torch.equal(a, b) for a, b in zip(full[45:], loaded))
     packed = build(7, pack=True, num_samples=(50, 0, 0))[0]
     assert first_tokens(packed) == first_tokens(build(7, pack=True, num_samples=(50, 0, 0))[0])
 

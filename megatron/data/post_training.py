@@ -9,8 +9,8 @@ seq_length + 1 tokens) -> samples (rows in a keyed order per epoch). Worked exam
                left among the labels, tokens[1:]), "drop" leaves it out; both are counted in the report
     padding    one example per row: [e0 e0 e0 e0 pad pad pad pad pad]; the loss mask is the sidecar's mask of
                the labels (mask[1:]), 0 on padding
-    packing    examples in a seeded shuffled order, each added to the current row while it fits (next fit):
-               [e2 e2 e2 e2 e2 e0 e0 e0 e0] with document_ids [0 0 0 0 0 1 1 1] and position_ids
+    packing    examples in a seeded shuffled order, each put in the open row it fills most tightly, else a
+               new one (best fit): [e2 e2 e2 e2 e2 e0 e0 e0 e0] with document_ids [0 0 0 0 0 1 1 1] and position_ids
                [0 1 2 3 4 0 1 2]: attention stays inside each example (the model's document mask), positions
                restart, and the label that would cross from one example into the next has loss mask 0
     order      sample i of the run is row perm_e(i mod R) of epoch e = i div R, perm_e a keyed permutation of the
@@ -303,16 +303,48 @@ def _fit(data: PostTrainingData, examples: np.ndarray, seq_length: int, overlong
     return examples[keep], np.minimum(lengths[keep], limit)
 
 
-def _pack_next_fit(lengths: np.ndarray, capacity: int) -> np.ndarray:
-    """Row bounds [R+1] over `lengths` taken in order: a row closes when the next example does not fit."""
-    bounds, used = [0], 0
-    for i, length in enumerate(lengths.tolist()):
-        if used and used + length > capacity:
-            bounds.append(i)
-            used = 0
-        used += length
-    bounds.append(len(lengths))
-    return np.asarray(bounds, dtype=np.int64)
+def _pack_best_fit(lengths: np.ndarray, capacity: int) -> tuple[np.ndarray, np.ndarray]:
+    """(row bounds [R+1], positions into `lengths` row by row): each example, in order, goes to the open row
+    whose free space fits it most tightly, else to a new row (best fit, as TRL's packing).
+
+    Open rows are kept in buckets by free space; a segment tree over the free-space values 0..capacity holds,
+    per leaf, that value when its bucket is not empty, so "the smallest free space >= length" is the leftmost
+    leaf >= length: O(log capacity) per example."""
+    size = 1
+    while size <= capacity:
+        size *= 2
+    tree = [0] * (2 * size)
+    buckets: list[list[int]] = [[] for _ in range(capacity + 1)]
+    rows: list[list[int]] = []
+
+    def set_leaf(free: int, value: int) -> None:
+        node = free + size
+        tree[node] = value
+        node //= 2
+        while node:
+            tree[node] = max(tree[2 * node], tree[2 * node + 1])
+            node //= 2
+
+    for position, length in enumerate(lengths.tolist()):
+        if tree[1] >= length:
+            node = 1
+            while node < size:
+                node = 2 * node if tree[2 * node] >= length else 2 * node + 1
+            free = node - size
+            row = buckets[free].pop()
+            if not buckets[free]:
+                set_leaf(free, 0)
+        else:
+            row, free = len(rows), capacity
+            rows.append([])
+        rows[row].append(position)
+        if free - length > 0:
+            if not buckets[free - length]:
+                set_leaf(free - length, free - length)
+            buckets[free - length].append(row)
+    bounds = np.zeros(len(rows) + 1, dtype=np.int64)
+    bounds[1:] = np.cumsum([len(row) for row in rows])
+    return bounds, np.asarray([position for row in rows for position in row], dtype=np.int64)
 
 
 def build_post_training_datasets(prefix, task: str, seq_length: int, *, pack: bool, overlong: str, split: str,
@@ -361,8 +393,8 @@ def build_post_training_datasets(prefix, task: str, seq_length: int, *, pack: bo
         all_lengths[kept] = lengths
         if pack:
             order = kept[shuffled_range(kept.size, int(derive_key(seed, _PACK_SALT, number)[0]))]
-            row_bounds = _pack_next_fit(all_lengths[order, 0], seq_length + 1)
-            members = order
+            row_bounds, positions = _pack_best_fit(all_lengths[order, 0], seq_length + 1)
+            members = order[positions]
         else:
             row_bounds, members = np.arange(kept.size + 1, dtype=np.int64), kept
         rows = _Rows(row_bounds, members, number, seed, requested[number])
