@@ -6,6 +6,7 @@ packing against the model's document mask, and the order against a resumed itera
 
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -194,6 +195,12 @@ def test_messages_are_refused_by_name_without_a_chat_template(tmp_path, tokenize
     err = capsys.readouterr().err
     assert "set.jsonl:1" in err and "GPT2BPETokenizer has no chat template" in err and "HFTokenizer" in err
     assert not os.path.exists(tmp_path / "out") or not os.listdir(tmp_path / "out")
+    # a bare tokenizer.json carries no template either; plain prompt/response lines need none
+    bare = ["--tokenizer-type", "HFTokenizer", "--tokenizer-model", str(Path(plain[3]).parent / "tokenizer.json")]
+    rc, _ = _preprocess(tmp_path, "sft", SFT_EXAMPLES[:1], bare, name="bare")
+    assert rc == 2 and "tokenizer.json: this Hugging Face tokenizer has no chat template" in capsys.readouterr().err
+    rc, prefix = _preprocess(tmp_path, "sft", [SFT_EXAMPLES[1]], plain, name="plain")
+    assert rc == 0 and open_post_training_data(prefix).metadata["chat_template"] is False
 
 
 def test_every_bad_line_is_listed_with_its_number_before_anything_is_written(tmp_path, tokenizers, capsys):
