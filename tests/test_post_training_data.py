@@ -243,6 +243,29 @@ def test_every_bad_line_is_listed_with_its_number_before_anything_is_written(tmp
     assert "skipped 8 bad line(s)" in capsys.readouterr().out
 
 
+def test_several_inputs_plain_and_gzipped_keep_their_order_and_line_numbers(tmp_path, tokenizers, capsys):
+    import gzip
+
+    chat, _, _ = tokenizers
+    _write_jsonl(tmp_path / "a.jsonl", SFT_EXAMPLES[:2])
+    with gzip.open(tmp_path / "b.jsonl.gz", "wt") as f:
+        f.write("\n".join(json.dumps(r) for r in SFT_EXAMPLES[2:]) + "\n")
+    rc = preprocess_data.main(["--task", "sft", "--input", str(tmp_path / "a.jsonl"), str(tmp_path / "b.jsonl.gz"),
+                               "--output-prefix", str(tmp_path / "out" / "ab"), "--quiet", "--workers", "2"] + chat)
+    assert rc == 0
+    rc, single = _preprocess(tmp_path, "sft", SFT_EXAMPLES, chat, name="single")
+    assert _sequences(str(tmp_path / "out" / "ab_text_document")) == _sequences(single)
+    metadata = open_post_training_data(str(tmp_path / "out" / "ab")).metadata
+    assert [(os.path.basename(s["path"]), s["lines"]) for s in metadata["source"]] == [("a.jsonl", 2),
+                                                                                       ("b.jsonl.gz", 3)]
+    with gzip.open(tmp_path / "c.jsonl.gz", "wt") as f:  # blank lines count in the numbering
+        f.write(json.dumps(SFT_EXAMPLES[1]) + "\n\n\n" + json.dumps({"prompt": 3, "response": "x"}) + "\n")
+    rc = preprocess_data.main(["--task", "sft", "--input", str(tmp_path / "a.jsonl"), str(tmp_path / "c.jsonl.gz"),
+                               "--output-prefix", str(tmp_path / "out" / "ac"), "--quiet"] + chat)
+    err = capsys.readouterr().err
+    assert rc == 2 and "c.jsonl.gz:4: 'prompt' holds int, not a string" in err and "1 bad line(s)" in err
+
+
 def test_refused_flags_with_a_post_training_task(tmp_path, tokenizers, capsys):
     chat, _, _ = tokenizers
     for extra in (["--json-keys", "prompt"], ["--append-eod"], ["--partitions", "2"]):

@@ -28,6 +28,7 @@ import queue
 import sys
 import time
 from collections import Counter, deque, namedtuple
+from typing import Optional
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -502,6 +503,14 @@ def _encode_pass(paths, pool, workers: int, block_bytes: int, stats: ExampleStat
         yield collect()
 
 
+def _text_sha256(template) -> Optional[str]:
+    """sha256 of a chat template (a string, or named variants as a dict); None without one."""
+    if not template:
+        return None
+    text = template if isinstance(template, str) else json.dumps(template, sort_keys=True)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
 def _file_sha256(path: str) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
@@ -565,8 +574,7 @@ def run_post_training(args, paths, tokenizer, tokenizer_kwargs, progress) -> Exa
         "loss_tokens": stats.loss_tokens, "forms": dict(sorted(stats.forms.items())),
         "skipped_bad_lines": stats.bad_count,
         "chat_template": stats.forms.get("messages", 0) + stats.forms.get("chat", 0) > 0,
-        "chat_template_sha256": (hashlib.sha256(tokenizer.chat_template.encode()).hexdigest()
-                                 if tokenizer.chat_template else None),
+        "chat_template_sha256": _text_sha256(tokenizer.chat_template),
         "source": [{"path": os.path.abspath(path), "sha256": _file_sha256(path), "lines": stats.file_lines[path]}
                    for path in paths],
         "data_sha256": digests[0].hexdigest(), "loss_mask_sha256": digests[1].hexdigest(),
