@@ -313,35 +313,40 @@ def _pack_best_fit(lengths: np.ndarray, capacity: int) -> tuple[np.ndarray, np.n
     size = 1
     while size <= capacity:
         size *= 2
-    tree = [0] * (2 * size)
+    tree = [0] * (2 * size)  # node n covers its leaves' max; leaf size + f is f when a row has f free, else 0
     buckets: list[list[int]] = [[] for _ in range(capacity + 1)]
     rows: list[list[int]] = []
 
     def set_leaf(free: int, value: int) -> None:
         node = free + size
         tree[node] = value
-        node //= 2
+        node >>= 1
         while node:
-            tree[node] = max(tree[2 * node], tree[2 * node + 1])
-            node //= 2
+            left, right = tree[2 * node], tree[2 * node + 1]
+            tree[node] = left if left > right else right
+            node >>= 1
 
     for position, length in enumerate(lengths.tolist()):
         if tree[1] >= length:
             node = 1
             while node < size:
-                node = 2 * node if tree[2 * node] >= length else 2 * node + 1
+                node <<= 1
+                if tree[node] < length:
+                    node += 1
             free = node - size
-            row = buckets[free].pop()
-            if not buckets[free]:
+            bucket = buckets[free]
+            row = bucket.pop()
+            if not bucket:
                 set_leaf(free, 0)
         else:
             row, free = len(rows), capacity
             rows.append([])
         rows[row].append(position)
-        if free - length > 0:
-            if not buckets[free - length]:
-                set_leaf(free - length, free - length)
-            buckets[free - length].append(row)
+        left_over = free - length
+        if left_over > 0:
+            if not buckets[left_over]:
+                set_leaf(left_over, left_over)
+            buckets[left_over].append(row)
     bounds = np.zeros(len(rows) + 1, dtype=np.int64)
     bounds[1:] = np.cumsum([len(row) for row in rows])
     return bounds, np.asarray([position for row in rows for position in row], dtype=np.int64)
