@@ -21,7 +21,7 @@ from megatron.data.post_training import (
 from megatron.data.post_training_format import common_prefix_length
 from megatron.errors import ConfigError
 from megatron.model.attention import document_attention_mask
-from tools import preprocess_data
+from tools import preprocess_data, preprocess_post_training
 from tools.train_tokenizer import train_bpe
 
 # ChatML, with TRL's {% generation %} markers around what an assistant turn trains on
@@ -284,7 +284,7 @@ def test_parallel_preprocessing_equals_serial_byte_for_byte(tmp_path, tokenizers
         assert rc == 0
         outputs.append(prefix)
     # and the path that encodes again while writing, when the checked blocks do not fit in memory
-    monkeypatch.setattr(preprocess_data, "KEEP_IN_MEMORY_BYTES", 0)
+    monkeypatch.setattr(preprocess_post_training, "KEEP_IN_MEMORY_BYTES", 0)
     rc, prefix = _preprocess(tmp_path, "sft", records, chat, name="again",
                              extra=["--workers", "2", "--block-mb", "0.001"])
     assert rc == 0
