@@ -54,6 +54,10 @@ DPO_EXAMPLES = [
     {"prompt": [{"role": "system", "content": "Be brief."}, _user("What is two plus two?")],
      "chosen": [_assistant("four")], "rejected": [_assistant("It is four, the quick brown fox says.")]},
 ]
+IMPLICIT_PROMPT = [  # TRL's implicit-prompt forms: the prompt is what chosen and rejected share
+    {"chosen": "What is two plus two? It is four.", "rejected": "What is two plus two? It is red."},
+    {"chosen": [_user("Name a colour:"), _assistant("red")], "rejected": [_user("Name a colour:"), _assistant("dog")]},
+]
 
 
 @pytest.fixture(scope="module")
@@ -169,17 +173,19 @@ def test_sft_sequences_and_masks_equal_trls_for_every_form(tmp_path, tokenizers)
 
 def test_dpo_pairs_equal_trls_collated_batch(tmp_path, tokenizers):
     chat, _, hf = tokenizers
-    rc, prefix = _preprocess(tmp_path, "dpo", DPO_EXAMPLES, chat)
+    from trl.data_utils import extract_prompt
+
+    rc, prefix = _preprocess(tmp_path, "dpo", DPO_EXAMPLES + IMPLICIT_PROMPT, chat)
     assert rc == 0
     (train, _, _), report = build_post_training_datasets(prefix, "dpo", 64, pack=False, overlong="truncate",
                                                          split="1", seed=3, eod=hf.eos_token_id, pad=hf.eos_token_id)
-    assert report.splits["train"].truncated == 0 and len(train) == 4
+    assert report.splits["train"].truncated == 0 and len(train) == 6
     items = sorted((train[i] for i in range(len(train))), key=lambda item: item["pair_id"])
     ours = collate(items)
-    reference = _trl_dpo_batch(hf, DPO_EXAMPLES)
-    n = len(DPO_EXAMPLES)
+    reference = _trl_dpo_batch(hf, DPO_EXAMPLES + [extract_prompt(example) for example in IMPLICIT_PROMPT])
+    n = len(DPO_EXAMPLES) + len(IMPLICIT_PROMPT)
     assert ours["tokens"].shape == (2 * n, 65) and ours["loss_mask"].shape == (2 * n, 64)
-    assert ours["pair_ids"].tolist() == [0, 1, 2, 3]
+    assert ours["pair_ids"].tolist() == list(range(n))
     for row in range(2 * n):  # rows 0..n-1 chosen, n..2n-1 rejected, in TRL's order too
         length = int(reference["attention_mask"][row].sum())
         assert ours["tokens"][row, :length].tolist() == reference["input_ids"][row, :length].tolist(), row
@@ -228,12 +234,13 @@ def test_every_bad_line_is_listed_with_its_number_before_anything_is_written(tmp
         assert words in err, words
     assert not os.path.exists(tmp_path / "out") or not os.listdir(tmp_path / "out")
     dpo_bad = [{"prompt": "p", "chosen": "c"}, {"prompt": "p", "chosen": "", "rejected": "r"},
+               {"chosen": "same", "rejected": "same"}, {"chosen": "yes", "rejected": "no"},
                {"prompt": [_user("q")], "chosen": [_user("c")], "rejected": [_assistant("r")]},
                {"prompt": [_user("q"), _assistant("a")], "chosen": [_assistant("c")], "rejected": [_assistant("r")]}]
     rc, _ = _preprocess(tmp_path, "dpo", dpo_bad, chat, name="dpo")
     err = capsys.readouterr().err
-    assert rc == 2 and "4 bad line(s)" in err
-    for words in ("missing key 'rejected'", "'chosen' is empty", "chosen[0]: role 'user' in a response",
+    assert rc == 2 and "6 bad line(s)" in err
+    for words in ("missing key 'rejected'", "'chosen' is empty", "are identical", "share no beginning", "chosen[0]: role 'user' in a response",
                   "'prompt' ends with an assistant message"):
         assert words in err, words
     # --skip-bad-lines: the good lines are written, the bad ones counted and listed
