@@ -358,6 +358,49 @@ def test_packing_never_attends_across_examples_and_restarts_positions(tmp_path):
     assert any("packed" in line for line in report.lines())
 
 
+def test_a_packed_row_gives_each_example_the_logits_it_gets_alone(tmp_path):
+    """Through the model: document ids and restarted positions make packing exact (Llama: RoPE, GQA)."""
+    from megatron.config.arguments import parse_args
+    from megatron.distributed.parallel_state import ParallelState
+    from megatron.model import GPTModel
+
+    seq, vocab = 16, 64
+    lengths = [5, 4, 6, 3, 7, 2, 5]
+    rng = np.random.default_rng(3)
+    sequences = [rng.integers(1, vocab, size=length) for length in lengths]
+    prefix = str(tmp_path / "model_text_document")
+    write_dataset(prefix, sequences, np.int32)
+    write_dataset(prefix + "_loss_mask", [np.ones(length, np.uint8) for length in lengths], np.uint8)
+    with open(prefix + ".post_training.json", "w") as f:
+        json.dump({"format": 1, "task": "sft", "examples": 7, "sequences": 7, "tokenizer": {"eod": 0}}, f)
+    (train, _, _), _ = build_post_training_datasets(prefix, "sft", seq, pack=True, overlong="truncate", split="1",
+                                                    seed=0, eod=0, pad=0)
+    run = parse_args(["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4",
+                      "--num-key-value-heads", "2", "--ffn-hidden-size", "64", "--seq-length", str(seq),
+                      "--normalization", "rmsnorm", "--swiglu", "--use-rotary-position-embeddings",
+                      "--hidden-dropout", "0", "--attention-dropout", "0", "--mock-data", "--vocab-size",
+                      str(vocab), "--train-iters", "1"])
+    model = GPTModel(run.model, ParallelState.single(), seed=7).eval()
+    batch = collate([train[i] for i in range(len(train))])
+    checked = 0
+    with torch.no_grad():
+        packed = model(batch["tokens"][:, :seq], position_ids=batch["position_ids"],
+                       document_ids=batch["document_ids"])
+        for row in range(len(train)):
+            documents = batch["document_ids"][row]
+            for number in documents.unique().tolist():
+                where = (documents == number).nonzero().flatten()
+                # an example ending on the row's last token (a label only) has one input position fewer
+                example = next((i for i, s in enumerate(sequences) if len(s) - len(where) in (0, 1)
+                                and batch["tokens"][row, where].tolist() == s[:len(where)].tolist()), None)
+                if example is None:  # the padding
+                    continue
+                alone = model(torch.from_numpy(sequences[example][None]).long())
+                torch.testing.assert_close(packed[row, where], alone[0, :len(where)], rtol=1e-5, atol=1e-5)
+                checked += 1
+    assert checked == len(lengths)
+
+
 def test_best_fit_packing_fills_rows_tighter_than_next_fit_and_places_every_example_once():
     bounds, positions = _pack_best_fit(np.array([6, 7, 5, 4]), 11)
     rows = [positions[a:b].tolist() for a, b in zip(bounds[:-1], bounds[1:])]
