@@ -6,7 +6,6 @@ packing against the model's document mask, and the order against a resumed itera
 
 import json
 import os
-import re
 from pathlib import Path
 
 import numpy as np
@@ -497,27 +496,6 @@ def test_open_refuses_missing_inconsistent_or_mismatched_files(tmp_path):
     os.remove(prefix + ".post_training.json")
     with pytest.raises(PostTrainingDataError, match="not post-training data"):
         open_post_training_data(prefix)
-
-
-def test_datasets_from_the_data_config_take_one_set_and_refuse_blends(tmp_path):
-    from megatron.data.post_training import build_post_training_datasets_from_config
-
-    prefix, _, _ = _synthetic_set(tmp_path, "sft", [4, 5, 6, 7], [1, 1, 1, 1])
-    config = DataConfig(data_path=["1.0", prefix], split="3,1,0", packing=True, overlong_examples="drop")
-    (train, valid, test), report = build_post_training_datasets_from_config(config, "sft", 8, 1, eod=0)
-    assert report.pack and report.overlong == "drop" and test is None
-    assert report.splits["train"].examples == 3 and report.splits["valid"].examples == 1
-    assert "document_ids" in train[0]
-    config = DataConfig(data_path=[prefix], split="1")
-    (train, _, _), report = build_post_training_datasets_from_config(config, "sft", 8, 1, eod=0)
-    row = next(train[i]["tokens"] for i in range(len(train)) if train[i]["tokens"][0] == 100)
-    assert not report.pack and row.tolist() == [100, 101, 102, 103, 104] + [0] * 4  # padded with EOD by default
-    for config, words in ((DataConfig(data_path=["0.5", prefix, "0.5", prefix]), "takes one preprocessed set"),
-                          (DataConfig(data_path=[]), "--data-path (none)"),
-                          (DataConfig(data_path=[prefix], train_data_path=[prefix]), "--train-data-path with"),
-                          (DataConfig(mock_data=True), "--mock-data with --task sft")):
-        with pytest.raises(ConfigError, match=re.escape(words)):
-            build_post_training_datasets_from_config(config, "sft", 8, 1, eod=0)
 
 
 def test_post_training_flags_reach_the_data_config():

@@ -410,33 +410,3 @@ def build_post_training_datasets(prefix, task: str, seq_length: int, *, pack: bo
             datasets.append(DPODataset(data, rows, all_lengths, seq_length, pad))
     return tuple(datasets), report
 
-
-def build_post_training_datasets_from_config(data_config, task: str, seq_length: int, seed: int, eod: int,
-                                             pad: Optional[int] = None,
-                                             num_samples: Optional[Sequence[Optional[int]]] = None):
-    """build_post_training_datasets from a megatron.config.DataConfig: `--data-path PREFIX` (one preprocessed
-    set, optionally with a weight), --split, --packing, --overlong-examples; pad None: EOD. What post-training
-    data cannot do (blends, per-split paths, a file list, mock data) is refused, naming the flag."""
-    refused = [flag for flag, given in (("--data-file-list", data_config.data_file_list),
-                                        ("--train-data-path", data_config.train_data_path),
-                                        ("--valid-data-path", data_config.valid_data_path),
-                                        ("--test-data-path", data_config.test_data_path),
-                                        ("--mock-data", data_config.mock_data)) if given]
-    if refused:
-        raise ConfigError(f"{', '.join(refused)} with --task {task}: post-training reads one preprocessed set, "
-                          "cut by --split; give its prefix as --data-path PREFIX")
-    path = list(data_config.data_path)
-    if len(path) == 2:
-        try:
-            float(path[0])
-            path = path[1:]  # "--data-path 1.0 PREFIX": one set with a weight
-        except ValueError:
-            pass
-    if len(path) != 1:
-        raise ConfigError(f"--data-path {' '.join(data_config.data_path) or '(none)'}: --task {task} takes one "
-                          "preprocessed set (tools/preprocess_data.py --task sft|dpo's P_text_document prefix); "
-                          "blends of several sets are not supported: preprocess them together (--input takes "
-                          "several files)")
-    return build_post_training_datasets(path[0], task, seq_length, pack=data_config.packing,
-                                        overlong=data_config.overlong_examples, split=data_config.split, seed=seed,
-                                        eod=eod, pad=eod if pad is None else pad, num_samples=num_samples)
