@@ -33,14 +33,16 @@ import json
 from typing import Optional
 
 from megatron.data.tokenizers import TokenizerError
+from megatron.errors import MegatronError
 
 TASKS = ("sft", "dpo")
 ROLES = ("system", "user", "assistant")
 FORMAT_VERSION = 1
 
 
-class ExampleError(ValueError):
-    """One bad example; the message says what is wrong (the caller names the file and line)."""
+class ExampleError(MegatronError, ValueError):
+    """One bad example; the message says what is wrong (the caller names the file and line, and reports every
+    bad line together)."""
 
 
 # ------------------------------------------------------------------------------------------------ file names
