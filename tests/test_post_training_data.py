@@ -470,6 +470,7 @@ def test_order_is_deterministic_per_seed_and_split_and_resumes_from_consumed_sam
     assert {t // 100 for t in order[:32]} == set(range(32))  # epoch 1: every train example (32 of 40) once
     assert order[32:64] != order[:32] and sorted(order[32:64]) == sorted(order[:32])  # epoch 2: a new order
     assert {t // 100 for t in first_tokens(valid)} <= set(range(32, 40))  # valid: the file's last examples
+    assert first_tokens(build(7, num_samples=(60, 10, 0))[0]) == order[:60]  # a longer run extends the stream
     # resume: an iterator from consumed_samples continues the stream of an uninterrupted one, at any dp size
     full = [b["tokens"] for b in build_data_iterator(train, 2, 0, 1, 0, collate_fn=collate)]
     resumed = [torch.cat([b["tokens"] for b in batches]) for batches in zip(
