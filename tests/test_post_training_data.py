@@ -240,7 +240,8 @@ def test_every_bad_line_is_listed_with_its_number_before_anything_is_written(tmp
     rc, _ = _preprocess(tmp_path, "dpo", dpo_bad, chat, name="dpo")
     err = capsys.readouterr().err
     assert rc == 2 and "6 bad line(s)" in err
-    for words in ("missing key 'rejected'", "'chosen' is empty", "are identical", "share no beginning", "chosen[0]: role 'user' in a response",
+    for words in ("missing key 'rejected'", "'chosen' is empty", "are identical", "share no beginning",
+                  "chosen[0]: role 'user' in a response",
                   "'prompt' ends with an assistant message"):
         assert words in err, words
     # --skip-bad-lines: the good lines are written, the bad ones counted and listed
