@@ -355,6 +355,7 @@ class _Session:
                                  rel.distributed_timeout_minutes * 60)
         self.rng_tracker = _rng_tracker()
         self.iteration = self.consumed = self.consumed_valid = 0
+        self.sample_order = run.data.sample_mode  # set by load(): the order this run reads
         self.last_saved: Optional[int] = None
 
     def say(self, line: str) -> None:
@@ -370,14 +371,22 @@ class _Session:
         self.result.start_iteration = self.iteration
         self.last_saved = self.iteration if self.checkpointer.resuming else None
 
-        final_batch = global_batch_size(run, ps.dp_size)
-        evals = (self.total_iters // t.eval_interval + 1) * t.eval_iters if t.eval_interval and t.eval_iters else 0
         from megatron.data.gpt_dataset import build_datasets
+        from megatron.data.upstream_order import choose_sample_mode
 
+        plan = self.checkpointer.plan
+        mode, why = choose_sample_mode(run.data, run.checkpoint.load,
+                                       plan is not None and plan.description.kind == "argonne",
+                                       progress.extra.get("sample_order"))
+        self.sample_order = mode  # saved with each checkpoint, so that its resume keeps the order
+        if why:
+            self.say(why)
         train_ds, valid_ds, self.test_ds = build_datasets(
-            run.data, run.model.seq_length, t.seed,
-            (train_samples(run, ps.dp_size), evals * final_batch, t.eval_iters * final_batch if evals else 0),
-            run.model.vocab_size, ps.rank, ps.world_size)
+            run.data, run.model.seq_length, t.seed, requested_samples(run, ps.dp_size),
+            run.model.vocab_size, ps.rank, ps.world_size, sample_mode=mode)
+        for dataset in (train_ds, valid_ds, self.test_ds):
+            if hasattr(dataset, "summary"):  # upstream's order: its shape, in place of the blend report
+                self.say(f"sample order: {dataset.summary()}")
         if ps.rank == 0:
             from megatron.data.blend_report import publish_blend_report
             publish_blend_report((train_ds, valid_ds, self.test_ds), run.data.blend_epochs_warning, self.printer,
@@ -466,7 +475,8 @@ class _Session:
         state = TrainingProgress(iteration=self.iteration, consumed_samples=self.consumed,
                                  consumed_tokens=self.consumed * self.run.model.seq_length, args=self.run.args)
         self.result.saved.append(self.checkpointer.save(self.te, state, tracker_states=self.rng_tracker.get_states,
-                                                        extra_state={"consumed_valid_samples": self.consumed_valid}))
+                                                        extra_state={"consumed_valid_samples": self.consumed_valid,
+                                                                     "sample_order": self.sample_order}))
         self.last_saved = self.iteration
         self.watchdog.phase("idle")
 
@@ -536,6 +546,17 @@ def _rng_tracker():
     from megatron.core.random import get_rng_tracker
 
     return get_rng_tracker()
+
+
+def requested_samples(run: RunConfig, dp_size: int) -> tuple[int, int, int]:
+    """The (train, valid, test) samples the run asks of its datasets, by upstream's arithmetic (its
+    training.py): train = --train-samples or --train-iters x final global batch; valid = (train iterations
+    // --eval-interval + 1) x --eval-iters x batch; test = --eval-iters x batch (0 without evaluation)."""
+    t = run.training
+    final_batch = global_batch_size(run, dp_size)
+    evals = (train_iters(run, dp_size) // t.eval_interval + 1) * t.eval_iters if t.eval_interval and t.eval_iters \
+        else 0
+    return train_samples(run, dp_size), evals * final_batch, t.eval_iters * final_batch if evals else 0
 
 
 def _iterator(run: RunConfig, ps: ParallelState, dataset, consumed_samples: int):
