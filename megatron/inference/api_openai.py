@@ -142,7 +142,7 @@ def sampling_params(req, max_new_tokens: int, logprobs: Optional[int] = None) ->
                            temperature=req.temperature if req.temperature > 0 else 1.0,
                            top_p=0.0 if req.top_p >= 1.0 else req.top_p,
                            seed=None if req.seed is None else req.seed + j,
-                           return_logprobs=logprobs is not None, top_logprobs=logprobs or 0)
+                           return_logprobs=logprobs is not None)
             for j in range(req.n)]
 
 
@@ -152,42 +152,52 @@ def cut_at_stop(text: str, stops: list[str]) -> Optional[int]:
     return min(found) if found else None
 
 
-def _logprobs_block(tokens: list[int], first: int, result: GenerationResult, tokenizer, text_len: int,
-                    offset0: int) -> dict:
-    """OpenAI's legacy logprobs object for tokens[first:] (cut where the text ends at `text_len`)."""
+def _logprobs_block(result: GenerationResult, tops: Optional[list], first: int, end: int, tokenizer) -> dict:
+    """OpenAI's legacy logprobs object for result.tokens[first:end]: each token's text, its log-prob (None for
+    the sequence's first token), the k most likely tokens there (`tops`, empty dicts with logprobs 0) and its
+    offset in the reply's text."""
     out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
-    offset = offset0
-    for position in range(first, len(tokens)):
-        if offset >= offset0 + text_len and position > first and position >= result.prompt_length:
-            break
-        piece = tokenizer.detokenize([tokens[position]])
+    offset = 0
+    for position in range(first, end):
+        piece = tokenizer.detokenize([result.tokens[position]])
         out["tokens"].append(piece)
         out["text_offset"].append(offset)
+        offset += len(piece)
         if position == 0:
             out["token_logprobs"].append(None)
             out["top_logprobs"].append(None)
-        else:
-            out["token_logprobs"].append(float(result.logprobs[position - 1]))
-            top = result.top_logprobs[position - 1] if result.top_logprobs else {}
-            out["top_logprobs"].append({tokenizer.detokenize([t]): float(v) for t, v in top.items()})
-        offset += len(piece)
+            continue
+        out["token_logprobs"].append(float(result.logprobs[position - 1]))
+        top = tops[position - 1] if tops else {}
+        out["top_logprobs"].append({tokenizer.detokenize([t]): float(v) for t, v in top.items()})
     return out
 
 
-def completion_choice(index: int, result: GenerationResult, req: CompletionRequest, tokenizer) -> dict:
+def kept_tokens(result: GenerationResult, tokenizer, text_length: int) -> int:
+    """How many generated tokens the reply keeps when its text is cut to `text_length` characters."""
+    generated = result.tokens[result.prompt_length:]
+    for n in range(len(generated) + 1):
+        if len(tokenizer.detokenize(generated[:n])) >= text_length:
+            return n
+    return len(generated)
+
+
+def completion_choice(index: int, result: GenerationResult, req: CompletionRequest, tokenizer,
+                      tops: Optional[list] = None) -> dict:
     """One choice: the generated text (after the prompt's text when echo) cut at a stop string."""
     generated = result.tokens[result.prompt_length:]
     text = tokenizer.detokenize(generated)
     finish = result.finish_reason
     cut = cut_at_stop(text, stop_strings(req))
+    kept = len(generated)
     if cut is not None:
         text, finish = text[:cut], "stop"
+        kept = kept_tokens(result, tokenizer, cut)
     prompt_text = tokenizer.detokenize(result.tokens[:result.prompt_length]) if req.echo else ""
     logprobs = None
     if req.logprobs is not None:
         first = 0 if req.echo else result.prompt_length
-        shown = len(prompt_text) + len(text) if req.echo else len(text)
-        logprobs = _logprobs_block(result.tokens, first, result, tokenizer, shown, 0)
+        logprobs = _logprobs_block(result, tops, first, result.prompt_length + kept, tokenizer)
     return {"index": index, "text": prompt_text + text, "logprobs": logprobs, "finish_reason": finish}
 
 

@@ -39,11 +39,21 @@ from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import torch.distributed as dist
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
 
 from megatron.inference import api_openai as oai
 from megatron.inference import api_upstream as up
 from megatron.inference.engine import SamplingParams
+from megatron.errors import MegatronError
 from megatron.inference.request_error import RequestError
+from megatron.inference.top_logprobs import top_logprobs
+
+
+def engine_operations(engine) -> dict:
+    """The collective calls the server makes, by the name rank 0 broadcasts."""
+    return {"generate": engine.generate, "beam_search": engine.beam_search,
+            "top_logprobs": lambda sequences, k: top_logprobs(engine, sequences, k)}
 
 
 @dataclass
@@ -59,7 +69,7 @@ class ServerSettings:
 
 @dataclass
 class Job:
-    kind: str                                  # "generate" | "beam_search"
+    kind: str                                  # "generate", or a single call: "beam_search" | "top_logprobs"
     prompts: list
     params: list = field(default_factory=list)
     beam_args: dict = field(default_factory=dict)
@@ -72,6 +82,7 @@ class Scheduler:
 
     def __init__(self, engine, max_batch_size: int, heartbeat_s: float = 60.0):
         self.engine = engine
+        self.operations = engine_operations(engine)
         self.max_batch_size = max_batch_size
         self.heartbeat_s = heartbeat_s
         self.multi_rank = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
@@ -142,13 +153,15 @@ class Scheduler:
         self._broadcast((name, args))
         if name == "generate":
             return self.engine.generate(*args, on_token=on_token)
-        return getattr(self.engine, name)(*args)
+        return self.operations[name](*args)
 
     def _run(self, batch: list[Job]) -> None:
-        if batch[0].kind == "beam_search":
+        if batch[0].kind != "generate":
             job = batch[0]
             try:
-                job.future.set_result(self._call("beam_search", *job.prompts, *job.beam_args.values()))
+                args = (*job.prompts, *job.beam_args.values()) if job.kind == "beam_search" else (
+                    job.prompts, *job.beam_args.values())
+                job.future.set_result(self._call(job.kind, *args))
             except Exception as error:  # noqa: BLE001 - one request's failure is its reply, not the server's end
                 job.future.set_exception(error)
             return
@@ -188,6 +201,7 @@ class Scheduler:
 def follow(engine) -> None:
     """A rank other than 0: make the engine call rank 0 announces, until it says stop."""
     previous = signal.signal(signal.SIGTERM, lambda *_: None)  # the drain is rank 0's to lead
+    operations = engine_operations(engine)
     try:
         while True:
             command = [None]
@@ -198,7 +212,7 @@ def follow(engine) -> None:
             if name == "noop":
                 continue
             try:
-                getattr(engine, name)(*args[0])
+                operations[name](*args[0])
             except Exception as error:  # noqa: BLE001 - rank 0 meets the same error and answers the request
                 print(f"rank {dist.get_rank()}: {name} failed: {error}", file=sys.stderr, flush=True)
     finally:
@@ -209,12 +223,15 @@ def follow(engine) -> None:
 
 
 def _error_response(error: RequestError, openai_style: bool):
-    from fastapi.responses import JSONResponse
-
     if openai_style:
         return JSONResponse({"error": {"message": error.message, "type": "invalid_request_error",
                                        "param": error.field, "code": None}}, status_code=error.status)
     return JSONResponse(error.message, status_code=error.status)  # upstream's reply: the message as a JSON string
+
+
+def _as_request_error(error: MegatronError) -> RequestError:
+    """A refusal from below (the engine's GenerationError, a tokenizer's) is the request's fault: 400."""
+    return error if isinstance(error, RequestError) else RequestError(str(error))
 
 
 async def _json_body(request):
@@ -225,12 +242,17 @@ async def _json_body(request):
         raise RequestError(f"body: the request body is not valid JSON ({error})", field="body") from None
 
 
-def build_app(engine, scheduler: Scheduler, settings: ServerSettings):
-    """The FastAPI application of rank 0."""
-    from fastapi import FastAPI, Request
-    from fastapi.responses import JSONResponse, StreamingResponse
+def build_app(engine, scheduler: Scheduler, settings: ServerSettings, on_ready: Optional[Callable[[], None]] = None):
+    """The FastAPI application of rank 0; on_ready() runs once it accepts requests."""
+    import contextlib
 
-    app = FastAPI(title="Megatron text generation server")
+    @contextlib.asynccontextmanager
+    async def lifespan(_app):
+        if on_ready is not None:
+            on_ready()
+        yield
+
+    app = FastAPI(title="Megatron text generation server", lifespan=lifespan)
     tokenizer = engine.tokenizer
     model_name = engine.model_name
     created = int(time.time())
@@ -270,8 +292,8 @@ def build_app(engine, scheduler: Scheduler, settings: ServerSettings):
             if not req.no_log and settings.log_requests:
                 print("end time: ", datetime.datetime.now(), flush=True)
             return JSONResponse(reply)
-        except RequestError as error:
-            return _error_response(error, openai_style=False)
+        except MegatronError as error:
+            return _error_response(_as_request_error(error), openai_style=False)
 
     @app.post("/v1/completions")
     async def completions(request: Request):
@@ -294,10 +316,13 @@ def build_app(engine, scheduler: Scheduler, settings: ServerSettings):
             if req.stream:
                 return _stream(all_prompts, params, req, "text_completion")
             results = await run_job(Job("generate", all_prompts, params))
-            choices = [oai.completion_choice(i, r, req, tokenizer) for i, r in enumerate(results)]
+            tops = [None] * len(results)
+            if req.logprobs:
+                tops = await run_job(Job("top_logprobs", [r.tokens for r in results], beam_args={"k": req.logprobs}))
+            choices = [oai.completion_choice(i, r, req, tokenizer, t) for i, (r, t) in enumerate(zip(results, tops))]
             return JSONResponse(oai.completion_reply(model_name, choices, oai.usage(results, results[::req.n])))
-        except RequestError as error:
-            return _error_response(error, openai_style=True)
+        except MegatronError as error:
+            return _error_response(_as_request_error(error), openai_style=True)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
@@ -317,8 +342,8 @@ def build_app(engine, scheduler: Scheduler, settings: ServerSettings):
             results = await run_job(Job("generate", [prompt] * req.n, params))
             choices = [oai.chat_choice(i, r, req, tokenizer) for i, r in enumerate(results)]
             return JSONResponse(oai.chat_reply(model_name, choices, oai.usage(results, results[:1])))
-        except RequestError as error:
-            return _error_response(error, openai_style=True)
+        except MegatronError as error:
+            return _error_response(_as_request_error(error), openai_style=True)
 
     def _check_budget(budget: int, name: str, settings_: ServerSettings) -> None:
         if budget > settings_.max_new_tokens:
@@ -407,11 +432,9 @@ def serve(engine, settings: ServerSettings, max_batch_size: int, on_ready: Optio
     import uvicorn
 
     scheduler = Scheduler(engine, max_batch_size, settings.heartbeat_s)
-    app = build_app(engine, scheduler, settings)
+    app = build_app(engine, scheduler, settings, on_ready)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level="warning", access_log=False)
     server = uvicorn.Server(config)
-    if on_ready is not None:
-        app.add_event_handler("startup", on_ready)
     try:
         server.run()
     finally:

@@ -1,0 +1,53 @@
+"""A tiny served model for the server and lm-eval tests: a byte-level BPE trained on stdlib text, a 2-layer
+Llama-style GPTModel with that vocabulary, written as our checkpoint (tp 1) and exported to Hugging Face with
+tools/convert_checkpoint.py to-hf.
+
+    paths = build_tiny_served_model(tmp_dir)     # {"ckpt", "hf", "tokenizer"}
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def build_tiny_served_model(root: str, seq_length: int = 256, tp: int = 1, pp: int = 1) -> dict:
+    import textwrap
+
+    import torch
+
+    from megatron.checkpoint.layout import StateDictSource
+    from megatron.config.model import TransformerConfig
+    from megatron.convert.ds_writer import write_checkpoint
+    from megatron.model import GPTModel
+    from tools.train_tokenizer import main as train_tokenizer
+
+    corpus = os.path.join(root, "corpus.jsonl")
+    with open(corpus, "w") as f:
+        for module in (json, textwrap, inspect):
+            f.write(json.dumps({"text": inspect.getsource(module)}) + "\n")
+    bpe = os.path.join(root, "bpe")
+    assert train_tokenizer(["--input", corpus, "--type", "bpe", "--vocab-size", "400", "--output-dir", bpe]) == 0
+    vocab = len(json.load(open(os.path.join(bpe, "vocab.json"))))
+    config = TransformerConfig(num_layers=2, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                               seq_length=seq_length, max_position_embeddings=seq_length, vocab_size=vocab,
+                               make_vocab_size_divisible_by=64, attention_dropout=0.0, hidden_dropout=0.0,
+                               normalization="rmsnorm", swiglu=True, position_embedding_type="rope",
+                               untie_embeddings_and_output_weights=True, ffn_hidden_size=128,
+                               add_bias_linear=False)
+    torch.manual_seed(0)
+    model = GPTModel(config, seed=11)
+    tokenizer_args = {"tokenizer_type": "GPT2BPETokenizer", "vocab_file": os.path.join(bpe, "vocab.json"),
+                      "merge_file": os.path.join(bpe, "merges.txt")}
+    ckpt = os.path.join(root, "ckpt")
+    write_checkpoint(StateDictSource(model.state_dict(), config, tokenizer_args=tokenizer_args), ckpt, tp=tp, pp=pp,
+                     progress=False)
+    hf = os.path.join(root, "hf")
+    subprocess.run([sys.executable, os.path.join(ROOT, "tools", "convert_checkpoint.py"), "to-hf", "--load", ckpt,
+                    "--out", hf], check=True, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=ROOT))
+    return {"ckpt": ckpt, "hf": hf, "tokenizer": bpe}
