@@ -59,13 +59,20 @@ def test_greedy_generation_from_our_checkpoint_matches_its_hf_export(tmp_path, c
     assert theirs == ours
 
 
-def test_sampling_is_reproducible_from_the_seed():
-    logits = torch.randn(1, 50)
+def test_sampling_is_reproducible_from_the_seed_and_top_k_with_top_p_is_refused(tmp_path, capsys):
+    model = GPTModel(CONFIG, seed=3)
+    write_checkpoint(StateDictSource(model.state_dict(), CONFIG, tokenizer_args={"tokenizer_type": "NullTokenizer",
+                                                                                "vocab_size": 100}),
+                     str(tmp_path / "ckpt"), progress=False)
 
     def run(seed):
-        gen = torch.Generator().manual_seed(seed)
-        return generate.sample(lambda t: logits, [1], 8, greedy=False, temperature=0.8, top_k=10, top_p=0.9,
-                               max_length=16, generator=gen)
+        assert generate.main(["--load", str(tmp_path / "ckpt"), "--prompt", "5 17 42", "--prompt", "8",
+                              "--max-new-tokens", "8", "--temperature", "1.5", "--top-k", "50", "--ignore-eos",
+                              "--seed", str(seed)]) == 0
+        return capsys.readouterr().out.strip().splitlines()
 
-    assert run(1) == run(1)
-    assert len(run(2)) == 9
+    first = run(1)
+    assert first == run(1) and len(first[1].split()) == 11 and len(first[3].split()) == 9
+    assert run(2) != first
+    assert generate.main(["--load", str(tmp_path / "ckpt"), "--prompt", "5", "--top-k", "5", "--top-p", "0.5"]) == 2
+    assert "--top-k and --top-p cannot both be set" in capsys.readouterr().err
