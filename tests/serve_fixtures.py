@@ -39,7 +39,7 @@ def build_tiny_served_model(root: str, seq_length: int = 256, tp: int = 1, pp: i
                                make_vocab_size_divisible_by=64, attention_dropout=0.0, hidden_dropout=0.0,
                                normalization="rmsnorm", swiglu=True, position_embedding_type="rope",
                                untie_embeddings_and_output_weights=True, ffn_hidden_size=128,
-                               add_bias_linear=False)
+                               add_bias_linear=False, init_method_std=0.5)
     torch.manual_seed(0)
     model = GPTModel(config, seed=11)
     tokenizer_args = {"tokenizer_type": "GPT2BPETokenizer", "vocab_file": os.path.join(bpe, "vocab.json"),
@@ -51,3 +51,52 @@ def build_tiny_served_model(root: str, seq_length: int = 256, tp: int = 1, pp: i
     subprocess.run([sys.executable, os.path.join(ROOT, "tools", "convert_checkpoint.py"), "to-hf", "--load", ckpt,
                     "--out", hf], check=True, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=ROOT))
     return {"ckpt": ckpt, "hf": hf, "tokenizer": bpe}
+
+
+def start_server(load: str, ranks: int = 1, extra: tuple = (), log_dir: str | None = None):
+    """tools/run_text_generation_server.py on `ranks` processes launched as torchrun would (RANK, WORLD_SIZE,
+    MASTER_* in the environment); returns (base_url, processes) once GET /health answers."""
+    import time
+    import urllib.request
+
+    from tests.multirank import free_port, rank_env
+
+    port, master = free_port(), free_port()
+    procs = []
+    for rank in range(ranks):
+        env = dict(os.environ, PYTHONPATH=ROOT, **(rank_env(rank, ranks, master) if ranks > 1 else {}))
+        log = open(os.path.join(log_dir, f"server_rank{rank}.log"), "w") if log_dir else subprocess.DEVNULL
+        procs.append(subprocess.Popen([sys.executable, os.path.join(ROOT, "tools", "run_text_generation_server.py"),
+                                       "--load", load, "--port", str(port), "--no-request-log", *extra],
+                                      stdout=log, stderr=subprocess.STDOUT, env=env))
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 300  # a loaded 2-core machine starts slowly; this is a wait, not a measurement
+    while time.monotonic() < deadline:
+        if any(p.poll() is not None for p in procs):
+            stop_server(procs)
+            raise RuntimeError(f"the server exited early (codes {[p.poll() for p in procs]}); logs in {log_dir}")
+        try:
+            with urllib.request.urlopen(url + "/health", timeout=5) as reply:
+                if reply.status == 200:
+                    return url, procs
+        except OSError:
+            time.sleep(0.5)
+    stop_server(procs)
+    raise RuntimeError(f"the server did not answer /health; logs in {log_dir}")
+
+
+def stop_server(procs, timeout: float = 120) -> list:
+    """SIGTERM every rank (as torchrun forwards it), wait; the exit codes."""
+    import signal
+
+    for p in procs:
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+    codes = []
+    for p in procs:
+        try:
+            codes.append(p.wait(timeout=timeout))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            codes.append(p.wait())
+    return codes

@@ -80,7 +80,8 @@ class Job:
 class Scheduler:
     """One thread on rank 0 that owns every engine call: batches queued generate Jobs, tells the followers."""
 
-    def __init__(self, engine, max_batch_size: int, heartbeat_s: float = 60.0):
+    def __init__(self, engine, max_batch_size: int, heartbeat_s: float = 60.0, start: bool = True):
+        """start=False: the thread starts at `start()` (what is queued before then forms the first batches)."""
         self.engine = engine
         self.operations = engine_operations(engine)
         self.max_batch_size = max_batch_size
@@ -92,6 +93,10 @@ class Scheduler:
         self.batches_run = 0            # engine.generate calls (for tests and the log)
         self.largest_batch = 0
         self._thread = threading.Thread(target=self._loop, name="megatron-scheduler", daemon=True)
+        if start:
+            self.start()
+
+    def start(self) -> None:
         self._thread.start()
 
     def submit(self, job: Job) -> concurrent.futures.Future:
@@ -413,7 +418,8 @@ def build_app(engine, scheduler: Scheduler, settings: ServerSettings, on_ready: 
 
     @app.get("/health")
     async def health():
-        return JSONResponse({"status": "ok", "model": model_name, "queued": scheduler.queued})
+        return JSONResponse({"status": "ok", "model": model_name, "queued": scheduler.queued,
+                             "batches": scheduler.batches_run, "largest_batch": scheduler.largest_batch})
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, error: Exception):  # the server never dies on a request
@@ -431,10 +437,19 @@ def serve(engine, settings: ServerSettings, max_batch_size: int, on_ready: Optio
         return
     import uvicorn
 
+    class DrainingServer(uvicorn.Server):
+        """uvicorn's graceful shutdown on SIGTERM/SIGINT, without raising the signal again once drained (uvicorn
+        0.29+ does, which would kill this process before it tells the other ranks to stop)."""
+
+        def handle_exit(self, sig, frame) -> None:
+            if self.should_exit and sig == signal.SIGINT:
+                self.force_exit = True  # a second Ctrl-C: stop waiting for the requests in flight
+            self.should_exit = True
+
     scheduler = Scheduler(engine, max_batch_size, settings.heartbeat_s)
     app = build_app(engine, scheduler, settings, on_ready)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level="warning", access_log=False)
-    server = uvicorn.Server(config)
+    server = DrainingServer(config)
     try:
         server.run()
     finally:
