@@ -92,6 +92,7 @@ class Scheduler:
         self._stopping = False
         self.batches_run = 0            # engine.generate calls (for tests and the log)
         self.largest_batch = 0
+        self.in_flight = 0              # submitted Jobs not answered yet
         self._thread = threading.Thread(target=self._loop, name="megatron-scheduler", daemon=True)
         if start:
             self.start()
@@ -104,8 +105,14 @@ class Scheduler:
             if self._stopping:
                 raise RequestError("the server is shutting down", status=503)
             self._pending.append(job)
+            self.in_flight += 1
             self._cv.notify()
+        job.future.add_done_callback(self._finished)
         return job.future
+
+    def _finished(self, _future) -> None:
+        with self._cv:
+            self.in_flight -= 1
 
     @property
     def queued(self) -> int:
@@ -419,7 +426,8 @@ def build_app(engine, scheduler: Scheduler, settings: ServerSettings, on_ready: 
     @app.get("/health")
     async def health():
         return JSONResponse({"status": "ok", "model": model_name, "queued": scheduler.queued,
-                             "batches": scheduler.batches_run, "largest_batch": scheduler.largest_batch})
+                             "in_flight": scheduler.in_flight, "batches": scheduler.batches_run,
+                             "largest_batch": scheduler.largest_batch})
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, error: Exception):  # the server never dies on a request
