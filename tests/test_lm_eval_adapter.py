@@ -84,3 +84,22 @@ def test_evaluate_cli_writes_the_results(model, tmp_path):
 
     assert "stdlib_builtins_mc" in json.load(open(out))["results"]
     assert main(["--load", model["ckpt"], "--tasks", "x", "--include-path", os.path.join(model["root"], "none")]) == 2
+
+
+def _evaluate_on_ranks(rank, world_size, ckpt):
+    from megatron.inference import InferenceEngine
+    from megatron.inference.lm_eval_adapter import MegatronLM
+
+    engine = InferenceEngine.from_checkpoint(ckpt, tp=1, pp=1)  # 2 ranks: dp 2
+    ps = engine.ps
+    lm = MegatronLM(engine, batch_size=4, dp_group=ps.groups["dp"], dp_rank=ps.dp_rank, dp_size=ps.dp_size)
+    results = evaluate(lm, TASKS, LOCAL_TASKS, limit=LIMIT, log_samples=True)
+    return (ps.dp_size, None if results is None else {"samples": results["samples"], "results": results["results"]})
+
+
+def test_dp2_evaluation_shards_the_documents_and_scores_as_one_rank(model, ours):
+    from tests.multirank import run_ranks
+
+    outputs = run_ranks(2, _evaluate_on_ranks, model["ckpt"], timeout=600)
+    assert [dp for dp, _ in outputs] == [2, 2] and outputs[1][1] is None
+    _assert_same(ours, outputs[0][1])  # rank 0 holds every dp replica's documents
