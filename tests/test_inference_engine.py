@@ -295,3 +295,20 @@ def test_a_checkpoint_without_a_tokenizer_is_refused_unless_one_is_given(tmp_pat
         InferenceEngine.from_checkpoint(str(tmp_path / "ckpt"), device="cpu")
     engine = InferenceEngine.from_checkpoint(str(tmp_path / "ckpt"), tokenizer_args=TOKENIZER_ARGS, device="cpu")
     assert engine.tokenizer.vocab_size == VOCAB and not math.isnan(engine.score([[1, 2, 3]])[0][0])
+
+
+def test_from_checkpoint_loads_an_argonne_checkpoint_resharded(tmp_path):
+    import argonne_files as af
+    from megatron.checkpoint.layout import StateDictSource
+
+    config = llama_config(init_method_std=0.05)
+    state = af.random_state(config, seed=4)
+    af.write_argonne_checkpoint(state, config, str(tmp_path / "mds"), tp=2, pp=2, pipeline=True)
+    theirs = InferenceEngine.from_checkpoint(str(tmp_path / "mds"), device="cpu")
+    assert theirs.vocab_size == VOCAB and theirs.tokenizer.eod == EOD
+    fp32 = StateDictSource({name: tensors["fp32"] for name, tensors in state.items()}, config)
+    reference = InferenceEngine.from_source(fp32, theirs.tokenizer, device="cpu")
+    p = [SamplingParams(max_new_tokens=8, greedy=True, ignore_eos=True, return_logprobs=True)] * 2
+    got, expected = theirs.generate(PROMPTS[:2], p), reference.generate(PROMPTS[:2], p)
+    assert [r.tokens for r in got] == [r.tokens for r in expected]
+    assert max(abs(a - b) for r, s in zip(got, expected) for a, b in zip(r.logprobs, s.logprobs)) <= 1e-5
