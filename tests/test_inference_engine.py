@@ -312,3 +312,19 @@ def test_from_checkpoint_loads_an_argonne_checkpoint_resharded(tmp_path):
     got, expected = theirs.generate(PROMPTS[:2], p), reference.generate(PROMPTS[:2], p)
     assert [r.tokens for r in got] == [r.tokens for r in expected]
     assert max(abs(a - b) for r, s in zip(got, expected) for a, b in zip(r.logprobs, s.logprobs)) <= 1e-5
+
+
+def test_a_hugging_face_tokenizer_with_a_chat_template_applies_it(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = Tokenizer(models.WordLevel({w: i for i, w in enumerate(["<unk>", "user:", "assistant:", "hi", "</s>"])},
+                                       unk_token="<unk>"))
+    words.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    hf = PreTrainedTokenizerFast(tokenizer_object=words, eos_token="</s>")
+    hf.chat_template = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }} {% endfor %}"
+                        "{% if add_generation_prompt %}assistant: {% endif %}")
+    hf.save_pretrained(str(tmp_path / "tok"))
+    tokenizer = InferenceTokenizer(build_tokenizer("HFTokenizer", str(tmp_path / "tok")))
+    assert tokenizer.chat_template and tokenizer.eod == 4
+    assert tokenizer.apply_chat_template([{"role": "user", "content": "hi"}]) == [1, 3, 2]
