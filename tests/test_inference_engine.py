@@ -295,3 +295,36 @@ def test_a_checkpoint_without_a_tokenizer_is_refused_unless_one_is_given(tmp_pat
         InferenceEngine.from_checkpoint(str(tmp_path / "ckpt"), device="cpu")
     engine = InferenceEngine.from_checkpoint(str(tmp_path / "ckpt"), tokenizer_args=TOKENIZER_ARGS, device="cpu")
     assert engine.tokenizer.vocab_size == VOCAB and not math.isnan(engine.score([[1, 2, 3]])[0][0])
+
+
+def test_from_checkpoint_loads_an_argonne_checkpoint_resharded(tmp_path):
+    import argonne_files as af
+    from megatron.checkpoint.layout import StateDictSource
+
+    config = llama_config(init_method_std=0.05)
+    state = af.random_state(config, seed=4)
+    af.write_argonne_checkpoint(state, config, str(tmp_path / "mds"), tp=2, pp=2, pipeline=True)
+    theirs = InferenceEngine.from_checkpoint(str(tmp_path / "mds"), device="cpu")
+    assert theirs.vocab_size == VOCAB and theirs.tokenizer.eod == EOD
+    fp32 = StateDictSource({name: tensors["fp32"] for name, tensors in state.items()}, config)
+    reference = InferenceEngine.from_source(fp32, theirs.tokenizer, device="cpu")
+    p = [SamplingParams(max_new_tokens=8, greedy=True, ignore_eos=True, return_logprobs=True)] * 2
+    got, expected = theirs.generate(PROMPTS[:2], p), reference.generate(PROMPTS[:2], p)
+    assert [r.tokens for r in got] == [r.tokens for r in expected]
+    assert max(abs(a - b) for r, s in zip(got, expected) for a, b in zip(r.logprobs, s.logprobs)) <= 1e-5
+
+
+def test_a_hugging_face_tokenizer_with_a_chat_template_applies_it(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = Tokenizer(models.WordLevel({w: i for i, w in enumerate(["<unk>", "user:", "assistant:", "hi", "</s>"])},
+                                       unk_token="<unk>"))
+    words.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    hf = PreTrainedTokenizerFast(tokenizer_object=words, eos_token="</s>")
+    hf.chat_template = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }} {% endfor %}"
+                        "{% if add_generation_prompt %}assistant: {% endif %}")
+    hf.save_pretrained(str(tmp_path / "tok"))
+    tokenizer = InferenceTokenizer(build_tokenizer("HFTokenizer", str(tmp_path / "tok")))
+    assert tokenizer.chat_template and tokenizer.eod == 4
+    assert tokenizer.apply_chat_template([{"role": "user", "content": "hi"}]) == [1, 3, 2]

@@ -258,15 +258,17 @@ class InferenceEngine:
         for step in range(steps):
             new = torch.full((b,), pad, dtype=torch.long, device=self.device)
             if self.is_sampler:
+                argmax = last.argmax(dim=-1).tolist() if any(p.is_greedy for p in params) else None  # one call
                 for row, p in enumerate(params):
                     if done[row]:
                         continue
                     row_logits = last[row]
-                    if p.prevent_newline_after_colon and self._special.colon is not None and \
-                            out[row][-1] == self._special.colon and self._special.newline is not None:
+                    masked = p.prevent_newline_after_colon and self._special.colon is not None and \
+                        out[row][-1] == self._special.colon and self._special.newline is not None
+                    if masked:
                         row_logits = row_logits.clone()
                         row_logits[self._special.newline] = -1e10
-                    token = samplers[row].next_token(row_logits)
+                    token = argmax[row] if p.is_greedy and not masked else samplers[row].next_token(row_logits)
                     new[row] = token
                     if p.return_logprobs:
                         logprobs[row].append(float(F.log_softmax(row_logits, dim=-1)[token]))

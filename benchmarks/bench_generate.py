@@ -1,0 +1,179 @@
+"""Generation speed of our inference engine vs Hugging Face `generate` (its KV cache) on the same small Llama.
+
+Ours: megatron.inference.InferenceEngine (preallocated KV cache, SDPA, torch.inference_mode) on one rank.
+Theirs: LlamaForCausalLM.generate on the model exported by tools/convert_checkpoint.py's to-hf writer (the same
+weights). Greedy, batch 1 and 8, prompts of 128 and 512 tokens, 128 new tokens (no early stop). For each case the
+two sides alternate `--rounds` times and the fastest run of each counts. Time to first token (TTFT) is the
+prefill plus the first token (a run with one new token); tokens/s counts the new tokens of the whole batch over
+the whole run. The greedy tokens of both sides are compared too (they must agree).
+
+    python benchmarks/bench_generate.py                 # the table for benchmarks/RESULTS.md
+    python benchmarks/bench_generate.py --quick         # tiny sizes: checks that the script runs
+
+More rows: a function f(setup) -> list[Row] appended to EXTRA_MEASUREMENTS runs after the cases on the same
+setup (the engine, the HF folder); the server's throughput with concurrent clients is meant to be added that way.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+
+@dataclass
+class Row:
+    name: str            # what ran, e.g. "batch 8, prompt 512"
+    ours_ttft: float     # seconds
+    theirs_ttft: float
+    ours_tps: float      # new tokens per second
+    theirs_tps: float
+    note: str = ""
+
+
+@dataclass
+class Setup:
+    args: argparse.Namespace
+    engine: object       # InferenceEngine
+    hf_model: object     # LlamaForCausalLM
+    hf_dir: str
+
+
+EXTRA_MEASUREMENTS: list[Callable[[Setup], list[Row]]] = []
+
+
+def parse_cli(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--layers", type=int, default=8)
+    p.add_argument("--hidden", type=int, default=512)
+    p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--kv-heads", type=int, default=4)
+    p.add_argument("--ffn", type=int, default=1376)
+    p.add_argument("--vocab", type=int, default=32000)
+    p.add_argument("--batches", default="1,8")
+    p.add_argument("--prompts", default="128,512")
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--quick", action="store_true", help="tiny sizes, one round (a smoke run)")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.layers, args.hidden, args.heads, args.kv_heads, args.ffn, args.vocab = 2, 64, 4, 2, 128, 512
+        args.batches, args.prompts, args.new_tokens, args.rounds = "1,2", "8,16", 4, 1
+    return args
+
+
+def build(args, directory: str) -> Setup:
+    from megatron.checkpoint.layout import StateDictSource
+    from megatron.config.model import TransformerConfig
+    from megatron.convert.hf_io import export_to_hf
+    from megatron.data.tokenizers import NullTokenizer
+    from megatron.inference import InferenceEngine
+    from megatron.inference.tokenization import InferenceTokenizer
+    from megatron.model import GPTModel
+    from transformers import AutoModelForCausalLM
+
+    longest = max(int(p) for p in args.prompts.split(",")) + args.new_tokens
+    config = TransformerConfig(
+        num_layers=args.layers, hidden_size=args.hidden, num_attention_heads=args.heads,
+        num_key_value_heads=args.kv_heads, ffn_hidden_size=args.ffn, seq_length=longest, vocab_size=args.vocab,
+        make_vocab_size_divisible_by=128, normalization="rmsnorm", swiglu=True, position_embedding_type="rope",
+        untie_embeddings_and_output_weights=True, add_bias_linear=False, attention_dropout=0.0, hidden_dropout=0.0,
+        init_method_std=0.05)
+    source = StateDictSource(GPTModel(config, seed=5).state_dict(), config)
+    export_to_hf(source, directory, save_tokenizer_files=False, progress=False)
+    engine = InferenceEngine.from_source(source, InferenceTokenizer(NullTokenizer(args.vocab)), device="cpu",
+                                         max_batch_size=max(int(b) for b in args.batches.split(",")))
+    hf_model = AutoModelForCausalLM.from_pretrained(directory, attn_implementation="sdpa").eval()
+    return Setup(args, engine, hf_model, directory)
+
+
+def _ours(engine, prompts, new_tokens):
+    from megatron.inference import SamplingParams
+
+    params = [SamplingParams(max_new_tokens=new_tokens, greedy=True, ignore_eos=True)] * len(prompts)
+    start = time.perf_counter()
+    results = engine.generate(prompts, params)
+    return time.perf_counter() - start, [r.tokens[len(p):] for r, p in zip(results, prompts)]
+
+
+def _theirs(model, prompts, new_tokens):
+    ids = torch.tensor(prompts)
+    start = time.perf_counter()
+    with torch.inference_mode():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=new_tokens,
+                             min_new_tokens=new_tokens, pad_token_id=0)
+    return time.perf_counter() - start, out[:, ids.shape[1]:].tolist()
+
+
+def measure(setup: Setup, batch: int, prompt_length: int) -> Row:
+    args = setup.args
+    g = torch.Generator().manual_seed(batch * 1000 + prompt_length)
+    prompts = torch.randint(0, args.vocab - 1, (batch, prompt_length), generator=g).tolist()
+    best = {"ours_ttft": float("inf"), "theirs_ttft": float("inf"), "ours": float("inf"), "theirs": float("inf")}
+    agree = True
+    for _ in range(args.rounds):
+        best["ours_ttft"] = min(best["ours_ttft"], _ours(setup.engine, prompts, 1)[0])
+        best["theirs_ttft"] = min(best["theirs_ttft"], _theirs(setup.hf_model, prompts, 1)[0])
+        ours_time, ours_tokens = _ours(setup.engine, prompts, args.new_tokens)
+        theirs_time, theirs_tokens = _theirs(setup.hf_model, prompts, args.new_tokens)
+        best["ours"], best["theirs"] = min(best["ours"], ours_time), min(best["theirs"], theirs_time)
+        agree = agree and ours_tokens == theirs_tokens
+    generated = batch * args.new_tokens
+    return Row(f"batch {batch}, prompt {prompt_length}", best["ours_ttft"], best["theirs_ttft"],
+               generated / best["ours"], generated / best["theirs"],
+               "greedy tokens equal" if agree else "GREEDY TOKENS DIFFER")
+
+
+def table(rows: list[Row]) -> str:
+    lines = ["| case | TTFT ours (s) | TTFT HF (s) | tokens/s ours | tokens/s HF | ours / HF (tokens/s) | |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r.name} | {r.ours_ttft:.3f} | {r.theirs_ttft:.3f} | {r.ours_tps:,.1f} | "
+                     f"{r.theirs_tps:,.1f} | **{r.ours_tps / r.theirs_tps:.2f}×** | {r.note} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    import transformers
+
+    args = parse_cli(argv)
+    torch.set_num_threads(args.threads)
+    commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
+                            text=True).stdout.strip()
+    print(f"# bench_generate {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, commit {commit}, "
+          f"torch {torch.__version__}, transformers {transformers.__version__}, {args.threads} threads")
+    print(f"# Llama L{args.layers} h{args.hidden} heads {args.heads}/{args.kv_heads} ffn {args.ffn} "
+          f"vocab {args.vocab}, fp32, greedy, {args.new_tokens} new tokens")
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory() as directory:
+        setup = build(args, directory)
+        with torch.inference_mode():  # warm both paths (first-call allocations, lazy imports)
+            _ours(setup.engine, [[1, 2, 3]], 2)
+            _theirs(setup.hf_model, [[1, 2, 3]], 2)
+        rows = []
+        for batch in (int(b) for b in args.batches.split(",")):
+            for prompt_length in (int(p) for p in args.prompts.split(",")):
+                rows.append(measure(setup, batch, prompt_length))
+                print(table(rows[-1:]).splitlines()[-1], flush=True)
+        for extra in EXTRA_MEASUREMENTS:
+            rows += extra(setup)
+    print()
+    print(table(rows))
+    print(f"\n# {time.perf_counter() - started:.0f} s")
+    return 0 if all("DIFFER" not in r.note for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
