@@ -136,6 +136,77 @@ def measure(setup: Setup, batch: int, prompt_length: int) -> Row:
                "greedy tokens equal" if agree else "GREEDY TOKENS DIFFER")
 
 
+def server_throughput(setup: Setup) -> list[Row]:
+    """The text generation server (megatron/inference/server.py, in this process on the same engine) under 8
+    concurrent clients, each a POST /v1/completions of one prompt (token ids, greedy), against the same 8 prompts
+    in one in-process engine.generate batch. Both stop on eod, so the tokens each generates are counted.
+    TTFT: one streamed request's first chunk vs a one-token in-process generate."""
+    import concurrent.futures
+    import threading
+
+    import httpx
+    import uvicorn
+
+    from megatron.inference import SamplingParams
+    from megatron.inference.server import Scheduler, ServerSettings, build_app
+    from megatron.distributed.launcher import free_port
+
+    args, engine = setup.args, setup.engine
+    clients, prompt_length = 8, min(int(p) for p in args.prompts.split(","))
+    g = torch.Generator().manual_seed(77)
+    prompts = torch.randint(0, args.vocab - 1, (clients, prompt_length), generator=g).tolist()
+    port = free_port("127.0.0.1")
+    scheduler = Scheduler(engine, max_batch_size=clients)
+    settings = ServerSettings(port=port, max_new_tokens=args.new_tokens, log_requests=False)
+    server = uvicorn.Server(uvicorn.Config(build_app(engine, scheduler, settings), host="127.0.0.1", port=port,
+                                           log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.05)
+    url = f"http://127.0.0.1:{port}/v1/completions"
+
+    def complete(prompt) -> int:
+        reply = httpx.post(url, json={"prompt": prompt, "max_tokens": args.new_tokens, "temperature": 0},
+                           timeout=600).json()
+        return reply["usage"]["completion_tokens"]
+
+    def first_chunk(prompt) -> float:
+        start = time.perf_counter()
+        with httpx.stream("POST", url, json={"prompt": prompt, "max_tokens": 1, "temperature": 0, "stream": True},
+                          timeout=600) as reply:
+            next(reply.iter_lines())
+            return time.perf_counter() - start
+
+    greedy = [SamplingParams(max_new_tokens=args.new_tokens, greedy=True)] * clients
+    best = {"server": float("inf"), "engine": float("inf"), "server_ttft": float("inf"), "engine_ttft": float("inf")}
+    tokens = {}
+    try:
+        with concurrent.futures.ThreadPoolExecutor(clients) as pool:
+            for _ in range(args.rounds):
+                best["server_ttft"] = min(best["server_ttft"], first_chunk(prompts[0]))
+                start = time.perf_counter()
+                engine.generate(prompts[:1], [SamplingParams(max_new_tokens=1, greedy=True)])
+                best["engine_ttft"] = min(best["engine_ttft"], time.perf_counter() - start)
+                start = time.perf_counter()
+                tokens["server"] = sum(pool.map(complete, prompts))
+                best["server"] = min(best["server"], time.perf_counter() - start)
+                start = time.perf_counter()
+                results = engine.generate(prompts, greedy)
+                best["engine"] = min(best["engine"], time.perf_counter() - start)
+                tokens["engine"] = sum(len(r.tokens) - r.prompt_length for r in results)
+    finally:
+        server.should_exit = True
+        thread.join()
+        scheduler.stop()
+    note = (f"server vs in-process generate (not HF): {clients} clients, largest batch {scheduler.largest_batch}"
+            + ("" if tokens["server"] == tokens["engine"] else ", TOKEN COUNTS DIFFER"))
+    return [Row(f"server, {clients} concurrent clients, prompt {prompt_length}", best["server_ttft"],
+                best["engine_ttft"], tokens["server"] / best["server"], tokens["engine"] / best["engine"], note)]
+
+
+EXTRA_MEASUREMENTS.append(server_throughput)
+
 def table(rows: list[Row]) -> str:
     lines = ["| case | TTFT ours (s) | TTFT HF (s) | tokens/s ours | tokens/s HF | ours / HF (tokens/s) | |",
              "|---|---|---|---|---|---|---|"]
