@@ -100,3 +100,32 @@ def stop_server(procs, timeout: float = 120) -> list:
             p.kill()
             codes.append(p.wait())
     return codes
+
+
+def serve_in_thread(engine, max_batch_size: int = 8):
+    """The server's FastAPI app on `engine` in this process (uvicorn in a thread, real HTTP on a free port);
+    returns (base_url, stop)."""
+    import threading
+    import time
+
+    import uvicorn
+
+    from megatron.inference.server import Scheduler, ServerSettings, build_app
+    from tests.multirank import free_port
+
+    port = free_port()
+    scheduler = Scheduler(engine, max_batch_size)
+    app = build_app(engine, scheduler, ServerSettings(port=port, log_requests=False))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 120
+    while not server.started and thread.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+    def stop():
+        server.should_exit = True
+        thread.join(timeout=120)
+        scheduler.stop()
+
+    return f"http://127.0.0.1:{port}", stop

@@ -233,3 +233,39 @@ def test_the_scheduler_batches_queued_jobs_and_isolates_a_failing_one(served, to
     with pytest.raises(GenerationError, match="temperature"):
         futures[1].result(timeout=300)
     scheduler.stop()
+
+
+CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+
+
+def test_chat_completions_use_the_tokenizers_chat_template(served, tmp_path):
+    import shutil
+
+    from megatron.inference import InferenceEngine, SamplingParams
+    from tests.serve_fixtures import serve_in_thread
+
+    chat_tokenizer = tmp_path / "chat_tokenizer"
+    shutil.copytree(served["hf"], chat_tokenizer, ignore=shutil.ignore_patterns("*.safetensors", "config.json"))
+    config = json.loads((chat_tokenizer / "tokenizer_config.json").read_text())
+    (chat_tokenizer / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": CHAT_TEMPLATE}))
+    engine = InferenceEngine.from_checkpoint(served["ckpt"], tokenizer_args={
+        "tokenizer_type": "HFTokenizer", "tokenizer_model": str(chat_tokenizer)})
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "def area(r):"}]
+    prompt = engine.tokenizer.apply_chat_template(messages)
+    assert engine.tokenizer.detokenize(prompt).endswith("<|assistant|>")
+    [expected] = engine.generate([prompt], [SamplingParams(max_new_tokens=6, greedy=True)])
+    expected_text = engine.tokenizer.detokenize(expected.tokens[len(prompt):])
+    url, stop = serve_in_thread(engine)
+    try:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=300)
+        reply = client.chat.completions.create(model="ckpt", messages=messages, max_tokens=6, temperature=0)
+        assert reply.choices[0].message.role == "assistant"
+        assert reply.choices[0].message.content == expected_text
+        assert reply.usage.prompt_tokens == len(prompt)
+        chunks = list(client.chat.completions.create(model="ckpt", messages=messages, max_tokens=6, temperature=0,
+                                                     stream=True))
+        assert "".join(c.choices[0].delta.content or "" for c in chunks) == expected_text
+        assert chunks[0].choices[0].delta.role == "assistant" and chunks[-1].choices[0].finish_reason
+    finally:
+        stop()
