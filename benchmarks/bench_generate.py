@@ -4,8 +4,8 @@ Ours: megatron.inference.InferenceEngine (preallocated KV cache, SDPA, torch.inf
 Theirs: LlamaForCausalLM.generate on the model exported by tools/convert_checkpoint.py's to-hf writer (the same
 weights). Greedy, batch 1 and 8, prompts of 128 and 512 tokens, 128 new tokens (no early stop). For each case the
 two sides alternate `--rounds` times and the fastest run of each counts. Time to first token (TTFT) is the
-prefill plus the first token (a run with one new token); tokens/s counts the new tokens of the whole batch over
-the whole run. The greedy tokens of both sides are compared too (they must agree).
+prefill plus the first token, taken in the same run (our on_token callback, a streamer for HF); tokens/s counts
+the new tokens of the whole batch over the whole run. The greedy tokens of both sides are compared too (they must agree).
 
     python benchmarks/bench_generate.py                 # the table for benchmarks/RESULTS.md
     python benchmarks/bench_generate.py --quick         # tiny sizes: checks that the script runs
@@ -64,7 +64,7 @@ def parse_cli(argv=None) -> argparse.Namespace:
     p.add_argument("--batches", default="1,8")
     p.add_argument("--prompts", default="128,512")
     p.add_argument("--new-tokens", type=int, default=128)
-    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=1)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--quick", action="store_true", help="tiny sizes, one round (a smoke run)")
     args = p.parse_args(argv)
@@ -100,39 +100,59 @@ def build(args, directory: str) -> Setup:
 
 
 def _ours(engine, prompts, new_tokens):
+    """(seconds to the first new token, seconds in all, the new tokens of each prompt)."""
     from megatron.inference import SamplingParams
 
     params = [SamplingParams(max_new_tokens=new_tokens, greedy=True, ignore_eos=True)] * len(prompts)
+    first = []
     start = time.perf_counter()
-    results = engine.generate(prompts, params)
-    return time.perf_counter() - start, [r.tokens[len(p):] for r, p in zip(results, prompts)]
+    results = engine.generate(prompts, params, on_token=lambda index, token: first or first.append(time.perf_counter()))
+    end = time.perf_counter()
+    return first[0] - start, end - start, [r.tokens[len(p):] for r, p in zip(results, prompts)]
+
+
+class _FirstToken:
+    """A generate() streamer that notes when the first new tokens arrive (the first put is the prompt)."""
+
+    def __init__(self):
+        self.puts, self.first = 0, None
+
+    def put(self, value):
+        self.puts += 1
+        if self.puts == 2:
+            self.first = time.perf_counter()
+
+    def end(self):
+        pass
 
 
 def _theirs(model, prompts, new_tokens):
     ids = torch.tensor(prompts)
+    streamer = _FirstToken()
     start = time.perf_counter()
     with torch.inference_mode():
         out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=new_tokens,
-                             min_new_tokens=new_tokens, pad_token_id=0)
-    return time.perf_counter() - start, out[:, ids.shape[1]:].tolist()
+                             min_new_tokens=new_tokens, pad_token_id=0, streamer=streamer)
+    end = time.perf_counter()
+    return streamer.first - start, end - start, out[:, ids.shape[1]:].tolist()
 
 
 def measure(setup: Setup, batch: int, prompt_length: int) -> Row:
+    """The fastest of `--rounds` alternating runs of each side (time to first token and total separately)."""
     args = setup.args
     g = torch.Generator().manual_seed(batch * 1000 + prompt_length)
     prompts = torch.randint(0, args.vocab - 1, (batch, prompt_length), generator=g).tolist()
-    best = {"ours_ttft": float("inf"), "theirs_ttft": float("inf"), "ours": float("inf"), "theirs": float("inf")}
+    best = {"ours": [float("inf")] * 2, "theirs": [float("inf")] * 2}
     agree = True
     for _ in range(args.rounds):
-        best["ours_ttft"] = min(best["ours_ttft"], _ours(setup.engine, prompts, 1)[0])
-        best["theirs_ttft"] = min(best["theirs_ttft"], _theirs(setup.hf_model, prompts, 1)[0])
-        ours_time, ours_tokens = _ours(setup.engine, prompts, args.new_tokens)
-        theirs_time, theirs_tokens = _theirs(setup.hf_model, prompts, args.new_tokens)
-        best["ours"], best["theirs"] = min(best["ours"], ours_time), min(best["theirs"], theirs_time)
-        agree = agree and ours_tokens == theirs_tokens
+        runs = {"ours": _ours(setup.engine, prompts, args.new_tokens),
+                "theirs": _theirs(setup.hf_model, prompts, args.new_tokens)}
+        for side, (ttft, total, _) in runs.items():
+            best[side] = [min(best[side][0], ttft), min(best[side][1], total)]
+        agree = agree and runs["ours"][2] == runs["theirs"][2]
     generated = batch * args.new_tokens
-    return Row(f"batch {batch}, prompt {prompt_length}", best["ours_ttft"], best["theirs_ttft"],
-               generated / best["ours"], generated / best["theirs"],
+    return Row(f"batch {batch}, prompt {prompt_length}", best["ours"][0], best["theirs"][0],
+               generated / best["ours"][1], generated / best["theirs"][1],
                "greedy tokens equal" if agree else "GREEDY TOKENS DIFFER")
 
 
