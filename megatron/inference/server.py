@@ -35,6 +35,7 @@ import signal
 import sys
 import threading
 import time
+import uuid
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -371,7 +372,7 @@ def build_app(engine, scheduler: Scheduler, settings: ServerSettings, on_ready: 
         job = Job("generate", prompts, params,
                   on_token=lambda i, token: loop.call_soon_threadsafe(events.put_nowait, ("token", i, token)))
         job.future.add_done_callback(lambda f: loop.call_soon_threadsafe(events.put_nowait, ("done", f, None)))
-        ident = f"{'chatcmpl' if kind.startswith('chat') else 'cmpl'}-{job.future.__hash__():x}"
+        ident = f"{'chatcmpl' if kind.startswith('chat') else 'cmpl'}-{uuid.uuid4().hex}"
         created_at = int(time.time())
 
         def chunk(index: int, text: Optional[str], finish: Optional[str], role: bool = False) -> str:
