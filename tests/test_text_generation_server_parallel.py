@@ -79,14 +79,15 @@ def test_a_tp2_server_answers_as_tp1_and_sigterm_drains_a_request_in_flight(mode
         reply = {}
         worker = threading.Thread(target=lambda: reply.update(_post(url + "/v1/completions", long_request)))
         worker.start()
-        while not worker.is_alive() or _post(url + "/health", {}, method="GET")["in_flight"] == 0:
-            if not worker.is_alive():
-                break
-            time.sleep(0.05)
+        in_flight = 0
+        while worker.is_alive() and not in_flight:  # wait until the server holds the request (a wait, not a timing)
+            in_flight = _post(url + "/health", {}, method="GET")["in_flight"]
+            time.sleep(0.02)
         for p in procs:  # torchrun forwards SIGTERM to every rank
             p.send_signal(signal.SIGTERM)
         worker.join(timeout=600)
-        assert len(reply["choices"]) == 8 and all(c["finish_reason"] for c in reply["choices"])
+        assert in_flight == 1, "the request ended before SIGTERM: the drain was not exercised"
+        assert len(reply["choices"]) == 8 and all(c["finish_reason"] in ("stop", "length") for c in reply["choices"])
     finally:
         codes = stop_server(procs)
     assert codes == [0, 0], open(os.path.join(log_dir, "server_rank1.log")).read()[-2000:]
