@@ -49,3 +49,11 @@ def test_streamed_text_holds_back_a_possible_stop_string_and_ends_at_it():
     stream = oai.StreamText(NullTokenizer(100), ["7 8"])
     text = "".join(stream.push(t) for t in (1, 7, 9)) + stream.flush()
     assert text == "1 7 9" and not stream.finished
+
+
+def test_the_server_refuses_bad_generation_flags_by_name(capsys):
+    from tools.run_text_generation_server import main
+
+    assert main(["--load", "unused", "--top_k", "5", "--top_p", "0.5", "--max-batch-size", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "--top_p: cannot set both top-k and top-p samplings." in err and "--max-batch-size must be >= 1" in err
