@@ -48,8 +48,9 @@ def build_tiny_served_model(root: str, seq_length: int = 256, tp: int = 1, pp: i
     write_checkpoint(StateDictSource(model.state_dict(), config, tokenizer_args=tokenizer_args), ckpt, tp=tp, pp=pp,
                      progress=False)
     hf = os.path.join(root, "hf")
-    subprocess.run([sys.executable, os.path.join(ROOT, "tools", "convert_checkpoint.py"), "to-hf", "--load", ckpt,
-                    "--out", hf], check=True, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=ROOT))
+    from tools.convert_checkpoint import main as convert_checkpoint
+
+    assert convert_checkpoint(["to-hf", "--load", ckpt, "--out", hf]) == 0
     return {"ckpt": ckpt, "hf": hf, "tokenizer": bpe}
 
 
