@@ -176,8 +176,8 @@ def server_throughput(setup: Setup) -> list[Row]:
     g = torch.Generator().manual_seed(77)
     prompts = torch.randint(0, args.vocab - 1, (clients, prompt_length), generator=g).tolist()
     port = free_port("127.0.0.1")
-    scheduler = Scheduler(engine, max_batch_size=clients)
     settings = ServerSettings(port=port, max_new_tokens=args.new_tokens, log_requests=False)
+    scheduler = Scheduler(engine, max_batch_size=clients, batch_wait_s=settings.batch_wait_s)  # the default window
     server = uvicorn.Server(uvicorn.Config(build_app(engine, scheduler, settings), host="127.0.0.1", port=port,
                                            log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)

@@ -55,6 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seq-length", type=int, default=None,
                      help="the context served (default: the checkpoint's --max-position-embeddings)")
     gen.add_argument("--max-batch-size", type=int, default=8, help="sequences the engine runs in one batch")
+    gen.add_argument("--batch-wait-ms", type=float, default=25.0,
+                     help="how long a batch waits for more requests after the first (0: start at once)")
     prec = p.add_mutually_exclusive_group()
     prec.add_argument("--bf16", action="store_true")
     prec.add_argument("--fp16", action="store_true")
@@ -78,7 +80,7 @@ def check_flags(args) -> None:
         problems.append(f"--{error.field}: {error}")
     for flag, value, low in (("--out-seq-length", args.out_seq_length, 1), ("--max-tokens-to-oom",
                               args.max_tokens_to_oom, 1), ("--max-batch-size", args.max_batch_size, 1),
-                             ("--port", args.port, 0)):
+                             ("--port", args.port, 0), ("--batch-wait-ms", args.batch_wait_ms, 0)):
         if value < low:
             problems.append(f"{flag} must be >= {low}, got {value}")
     for flag, value in (("--tensor-model-parallel-size", args.tensor_model_parallel_size),
@@ -118,6 +120,7 @@ def main(argv=None) -> int:
                               "--tensor-model-parallel-size / --pipeline-model-parallel-size to fill the world")
         settings = ServerSettings(host=args.host, port=args.port, max_new_tokens=args.out_seq_length,
                                   max_tokens_to_oom=args.max_tokens_to_oom, log_requests=not args.no_request_log,
+                                  batch_wait_s=args.batch_wait_ms / 1000.0,
                                   upstream_defaults=UpstreamDefaults(temperature=args.temperature, top_k=args.top_k,
                                                                      top_p=float(args.top_p)))
 

@@ -65,6 +65,7 @@ class ServerSettings:
     max_new_tokens: int = 1024          # --out-seq-length: the most new tokens one sequence may ask for
     max_tokens_to_oom: Optional[int] = 12000  # upstream's --max-tokens-to-oom for PUT /api
     heartbeat_s: float = 60.0
+    batch_wait_s: float = 0.025        # --batch-wait-ms
     log_requests: bool = True
 
 
@@ -81,12 +82,16 @@ class Job:
 class Scheduler:
     """One thread on rank 0 that owns every engine call: batches queued generate Jobs, tells the followers."""
 
-    def __init__(self, engine, max_batch_size: int, heartbeat_s: float = 60.0, start: bool = True):
-        """start=False: the thread starts at `start()` (what is queued before then forms the first batches)."""
+    def __init__(self, engine, max_batch_size: int, heartbeat_s: float = 60.0, start: bool = True,
+                 batch_wait_s: float = 0.0):
+        """batch_wait_s: how long a batch waits for more requests once the first has come (until max_batch_size
+        sequences are queued); start=False: the thread starts at `start()` (what is queued before then forms the
+        first batches)."""
         self.engine = engine
         self.operations = engine_operations(engine)
         self.max_batch_size = max_batch_size
         self.heartbeat_s = heartbeat_s
+        self.batch_wait_s = batch_wait_s
         self.multi_rank = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
         self._pending: collections.deque[Job] = collections.deque()
         self._cv = threading.Condition()
@@ -133,6 +138,14 @@ class Scheduler:
                     self._broadcast(("noop",))
             if not self._pending:
                 return None
+            if self._pending[0].kind == "generate" and self.batch_wait_s > 0:
+                # clients that send together arrive a few milliseconds apart: give them one batch
+                deadline = time.monotonic() + self.batch_wait_s
+                while not self._stopping and self._queued_sequences() < self.max_batch_size:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        break
+                    self._cv.wait(timeout=remaining)
             first = self._pending.popleft()
             if first.kind != "generate":
                 return [first]
@@ -146,6 +159,9 @@ class Scheduler:
                     rest.append(job)
             self._pending = rest
             return batch
+
+    def _queued_sequences(self) -> int:
+        return sum(len(job.prompts) for job in self._pending if job.kind == "generate")
 
     def _loop(self) -> None:
         try:
@@ -455,7 +471,7 @@ def serve(engine, settings: ServerSettings, max_batch_size: int, on_ready: Optio
                 self.force_exit = True  # a second Ctrl-C: stop waiting for the requests in flight
             self.should_exit = True
 
-    scheduler = Scheduler(engine, max_batch_size, settings.heartbeat_s)
+    scheduler = Scheduler(engine, max_batch_size, settings.heartbeat_s, batch_wait_s=settings.batch_wait_s)
     app = build_app(engine, scheduler, settings, on_ready)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level="warning", access_log=False)
     server = DrainingServer(config)
