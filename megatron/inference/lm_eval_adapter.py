@@ -22,8 +22,6 @@ is collective). all_gather / gather_object / barrier run over the dp group.
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import torch.distributed as dist
 from lm_eval.api.model import TemplateLM
@@ -37,20 +35,14 @@ GEN_KWARGS = ("until", "max_gen_toks", "do_sample", "temperature", "top_p", "top
 
 @register_model("megatron")
 class MegatronLM(TemplateLM):
-    """An lm-eval model over an InferenceEngine (built by the caller, or from `load` through from_checkpoint)."""
+    """An lm-eval model over an InferenceEngine the caller built (InferenceEngine.from_checkpoint on every rank);
+    pass the instance to lm_eval.simple_evaluate(model=...)."""
 
-    def __init__(self, engine=None, load: Optional[str] = None, batch_size: int | str = 8,
-                 max_gen_toks: int = 256, add_bos_token: bool = False, dp_group=None, dp_rank: int = 0,
-                 dp_size: int = 1, **engine_kwargs):
+    def __init__(self, engine, batch_size: int = 8, max_gen_toks: int = 256, add_bos_token: bool = False,
+                 dp_group=None, dp_rank: int = 0, dp_size: int = 1):
         super().__init__()
-        if engine is None:
-            if load is None:
-                raise ValueError("model 'megatron' needs load=<checkpoint> in --model_args (or an engine)")
-            from megatron.inference.engine import InferenceEngine
-
-            engine = InferenceEngine.from_checkpoint(load, **engine_kwargs)
         self.engine = engine
-        self.batch_size = int(batch_size) if str(batch_size) != "auto" else engine_kwargs.get("max_batch_size", 8)
+        self.batch_size = int(batch_size)
         self.max_gen_toks = int(max_gen_toks)
         self.add_bos_token = bool(add_bos_token)
         self.tokenizer = engine.tokenizer
