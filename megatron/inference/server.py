@@ -74,7 +74,7 @@ class Job:
     kind: str                                  # "generate", or a single call: "beam_search" | "top_logprobs"
     prompts: list
     params: list = field(default_factory=list)
-    beam_args: dict = field(default_factory=dict)
+    call_args: dict = field(default_factory=dict)   # the engine call's other arguments, in order (not generate)
     on_token: Optional[Callable[[int, int], None]] = None   # (sequence index in this job, token id)
     future: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
 
@@ -188,8 +188,8 @@ class Scheduler:
         if batch[0].kind != "generate":
             job = batch[0]
             try:
-                args = (*job.prompts, *job.beam_args.values()) if job.kind == "beam_search" else (
-                    job.prompts, *job.beam_args.values())
+                args = (*job.prompts, *job.call_args.values()) if job.kind == "beam_search" else (
+                    job.prompts, *job.call_args.values())
                 job.future.set_result(self._call(job.kind, *args))
             except Exception as error:  # noqa: BLE001 - one request's failure is its reply, not the server's end
                 job.future.set_exception(error)
@@ -310,9 +310,10 @@ def build_app(engine, scheduler: Scheduler, settings: ServerSettings, on_ready: 
             padded = up.check_lengths(req, prompts, engine.max_sequence_length, settings.max_tokens_to_oom)
             if req.beam_width is not None:
                 stop_token = tokenizer.eod if req.stop_token is None else req.stop_token
-                job = Job("beam_search", prompts, beam_args=dict(
+                job = Job("beam_search", prompts, call_args=dict(
                     beam_width=req.beam_width, max_new_tokens=req.tokens_to_generate, stop_token=stop_token,
-                    length_penalty=req.length_penalty))
+                    length_penalty=req.length_penalty, num_return_gen=req.beam_width,  # the whole beam, as upstream
+                    prevent_newline_after_colon=req.prevent_newline_after_colon))
                 sequences, scores = await run_job(job)
                 reply = up.upstream_beam_reply(sequences, scores, tokenizer)
             else:
@@ -347,7 +348,7 @@ def build_app(engine, scheduler: Scheduler, settings: ServerSettings, on_ready: 
             results = await run_job(Job("generate", all_prompts, params))
             tops = [None] * len(results)
             if req.logprobs:
-                tops = await run_job(Job("top_logprobs", [r.tokens for r in results], beam_args={"k": req.logprobs}))
+                tops = await run_job(Job("top_logprobs", [r.tokens for r in results], call_args={"k": req.logprobs}))
             choices = [oai.completion_choice(i, r, req, tokenizer, t) for i, (r, t) in enumerate(zip(results, tops))]
             return JSONResponse(oai.completion_reply(model_name, choices, oai.usage(results, results[::req.n])))
         except MegatronError as error:
