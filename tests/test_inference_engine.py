@@ -328,3 +328,12 @@ def test_a_hugging_face_tokenizer_with_a_chat_template_applies_it(tmp_path):
     tokenizer = InferenceTokenizer(build_tokenizer("HFTokenizer", str(tmp_path / "tok")))
     assert tokenizer.chat_template and tokenizer.eod == 4
     assert tokenizer.apply_chat_template([{"role": "user", "content": "hi"}]) == [1, 3, 2]
+
+
+def test_dtype_by_name_and_an_unknown_one_refused():
+    _, engine = _engine(llama_config(), dtype="bf16")
+    assert engine.dtype == torch.bfloat16 and engine.stage.layers["0"].attention.qkv.weight.dtype == torch.bfloat16
+    [result] = engine.generate([PROMPTS[0]], [_greedy(4, return_logprobs=True)])
+    assert len(result.tokens) == 7 and len(result.logprobs) == 6
+    with pytest.raises(GenerationError, match="dtype 'int8' is not one of"):
+        _engine(llama_config(), dtype="int8")

@@ -50,6 +50,21 @@ __all__ = ["InferenceEngine", "SamplingParams", "GenerationResult", "GenerationE
 log = logging.getLogger(__name__)
 
 
+_DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+           "fp16": torch.float16, "float16": torch.float16}
+
+
+def _resolve_dtype(dtype) -> torch.dtype:
+    """None (float32), a torch dtype, or one of _DTYPES' names."""
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if str(dtype) in _DTYPES:
+        return _DTYPES[str(dtype)]
+    raise GenerationError(f"dtype {dtype!r} is not one of {sorted(_DTYPES)}")
+
+
 def _default_device() -> torch.device:
     from megatron.distributed.device import detect_device_type, device_for_rank
 
@@ -145,7 +160,7 @@ class InferenceEngine:
         if pp > config.num_layers:
             raise GenerationError(f"pp {pp} is more than the model's {config.num_layers} layers")
         device = torch.device(device) if device is not None else _default_device()
-        dtype = dtype or torch.float32
+        dtype = _resolve_dtype(dtype)
         stage = GPTStage(config, ps)
         load_stage_weights(stage, source)
         stage = stage.to(device=device, dtype=dtype).eval()
