@@ -71,16 +71,18 @@ def _default_device() -> torch.device:
     return device_for_rank(detect_device_type(), int(os.environ.get("LOCAL_RANK", "0")))
 
 
-def build_tokenizer_for(source, tokenizer_args: Optional[dict], load: str):
-    """The tokenizer of a checkpoint: `tokenizer_args` (build_tokenizer's keywords) over what the checkpoint
-    recorded, else the Hugging Face folder's own tokenizer files."""
+def build_tokenizer_for(source, tokenizer_args: Optional[dict], load: str) -> InferenceTokenizer:
+    """The tokenizer of a checkpoint: the run's recorded tokenizer with `tokenizer_args` (build_tokenizer's
+    keywords) over it (another tokenizer_type replaces it whole), else the Hugging Face folder's own files."""
     from megatron.data.tokenizers import HFTokenizer, build_tokenizer
 
     saved = dict(getattr(source, "tokenizer_args", None) or {})
     given = {k: v for k, v in (tokenizer_args or {}).items() if v is not None}
-    if given.get("tokenizer_type") or (saved.get("tokenizer_type") and not given.get("tokenizer_type")):
-        args = {**saved, **given} if not given.get("tokenizer_type") or given["tokenizer_type"] == saved.get(
-            "tokenizer_type") else given
+    if given.get("tokenizer_type") and given["tokenizer_type"] != saved.get("tokenizer_type"):
+        args = given
+    else:
+        args = {**saved, **given}
+    if args.get("tokenizer_type"):
         return InferenceTokenizer(build_tokenizer(args["tokenizer_type"], args.get("tokenizer_model"),
                                                   args.get("vocab_file"), args.get("merge_file"),
                                                   args.get("vocab_size")))
