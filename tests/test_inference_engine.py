@@ -40,7 +40,9 @@ def test_kv_cache_logits_equal_a_full_recompute_step_by_step(name):
     with torch.no_grad():
         full = model(tokens)[0, :, :VOCAB]
         pieces = [stage.logits(stage(tokens[:, :4], torch.arange(4).unsqueeze(0), kv_cache=cache))[0, :, :VOCAB]]
-        for i in range(4, tokens.shape[1]):
+        chunk = stage(tokens[:, 4:7], torch.arange(4, 7).unsqueeze(0), kv_cache=cache)  # a later chunk: causal mask
+        pieces.append(stage.logits(chunk)[0, :, :VOCAB])
+        for i in range(7, tokens.shape[1]):
             hidden = stage(tokens[:, i:i + 1], torch.tensor([[i]]), kv_cache=cache)
             pieces.append(stage.logits(hidden)[0, :, :VOCAB])
     torch.testing.assert_close(torch.cat(pieces), full, rtol=0, atol=1e-5)
