@@ -40,7 +40,9 @@ def test_kv_cache_logits_equal_a_full_recompute_step_by_step(name):
     with torch.no_grad():
         full = model(tokens)[0, :, :VOCAB]
         pieces = [stage.logits(stage(tokens[:, :4], torch.arange(4).unsqueeze(0), kv_cache=cache))[0, :, :VOCAB]]
-        for i in range(4, tokens.shape[1]):
+        chunk = stage(tokens[:, 4:7], torch.arange(4, 7).unsqueeze(0), kv_cache=cache)  # a later chunk: causal mask
+        pieces.append(stage.logits(chunk)[0, :, :VOCAB])
+        for i in range(7, tokens.shape[1]):
             hidden = stage(tokens[:, i:i + 1], torch.tensor([[i]]), kv_cache=cache)
             pieces.append(stage.logits(hidden)[0, :, :VOCAB])
     torch.testing.assert_close(torch.cat(pieces), full, rtol=0, atol=1e-5)
@@ -328,3 +330,12 @@ def test_a_hugging_face_tokenizer_with_a_chat_template_applies_it(tmp_path):
     tokenizer = InferenceTokenizer(build_tokenizer("HFTokenizer", str(tmp_path / "tok")))
     assert tokenizer.chat_template and tokenizer.eod == 4
     assert tokenizer.apply_chat_template([{"role": "user", "content": "hi"}]) == [1, 3, 2]
+
+
+def test_dtype_by_name_and_an_unknown_one_refused():
+    _, engine = _engine(llama_config(), dtype="bf16")
+    assert engine.dtype == torch.bfloat16 and engine.stage.layers["0"].attention.qkv.weight.dtype == torch.bfloat16
+    [result] = engine.generate([PROMPTS[0]], [_greedy(4, return_logprobs=True)])
+    assert len(result.tokens) == 7 and len(result.logprobs) == 6
+    with pytest.raises(GenerationError, match="dtype 'int8' is not one of"):
+        _engine(llama_config(), dtype="int8")

@@ -50,22 +50,39 @@ __all__ = ["InferenceEngine", "SamplingParams", "GenerationResult", "GenerationE
 log = logging.getLogger(__name__)
 
 
+_DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+           "fp16": torch.float16, "float16": torch.float16}
+
+
+def _resolve_dtype(dtype) -> torch.dtype:
+    """None (float32), a torch dtype, or one of _DTYPES' names."""
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if str(dtype) in _DTYPES:
+        return _DTYPES[str(dtype)]
+    raise GenerationError(f"dtype {dtype!r} is not one of {sorted(_DTYPES)}")
+
+
 def _default_device() -> torch.device:
     from megatron.distributed.device import detect_device_type, device_for_rank
 
     return device_for_rank(detect_device_type(), int(os.environ.get("LOCAL_RANK", "0")))
 
 
-def build_tokenizer_for(source, tokenizer_args: Optional[dict], load: str):
-    """The tokenizer of a checkpoint: `tokenizer_args` (build_tokenizer's keywords) over what the checkpoint
-    recorded, else the Hugging Face folder's own tokenizer files."""
+def build_tokenizer_for(source, tokenizer_args: Optional[dict], load: str) -> InferenceTokenizer:
+    """The tokenizer of a checkpoint: the run's recorded tokenizer with `tokenizer_args` (build_tokenizer's
+    keywords) over it (another tokenizer_type replaces it whole), else the Hugging Face folder's own files."""
     from megatron.data.tokenizers import HFTokenizer, build_tokenizer
 
     saved = dict(getattr(source, "tokenizer_args", None) or {})
     given = {k: v for k, v in (tokenizer_args or {}).items() if v is not None}
-    if given.get("tokenizer_type") or (saved.get("tokenizer_type") and not given.get("tokenizer_type")):
-        args = {**saved, **given} if not given.get("tokenizer_type") or given["tokenizer_type"] == saved.get(
-            "tokenizer_type") else given
+    if given.get("tokenizer_type") and given["tokenizer_type"] != saved.get("tokenizer_type"):
+        args = given
+    else:
+        args = {**saved, **given}
+    if args.get("tokenizer_type"):
         return InferenceTokenizer(build_tokenizer(args["tokenizer_type"], args.get("tokenizer_model"),
                                                   args.get("vocab_file"), args.get("merge_file"),
                                                   args.get("vocab_size")))
@@ -145,7 +162,7 @@ class InferenceEngine:
         if pp > config.num_layers:
             raise GenerationError(f"pp {pp} is more than the model's {config.num_layers} layers")
         device = torch.device(device) if device is not None else _default_device()
-        dtype = dtype or torch.float32
+        dtype = _resolve_dtype(dtype)
         stage = GPTStage(config, ps)
         load_stage_weights(stage, source)
         stage = stage.to(device=device, dtype=dtype).eval()
