@@ -143,7 +143,7 @@ def stop_reason(params: SamplingParams, special: SpecialTokens, previous: int, t
         return (special.double_newline is not None and token == special.double_newline) or (
             special.newline is not None and token == special.newline == previous)
     if params.stop_on_eol:
-        return token in (special.newline, special.double_newline) and token is not None
+        return token in (special.newline, special.double_newline)
     return False
 
 
