@@ -173,6 +173,16 @@ def test_openai_streaming_sends_the_same_text(served, client):
     assert chunks[-1].choices[0].finish_reason == whole.finish_reason
 
 
+def test_openai_streaming_keeps_each_choice_apart(served, client):
+    kwargs = dict(model="ckpt", prompt=PROMPTS, max_tokens=8, temperature=0.8, n=2, seed=3)
+    whole = client.completions.create(**kwargs).choices
+    texts = {}
+    for chunk in client.completions.create(**kwargs, stream=True):
+        for choice in chunk.choices:
+            texts[choice.index] = texts.get(choice.index, "") + choice.text
+    assert [texts[i] for i in range(4)] == [c.text for c in sorted(whole, key=lambda c: c.index)]
+
+
 def test_chat_without_a_template_is_refused_by_name(served, client):
     with pytest.raises(openai.BadRequestError) as caught:
         client.chat.completions.create(model="ckpt", messages=[{"role": "user", "content": "hi"}])
