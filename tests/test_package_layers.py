@@ -87,3 +87,10 @@ def test_the_checkpoint_package_is_below_training_and_convert():
     graph = package_graph()
     assert "training" not in graph.get("checkpoint", {}) and "convert" not in graph.get("checkpoint", {})
     assert "checkpoint" not in graph.get("config", {}) and "checkpoint" not in graph.get("optimizer", {})
+
+
+def test_the_inference_package_sits_above_checkpoint_and_model():
+    graph = package_graph()
+    below = ("config", "distributed", "core", "model", "data", "checkpoint", "convert", "optimizer", "training")
+    assert not [p for p in below if "inference" in graph.get(p, {})], "a lower package imports megatron.inference"
+    assert "training" not in graph.get("inference", {}) and "convert" not in graph.get("inference", {})
