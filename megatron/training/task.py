@@ -1,0 +1,81 @@
+"""What a training run optimises: the task hook that the loop and the engine call (pretraining by default).
+
+The loop (training/loop.py) and the engine (training/engine.py) are the same for every task; a task says
+- which datasets to read and how their items stack into a micro-batch (`build_datasets`, `collate`);
+- the loss of one micro-batch from the model's per-token cross entropy (`micro_loss`; under pipeline
+  parallelism the same function runs inside the pipe loss on the last stage, fed by `pipe_targets`);
+- whether it needs the whole global batch before the first forward (`whole_batch_first`: a loss normalised over
+  every micro-batch of every dp rank), and then `start_global_batch` sees the micro-batches first (collective);
+- the extra metrics of a step (`step_metrics`, collective) that the log line, TensorBoard and wandb show;
+- work before the first step (`before_training`, e.g. DPO's reference pass).
+
+DeepSpeed averages the micro-batch losses over the gradient-accumulation steps and the dp ranks (the gradients by
+its 1/GAS loss scaling and its dp all-reduce mean); a task that wants sum/count over the whole global batch returns
+for each micro-batch  sum_mb * GAS * dp / count_global,  whose mean over micro-batches and ranks is exactly
+sum_global / count_global -- for the gradients and for the reported loss alike.
+
+Post-training tasks (SFT, DPO) live in megatron/post_training/ and are handed to `train(..., task=...)`.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+
+
+class PretrainingTask:
+    """Next-token prediction on the blended GPT datasets; each micro-batch's loss is its masked token mean."""
+
+    name = "pretraining"
+    whole_batch_first = False
+    metric_names: tuple = ()
+
+    def build_datasets(self, run, ps, num_samples: tuple, printer: Callable[[str], None], tracker=None):
+        """(train, valid, test) datasets (None for a split without data) of num_samples[i] samples each."""
+        from megatron.data.gpt_dataset import build_datasets
+
+        datasets = build_datasets(run.data, run.model.seq_length, run.training.seed, num_samples,
+                                  run.model.vocab_size, ps.rank, ps.world_size)
+        if ps.rank == 0:
+            from megatron.data.blend_report import publish_blend_report
+
+            publish_blend_report(datasets, run.data.blend_epochs_warning, printer, tracker, run.checkpoint.save)
+        return datasets
+
+    @property
+    def collate(self) -> Callable:
+        from megatron.data.data_iterator import collate_tokens
+
+        return collate_tokens
+
+    def start_global_batch(self, te, micro_batches: list, training: bool) -> None:
+        """Called with the global batch's micro-batches of this rank before the first forward (collective over
+        every rank) when whole_batch_first."""
+
+    def micro_loss(self, per_token_nll: torch.Tensor, x, batch: dict, ps) -> tuple[torch.Tensor, torch.Tensor]:
+        """(loss to backpropagate, loss to report) of one micro-batch."""
+        from megatron.training.engine import masked_mean_loss
+
+        return masked_mean_loss(per_token_nll, x.loss_mask, ps)
+
+    def pipe_targets(self, x, batch: dict) -> tuple:
+        """What the pipe loss receives besides the logits (DeepSpeed's labels)."""
+        return (x.labels, x.loss_mask)
+
+    def pipe_loss(self, config, ps) -> Optional[Callable]:
+        """The PipelineModule's loss_fn(logits, targets); None: model/pipeline.py's MaskedMeanLoss."""
+        return None
+
+    def step_metrics(self, te, training: bool) -> dict:
+        """{name: value} of the global batch just run, the same on every rank (collective)."""
+        return {}
+
+    def before_training(self, te, session) -> None:
+        """Work on the built and loaded engine before the first step (collective). session: the loop's _Session
+        (run, checkpointer, datasets, resumed_state: what a resumed checkpoint saved for the task)."""
+
+    def checkpoint_state(self) -> dict:
+        """What the task saves in each checkpoint (client state beside the weights); read back as
+        session.resumed_state."""
+        return {}
