@@ -145,7 +145,7 @@ def compute_reference(task, te, datasets, micro_batch_size: int) -> torch.Tensor
     finally:
         task.recording = None
         te.engine.train()
-    holds = ps.tp_rank == 0 and (not te.is_pipeline or ps.is_pipeline_last_stage())
+    holds = ps.tp_rank == 0 and (not te.is_pipeline or ps.is_pipeline_last_stage)
     mine = sorted(recorded.items()) if holds else []
     gathered = [mine]
     if ps.world_size > 1:

@@ -188,7 +188,7 @@ class DPOTask(PostTrainingTask):
         ps = te.ps
         sums = self.sums.to(te.device)
         if ps.pp_size > 1:
-            if not ps.is_pipeline_last_stage():
+            if not ps.is_pipeline_last_stage:
                 sums = torch.zeros_like(sums)
             dist.all_reduce(sums, group=ps.pp_group)
         if ps.dp_size > 1:
