@@ -132,7 +132,7 @@ class DPOTask(PostTrainingTask):
         scale = len(micro_batches) * te.ps.dp_size
         self.pair_scale = scale / max(pairs, 1.0)
         self.token_scale = scale / max(chosen_tokens, 1.0)
-        self.sums = torch.zeros_like(self.sums)
+        self.sums = torch.zeros_like(self.sums)  # step_metrics reads this global batch's
 
     def _reference_of(self, pair_ids: torch.Tensor) -> torch.Tensor:
         """[2n]: the stored reference log-probabilities of these pairs, chosen ones first."""

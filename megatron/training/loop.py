@@ -42,6 +42,7 @@ class TrainResult:
     losses: dict = field(default_factory=dict)  # iteration -> training loss (global-batch mean)
     grad_norms: dict = field(default_factory=dict)  # iteration -> grad norm (None when not reported)
     metrics: dict = field(default_factory=dict)  # iteration -> the task's metrics (DPO: TRL's rewards/*, logps/*)
+    eval_metrics: dict = field(default_factory=dict)  # iteration -> the task's metrics on the validation set
     eval_losses: dict = field(default_factory=dict)  # iteration -> validation loss
     test_loss: Optional[float] = None
     final_valid_loss: Optional[float] = None  # the end-of-training validation evaluation (upstream's)
@@ -274,9 +275,16 @@ class IntervalLog:
 
 # ---- evaluation -------------------------------------------------------------------------------------
 
-def evaluate(te: TrainingEngine, batches, eval_iters: int) -> float:
-    """Mean validation loss over `eval_iters` global batches."""
-    losses = [te.eval_step(batches) for _ in range(eval_iters)]
+def evaluate(te: TrainingEngine, batches, eval_iters: int, metrics: Optional[dict] = None) -> float:
+    """Mean validation loss over `eval_iters` global batches; `metrics` receives the means of the task's metrics
+    (DPO: rewards/accuracies, ... of the held-out pairs)."""
+    losses, sums = [], {}
+    for _ in range(eval_iters):
+        losses.append(te.eval_step(batches))
+        for name, value in te.task.step_metrics(te, training=False).items():
+            sums[name] = sums.get(name, 0.0) + value
+    if metrics is not None:
+        metrics.update({name: value / eval_iters for name, value in sums.items()})
     return sum(losses) / len(losses)
 
 
@@ -468,10 +476,15 @@ class _Session:
         t = self.run.training
         self.watchdog.phase("eval")
         with self.te.eval_weights():  # schedule-free optimizers: evaluate the averaged weights
-            loss = evaluate(self.te, self.valid_batches, t.eval_iters)
+            metrics = {}
+            loss = evaluate(self.te, self.valid_batches, t.eval_iters, metrics)
         self.watchdog.phase("idle")
         self.consumed_valid += t.eval_iters * self.te.global_batch_size
         self.result.eval_losses[self.iteration] = loss
+        if metrics:
+            self.result.eval_metrics[self.iteration] = metrics
+            self.tracker.log({f"val/{name}": value for name, value in metrics.items()}, self.iteration)
+            self.say(" validation " + " | ".join(f"{name}={value:.6f}" for name, value in metrics.items()) + " |")
         _report_eval("validation", f"iteration {self.iteration}", self.iteration, self.consumed,
                      self.run.model.seq_length, loss, self.ps, self.tracker, self.printer)
 
