@@ -6,6 +6,9 @@ writes out/code_text_document.bin/.idx. The main process reads the input in ~0.2
 lines and writes tokens; `--workers` processes parse JSON and tokenize blocks with the tokenizer's
 batch path. `--partitions P` splits the input into P byte ranges handled by P processes (each with
 workers/P tokenizers) and merges their outputs in order: the result is identical to P=1.
+
+`--task sft|dpo` reads post-training examples instead (tools/preprocess_post_training.py; the forms are in
+megatron/data/post_training_format.py, the files in docs/POST_TRAINING.md).
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import numpy as np  # noqa: E402
 from megatron.data.indexed_dataset import (  # noqa: E402
     IndexedDatasetBuilder, best_dtype, data_file_path, index_file_path,
 )
+from megatron.data.post_training_format import TASKS  # noqa: E402
 from megatron.data.tokenizers import TOKENIZER_TYPES, build_tokenizer  # noqa: E402
 from megatron.errors import MegatronError  # noqa: E402
 
@@ -410,12 +414,18 @@ def run_partitions(partitions, prefixes, tokenizer, tokenizer_kwargs, options, o
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     group = parser.add_argument_group("input data")
+    group.add_argument("--task", choices=("pretrain",) + TASKS, default="pretrain",
+                       help="pretrain: documents under --json-keys (default); sft / dpo: post-training examples "
+                            "(messages, prompt/response, prompt/chosen/rejected), written with a loss-mask sidecar "
+                            "and a .post_training.json description (docs/POST_TRAINING.md)")
     group.add_argument("--input", required=True, nargs="+",
                        help="jsonl file(s), plain or .gz; directories and quoted globs are expanded, sorted")
-    group.add_argument("--json-keys", nargs="+", default=["text"], help="keys to tokenize, one output per key")
+    group.add_argument("--json-keys", nargs="+", default=None,
+                       help="keys to tokenize, one output per key (default: text); --task pretrain only")
     group.add_argument("--split-sentences", action="store_true", help="not supported (needs nltk); refused")
     group.add_argument("--skip-bad-lines", action="store_true",
-                       help="count and skip malformed lines instead of stopping at the first one")
+                       help="count and skip malformed lines instead of stopping at the first one (--task sft/dpo: "
+                            "at the end of the checking pass, listing them all)")
     group = parser.add_argument_group("tokenizer")
     group.add_argument("--tokenizer-type", required=True, choices=TOKENIZER_TYPES)
     group.add_argument("--tokenizer-model", default=None, help="SentencePiece .model, or HF dir/tokenizer.json")
@@ -441,6 +451,16 @@ def _check_args(args, parser) -> None:
     if args.split_sentences:
         parser.error("--split-sentences is not supported (it needs nltk's punkt models, unavailable offline); "
                      "documents are tokenized whole")
+    if args.task != "pretrain":
+        refused = [flag for flag, given in (("--json-keys", args.json_keys is not None),
+                                            ("--append-eod", args.append_eod),
+                                            ("--partitions", args.partitions != 1)) if given]
+        if refused:
+            parser.error(f"{', '.join(refused)} with --task {args.task}: not used by post-training data (the keys "
+                         "are the example's own, EOD is appended to plain-text responses and chat templates close "
+                         "their turns, and --workers alone parallelises); leave {'them' if len(refused) > 1 else 'it'} out")
+    elif args.json_keys is None:
+        args.json_keys = ["text"]
     if args.workers < 1:
         parser.error(f"--workers {args.workers}: must be >= 1")
     if args.partitions < 1:
@@ -467,8 +487,13 @@ def main(argv=None) -> int:
         tokenizer = build_tokenizer(**tokenizer_kwargs)
     except MegatronError as error:  # BadInputError, TokenizerError
         parser.error(str(error))
-    prefixes = {key: output_prefix_for(args.output_prefix, key) for key in args.json_keys}
     total_bytes = sum(os.path.getsize(path) for path in paths)
+    if args.task != "pretrain":
+        # function-local: tools/preprocess_post_training.py builds on this module's readers and error type
+        from tools.preprocess_post_training import post_training_main
+
+        return post_training_main(args, paths, tokenizer, tokenizer_kwargs, total_bytes)
+    prefixes = {key: output_prefix_for(args.output_prefix, key) for key in args.json_keys}
     start = time.time()
     bar = tqdm(total=total_bytes, unit="B", unit_scale=True, unit_divisor=1024, desc="preprocess",
                disable=args.quiet, mininterval=args.log_interval, smoothing=0.1)

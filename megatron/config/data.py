@@ -1,5 +1,5 @@
 """Where tokens come from: the blend of tokenized files, the split, the tokenizer, and mock data; the data flags
-(`add_data_arguments`, `add_data_blend_arguments`) and `data_from_args`."""
+(`add_data_arguments`, `add_data_blend_arguments`, `add_post_training_data_arguments`) and `data_from_args`."""
 
 from __future__ import annotations
 
@@ -45,6 +45,10 @@ class DataConfig:
     reset_position_ids: bool = False
     reset_attention_mask: bool = False  # attention causal within each document (a new one after each EOD)
     eod_mask_loss: bool = False
+    # Post-training data (finetune_gpt.py only; megatron/data/post_training.py): several examples per sequence
+    # with document masks, or one example per sequence, padded; what to do with an example longer than a sequence.
+    packing: bool = False
+    overlong_examples: str = "truncate"  # "truncate" (keep the first seq_length + 1 tokens) or "drop"
 
 
 def add_data_arguments(parser: argparse.ArgumentParser) -> None:
@@ -108,6 +112,23 @@ def add_data_blend_arguments(parser: argparse.ArgumentParser) -> None:
                         "times (default 4)")
 
 
+OVERLONG_CHOICES = ("truncate", "drop")
+
+
+def add_post_training_data_arguments(parser: argparse.ArgumentParser) -> None:
+    """The post-training data flags (docs/POST_TRAINING.md); only finetune_gpt.py's parser has them."""
+    g = parser.add_argument_group("post-training data (--task sft|dpo)")
+    g.add_argument("--packing", action="store_true",
+                   help="pack several examples into each sequence of --seq-length, each attending only to itself "
+                        "(document ids and position ids restart per example, as --reset-attention-mask and "
+                        "--reset-position-ids do); default: one example per sequence, padded. SFT only: DPO "
+                        "keeps one pair per row pair and refuses it")
+    g.add_argument("--overlong-examples", choices=OVERLONG_CHOICES, default=DataConfig.overlong_examples,
+                   help="an example longer than --seq-length + 1 tokens: 'truncate' keeps its first "
+                        "--seq-length + 1 tokens (dropped anyway if no response token is left), 'drop' leaves it "
+                        "out; the counts are logged at start (default truncate)")
+
+
 def data_from_args(ns: argparse.Namespace) -> DataConfig:
     return DataConfig(
         data_path=list(ns.data_path), data_file_list=ns.data_file_list, split=ns.split,
@@ -118,4 +139,7 @@ def data_from_args(ns: argparse.Namespace) -> DataConfig:
         eod_mask_loss=ns.eod_mask_loss, reset_attention_mask=ns.reset_attention_mask,
         train_data_path=list(ns.train_data_path),
         valid_data_path=list(ns.valid_data_path), test_data_path=list(ns.test_data_path),
-        data_cache_path=ns.data_cache_path, blend_epochs_warning=ns.blend_epochs_warning)
+        data_cache_path=ns.data_cache_path, blend_epochs_warning=ns.blend_epochs_warning,
+        # set by finetune_gpt.py's parser only (add_post_training_data_arguments)
+        packing=getattr(ns, "packing", False),
+        overlong_examples=getattr(ns, "overlong_examples", DataConfig.overlong_examples))

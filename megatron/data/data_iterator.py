@@ -85,22 +85,23 @@ def _stop_workers() -> None:
 
 def build_data_iterator(dataset, micro_batch_size: int, dp_rank: int, dp_size: int, consumed_samples: int,
                         num_workers: int = 0, multiprocessing_context: Optional[str] = None,
-                        collate=collate_tokens) -> Iterator[dict]:
+                        collate_fn=collate_tokens) -> Iterator[dict]:
     """Micro-batches {"tokens": LongTensor [micro_batch_size, seq+1]} for this dp rank, from consumed_samples.
 
     num_workers=0 reads in this process (a plain generator); > 0 uses a torch DataLoader with that many
     worker processes and the same batch sampler, so the samples are identical either way.
     multiprocessing_context (--multiprocessing-context): how those workers start, "fork" (upstream's default),
     "spawn" or "forkserver" (the dataset and worker_init_fn are pickled to them; both are module-level).
-    Returns None when dataset is None (a split without data). `collate` stacks a micro-batch's items (a
-    post-training dataset's own collate: megatron/data/post_training.py).
+    collate_fn: how a list of items becomes a micro-batch (post-training: megatron.data.post_training.collate;
+    a module-level function, so that spawned workers can unpickle it).
+    Returns None when dataset is None (a split without data).
     """
     if dataset is None:
         return None
     sampler = DataParallelBatchSampler(len(dataset), micro_batch_size, dp_rank, dp_size, consumed_samples)
     if num_workers and num_workers > 0:
         loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers,
-                                             collate_fn=collate, pin_memory=False,
+                                             collate_fn=collate_fn, pin_memory=False,
                                              persistent_workers=False, worker_init_fn=_ignore_job_signals,
                                              multiprocessing_context=multiprocessing_context)
         batches = iter(loader)
@@ -109,4 +110,4 @@ def build_data_iterator(dataset, micro_batch_size: int, dp_rank: int, dp_size: i
             _STOP_AT_EXIT.append(True)
         _LIVE_ITERATORS.add(batches)
         return batches
-    return (collate(_fetch(dataset, indices)) for indices in sampler)
+    return (collate_fn(_fetch(dataset, indices)) for indices in sampler)

@@ -87,6 +87,17 @@ class MegatronTokenizer:
         """Threads the batch path may use in this process (1 inside multiprocessing workers)."""
 
     @property
+    def chat_template(self) -> Optional[str]:
+        """The tokenizer's own chat template (Jinja), or None; only HFTokenizer directories carry one."""
+        return None
+
+    def apply_chat_template(self, messages: list, add_generation_prompt: bool = False) -> list[int]:
+        """Token ids of `messages` ([{"role", "content"}, ...]) rendered by the tokenizer's chat template."""
+        raise TokenizerError(f"--tokenizer-type {type(self).__name__} has no chat template to render messages; "
+                             "use --tokenizer-type HFTokenizer with a tokenizer directory whose "
+                             "tokenizer_config.json (or chat_template.jinja) defines one")
+
+    @property
     def eos(self) -> int:
         return self.eod
 
@@ -399,6 +410,20 @@ class HFTokenizer(MegatronTokenizer):
 
     def set_num_threads(self, num_threads):
         _set_tokenizers_threads(num_threads)
+
+    @property
+    def chat_template(self):
+        return getattr(self._tokenizer, "chat_template", None) or None
+
+    def apply_chat_template(self, messages, add_generation_prompt=False):
+        if not self.chat_template:
+            raise TokenizerError(f"--tokenizer-model {self.path}: this Hugging Face tokenizer has no chat template "
+                                 "to render messages; use a tokenizer directory whose tokenizer_config.json (or "
+                                 "chat_template.jinja) defines one, or give the examples as plain "
+                                 '{"prompt", "response"} strings')
+        # transformers renders and tokenizes as TRL's _tokenize does (return_dict: the ids under "input_ids")
+        return list(self._tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True,
+                                                        add_generation_prompt=add_generation_prompt)["input_ids"])
 
     def save_pretrained_files(self, directory):
         return _install_files(directory, self._tokenizer.save_pretrained)

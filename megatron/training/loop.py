@@ -572,4 +572,4 @@ def _iterator(run: RunConfig, ps: ParallelState, dataset, consumed_samples: int,
 
     return build_data_iterator(dataset, run.training.micro_batch_size, ps.dp_rank, ps.dp_size, consumed_samples,
                                num_workers=run.data.num_workers,
-                               multiprocessing_context=run.data.multiprocessing_context, collate=collate)
+                               multiprocessing_context=run.data.multiprocessing_context, collate_fn=collate)
