@@ -1,6 +1,7 @@
 """What finetune_gpt.py optimises: --task sft|dpo and DPO's knobs, named as TRL's DPOConfig names them (upstream
 Megatron-DeepSpeed has no DPO flags); `add_post_training_arguments`, `split_post_training_args` and
-`PostTrainingConfig`. The data side (--packing, --overlong-examples) is config/data.py's."""
+`PostTrainingConfig`. The data flags (--packing, --overlong-examples) are config/data.py's
+(add_post_training_data_arguments); split_post_training_args takes them out of the command line too."""
 
 from __future__ import annotations
 
@@ -23,6 +24,8 @@ class PostTrainingConfig:
     rpo_alpha: Optional[float] = None  # weight of the NLL term on the chosen responses (RPO); None: off
     ref_logps_path: Optional[str] = None  # None: beside the data (<data prefix>.dpo_reference.pt)
     recompute_ref_logps: bool = False  # replace a stored reference made from other data or another checkpoint
+    packing: bool = False  # config/data.py's --packing (SFT only)
+    overlong_examples: str = "truncate"  # config/data.py's --overlong-examples
 
 
 def add_post_training_arguments(parser: argparse.ArgumentParser) -> None:
@@ -54,8 +57,11 @@ def add_post_training_arguments(parser: argparse.ArgumentParser) -> None:
 def split_post_training_args(argv: list[str]) -> tuple[PostTrainingConfig, list[str]]:
     """(the post-training flags of argv, the remaining flags for the pretraining parser). ConfigError names a
     wrong value and its flag."""
+    from megatron.config.data import add_post_training_data_arguments
+
     parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     add_post_training_arguments(parser)
+    add_post_training_data_arguments(parser)
 
     def refuse(message):  # argparse would print usage and exit
         raise ConfigError(f"invalid arguments:\n  - {message} (finetune_gpt.py --task sft|dpo ...)")
@@ -84,4 +90,5 @@ def split_post_training_args(argv: list[str]) -> tuple[PostTrainingConfig, list[
         raise ConfigError("invalid arguments:\n  - " + "\n  - ".join(problems))
     return PostTrainingConfig(task=ns.task, dpo_beta=ns.dpo_beta, dpo_loss=ns.dpo_loss,
                               label_smoothing=ns.label_smoothing, rpo_alpha=ns.rpo_alpha,
-                              ref_logps_path=ns.ref_logps_path, recompute_ref_logps=ns.recompute_ref_logps), rest
+                              ref_logps_path=ns.ref_logps_path, recompute_ref_logps=ns.recompute_ref_logps,
+                              packing=ns.packing, overlong_examples=ns.overlong_examples), rest

@@ -36,18 +36,6 @@ def default_path(prefix: str) -> str:
     return f"{prefix}.dpo_reference.pt"
 
 
-def data_key(prefix: str) -> dict:
-    """The data's identity: its prefix and the hash of its post_training.json (written by preprocess_data.py)."""
-    meta = f"{prefix}.post_training.json"
-    try:
-        with open(meta, "rb") as f:
-            digest = hashlib.sha256(f.read()).hexdigest()
-    except OSError as error:
-        raise ReferenceError(f"cannot read {meta} ({error.strerror or error}): --data-path must name a prefix "
-                             "written by tools/preprocess_data.py --task dpo") from None
-    return {"prefix": os.path.realpath(prefix), "post_training_json_sha256": digest}
-
-
 def _listing_digest(path: str) -> str:
     digest = hashlib.sha256()
     entries = []
@@ -81,7 +69,9 @@ def prepare_reference(task, te, session) -> None:
     run, ps = session.run, session.ps
     prefix = task.data_prefix(run) if task.data_key_override is None else None
     path = task.config.ref_logps_path or default_path(prefix)
-    fresh = {"data": task.data_key_override or data_key(prefix), "reference": checkpoint_key(session)}
+    data = task.data_key_override or {"prefix": os.path.realpath(prefix),
+                                      "post_training_json_sha256": task.data.fingerprint}
+    fresh = {"data": data, "reference": checkpoint_key(session)}
     recorded = session.resumed_state.get("dpo_reference")
     expected = recorded or fresh
     stored = torch.load(path, map_location="cpu", weights_only=True) if os.path.exists(path) else None
@@ -128,7 +118,8 @@ def compute_reference(task, te, datasets, micro_batch_size: int) -> torch.Tensor
             for dataset in datasets:
                 if dataset is None or len(dataset) == 0:
                     continue
-                micro_batches = _micro_batches(dataset, task.collate, micro_batch_size, ps.dp_rank, ps.dp_size)
+                micro_batches = _micro_batches(dataset, task.collate, micro_batch_size, ps.dp_rank, ps.dp_size,
+                                               _first_epoch(dataset))
                 if te.is_pipeline:
                     gas = te.gradient_accumulation_steps
                     for start in range(0, len(micro_batches), gas):
@@ -152,6 +143,8 @@ def compute_reference(task, te, datasets, micro_batch_size: int) -> torch.Tensor
         gathered = [None] * ps.world_size
         dist.all_gather_object(gathered, mine)
     examples = 1 + max((pair for part in gathered for pair, _ in part), default=-1)
+    if task.data is not None:
+        examples = max(examples, task.data.num_examples)
     table = torch.full((examples, 2), math.nan, dtype=torch.float64)
     for part in gathered:
         for pair, (chosen, rejected) in part:
@@ -159,10 +152,15 @@ def compute_reference(task, te, datasets, micro_batch_size: int) -> torch.Tensor
     return table
 
 
-def _micro_batches(dataset, collate, micro_batch_size: int, dp_rank: int, dp_size: int) -> list:
-    """This dp rank's micro-batches covering every item of `dataset` (the last step wraps around to the start,
-    so every rank runs the same number of forwards)."""
-    total = len(dataset)
+def _first_epoch(dataset) -> int:
+    """Items that hold every pair of the dataset once: its first epoch (megatron/data/post_training.py's rows)."""
+    rows = getattr(dataset, "rows", None)
+    return min(len(dataset), rows.num_rows) if rows is not None else len(dataset)
+
+
+def _micro_batches(dataset, collate, micro_batch_size: int, dp_rank: int, dp_size: int, total: int) -> list:
+    """This dp rank's micro-batches covering items [0, total) of `dataset` (the last step wraps around to the
+    start, so every rank runs the same number of forwards)."""
     per_step = micro_batch_size * dp_size
     batches = []
     for step in range(math.ceil(total / per_step)):

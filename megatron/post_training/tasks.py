@@ -45,6 +45,7 @@ class PostTrainingTask(PretrainingTask):
         self._datasets, self._collate = datasets, collate  # tests hand-build them; None: from --data-path
         self.data_report = None
         self.data_key_override: Optional[dict] = None  # hand-built datasets: their identity (reference.py)
+        self.data = None  # the opened PostTrainingData (megatron/data/post_training.py)
 
     @property
     def name(self) -> str:
@@ -61,18 +62,24 @@ class PostTrainingTask(PretrainingTask):
     def build_datasets(self, run, ps, num_samples: tuple, printer: Callable[[str], None], tracker=None):
         if self._datasets is not None:
             return self._datasets
-        from megatron.data.post_training import build_post_training_datasets
+        from megatron.data.post_training import build_post_training_datasets, open_post_training_data
         from megatron.data.tokenizers import build_tokenizer_from_config
 
+        if not run.data.tokenizer_type:
+            raise ConfigError(f"finetune_gpt.py --task {self.config.task} needs the tokenizer the data was "
+                              "preprocessed with: give --tokenizer-type and its files")
         tokenizer = build_tokenizer_from_config(run.data)
         pad = getattr(tokenizer, "pad", None)
+        self.data = open_post_training_data(self.data_prefix(run))
         datasets, report = build_post_training_datasets(
-            self.data_prefix(run), self.config.task, run.model.seq_length,
-            pack=getattr(run.data, "packing", False), overlong=getattr(run.data, "overlong_examples", "truncate"),
-            split=run.data.split, seed=run.training.seed, eod=tokenizer.eod, pad=tokenizer.eod if pad is None else pad)
+            self.data, self.config.task, run.model.seq_length, pack=self.config.packing,
+            overlong=self.config.overlong_examples, split=run.data.split, seed=run.training.seed, eod=tokenizer.eod,
+            pad=tokenizer.eod if pad is None or pad < 0 else pad,
+            num_samples=[n if n > 0 else 0 for n in num_samples])
         self.data_report = report
         if ps.rank == 0:
-            printer(f"finetune_gpt.py: {self.config.task} data {self.data_prefix(run)}: {report}")
+            for line in report.lines():
+                printer(line)
         self._datasets = tuple(datasets)
         return self._datasets
 
