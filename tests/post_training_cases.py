@@ -130,3 +130,45 @@ def run_case(task_argv, argv, examples=64, lines=None):
             "grad_norms": [result.grad_norms[i] for i in its], "saved": list(result.saved),
             "start_iteration": result.start_iteration, "lines": printed,
             "reference": None if getattr(task, "reference", None) is None else task.reference.tolist()}
+
+
+def guarded_cases(rank: int, world_size: int, cases: list) -> dict:
+    """post_training_cases where a case may be refused: {name: summary} or {name: {"error": message}}; each
+    case is (name, task flags, training flags, dataset examples)."""
+    import deepspeed
+
+    from megatron.errors import MegatronError
+
+    deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
+    out = {}
+    for name, task_argv, argv, examples in cases:
+        try:
+            out[name] = run_case(task_argv, argv, examples)
+        except MegatronError as error:
+            out[name] = {"error": str(error)}
+    return out
+
+
+def finetune_cases(rank: int, world_size: int, cases: list) -> dict:
+    """finetune_gpt.py's path without its process handling: (name, argv) -> the run's losses, metrics and
+    validation metrics, on preprocessed data."""
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
+    from megatron.cli import parse_args
+    from megatron.config.post_training import split_post_training_args
+    from megatron.distributed.parallel_state import ParallelState
+    from megatron.post_training.tasks import build_task
+    from megatron.training.loop import train
+
+    out = {}
+    for name, argv in cases:
+        config, rest = split_post_training_args(argv)
+        run = parse_args(rest)
+        ps = ParallelState.build(run.parallel, run.model)
+        lines = []
+        result = train(run, ps, torch.device("cpu"), printer=lines.append, task=build_task(config))
+        its = sorted(result.losses)
+        out[name] = {"losses": [result.losses[i] for i in its], "metrics": [result.metrics.get(i, {}) for i in its],
+                     "eval_metrics": dict(result.eval_metrics), "lines": lines}
+    return out

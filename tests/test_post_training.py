@@ -38,3 +38,36 @@ def test_tp2_pp2_dp2_zero1_equals_one_rank_for_sft_and_dpo(tmp_path):
                                rtol=1e-5, atol=1e-5)
     first = single["dpo"]["metrics"][0]  # step 1: the policy is the reference
     assert first["rewards/chosen"] == pytest.approx(0, abs=1e-6) and first["rewards/margins"] == pytest.approx(0, abs=1e-6)
+
+
+def _halves(tmp_path, task_argv, name):
+    """(uninterrupted 4 steps, first 2 steps saved, resumed 2 steps) for one task."""
+    save = str(tmp_path / f"ckpt-{name}")
+    full = TINY_POST + ["--train-iters", "4"]
+    saving = ["--save", save, "--save-interval", "100"]
+    return [(f"{name}-full", task_argv(f"{name}-full"), full, 64),
+            (f"{name}-first", task_argv(name), full + ["--exit-interval", "2"] + saving, 64),
+            (f"{name}-resumed", task_argv(name), full + ["--load", save] + saving, 64)]
+
+
+def test_resume_is_bit_exact_for_sft_and_dpo_and_the_stored_reference_is_checked(tmp_path):
+    """CPU fp32: a run stopped after step 2 and resumed gives steps 3-4 bit for bit (losses and DPO's metrics); the
+    resumed DPO run reads the stored reference its checkpoint names. A stored reference made from other data is
+    refused naming both; --recompute-ref-logps replaces it."""
+    ref = lambda name: str(tmp_path / f"{name}.ref.pt")  # noqa: E731
+    dpo = lambda name: ["--task", "dpo", "--ref-logps-path", ref(name)]  # noqa: E731
+    cases = _halves(tmp_path, lambda name: ["--task", "sft"], "sft") + _halves(tmp_path, dpo, "dpo") + [
+        ("other-data", dpo("dpo"), TINY_POST + ["--train-iters", "1"], 48),
+        ("recomputed", dpo("dpo") + ["--recompute-ref-logps"], TINY_POST + ["--train-iters", "1"], 48)]
+    from post_training_cases import guarded_cases
+
+    out = run_ranks(1, guarded_cases, cases, timeout=600)[0]
+    for name in ("sft", "dpo"):
+        full, first, resumed = out[f"{name}-full"], out[f"{name}-first"], out[f"{name}-resumed"]
+        assert first["losses"] == full["losses"][:2] and resumed["start_iteration"] == 2
+        assert resumed["losses"] == full["losses"][2:], name
+        assert resumed["metrics"] == full["metrics"][2:], name
+    assert any("DPO reference log-probabilities from" in line for line in out["dpo-resumed"]["lines"])
+    error = out["other-data"]["error"]
+    assert "dpo examples=64" in error and "dpo examples=48" in error and "--recompute-ref-logps" in error
+    assert "losses" in out["recomputed"] and len(out["recomputed"]["reference"]) == 48
