@@ -71,3 +71,46 @@ def test_resume_is_bit_exact_for_sft_and_dpo_and_the_stored_reference_is_checked
     error = out["other-data"]["error"]
     assert "dpo examples=64" in error and "dpo examples=48" in error and "--recompute-ref-logps" in error
     assert "losses" in out["recomputed"] and len(out["recomputed"]["reference"]) == 48
+
+
+def _tiny_hf_llama(path):
+    """TINY_POST's model as a randomly initialised transformers LlamaForCausalLM folder."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from post_training_cases import VOCAB
+
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32, rms_norm_eps=1e-5,
+                         tie_word_embeddings=True, rope_theta=10000.0)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).eval()
+    model.save_pretrained(path)
+    return model
+
+
+def test_sft_loss_equals_hugging_faces_with_prompt_labels_ignored(tmp_path):
+    """Step 1's SFT loss (before any update; 4 micro-batches of unequal loss-token counts) equals transformers'
+    loss of the same model on the same global batch with the prompt and padding labels set to -100: the mean over
+    the loss tokens of the whole global batch, not a mean of per-micro-batch means."""
+    from post_training_cases import SyntheticSFT
+
+    hf = _tiny_hf_llama(tmp_path / "hf")
+    data = SyntheticSFT(64)
+    tokens = torch.stack([torch.from_numpy(data[i]["tokens"]) for i in range(8)])
+    mask = torch.stack([torch.from_numpy(data[i]["loss_mask"]) for i in range(8)])
+    labels = tokens.clone()
+    labels[:, 1:][mask == 0] = -100
+    labels[:, 0] = -100
+    with torch.no_grad():  # transformers shifts the labels itself: label t + 1 is predicted at position t
+        expected = hf(input_ids=tokens, labels=labels).loss
+    from post_training_cases import guarded_cases
+
+    argv = TINY_POST + ["--train-iters", "1", "--load", str(tmp_path / "hf"), "--finetune", "--disable-bias-linear"]
+    out = run_ranks(1, guarded_cases, [("sft", ["--task", "sft"], argv, 64)], timeout=300)[0]["sft"]
+    assert "error" not in out, out
+    per_micro_batch = []
+    for start in range(0, 8, 2):
+        with torch.no_grad():
+            per_micro_batch.append(hf(input_ids=tokens[start:start + 2], labels=labels[start:start + 2]).loss)
+    assert abs(torch.stack(per_micro_batch).mean() - expected) > 1e-3  # the two normalisations differ here
+    assert out["losses"][0] == pytest.approx(expected.item(), rel=1e-5), (out["losses"][0], expected.item())
