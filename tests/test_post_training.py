@@ -114,3 +114,36 @@ def test_sft_loss_equals_hugging_faces_with_prompt_labels_ignored(tmp_path):
             per_micro_batch.append(hf(input_ids=tokens[start:start + 2], labels=labels[start:start + 2]).loss)
     assert abs(torch.stack(per_micro_batch).mean() - expected) > 1e-3  # the two normalisations differ here
     assert out["losses"][0] == pytest.approx(expected.item(), rel=1e-5), (out["losses"][0], expected.item())
+
+
+def test_dpo_on_the_examples_preferences_raises_held_out_reward_accuracy(tmp_path):
+    """examples/post_train_cpu.py's preference set (stdlib sentences: the words in order preferred to them
+    reversed), preprocessed by tools/preprocess_data.py --task dpo; a tiny model trained with DPO for 150 steps from
+    its own reference: rewards/accuracies on the held-out 10% of the pairs ends well above 0.5 (it is 0 at the start,
+    where policy and reference are equal)."""
+    import sys
+
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1] / "examples"))
+    from post_train_cpu import build_preference_data
+
+    from tools import preprocess_data
+
+    data = build_preference_data(str(tmp_path / "data"), examples=400)
+    prefix = str(tmp_path / "data" / "dpo")
+    assert preprocess_data.main(["--task", "dpo", "--input", data["dpo"], "--output-prefix", prefix, "--quiet",
+                                 *data["tokenizer_flags"]]) == 0
+    argv = ["--task", "dpo", "--dpo-beta", "0.1", "--data-path", prefix + "_text_document", *data["tokenizer_flags"],
+            "--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4", "--ffn-hidden-size", "64",
+            "--seq-length", "48", "--max-position-embeddings", "48", "--normalization", "rmsnorm", "--swiglu",
+            "--position-embedding-type", "rope", "--hidden-dropout", "0", "--attention-dropout", "0",
+            "--micro-batch-size", "8", "--global-batch-size", "16", "--train-iters", "150", "--lr", "3e-3",
+            "--lr-decay-style", "constant", "--split", "90,10,0", "--eval-interval", "150", "--eval-iters", "3",
+            "--log-interval", "50", "--zero-stage", "0", "--num-workers", "0"]
+    from post_training_cases import finetune_cases
+
+    out = run_ranks(1, finetune_cases, [("dpo", argv)], timeout=600)[0]["dpo"]
+    assert out["metrics"][0]["rewards/accuracies"] == 0.0  # step 1: the policy is the reference
+    held_out = out["eval_metrics"][150]
+    assert held_out["rewards/accuracies"] >= 0.75, held_out
+    assert held_out["rewards/margins"] > 0, held_out
+    assert (tmp_path / "data" / "dpo_text_document.dpo_reference.pt").exists()  # stored beside the data
