@@ -28,7 +28,7 @@ from megatron.errors import MegatronError
 FORMAT = 1
 
 
-class ReferenceError(MegatronError):
+class DPOReferenceError(MegatronError, ValueError):
     """A stored reference that does not belong to this run, or a missing one that cannot be recomputed."""
 
 
@@ -76,7 +76,7 @@ def prepare_reference(task, te, session) -> None:
     expected = recorded or fresh
     stored = torch.load(path, map_location="cpu", weights_only=True) if os.path.exists(path) else None
     if stored is not None and stored.get("format") != FORMAT:
-        raise ReferenceError(f"{path} is not a DPO reference file of format {FORMAT}: remove it or give another "
+        raise DPOReferenceError(f"{path} is not a DPO reference file of format {FORMAT}: remove it or give another "
                              "--ref-logps-path")
     if stored is not None and stored["key"] == _describe(expected):
         task.reference, task.reference_key = stored["logps"].double(), expected
@@ -85,12 +85,12 @@ def prepare_reference(task, te, session) -> None:
         return
     if recorded is not None:
         found = "is missing" if stored is None else f"was made from {stored['key']}"
-        raise ReferenceError(
+        raise DPOReferenceError(
             f"this DPO run resumes a checkpoint whose reference log-probabilities were made from {_describe(recorded)}, "
             f"but {path} {found}; they cannot be recomputed from the resumed (trained) policy: restore that file, "
             "give its --ref-logps-path, or start a new DPO run from the reference checkpoint (--finetune)")
     if stored is not None and not task.config.recompute_ref_logps:
-        raise ReferenceError(
+        raise DPOReferenceError(
             f"{path} holds reference log-probabilities made from {stored['key']}, but this run's data and reference "
             f"checkpoint are {_describe(fresh)}: give --recompute-ref-logps to replace it, another --ref-logps-path, "
             "or the --data-path / --load it was made from")
