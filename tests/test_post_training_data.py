@@ -54,6 +54,10 @@ DPO_EXAMPLES = [
     {"prompt": [{"role": "system", "content": "Be brief."}, _user("What is two plus two?")],
      "chosen": [_assistant("four")], "rejected": [_assistant("It is four, the quick brown fox says.")]},
 ]
+IMPLICIT_PROMPT = [  # TRL's implicit-prompt forms: the prompt is what chosen and rejected share
+    {"chosen": "What is two plus two? It is four.", "rejected": "What is two plus two? It is red."},
+    {"chosen": [_user("Name a colour:"), _assistant("red")], "rejected": [_user("Name a colour:"), _assistant("dog")]},
+]
 
 
 @pytest.fixture(scope="module")
@@ -169,17 +173,19 @@ def test_sft_sequences_and_masks_equal_trls_for_every_form(tmp_path, tokenizers)
 
 def test_dpo_pairs_equal_trls_collated_batch(tmp_path, tokenizers):
     chat, _, hf = tokenizers
-    rc, prefix = _preprocess(tmp_path, "dpo", DPO_EXAMPLES, chat)
+    from trl.data_utils import extract_prompt
+
+    rc, prefix = _preprocess(tmp_path, "dpo", DPO_EXAMPLES + IMPLICIT_PROMPT, chat)
     assert rc == 0
     (train, _, _), report = build_post_training_datasets(prefix, "dpo", 64, pack=False, overlong="truncate",
                                                          split="1", seed=3, eod=hf.eos_token_id, pad=hf.eos_token_id)
-    assert report.splits["train"].truncated == 0 and len(train) == 4
+    assert report.splits["train"].truncated == 0 and len(train) == 6
     items = sorted((train[i] for i in range(len(train))), key=lambda item: item["pair_id"])
     ours = collate(items)
-    reference = _trl_dpo_batch(hf, DPO_EXAMPLES)
-    n = len(DPO_EXAMPLES)
+    reference = _trl_dpo_batch(hf, DPO_EXAMPLES + [extract_prompt(example) for example in IMPLICIT_PROMPT])
+    n = len(DPO_EXAMPLES) + len(IMPLICIT_PROMPT)
     assert ours["tokens"].shape == (2 * n, 65) and ours["loss_mask"].shape == (2 * n, 64)
-    assert ours["pair_ids"].tolist() == [0, 1, 2, 3]
+    assert ours["pair_ids"].tolist() == list(range(n))
     for row in range(2 * n):  # rows 0..n-1 chosen, n..2n-1 rejected, in TRL's order too
         length = int(reference["attention_mask"][row].sum())
         assert ours["tokens"][row, :length].tolist() == reference["input_ids"][row, :length].tolist(), row
@@ -228,12 +234,14 @@ def test_every_bad_line_is_listed_with_its_number_before_anything_is_written(tmp
         assert words in err, words
     assert not os.path.exists(tmp_path / "out") or not os.listdir(tmp_path / "out")
     dpo_bad = [{"prompt": "p", "chosen": "c"}, {"prompt": "p", "chosen": "", "rejected": "r"},
+               {"chosen": "same", "rejected": "same"}, {"chosen": "yes", "rejected": "no"},
                {"prompt": [_user("q")], "chosen": [_user("c")], "rejected": [_assistant("r")]},
                {"prompt": [_user("q"), _assistant("a")], "chosen": [_assistant("c")], "rejected": [_assistant("r")]}]
     rc, _ = _preprocess(tmp_path, "dpo", dpo_bad, chat, name="dpo")
     err = capsys.readouterr().err
-    assert rc == 2 and "4 bad line(s)" in err
-    for words in ("missing key 'rejected'", "'chosen' is empty", "chosen[0]: role 'user' in a response",
+    assert rc == 2 and "6 bad line(s)" in err
+    for words in ("missing key 'rejected'", "'chosen' is empty", "are identical", "share no beginning",
+                  "chosen[0]: role 'user' in a response",
                   "'prompt' ends with an assistant message"):
         assert words in err, words
     # --skip-bad-lines: the good lines are written, the bad ones counted and listed
@@ -272,7 +280,8 @@ def test_refused_flags_with_a_post_training_task(tmp_path, tokenizers, capsys):
         with pytest.raises(SystemExit) as exit_info:
             _preprocess(tmp_path, "sft", SFT_EXAMPLES, chat, extra=extra)
         assert exit_info.value.code == 2
-        assert f"{extra[0]} with --task sft" in capsys.readouterr().err
+        err = capsys.readouterr().err
+        assert f"{extra[0]} with --task sft" in err and "leave it out" in err
 
 
 def test_parallel_preprocessing_equals_serial_byte_for_byte(tmp_path, tokenizers, monkeypatch):
@@ -351,6 +360,49 @@ def test_packing_never_attends_across_examples_and_restarts_positions(tmp_path):
     assert any("packed" in line for line in report.lines())
 
 
+def test_a_packed_row_gives_each_example_the_logits_it_gets_alone(tmp_path):
+    """Through the model: document ids and restarted positions make packing exact (Llama: RoPE, GQA)."""
+    from megatron.config.arguments import parse_args
+    from megatron.distributed.parallel_state import ParallelState
+    from megatron.model import GPTModel
+
+    seq, vocab = 16, 64
+    lengths = [5, 4, 6, 3, 7, 2, 5]
+    rng = np.random.default_rng(3)
+    sequences = [rng.integers(1, vocab, size=length) for length in lengths]
+    prefix = str(tmp_path / "model_text_document")
+    write_dataset(prefix, sequences, np.int32)
+    write_dataset(prefix + "_loss_mask", [np.ones(length, np.uint8) for length in lengths], np.uint8)
+    with open(prefix + ".post_training.json", "w") as f:
+        json.dump({"format": 1, "task": "sft", "examples": 7, "sequences": 7, "tokenizer": {"eod": 0}}, f)
+    (train, _, _), _ = build_post_training_datasets(prefix, "sft", seq, pack=True, overlong="truncate", split="1",
+                                                    seed=0, eod=0, pad=0)
+    run = parse_args(["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4",
+                      "--num-key-value-heads", "2", "--ffn-hidden-size", "64", "--seq-length", str(seq),
+                      "--normalization", "rmsnorm", "--swiglu", "--use-rotary-position-embeddings",
+                      "--hidden-dropout", "0", "--attention-dropout", "0", "--mock-data", "--vocab-size",
+                      str(vocab), "--train-iters", "1"])
+    model = GPTModel(run.model, ParallelState.single(), seed=7).eval()
+    batch = collate([train[i] for i in range(len(train))])
+    checked = 0
+    with torch.no_grad():
+        packed = model(batch["tokens"][:, :seq], position_ids=batch["position_ids"],
+                       document_ids=batch["document_ids"])
+        for row in range(len(train)):
+            documents = batch["document_ids"][row]
+            for number in documents.unique().tolist():
+                where = (documents == number).nonzero().flatten()
+                # an example ending on the row's last token (a label only) has one input position fewer
+                example = next((i for i, s in enumerate(sequences) if len(s) - len(where) in (0, 1)
+                                and batch["tokens"][row, where].tolist() == s[:len(where)].tolist()), None)
+                if example is None:  # the padding
+                    continue
+                alone = model(torch.from_numpy(sequences[example][None]).long())
+                torch.testing.assert_close(packed[row, where], alone[0, :len(where)], rtol=1e-5, atol=1e-5)
+                checked += 1
+    assert checked == len(lengths)
+
+
 def test_best_fit_packing_fills_rows_tighter_than_next_fit_and_places_every_example_once():
     bounds, positions = _pack_best_fit(np.array([6, 7, 5, 4]), 11)
     rows = [positions[a:b].tolist() for a, b in zip(bounds[:-1], bounds[1:])]
@@ -420,6 +472,7 @@ def test_order_is_deterministic_per_seed_and_split_and_resumes_from_consumed_sam
     assert {t // 100 for t in order[:32]} == set(range(32))  # epoch 1: every train example (32 of 40) once
     assert order[32:64] != order[:32] and sorted(order[32:64]) == sorted(order[:32])  # epoch 2: a new order
     assert {t // 100 for t in first_tokens(valid)} <= set(range(32, 40))  # valid: the file's last examples
+    assert first_tokens(build(7, num_samples=(60, 10, 0))[0]) == order[:60]  # a longer run extends the stream
     # resume: an iterator from consumed_samples continues the stream of an uninterrupted one, at any dp size
     full = [b["tokens"] for b in build_data_iterator(train, 2, 0, 1, 0, collate_fn=collate)]
     resumed = [torch.cat([b["tokens"] for b in batches]) for batches in zip(

@@ -456,9 +456,10 @@ def _check_args(args, parser) -> None:
                                             ("--append-eod", args.append_eod),
                                             ("--partitions", args.partitions != 1)) if given]
         if refused:
+            pronoun = "them" if len(refused) > 1 else "it"
             parser.error(f"{', '.join(refused)} with --task {args.task}: not used by post-training data (the keys "
                          "are the example's own, EOD is appended to plain-text responses and chat templates close "
-                         "their turns, and --workers alone parallelises); leave {'them' if len(refused) > 1 else 'it'} out")
+                         f"their turns, and --workers alone parallelises); leave {pronoun} out")
     elif args.json_keys is None:
         args.json_keys = ["text"]
     if args.workers < 1:

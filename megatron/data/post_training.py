@@ -32,6 +32,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from megatron.config.data import OVERLONG_CHOICES
 from megatron.data.data_list import parse_split, split_boundaries
 from megatron.data.indexed_dataset import IndexedDataset, data_file_path, index_file_path
 from megatron.data.permutation import KeyedPermutation, derive_key, shuffled_range
@@ -39,7 +40,6 @@ from megatron.data.post_training_format import FORMAT_VERSION, TASKS, loss_mask_
 from megatron.errors import ConfigError, MegatronError
 
 SPLIT_NAMES = ("train", "valid", "test")
-OVERLONG_CHOICES = ("truncate", "drop")
 _PACK_SALT, _ORDER_SALT = 0x5F7A, 0x0D3E  # keep the packing shuffle and the epoch orders independent
 
 
@@ -409,3 +409,4 @@ def build_post_training_datasets(prefix, task: str, seq_length: int, *, pack: bo
         else:
             datasets.append(DPODataset(data, rows, all_lengths, seq_length, pad))
     return tuple(datasets), report
+

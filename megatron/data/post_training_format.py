@@ -12,6 +12,7 @@ cover exactly the tokens TRL's SFTTrainer / DPOTrainer train on):
          {"prompt": [messages], "response": [messages]}    TRL's conversational prompt-completion form
     DPO  {"prompt": "...", "chosen": "...", "rejected": "..."}            standard form: + [EOD] each
          {"prompt": [messages], "chosen": [messages], "rejected": [...]}  conversational form
+         {"chosen": ..., "rejected": ...}  either, with TRL's implicit prompt: their common beginning
 
 Plain text: the prompt ends after the longest common prefix of tokenize(prompt) and tokenize(prompt + response)
 (TRL's `common_prefix_length`: a token merging across the boundary belongs to the response), and EOD is
@@ -32,14 +33,16 @@ import json
 from typing import Optional
 
 from megatron.data.tokenizers import TokenizerError
+from megatron.errors import MegatronError
 
 TASKS = ("sft", "dpo")
 ROLES = ("system", "user", "assistant")
 FORMAT_VERSION = 1
 
 
-class ExampleError(ValueError):
-    """One bad example; the message says what is wrong (the caller names the file and line)."""
+class ExampleError(MegatronError, ValueError):
+    """One bad example; the message says what is wrong (the caller names the file and line, and reports every
+    bad line together)."""
 
 
 # ------------------------------------------------------------------------------------------------ file names
@@ -148,11 +151,15 @@ def parse_example(record, task: str) -> tuple[str, tuple]:
             return "chat", (_prompt_messages(prompt), _response_messages(response, keys[0]))
         return "text", (_text(prompt, "prompt", allow_empty=True), _text(response, keys[0], allow_empty=False))
     if task == "dpo":
-        missing = [key for key in ("prompt", "chosen", "rejected") if key not in record]
+        missing = [key for key in ("chosen", "rejected") if key not in record]
         if missing:
             raise ExampleError(f"missing key{'s' if len(missing) > 1 else ''} {', '.join(map(repr, missing))} "
-                               '(a DPO line holds "prompt", "chosen" and "rejected")')
-        prompt, chosen, rejected = record["prompt"], record["chosen"], record["rejected"]
+                               '(a DPO line holds "prompt", "chosen" and "rejected", or an implicit prompt: '
+                               '"chosen" and "rejected" that start alike)')
+        if "prompt" in record:
+            prompt, chosen, rejected = record["prompt"], record["chosen"], record["rejected"]
+        else:
+            prompt, chosen, rejected = _extract_prompt(record["chosen"], record["rejected"])
         if any(isinstance(value, list) for value in (prompt, chosen, rejected)):
             _same_form(prompt, {"chosen": chosen, "rejected": rejected})
             return "chat", (_prompt_messages(prompt), _response_messages(chosen, "chosen"),
@@ -160,6 +167,22 @@ def parse_example(record, task: str) -> tuple[str, tuple]:
         return "text", (_text(prompt, "prompt", allow_empty=True), _text(chosen, "chosen", allow_empty=False),
                         _text(rejected, "rejected", allow_empty=False))
     raise ValueError(f"task {task!r} is not one of {TASKS}")
+
+
+def _extract_prompt(chosen, rejected) -> tuple:
+    """(prompt, chosen, rejected) of TRL's implicit-prompt form: the prompt is the longest common prefix of the
+    two (whole messages for lists; characters for strings, less a space just before the difference, as TRL's
+    extract_prompt does)."""
+    if type(chosen) is not type(rejected) or not isinstance(chosen, (str, list)):
+        raise ExampleError('"chosen" and "rejected" must both be strings or both message lists')
+    if chosen == rejected:
+        raise ExampleError('"chosen" and "rejected" are identical')
+    length = common_prefix_length(chosen, rejected)
+    if isinstance(chosen, str) and length and chosen[length - 1] == " ":
+        length -= 1
+    if length == 0:
+        raise ExampleError('no "prompt", and "chosen" and "rejected" share no beginning to take as the prompt')
+    return chosen[:length], chosen[length:], rejected[length:]
 
 
 def _same_form(prompt, responses: dict) -> None:
