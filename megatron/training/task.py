@@ -63,8 +63,9 @@ class PretrainingTask:
         """What the pipe loss receives besides the logits (DeepSpeed's labels)."""
         return (x.labels, x.loss_mask)
 
-    def pipe_loss(self, config, ps) -> Optional[Callable]:
-        """The PipelineModule's loss_fn(logits, targets); None: model/pipeline.py's MaskedMeanLoss."""
+    def pipe_loss(self, ps) -> Optional[Callable]:
+        """reduce(per-token loss [b, s], targets after the labels) -> the micro-batch's loss, which the pipe loss
+        (model/pipeline.py MaskedMeanLoss) runs on the last stage; None: its masked mean."""
         return None
 
     def step_metrics(self, te, training: bool) -> dict:
