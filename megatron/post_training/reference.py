@@ -129,7 +129,7 @@ def compute_reference(task, te, datasets, micro_batch_size: int) -> torch.Tensor
                                              num_micro_batches=len(chunk))
                 else:
                     te.engine.eval()
-                    for batch in micro_batches:
+                    for batch in task.trim(te, micro_batches):  # as the training steps cut them
                         x = te._inputs(batch)
                         task.micro_loss(te.engine(x.tokens, **x.model_kwargs()), x, batch, ps)
         recorded = task.recording

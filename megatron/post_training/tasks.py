@@ -83,6 +83,27 @@ class PostTrainingTask(PretrainingTask):
         self._datasets = tuple(datasets)
         return self._datasets
 
+    def trim(self, te, micro_batches: list) -> list:
+        """Cut each micro-batch after its last loss token (rounded up to a multiple of 8, and of tp under sequence
+        parallelism): the padding after it changes no loss or log-probability (attention is causal) but costs
+        compute. Not under pipeline parallelism, whose engine fixes the activation shape at its first micro-batch."""
+        if te.is_pipeline:
+            return micro_batches
+        quantum = 8 * (te.ps.tp_size if te.model_config.sequence_parallel else 1)
+        trimmed = []
+        for batch in micro_batches:
+            mask = batch["loss_mask"]
+            columns = mask.any(dim=0).nonzero()
+            full = mask.shape[1]
+            keep = min(full, quantum * -(-(int(columns[-1]) + 1 if len(columns) else 1) // quantum))
+            if keep == full:
+                trimmed.append(batch)
+                continue
+            cut = {key: value[..., :keep] for key, value in batch.items() if key in ("loss_mask", "document_ids",
+                                                                                    "position_ids")}
+            trimmed.append({**batch, **cut, "tokens": batch["tokens"][:, :keep + 1]})
+        return trimmed
+
     @property
     def collate(self) -> Callable:
         if self._collate is not None:
@@ -97,10 +118,12 @@ class SFTTask(PostTrainingTask):
 
     scale = 1.0
 
-    def start_global_batch(self, te, micro_batches: list, training: bool) -> None:
+    def start_global_batch(self, te, micro_batches: list, training: bool) -> list:
+        micro_batches = self.trim(te, micro_batches)
         local = float(sum(float(mb["loss_mask"].sum()) for mb in micro_batches))
         (count,) = _sum_over_dp([local], te.ps, te.device)
         self.scale = len(micro_batches) * te.ps.dp_size / max(count, 1.0)
+        return micro_batches
 
     def micro_loss(self, per_token_nll, x, batch, ps):
         loss = (per_token_nll.float() * x.loss_mask).sum() * self.scale
@@ -132,7 +155,8 @@ class DPOTask(PostTrainingTask):
         self.reference_key: Optional[dict] = None  # what the stored reference was made from (reference.py)
 
     # ---- the global batch ----
-    def start_global_batch(self, te, micro_batches: list, training: bool) -> None:
+    def start_global_batch(self, te, micro_batches: list, training: bool) -> list:
+        micro_batches = self.trim(te, micro_batches)
         pairs = float(sum(int(mb["pair_ids"].numel()) for mb in micro_batches))
         chosen_tokens = float(sum(float(split_pairs(mb["loss_mask"])[0].sum()) for mb in micro_batches))
         pairs, chosen_tokens = _sum_over_dp([pairs, chosen_tokens], te.ps, te.device)
@@ -140,6 +164,7 @@ class DPOTask(PostTrainingTask):
         self.pair_scale = scale / max(pairs, 1.0)
         self.token_scale = scale / max(chosen_tokens, 1.0)
         self.sums = torch.zeros_like(self.sums)  # step_metrics reads this global batch's
+        return micro_batches
 
     def _reference_of(self, pair_ids: torch.Tensor) -> torch.Tensor:
         """[2n]: the stored reference log-probabilities of these pairs, chosen ones first."""

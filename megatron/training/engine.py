@@ -354,8 +354,7 @@ class TrainingEngine:
             return batches
         with self.timers("batch-generator", 1):
             micro_batches = [next(batches) for _ in range(self.gradient_accumulation_steps)]
-        self.task.start_global_batch(self, micro_batches, training)
-        return iter(micro_batches)
+        return iter(self.task.start_global_batch(self, micro_batches, training))
 
     def _lr(self) -> float:
         return float(self.engine.get_lr()[0])

@@ -49,9 +49,10 @@ class PretrainingTask:
 
         return collate_tokens
 
-    def start_global_batch(self, te, micro_batches: list, training: bool) -> None:
+    def start_global_batch(self, te, micro_batches: list, training: bool) -> list:
         """Called with the global batch's micro-batches of this rank before the first forward (collective over
-        every rank) when whole_batch_first."""
+        every rank) when whole_batch_first; returns the micro-batches to run (the same, or reshaped)."""
+        return micro_batches
 
     def micro_loss(self, per_token_nll: torch.Tensor, x, batch: dict, ps) -> tuple[torch.Tensor, torch.Tensor]:
         """(loss to backpropagate, loss to report) of one micro-batch."""
