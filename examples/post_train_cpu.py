@@ -1,6 +1,6 @@
 """Post-training end to end on a CPU, from text every machine has (the Python standard library's docstrings):
 
-    python examples/post_train_cpu.py [--workdir runs/post-train] [--sft-iters 60] [--dpo-iters 60]
+    python examples/post_train_cpu.py [--workdir runs/post-train] [--sft-iters 200] [--dpo-iters 80]
 
 1. sentences from the stdlib's docstrings -> sft.jsonl ({"prompt", "response"}: the first words, the rest) and
    dpo.jsonl ({"prompt", "chosen", "rejected"}: the rest in its own order is preferred to the rest with its words
@@ -133,8 +133,8 @@ def _run(command: list, env=None) -> None:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workdir", default=os.path.join(ROOT, "runs", "post-train"))
-    parser.add_argument("--sft-iters", type=int, default=60)
-    parser.add_argument("--dpo-iters", type=int, default=60)
+    parser.add_argument("--sft-iters", type=int, default=200)
+    parser.add_argument("--dpo-iters", type=int, default=80)
     parser.add_argument("--nproc", type=int, default=2)
     args = parser.parse_args(argv)
     work = os.path.abspath(args.workdir)
@@ -149,7 +149,8 @@ def main(argv=None) -> int:
     common = model_flags(vocab) + data["tokenizer_flags"] + [
         "--micro-batch-size", "4", "--global-batch-size", "16", "--lr-decay-style", "cosine",
         "--lr-warmup-iters", "5", "--clip-grad", "1.0", "--split", "95,5,0", "--eval-interval", "20",
-        "--eval-iters", "2", "--log-interval", "10", "--num-workers", "0", "--seed", "1234", "--zero-stage", "1"]
+        "--eval-iters", "2", "--log-interval", "10", "--num-workers", "0", "--seed", "1234", "--zero-stage", "1",
+        "--save-interval", "1000"]
     launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(args.nproc), "finetune_gpt.py"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     sft_dir, dpo_dir = os.path.join(work, "sft"), os.path.join(work, "dpo")
@@ -168,7 +169,8 @@ def main(argv=None) -> int:
     for prompt in [json.loads(line)["prompt"] for line in open(data["dpo"])][-3:]:
         ids = tokenizer(prompt, return_tensors="pt").input_ids
         with torch.no_grad():
-            out = model.generate(ids, max_new_tokens=16, do_sample=False, pad_token_id=tokenizer.eos_token_id)
+            out = model.generate(ids, max_new_tokens=16, do_sample=False, pad_token_id=tokenizer.eos_token_id,
+                                 eos_token_id=tokenizer.eos_token_id)
         print(f"{prompt!r} -> {tokenizer.decode(out[0, ids.shape[1]:])!r}", flush=True)
     return 0
 
