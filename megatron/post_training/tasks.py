@@ -84,12 +84,13 @@ class PostTrainingTask(PretrainingTask):
         return self._datasets
 
     def trim(self, te, micro_batches: list) -> list:
-        """Cut each micro-batch after its last loss token (rounded up to a multiple of 8, and of tp under sequence
-        parallelism): the padding after it changes no loss or log-probability (attention is causal) but costs
-        compute. Not under pipeline parallelism, whose engine fixes the activation shape at its first micro-batch."""
+        """Cut each micro-batch after its last loss token (on an accelerator rounded up to a multiple of 8, for its
+        matrix units; a multiple of tp under sequence parallelism): the padding after it changes no loss or
+        log-probability (attention is causal) but costs compute. Not under pipeline parallelism, whose engine fixes
+        the activation shape at its first micro-batch."""
         if te.is_pipeline:
             return micro_batches
-        quantum = 8 * (te.ps.tp_size if te.model_config.sequence_parallel else 1)
+        quantum = (1 if te.device.type == "cpu" else 8) * (te.ps.tp_size if te.model_config.sequence_parallel else 1)
         trimmed = []
         for batch in micro_batches:
             mask = batch["loss_mask"]
