@@ -11,8 +11,8 @@ pairs per optimizer step (no gradient accumulation), the same number of torch th
   precomputed in the run's first pass (not timed); the step time is the median of upstream's
   elapsed_time_per_iteration_ms over the steps after --warmup.
 - TRL: DPOTrainer(precompute_ref_log_probs=True) on the same jsonl pairs, its own tokenization and dynamic padding
-  (ours pads to --seq-length, the longest pair rounded up to 8); the median step time between on_step_begin and
-  on_step_end of a TrainerCallback after --warmup.
+  (ours cuts each micro-batch after its last response token); the median time from one on_step_end of a
+  TrainerCallback to the next (the iteration with its batch's loading) after --warmup.
 Prints the table for benchmarks/RESULTS.md: DPO / SFT step time (target <= 2.2x) and our DPO samples/s over TRL's
 (target >= 1.0x).
 """
@@ -44,7 +44,9 @@ def parse_cli():
     p.add_argument("--kv-heads", type=int, default=4)
     p.add_argument("--ffn", type=int, default=688)
     p.add_argument("--steps", type=int, default=20, help="optimizer steps per run")
-    p.add_argument("--warmup", type=int, default=3, help="steps left out of the medians")
+    p.add_argument("--warmup", type=int, default=3, help="steps of each run left out of the medians")
+    p.add_argument("--rounds", type=int, default=3, help="alternating (SFT, DPO, TRL) runs, so that machine noise "
+                                                         "hits all three")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--workdir", default=None, help="default: a temporary directory")
     return p.parse_args()
@@ -85,8 +87,8 @@ def make_hf_model(a, data: dict, hf_dir: str) -> None:
     tokenizer.save_pretrained(hf_dir)
 
 
-def our_run(a, data: dict, task: str, hf_dir: str, work: str) -> dict:
-    """Median step time (s) and the lines of one of our runs (one rank, in this process)."""
+def our_run(a, data: dict, task: str, hf_dir: str, work: str, first: bool) -> list:
+    """The step times (s) after --warmup of one of our runs (one rank, in this process)."""
     import torch
 
     from megatron.cli import parse_args
@@ -105,21 +107,20 @@ def our_run(a, data: dict, task: str, hf_dir: str, work: str) -> dict:
             "--global-batch-size", a.batch, "--train-iters", a.steps, "--optimizer", "adamw", "--lr", "1e-5",
             "--lr-decay-style", "constant", "--split", "100,0,0", "--eval-iters", 0, "--log-interval", 1,
             "--zero-stage", 0, "--num-workers", 0, "--seed", 1234]
-    if task == "dpo":
-        argv += ["--dpo-beta", "0.1", "--ref-logps-path", os.path.join(work, "ref.pt"), "--recompute-ref-logps"]
+    if task == "dpo":  # the first round computes and stores the reference, the others read it
+        argv += ["--dpo-beta", "0.1", "--ref-logps-path", os.path.join(work, "ref.pt")]
+        argv += ["--recompute-ref-logps"] if first else []
     config, rest = split_post_training_args([str(x) for x in argv])
     run = parse_args(rest)
     ps = ParallelState.build(run.parallel, run.model)
     lines = []
-    start = time.perf_counter()
     train(run, ps, torch.device("cpu"), printer=lines.append, task=build_task(config))
-    total = time.perf_counter() - start
     ms = [float(m.group(1)) for line in lines for m in [re.search(r"elapsed_time_per_iteration_ms=([\d.]+)", line)]
           if m]
-    return {"step_s": statistics.median(ms[a.warmup:]) / 1000.0, "total_s": total, "lines": lines}
+    return [t / 1000.0 for t in ms[a.warmup:]]
 
 
-def trl_run(a, data: dict, hf_dir: str, work: str) -> dict:
+def trl_run(a, data: dict, hf_dir: str, work: str) -> list:
     import torch
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
@@ -128,11 +129,17 @@ def trl_run(a, data: dict, hf_dir: str, work: str) -> dict:
     times = []
 
     class StepTimer(TrainerCallback):
-        def on_step_begin(self, args, state, control, **kwargs):
-            self.t = time.perf_counter()
+        """From one step's end to the next's: the whole iteration, its batch's loading and collation included,
+        as our elapsed_time_per_iteration_ms counts it."""
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.t = None
 
         def on_step_end(self, args, state, control, **kwargs):
-            times.append(time.perf_counter() - self.t)
+            now = time.perf_counter()
+            if self.t is not None:
+                times.append(now - self.t)
+            self.t = now
 
     records = [json.loads(line) for line in open(data["dpo"])]
     tokenizer = AutoTokenizer.from_pretrained(hf_dir, local_files_only=True)
@@ -144,9 +151,8 @@ def trl_run(a, data: dict, hf_dir: str, work: str) -> dict:
                        optim="adamw_torch", max_grad_norm=1.0, weight_decay=0.01)
     trainer = DPOTrainer(model=model, args=config, train_dataset=Dataset.from_list(records),
                          processing_class=tokenizer, callbacks=[StepTimer()])
-    start = time.perf_counter()
     trainer.train()
-    return {"step_s": statistics.median(times[a.warmup:]), "total_s": time.perf_counter() - start}
+    return times[max(0, a.warmup - 1):]  # the first interval starts at step 1's end
 
 
 def main() -> int:
@@ -166,13 +172,16 @@ def main() -> int:
     data = prepare(a, work)
     hf_dir = os.path.join(work, "hf")
     make_hf_model(a, data, hf_dir)
-    sft = our_run(a, data, "sft", hf_dir, work)
-    dpo = our_run(a, data, "dpo", hf_dir, work)
-    trl = trl_run(a, data, hf_dir, work)
+    times = {"sft": [], "dpo": [], "trl": []}
+    for round_number in range(a.rounds):
+        times["sft"] += our_run(a, data, "sft", hf_dir, work, round_number == 0)
+        times["dpo"] += our_run(a, data, "dpo", hf_dir, work, round_number == 0)
+        times["trl"] += trl_run(a, data, hf_dir, work)
+    sft, dpo, trl = ({"step_s": statistics.median(times[k])} for k in ("sft", "dpo", "trl"))
     ours_sps, trl_sps = a.batch / dpo["step_s"], a.batch / trl["step_s"]
     print(f"\nLlama L{a.layers} h{a.hidden} ({a.heads} heads, {a.kv_heads} kv, ffn {a.ffn}), seq {data['seq']}, "
-          f"{a.pairs} pairs, batch {a.batch}, {a.steps} steps (median after {a.warmup}), torch threads "
-          f"{torch.get_num_threads()}\n")
+          f"{a.pairs} pairs, batch {a.batch}, {a.rounds} alternating rounds of {a.steps} steps (median of the steps "
+          f"after {a.warmup} in each), torch threads {torch.get_num_threads()}\n")
     print("| run | step time (median) | samples/s | ratio |")
     print("|---|---|---|---|")
     print(f"| ours SFT (chosen responses, {a.batch} examples) | {1000 * sft['step_s']:.1f} ms | "
