@@ -166,9 +166,11 @@ def finetune_cases(rank: int, world_size: int, cases: list) -> dict:
         config, rest = split_post_training_args(argv)
         run = parse_args(rest)
         ps = ParallelState.build(run.parallel, run.model)
-        lines = []
-        result = train(run, ps, torch.device("cpu"), printer=lines.append, task=build_task(config))
+        from engine_cases import RecordingTracker
+
+        lines, tracker = [], RecordingTracker()
+        result = train(run, ps, torch.device("cpu"), printer=lines.append, task=build_task(config), tracker=tracker)
         its = sorted(result.losses)
         out[name] = {"losses": [result.losses[i] for i in its], "metrics": [result.metrics.get(i, {}) for i in its],
-                     "eval_metrics": dict(result.eval_metrics), "lines": lines}
+                     "eval_metrics": dict(result.eval_metrics), "lines": lines, "scalars": tracker.scalars}
     return out

@@ -2,6 +2,7 @@
 normalisation, SFT's loss against Hugging Face's, DPO's reference store and its refusals, and resume."""
 
 import math
+import re
 
 import pytest
 import torch
@@ -145,7 +146,7 @@ def test_dpo_on_the_examples_preferences_raises_held_out_reward_accuracy(tmp_pat
             "--position-embedding-type", "rope", "--hidden-dropout", "0", "--attention-dropout", "0",
             "--micro-batch-size", "8", "--global-batch-size", "16", "--train-iters", "150", "--lr", "3e-3",
             "--lr-decay-style", "constant", "--split", "90,10,0", "--eval-interval", "150", "--eval-iters", "3",
-            "--log-interval", "50", "--zero-stage", "0", "--num-workers", "0"]
+            "--log-interval", "50", "--zero-stage", "0", "--num-workers", "0", "--tensorboard-log-interval", "1"]
     from post_training_cases import finetune_cases
 
     out = run_ranks(1, finetune_cases, [("dpo", argv)], timeout=600)[0]["dpo"]
@@ -154,3 +155,32 @@ def test_dpo_on_the_examples_preferences_raises_held_out_reward_accuracy(tmp_pat
     assert held_out["rewards/accuracies"] >= 0.75, held_out
     assert held_out["rewards/margins"] > 0, held_out
     assert (tmp_path / "data" / "dpo_text_document.dpo_reference.pt").exists()  # stored beside the data
+    # the log line: the DPO loss as `lm loss`, then TRL's metrics; the tracker gets them under TRL's names
+    line = next(line for line in out["lines"] if line.startswith(" iteration=     150/"))
+    assert re.search(r"\| lm loss=[\d.]+ \| rewards/chosen=-?[\d.]+ \| rewards/rejected=-?[\d.]+ \| "
+                     r"rewards/accuracies=[\d.]+ \| rewards/margins=-?[\d.]+ \| logps/chosen=-[\d.]+ \| "
+                     r"logps/rejected=-[\d.]+ \| grad_norm=", line), line
+    for name in ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
+                 "logps/rejected"):
+        assert len(out["scalars"][name]) == 150 and f"val/{name}" in out["scalars"]
+    assert out["scalars"]["lm-loss-training/lm loss"][1] == pytest.approx(math.log(2), abs=1e-5)
+
+
+def test_finetune_flags_are_checked_and_what_post_training_cannot_run_is_refused_by_name():
+    import finetune_gpt
+    from megatron.cli import parse_args
+    from megatron.config.post_training import split_post_training_args
+    from megatron.errors import ConfigError
+
+    config, rest = split_post_training_args(["--task", "dpo", "--dpo-loss", "ipo", "--dpo-beta", "0.5", "--lr", "1"])
+    assert (config.task, config.dpo_loss, config.dpo_beta, rest) == ("dpo", "ipo", 0.5, ["--lr", "1"])
+    for argv, words in ((["--lr", "1"], "--task"), (["--task", "dpo", "--label-smoothing", "0.5"], "[0, 0.5)"),
+                        (["--task", "dpo", "--dpo-loss", "hinge", "--label-smoothing", "0.1"], "sigmoid or robust"),
+                        (["--task", "sft", "--rpo-alpha", "1"], "--rpo-alpha configure DPO"),
+                        (["--task", "dpo", "--dpo-loss", "nca"], "invalid choice")):
+        with pytest.raises(ConfigError, match=re.escape(words)):
+            split_post_training_args(argv)
+    run = parse_args(TINY_POST + ["--ds-sequence-parallel-size", "2"])
+    with pytest.raises(ConfigError) as refused:
+        finetune_gpt.check_post_training_run(run)
+    assert "--ds-sequence-parallel-size 2" in str(refused.value) and "--mock-data" in str(refused.value)
