@@ -45,9 +45,13 @@ def main(argv: list[str] | None = None) -> int:
     if "-h" in argv or "--help" in argv or "--help-all" in argv:
         import argparse
 
+        from megatron.config.data import add_post_training_data_arguments
+
         parser = argparse.ArgumentParser(prog=PROG, add_help=False)
         add_post_training_arguments(parser)
-        print(parser.format_help().split("\n\n", 1)[1], flush=True)  # the group without the usage line
+        add_post_training_data_arguments(parser)
+        print(parser.format_help().split("\n\n", 1)[1], flush=True)  # the groups without the usage line
+        print(f"{PROG} takes every pretrain_gpt.py flag too:\n", flush=True)
         if "--task" not in argv:
             argv += ["--task", "sft"]
     try:
