@@ -190,4 +190,5 @@ def train_through_loop(rank, world, argv):
     lines = []
     result = train_loop(run, ps, torch.device("cpu"), printer=lines.append)
     return {"losses": dict(result.losses), "start": result.start_iteration,
-            "loaded": [line for line in lines if line.startswith("loaded")]}
+            "loaded": [line for line in lines if line.startswith("loaded")],
+            "sample_order": [line for line in lines if line.startswith("sample order")]}

@@ -8,6 +8,7 @@ trains on exactly as from the states the files were built from.
 import os
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -18,6 +19,7 @@ from multirank import run_ranks
 from megatron.config.arguments import parse_args
 from megatron.checkpoint.argonne import ArgonneCheckpoint, config_from_argonne_args, is_argonne_checkpoint
 from megatron.convert.hf_io import export_to_hf
+from megatron.data.indexed_dataset import write_dataset
 from megatron.checkpoint.layout import ConversionError, StateDictSource, full_parameter_names
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools"))
@@ -127,11 +129,20 @@ def test_the_arguments_written_for_their_loader_describe_the_same_model(base, ch
         assert back.gelu_approximation == config.gelu_approximation
 
 
-def test_load_trains_on_like_the_states_it_was_built_from(built):
+def test_load_trains_on_like_the_states_it_was_built_from(built, tmp_path):
     root, _ = built
-    # pretrain_gpt's own loop: --load finds global_step3 (not one of our global_step* tags) and trains one step on
-    loop = GPT_ARGV + ["--load", str(root / "gpt_nopipe"), "--exit-interval", "4", "--num-workers", "0",
-                       "--eval-iters", "0"]
+    # pretrain_gpt's own loop: --load finds global_step3 (not one of our global_step* tags) and trains one step on,
+    # reading a --data-file-list in upstream's sample order, which an upstream checkpoint selects
+    generator = torch.Generator().manual_seed(0)
+    listing = tmp_path / "data_file_list.txt"
+    for corpus in ("a", "b"):
+        documents = [torch.randint(0, 100, (int(n),), generator=generator).numpy()
+                     for n in torch.randint(1, 30, (20,), generator=generator)]
+        write_dataset(str(tmp_path / corpus), documents, np.uint16)
+    listing.write_text(f"1 {tmp_path / 'a'} a\n2 {tmp_path / 'b'} b\n")
+    loop = [a for a in GPT_ARGV if a != "--mock-data"] + [
+        "--data-file-list", str(listing), "--split", "98,2,0", "--load", str(root / "gpt_nopipe"),
+        "--exit-interval", "4", "--num-workers", "0", "--eval-iters", "0"]
     jobs = [("train_through_loop", loop),
             ("resume_pair", LLAMA_ARGV, str(root / "llama_pipe"), str(root / "llama_truth.pt"), 6),
             ("resume_pair", GPT_ARGV, str(root / "gpt_nopipe"), str(root / "gpt_truth.pt"), 6)]
@@ -139,6 +150,11 @@ def test_load_trains_on_like_the_states_it_was_built_from(built):
     looped = results[0][0]
     assert looped["start"] == 3 and any(list(r[0]["losses"]) == [4] for r in results)
     assert looped["loaded"] == [f"loaded {root / 'gpt_nopipe' / 'global_step3'} at iteration 3, 12 consumed samples"]
+    because = f"sample order: upstream's (its doc_idx, shuffle_idx and blend, recomputed) because --load {root}"
+    assert len(looped["sample_order"]) == 2 and looped["sample_order"][0].startswith(because)
+    # 8 iterations x 4 samples, weights 1 : 2: ceil(32 / 3 x 1.005) = 11 and ceil(64 / 3 x 1.005) = 22
+    assert looped["sample_order"][1] == \
+        "sample order: train: 33 samples in upstream's order from 2 corpora (a 11, b 22) of 2 files"
     for job in results[0][1:]:
         assert job["argonne"]["iteration"] == 3 and job["argonne"]["consumed_samples"] == 12
         assert job["argonne"]["losses"] == job["truth"]["losses"]

@@ -228,3 +228,11 @@ def test_alcf_entry_blends_every_bin_file_of_a_data_path_directory_with_weight_o
     plain = subprocess.run([sys.executable, str(root / "pretrain_gpt.py"), *flags], capture_output=True, text=True,
                            env=env, cwd=tmp_path, timeout=300)
     assert plain.returncode == 2 and str(data) in plain.stderr
+
+
+def test_data_path_reads_argonnes_weight_prefix_corpus_triplets():
+    entries = parse_data_path(["0.5 /data/a web 0.2 /data/b web", "0.3", "/data/c", "code"])
+    assert [(e.weight, e.prefix, e.corpus) for e in entries] == \
+        [(0.5, "/data/a", "web"), (0.2, "/data/b", "web"), (0.3, "/data/c", "code")]
+    pairs = parse_data_path(["0.5", "/data/a", "0.2", "/data/b", "0.3", "/data/c"])  # pairs stay pairs
+    assert [(e.weight, e.corpus) for e in pairs] == [(0.5, None), (0.2, None), (0.3, None)]

@@ -18,7 +18,7 @@ UPSTREAM = [line.strip() for line in (Path(__file__).parent / "data" / "upstream
 TRUE_NO_OPS = {
     "--deepspeed", "--deepscale", "--deepspeed-mpi", "--local-rank", "--no-bias-dropout-fusion",
     "--no-masked-softmax-fusion", "--no-gradient-accumulation-fusion", "--no-persist-layer-norm",
-    "--no-async-tensor-model-parallel-allreduce", "--blend-sample-in-corpus",
+    "--no-async-tensor-model-parallel-allreduce",
     "--log-memory-to-tensorboard", "--log-validation-ppl-to-tensorboard", "--log-batch-size-to-tensorboard",
     "--disable-mem-efficient-ln", "--no-barrier-with-level-1-timing", "--use-cpu-initialization",
     "--no-initialization", "--zero-reduce-scatter", "--zero-contigious-gradients", "--use-pin-memory",

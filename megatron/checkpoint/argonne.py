@@ -295,6 +295,8 @@ class ArgonneCheckpoint(FullModelSource):
         s, a = self.state0, self.argonne_args
         return {"iteration": int(s.get("iteration") or 0),
                 "consumed_samples": int(a.get("consumed_train_samples") or 0),
+                # upstream's validation loader resumes at its consumed_valid_samples (its load_checkpoint)
+                "consumed_valid_samples": int(a.get("consumed_valid_samples") or 0),
                 "consumed_tokens": int(s.get("tokens") or a.get("consumed_train_tokens") or 0),
                 "global_steps": s.get("global_steps"), "global_samples": s.get("global_samples"),
                 "skipped_steps": s.get("skipped_steps"), "args": self.args}

@@ -66,7 +66,6 @@ COMPAT_NO_EFFECT = [
     ("--no-gradient-accumulation-fusion", "flag", "no fused kernels to turn off"),
     ("--no-persist-layer-norm", "flag", "no fused kernels to turn off"),
     ("--no-async-tensor-model-parallel-allreduce", "flag", "tp all-reduces are synchronous"),
-    ("--blend-sample-in-corpus", "flag", "the blended index always blends per sample"),
     ("--log-memory-to-tensorboard", "flag", "memory in use is always logged (memory/in_use_mb)"),
     ("--log-validation-ppl-to-tensorboard", "flag", "validation perplexity is always logged"),
     ("--log-batch-size-to-tensorboard", "flag", "the batch size is always logged"),

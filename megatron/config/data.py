@@ -18,8 +18,14 @@ class DataConfig:
     data_file_list: Optional[str] = None
     split: str = "969,30,1"  # train,valid,test weights over each file's documents
     # "samples": our arithmetic index (samples are consecutive windows of each file's token stream);
-    # "documents": Megatron's document-shuffled index, built lazily per file.
+    # "documents": Megatron's document-shuffled index, built lazily per file; "upstream": argonne-lcf/Megatron-
+    # DeepSpeed's exact order (megatron/data/upstream_order.py). sample_mode_given: --sample-mode was typed
+    # (otherwise resuming an upstream checkpoint picks "upstream").
     sample_mode: str = "samples"
+    sample_mode_given: bool = False
+    # upstream mode: upstream's --shuffle-sample-in-corpus / --blend-sample-in-corpus (see their --help)
+    shuffle_sample_in_corpus: bool = False
+    blend_sample_in_corpus: bool = False
     # `--document-shuffle-block N` (documents mode): files with more than N documents in a split are shuffled
     # per epoch in blocks of N consecutive documents (block order and order within each block); 0: one
     # shuffle of all a file's documents (Megatron's distribution, O(documents) per file and epoch).
@@ -56,7 +62,13 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--data-path", nargs="*", default=[], help="PREFIX, or W1 PREFIX1 W2 PREFIX2 ...")
     g.add_argument("--data-file-list", help="file of 'weight prefix [corpus]' lines")
     g.add_argument("--split", default=DataConfig.split)
-    g.add_argument("--sample-mode", choices=("samples", "documents"), default="samples")
+    g.add_argument("--sample-mode", choices=("samples", "documents", "upstream"), default=None,
+                   help="upstream = argonne-lcf/Megatron-DeepSpeed's exact sample order (the default when --load "
+                        "is an upstream checkpoint); else samples (default) or documents. upstream: its doc_idx/"
+                        "sample_idx/shuffle_idx per file and its greedy blend over the corpora of a --data-file-list, "
+                        "so that a run resumed from an upstream checkpoint reads the samples upstream would have "
+                        "read; samples: consecutive windows of each file, our arithmetic blend; documents: "
+                        "Megatron's document-shuffled samples")
     g.add_argument("--document-shuffle-block", type=non_negative_int, default=DataConfig.document_shuffle_block,
                    metavar="N",
                    help="--sample-mode documents: a file with more than N documents in a split is shuffled each "
@@ -98,15 +110,25 @@ def add_data_blend_arguments(parser: argparse.ArgumentParser) -> None:
                        help=f"the {split} split's own blend (PREFIX, or W1 PREFIX1 ...), whole files; replaces "
                             "--data-path/--data-file-list and --split")
     g.add_argument("--shuffle-sample-in-corpus", action="store_true",
-                   help="always on here: the blend interleaves every corpus's files sample by sample over the "
-                        "whole run (upstream without this flag reads a corpus's files one after another)")
+                   help="--sample-mode upstream: permute each corpus's samples (upstream's meaning: a RandomState("
+                        "seed) shuffle of the corpus's samples; without it a corpus serves its files' samples in "
+                        "order). Other modes: always on (the blend interleaves every corpus's files sample by "
+                        "sample over the whole run)")
+    g.add_argument("--blend-sample-in-corpus", action="store_true",
+                   help="--sample-mode upstream: a corpus's files are blended by their sample counts (upstream's "
+                        "greedy blend) instead of laid end to end. Other modes: always on (the blend interleaves "
+                        "every file by its weight)")
     g.add_argument("--repeated-dataloader", action="store_true",
                    help="always on here: each split's dataset holds every sample the run asks for, repeating "
                         "files in new orders as needed, so the data iterator never runs out")
     g.add_argument("--data-cache-path",
                    help="no index cache is needed: the blend is arithmetic (computed from the file list, seed "
                         "and seq length in milliseconds). With --sample-mode documents this directory holds the "
-                        "per-file document indices the ranks share (default: node-local /dev/shm)")
+                        "per-file document indices the ranks share (default: node-local /dev/shm). With "
+                        "--sample-mode upstream, upstream's own blend indices found here (as its runs leave them) are read "
+                        "as upstream reads them on a resume; otherwise its order is recomputed from the files and "
+                        "the greedy blend's running counts are kept here (8 bytes per corpus every 4,096 samples), "
+                        "so that a later resume of the same run need not recompute the blend from sample 0")
     g.add_argument("--blend-epochs-warning", type=pos_float, default=4.0,
                    help="the start-up blend report warns about every corpus repeated more than this many "
                         "times (default 4)")
@@ -132,7 +154,9 @@ def add_post_training_data_arguments(parser: argparse.ArgumentParser) -> None:
 def data_from_args(ns: argparse.Namespace) -> DataConfig:
     return DataConfig(
         data_path=list(ns.data_path), data_file_list=ns.data_file_list, split=ns.split,
-        sample_mode=ns.sample_mode, document_shuffle_block=ns.document_shuffle_block, mock_data=ns.mock_data, tokenizer_type=ns.tokenizer_type,
+        sample_mode=ns.sample_mode or "samples", sample_mode_given=ns.sample_mode is not None,
+        shuffle_sample_in_corpus=ns.shuffle_sample_in_corpus, blend_sample_in_corpus=ns.blend_sample_in_corpus,
+        document_shuffle_block=ns.document_shuffle_block, mock_data=ns.mock_data, tokenizer_type=ns.tokenizer_type,
         tokenizer_model=ns.tokenizer_model, vocab_file=ns.vocab_file, merge_file=ns.merge_file,
         vocab_size=ns.vocab_size, num_workers=ns.num_workers, multiprocessing_context=ns.multiprocessing_context,
         trust_remote_code=ns.trust_remote_code, reset_position_ids=ns.reset_position_ids,

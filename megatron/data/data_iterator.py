@@ -99,6 +99,8 @@ def build_data_iterator(dataset, micro_batch_size: int, dp_rank: int, dp_size: i
     if dataset is None:
         return None
     sampler = DataParallelBatchSampler(len(dataset), micro_batch_size, dp_rank, dp_size, consumed_samples)
+    if hasattr(dataset, "prepare"):  # what the dataset computes once for a resume, before workers fork
+        dataset.prepare(consumed_samples)
     if num_workers and num_workers > 0:
         loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers,
                                              collate_fn=collate_fn, pin_memory=False,

@@ -110,7 +110,9 @@ def _parse_weight(text: str) -> Optional[float]:
 
 
 def parse_data_path(items: Sequence[str], flag: str = "--data-path") -> list[BlendEntry]:
-    """Megatron's `--data-path`: one prefix alone (weight 1), or `w1 prefix1 w2 prefix2 ...`.
+    """Megatron's `--data-path`: one prefix alone (weight 1), `w1 prefix1 w2 prefix2 ...`, or argonne's
+    `w1 prefix1 corpus1 w2 prefix2 corpus2 ...` (read as such when the words are not pairs, every third word is
+    not a number and every weight is).
 
     Items may themselves hold several space-separated words (as when a shell variable is passed quoted).
     """
@@ -138,7 +140,24 @@ def _read_data_path(items: Sequence[str], flag: str = "--data-path") -> tuple[li
             problems.append(f"{where}: weight {weight_text} of {prefix} must be a positive number")
         else:
             entries.append(BlendEntry(weight, prefix, None, where))
+    if problems:
+        triplets = _data_path_triplets(words, flag)
+        if triplets:
+            return triplets, []
     return entries, problems
+
+
+def _data_path_triplets(words: Sequence[str], flag: str) -> Optional[list[BlendEntry]]:
+    """`weight prefix corpus` triplets (upstream's pretrain_gpt_alcf.py reads --data-path so), or None."""
+    if not words or len(words) % 3:
+        return None
+    entries = []
+    for i in range(len(words) // 3):
+        weight, prefix, corpus = _parse_weight(words[3 * i]), words[3 * i + 1], words[3 * i + 2]
+        if weight is None or not weight > 0 or not np.isfinite(weight) or _parse_weight(corpus) is not None:
+            return None
+        entries.append(BlendEntry(weight, prefix, corpus, f"{flag} triplet {i + 1}"))
+    return entries
 
 
 def parse_data_file_list(path: str) -> list[BlendEntry]:

@@ -5,7 +5,8 @@ blend (megatron/data/blend.py) which file and sample a global sample number is, 
 seq_length + 1 tokens. sample_mode "samples" (default) reads consecutive windows of each file's token
 stream (at a new offset each epoch); "documents" follows Megatron (documents shuffled per epoch, samples
 spanning documents) with a per-(file, epoch) index built on demand, cached in bounded memory and shared
-between the ranks of a node. `MockGPTDataset` makes learnable fake data.
+between the ranks of a node; "upstream" is argonne-lcf/Megatron-DeepSpeed's exact order
+(megatron/data/upstream_order.py). `MockGPTDataset` makes learnable fake data.
 """
 
 from __future__ import annotations
@@ -26,10 +27,11 @@ from megatron.data.blend import DEFAULT_WINDOW, PHASE_PERIOD, BlendedIndex, gold
 from megatron.data.data_list import SPLIT_NAMES, DataListError, FileSplits, parse_split, paused_gc, scan_blend
 from megatron.data.indexed_dataset import IndexedDatasetError, TokenFile
 from megatron.data.permutation import derive_key, shuffled_range
+from megatron.data.upstream_order import build_upstream_datasets
 from megatron.fileio import replace_atomically
 
 logger = logging.getLogger(__name__)
-SAMPLE_MODES = ("samples", "documents")
+SAMPLE_MODES = ("samples", "documents")  # GPTDataset's; "upstream" is UpstreamOrderDataset (upstream_order.py)
 
 
 def _default_open_files(descriptors_per_file: int = 1) -> int:
@@ -637,6 +639,8 @@ def build_datasets(data_config, seq_length: int, seed: int, num_samples: tuple[i
         return tuple(MockGPTDataset(n, seq_length, vocab, seed, split) if n > 0 else None
                      for split, n in enumerate(num_samples))
     mode = sample_mode or data_config.sample_mode
+    if mode == "upstream":  # argonne-lcf/Megatron-DeepSpeed's exact order (upstream_order.py)
+        return build_upstream_datasets(data_config, seq_length, seed, num_samples, vocab_size, progress=rank == 0)
     cache = document_index_cache or getattr(data_config, "data_cache_path", None)
     sources = _split_sources(data_config, progress=rank == 0) if any(n > 0 for n in num_samples) else [None] * 3
     datasets = []

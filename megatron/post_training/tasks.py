@@ -59,9 +59,10 @@ class PostTrainingTask(PretrainingTask):
                               f"P_text_document), got --data-path {' '.join(run.data.data_path) or '(none)'}")
         return paths[0]
 
-    def build_datasets(self, run, ps, num_samples: tuple, printer: Callable[[str], None], tracker=None):
+    def build_datasets(self, session, num_samples: tuple):
         if self._datasets is not None:
             return self._datasets
+        run, ps, printer = session.run, session.ps, session.printer
         from megatron.data.post_training import build_post_training_datasets, open_post_training_data
         from megatron.data.tokenizers import build_tokenizer_from_config
 

@@ -376,6 +376,7 @@ class _Session:
                                  rel.distributed_timeout_minutes * 60)
         self.rng_tracker = _rng_tracker()
         self.iteration = self.consumed = self.consumed_valid = 0
+        self.sample_order = run.data.sample_mode  # set by load(): the order this run reads
         self.last_saved: Optional[int] = None
 
     def say(self, line: str) -> None:
@@ -393,11 +394,8 @@ class _Session:
         self.result.start_iteration = self.iteration
         self.last_saved = self.iteration if self.checkpointer.resuming else None
 
-        final_batch = global_batch_size(run, ps.dp_size)
-        evals = (self.total_iters // t.eval_interval + 1) * t.eval_iters if t.eval_interval and t.eval_iters else 0
-        train_ds, valid_ds, self.test_ds = self.task.build_datasets(
-            run, ps, (train_samples(run, ps.dp_size), evals * final_batch, t.eval_iters * final_batch if evals else 0),
-            self.printer, self.tracker)
+        self.progress_extra = progress.extra  # what the checkpoint saved beside the weights (sample order, ...)
+        train_ds, valid_ds, self.test_ds = self.task.build_datasets(self, requested_samples(run, ps.dp_size))
         self.datasets = (train_ds, valid_ds, self.test_ds)
         self.train_batches, self.valid_batches = _isolated_rng(lambda: (
             _iterator(run, ps, train_ds, self.consumed, self.task.collate),
@@ -494,6 +492,7 @@ class _Session:
                                  consumed_tokens=self.consumed * self.run.model.seq_length, args=self.run.args)
         self.result.saved.append(self.checkpointer.save(self.te, state, tracker_states=self.rng_tracker.get_states,
                                                         extra_state={"consumed_valid_samples": self.consumed_valid,
+                                                                     "sample_order": self.sample_order,
                                                                      **self.task.checkpoint_state()}))
         self.last_saved = self.iteration
         self.watchdog.phase("idle")
@@ -564,6 +563,17 @@ def _rng_tracker():
     from megatron.core.random import get_rng_tracker
 
     return get_rng_tracker()
+
+
+def requested_samples(run: RunConfig, dp_size: int) -> tuple[int, int, int]:
+    """The (train, valid, test) samples the run asks of its datasets, by upstream's arithmetic (its
+    training.py): train = --train-samples or --train-iters x final global batch; valid = (train iterations
+    // --eval-interval + 1) x --eval-iters x batch; test = --eval-iters x batch (0 without evaluation)."""
+    t = run.training
+    final_batch = global_batch_size(run, dp_size)
+    evals = (train_iters(run, dp_size) // t.eval_interval + 1) * t.eval_iters if t.eval_interval and t.eval_iters \
+        else 0
+    return train_samples(run, dp_size), evals * final_batch, t.eval_iters * final_batch if evals else 0
 
 
 def _iterator(run: RunConfig, ps: ParallelState, dataset, consumed_samples: int, collate):

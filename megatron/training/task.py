@@ -31,16 +31,30 @@ class PretrainingTask:
     whole_batch_first = False
     metric_names: tuple = ()
 
-    def build_datasets(self, run, ps, num_samples: tuple, printer: Callable[[str], None], tracker=None):
-        """(train, valid, test) datasets (None for a split without data) of num_samples[i] samples each."""
+    def build_datasets(self, session, num_samples: tuple):
+        """(train, valid, test) datasets (None for a split without data) of num_samples[i] samples each.
+        session: the loop's _Session (run, ps, checkpointer, printer, tracker, progress_extra, sample_order)."""
         from megatron.data.gpt_dataset import build_datasets
+        from megatron.data.upstream_order import choose_sample_mode
 
+        run, ps = session.run, session.ps
+        plan = session.checkpointer.plan
+        mode, why = choose_sample_mode(run.data, run.checkpoint.load,
+                                       plan is not None and plan.description.kind == "argonne",
+                                       session.progress_extra.get("sample_order"))
+        session.sample_order = mode  # saved with each checkpoint, so that its resume keeps the order
+        if why:
+            session.say(why)
         datasets = build_datasets(run.data, run.model.seq_length, run.training.seed, num_samples,
-                                  run.model.vocab_size, ps.rank, ps.world_size)
+                                  run.model.vocab_size, ps.rank, ps.world_size, sample_mode=mode)
+        for dataset in datasets:
+            if hasattr(dataset, "summary"):  # upstream's order: its shape, in place of the blend report
+                session.say(f"sample order: {dataset.summary()}")
         if ps.rank == 0:
             from megatron.data.blend_report import publish_blend_report
 
-            publish_blend_report(datasets, run.data.blend_epochs_warning, printer, tracker, run.checkpoint.save)
+            publish_blend_report(datasets, run.data.blend_epochs_warning, session.printer, session.tracker,
+                                 run.checkpoint.save)
         return datasets
 
     @property
