@@ -35,9 +35,42 @@ class SyntheticSFT:
         return self.items[i]
 
 
+class SyntheticPackedSFT:
+    """SyntheticSFT's examples two to a row, with the packed keys of the contract: document_ids and position_ids
+    restart per example (padding is one more document), and the label crossing into the next example has no loss."""
+
+    def __init__(self, examples: int = 64, seed: int = 0, seq: int = SEQ):
+        rng = np.random.default_rng(seed)
+        self.items = []
+        for _ in range(examples):
+            tokens = np.zeros(seq + 1, dtype=np.int64)
+            mask = np.zeros(seq, dtype=np.float32)
+            document_ids = np.zeros(seq, dtype=np.int64)
+            position_ids = np.zeros(seq, dtype=np.int64)
+            offset = 0
+            for number in range(2):
+                prompt = rng.integers(3, 40, int(rng.integers(3, 6)))
+                response = (prompt[0] + np.arange(1, int(rng.integers(3, 7)))) % 40 + 40
+                full = np.concatenate([prompt, response, [1]])
+                tokens[offset:offset + len(full)] = full
+                mask[offset + len(prompt) - 1: offset + len(full) - 1] = 1.0
+                document_ids[offset:offset + len(full)] = number
+                position_ids[offset:offset + len(full)] = np.arange(len(full))
+                offset += len(full)
+            document_ids[offset:] = 2
+            position_ids[offset:] = np.arange(seq - offset)
+            self.items.append({"tokens": tokens, "loss_mask": mask, "document_ids": document_ids,
+                               "position_ids": position_ids})
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        return self.items[i]
+
+
 def collate_sft(items):
-    return {"tokens": torch.from_numpy(np.stack([it["tokens"] for it in items])),
-            "loss_mask": torch.from_numpy(np.stack([it["loss_mask"] for it in items]))}
+    return {key: torch.from_numpy(np.stack([it[key] for it in items])) for key in items[0]}
 
 
 class SyntheticDPO:
@@ -94,7 +127,8 @@ def build_test_task(task_argv, examples=64, seed=0, valid=None):
 
     config, _ = split_post_training_args(task_argv)
     if config.task == "sft":
-        return build_task(config, (SyntheticSFT(examples, seed), None, None), collate_sft)
+        data = SyntheticPackedSFT(examples, seed) if config.packing else SyntheticSFT(examples, seed)
+        return build_task(config, (data, None, None), collate_sft)
     task = build_task(config, (SyntheticDPO(examples, seed), valid, None), collate_dpo)
     task.data_key_override = {"synthetic": f"dpo examples={examples} seed={seed}"}
     return task

@@ -18,14 +18,16 @@ def _close(a, b, tol=1e-5):
 def test_tp2_pp2_dp2_zero1_and_zero3_equal_one_rank_for_sft_and_dpo(tmp_path):
     """8 gloo ranks (tp 2 × pp 2 × dp 2, ZeRO-1, DeepSpeed's pipeline engine) and 2 (dp 2, ZeRO-3) against one rank:
     the first 3 steps' losses and DPO's metrics within 1e-5 (fp32), the reference pass included (each layout
-    computes its own)."""
+    computes its own); SFT also packed (document ids and positions per example, through the pipe stages)."""
     layout = ["--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2", "--zero-stage", "1"]
     single = run_ranks(1, post_training_cases, [
         ("sft", ["--task", "sft"], TINY_POST),
+        ("sft-packed", ["--task", "sft", "--packing"], TINY_POST),
         ("dpo", ["--task", "dpo", "--ref-logps-path", str(tmp_path / "one.pt"), "--rpo-alpha", "0.5"], TINY_POST)],
         timeout=600)[0]
     eight = run_ranks(8, post_training_cases, [
         ("sft", ["--task", "sft"], TINY_POST + layout),
+        ("sft-packed", ["--task", "sft", "--packing"], TINY_POST + layout),
         ("dpo", ["--task", "dpo", "--ref-logps-path", str(tmp_path / "eight.pt"), "--rpo-alpha", "0.5"],
          TINY_POST + layout)], timeout=900)
     zero3 = run_ranks(2, post_training_cases, [  # the other engine path: dp 2, ZeRO-3 (pp > 1 refuses ZeRO-2/3)
@@ -34,7 +36,7 @@ def test_tp2_pp2_dp2_zero1_and_zero3_equal_one_rank_for_sft_and_dpo(tmp_path):
     for rank, result in enumerate(zero3):
         assert _close(result["dpo"]["losses"], single["dpo"]["losses"]), (rank, result["dpo"]["losses"])
         assert _close(list(result["dpo"]["metrics"][-1].values()), list(single["dpo"]["metrics"][-1].values()))
-    for name in ("sft", "dpo"):
+    for name in ("sft", "sft-packed", "dpo"):
         for rank, result in enumerate(eight):
             assert _close(result[name]["losses"], single[name]["losses"]), (name, rank, result[name]["losses"],
                                                                             single[name]["losses"])
