@@ -68,7 +68,10 @@ def test_resume_is_bit_exact_for_sft_and_dpo_and_the_stored_reference_is_checked
     dpo = lambda name: ["--task", "dpo", "--ref-logps-path", ref(name)]  # noqa: E731
     cases = _halves(tmp_path, lambda name: ["--task", "sft"], "sft") + _halves(tmp_path, dpo, "dpo") + [
         ("other-data", dpo("dpo"), TINY_POST + ["--train-iters", "1"], 48),
-        ("recomputed", dpo("dpo") + ["--recompute-ref-logps"], TINY_POST + ["--train-iters", "1"], 48)]
+        ("recomputed", dpo("dpo") + ["--recompute-ref-logps"], TINY_POST + ["--train-iters", "1"], 48),
+        # the resumed run's reference file now holds the 48-pair reference: resuming again is refused
+        ("resumed-again", dpo("dpo"), TINY_POST + ["--train-iters", "6", "--load", str(tmp_path / "ckpt-dpo"),
+                                                  "--use-checkpoint-opt_param-scheduler"], 64)]
     from post_training_cases import guarded_cases
 
     out = run_ranks(1, guarded_cases, cases, timeout=600)[0]
@@ -81,6 +84,24 @@ def test_resume_is_bit_exact_for_sft_and_dpo_and_the_stored_reference_is_checked
     error = out["other-data"]["error"]
     assert "dpo examples=64" in error and "dpo examples=48" in error and "--recompute-ref-logps" in error
     assert "losses" in out["recomputed"] and len(out["recomputed"]["reference"]) == 48
+    error = out["resumed-again"]["error"]
+    assert "cannot be recomputed from the resumed (trained) policy" in error and "dpo examples=64" in error, error
+
+
+def test_finetune_gpt_refuses_bad_flags_once_with_exit_code_2_and_no_traceback(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    for argv, words in ((["--task", "dpo", "--dpo-beta", "0"], "--dpo-beta must be > 0"),
+                        (["--task", "sft", "--mock-data", "--vocab-size", "64", "--model-preset", "tiny"],
+                         "--mock-data has no prompts or responses")):
+        done = subprocess.run([sys.executable, str(root / "finetune_gpt.py"), *argv], capture_output=True, text=True,
+                              timeout=300, cwd=tmp_path)
+        assert done.returncode == 2, done.stderr
+        assert done.stderr.count(words) == 1 and "Traceback" not in done.stderr, done.stderr
+        assert done.stderr.startswith("finetune_gpt.py: ") or "\nfinetune_gpt.py: " in done.stderr, done.stderr
 
 
 def _tiny_hf_llama(path):
