@@ -28,7 +28,7 @@ setup(
     ],
     extras_require={
         # The suite also checks against the field's references: TRL (DPO/SFT), lm-evaluation-harness, the openai client.
-        "test": ["pytest", "pytest-timeout", "trl", "lm-eval>=0.4,<0.5", "openai", "httpx"],
+        "test": ["pytest", "pytest-timeout", "trl", "lm-eval[api]>=0.4,<0.5", "openai", "httpx"],
         # tools/run_text_generation_server.py: FastAPI on uvicorn (megatron/inference/server.py says why)
         "serve": ["fastapi", "uvicorn"],
         # tools/evaluate.py: lm-evaluation-harness in-process on our checkpoints

@@ -59,13 +59,46 @@ def test_greedy_generation_from_our_checkpoint_matches_its_hf_export(tmp_path, c
     assert theirs == ours
 
 
-def test_sampling_is_reproducible_from_the_seed():
-    logits = torch.randn(1, 50)
+def test_sampling_is_reproducible_from_the_seed_and_top_k_with_top_p_is_refused(tmp_path, capsys):
+    model = GPTModel(CONFIG, seed=3)
+    write_checkpoint(StateDictSource(model.state_dict(), CONFIG, tokenizer_args={"tokenizer_type": "NullTokenizer",
+                                                                                "vocab_size": 100}),
+                     str(tmp_path / "ckpt"), progress=False)
 
     def run(seed):
-        gen = torch.Generator().manual_seed(seed)
-        return generate.sample(lambda t: logits, [1], 8, greedy=False, temperature=0.8, top_k=10, top_p=0.9,
-                               max_length=16, generator=gen)
+        assert generate.main(["--load", str(tmp_path / "ckpt"), "--prompt", "5 17 42", "--prompt", "8",
+                              "--max-new-tokens", "8", "--temperature", "1.5", "--top-k", "50", "--ignore-eos",
+                              "--seed", str(seed)]) == 0
+        return capsys.readouterr().out.strip().splitlines()
 
-    assert run(1) == run(1)
-    assert len(run(2)) == 9
+    first = run(1)
+    assert first == run(1) and len(first[1].split()) == 11 and len(first[3].split()) == 9
+    assert run(2) != first
+    assert generate.main(["--load", str(tmp_path / "ckpt"), "--prompt", "5", "--top-k", "5", "--top-p", "0.5"]) == 2
+    assert "--top-k and --top-p cannot both be set" in capsys.readouterr().err
+
+
+def test_generate_under_torchrun_at_pp2_prints_what_one_process_prints(tmp_path, capsys):
+    import subprocess
+    from pathlib import Path
+
+    from multirank import free_port
+
+    model = GPTModel(CONFIG, seed=3)
+    write_checkpoint(StateDictSource(model.state_dict(), CONFIG, tokenizer_args={"tokenizer_type": "NullTokenizer",
+                                                                                "vocab_size": 100}),
+                     str(tmp_path / "ckpt"), tp=2, progress=False)
+    flags = ["--load", str(tmp_path / "ckpt"), "--prompt", "5 17 42", "--prompt", "8 9", "--greedy",
+             "--max-new-tokens", "6", "--ignore-eos"]
+    assert generate.main(flags) == 0
+    alone = capsys.readouterr().out
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1", PYTHONPATH=str(root))
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(name, None)
+    torchrun = [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+                "--master_port", str(free_port())]
+    proc = subprocess.run(torchrun + ["tools/generate.py", *flags, "--pp", "2"], cwd=root, env=env,
+                          capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout == alone  # rank 0 prints, once

@@ -96,3 +96,10 @@ def test_post_training_is_above_training_and_nothing_in_megatron_imports_it():
     importers = [package for package, imports in graph.items() if "post_training" in imports]
     assert importers == [], importers
     assert "training" in graph.get("post_training", {})
+
+
+def test_the_inference_package_sits_above_checkpoint_and_model():
+    graph = package_graph()
+    below = ("config", "distributed", "core", "model", "data", "checkpoint", "convert", "optimizer", "training")
+    assert not [p for p in below if "inference" in graph.get(p, {})], "a lower package imports megatron.inference"
+    assert "training" not in graph.get("inference", {}) and "convert" not in graph.get("inference", {})

@@ -1,10 +1,14 @@
-"""Sample text from a model: our checkpoint (any layout, consolidated on this process) or a Hugging Face directory.
+"""Generate text from a checkpoint with the inference engine (megatron/inference: KV cache, one batch).
 
     python tools/generate.py --load runs/x/ckpt --prompt "Once upon a time" --max-new-tokens 40 --top-p 0.9
     python tools/generate.py --hf runs/x/hf --prompt "Once upon a time" --greedy
+    torchrun --nproc-per-node 2 tools/generate.py --load runs/x/ckpt --tp 2 --prompt "Hello" --greedy
 
-Greedy (--greedy or --temperature 0), or sampling with --temperature, --top-k and --top-p. The tokenizer is the
-run's (saved in the checkpoint's arguments) unless --tokenizer-* flags override it.
+--load takes our checkpoints (any tp × pp × ZeRO, resharded to --tp/--pp), universal folders and argonne
+checkpoints; --hf a Hugging Face Llama/GPT-2 folder. Greedy (--greedy or --temperature 0), or sampling with
+--temperature and --top-k or --top-p (upstream's filters; each prompt's draws come from --seed). All prompts
+run as one batch. The tokenizer is the run's (saved in the checkpoint's arguments; the folder's own for --hf)
+unless --tokenizer-* flags override it. Under torchrun/mpiexec every rank runs its share and rank 0 prints.
 """
 
 from __future__ import annotations
@@ -21,44 +25,11 @@ quiet_cpu_accelerator_probe()  # before DeepSpeed is imported: no "Setting accel
 
 import torch  # noqa: E402
 
-
-def filter_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
-    """Scaled logits [b, V] with everything outside top-k / the top-p nucleus set to -inf."""
-    logits = logits / max(temperature, 1e-6)
-    if top_k > 0:
-        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if 0.0 < top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
-        probs = torch.softmax(sorted_logits, dim=-1)
-        outside = probs.cumsum(-1) - probs > top_p  # keep the smallest prefix whose mass reaches top_p
-        sorted_logits = sorted_logits.masked_fill(outside, float("-inf"))
-        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
-    return logits
-
-
-@torch.no_grad()
-def sample(next_logits, prompt_ids: list[int], max_new_tokens: int, *, greedy: bool, temperature: float,
-           top_k: int, top_p: float, max_length: int, eos: int | None = None,
-           generator: torch.Generator | None = None) -> list[int]:
-    """Extend `prompt_ids`; next_logits(tokens [1, s]) -> logits [1, V] of the last position."""
-    ids = list(prompt_ids)
-    for _ in range(max_new_tokens):
-        window = torch.tensor([ids[-max_length:]], dtype=torch.long)
-        logits = next_logits(window).float()
-        if greedy or temperature == 0.0:
-            token = int(logits.argmax(-1))
-        else:
-            probs = torch.softmax(filter_logits(logits, temperature, top_k, top_p), dim=-1)
-            token = int(torch.multinomial(probs, 1, generator=generator))
-        ids.append(token)
-        if eos is not None and token == eos:
-            break
-    return ids
+from megatron.inference.generation import filter_logits  # noqa: E402,F401  (upstream's filters, re-exported)
 
 
 def load_our_model(load: str, vocab_size: int | None = None):
-    """GPTModel (tp=1, eval mode) and its config from our checkpoint at any layout."""
+    """GPTModel (tp=1, eval mode) and its config from our checkpoint at any layout (for full-recompute checks)."""
     from megatron.checkpoint.ds_checkpoint import DeepSpeedCheckpoint
     from megatron.model import GPTModel, shard_state_dict
 
@@ -88,84 +59,96 @@ def hf_folder_error(path: str):
     return None
 
 
+def _params(args) -> "SamplingParams":
+    from megatron.inference import SamplingParams
+
+    return SamplingParams(max_new_tokens=args.max_new_tokens, greedy=args.greedy or args.temperature == 0.0,
+                          temperature=args.temperature if args.temperature > 0 else 1.0, top_k=args.top_k,
+                          top_p=0.0 if args.top_p >= 1.0 else args.top_p, seed=args.seed,
+                          stop_on_eol=args.stop_on_eol, stop_on_double_eol=args.stop_on_double_eol,
+                          prevent_newline_after_colon=args.prevent_newline_after_colon, ignore_eos=args.ignore_eos)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--load", help="our checkpoint (--save dir or global_step* dir), any tp × pp × ZeRO")
-    src.add_argument("--hf", help="a Hugging Face model directory (loaded with transformers)")
-    p.add_argument("--prompt", action="append", required=True, help="repeat for several prompts")
+    src.add_argument("--load", help="our checkpoint (--save dir or global_step* dir, any tp × pp × ZeRO), a "
+                                    "universal folder or an argonne Megatron-DeepSpeed checkpoint")
+    src.add_argument("--hf", help="a Hugging Face Llama / GPT-2 model directory")
+    p.add_argument("--prompt", action="append", required=True, help="repeat for several prompts (one batch)")
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--greedy", action="store_true")
-    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--temperature", type=float, default=1.0, help="0: greedy")
     p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--top-p", type=float, default=1.0, help="1.0 (or 0): off; not together with --top-k")
+    p.add_argument("--seed", type=int, default=1234, help="each prompt's sampling seed (reproducible)")
+    p.add_argument("--add-bos", action="store_true", help="prepend the eod token to each prompt (upstream's add_BOS)")
+    p.add_argument("--stop-on-eol", action="store_true")
+    p.add_argument("--stop-on-double-eol", action="store_true")
+    p.add_argument("--prevent-newline-after-colon", action="store_true")
+    p.add_argument("--ignore-eos", action="store_true", help="do not stop at the end-of-document token")
+    p.add_argument("--tp", type=int, default=None, help="tensor-parallel size (launch tp × pp ranks with torchrun or "
+                                                       "mpiexec); default: the checkpoint's layout if it fits, else 1")
+    p.add_argument("--pp", type=int, default=None, help="pipeline-parallel size")
     p.add_argument("--tokenizer-type", default=None)
     p.add_argument("--tokenizer-model", default=None)
     p.add_argument("--vocab-file", default=None)
     p.add_argument("--merge-file", default=None)
     p.add_argument("--vocab-size", type=int, default=None)
     args = p.parse_args(argv)
-    torch.manual_seed(args.seed)
-    generator = torch.Generator().manual_seed(args.seed)
-    settings = dict(greedy=args.greedy, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
-
+    if args.top_k > 1 and 0.0 < args.top_p < 1.0:
+        print("error: --top-k and --top-p cannot both be set (upstream's sampling takes one); drop one",
+              file=sys.stderr)
+        return 2
     if args.hf:
         problem = hf_folder_error(args.hf)
         if problem:
             print(f"error: {problem}", file=sys.stderr)
             return 2
-        from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from megatron.distributed import destroy_distributed, initialize_distributed
+    from megatron.distributed.launcher import discover
+    from megatron.errors import MegatronError
+    from megatron.inference import InferenceEngine
+    from megatron.inference.tokenization import tokenize_prompt
+
+    started_here = False
+    try:
+        device = None
+        if discover().world_size > 1 and not torch.distributed.is_initialized():
+            device = initialize_distributed(use_deepspeed=False).device
+            started_here = True
+        tokenizer_args = {"tokenizer_type": args.tokenizer_type, "tokenizer_model": args.tokenizer_model,
+                          "vocab_file": args.vocab_file, "merge_file": args.merge_file, "vocab_size": args.vocab_size}
         try:
-            tokenizer = AutoTokenizer.from_pretrained(args.hf)
-            model = AutoModelForCausalLM.from_pretrained(args.hf).eval()
-        except (OSError, ValueError) as error:  # a damaged or unsupported folder: transformers' reason
-            print(f"error: --hf {args.hf}: transformers cannot load it ({error}); point --hf at a folder written by "
-                  "tools/convert_checkpoint.py to-hf or save_pretrained", file=sys.stderr)
+            engine = InferenceEngine.from_checkpoint(args.load or args.hf, tp=args.tp, pp=args.pp,
+                                                     tokenizer_args=tokenizer_args, device=device,
+                                                     max_batch_size=max(1, len(args.prompt)))
+        except (OSError, ValueError) as error:  # a damaged or unsupported folder: the reader's reason
+            if isinstance(error, MegatronError):
+                raise
+            print(f"error: {args.load or args.hf}: cannot load it ({error}); point --load/--hf at a checkpoint or "
+                  "a folder written by tools/convert_checkpoint.py to-hf", file=sys.stderr)
             return 2
-        encode, eos = tokenizer.encode, tokenizer.eos_token_id
-
-        def decode(ids):
-            return tokenizer.decode(ids, skip_special_tokens=True)
-        max_length = getattr(model.config, "max_position_embeddings", None) or model.config.n_positions
-
-        def next_logits(tokens):
-            return model(tokens).logits[:, -1, :]
-    else:
-        from megatron.data.tokenizers import build_tokenizer
-        from megatron.errors import MegatronError
-
-        try:
-            model, config, ckpt = load_our_model(args.load, args.vocab_size)
-            saved = ckpt.tokenizer_args or {}
-            tok_type = args.tokenizer_type or saved.get("tokenizer_type")
-            if not tok_type:
-                print(f"error: {args.load} does not record its tokenizer; pass --tokenizer-type and its files",
-                      file=sys.stderr)
-                return 2
-            tokenizer = build_tokenizer(tok_type, args.tokenizer_model or saved.get("tokenizer_model"),
-                                        args.vocab_file or saved.get("vocab_file"),
-                                        args.merge_file or saved.get("merge_file"), args.vocab_size or saved.get("vocab_size"))
-        except MegatronError as error:  # a checkpoint or tokenizer that cannot be read: the message names it
-            print(f"error: {error}", file=sys.stderr)
-            return error.exit_code
-        if tokenizer.vocab_size != config.vocab_size:
+        tokenizer = engine.tokenizer
+        if tokenizer.vocab_size > engine.vocab_size:
             print(f"error: the tokenizer has {tokenizer.vocab_size} tokens but the model's vocabulary has "
-                  f"{config.vocab_size}; pass the run's tokenizer", file=sys.stderr)
+                  f"{engine.vocab_size}; pass the run's tokenizer", file=sys.stderr)
             return 2
-        encode, decode, eos = tokenizer.tokenize, tokenizer.detokenize, tokenizer.eod
-        max_length = config.max_position_embeddings
-
-        def next_logits(tokens):
-            return model(tokens)[:, -1, : config.vocab_size]
-
-    for prompt in args.prompt:
-        ids = encode(prompt)
-        out = sample(next_logits, ids, args.max_new_tokens, max_length=max_length, eos=eos, generator=generator,
-                     **settings)
-        print(f"--- prompt: {prompt!r}\n{decode(out)}")
-    return 0
+        prompts = [tokenize_prompt(tokenizer, text, args.add_bos) for text in args.prompt]
+        params = _params(args)
+        results = engine.generate(prompts, [params] * len(prompts))
+        if torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
+            return 0
+        for text, result in zip(args.prompt, results):
+            print(f"--- prompt: {text!r}\n{tokenizer.detokenize(result.tokens)}")
+        return 0
+    except MegatronError as error:  # a checkpoint, tokenizer or request that cannot be used: the message names it
+        print(f"error: {error}", file=sys.stderr)
+        return error.exit_code
+    finally:
+        if started_here:
+            destroy_distributed()
 
 
 if __name__ == "__main__":

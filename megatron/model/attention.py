@@ -14,6 +14,10 @@ taken from the same rotated q, k that SDPA sees (one extra QKᵀ, in query block
 Under Ulysses this rank sees only its sp slice of the heads; the others stay -inf until the optimizer takes
 the max over the sp × dp group (megatron/optimizer/muon_clip.py). With a document mask only the pairs
 the mask allows count.
+
+Generation passes a `KVCache` (kv_cache.py): the new keys/values are written into it and the queries attend,
+through SDPA, to every cached key the cache's mask allows (in any dtype: the cached path does not take
+upstream's unfused bf16/fp16 CoreAttention). Training never passes one, so its path is unchanged.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from megatron.core.layers import ColumnParallelLinear, RowParallelLinear
 from megatron.core.random import checkpoint, derive_seed, tensor_parallel_rng
 from megatron.core.ulysses import heads_to_sequence, sequence_to_heads
 from megatron.distributed.parallel_state import ParallelState
+from megatron.model.kv_cache import KVCache
 from megatron.model.rotary import Rotary, rotary_cos_sin, split_qkv_rotary
 
 
@@ -54,6 +59,7 @@ class SelfAttention(nn.Module):
         super().__init__()
         self.config, self.ps = config, ps
         self.layer_number = max(1, layer_number + 1)  # upstream's 1-based ParallelTransformerLayer number
+        self.layer_index = layer_number  # its key in a KVCache
         tp = ps.tp_size
         d = config.head_dim
         self.heads_per_rank = config.num_attention_heads // tp
@@ -111,10 +117,11 @@ class SelfAttention(nn.Module):
         self.max_logits = full if self.max_logits is None else torch.maximum(self.max_logits, full)
 
     def forward(self, hidden: torch.Tensor, position_ids: torch.Tensor,
-                rotary: Optional[Rotary] = None, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+                rotary: Optional[Rotary] = None, attention_mask: Optional[torch.Tensor] = None,
+                kv_cache: Optional[KVCache] = None) -> torch.Tensor:
         """`rotary`: cos/sin from rotary_cos_sin(position_ids, ...) computed once per forward (RoPE only;
         computed here when not given). `attention_mask`: document_attention_mask(...) of the whole sequence
-        (None: plain causal attention)."""
+        (None: plain causal attention). `kv_cache`: generation's cache (the tokens are its next columns)."""
         config, d = self.config, self.config.head_dim
         qkv = self.qkv(hidden)  # [b, s, (nq + 2 nkv) d / tp], full (local) sequence
         b, s = qkv.shape[:2]
@@ -123,6 +130,8 @@ class SelfAttention(nn.Module):
         elif config.position_embedding_type != "rope":
             rotary = None
         q, k, v = split_qkv_rotary(qkv, self.heads_per_rank, self.kv_heads_per_rank, d, rotary)
+        if kv_cache is not None:
+            return self.dense(self._attend_cached(q, k, v, kv_cache).reshape(b, s, self.heads_per_rank * d))
         sp_group = self.ps.sp_group
         if attention_mask is not None and self.ps.sp_size > 1:
             raise ValueError("document-wise attention masks (--reset-attention-mask) are not supported with "
@@ -136,6 +145,15 @@ class SelfAttention(nn.Module):
             out = self._attend(q, k, v, attention_mask)
         out = heads_to_sequence(out, sp_group)
         return self.dense(out.reshape(b, s, self.heads_per_rank * d))
+
+    def _attend_cached(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: KVCache) -> torch.Tensor:
+        """Store k, v [b, s, kv heads, d] in the cache, attend q [b, s, heads, d] to every allowed cached key."""
+        if self.ps.sp_size > 1:
+            raise ValueError("generation with a KV cache does not support Ulysses (--ds-sequence-parallel-size > 1)")
+        keys, values = kv_cache.store(self.layer_index, k, v)
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=kv_cache.mask,
+                                             is_causal=kv_cache.causal, enable_gqa=keys.shape[1] != q.shape[2])
+        return out.transpose(1, 2)
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:

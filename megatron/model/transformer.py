@@ -20,6 +20,7 @@ from megatron.config.model import TransformerConfig
 from megatron.core.random import tensor_parallel_rng
 from megatron.distributed.parallel_state import ParallelState
 from megatron.model.attention import SelfAttention
+from megatron.model.kv_cache import KVCache
 from megatron.model.mlp import MLP
 from megatron.model.norms import build_norm
 from megatron.model.rotary import Rotary
@@ -46,10 +47,12 @@ class TransformerLayer(nn.Module):
         self.mlp = MLP(config, ps, seed, prefix + "mlp.")
 
     def forward(self, hidden: torch.Tensor, position_ids: torch.Tensor,
-                rotary: Optional[Rotary] = None, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+                rotary: Optional[Rotary] = None, attention_mask: Optional[torch.Tensor] = None,
+                kv_cache: Optional[KVCache] = None) -> torch.Tensor:
         """`rotary`: RoPE cos/sin of position_ids (rotary_cos_sin), shared by all layers of one forward;
-        `attention_mask`: attention.document_attention_mask (--reset-attention-mask), None: causal."""
+        `attention_mask`: attention.document_attention_mask (--reset-attention-mask), None: causal;
+        `kv_cache`: generation's KVCache (model/kv_cache.py), None in training."""
         p, sp, tp = self.config.hidden_dropout, self.sequence_parallel, self.ps.tp_size
-        attention = self.attention(self.input_norm(hidden), position_ids, rotary, attention_mask)
+        attention = self.attention(self.input_norm(hidden), position_ids, rotary, attention_mask, kv_cache)
         hidden = hidden + hidden_dropout(attention, p, self.training, sp, tp)
         return hidden + hidden_dropout(self.mlp(self.post_attention_norm(hidden)), p, self.training, sp, tp)

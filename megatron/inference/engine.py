@@ -1,0 +1,432 @@
+"""The inference engine: a checkpoint at any tp × pp, batched generation with a KV cache, scoring, beam search.
+
+    engine = InferenceEngine.from_checkpoint("runs/x/ckpt")             # ours, universal, argonne or HF folder
+    [result] = engine.generate([engine.tokenizer.tokenize("Hello")], [SamplingParams(max_new_tokens=20, greedy=True)])
+    engine.score([[5, 17, 42]])                                         # log-probs of tokens[1:]
+    sequences, scores = engine.beam_search(prompt, beam_width=4, max_new_tokens=20, stop_token=eod, length_penalty=1.0)
+
+Every method is collective: each rank of the model's process groups calls it with the same arguments, in the
+same order (torch.distributed already initialised when tp · pp > 1); every rank returns the same results.
+
+How a batch runs. Prompts of different lengths are left-padded into one [b, L] block and fed with each row's own
+positions; the KV cache (model/kv_cache.py) masks each row's padding, so a row attends exactly to its own
+tokens and gives what it gives alone (up to float rounding of the batched matmuls). The prefill runs the whole
+block once, then each step feeds one token per row. Rows stop on their own (stop tokens, max_new_tokens) and
+finished rows ride along until the batch ends. One rank (the last stage's tp rank 0) samples, with each row's
+own generator, and broadcasts the new tokens over the model-parallel group; the others follow.
+
+Pipeline parallelism runs this rank's stage of layers (model/stage.py) and passes the hidden states [b, s, h]
+to the next stage with torch.distributed point-to-point send/recv (not DeepSpeed's PipelineEngine, which
+schedules training micro-batches): each tp rank of stage p sends to the same tp rank of stage p + 1, the only
+rank that needs them, and every shape is known to both sides from the batch (no shape exchange).
+
+The context limit, as upstream: a prompt plus max_new_tokens longer than max_sequence_length is refused
+(GenerationError naming the request); beam search stops at the limit instead (upstream clips it there).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Callable, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from megatron.checkpoint.layout import check_group, layer_prefixes
+from megatron.config.model import TransformerConfig
+from megatron.config.parallel import ParallelConfig
+from megatron.distributed.parallel_state import ParallelState
+from megatron.inference.generation import (BeamHypotheses, GenerationError, GenerationResult, RowSampler,
+                                           SamplingParams, stop_reason)
+from megatron.inference.tokenization import InferenceTokenizer, special_tokens
+from megatron.model.kv_cache import KVCache
+from megatron.model.sharding import shard_state_dict
+from megatron.model.stage import GPTStage
+
+__all__ = ["InferenceEngine", "SamplingParams", "GenerationResult", "GenerationError"]
+
+log = logging.getLogger(__name__)
+
+
+_DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+           "fp16": torch.float16, "float16": torch.float16}
+
+
+def _resolve_dtype(dtype) -> torch.dtype:
+    """None (float32), a torch dtype, or one of _DTYPES' names."""
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if str(dtype) in _DTYPES:
+        return _DTYPES[str(dtype)]
+    raise GenerationError(f"dtype {dtype!r} is not one of {sorted(_DTYPES)}")
+
+
+def _default_device() -> torch.device:
+    from megatron.distributed.device import detect_device_type, device_for_rank
+
+    return device_for_rank(detect_device_type(), int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def build_tokenizer_for(source, tokenizer_args: Optional[dict], load: str) -> InferenceTokenizer:
+    """The tokenizer of a checkpoint: the run's recorded tokenizer with `tokenizer_args` (build_tokenizer's
+    keywords) over it (another tokenizer_type replaces it whole), else the Hugging Face folder's own files."""
+    from megatron.data.tokenizers import HFTokenizer, build_tokenizer
+
+    saved = dict(getattr(source, "tokenizer_args", None) or {})
+    given = {k: v for k, v in (tokenizer_args or {}).items() if v is not None}
+    if given.get("tokenizer_type") and given["tokenizer_type"] != saved.get("tokenizer_type"):
+        args = given
+    else:
+        args = {**saved, **given}
+    if args.get("tokenizer_type"):
+        return InferenceTokenizer(build_tokenizer(args["tokenizer_type"], args.get("tokenizer_model"),
+                                                  args.get("vocab_file"), args.get("merge_file"),
+                                                  args.get("vocab_size")))
+    if getattr(source, "hf_tokenizer_dir", None):
+        return InferenceTokenizer(HFTokenizer(source.hf_tokenizer_dir))
+    raise GenerationError(f"{load} does not record its tokenizer; pass one (--tokenizer-type and its files)")
+
+
+class InferenceEngine:
+    def __init__(self, stage: GPTStage, tokenizer, *, max_batch_size: int = 8,
+                 max_sequence_length: Optional[int] = None, model_name: str = "model"):
+        self.stage, self.config, self.ps = stage, stage.config, stage.ps
+        self.tokenizer = tokenizer
+        self.model_name = model_name
+        self.vocab_size = self.config.vocab_size
+        limit = self.config.max_position_embeddings
+        if max_sequence_length is not None and max_sequence_length > limit and \
+                self.config.position_embedding_type == "learned_absolute":
+            raise GenerationError(f"max_sequence_length {max_sequence_length} is beyond the model's learned "
+                                  f"positions (--max-position-embeddings {limit})")
+        self.max_sequence_length = int(max_sequence_length or limit)
+        if max_batch_size < 1:
+            raise GenerationError(f"max_batch_size must be >= 1, got {max_batch_size}")
+        self.max_batch_size = max_batch_size
+        parameter = next(stage.parameters())
+        self.device, self.dtype = parameter.device, parameter.dtype
+        self._special = special_tokens(tokenizer)
+        ps = self.ps
+        self._mp_group = ps.groups.get("mp")
+        self._mp_size = len(ps.group_ranks.get("mp", [0]))
+        self._source_rank = ps.rank_of(tp=0, sp=0, dp=ps.dp_rank, pp=ps.pp_size - 1)
+        self.is_sampler = ps.rank == self._source_rank  # samples, and owns the log-probs
+        self.is_front = ps.tp_rank == 0 and ps.pp_rank == 0  # calls on_token (global rank 0 of one replica)
+        pp_ranks = ps.group_ranks.get("pp", [ps.rank])
+        self._prev = pp_ranks[ps.pp_rank - 1] if ps.pp_rank > 0 else None
+        self._next = pp_ranks[ps.pp_rank + 1] if ps.pp_rank + 1 < ps.pp_size else None
+        self._hidden_dtype = torch.float32 if self.config.fp32_residual_connection else self.dtype
+
+    # ---- construction ----------------------------------------------------------------------------------
+    @classmethod
+    def from_checkpoint(cls, load: str, *, tp: Optional[int] = None, pp: Optional[int] = None,
+                        tokenizer_args: Optional[dict] = None, dtype=None, device=None, max_batch_size: int = 8,
+                        max_sequence_length: Optional[int] = None) -> "InferenceEngine":
+        """Load `load` (our checkpoint at any layout, a universal folder, an argonne checkpoint or a Hugging Face
+        Llama/GPT-2 folder) resharded to tp × pp; the model's shape is the checkpoint's. tp/pp default to the
+        checkpoint's saved layout where it fits the world size, else 1."""
+        from megatron.checkpoint.sources import open_checkpoint
+
+        vocab_size = (tokenizer_args or {}).get("vocab_size")
+        source = open_checkpoint(load, vocab_size=vocab_size)
+        tokenizer = build_tokenizer_for(source, tokenizer_args, load)
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        if tp is None and pp is None:
+            saved_tp, saved_pp = int(getattr(source, "tp", 1) or 1), int(getattr(source, "pp", 1) or 1)
+            tp, pp = (saved_tp, saved_pp) if world % (saved_tp * saved_pp) == 0 and world > 1 else (1, 1)
+        name = os.path.basename(os.path.normpath(load))
+        return cls.from_source(source, tokenizer, tp=tp or 1, pp=pp or 1, dtype=dtype, device=device,
+                               max_batch_size=max_batch_size, max_sequence_length=max_sequence_length,
+                               model_name=name)
+
+    @classmethod
+    def from_source(cls, source, tokenizer=None, *, tp: int = 1, pp: int = 1, dtype=None, device=None,
+                    max_batch_size: int = 8, max_sequence_length: Optional[int] = None,
+                    model_name: str = "model") -> "InferenceEngine":
+        """An engine on any FullModelSource (checkpoint/layout.py), e.g. StateDictSource of a GPTModel."""
+        config: TransformerConfig = source.config.replace(
+            attention_dropout=0.0, hidden_dropout=0.0, sequence_parallel=False, checkpoint_activations=False)
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        if world == 1 and tp * pp > 1:
+            raise GenerationError(f"tp {tp} × pp {pp} needs torch.distributed initialised with a multiple of "
+                                  f"{tp * pp} ranks (launch with torchrun or mpiexec)")
+        parallel = ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+        try:
+            ps = ParallelState.build(parallel, config) if world > 1 else ParallelState.single()
+        except ValueError as error:
+            raise GenerationError(f"cannot run {source.description} at tp {tp} × pp {pp}: {error}") from None
+        if pp > config.num_layers:
+            raise GenerationError(f"pp {pp} is more than the model's {config.num_layers} layers")
+        device = torch.device(device) if device is not None else _default_device()
+        dtype = _resolve_dtype(dtype)
+        stage = GPTStage(config, ps)
+        load_stage_weights(stage, source)
+        stage = stage.to(device=device, dtype=dtype).eval()
+        return cls(stage, tokenizer, max_batch_size=max_batch_size, max_sequence_length=max_sequence_length,
+                   model_name=model_name)
+
+    def shutdown(self) -> None:
+        """Drop the model (the process groups belong to the caller)."""
+        self.stage = None
+
+    # ---- collective building blocks --------------------------------------------------------------------
+    def _run_stage(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> Optional[torch.Tensor]:
+        """This stage's forward of tokens [b, s]: the last stage returns its hidden states, the others None."""
+        b, s = tokens.shape
+        if self.stage.first:
+            inputs = tokens
+        else:
+            inputs = torch.empty(b, s, self.config.hidden_size, dtype=self._hidden_dtype, device=self.device)
+            dist.recv(inputs, src=self._prev)
+        hidden = self.stage(inputs, positions, kv_cache=cache)
+        if self._next is not None:
+            dist.send(hidden.contiguous(), dst=self._next)
+            return None
+        return hidden
+
+    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Full-vocabulary float32 logits [b, s, V] from the last stage's hidden states (tp-gathered)."""
+        from megatron.model.embedding import gather_logits
+
+        return gather_logits(self.stage.logits(hidden), self.ps, self.vocab_size).float()
+
+    def _share(self, values: torch.Tensor) -> torch.Tensor:
+        """The sampler's `values` on every rank of the model-parallel group."""
+        if self._mp_size > 1:
+            dist.broadcast(values, src=self._source_rank, group=self._mp_group)
+        return values
+
+    def _share_object(self, value):
+        if self._mp_size == 1:
+            return value
+        holder = [value]
+        dist.broadcast_object_list(holder, src=self._source_rank, group=self._mp_group)
+        return holder[0]
+
+    def _new_cache(self, batch: int, capacity: int, start: Sequence[int]) -> KVCache:
+        config = self.config
+        return KVCache(batch, capacity, self.stage.layer_indices, config.num_key_value_heads // self.ps.tp_size,
+                       config.head_dim, dtype=self.dtype, device=self.device, start=start)
+
+    def _check_prompt(self, where: str, prompt) -> None:
+        if not prompt or not all(isinstance(t, int) and 0 <= t < self.vocab_size for t in prompt):
+            raise GenerationError(f"{where}: a prompt must be a non-empty list of token ids in [0, "
+                                  f"{self.vocab_size})")
+
+    # ---- generation --------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def generate(self, prompts: list, params: list, on_token: Optional[Callable[[int, int], None]] = None) -> list:
+        """Continue each prompt (token ids) by its SamplingParams; results in order. on_token(index, token) is
+        called on the replica's first rank after each new token (an exception there is logged, not raised)."""
+        if len(prompts) != len(params):
+            raise GenerationError(f"generate: {len(prompts)} prompts but {len(params)} SamplingParams")
+        for i, (prompt, p) in enumerate(zip(prompts, params)):
+            self._check_prompt(f"request {i}", prompt)
+            problems = p.problems()
+            if problems:
+                raise GenerationError(f"request {i}: " + "; ".join(problems))
+            if len(prompt) + p.max_new_tokens > self.max_sequence_length:
+                raise GenerationError(
+                    f"request {i}: the prompt's {len(prompt)} tokens + max_new_tokens {p.max_new_tokens} exceed the "
+                    f"context of {self.max_sequence_length} tokens; shorten the prompt or ask for fewer tokens")
+            if (p.stop_on_eol or p.stop_on_double_eol) and self._special.newline is None:
+                raise GenerationError(f"request {i}: stop_on_eol / stop_on_double_eol need a tokenizer with a "
+                                      f"newline token; {self.tokenizer!r} has none")
+        results = []
+        for first in range(0, len(prompts), self.max_batch_size):
+            chunk = slice(first, first + self.max_batch_size)
+            results += self._generate_batch(prompts[chunk], params[chunk], on_token, first)
+        return results
+
+    def _generate_batch(self, prompts, params, on_token, offset) -> list:
+        b = len(prompts)
+        lengths = [len(p) for p in prompts]
+        width = max(lengths)
+        steps = max(p.max_new_tokens for p in params)
+        start = [width - n for n in lengths]
+        pad = self._special.eod if self._special.eod is not None else 0
+        tokens = torch.full((b, width), pad, dtype=torch.long)
+        for row, prompt in enumerate(prompts):
+            tokens[row, start[row]:] = torch.tensor(prompt, dtype=torch.long)
+        tokens = tokens.to(self.device)
+        start_t = torch.tensor(start, device=self.device)
+        positions = (torch.arange(width, device=self.device).unsqueeze(0) - start_t.unsqueeze(1)).clamp(min=0)
+        cache = self._new_cache(b, width + steps, start)
+        hidden = self._run_stage(tokens, positions, cache)
+
+        out = [list(p) for p in prompts]
+        logprobs = [[] if p.return_logprobs else None for p in params]
+        finish = ["length"] * b
+        done = [p.max_new_tokens == 0 for p in params]
+        last = None
+        if hidden is not None:
+            for row, p in enumerate(params):  # the prompt's log-probs, row by row (bounded memory)
+                if p.return_logprobs and lengths[row] > 1:
+                    row_logits = self._logits(hidden[row:row + 1, start[row]:width - 1])[0]
+                    targets = tokens[row, start[row] + 1:].unsqueeze(1)
+                    logprobs[row] = F.log_softmax(row_logits, dim=-1).gather(1, targets).squeeze(1).tolist()
+            last = self._logits(hidden[:, -1:])[:, 0] if steps else None
+        samplers = [RowSampler(p, self.device) for p in params] if self.is_sampler else None
+
+        for step in range(steps):
+            new = torch.full((b,), pad, dtype=torch.long, device=self.device)
+            if self.is_sampler:
+                argmax = last.argmax(dim=-1).tolist() if any(p.is_greedy for p in params) else None  # one call
+                for row, p in enumerate(params):
+                    if done[row]:
+                        continue
+                    row_logits = last[row]
+                    masked = p.prevent_newline_after_colon and self._special.colon is not None and \
+                        out[row][-1] == self._special.colon and self._special.newline is not None
+                    if masked:
+                        row_logits = row_logits.clone()
+                        row_logits[self._special.newline] = -1e10
+                    token = argmax[row] if p.is_greedy and not masked else samplers[row].next_token(row_logits)
+                    new[row] = token
+                    if p.return_logprobs:
+                        logprobs[row].append(float(F.log_softmax(row_logits, dim=-1)[token]))
+            new = self._share(new)
+            new_list = new.tolist()
+            for row, p in enumerate(params):
+                if done[row]:
+                    continue
+                token = new_list[row]
+                previous = out[row][-1]
+                out[row].append(token)
+                if self.is_front and on_token is not None:
+                    try:
+                        on_token(offset + row, token)
+                    except Exception:  # a streaming client's failure must not stop the batch
+                        log.exception("on_token callback failed for request %d", offset + row)
+                if stop_reason(p, self._special, previous, token):
+                    done[row], finish[row] = True, "stop"
+                elif len(out[row]) - lengths[row] >= p.max_new_tokens:
+                    done[row] = True
+            if all(done):
+                break
+            step_positions = torch.tensor([len(o) - 1 for o in out], device=self.device).unsqueeze(1)
+            hidden = self._run_stage(new.unsqueeze(1), step_positions, cache)
+            if hidden is not None:
+                last = self._logits(hidden)[:, 0]
+
+        if any(p.return_logprobs for p in params):
+            logprobs = self._share_object(logprobs if self.is_sampler else None)
+        return [GenerationResult(tokens=out[row], prompt_length=lengths[row], logprobs=logprobs[row],
+                                 finish_reason=finish[row]) for row in range(b)]
+
+    @torch.inference_mode()
+    def score(self, sequences: list) -> list:
+        """Per-token log-probs of tokens[1:] of each sequence given its prefix (lm-eval's loglikelihood)."""
+        for i, sequence in enumerate(sequences):
+            self._check_prompt(f"sequence {i}", sequence)
+            if len(sequence) > self.max_sequence_length:
+                raise GenerationError(f"sequence {i}: {len(sequence)} tokens exceed the context of "
+                                      f"{self.max_sequence_length} tokens")
+        results = self.generate(sequences, [SamplingParams(return_logprobs=True) for _ in sequences])
+        return [r.logprobs for r in results]
+
+    # ---- beam search -------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def beam_search(self, prompt: list, beam_width: int, max_new_tokens: int, stop_token: int,
+                    length_penalty: float = 1.0, num_return_gen: Optional[int] = None,
+                    prevent_newline_after_colon: bool = False) -> tuple:
+        """Upstream's beam search for one prompt: (sequences, scores), best first, at most num_return_gen
+        (default beam_width) of them; each sequence is the prompt + its generated tokens (the stop token
+        included where a beam ended on it), each score sum_logprobs / generated_length ** length_penalty.
+        It stops at the context limit (upstream clips tokens_to_generate there)."""
+        self._check_prompt("beam_search", prompt)
+        if not isinstance(beam_width, int) or beam_width < 1:
+            raise GenerationError(f"beam_width must be an integer >= 1, got {beam_width!r}")
+        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise GenerationError(f"beam search needs max_new_tokens >= 1, got {max_new_tokens!r}")
+        prompt_length = len(prompt)
+        final = min(prompt_length + max_new_tokens, self.max_sequence_length)
+        if prompt_length >= final:
+            raise GenerationError(f"beam_search: the prompt's {prompt_length} tokens leave no room in the context "
+                                  f"of {self.max_sequence_length} tokens")
+        num_return_gen = beam_width if num_return_gen is None else num_return_gen
+        colon, newline = self._special.colon, self._special.newline
+        beams = [list(prompt) for _ in range(beam_width)]
+        cache = self._new_cache(beam_width, final, [0] * beam_width)
+        positions = torch.arange(prompt_length, device=self.device).unsqueeze(0).expand(beam_width, -1)
+        tokens = torch.tensor(beams, dtype=torch.long, device=self.device)
+        hidden = self._run_stage(tokens, positions, cache)
+        last = self._logits(hidden[:, -1:])[:, 0] if hidden is not None else None
+        scores = torch.zeros(beam_width, 1, dtype=torch.float32, device=self.device)
+        hypotheses = BeamHypotheses(beam_width, length_penalty)
+        done = False
+        for context_length in range(prompt_length, final):
+            generated = context_length + 1 - prompt_length
+            decision = torch.zeros(1 + 2 * beam_width, dtype=torch.long, device=self.device)
+            if self.is_sampler:
+                logits = last
+                if prevent_newline_after_colon and colon is not None and newline is not None:
+                    logits = logits.clone()
+                    after_colon = torch.tensor([b[-1] == colon for b in beams], device=self.device)
+                    logits[after_colon, newline] = -1e10
+                new_scores = F.log_softmax(logits, dim=-1) + scores
+                vocab = new_scores.shape[1]
+                flat = new_scores[0] if context_length == prompt_length else new_scores.view(-1)
+                sorted_scores, indices = torch.sort(flat, descending=True)
+                best_scores = sorted_scores[:2 * beam_width]
+                chosen = []
+                for rank, (index, score) in enumerate(zip(indices[:2 * beam_width].tolist(), best_scores)):
+                    beam, word = index // vocab, index % vocab
+                    if word == stop_token:
+                        if rank >= beam_width:
+                            continue
+                        hypotheses.add(beams[beam] + [word], float(score), generated)
+                    else:
+                        chosen.append((word, score, beam))
+                    if len(chosen) == beam_width:
+                        break
+                done = hypotheses.is_done(float(best_scores.max()), generated)
+                decision[0] = int(done)
+                decision[1:1 + beam_width] = torch.tensor([c[2] for c in chosen])
+                decision[1 + beam_width:] = torch.tensor([c[0] for c in chosen])
+                scores = torch.stack([c[1] for c in chosen]).unsqueeze(1)
+            decision = self._share(decision).tolist()
+            if decision[0]:
+                done = True
+                break
+            rows, words = decision[1:1 + beam_width], decision[1 + beam_width:]
+            beams = [beams[r] + [w] for r, w in zip(rows, words)]
+            if context_length + 1 == final:
+                break
+            cache.reorder(torch.tensor(rows, device=self.device))
+            step_positions = torch.full((beam_width, 1), context_length, device=self.device)
+            hidden = self._run_stage(torch.tensor(words, device=self.device).unsqueeze(1), step_positions, cache)
+            if hidden is not None:
+                last = self._logits(hidden)[:, 0]
+        result = None
+        if self.is_sampler:
+            if not done:
+                for beam in range(beam_width):
+                    hypotheses.add(beams[beam], float(scores[beam, 0]), generated)
+            ranked = sorted(hypotheses.beams, key=lambda item: item[0], reverse=True)[:max(1, num_return_gen)]
+            result = ([tokens for _, tokens in ranked], [float(score) for score, _ in ranked])
+        return self._share_object(result)
+
+
+def load_stage_weights(stage: GPTStage, source) -> None:
+    """Load the groups this stage holds from a FullModelSource, sharded to its tp rank; every parameter of the
+    stage must be filled."""
+    config, ps = stage.config, stage.ps
+    wanted = set(stage.state_dict().keys())
+    needed = [prefix for prefix in layer_prefixes(config)
+              if any(name.startswith(prefix) for name in wanted)]
+    loaded = set()
+    for prefix in needed:
+        tensors = source.load_group(prefix)
+        check_group(prefix, tensors, config, source.description)
+        shard = {name: tensor for name, tensor in shard_state_dict(tensors, config, ps.tp_size, ps.tp_rank).items()
+                 if name in wanted}
+        stage.load_state_dict(shard, strict=False)
+        loaded |= set(shard)
+    missing = sorted(wanted - loaded)
+    if missing:
+        raise GenerationError(f"{source.description}: no weights for {missing[:5]} of the model")
