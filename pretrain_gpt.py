@@ -33,16 +33,16 @@ def warn_once_per_run(rank: int) -> None:
 
 
 def say_refusal(error, rank: int, world_size: int, same_on_every_rank: bool, master_addr=None,
-                master_port=None) -> None:
+                master_port=None, prog: str = "pretrain_gpt.py") -> None:
     """A refusal every rank reaches is printed once for the job, whichever rank exits first (rank 0 prints it;
     the others wait, bounded, for it to confirm and print it themselves if it does not): see
     megatron/distributed/refusal.py. One that may concern this rank's files only, every rank that sees it says."""
     from megatron.distributed.refusal import job_store, say_once
 
     if not same_on_every_rank:
-        print(f"pretrain_gpt.py (rank {rank}): {error}", file=sys.stderr, flush=True)
+        print(f"{prog} (rank {rank}): {error}", file=sys.stderr, flush=True)
         return
-    say_once(f"pretrain_gpt.py: {error}", rank, world_size,
+    say_once(f"{prog}: {error}", rank, world_size,
              store=lambda timeout_s: job_store(rank, world_size, master_addr, master_port, timeout_s))
 
 
@@ -66,7 +66,8 @@ def data_path_directory(run) -> None:
                        "weight 1 each (upstream's pretrain_gpt_alcf.py)")
 
 
-def main(argv: list[str] | None = None, alcf: bool = False) -> int:
+def main(argv: list[str] | None = None, alcf: bool = False, prog: str = "pretrain_gpt.py", task=None,
+         check_run=None) -> int:
     """Exit code 0 when the run finished or exited early on purpose (signal, --exit-*), 2 on bad flags/inputs
     (flags, data, checkpoints, the save directory), 3 when a rank stopped answering (watchdog, collective
     timeout), 4 after --max-consecutive-nan-steps NaN/Inf steps (see docs/RELIABILITY.md).
@@ -76,6 +77,8 @@ def main(argv: list[str] | None = None, alcf: bool = False) -> int:
 
     alcf: pretrain_gpt_alcf.py's run, which starts wandb by default as upstream's ALCF entry does
     (megatron/training/tracking.py); here wandb is opt-in (--wandb-project), as in upstream's pretrain_gpt.py.
+    prog, task, check_run: another entry point on the same path (finetune_gpt.py: its name in messages, the
+    training task of megatron/training/task.py, and a check of the parsed run that raises MegatronError).
     """
     from megatron.deepspeed_compat import quiet_cpu_accelerator_probe
 
@@ -93,6 +96,8 @@ def main(argv: list[str] | None = None, alcf: bool = False) -> int:
             raise with_data_list_problems(refused, sys.argv[1:] if argv is None else argv) from None
         if alcf:
             data_path_directory(run)  # upstream's ALCF entry: a --data-path directory blends its .bin files
+        if check_run is not None:
+            check_run(run)
         if run.training.dry_run is None:
             # before any process group or engine, on every launch path: the layout against the launcher's world
             # size (1 under plain python), batch sizes, data lists, tokenizer, LR schedule, engine, all reported
@@ -103,9 +108,10 @@ def main(argv: list[str] | None = None, alcf: bool = False) -> int:
     except MegatronError as error:
         # every rank reads the same flags and data lists: the same verdict on every rank, said once
         if launch is None:
-            say_refusal(error, 0, 1, True)
+            say_refusal(error, 0, 1, True, prog=prog)
         else:
-            say_refusal(error, launch.rank, launch.world_size, True, launch.master_addr, launch.master_port)
+            say_refusal(error, launch.rank, launch.world_size, True, launch.master_addr, launch.master_port,
+                        prog=prog)
         return error.exit_code
 
     if alcf:
@@ -127,25 +133,26 @@ def main(argv: list[str] | None = None, alcf: bool = False) -> int:
     try:
         ps = ParallelState.build(run.parallel, run.model)
         if env.rank == 0:
-            print(f"pretrain_gpt.py: {ps.describe()} on {env.device} ({env.backend}, {env.launcher})", flush=True)
+            print(f"{prog}: {ps.describe()} on {env.device} ({env.backend}, {env.launcher})", flush=True)
             for notice in run.notices:
-                print(f"pretrain_gpt.py: note: {notice}", flush=True)
+                print(f"{prog}: note: {notice}", flush=True)
         import megatron
 
-        result = train(run, ps, env.device, start_time=megatron.START_TIME)  # upstream's clock: from the start
+        result = train(run, ps, env.device, start_time=megatron.START_TIME,  # upstream's clock: from the start
+                       task=task)
         if env.rank == 0:
-            print(f"pretrain_gpt.py: done at iteration {result.iteration}: {result.exit_reason}", flush=True)
+            print(f"{prog}: done at iteration {result.iteration}: {result.exit_reason}", flush=True)
         if result.exit_code:
             return result.exit_code
     except CollectiveFailure as error:  # a rank stopped answering: tearing the groups down could hang too
-        print(f"pretrain_gpt.py: {error}", file=sys.stderr, flush=True)
+        print(f"{prog}: {error}", file=sys.stderr, flush=True)
         sys.stdout.flush()
         error.after_report()  # stopped ranks on this node are ended (SIGKILL) once the message is out
         os._exit(EXIT_HANG)
     except MegatronError as error:
         # bad flags (the same verdict on every rank: said once, without a traceback), or bad input that may
         # concern one rank's files (every rank that sees it says so)
-        say_refusal(error, env.rank, env.world_size, error.same_on_every_rank)
+        say_refusal(error, env.rank, env.world_size, error.same_on_every_rank, prog=prog)
         return error.exit_code
     finally:
         destroy_distributed()  # train() has already destroyed the DeepSpeed engine (its threads and buffers)

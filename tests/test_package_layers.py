@@ -89,6 +89,15 @@ def test_the_checkpoint_package_is_below_training_and_convert():
     assert "checkpoint" not in graph.get("config", {}) and "checkpoint" not in graph.get("optimizer", {})
 
 
+def test_post_training_is_above_training_and_nothing_in_megatron_imports_it():
+    """megatron/post_training/ (SFT, DPO) plugs into the loop as a task: training knows only its interface
+    (training/task.py), and the entry point finetune_gpt.py hands the task in."""
+    graph = package_graph()
+    importers = [package for package, imports in graph.items() if "post_training" in imports]
+    assert importers == [], importers
+    assert "training" in graph.get("post_training", {})
+
+
 def test_the_inference_package_sits_above_checkpoint_and_model():
     graph = package_graph()
     below = ("config", "distributed", "core", "model", "data", "checkpoint", "convert", "optimizer", "training")

@@ -80,16 +80,22 @@ def tied_output_logits(embedding: Embedding, hidden: torch.Tensor) -> torch.Tens
 
 
 class MaskedMeanLoss:
-    """Pipe loss: vocab-parallel cross entropy averaged over tokens with loss_mask == 1."""
+    """Pipe loss: vocab-parallel cross entropy averaged over tokens with loss_mask == 1.
 
-    def __init__(self, config: TransformerConfig, ps: ParallelState):
-        self.config, self.ps = config, ps
-        self.__name__ = "masked_mean_cross_entropy"
+    The loss hook: with `reduce`, targets are (labels, *rest) and the loss is reduce(per-token loss [b, s], rest)
+    (a post-training task's loss: SFT's globally normalised sum, DPO's pair loss from the reference log-probs
+    carried in `rest`)."""
+
+    def __init__(self, config: TransformerConfig, ps: ParallelState, reduce=None):
+        self.config, self.ps, self.reduce = config, ps, reduce
+        self.__name__ = "masked_mean_cross_entropy" if reduce is None else getattr(reduce, "__name__", "task_loss")
 
     def __call__(self, logits: torch.Tensor, targets) -> torch.Tensor:
-        labels, loss_mask = targets
+        labels, *rest = targets
         losses = vocab_parallel_cross_entropy(logits, labels, self.ps.tp_group, self.config.loss_vocab_size)
-        mask = loss_mask.reshape(-1).float()
+        if self.reduce is not None:
+            return self.reduce(losses, rest)
+        mask = rest[0].reshape(-1).float()
         return (losses.reshape(-1) * mask).sum() / mask.sum().clamp(min=1.0)
 
 

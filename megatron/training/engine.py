@@ -87,12 +87,15 @@ def check_engine_config(run, device: torch.device) -> None:
 
 # ---- model and optimizer ----------------------------------------------------------------------------
 
-def build_model(model_config: TransformerConfig, ps: ParallelState, pipeline: bool, seed: int) -> torch.nn.Module:
-    """GPTModel, or its layers as DeepSpeed's PipelineModule (collective when pipeline: all ranks call it)."""
+def build_model(model_config: TransformerConfig, ps: ParallelState, pipeline: bool, seed: int,
+                pipe_loss_reduce=None) -> torch.nn.Module:
+    """GPTModel, or its layers as DeepSpeed's PipelineModule (collective when pipeline: all ranks call it).
+    pipe_loss_reduce: a task's loss from the per-token loss on the last stage (model/pipeline.py MaskedMeanLoss)."""
     if pipeline:
-        from megatron.model.pipeline import build_pipeline_module
+        from megatron.model.pipeline import MaskedMeanLoss, build_pipeline_module
 
-        return build_pipeline_module(model_config, ps, seed=seed)
+        loss_fn = None if pipe_loss_reduce is None else MaskedMeanLoss(model_config, ps, pipe_loss_reduce)
+        return build_pipeline_module(model_config, ps, seed=seed, loss_fn=loss_fn)
     from megatron.model import GPTModel
 
     return GPTModel(model_config, ps, seed=seed)
@@ -151,14 +154,23 @@ def prepare_batch(batch: dict, ps: ParallelState, device: torch.device, eod_toke
     """{"tokens": [b, s+1]} -> inputs and labels shifted by one, cut to this Ulysses rank's part of the sequence.
 
     With reset_attention_mask (Megatron's --reset-attention-mask) the inputs carry per-token document numbers
-    (a new document after each EOD token): attention is then causal within each document only."""
+    (a new document after each EOD token): attention is then causal within each document only.
+    A post-training batch (megatron/data/post_training.py) brings its own "loss_mask" [b, s] (of the labels) and,
+    packed, its "position_ids" and "document_ids" [b, s]: these replace the EOD-derived ones."""
     if "tokens" not in batch:
         raise KeyError(f"a training batch must hold 'tokens' [b, seq+1]; got keys {sorted(batch)}")
     data = batch["tokens"].long()
     tokens, labels = data[:, :-1].contiguous(), data[:, 1:].contiguous()
-    position_ids, loss_mask = position_ids_and_loss_mask(tokens, eod_token, reset_position_ids, eod_mask_loss)
+    if "loss_mask" in batch:
+        loss_mask = batch["loss_mask"].float()
+        position_ids = batch["position_ids"].long() if "position_ids" in batch else \
+            torch.arange(tokens.shape[1], dtype=torch.long).unsqueeze(0).expand_as(tokens).clone()
+    else:
+        position_ids, loss_mask = position_ids_and_loss_mask(tokens, eod_token, reset_position_ids, eod_mask_loss)
     document_ids = None
-    if reset_attention_mask:
+    if "document_ids" in batch:
+        document_ids = batch["document_ids"].long().to(device)
+    elif reset_attention_mask:
         if eod_token is None:
             raise EngineConfigError("--reset-attention-mask needs a tokenizer with an EOD token")
         if ps.sp_size > 1:
@@ -224,6 +236,7 @@ class StepResult:
     skipped: bool  # fp16 overflow: the optimizer step was skipped
     num_samples: int  # samples in this global batch
     next_learning_rate: Optional[float] = None  # the lr after the step's schedule step (what upstream's log shows)
+    metrics: dict = field(default_factory=dict)  # the task's extra metrics of this batch (DPO's rewards/*, ...)
 
 
 @dataclass
@@ -243,6 +256,7 @@ class TrainingEngine:
     last_clip_grad_norm: Optional[float] = None  # set by _clip_fp32_gradients at each optimizer step
     timers: Optional[Timers] = None  # per-phase timers (--timing-log-level); None: not timed
     empty_unused_memory_level: int = 0  # --empty-unused-memory-level: when to release the allocator's cache
+    task: object = None  # training/task.py: what the run optimises (None: pretraining)
 
     def __post_init__(self):
         if self._fp32_without_zero():  # an instance attribute: DeepSpeed's _take_model_step calls ours
@@ -251,6 +265,10 @@ class TrainingEngine:
             compat.replace_fp32_gradient_clipping(self.engine, self._clip_fp32_gradients)
         if self.timers is None:
             self.timers = Timers(0)
+        if self.task is None:
+            from megatron.training.task import PretrainingTask
+
+            self.task = PretrainingTask()
         if self.engine.wall_clock_breakdown():
             quiet_deepspeed_timer_log(self.engine)
 
@@ -323,10 +341,20 @@ class TrainingEngine:
                              self.eod_mask_loss, self.reset_attention_mask)
 
     def _pipeline_batches(self, batches: Iterator[dict]):
-        """The ((tokens, position_ids[, document_ids]), (labels, loss_mask)) tuples the PipelineModule takes."""
+        """The ((tokens, position_ids[, document_ids]), (labels, loss_mask, ...)) tuples the PipelineModule takes
+        (the targets are the task's)."""
         for batch in batches:
             x = self._inputs(batch)
-            yield x.pipe_inputs(), (x.labels, x.loss_mask)
+            yield x.pipe_inputs(), self.task.pipe_targets(x, batch)
+
+    def _global_batch(self, batches: Iterator[dict], training: bool) -> Iterator[dict]:
+        """The micro-batches of one global batch: read lazily, or (a task that normalises over the whole global
+        batch) read first and shown to the task (collective)."""
+        if not self.task.whole_batch_first:
+            return batches
+        with self.timers("batch-generator", 1):
+            micro_batches = [next(batches) for _ in range(self.gradient_accumulation_steps)]
+        return iter(self.task.start_global_batch(self, micro_batches, training))
 
     def _lr(self) -> float:
         return float(self.engine.get_lr()[0])
@@ -437,6 +465,7 @@ class TrainingEngine:
         grad_norm = None
         self.last_clip_grad_norm = None
         timers = self.timers
+        batches = self._global_batch(batches, training=True)
         if self.is_pipeline:  # DeepSpeed's 1F1B schedule runs forward, backward and the optimizer step in one call
             self._set_gradient_allreduce()
             with timers("forward-backward", 1):
@@ -459,7 +488,7 @@ class TrainingEngine:
                 x = self._inputs(batch)
                 with timers("forward-compute", 2):
                     per_token = self.engine(x.tokens, **x.model_kwargs())
-                    loss, report = masked_mean_loss(per_token, x.loss_mask, self.ps)
+                    loss, report = self.task.micro_loss(per_token, x, batch, self.ps)
                 with timers("backward-compute", 2):
                     self.engine.backward(loss)  # at the last micro-batch: gradients reduced over dp (sdp)
                 if self.engine.is_gradient_accumulation_boundary():
@@ -487,7 +516,7 @@ class TrainingEngine:
             grad_norm = None if norm is None else float(norm.item() if torch.is_tensor(norm) else norm)
         return StepResult(loss=loss, grad_norm=grad_norm, learning_rate=lr,
                           skipped=self.engine.skipped_steps > skipped_before, num_samples=self.global_batch_size,
-                          next_learning_rate=self._lr())
+                          next_learning_rate=self._lr(), metrics=self.task.step_metrics(self, training=True))
 
     def skip_step(self, batches: Iterator[dict]) -> StepResult:
         """Upstream's --train-iters-to-skip/--train-range-to-skip step: read this global batch's micro-batches,
@@ -507,6 +536,7 @@ class TrainingEngine:
     @torch.no_grad()
     def eval_step(self, batches: Iterator[dict]) -> float:
         """Mean loss over one global batch from `batches`; no gradients, no optimizer step."""
+        batches = self._global_batch(batches, training=False)
         if self.is_pipeline:
             loss = self.engine.eval_batch(self._pipeline_batches(batches), return_logits=False, compute_loss=True,
                                           reduce_output="avg", bcast_loss=True)
@@ -515,9 +545,10 @@ class TrainingEngine:
         self.engine.eval()
         total = torch.zeros((), dtype=torch.float32, device=self.device)
         for _ in range(self.gradient_accumulation_steps):
-            x = self._inputs(next(batches))
+            batch = next(batches)
+            x = self._inputs(batch)
             per_token = self.engine(x.tokens, **x.model_kwargs())
-            total += masked_mean_loss(per_token, x.loss_mask, self.ps)[1]
+            total += self.task.micro_loss(per_token, x, batch, self.ps)[1]
         total /= self.gradient_accumulation_steps
         self._release_memory(1)  # upstream's level 1: after each evaluation batch's forward
         if self.ps.dp_size > 1:
@@ -541,7 +572,7 @@ class TrainingEngine:
 
 def build_engine(run, ps: ParallelState, device: torch.device, ds_config: Optional[dict] = None,
                  lr_scheduler_factory=None, eod_token: Optional[int] = None,
-                 timers: Optional[Timers] = None) -> TrainingEngine:
+                 timers: Optional[Timers] = None, task=None) -> TrainingEngine:
     """Model, optimizer, LR schedule and DeepSpeed engine for `run` on this rank (collective).
 
     ds_config: default build_deepspeed_config(run, dp) -- generated from the flags or the user's file, checked.
@@ -559,7 +590,11 @@ def build_engine(run, ps: ParallelState, device: torch.device, ds_config: Option
 
         ds_config = build_deepspeed_config(run, ps.dp_size, device.type)
     pipeline = uses_pipeline_engine(run)
-    model = build_model(run.model, ps, pipeline, run.training.seed)
+    if task is None:
+        from megatron.training.task import PretrainingTask
+
+        task = PretrainingTask()
+    model = build_model(run.model, ps, pipeline, run.training.seed, pipe_loss_reduce=task.pipe_loss(ps))
     from megatron.checkpoint.universal import universal_checkpoint_info
 
     # DeepSpeed saves this attribute of the module in every checkpoint; ds_to_universal merges tp shards by it.
@@ -592,4 +627,4 @@ def build_engine(run, ps: ParallelState, device: torch.device, ds_config: Option
                           is_pipeline=pipeline, eod_token=eod_token, reset_position_ids=run.data.reset_position_ids,
                           eod_mask_loss=run.data.eod_mask_loss, reset_attention_mask=run.data.reset_attention_mask,
                           hook_handles=handles, timers=timers,
-                          empty_unused_memory_level=run.training.empty_unused_memory_level)
+                          empty_unused_memory_level=run.training.empty_unused_memory_level, task=task)

@@ -42,6 +42,8 @@ from megatron.training.tracking import Tracker, default_wandb_dir
 class TrainResult:
     losses: dict = field(default_factory=dict)  # iteration -> training loss (global-batch mean)
     grad_norms: dict = field(default_factory=dict)  # iteration -> grad norm (None when not reported)
+    metrics: dict = field(default_factory=dict)  # iteration -> the task's metrics (DPO: TRL's rewards/*, logps/*)
+    eval_metrics: dict = field(default_factory=dict)  # iteration -> the task's metrics on the validation set
     eval_losses: dict = field(default_factory=dict)  # iteration -> validation loss
     test_loss: Optional[float] = None
     final_valid_loss: Optional[float] = None  # the end-of-training validation evaluation (upstream's)
@@ -94,11 +96,13 @@ def megatron_log_line(iteration: int, total_iters: int, consumed_samples: int, c
                       loss_scale: Optional[float], grad_norm: Optional[float], actual_seqlen: int, skipped: int,
                       nan_iterations: int, samples_per_s: float, tokens_per_gpu_per_s: float, tflops: float,
                       mfu: Optional[float], hfu: Optional[float], memory_mb: float,
-                      params_norm: Optional[float] = None) -> str:
+                      params_norm: Optional[float] = None, task_metrics: Optional[dict] = None) -> str:
     """argonne-lcf/Megatron-DeepSpeed's training log line (its megatron/training_log.py, `key=value` since 2024):
     the same fields in the same order with the same number formats, so its users' log parsers and plotting
     scripts read ours. `loss` is the mean over the interval's applied steps, shown only when > 0 as upstream
-    does; our extra fields (MFU and HFU in percent of --peak-tflops, memory in MiB) come last, in the same style."""
+    does; our extra fields (MFU and HFU in percent of --peak-tflops, memory in MiB) come last, in the same style.
+    `task_metrics`: a post-training task's metrics over the interval (DPO: TRL's rewards/* and logps/*), right
+    after the loss."""
     line = f" iteration={iteration:8d}/{total_iters:8d} |"
     line += f" consumed_samples={consumed_samples:12d} |"
     line += f" consumed_tokens={consumed_tokens:12d} |"
@@ -107,6 +111,8 @@ def megatron_log_line(iteration: int, total_iters: int, consumed_samples: int, c
     line += f" global_batch_size={global_batch:5d} |"
     if loss is not None and loss > 0.0:
         line += f" lm loss={loss:.6f} |"
+    for name, value in (task_metrics or {}).items():
+        line += f" {name}={value:.6f} |"
     if loss_scale is not None:
         line += f" loss_scale={loss_scale:.1f} |"
     if grad_norm is not None:
@@ -153,16 +159,19 @@ class IntervalLog:
         # loss (upstream's "nan iterations"); samples and seconds of all of them
         self.losses, self.iterations, self.skipped, self.nan_iterations = [], 0, 0, 0
         self.samples, self.seconds = 0, 0.0
+        self.metrics: dict = {}  # the task's metrics of the applied steps: name -> list
 
     def add(self, loss: float, samples: int, seconds: float, skipped: bool = False,
-            loss_is_known: bool = True) -> None:
+            loss_is_known: bool = True, metrics: Optional[dict] = None) -> None:
         """One iteration. `skipped`: its update was not applied (fp16 overflow, a NaN/Inf step, or
-        --train-iters-to-skip, which has no loss: loss_is_known=False)."""
+        --train-iters-to-skip, which has no loss: loss_is_known=False). `metrics`: the task's (StepResult)."""
         self.iterations += 1
         self.samples += samples
         self.seconds += seconds
         if not skipped:
             self.losses.append(loss)
+            for name, value in (metrics or {}).items():
+                self.metrics.setdefault(name, []).append(value)
         else:
             self.skipped += 1
             self.nan_iterations += int(loss_is_known and not math.isfinite(loss))
@@ -187,6 +196,7 @@ class IntervalLog:
             scalars |= {"learning-rate/iteration": iteration, "learning-rate/learning-rate": lr}
         scalars |= {"lm-loss-training/iteration": iteration, "lm-loss-training/consumed_train_tokens": tokens,
                     "lm-loss-training/lm loss": step.loss, "training/grad-norm": step.grad_norm}
+        scalars |= step.metrics  # a post-training task's, under TRL's names (rewards/chosen, ...)
         # ours, where upstream's training_log has none (Megatron's TensorBoard names)
         scalars["batch-size/batch-size"] = step.num_samples
         if lg.log_loss_scale_to_tensorboard and loss_scale is not None:
@@ -208,6 +218,7 @@ class IntervalLog:
         rates = throughput(run.model, max(self.seconds, 1e-9), self.samples, ps.world_size, seq,
                            run.logging.peak_tflops)
         loss = sum(self.losses) / len(self.losses) if self.losses else None  # upstream: over the applied steps
+        task_metrics = {name: sum(values) / len(values) for name, values in self.metrics.items()}
         memory = memory_in_use_mb(self.device)
         timers = self.timers.gather(normalizer=iterations) if self.timers.level else {}
         if run.logging.log_timers_to_tensorboard:
@@ -257,7 +268,7 @@ class IntervalLog:
                 iteration, self.total_iters, consumed_samples, tokens, 1000 * seconds_per_iteration,
                 step.next_learning_rate, step.num_samples, loss, loss_scale, step.grad_norm, seq, self.skipped,
                 self.nan_iterations, rates.samples_per_s, rates.tokens_per_s_per_device, rates.tflops_per_device,
-                rates.mfu, rates.hfu, memory, params_norm))
+                rates.mfu, rates.hfu, memory, params_norm, task_metrics))
             for line in self.timers.log_lines(timers):
                 self.printer(line)
         self.reset()
@@ -265,9 +276,16 @@ class IntervalLog:
 
 # ---- evaluation -------------------------------------------------------------------------------------
 
-def evaluate(te: TrainingEngine, batches, eval_iters: int) -> float:
-    """Mean validation loss over `eval_iters` global batches."""
-    losses = [te.eval_step(batches) for _ in range(eval_iters)]
+def evaluate(te: TrainingEngine, batches, eval_iters: int, metrics: Optional[dict] = None) -> float:
+    """Mean validation loss over `eval_iters` global batches; `metrics` receives the means of the task's metrics
+    (DPO: rewards/accuracies, ... of the held-out pairs)."""
+    losses, sums = [], {}
+    for _ in range(eval_iters):
+        losses.append(te.eval_step(batches))
+        for name, value in te.task.step_metrics(te, training=False).items():
+            sums[name] = sums.get(name, 0.0) + value
+    if metrics is not None:
+        metrics.update({name: value / eval_iters for name, value in sums.items()})
     return sum(losses) / len(losses)
 
 
@@ -299,8 +317,10 @@ def _draw(eval_iters: int, global_batch: int, data: str) -> str:
 
 def train(run: RunConfig, ps: ParallelState, device: torch.device, tracker: Optional[Tracker] = None,
           printer: Callable[[str], None] = lambda line: print(line, flush=True),
-          start_time: Optional[float] = None) -> TrainResult:
+          start_time: Optional[float] = None, task=None) -> TrainResult:
     """Train `run` on this rank (collective: every rank of `ps` calls it). Returns the losses of this call.
+
+    `task`: what the run optimises (training/task.py; None: pretraining; finetune_gpt.py passes SFT or DPO).
 
     `start_time`: where --exit-duration-in-mins counts from (the entry points pass megatron.START_TIME, the
     process's start, as upstream); None: this call. The earliest rank's counts."""
@@ -318,7 +338,7 @@ def train(run: RunConfig, ps: ParallelState, device: torch.device, tracker: Opti
     seed_everything(run.training.seed, ps, device, run.training.data_parallel_random_init)
 
     session = _Session(run, ps, device, checkpointer, tracker, printer, eod=getattr(tokenizer, "eod", None),
-                       start_time=start_time)
+                       start_time=start_time, task=task)
     try:
         session.load()
         session.loop()
@@ -339,12 +359,13 @@ class _Session:
 
     def __init__(self, run: RunConfig, ps: ParallelState, device: torch.device, checkpointer: Checkpointer,
                  tracker: Optional[Tracker], printer: Callable[[str], None], eod: Optional[int],
-                 start_time: Optional[float] = None):
+                 start_time: Optional[float] = None, task=None):
         t, rel = run.training, run.reliability
         self.run, self.ps, self.device, self.checkpointer, self.printer = run, ps, device, checkpointer, printer
         self.total_iters = train_iters(run, ps.dp_size)
         self.timers = Timers(run.logging.timing_log_level, run.logging.timing_log_option, device)
-        self.te = build_engine(run, ps, device, eod_token=eod, timers=self.timers)
+        self.te = build_engine(run, ps, device, eod_token=eod, timers=self.timers, task=task)
+        self.task = self.te.task
         self.own_tracker = tracker is None
         self.tracker = tracker or Tracker(run.logging, ps.rank, config=run.args,
                                           wandb_dir=default_wandb_dir(run.checkpoint.save))
@@ -371,31 +392,17 @@ class _Session:
         progress = self.checkpointer.load(self.te, set_tracker_states=self.rng_tracker.set_states)
         self.iteration, self.consumed = progress.iteration, progress.consumed_samples
         self.consumed_valid = 0 if run.checkpoint.finetune else int(progress.extra.get("consumed_valid_samples", 0))
+        # what the checkpoint's run saved beside the weights, for the task (DPO: its reference's identity)
+        self.resumed_state = {} if run.checkpoint.finetune or not self.checkpointer.resuming else progress.extra
         self.result.start_iteration = self.iteration
         self.last_saved = self.iteration if self.checkpointer.resuming else None
 
-        from megatron.data.gpt_dataset import build_datasets
-        from megatron.data.upstream_order import choose_sample_mode
-
-        plan = self.checkpointer.plan
-        mode, why = choose_sample_mode(run.data, run.checkpoint.load,
-                                       plan is not None and plan.description.kind == "argonne",
-                                       progress.extra.get("sample_order"))
-        self.sample_order = mode  # saved with each checkpoint, so that its resume keeps the order
-        if why:
-            self.say(why)
-        train_ds, valid_ds, self.test_ds = build_datasets(
-            run.data, run.model.seq_length, t.seed, requested_samples(run, ps.dp_size),
-            run.model.vocab_size, ps.rank, ps.world_size, sample_mode=mode)
-        for dataset in (train_ds, valid_ds, self.test_ds):
-            if hasattr(dataset, "summary"):  # upstream's order: its shape, in place of the blend report
-                self.say(f"sample order: {dataset.summary()}")
-        if ps.rank == 0:
-            from megatron.data.blend_report import publish_blend_report
-            publish_blend_report((train_ds, valid_ds, self.test_ds), run.data.blend_epochs_warning, self.printer,
-                                 self.tracker, run.checkpoint.save)
+        self.progress_extra = progress.extra  # what the checkpoint saved beside the weights (sample order, ...)
+        train_ds, valid_ds, self.test_ds = self.task.build_datasets(self, requested_samples(run, ps.dp_size))
+        self.datasets = (train_ds, valid_ds, self.test_ds)
         self.train_batches, self.valid_batches = _isolated_rng(lambda: (
-            _iterator(run, ps, train_ds, self.consumed), _iterator(run, ps, valid_ds, self.consumed_valid)))
+            _iterator(run, ps, train_ds, self.consumed, self.task.collate),
+            _iterator(run, ps, valid_ds, self.consumed_valid, self.task.collate)))
         # Fault handling: phases for the hang watchdog, NaN/Inf steps skipped (training/numerics.py).
         self.train_batches = track_batches(self.train_batches, self.watchdog)
         instrument_engine(self.te.engine, self.watchdog)
@@ -403,6 +410,7 @@ class _Session:
                                   self.printer if ps.rank == 0 else _quiet, fp16=t.precision.fp16)
         if rel.check_for_nan_in_loss_and_grad:
             guard_plain_optimizer(self.te.engine.optimizer, self.device)
+        self.task.before_training(self.te, self)  # e.g. DPO's reference pass, on the loaded engine
         self.watchdog.start()
 
     # ---- the loop ----
@@ -452,10 +460,13 @@ class _Session:
         else:
             step = te.train_step(self.train_batches)
         # upstream counts both kinds of skipped iteration in its interval (a user-skipped one has no loss)
-        self.log.add(step.loss, step.num_samples, time.time() - start, skipped=step.skipped, loss_is_known=not skipped)
+        self.log.add(step.loss, step.num_samples, time.time() - start, skipped=step.skipped, loss_is_known=not skipped,
+                     metrics=step.metrics)
         self.watchdog.step_done(time.time() - start)
         self.iteration, self.consumed = it, self.consumed + step.num_samples
         self.result.losses[it], self.result.grad_norms[it] = step.loss, step.grad_norm
+        if step.metrics:
+            self.result.metrics[it] = step.metrics
         scale = loss_scale_of(te.engine)
         self.log.iteration_scalars(it, step, self.consumed, scale, te.engine)
         if self.log.iterations and (it % run.logging.log_interval == 0 or it == self.total_iters):
@@ -466,10 +477,15 @@ class _Session:
         t = self.run.training
         self.watchdog.phase("eval")
         with self.te.eval_weights():  # schedule-free optimizers: evaluate the averaged weights
-            loss = evaluate(self.te, self.valid_batches, t.eval_iters)
+            metrics = {}
+            loss = evaluate(self.te, self.valid_batches, t.eval_iters, metrics)
         self.watchdog.phase("idle")
         self.consumed_valid += t.eval_iters * self.te.global_batch_size
         self.result.eval_losses[self.iteration] = loss
+        if metrics:
+            self.result.eval_metrics[self.iteration] = metrics
+            self.tracker.log({f"val/{name}": value for name, value in metrics.items()}, self.iteration)
+            self.say(" validation " + " | ".join(f"{name}={value:.6f}" for name, value in metrics.items()) + " |")
         _report_eval("validation", f"iteration {self.iteration}", self.iteration, self.consumed,
                      self.run.model.seq_length, loss, self.ps, self.tracker, self.printer)
 
@@ -479,7 +495,8 @@ class _Session:
                                  consumed_tokens=self.consumed * self.run.model.seq_length, args=self.run.args)
         self.result.saved.append(self.checkpointer.save(self.te, state, tracker_states=self.rng_tracker.get_states,
                                                         extra_state={"consumed_valid_samples": self.consumed_valid,
-                                                                     "sample_order": self.sample_order}))
+                                                                     "sample_order": self.sample_order,
+                                                                     **self.task.checkpoint_state()}))
         self.last_saved = self.iteration
         self.watchdog.phase("idle")
 
@@ -524,7 +541,7 @@ class _Session:
                              self.consumed, run.model.seq_length, result.final_valid_loss, self.ps, self.tracker,
                              self.printer)
             if self.test_ds is not None:
-                test_batches = _isolated_rng(lambda: _iterator(run, self.ps, self.test_ds, 0))
+                test_batches = _isolated_rng(lambda: _iterator(run, self.ps, self.test_ds, 0, self.task.collate))
                 with self.te.eval_weights():
                     result.test_loss = evaluate(self.te, test_batches, t.eval_iters)
                 _report_eval("test", f"iteration {it} {_draw(t.eval_iters, final_batch, 'test')}", it,
@@ -562,10 +579,10 @@ def requested_samples(run: RunConfig, dp_size: int) -> tuple[int, int, int]:
     return train_samples(run, dp_size), evals * final_batch, t.eval_iters * final_batch if evals else 0
 
 
-def _iterator(run: RunConfig, ps: ParallelState, dataset, consumed_samples: int):
+def _iterator(run: RunConfig, ps: ParallelState, dataset, consumed_samples: int, collate):
     """This dp rank's micro-batches from `consumed_samples` on (every tp/sp/pp rank of it reads the same)."""
     from megatron.data.data_iterator import build_data_iterator
 
     return build_data_iterator(dataset, run.training.micro_batch_size, ps.dp_rank, ps.dp_size, consumed_samples,
                                num_workers=run.data.num_workers,
-                               multiprocessing_context=run.data.multiprocessing_context)
+                               multiprocessing_context=run.data.multiprocessing_context, collate_fn=collate)
