@@ -138,6 +138,15 @@ def stage_layers(config: TransformerConfig, pp: int) -> list[range]:
     return [range(bounds[s], bounds[s + 1]) for s in range(pp)]
 
 
+# Their OptimizerParamScheduler.state_dict() (megatron/optimizer_param_scheduler.py) after 3 iterations of
+# convert_ranks.COMMON's schedule (--lr 3e-3 --min-lr 3e-4 cosine, warmup 2 and 8 iterations of a global batch of
+# 4; their lengths count samples: megatron/training.py get_optimizer_param_scheduler)
+UPSTREAM_SCHEDULER = {"max_lr": 3e-3, "lr_warmup_steps": 8, "lr_warmup_tokens": None, "num_steps": 12,
+                      "num_tokens": 12 * 16, "lr_decay_style": "cosine", "lr_decay_steps": 32,
+                      "lr_decay_tokens": None, "min_lr": 3e-4, "start_wd": 0.01, "end_wd": 0.01,
+                      "wd_incr_style": "constant", "wd_incr_steps": 32}
+
+
 def write_argonne_checkpoint(state: dict, config: TransformerConfig, save_dir: str, *, tp: int, pp: int,
                              pipeline: bool, version: float = 3.0, iteration: int = 3, step: int = 3,
                              optimizer: bool = True, module_dtype=torch.bfloat16) -> str:
@@ -151,7 +160,7 @@ def write_argonne_checkpoint(state: dict, config: TransformerConfig, save_dir: s
     per_key = {key: their_shards({n: state[n][key] for n in names}, config, tp, version)
                for key in ("fp32", "exp_avg", "exp_avg_sq")}
     tied = not config.untie_embeddings_and_output_weights
-    ns = argonne_namespace(config, tp, pp)
+    ns = argonne_namespace(config, tp, pp, global_batch_size=4)  # convert_ranks.COMMON's
     stages = stage_layers(config, pp) if pipeline else [None]
     for s, layers in enumerate(stages):
         for t in range(tp):
@@ -178,7 +187,7 @@ def write_argonne_checkpoint(state: dict, config: TransformerConfig, save_dir: s
                       "skipped_steps": 0, "dp_world_size": 1, "mp_world_size": tp * pp,
                       "param_shapes": [shapes] if optimizer else None,
                       "ds_config": {"zero_optimization": {"stage": 1 if optimizer else 0}},
-                      "lr_scheduler": {"num_steps": 12, "max_lr": 3e-4, "lr_decay_style": "cosine"}}
+                      "lr_scheduler": dict(UPSTREAM_SCHEDULER)}
             torch.save(client, os.path.join(tag_dir, f"mp_rank_{mp:02d}_model_states.pt"))
             if optimizer:
                 flats, mapping, offset = {k: [] for k in per_key}, {}, 0

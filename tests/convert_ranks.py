@@ -8,14 +8,15 @@ from __future__ import annotations
 
 import torch
 
+# --vocab-size 99: NullTokenizer's 100 tokens (V + 1, EOD 99, as upstream's), the size the tests below slice to
 LLAMA_FLAGS = ["--num-layers", "4", "--hidden-size", "48", "--num-attention-heads", "6", "--num-key-value-heads", "2",
                "--ffn-hidden-size", "64", "--seq-length", "16", "--max-position-embeddings", "16",
                "--normalization", "rmsnorm", "--swiglu", "--use-rotary-position-embeddings", "--rope-theta", "5000",
                "--untie-embeddings-and-output-weights", "--disable-bias-linear", "--attention-dropout", "0",
-               "--hidden-dropout", "0", "--vocab-size", "100", "--make-vocab-size-divisible-by", "16"]
+               "--hidden-dropout", "0", "--vocab-size", "99", "--make-vocab-size-divisible-by", "16"]
 GPT_FLAGS = ["--num-layers", "4", "--hidden-size", "48", "--num-attention-heads", "4", "--seq-length", "16",
              "--max-position-embeddings", "16", "--attention-dropout", "0", "--hidden-dropout", "0",
-             "--vocab-size", "100", "--make-vocab-size-divisible-by", "16"]
+             "--vocab-size", "99", "--make-vocab-size-divisible-by", "16"]
 COMMON = ["--mock-data", "--tokenizer-type", "NullTokenizer", "--micro-batch-size", "2", "--global-batch-size", "4",
           "--lr", "3e-3", "--min-lr", "3e-4", "--lr-decay-style", "cosine", "--lr-warmup-iters", "2", "--train-iters",
           "8", "--seed", "7", "--clip-grad", "1.0"]

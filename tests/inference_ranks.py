@@ -10,7 +10,7 @@ from megatron.model import GPTModel
 
 VOCAB = 100
 EOD = VOCAB - 1  # NullTokenizer's eod
-TOKENIZER_ARGS = {"tokenizer_type": "NullTokenizer", "vocab_size": VOCAB}
+TOKENIZER_ARGS = {"tokenizer_type": "NullTokenizer", "vocab_size": VOCAB - 1}  # VOCAB tokens, EOD VOCAB - 1
 
 
 def llama_config(**changes) -> TransformerConfig:
@@ -64,6 +64,6 @@ def layout_rank(rank: int, world_size: int, config_name: str, tp: int, pp: int):
 
     config = {"llama": llama_config, "gpt": gpt_config}[config_name]()
     _, source = model_and_source(config)
-    tokenizer = InferenceTokenizer(build_tokenizer("NullTokenizer", vocab_size=VOCAB))
+    tokenizer = InferenceTokenizer(build_tokenizer("NullTokenizer", vocab_size=VOCAB - 1))
     engine = InferenceEngine.from_source(source, tokenizer, tp=tp, pp=pp, device="cpu")
     return workload(engine)

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 SEQ = 32
-VOCAB = 128
+VOCAB = 128  # the model's tokens: NullTokenizer --vocab-size VOCAB - 1 (V + 1 tokens, as upstream)
 
 
 class SyntheticSFT:
@@ -116,7 +116,7 @@ TINY_POST = [
     "--hidden-dropout", "0", "--attention-dropout", "0",
     "--micro-batch-size", "2", "--global-batch-size", "8", "--train-iters", "3",
     "--lr", "1e-2", "--lr-decay-style", "constant", "--clip-grad", "1.0", "--seed", "1234",
-    "--mock-data", "--vocab-size", str(VOCAB), "--num-workers", "0", "--log-interval", "1", "--eval-iters", "0",
+    "--mock-data", "--vocab-size", str(VOCAB - 1), "--num-workers", "0", "--log-interval", "1", "--eval-iters", "0",
     "--zero-stage", "0",
 ]
 

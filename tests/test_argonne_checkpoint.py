@@ -50,7 +50,8 @@ def test_reader_recovers_config_weights_and_moments_bit_for_bit(built, variant):
     name, _, _ = VARIANTS[variant]
     ckpt = ArgonneCheckpoint(str(root / variant))
     assert is_argonne_checkpoint(str(root / variant)) and ckpt.tag_dir.endswith("global_step3")
-    assert ckpt.config.to_dict() == CONFIGS[name].replace(sequence_parallel=False).to_dict()
+    # their loss spans the padded vocabulary: the reader says so (resume follows it unless told otherwise)
+    assert ckpt.config.to_dict() == CONFIGS[name].replace(sequence_parallel=False, loss_over_padded_vocab=True).to_dict()
     for param in full_parameter_names(ckpt.config):
         for key in ("fp32", "exp_avg", "exp_avg_sq"):
             assert torch.equal(ckpt.full_optimizer_tensor(param, key), states[name][param][key]), (param, key)
@@ -143,9 +144,12 @@ def test_load_trains_on_like_the_states_it_was_built_from(built, tmp_path):
     loop = [a for a in GPT_ARGV if a != "--mock-data"] + [
         "--data-file-list", str(listing), "--split", "98,2,0", "--load", str(root / "gpt_nopipe"),
         "--exit-interval", "4", "--num-workers", "0", "--eval-iters", "0"]
-    jobs = [("train_through_loop", loop),
-            ("resume_pair", LLAMA_ARGV, str(root / "llama_pipe"), str(root / "llama_truth.pt"), 6),
-            ("resume_pair", GPT_ARGV, str(root / "gpt_nopipe"), str(root / "gpt_truth.pt"), 6)]
+    # the truth trains with the loss over the real vocabulary (these files' padding rows are zero and, saved at
+    # tp 2, do not fit tp 1's padding): --no-loss-over-padded-vocab, which drops them, resumes it
+    masked = ["--no-loss-over-padded-vocab"]
+    jobs = [("train_through_loop", loop + masked),
+            ("resume_pair", LLAMA_ARGV + masked, str(root / "llama_pipe"), str(root / "llama_truth.pt"), 6),
+            ("resume_pair", GPT_ARGV + masked, str(root / "gpt_nopipe"), str(root / "gpt_truth.pt"), 6)]
     results = run_ranks(2, cr.run_sequence, jobs, timeout=400)
     looped = results[0][0]
     assert looped["start"] == 3 and any(list(r[0]["losses"]) == [4] for r in results)
@@ -193,5 +197,39 @@ def test_to_argonne_writes_the_files_their_layout_documents(built, tmp_path):
         a, b = torch.load(ours / name), torch.load(documented / name)
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
     back = ArgonneCheckpoint(str(tmp_path / "back"))
-    assert back.version == 3.0 and back.config.to_dict() == config.to_dict()
+    assert back.version == 3.0 and back.config.to_dict() == config.replace(loss_over_padded_vocab=True).to_dict()
     assert all(torch.equal(t, truth[n]) for n, t in back.state_dict().items())
+
+
+def test_their_lr_schedule_reads_as_ours():
+    """Their OptimizerParamScheduler state (lengths in samples) is our LRSchedule state: equal to the flags' own
+    schedule when they describe the same one, and what --use-checkpoint-opt_param-scheduler continues from."""
+    from megatron.checkpoint.argonne import argonne_lr_state
+    from megatron.optimizer.lr_schedule import _NoParams, build_lr_scheduler, schedule_differences
+
+    state = argonne_lr_state(af.UPSTREAM_SCHEDULER, 4)
+    assert (state["num_steps"], state["warmup_steps"], state["decay_steps"], state["increment"]) == (3, 2, 8, 1)
+    run = parse_args(GPT_ARGV)
+    assert schedule_differences(run, state, 1) == []
+    other = parse_args(GPT_ARGV + ["--lr", "1e-3", "--use-checkpoint-opt_param-scheduler"])
+    assert any(line.startswith("--lr:") for line in schedule_differences(other, state, 1))
+    truth = build_lr_scheduler(_NoParams(), run, 1)
+    for _ in range(3):
+        truth.step()
+    taken = build_lr_scheduler(_NoParams(), other, 1)
+    taken.load_state_dict(state)  # the checkpoint's shape and position
+    for _ in range(4):
+        assert taken.get_lr() == pytest.approx(truth.get_lr(), rel=1e-12)
+        taken.step()
+        truth.step()
+    # lengths that are not whole global batches stay in samples (stepped by the global batch): still their schedule
+    odd = argonne_lr_state(dict(af.UPSTREAM_SCHEDULER, lr_warmup_steps=6), 4)
+    assert (odd["increment"], odd["num_steps"], odd["warmup_steps"], odd["decay_steps"]) == (4, 12, 6, 32)
+
+
+def test_describe_reads_their_schedule(built):
+    from megatron.checkpoint.resume import describe
+
+    root, _ = built
+    desc = describe("argonne", str(root / "gpt_nopipe"), "global_step3")
+    assert desc.lr_scheduler["num_steps"] == 3 and desc.lr_scheduler["max_lr"] == 3e-3

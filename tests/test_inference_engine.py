@@ -23,7 +23,7 @@ CONFIGS = {"llama": llama_config, "gpt": gpt_config}
 
 def _engine(config, **kwargs):
     model, source = model_and_source(config)
-    tokenizer = InferenceTokenizer(build_tokenizer("NullTokenizer", vocab_size=VOCAB))
+    tokenizer = InferenceTokenizer(build_tokenizer("NullTokenizer", vocab_size=VOCAB - 1))
     return model, InferenceEngine.from_source(source, tokenizer, device="cpu", **kwargs)
 
 
@@ -249,7 +249,7 @@ def test_on_token_streams_every_new_token_and_a_failing_callback_does_not_stop_g
 
 
 def test_add_bos_prepends_eod_as_upstream_and_chat_templates_are_refused_by_name():
-    tokenizer = InferenceTokenizer(build_tokenizer("NullTokenizer", vocab_size=VOCAB))
+    tokenizer = InferenceTokenizer(build_tokenizer("NullTokenizer", vocab_size=VOCAB - 1))
     assert tokenize_prompt(tokenizer, "5 6", add_BOS=True) == [EOD, 5, 6]
     assert tokenize_prompt(tokenizer, "5 6") == [5, 6]
     assert tokenizer.chat_template is None

@@ -131,7 +131,7 @@ def test_a_malformed_line_stops_with_file_and_line_or_is_counted_when_skipped(tm
     assert preprocess_data.main(null) == 2
     assert "ids.jsonl:2: the tokenizer refused the text" in capsys.readouterr().err
     assert preprocess_data.main(null + ["--skip-bad-lines"]) == 0
-    assert _contents(str(tmp_path / "ids_text_document"))[0] == [[1, 2, 3, 9], [7, 9]]
+    assert _contents(str(tmp_path / "ids_text_document"))[0] == [[1, 2, 3, 10], [7, 10]]  # upstream's EOD: id V
 
     with pytest.raises(SystemExit):
         preprocess_data.main(["--input", str(tmp_path / "missing*.jsonl"), "--output-prefix", prefix] + bpe)

@@ -7,7 +7,7 @@ import textwrap
 import pytest
 
 from megatron.config import DataConfig
-from megatron.data.tokenizers import TokenizerError, build_tokenizer, build_tokenizer_from_config
+from megatron.data.tokenizers import NullTokenizer, TokenizerError, build_tokenizer, build_tokenizer_from_config
 from tools.train_tokenizer import main as train_tokenizer_main
 
 SAMPLE = "def area(r):\n    \"\"\"Circle área.\"\"\"\n\treturn 3.14159 * r ** 2  # 漢字 ok\n"
@@ -108,7 +108,7 @@ def test_hf_tokenizer_reads_a_bare_tokenizer_json_and_finds_its_eod(trained):
 
 
 def test_null_tokenizer_parses_integers_and_reserves_the_last_id_for_eod(tmp_path):
-    tok = build_tokenizer("NullTokenizer", vocab_size=100)
+    tok = build_tokenizer("NullTokenizer", vocab_size=99)  # upstream's: V + 1 tokens, end of document V
     assert tok.vocab_size == 100 and tok.eod == 99
     assert tok.tokenize_batch(["1 2  3\n4", ""]) == [[1, 2, 3, 4], []]
     assert tok.detokenize([5, 6]) == "5 6"
@@ -119,7 +119,9 @@ def test_null_tokenizer_parses_integers_and_reserves_the_last_id_for_eod(tmp_pat
     with pytest.raises(TokenizerError, match="no vocabulary files"):
         tok.save_pretrained_files(str(tmp_path))
     config_tok = build_tokenizer_from_config(DataConfig(tokenizer_type="NullTokenizer", vocab_size=512))
-    assert config_tok.vocab_size == 512 and config_tok.eod == 511
+    assert config_tok.vocab_size == 513 and config_tok.eod == 512
+    older = NullTokenizer(512, eod_in_vocab_size=True)  # this framework's older convention, for its checkpoints
+    assert older.vocab_size == 512 and older.eod == 511
 
 
 def test_missing_or_wrong_inputs_name_the_flag_and_path(trained, tmp_path):

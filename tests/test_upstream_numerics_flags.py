@@ -16,13 +16,13 @@ from megatron.model.attention import document_attention_mask, document_ids_from_
 from megatron.model.rotary import apply_rotary, rotary_cos_sin, split_qkv_rotary
 from multirank import run_ranks
 
-VOCAB, SEQ, EOD = 64, 16, 0
+VOCAB, SEQ, EOD = 64, 16, 0  # VOCAB: the model's tokens (NullTokenizer --vocab-size VOCAB - 1 gives VOCAB, as upstream)
 LLAMA = ["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4", "--num-key-value-heads", "2",
          "--ffn-hidden-size", "64", "--seq-length", str(SEQ), "--normalization", "rmsnorm", "--swiglu",
          "--use-rotary-position-embeddings", "--hidden-dropout", "0", "--attention-dropout", "0",
-         "--mock-data", "--vocab-size", str(VOCAB), "--train-iters", "1"]
+         "--mock-data", "--vocab-size", str(VOCAB - 1), "--train-iters", "1"]
 GPT = ["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4", "--seq-length", str(SEQ),
-       "--hidden-dropout", "0", "--attention-dropout", "0", "--mock-data", "--vocab-size", str(VOCAB),
+       "--hidden-dropout", "0", "--attention-dropout", "0", "--mock-data", "--vocab-size", str(VOCAB - 1),
        "--train-iters", "1"]
 
 

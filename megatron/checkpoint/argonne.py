@@ -134,6 +134,9 @@ def config_from_argonne_args(ns, source: str, vocab_size: Optional[int] = None) 
         fp32_residual_connection=bool(a.get("fp32_residual_connection")),
         init_method="xavier_uniform" if a.get("init_method_xavier_uniform") else "normal",
         apply_layernorm_1p=bool(a.get("apply_layernorm_1p")), squared_relu=bool(a.get("squared_relu")),
+        # their loss: vocab_parallel_cross_entropy over the padded vocabulary (megatron/core/tensor_parallel/
+        # cross_entropy.py), so the padding rows were trained
+        loss_over_padded_vocab=True,
         # their MLP: openai_gelu (tanh), else the fused bias-GeLU (tanh) unless the fusion was off: F.gelu (erf)
         gelu_approximation="tanh" if a.get("openai_gelu") or (
             a.get("bias_gelu_fusion", True) and a.get("add_bias_linear", True)) else "none")
@@ -153,17 +156,75 @@ def config_from_argonne_args(ns, source: str, vocab_size: Optional[int] = None) 
 
 def _argonne_vocab_size(a: dict, source: str) -> int:
     if a.get("tokenizer_type") == "NullTokenizer":
-        # Their NullTokenizer has --vocab-size V ids plus an end-of-document id V (megatron/tokenizer/tokenizer.py);
-        # ours counts that id in V, so their V is our V + 1.
+        # Their NullTokenizer has --vocab-size V ids plus an end-of-document id V (megatron/tokenizer/tokenizer.py),
+        # as ours (data/tokenizers.py NullTokenizer)
         return int(a["vocab_size"]) + 1
     return _vocab_size_from_args(a, source)
+
+
+def argonne_lr_state(sched: dict, global_batch_size: int) -> dict:
+    """Their OptimizerParamScheduler.state_dict() (megatron/optimizer_param_scheduler.py: every length in samples,
+    stepped by the global batch each iteration) as our LRSchedule state. In iterations (increment 1, as our runs
+    without a batch ramp-up count) when every length is a whole number of global batches, so that the same
+    schedule compares equal to the flags'; else in samples (increment = the global batch), which continues their
+    schedule exactly too (resume.plan_resume compares it with the flags' schedule built upstream's way,
+    `argonne_lr_state_of_flags`)."""
+    lengths = {"num_steps": sched.get("num_steps"), "warmup_steps": sched.get("lr_warmup_steps"),
+               "decay_steps": sched.get("lr_decay_steps"), "wd_incr_steps": sched.get("wd_incr_steps")}
+    lengths = {k: v for k, v in lengths.items() if v is not None}
+    gbs = max(1, int(global_batch_size))
+    in_iterations = all(float(v) % gbs == 0 for v in lengths.values())
+    # a length in samples need not be whole: --lr-warmup-fraction 0.05 of 64 samples is their 3.2 (kept as is)
+    state = {k: int(float(v)) // gbs if in_iterations else (int(v) if float(v).is_integer() else float(v))
+             for k, v in lengths.items()}
+    state.update(increment=1 if in_iterations else gbs, max_lr=float(sched["max_lr"]),
+                 min_lr=float(sched.get("min_lr") or 0.0), decay_style=sched.get("lr_decay_style"),
+                 wsd_decay_steps=None, wsd_decay_style="linear", num_tokens=int(sched.get("num_tokens") or 0))
+    for theirs, ours in (("lr_decay_tokens", "decay_tokens"), ("lr_warmup_tokens", "warmup_tokens"),
+                         ("wd_incr_style", "wd_incr_style")):
+        if theirs in sched:
+            state[ours] = sched[theirs]
+    if sched.get("wd_incr_style", "constant") != "constant":  # else both are --weight-decay (compared on its own)
+        state.update(start_wd=sched.get("start_wd"), end_wd=sched.get("end_wd"))
+    return state
+
+
+def argonne_lr_state_of_flags(run, dp_size: int, saved: dict) -> dict:
+    """The schedule upstream builds from the run's flags (its megatron/training.py get_optimizer_param_scheduler:
+    lengths in samples, --lr-warmup-fraction × the decay samples unrounded), as `argonne_lr_state` gives a
+    checkpoint's, at the position of `saved` (a checkpoint's argonne_lr_state): the two compare key by key."""
+    from megatron.config.arguments import global_batch_size, train_samples
+
+    opt, t = run.training.optimizer, run.training
+    gbs = global_batch_size(run, dp_size)
+    num_steps = int(saved["num_steps"]) * (gbs if saved.get("increment", 1) == 1 else 1)  # in samples
+    if t.train_iters is not None:
+        decay = (opt.lr_decay_iters or t.train_iters) * gbs
+        warmup = opt.lr_warmup_iters * gbs
+        wd_steps = t.train_iters * gbs
+    else:
+        decay = opt.lr_decay_samples or train_samples(run, dp_size)
+        warmup = opt.lr_warmup_samples or 0
+        wd_steps = train_samples(run, dp_size)
+    if opt.lr_warmup_fraction is not None:
+        warmup = opt.lr_warmup_fraction * decay
+    wd = opt.weight_decay
+    sched = {"max_lr": opt.lr, "min_lr": opt.min_lr, "lr_decay_style": opt.lr_decay_style, "num_steps": num_steps,
+             "lr_decay_steps": decay, "lr_warmup_steps": warmup, "wd_incr_steps": wd_steps,
+             "lr_decay_tokens": opt.lr_decay_tokens, "lr_warmup_tokens": opt.lr_warmup_tokens,
+             "wd_incr_style": opt.weight_decay_incr_style,
+             "start_wd": wd if opt.start_weight_decay is None else opt.start_weight_decay,
+             "end_wd": wd if opt.end_weight_decay is None else opt.end_weight_decay}
+    return argonne_lr_state(sched, gbs)
 
 
 def tokenizer_args_from_argonne(a: dict, vocab_size: int) -> Optional[dict]:
     if not a.get("tokenizer_type"):
         return None
     return {"tokenizer_type": a["tokenizer_type"], "tokenizer_model": a.get("tokenizer_model"),
-            "vocab_file": a.get("vocab_file"), "merge_file": a.get("merge_file"), "vocab_size": vocab_size}
+            "vocab_file": a.get("vocab_file"), "merge_file": a.get("merge_file"),
+            # NullTokenizer: the --vocab-size flag (V; the model has V + 1), as our own saved tokenizer arguments
+            "vocab_size": a.get("vocab_size") if a["tokenizer_type"] == "NullTokenizer" else vocab_size}
 
 
 # ---- names ---------------------------------------------------------------------------------------------
@@ -306,7 +367,12 @@ class ArgonneCheckpoint(FullModelSource):
         return int(self.state0.get("iteration") or 0)
 
     def lr_scheduler_state(self) -> Optional[dict]:
-        return None  # theirs has another shape; load_argonne_checkpoint moves ours to their step count
+        """Their OptimizerParamScheduler state (DeepSpeed's 'lr_scheduler' entry, or Megatron's 'opt_param_scheduler'
+        / 'lr_scheduler' without DeepSpeed) in our LRSchedule's keys; None when the checkpoint has none."""
+        sched = self.state0.get("lr_scheduler") or self.state0.get("opt_param_scheduler")
+        if not isinstance(sched, dict) or "num_steps" not in sched:
+            return None
+        return argonne_lr_state(sched, int(self.argonne_args.get("global_batch_size") or 1))
 
     def lr_scheduler_num_steps(self) -> Optional[int]:
         sched = self.state0.get("lr_scheduler")
@@ -376,7 +442,7 @@ class ArgonneCheckpoint(FullModelSource):
             if path is None:
                 raise ConversionError(f"{self.tag_dir}: layer_{index:02d}-model_{tp_rank:02d}-model_states.pt is "
                                       f"missing (it holds {full})")
-            return load_mmap(path, weights_only=True)[inner]
+            return load_mmap(path)[inner]
         local = [k for k in self._module(mp) if argonne_to_full_name(k, self.config, False) == full]
         if not local:
             raise ConversionError(f"{self.model_files[mp]}: no weight for {full}")
@@ -391,7 +457,7 @@ class ArgonneCheckpoint(FullModelSource):
                 shard = argonne_qkv_shard_to_ours(shard, self.version, self.config, self.tp)
             shards.append({name: shard})
         merged = merge_state_dicts(shards, self.config)[name]
-        return strip_vocab_padding(name, merged, self.config, self.description)
+        return strip_vocab_padding(name, merged, self.config, self.description, self.keep_vocab_padding)
 
     def optimizer_step(self) -> Optional[int]:
         return self.optimizer(0).step if self._uses_fp32_masters() else None
@@ -433,12 +499,29 @@ def _load_argonne(training_engine, path: str, *, load_optim: bool, finetune: boo
     if load_optim and not finetune and not any(compat.is_optim_states_file(n) for n in os.listdir(ckpt.tag_dir)):
         raise CheckpointError(f"--load {path}: the checkpoint has no ZeRO/bf16 optimizer shards, so its Adam state "
                               "cannot be read; pass --no-load-optim to continue with a fresh optimizer state")
-    progress = load_checkpoint_any_layout(training_engine, ckpt.tag_dir, load_optim=load_optim, finetune=finetune,
-                                          source=ckpt)
     scheduler = training_engine.engine.lr_scheduler
-    if not finetune and scheduler is not None:
-        # Their OptimizerParamScheduler counts samples (megatron/training.py steps it by the global batch);
-        # ours counts iterations unless the batch ramps up (then samples too).
+    saved = ckpt.lr_scheduler_state()
+    policy = getattr(scheduler, "on_resume", None)
+    # The schedule's policy (--use-checkpoint-opt_param-scheduler, --override-..., or by default the flags and the
+    # checkpoint must agree) applies as for our own checkpoints. By default resume.plan_resume has compared the
+    # flags with the checkpoint upstream's way (in samples): they agree, so the checkpoint's state, in upstream's
+    # own units, is the flags' schedule and is taken as it is (here and in the resharding load).
+    if policy == "check" and saved is not None and not finetune:
+        scheduler.on_resume = "checkpoint"
+    try:
+        progress = load_checkpoint_any_layout(training_engine, ckpt.tag_dir, load_optim=load_optim,
+                                              finetune=finetune, source=ckpt)
+        if not finetune and scheduler is not None and saved is not None:
+            if saved["increment"] != 1 and policy == "override":  # the flags' units, the checkpoint's position
+                saved = dict(saved, increment=scheduler.increment,
+                             num_steps=progress.iteration * scheduler.increment)
+            scheduler.load_state_dict(saved)
+    finally:
+        if scheduler is not None and policy is not None:
+            scheduler.on_resume = policy
+    if not finetune and scheduler is not None and saved is None:
+        # no schedule saved: ours moved to their step count (their scheduler counts samples, stepped by the
+        # global batch; ours iterations unless the batch ramps up)
         state = scheduler.state_dict()
         samples = ckpt.lr_scheduler_num_steps()
         state["num_steps"] = progress.iteration if state["increment"] == 1 else (

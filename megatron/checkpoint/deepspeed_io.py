@@ -37,6 +37,7 @@ from megatron.checkpoint.format import (CHECKPOINT_FORMAT_KEY, CONTENTS_KEY, DEE
                                         checkpoint_format_marker)
 from megatron.deepspeed_compat import CheckpointIO as _CheckpointIO
 from megatron.deepspeed_compat import MODEL_STATES_SUFFIX, deepspeed_version, zero3_module_weights
+from megatron.checkpoint.layout import ConversionError
 from megatron.errors import CheckpointError
 from megatron.fileio import TMP_PREFIX, fsync_file, os_error_text, with_retries
 
@@ -108,6 +109,18 @@ def _remember_model_states(path: str, obj) -> None:
 
     if os.path.basename(path).endswith(MODEL_STATES_SUFFIX):
         remember_loaded(path, obj)
+
+
+def _read_for_deepspeed(path: str):
+    """What DeepSpeed's load gets for `path`: the object a reader of this resume already read, else the file read
+    through the restricted unpickler (retried, memory-mapped) and kept if it is a model-states file."""
+    from megatron.checkpoint.zero_shards import load_mmap, take_remembered
+
+    obj = take_remembered(path)
+    if obj is None:
+        obj = load_mmap(path)
+        _remember_model_states(path, obj)
+    return obj
 
 
 def _probe_write(directory: str) -> Optional[OSError]:
@@ -446,17 +459,18 @@ def load_with_deepspeed(training_engine, load_dir: str, tag: str, device: torch.
     path = os.path.join(load_dir, tag)
     engine = training_engine.engine
     try:
-        from megatron.checkpoint.zero_shards import take_remembered
-
         # what the resume's reader already read is handed over; DeepSpeed (0.19.8) reads a model-states file twice
-        # in one load_checkpoint (its SDLoader's check, then the load), so what it reads is kept for the second
-        with _CheckpointIO(engine, log=log, preloaded=take_remembered, on_load=_remember_model_states), \
+        # in one load_checkpoint (its SDLoader's check, then the load), so what it reads is kept for the second.
+        # Every file DeepSpeed reads goes through the restricted unpickler (unpickle.safe_load).
+        with _CheckpointIO(engine, log=log, preloaded=_read_for_deepspeed), \
                 _zero3_weights_of_tag(training_engine, tag, source):
             load_path, client_state = engine.load_checkpoint(
                 load_dir, tag=tag, load_optimizer_states=load_optim and not finetune,
                 load_lr_scheduler_states=not finetune, load_module_only=finetune)
     except CheckpointError:
         raise
+    except ConversionError as error:  # a file missing, or pickling a class the restricted unpickler refuses
+        raise CheckpointError(str(error)) from None
     except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as error:
         raise CheckpointError(f"{path} cannot be loaded: {error}; restore it, or delete it so that --load takes "
                               "the previous one") from error
@@ -479,7 +493,9 @@ def load_with_deepspeed(training_engine, load_dir: str, tag: str, device: torch.
             raise CheckpointError(
                 f"{rng_path} is missing (the checkpoint was written by a different number of ranks?); "
                 "pass --no-load-rng to resume with fresh random streams")
-        state = with_retries(lambda: torch.load(rng_path, map_location="cpu", weights_only=False), rng_path, log=log)
+        from megatron.checkpoint.unpickle import safe_load
+
+        state = with_retries(lambda: safe_load(rng_path), rng_path, log=log)
         restore_rng_state(state, device, set_tracker_states)
     return progress
 

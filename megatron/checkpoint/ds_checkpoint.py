@@ -180,7 +180,7 @@ class DeepSpeedCheckpoint(FullModelSource):
     def _layer(self, index: int, tp_rank: int) -> dict:
         key = (index, tp_rank)
         if getattr(self, "_layer_cache_key", None) != key:
-            self._layer_cache = load_mmap(self.layer_files[key], weights_only=True)
+            self._layer_cache = load_mmap(self.layer_files[key])
             self._layer_cache_key = key
         return self._layer_cache
 
@@ -189,7 +189,7 @@ class DeepSpeedCheckpoint(FullModelSource):
         for name in expected_shapes(self.config, prefix):
             shards = [{name: self._local_shard(name, t)} for t in range(self.tp)]
             merged = merge_state_dicts(shards, self.config)[name]
-            out[name] = strip_vocab_padding(name, merged, self.config, self.description)
+            out[name] = strip_vocab_padding(name, merged, self.config, self.description, self.keep_vocab_padding)
         return out
 
     # ---- optimizer ------------------------------------------------------------------------------------------
@@ -222,12 +222,12 @@ class DeepSpeedCheckpoint(FullModelSource):
         last = self.config.num_layers + 2
         has_tied = tied and (stage == 0 or bounds[stage] <= last < bounds[stage + 1])
         if has_tied:  # PipelineModule registers tied_modules before the layers
-            for k, v in load_mmap(self.layer_files[(0, tp_rank)], weights_only=True).items():
+            for k, v in load_mmap(self.layer_files[(0, tp_rank)]).items():
                 shapes[TIED_PREFIX + k] = tuple(v.shape)
         for index in range(bounds[stage], bounds[stage + 1]):
             if tied and index in (0, last):
                 continue
-            for k, v in load_mmap(self.layer_files[(index, tp_rank)], weights_only=True).items():
+            for k, v in load_mmap(self.layer_files[(index, tp_rank)]).items():
                 shapes[f"{index}.{k}"] = tuple(v.shape)
         return shapes, list(shapes)
 
@@ -242,7 +242,7 @@ class DeepSpeedCheckpoint(FullModelSource):
         else:
             shards = [{name: self.optimizer(self.mp_rank(t, stage)).get(name, key)} for t in range(self.tp)]
         merged = merge_state_dicts(shards, self.config)[name]
-        return strip_vocab_padding(name, merged, self.config, self.description)
+        return strip_vocab_padding(name, merged, self.config, self.description, self.keep_vocab_padding)
 
     def lr_scheduler_state(self) -> Optional[dict]:
         return self.state0.get("lr_scheduler")

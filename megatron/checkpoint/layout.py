@@ -65,13 +65,19 @@ def full_parameter_names(config: TransformerConfig) -> list[str]:
     return [name for prefix in layer_prefixes(config) for name in expected_shapes(config, prefix)]
 
 
-def strip_vocab_padding(name: str, tensor: torch.Tensor, config: TransformerConfig, source: str) -> torch.Tensor:
-    if name in ("embedding.word_embeddings.weight", "output_layer.weight"):
+VOCAB_ROWS = ("embedding.word_embeddings.weight", "output_layer.weight")  # rows: the (padded) vocabulary
+
+
+def strip_vocab_padding(name: str, tensor: torch.Tensor, config: TransformerConfig, source: str,
+                        keep: bool = False) -> torch.Tensor:
+    """The real vocabulary's rows of an embedding / output weight (all its rows, padding included, with `keep`:
+    a source read for a run whose loss trains the padding rows, or for an export back to upstream's format)."""
+    if name in VOCAB_ROWS:
         if tensor.shape[0] < config.vocab_size:
             raise ConversionError(
                 f"{source}: {name} has {tensor.shape[0]} rows but the run's vocabulary has {config.vocab_size} "
                 "tokens; the checkpoint and the configuration come from different tokenizers")
-        return tensor[: config.vocab_size]
+        return tensor if keep else tensor[: config.vocab_size]
     return tensor
 
 
@@ -86,6 +92,9 @@ def check_group(prefix: str, tensors: Mapping[str, torch.Tensor], config: Transf
     if extra:
         problems.append(f"unexpected {extra}")
     for name, shape in expected.items():
+        if name in VOCAB_ROWS and name in tensors and tensors[name].shape[0] >= shape[0] \
+                and tuple(tensors[name].shape[1:]) == tuple(shape[1:]):
+            continue  # the vocabulary's padding rows kept (FullModelSource.keep_vocab_padding)
         if name in tensors and tuple(tensors[name].shape) != tuple(shape):
             problems.append(f"{name} has shape {tuple(tensors[name].shape)}, expected {tuple(shape)}")
     if problems:
@@ -104,6 +113,9 @@ class FullModelSource:
     tokenizer_args: Optional[dict] = None
     # Where a Hugging Face tokenizer can be copied from (a HF model directory), if any.
     hf_tokenizer_dir: Optional[str] = None
+    # Readers that honour it (ours, upstream's) return the vocabulary padding rows too when this is set (resume
+    # with --loss-over-padded-vocab, to-argonne); the Hugging Face export leaves it off.
+    keep_vocab_padding: bool = False
 
     def load_group(self, prefix: str) -> dict[str, torch.Tensor]:
         raise NotImplementedError

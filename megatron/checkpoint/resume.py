@@ -186,8 +186,8 @@ def describe(kind: str, load_dir: str, tag: str, make_vocab_size_divisible_by: i
             has_optim = any(is_optim_states_file(n) for n in os.listdir(source.tag_dir))
             return CheckpointDescription(
                 kind, load_dir, tag, source.tag_dir, source, args, source.config, _optimizer_name(args),
-                has_optimizer_state=has_optim, has_rng=False, lr_scheduler=None, tp=source.tp, pp=source.pp,
-                zero_stage=source.zero_stage)
+                has_optimizer_state=has_optim, has_rng=False, lr_scheduler=source.lr_scheduler_state(), tp=source.tp,
+                pp=source.pp, zero_stage=source.zero_stage)
         from megatron.checkpoint.ds_checkpoint import DeepSpeedCheckpoint, _has_optim_files
 
         source = DeepSpeedCheckpoint(path)
@@ -222,6 +222,8 @@ def plan_resume(desc: CheckpointDescription, run, ps) -> ResumePlan:
     where = f"--load {run.checkpoint.load}" + (f" ({desc.tag})" if desc.kind == "ours" else "")
     problems = []
 
+    run, legacy_notice = _older_null_tokenizer(desc, run)
+    run, padded_notice, padded_problem = _padded_vocab_loss(desc, run, ps)
     differences = [f"{SHAPE_FLAGS[f]} gives {getattr(run.model, f)!r}, the checkpoint has {getattr(desc.config, f)!r}"
                    for f in SHAPE_FLAGS if getattr(run.model, f) != getattr(desc.config, f)]
     if differences:
@@ -265,10 +267,61 @@ def plan_resume(desc: CheckpointDescription, run, ps) -> ResumePlan:
     run, notices, policy_problems = _resolve_hyperparameters(desc, run, load_optim, load_lr_state, finetune,
                                                              ps.dp_size)
     problems += policy_problems
+    notices[:0] = [n for n in (legacy_notice, padded_notice) if n]
+    if padded_problem:
+        problems.append(padded_problem)
     if problems:
         raise ConfigError(f"cannot resume {where}:\n  - " + "\n  - ".join(problems))
     return ResumePlan(desc, run, how, load_optim=load_optim, load_rng=load_rng, load_lr_state=load_lr_state,
                       finetune=finetune, notices=notices)
+
+
+def _older_null_tokenizer(desc: CheckpointDescription, run):
+    """(run, notice): a checkpoint of ours saved when this framework's NullTokenizer counted the end-of-document id
+    in --vocab-size V (V tokens, EOD V - 1; now V + 1 tokens, EOD V, as upstream) is recognised by its model
+    having exactly the flag's V tokens; the run then keeps that convention (model vocabulary V, EOD V - 1)."""
+    data = run.data
+    if (desc.kind != "ours" or data.tokenizer_type not in (None, "NullTokenizer") or data.vocab_size is None
+            or run.model.vocab_size != data.vocab_size + 1 or desc.config.vocab_size != data.vocab_size):
+        return run, None
+    run = dataclasses.replace(run, model=run.model.replace(vocab_size=data.vocab_size))
+    return run, (f"{desc.path} was saved with this framework's older NullTokenizer convention (--vocab-size "
+                 f"{data.vocab_size} meant {data.vocab_size} tokens, end of document {data.vocab_size - 1}); the run "
+                 f"keeps it: {data.vocab_size} tokens, end-of-document id {data.vocab_size - 1} (a new run with "
+                 f"--vocab-size {data.vocab_size} has {data.vocab_size + 1} tokens and end of document "
+                 f"{data.vocab_size}, as upstream; docs/UPSTREAM.md)")
+
+
+def _padded_vocab_loss(desc: CheckpointDescription, run, ps):
+    """(run, notice, problem) for the loss over the padded vocabulary: without --[no-]loss-over-padded-vocab the
+    run follows how the checkpoint was trained (every argonne-lcf/Megatron-DeepSpeed checkpoint: over the padded
+    vocabulary, its padding rows trained); with it on, the padding rows the checkpoint trained must fit this
+    layout's padding."""
+    given = (run.args or {}).get("loss_over_padded_vocab")
+    trained = bool(getattr(desc.config, "loss_over_padded_vocab", False))
+    notice = None
+    if given is None and trained != run.model.loss_over_padded_vocab:
+        run = dataclasses.replace(run, model=run.model.replace(loss_over_padded_vocab=trained))
+        if trained:
+            who = "argonne-lcf/Megatron-DeepSpeed" if desc.kind == "argonne" else "a run"
+            notice = (f"the loss's softmax runs over the padded vocabulary ({run.model.padded_vocab_size(ps.tp_size)} "
+                      f"columns for {run.model.vocab_size} tokens) and trains the padding rows, as {who} trained "
+                      f"{desc.path} (--loss-over-padded-vocab; --no-loss-over-padded-vocab masks the padding)")
+    if not (run.model.loss_over_padded_vocab and trained) or desc.kind not in ("ours", "argonne"):
+        return run, notice, None
+    theirs, ours = desc.config.padded_vocab_size(desc.tp), run.model.padded_vocab_size(ps.tp_size)
+    if theirs > ours:
+        return run, notice, (
+            f"--loss-over-padded-vocab: {desc.path} trained {theirs} vocabulary rows (padded at tp {desc.tp}), but "
+            f"this run pads the vocabulary to {ours} (--make-vocab-size-divisible-by "
+            f"{run.model.make_vocab_size_divisible_by} × tp {ps.tp_size}), which has no room for all of them; run at "
+            f"tp {desc.tp} (or a --make-vocab-size-divisible-by giving {theirs}), or pass "
+            "--no-loss-over-padded-vocab to drop the padding rows and mask them in the loss")
+    if theirs < ours:
+        notice = ((notice + "; ") if notice else "") + (
+            f"this run pads the vocabulary to {ours} rows, the checkpoint to {theirs}: the {ours - theirs} new "
+            "padding rows start at zero, so the loss is not the checkpoint run's own")
+    return run, notice, None
 
 
 def _layout_differs(desc: CheckpointDescription, run, ps) -> bool:
@@ -297,7 +350,8 @@ def _resolve_hyperparameters(desc: CheckpointDescription, run, load_optim: bool,
            "to keep the checkpoint's")
     problems, notices = [], []
     if load_lr_state and desc.lr_scheduler is not None and policy == "check":
-        differ = schedule_differences(run, desc.lr_scheduler, dp_size)
+        differ = _argonne_schedule_differences(run, desc.lr_scheduler, dp_size) if desc.kind == "argonne" \
+            else schedule_differences(run, desc.lr_scheduler, dp_size)
         if differ:
             problems.append("the LR schedule of the flags differs from the checkpoint's: " + "; ".join(differ)
                             + f"; {fix}")
@@ -331,6 +385,28 @@ def _resolve_hyperparameters(desc: CheckpointDescription, run, load_optim: bool,
     return run, notices, problems
 
 
+# what sets each of upstream's schedule settings, as our LRSchedule state names them (megatron/checkpoint/argonne.py)
+_UPSTREAM_SCHEDULE_FLAGS = {
+    "max_lr": "--lr", "min_lr": "--min-lr", "decay_style": "--lr-decay-style",
+    "decay_steps": "--lr-decay-iters/--lr-decay-samples (default: the run length)",
+    "warmup_steps": "--lr-warmup-iters/--lr-warmup-samples/--lr-warmup-fraction",
+    "wd_incr_steps": "the run length (weight-decay increments)", "decay_tokens": "--lr-decay-tokens",
+    "warmup_tokens": "--lr-warmup-tokens", "wd_incr_style": "--weight-decay-incr-style",
+    "start_wd": "--start-weight-decay", "end_wd": "--end-weight-decay"}
+
+
+def _argonne_schedule_differences(run, saved: dict, dp_size: int) -> list[str]:
+    """Upstream's check (its OptimizerParamScheduler._check_and_set) of an upstream checkpoint's schedule: the
+    flags' schedule built upstream's way (lengths in samples, the warmup fraction unrounded) against the saved
+    one, in the same units; one line per difference."""
+    from megatron.checkpoint.argonne import argonne_lr_state_of_flags
+
+    flags = argonne_lr_state_of_flags(run, dp_size, saved)
+    return [f"{what}: the flags give {flags[k]!r}, the checkpoint has {saved[k]!r}"
+            for k, what in _UPSTREAM_SCHEDULE_FLAGS.items()
+            if k in saved and k in flags and not _same(flags[k], saved[k])]
+
+
 def _same(a, b) -> bool:
     if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool):
         return float(a) == float(b)
@@ -347,6 +423,8 @@ def execute(plan: ResumePlan, te, set_tracker_states: Optional[Callable[[dict], 
     from megatron.checkpoint.zero_shards import forget_remembered
 
     desc = plan.description
+    if hasattr(desc.source, "keep_vocab_padding"):  # the padding rows travel when the loss trains them
+        desc.source.keep_vocab_padding = bool(plan.run.model.loss_over_padded_vocab)
     wanted = _hyperparameter_snapshot(te.engine)
     try:
         with deepspeed_io.lr_scheduler_detached(te.engine, detach=not plan.load_lr_state):

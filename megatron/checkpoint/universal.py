@@ -37,6 +37,7 @@ from megatron.config.model import TransformerConfig
 from megatron.checkpoint.layout import (ConversionError, FullModelSource, config_from_client_state,
                                            expected_shapes, full_parameter_names, tokenizer_args_from)
 from megatron.model.pipeline import pipe_layer_index, pipe_layer_prefix
+from megatron.checkpoint.unpickle import safe_load
 from megatron.checkpoint.zero_shards import load_mmap
 
 LATEST_UNIVERSAL_FILENAME = compat.LATEST_UNIVERSAL_FILENAME  # DeepSpeed's pointer to the newest universal folder
@@ -218,7 +219,7 @@ class UniversalCheckpoint(FullModelSource):
         path = os.path.join(self._dirs[name], f"{key}.pt")
         if not os.path.isfile(path):
             raise ConversionError(f"{path} is missing: the universal checkpoint has no {key!r} for {name}")
-        tensor = torch.load(path, map_location="cpu", weights_only=False)["param"]
+        tensor = safe_load(path)["param"]
         expected = expected_shapes(self.config, _group_of(name))[name]
         if tuple(tensor.shape) != tuple(expected):
             raise ConversionError(f"{path} holds a tensor of shape {tuple(tensor.shape)}, but {name} of the saved "
@@ -233,12 +234,12 @@ class UniversalCheckpoint(FullModelSource):
         zero/optimizer_state.pt (where its own loader reads it)."""
         path = os.path.join(next(iter(self._dirs.values())), "step.pt")
         if os.path.isfile(path):
-            step = torch.load(path, map_location="cpu", weights_only=False)
+            step = safe_load(path)
         else:
             path = os.path.join(self.zero_dir, "optimizer_state.pt")
             if not os.path.isfile(path):
                 return None
-            common = torch.load(path, map_location="cpu", weights_only=False)
+            common = safe_load(path)
             states = (common.get("optimizer_state_dict") or {}).get("state") or {}
             step = next(iter(states.values()), {}).get("step", common.get("base_optimizer_state_step"))
             if step is None:

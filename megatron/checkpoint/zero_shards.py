@@ -50,17 +50,20 @@ def read_log(log: Callable[[str], None]):
         _READ_LOG.pop()
 
 
-def _torch_load(path: str, weights_only: bool):
+def _torch_load(path: str):
+    from megatron.checkpoint.unpickle import safe_load
+
     try:
-        return torch.load(path, map_location="cpu", mmap=True, weights_only=weights_only)
+        return safe_load(path, mmap=True)
     except FileNotFoundError:
         raise ConversionError(f"{path}: missing checkpoint file (was the checkpoint copied completely?)") from None
     except RuntimeError:  # written without the zip format: no mmap
-        return torch.load(path, map_location="cpu", weights_only=weights_only)
+        return safe_load(path)
 
 
-def load_mmap(path: str, weights_only: bool = False, remember: bool = False):
-    """torch.load of a checkpoint file, memory-mapped (a tensor costs its bytes only when read), retried on a
+def load_mmap(path: str, remember: bool = False):
+    """torch.load of a checkpoint file through the restricted unpickler (unpickle.safe_load: only the classes the
+    trainers we read store are built), memory-mapped (a tensor costs its bytes only when read), retried on a
     transient OS error (fileio.with_retries); remember=True keeps the object for `take_remembered` (one read per
     file per resume)."""
     full = os.path.abspath(path)
@@ -72,7 +75,7 @@ def load_mmap(path: str, weights_only: bool = False, remember: bool = False):
         except OSError:
             pass
         del _REMEMBERED[full]
-    obj = with_retries(lambda: _torch_load(path, weights_only), path, log=lambda line: _READ_LOG[-1](line))
+    obj = with_retries(lambda: _torch_load(path), path, log=lambda line: _READ_LOG[-1](line))
     if remember:
         remember_loaded(full, obj)
     return obj

@@ -80,6 +80,10 @@ class TransformerConfig:
     recompute_method: str = "uniform"
     # Selective recomputation (Megatron's --recompute-granularity selective): only the core attention.
     recompute_core_attention: bool = False
+    # The loss's softmax runs over the padded vocabulary (upstream's: its padding rows get gradients and train),
+    # instead of the real vocabulary only (--loss-over-padded-vocab; on by default when resuming a checkpoint
+    # trained that way, e.g. any of argonne-lcf/Megatron-DeepSpeed's: checkpoint/resume.py).
+    loss_over_padded_vocab: bool = False
 
     def __post_init__(self) -> None:
         if self.num_key_value_heads is None:
@@ -93,6 +97,12 @@ class TransformerConfig:
         self.validate()
 
     # ---- derived sizes -------------------------------------------------------------------
+    @property
+    def loss_vocab_size(self) -> Optional[int]:
+        """The vocabulary the loss's softmax spans (cross_entropy's vocab_size): None, all padded columns, with
+        loss_over_padded_vocab; else the real vocabulary."""
+        return None if self.loss_over_padded_vocab else self.vocab_size
+
     @property
     def head_dim(self) -> int:
         return self.kv_channels or self.hidden_size // self.num_attention_heads
@@ -220,6 +230,9 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--seq-length", type=pos_int, help="required (a --model-preset fills it)")
     g.add_argument("--max-position-embeddings", type=pos_int, help="default --seq-length")
     g.add_argument("--make-vocab-size-divisible-by", type=pos_int, help="default 128")
+    g.add_argument("--loss-over-padded-vocab", action=argparse.BooleanOptionalAction, default=None,
+                   help="softmax of the loss over the padded vocabulary, padding rows trained (upstream's loss); "
+                        "default: on when resuming a checkpoint trained so (any upstream one), else off")
     g.add_argument("--normalization", choices=("layernorm", "rmsnorm"))
     g.add_argument("--norm-epsilon", "--layernorm-epsilon", dest="norm_epsilon", type=pos_float)
     g.add_argument("--swiglu", action="store_const", const=True)
@@ -300,8 +313,12 @@ def model_from_args(ns: argparse.Namespace) -> TransformerConfig:
                if k not in values]
     if missing:
         raise ConfigError(f"{', '.join(missing)} required (or give --model-preset NAME)")
-    values["vocab_size"] = ns.vocab_size or 0
+    # NullTokenizer (no --tokenizer-type, or that one): --vocab-size V gives V + 1 tokens, the EOD id V (upstream's
+    # _NullTokenizer); another tokenizer's own size replaces this once it is built
+    null = getattr(ns, "tokenizer_type", None) in (None, "NullTokenizer")
+    values["vocab_size"] = (ns.vocab_size + (1 if null else 0)) if ns.vocab_size else 0
     values["sequence_parallel"] = ns.sequence_parallel
+    values["loss_over_padded_vocab"] = bool(getattr(ns, "loss_over_padded_vocab", None))
     values["attention_softmax_in_fp32"] = ns.attention_softmax_in_fp32
     values["apply_query_key_layer_scaling"] = ns.apply_query_key_layer_scaling
     values["flash_attention"] = ns.use_flash_attn

@@ -131,6 +131,7 @@ def export_to_hf(source: FullModelSource, out_dir: str, *, dtype: torch.dtype = 
                  save_tokenizer_files: bool = True, progress: bool = True) -> dict:
     """Write `source` as a Hugging Face model directory; returns a summary (architecture, files)."""
     arch = pick_architecture(source.config, architecture)
+    source.keep_vocab_padding = False  # Hugging Face models have the real vocabulary's rows only
     if os.path.exists(out_dir) and os.listdir(out_dir):
         raise ConversionError(f"output directory {out_dir} exists and is not empty; choose a new one or empty it")
     parent = os.path.dirname(os.path.abspath(out_dir))

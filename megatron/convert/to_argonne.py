@@ -88,9 +88,16 @@ def write_argonne_checkpoint(source: FullModelSource, save_dir: str, tp: int = 1
     tmp_dir = os.path.join(save_dir, ".tmp-" + tag)
     shutil.rmtree(tmp_dir, ignore_errors=True)
     os.makedirs(tmp_dir)
+    # their loss trains the vocabulary's padding rows: the source's own (trained ones from a run with
+    # --loss-over-padded-vocab or from upstream) travel with the weights; the Hugging Face export drops them
+    source.keep_vocab_padding = True
+    padded_config = config.replace(loss_over_padded_vocab=True)
     for _, tensors in source.iter_groups():
         for t in range(tp):
-            shard = shard_state_dict(tensors, config, tp, t)
+            try:
+                shard = shard_state_dict(tensors, padded_config, tp, t)
+            except ValueError as error:
+                raise ConversionError(str(error)) from None
             by_layer: dict[int, dict] = {}
             for name, value in shard.items():
                 if ".attention.qkv." in name:

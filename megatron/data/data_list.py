@@ -24,7 +24,8 @@ import numpy as np
 from megatron.fileio import with_retries
 from megatron.errors import MegatronError
 from megatron.data.indexed_dataset import (HEADER_BYTES, IndexedDatasetError, MissingFileError, _strip_suffix,
-                                          missing_index_error, read_index_header)
+                                          missing_index_error, read_index_header, unlisted_eod_tokens,
+                                          warn_unlisted_eod)
 
 logger = logging.getLogger(__name__)
 
@@ -362,7 +363,13 @@ def scan_file(prefix: str, fractions: Sequence[float]) -> FileSplits:
             last_length = int.from_bytes(os.pread(handle, 4, HEADER_BYTES + 4 * (num_sequences - 1)), "little",
                                          signed=True)
             end = _read_int64(handle, pointers_at + 8 * (num_sequences - 1)) + last_length * header.dtype.itemsize
-            if end != header.bin_bytes:
+            unlisted = unlisted_eod_tokens(header.bin_bytes, end, header.dtype.itemsize, num_documents)
+            # upstream's --append-eod file (at most one unlisted token per document; this header scan reads no
+            # arrays, IndexedDataset and tools/repair_index.py check exactly one per non-empty document): read
+            # by its pointers, as upstream does
+            if unlisted > 0:
+                warn_unlisted_eod(prefix, unlisted)
+            elif end != header.bin_bytes:
                 what = "is truncated" if header.bin_bytes < end else "has bytes the index does not list"
                 raise IndexedDatasetError(
                     f"{prefix}.bin: {header.bin_bytes} bytes but {prefix}.idx ends its last sequence at byte "

@@ -170,6 +170,45 @@ def read_index_header(path_prefix: str, fd: Optional[int] = None) -> IndexHeader
     return IndexHeader(dtype, num_sequences, num_documents, bin_bytes, bin_bytes // dtype.itemsize)
 
 
+# ---- upstream's --append-eod files ---------------------------------------------------------------------------
+# argonne-lcf/Megatron-DeepSpeed's tools/preprocess_data.py --append-eod appends the end-of-document token to each
+# non-empty document's tokens in the .bin, but counts it in no sentence size, and its index builder computes the
+# pointers from the sizes alone (an exclusive scan). So the .bin ends with one unlisted token per non-empty
+# document, and document k (counting non-empty ones) lies k tokens after its pointer. Upstream reads such a file
+# by its pointers and sizes: each document read shifted back by the EOD tokens before it, the EODs never seen
+# as such. We read it the same way (so a resumed upstream run sees the very same tokens), saying so once per file;
+# tools/repair_index.py rewrites the index so that the sizes count the EOD tokens.
+_WARNED_UNLISTED: set = set()
+_WARNED_LOCK = threading.Lock()  # the blend scans files in threads
+
+
+def unlisted_eod_tokens(bin_bytes: int, listed_end: int, itemsize: int, num_documents: int) -> int:
+    """The tokens past the index's last listed byte when they look like --append-eod's (at most one per
+    document, whole tokens); 0 when the .bin ends where the index says, -1 when it is not that defect."""
+    extra = bin_bytes - listed_end
+    if extra == 0:
+        return 0
+    if extra < 0 or extra % itemsize or extra // itemsize > num_documents:
+        return -1
+    return extra // itemsize
+
+
+def warn_unlisted_eod(path_prefix: str, tokens: int) -> None:
+    """One warning per file (per process) that it is read as upstream reads an --append-eod file."""
+    key = os.path.abspath(path_prefix)
+    with _WARNED_LOCK:
+        if key in _WARNED_UNLISTED:
+            return
+        _WARNED_UNLISTED.add(key)
+    logger.warning(
+        f"{path_prefix}.bin holds {tokens} end-of-document tokens that {path_prefix}.idx does not count (written by "
+        "argonne-lcf/Megatron-DeepSpeed's tools/preprocess_data.py --append-eod, whose index leaves them out of the "
+        "sizes and pointers); read as upstream reads it, by the index's pointers: the EOD tokens are not trained "
+        "on and each document is read shifted back by the EOD tokens before it. Repair the index with "
+        f"`python tools/repair_index.py {path_prefix}` (checks every document ends in the EOD id; rewrites only "
+        "the .idx)")
+
+
 class IndexedDataset:
     """Memory-mapped view of one PREFIX.bin/.idx pair; cheap validation when opened.
 
@@ -205,7 +244,11 @@ class IndexedDataset:
         if s:
             first_pointer = int(self.sequence_pointers[0])
             end = int(self.sequence_pointers[-1]) + int(self.sequence_lengths[-1]) * self.dtype.itemsize
-            if first_pointer != 0 or end != header.bin_bytes:
+            unlisted = unlisted_eod_tokens(header.bin_bytes, end, self.dtype.itemsize, d - 1)
+            non_empty = int(np.count_nonzero(np.diff(self.document_indices))) if unlisted > 0 else 0
+            if unlisted > 0 and unlisted == non_empty and first_pointer == 0:  # exactly one per non-empty document
+                warn_unlisted_eod(self.path_prefix, unlisted)
+            elif first_pointer != 0 or end != header.bin_bytes:
                 raise IndexedDatasetError(
                     f"{bin_path}: size {header.bin_bytes} bytes disagrees with {idx_path}, which ends its last "
                     f"sequence at byte {end} (first pointer {first_pointer}); the pair does not belong "
@@ -627,3 +670,71 @@ def write_synthetic_dataset(path_prefix: str, num_tokens: int, num_documents: in
     write_index(tmp_idx, dtype, lengths, np.arange(num_documents + 1, dtype=np.int64))
     replace_atomically(tmp_bin, bin_path)
     replace_atomically(tmp_idx, idx_path)
+
+
+def repair_appended_eod(path_prefix: str, eod_id: Optional[int] = None, check_only: bool = False) -> dict:
+    """Rewrite the .idx of an upstream --append-eod file so that its sizes (and pointers) count each document's
+    end-of-document token; the .bin is not touched. Returns {"documents", "eod_tokens", "eod_id", "repaired"}
+    ("eod_tokens" 0: the index already lists every token, nothing is written). Refuses (IndexedDatasetError,
+    nothing written) a file whose unlisted tokens are not one per non-empty document, or whose documents do not
+    each end in the EOD id (naming the first that does not). `eod_id` None: the .bin's last token (the last
+    document's EOD), checked against every document like a given one. With `check_only` nothing is written."""
+    path_prefix = _strip_suffix(path_prefix)
+    idx_path, bin_path = index_file_path(path_prefix), data_file_path(path_prefix)
+    header = read_index_header(path_prefix)
+    s, d = header.num_sequences, header.num_documents
+    raw = np.fromfile(idx_path, dtype=np.uint8)
+    sizes = np.frombuffer(raw, dtype=np.int32, count=s, offset=HEADER_BYTES).astype(np.int64)
+    pointers = np.frombuffer(raw, dtype=np.int64, count=s, offset=HEADER_BYTES + 4 * s)
+    documents = np.frombuffer(raw, dtype=np.int64, count=d, offset=HEADER_BYTES + 12 * s).copy()
+    itemsize = header.dtype.itemsize
+    extra = header.num_tokens - int(sizes.sum())
+    result = {"documents": d - 1, "eod_tokens": max(extra, 0), "eod_id": eod_id, "repaired": False}
+    if extra == 0:
+        return result
+    starts = np.zeros(s, dtype=np.int64)
+    np.cumsum(sizes[:-1], out=starts[1:])
+    if extra < 0 or not np.array_equal(pointers, starts * itemsize) or d < 1 or documents[0] != 0 \
+            or documents[-1] != s or (np.diff(documents) < 0).any():
+        raise IndexedDatasetError(
+            f"{idx_path}: not an index written by upstream's --append-eod (its pointers are not the running sum of "
+            f"its sizes, or the .bin holds {header.num_tokens} tokens against the {int(sizes.sum())} listed): "
+            "nothing was changed; re-create the pair with tools/preprocess_data.py")
+    per_document = np.add.reduceat(sizes, documents[:-1]) if s else np.zeros(d - 1, dtype=np.int64)
+    per_document[np.diff(documents) == 0] = 0  # reduceat gives a neighbour's size for an empty document
+    non_empty = np.flatnonzero(per_document > 0)
+    if len(non_empty) != extra:
+        raise IndexedDatasetError(
+            f"{bin_path}: {extra} tokens are not listed by {idx_path}, but the index has {len(non_empty)} non-empty "
+            "documents; --append-eod leaves exactly one per non-empty document, so this pair has another defect: "
+            "nothing was changed; re-create it with tools/preprocess_data.py")
+    new_sizes = sizes.copy()
+    last_sequence = documents[non_empty + 1] - 1
+    new_sizes[last_sequence] += 1
+    new_starts = np.zeros(s, dtype=np.int64)
+    np.cumsum(new_sizes[:-1], out=new_starts[1:])
+    tokens = np.memmap(bin_path, mode="r", dtype=header.dtype)
+    last_tokens = np.asarray(tokens[new_starts[last_sequence] + new_sizes[last_sequence] - 1]).astype(np.int64)
+    derived = eod_id is None
+    if derived:
+        eod_id = int(tokens[-1])
+    result["eod_id"] = eod_id
+    bad = np.flatnonzero(last_tokens != eod_id)
+    if bad.size:
+        first = int(non_empty[bad[0]])
+        how = "the .bin's last token, taken as the EOD id" if derived else "--eod-id"
+        raise IndexedDatasetError(
+            f"{bin_path}: document {first} ends in token {int(last_tokens[bad[0]])}, not the end-of-document id "
+            f"{eod_id} ({how}); {bad.size} of {len(non_empty)} documents do not: not an --append-eod file of that "
+            "tokenizer, nothing was changed (give the tokenizer's --eod-id, or re-create the pair with "
+            "tools/preprocess_data.py)")
+    if check_only:
+        return result
+    if int(new_sizes.max(initial=0)) > np.iinfo(np.int32).max:
+        raise IndexedDatasetError(f"{idx_path}: a sequence would exceed 2^31 tokens; nothing was changed")
+    from megatron.fileio import atomic_output
+
+    with atomic_output(idx_path) as tmp:
+        write_index(tmp, header.dtype, new_sizes, documents)
+    result["repaired"] = True
+    return result

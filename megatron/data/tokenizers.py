@@ -430,16 +430,19 @@ class HFTokenizer(MegatronTokenizer):
 
 
 class NullTokenizer(MegatronTokenizer):
-    """Text is whitespace-separated integer ids; `--vocab-size V` gives vocab_size V and eod V - 1.
+    """Text is whitespace-separated integer ids; `--vocab-size V` gives V + 1 tokens, the end-of-document id
+    being V (argonne-lcf/Megatron-DeepSpeed's megatron/tokenizer/tokenizer.py _NullTokenizer).
 
-    (Megatron's own NullTokenizer reports V + 1 and eod V; here the vocabulary is exactly the V typed,
-    so mock data, files and the embedding agree on one number.) Has no files to save.
+    `eod_in_vocab_size=True` is this framework's older convention (V tokens, end of document V - 1), kept for
+    resuming checkpoints saved with it (checkpoint/resume.py recognises them; docs/UPSTREAM.md). Has no files
+    to save.
     """
 
-    def __init__(self, vocab_size: Optional[int]):
-        if vocab_size is None or int(vocab_size) < 2:
-            raise TokenizerError(f"--tokenizer-type NullTokenizer needs --vocab-size >= 2 (got {vocab_size})")
-        self.vocab_size = int(vocab_size)
+    def __init__(self, vocab_size: Optional[int], eod_in_vocab_size: bool = False):
+        least = 2 if eod_in_vocab_size else 1
+        if vocab_size is None or int(vocab_size) < least:
+            raise TokenizerError(f"--tokenizer-type NullTokenizer needs --vocab-size >= {least} (got {vocab_size})")
+        self.vocab_size = int(vocab_size) + (0 if eod_in_vocab_size else 1)
         self.eod = self.vocab_size - 1
 
     def tokenize_batch(self, texts):

@@ -74,7 +74,7 @@ def _default_device() -> torch.device:
 def build_tokenizer_for(source, tokenizer_args: Optional[dict], load: str) -> InferenceTokenizer:
     """The tokenizer of a checkpoint: the run's recorded tokenizer with `tokenizer_args` (build_tokenizer's
     keywords) over it (another tokenizer_type replaces it whole), else the Hugging Face folder's own files."""
-    from megatron.data.tokenizers import HFTokenizer, build_tokenizer
+    from megatron.data.tokenizers import HFTokenizer, NullTokenizer, build_tokenizer
 
     saved = dict(getattr(source, "tokenizer_args", None) or {})
     given = {k: v for k, v in (tokenizer_args or {}).items() if v is not None}
@@ -83,9 +83,14 @@ def build_tokenizer_for(source, tokenizer_args: Optional[dict], load: str) -> In
     else:
         args = {**saved, **given}
     if args.get("tokenizer_type"):
-        return InferenceTokenizer(build_tokenizer(args["tokenizer_type"], args.get("tokenizer_model"),
-                                                  args.get("vocab_file"), args.get("merge_file"),
-                                                  args.get("vocab_size")))
+        tokenizer = build_tokenizer(args["tokenizer_type"], args.get("tokenizer_model"), args.get("vocab_file"),
+                                    args.get("merge_file"), args.get("vocab_size"))
+        config = getattr(source, "config", None)
+        if args["tokenizer_type"] == "NullTokenizer" and config is not None \
+                and tokenizer.vocab_size == config.vocab_size + 1:
+            # saved with this framework's older NullTokenizer (--vocab-size V: V tokens, EOD V - 1; docs/UPSTREAM.md)
+            tokenizer = NullTokenizer(config.vocab_size, eod_in_vocab_size=True)
+        return InferenceTokenizer(tokenizer)
     if getattr(source, "hf_tokenizer_dir", None):
         return InferenceTokenizer(HFTokenizer(source.hf_tokenizer_dir))
     raise GenerationError(f"{load} does not record its tokenizer; pass one (--tokenizer-type and its files)")
@@ -132,6 +137,8 @@ class InferenceEngine:
         from megatron.checkpoint.sources import open_checkpoint
 
         vocab_size = (tokenizer_args or {}).get("vocab_size")
+        if vocab_size and (tokenizer_args or {}).get("tokenizer_type") == "NullTokenizer":
+            vocab_size += 1  # NullTokenizer's --vocab-size V: the model has V + 1 tokens (as upstream's)
         source = open_checkpoint(load, vocab_size=vocab_size)
         tokenizer = build_tokenizer_for(source, tokenizer_args, load)
         world = dist.get_world_size() if dist.is_initialized() else 1

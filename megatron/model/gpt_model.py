@@ -76,7 +76,7 @@ class GPTModel(nn.Module):
         logits = self.logits(self.final_norm(hidden))
         if labels is None:
             return logits
-        return vocab_parallel_cross_entropy(logits, labels, self.ps.tp_group, self.config.vocab_size)
+        return vocab_parallel_cross_entropy(logits, labels, self.ps.tp_group, self.config.loss_vocab_size)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         if self.output_layer is not None:

@@ -92,7 +92,7 @@ class MaskedMeanLoss:
 
     def __call__(self, logits: torch.Tensor, targets) -> torch.Tensor:
         labels, *rest = targets
-        losses = vocab_parallel_cross_entropy(logits, labels, self.ps.tp_group, self.config.vocab_size)
+        losses = vocab_parallel_cross_entropy(logits, labels, self.ps.tp_group, self.config.loss_vocab_size)
         if self.reduce is not None:
             return self.reduce(losses, rest)
         mask = rest[0].reshape(-1).float()

@@ -11,7 +11,8 @@ The one description of GPTModel's tensor-parallel layout, used by tests, checkpo
     everything else                            replicated        norms (+bias), dense/fc2 biases, position embeddings
 
 Merged tensors keep the vocabulary padding of the layout they came from; `shard_state_dict`
-accepts any padding >= vocab_size (rows beyond the vocabulary are dropped, then zero-padded).
+accepts any padding >= vocab_size (rows beyond the vocabulary are dropped, then zero-padded; kept with
+config.loss_over_padded_vocab, the loss that trains them).
 """
 
 from __future__ import annotations
@@ -67,7 +68,15 @@ def _repad_vocab(name: str, tensor: torch.Tensor, config: TransformerConfig, tp_
                          "is this state dict from a different tokenizer / --vocab-size?")
     padded = config.padded_vocab_size(tp_size)
     out = tensor.new_zeros((padded,) + tuple(tensor.shape[1:]))
-    out[: config.vocab_size] = tensor[: config.vocab_size]
+    # --loss-over-padded-vocab trains the padding rows: they are kept (those a smaller padding has no room for
+    # must be zero); otherwise only the real vocabulary's rows are, and the padding starts at zero
+    rows = min(tensor.shape[0], padded) if config.loss_over_padded_vocab else config.vocab_size
+    if config.loss_over_padded_vocab and tensor.shape[0] > padded and bool(tensor[padded:].any()):
+        raise ValueError(f"{name}: {tensor.shape[0]} rows with trained padding rows beyond the {padded} this layout "
+                         f"pads the vocabulary {config.vocab_size} to (--make-vocab-size-divisible-by "
+                         f"{config.make_vocab_size_divisible_by} × tp {tp_size}); use the checkpoint's tp / "
+                         "--make-vocab-size-divisible-by, or --no-loss-over-padded-vocab to drop the padding rows")
+    out[:rows] = tensor[:rows]
     return out
 
 

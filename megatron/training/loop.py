@@ -23,6 +23,7 @@ from megatron.config.arguments import RunConfig, global_batch_size, global_batch
     train_iters, train_samples, validate_run
 from megatron.distributed.parallel_state import ParallelState
 from megatron.checkpoint.format import TrainingProgress
+from megatron.data.tokenizers import NullTokenizer
 from megatron.checkpoint.resume import Checkpointer
 from megatron.training.engine import TrainingEngine, build_engine, check_engine_config
 from megatron.training.preflight import resolve_vocab  # noqa: F401 (imported from here too)
@@ -331,6 +332,8 @@ def train(run: RunConfig, ps: ParallelState, device: torch.device, tracker: Opti
     check_lr_schedule(run, ps.dp_size)
     checkpointer = Checkpointer(run, ps, device, log=printer)
     run = checkpointer.prepare()  # the run to build: the checkpoint's hyperparameters where the policy says
+    if isinstance(tokenizer, NullTokenizer) and tokenizer.vocab_size != run.model.vocab_size:
+        tokenizer = NullTokenizer(run.data.vocab_size, eod_in_vocab_size=True)  # an older checkpoint's convention
     check_engine_config(run, device)
     seed_everything(run.training.seed, ps, device, run.training.data_parallel_random_init)
 
