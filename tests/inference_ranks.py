@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import torch
-
 from megatron.checkpoint.layout import StateDictSource
 from megatron.config.model import TransformerConfig
 from megatron.model import GPTModel

@@ -82,8 +82,6 @@ def test_generate_under_torchrun_at_pp2_prints_what_one_process_prints(tmp_path,
     import subprocess
     from pathlib import Path
 
-    from multirank import free_port
-
     model = GPTModel(CONFIG, seed=3)
     write_checkpoint(StateDictSource(model.state_dict(), CONFIG, tokenizer_args={"tokenizer_type": "NullTokenizer",
                                                                                 "vocab_size": 100}),
@@ -96,8 +94,7 @@ def test_generate_under_torchrun_at_pp2_prints_what_one_process_prints(tmp_path,
     env = dict(os.environ, GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1", PYTHONPATH=str(root))
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(name, None)
-    torchrun = [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-                "--master_port", str(free_port())]
+    torchrun = [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc_per_node", "2"]  # its own port
     proc = subprocess.run(torchrun + ["tools/generate.py", *flags, "--pp", "2"], cwd=root, env=env,
                           capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -14,7 +14,7 @@ from megatron.inference import GenerationError, InferenceEngine, SamplingParams
 from megatron.inference.generation import BeamHypotheses, SpecialTokens, filter_logits, stop_reason
 from megatron.inference.tokenization import ChatTemplateError, InferenceTokenizer, tokenize_prompt
 from megatron.model.kv_cache import KVCache
-from megatron.model.stage import GPTStage, stage_layer_bounds
+from megatron.model.stage import stage_layer_bounds
 
 from inference_ranks import EOD, PROMPTS, TOKENIZER_ARGS, VOCAB, gpt_config, llama_config, model_and_source
 
@@ -74,7 +74,8 @@ def test_greedy_equals_hugging_face_generate_alone_and_in_a_mixed_length_batch(n
 
 def test_a_mixed_length_batch_gives_each_prompt_what_it_gives_alone():
     _, engine = _engine(llama_config())
-    params = [_greedy(9, return_logprobs=True), SamplingParams(max_new_tokens=7, seed=5, top_k=30, return_logprobs=True),
+    params = [_greedy(9, return_logprobs=True),
+              SamplingParams(max_new_tokens=7, seed=5, top_k=30, return_logprobs=True),
               _greedy(0, return_logprobs=True), SamplingParams(max_new_tokens=12, seed=6, top_p=0.8, temperature=0.7)]
     batch = engine.generate(PROMPTS, params)
     for prompt, p, together in zip(PROMPTS, params, batch):
@@ -104,8 +105,8 @@ def test_seeded_sampling_is_reproducible_whatever_the_batch_and_differs_between_
     _, engine = _engine(llama_config())
     p = SamplingParams(max_new_tokens=10, seed=42, temperature=1.5)
     [alone] = engine.generate([PROMPTS[0]], [p])
-    shared = engine.generate([PROMPTS[1], PROMPTS[0], PROMPTS[0]], [_greedy(4), p, SamplingParams(max_new_tokens=10,
-                                                                                                   seed=43, temperature=1.5)])
+    other_seed = SamplingParams(max_new_tokens=10, seed=43, temperature=1.5)
+    shared = engine.generate([PROMPTS[1], PROMPTS[0], PROMPTS[0]], [_greedy(4), p, other_seed])
     assert shared[1].tokens == alone.tokens
     assert shared[2].tokens != alone.tokens
 

@@ -21,7 +21,8 @@ CONFIGS = {"llama": llama_config, "gpt": gpt_config}
 
 
 def _close(a, b, tol):
-    return len(a) == len(b) and all(len(x) == len(y) and all(abs(u - v) <= tol for u, v in zip(x, y)) for x, y in zip(a, b))
+    return len(a) == len(b) and all(len(x) == len(y) and all(abs(u - v) <= tol for u, v in zip(x, y))
+                                    for x, y in zip(a, b))
 
 
 @pytest.mark.parametrize("name,tp,pp", [("llama", 2, 1), ("llama", 1, 2), ("gpt", 1, 2)])

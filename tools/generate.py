@@ -59,7 +59,7 @@ def hf_folder_error(path: str):
     return None
 
 
-def _params(args) -> "SamplingParams":
+def _params(args):
     from megatron.inference import SamplingParams
 
     return SamplingParams(max_new_tokens=args.max_new_tokens, greedy=args.greedy or args.temperature == 0.0,
