@@ -520,7 +520,8 @@ def test_muonclip_scales_each_heads_query_and_key_rows_down_to_the_threshold():
 
     t, alpha = 0.05, 0.3
     run = parse_args(ec.flags("--optimizer", "muonclip", "--muonclip-t", str(t), "--muonclip-alpha", str(alpha),
-                              "--lr", "0"))
+                              "--lr", "0", "--vocab-size", "127"))  # 128 tokens (NullTokenizer adds the EOD): the
+    # seeded model whose logits t cuts into
     ps = ParallelState.single()
     model = GPTModel(run.model, ps, seed=3)
     optimizer = build_optimizer(run, model, ps)

@@ -12,6 +12,8 @@ What the list holds, and who pickles it:
 - DeepSpeed (its engine and ZeRO / bf16 optimizer files, ours and upstream's alike): the ZeRO stage enum, the
   loss scaler objects, the `fragment_address` records of `param_slice_mappings`, and the `SubparamShape` of
   ds_to_universal's per-parameter files.
+- our own --optimizer choices that libraries run: galore_torch's `GaLoreProjector` (galoreadamw) and
+  pytorch_optimizer's Shampoo preconditioner objects (dshampooadamw); their state is tensors and numbers.
 - torch's own defaults (tensors, dtypes, OrderedDict, builtins), which `weights_only` always allows.
 
 Anything else is refused before it is built, naming the class, the file and what to do (`UnknownPickleGlobal`):
@@ -54,6 +56,13 @@ KNOWN_GLOBALS: dict[str, Optional[object]] = {
     "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler": None,
     "deepspeed.utils.tensor_fragment.fragment_address": None,
     "deepspeed.checkpoint.universal_checkpoint.SubparamShape": None,  # ds_to_universal's per-parameter files
+    # the optimizer state of our own --optimizer choices that well-kept libraries run (megatron/optimizer/):
+    # galoreadamw keeps a projector per matrix, dshampooadamw its preconditioners (plain tensors and numbers inside)
+    "galore_torch.galore_projector.GaLoreProjector": None,
+    "pytorch_optimizer.optimizer.utils.graft.RMSPropGraft": None,
+    "pytorch_optimizer.optimizer.utils.partition.BlockPartitioner": None,
+    "pytorch_optimizer.optimizer.utils.partition.PreConditionerType": None,
+    "pytorch_optimizer.optimizer.utils.preconditioner.PreConditioner": None,
 }
 _NUMPY_RENAMED = {"numpy.core.multiarray._reconstruct": "numpy._core.multiarray._reconstruct"}
 
