@@ -13,7 +13,8 @@ What the list holds, and who pickles it:
   loss scaler objects, the `fragment_address` records of `param_slice_mappings`, and the `SubparamShape` of
   ds_to_universal's per-parameter files.
 - our own --optimizer choices that libraries run: galore_torch's `GaLoreProjector` (galoreadamw) and
-  pytorch_optimizer's Shampoo preconditioner objects (dshampooadamw); their state is tensors and numbers.
+  pytorch_optimizer's Shampoo preconditioner objects (dshampooadamw); their state is tensors and numbers. They
+  are allowed (and their libraries imported) only for a file that names them (OPTIMIZER_GLOBALS).
 - torch's own defaults (tensors, dtypes, OrderedDict, builtins), which `weights_only` always allows.
 
 Anything else is refused before it is built, naming the class, the file and what to do (`UnknownPickleGlobal`):
@@ -56,14 +57,18 @@ KNOWN_GLOBALS: dict[str, Optional[object]] = {
     "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler": None,
     "deepspeed.utils.tensor_fragment.fragment_address": None,
     "deepspeed.checkpoint.universal_checkpoint.SubparamShape": None,  # ds_to_universal's per-parameter files
-    # the optimizer state of our own --optimizer choices that well-kept libraries run (megatron/optimizer/):
-    # galoreadamw keeps a projector per matrix, dshampooadamw its preconditioners (plain tensors and numbers inside)
-    "galore_torch.galore_projector.GaLoreProjector": None,
-    "pytorch_optimizer.optimizer.utils.graft.RMSPropGraft": None,
-    "pytorch_optimizer.optimizer.utils.partition.BlockPartitioner": None,
-    "pytorch_optimizer.optimizer.utils.partition.PreConditionerType": None,
-    "pytorch_optimizer.optimizer.utils.preconditioner.PreConditioner": None,
 }
+# The optimizer state of our own --optimizer choices that well-kept libraries run (megatron/optimizer/): galoreadamw
+# keeps a projector per matrix, dshampooadamw its preconditioners (tensors and numbers inside). Allowed only for a
+# file that names them, and imported only then: importing these libraries (galore_torch pulls in bitsandbytes) on
+# every load would cost each reader ~60 MB of heap and seconds.
+OPTIMIZER_GLOBALS = (
+    "galore_torch.galore_projector.GaLoreProjector",
+    "pytorch_optimizer.optimizer.utils.graft.RMSPropGraft",
+    "pytorch_optimizer.optimizer.utils.partition.BlockPartitioner",
+    "pytorch_optimizer.optimizer.utils.partition.PreConditionerType",
+    "pytorch_optimizer.optimizer.utils.preconditioner.PreConditioner",
+)
 _NUMPY_RENAMED = {"numpy.core.multiarray._reconstruct": "numpy._core.multiarray._reconstruct"}
 
 
@@ -130,6 +135,12 @@ def safe_load(path: str, mmap: bool = False):
             return torch.load(path, map_location="cpu", mmap=mmap, weights_only=True)
         except pickle.UnpicklingError as error:
             names = unknown_globals(path) or re.findall(r"GLOBAL (\S+) was not an allowed global", str(error))
-            if names:
-                raise _refusal(path, names) from None
-            raise
+            if not names:
+                raise
+    optimizer_state = [(_resolve(name), name) for name in names if name in OPTIMIZER_GLOBALS]
+    refused = [name for name in names if name not in OPTIMIZER_GLOBALS] + \
+        [name for obj, name in optimizer_state if obj is None]  # its library is not installed here
+    if refused:
+        raise _refusal(path, refused)
+    with torch.serialization.safe_globals(allowed_globals() + optimizer_state):
+        return torch.load(path, map_location="cpu", mmap=mmap, weights_only=True)
