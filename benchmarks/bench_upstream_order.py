@@ -12,7 +12,7 @@ train samples = 2T / 4096, as --train-iters x --global-batch-size):
   3. the per-file orders (doc_idx, sample_idx rows, shuffle_idx): built from in-memory document lengths with the
      file's Dolma document count, for every --file-stride-th file (default 10: 242 files, every corpus), then
      scaled to the 2,419 files; the bytes of all 2,419 orders are computed exactly.
-With --upstream-python (a Python that imports upstream's code: /work/upstream-env, see its HOWTO.md) and
+With --upstream-python (a Python that imports upstream's code: $SIDE_ENV, see its HOWTO.md) and
 --upstream-src (its source tree, helpers compiled), the same parts run through upstream's own functions in a
 child process, side by side: helpers.build_blending_indices over the whole run (upstream builds it whole,
 once, on rank 0), gpt_dataset._build_doc_idx + helpers.build_sample_idx + _build_shuffle_idx for the same

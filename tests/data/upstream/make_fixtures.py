@@ -1,9 +1,9 @@
 """Make the upstream fixtures under tests/data/upstream/ by running argonne-lcf/Megatron-DeepSpeed itself.
 
 This script is for making fixtures only: it runs in the side environment described in README.md
-(/work/upstream-env, upstream's source extracted at --upstream) and never in the test suite.
+($SIDE_ENV, upstream's source extracted at --upstream) and never in the test suite.
 
-    source /work/upstream-env/bin/activate
+    source $SIDE_ENV/bin/activate      # then add --upstream $UPSTREAM_SRC --work $SCRATCH to each line
     python tests/data/upstream/make_fixtures.py --stage data    # token files (upstream's tools/preprocess_data.py)
     python tests/data/upstream/make_fixtures.py --stage order   # sample-order dumps (upstream's gpt_dataset code)
     python tests/data/upstream/make_fixtures.py --stage train   # checkpoints + losses (upstream's pretrain_gpt_alcf.py)
@@ -461,8 +461,9 @@ def stage_index(args):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--stage", choices=["data", "order", "train", "logits", "index"], required=True)
-    parser.add_argument("--upstream", type=Path, default=Path("/work/upstream-src/Megatron-DeepSpeed"))
-    parser.add_argument("--work", type=Path, default=Path("/work/upstream-work"))
+    parser.add_argument("--upstream", type=Path, required=True,
+                        help="upstream's source extracted at ffa3456d, helpers compiled (README.md: set-up)")
+    parser.add_argument("--work", type=Path, required=True, help="a scratch directory for the runs")
     parser.add_argument("--only", default="", help="comma-separated cases or runs of the stage (default: all)")
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)

@@ -1,9 +1,9 @@
 """Makes tests/data/upstream/order/: token files and upstream's own sample order, from upstream's real code.
 
-Runs in the side environment only (see /work/upstream-env/HOWTO.md), never in the suite:
+Runs in the side environment only (tests/data/upstream/README.md says how to build it), never in the suite:
 
-    source /work/upstream-env/bin/activate
-    cd /work/upstream-src/Megatron-DeepSpeed      # git archive of argonne-lcf/Megatron-DeepSpeed ffa3456d
+    source $SIDE_ENV/bin/activate                 # the side environment of tests/data/upstream/README.md
+    cd $UPSTREAM_SRC                              # git archive of argonne-lcf/Megatron-DeepSpeed ffa3456d
     PYTHONPATH=$PWD DS_ACCELERATOR=cpu WANDB_MODE=disabled OMP_NUM_THREADS=1 MASTER_ADDR=127.0.0.1 \
         GLOO_SOCKET_IFNAME=lo python <repo>/tests/data/upstream/order/make_order_fixtures.py <repo>/tests/data/upstream/order
 
@@ -145,6 +145,16 @@ def main():
         index, sample_index = np.zeros(6000, np.int64), np.zeros(6000, np.int64)
         helpers.build_blending_indices(index, sample_index, weights, count, 6000, False)
         np.savez_compressed(os.path.join(OUT, f"{name}.npz"), weights=weights, index=index, sample_index=sample_index)
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(OUT))))  # the repository
+
+    def portable(value):  # no path of the machine that made the fixtures: repository-relative, cache dirs named
+        if isinstance(value, str) and os.path.isabs(value):
+            inside = os.path.relpath(value, root)
+            return "<a fresh temporary directory>" if inside.startswith("..") else inside
+        return value
+
+    for config in manifest["configs"].values():
+        config["flags"], config["argv"] = ([portable(v) for v in config[k]] for k in ("flags", "argv"))
     with open(os.path.join(OUT, "manifest.json"), "w") as handle:
         json.dump(manifest, handle, indent=1)
     os.remove(list_path)
