@@ -142,3 +142,15 @@ def test_upstream_append_eod_file_reads_as_upstream_and_repairs(tmp_path, caplog
     with open(os.path.join(UPSTREAM, "data", "eod_e.jsonl")) as f:
         texts = [[int(t) for t in json.loads(line)["text"].split(" ")] for line in f]
     assert [repaired.get(k).tolist() for k in range(repaired.num_documents)] == [t + [256] for t in texts]
+
+
+def test_repair_index_names_its_own_input_when_the_files_are_missing(tmp_path, capsys):
+    """A prefix with no files: the message names the prefix given to tools/repair_index.py and its fix, not the
+    training reader's --data-path (exit code 2)."""
+    from tools import repair_index
+
+    prefix = str(tmp_path / "absent_text_document")
+    assert repair_index.main([prefix + ".bin"]) == 2
+    err = capsys.readouterr().err
+    assert f"{prefix}.bin and {prefix}.idx not found" in err and "give tools/repair_index.py the prefix" in err
+    assert "--data-path" not in err

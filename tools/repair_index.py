@@ -20,7 +20,16 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megatron.data.indexed_dataset import IndexedDatasetError, repair_appended_eod  # noqa: E402
+from megatron.data.indexed_dataset import (  # noqa: E402
+    IndexedDatasetError, MissingFileError, repair_appended_eod)
+
+
+def _missing_message(prefix: str, error: MissingFileError) -> str:
+    """This tool's own words for a prefix whose files are not there (the reader's message speaks of --data-path)."""
+    base = prefix[:-4] if prefix.endswith((".bin", ".idx")) else prefix
+    names = " and ".join(base + suffix for suffix in error.suffixes)
+    return (f"{prefix}: {names} not found; give tools/repair_index.py the prefix of an existing .bin/.idx pair "
+            "(the path without .bin/.idx, e.g. data/corpus_text_document)")
 
 
 def main(argv=None) -> int:
@@ -36,7 +45,11 @@ def main(argv=None) -> int:
     for prefix in args.prefixes:
         try:
             result = repair_appended_eod(prefix, eod_id=args.eod_id, check_only=args.check)
-        except IndexedDatasetError as error:  # a bad input: named, exit 2 (docs/RELIABILITY.md)
+        except MissingFileError as error:  # a bad input: named, exit 2 (docs/RELIABILITY.md)
+            print(f"error: {_missing_message(prefix, error)}", file=sys.stderr)
+            failed += 1
+            continue
+        except IndexedDatasetError as error:
             print(f"error: {error}", file=sys.stderr)
             failed += 1
             continue
