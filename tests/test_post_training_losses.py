@@ -71,32 +71,48 @@ def _ours(per_token, shift_mask, ref, beta, loss_type, label_smoothing, rpo_alph
 
 @pytest.mark.parametrize("loss_types,weights,ls,rpo", [
     (["sigmoid"], [1.0], 0.0, 0.0), (["hinge"], [1.0], 0.0, 0.0), (["ipo"], [1.0], 0.0, 0.0),
-    (["robust"], [1.0], 0.1, 0.0), (["sigmoid", "sft"], [1.0, 0.5], 0.0, 0.5)])
+    (["robust"], [1.0], 0.1, 0.0), (["sigmoid", "sft"], [1.0, 0.5], 0.0, 0.5),
+    (["robust", "sft"], [1.0, 2.0], 0.2, 2.0), (["hinge", "sft"], [1.0, 1.0], 0.0, 1.0)])
 def test_dpo_loss_and_metrics_equal_trls(loss_types, weights, ls, rpo):
     completion, shift_mask, per_token, ref = _fixed_batch()
     beta = 0.3
-    trainer = _trl_trainer(loss_types, weights, beta, ls, _FixedLogProbs(per_token))
-    rc, rr = ref.chunk(2)
-    inputs = {"input_ids": torch.zeros_like(completion), "attention_mask": torch.ones_like(completion),
-              "completion_mask": completion, "ref_chosen_logps": rc, "ref_rejected_logps": rr}
-    trl_loss = trainer._compute_loss(trainer.model, inputs, return_outputs=False)
-    trl_metrics = {name: trainer._metrics["train"][name][-1] for name in DPO_METRICS}
+    trl_loss, trl_metrics = _trl_loss_and_metrics(loss_types, weights, beta, ls, per_token, completion, ref)
     loss, metrics = _ours(per_token, shift_mask, ref, beta, loss_types[0], ls, rpo)
-    assert loss.item() == pytest.approx(trl_loss.item(), rel=1e-6, abs=1e-7)
+    assert loss.item() == pytest.approx(trl_loss, rel=1e-6, abs=1e-7)
     for name in DPO_METRICS:
         assert metrics[name] == pytest.approx(trl_metrics[name], rel=1e-6, abs=1e-7), name
 
 
-def test_conservative_dpo_is_the_label_smoothed_sigmoid():
-    """cDPO (--dpo-loss sigmoid --label-smoothing e): the expected sigmoid loss when a label is flipped with
-    probability e; TRL 1.16's sigmoid has no smoothing, so its own sigmoid gives both terms."""
-    delta = torch.tensor([-2.0, 0.1, 3.0])
-    beta, e = 0.5, 0.2
-    zeros = torch.zeros(3)
-    smoothed = dpo_pair_losses(delta, zeros, zeros, zeros, beta=beta, label_smoothing=e)
-    as_labelled = dpo_pair_losses(delta, zeros, zeros, zeros, beta=beta)
-    flipped = dpo_pair_losses(zeros, delta, zeros, zeros, beta=beta)
-    torch.testing.assert_close(smoothed, (1 - e) * as_labelled + e * flipped)
+def _trl_loss_and_metrics(loss_types, weights, beta, ls, per_token, completion, ref):
+    trainer = _trl_trainer(loss_types, weights, beta, ls, _FixedLogProbs(per_token))
+    rc, rr = ref.chunk(2)
+    inputs = {"input_ids": torch.zeros_like(completion), "attention_mask": torch.ones_like(completion),
+              "completion_mask": completion, "ref_chosen_logps": rc, "ref_rejected_logps": rr}
+    loss = trainer._compute_loss(trainer.model, inputs, return_outputs=False)
+    return loss.item(), {name: trainer._metrics["train"][name][-1] for name in DPO_METRICS}
+
+
+@pytest.mark.parametrize("rpo", [0.0, 0.7])
+def test_conservative_dpo_equals_trls_label_smoothed_loss_pair_by_pair(rpo):
+    """cDPO (--dpo-loss sigmoid --label-smoothing e [--rpo-alpha a]) against TRL 1.16's own code. TRL 1.16's
+    `sigmoid` dropped label smoothing, but its `aot` loss is -(1-e) logsigmoid(beta delta) - e logsigmoid(-beta
+    delta) of the batch's sorted log-ratios, and sorting one pair is the identity: on each pair alone TRL's `aot`
+    (with `sft` weighted a for RPO) is the cDPO loss. Ours on each pair alone must equal it, loss and metrics."""
+    completion, shift_mask, per_token, ref = _fixed_batch(n=5, seed=4)
+    beta, e, n = 0.4, 0.15, 5
+    for pair in range(n):
+        rows = [pair, n + pair]  # the pair's chosen row, then its rejected row
+        types, weights = (["aot", "sft"], [1.0, rpo]) if rpo else (["aot"], [1.0])
+        trl_loss, trl_metrics = _trl_loss_and_metrics(types, weights, beta, e, per_token[rows], completion[rows],
+                                                      ref[rows])
+        loss, metrics = _ours(per_token[rows], shift_mask[rows], ref[rows], beta, "sigmoid", e, rpo)
+        assert loss.item() == pytest.approx(trl_loss, rel=1e-6, abs=1e-7), pair
+        for name in DPO_METRICS:
+            assert metrics[name] == pytest.approx(trl_metrics[name], rel=1e-6, abs=1e-7), (pair, name)
+    # and the smoothing is not a no-op here: the same pairs without it give another loss
+    unsmoothed, _ = _ours(per_token, shift_mask, ref, beta, "sigmoid", 0.0)
+    smoothed, _ = _ours(per_token, shift_mask, ref, beta, "sigmoid", e)
+    assert abs(unsmoothed.item() - smoothed.item()) > 1e-3
 
 
 def test_sequence_logps_are_negative_nll_sums_from_the_model():

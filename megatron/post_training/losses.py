@@ -13,6 +13,8 @@ DPO (Rafailov et al. 2023) with TRL 1.16's definitions (trl/trainer/dpo_trainer.
     delta             = chosen_logratio - rejected_logratio
     sigmoid  -logsigmoid(beta * delta)
              with --label-smoothing e (conservative DPO, cDPO):  -(1-e) logsigmoid(beta delta) - e logsigmoid(-beta delta)
+             (TRL 1.16's sigmoid has no smoothing; its `aot` loss computes this formula on the batch's sorted
+             log-ratios, which on one pair is exactly cDPO: tests/test_post_training_losses.py checks it so)
     robust   (-(1-e) logsigmoid(beta delta) + e logsigmoid(-beta delta)) / (1 - 2e)        (TRL's "robust")
     hinge    relu(1 - beta * delta)
     ipo      (delta_avg - 1 / (2 beta))^2, delta_avg: each log-ratio divided by its response's token count
