@@ -109,6 +109,78 @@ def collate_dpo(items):
             "pair_ids": torch.tensor([it["pair_id"] for it in items], dtype=torch.int64)}
 
 
+class ShortPairs:
+    """Pairs short enough to pack two to a row (at most 12 tokens a sequence), in the item formats of
+    megatron/data/post_training.py's DPODataset: padded, one pair an item; packed, pairs 2j and 2j+1 in row pair j
+    (each sequence its own document, positions restarting). Collate them with megatron/data/post_training.collate."""
+
+    def __init__(self, examples: int = 32, seed: int = 0, seq: int = SEQ, packed: bool = False):
+        rng = np.random.default_rng(seed)
+        pairs = []
+        for _ in range(examples):
+            prompt = rng.integers(3, 40, int(rng.integers(2, 6)))
+            chosen = (prompt[0] + np.arange(1, int(rng.integers(3, 7)))) % 40 + 40
+            rejected = rng.integers(80, 120, int(rng.integers(2, 7)))
+            pairs.append([(np.concatenate([prompt, response, [1]]), len(prompt)) for response in (chosen, rejected)])
+        groups = [[2 * j, 2 * j + 1] for j in range(examples // 2)] if packed else [[k] for k in range(examples)]
+        self.items = []
+        for members in groups:
+            item = {"pair_ids": np.array(members, dtype=np.int64)} if packed else {"pair_id": members[0]}
+            for side, name in enumerate(("chosen", "rejected")):
+                tokens, mask = np.zeros(seq + 1, dtype=np.int64), np.zeros(seq, dtype=np.float32)
+                documents, positions = np.zeros(seq, dtype=np.int64), np.zeros(seq, dtype=np.int64)
+                offset = 0
+                for number, pair in enumerate(members):
+                    full, prompt_length = pairs[pair][side]
+                    tokens[offset:offset + len(full)] = full
+                    mask[offset + prompt_length - 1:offset + len(full) - 1] = 1.0
+                    documents[offset:offset + len(full)] = number
+                    positions[offset:offset + len(full)] = np.arange(len(full))
+                    offset += len(full)
+                documents[offset:] = len(members)
+                positions[offset:] = np.arange(seq - offset)
+                item[name], item[f"{name}_loss_mask"] = tokens, mask
+                if packed:
+                    item[f"{name}_document_ids"], item[f"{name}_position_ids"] = documents, positions
+            self.items.append(item)
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        return self.items[i]
+
+
+def packed_dpo_cases(rank: int, world_size: int, cases: list) -> dict:
+    """(name, task flags, training flags) on ShortPairs, padded or packed as the task flags' --packing says."""
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
+    from engine_cases import destroy_previous_case_groups, record_process_groups
+
+    from megatron.cli import parse_args
+    from megatron.config.post_training import split_post_training_args
+    from megatron.data.post_training import collate
+    from megatron.distributed.parallel_state import ParallelState
+    from megatron.post_training.tasks import build_task
+    from megatron.training.loop import train
+
+    record_process_groups()
+    out = {}
+    for name, task_argv, argv in cases:
+        destroy_previous_case_groups()
+        config, _ = split_post_training_args(task_argv)
+        task = build_task(config, (ShortPairs(packed=config.packing), None, None), collate)
+        task.data_key_override = {"synthetic": "short pairs"}
+        run = parse_args(argv)
+        ps = ParallelState.build(run.parallel, run.model)
+        result = train(run, ps, torch.device("cpu"), printer=lambda line: None, task=task)
+        its = sorted(result.losses)
+        out[name] = {"losses": [result.losses[i] for i in its], "metrics": [result.metrics.get(i, {}) for i in its],
+                     "reference": task.reference.tolist()}
+    return out
+
+
 TINY_POST = [
     "--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4", "--num-key-value-heads", "2",
     "--ffn-hidden-size", "64", "--seq-length", str(SEQ), "--max-position-embeddings", str(SEQ),

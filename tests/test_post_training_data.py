@@ -437,7 +437,7 @@ def test_overlong_examples_are_truncated_or_dropped_and_counted(tmp_path):
     assert report.splits["train"].dropped_overlong == 1 and len(train) == 1 and train[0]["pair_id"] == 1
 
 
-def test_dpo_pair_layout_and_packing_refused(tmp_path):
+def test_dpo_pair_layout(tmp_path):
     lengths = [3, 4, 5, 2, 4, 4, 6, 3, 2, 5]  # 5 pairs: (3, 4), (5, 2), ...
     prefix, sequences, masks = _synthetic_set(tmp_path, "dpo", lengths, [1] * 10)
     (train, _, _), _ = build_post_training_datasets(prefix, "dpo", 8, pack=False, overlong="truncate", split="1",
@@ -451,8 +451,74 @@ def test_dpo_pair_layout_and_packing_refused(tmp_path):
             length = lengths[sequence]
             assert batch["tokens"][half + row, :length].tolist() == sequences[sequence].tolist()
             assert batch["loss_mask"][half + row, :length - 1].tolist() == masks[sequence][1:].tolist()
-    with pytest.raises(ConfigError, match="--packing with --task dpo"):
-        build_post_training_datasets(prefix, "dpo", 8, pack=True, overlong="truncate", split="1", seed=1, eod=0, pad=0)
+
+
+def test_packed_dpo_keeps_each_pair_in_one_row_pair_and_gives_the_padded_log_probabilities(tmp_path):
+    """--packing with --task dpo: every pair once in an epoch, its chosen sequence in a chosen row and its rejected
+    one at the same document number of the matching rejected row; through the model (document mask, restarted
+    positions), each pair's summed log-probabilities equal those of the padded layout within 1e-5."""
+    import torch.nn.functional as F
+
+    from megatron.config.arguments import parse_args
+    from megatron.distributed.parallel_state import ParallelState
+    from megatron.model import GPTModel
+    from megatron.post_training.losses import pair_logps
+
+    seq, vocab = 16, 64
+    rng = np.random.default_rng(5)
+    lengths = [int(n) for n in rng.integers(3, 9, size=24)]  # 12 pairs
+    sequences = [rng.integers(1, vocab, size=length) for length in lengths]
+    prefix = str(tmp_path / "pairs_text_document")
+    write_dataset(prefix, sequences, np.int32)
+    write_dataset(prefix + "_loss_mask", [(np.arange(n) >= 2).astype(np.uint8) for n in lengths], np.uint8)
+    with open(prefix + ".post_training.json", "w") as f:
+        json.dump({"format": 1, "task": "dpo", "examples": 12, "sequences": 24, "tokenizer": {"eod": 0}}, f)
+    build = lambda pack: build_post_training_datasets(prefix, "dpo", seq, pack=pack, overlong="truncate",  # noqa
+                                                      split="1", seed=3, eod=0, pad=0)
+    (packed, _, _), report = build(True)
+    (padded, _, _), _ = build(False)
+    assert len(packed) < len(padded) == 12 and report.splits["train"].rows == len(packed)
+    batch = collate([packed[i] for i in range(len(packed))])
+    n = len(packed)
+    assert batch["document_ids"].shape == (2 * n, seq) and batch["pair_ids"].shape[0] == n
+    seen = sorted(int(p) for p in batch["pair_ids"].flatten() if p >= 0)
+    assert seen == list(range(12))  # each pair once, in one row pair
+    for row in range(n):
+        offsets = [0, 0]
+        for d, pair in enumerate(batch["pair_ids"][row].tolist()):
+            if pair < 0:
+                continue
+            for side in (0, 1):  # chosen row `row`, rejected row n + row: document d is this pair's
+                sequence, r = 2 * pair + side, side * n + row
+                where = (batch["document_ids"][r] == d).nonzero().flatten().tolist()
+                assert where == list(range(offsets[side], min(offsets[side] + lengths[sequence], seq)))
+                assert batch["tokens"][r, where].tolist() == sequences[sequence][:len(where)].tolist()
+                assert batch["position_ids"][r, where].tolist() == list(range(len(where)))
+                offsets[side] += lengths[sequence]
+    run = parse_args(["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4",
+                      "--num-key-value-heads", "2", "--ffn-hidden-size", "64", "--seq-length", str(seq),
+                      "--normalization", "rmsnorm", "--swiglu", "--use-rotary-position-embeddings",
+                      "--hidden-dropout", "0", "--attention-dropout", "0", "--mock-data", "--vocab-size",
+                      str(vocab), "--train-iters", "1"])
+    model = GPTModel(run.model, ParallelState.single(), seed=7).eval()
+
+    def logps_by_pair(batch, packed_layout):
+        with torch.no_grad():
+            logits = model(batch["tokens"][:, :seq], position_ids=batch.get("position_ids"),
+                           document_ids=batch.get("document_ids"))
+        nll = F.cross_entropy(logits.float().transpose(1, 2), batch["tokens"][:, 1:], reduction="none")
+        chosen, rejected, tc, tr, pairs = pair_logps(nll, batch["loss_mask"], batch["pair_ids"],
+                                                     batch["document_ids"] if packed_layout else None)
+        return {int(p): (c, r, a, b) for p, c, r, a, b in zip(pairs.tolist(), chosen.tolist(), rejected.tolist(),
+                                                              tc.tolist(), tr.tolist())}
+
+    from_packed = logps_by_pair(batch, True)
+    from_padded = logps_by_pair(collate([padded[i] for i in range(12)]), False)
+    assert sorted(from_packed) == sorted(from_padded) == list(range(12))
+    for pair, values in from_padded.items():
+        assert values[2:] == from_packed[pair][2:]  # the response token counts
+        assert values[0] < 0 and values[1] < 0
+        np.testing.assert_allclose(from_packed[pair][:2], values[:2], rtol=1e-5, atol=1e-5)
 
 
 def test_order_is_deterministic_per_seed_and_split_and_resumes_from_consumed_samples(tmp_path):

@@ -143,8 +143,9 @@ def add_post_training_data_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--packing", action="store_true",
                    help="pack several examples into each sequence of --seq-length, each attending only to itself "
                         "(document ids and position ids restart per example, as --reset-attention-mask and "
-                        "--reset-position-ids do); default: one example per sequence, padded. SFT only: DPO "
-                        "keeps one pair per row pair and refuses it")
+                        "--reset-position-ids do); default: one example per sequence, padded. DPO packs whole pairs: "
+                        "a row pair holds the chosen sequences of its pairs in one row and their rejected ones, in "
+                        "the same order, in the other")
     g.add_argument("--overlong-examples", choices=OVERLONG_CHOICES, default=DataConfig.overlong_examples,
                    help="an example longer than --seq-length + 1 tokens: 'truncate' keeps its first "
                         "--seq-length + 1 tokens (dropped anyway if no response token is left), 'drop' leaves it "

@@ -19,7 +19,11 @@ seq_length + 1 tokens) -> samples (rows in a keyed order per epoch). Worked exam
 
 DPO: one item is one pair (chosen, rejected), each padded to seq_length + 1; `collate` of n pairs stacks the n
 chosen rows, then the n rejected rows, so a pair always lands in one micro-batch; `pair_ids` are the pairs'
-example numbers in the file (the key of stored reference log-probabilities). Packing is refused for DPO.
+example numbers in the file (the key of stored reference log-probabilities). Packed, one item is a row pair:
+pairs are best-fit by the longer of their two sequences, and a row pair holds the chosen sequences of its pairs
+one after another in its chosen row and their rejected sequences in the same order in its rejected row
+(sequence d of each row is document d, as packed SFT), so a pair still lands in one micro-batch, and the loss
+sums each document's log-probabilities (megatron/post_training/losses.py pair_logps).
 """
 
 from __future__ import annotations
@@ -236,27 +240,45 @@ class SFTDataset:
 
 
 class DPODataset:
-    """Items {"chosen", "rejected": int64[s+1], "chosen_loss_mask", "rejected_loss_mask": float32[s],
-    "pair_id": int}, one preference pair each."""
+    """Padded: items {"chosen", "rejected": int64[s+1], "chosen_loss_mask", "rejected_loss_mask": float32[s],
+    "pair_id": int}, one preference pair each. Packed (a row pair): several pairs, {"pair_ids": int64[k]} and, per
+    side, the tokens and loss mask of the k chosen (rejected) sequences one after another, with
+    "chosen_document_ids", "chosen_position_ids" (rejected likewise) int64[s]: sequence d of both rows is pair
+    pair_ids[d]'s, document d; the padding after them is document k."""
 
-    def __init__(self, data: PostTrainingData, rows: _Rows, lengths: np.ndarray, seq_length: int, pad: int):
+    def __init__(self, data: PostTrainingData, rows: _Rows, lengths: np.ndarray, seq_length: int, pad: int,
+                 pack: bool = False):
         self.data, self.rows, self.lengths = data, rows, lengths  # lengths: [examples, 2] after truncation
-        self.seq_length, self.pad = int(seq_length), int(pad)
+        self.seq_length, self.pad, self.pack = int(seq_length), int(pad), bool(pack)
 
     def __len__(self) -> int:
         return len(self.rows)
 
     def __getitem__(self, sample: int) -> dict:
-        (pair,) = self.rows.row_of(sample)
-        item = {"pair_id": int(pair)}
+        members = self.rows.row_of(sample)
+        s = self.seq_length
+        item = {"pair_ids": members.astype(np.int64)} if self.pack else {"pair_id": int(members[0])}
         for column, name in enumerate(("chosen", "rejected")):
-            length = int(self.lengths[pair, column])
-            ids, mask = self.data.sequence(2 * int(pair) + column, length)
-            tokens = np.full(self.seq_length + 1, self.pad, dtype=np.int64)
-            tokens[:length] = ids
-            loss_mask = np.zeros(self.seq_length, dtype=np.float32)
-            loss_mask[:length - 1] = mask[1:]
+            tokens = np.full(s + 1, self.pad, dtype=np.int64)
+            loss_mask = np.zeros(s, dtype=np.float32)
+            document_ids = np.zeros(s, dtype=np.int64)
+            position_ids = np.zeros(s, dtype=np.int64)
+            offset = 0
+            for number, pair in enumerate(members):
+                length = int(self.lengths[pair, column])
+                ids, mask = self.data.sequence(2 * int(pair) + column, length)
+                tokens[offset:offset + length] = ids
+                loss_mask[offset:offset + length - 1] = mask[1:]  # the label crossing into the next has none
+                end = min(offset + length, s)
+                document_ids[offset:end] = number
+                position_ids[offset:end] = np.arange(end - offset)
+                offset += length
+            if offset < s:
+                document_ids[offset:] = len(members)
+                position_ids[offset:] = np.arange(s - offset)
             item[name], item[f"{name}_loss_mask"] = tokens, loss_mask
+            if self.pack:
+                item[f"{name}_document_ids"], item[f"{name}_position_ids"] = document_ids, position_ids
         return item
 
     def __getitems__(self, samples: Sequence[int]) -> list[dict]:
@@ -268,14 +290,23 @@ def collate(items: list[dict]) -> dict:
 
     SFT: {"tokens": int64[b, s+1], "loss_mask": float32[b, s]} (+ "document_ids", "position_ids" int64[b, s]).
     DPO, n pairs: {"tokens": int64[2n, s+1] (rows 0..n-1 chosen, n..2n-1 rejected), "loss_mask":
-    float32[2n, s], "pair_ids": int64[n]}."""
+    float32[2n, s], "pair_ids": int64[n]}. DPO packed, n row pairs of at most k pairs: "pair_ids" int64[n, k]
+    (-1 where a row holds fewer), and "document_ids", "position_ids" int64[2n, s] in the rows' order."""
     import torch  # the datasets themselves are numpy-only (DataLoader workers, tools)
 
+    def rows(key):
+        return torch.from_numpy(np.stack([i[f"chosen{key}"] for i in items] + [i[f"rejected{key}"] for i in items]))
+
     if "pair_id" in items[0]:
-        return {"tokens": torch.from_numpy(np.stack([i["chosen"] for i in items] + [i["rejected"] for i in items])),
-                "loss_mask": torch.from_numpy(np.stack([i["chosen_loss_mask"] for i in items]
-                                                       + [i["rejected_loss_mask"] for i in items])),
+        return {"tokens": rows(""), "loss_mask": rows("_loss_mask"),
                 "pair_ids": torch.tensor([i["pair_id"] for i in items], dtype=torch.int64)}
+    if "pair_ids" in items[0]:
+        width = max(len(i["pair_ids"]) for i in items)
+        pair_ids = torch.full((len(items), width), -1, dtype=torch.int64)
+        for row, item in enumerate(items):
+            pair_ids[row, :len(item["pair_ids"])] = torch.from_numpy(item["pair_ids"])
+        return {"tokens": rows(""), "loss_mask": rows("_loss_mask"), "document_ids": rows("_document_ids"),
+                "position_ids": rows("_position_ids"), "pair_ids": pair_ids}
     return {key: torch.from_numpy(np.stack([item[key] for item in items])) for key in items[0]}
 
 
@@ -369,10 +400,6 @@ def build_post_training_datasets(prefix, task: str, seq_length: int, *, pack: bo
                                     f"{task}; preprocess with tools/preprocess_data.py --task {task}")
     if overlong not in OVERLONG_CHOICES:
         raise ConfigError(f"--overlong-examples {overlong}: choose one of {', '.join(OVERLONG_CHOICES)}")
-    if pack and task == "dpo":
-        raise ConfigError("--packing with --task dpo: not supported; DPO keeps one pair per pair of rows, so that "
-                          "a pair's log-probabilities and its stored reference ones are per row; drop --packing "
-                          "(pairs are padded)")
     if seq_length < 1:
         raise ConfigError(f"--seq-length {seq_length}: must be >= 1")
     recorded_eod = data.metadata.get("tokenizer", {}).get("eod")
@@ -398,7 +425,8 @@ def build_post_training_datasets(prefix, task: str, seq_length: int, *, pack: bo
         all_lengths[kept] = lengths
         if pack:
             order = kept[shuffled_range(kept.size, int(derive_key(seed, _PACK_SALT, number)[0]))]
-            row_bounds, positions = _pack_best_fit(all_lengths[order, 0], seq_length + 1)
+            # DPO: a pair's chosen and rejected sequences go to the same row pair, so it needs the longer's room
+            row_bounds, positions = _pack_best_fit(all_lengths[order].max(axis=1), seq_length + 1)
             members = order[positions]
         else:
             row_bounds, members = np.arange(kept.size + 1, dtype=np.int64), kept
@@ -407,6 +435,6 @@ def build_post_training_datasets(prefix, task: str, seq_length: int, *, pack: bo
         if task == "sft":
             datasets.append(SFTDataset(data, rows, all_lengths[:, 0], seq_length, pack, pad))
         else:
-            datasets.append(DPODataset(data, rows, all_lengths, seq_length, pad))
+            datasets.append(DPODataset(data, rows, all_lengths, seq_length, pad, pack))
     return tuple(datasets), report
 

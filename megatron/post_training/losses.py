@@ -41,6 +41,31 @@ def sequence_logps(per_token_nll: torch.Tensor, loss_mask: torch.Tensor) -> torc
     return -(per_token_nll.float() * loss_mask.float()).sum(dim=-1)
 
 
+def pair_logps(per_token_nll: torch.Tensor, loss_mask: torch.Tensor, pair_ids: torch.Tensor,
+               document_ids: torch.Tensor | None = None) -> tuple:
+    """A DPO micro-batch's sequences, pair by pair: (chosen logps [m], rejected logps [m], chosen response token
+    counts [m], rejected ones [m], pair ids [m]).
+
+    Padded (document_ids None, pair_ids [n]): row i < n is pair i's chosen sequence, row n + i its rejected one.
+    Packed (document_ids [2n, s], pair_ids [n, k], -1 for no pair): document d of row i < n is pair
+    pair_ids[i, d]'s chosen sequence and document d of row n + i its rejected one; a document's log-probability
+    is the sum over its own tokens (documents >= k, the padding, carry no loss and are dropped)."""
+    if document_ids is None:
+        chosen, rejected = split_pairs(sequence_logps(per_token_nll, loss_mask))
+        tokens_chosen, tokens_rejected = split_pairs(loss_mask.float().sum(-1))
+        return chosen, rejected, tokens_chosen, tokens_rejected, pair_ids
+    slots = pair_ids.shape[1]
+    index = document_ids.long().clamp(max=slots).to(per_token_nll.device)
+    masked = per_token_nll.float() * loss_mask.float()
+    rows = per_token_nll.shape[0]
+    logps = -(torch.zeros(rows, slots + 1, device=masked.device).scatter_add(1, index, masked)[:, :slots])
+    counts = torch.zeros(rows, slots + 1, device=masked.device).scatter_add(1, index, loss_mask.float())[:, :slots]
+    valid = (pair_ids >= 0).to(masked.device)
+    (chosen, rejected), (tokens_chosen, tokens_rejected) = split_pairs(logps), split_pairs(counts)
+    return (chosen[valid], rejected[valid], tokens_chosen[valid], tokens_rejected[valid],
+            pair_ids.to(valid.device)[valid])
+
+
 def dpo_pair_losses(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
                     ref_rejected: torch.Tensor, *, beta: float, loss_type: str = "sigmoid",
                     label_smoothing: float = 0.0, chosen_tokens: torch.Tensor | None = None,

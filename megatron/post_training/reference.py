@@ -8,6 +8,7 @@ The stored file (<data prefix>.dpo_reference.pt, or --ref-logps-path) holds a [e
     data       the data prefix and the sha256 of its P_text_document.post_training.json
     reference  the checkpoint --load named (kind, real path, iteration, a sha256 of its file names and sizes),
                or the seed of a model initialised from scratch
+    sequences  --seq-length, --packing and --overlong-examples (how the pairs became rows)
 A stored file with another key is refused, naming both keys and the fix (--recompute-ref-logps, another
 --ref-logps-path, or the right --load / --data-path). A resumed DPO run compares the stored key with the one its
 checkpoint recorded: the reference stays the model the run started from, not the checkpoint it resumes.
@@ -60,6 +61,14 @@ def checkpoint_key(session) -> dict:
             "files_sha256": _listing_digest(d.path)}
 
 
+def sequences_key(task, run) -> dict:
+    """How the pairs became rows: the sequence length and overlong rule (they decide which tokens a log-probability
+    sums) and whether they were packed (packed rows sum each sequence inside a row; the reference is kept per
+    pair, but one made with another packing is not this run's)."""
+    return {"seq_length": run.model.seq_length, "packing": bool(task.config.packing),
+            "overlong_examples": task.config.overlong_examples}
+
+
 def _describe(key: dict) -> str:
     return json.dumps(key, sort_keys=True)
 
@@ -71,8 +80,14 @@ def prepare_reference(task, te, session) -> None:
     path = task.config.ref_logps_path or default_path(prefix)
     data = task.data_key_override or {"prefix": os.path.realpath(prefix),
                                       "post_training_json_sha256": task.data.fingerprint}
-    fresh = {"data": data, "reference": checkpoint_key(session)}
+    fresh = {"data": data, "reference": checkpoint_key(session), "sequences": sequences_key(task, run)}
     recorded = session.resumed_state.get("dpo_reference")
+    if recorded is not None and "sequences" in recorded and recorded["sequences"] != fresh["sequences"]:
+        raise DPOReferenceError(
+            f"this DPO run resumes a checkpoint whose reference log-probabilities were made from sequences "
+            f"{_describe(recorded['sequences'])}, but this run cuts them as {_describe(fresh['sequences'])}; resume "
+            "with the --seq-length, --packing and --overlong-examples the run started with, or start a new DPO run "
+            "from the reference checkpoint (--finetune)")
     expected = recorded or fresh
     stored = torch.load(path, map_location="cpu", weights_only=True) if os.path.exists(path) else None
     if stored is not None and stored.get("format") != FORMAT:

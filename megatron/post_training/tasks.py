@@ -16,7 +16,7 @@ import torch.distributed as dist
 
 from megatron.config.post_training import PostTrainingConfig
 from megatron.errors import ConfigError
-from megatron.post_training.losses import DPO_METRICS, dpo_metric_sums, dpo_pair_losses, sequence_logps, split_pairs
+from megatron.post_training.losses import DPO_METRICS, dpo_metric_sums, dpo_pair_losses, pair_logps, split_pairs
 from megatron.training.task import PretrainingTask
 
 
@@ -159,7 +159,7 @@ class DPOTask(PostTrainingTask):
     # ---- the global batch ----
     def start_global_batch(self, te, micro_batches: list, training: bool) -> list:
         micro_batches = self.trim(te, micro_batches)
-        pairs = float(sum(int(mb["pair_ids"].numel()) for mb in micro_batches))
+        pairs = float(sum(int((mb["pair_ids"] >= 0).sum()) for mb in micro_batches))  # packed: -1 is no pair
         chosen_tokens = float(sum(float(split_pairs(mb["loss_mask"])[0].sum()) for mb in micro_batches))
         pairs, chosen_tokens = _sum_over_dp([pairs, chosen_tokens], te.ps, te.device)
         scale = len(micro_batches) * te.ps.dp_size
@@ -169,28 +169,29 @@ class DPOTask(PostTrainingTask):
         return micro_batches
 
     def _reference_of(self, pair_ids: torch.Tensor) -> torch.Tensor:
-        """[2n]: the stored reference log-probabilities of these pairs, chosen ones first."""
+        """[2m]: the stored reference log-probabilities of these pairs, chosen ones first (packed pair_ids [n, k]:
+        its pairs in row order, -1 skipped, as losses.pair_logps orders them)."""
         if self.reference is None:
             raise RuntimeError("DPO's reference log-probabilities are not loaded (DPOTask.before_training)")
-        ref = self.reference[pair_ids.long().cpu()]
+        pair_ids = pair_ids.long().cpu()
+        ref = self.reference[pair_ids[pair_ids >= 0]]
         return torch.cat([ref[:, 0], ref[:, 1]])
 
-    def _loss(self, per_token_nll, loss_mask, reference, pair_ids, pair_scale, token_scale):
-        logps = sequence_logps(per_token_nll, loss_mask)
+    def _loss(self, per_token_nll, loss_mask, reference, pair_ids, pair_scale, token_scale, document_ids=None):
+        policy_chosen, policy_rejected, tokens_chosen, tokens_rejected, pairs = pair_logps(
+            per_token_nll, loss_mask, pair_ids, document_ids)
         if self.recording is not None:  # the reference pass: remember, no loss
-            chosen, rejected = split_pairs(logps.detach().double().cpu())
-            for pair, c, r in zip(pair_ids.tolist(), chosen.tolist(), rejected.tolist()):
+            for pair, c, r in zip(pairs.tolist(), policy_chosen.detach().double().cpu().tolist(),
+                                  policy_rejected.detach().double().cpu().tolist()):
                 self.recording[pair] = (c, r)
-            return logps.sum() * 0.0
-        policy_chosen, policy_rejected = split_pairs(logps)
-        ref_chosen, ref_rejected = split_pairs(reference.to(logps.device, torch.float32))
-        tokens_chosen, tokens_rejected = split_pairs(loss_mask.float().sum(-1))
+            return per_token_nll.sum() * 0.0
+        ref_chosen, ref_rejected = split_pairs(reference.to(policy_chosen.device, torch.float32))
         c = self.config
         per_pair = dpo_pair_losses(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta=c.dpo_beta,
                                    loss_type=c.dpo_loss, label_smoothing=c.label_smoothing,
                                    chosen_tokens=tokens_chosen, rejected_tokens=tokens_rejected)
         loss = per_pair.sum() * pair_scale
-        if c.rpo_alpha:
+        if c.rpo_alpha:  # every sequence of the chosen rows is a chosen response
             chosen_nll = split_pairs(per_token_nll.float() * loss_mask.float())[0].sum()
             loss = loss + c.rpo_alpha * chosen_nll * token_scale
         sums = dpo_metric_sums(policy_chosen, policy_rejected, ref_chosen, ref_rejected, c.dpo_beta)
@@ -200,20 +201,23 @@ class DPOTask(PostTrainingTask):
     def micro_loss(self, per_token_nll, x, batch, ps):
         pair_ids = batch["pair_ids"]
         reference = None if self.recording is not None else self._reference_of(pair_ids)
-        loss = self._loss(per_token_nll, x.loss_mask, reference, pair_ids, self.pair_scale, self.token_scale)
+        loss = self._loss(per_token_nll, x.loss_mask, reference, pair_ids, self.pair_scale, self.token_scale,
+                          x.document_ids if pair_ids.dim() == 2 else None)
         return loss, loss.detach().clone()
 
     def pipe_targets(self, x, batch):
         pair_ids = batch["pair_ids"].long()
-        reference = torch.zeros(2 * pair_ids.numel(), dtype=torch.float64) if self.recording is not None \
+        reference = torch.zeros(2 * int((pair_ids >= 0).sum()), dtype=torch.float64) if self.recording is not None \
             else self._reference_of(pair_ids)
+        packed = (x.document_ids,) if pair_ids.dim() == 2 else ()  # the last stage sums each document
         return (x.labels, x.loss_mask, reference, pair_ids,
-                torch.tensor([self.pair_scale, self.token_scale], dtype=torch.float64))
+                torch.tensor([self.pair_scale, self.token_scale], dtype=torch.float64)) + packed
 
     def pipe_loss(self, ps):
         def dpo_loss(per_token_nll, targets):
-            loss_mask, reference, pair_ids, scales = targets
-            return self._loss(per_token_nll, loss_mask, reference, pair_ids.cpu(), float(scales[0]), float(scales[1]))
+            loss_mask, reference, pair_ids, scales, *packed = targets
+            return self._loss(per_token_nll, loss_mask, reference, pair_ids.cpu(), float(scales[0]), float(scales[1]),
+                              packed[0] if packed else None)
 
         return dpo_loss
 
