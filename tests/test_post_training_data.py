@@ -19,7 +19,6 @@ from megatron.data.post_training import (
     PostTrainingDataError, _pack_best_fit, build_post_training_datasets, collate, open_post_training_data,
 )
 from megatron.data.post_training_format import common_prefix_length
-from megatron.errors import ConfigError
 from megatron.model.attention import document_attention_mask
 from tools import preprocess_data, preprocess_post_training
 from tools.train_tokenizer import train_bpe
