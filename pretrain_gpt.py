@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None, alcf: bool = False, prog: str = "pretrai
 
         run = dataclasses.replace(run, logging=alcf_wandb_defaults(run.logging))
     if run.training.dry_run is not None:
-        return dry_run(run)
+        return dry_run(run, prog, [] if task is None else task.describe())
 
     from megatron.distributed import destroy_distributed, initialize_distributed
     from megatron.distributed.parallel_state import ParallelState
@@ -159,8 +159,9 @@ def main(argv: list[str] | None = None, alcf: bool = False, prog: str = "pretrai
     return 0
 
 
-def dry_run(run) -> int:
-    """--dry-run [WORLD_SIZE]: print the resolved run on rank 0 and exit; no process group, no model."""
+def dry_run(run, prog: str = "pretrain_gpt.py", task_lines: list | None = None) -> int:
+    """--dry-run [WORLD_SIZE]: print the resolved run on rank 0 and exit; no process group, no model.
+    task_lines: what another entry point's task will do (finetune_gpt.py's post-training flags)."""
     from megatron.distributed.launcher import LauncherError, discover
     from megatron.errors import MegatronError
     from megatron.training.dry_run import dry_run_report
@@ -176,9 +177,9 @@ def dry_run(run) -> int:
     if rank != 0:
         return 0
     try:
-        print(dry_run_report(run, world_size), flush=True)
+        print(dry_run_report(run, world_size, task_lines=task_lines), flush=True)
     except MegatronError as error:
-        print(f"pretrain_gpt.py: {error}", file=sys.stderr, flush=True)
+        print(f"{prog}: {error}", file=sys.stderr, flush=True)
         return 2
     return 0
 

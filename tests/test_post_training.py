@@ -63,10 +63,22 @@ def _halves(tmp_path, task_argv, name):
 def test_resume_is_bit_exact_for_sft_and_dpo_and_the_stored_reference_is_checked(tmp_path):
     """CPU fp32: a run stopped after step 2 and resumed gives steps 3-4 bit for bit (losses and DPO's metrics); the
     resumed DPO run reads the stored reference its checkpoint names. A stored reference made from other data is
-    refused naming both; --recompute-ref-logps replaces it."""
+    refused naming both; --recompute-ref-logps replaces it. The post-training flags are in the checkpoint's saved
+    arguments; a resume with another --dpo-beta / --rpo-alpha is refused (naming both values), takes the checkpoint's
+    under --use-checkpoint-opt_param-scheduler (then steps 3-4 are the uninterrupted run's) and the flag's under
+    --override-opt_param-scheduler, as the optimizer's hyperparameters are; another --task is refused."""
     ref = lambda name: str(tmp_path / f"{name}.ref.pt")  # noqa: E731
     dpo = lambda name: ["--task", "dpo", "--ref-logps-path", ref(name)]  # noqa: E731
-    cases = _halves(tmp_path, lambda name: ["--task", "sft"], "sft") + _halves(tmp_path, dpo, "dpo") + [
+    dpo_full, dpo_first, dpo_resumed = _halves(tmp_path, dpo, "dpo")
+    resuming = TINY_POST + ["--train-iters", "4", "--load", str(tmp_path / "ckpt-dpo")]  # from dpo-first's step 2
+    flag_cases = [  # a resume with other post-training flags: checked by the policy of the other hyperparameters
+        ("beta-changed", dpo("dpo") + ["--dpo-beta", "0.2", "--rpo-alpha", "1"], resuming, 64),
+        ("beta-of-checkpoint", dpo("dpo") + ["--dpo-beta", "0.2"],
+         resuming + ["--use-checkpoint-opt_param-scheduler"], 64),
+        ("beta-of-flags", dpo("dpo") + ["--dpo-beta", "0.2"], resuming + ["--override-opt_param-scheduler"], 64),
+        ("task-changed", ["--task", "sft"], resuming, 64)]
+    cases = _halves(tmp_path, lambda name: ["--task", "sft"], "sft") + [dpo_full, dpo_first] + flag_cases + [
+        dpo_resumed] + [
         ("other-data", dpo("dpo"), TINY_POST + ["--train-iters", "1"], 48),
         ("recomputed", dpo("dpo") + ["--recompute-ref-logps"], TINY_POST + ["--train-iters", "1"], 48),
         # the resumed run's reference file now holds the 48-pair reference: resuming again is refused
@@ -84,6 +96,20 @@ def test_resume_is_bit_exact_for_sft_and_dpo_and_the_stored_reference_is_checked
     error = out["other-data"]["error"]
     assert "dpo examples=64" in error and "dpo examples=48" in error and "--recompute-ref-logps" in error
     assert "losses" in out["recomputed"] and len(out["recomputed"]["reference"]) == 48
+    error = out["beta-changed"]["error"]
+    assert "--dpo-beta 0.2 differs from the checkpoint's 0.1" in error, error
+    assert "--rpo-alpha 1.0 differs from the checkpoint's None" in error and "--finetune" in error, error
+    assert out["beta-of-checkpoint"]["losses"] == out["dpo-full"]["losses"][2:]  # beta 0.1 taken: the same steps
+    assert any("--dpo-beta: using the checkpoint's 0.1" in line for line in out["beta-of-checkpoint"]["lines"])
+    assert out["beta-of-flags"]["losses"] != out["dpo-full"]["losses"][2:]  # beta 0.2: another loss
+    assert any("--dpo-beta: using the flag's 0.2" in line for line in out["beta-of-flags"]["lines"])
+    error = out["task-changed"]["error"]
+    assert "--task sft: the checkpoint was saved by a --task dpo run" in error, error
+    from megatron.checkpoint.saved_args import saved_args_of
+
+    saved = saved_args_of(str(tmp_path / "ckpt-dpo"))[1]  # what --use-checkpoint-args and a resume read
+    assert (saved["task"], saved["dpo_beta"], saved["dpo_loss"], saved["packing"]) == ("dpo", 0.1, "sigmoid", False)
+    assert saved_args_of(str(tmp_path / "ckpt-sft"))[1]["task"] == "sft"
     error = out["resumed-again"]["error"]
     assert "cannot be recomputed from the resumed (trained) policy" in error and "dpo examples=64" in error, error
 

@@ -61,6 +61,12 @@ HYPERPARAMETERS = (
 )
 # Optimizers that take no --adam-beta1/2 or --adam-eps (megatron/optimizer/__init__.py): those flags are not compared
 WITHOUT_ADAM_HYPERPARAMETERS = ("sgd", "apex.sgd", "sgdschedulefree", "sophiag", "muon", "muonclip")
+# A training task's settings (finetune_gpt.py's, saved in the run's arguments by training/loop.py from the task's
+# run_args) compared on resume by the same policy as the hyperparameters: (saved-args key, flag). A key that the
+# checkpoint or the run does not record (a pretraining run) is not compared.
+TASK_ARGS = (("task", "--task"), ("dpo_beta", "--dpo-beta"), ("dpo_loss", "--dpo-loss"),
+             ("label_smoothing", "--label-smoothing"), ("rpo_alpha", "--rpo-alpha"), ("packing", "--packing"),
+             ("overlong_examples", "--overlong-examples"))
 ADAM_STATE = ("adam", "adamw", "apex.adam")  # what resharding, universal and argonne loads carry across layouts
 _SAME_OPTIMIZER = {"apex.adam": "adamw", "apex.sgd": "sgd", "ipex.fusedlamb": "ipex.lamb"}  # same state layout
 
@@ -267,6 +273,9 @@ def plan_resume(desc: CheckpointDescription, run, ps) -> ResumePlan:
     run, notices, policy_problems = _resolve_hyperparameters(desc, run, load_optim, load_lr_state, finetune,
                                                              ps.dp_size)
     problems += policy_problems
+    run, task_notices, task_problems = _resolve_task_args(desc, run, finetune)
+    problems += task_problems
+    notices += task_notices
     notices[:0] = [n for n in (legacy_notice, padded_notice) if n]
     if padded_problem:
         problems.append(padded_problem)
@@ -382,6 +391,39 @@ def _resolve_hyperparameters(desc: CheckpointDescription, run, load_optim: bool,
         optimizer = dataclasses.replace(opt, **taken)
         run = dataclasses.replace(run, training=dataclasses.replace(run.training, optimizer=optimizer),
                                   args={**run.args, **taken})
+    return run, notices, problems
+
+
+def _resolve_task_args(desc: CheckpointDescription, run, finetune: bool):
+    """(run with the winning values in run.args, notices, refusals) for TASK_ARGS: a resumed run continues the
+    checkpoint's objective unless the policy flags say otherwise (--finetune starts a new run: nothing compared).
+    --task is never taken from a checkpoint (it decides the data and the loss the run was built with)."""
+    if finetune:
+        return run, [], []
+    policy = _policy(run)
+    given = run.args or {}
+    fix = ("give --override-opt_param-scheduler to use the flags' values, --use-checkpoint-opt_param-scheduler "
+           "to keep the checkpoint's, or --finetune to start a new run from its weights")
+    problems, notices, taken = [], [], {}
+    for key, flag in TASK_ARGS:
+        if key not in desc.args or key not in given or _same(given[key], desc.args[key]):
+            continue
+        mine, saved = given[key], desc.args[key]
+        if policy == "override":
+            notices.append(f"{flag}: using the flag's {mine} instead of the checkpoint's {saved} "
+                           "(--override-opt_param-scheduler)")
+        elif policy == "checkpoint" and key != "task":
+            taken[key] = saved
+            notices.append(f"{flag}: using the checkpoint's {saved} (--use-checkpoint-opt_param-scheduler; the flag "
+                           f"gave {mine})")
+        elif key == "task":
+            problems.append(f"--task {mine}: the checkpoint was saved by a --task {saved} run; give --task {saved} "
+                            "to resume it, --finetune to start a new run from its weights, or "
+                            "--override-opt_param-scheduler to continue it with another task")
+        else:
+            problems.append(f"{flag} {mine} differs from the checkpoint's {saved}; {fix}")
+    if taken:  # the task reads its settings back from run.args (megatron/post_training/tasks.py)
+        run = dataclasses.replace(run, args={**run.args, **taken})
     return run, notices, problems
 
 

@@ -9,6 +9,7 @@ Every micro-batch has the same scale, so it travels to the pipe loss as one more
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable, Optional
 
 import torch
@@ -59,7 +60,37 @@ class PostTrainingTask(PretrainingTask):
                               f"P_text_document), got --data-path {' '.join(run.data.data_path) or '(none)'}")
         return paths[0]
 
+    def run_args(self) -> dict:
+        """The post-training flags, saved with the run's arguments in each checkpoint and compared on resume
+        (checkpoint/resume.py TASK_ARGS); DPO's only for --task dpo."""
+        c = self.config
+        args = {"task": c.task, "packing": c.packing, "overlong_examples": c.overlong_examples}
+        if c.task == "dpo":
+            args.update(dpo_beta=c.dpo_beta, dpo_loss=c.dpo_loss, label_smoothing=c.label_smoothing,
+                        rpo_alpha=c.rpo_alpha, ref_logps_path=c.ref_logps_path)
+        return args
+
+    def describe(self) -> list:
+        c = self.config
+        lines = [f"--task {c.task}; sequences {'packed' if c.packing else 'padded'} (--packing), overlong "
+                 f"examples: {c.overlong_examples} (--overlong-examples)"]
+        if c.task == "dpo":
+            loss = c.dpo_loss + (f" with label smoothing {c.label_smoothing}" if c.label_smoothing else "")
+            lines.append(f"DPO: --dpo-beta {c.dpo_beta}, --dpo-loss {loss}, --rpo-alpha "
+                         f"{'off' if c.rpo_alpha is None else c.rpo_alpha}; reference log-probabilities in "
+                         f"{c.ref_logps_path or 'beside the data (<data prefix>.dpo_reference.pt)'}"
+                         + (", recomputed at the start (--recompute-ref-logps)" if c.recompute_ref_logps else ""))
+        return lines
+
+    def adopt(self, args: dict) -> None:
+        """Take the settings the resume plan decided (run.args: the flags', or the checkpoint's under
+        --use-checkpoint-opt_param-scheduler)."""
+        fields = {key: args[key] for key in ("dpo_beta", "dpo_loss", "label_smoothing", "rpo_alpha", "packing",
+                                             "overlong_examples") if key in args and key in self.run_args()}
+        self.config = dataclasses.replace(self.config, **fields)
+
     def build_datasets(self, session, num_samples: tuple):
+        self.adopt(session.run.args or {})
         if self._datasets is not None:
             return self._datasets
         run, ps, printer = session.run, session.ps, session.printer

@@ -62,8 +62,10 @@ def memory_per_device(run: RunConfig, world_size: int) -> dict[str, float]:
     return out
 
 
-def dry_run_report(run: RunConfig, world_size: int, launch_line: Optional[str] = None) -> str:
-    """The resolved run as text (raises ConfigError for a run that would not start)."""
+def dry_run_report(run: RunConfig, world_size: int, launch_line: Optional[str] = None,
+                   task_lines: Optional[list] = None) -> str:
+    """The resolved run as text (raises ConfigError for a run that would not start). task_lines: a training
+    task's own settings (finetune_gpt.py's), printed under "== task"."""
     from megatron.training.ds_config import build_deepspeed_config
 
     validate_run(run, world_size)
@@ -73,6 +75,8 @@ def dry_run_report(run: RunConfig, world_size: int, launch_line: Optional[str] =
     p, t, m = run.parallel, run.training, run.model
     dp = p.data_parallel_size(world_size)
     iters = train_iters(run, dp)
+    if task_lines:
+        lines += ["== task", *task_lines, ""]
     lines += [
         "== layout",
         f"world {world_size} = tp {p.tp} × sp {p.sp} × dp {dp} × pp {p.pp}; ZeRO stage {t.zero.zero_stage}"

@@ -13,6 +13,7 @@ import random
 import resource
 import sys
 import time
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -325,6 +326,8 @@ def train(run: RunConfig, ps: ParallelState, device: torch.device, tracker: Opti
     `start_time`: where --exit-duration-in-mins counts from (the entry points pass megatron.START_TIME, the
     process's start, as upstream); None: this call. The earliest rank's counts."""
     start_time = time.time() if start_time is None else start_time
+    if task is not None and task.run_args():  # saved with each checkpoint, compared on resume
+        run = dataclasses.replace(run, args={**run.args, **task.run_args()})
     validate_run(run, ps.world_size)
     run, tokenizer = resolve_vocab(run)
     # Refuse what would fail later before the (slow, collective) model build: the LR schedule's shape, what a

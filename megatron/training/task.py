@@ -91,6 +91,15 @@ class PretrainingTask:
         """Work on the built and loaded engine before the first step (collective). session: the loop's _Session
         (run, checkpointer, datasets, resumed_state: what a resumed checkpoint saved for the task)."""
 
+    def run_args(self) -> dict:
+        """The task's settings, added to the run's arguments (saved in each checkpoint, compared on resume by
+        checkpoint/resume.py's TASK_ARGS, shown by the tracker's config); pretraining has none beyond its flags."""
+        return {}
+
+    def describe(self) -> list:
+        """Lines for --dry-run: what the task will do."""
+        return []
+
     def checkpoint_state(self) -> dict:
         """What the task saves in each checkpoint (client state beside the weights); read back as
         session.resumed_state."""
