@@ -260,3 +260,29 @@ def test_a_packed_dpo_step_equals_the_padded_step_on_the_same_pairs(tmp_path):
                 assert set(got) == set(want) and _close(list(got.values()), list(want.values())), (rank, name, got)
             torch.testing.assert_close(torch.tensor(result[name]["reference"]), torch.tensor(padded["reference"]),
                                        rtol=1e-5, atol=1e-5)
+
+
+def test_dry_run_shows_the_post_training_flags(tmp_path, capsys):
+    """finetune_gpt.py --dry-run prints the task's settings (== task) before the layout, with the data's blend."""
+    import json
+
+    import numpy as np
+
+    import finetune_gpt
+    from megatron.data.indexed_dataset import write_dataset
+
+    prefix = str(tmp_path / "pairs_text_document")
+    sequences = [np.arange(3, 9 + k % 4) for k in range(8)]
+    write_dataset(prefix, sequences, np.int32)
+    write_dataset(prefix + "_loss_mask", [np.ones(len(s), np.uint8) for s in sequences], np.uint8)
+    with open(prefix + ".post_training.json", "w") as f:
+        json.dump({"format": 1, "task": "dpo", "examples": 4, "sequences": 8, "tokenizer": {"eod": 0}}, f)
+    argv = [a for a in TINY_POST if a != "--mock-data"] + ["--data-path", prefix, "--dry-run", "1"]
+    code = finetune_gpt.main(["--task", "dpo", "--dpo-beta", "0.3", "--label-smoothing", "0.1", "--packing",
+                              "--rpo-alpha", "0.5", *argv])
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    task = out.out.split("== task\n", 1)[1].split("\n\n", 1)[0]
+    assert "--task dpo; sequences packed (--packing), overlong examples: truncate" in task, task
+    assert "--dpo-beta 0.3, --dpo-loss sigmoid with label smoothing 0.1, --rpo-alpha 0.5" in task, task
+    assert out.out.index("== task") < out.out.index("== layout")
