@@ -280,3 +280,32 @@ def finetune_cases(rank: int, world_size: int, cases: list) -> dict:
         out[name] = {"losses": [result.losses[i] for i in its], "metrics": [result.metrics.get(i, {}) for i in its],
                      "eval_metrics": dict(result.eval_metrics), "lines": lines, "scalars": tracker.scalars}
     return out
+
+
+def loading_cases(rank: int, world_size: int, where: dict) -> dict:
+    """finetune_gpt.py's --load of each kind of checkpoint, on one rank: an SFT run of ours (saved), that checkpoint
+    as a DeepSpeed universal folder (megatron/convert/to_universal.py), and an argonne-lcf checkpoint
+    (where["argonne"], its shape from --use-checkpoint-args); each loaded with --finetune by a DPO run, whose
+    reference pass is the loaded model's log-probabilities. {name: run_case's summary}."""
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
+    from megatron.convert.to_universal import convert_to_universal
+
+    tmp = where["tmp"]
+    dpo = lambda name: ["--task", "dpo", "--ref-logps-path", f"{tmp}/{name}.pt"]  # noqa: E731
+    one_step = TINY_POST + ["--train-iters", "1"]
+    out = {"sft": run_case(["--task", "sft"], TINY_POST + ["--train-iters", "2", "--save", f"{tmp}/ours",
+                                                           "--save-interval", "100", "--zero-stage", "1"])}
+    universal = convert_to_universal(f"{tmp}/ours")
+    small = ["--micro-batch-size", "2", "--global-batch-size", "8", "--train-iters", "1", "--lr", "1e-3",
+             "--lr-decay-style", "constant", "--mock-data", "--num-workers", "0", "--log-interval", "1",
+             "--eval-iters", "0", "--zero-stage", "0", "--hidden-dropout", "0", "--attention-dropout", "0",
+             "--seed", "1234"]
+    for name, argv in (("ours", one_step + ["--load", f"{tmp}/ours", "--finetune"]),
+                       ("universal", one_step + ["--load", universal, "--universal-checkpoint", "--finetune"]),
+                       ("scratch", one_step),
+                       ("argonne", small + ["--use-checkpoint-args", "--load", where["argonne"], "--finetune",
+                                             "--no-loss-over-padded-vocab"])):  # the softmax of its HF export
+        out[name] = run_case(dpo(name), argv)
+    return out

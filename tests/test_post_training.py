@@ -286,3 +286,37 @@ def test_dry_run_shows_the_post_training_flags(tmp_path, capsys):
     assert "--task dpo; sequences packed (--packing), overlong examples: truncate" in task, task
     assert "--dpo-beta 0.3, --dpo-loss sigmoid with label smoothing 0.1, --rpo-alpha 0.5" in task, task
     assert out.out.index("== task") < out.out.index("== layout")
+
+
+def test_dpo_loads_our_universal_and_argonne_checkpoints(tmp_path):
+    """--load for post-training: DPO started (--finetune) from our SFT checkpoint, from the same checkpoint as a
+    DeepSpeed universal folder, and from argonne-lcf/Megatron-DeepSpeed's own checkpoint (tests/data/upstream,
+    its shape taken by --use-checkpoint-args). The reference pass is the loaded model's forward: ours and universal
+    give the same log-probabilities (not those of a fresh model), and argonne's equal those of its Hugging Face
+    export (tools/convert_checkpoint.py to-hf, tested against upstream's own forward) within 1e-4 (with
+    --no-loss-over-padded-vocab, the softmax over the real vocabulary that the export has)."""
+    import torch.nn.functional as F
+    from transformers import AutoModelForCausalLM
+
+    from post_training_cases import SyntheticDPO, collate_dpo, loading_cases
+    from tools.convert_checkpoint import main as convert
+    from upstream_fixtures import copy_checkpoint
+
+    argonne = copy_checkpoint("dp2_fp32", tmp_path / "argonne")
+    out = run_ranks(1, loading_cases, {"tmp": str(tmp_path), "argonne": str(argonne)}, timeout=600)[0]
+    ours = torch.tensor(out["ours"]["reference"], dtype=torch.float64)
+    universal = torch.tensor(out["universal"]["reference"], dtype=torch.float64)
+    torch.testing.assert_close(universal, ours, rtol=1e-6, atol=1e-6)
+    assert (ours - torch.tensor(out["scratch"]["reference"])).abs().max() > 1e-2  # the SFT weights were loaded
+    assert any("loaded" in line and "universal" in line for line in out["universal"]["lines"])
+
+    assert convert(["to-hf", "--load", str(argonne), "--out", str(tmp_path / "hf")]) == 0
+    hf = AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"), dtype=torch.float32).eval()
+    batch = collate_dpo([SyntheticDPO(64)[i] for i in range(64)])
+    with torch.no_grad():
+        logits = hf(input_ids=batch["tokens"][:, :-1]).logits
+    nll = F.cross_entropy(logits.transpose(1, 2), batch["tokens"][:, 1:], reduction="none")
+    logps = -(nll * batch["loss_mask"]).sum(-1)
+    expected = torch.stack(logps.double().chunk(2), dim=1)  # [pairs, (chosen, rejected)]
+    torch.testing.assert_close(torch.tensor(out["argonne"]["reference"], dtype=torch.float64), expected, rtol=1e-4,
+                               atol=1e-4)
