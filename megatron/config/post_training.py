@@ -24,7 +24,7 @@ class PostTrainingConfig:
     rpo_alpha: Optional[float] = None  # weight of the NLL term on the chosen responses (RPO); None: off
     ref_logps_path: Optional[str] = None  # None: beside the data (<data prefix>.dpo_reference.pt)
     recompute_ref_logps: bool = False  # replace a stored reference made from other data or another checkpoint
-    packing: bool = False  # config/data.py's --packing (SFT only)
+    packing: bool = False  # config/data.py's --packing (SFT: examples; DPO: whole pairs into row pairs)
     overlong_examples: str = "truncate"  # config/data.py's --overlong-examples
 
 
