@@ -110,19 +110,23 @@ def collate_dpo(items):
 
 
 class ShortPairs:
-    """Pairs short enough to pack two to a row (at most 12 tokens a sequence), in the item formats of
-    megatron/data/post_training.py's DPODataset: padded, one pair an item; packed, pairs 2j and 2j+1 in row pair j
-    (each sequence its own document, positions restarting). Collate them with megatron/data/post_training.collate."""
+    """Pairs short enough to pack three to a row (at most 10 tokens a sequence), in the item formats of
+    megatron/data/post_training.py's DPODataset: padded, one pair an item; packed, consecutive pairs in row pairs of
+    1, 3, 2, 2 pairs (8 pairs every 4 row pairs; each sequence its own document, positions restarting). Collate them
+    with megatron/data/post_training.collate."""
 
     def __init__(self, examples: int = 32, seed: int = 0, seq: int = SEQ, packed: bool = False):
         rng = np.random.default_rng(seed)
         pairs = []
         for _ in range(examples):
-            prompt = rng.integers(3, 40, int(rng.integers(2, 6)))
-            chosen = (prompt[0] + np.arange(1, int(rng.integers(3, 7)))) % 40 + 40
-            rejected = rng.integers(80, 120, int(rng.integers(2, 7)))
+            prompt = rng.integers(3, 40, int(rng.integers(2, 5)))
+            chosen = (prompt[0] + np.arange(1, int(rng.integers(3, 6)))) % 40 + 40
+            rejected = rng.integers(80, 120, int(rng.integers(2, 6)))
             pairs.append([(np.concatenate([prompt, response, [1]]), len(prompt)) for response in (chosen, rejected)])
-        groups = [[2 * j, 2 * j + 1] for j in range(examples // 2)] if packed else [[k] for k in range(examples)]
+        sizes = [(1, 3, 2, 2)[j % 4] for j in range(examples // 2)]
+        starts = np.cumsum([0] + sizes)
+        groups = [list(range(a, b)) for a, b in zip(starts[:-1], starts[1:]) if b <= examples] if packed \
+            else [[k] for k in range(examples)]
         self.items = []
         for members in groups:
             item = {"pair_ids": np.array(members, dtype=np.int64)} if packed else {"pair_id": members[0]}

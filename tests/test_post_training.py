@@ -236,20 +236,22 @@ def test_finetune_flags_are_checked_and_what_post_training_cannot_run_is_refused
 
 
 def test_a_packed_dpo_step_equals_the_padded_step_on_the_same_pairs(tmp_path):
-    """2 gloo ranks: padded DPO at dp 2 (8 pairs a global batch, one a row pair) against packed DPO (two pairs a row
-    pair, 4 row pairs a global batch: the same 8 pairs) at dp 2 and at pp 2 (DeepSpeed's pipeline engine, the
-    document ids travelling to the last stage's pair loss): the reference log-probabilities, and the first 3 steps'
-    losses and TRL metrics, within 1e-5 (fp32). cDPO and RPO are on, so every term of the loss is compared."""
+    """2 gloo ranks: padded DPO at dp 2 (8 pairs a global batch, one a row pair) against packed DPO (row pairs of 1,
+    3, 2 and 2 pairs, 4 row pairs a global batch: the same 8 pairs) at dp 2 (micro-batches of 2 row pairs: pair_ids
+    padded with -1, the ranks holding 4 pairs each) and at pp 2 (DeepSpeed's pipeline engine, micro-batches of one
+    row pair of 1, 3, 2, 2 pairs, the document ids travelling to the last stage's pair loss): the reference
+    log-probabilities, and the first 3 steps' losses and TRL metrics, within 1e-5 (fp32). cDPO and RPO are on, so
+    every term of the loss is compared."""
     from post_training_cases import packed_dpo_cases
 
     dpo = lambda name, *extra: ["--task", "dpo", "--ref-logps-path", str(tmp_path / f"{name}.pt"),  # noqa: E731
                                 "--label-smoothing", "0.1", "--rpo-alpha", "0.5", *extra]
-    packed_batch = ["--micro-batch-size", "1", "--global-batch-size", "4"]
     out = run_ranks(2, packed_dpo_cases, [
         ("padded", dpo("padded"), TINY_POST),
-        ("packed", dpo("packed", "--packing"), TINY_POST + packed_batch),
-        ("packed-pp2", dpo("packed-pp2", "--packing"), TINY_POST + packed_batch + [
-            "--pipeline-model-parallel-size", "2"])], timeout=600)
+        ("packed", dpo("packed", "--packing"), TINY_POST + ["--micro-batch-size", "2", "--global-batch-size", "4"]),
+        ("packed-pp2", dpo("packed-pp2", "--packing"), TINY_POST + [
+            "--micro-batch-size", "1", "--global-batch-size", "4", "--pipeline-model-parallel-size", "2"])],
+        timeout=600)
     for rank, result in enumerate(out):
         padded = result["padded"]
         assert len(padded["losses"]) == 3 and padded["losses"][2] != padded["losses"][0]

@@ -6,6 +6,9 @@ returns (megatron/core/cross_entropy.py, vocab-parallel under tp):
 
     logp(y | x) = sum_t mask_t * log p(y_t | y_<t, x) = - sum_t mask_t * nll_t
 
+Packed (--packing), a row holds several sequences, each its own document (the model's document mask keeps them
+apart): the sum runs over each document's tokens separately (`pair_logps`), giving the same numbers as padding.
+
 DPO (Rafailov et al. 2023) with TRL 1.16's definitions (trl/trainer/dpo_trainer.py, `_compute_loss`):
 
     chosen_logratio   = logp_policy(chosen)   - logp_ref(chosen)
