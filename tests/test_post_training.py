@@ -98,7 +98,7 @@ def test_resume_is_bit_exact_for_sft_and_dpo_and_the_stored_reference_is_checked
     assert "losses" in out["recomputed"] and len(out["recomputed"]["reference"]) == 48
     error = out["beta-changed"]["error"]
     assert "--dpo-beta 0.2 differs from the checkpoint's 0.1" in error, error
-    assert "--rpo-alpha 1.0 differs from the checkpoint's None" in error and "--finetune" in error, error
+    assert "--rpo-alpha 1.0 differs from the checkpoint's off" in error and "--finetune" in error, error
     assert out["beta-of-checkpoint"]["losses"] == out["dpo-full"]["losses"][2:]  # beta 0.1 taken: the same steps
     assert any("--dpo-beta: using the checkpoint's 0.1" in line for line in out["beta-of-checkpoint"]["lines"])
     assert out["beta-of-flags"]["losses"] != out["dpo-full"]["losses"][2:]  # beta 0.2: another loss

@@ -394,6 +394,11 @@ def _resolve_hyperparameters(desc: CheckpointDescription, run, load_optim: bool,
     return run, notices, problems
 
 
+def _flag_value(value) -> str:
+    """A saved value as a flag's setting: on/off for a switch or an unset option."""
+    return "off" if value is None or value is False else "on" if value is True else str(value)
+
+
 def _resolve_task_args(desc: CheckpointDescription, run, finetune: bool):
     """(run with the winning values in run.args, notices, refusals) for TASK_ARGS: a resumed run continues the
     checkpoint's objective unless the policy flags say otherwise (--finetune starts a new run: nothing compared).
@@ -408,12 +413,12 @@ def _resolve_task_args(desc: CheckpointDescription, run, finetune: bool):
     for key, flag in TASK_ARGS:
         if key not in desc.args or key not in given or _same(given[key], desc.args[key]):
             continue
-        mine, saved = given[key], desc.args[key]
+        mine, saved = _flag_value(given[key]), _flag_value(desc.args[key])
         if policy == "override":
             notices.append(f"{flag}: using the flag's {mine} instead of the checkpoint's {saved} "
                            "(--override-opt_param-scheduler)")
         elif policy == "checkpoint" and key != "task":
-            taken[key] = saved
+            taken[key] = desc.args[key]
             notices.append(f"{flag}: using the checkpoint's {saved} (--use-checkpoint-opt_param-scheduler; the flag "
                            f"gave {mine})")
         elif key == "task":
