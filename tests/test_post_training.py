@@ -239,7 +239,8 @@ def test_a_packed_dpo_step_equals_the_padded_step_on_the_same_pairs(tmp_path):
     """2 gloo ranks: padded DPO at dp 2 (8 pairs a global batch, one a row pair) against packed DPO (row pairs of 1,
     3, 2 and 2 pairs, 4 row pairs a global batch: the same 8 pairs) at dp 2 (micro-batches of 2 row pairs: pair_ids
     padded with -1, the ranks holding 4 pairs each) and at pp 2 (DeepSpeed's pipeline engine, micro-batches of one
-    row pair of 1, 3, 2, 2 pairs, the document ids travelling to the last stage's pair loss): the reference
+    row pair of 1, 3, 2, 2 pairs, the document ids travelling to the last stage's pair loss) and at tp 2
+    (vocab-parallel cross entropy, micro-batches of 2 row pairs with gradient accumulation 2): the reference
     log-probabilities, and the first 3 steps' losses and TRL metrics, within 1e-5 (fp32). cDPO and RPO are on, so
     every term of the loss is compared."""
     from post_training_cases import packed_dpo_cases
@@ -250,12 +251,14 @@ def test_a_packed_dpo_step_equals_the_padded_step_on_the_same_pairs(tmp_path):
         ("padded", dpo("padded"), TINY_POST),
         ("packed", dpo("packed", "--packing"), TINY_POST + ["--micro-batch-size", "2", "--global-batch-size", "4"]),
         ("packed-pp2", dpo("packed-pp2", "--packing"), TINY_POST + [
-            "--micro-batch-size", "1", "--global-batch-size", "4", "--pipeline-model-parallel-size", "2"])],
+            "--micro-batch-size", "1", "--global-batch-size", "4", "--pipeline-model-parallel-size", "2"]),
+        ("packed-tp2", dpo("packed-tp2", "--packing"), TINY_POST + [
+            "--micro-batch-size", "2", "--global-batch-size", "4", "--tensor-model-parallel-size", "2"])],
         timeout=600)
     for rank, result in enumerate(out):
         padded = result["padded"]
         assert len(padded["losses"]) == 3 and padded["losses"][2] != padded["losses"][0]
-        for name in ("packed", "packed-pp2"):
+        for name in ("packed", "packed-pp2", "packed-tp2"):
             assert _close(result[name]["losses"], padded["losses"]), (rank, name, result[name]["losses"],
                                                                       padded["losses"])
             for got, want in zip(result[name]["metrics"], padded["metrics"]):
