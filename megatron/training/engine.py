@@ -265,6 +265,8 @@ class TrainingEngine:
     # DeepSpeed's samples per sample of ours: its pipeline engine knows no sequence axis and counts each Ulysses
     # rank of a dp replica as a replica of its own (pipeline_sample_replicas)
     sample_replicas: int = 1
+    # what the loss is multiplied by before engine.backward under Ulysses (deepspeed_compat.ulysses_gradient_scale)
+    gradient_scale: float = 1.0
 
     def __post_init__(self):
         if self._fp32_without_zero():  # an instance attribute: DeepSpeed's _take_model_step calls ours
@@ -497,6 +499,8 @@ class TrainingEngine:
                 with timers("forward-compute", 2):
                     per_token = self.engine(x.tokens, **x.model_kwargs())
                     loss, report = self.task.micro_loss(per_token, x, batch, self.ps)
+                if self.gradient_scale != 1.0:
+                    loss = loss * self.gradient_scale
                 with timers("backward-compute", 2):
                     self.engine.backward(loss)  # at the last micro-batch: gradients reduced over dp (sdp)
                 if self.engine.is_gradient_accumulation_boundary():
@@ -622,6 +626,9 @@ def build_engine(run, ps: ParallelState, device: torch.device, ds_config: Option
         handles = register_sequence_parallel_grad_hooks(model, ps)
     engine_config = ds_config if replicas == 1 else \
         {**ds_config, "train_batch_size": ds_config["train_batch_size"] * replicas}
+    if not pipeline and ps.sp_size > 1 and engine_config.get("zero_optimization", {}).get("stage", 0) == 3:
+        # after the optimizer is built (it reads the parameters' shapes), before DeepSpeed converts them over dp
+        compat.partition_zero3_parameters(model, ps.sdp_group, engine_config, ps.mpu())
     kwargs = dict(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=engine_config)
     if not pipeline and ps.world_size > 1:
         # A PipelineModule brings its own topology (DeepSpeed refuses both); one rank needs no groups.
@@ -630,6 +637,10 @@ def build_engine(run, ps: ParallelState, device: torch.device, ds_config: Option
     from megatron.optimizer import attach_to_engine
 
     attach_to_engine(engine, optimizer, ps)  # LAMB under ZeRO/bf16: where each tensor's fragments are
+    try:
+        gradient_scale = 1.0 if pipeline else compat.ulysses_gradient_scale(engine, ps.sp_size)
+    except ValueError as error:
+        raise EngineConfigError(str(error)) from None
     if not pipeline and ps.dp_size * ps.sp_size == 1 and engine.zero_optimization_stage() == 0:
         # DeepSpeed's gradient all-reduce group (dp x sp) has one rank: its ZeRO-0 reduction would only
         # flatten every gradient into one buffer, "reduce" it and copy it back (exact no-op, ~3% of a step).
@@ -639,4 +650,4 @@ def build_engine(run, ps: ParallelState, device: torch.device, ds_config: Option
                           eod_mask_loss=run.data.eod_mask_loss, reset_attention_mask=run.data.reset_attention_mask,
                           hook_handles=handles, timers=timers,
                           empty_unused_memory_level=run.training.empty_unused_memory_level, task=task,
-                          sample_replicas=replicas)
+                          sample_replicas=replicas, gradient_scale=gradient_scale)
