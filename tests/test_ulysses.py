@@ -10,6 +10,7 @@ Three launches (1, 2 and 4 gloo ranks), each running its cases in turn (tests/ul
 """
 
 import pytest
+import torch
 
 import engine_cases as ec
 import ulysses_cases as uc
@@ -99,3 +100,62 @@ def test_checkpoints_move_between_sp1_and_sp2(two_ranks, four_ranks, single):
     for rank in four_ranks:  # saved at sp 2, resumed at sp 1 (tp 2 × pp 2)
         assert rank["tp2_pp2_from_sp2"]["start_iteration"] == 2
         assert_single_rank_losses(rank["tp2_pp2_from_sp2"], single, steps=1)
+
+
+# ---- what is accepted and what is refused, before any process group (in-process) ------------------------------
+
+def layout_problems(world_size, *extra):
+    from megatron.cli import parse_args
+    from megatron.training.preflight import preflight_errors
+
+    return "\n".join(preflight_errors(parse_args(ec.flags(*extra)), world_size))
+
+
+def test_ulysses_composes_with_tp_pp_zero_gqa_and_document_masks():
+    from megatron.training.engine import check_engine_config
+
+    assert layout_problems(4, *SP2, *TP2) == ""  # one kv head per tp rank, sp 2: replicated
+    assert layout_problems(8, *SP2, *TP2, *PP2, "--zero-stage", "1", "--reset-attention-mask") == ""
+    assert layout_problems(4, *SP2, "--zero-stage", "3", "--num-key-value-heads", "1") == ""
+    from megatron.cli import parse_args
+
+    check_engine_config(parse_args(ec.flags(*SP2, *PP2)), torch.device("cpu"))  # no longer refused
+
+
+@pytest.mark.parametrize("world_size, extra, expected", [
+    (4, ["--num-attention-heads", "6", "--num-key-value-heads", "3", "--hidden-size", "48"],
+     ["--num-key-value-heads 3", "--ds-sequence-parallel-size 2", "or 2 divisible by them"]),
+    (8, ["--ds-sequence-parallel-size", "4", *TP2],
+     ["attention heads per tp rank (--num-attention-heads 4 / --tensor-model-parallel-size 2 = 2)",
+      "--ds-sequence-parallel-size 4"]),
+    (4, ["--ds-sequence-parallel-size", "4", "--seq-length", "30", "--max-position-embeddings", "32"],
+     ["--seq-length 30 is not divisible by --ds-sequence-parallel-size 4"]),
+    (6, [*TP2, *PP2], ["world size 6 is not divisible by --tensor-model-parallel-size 2 × "
+                       "--pipeline-model-parallel-size 2 × --ds-sequence-parallel-size 2 = 8"]),
+])
+def test_impossible_ulysses_layouts_are_refused_naming_the_flags(world_size, extra, expected):
+    message = layout_problems(world_size, *SP2, *extra)
+    for text in expected:
+        assert text in message
+
+
+def test_a_bad_layout_is_a_megatron_error_before_any_process_group():
+    from megatron.cli import parse_args
+    from megatron.distributed.parallel_state import ParallelState
+    from megatron.errors import MegatronError
+
+    run = parse_args(ec.flags("--ds-sequence-parallel-size", "4", "--num-attention-heads", "2", "--hidden-size", "32"))
+    with pytest.raises(MegatronError) as info:  # raised before it would need torch.distributed
+        ParallelState.build(run.parallel, run.model, world_size=4, rank=0)
+    assert info.value.exit_code == 2 and "--ds-sequence-parallel-size 4" in str(info.value)
+
+
+def test_the_entry_point_exits_2_naming_the_flags_without_a_traceback(capsys):
+    import pretrain_gpt
+
+    code = pretrain_gpt.main(ec.flags("--ds-sequence-parallel-size", "4", "--seq-length", "30",
+                                      "--max-position-embeddings", "32"))
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert "--seq-length 30 is not divisible by --ds-sequence-parallel-size 4" in err
+    assert err.count("--seq-length 30 is not divisible") == 1
