@@ -218,7 +218,7 @@ def set_gradient_allreduce(engine, enabled: bool, pipeline: bool) -> None:
         engine.enable_backward_allreduce = enabled
 
 
-def ulysses_gradient_scale(engine, sp_size: int) -> float:
+def ulysses_gradient_scale(zero_section: dict, sp_size: int) -> float:
     """The factor by which the loss is multiplied before `engine.backward` so that DeepSpeed's gradient reduction
     over the sequence × data group sums over Ulysses' sp ranks and averages over dp only (what our per-rank loss,
     this rank's token-loss sum / the whole sequence's token count, needs).
@@ -227,10 +227,11 @@ def ulysses_gradient_scale(engine, sp_size: int) -> float:
     (group size / sp), so 1 there; ZeRO-3's reduce-scatter path (`__avg_scatter_grads`, taken whenever
     `reduce_scatter` is on) averages over the whole group without that correction, so sp there. ZeRO-3 with
     reduce_scatter off mixes both paths by bucket size (its contiguous path corrects, the other does not): refused.
-    (The pipeline engine sees no sequence axis at all: model/pipeline.py's loss corrects it there.)"""
-    if sp_size == 1 or engine.zero_optimization_stage() != 3:
+    (The pipeline engine sees no sequence axis at all: model/pipeline.py's loss corrects it there.)
+    `zero_section`: the DeepSpeed config's "zero_optimization" (reduce_scatter defaults to true there)."""
+    if sp_size == 1 or zero_section.get("stage", 0) != 3:
         return 1.0
-    if not engine.zero_reduce_scatter():
+    if not zero_section.get("reduce_scatter", True):
         raise ValueError("ZeRO-3 with \"reduce_scatter\": false in the DeepSpeed config cannot run under "
                          f"--ds-sequence-parallel-size {sp_size}: DeepSpeed {CHECKED_VERSION} then averages some "
                          "gradient buckets over the sequence-parallel ranks and sums others; drop the setting")

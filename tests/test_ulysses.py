@@ -1,8 +1,8 @@
 """DeepSpeed-Ulysses (--ds-sequence-parallel-size) composes with every other axis (issue 20).
 
 On CPU fp32, sp = 2 alone, with ZeRO-3, with pp = 2 (DeepSpeed's pipeline engine) and with tp = 2 (TINY's 2 kv
-heads leave one per tp rank, fewer than sp: replicated as DeepSpeed's Ulysses does) give the single-rank losses
-of the first 3 steps within 1e-5; the model with one kv head and a document mask matches one rank; a resume at
+heads leave one per tp rank, fewer than sp: replicated as DeepSpeed's Ulysses does; also with Megatron's
+--sequence-parallel and ZeRO-2) give the single-rank losses of the first 3 steps within 1e-5; the model with one kv head and a document mask matches one rank; a resume at
 sp = 2 × pp = 2 is bit-exact (dropout on); checkpoints move between sp = 1 and sp = 2 both ways; impossible
 layouts are refused by name before any process group exists.
 
@@ -53,6 +53,7 @@ def four_ranks(root, two_ranks):
     resume = ec.flags(*STEPS, *SP2, *PP2, *DROPOUT)
     cases = [("sp2_pp2", ec.flags(*STEPS, *SP2, *PP2)),
              ("sp2_tp2", ec.flags(*STEPS, *SP2, *TP2)),
+             ("sp2_tp2_megatron_sp", ec.flags(*STEPS, *SP2, *TP2, "--sequence-parallel", "--zero-stage", "2")),
              ("sp2_pp2_dropout", resume + saving(root / "sp2_pp2")),
              ("sp2_pp2_resumed", resume + ["--load", str(root / "sp2_pp2" / "global_step2")]),
              ("tp2_pp2_from_sp2", ec.flags(*STEPS, *TP2, *PP2, "--load", str(root / "sp2" / "global_step2")))]
@@ -71,12 +72,13 @@ def test_two_rank_ulysses_equals_one_rank(two_ranks, single, name):
         assert_single_rank_losses(rank[name], single)
 
 
-@pytest.mark.parametrize("name", ["sp2_pp2", "sp2_tp2"])
+@pytest.mark.parametrize("name", ["sp2_pp2", "sp2_tp2", "sp2_tp2_megatron_sp"])
 def test_ulysses_with_pipeline_or_tensor_parallelism_equals_one_rank(four_ranks, single, name):
     assert single["losses"][-1] < single["losses"][0]  # a reference that learns
+    tp = 1 if name == "sp2_pp2" else 2
     for rank in four_ranks:
         assert_single_rank_losses(rank[name], single)
-        assert rank[name]["coords"][1] == (rank["sp2_pp2"]["rank"] // (2 if name == "sp2_tp2" else 1)) % 2
+        assert rank[name]["coords"][1] == (rank[name]["rank"] // tp) % 2  # the sp rank: tp fastest, then sp
 
 
 def test_one_kv_head_and_document_masks_under_ulysses_equal_one_rank(two_ranks):
@@ -159,3 +161,13 @@ def test_the_entry_point_exits_2_naming_the_flags_without_a_traceback(capsys):
     assert code == 2 and "Traceback" not in err
     assert "--seq-length 30 is not divisible by --ds-sequence-parallel-size 4" in err
     assert err.count("--seq-length 30 is not divisible") == 1
+
+
+def test_the_ulysses_gradient_scale_follows_deepspeeds_zero_paths():
+    from megatron.deepspeed_compat import ulysses_gradient_scale
+
+    assert ulysses_gradient_scale({"stage": 3}, 2) == 2.0  # ZeRO-3's reduce-scatter averages over sp too
+    assert ulysses_gradient_scale({"stage": 3, "reduce_scatter": True}, 4) == 4.0
+    assert ulysses_gradient_scale({"stage": 2}, 2) == ulysses_gradient_scale({"stage": 3}, 1) == 1.0
+    with pytest.raises(ValueError, match='"reduce_scatter": false'):
+        ulysses_gradient_scale({"stage": 3, "reduce_scatter": False}, 2)

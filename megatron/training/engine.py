@@ -626,7 +626,12 @@ def build_engine(run, ps: ParallelState, device: torch.device, ds_config: Option
         handles = register_sequence_parallel_grad_hooks(model, ps)
     engine_config = ds_config if replicas == 1 else \
         {**ds_config, "train_batch_size": ds_config["train_batch_size"] * replicas}
-    if not pipeline and ps.sp_size > 1 and engine_config.get("zero_optimization", {}).get("stage", 0) == 3:
+    zero_section = engine_config.get("zero_optimization", {})
+    try:
+        gradient_scale = 1.0 if pipeline else compat.ulysses_gradient_scale(zero_section, ps.sp_size)
+    except ValueError as error:
+        raise EngineConfigError(str(error)) from None
+    if not pipeline and ps.sp_size > 1 and zero_section.get("stage", 0) == 3:
         # after the optimizer is built (it reads the parameters' shapes), before DeepSpeed converts them over dp
         compat.partition_zero3_parameters(model, ps.sdp_group, engine_config, ps.mpu())
     kwargs = dict(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=engine_config)
@@ -637,10 +642,6 @@ def build_engine(run, ps: ParallelState, device: torch.device, ds_config: Option
     from megatron.optimizer import attach_to_engine
 
     attach_to_engine(engine, optimizer, ps)  # LAMB under ZeRO/bf16: where each tensor's fragments are
-    try:
-        gradient_scale = 1.0 if pipeline else compat.ulysses_gradient_scale(engine, ps.sp_size)
-    except ValueError as error:
-        raise EngineConfigError(str(error)) from None
     if not pipeline and ps.dp_size * ps.sp_size == 1 and engine.zero_optimization_stage() == 0:
         # DeepSpeed's gradient all-reduce group (dp x sp) has one rank: its ZeRO-0 reduction would only
         # flatten every gradient into one buffer, "reduce" it and copy it back (exact no-op, ~3% of a step).
