@@ -1,6 +1,6 @@
 """DeepSpeed-Ulysses (--ds-sequence-parallel-size) composes with every other axis (issue 20).
 
-On CPU fp32, sp = 2 alone, with ZeRO-3, with pp = 2 (DeepSpeed's pipeline engine) and with tp = 2 (TINY's 2 kv
+On CPU fp32, sp = 2 alone, with ZeRO-3, with pp = 2 (DeepSpeed's pipeline engine, ZeRO-0 and -1) and with tp = 2 (TINY's 2 kv
 heads leave one per tp rank, fewer than sp: replicated as DeepSpeed's Ulysses does; also with Megatron's
 --sequence-parallel and ZeRO-2) give the single-rank losses of the first 3 steps within 1e-5; the model with one kv head and a document mask matches one rank; a resume at
 sp = 2 × pp = 2 is bit-exact (dropout on); checkpoints move between sp = 1 and sp = 2 both ways; impossible
@@ -52,6 +52,7 @@ def two_ranks(root, single):
 def four_ranks(root, two_ranks):
     resume = ec.flags(*STEPS, *SP2, *PP2, *DROPOUT)
     cases = [("sp2_pp2", ec.flags(*STEPS, *SP2, *PP2)),
+             ("sp2_pp2_zero1", ec.flags(*STEPS, *SP2, *PP2, "--zero-stage", "1")),
              ("sp2_tp2", ec.flags(*STEPS, *SP2, *TP2)),
              ("sp2_tp2_megatron_sp", ec.flags(*STEPS, *SP2, *TP2, "--sequence-parallel", "--zero-stage", "2")),
              ("sp2_pp2_dropout", resume + saving(root / "sp2_pp2")),
@@ -72,10 +73,10 @@ def test_two_rank_ulysses_equals_one_rank(two_ranks, single, name):
         assert_single_rank_losses(rank[name], single)
 
 
-@pytest.mark.parametrize("name", ["sp2_pp2", "sp2_tp2", "sp2_tp2_megatron_sp"])
+@pytest.mark.parametrize("name", ["sp2_pp2", "sp2_pp2_zero1", "sp2_tp2", "sp2_tp2_megatron_sp"])
 def test_ulysses_with_pipeline_or_tensor_parallelism_equals_one_rank(four_ranks, single, name):
     assert single["losses"][-1] < single["losses"][0]  # a reference that learns
-    tp = 1 if name == "sp2_pp2" else 2
+    tp = 1 if name.startswith("sp2_pp2") else 2
     for rank in four_ranks:
         assert_single_rank_losses(rank[name], single)
         assert rank[name]["coords"][1] == (rank[name]["rank"] // tp) % 2  # the sp rank: tp fastest, then sp
