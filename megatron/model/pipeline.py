@@ -93,11 +93,9 @@ class MaskedMeanLoss:
 
     The loss hook: with `reduce`, targets are (labels, *rest) and the loss is reduce(per-token loss [b, s], rest)
     (a post-training task's loss: SFT's globally normalised sum, DPO's pair loss from the reference log-probs
-    carried in `rest`; those tasks do not run under Ulysses, finetune_gpt.py refuses it)."""
+    carried in `rest`)."""
 
     def __init__(self, config: TransformerConfig, ps: ParallelState, reduce=None):
-        if reduce is not None and ps.sp_size > 1:
-            raise ValueError(f"a task's pipe loss cannot run with --ds-sequence-parallel-size {ps.sp_size}")
         self.config, self.ps, self.reduce = config, ps, reduce
         self.__name__ = "masked_mean_cross_entropy" if reduce is None else getattr(reduce, "__name__", "task_loss")
 

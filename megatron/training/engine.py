@@ -97,6 +97,9 @@ def build_model(model_config: TransformerConfig, ps: ParallelState, pipeline: bo
     if pipeline:
         from megatron.model.pipeline import MaskedMeanLoss, build_pipeline_module
 
+        if pipe_loss_reduce is not None and ps.sp_size > 1:  # its reduce sees this sp rank's tokens only
+            raise EngineConfigError(f"a task's own loss cannot run with --ds-sequence-parallel-size {ps.sp_size} "
+                                    "under pipeline parallelism (finetune_gpt.py refuses Ulysses)")
         loss_fn = None if pipe_loss_reduce is None else MaskedMeanLoss(model_config, ps, pipe_loss_reduce)
         return build_pipeline_module(model_config, ps, seed=seed, loss_fn=loss_fn)
     from megatron.model import GPTModel
