@@ -172,3 +172,13 @@ def test_the_ulysses_gradient_scale_follows_deepspeeds_zero_paths():
     assert ulysses_gradient_scale({"stage": 2}, 2) == ulysses_gradient_scale({"stage": 3}, 1) == 1.0
     with pytest.raises(ValueError, match='"reduce_scatter": false'):
         ulysses_gradient_scale({"stage": 3, "reduce_scatter": False}, 2)
+
+
+def test_a_deepspeed_file_without_reduce_scatter_is_refused_under_ulysses_zero3(tmp_path):
+    import json
+
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"zero_optimization": {"stage": 3, "reduce_scatter": False}}))
+    message = layout_problems(2, *SP2, "--zero-stage", "3", "--deepspeed_config", str(path))
+    assert f"--deepspeed_config {path}" in message and '"reduce_scatter": false' in message
+    assert layout_problems(2, "--zero-stage", "3", "--deepspeed_config", str(path)) == ""  # without Ulysses: fine

@@ -71,6 +71,18 @@ def engine_config_errors(run, device: torch.device) -> list[str]:
             "or --pipeline-model-parallel-size 1 --no-pipeline-parallel to keep ZeRO-2/3")
     if zero.zero_stage not in (0, 1, 2, 3):
         errors.append(f"--zero-stage must be 0, 1, 2 or 3 (got {zero.zero_stage})")
+    if run.parallel.sp > 1 and zero.zero_stage == 3 and zero.deepspeed_config and not uses_pipeline_engine(run):
+        from megatron import deepspeed_compat as compat
+        from megatron.config.arguments import read_deepspeed_config
+        from megatron.errors import ConfigError
+
+        try:
+            compat.ulysses_gradient_scale(read_deepspeed_config(zero.deepspeed_config).get(
+                "zero_optimization", {"stage": 3}) | {"stage": 3}, run.parallel.sp)
+        except ValueError as error:
+            errors.append(f"--deepspeed_config {zero.deepspeed_config}: {error}")
+        except ConfigError:
+            pass  # an unreadable file is reported where the config is built
     if zero.offload_param and zero.zero_stage != 3:
         errors.append(f"parameter offload (--remote-device cpu) needs --zero-stage 3 (got {zero.zero_stage})")
     from megatron.optimizer import optimizer_errors
