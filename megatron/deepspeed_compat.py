@@ -218,6 +218,39 @@ def set_gradient_allreduce(engine, enabled: bool, pipeline: bool) -> None:
         engine.enable_backward_allreduce = enabled
 
 
+def ulysses_gradient_scale(zero_section: dict, sp_size: int) -> float:
+    """The factor by which the loss is multiplied before `engine.backward` so that DeepSpeed's gradient reduction
+    over the sequence × data group sums over Ulysses' sp ranks and averages over dp only (what our per-rank loss,
+    this rank's token-loss sum / the whole sequence's token count, needs).
+
+    Checked against DeepSpeed 0.19.8: its ZeRO-0 all-reduce and ZeRO-1/2 divide the group's sum by
+    (group size / sp), so 1 there; ZeRO-3's reduce-scatter path (`__avg_scatter_grads`, taken whenever
+    `reduce_scatter` is on) averages over the whole group without that correction, so sp there. ZeRO-3 with
+    reduce_scatter off mixes both paths by bucket size (its contiguous path corrects, the other does not): refused.
+    (The pipeline engine sees no sequence axis at all: model/pipeline.py's loss corrects it there.)
+    `zero_section`: the DeepSpeed config's "zero_optimization" (reduce_scatter defaults to true there)."""
+    if sp_size == 1 or zero_section.get("stage", 0) != 3:
+        return 1.0
+    if not zero_section.get("reduce_scatter", True):
+        raise ValueError("ZeRO-3 with \"reduce_scatter\": false in the DeepSpeed config cannot run under "
+                         f"--ds-sequence-parallel-size {sp_size}: DeepSpeed {CHECKED_VERSION} then averages some "
+                         "gradient buckets over the sequence-parallel ranks and sums others; drop the setting")
+    return float(sp_size)
+
+
+def partition_zero3_parameters(model, group, config: dict, mpu) -> None:
+    """Partition `model`'s parameters for ZeRO-3 over `group` now (deepspeed.zero.Init's public `module=` form).
+
+    Checked against DeepSpeed 0.19.8: deepspeed.initialize converts a module whose parameters are not ZeRO-3
+    parameters yet over `mpu.get_data_parallel_group()` (DeepSpeedZeRoOffload._convert_to_zero_parameters), the
+    data-parallel group alone, whereas its ZeRO-3 optimizer reduces over the sequence × data group: under Ulysses
+    every sp rank would then keep the gradient of its own part of the sequence. Parameters converted here over
+    the sequence × data group (what upstream's model_provider does with zero.Init) are left as they are."""
+    import deepspeed
+
+    deepspeed.zero.Init(module=model, data_parallel_group=group, config_dict_or_path=config, mpu=mpu)
+
+
 # ---- the checkpoint write wrapper ---------------------------------------------------------------------------
 
 class CheckpointIO:
@@ -481,6 +514,30 @@ def _check_model_states_names():
             _require(got == zero3_model_states_name(dp, mp) and m and (int(m.group(1)), int(m.group(2))) == (dp, mp),
                      f"DeepSpeed names ZeRO-3 dp {dp} mp {mp}'s file {got}, we expect {zero3_model_states_name(dp, mp)}")
             _require(bool(DP0_MODEL_STATES_FILE.match(got)) == (dp == 0), f"DP0_MODEL_STATES_FILE misjudges {got}")
+
+
+@_assumption("Ulysses under ZeRO: ZeRO-3's reduce-scatter averages over the sequence × data group without the sp "
+             "correction its contiguous path and ZeRO-1/2 apply (ulysses_gradient_scale)")
+def _check_ulysses_gradient_averaging():
+    classes = _classes()
+    zero3 = _source(classes["zero3"])
+
+    def method(name: str) -> str:  # from the class's text: instrument_w_nvtx's wrapper keeps no __wrapped__
+        match = re.search(rf"\n    def {name}\(.*?(?=\n    def |\Z)", zero3, re.S)
+        _require(match is not None, f"ZeRO-3 has no method {name}")
+        return match.group(0)
+
+    scatter, contiguous = method("__avg_scatter_grads"), method("__avg_scatter_contiguous_grads")
+    _require("sequence_parallel_size" not in scatter and "reduce_scatter_coalesced" in scatter,
+             "ZeRO-3's __avg_scatter_grads now handles sequence parallelism: ulysses_gradient_scale must return 1")
+    _require("sequence_parallel_size" in contiguous, "ZeRO-3's contiguous path no longer divides by (group / sp)")
+    _require("not self.reduce_scatter" in zero3, "ZeRO-3 no longer picks its path by reduce_scatter")
+    _require("sequence_parallel_size" in _source(classes["zero12"]), "ZeRO-1/2 no longer divide by (group / sp)")
+    from deepspeed.runtime.zero.parameter_offload import DeepSpeedZeRoOffload
+
+    convert = _source(DeepSpeedZeRoOffload._convert_to_zero_parameters)
+    _require("get_data_parallel_group()" in convert and "is_zero_param" in convert,
+             "ZeRO-3's parameter conversion changed (partition_zero3_parameters)")
 
 
 @_assumption("file names: [bf16_]zero_pp_rank_D_mp_rank_XX_optim_states.pt (DeepSpeedEngine._get_rank_zero_ckpt_name)")

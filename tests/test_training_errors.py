@@ -41,11 +41,6 @@ def test_fp16_on_cpu_is_refused_with_the_alternatives():
     assert "--fp16" in message and "CPU" in message and "--bf16" in message
 
 
-def test_ulysses_with_pipeline_is_refused():
-    message = refusal("--ds-sequence-parallel-size", "2", "--pipeline-model-parallel-size", "2")
-    assert "--ds-sequence-parallel-size 2" in message and "--pipeline-model-parallel-size 1" in message
-
-
 def test_deepspeed_config_file_disagreeing_with_flags_exits_2_naming_both_sides(tmp_path, capsys):
     import pretrain_gpt
 

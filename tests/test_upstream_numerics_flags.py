@@ -252,8 +252,6 @@ def test_reset_attention_mask_with_recomputation_and_its_batches_and_refusals():
     assert "document_ids" not in prepare_batch(batch, ParallelState.single(), torch.device("cpu"), EOD).model_kwargs()
     with pytest.raises(EngineConfigError, match="--reset-attention-mask needs a tokenizer with an EOD"):
         prepare_batch(batch, ParallelState.single(), torch.device("cpu"), None, reset_attention_mask=True)
-    with pytest.raises(ConfigError, match="--reset-attention-mask is not supported with --ds-sequence-parallel"):
-        parse_args(LLAMA + ["--reset-attention-mask", "--ds-sequence-parallel-size", "2"])
 
 
 # ---- one 2-rank case: --data-parallel-random-init (dp 2), and document masks + partial RoPE under tp 2, pp 2 ---

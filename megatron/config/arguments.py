@@ -545,9 +545,6 @@ def _check_flags(ns: argparse.Namespace, typed: Optional[dict] = None) -> list[s
     if ns.openai_gelu and (ns.swiglu or ns.squared_relu):
         errors.append(f"--openai-gelu selects the GeLU of the MLP; it cannot be combined with "
                       f"{'--swiglu' if ns.swiglu else '--squared-relu'} (pick one activation)")
-    if ns.reset_attention_mask and ns.ds_sequence_parallel_size > 1:
-        errors.append("--reset-attention-mask is not supported with --ds-sequence-parallel-size "
-                      f"{ns.ds_sequence_parallel_size} (Ulysses); drop one")
     if ns.accumulate_allreduce_grads_in_fp32 and ns.fp16 and not ns.deepspeed_config:  # a file decides (notice)
         errors.append("--accumulate-allreduce-grads-in-fp32 is supported with --bf16 (and fp32) only, not --fp16")
     if ns.train_range_to_skip and len(ns.train_range_to_skip) % 2:

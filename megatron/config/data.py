@@ -93,8 +93,7 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--reset-position-ids", action="store_true")
     g.add_argument("--reset-attention-mask", action="store_true",
                    help="attention is causal within each document: a token never attends to tokens before the "
-                        "last EOD preceding it (needs a tokenizer with an EOD token; not with "
-                        "--ds-sequence-parallel-size > 1). SDPA then takes an explicit [b, 1, s, s] mask, which "
+                        "last EOD preceding it (needs a tokenizer with an EOD token). SDPA then takes an explicit [b, 1, s, s] mask, which "
                         "rules out its flash kernel")
     g.add_argument("--data-impl", choices=("mmap", "infer", "lazy", "cached"), default="infer",
                    help="the only format is MMIDIDX (.bin/.idx): mmap or infer")

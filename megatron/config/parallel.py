@@ -3,6 +3,16 @@
 `validate_layout` checks a layout against the world size and the model before any
 process group is made, naming the flags to change. `add_parallel_arguments` declares the flags,
 `parallel_from_args` builds the ParallelConfig from them.
+
+The rules (world size = dp × tp × pp × sp, as upstream's megatron/arguments.py states it) and what Ulysses
+needs on top of them, per tensor-parallel rank (heads are split by tp first, then by sp):
+- the query heads per tp rank divisible by sp (each sp rank attends over whole heads);
+- the key/value heads per tp rank divisible by sp, or sp divisible by them: then each kv head is replicated
+  sp / (kv heads per tp rank) times before the all-to-all, as DeepSpeed's Ulysses does
+  (deepspeed/runtime/sequence_parallel/ulysses_sp.py, `kv_replication_factor`);
+- the sequence divisible by sp (and by tp × sp with Megatron's --sequence-parallel as well).
+Upstream asserts sp with tp or pp away ("DeepSpeed's sequence parallel does not work with tensor parallel or
+pipeline parallel"); here every axis composes with Ulysses.
 """
 
 from __future__ import annotations
@@ -13,6 +23,11 @@ from typing import Optional
 
 from megatron.config.argtypes import pos_int
 from megatron.config.model import TransformerConfig
+from megatron.errors import ConfigError
+
+
+class LayoutError(ConfigError):
+    """A layout that cannot run (world size, sizes against the model); the message names every problem's flags."""
 
 
 @dataclass
@@ -54,7 +69,7 @@ def layout_errors(world_size: int, parallel: ParallelConfig, model: Optional[Tra
     if errors:
         return errors
     if world_size % (tp * pp * sp):
-        errors.append(
+        errors.append(  # upstream's rule (megatron/arguments.py validate_args), with the flags named
             f"world size {world_size} is not divisible by --tensor-model-parallel-size {tp} × "
             f"--pipeline-model-parallel-size {pp} × --ds-sequence-parallel-size {sp} = {tp * pp * sp}; "
             f"launch a multiple of {tp * pp * sp} ranks or change these sizes"
@@ -88,13 +103,17 @@ def layout_errors(world_size: int, parallel: ParallelConfig, model: Optional[Tra
             )
         if sp > 1 and (model.num_attention_heads // tp) % sp:
             errors.append(
-                f"Ulysses needs the attention heads per tp rank ({model.num_attention_heads} / tp {tp}) to be "
-                f"divisible by --ds-sequence-parallel-size {sp}"
+                f"Ulysses needs the attention heads per tp rank (--num-attention-heads {model.num_attention_heads}"
+                f" / --tensor-model-parallel-size {tp} = {model.num_attention_heads // tp}) to be divisible by "
+                f"--ds-sequence-parallel-size {sp} (each sp rank attends over whole heads)"
             )
-        if sp > 1 and (model.num_key_value_heads // tp) % sp:
+        kv_per_rank = model.num_key_value_heads // tp
+        if sp > 1 and kv_per_rank and kv_per_rank % sp and sp % kv_per_rank:
             errors.append(
-                f"Ulysses needs the kv heads per tp rank ({model.num_key_value_heads} / tp {tp}) to be "
-                f"divisible by --ds-sequence-parallel-size {sp}"
+                f"Ulysses needs the kv heads per tp rank (--num-key-value-heads {model.num_key_value_heads} / "
+                f"--tensor-model-parallel-size {tp} = {kv_per_rank}) to be divisible by "
+                f"--ds-sequence-parallel-size {sp}, or {sp} divisible by them (each kv head is then replicated, as "
+                "DeepSpeed's Ulysses does); change --ds-sequence-parallel-size or --tensor-model-parallel-size"
             )
         if parallel.sequence_parallel and model.seq_length % (tp * sp):
             errors.append(
@@ -107,7 +126,7 @@ def layout_errors(world_size: int, parallel: ParallelConfig, model: Optional[Tra
 def validate_layout(world_size: int, parallel: ParallelConfig, model: Optional[TransformerConfig] = None) -> None:
     errors = layout_errors(world_size, parallel, model)
     if errors:
-        raise ValueError("invalid parallel layout:\n  - " + "\n  - ".join(errors))
+        raise LayoutError("invalid parallel layout:\n  - " + "\n  - ".join(errors))
 
 
 def add_parallel_arguments(parser: argparse.ArgumentParser) -> None:

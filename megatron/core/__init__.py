@@ -10,10 +10,10 @@ from megatron.core.layers import (ColumnParallelLinear, RowParallelLinear, Vocab
                                   shard_tensor)
 from megatron.core.random import (RNGStatesTracker, checkpoint, derive_seed, get_rng_tracker,
                                   seed_model_parallel_rng)
-from megatron.core.ulysses import UlyssesAttention, heads_to_sequence, sequence_to_heads
+from megatron.core.ulysses import heads_to_sequence, kv_sequence_to_heads, sequence_to_heads
 
 __all__ = [
     "vocab_parallel_cross_entropy", "ColumnParallelLinear", "RowParallelLinear", "VocabParallelEmbedding",
     "merge_shards", "shard_tensor", "RNGStatesTracker", "checkpoint", "derive_seed", "get_rng_tracker",
-    "seed_model_parallel_rng", "UlyssesAttention", "heads_to_sequence", "sequence_to_heads",
+    "seed_model_parallel_rng", "heads_to_sequence", "kv_sequence_to_heads", "sequence_to_heads",
 ]

@@ -6,7 +6,10 @@ sequence-parallel, then data-parallel, then pipeline:
     rank = tp_rank + tp * (sp_rank + sp * (dp_rank + dp * pp_rank))
 
 so a tp group is `tp` consecutive ranks, and the (pipe, data, model) order matches
-DeepSpeed's `PipeModelDataParallelTopology` when sp == 1. Nothing here is global: build a
+DeepSpeed's `PipeModelDataParallelTopology` when sp == 1 (with sp > 1 its "data" axis is sp × dp,
+model/pipeline.py). With tp == 1 the sp groups are consecutive ranks and the sp × dp groups are
+blocks of sp·dp ranks, as upstream's initialize_model_parallel makes them (upstream allows sp only
+with tp == pp == 1). Nothing here is global: build a
 `ParallelState` once and pass it to whatever needs groups. `ParallelState.single()` is the
 layout of one process, which needs no torch.distributed at all.
 """

@@ -2,7 +2,10 @@
 
 A tensor-parallel rank owns nq/tp query heads and nkv/tp key/value heads; its rows of the
 fused qkv weight are [its q | its k | its v]. Under Ulysses (sp > 1) those heads are split
-again over the sp group by an all-to-all, so attention sees the whole sequence.
+again over the sp group by an all-to-all, so attention sees the whole sequence (kv heads fewer than
+sp are replicated first, as DeepSpeed does: megatron/core/ulysses.py). RoPE rotates each rank's q, k
+shard with its own positions before the exchange; a document mask is built from the whole sequence's
+document ids, which is what attention sees after the exchange.
 
 Attention is causal. With --reset-attention-mask it is causal *within each document* (upstream's
 get_ltor_masks_and_position_ids): `document_attention_mask(document_ids)` builds the boolean mask
@@ -32,7 +35,7 @@ from torch import nn
 from megatron.config.model import TransformerConfig
 from megatron.core.layers import ColumnParallelLinear, RowParallelLinear
 from megatron.core.random import checkpoint, derive_seed, tensor_parallel_rng
-from megatron.core.ulysses import heads_to_sequence, sequence_to_heads
+from megatron.core.ulysses import heads_to_sequence, kv_sequence_to_heads, sequence_to_heads
 from megatron.distributed.parallel_state import ParallelState
 from megatron.model.kv_cache import KVCache
 from megatron.model.rotary import Rotary, rotary_cos_sin, split_qkv_rotary
@@ -132,11 +135,12 @@ class SelfAttention(nn.Module):
         q, k, v = split_qkv_rotary(qkv, self.heads_per_rank, self.kv_heads_per_rank, d, rotary)
         if kv_cache is not None:
             return self.dense(self._attend_cached(q, k, v, kv_cache).reshape(b, s, self.heads_per_rank * d))
-        sp_group = self.ps.sp_group
-        if attention_mask is not None and self.ps.sp_size > 1:
-            raise ValueError("document-wise attention masks (--reset-attention-mask) are not supported with "
-                             "Ulysses (--ds-sequence-parallel-size > 1)")
-        q, k, v = (sequence_to_heads(t, sp_group) for t in (q, k, v))
+        sp_group, sp = self.ps.sp_group, self.ps.sp_size
+        q = sequence_to_heads(q, sp_group)
+        k, v = (kv_sequence_to_heads(t, sp_group, sp) for t in (k, v))  # kv heads replicated when fewer than sp
+        if attention_mask is not None and attention_mask.shape[-1] != q.shape[1]:
+            raise ValueError(f"the document attention mask covers {attention_mask.shape[-1]} tokens but attention "
+                             f"sees {q.shape[1]}: under Ulysses give the document ids of the whole sequence")
         if self._recording and self.training:
             self._record(q, k, attention_mask)
         if config.recompute_core_attention and self.training and torch.is_grad_enabled():

@@ -13,7 +13,9 @@ the inputs are (tokens, position_ids, document_ids) and the document ids travel 
 as a third element, from which each layer builds its document-wise attention mask.
 The topology is PipeModelDataParallelTopology(num_pp=pp, num_mp=tp, num_dp=dp·sp): the same
 rank order as ParallelState (Ulysses' sp ranks are part of DeepSpeed's "data" axis, whose
-gradients are summed there as Ulysses needs).
+gradients are averaged there: MaskedMeanLoss scales each sp rank's loss by sp so that the average is the
+sum Ulysses needs). Under Ulysses the activations between stages are sequence shards: (hidden [b, s/sp, h],
+this shard's position ids[, the whole sequence's document ids]).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from __future__ import annotations
 import re
 
 import torch
+import torch.distributed as dist
 from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
 from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
 
@@ -82,6 +85,12 @@ def tied_output_logits(embedding: Embedding, hidden: torch.Tensor) -> torch.Tens
 class MaskedMeanLoss:
     """Pipe loss: vocab-parallel cross entropy averaged over tokens with loss_mask == 1.
 
+    Under Ulysses each sp rank of the last stage holds a part of the sequence. DeepSpeed's pipeline engine knows
+    no sequence axis: its grid's data-parallel group is dp × sp, over which it averages both the gradients and the
+    reported loss. So each sp rank returns sp × (its masked token-loss sum) / (the whole sequence's token count,
+    summed over sp): the average over dp × sp of these is the mean over dp of each sequence's masked mean, the
+    single-rank loss, and the same holds for its gradient.
+
     The loss hook: with `reduce`, targets are (labels, *rest) and the loss is reduce(per-token loss [b, s], rest)
     (a post-training task's loss: SFT's globally normalised sum, DPO's pair loss from the reference log-probs
     carried in `rest`)."""
@@ -96,7 +105,13 @@ class MaskedMeanLoss:
         if self.reduce is not None:
             return self.reduce(losses, rest)
         mask = rest[0].reshape(-1).float()
-        return (losses.reshape(-1) * mask).sum() / mask.sum().clamp(min=1.0)
+        count = mask.sum()
+        sp = self.ps.sp_size
+        if sp > 1:
+            count = count.detach().clone()
+            dist.all_reduce(count, group=self.ps.sp_group)
+            return (losses.reshape(-1) * mask).sum() * sp / count.clamp(min=1.0)
+        return (losses.reshape(-1) * mask).sum() / count.clamp(min=1.0)
 
 
 def build_pipeline_module(config: TransformerConfig, ps: ParallelState, seed: int = DEFAULT_SEED,

@@ -3,7 +3,7 @@
 `build_engine(run, ps, device)` returns a `TrainingEngine` whose `train_step(batches)` runs one
 global batch (gradient accumulation, or DeepSpeed's 1F1B pipeline schedule when pp > 1) and whose
 `eval_step(batches)` returns one batch's loss. Layout rules DeepSpeed cannot run (ZeRO-2/3 with
-the pipeline engine, fp16 on CPU, Ulysses with pp > 1) are refused here, naming the flags.
+the pipeline engine, fp16 on CPU) are refused here, naming the flags.
 
 Megatron sequence parallelism (--sequence-parallel): norms, row-parallel biases and position embeddings
 see only this tp rank's part of the sequence, so their gradients must be summed over tp before the
@@ -51,6 +51,13 @@ def uses_pipeline_engine(run) -> bool:
     return run.parallel.pp > 1
 
 
+def pipeline_sample_replicas(ps: ParallelState) -> int:
+    """How many "data-parallel replicas" DeepSpeed's pipeline engine sees per real one: its grid's data axis is
+    dp × sp (model/pipeline.py), so it counts sp times the samples of a global batch (train_batch_size =
+    micro batch × accumulation × dp × sp); the Ulysses ranks of a replica share its samples."""
+    return ps.sp_size
+
+
 def engine_config_errors(run, device: torch.device) -> list[str]:
     """Every reason the engine cannot run `run` on `device`, each naming the flags; empty when it can."""
     from megatron.training.ds_config import precision_errors
@@ -62,12 +69,20 @@ def engine_config_errors(run, device: torch.device) -> list[str]:
             f"--zero-stage {zero.zero_stage} cannot be combined with --pipeline-model-parallel-size "
             f"{run.parallel.pp}: DeepSpeed's pipeline engine supports ZeRO stage 0 or 1 only; use --zero-stage 1, "
             "or --pipeline-model-parallel-size 1 --no-pipeline-parallel to keep ZeRO-2/3")
-    if run.parallel.sp > 1 and run.parallel.pp > 1:
-        errors.append(
-            f"--ds-sequence-parallel-size {run.parallel.sp} (Ulysses) needs --pipeline-model-parallel-size 1 "
-            f"(got {run.parallel.pp})")
     if zero.zero_stage not in (0, 1, 2, 3):
         errors.append(f"--zero-stage must be 0, 1, 2 or 3 (got {zero.zero_stage})")
+    if run.parallel.sp > 1 and zero.zero_stage == 3 and zero.deepspeed_config and not uses_pipeline_engine(run):
+        from megatron import deepspeed_compat as compat
+        from megatron.config.arguments import read_deepspeed_config
+        from megatron.errors import ConfigError
+
+        try:
+            compat.ulysses_gradient_scale(read_deepspeed_config(zero.deepspeed_config).get(
+                "zero_optimization", {"stage": 3}) | {"stage": 3}, run.parallel.sp)
+        except ValueError as error:
+            errors.append(f"--deepspeed_config {zero.deepspeed_config}: {error}")
+        except ConfigError:
+            pass  # an unreadable file is reported where the config is built
     if zero.offload_param and zero.zero_stage != 3:
         errors.append(f"parameter offload (--remote-device cpu) needs --zero-stage 3 (got {zero.zero_stage})")
     from megatron.optimizer import optimizer_errors
@@ -94,6 +109,9 @@ def build_model(model_config: TransformerConfig, ps: ParallelState, pipeline: bo
     if pipeline:
         from megatron.model.pipeline import MaskedMeanLoss, build_pipeline_module
 
+        if pipe_loss_reduce is not None and ps.sp_size > 1:  # its reduce sees this sp rank's tokens only
+            raise EngineConfigError(f"a task's own loss cannot run with --ds-sequence-parallel-size {ps.sp_size} "
+                                    "under pipeline parallelism (finetune_gpt.py refuses Ulysses)")
         loss_fn = None if pipe_loss_reduce is None else MaskedMeanLoss(model_config, ps, pipe_loss_reduce)
         return build_pipeline_module(model_config, ps, seed=seed, loss_fn=loss_fn)
     from megatron.model import GPTModel
@@ -117,7 +135,9 @@ class ModelInputs:
     position_ids: torch.Tensor  # [b, s_local], positions in the full sequence
     labels: torch.Tensor  # [b, s_local]
     loss_mask: torch.Tensor  # [b, s_local] float
-    document_ids: Optional[torch.Tensor] = None  # [b, s] with --reset-attention-mask (document-wise attention)
+    # [b, s] with --reset-attention-mask (document-wise attention): the whole sequence's, also under Ulysses,
+    # whose attention sees the whole sequence after its all-to-all
+    document_ids: Optional[torch.Tensor] = None
 
     def model_kwargs(self) -> dict:
         """Keyword arguments of GPTModel.forward besides the tokens."""
@@ -154,7 +174,9 @@ def prepare_batch(batch: dict, ps: ParallelState, device: torch.device, eod_toke
     """{"tokens": [b, s+1]} -> inputs and labels shifted by one, cut to this Ulysses rank's part of the sequence.
 
     With reset_attention_mask (Megatron's --reset-attention-mask) the inputs carry per-token document numbers
-    (a new document after each EOD token): attention is then causal within each document only.
+    (a new document after each EOD token): attention is then causal within each document only. Under Ulysses the
+    tokens, positions (of the whole sequence: RoPE is right on every shard), labels and loss mask are cut to this
+    sp rank's contiguous part; the document ids stay whole.
     A post-training batch (megatron/data/post_training.py) brings its own "loss_mask" [b, s] (of the labels) and,
     packed, its "position_ids" and "document_ids" [b, s]: these replace the EOD-derived ones."""
     if "tokens" not in batch:
@@ -173,8 +195,6 @@ def prepare_batch(batch: dict, ps: ParallelState, device: torch.device, eod_toke
     elif reset_attention_mask:
         if eod_token is None:
             raise EngineConfigError("--reset-attention-mask needs a tokenizer with an EOD token")
-        if ps.sp_size > 1:
-            raise EngineConfigError("--reset-attention-mask is not supported with --ds-sequence-parallel-size > 1")
         from megatron.model.attention import document_ids_from_tokens
 
         document_ids = document_ids_from_tokens(tokens, eod_token).to(device)
@@ -257,6 +277,11 @@ class TrainingEngine:
     timers: Optional[Timers] = None  # per-phase timers (--timing-log-level); None: not timed
     empty_unused_memory_level: int = 0  # --empty-unused-memory-level: when to release the allocator's cache
     task: object = None  # training/task.py: what the run optimises (None: pretraining)
+    # DeepSpeed's samples per sample of ours: its pipeline engine knows no sequence axis and counts each Ulysses
+    # rank of a dp replica as a replica of its own (pipeline_sample_replicas)
+    sample_replicas: int = 1
+    # what the loss is multiplied by before engine.backward under Ulysses (deepspeed_compat.ulysses_gradient_scale)
+    gradient_scale: float = 1.0
 
     def __post_init__(self):
         if self._fp32_without_zero():  # an instance attribute: DeepSpeed's _take_model_step calls ours
@@ -290,12 +315,12 @@ class TrainingEngine:
 
     @property
     def global_batch_size(self) -> int:
-        return self.engine.train_batch_size()
+        return self.engine.train_batch_size() // self.sample_replicas
 
     def set_global_batch_size(self, batch: int) -> None:
         """Batch ramp-up: change the number of accumulated micro-batches (the micro batch stays)."""
         if batch != self.global_batch_size:
-            self.engine.set_train_batch_size(batch)
+            self.engine.set_train_batch_size(batch * self.sample_replicas)
 
     @property
     def _schedule_free(self):
@@ -489,6 +514,8 @@ class TrainingEngine:
                 with timers("forward-compute", 2):
                     per_token = self.engine(x.tokens, **x.model_kwargs())
                     loss, report = self.task.micro_loss(per_token, x, batch, self.ps)
+                if self.gradient_scale != 1.0:
+                    loss = loss * self.gradient_scale
                 with timers("backward-compute", 2):
                     self.engine.backward(loss)  # at the last micro-batch: gradients reduced over dp (sdp)
                 if self.engine.is_gradient_accumulation_boundary():
@@ -528,7 +555,7 @@ class TrainingEngine:
         engine.skipped_steps += 1
         engine.global_steps += 1
         engine.micro_steps += self.gradient_accumulation_steps
-        engine.global_samples += self.global_batch_size
+        engine.global_samples += engine.train_batch_size()
         self.lr_scheduler.step()
         return StepResult(loss=float("nan"), grad_norm=None, learning_rate=lr, skipped=True,
                           num_samples=self.global_batch_size, next_learning_rate=self._lr())
@@ -590,6 +617,7 @@ def build_engine(run, ps: ParallelState, device: torch.device, ds_config: Option
 
         ds_config = build_deepspeed_config(run, ps.dp_size, device.type)
     pipeline = uses_pipeline_engine(run)
+    replicas = pipeline_sample_replicas(ps) if pipeline else 1
     if task is None:
         from megatron.training.task import PretrainingTask
 
@@ -611,7 +639,17 @@ def build_engine(run, ps: ParallelState, device: torch.device, ds_config: Option
         from megatron.model import register_sequence_parallel_grad_hooks
 
         handles = register_sequence_parallel_grad_hooks(model, ps)
-    kwargs = dict(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
+    engine_config = ds_config if replicas == 1 else \
+        {**ds_config, "train_batch_size": ds_config["train_batch_size"] * replicas}
+    zero_section = engine_config.get("zero_optimization", {})
+    try:
+        gradient_scale = 1.0 if pipeline else compat.ulysses_gradient_scale(zero_section, ps.sp_size)
+    except ValueError as error:
+        raise EngineConfigError(str(error)) from None
+    if not pipeline and ps.sp_size > 1 and zero_section.get("stage", 0) == 3:
+        # after the optimizer is built (it reads the parameters' shapes), before DeepSpeed converts them over dp
+        compat.partition_zero3_parameters(model, ps.sdp_group, engine_config, ps.mpu())
+    kwargs = dict(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=engine_config)
     if not pipeline and ps.world_size > 1:
         # A PipelineModule brings its own topology (DeepSpeed refuses both); one rank needs no groups.
         kwargs["mpu"] = ps.mpu()
@@ -627,4 +665,5 @@ def build_engine(run, ps: ParallelState, device: torch.device, ds_config: Option
                           is_pipeline=pipeline, eod_token=eod_token, reset_position_ids=run.data.reset_position_ids,
                           eod_mask_loss=run.data.eod_mask_loss, reset_attention_mask=run.data.reset_attention_mask,
                           hook_handles=handles, timers=timers,
-                          empty_unused_memory_level=run.training.empty_unused_memory_level, task=task)
+                          empty_unused_memory_level=run.training.empty_unused_memory_level, task=task,
+                          sample_replicas=replicas, gradient_scale=gradient_scale)
