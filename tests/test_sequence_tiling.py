@@ -144,6 +144,23 @@ def test_refused_combinations_name_their_flags(flags, message):
         assert message in str(e.value)
 
 
+def test_a_deepspeed_config_file_must_agree_with_the_activation_checkpointing_flags():
+    from megatron.training.ds_config import build_deepspeed_config, merge_user_config
+
+    run = parse_args(BASE + ["--checkpoint-activations", "--checkpoint-in-cpu"])
+    generated = build_deepspeed_config(run, dp_size=1)
+    assert generated["activation_checkpointing"] == {"partition_activations": False, "cpu_checkpointing": True}
+    agreeing = {"activation_checkpointing": {"cpu_checkpointing": True, "partition_activations": False}}
+    assert merge_user_config(agreeing, generated, "ds.json")["activation_checkpointing"]["cpu_checkpointing"]
+    with pytest.raises(ConfigError) as e:
+        merge_user_config({"activation_checkpointing": {"partition_activations": True,
+                                                        "contiguous_memory_optimization": True}}, generated, "ds.json")
+    assert "--partition-activations gives activation_checkpointing.partition_activations = False but ds.json has " \
+           "True" in str(e.value)
+    assert "ds.json sets activation_checkpointing.contiguous_memory_optimization (upstream's " \
+           "--contigious-checkpointing)" in str(e.value)
+
+
 def test_an_out_of_memory_step_lists_the_options_this_run_does_not_use():
     with pytest.raises(RuntimeError) as allocation:
         torch.empty(2**50)  # the CPU allocator's real error (4 PiB)

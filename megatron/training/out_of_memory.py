@@ -40,6 +40,10 @@ def memory_options(run: RunConfig, ps: ParallelState) -> list[str]:
         options.append("--checkpoint-in-cpu: keep those recomputed layers' inputs on the CPU")
     if m.checkpoint_activations and ps.tp_size > 1 and not m.partition_activations and not m.sequence_parallel:
         options.append("--partition-activations: split the recomputed layers' inputs over the tp ranks")
+    precision = run.training.precision
+    if (precision.bf16 or precision.fp16) and not m.flash_attention:
+        options.append("--use-flash-attn: attention through SDPA's fused kernels, with no [sequence, sequence] "
+                       "scores (under --bf16/--fp16 without it, attention is upstream's unfused CoreAttention)")
     if not m.tiled_mlp:
         options.append("--tiled-mlp: no [sequence, ffn-hidden] tensor whole (the MLP runs in sequence tiles)")
     if not m.tiled_logits_loss:
