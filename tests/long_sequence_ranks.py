@@ -89,3 +89,18 @@ def pipeline_case(kind: str, options: dict, world_size: int, results: dict) -> N
             for name, value in pipe_state_dict_to_model(pipe._local_start + index, layer.state_dict(), config).items():
                 # one SGD step at lr 100: the gradient comes back through (before - after) / lr
                 results[f"{label}/grad:{name}"] = max_abs((before[name] - value) / lr, ref_grads[name])
+
+
+def zero3_training_case(world_size: int, results: dict) -> None:
+    """3 iterations of pretrain's loop at dp = 2 under ZeRO-3 (tiled MLP gradients accumulate tile by tile
+    behind DeepSpeed's hooks): losses and gradient norms with tiling and offloaded recomputation equal plain."""
+    import engine_cases
+
+    plain = engine_cases.flags("--zero-stage", "3", "--train-iters", "3")
+    long = plain + ["--tiled-mlp", "--tiled-logits-loss", "--sequence-tile-size", "24",
+                    "--checkpoint-activations", "--checkpoint-in-cpu"]
+    out = engine_cases.train_cases(0, world_size, [("plain", plain), ("long", long)])
+    for key in ("losses", "grad_norms"):
+        a, b = out["plain"][key], out["long"][key]
+        assert len(a) == len(b) == 3, (a, b)
+        results[f"zero3-dp2/{key}"] = max(abs(x - y) for x, y in zip(a, b))

@@ -125,6 +125,8 @@ def test_flags_reach_the_model_config():
     assert (m.tiled_mlp, m.tiled_logits_loss, m.sequence_tile_size) == (True, True, 512)
     assert (m.checkpoint_in_cpu, m.partition_activations) == (True, True)
     assert parse_args(BASE).model.sequence_tile_length(batch=2) == 32  # default: hidden size tokens per tile
+    # a saved config keeps the options; loading it without recomputation (conversion, inference) is allowed
+    assert not TransformerConfig.from_dict(m.to_dict()).replace(checkpoint_activations=False).checkpoint_activations
 
 
 @pytest.mark.parametrize("flags, message", [
@@ -175,7 +177,7 @@ def test_an_out_of_memory_step_lists_the_options_this_run_does_not_use():
     assert "--tiled-mlp:" not in text and "--checkpoint-activations (" not in text  # already on
 
 
-# ---- 2 ranks: tp = 2, Ulysses sp = 2, pp = 2 ------------------------------------------------------------------
+# ---- 2 ranks: tp = 2, Ulysses sp = 2, pp = 2, ZeRO-3 at dp = 2 ------------------------------------------------------------------
 OFFLOAD = dict(checkpoint_activations=True, checkpoint_in_cpu=True)
 TWO_RANK_CASES = [  # (model, tp, Ulysses sp, Megatron sp, options, dropout)
     ("llama", 2, 1, False, ranks.LONG, 0.0),
@@ -193,6 +195,7 @@ def _two_rank_checks(rank, world_size):
         ranks.layout_case(kind, tp, sp, seqpar, options, world_size, results, dropout)
     for kind, options in PIPE_CASES:
         ranks.pipeline_case(kind, options, world_size, results)
+    ranks.zero3_training_case(world_size, results)
     return results
 
 
@@ -206,6 +209,6 @@ def two_rank_results():
 
 
 @pytest.mark.timeout(600)
-def test_tp2_sp2_and_pp2_with_tiling_and_offload_equal_the_plain_run(two_rank_results):
+def test_tp2_sp2_pp2_and_zero3_with_tiling_and_offload_equal_the_plain_run(two_rank_results):
     over = {k: v for k, v in two_rank_results.items() if v > TOLERANCE}
     assert len(two_rank_results) > 2 * len(TWO_RANK_CASES) and over == {}

@@ -81,7 +81,8 @@ class TransformerConfig:
     # Selective recomputation (Megatron's --recompute-granularity selective): only the core attention.
     recompute_core_attention: bool = False
     # Long sequences (docs/LONG_SEQUENCES.md). The input kept for each recomputed chunk of layers: on the CPU
-    # (upstream's --checkpoint-in-cpu), and/or split over the tp ranks (--partition-activations).
+    # (upstream's --checkpoint-in-cpu), and/or split over the tp ranks (--partition-activations); no effect
+    # without checkpoint_activations (the flags are refused without it; a loaded config may turn recomputation off).
     checkpoint_in_cpu: bool = False
     partition_activations: bool = False
     # Sequence tiling: the MLP (--tiled-mlp) and the output projection + loss (--tiled-logits-loss) run
@@ -214,10 +215,6 @@ class TransformerConfig:
             errors.append(f"--recompute-method {self.recompute_method!r} is not one of uniform, block")
         if self.checkpoint_num_layers < 1:
             errors.append(f"--checkpoint-num-layers must be >= 1 (got {self.checkpoint_num_layers})")
-        for name in ("checkpoint_in_cpu", "partition_activations"):
-            if getattr(self, name) and not self.checkpoint_activations:
-                errors.append(f"--{name.replace('_', '-')} acts on the inputs kept for recomputed layers: it needs "
-                              "--checkpoint-activations or --recompute-granularity full")
         if self.sequence_tile_size is not None and self.sequence_tile_size < 1:
             errors.append(f"--sequence-tile-size must be >= 1 (got {self.sequence_tile_size})")
         if errors:

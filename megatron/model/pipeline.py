@@ -138,13 +138,16 @@ def build_pipeline_module(config: TransformerConfig, ps: ParallelState, seed: in
                                              num_dp=ps.dp_size * ps.sp_size)
     interval = config.checkpoint_num_layers if config.checkpoint_activations else 0
     loss_fn = loss_fn or MaskedMeanLoss(config, ps)
+    if config.tiled_logits_loss and not isinstance(loss_fn, MaskedMeanLoss):
+        raise ValueError("--tiled-logits-loss under pipeline parallelism needs the loss to be MaskedMeanLoss "
+                         "(the last stage hands it hidden states, not logits)")
     module = PipelineModule(
         layers=specs, loss_fn=loss_fn, topology=topology,
         partition_method=partition_method, activation_checkpoint_interval=interval,
         activation_checkpoint_func=activation_checkpoint_function(
             config.checkpoint_in_cpu, ps.tp_group if config.partition_activations else None),
     )
-    if config.tiled_logits_loss and isinstance(loss_fn, MaskedMeanLoss):
+    if config.tiled_logits_loss:
         last = module.forward_funcs[-1] if module.forward_funcs else None
         if isinstance(last, OutputLayerPipe):
             loss_fn.output_weight = lambda: last.weight
