@@ -123,7 +123,8 @@ class MLP(nn.Module):
         )
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        if self.config.tiled_mlp:
+        # (an input that needs no gradient while grad is on would leave the weights without one: run it whole)
+        if self.config.tiled_mlp and (hidden.requires_grad or not torch.is_grad_enabled()):
             params = [p for p in self.parameters() if p.requires_grad]
             return _SequenceTiled.apply(self._dense, self.config.sequence_tile_length(hidden.shape[0]), params, hidden)
         return self._dense(hidden)
