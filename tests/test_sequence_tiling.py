@@ -146,6 +146,17 @@ def test_refused_combinations_name_their_flags(flags, message):
         assert message in str(e.value)
 
 
+def test_the_dry_run_memory_estimate_counts_what_the_options_save():
+    from megatron.training.dry_run import memory_per_device
+
+    long = ["--seq-length", "32768", "--max-position-embeddings", "32768", "--vocab-size", "32000",
+            "--checkpoint-activations"]
+    plain = memory_per_device(parse_args(BASE + long), 1)["activations"]
+    options = memory_per_device(parse_args(BASE + long + ["--checkpoint-in-cpu", "--tiled-mlp",
+                                                          "--tiled-logits-loss"]), 1)["activations"]
+    assert options < plain / 10  # the [s, V] logits and the kept layer inputs dominate the plain estimate
+
+
 def test_a_deepspeed_config_file_must_agree_with_the_activation_checkpointing_flags():
     from megatron.training.ds_config import build_deepspeed_config, merge_user_config
 
