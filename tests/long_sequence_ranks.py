@@ -104,3 +104,25 @@ def zero3_training_case(world_size: int, results: dict) -> None:
         a, b = out["plain"][key], out["long"][key]
         assert len(a) == len(b) == 3, (a, b)
         results[f"zero3-dp2/{key}"] = max(abs(x - y) for x, y in zip(a, b))
+
+
+def out_of_memory_case(world_size: int, results: dict) -> None:
+    """pretrain's loop when the allocator fails inside a step: StepOutOfMemory (exit code 2) with the advice."""
+    import engine_cases
+    from megatron.training.engine import TrainingEngine
+    from megatron.training.out_of_memory import StepOutOfMemory
+
+    real = TrainingEngine.train_step
+
+    def fails(self, batches):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate memory: you "
+                           "tried to allocate 68719476736 bytes. Error code 12 (Cannot allocate memory)")
+
+    TrainingEngine.train_step = fails
+    try:
+        engine_cases.train_cases(0, world_size, [("oom", engine_cases.flags("--tiled-mlp", "--train-iters", "2"))])
+        results["oom/message"] = "no error"
+    except StepOutOfMemory as error:
+        results["oom/message"] = f"exit code {error.exit_code}: {error}"
+    finally:
+        TrainingEngine.train_step = real
