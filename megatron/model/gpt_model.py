@@ -2,7 +2,8 @@
 
     model = GPTModel(config, ps, seed=1234)          # ParallelState.single() without torch.distributed
     logits = model(tokens)                           # [b, s, padded_vocab / tp]; gather_logits() for all
-    loss = model(tokens, labels=labels)              # per-token float32 loss [b, s]
+    loss = model(tokens, labels=labels)              # per-token float32 loss [b, s] (in sequence tiles, no
+                                                     # whole logits, with config.tiled_logits_loss)
     model(tokens, document_ids=ids)                  # attention causal within documents (--reset-attention-mask)
 
 Tokens are the full sequence under Megatron sequence parallelism and this rank's shard (with
