@@ -113,6 +113,19 @@ def test_a_16k_token_sequence_trains_with_tiling_and_no_whole_logits():
     assert largest < seq * 128  # the whole logits would be seq × 504 elements, fc1's seq × 512
 
 
+def test_fp32_gqa_on_an_accelerator_repeats_the_heads_and_means_the_same_attention():
+    from megatron.model.attention import gqa_by_repeated_heads
+
+    assert gqa_by_repeated_heads("cuda", torch.float32) and gqa_by_repeated_heads("xpu", torch.float32)
+    assert not gqa_by_repeated_heads("cpu", torch.float32) and not gqa_by_repeated_heads("cuda", torch.bfloat16)
+    g = torch.Generator().manual_seed(1)
+    q, k, v = torch.randn(2, 8, 16, 4, generator=g), torch.randn(2, 2, 16, 4, generator=g), torch.randn(2, 2, 16, 4,
+                                                                                                       generator=g)
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    repeated = sdpa(q, k.repeat_interleave(4, dim=1), v.repeat_interleave(4, dim=1), is_causal=True)
+    assert torch.allclose(repeated, sdpa(q, k, v, is_causal=True, enable_gqa=True), atol=1e-6)
+
+
 # ---- flags --------------------------------------------------------------------------------------------------
 BASE = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "8", "--seq-length", "32",
         "--mock-data", "--vocab-size", "100", "--train-iters", "3"]
