@@ -172,7 +172,7 @@ HELP_ESSENTIALS = frozenset("""
     --optimizer --override-opt-param-scheduler --use-checkpoint-opt-param-scheduler
     --bf16 --fp16 --accumulate-allreduce-grads-in-fp32
     --deepspeed-config --zero-stage --cpu-optimizer --checkpoint-activations --recompute-granularity
-    --universal-checkpoint
+    --universal-checkpoint --checkpoint-in-cpu --tiled-mlp --tiled-logits-loss
     --seed --log-interval --eval-interval --eval-iters --save --save-interval --load --no-load-optim --no-load-rng
     --finetune --load-tag --use-checkpoint-args --exit-interval --exit-duration-in-mins --exit-signal-handler
     --dry-run
