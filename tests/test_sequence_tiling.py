@@ -133,7 +133,8 @@ BASE = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "8"
 
 def test_flags_reach_the_model_config():
     run = parse_args(BASE + ["--tiled-mlp", "--tiled-logits-loss", "--sequence-tile-size", "512",
-                             "--checkpoint-activations", "--checkpoint-in-cpu", "--partition-activations"])
+                             "--checkpoint-activations", "--checkpoint-in-cpu", "--partition-activations",
+                             "--tensor-model-parallel-size", "2"])
     m = run.model
     assert (m.tiled_mlp, m.tiled_logits_loss, m.sequence_tile_size) == (True, True, 512)
     assert (m.checkpoint_in_cpu, m.partition_activations) == (True, True)
@@ -148,6 +149,7 @@ def test_flags_reach_the_model_config():
     (["--partition-activations", "--recompute-activations"], "--partition-activations acts on the inputs"),
     (["--checkpoint-activations", "--partition-activations", "--sequence-parallel",
       "--tensor-model-parallel-size", "2"], "is already split along the sequence over them; drop one"),
+    (["--checkpoint-activations", "--partition-activations"], "it needs --tensor-model-parallel-size > 1"),
     (["--contigious-checkpointing"], "--contigious-checkpointing: DeepSpeed's contiguous checkpoint buffers"),
     (["--synchronize-each-layer"], "--synchronize-each-layer: a device synchronisation around each recomputed"),
     (["--sequence-tile-size", "0"], "--sequence-tile-size"),

@@ -547,6 +547,9 @@ def _check_flags(ns: argparse.Namespace, typed: Optional[dict] = None) -> list[s
         if given and not (ns.checkpoint_activations or granularity == "full"):
             errors.append(f"{flag} acts on the inputs kept for recomputed layers: it needs --checkpoint-activations "
                           "or --recompute-granularity full")
+    if ns.partition_activations and (ns.tensor_model_parallel_size or 1) == 1:
+        errors.append("--partition-activations splits recomputed layers' inputs over the tp group: it needs "
+                      "--tensor-model-parallel-size > 1")
     if ns.partition_activations and ns.sequence_parallel and (ns.tensor_model_parallel_size or 1) > 1:
         errors.append("--partition-activations splits a replicated layer input over the tp ranks, but with "
                       "--sequence-parallel that input is already split along the sequence over them; drop one")
