@@ -172,7 +172,7 @@ HELP_ESSENTIALS = frozenset("""
     --optimizer --override-opt-param-scheduler --use-checkpoint-opt-param-scheduler
     --bf16 --fp16 --accumulate-allreduce-grads-in-fp32
     --deepspeed-config --zero-stage --cpu-optimizer --checkpoint-activations --recompute-granularity
-    --universal-checkpoint
+    --universal-checkpoint --checkpoint-in-cpu --tiled-mlp --tiled-logits-loss
     --seed --log-interval --eval-interval --eval-iters --save --save-interval --load --no-load-optim --no-load-rng
     --finetune --load-tag --use-checkpoint-args --exit-interval --exit-duration-in-mins --exit-signal-handler
     --dry-run
@@ -542,6 +542,17 @@ def _check_flags(ns: argparse.Namespace, typed: Optional[dict] = None) -> list[s
     if ns.recompute_method == "block" and ns.pipeline_model_parallel_size > 1:
         errors.append("--recompute-method block is supported with --pipeline-model-parallel-size 1 only; use "
                       "uniform")
+    for flag, given in (("--checkpoint-in-cpu", ns.checkpoint_in_cpu),
+                        ("--partition-activations", ns.partition_activations)):
+        if given and not (ns.checkpoint_activations or granularity == "full"):
+            errors.append(f"{flag} acts on the inputs kept for recomputed layers: it needs --checkpoint-activations "
+                          "or --recompute-granularity full")
+    if ns.partition_activations and (ns.tensor_model_parallel_size or 1) == 1:
+        errors.append("--partition-activations splits recomputed layers' inputs over the tp group: it needs "
+                      "--tensor-model-parallel-size > 1")
+    if ns.partition_activations and ns.sequence_parallel and (ns.tensor_model_parallel_size or 1) > 1:
+        errors.append("--partition-activations splits a replicated layer input over the tp ranks, but with "
+                      "--sequence-parallel that input is already split along the sequence over them; drop one")
     if ns.openai_gelu and (ns.swiglu or ns.squared_relu):
         errors.append(f"--openai-gelu selects the GeLU of the MLP; it cannot be combined with "
                       f"{'--swiglu' if ns.swiglu else '--squared-relu'} (pick one activation)")

@@ -56,6 +56,14 @@ def document_attention_mask(document_ids: torch.Tensor) -> torch.Tensor:
     return (same_document & causal).unsqueeze(1)
 
 
+def gqa_by_repeated_heads(device_type: str, dtype: torch.dtype) -> bool:
+    """Whether SDPA gets GQA as key/value heads repeated for their query groups rather than enable_gqa: on an
+    accelerator in fp32. torch (2.13) takes enable_gqa only in its flash kernel (fp16/bf16) and its math kernel
+    there, so fp32 GQA would fall to the math kernel and hold [s, s] scores; with the heads repeated (s × h
+    more key/value memory) the memory-efficient kernel takes it. On CPU the flash kernel takes enable_gqa."""
+    return device_type != "cpu" and dtype == torch.float32
+
+
 class SelfAttention(nn.Module):
     def __init__(self, config: TransformerConfig, ps: ParallelState, seed: int, prefix: str, layer_number: int = 0):
         """`layer_number`: the layer's 0-based index in the whole model (query-key layer scaling uses it + 1)."""
@@ -171,6 +179,9 @@ class SelfAttention(nn.Module):
             return self._attend_unfused(q, k, v, attention_mask)
         dropout = self.config.attention_dropout if self.training else 0.0
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+        group = q.shape[1] // k.shape[1]
+        if group > 1 and gqa_by_repeated_heads(q.device.type, q.dtype):
+            k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
         with tensor_parallel_rng(self.ps.tp_size, needed=dropout > 0):
             out = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=attention_mask, dropout_p=dropout, is_causal=attention_mask is None,

@@ -11,9 +11,11 @@ Memory per device (an estimate, in the spirit of Korthikanti et al. 2022, "Reduc
   gradients      P_dev × (weight bytes; 4 with fp32 accumulation), / dp under ZeRO-2/3
   optimizer      P_dev × (8 bytes Adam moments + 4 fp32 master weights under bf16/fp16), / dp under ZeRO >= 1;
                  0 on the device with --cpu-optimizer
-  activations    per layer and micro-batch s·b·h·(10 + 24/tp) bytes (attention scores are not kept: SDPA),
-                 2·s·b·h for a recomputed layer's input; × layers per stage × micro-batches in flight (pp under
-                 1F1B); plus the fp32 logits s·b·V/tp × 4 bytes twice (softmax and its gradient)
+  activations    per layer and micro-batch s·b·h·(10 + 24/tp) bytes (attention scores are not kept: SDPA), of
+                 which 16/tp are the MLP's 4h-wide intermediates (none kept with --tiled-mlp); 2·s·b·h for a
+                 recomputed layer's input (0 with --checkpoint-in-cpu, /tp with --partition-activations);
+                 × layers per stage × micro-batches in flight (pp under 1F1B); plus the fp32 logits s·b·V/tp × 4
+                 bytes twice (softmax and its gradient), one tile of them with --tiled-logits-loss
 P_dev counts this device's share: the layers of one pipeline stage over tp, and the embedding over tp.
 """
 
@@ -53,11 +55,13 @@ def memory_per_device(run: RunConfig, world_size: int) -> dict[str, float]:
     }
     gas = gradient_accumulation_steps(run, dp)
     in_flight = min(pp, gas) if pp > 1 else 1
-    full_layer = s * b * h * (10 + 24 / tp)
+    full_layer = s * b * h * (10 + (8 if m.tiled_mlp else 24) / tp)
     recomputed = m.recomputed_layers if pp == 1 else (layers_per_stage if m.checkpoint_activations else 0)
     recomputed = min(recomputed, layers_per_stage)
-    kept = (layers_per_stage - recomputed) * full_layer + recomputed * 2 * s * b * h + (full_layer if recomputed else 0)
-    out["activations"] = kept * in_flight + 2 * 4 * s * b * vocab / tp
+    kept_input = 0 if m.checkpoint_in_cpu else 2 * s * b * h / (tp if m.partition_activations else 1)
+    kept = (layers_per_stage - recomputed) * full_layer + recomputed * kept_input + (full_layer if recomputed else 0)
+    logit_rows = b * min(s, m.sequence_tile_length(b)) if m.tiled_logits_loss else s * b
+    out["activations"] = kept * in_flight + 2 * 4 * logit_rows * vocab / tp
     out["total"] = sum(out.values())
     return out
 

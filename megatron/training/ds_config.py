@@ -15,6 +15,7 @@ from megatron.config.arguments import (
     DEEPSPEED_AGREEMENT, ConfigError, RunConfig, deepspeed_file_values, global_batch_size,
     gradient_accumulation_steps, read_deepspeed_config,
 )
+from megatron.config.upstream_flags import REFUSED
 
 STEPS_PER_PRINT = 1_000_000_000  # our loop logs; DeepSpeed's own step prints stay quiet
 DEFAULT_BUCKET_SIZE = 500_000_000
@@ -77,7 +78,33 @@ def generate_deepspeed_config(run: RunConfig, dp_size: int, device_type: Optiona
         }
     if prec.bf16 and prec.accumulate_allreduce_grads_in_fp32:
         cfg["data_types"] = {"grad_accum_dtype": "fp32"}  # DeepSpeed's BF16 optimizer (ZeRO-1)
+    if run.model.checkpoint_in_cpu or run.model.partition_activations:
+        # what upstream's flags hand deepspeed.checkpointing.configure; recomputation here is ours (core/random.py)
+        cfg["activation_checkpointing"] = {"partition_activations": run.model.partition_activations,
+                                           "cpu_checkpointing": run.model.checkpoint_in_cpu}
     return cfg
+
+
+# DeepSpeed's activation_checkpointing keys: those upstream's flags set, and those whose flags are refused here
+_ACTIVATION_CHECKPOINTING_FLAGS = {"partition_activations": "--partition-activations",
+                                   "cpu_checkpointing": "--checkpoint-in-cpu"}
+_ACTIVATION_CHECKPOINTING_REFUSED = {"contiguous_memory_optimization": "--contigious-checkpointing",
+                                     "synchronize_checkpoint_boundary": "--synchronize-each-layer",
+                                     "profile": "--profile-backward"}
+
+
+def _activation_checkpointing_errors(user: dict, generated: dict, path: str) -> list[str]:
+    """A file's activation_checkpointing section against the flags (upstream's flags override it in
+    deepspeed.checkpointing.configure; here a file that asks for more than the flags is refused, not ignored)."""
+    section, mine = user.get("activation_checkpointing"), generated.get("activation_checkpointing", {})
+    if not isinstance(section, dict):
+        return []
+    errors = [f"{flag} gives activation_checkpointing.{key} = {bool(mine.get(key, False))} but {path} has "
+              f"{section[key]}" for key, flag in _ACTIVATION_CHECKPOINTING_FLAGS.items()
+              if key in section and bool(section[key]) != bool(mine.get(key, False))]
+    errors += [f"{path} sets activation_checkpointing.{key} (upstream's {flag}): {REFUSED[flag]}"
+               for key, flag in _ACTIVATION_CHECKPOINTING_REFUSED.items() if section.get(key)]
+    return errors
 
 
 def _zero_section(run: RunConfig, accelerator: bool) -> dict:
@@ -118,6 +145,7 @@ def merge_user_config(user: dict, generated: dict, path: str = "--deepspeed_conf
     for dest, (flag, key) in DEEPSPEED_AGREEMENT.items():
         if dest in theirs and theirs[dest] != mine.get(dest, False):
             errors.append(f"{flag} gives {key} = {mine.get(dest, False)} but {path} has {theirs[dest]}")
+    errors += _activation_checkpointing_errors(user, generated, path)
     gas = user.get("gradient_accumulation_steps")
     if isinstance(gas, int) and gas != generated["gradient_accumulation_steps"]:
         errors.append(f"the flags give gradient_accumulation_steps = {generated['gradient_accumulation_steps']} "
