@@ -13,6 +13,8 @@ import os
 import sys
 import warnings
 
+from megatron.distributed.refusal import say_refusal
+
 
 def launch_info():
     """This process's place in the job as the launcher tells it (before any process group exists); None when
@@ -30,20 +32,6 @@ def warn_once_per_run(rank: int) -> None:
     deprecation notices): rank 0 prints them, the other ranks stay quiet."""
     if rank != 0:
         warnings.simplefilter("ignore")
-
-
-def say_refusal(error, rank: int, world_size: int, same_on_every_rank: bool, master_addr=None,
-                master_port=None, prog: str = "pretrain_gpt.py") -> None:
-    """A refusal every rank reaches is printed once for the job, whichever rank exits first (rank 0 prints it;
-    the others wait, bounded, for it to confirm and print it themselves if it does not): see
-    megatron/distributed/refusal.py. One that may concern this rank's files only, every rank that sees it says."""
-    from megatron.distributed.refusal import job_store, say_once
-
-    if not same_on_every_rank:
-        print(f"{prog} (rank {rank}): {error}", file=sys.stderr, flush=True)
-        return
-    say_once(f"{prog}: {error}", rank, world_size,
-             store=lambda timeout_s: job_store(rank, world_size, master_addr, master_port, timeout_s))
 
 
 def data_path_directory(run) -> None:
