@@ -8,12 +8,15 @@
 Every method is collective: each rank of the model's process groups calls it with the same arguments, in the
 same order (torch.distributed already initialised when tp · pp > 1); every rank returns the same results.
 
-How a batch runs. Prompts of different lengths are left-padded into one [b, L] block and fed with each row's own
-positions; the KV cache (model/kv_cache.py) masks each row's padding, so a row attends exactly to its own
-tokens and gives what it gives alone (up to float rounding of the batched matmuls). The prefill runs the whole
-block once, then each step feeds one token per row. Rows stop on their own (stop tokens, max_new_tokens) and
-finished rows ride along until the batch ends. One rank (the last stage's tp rank 0) samples, with each row's
-own generator, and broadcasts the new tokens over the model-parallel group; the others follow.
+How requests run: continuous batching (inference/batching.py). generate() queues its requests into a RunningBatch
+of max_batch_size slots; at every decode step finished rows leave and queued requests join, prefilled together
+into free slots of a per-slot KV cache (model/slot_cache.py: each row its own length and positions), so a row
+attends exactly to its own tokens and gives what it gives alone (up to float rounding of the batched matmuls),
+whatever joins or leaves beside it. The server drives the same RunningBatch step by step from its queue
+(`running_batch()`). One rank (the last stage's tp rank 0) samples, with each row's own generator, and
+broadcasts the new tokens over the model-parallel group; the others follow, and every rank sees which rows
+finished from those tokens. The k most likely tokens at each position (SamplingParams.top_logprobs, OpenAI's
+`logprobs: k`) come from the same logits. Beam search runs alone, on model/kv_cache.py's KVCache.
 
 Pipeline parallelism runs this rank's stage of layers (model/stage.py) and passes the hidden states [b, s, h]
 to the next stage with torch.distributed point-to-point send/recv (not DeepSpeed's PipelineEngine, which
