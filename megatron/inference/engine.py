@@ -98,7 +98,9 @@ def build_tokenizer_for(source, tokenizer_args: Optional[dict], load: str) -> In
 
 class InferenceEngine:
     def __init__(self, stage: GPTStage, tokenizer, *, max_batch_size: int = 8,
-                 max_sequence_length: Optional[int] = None, model_name: str = "model"):
+                 max_sequence_length: Optional[int] = None, model_name: str = "model", pack_weights: bool = True):
+        """`pack_weights`: on CPU, give the layers oneDNN-packed copies of their weights (model/stage.py
+        pack_weights: faster decode steps, the weights held twice); the stage's weights must not change after."""
         self.stage, self.config, self.ps = stage, stage.config, stage.ps
         self.tokenizer = tokenizer
         self.model_name = model_name
@@ -125,6 +127,7 @@ class InferenceEngine:
         self._prev = pp_ranks[ps.pp_rank - 1] if ps.pp_rank > 0 else None
         self._next = pp_ranks[ps.pp_rank + 1] if ps.pp_rank + 1 < ps.pp_size else None
         self._hidden_dtype = torch.float32 if self.config.fp32_residual_connection else self.dtype
+        self.packed_weights = stage.pack_weights(max_batch_size) if pack_weights else 0
 
     # ---- construction ----------------------------------------------------------------------------------
     @classmethod
