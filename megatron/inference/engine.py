@@ -156,8 +156,9 @@ class InferenceEngine:
     @classmethod
     def from_source(cls, source, tokenizer=None, *, tp: int = 1, pp: int = 1, dtype=None, device=None,
                     max_batch_size: int = 8, max_sequence_length: Optional[int] = None,
-                    model_name: str = "model") -> "InferenceEngine":
-        """An engine on any FullModelSource (checkpoint/layout.py), e.g. StateDictSource of a GPTModel."""
+                    model_name: str = "model", pack_weights: bool = True) -> "InferenceEngine":
+        """An engine on any FullModelSource (checkpoint/layout.py), e.g. StateDictSource of a GPTModel
+        (`pack_weights`: as for __init__)."""
         config: TransformerConfig = source.config.replace(
             attention_dropout=0.0, hidden_dropout=0.0, sequence_parallel=False, checkpoint_activations=False)
         world = dist.get_world_size() if dist.is_initialized() else 1
@@ -177,7 +178,7 @@ class InferenceEngine:
         load_stage_weights(stage, source)
         stage = stage.to(device=device, dtype=dtype).eval()
         return cls(stage, tokenizer, max_batch_size=max_batch_size, max_sequence_length=max_sequence_length,
-                   model_name=model_name)
+                   model_name=model_name, pack_weights=pack_weights)
 
     def shutdown(self) -> None:
         """Drop the model (the process groups belong to the caller)."""
