@@ -101,7 +101,9 @@ def build_tokenizer_for(source, tokenizer_args: Optional[dict], load: str) -> In
 
 class InferenceEngine:
     def __init__(self, stage: GPTStage, tokenizer, *, max_batch_size: int = 8,
-                 max_sequence_length: Optional[int] = None, model_name: str = "model"):
+                 max_sequence_length: Optional[int] = None, model_name: str = "model", pack_weights: bool = True):
+        """`pack_weights`: on CPU, give the layers oneDNN-packed copies of their weights (model/stage.py
+        pack_weights: faster decode steps, the weights held twice); the stage's weights must not change after."""
         self.stage, self.config, self.ps = stage, stage.config, stage.ps
         self.tokenizer = tokenizer
         self.model_name = model_name
@@ -128,6 +130,7 @@ class InferenceEngine:
         self._prev = pp_ranks[ps.pp_rank - 1] if ps.pp_rank > 0 else None
         self._next = pp_ranks[ps.pp_rank + 1] if ps.pp_rank + 1 < ps.pp_size else None
         self._hidden_dtype = torch.float32 if self.config.fp32_residual_connection else self.dtype
+        self.packed_weights = stage.pack_weights(max_batch_size) if pack_weights else 0
 
     # ---- construction ----------------------------------------------------------------------------------
     @classmethod
@@ -156,8 +159,9 @@ class InferenceEngine:
     @classmethod
     def from_source(cls, source, tokenizer=None, *, tp: int = 1, pp: int = 1, dtype=None, device=None,
                     max_batch_size: int = 8, max_sequence_length: Optional[int] = None,
-                    model_name: str = "model") -> "InferenceEngine":
-        """An engine on any FullModelSource (checkpoint/layout.py), e.g. StateDictSource of a GPTModel."""
+                    model_name: str = "model", pack_weights: bool = True) -> "InferenceEngine":
+        """An engine on any FullModelSource (checkpoint/layout.py), e.g. StateDictSource of a GPTModel
+        (`pack_weights`: as for __init__)."""
         config: TransformerConfig = source.config.replace(
             attention_dropout=0.0, hidden_dropout=0.0, sequence_parallel=False, checkpoint_activations=False)
         world = dist.get_world_size() if dist.is_initialized() else 1
@@ -177,7 +181,7 @@ class InferenceEngine:
         load_stage_weights(stage, source)
         stage = stage.to(device=device, dtype=dtype).eval()
         return cls(stage, tokenizer, max_batch_size=max_batch_size, max_sequence_length=max_sequence_length,
-                   model_name=model_name)
+                   model_name=model_name, pack_weights=pack_weights)
 
     def shutdown(self) -> None:
         """Drop the model (the process groups belong to the caller)."""

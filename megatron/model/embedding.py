@@ -11,11 +11,10 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from megatron.config.model import TransformerConfig
-from megatron.core import mappings
+from megatron.core import mappings, packed_linear
 from megatron.core.layers import VocabParallelEmbedding, full_init, mark_partition, shard_tensor
 from megatron.core.random import derive_seed
 from megatron.distributed.parallel_state import ParallelState
@@ -63,13 +62,15 @@ class Embedding(nn.Module):
                               self.ps.tp_size)
 
 
-def language_model_logits(hidden: torch.Tensor, weight: torch.Tensor, tp_group, sequence_parallel: bool) -> torch.Tensor:
-    """This rank's vocabulary logits [b, s, V/tp] from hidden states (full, or sequence shards)."""
+def language_model_logits(hidden: torch.Tensor, weight: torch.Tensor, tp_group, sequence_parallel: bool,
+                          packed: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """This rank's vocabulary logits [b, s, V/tp] from hidden states (full, or sequence shards); `packed`:
+    core/packed_linear.pack's copy of `weight` (frozen inference only)."""
     if sequence_parallel:
         hidden = mappings.gather_from_sequence_parallel_region(hidden, tp_group)
     else:
         hidden = mappings.copy_to_tensor_parallel_region(hidden, tp_group)
-    return F.linear(hidden, weight)
+    return packed_linear.linear(hidden, weight, None, packed)
 
 
 class OutputLayer(nn.Module):
@@ -84,9 +85,11 @@ class OutputLayer(nn.Module):
                                               derive_seed(seed, "output_layer.weight"), config.init_method)
         self.weight = nn.Parameter(shard_tensor(full, 0, ps.tp_size, ps.tp_rank))
         mark_partition(self.weight, 0)
+        self.packed_weight: Optional[torch.Tensor] = None  # packed_linear.pack's copy (frozen inference only)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return language_model_logits(hidden, self.weight, self.ps.tp_group, self.sequence_parallel)
+        return language_model_logits(hidden, self.weight, self.ps.tp_group, self.sequence_parallel,
+                                     self.packed_weight)
 
 
 def gather_logits(logits: torch.Tensor, ps: ParallelState, vocab_size: Optional[int] = None) -> torch.Tensor:
