@@ -167,9 +167,9 @@ def measure(setup: Setup, batch: int, prompt_length: int) -> Row:
 
 
 def server_throughput(setup: Setup) -> list[Row]:
-    """The text generation server (megatron/inference/server.py, in this process on the same engine) under 8
-    concurrent clients, each a POST /v1/completions of one prompt (token ids, greedy), against the same 8 prompts
-    in one in-process engine.generate batch. Both stop on eod, so the tokens each generates are counted.
+    """The text generation server (megatron/inference/server.py, in this process on the same engine; continuous
+    batching) under 8 concurrent clients, each a POST /v1/completions of one prompt (token ids, greedy), against the
+    same 8 prompts in one in-process engine.generate call. Both stop on eod, so the tokens each generates are counted.
     TTFT: one streamed request's first chunk vs a one-token in-process generate."""
     import concurrent.futures
     import threading
@@ -235,7 +235,8 @@ def server_throughput(setup: Setup) -> list[Row]:
         server.should_exit = True
         thread.join()
         scheduler.stop()
-    note = (f"server vs in-process generate (not HF): {clients} clients, largest batch {scheduler.largest_batch}"
+    note = (f"server vs in-process generate (not HF): {clients} clients, largest batch {scheduler.largest_batch}, "
+            f"{scheduler.joined_running} sequences joined a running batch"
             + ("" if tokens["server"] == tokens["engine"] else ", TOKEN COUNTS DIFFER"))
     return [Row(f"server, {clients} concurrent clients, prompt {prompt_length}", best["server_ttft"],
                 best["engine_ttft"], tokens["server"] / best["server"], tokens["engine"] / best["engine"],
