@@ -1,7 +1,8 @@
 """Continuous batching (inference/batching.py, the server's Scheduler): requests that join a running batch while
 others decode, leave it when they finish or are cancelled, or fail, give each request exactly what it gives alone
 (greedy token for token, seeded sampling identical, log-probs and top-k log-probs within 1e-5), on one rank, at
-tp = 2 and pp = 2; the scheduler feeds the batch from its queue while a request streams."""
+tp = 2 and pp = 2; a row whose draw raises ends alone; the scheduler feeds the batch from its queue while a
+request streams."""
 
 
 import pytest
@@ -115,3 +116,32 @@ def test_continuous_batching_at_tp2_and_pp2_gives_what_one_rank_gives_alone(engi
     for rank, per_layout in enumerate(results):
         for (tp, pp), got in zip([(2, 1), (1, 2)], per_layout):
             _check_schedule(got, alone, f"tp {tp} pp {pp} rank {rank}")
+
+
+def test_a_row_whose_draw_raises_ends_alone_with_its_error(engine_and_alone, monkeypatch):
+    from megatron.inference import SamplingParams
+    from megatron.inference.batching import Request
+    from megatron.inference.generation import RowSampler
+
+    _, engine, _ = engine_and_alone
+    draw = RowSampler.next_token
+
+    def failing(self, logits):
+        if self.params.seed == 666:
+            raise RuntimeError("probability tensor contains nan")
+        return draw(self, logits)
+
+    greedy = SamplingParams(max_new_tokens=6, greedy=True, ignore_eos=True, return_logprobs=True)
+    seeded = SamplingParams(max_new_tokens=6, seed=4, top_k=10, ignore_eos=True)
+    [alone_greedy] = engine.generate([[5, 17, 42]], [greedy])
+    [alone_seeded] = engine.generate([[60, 61]], [seeded])
+    monkeypatch.setattr(RowSampler, "next_token", failing)
+    batch = engine.running_batch()
+    done = {f.id: f for f in batch.step([Request("greedy", [5, 17, 42], greedy), Request("seeded", [60, 61], seeded),
+                                         Request("bad", [7, 8, 9], SamplingParams(max_new_tokens=6, seed=666))])}
+    while batch.active:
+        done.update({f.id: f for f in batch.step()})
+    assert "sampling failed: RuntimeError: probability tensor contains nan" in str(done["bad"].error)
+    assert done["greedy"].result.tokens == alone_greedy.tokens
+    assert _close(done["greedy"].result.logprobs, alone_greedy.logprobs)
+    assert done["seeded"].result.tokens == alone_seeded.tokens
