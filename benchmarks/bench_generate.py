@@ -73,6 +73,9 @@ def parse_cli(argv=None) -> argparse.Namespace:
     p.add_argument("--hf-cache", choices=["dynamic", "static"], default="dynamic",
                    help="HF generate's KV cache: its default DynamicCache, or StaticCache (cache_implementation)")
     p.add_argument("--no-pack", action="store_true", help="ours without packed weights (F.linear, as before)")
+    p.add_argument("--hf-packed", action="store_true",
+                   help="HF's nn.Linear layers on the same oneDNN-packed weights as ours (not stock HF: shows what the "
+                        "GEMM backend alone gives)")
     p.add_argument("--quick", action="store_true", help="tiny sizes, one round (a smoke run)")
     args = p.parse_args(argv)
     if args.quick:
@@ -104,7 +107,19 @@ def build(args, directory: str) -> Setup:
                                          max_batch_size=max(int(b) for b in args.batches.split(",")),
                                          pack_weights=not args.no_pack)
     hf_model = AutoModelForCausalLM.from_pretrained(directory, attn_implementation="sdpa").eval()
+    if args.hf_packed:
+        _pack_hf(hf_model, max(int(b) for b in args.batches.split(",")))
     return Setup(args, engine, hf_model, directory)
+
+
+def _pack_hf(model, batch_hint: int) -> None:
+    """Every nn.Linear of the HF model (lm_head included) runs core/packed_linear.py on a packed copy of its weight."""
+    from megatron.core import packed_linear
+
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear):
+            packed = packed_linear.pack(module.weight, batch_hint)
+            module.forward = (lambda m, w: lambda x: packed_linear.linear(x, m.weight, m.bias, w))(module, packed)
 
 
 def _ours(engine, prompts, new_tokens):
@@ -265,7 +280,8 @@ def main(argv=None) -> int:
     print(f"# bench_generate {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, commit {commit}, "
           f"torch {torch.__version__}, transformers {transformers.__version__}, {args.threads} threads")
     print(f"# Llama L{args.layers} h{args.hidden} heads {args.heads}/{args.kv_heads} ffn {args.ffn} "
-          f"vocab {args.vocab}, fp32, greedy, {args.new_tokens} new tokens, HF {args.hf_cache} cache")
+          f"vocab {args.vocab}, fp32, greedy, {args.new_tokens} new tokens, HF {args.hf_cache} cache"
+          + (", HF's linear layers on our packed weights (not stock HF)" if args.hf_packed else ""))
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as directory:
         setup = build(args, directory)

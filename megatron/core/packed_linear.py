@@ -1,12 +1,12 @@
 """Prepacked weights for inference on CPU: the linear layers' GEMMs through oneDNN on a weight reordered once.
 
 Why. Generation on a CPU multiplies a few rows (one token per sequence) by every weight of the model, each step.
-torch's `F.linear` hands that to MKL's sgemm, which repacks the weight on each call; for the shapes of a decode
-step (8 rows × 512 × 32,000 for a Llama's logits) that measured 2.1x slower than oneDNN on a weight reordered
-once into its blocked layout (2-core AVX-512 VM, torch 2.13: 14.0 ms against 6.2 ms; 1.3-1.5x for the layers'
-qkv / fc1 / fc2 / dense; the same or faster at prefill sizes). torch's Inductor does the same when it freezes a
-model for CPU inference (`torch.ops.mkldnn._reorder_linear_weight` + `_linear_pointwise`). The sum over the
-input features runs in another order than MKL's, so outputs differ from `F.linear` by float rounding (~1e-6
+torch's `F.linear` hands that to MKL's sgemm, which is slow for so few rows: for the shapes of a decode step
+(8 rows × 512 × 32,000 for a Llama's logits) it measured 2.3x slower than oneDNN on a weight reordered once into
+its blocked layout (one thread of a 2-core AVX-512 VM, torch 2.13: 14.0 ms against 6.2 ms; 1.3-1.5x for the
+layers' qkv / fc1 / fc2 / dense; the same or faster at prefill sizes). torch's Inductor does the same when it
+freezes a model for CPU inference (`torch.ops.mkldnn._reorder_linear_weight` + `_linear_pointwise`). The sum over
+the input features runs in another order than MKL's, so outputs differ from `F.linear` by float rounding (~1e-6
 relative in fp32), as two BLAS libraries do.
 
 What it costs. The packed copy sits next to the parameter (the state dict, training and tied embeddings read the
