@@ -83,6 +83,7 @@ class RunningBatch:
         self.rows: list[_Row] = []
         self.last: Optional[torch.Tensor] = None  # [rows, V] next-token logits (last stage only)
         self.steps = 0
+        self.rows_sampled = 0  # rows that drew a token in the last step
 
     @property
     def active(self) -> int:
@@ -117,6 +118,7 @@ class RunningBatch:
             raise GenerationError(f"{len(valid)} requests join a batch with {self.free} free slots of {self.slots}")
         if valid:
             finished += self._join(valid)
+        self.rows_sampled = len(self.rows)
         if self.rows:
             finished += self._sample_and_advance()
         if not self.rows:

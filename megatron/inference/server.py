@@ -238,7 +238,7 @@ class Scheduler:
             self._owners.clear()
             return
         self.steps_run += 1
-        self.largest_batch = max(self.largest_batch, self.batch.active + len(finished))
+        self.largest_batch = max(self.largest_batch, self.batch.rows_sampled)
         for done in finished:
             job, index = self._owners.pop(done.id)
             if done.error is not None:
