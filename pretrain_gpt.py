@@ -13,8 +13,6 @@ import os
 import sys
 import warnings
 
-from megatron.distributed.refusal import say_refusal
-
 
 def launch_info():
     """This process's place in the job as the launcher tells it (before any process group exists); None when
@@ -72,6 +70,7 @@ def main(argv: list[str] | None = None, alcf: bool = False, prog: str = "pretrai
 
     quiet_cpu_accelerator_probe()  # before DeepSpeed is imported: no "Setting accelerator to CPU" per rank
     from megatron.cli import parse_args
+    from megatron.distributed.refusal import say_refusal
     from megatron.errors import ConfigError, MegatronError
     from megatron.training.preflight import preflight, with_data_list_problems
 

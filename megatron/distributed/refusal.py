@@ -24,6 +24,8 @@ import sys
 import time
 from typing import Callable, Optional
 
+import torch.distributed as dist
+
 from megatron.distributed.launcher import LauncherError, discover
 from megatron.errors import MegatronError
 
@@ -59,8 +61,6 @@ def job_store(rank: int, world_size: int, master_addr: Optional[str], master_por
     """A store every rank of the job reaches: the default group's once torch.distributed is initialised, else
     the rendezvous TCPStore (this rank hosts it when it is rank 0 and torchrun's agent does not); None when
     there is none or it cannot be created or reached within `timeout_s`."""
-    import torch.distributed as dist
-
     if not dist.is_available():
         return None
     if dist.is_initialized():
@@ -147,8 +147,6 @@ def run_entry_point(prog: str, body: Callable[[], int]) -> int:
 
 def _place() -> tuple:
     """(rank, world size, master address, master port) of this process: 0 of 1 when no launcher says more."""
-    import torch.distributed as dist  # as job_store: torch only once a refusal is said
-
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size(), None, None  # the default group's store is used
     try:
