@@ -145,3 +145,69 @@ def test_a_row_whose_draw_raises_ends_alone_with_its_error(engine_and_alone, mon
     assert done["greedy"].result.tokens == alone_greedy.tokens
     assert _close(done["greedy"].result.logprobs, alone_greedy.logprobs)
     assert done["seeded"].result.tokens == alone_seeded.tokens
+
+
+def test_a_cancelled_request_leaves_at_the_next_step_and_the_others_go_on(engine_and_alone):
+    """What the server does when a streaming client goes away: Scheduler.cancel."""
+    from megatron.inference import SamplingParams
+    from megatron.inference.request_error import RequestError
+    from megatron.inference.server import Job, Scheduler
+
+    _, engine, _ = engine_and_alone
+    long = SamplingParams(max_new_tokens=30, greedy=True, ignore_eos=True)
+    other = SamplingParams(max_new_tokens=8, seed=2, top_p=0.9, ignore_eos=True)
+    [alone] = engine.generate([[33, 34, 35]], [other])
+    scheduler = Scheduler(engine, max_batch_size=3, start=False)
+    streamed = []
+
+    def on_token(_index, token):
+        streamed.append(token)
+        if len(streamed) == 3:
+            scheduler.cancel(job)
+
+    job = Job("generate", [[5, 17, 42]], [long], on_token=on_token)
+    scheduler.submit(job)
+    kept = scheduler.submit(Job("generate", [[33, 34, 35]], [other]))
+    scheduler.start()
+    try:
+        with pytest.raises(RequestError, match="cancelled"):
+            job.future.result(timeout=300)
+        assert kept.result(timeout=300)[0].tokens == alone.tokens
+    finally:
+        scheduler.stop()
+    assert len(streamed) == 3 and scheduler.running == 0  # no token after the step that asked
+
+
+def test_a_streaming_client_that_goes_away_frees_its_slot():
+    import time
+
+    import httpx
+
+    from megatron.data.tokenizers import build_tokenizer
+    from megatron.inference import InferenceEngine, SamplingParams
+    from megatron.inference.tokenization import InferenceTokenizer
+    from tests.serve_fixtures import serve_in_thread
+
+    _, source = model_and_source(llama_config(seq_length=512, max_position_embeddings=512))
+    tokenizer = InferenceTokenizer(build_tokenizer("NullTokenizer", vocab_size=VOCAB - 1))
+    engine = InferenceEngine.from_source(source, tokenizer, device="cpu")
+    [alone] = engine.generate([[5, 6, 7]], [SamplingParams(max_new_tokens=300, greedy=True)])
+    assert alone.finish_reason == "length", "the request must not end on its own before the client leaves"
+    url, stop = serve_in_thread(engine)
+    try:
+        with httpx.Client(timeout=300) as client:
+            body = {"model": "model", "prompt": [5, 6, 7], "max_tokens": 300, "temperature": 0, "stream": True}
+            with client.stream("POST", url + "/v1/completions", json=body) as reply:
+                for count, _ in enumerate(line for line in reply.iter_lines() if line):
+                    if count == 2:
+                        break  # the client goes away after three chunks
+            health = client.get(url + "/health").json()
+            for _ in range(600):  # a wait for the server to notice, not a timing
+                if health["running"] == 0 and health["in_flight"] == 0:
+                    break
+                time.sleep(0.1)
+                health = client.get(url + "/health").json()
+    finally:
+        stop()
+    assert health["running"] == 0 and health["in_flight"] == 0, health
+    assert health["steps"] < 300, f"the request ran to its end: {health}"

@@ -109,6 +109,7 @@ class Scheduler:
         self._next_id = 0
         self._cv = threading.Condition()
         self._stopping = False
+        self._cancelled: list[Job] = []        # Jobs whose clients went away (cancel)
         self.steps_run = 0              # decode steps (for tests and /health)
         self.largest_batch = 0          # the most rows one step ran
         self.joined_running = 0         # sequences that joined a batch already running (continuous batching)
@@ -135,6 +136,13 @@ class Scheduler:
     def _finished(self, _future) -> None:
         with self._cv:
             self.in_flight -= 1
+
+    def cancel(self, job: Job) -> None:
+        """Stop `job` (its client went away): its queued sequences never join and its running ones leave at the
+        next step; its future fails. Only the scheduler's thread answers futures, so this only asks."""
+        with self._cv:
+            self._cancelled.append(job)
+            self._cv.notify()
 
     @property
     def queued(self) -> int:
@@ -185,6 +193,11 @@ class Scheduler:
                         self._cv.wait(timeout=remaining)
                 if self._pending[0].kind != "generate":
                     return self._pending.popleft()
+            for job in self._cancelled:
+                if not job.future.done():
+                    job.future.set_exception(RequestError("cancelled: the client went away", status=499))
+                    self._leaving += [rid for rid, (other, _) in self._owners.items() if other is job]
+            self._cancelled = []
             joins = []
             free = self.max_batch_size - self.batch.active
             while self._pending and self._pending[0].kind == "generate" and free > len(joins):
@@ -445,6 +458,14 @@ def build_app(engine, scheduler: Scheduler, settings: ServerSettings, on_ready: 
             except RequestError as error:
                 yield "data: " + json.dumps({"error": {"message": error.message}}) + "\n\n"
                 return
+            try:
+                async for event in stream_events():
+                    yield event
+            finally:  # the client went away (the generator is closed): its sequences leave the running batch
+                if not job.future.done():
+                    scheduler.cancel(job)
+
+        async def stream_events():
             for i, prompt in enumerate(prompts):
                 if kind != "text_completion":
                     yield chunk(i, None, None, role=True)
