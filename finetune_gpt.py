@@ -39,6 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     """pretrain_gpt.main's exit codes (0, 2 bad input, 3 a rank stopped answering, 4 NaN steps)."""
     import pretrain_gpt
     from megatron.config.post_training import add_post_training_arguments, split_post_training_args
+    from megatron.distributed.refusal import say_refusal
     from megatron.errors import MegatronError
 
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -59,9 +60,9 @@ def main(argv: list[str] | None = None) -> int:
     except MegatronError as error:
         launch = pretrain_gpt.launch_info()
         if launch is None:
-            pretrain_gpt.say_refusal(error, 0, 1, True, prog=PROG)
+            say_refusal(error, 0, 1, True, prog=PROG)
         else:
-            pretrain_gpt.say_refusal(error, launch.rank, launch.world_size, True, launch.master_addr,
+            say_refusal(error, launch.rank, launch.world_size, True, launch.master_addr,
                                      launch.master_port, prog=PROG)
         return error.exit_code
     from megatron.post_training.tasks import build_task

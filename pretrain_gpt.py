@@ -32,20 +32,6 @@ def warn_once_per_run(rank: int) -> None:
         warnings.simplefilter("ignore")
 
 
-def say_refusal(error, rank: int, world_size: int, same_on_every_rank: bool, master_addr=None,
-                master_port=None, prog: str = "pretrain_gpt.py") -> None:
-    """A refusal every rank reaches is printed once for the job, whichever rank exits first (rank 0 prints it;
-    the others wait, bounded, for it to confirm and print it themselves if it does not): see
-    megatron/distributed/refusal.py. One that may concern this rank's files only, every rank that sees it says."""
-    from megatron.distributed.refusal import job_store, say_once
-
-    if not same_on_every_rank:
-        print(f"{prog} (rank {rank}): {error}", file=sys.stderr, flush=True)
-        return
-    say_once(f"{prog}: {error}", rank, world_size,
-             store=lambda timeout_s: job_store(rank, world_size, master_addr, master_port, timeout_s))
-
-
 def data_path_directory(run) -> None:
     """Upstream's ALCF entry (pretrain_gpt_alcf.py): a --data-path that is one directory blends every file in it
     whose name contains ".bin", each with weight 1 (prefix: the name up to ".bin"), in os.listdir's order, as
@@ -84,6 +70,7 @@ def main(argv: list[str] | None = None, alcf: bool = False, prog: str = "pretrai
 
     quiet_cpu_accelerator_probe()  # before DeepSpeed is imported: no "Setting accelerator to CPU" per rank
     from megatron.cli import parse_args
+    from megatron.distributed.refusal import say_refusal
     from megatron.errors import ConfigError, MegatronError
     from megatron.training.preflight import preflight, with_data_list_problems
 

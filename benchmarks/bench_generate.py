@@ -1,6 +1,7 @@
 """Generation speed of our inference engine vs Hugging Face `generate` (its KV cache) on the same small Llama.
 
-Ours: megatron.inference.InferenceEngine (preallocated KV cache, SDPA, torch.inference_mode) on one rank.
+Ours: megatron.inference.InferenceEngine (preallocated KV cache, SDPA, oneDNN-packed weights, torch.inference_mode) on
+one rank (`--no-pack`: without the packed weights). `--hf-cache static` gives HF generate a StaticCache.
 Theirs: LlamaForCausalLM.generate on the model exported by tools/convert_checkpoint.py's to-hf writer (the same
 weights). Greedy, batch 1 and 8, prompts of 128 and 512 tokens, 128 new tokens (no early stop). For each case the
 two sides alternate `--rounds` times and the fastest run of each counts. Time to first token (TTFT) is the
@@ -69,6 +70,12 @@ def parse_cli(argv=None) -> argparse.Namespace:
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--rounds", type=int, default=1)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--hf-cache", choices=["dynamic", "static"], default="dynamic",
+                   help="HF generate's KV cache: its default DynamicCache, or StaticCache (cache_implementation)")
+    p.add_argument("--no-pack", action="store_true", help="ours without packed weights (F.linear, as before)")
+    p.add_argument("--hf-packed", action="store_true",
+                   help="HF's nn.Linear layers on the same oneDNN-packed weights as ours (not stock HF: shows what the "
+                        "GEMM backend alone gives)")
     p.add_argument("--quick", action="store_true", help="tiny sizes, one round (a smoke run)")
     args = p.parse_args(argv)
     if args.quick:
@@ -97,9 +104,22 @@ def build(args, directory: str) -> Setup:
     source = StateDictSource(GPTModel(config, seed=5).state_dict(), config)
     export_to_hf(source, directory, save_tokenizer_files=False, progress=False)
     engine = InferenceEngine.from_source(source, InferenceTokenizer(NullTokenizer(args.vocab)), device="cpu",
-                                         max_batch_size=max(int(b) for b in args.batches.split(",")))
+                                         max_batch_size=max(int(b) for b in args.batches.split(",")),
+                                         pack_weights=not args.no_pack)
     hf_model = AutoModelForCausalLM.from_pretrained(directory, attn_implementation="sdpa").eval()
+    if args.hf_packed:
+        _pack_hf(hf_model, max(int(b) for b in args.batches.split(",")))
     return Setup(args, engine, hf_model, directory)
+
+
+def _pack_hf(model, batch_hint: int) -> None:
+    """Every nn.Linear of the HF model (lm_head included) runs core/packed_linear.py on a packed copy of its weight."""
+    from megatron.core import packed_linear
+
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear):
+            packed = packed_linear.pack(module.weight, batch_hint)
+            module.forward = (lambda m, w: lambda x: packed_linear.linear(x, m.weight, m.bias, w))(module, packed)
 
 
 def _ours(engine, prompts, new_tokens):
@@ -129,13 +149,14 @@ class _FirstToken:
         pass
 
 
-def _theirs(model, prompts, new_tokens):
+def _theirs(model, prompts, new_tokens, cache: str = "dynamic"):
     ids = torch.tensor(prompts)
+    extra = {} if cache == "dynamic" else {"cache_implementation": cache}
     streamer = _FirstToken()
     start, cpu = time.perf_counter(), time.process_time()
     with torch.inference_mode():
         out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=new_tokens,
-                             min_new_tokens=new_tokens, pad_token_id=0, streamer=streamer)
+                             min_new_tokens=new_tokens, pad_token_id=0, streamer=streamer, **extra)
     end, cpu = time.perf_counter(), time.process_time() - cpu
     return streamer.first - start, end - start, cpu, out[:, ids.shape[1]:].tolist()
 
@@ -149,7 +170,7 @@ def measure(setup: Setup, batch: int, prompt_length: int) -> Row:
     agree = True
     for _ in range(args.rounds):
         runs = {"ours": _ours(setup.engine, prompts, args.new_tokens),
-                "theirs": _theirs(setup.hf_model, prompts, args.new_tokens)}
+                "theirs": _theirs(setup.hf_model, prompts, args.new_tokens, args.hf_cache)}
         for side, run in runs.items():
             best[side] = [min(old, new) for old, new in zip(best[side], run[:3])]
         agree = agree and runs["ours"][3] == runs["theirs"][3]
@@ -161,9 +182,9 @@ def measure(setup: Setup, batch: int, prompt_length: int) -> Row:
 
 
 def server_throughput(setup: Setup) -> list[Row]:
-    """The text generation server (megatron/inference/server.py, in this process on the same engine) under 8
-    concurrent clients, each a POST /v1/completions of one prompt (token ids, greedy), against the same 8 prompts
-    in one in-process engine.generate batch. Both stop on eod, so the tokens each generates are counted.
+    """The text generation server (megatron/inference/server.py, in this process on the same engine; continuous
+    batching) under 8 concurrent clients, each a POST /v1/completions of one prompt (token ids, greedy), against the
+    same 8 prompts in one in-process engine.generate call. Both stop on eod, so the tokens each generates are counted.
     TTFT: one streamed request's first chunk vs a one-token in-process generate."""
     import concurrent.futures
     import threading
@@ -229,7 +250,8 @@ def server_throughput(setup: Setup) -> list[Row]:
         server.should_exit = True
         thread.join()
         scheduler.stop()
-    note = (f"server vs in-process generate (not HF): {clients} clients, largest batch {scheduler.largest_batch}"
+    note = (f"server vs in-process generate (not HF): {clients} clients, largest batch {scheduler.largest_batch}, "
+            f"{scheduler.joined_running} sequences joined a running batch"
             + ("" if tokens["server"] == tokens["engine"] else ", TOKEN COUNTS DIFFER"))
     return [Row(f"server, {clients} concurrent clients, prompt {prompt_length}", best["server_ttft"],
                 best["engine_ttft"], tokens["server"] / best["server"], tokens["engine"] / best["engine"],
@@ -258,13 +280,15 @@ def main(argv=None) -> int:
     print(f"# bench_generate {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, commit {commit}, "
           f"torch {torch.__version__}, transformers {transformers.__version__}, {args.threads} threads")
     print(f"# Llama L{args.layers} h{args.hidden} heads {args.heads}/{args.kv_heads} ffn {args.ffn} "
-          f"vocab {args.vocab}, fp32, greedy, {args.new_tokens} new tokens")
+          f"vocab {args.vocab}, fp32, greedy, {args.new_tokens} new tokens, HF {args.hf_cache} cache"
+          + (", HF's linear layers on our packed weights (not stock HF)" if args.hf_packed else ""))
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as directory:
         setup = build(args, directory)
+        print(f"# ours: {setup.engine.packed_weights} weights packed for oneDNN (core/packed_linear.py)")
         with torch.inference_mode():  # warm both paths (first-call allocations, lazy imports)
             _ours(setup.engine, [[1, 2, 3]], 2)
-            _theirs(setup.hf_model, [[1, 2, 3]], 2)
+            _theirs(setup.hf_model, [[1, 2, 3]], 2, args.hf_cache)
         rows = []
         for batch in (int(b) for b in args.batches.split(",")):
             for prompt_length in (int(p) for p in args.prompts.split(",")):

@@ -57,9 +57,6 @@ def build_tiny_served_model(root: str, seq_length: int = 256, tp: int = 1, pp: i
 def start_server(load: str, ranks: int = 1, extra: tuple = (), log_dir: str | None = None):
     """tools/run_text_generation_server.py on `ranks` processes launched as torchrun would (RANK, WORLD_SIZE,
     MASTER_* in the environment); returns (base_url, processes) once GET /health answers."""
-    import time
-    import urllib.request
-
     from tests.multirank import free_port, rank_env
 
     port, master = free_port(), free_port()
@@ -71,19 +68,32 @@ def start_server(load: str, ranks: int = 1, extra: tuple = (), log_dir: str | No
                                        "--load", load, "--port", str(port), "--no-request-log", *extra],
                                       stdout=log, stderr=subprocess.STDOUT, env=env))
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 300  # a loaded 2-core machine starts slowly; this is a wait, not a measurement
+    try:
+        for p in procs:
+            wait_for_health(url, p, log_dir)
+    except RuntimeError:
+        stop_server(procs)
+        raise
+    return url, procs
+
+
+def wait_for_health(url: str, proc, log: str | None = None, timeout: float = 300) -> None:
+    """Return once GET /health answers 200; RuntimeError when `proc` exits first or it never does (a loaded
+    2-core machine starts slowly: this is a wait, not a measurement)."""
+    import time
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if any(p.poll() is not None for p in procs):
-            stop_server(procs)
-            raise RuntimeError(f"the server exited early (codes {[p.poll() for p in procs]}); logs in {log_dir}")
+        if proc.poll() is not None:
+            raise RuntimeError(f"the server exited early (code {proc.poll()}); see {log}")
         try:
             with urllib.request.urlopen(url + "/health", timeout=5) as reply:
                 if reply.status == 200:
-                    return url, procs
+                    return
         except OSError:
             time.sleep(0.5)
-    stop_server(procs)
-    raise RuntimeError(f"the server did not answer /health; logs in {log_dir}")
+    raise RuntimeError(f"the server did not answer /health; see {log}")
 
 
 def stop_server(procs, timeout: float = 120) -> list:

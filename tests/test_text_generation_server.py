@@ -231,7 +231,8 @@ def test_the_scheduler_batches_queued_jobs_and_isolates_a_failing_one(served, to
     futures = [scheduler.submit(Job("generate", [p], [greedy])) for p in prompts]
     scheduler.start()
     assert [f.result(timeout=300)[0].tokens for f in futures] == alone
-    assert scheduler.batches_run == 1 and scheduler.largest_batch == 3  # the three queued jobs ran as one batch
+    assert scheduler.largest_batch == 3  # the three queued jobs joined the first step together
+    assert scheduler.joined_running == 0
     scheduler.stop()
 
     scheduler = Scheduler(engine, max_batch_size=8, start=False)

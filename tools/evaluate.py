@@ -26,7 +26,7 @@ from megatron.deepspeed_compat import quiet_cpu_accelerator_probe  # noqa: E402
 
 quiet_cpu_accelerator_probe()
 
-from megatron.errors import ConfigError, MegatronError  # noqa: E402
+from megatron.errors import ConfigError  # noqa: E402
 
 LOCAL_TASKS = os.path.join(ROOT, "examples", "eval_tasks")
 
@@ -106,41 +106,44 @@ def evaluate(lm, tasks: list[str], include_path: str, num_fewshot=None, limit=No
 
 
 def main(argv=None) -> int:
+    """0 once evaluated, 2 on a refusal (said once for the job, no traceback)."""
+    from megatron.distributed.refusal import run_entry_point
+
     args = build_parser().parse_args(argv)
-    try:
-        import torch
+    return run_entry_point("evaluate.py", lambda: evaluate_checkpoint(args))
 
-        from megatron.distributed import initialize_distributed
-        from megatron.distributed.launcher import discover
-        from megatron.fileio import write_text_atomically
-        from megatron.inference import InferenceEngine
-        from megatron.inference.lm_eval_adapter import MegatronLM
 
-        if discover().world_size > 1:
-            initialize_distributed(use_deepspeed=False)
-        tokenizer_args = {"tokenizer_type": args.tokenizer_type, "tokenizer_model": args.tokenizer_model,
-                          "vocab_file": args.vocab_file, "merge_file": args.merge_file, "vocab_size": args.vocab_size}
-        dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else None
-        engine = InferenceEngine.from_checkpoint(args.load, tp=args.tensor_model_parallel_size,
-                                                 pp=args.pipeline_model_parallel_size, tokenizer_args=tokenizer_args,
-                                                 dtype=dtype, max_batch_size=args.batch_size,
-                                                 max_sequence_length=args.seq_length)
-        ps = engine.ps
-        lm = MegatronLM(engine, batch_size=args.batch_size, max_gen_toks=args.max_gen_toks,
-                        dp_group=ps.groups.get("dp"), dp_rank=ps.dp_rank, dp_size=ps.dp_size)
-        tasks = [t for t in args.tasks.split(",") if t]
-        results = evaluate(lm, tasks, args.include_path, args.num_fewshot, args.limit, args.seed, args.log_samples)
-        if ps.rank == 0 and results is not None:
-            from lm_eval.utils import make_table
+def evaluate_checkpoint(args) -> int:
+    import torch
 
-            print(make_table(results), flush=True)
-            if args.output_path:
-                write_text_atomically(args.output_path, json.dumps(results, indent=2, default=str) + "\n")
-                print(f"wrote {args.output_path}", flush=True)
-        return 0
-    except MegatronError as error:
-        print(f"error: {error}", file=sys.stderr, flush=True)
-        return error.exit_code
+    from megatron.distributed import initialize_distributed
+    from megatron.distributed.launcher import discover
+    from megatron.fileio import write_text_atomically
+    from megatron.inference import InferenceEngine
+    from megatron.inference.lm_eval_adapter import MegatronLM
+
+    if discover().world_size > 1:
+        initialize_distributed(use_deepspeed=False)
+    tokenizer_args = {"tokenizer_type": args.tokenizer_type, "tokenizer_model": args.tokenizer_model,
+                      "vocab_file": args.vocab_file, "merge_file": args.merge_file, "vocab_size": args.vocab_size}
+    dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else None
+    engine = InferenceEngine.from_checkpoint(args.load, tp=args.tensor_model_parallel_size,
+                                             pp=args.pipeline_model_parallel_size, tokenizer_args=tokenizer_args,
+                                             dtype=dtype, max_batch_size=args.batch_size,
+                                             max_sequence_length=args.seq_length)
+    ps = engine.ps
+    lm = MegatronLM(engine, batch_size=args.batch_size, max_gen_toks=args.max_gen_toks,
+                    dp_group=ps.groups.get("dp"), dp_rank=ps.dp_rank, dp_size=ps.dp_size)
+    tasks = [t for t in args.tasks.split(",") if t]
+    results = evaluate(lm, tasks, args.include_path, args.num_fewshot, args.limit, args.seed, args.log_samples)
+    if ps.rank == 0 and results is not None:
+        from lm_eval.utils import make_table
+
+        print(make_table(results), flush=True)
+        if args.output_path:
+            write_text_atomically(args.output_path, json.dumps(results, indent=2, default=str) + "\n")
+            print(f"wrote {args.output_path}", flush=True)
+    return 0
 
 
 if __name__ == "__main__":

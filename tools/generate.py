@@ -96,59 +96,57 @@ def main(argv=None) -> int:
     p.add_argument("--merge-file", default=None)
     p.add_argument("--vocab-size", type=int, default=None)
     args = p.parse_args(argv)
-    if args.top_k > 1 and 0.0 < args.top_p < 1.0:
-        print("error: --top-k and --top-p cannot both be set (upstream's sampling takes one); drop one",
-              file=sys.stderr)
-        return 2
-    if args.hf:
-        problem = hf_folder_error(args.hf)
-        if problem:
-            print(f"error: {problem}", file=sys.stderr)
-            return 2
+    from megatron.distributed import destroy_distributed
+    from megatron.distributed.refusal import run_entry_point
 
-    from megatron.distributed import destroy_distributed, initialize_distributed
+    started_before = torch.distributed.is_initialized()
+    try:
+        return run_entry_point("generate.py", lambda: generate_text(args))  # a refusal is said before the teardown
+    finally:
+        if not started_before:
+            destroy_distributed()
+
+
+def generate_text(args) -> int:
+    """Load, generate, print on rank 0; a refusal raises (MegatronError)."""
+    from megatron.distributed import initialize_distributed
     from megatron.distributed.launcher import discover
-    from megatron.errors import MegatronError
+    from megatron.errors import CheckpointError, ConfigError, MegatronError
     from megatron.inference import InferenceEngine
     from megatron.inference.tokenization import tokenize_prompt
 
-    started_here = False
+    if args.top_k > 1 and 0.0 < args.top_p < 1.0:
+        raise ConfigError("--top-k and --top-p cannot both be set (upstream's sampling takes one); drop one")
+    if args.hf:
+        problem = hf_folder_error(args.hf)
+        if problem:
+            raise ConfigError(problem)
+    device = None
+    if discover().world_size > 1 and not torch.distributed.is_initialized():
+        device = initialize_distributed(use_deepspeed=False).device
+    tokenizer_args = {"tokenizer_type": args.tokenizer_type, "tokenizer_model": args.tokenizer_model,
+                      "vocab_file": args.vocab_file, "merge_file": args.merge_file, "vocab_size": args.vocab_size}
     try:
-        device = None
-        if discover().world_size > 1 and not torch.distributed.is_initialized():
-            device = initialize_distributed(use_deepspeed=False).device
-            started_here = True
-        tokenizer_args = {"tokenizer_type": args.tokenizer_type, "tokenizer_model": args.tokenizer_model,
-                          "vocab_file": args.vocab_file, "merge_file": args.merge_file, "vocab_size": args.vocab_size}
-        try:
-            engine = InferenceEngine.from_checkpoint(args.load or args.hf, tp=args.tp, pp=args.pp,
-                                                     tokenizer_args=tokenizer_args, device=device,
-                                                     max_batch_size=max(1, len(args.prompt)))
-        except (OSError, ValueError) as error:  # a damaged or unsupported folder: the reader's reason
-            if isinstance(error, MegatronError):
-                raise
-            print(f"error: {args.load or args.hf}: cannot load it ({error}); point --load/--hf at a checkpoint or "
-                  "a folder written by tools/convert_checkpoint.py to-hf", file=sys.stderr)
-            return 2
-        tokenizer = engine.tokenizer
-        if tokenizer.vocab_size > engine.vocab_size:
-            print(f"error: the tokenizer has {tokenizer.vocab_size} tokens but the model's vocabulary has "
-                  f"{engine.vocab_size}; pass the run's tokenizer", file=sys.stderr)
-            return 2
-        prompts = [tokenize_prompt(tokenizer, text, args.add_bos) for text in args.prompt]
-        params = _params(args)
-        results = engine.generate(prompts, [params] * len(prompts))
-        if torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
-            return 0
-        for text, result in zip(args.prompt, results):
-            print(f"--- prompt: {text!r}\n{tokenizer.detokenize(result.tokens)}")
+        engine = InferenceEngine.from_checkpoint(args.load or args.hf, tp=args.tp, pp=args.pp,
+                                                 tokenizer_args=tokenizer_args, device=device,
+                                                 max_batch_size=max(1, len(args.prompt)))
+    except (OSError, ValueError) as error:  # a damaged or unsupported folder: the reader's reason
+        if isinstance(error, MegatronError):
+            raise
+        raise CheckpointError(f"{args.load or args.hf}: cannot load it ({error}); point --load/--hf at a "
+                              "checkpoint or a folder written by tools/convert_checkpoint.py to-hf") from None
+    tokenizer = engine.tokenizer
+    if tokenizer.vocab_size > engine.vocab_size:
+        raise ConfigError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model's vocabulary has "
+                          f"{engine.vocab_size}; pass the run's tokenizer")
+    prompts = [tokenize_prompt(tokenizer, text, args.add_bos) for text in args.prompt]
+    params = _params(args)
+    results = engine.generate(prompts, [params] * len(prompts))
+    if torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
         return 0
-    except MegatronError as error:  # a checkpoint, tokenizer or request that cannot be used: the message names it
-        print(f"error: {error}", file=sys.stderr)
-        return error.exit_code
-    finally:
-        if started_here:
-            destroy_distributed()
+    for text, result in zip(args.prompt, results):
+        print(f"--- prompt: {text!r}\n{tokenizer.detokenize(result.tokens)}")
+    return 0
 
 
 if __name__ == "__main__":

@@ -88,55 +88,61 @@ def check_flags(args) -> None:
         if value is not None and value < 1:
             problems.append(f"{flag} must be >= 1, got {value}")
     if problems:
-        raise ConfigError("run_text_generation_server.py: " + "; ".join(problems))
+        raise ConfigError("; ".join(problems))
+
+
+PROG = "run_text_generation_server.py"
 
 
 def main(argv=None) -> int:
+    """0 once stopped (SIGTERM / Ctrl-C), 2 on a refusal (said once for the job, no traceback)."""
+    from megatron.distributed.refusal import run_entry_point
+
     args = build_parser().parse_args(argv)
-    try:
-        check_flags(args)
-        import torch
+    return run_entry_point(PROG, lambda: serve_checkpoint(args))
 
-        from megatron.distributed import initialize_distributed
-        from megatron.distributed.launcher import discover
-        from megatron.inference import InferenceEngine
-        from megatron.inference.api_upstream import UpstreamDefaults
-        from megatron.inference.server import ServerSettings, serve
 
-        world = discover().world_size
-        if world > 1:
-            initialize_distributed(use_deepspeed=False)
-        tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
-        tokenizer_args = {"tokenizer_type": args.tokenizer_type, "tokenizer_model": args.tokenizer_model,
-                          "vocab_file": args.vocab_file, "merge_file": args.merge_file, "vocab_size": args.vocab_size}
-        dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else None
-        engine = InferenceEngine.from_checkpoint(args.load, tp=tp, pp=pp, tokenizer_args=tokenizer_args,
-                                                 dtype=dtype, max_batch_size=args.max_batch_size,
-                                                 max_sequence_length=args.seq_length)
-        layout = engine.ps.tp_size * engine.ps.pp_size
-        if world != layout:
-            raise ConfigError(f"the server runs one model replica: launch tp {engine.ps.tp_size} × pp "
-                              f"{engine.ps.pp_size} = {layout} ranks (got {world}), or set "
-                              "--tensor-model-parallel-size / --pipeline-model-parallel-size to fill the world")
-        settings = ServerSettings(host=args.host, port=args.port, max_new_tokens=args.out_seq_length,
-                                  max_tokens_to_oom=args.max_tokens_to_oom, log_requests=not args.no_request_log,
-                                  batch_wait_s=args.batch_wait_ms / 1000.0,
-                                  upstream_defaults=UpstreamDefaults(temperature=args.temperature, top_k=args.top_k,
-                                                                     top_p=float(args.top_p)))
+def serve_checkpoint(args) -> int:
+    check_flags(args)
+    import torch
 
-        def ready():
-            print(f"serving {engine.model_name} on http://{args.host}:{args.port} (tp {engine.ps.tp_size}, pp "
-                  f"{engine.ps.pp_size}, context {engine.max_sequence_length}): PUT /api, POST /v1/completions, "
-                  "POST /v1/chat/completions, GET /v1/models, GET /health", flush=True)
+    from megatron.distributed import initialize_distributed
+    from megatron.distributed.launcher import discover
+    from megatron.inference import InferenceEngine
+    from megatron.inference.api_upstream import UpstreamDefaults
+    from megatron.inference.server import ServerSettings, serve
 
-        serve(engine, settings, args.max_batch_size, on_ready=ready)
-        engine.shutdown()
-        if engine.ps.rank == 0:
-            print("run_text_generation_server.py: stopped", flush=True)
-        return 0
-    except MegatronError as error:
-        print(f"error: {error}", file=sys.stderr, flush=True)
-        return error.exit_code
+    world = discover().world_size
+    if world > 1:
+        initialize_distributed(use_deepspeed=False)
+    tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
+    tokenizer_args = {"tokenizer_type": args.tokenizer_type, "tokenizer_model": args.tokenizer_model,
+                      "vocab_file": args.vocab_file, "merge_file": args.merge_file, "vocab_size": args.vocab_size}
+    dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else None
+    engine = InferenceEngine.from_checkpoint(args.load, tp=tp, pp=pp, tokenizer_args=tokenizer_args,
+                                             dtype=dtype, max_batch_size=args.max_batch_size,
+                                             max_sequence_length=args.seq_length)
+    layout = engine.ps.tp_size * engine.ps.pp_size
+    if world != layout:
+        raise ConfigError(f"the server runs one model replica: launch tp {engine.ps.tp_size} × pp "
+                          f"{engine.ps.pp_size} = {layout} ranks (got {world}), or set "
+                          "--tensor-model-parallel-size / --pipeline-model-parallel-size to fill the world")
+    settings = ServerSettings(host=args.host, port=args.port, max_new_tokens=args.out_seq_length,
+                              max_tokens_to_oom=args.max_tokens_to_oom, log_requests=not args.no_request_log,
+                              batch_wait_s=args.batch_wait_ms / 1000.0,
+                              upstream_defaults=UpstreamDefaults(temperature=args.temperature, top_k=args.top_k,
+                                                                 top_p=float(args.top_p)))
+
+    def ready():
+        print(f"serving {engine.model_name} on http://{args.host}:{args.port} (tp {engine.ps.tp_size}, pp "
+              f"{engine.ps.pp_size}, context {engine.max_sequence_length}): PUT /api, POST /v1/completions, "
+              "POST /v1/chat/completions, GET /v1/models, GET /health", flush=True)
+
+    serve(engine, settings, args.max_batch_size, on_ready=ready)
+    engine.shutdown()
+    if engine.ps.rank == 0:
+        print("run_text_generation_server.py: stopped", flush=True)
+    return 0
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from megatron.core import mappings
+from megatron.core import mappings, packed_linear
 
 
 # ---- how a dimension is split over tensor-parallel ranks ------------------------------------
@@ -157,13 +157,14 @@ class ColumnParallelLinear(nn.Module):
             mark_partition(self.bias, 0, segments=self.segments)
         else:
             self.register_parameter("bias", None)
+        self.packed_weight: Optional[torch.Tensor] = None  # packed_linear.pack's copy (frozen inference only)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.sequence_parallel:
             x = mappings.gather_from_sequence_parallel_region(x, self.tp_group)
         else:
             x = mappings.copy_to_tensor_parallel_region(x, self.tp_group)
-        y = F.linear(x, self.weight, self.bias)
+        y = packed_linear.linear(x, self.weight, self.bias, self.packed_weight)
         if self.gather_output:
             if len(self.segments) > 1:
                 raise ValueError("ColumnParallelLinear: gather_output with segments would interleave them; "
@@ -199,11 +200,12 @@ class RowParallelLinear(nn.Module):
             mark_partition(self.bias, None, sequence_parallel=sequence_parallel)
         else:
             self.register_parameter("bias", None)
+        self.packed_weight: Optional[torch.Tensor] = None  # packed_linear.pack's copy (frozen inference only)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.input_is_parallel:
             x = mappings.scatter_to_tensor_parallel_region(x, self.tp_group)
-        y = F.linear(x, self.weight)
+        y = packed_linear.linear(x, self.weight, None, self.packed_weight)
         if self.sequence_parallel:
             y = mappings.reduce_scatter_to_sequence_parallel_region(y, self.tp_group)
         else:

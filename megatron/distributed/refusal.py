@@ -24,6 +24,11 @@ import sys
 import time
 from typing import Callable, Optional
 
+import torch.distributed as dist
+
+from megatron.distributed.launcher import LauncherError, discover
+from megatron.errors import MegatronError
+
 WAIT_ENV = "MEGATRON_REFUSAL_WAIT_S"
 DEFAULT_WAIT_S = 30.0
 _said: dict = {}  # {rank: refusals said}: each refusal has keys of its own (tests call main() several times)
@@ -56,8 +61,6 @@ def job_store(rank: int, world_size: int, master_addr: Optional[str], master_por
     """A store every rank of the job reaches: the default group's once torch.distributed is initialised, else
     the rendezvous TCPStore (this rank hosts it when it is rank 0 and torchrun's agent does not); None when
     there is none or it cannot be created or reached within `timeout_s`."""
-    import torch.distributed as dist
-
     if not dist.is_available():
         return None
     if dist.is_initialized():
@@ -115,3 +118,41 @@ def say_once(message: str, rank: int, world_size: int, store=None, wait: Optiona
             store.set(all_seen, "1")
     except (RuntimeError, OSError):
         pass
+
+
+def say_refusal(error, rank: int, world_size: int, same_on_every_rank: bool, master_addr=None,
+                master_port=None, prog: str = "pretrain_gpt.py") -> None:
+    """A refusal every rank reaches is printed once for the job, whichever rank exits first (rank 0 prints it;
+    the others wait, bounded, for it to confirm and print it themselves if it does not): `say_once`. One that
+    may concern this rank's files only, every rank that sees it says, naming itself."""
+    if not same_on_every_rank:
+        print(f"{prog} (rank {rank}): {error}", file=sys.stderr, flush=True)
+        return
+    say_once(f"{prog}: {error}", rank, world_size,
+             store=lambda timeout_s: job_store(rank, world_size, master_addr, master_port, timeout_s))
+
+
+def run_entry_point(prog: str, body: Callable[[], int]) -> int:
+    """The exit code of an entry point's `body()`: a MegatronError it raises is said with `say_refusal` (once for
+    the job when every rank reaches it, else by each rank with its rank) and becomes its exit code (2), without
+    a traceback. The job's place (rank, world size, rendezvous) comes from torch.distributed once it is
+    initialised, else from the launcher's environment (a refusal of the flags, before any process group)."""
+    try:
+        return body()
+    except MegatronError as error:
+        rank, world_size, master_addr, master_port = _place()
+        say_refusal(error, rank, world_size, error.same_on_every_rank, master_addr, master_port, prog=prog)
+        return error.exit_code
+
+
+def _place() -> tuple:
+    """(rank, world size, master address, master port) of this process: 0 of 1 when no launcher says more."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size(), None, None  # the default group's store is used
+    try:
+        launch = discover()
+    except (LauncherError, ValueError, RuntimeError):
+        launch = None
+    if launch is None:
+        return 0, 1, None, None
+    return launch.rank, launch.world_size, launch.master_addr, launch.master_port

@@ -142,7 +142,7 @@ def sampling_params(req, max_new_tokens: int, logprobs: Optional[int] = None) ->
                            temperature=req.temperature if req.temperature > 0 else 1.0,
                            top_p=0.0 if req.top_p >= 1.0 else req.top_p,
                            seed=None if req.seed is None else req.seed + j,
-                           return_logprobs=logprobs is not None)
+                           return_logprobs=logprobs is not None, top_logprobs=logprobs or 0)
             for j in range(req.n)]
 
 
@@ -152,10 +152,11 @@ def cut_at_stop(text: str, stops: list[str]) -> Optional[int]:
     return min(found) if found else None
 
 
-def _logprobs_block(result: GenerationResult, tops: Optional[list], first: int, end: int, tokenizer) -> dict:
+def _logprobs_block(result: GenerationResult, first: int, end: int, tokenizer) -> dict:
     """OpenAI's legacy logprobs object for result.tokens[first:end]: each token's text, its log-prob (None for
-    the sequence's first token), the k most likely tokens there (`tops`, empty dicts with logprobs 0) and its
-    offset in the reply's text."""
+    the sequence's first token), the k most likely tokens there (the engine's result.top_logprobs; empty dicts
+    with logprobs 0) and its offset in the reply's text."""
+    tops = result.top_logprobs
     out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
     offset = 0
     for position in range(first, end):
@@ -182,8 +183,7 @@ def kept_tokens(result: GenerationResult, tokenizer, text_length: int) -> int:
     return len(generated)
 
 
-def completion_choice(index: int, result: GenerationResult, req: CompletionRequest, tokenizer,
-                      tops: Optional[list] = None) -> dict:
+def completion_choice(index: int, result: GenerationResult, req: CompletionRequest, tokenizer) -> dict:
     """One choice: the generated text (after the prompt's text when echo) cut at a stop string."""
     generated = result.tokens[result.prompt_length:]
     text = tokenizer.detokenize(generated)
@@ -197,7 +197,7 @@ def completion_choice(index: int, result: GenerationResult, req: CompletionReque
     logprobs = None
     if req.logprobs is not None:
         first = 0 if req.echo else result.prompt_length
-        logprobs = _logprobs_block(result, tops, first, result.prompt_length + kept, tokenizer)
+        logprobs = _logprobs_block(result, first, result.prompt_length + kept, tokenizer)
     return {"index": index, "text": prompt_text + text, "logprobs": logprobs, "finish_reason": finish}
 
 

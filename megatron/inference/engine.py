@@ -8,12 +8,15 @@
 Every method is collective: each rank of the model's process groups calls it with the same arguments, in the
 same order (torch.distributed already initialised when tp · pp > 1); every rank returns the same results.
 
-How a batch runs. Prompts of different lengths are left-padded into one [b, L] block and fed with each row's own
-positions; the KV cache (model/kv_cache.py) masks each row's padding, so a row attends exactly to its own
-tokens and gives what it gives alone (up to float rounding of the batched matmuls). The prefill runs the whole
-block once, then each step feeds one token per row. Rows stop on their own (stop tokens, max_new_tokens) and
-finished rows ride along until the batch ends. One rank (the last stage's tp rank 0) samples, with each row's
-own generator, and broadcasts the new tokens over the model-parallel group; the others follow.
+How requests run: continuous batching (inference/batching.py). generate() queues its requests into a RunningBatch
+of max_batch_size slots; at every decode step finished rows leave and queued requests join, prefilled together
+into free slots of a per-slot KV cache (model/slot_cache.py: each row its own length and positions), so a row
+attends exactly to its own tokens and gives what it gives alone (up to float rounding of the batched matmuls),
+whatever joins or leaves beside it. The server drives the same RunningBatch step by step from its queue
+(`running_batch()`). One rank (the last stage's tp rank 0) samples, with each row's own generator, and
+broadcasts the new tokens over the model-parallel group; the others follow, and every rank sees which rows
+finished from those tokens. The k most likely tokens at each position (SamplingParams.top_logprobs, OpenAI's
+`logprobs: k`) come from the same logits. Beam search runs alone, on model/kv_cache.py's KVCache.
 
 Pipeline parallelism runs this rank's stage of layers (model/stage.py) and passes the hidden states [b, s, h]
 to the next stage with torch.distributed point-to-point send/recv (not DeepSpeed's PipelineEngine, which
@@ -38,8 +41,8 @@ from megatron.checkpoint.layout import check_group, layer_prefixes
 from megatron.config.model import TransformerConfig
 from megatron.config.parallel import ParallelConfig
 from megatron.distributed.parallel_state import ParallelState
-from megatron.inference.generation import (BeamHypotheses, GenerationError, GenerationResult, RowSampler,
-                                           SamplingParams, stop_reason)
+from megatron.inference.batching import Request, RunningBatch
+from megatron.inference.generation import BeamHypotheses, GenerationError, GenerationResult, SamplingParams
 from megatron.inference.tokenization import InferenceTokenizer, special_tokens
 from megatron.model.kv_cache import KVCache
 from megatron.model.sharding import shard_state_dict
@@ -98,7 +101,9 @@ def build_tokenizer_for(source, tokenizer_args: Optional[dict], load: str) -> In
 
 class InferenceEngine:
     def __init__(self, stage: GPTStage, tokenizer, *, max_batch_size: int = 8,
-                 max_sequence_length: Optional[int] = None, model_name: str = "model"):
+                 max_sequence_length: Optional[int] = None, model_name: str = "model", pack_weights: bool = True):
+        """`pack_weights`: on CPU, give the layers oneDNN-packed copies of their weights (model/stage.py
+        pack_weights: faster decode steps, the weights held twice); the stage's weights must not change after."""
         self.stage, self.config, self.ps = stage, stage.config, stage.ps
         self.tokenizer = tokenizer
         self.model_name = model_name
@@ -125,6 +130,7 @@ class InferenceEngine:
         self._prev = pp_ranks[ps.pp_rank - 1] if ps.pp_rank > 0 else None
         self._next = pp_ranks[ps.pp_rank + 1] if ps.pp_rank + 1 < ps.pp_size else None
         self._hidden_dtype = torch.float32 if self.config.fp32_residual_connection else self.dtype
+        self.packed_weights = stage.pack_weights(max_batch_size) if pack_weights else 0
 
     # ---- construction ----------------------------------------------------------------------------------
     @classmethod
@@ -153,8 +159,9 @@ class InferenceEngine:
     @classmethod
     def from_source(cls, source, tokenizer=None, *, tp: int = 1, pp: int = 1, dtype=None, device=None,
                     max_batch_size: int = 8, max_sequence_length: Optional[int] = None,
-                    model_name: str = "model") -> "InferenceEngine":
-        """An engine on any FullModelSource (checkpoint/layout.py), e.g. StateDictSource of a GPTModel."""
+                    model_name: str = "model", pack_weights: bool = True) -> "InferenceEngine":
+        """An engine on any FullModelSource (checkpoint/layout.py), e.g. StateDictSource of a GPTModel
+        (`pack_weights`: as for __init__)."""
         config: TransformerConfig = source.config.replace(
             attention_dropout=0.0, hidden_dropout=0.0, sequence_parallel=False, checkpoint_activations=False)
         world = dist.get_world_size() if dist.is_initialized() else 1
@@ -174,7 +181,7 @@ class InferenceEngine:
         load_stage_weights(stage, source)
         stage = stage.to(device=device, dtype=dtype).eval()
         return cls(stage, tokenizer, max_batch_size=max_batch_size, max_sequence_length=max_sequence_length,
-                   model_name=model_name)
+                   model_name=model_name, pack_weights=pack_weights)
 
     def shutdown(self) -> None:
         """Drop the model (the process groups belong to the caller)."""
@@ -225,105 +232,63 @@ class InferenceEngine:
                                   f"{self.vocab_size})")
 
     # ---- generation --------------------------------------------------------------------------------------
+    @property
+    def pad_token(self) -> int:
+        """What fills the padded columns of a prefill (masked; never attended to by a real token)."""
+        return self._special.eod if self._special.eod is not None else 0
+
+    @property
+    def special(self):
+        return self._special
+
+    def request_problem(self, where: str, prompt, params: SamplingParams) -> Optional[str]:
+        """Why a generation request cannot run (named by `where`), or None."""
+        if not prompt or not all(isinstance(t, int) and 0 <= t < self.vocab_size for t in prompt):
+            return f"{where}: a prompt must be a non-empty list of token ids in [0, {self.vocab_size})"
+        if not isinstance(params, SamplingParams):
+            return f"{where}: params must be a SamplingParams, got {type(params).__name__}"
+        problems = params.problems()
+        if problems:
+            return f"{where}: " + "; ".join(problems)
+        if len(prompt) + params.max_new_tokens > self.max_sequence_length:
+            return (f"{where}: the prompt's {len(prompt)} tokens + max_new_tokens {params.max_new_tokens} exceed "
+                    f"the context of {self.max_sequence_length} tokens; shorten the prompt or ask for fewer tokens")
+        if (params.stop_on_eol or params.stop_on_double_eol) and self._special.newline is None:
+            return (f"{where}: stop_on_eol / stop_on_double_eol need a tokenizer with a newline token; "
+                    f"{self.tokenizer!r} has none")
+        return None
+
+    def running_batch(self):
+        """An empty RunningBatch (inference/batching.py) of max_batch_size slots: continuous batching, step by
+        step, for a caller that feeds it requests as they come (the server)."""
+        return RunningBatch(self, log)
+
     @torch.inference_mode()
     def generate(self, prompts: list, params: list, on_token: Optional[Callable[[int, int], None]] = None) -> list:
         """Continue each prompt (token ids) by its SamplingParams; results in order. on_token(index, token) is
-        called on the replica's first rank after each new token (an exception there is logged, not raised)."""
+        called on the replica's first rank after each new token (an exception there is logged, not raised).
+        At most max_batch_size sequences run at once; the others join as rows finish (continuous batching)."""
         if len(prompts) != len(params):
             raise GenerationError(f"generate: {len(prompts)} prompts but {len(params)} SamplingParams")
         for i, (prompt, p) in enumerate(zip(prompts, params)):
-            self._check_prompt(f"request {i}", prompt)
-            problems = p.problems()
-            if problems:
-                raise GenerationError(f"request {i}: " + "; ".join(problems))
-            if len(prompt) + p.max_new_tokens > self.max_sequence_length:
-                raise GenerationError(
-                    f"request {i}: the prompt's {len(prompt)} tokens + max_new_tokens {p.max_new_tokens} exceed the "
-                    f"context of {self.max_sequence_length} tokens; shorten the prompt or ask for fewer tokens")
-            if (p.stop_on_eol or p.stop_on_double_eol) and self._special.newline is None:
-                raise GenerationError(f"request {i}: stop_on_eol / stop_on_double_eol need a tokenizer with a "
-                                      f"newline token; {self.tokenizer!r} has none")
-        results = []
-        for first in range(0, len(prompts), self.max_batch_size):
-            chunk = slice(first, first + self.max_batch_size)
-            results += self._generate_batch(prompts[chunk], params[chunk], on_token, first)
+            problem = self.request_problem(f"request {i}", prompt, p)
+            if problem:
+                raise GenerationError(problem)
+
+        def callback(index):
+            return None if on_token is None else (lambda token: on_token(index, token))
+
+        batch = self.running_batch()
+        waiting = [Request(i, list(prompt), p, callback(i)) for i, (prompt, p) in enumerate(zip(prompts, params))]
+        waiting.reverse()
+        results: list = [None] * len(prompts)
+        while waiting or batch.active:
+            joins = [waiting.pop() for _ in range(min(batch.free, len(waiting)))]
+            for done in batch.step(joins):
+                if done.error is not None:
+                    raise done.error
+                results[done.id] = done.result
         return results
-
-    def _generate_batch(self, prompts, params, on_token, offset) -> list:
-        b = len(prompts)
-        lengths = [len(p) for p in prompts]
-        width = max(lengths)
-        steps = max(p.max_new_tokens for p in params)
-        start = [width - n for n in lengths]
-        pad = self._special.eod if self._special.eod is not None else 0
-        tokens = torch.full((b, width), pad, dtype=torch.long)
-        for row, prompt in enumerate(prompts):
-            tokens[row, start[row]:] = torch.tensor(prompt, dtype=torch.long)
-        tokens = tokens.to(self.device)
-        start_t = torch.tensor(start, device=self.device)
-        positions = (torch.arange(width, device=self.device).unsqueeze(0) - start_t.unsqueeze(1)).clamp(min=0)
-        cache = self._new_cache(b, width + steps, start)
-        hidden = self._run_stage(tokens, positions, cache)
-
-        out = [list(p) for p in prompts]
-        logprobs = [[] if p.return_logprobs else None for p in params]
-        finish = ["length"] * b
-        done = [p.max_new_tokens == 0 for p in params]
-        last = None
-        if hidden is not None:
-            for row, p in enumerate(params):  # the prompt's log-probs, row by row (bounded memory)
-                if p.return_logprobs and lengths[row] > 1:
-                    row_logits = self._logits(hidden[row:row + 1, start[row]:width - 1])[0]
-                    targets = tokens[row, start[row] + 1:].unsqueeze(1)
-                    logprobs[row] = F.log_softmax(row_logits, dim=-1).gather(1, targets).squeeze(1).tolist()
-            last = self._logits(hidden[:, -1:])[:, 0] if steps else None
-        samplers = [RowSampler(p, self.device) for p in params] if self.is_sampler else None
-
-        for step in range(steps):
-            new = torch.full((b,), pad, dtype=torch.long, device=self.device)
-            if self.is_sampler:
-                argmax = last.argmax(dim=-1).tolist() if any(p.is_greedy for p in params) else None  # one call
-                for row, p in enumerate(params):
-                    if done[row]:
-                        continue
-                    row_logits = last[row]
-                    masked = p.prevent_newline_after_colon and self._special.colon is not None and \
-                        out[row][-1] == self._special.colon and self._special.newline is not None
-                    if masked:
-                        row_logits = row_logits.clone()
-                        row_logits[self._special.newline] = -1e10
-                    token = argmax[row] if p.is_greedy and not masked else samplers[row].next_token(row_logits)
-                    new[row] = token
-                    if p.return_logprobs:
-                        logprobs[row].append(float(F.log_softmax(row_logits, dim=-1)[token]))
-            new = self._share(new)
-            new_list = new.tolist()
-            for row, p in enumerate(params):
-                if done[row]:
-                    continue
-                token = new_list[row]
-                previous = out[row][-1]
-                out[row].append(token)
-                if self.is_front and on_token is not None:
-                    try:
-                        on_token(offset + row, token)
-                    except Exception:  # a streaming client's failure must not stop the batch
-                        log.exception("on_token callback failed for request %d", offset + row)
-                if stop_reason(p, self._special, previous, token):
-                    done[row], finish[row] = True, "stop"
-                elif len(out[row]) - lengths[row] >= p.max_new_tokens:
-                    done[row] = True
-            if all(done):
-                break
-            step_positions = torch.tensor([len(o) - 1 for o in out], device=self.device).unsqueeze(1)
-            hidden = self._run_stage(new.unsqueeze(1), step_positions, cache)
-            if hidden is not None:
-                last = self._logits(hidden)[:, 0]
-
-        if any(p.return_logprobs for p in params):
-            logprobs = self._share_object(logprobs if self.is_sampler else None)
-        return [GenerationResult(tokens=out[row], prompt_length=lengths[row], logprobs=logprobs[row],
-                                 finish_reason=finish[row]) for row in range(b)]
 
     @torch.inference_mode()
     def score(self, sequences: list) -> list:

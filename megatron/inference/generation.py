@@ -46,6 +46,7 @@ class SamplingParams:
     prevent_newline_after_colon: bool = False
     return_logprobs: bool = False    # log-prob of every token after the first (prompt included), as upstream
     ignore_eos: bool = False
+    top_logprobs: int = 0            # k > 0: also the k most likely tokens at each of those positions (OpenAI's)
 
     @property
     def is_greedy(self) -> bool:
@@ -58,6 +59,8 @@ class SamplingParams:
             out.append(f"max_new_tokens must be an integer >= 0, got {self.max_new_tokens!r}")
         if not self.is_greedy and not 0.0 < self.temperature <= 100.0:
             out.append(f"temperature must be in (0, 100] (0 or greedy for argmax), got {self.temperature!r}")
+        if not isinstance(self.top_logprobs, int) or self.top_logprobs < 0:
+            out.append(f"top_logprobs must be an integer >= 0, got {self.top_logprobs!r}")
         if self.top_k < 0:
             out.append(f"top_k must be >= 0, got {self.top_k}")
         if not 0.0 <= self.top_p <= 1.0:
@@ -79,6 +82,8 @@ class GenerationResult:
     prompt_length: int
     logprobs: Optional[list]         # len(tokens) - 1 entries when asked
     finish_reason: str               # "stop" | "length"
+    top_logprobs: Optional[list] = None  # with SamplingParams.top_logprobs k: {token id: log-prob} of the k most
+    #                                      likely tokens at each position of `logprobs`
 
 
 def filter_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:

@@ -7,16 +7,19 @@ every rank of the model's layout.
 How a request travels (rank 0):
   1. the endpoint (an asyncio coroutine) validates the body (api_upstream.py / api_openai.py), tokenizes, and
      hands a Job (token ids + SamplingParams per sequence) to the Scheduler; it awaits the Job's future;
-  2. the Scheduler's one thread takes every queued generate Job that fits `max_batch_size` sequences, broadcasts
-     ("generate", prompts, params) to the other ranks (torch.distributed.broadcast_object_list over the world
-     group), and calls engine.generate on the whole batch; every follower rank makes the same call;
-  3. results go back to each Job's future; streamed tokens reach the endpoint through `on_token` as they come.
-A batch that raises is rerun one Job at a time, so only the Job at fault fails and the others are answered.
-While idle, rank 0 broadcasts a no-op every `heartbeat_s`, so a follower waiting for work never reaches the
-process group's timeout.
+  2. the Scheduler's one thread runs the engine's RunningBatch (continuous batching, inference/batching.py):
+     before each decode step it takes queued sequences into the free slots (up to `max_batch_size` running),
+     broadcasts ("step", joins, leaves) to the other ranks (torch.distributed.broadcast_object_list over the
+     world group), and every rank runs the same step; a request that comes while others decode joins at the
+     next step, and a row leaves at the step it finishes;
+  3. each Job's future gets its results once all its sequences are done; streamed tokens reach the endpoint
+     through `on_token` as they come.
+A sequence that fails (its request is invalid, its draw raised) ends its own Job only. Beam search runs alone,
+between batches. While idle, rank 0 broadcasts a no-op every `heartbeat_s`, so a follower waiting for work never
+reaches the process group's timeout.
 
 Shutdown (SIGTERM or SIGINT on rank 0): uvicorn stops accepting connections and waits for the requests in flight;
-then the Scheduler finishes every queued Job, broadcasts ("stop",), and every rank returns from `serve`. A
+then the Scheduler finishes every queued and running Job, broadcasts ("stop",), and every rank returns from `serve`. A
 follower ignores SIGTERM (torchrun forwards it to every rank) and waits for rank 0's stop.
 
 Why FastAPI on uvicorn (upstream uses Flask): request bodies validated by pydantic models that name the field at
@@ -48,13 +51,7 @@ from megatron.inference import api_upstream as up
 from megatron.inference.engine import SamplingParams
 from megatron.errors import MegatronError
 from megatron.inference.request_error import RequestError
-from megatron.inference.top_logprobs import top_logprobs
-
-
-def engine_operations(engine) -> dict:
-    """The collective calls the server makes, by the name rank 0 broadcasts."""
-    return {"generate": engine.generate, "beam_search": engine.beam_search,
-            "top_logprobs": lambda sequences, k: top_logprobs(engine, sequences, k)}
+from megatron.inference.batching import Request as BatchRequest
 
 
 @dataclass
@@ -71,33 +68,51 @@ class ServerSettings:
 
 @dataclass
 class Job:
-    kind: str                                  # "generate", or a single call: "beam_search" | "top_logprobs"
+    kind: str                                  # "generate" (continuous batching) or "beam_search" (a call alone)
     prompts: list
     params: list = field(default_factory=list)
-    call_args: dict = field(default_factory=dict)   # the engine call's other arguments, in order (not generate)
+    call_args: dict = field(default_factory=dict)   # beam_search's other arguments, in order
     on_token: Optional[Callable[[int, int], None]] = None   # (sequence index in this job, token id)
     future: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
+    # the scheduler's bookkeeping of a generate Job: sequences sent to the batch, results, sequences still out
+    joined: int = 0
+    results: list = field(default_factory=list)
+    remaining: int = 0
 
 
 class Scheduler:
-    """One thread on rank 0 that owns every engine call: batches queued generate Jobs, tells the followers."""
+    """One thread on rank 0 that owns every engine call and tells the followers each one first.
+
+    Generate Jobs run in the engine's RunningBatch (continuous batching, inference/batching.py): before every
+    decode step the thread takes queued sequences, first come first served, into the batch's free slots (a Job
+    with more sequences than the batch holds joins as rows free up), and sends the step's joins and leaves to
+    the other ranks; rows that finish leave at that step and their Job is answered once all its sequences are
+    done. A sequence that fails ends its Job with that error; the Job's other sequences leave at the next step,
+    and no other request is touched. Beam search runs alone, once the running batch has drained (Jobs behind it
+    wait, so no request overtakes an earlier one)."""
 
     def __init__(self, engine, max_batch_size: int, heartbeat_s: float = 60.0, start: bool = True,
                  batch_wait_s: float = 0.0):
-        """batch_wait_s: how long a batch waits for more requests once the first has come (until max_batch_size
-        sequences are queued); start=False: the thread starts at `start()` (what is queued before then forms the
-        first batches)."""
+        """max_batch_size: the most sequences running at once (at most the engine's max_batch_size);
+        batch_wait_s: how long an idle batch waits, once a request has come, for others sent at the same time
+        (until max_batch_size sequences are queued), so they share one prefill; start=False: the thread starts
+        at `start()` (what is queued before then joins the first step)."""
         self.engine = engine
-        self.operations = engine_operations(engine)
-        self.max_batch_size = max_batch_size
+        self.max_batch_size = min(max_batch_size, engine.max_batch_size)
         self.heartbeat_s = heartbeat_s
         self.batch_wait_s = batch_wait_s
         self.multi_rank = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        self.batch = engine.running_batch()
         self._pending: collections.deque[Job] = collections.deque()
+        self._owners: dict = {}                # request id in the batch -> (Job, sequence index)
+        self._leaving: list = []               # request ids of failed Jobs still in the batch
+        self._next_id = 0
         self._cv = threading.Condition()
         self._stopping = False
-        self.batches_run = 0            # engine.generate calls (for tests and the log)
-        self.largest_batch = 0
+        self._cancelled: list[Job] = []        # Jobs whose clients went away (cancel)
+        self.steps_run = 0              # decode steps (for tests and /health)
+        self.largest_batch = 0          # the most rows one step ran
+        self.joined_running = 0         # sequences that joined a batch already running (continuous batching)
         self.in_flight = 0              # submitted Jobs not answered yet
         self._thread = threading.Thread(target=self._loop, name="megatron-scheduler", daemon=True)
         if start:
@@ -107,6 +122,8 @@ class Scheduler:
         self._thread.start()
 
     def submit(self, job: Job) -> concurrent.futures.Future:
+        if job.kind == "generate":
+            job.results, job.remaining = [None] * len(job.prompts), len(job.prompts)
         with self._cv:
             if self._stopping:
                 raise RequestError("the server is shutting down", status=503)
@@ -120,117 +137,147 @@ class Scheduler:
         with self._cv:
             self.in_flight -= 1
 
+    def cancel(self, job: Job) -> None:
+        """Stop `job` (its client went away): its queued sequences never join and its running ones leave at the
+        next step; its future fails. Only the scheduler's thread answers futures, so this only asks."""
+        with self._cv:
+            self._cancelled.append(job)
+            self._cv.notify()
+
     @property
     def queued(self) -> int:
         return len(self._pending)
 
+    @property
+    def running(self) -> int:
+        return self.batch.active
+
     def stop(self) -> None:
-        """Finish every queued Job, tell the followers to stop, and end the thread."""
+        """Finish every queued and running Job, tell the followers to stop, and end the thread."""
         with self._cv:
             self._stopping = True
             self._cv.notify()
         self._thread.join()
 
-    def _next_batch(self) -> Optional[list[Job]]:
-        with self._cv:
-            while not self._pending and not self._stopping:
-                if not self._cv.wait(timeout=self.heartbeat_s) and self.multi_rank and not self._pending:
-                    self._broadcast(("noop",))
-            if not self._pending:
-                return None
-            if self._pending[0].kind == "generate" and self.batch_wait_s > 0:
-                # clients that send together arrive a few milliseconds apart: give them one batch
-                deadline = time.monotonic() + self.batch_wait_s
-                while not self._stopping and self._queued_sequences() < self.max_batch_size:
-                    remaining = deadline - time.monotonic()
-                    if remaining <= 0:
-                        break
-                    self._cv.wait(timeout=remaining)
-            first = self._pending.popleft()
-            if first.kind != "generate":
-                return [first]
-            batch, size, rest = [first], len(first.prompts), collections.deque()
-            while self._pending:
-                job = self._pending.popleft()
-                if job.kind == "generate" and size + len(job.prompts) <= self.max_batch_size:
-                    batch.append(job)
-                    size += len(job.prompts)
-                else:
-                    rest.append(job)
-            self._pending = rest
-            return batch
-
-    def _queued_sequences(self) -> int:
-        return sum(len(job.prompts) for job in self._pending if job.kind == "generate")
-
+    # ---- the thread ------------------------------------------------------------------------------------------
     def _loop(self) -> None:
         try:
             while True:
-                batch = self._next_batch()
-                if batch is None:
+                work = self._next_work()
+                if work is None:
                     break
-                self._run(batch)
+                if isinstance(work, Job):
+                    self._run_alone(work)
+                else:
+                    self._step(*work)
         finally:
             if self.multi_rank:
                 self._broadcast(("stop",))
+
+    def _next_work(self):
+        """None (stop), a Job to run alone, or the next step's (joins, leaves)."""
+        with self._cv:
+            if not self.batch.active:
+                while not self._pending and not self._stopping:
+                    if not self._cv.wait(timeout=self.heartbeat_s) and self.multi_rank and not self._pending:
+                        self._broadcast(("noop",))
+                if not self._pending:
+                    return None
+                if self._pending[0].kind == "generate" and self.batch_wait_s > 0:
+                    # clients that send together arrive a few milliseconds apart: one prefill for them all
+                    deadline = time.monotonic() + self.batch_wait_s
+                    while not self._stopping and self._queued_sequences() < self.max_batch_size:
+                        remaining = deadline - time.monotonic()
+                        if remaining <= 0:
+                            break
+                        self._cv.wait(timeout=remaining)
+                if self._pending[0].kind != "generate":
+                    return self._pending.popleft()
+            for job in self._cancelled:
+                if not job.future.done():
+                    job.future.set_exception(RequestError("cancelled: the client went away", status=499))
+                    self._leaving += [rid for rid, (other, _) in self._owners.items() if other is job]
+            self._cancelled = []
+            joins = []
+            free = self.max_batch_size - self.batch.active
+            while self._pending and self._pending[0].kind == "generate" and free > len(joins):
+                job = self._pending[0]
+                if job.future.done():  # failed while some of its sequences were still queued
+                    self._pending.popleft()
+                    continue
+                index = job.joined
+                job.joined += 1
+                if job.joined == len(job.prompts):
+                    self._pending.popleft()
+                request_id = self._next_id
+                self._next_id += 1
+                self._owners[request_id] = (job, index)
+                joins.append(BatchRequest(request_id, job.prompts[index], job.params[index],
+                                     self._callback(job, index)))
+            leaves, self._leaving = self._leaving, []
+            return joins, leaves
+
+    def _queued_sequences(self) -> int:
+        return sum(len(job.prompts) - job.joined for job in self._pending if job.kind == "generate")
+
+    @staticmethod
+    def _callback(job: Job, index: int):
+        if job.on_token is None:
+            return None
+
+        def on_token(token):
+            try:
+                job.on_token(index, token)
+            except Exception:  # noqa: BLE001 - a client's callback never stops the batch
+                pass
+        return on_token
 
     def _broadcast(self, command: tuple) -> None:
         if self.multi_rank:
             dist.broadcast_object_list([command], src=0)
 
-    def _call(self, name: str, *args, on_token=None):
-        self._broadcast((name, args))
-        if name == "generate":
-            return self.engine.generate(*args, on_token=on_token)
-        return self.operations[name](*args)
-
-    def _run(self, batch: list[Job]) -> None:
-        if batch[0].kind != "generate":
-            job = batch[0]
-            try:
-                args = (*job.prompts, *job.call_args.values()) if job.kind == "beam_search" else (
-                    job.prompts, *job.call_args.values())
-                job.future.set_result(self._call(job.kind, *args))
-            except Exception as error:  # noqa: BLE001 - one request's failure is its reply, not the server's end
-                job.future.set_exception(error)
-            return
-        owners = [(job, i) for job in batch for i in range(len(job.prompts))]
-        prompts = [job.prompts[i] for job, i in owners]
-        params = [job.params[i] for job, i in owners]
+    def _step(self, joins: list, leaves: list) -> None:
+        if joins and self.batch.active:
+            self.joined_running += len(joins)
+        self._broadcast(("step", [(r.id, r.prompt, r.params) for r in joins], leaves))
         try:
-            results = []
-            for start in range(0, len(prompts), self.max_batch_size):  # a Job larger than a batch runs in parts
-                chunk = slice(start, start + self.max_batch_size)
-
-                def on_token(index, token, _base=start):
-                    job, i = owners[_base + index]
-                    if job.on_token is not None:
-                        try:
-                            job.on_token(i, token)
-                        except Exception:  # noqa: BLE001 - a client's callback never stops the batch
-                            pass
-
-                results += self._call("generate", prompts[chunk], params[chunk], on_token=on_token)
-                self.batches_run += 1
-                self.largest_batch = max(self.largest_batch, len(prompts[chunk]))
-        except Exception as error:  # noqa: BLE001
-            if len(batch) > 1:  # find the Job at fault: the others still get their answers
-                for job in batch:
-                    self._run([job])
-            else:
-                batch[0].future.set_exception(error)
+            finished = self.batch.step(joins, leaves)
+        except Exception as error:  # noqa: BLE001 - the engine failed as a whole: the Jobs in it get the error
+            self._broadcast(("reset",))
+            self.batch = self.engine.running_batch()
+            for job, _ in list(self._owners.values()):
+                if not job.future.done():
+                    job.future.set_exception(error)
+            self._owners.clear()
             return
-        by_job: dict[int, list] = collections.defaultdict(list)
-        for (job, _), result in zip(owners, results):
-            by_job[id(job)].append(result)
-        for job in batch:
-            job.future.set_result(by_job[id(job)])
+        self.steps_run += 1
+        self.largest_batch = max(self.largest_batch, self.batch.rows_sampled)
+        for done in finished:
+            job, index = self._owners.pop(done.id)
+            if done.error is not None:
+                if not job.future.done():
+                    job.future.set_exception(done.error)
+                    self._leaving += [rid for rid, (other, _) in self._owners.items() if other is job]
+                continue
+            job.results[index] = done.result
+            job.remaining -= 1
+            if job.remaining == 0 and not job.future.done():
+                job.future.set_result(job.results)
+
+    def _run_alone(self, job: Job) -> None:
+        try:
+            args = (*job.prompts, *job.call_args.values())
+            self._broadcast((job.kind, args))
+            job.future.set_result(self.engine.beam_search(*args))
+        except Exception as error:  # noqa: BLE001 - one request's failure is its reply, not the server's end
+            job.future.set_exception(error)
 
 
 def follow(engine) -> None:
-    """A rank other than 0: make the engine call rank 0 announces, until it says stop."""
+    """A rank other than 0: make the engine calls rank 0 announces (the running batch's steps, beam searches),
+    until it says stop."""
     previous = signal.signal(signal.SIGTERM, lambda *_: None)  # the drain is rank 0's to lead
-    operations = engine_operations(engine)
+    batch = engine.running_batch()
     try:
         while True:
             command = [None]
@@ -240,8 +287,15 @@ def follow(engine) -> None:
                 return
             if name == "noop":
                 continue
+            if name == "reset":
+                batch = engine.running_batch()
+                continue
             try:
-                operations[name](*args[0])
+                if name == "step":
+                    joins, leaves = args
+                    batch.step([BatchRequest(*join) for join in joins], leaves)
+                else:
+                    engine.beam_search(*args[0])
             except Exception as error:  # noqa: BLE001 - rank 0 meets the same error and answers the request
                 print(f"rank {dist.get_rank()}: {name} failed: {error}", file=sys.stderr, flush=True)
     finally:
@@ -346,10 +400,7 @@ def build_app(engine, scheduler: Scheduler, settings: ServerSettings, on_ready: 
             if req.stream:
                 return _stream(all_prompts, params, req, "text_completion")
             results = await run_job(Job("generate", all_prompts, params))
-            tops = [None] * len(results)
-            if req.logprobs:
-                tops = await run_job(Job("top_logprobs", [r.tokens for r in results], call_args={"k": req.logprobs}))
-            choices = [oai.completion_choice(i, r, req, tokenizer, t) for i, (r, t) in enumerate(zip(results, tops))]
+            choices = [oai.completion_choice(i, r, req, tokenizer) for i, r in enumerate(results)]
             return JSONResponse(oai.completion_reply(model_name, choices, oai.usage(results, results[::req.n])))
         except MegatronError as error:
             return _error_response(_as_request_error(error), openai_style=True)
@@ -407,6 +458,14 @@ def build_app(engine, scheduler: Scheduler, settings: ServerSettings, on_ready: 
             except RequestError as error:
                 yield "data: " + json.dumps({"error": {"message": error.message}}) + "\n\n"
                 return
+            try:
+                async for event in stream_events():
+                    yield event
+            finally:  # the client went away (the generator is closed): its sequences leave the running batch
+                if not job.future.done():
+                    scheduler.cancel(job)
+
+        async def stream_events():
             for i, prompt in enumerate(prompts):
                 if kind != "text_completion":
                     yield chunk(i, None, None, role=True)
@@ -444,8 +503,9 @@ def build_app(engine, scheduler: Scheduler, settings: ServerSettings, on_ready: 
     @app.get("/health")
     async def health():
         return JSONResponse({"status": "ok", "model": model_name, "queued": scheduler.queued,
-                             "in_flight": scheduler.in_flight, "batches": scheduler.batches_run,
-                             "largest_batch": scheduler.largest_batch})
+                             "in_flight": scheduler.in_flight, "running": scheduler.running,
+                             "steps": scheduler.steps_run, "largest_batch": scheduler.largest_batch,
+                             "joined_running": scheduler.joined_running})
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, error: Exception):  # the server never dies on a request

@@ -13,11 +13,10 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from megatron.config.model import TransformerConfig
-from megatron.core import mappings
+from megatron.core import mappings, packed_linear
 from megatron.core.cross_entropy import tiled_vocab_parallel_cross_entropy
 from megatron.core.layers import VocabParallelEmbedding, full_init, mark_partition, shard_tensor
 from megatron.core.random import derive_seed
@@ -74,9 +73,11 @@ def output_projection_input(hidden: torch.Tensor, tp_group, sequence_parallel: b
     return mappings.copy_to_tensor_parallel_region(hidden, tp_group)
 
 
-def language_model_logits(hidden: torch.Tensor, weight: torch.Tensor, tp_group, sequence_parallel: bool) -> torch.Tensor:
-    """This rank's vocabulary logits [b, s, V/tp] from hidden states (full, or sequence shards)."""
-    return F.linear(output_projection_input(hidden, tp_group, sequence_parallel), weight)
+def language_model_logits(hidden: torch.Tensor, weight: torch.Tensor, tp_group, sequence_parallel: bool,
+                          packed: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """This rank's vocabulary logits [b, s, V/tp] from hidden states (full, or sequence shards); `packed`:
+    core/packed_linear.pack's copy of `weight` (frozen inference only)."""
+    return packed_linear.linear(output_projection_input(hidden, tp_group, sequence_parallel), weight, None, packed)
 
 
 def language_model_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, config: TransformerConfig,
@@ -99,13 +100,15 @@ class OutputLayer(nn.Module):
                                               derive_seed(seed, "output_layer.weight"), config.init_method)
         self.weight = nn.Parameter(shard_tensor(full, 0, ps.tp_size, ps.tp_rank))
         mark_partition(self.weight, 0)
+        self.packed_weight: Optional[torch.Tensor] = None  # packed_linear.pack's copy (frozen inference only)
 
     def forward(self, hidden: torch.Tensor, labels: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Logits [b, s, V/tp]; with `labels`, the tiled per-token loss instead (--tiled-logits-loss)."""
         if labels is not None:
             return language_model_loss(hidden, self.weight, labels, self.config, self.ps.tp_group,
                                        self.sequence_parallel)
-        return language_model_logits(hidden, self.weight, self.ps.tp_group, self.sequence_parallel)
+        return language_model_logits(hidden, self.weight, self.ps.tp_group, self.sequence_parallel,
+                                     self.packed_weight)
 
 
 def gather_logits(logits: torch.Tensor, ps: ParallelState, vocab_size: Optional[int] = None) -> torch.Tensor:

@@ -18,6 +18,8 @@ import torch
 from torch import nn
 
 from megatron.config.model import TransformerConfig
+from megatron.core.layers import ColumnParallelLinear, RowParallelLinear
+from megatron.core.packed_linear import pack, packable
 from megatron.distributed.parallel_state import ParallelState
 from megatron.model.embedding import Embedding, OutputLayer, language_model_logits
 from megatron.model.gpt_model import DEFAULT_SEED
@@ -54,6 +56,23 @@ class GPTStage(nn.Module):
         self.layers = nn.ModuleDict({str(i): TransformerLayer(config, ps, i, seed) for i in self.layer_indices})
         self.final_norm = build_norm(config, False) if self.last else None
         self.output_layer = OutputLayer(config, ps, seed) if self.last and not tied else None
+        self.tied_packed_weight: Optional[torch.Tensor] = None  # the tied logits' packed weight (pack_weights)
+
+    def pack_weights(self, batch_hint: int) -> int:
+        """Give every linear layer (and the logits) a packed copy of its weight for CPU inference
+        (core/packed_linear.py: faster GEMMs for a few rows, the weights held twice); call it after the weights
+        are loaded and moved, and again if they change. Returns how many weights were packed (0 where the
+        device or dtype does not allow it: the layers then run F.linear)."""
+        packed = 0
+        linears = [m for m in self.modules() if isinstance(m, (ColumnParallelLinear, RowParallelLinear, OutputLayer))]
+        for module in linears:
+            if packable(module.weight):
+                module.packed_weight = pack(module.weight, batch_hint)
+                packed += 1
+        if self.last and self.output_layer is None and packable(self.embedding.word_embeddings.weight):
+            self.tied_packed_weight = pack(self.embedding.word_embeddings.weight, batch_hint)
+            packed += 1
+        return packed
 
     def forward(self, inputs: torch.Tensor, position_ids: torch.Tensor,
                 kv_cache: Optional[KVCache] = None) -> torch.Tensor:
@@ -78,4 +97,5 @@ class GPTStage(nn.Module):
         hidden = self.final_norm(hidden)
         if self.output_layer is not None:
             return self.output_layer(hidden)
-        return language_model_logits(hidden, self.embedding.word_embeddings.weight, self.ps.tp_group, False)
+        return language_model_logits(hidden, self.embedding.word_embeddings.weight, self.ps.tp_group, False,
+                                     self.tied_packed_weight)
