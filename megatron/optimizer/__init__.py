@@ -13,11 +13,12 @@ where one is right, or to a module of this package where none is (the module say
     ds.fusedlamb           lamb.Lamb, DeepSpeed FusedLamb's trust-ratio bounds    per-tensor norms (tp, dp all-reduce)
     ipex.lamb/fusedlamb    lamb.Lamb (IPEX's LAMB without bounds)                 per-tensor norms (tp, dp all-reduce)
     muon                   torch.optim.Muon on hidden matrices + AdamW on the rest, full matrices (tp gather,
-                                                                                  ZeRO-1 by whole parameters)
+                                                                                  ZeRO-1/2 by whole parameters,
+                                                                                  bf16/fp16 with fp32 masters)
     muonclip               muon + per-head QK-clip (muon_clip.py)                 as muon
     galoreadamw            galore_torch.GaLoreAdamW on hidden matrices             as muon
-    adam8bit               bitsandbytes Adam8bit (CPU and CUDA) on every          whole tensors (tp gather,
-                           parameter                                              ZeRO-1 by whole parameters)
+    adam8bit               bitsandbytes Adam8bit (CPU and CUDA) on every          whole tensors (as muon)
+                           parameter
     galoreadamw8bit        galore_torch.GaLoreAdamW8bit on hidden matrices        as muon
                            (CUDA only)
     galoreadamw8bitperlayer  galoreadamw8bit stepped per parameter in backward   one rank, no accumulation,
@@ -32,8 +33,9 @@ schedule-free ones at ZeRO 0-2: their eval/train switch refreshes the model from
 others need whole tensors: they run with the parameters themselves (fp32; DeepSpeed's ZeRO and bf16/fp16
 optimizers hand the optimizer flat buffers cut at arbitrary offsets, and full_matrix.py says why DeepSpeed's
 own ZeRO Muon is no substitute), tensor-parallel shards are gathered into the single-rank tensors, and
---zero-stage 1 partitions their state by whole parameters over DeepSpeed's stage 0 (full_matrix.py,
-`deepspeed_zero_stage`). The 8-bit ones are among them: blockwise quantisation depends on the whole flat
+--zero-stage 1/2 partition their state by whole parameters over DeepSpeed's stage 0 (full_matrix.py,
+`deepspeed_zero_stage`); in bf16/fp16 (and at ZeRO-2) they keep fp32 masters and reduce, scale and clip the
+gradients themselves (mixed_precision.py, `owns_gradients`); ZeRO-3 is refused (ZERO3_REASON). The 8-bit ones are among them: blockwise quantisation depends on the whole flat
 tensor. LAMB only needs per-tensor norms: it sums them over its fragments of ZeRO-1/2 / bf16 partitions and
 over tp (lamb.py), so it runs at any stage but 3. What cannot be made exact is refused by `optimizer_errors`,
 naming the flags.
@@ -52,8 +54,8 @@ ELEMENTWISE = ("adam", "adamw", "apex.adam", "sgd", "apex.sgd", "adamwschedulefr
 # 8-bit state (bitsandbytes) is quantised in blocks of each tensor's flat elements: a tp shard or a ZeRO
 # partition has other blocks than the whole tensor, so these run on the single-rank tensors (full_matrix.py)
 EIGHT_BIT = ("adam8bit", "galoreadamw8bit")
-# whole matrices (or whole tensors): tp shards gathered, ZeRO-1 partitions them by whole parameters
-# (full_matrix.py), DeepSpeed runs stage 0
+# whole matrices (or whole tensors): tp shards gathered, ZeRO-1/2 partition them by whole parameters, bf16/fp16 keep
+# fp32 masters (full_matrix.py, mixed_precision.py), DeepSpeed runs stage 0
 WHOLE_MATRIX = ("muon", "muonclip", "galoreadamw", "dshampooadamw") + EIGHT_BIT
 WHOLE_TENSOR = ("ds.fusedlamb", "ipex.lamb", "ipex.fusedlamb") + WHOLE_MATRIX
 SCHEDULE_FREE = ("adamwschedulefree", "sgdschedulefree")
