@@ -13,11 +13,12 @@ where one is right, or to a module of this package where none is (the module say
     ds.fusedlamb           lamb.Lamb, DeepSpeed FusedLamb's trust-ratio bounds    per-tensor norms (tp, dp all-reduce)
     ipex.lamb/fusedlamb    lamb.Lamb (IPEX's LAMB without bounds)                 per-tensor norms (tp, dp all-reduce)
     muon                   torch.optim.Muon on hidden matrices + AdamW on the rest, full matrices (tp gather,
-                                                                                  ZeRO-1 by whole parameters)
+                                                                                  ZeRO-1/2 by whole parameters,
+                                                                                  bf16/fp16 with fp32 masters)
     muonclip               muon + per-head QK-clip (muon_clip.py)                 as muon
     galoreadamw            galore_torch.GaLoreAdamW on hidden matrices             as muon
-    adam8bit               bitsandbytes Adam8bit (CPU and CUDA) on every          whole tensors (tp gather,
-                           parameter                                              ZeRO-1 by whole parameters)
+    adam8bit               bitsandbytes Adam8bit (CPU and CUDA) on every          whole tensors (as muon)
+                           parameter
     galoreadamw8bit        galore_torch.GaLoreAdamW8bit on hidden matrices        as muon
                            (CUDA only)
     galoreadamw8bitperlayer  galoreadamw8bit stepped per parameter in backward   one rank, no accumulation,
@@ -32,8 +33,9 @@ schedule-free ones at ZeRO 0-2: their eval/train switch refreshes the model from
 others need whole tensors: they run with the parameters themselves (fp32; DeepSpeed's ZeRO and bf16/fp16
 optimizers hand the optimizer flat buffers cut at arbitrary offsets, and full_matrix.py says why DeepSpeed's
 own ZeRO Muon is no substitute), tensor-parallel shards are gathered into the single-rank tensors, and
---zero-stage 1 partitions their state by whole parameters over DeepSpeed's stage 0 (full_matrix.py,
-`deepspeed_zero_stage`). The 8-bit ones are among them: blockwise quantisation depends on the whole flat
+--zero-stage 1/2 partition their state by whole parameters over DeepSpeed's stage 0 (full_matrix.py,
+`deepspeed_zero_stage`); in bf16/fp16 (and at ZeRO-2) they keep fp32 masters and reduce, scale and clip the
+gradients themselves (mixed_precision.py, `owns_gradients`); ZeRO-3 is refused (ZERO3_REASON). The 8-bit ones are among them: blockwise quantisation depends on the whole flat
 tensor. LAMB only needs per-tensor norms: it sums them over its fragments of ZeRO-1/2 / bf16 partitions and
 over tp (lamb.py), so it runs at any stage but 3. What cannot be made exact is refused by `optimizer_errors`,
 naming the flags.
@@ -52,8 +54,8 @@ ELEMENTWISE = ("adam", "adamw", "apex.adam", "sgd", "apex.sgd", "adamwschedulefr
 # 8-bit state (bitsandbytes) is quantised in blocks of each tensor's flat elements: a tp shard or a ZeRO
 # partition has other blocks than the whole tensor, so these run on the single-rank tensors (full_matrix.py)
 EIGHT_BIT = ("adam8bit", "galoreadamw8bit")
-# whole matrices (or whole tensors): tp shards gathered, ZeRO-1 partitions them by whole parameters
-# (full_matrix.py), DeepSpeed runs stage 0
+# whole matrices (or whole tensors): tp shards gathered, ZeRO-1/2 partition them by whole parameters, bf16/fp16 keep
+# fp32 masters (full_matrix.py, mixed_precision.py), DeepSpeed runs stage 0
 WHOLE_MATRIX = ("muon", "muonclip", "galoreadamw", "dshampooadamw") + EIGHT_BIT
 WHOLE_TENSOR = ("ds.fusedlamb", "ipex.lamb", "ipex.fusedlamb") + WHOLE_MATRIX
 SCHEDULE_FREE = ("adamwschedulefree", "sgdschedulefree")
@@ -95,13 +97,7 @@ def optimizer_errors(run, device_type: str = "cpu", world_size: Optional[int] = 
         if name == "galoreadamw8bit" and device_type != "cuda":
             errors.append("--optimizer galoreadamw8bit: galore_torch's 8-bit AdamW runs on CUDA only (it synchronises "
                           f"the CUDA device), not on {device_type}; use --optimizer galoreadamw")
-        where = [f for f, bad in (("--zero-stage " + str(zero.zero_stage), zero.zero_stage > 1),
-                                  ("--bf16", prec.bf16), ("--fp16", prec.fp16)) if bad]
-        if where:
-            errors.append(f"--optimizer {name} quantises its state in blocks of each whole tensor, so it cannot give "
-                          f"the single-rank step with {', '.join(where)} (DeepSpeed hands the optimizer flat "
-                          "partitions or flat fp32 copies); use --zero-stage 0 or 1 (partitioned by whole "
-                          "parameters) in fp32, or --optimizer adam")
+        errors += _whole_matrix_errors(run)
     elif name in LAMB:
         if zero.zero_stage == 3:
             errors.append(f"--optimizer {name} needs whole-tensor norms, which it reads from ZeRO-1/2 and bf16 "
@@ -117,18 +113,8 @@ def optimizer_errors(run, device_type: str = "cpu", world_size: Optional[int] = 
         if (prec.fp16 or prec.bf16) and zero.zero_stage == 0:
             errors.append(f"--optimizer {name} with --{'fp16' if prec.fp16 else 'bf16'} needs --zero-stage 1 or 2 "
                           "(the eval/train switch refreshes the model from ZeRO's fp32 partitions), or fp32")
-    elif name in WHOLE_TENSOR:
-        if zero.zero_stage > 1:
-            errors.append(f"--optimizer {name} needs whole matrices, but --zero-stage {zero.zero_stage} hands the "
-                          "optimizer flat partitions cut at arbitrary offsets (DeepSpeed's own ZeRO Muon "
-                          "orthogonalises tp shards in fp16/bf16: not the single-rank step; see "
-                          "megatron/optimizer/full_matrix.py); use --zero-stage 1 (partitioned by whole "
-                          "parameters) or 0, or an elementwise optimizer (adam, adamw, sgd, adopt, sophiag, "
-                          "adamwschedulefree)")
-        if prec.bf16 or prec.fp16:
-            errors.append(f"--optimizer {name} needs whole matrices, but DeepSpeed's {'bf16' if prec.bf16 else 'fp16'} "
-                          "optimizer hands it flat fp32 copies of all parameters; train in fp32 (drop --bf16/--fp16) "
-                          "or use an elementwise optimizer (adam, adamw, sgd, adopt, sophiag, adamwschedulefree)")
+    elif name in WHOLE_MATRIX:
+        errors += _whole_matrix_errors(run)
     if name in SCHEDULE_FREE and opt.lr_decay_style != "constant":
         errors.append(f"--optimizer {name} replaces the LR decay by iterate averaging: use --lr-decay-style "
                       f"constant (got {opt.lr_decay_style}); warmup comes from --lr-warmup-*")
@@ -138,11 +124,53 @@ def optimizer_errors(run, device_type: str = "cpu", world_size: Optional[int] = 
     return errors
 
 
+# Why --zero-stage 3 is refused for the whole-matrix optimizers, with what gathering each whole parameter for its
+# update costs, measured by benchmarks/bench_zero3_gather.py (docs/OPTIMIZERS.md, benchmarks/RESULTS.md).
+ZERO3_REASON = (
+    "an exact update would gather each matrix's gradient and fp32-master slices to one owner and scatter the result "
+    "back; measured (benchmarks/bench_zero3_gather.py, 2 gloo ranks, 16 Llama-shaped matrices of 16.8 M elements) "
+    "those gathers cost about as much as ZeRO-2's reduce-to-owner (0.17 s against 0.16 s, 3% of Muon's update) and "
+    "a transient 6 bytes per element of the largest matrix, so the cost is not the obstacle: the step would have to "
+    "replace DeepSpeed's stage-3 optimizer, which owns the partitioned gradients and fp32 partitions, and that is "
+    "not built. ZeRO-2 already keeps the fp32 masters, optimizer state and reduced gradients at 1/dp; ZeRO-3 would "
+    "add only the 16-bit parameters' 2 bytes per element")
+
+
+def _whole_matrix_errors(run) -> list[str]:
+    """What a whole-matrix (or whole-tensor 8-bit) optimizer cannot run exactly, naming the flags."""
+    name, zero, prec, par = run.training.optimizer.optimizer, run.training.zero, run.training.precision, run.parallel
+    errors = []
+    if zero.zero_stage == 3:
+        errors.append(f"--optimizer {name} needs whole matrices, which --zero-stage 3 never holds: {ZERO3_REASON}. "
+                      "Use --zero-stage 1 or 2 (optimizer state, fp32 masters and at 2 the reduced gradients "
+                      "partitioned by whole parameters, megatron/optimizer/full_matrix.py), or an elementwise "
+                      "optimizer (adam, adamw, sgd, adopt, sophiag, adamwschedulefree)")
+    if prec.fp16 and par.pp > 1:
+        errors.append(f"--optimizer {name} with --fp16 scales the loss itself before backward, which DeepSpeed's "
+                      f"pipeline engine (--pipeline-model-parallel-size {par.pp}) runs inside its schedule; use "
+                      "--bf16, or --pipeline-model-parallel-size 1")
+    return errors
+
+
 def deepspeed_zero_stage(run) -> int:
     """The ZeRO stage DeepSpeed's engine runs: --zero-stage, except that a whole-matrix optimizer at
-    --zero-stage 1 partitions its state by whole parameters itself (full_matrix.py) over DeepSpeed's stage 0."""
+    --zero-stage 1 or 2 partitions its state (and gradients) by whole parameters itself (full_matrix.py) over
+    DeepSpeed's stage 0."""
     stage = run.training.zero.zero_stage
-    return 0 if stage == 1 and run.training.optimizer.optimizer in WHOLE_MATRIX else stage
+    return 0 if stage in (1, 2) and run.training.optimizer.optimizer in WHOLE_MATRIX else stage
+
+
+def owns_gradients(run) -> bool:
+    """True when the optimizer reduces, scales and clips the gradients and keeps the fp32 masters itself
+    (mixed_precision.py): a whole-matrix optimizer in bf16 / fp16 or at --zero-stage 2. DeepSpeed then runs
+    an fp32 stage-0 engine over the 16-bit model, with its gradient all-reduce off."""
+    t = run.training
+    return t.optimizer.optimizer in WHOLE_MATRIX and (t.precision.bf16 or t.precision.fp16 or t.zero.zero_stage == 2)
+
+
+def model_dtype(run) -> torch.dtype:
+    return torch.bfloat16 if run.training.precision.bf16 else torch.float16 if run.training.precision.fp16 \
+        else torch.float32
 
 
 # upstream's 1-bit LAMB settings: ALCF/helpers.sh (generateDSconfig, OPT=ds.onebitlamb) writes these into DeepSpeed's
@@ -307,15 +335,47 @@ def build_optimizer(run, model: torch.nn.Module, ps=None, device_type: str = "cp
                  f"{vendor}'s formula")
         return Lamb(groups, lr=opt.lr, betas=betas, eps=opt.adam_eps, weight_decay=opt.weight_decay,
                     tp_group=tp.get("tp_group"), tp_size=tp.get("tp_size", 1), **bounds)
-    if run.training.zero.zero_stage == 1 and ps is not None and ps.dp_size * ps.sp_size > 1:
+    stage = run.training.zero.zero_stage
+    if stage in (1, 2) and ps is not None and ps.dp_size * ps.sp_size > 1:
         import torch.distributed as dist
 
-        log_once(f"--optimizer {name} --zero-stage 1: optimizer state partitioned by whole parameters over the "
+        what = "optimizer state" + (", fp32 masters" if owns_gradients(run) else "") + \
+            (" and reduced gradients" if stage == 2 else "")
+        log_once(f"--optimizer {name} --zero-stage {stage}: {what} partitioned by whole parameters over the "
                  f"{ps.dp_size * ps.sp_size} data-parallel ranks (megatron/optimizer/full_matrix.py; DeepSpeed "
                  "runs ZeRO stage 0)")
         tp = {**tp, "dp_group": ps.sdp_group, "dp_size": ps.dp_size * ps.sp_size,
               "dp_rank": dist.get_rank(ps.sdp_group)}
-    return _build_full_matrix(name, opt, groups, model, tp, ps)
+    if owns_gradients(run):
+        tp["gradients"] = gradient_plan(run, ps)
+    optimizer = _build_full_matrix(name, opt, groups, model, tp, ps)
+    if optimizer.owns_gradients and optimizer.gradients.accumulate_fp32:
+        from megatron.optimizer.mixed_precision import accumulate_in_fp32
+
+        tied = {id(p) for module in getattr(model, "tied_modules", {}).values() for p in module.parameters()}
+        optimizer.hook_handles = accumulate_in_fp32(list(model.parameters()), tied)
+    return optimizer
+
+
+def gradient_plan(run, ps):
+    """How the optimizer reduces, scales and clips the gradients itself (mixed_precision.py)."""
+    from megatron.optimizer.mixed_precision import GradientPlan, loss_scaler
+
+    prec, half = run.training.precision, model_dtype(run)
+    fp32 = prec.accumulate_allreduce_grads_in_fp32 or half == torch.float32
+    sdp = 1 if ps is None else ps.dp_size * ps.sp_size
+    # The sum over sp x dp is divided by dp: each Ulysses rank's loss is its share of the sequence's token mean.
+    # Under DeepSpeed's pipeline engine (pp > 1) that loss is multiplied by sp instead (model/pipeline.py, for
+    # DeepSpeed's average over sp x dp), so the sum is divided by sp x dp there.
+    divisor = 1 if ps is None else (sdp if ps.pp_size > 1 else ps.dp_size)
+    return GradientPlan(
+        group=None if sdp == 1 else ps.sdp_group, size=sdp, divisor=divisor,
+        partition=run.training.zero.zero_stage == 2 and sdp > 1,
+        reduce_dtype=torch.float32 if fp32 else half,
+        norm_group=None if ps is None or ps.tp_size * ps.pp_size == 1 else ps.groups["mp"],
+        tp_rank=0 if ps is None else ps.tp_rank, clip_grad=float(run.training.optimizer.clip_grad or 0.0),
+        scaler=loss_scaler(prec) if prec.fp16 else None, half=half,
+        accumulate_fp32=bool(prec.accumulate_allreduce_grads_in_fp32) and half != torch.float32)
 
 
 def _build_full_matrix(name: str, opt, groups: list[dict], model: torch.nn.Module, tp: dict, ps=None):
