@@ -316,13 +316,18 @@ def _launch_workers(a, dp: int) -> dict:
     port = free_port("127.0.0.1")
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "rows.json"
-        argv = [sys.executable, str(Path(__file__).resolve()), "--worker", str(out)] + [
-            arg for arg in sys.argv[1:]]
+        argv = [sys.executable, str(Path(__file__).resolve()), "--worker", str(out), *sys.argv[1:]]
         procs = []
         for rank in range(dp):
             env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": str(dp), "LOCAL_RANK": str(rank),
                    "LOCAL_WORLD_SIZE": str(dp), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
             procs.append(subprocess.Popen(argv, env=env, cwd=ROOT))
+        while any(p.poll() is None for p in procs):
+            if any(p.poll() for p in procs):  # a rank failed: the others would wait for it in a collective
+                for p in procs:
+                    if p.poll() is None:
+                        p.terminate()
+            time.sleep(0.5)
         codes = [p.wait() for p in procs]
         if any(codes) or not out.is_file():
             raise SystemExit(f"bench_optimizers: the bf16 ranks at dp {dp} failed (exit codes {codes})")
@@ -404,7 +409,7 @@ def report_bf16(a, names: list[str], sizes: list[int], by_dp: dict, load_before,
                             for d in sizes)
         print(line)
     print("\nstate and masters: bytes of the tensors each rank holds after the last step (the largest rank); "
-          "B/param: at dp " f"{first}, per parameter of the whole model")
+          f"B/param: at dp {first}, per parameter of the whole model")
     print("\ntargets (issue 19):")
     state = {n: rows[n][0]["held_state"] for n in names if "refused" not in rows[n][0]}
 
