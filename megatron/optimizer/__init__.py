@@ -95,13 +95,7 @@ def optimizer_errors(run, device_type: str = "cpu", world_size: Optional[int] = 
         if name == "galoreadamw8bit" and device_type != "cuda":
             errors.append("--optimizer galoreadamw8bit: galore_torch's 8-bit AdamW runs on CUDA only (it synchronises "
                           f"the CUDA device), not on {device_type}; use --optimizer galoreadamw")
-        where = [f for f, bad in (("--zero-stage " + str(zero.zero_stage), zero.zero_stage > 1),
-                                  ("--bf16", prec.bf16), ("--fp16", prec.fp16)) if bad]
-        if where:
-            errors.append(f"--optimizer {name} quantises its state in blocks of each whole tensor, so it cannot give "
-                          f"the single-rank step with {', '.join(where)} (DeepSpeed hands the optimizer flat "
-                          "partitions or flat fp32 copies); use --zero-stage 0 or 1 (partitioned by whole "
-                          "parameters) in fp32, or --optimizer adam")
+        errors += _whole_matrix_errors(run)
     elif name in LAMB:
         if zero.zero_stage == 3:
             errors.append(f"--optimizer {name} needs whole-tensor norms, which it reads from ZeRO-1/2 and bf16 "
@@ -117,18 +111,8 @@ def optimizer_errors(run, device_type: str = "cpu", world_size: Optional[int] = 
         if (prec.fp16 or prec.bf16) and zero.zero_stage == 0:
             errors.append(f"--optimizer {name} with --{'fp16' if prec.fp16 else 'bf16'} needs --zero-stage 1 or 2 "
                           "(the eval/train switch refreshes the model from ZeRO's fp32 partitions), or fp32")
-    elif name in WHOLE_TENSOR:
-        if zero.zero_stage > 1:
-            errors.append(f"--optimizer {name} needs whole matrices, but --zero-stage {zero.zero_stage} hands the "
-                          "optimizer flat partitions cut at arbitrary offsets (DeepSpeed's own ZeRO Muon "
-                          "orthogonalises tp shards in fp16/bf16: not the single-rank step; see "
-                          "megatron/optimizer/full_matrix.py); use --zero-stage 1 (partitioned by whole "
-                          "parameters) or 0, or an elementwise optimizer (adam, adamw, sgd, adopt, sophiag, "
-                          "adamwschedulefree)")
-        if prec.bf16 or prec.fp16:
-            errors.append(f"--optimizer {name} needs whole matrices, but DeepSpeed's {'bf16' if prec.bf16 else 'fp16'} "
-                          "optimizer hands it flat fp32 copies of all parameters; train in fp32 (drop --bf16/--fp16) "
-                          "or use an elementwise optimizer (adam, adamw, sgd, adopt, sophiag, adamwschedulefree)")
+    elif name in WHOLE_MATRIX:
+        errors += _whole_matrix_errors(run)
     if name in SCHEDULE_FREE and opt.lr_decay_style != "constant":
         errors.append(f"--optimizer {name} replaces the LR decay by iterate averaging: use --lr-decay-style "
                       f"constant (got {opt.lr_decay_style}); warmup comes from --lr-warmup-*")
@@ -138,11 +122,51 @@ def optimizer_errors(run, device_type: str = "cpu", world_size: Optional[int] = 
     return errors
 
 
+# What gathering each whole parameter for its update would cost at ZeRO-3, measured by
+# benchmarks/bench_zero3_gather.py (docs/OPTIMIZERS.md has the table): the refusal's reason.
+ZERO3_REASON = (
+    "ZeRO-3 keeps 1/dp of each parameter per rank; an exact whole-matrix update would all-gather every full "
+    "parameter and its gradient to one owner at each step and scatter the result back, i.e. ZeRO-1/2's memory for "
+    "the gathered tensors plus two extra collectives of the whole model per step (measured in docs/OPTIMIZERS.md: "
+    "the gathers cost more than the step they serve), so it is refused rather than run slower than ZeRO-2 with "
+    "no memory gain")
+
+
+def _whole_matrix_errors(run) -> list[str]:
+    """What a whole-matrix (or whole-tensor 8-bit) optimizer cannot run exactly, naming the flags."""
+    name, zero, prec, par = run.training.optimizer.optimizer, run.training.zero, run.training.precision, run.parallel
+    errors = []
+    if zero.zero_stage == 3:
+        errors.append(f"--optimizer {name} needs whole matrices, which --zero-stage 3 never holds: {ZERO3_REASON}; "
+                      "use --zero-stage 1 or 2 (optimizer state, fp32 masters and at 2 the reduced gradients "
+                      "partitioned by whole parameters, megatron/optimizer/full_matrix.py), or an elementwise "
+                      "optimizer (adam, adamw, sgd, adopt, sophiag, adamwschedulefree)")
+    if prec.fp16 and par.pp > 1:
+        errors.append(f"--optimizer {name} with --fp16 scales the loss itself before backward, which DeepSpeed's "
+                      f"pipeline engine (--pipeline-model-parallel-size {par.pp}) runs inside its schedule; use "
+                      "--bf16, or --pipeline-model-parallel-size 1")
+    return errors
+
+
 def deepspeed_zero_stage(run) -> int:
     """The ZeRO stage DeepSpeed's engine runs: --zero-stage, except that a whole-matrix optimizer at
-    --zero-stage 1 partitions its state by whole parameters itself (full_matrix.py) over DeepSpeed's stage 0."""
+    --zero-stage 1 or 2 partitions its state (and gradients) by whole parameters itself (full_matrix.py) over
+    DeepSpeed's stage 0."""
     stage = run.training.zero.zero_stage
-    return 0 if stage == 1 and run.training.optimizer.optimizer in WHOLE_MATRIX else stage
+    return 0 if stage in (1, 2) and run.training.optimizer.optimizer in WHOLE_MATRIX else stage
+
+
+def owns_gradients(run) -> bool:
+    """True when the optimizer reduces, scales and clips the gradients and keeps the fp32 masters itself
+    (mixed_precision.py): a whole-matrix optimizer in bf16 / fp16 or at --zero-stage 2. DeepSpeed then runs
+    an fp32 stage-0 engine over the 16-bit model, with its gradient all-reduce off."""
+    t = run.training
+    return t.optimizer.optimizer in WHOLE_MATRIX and (t.precision.bf16 or t.precision.fp16 or t.zero.zero_stage == 2)
+
+
+def model_dtype(run) -> torch.dtype:
+    return torch.bfloat16 if run.training.precision.bf16 else torch.float16 if run.training.precision.fp16 \
+        else torch.float32
 
 
 # upstream's 1-bit LAMB settings: ALCF/helpers.sh (generateDSconfig, OPT=ds.onebitlamb) writes these into DeepSpeed's
@@ -307,15 +331,36 @@ def build_optimizer(run, model: torch.nn.Module, ps=None, device_type: str = "cp
                  f"{vendor}'s formula")
         return Lamb(groups, lr=opt.lr, betas=betas, eps=opt.adam_eps, weight_decay=opt.weight_decay,
                     tp_group=tp.get("tp_group"), tp_size=tp.get("tp_size", 1), **bounds)
-    if run.training.zero.zero_stage == 1 and ps is not None and ps.dp_size * ps.sp_size > 1:
+    stage = run.training.zero.zero_stage
+    if stage in (1, 2) and ps is not None and ps.dp_size * ps.sp_size > 1:
         import torch.distributed as dist
 
-        log_once(f"--optimizer {name} --zero-stage 1: optimizer state partitioned by whole parameters over the "
+        what = "optimizer state" + (", fp32 masters" if owns_gradients(run) else "") + \
+            (" and reduced gradients" if stage == 2 else "")
+        log_once(f"--optimizer {name} --zero-stage {stage}: {what} partitioned by whole parameters over the "
                  f"{ps.dp_size * ps.sp_size} data-parallel ranks (megatron/optimizer/full_matrix.py; DeepSpeed "
                  "runs ZeRO stage 0)")
         tp = {**tp, "dp_group": ps.sdp_group, "dp_size": ps.dp_size * ps.sp_size,
               "dp_rank": dist.get_rank(ps.sdp_group)}
+    if owns_gradients(run):
+        tp["gradients"] = gradient_plan(run, ps)
     return _build_full_matrix(name, opt, groups, model, tp, ps)
+
+
+def gradient_plan(run, ps):
+    """How the optimizer reduces, scales and clips the gradients itself (mixed_precision.py)."""
+    from megatron.optimizer.mixed_precision import GradientPlan, loss_scaler
+
+    prec, half = run.training.precision, model_dtype(run)
+    fp32 = prec.accumulate_allreduce_grads_in_fp32 or half == torch.float32
+    sdp = 1 if ps is None else ps.dp_size * ps.sp_size
+    return GradientPlan(
+        group=None if sdp == 1 else ps.sdp_group, size=sdp, divisor=1 if ps is None else ps.dp_size,
+        partition=run.training.zero.zero_stage == 2 and sdp > 1,
+        reduce_dtype=torch.float32 if fp32 else half,
+        norm_group=None if ps is None or ps.tp_size * ps.pp_size == 1 else ps.groups["mp"],
+        tp_rank=0 if ps is None else ps.tp_rank, clip_grad=float(run.training.optimizer.clip_grad or 0.0),
+        scaler=loss_scaler(prec) if prec.fp16 else None, half=half)
 
 
 def _build_full_matrix(name: str, opt, groups: list[dict], model: torch.nn.Module, tp: dict, ps=None):

@@ -53,12 +53,14 @@ here by whole parameters too.
 
 from __future__ import annotations
 
+import math
 from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
 
 from megatron.core.layers import merge_shards, shard_tensor
+from megatron.optimizer.mixed_precision import GradientPlan, global_norm, reduce_by_owner
 
 SYNCED_KEYS = ("lr", "weight_decay")  # what the LR / weight-decay schedule changes on the outer groups
 
@@ -95,14 +97,24 @@ class FullMatrixOptimizer(torch.optim.Optimizer):
                  make_matrix: Callable[[list[dict]], torch.optim.Optimizer],
                  make_other: Callable[[list[dict]], torch.optim.Optimizer],
                  tp_group=None, tp_size: int = 1, tp_rank: int = 0,
-                 dp_group=None, dp_size: int = 1, dp_rank: int = 0):
+                 dp_group=None, dp_size: int = 1, dp_rank: int = 0, gradients: Optional[GradientPlan] = None):
         super().__init__(param_groups, {})
+        self.gradients = gradients  # None: DeepSpeed reduces the gradients and the parameters are fp32
+        if gradients is not None:
+            if dp_size > 1 and (gradients.size != dp_size):
+                raise ValueError("FullMatrixOptimizer: the gradient group must be the partition group")
+            self.overflow = False  # DeepSpeed's engine reads it after step(): a skipped step
+            self.last_grad_norm: Optional[float] = None
         self.tp_group, self.tp_size, self.tp_rank = tp_group, tp_size, tp_rank
         self.dp_group, self.dp_size, self.dp_rank = dp_group, dp_size, dp_rank
         self._params = [p for group in self.param_groups for p in group["params"]]  # the state's numbering
         self._owner = owners([p.numel() for p in self._params], dp_size)
         owned = {id(p) for p, owner in zip(self._params, self._owner) if owner == dp_rank}
-        self._copies: dict[int, torch.Tensor] = {}  # id(param) -> full-size copy (owned tp-split matrices only)
+        self._owned = owned
+        # id(param) -> its fp32 tensor the inner optimizer steps: the full-size copy of an owned tp-split matrix
+        # (gathered, in `_gathered`), or (mixed precision) the fp32 master of an owned 16-bit parameter
+        self._copies: dict[int, torch.Tensor] = {}
+        self._gathered: set[int] = set()
         self._pairs: list[tuple[torch.nn.Parameter, torch.Tensor]] = []  # (param, copy or param itself), owned
         self._numbers: dict[str, list[int]] = {"matrix": [], "other": []}  # inner param order -> state number
         number = {id(p): i for i, p in enumerate(self._params)}
@@ -114,9 +126,7 @@ class FullMatrixOptimizer(torch.optim.Optimizer):
                                                ("other", [p for p in mine if not is_matrix(p)], other_groups)):
                 if not params:
                     continue
-                proxies = [self._proxy(p) for p in params] if kind == "matrix" else params
-                if kind == "other":
-                    self._pairs.extend((p, p) for p in params)
+                proxies = [self._proxy(p, gather=kind == "matrix") for p in params]
                 inner_groups.append({**hyper, "params": proxies})
                 self._numbers[kind].extend(number[id(p)] for p in params)
                 self._links.append((index, kind, len(inner_groups) - 1))
@@ -127,12 +137,17 @@ class FullMatrixOptimizer(torch.optim.Optimizer):
     def _split(self, param) -> bool:
         return self.tp_size > 1 and getattr(param, "tensor_model_parallel", False)
 
-    def _proxy(self, param: torch.nn.Parameter) -> torch.Tensor:
-        if not self._split(param):
+    def _proxy(self, param: torch.nn.Parameter, gather: bool) -> torch.Tensor:
+        """What the inner optimizer steps for `param`: the parameter itself (fp32, not gathered), its full-size
+        fp32 copy (gather and tp-split), or its fp32 master (mixed precision)."""
+        whole = gather and self._split(param)
+        if not whole and (self.gradients is None or param.dtype == torch.float32):
             self._pairs.append((param, param))
             return param
         shape = list(param.shape)
-        shape[param.partition_dim] *= self.tp_size
+        if whole:
+            shape[param.partition_dim] *= self.tp_size
+            self._gathered.add(id(param))
         copy = torch.zeros(shape, dtype=torch.float32, device=param.device)
         self._copies[id(param)] = copy
         self._pairs.append((param, copy))
@@ -145,14 +160,21 @@ class FullMatrixOptimizer(torch.optim.Optimizer):
         dist.all_gather(parts, shard.contiguous(), group=self.tp_group)
         return merge_shards(parts, param.partition_dim, getattr(param, "partition_segments", None))
 
+    def _whole(self, param, tensor: torch.Tensor) -> torch.Tensor:
+        """`tensor` (of `param`'s shape) as the inner optimizer sees it: gathered whole when `param` is, fp32."""
+        tensor = tensor.detach().float()
+        return self._gather(param, tensor) if id(param) in self._gathered else tensor
+
     def _refresh_copies(self) -> None:
         for param, copy in self._pairs:
             if copy is not param:
-                copy.copy_(self._gather(param, param.detach().float()))
+                copy.copy_(self._whole(param, param))
         self._stale = False
 
     def _slice(self, param, copy: torch.Tensor) -> torch.Tensor:
         """This rank's shard of the single-rank tensor `copy` (inverse of `_gather`)."""
+        if id(param) not in self._gathered:
+            return copy
         return shard_tensor(copy, param.partition_dim, self.tp_size, self.tp_rank,
                             getattr(param, "partition_segments", None))
 
@@ -184,20 +206,85 @@ class FullMatrixOptimizer(torch.optim.Optimizer):
                     inner.param_groups[inner_index][key] = self.param_groups[index][key]
         if self._stale:
             self._refresh_copies()
-        for param, copy in self._pairs:
-            if copy is param:
-                continue
-            copy.grad = None if param.grad is None else self._gather(param, param.grad.detach().float())
+        if self.gradients is None:
+            for param, copy in self._pairs:
+                if copy is not param:
+                    copy.grad = None if param.grad is None else self._whole(param, param.grad)
+        elif not self._own_gradients():
+            return None
         if self.matrix is not None:
             self.matrix.step()
         if self.other is not None:
             self.other.step()
+        self._after_update()
         for param, copy in self._pairs:
             if copy is not param:
-                param.copy_(self._slice(param, copy))
+                param.copy_(self._slice(param, copy))  # mixed precision: the fp32 master rounded to 16 bits
+            if copy is not param or self.gradients is not None:
                 copy.grad = None
         if self.dp_size > 1:
             self._broadcast_from_owners()
+
+    def _after_update(self) -> None:
+        """After the inner optimizers stepped the owned copies, before they are written back (MuonClip clips)."""
+
+    def _counted(self, param) -> bool:
+        """Whether this rank counts `param`'s (whole or shard) gradient in the global norm: once per parameter."""
+        if getattr(param, "ds_pipe_replicated", False):  # the tied embedding's copy on the last pipeline stage
+            return False
+        shard = self._split(param) and id(param) not in self._gathered
+        return shard or self.tp_rank == 0
+
+    def _own_gradients(self) -> bool:
+        """Steps 1-5 of mixed_precision.py up to the update: reduce, unscale, norm, skip or clip. False: skipped."""
+        plan = self.gradients
+        reduced = reduce_by_owner(self._params, self._owner, plan, self.dp_rank)
+        for param in self._params:
+            param.grad = None  # the reduced gradients replace them (non-owners keep nothing)
+        scale = 1.0 if plan.scaler is None else float(plan.scaler.cur_scale)
+        counted = []
+        for param, copy in self._pairs:
+            grad = self._whole(param, reduced[id(param)])
+            if scale != 1.0:
+                grad = grad / scale
+            copy.grad = grad
+            if self._counted(param):
+                counted.append(grad)
+        device = self._params[0].device if self._params else torch.device("cpu")
+        norm = global_norm(counted, plan, device, partitioned=self.dp_size > 1)
+        self.last_grad_norm = norm
+        self.overflow = not math.isfinite(norm)
+        if plan.scaler is not None and getattr(plan.scaler, "dynamic", False):
+            plan.scaler.update_scale(self.overflow)
+        if self.overflow:
+            for _, copy in self._pairs:
+                copy.grad = None
+            return False
+        if plan.clip_grad > 0:
+            coefficient = plan.clip_grad / (norm + 1e-6)
+            if coefficient < 1.0:
+                for _, copy in self._pairs:
+                    copy.grad.mul_(coefficient)
+        return True
+
+    @property
+    def owns_gradients(self) -> bool:
+        """True when this optimizer reduces, unscales, checks and clips the gradients itself (mixed_precision.py);
+        the engine then leaves them alone and reads `last_grad_norm`."""
+        return self.gradients is not None
+
+    @property
+    def cur_scale(self) -> Optional[float]:
+        """The loss scale the training log shows (deepspeed_compat.loss_scale): fp16's, 1.0 in bf16, None in fp32."""
+        if self.gradients is None or self.gradients.half == torch.float32:
+            return None
+        return 1.0 if self.gradients.scaler is None else float(self.gradients.scaler.cur_scale)
+
+    def scale_loss(self, loss: torch.Tensor) -> torch.Tensor:
+        """The loss to backpropagate: multiplied by fp16's loss scale (unchanged otherwise)."""
+        if self.gradients is None or self.gradients.scaler is None:
+            return loss
+        return loss * float(self.gradients.scaler.cur_scale)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         for group in self.param_groups:
@@ -224,16 +311,27 @@ class FullMatrixOptimizer(torch.optim.Optimizer):
             inner = self.matrix if kind == "matrix" else self.other
             local["groups"][(index, kind)] = {k: v for k, v in inner.param_groups[inner_index].items()
                                               if k != "params"}
+        local["masters"] = {}
+        if self.gradients is not None:  # the fp32 masters (whole where the inner optimizer sees them whole)
+            if self._stale:
+                self._refresh_copies()
+            number = {id(p): i for i, p in enumerate(self._params)}
+            for param, copy in self._pairs:
+                if copy is not param:
+                    local["masters"][number[id(param)]] = copy.detach().cpu().clone()
         if self.dp_size > 1:
             parts = [None] * self.dp_size
             dist.all_gather_object(parts, local, group=self.dp_group)
             merged = {"state": {}, "groups": {}}
+            merged["masters"] = {}
             for part in parts:
                 merged["state"].update(part["state"])
+                merged["masters"].update(part["masters"])
                 for key, value in part["groups"].items():
                     merged["groups"].setdefault(key, value)
             local = merged
         return {"format": "full_matrix/2", "state": local["state"], "inner_groups": local["groups"],
+                "masters": local["masters"],
                 "param_groups": [{k: v for k, v in g.items() if k != "params"} for g in self.param_groups]}
 
     def load_state_dict(self, state: dict) -> None:
@@ -266,6 +364,22 @@ class FullMatrixOptimizer(torch.optim.Optimizer):
         for group, saved in zip(self.param_groups, state["param_groups"]):
             group.update(saved)
         self._stale = True  # the shards were (or are about to be) loaded: gather the copies again
+        masters = state.get("masters") or {}
+        if self.gradients is not None and masters:
+            # mixed precision: the checkpoint's fp32 masters, not the 16-bit parameters, continue the run
+            number = {id(p): i for i, p in enumerate(self._params)}
+            missing = [number[id(p)] for p, copy in self._pairs if copy is not p and number[id(p)] not in masters]
+            if missing:
+                raise ValueError("optimizer state holds no fp32 master weights for some of this model's parameters "
+                                 "(saved at another precision or layout)")
+            for param, copy in self._pairs:
+                if copy is not param:
+                    saved = masters[number[id(param)]]
+                    if saved.shape != copy.shape:
+                        raise ValueError(f"optimizer state holds an fp32 master of shape {tuple(saved.shape)} for a "
+                                         f"parameter whose master here is {tuple(copy.shape)}")
+                    copy.copy_(saved)
+            self._stale = False
 
 
 def owners(sizes: list[int], ranks: int) -> list[int]:

@@ -20,9 +20,10 @@ is the true per-head attention logit, causal mask included, of every micro-batch
 Under parallelism: a tensor-parallel rank owns whole heads (its rows of the fused qkv weight are
 [its q | its k | its v]), so each rank computes its heads' eta without tp communication; the maxima are reduced
 (max) over the sp × dp group, so every data-parallel replica (and, under Ulysses, every sp rank that saw only a
-slice of the heads) applies the same scales. The full-matrix copies that Muon steps
-under tp (full_matrix.py, in the single-rank row order [all q | all k | all v]) are scaled too, by the row
-scales all-gathered over tp and merged like the weight's shards. One all-reduce and (tp > 1) one all-gather of
+slice of the heads) applies the same scales. The owner of each weight (ZeRO-1/2, full_matrix.py) scales what
+Muon stepped, before it is written back and broadcast: the parameter (fp32), its fp32 master (bf16 / fp16), or
+its full-matrix copy under tp (in the single-rank row order [all q | all k | all v]), by the row scales
+all-gathered over tp and merged like the weight's shards. One all-reduce and (tp > 1) one all-gather of
 a vector of heads per step; one extra QKᵀ per attention forward, without autograd.
 
 A step skipped for a non-finite gradient does not clip; its maxima join the next step's window.
@@ -70,12 +71,9 @@ class MuonClip(FullMatrixOptimizer):
             module.record_max_logits(True)
 
     @torch.no_grad()
-    def step(self, closure=None):
-        super().step(closure)
-        self._clip()
-
-    @torch.no_grad()
-    def _clip(self) -> None:
+    def _after_update(self) -> None:
+        """QK-clip on what the inner optimizers stepped (the owned parameters, or their fp32 masters and full
+        copies), before they are written back and broadcast to the other dp ranks."""
         if not self.attention:
             return
         device = self.attention[0].qkv.weight.device
@@ -96,21 +94,21 @@ class MuonClip(FullMatrixOptimizer):
                                          torch.ones(kv_heads * d, device=device)]))
             module.max_logits = None
         gathered = None
-        if self.tp_size > 1 and any(id(m.qkv.weight) in self._copies for m in self.attention):
+        if self.tp_size > 1 and any(id(m.qkv.weight) in self._gathered for m in self.attention):
             flat = torch.cat(row_scales)
             parts = [torch.empty_like(flat) for _ in range(self.tp_size)]
             dist.all_gather(parts, flat, group=self.tp_group)
             gathered = parts
         offset = 0
         for module, scale in zip(self.attention, row_scales):
-            weight = module.qkv.weight
-            weight.mul_(scale.to(weight.dtype).unsqueeze(1))
-            if module.qkv.bias is not None:
-                module.qkv.bias.mul_(scale.to(module.qkv.bias.dtype))
-            copy = self._copies.get(id(weight))
-            if copy is not None:
-                # the copy is the single-rank weight: the ranks' row scales merged like its shards
-                full = merge_shards([part[offset:offset + scale.numel()] for part in gathered], 0,
-                                    weight.partition_segments)
-                copy.mul_(full.unsqueeze(1))
+            weight, bias = module.qkv.weight, module.qkv.bias
+            if id(weight) in self._owned:
+                full = scale
+                if id(weight) in self._gathered:
+                    # the copy is the single-rank weight: the ranks' row scales merged like its shards
+                    full = merge_shards([part[offset:offset + scale.numel()] for part in gathered], 0,
+                                        weight.partition_segments)
+                self._copies.get(id(weight), weight).mul_(full.unsqueeze(1))
+            if bias is not None and id(bias) in self._owned:
+                self._copies.get(id(bias), bias).mul_(scale)
             offset += scale.numel()

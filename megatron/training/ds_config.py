@@ -31,6 +31,10 @@ def precision_errors(run: RunConfig, device_type: str) -> list[str]:
     if p.bf16 and p.fp16:
         errors.append("--bf16 and --fp16 both set; pick one")
     zero = run.training.zero
+    from megatron.optimizer import owns_gradients
+
+    if owns_gradients(run):  # a whole-matrix optimizer reduces in fp32 itself at any stage (mixed_precision.py)
+        return errors
     if p.bf16 and p.accumulate_allreduce_grads_in_fp32 and zero.zero_stage == 0:
         from megatron.config.arguments import ZERO0_FP32_ACCUMULATION
 
@@ -64,6 +68,12 @@ def generate_deepspeed_config(run: RunConfig, dp_size: int, device_type: Optiona
         cfg["zero_force_ds_cpu_optimizer"] = False  # --cpu_torch_adam: torch's AdamW steps the offloaded state
     if zero.universal_checkpoint:  # --universal-checkpoint: --load names a universal folder (convert/universal.py)
         cfg["checkpoint"] = {"load_universal": True}
+    from megatron.optimizer import owns_gradients
+
+    if owns_gradients(run):
+        # a whole-matrix optimizer keeps fp32 masters of the 16-bit model itself (megatron/optimizer/
+        # mixed_precision.py): DeepSpeed's bf16/fp16 optimizers would hand it flat fp32 copies instead
+        return cfg
     if prec.bf16:
         cfg["bf16"] = {"enabled": True}
     if prec.fp16:

@@ -55,9 +55,11 @@ def engine_config_errors(run, device: torch.device) -> list[str]:
     """Every reason the engine cannot run `run` on `device`, each naming the flags; empty when it can."""
     from megatron.training.ds_config import precision_errors
 
+    from megatron.optimizer import deepspeed_zero_stage
+
     zero = run.training.zero
     errors = list(precision_errors(run, device.type))
-    if uses_pipeline_engine(run) and zero.zero_stage >= 2:
+    if uses_pipeline_engine(run) and deepspeed_zero_stage(run) >= 2:
         errors.append(
             f"--zero-stage {zero.zero_stage} cannot be combined with --pipeline-model-parallel-size "
             f"{run.parallel.pp}: DeepSpeed's pipeline engine supports ZeRO stage 0 or 1 only; use --zero-stage 1, "
@@ -364,11 +366,16 @@ class TrainingEngine:
         return (self.engine.zero_optimization_stage() == 0 and not self.engine.bfloat16_enabled()
                 and not self.engine.fp16_enabled())
 
+    def _optimizer_owns_gradients(self) -> bool:
+        """A whole-matrix optimizer in bf16/fp16 or at ZeRO-2 (megatron/optimizer/mixed_precision.py) reduces,
+        unscales, checks and clips the gradients in its step and reports the norm (`last_grad_norm`)."""
+        return bool(getattr(self.engine.optimizer, "owns_gradients", False))
+
     def _needs_own_grad_norm(self) -> bool:
         # Without clipping DeepSpeed never calls clip_fp32_gradients, so we compute the norm to report it
         # (not of 1-bit LAMB's local, unaveraged gradients in its compression stage: no rank has the average).
         return not self.is_pipeline and self._fp32_without_zero() and self.engine.gradient_clipping() == 0 \
-            and self._optimizer_wants_gradient_allreduce()
+            and self._optimizer_wants_gradient_allreduce() and not self._optimizer_owns_gradients()
 
     def _optimizer_wants_gradient_allreduce(self) -> bool:
         wants = getattr(self.engine.optimizer, "needs_gradient_allreduce", None)
@@ -450,6 +457,8 @@ class TrainingEngine:
         biases are left out and the tied embedding is counted twice: every stage then clips by a wrong norm
         and the loss drifts from the single-rank run's.
         """
+        if self._optimizer_owns_gradients():
+            return  # it clips the reduced, unscaled gradients in its step
         norm = self._grad_norm_of_reduced_grads()
         self.last_clip_grad_norm = norm
         coefficient = min(1.0, self.engine.gradient_clipping() / (norm + 1e-6))
@@ -489,6 +498,8 @@ class TrainingEngine:
                 with timers("forward-compute", 2):
                     per_token = self.engine(x.tokens, **x.model_kwargs())
                     loss, report = self.task.micro_loss(per_token, x, batch, self.ps)
+                if self._optimizer_owns_gradients():
+                    loss = self.engine.optimizer.scale_loss(loss)  # fp16: the loss scale (1 otherwise)
                 with timers("backward-compute", 2):
                     self.engine.backward(loss)  # at the last micro-batch: gradients reduced over dp (sdp)
                 if self.engine.is_gradient_accumulation_boundary():
@@ -511,6 +522,8 @@ class TrainingEngine:
             loss = float(total.item())
         if grad_norm is None:
             grad_norm = self.last_clip_grad_norm
+        if grad_norm is None and self._optimizer_owns_gradients():
+            grad_norm = self.engine.optimizer.last_grad_norm
         if grad_norm is None:
             norm = self.engine.get_global_grad_norm()
             grad_norm = None if norm is None else float(norm.item() if torch.is_tensor(norm) else norm)
@@ -599,6 +612,11 @@ def build_engine(run, ps: ParallelState, device: torch.device, ds_config: Option
 
     # DeepSpeed saves this attribute of the module in every checkpoint; ds_to_universal merges tp shards by it.
     model.universal_checkpoint_info = universal_checkpoint_info(run.model, ps.tp_size, pipeline)
+    from megatron.optimizer import model_dtype, owns_gradients
+
+    owns = owns_gradients(run)
+    if owns:  # DeepSpeed runs fp32 ZeRO-0 over the 16-bit model; the optimizer keeps the fp32 masters
+        model.to(model_dtype(run))
     optimizer = build_optimizer(run, model, ps, device.type)
     if lr_scheduler_factory is None:
         from megatron.optimizer.lr_schedule import build_lr_scheduler
@@ -619,6 +637,8 @@ def build_engine(run, ps: ParallelState, device: torch.device, ds_config: Option
     from megatron.optimizer import attach_to_engine
 
     attach_to_engine(engine, optimizer, ps)  # LAMB under ZeRO/bf16: where each tensor's fragments are
+    if owns:  # the optimizer reduces the gradients over sp x dp itself (by owner: mixed_precision.py)
+        compat.set_gradient_allreduce(engine, False, pipeline=pipeline)
     if not pipeline and ps.dp_size * ps.sp_size == 1 and engine.zero_optimization_stage() == 0:
         # DeepSpeed's gradient all-reduce group (dp x sp) has one rank: its ZeRO-0 reduction would only
         # flatten every gradient into one buffer, "reduce" it and copy it back (exact no-op, ~3% of a step).
