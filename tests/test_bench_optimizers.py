@@ -78,21 +78,27 @@ def test_device_check_is_bash_and_refuses_without_a_gpu():
     assert done.stdout == ""  # it stops before any item
 
 
-def test_bf16_rows_at_dp_2_halve_adamws_state_and_masters_per_rank(tmp_path):
-    """One launch of 2 gloo ranks (the benchmark's own launcher), a 1-layer model, 3 steps."""
+def test_bf16_rows_at_dp_2_split_the_state_and_masters_of_adamw_and_muon_between_the_ranks(tmp_path):
+    """One launch of 2 gloo ranks (the benchmark's own launcher), a 1-layer model, 3 steps of each optimizer."""
     out = tmp_path / "rows.json"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}
     done = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "bench_optimizers.py"), "--mock-data", "--optimizers", "none",
-         "--bf16-optimizers", "adamw", "--bf16-dp", "2", "--bf16-steps", "3", "--layers", "1", "--hidden", "64",
+         "--bf16-optimizers", "adamw,muon", "--bf16-dp", "2", "--bf16-steps", "3", "--layers", "1", "--hidden", "64",
          "--heads", "4", "--ffn", "128", "--seq", "32", "--batch", "4", "--json", str(out)],
         env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
-    ranks = json.loads(out.read_text())["bf16"]["2"]["adamw"]
-    assert len(ranks) == 2
-    params = ranks[0]["parameters"]
-    for r in ranks:  # DeepSpeed's ZeRO-1 splits the flat fp32 buffers in two (up to alignment padding and the
+    rows = json.loads(out.read_text())["bf16"]["2"]
+    adamw, muon = rows["adamw"], rows["muon"]
+    assert len(adamw) == len(muon) == 2 and "refused" not in muon[0]
+    params = adamw[0]["parameters"]
+    for r in adamw:  # DeepSpeed's ZeRO-1 splits the flat fp32 buffers in two (up to alignment padding and the
         # groups' step counters)
         assert 0.45 * 8 * params <= r["held_state"] <= 0.55 * 8 * params + 64
         assert 0.45 * 4 * params <= r["held_masters"] <= 0.55 * 4 * params
-    assert "| adamw |" in done.stdout and "targets (issue 19):" in done.stdout
+    # Muon by whole parameters: each fp32 master on one rank, one momentum on the matrices (AdamW's two elsewhere)
+    assert sum(r["held_masters"] for r in muon) == 4 * params
+    assert sum(r["held_state"] for r in muon) < sum(r["held_state"] for r in adamw)
+    held = [r["held_state"] + r["held_masters"] for r in muon]
+    assert max(held) <= 0.6 * sum(held)
+    assert "| muon |" in done.stdout and "Muon state <= AdamW's" in done.stdout
