@@ -205,7 +205,8 @@ def train_one(a, name: str, file_list: Path, tokenizer: Path, ps_cache: dict, *,
 
 
 def _names(text: str) -> list[str]:
-    names = [n.strip() for n in text.split(",") if n.strip() and n.strip() != "none"]
+    """The comma-separated names, each once, AdamW first unless given ('none' or '': no names)."""
+    names = list(dict.fromkeys(n.strip() for n in text.split(",") if n.strip() and n.strip() != "none"))
     if names and "adamw" not in names:
         names.insert(0, "adamw")
     return names
