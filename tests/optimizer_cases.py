@@ -16,7 +16,7 @@ MULTI_RANK = [name for name in OPTIMIZERS if name not in ("apex.adam", "ipex.lam
 # optimizer class (apex.adam and ipex.lamb run the adamw and ds.fusedlamb classes)
 EIGHT_RANK = ["adam", "adamw", "sgd", "adopt", "sophiag", "ds.fusedlamb", "adamwschedulefree", "sgdschedulefree",
               "muon", "muonclip", "galoreadamw", "dshampooadamw", "adam8bit"]
-# whole-matrix optimizers: ZeRO-1 partitions their state by whole parameters; ZeRO-2/3 and bf16 are refused
+# whole-matrix optimizers: ZeRO-1/2 partition their state by whole parameters, bf16 keeps fp32 masters; ZeRO-3 is refused
 WHOLE_MATRIX = {"muon", "muonclip", "galoreadamw", "dshampooadamw"}
 # per-optimizer learning rates that learn the tiny model in a few steps (ScheduleFree-SGD and LAMB need more)
 LR = {"sgd": "0.3", "sgdschedulefree": "0.5", "ds.fusedlamb": "0.05", "ipex.lamb": "0.05", "dshampooadamw": "3e-3",

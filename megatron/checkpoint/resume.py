@@ -247,6 +247,15 @@ def plan_resume(desc: CheckpointDescription, run, ps) -> ResumePlan:
     how = {"universal": "universal", "argonne": "argonne", "huggingface": "reshard"}.get(desc.kind) or (
         "reshard" if _layout_differs(desc, run, ps) else "deepspeed")
     mine = run.training.optimizer.optimizer
+    dp_notice = None
+    if how == "reshard" and _whole_parameter_state_at_another_dp(desc, run, ps):
+        how = "deepspeed"  # its state is numbered by parameter, whole, the same at any dp size and ZeRO-0/1/2
+        if load_rng:
+            load_rng = False
+            dp_notice = (f"{where} was saved at dp {desc.dp}, this run has dp {ps.dp_size * ps.sp_size}: the "
+                         f"--optimizer {mine} state and fp32 masters (partitioned by whole parameters) load as they "
+                         "are; the per-rank random streams cannot be mapped onto other ranks and start fresh from "
+                         "--seed (exact without dropout)")
     if load_optim and desc.has_optimizer_state:
         if mine not in ADAM_STATE and how != "deepspeed":
             problems.append(f"{where} needs its optimizer state converted (its layout is {desc.layout()}"
@@ -267,7 +276,7 @@ def plan_resume(desc: CheckpointDescription, run, ps) -> ResumePlan:
     run, notices, policy_problems = _resolve_hyperparameters(desc, run, load_optim, load_lr_state, finetune,
                                                              ps.dp_size)
     problems += policy_problems
-    notices[:0] = [n for n in (legacy_notice, padded_notice) if n]
+    notices[:0] = [n for n in (legacy_notice, padded_notice, dp_notice) if n]
     if padded_problem:
         problems.append(padded_problem)
     if problems:
@@ -330,6 +339,18 @@ def _layout_differs(desc: CheckpointDescription, run, ps) -> bool:
 
     return (desc.tp != ps.tp_size or desc.pp != ps.pp_size or desc.dp != ps.dp_size * ps.sp_size
             or desc.zero_stage != deepspeed_zero_stage(run) or desc.converted)
+
+
+def _whole_parameter_state_at_another_dp(desc: CheckpointDescription, run, ps) -> bool:
+    """A whole-matrix optimizer's checkpoint (DeepSpeed stage 0: one model-states file per tp × pp rank holding
+    the full optimizer state, numbered by parameter; megatron/optimizer/full_matrix.py) at the same tp and pp but
+    another dp size or ZeRO stage 0/1/2: DeepSpeed's own load reads it at any dp."""
+    from megatron.optimizer import WHOLE_MATRIX, deepspeed_zero_stage
+
+    theirs = _SAME_OPTIMIZER.get(desc.optimizer, desc.optimizer)
+    return (desc.kind == "ours" and not desc.converted and run.training.optimizer.optimizer in WHOLE_MATRIX
+            and theirs == run.training.optimizer.optimizer and desc.tp == ps.tp_size and desc.pp == ps.pp_size
+            and desc.zero_stage == 0 == deepspeed_zero_stage(run))
 
 
 def _policy(run) -> str:

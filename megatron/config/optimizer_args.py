@@ -35,7 +35,9 @@ def add_optimizer_arguments(g) -> None:
     g.add_argument("--optimizer", type=str.lower, choices=OPTIMIZER_CHOICES, default="adam",
                    help="adam: torch Adam with L2 weight decay (upstream's); adamw: decoupled weight decay; "
                         "see docs/OPTIMIZERS.md for what each name runs here (ds.onebitlamb: 1-bit LAMB with "
-                        "upstream's settings, freeze_step 1000, max/min coeff 0.3/0.01; fp32, ZeRO-0, --clip-grad 0)")
+                        "upstream's settings, freeze_step 1000, max/min coeff 0.3/0.01; fp32, ZeRO-0, --clip-grad 0). "
+                        "muon, muonclip, dshampooadamw, galoreadamw and adam8bit step whole matrices in fp32 under "
+                        "--bf16/--fp16 too (fp32 masters per whole matrix, ZeRO-1/2 by whole parameters)")
     g.add_argument("--cpu-torch-adam", "--cpu_torch_adam", dest="cpu_torch_adam", action="store_true",
                    help="with --cpu-optimizer: step with torch.optim.AdamW on the CPU instead of DeepSpeedCPUAdam "
                         "(upstream's meaning; needs --cpu-optimizer)")

@@ -141,7 +141,12 @@ def add_deepspeed_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("DeepSpeed (a --deepspeed_config file and these flags must agree)")
     g.add_argument("--deepspeed-config", "--deepscale-config", dest="deepspeed_config",
                    help="JSON file; values for flags you do not give are taken from it")
-    g.add_argument("--zero-stage", type=int, choices=(0, 1, 2, 3), help="default 1 (as upstream)")
+    g.add_argument("--zero-stage", type=int, choices=(0, 1, 2, 3),
+                   help="default 1 (as upstream). muon, muonclip, dshampooadamw, galoreadamw, adam8bit and "
+                        "galoreadamw8bit partition by whole parameters at 1 and 2 (state, fp32 masters, and at 2 the "
+                        "reduced gradients) over DeepSpeed's stage 0, and refuse 3: the gathers an exact update "
+                        "needs were measured as cheap as ZeRO-2's (benchmarks/bench_zero3_gather.py), but the step "
+                        "would replace DeepSpeed's stage-3 optimizer, which is not built (docs/OPTIMIZERS.md)")
     g.add_argument("--cpu-optimizer", action="store_const", const=True,
                    help="offload optimizer state to CPU (DeepSpeedCPUAdam; ZeRO stage >= 1)")
     g.add_argument("--remote-device", choices=("none", "cpu", "nvme"), default="none",
@@ -219,7 +224,9 @@ def add_precision_arguments(parser: argparse.ArgumentParser) -> None:
                    help="--bf16: accumulate and all-reduce gradients in fp32 (DeepSpeed's "
                         "data_types.grad_accum_dtype: its BF16 optimizer, which this DeepSpeed selects at ZeRO "
                         "stage 1, so --zero-stage 0 runs as 1, with a notice; refused with ZeRO-2/3 and "
-                        "--cpu-optimizer, which accumulate in bf16). With --deepspeed_config the file's "
+                        "--cpu-optimizer, which accumulate in bf16). The whole-matrix optimizers (muon, "
+                        "muonclip, dshampooadamw, galoreadamw, adam8bit) accumulate and reduce in fp32 themselves at "
+                        "ZeRO 1 or 2 (megatron/optimizer/mixed_precision.py). With --deepspeed_config the file's "
                         "data_types.grad_accum_dtype decides, as upstream (a notice when it overrides this flag)")
 
 

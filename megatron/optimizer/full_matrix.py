@@ -241,6 +241,7 @@ class FullMatrixOptimizer(torch.optim.Optimizer):
         reduced = reduce_by_owner(self._params, self._owner, plan, self.dp_rank)
         for param in self._params:
             param.grad = None  # the reduced gradients replace them (non-owners keep nothing)
+            param.main_grad = None
         scale = 1.0 if plan.scaler is None else float(plan.scaler.cur_scale)
         counted = []
         for param, copy in self._pairs:

@@ -29,7 +29,9 @@ DeepSpeed's own dp all-reduce is switched off, and at each optimizer step:
 The fp32 masters live on their owners only (1/dp of them at ZeRO-1/2), with the optimizer state.
 
 Gradient accumulation over micro-batches happens in the parameters' .grad (16-bit) as in DeepSpeed's bf16
-ZeRO-0 engine; --accumulate-allreduce-grads-in-fp32 makes the dp reduction and everything after it fp32.
+ZeRO-0 engine; with --accumulate-allreduce-grads-in-fp32 a hook moves each micro-batch's gradient into an fp32
+`main_grad` (`accumulate_in_fp32`; the tied embedding's copies under pp > 1 excepted, see there) and the dp
+reduction and everything after it run in fp32.
 ZeRO-2 here partitions the reduced gradients and the fp32 master gradients, not the 16-bit gradients during
 backward: the reduction runs at the accumulation boundary (no bucketing inside backward).
 """
@@ -64,6 +66,26 @@ class GradientPlan:
     clip_grad: float = 0.0
     scaler: object = None
     half: torch.dtype = torch.float32
+    accumulate_fp32: bool = False  # --accumulate-allreduce-grads-in-fp32: micro-batch sums in fp32 (main_grad)
+
+
+def accumulate_in_fp32(params: list, skip: set) -> list:
+    """--accumulate-allreduce-grads-in-fp32: after autograd accumulates a micro-batch's 16-bit gradient into
+    .grad, add it to an fp32 `main_grad` and free .grad, so the sum over micro-batches is fp32 (Megatron's
+    main_grad). `skip`: ids of parameters whose .grad must stay (the tied embedding under pp > 1: DeepSpeed's
+    pipeline engine sums it over the stages from .grad); they accumulate in their dtype. Returns the hook
+    handles."""
+    def hook(param):
+        if param.grad is None:
+            return
+        if getattr(param, "main_grad", None) is None:
+            param.main_grad = param.grad.detach().float()
+        else:
+            param.main_grad.add_(param.grad.detach())
+        param.grad = None
+
+    return [p.register_post_accumulate_grad_hook(hook) for p in params if id(p) not in skip and
+            p.requires_grad]
 
 
 def loss_scaler(precision):
@@ -110,6 +132,9 @@ def reduce_by_owner(params: list, owner: list[int], plan: GradientPlan, rank: in
 
 
 def _grad(param, dtype: torch.dtype) -> torch.Tensor:
+    main = getattr(param, "main_grad", None)
+    if main is not None:
+        return main.to(dtype) if param.grad is None else (main + param.grad.detach()).to(dtype)
     if param.grad is None:
         return torch.zeros(param.shape, dtype=dtype, device=param.device)
     return param.grad.detach().to(dtype)

@@ -48,8 +48,11 @@ def precision_errors(run: RunConfig, device_type: str) -> list[str]:
     return errors
 
 
-def generate_deepspeed_config(run: RunConfig, dp_size: int, device_type: Optional[str] = None) -> dict:
-    """The config the flags describe. `device_type` None or 'cpu' turns off comm overlap and pinned memory."""
+def generate_deepspeed_config(run: RunConfig, dp_size: int, device_type: Optional[str] = None,
+                              hand_over: bool = True) -> dict:
+    """The config the flags describe. `device_type` None or 'cpu' turns off comm overlap and pinned memory.
+    hand_over=False: as if DeepSpeed ran the precision and ZeRO stage the flags name (what a user's file is
+    checked against) even where a whole-matrix optimizer does that work itself."""
     t, zero, prec = run.training, run.training.zero, run.training.precision
     accelerator = device_type not in (None, "cpu")
     batch = global_batch_size(run, dp_size)
@@ -62,7 +65,7 @@ def generate_deepspeed_config(run: RunConfig, dp_size: int, device_type: Optiona
         # DeepSpeed's own timers measure the dp gradient reduction for --timing-log-level >= 1 (training/timers.py)
         "wall_clock_breakdown": run.logging.timing_log_level >= 1,
         "zero_allow_untested_optimizer": True,  # the loop hands in torch SGD as well as AdamW
-        "zero_optimization": _zero_section(run, accelerator),
+        "zero_optimization": _zero_section(run, accelerator, hand_over),
     }
     if zero.cpu_optimizer and t.optimizer.cpu_torch_adam:
         cfg["zero_force_ds_cpu_optimizer"] = False  # --cpu_torch_adam: torch's AdamW steps the offloaded state
@@ -70,7 +73,7 @@ def generate_deepspeed_config(run: RunConfig, dp_size: int, device_type: Optiona
         cfg["checkpoint"] = {"load_universal": True}
     from megatron.optimizer import owns_gradients
 
-    if owns_gradients(run):
+    if hand_over and owns_gradients(run):
         # a whole-matrix optimizer keeps fp32 masters of the 16-bit model itself (megatron/optimizer/
         # mixed_precision.py): DeepSpeed's bf16/fp16 optimizers would hand it flat fp32 copies instead
         return cfg
@@ -90,11 +93,12 @@ def generate_deepspeed_config(run: RunConfig, dp_size: int, device_type: Optiona
     return cfg
 
 
-def _zero_section(run: RunConfig, accelerator: bool) -> dict:
+def _zero_section(run: RunConfig, accelerator: bool, hand_over: bool = True) -> dict:
     from megatron.optimizer import deepspeed_zero_stage
 
     zero = run.training.zero
-    section = {"stage": deepspeed_zero_stage(run)}  # 0 when the optimizer partitions its state itself
+    # 0 when the optimizer partitions its state itself
+    section = {"stage": deepspeed_zero_stage(run) if hand_over else zero.zero_stage}
     if section["stage"] == 0:
         return section
     bucket = zero.reduce_bucket_size or DEFAULT_BUCKET_SIZE
@@ -154,4 +158,16 @@ def build_deepspeed_config(run: RunConfig, dp_size: int, device_type: Optional[s
     path = run.training.zero.deepspeed_config
     if path is None:
         return generated
-    return merge_user_config(read_deepspeed_config(path), generated, path)
+    from megatron.optimizer import deepspeed_zero_stage, owns_gradients
+
+    if not owns_gradients(run) and deepspeed_zero_stage(run) == run.training.zero.zero_stage:
+        return merge_user_config(read_deepspeed_config(path), generated, path)
+    # a whole-matrix optimizer partitions (and keeps the fp32 masters) itself: the file is checked against what the
+    # flags name, then DeepSpeed gets stage 0 and, where the optimizer owns the precision, no precision section
+    merged = merge_user_config(read_deepspeed_config(path),
+                               generate_deepspeed_config(run, dp_size, device_type, hand_over=False), path)
+    merged["zero_optimization"] = generated["zero_optimization"]
+    if owns_gradients(run):
+        for key in ("bf16", "bfloat16", "fp16", "data_types"):
+            merged.pop(key, None)
+    return merged
