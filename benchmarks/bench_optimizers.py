@@ -8,9 +8,9 @@ same sample stream, at its own learning rate (the defaults below were picked for
 fp32 (--optimizers): one rank (CPU or one GPU). A table of the loss after N steps, step time (fastest and
 median step) and optimizer-state bytes, each relative to AdamW, and the loss curves as a PNG (with matplotlib).
 
-bf16 (--bf16-optimizers): each optimizer with --bf16 --zero-stage 1, against AdamW bf16 on the same model, at
-every data-parallel size of --bf16-dp (one launch of that many ranks each, every optimizer in sequence; the
-global batch stays --batch). Per optimizer: loss, step time vs AdamW's (at the first dp size), and memory
+bf16 (--bf16-optimizers): each optimizer with --bf16 --zero-stage 1 (or --bf16-zero-stage 2), against AdamW bf16
+on the same model, at every data-parallel size of --bf16-dp (one launch of that many ranks each, every optimizer
+in sequence; the global batch stays --batch). Per optimizer: loss, step time vs AdamW's (at the first dp size), and memory
 counted from the tensors each rank holds after the last step (`optimizer_memory`):
   - state: the optimizer's own state tensors (moments, momentum, quantised 8-bit state and its scales,
     preconditioners, projections), per parameter of the whole model;
@@ -56,7 +56,9 @@ def parse_cli() -> argparse.Namespace:
                    help="comma-separated --optimizer names for the fp32 rows ('none': no fp32 section)")
     p.add_argument("--bf16-optimizers", default=BF16_DEFAULT,
                    help="comma-separated --optimizer names for the bf16 rows, AdamW first ('none': no bf16 section)")
-    p.add_argument("--bf16-dp", default="1,2", help="data-parallel sizes of the bf16 rows (ZeRO-1), one launch each")
+    p.add_argument("--bf16-dp", default="1,2", help="data-parallel sizes of the bf16 rows, one launch each")
+    p.add_argument("--bf16-zero-stage", type=int, choices=(1, 2), default=1,
+                   help="--zero-stage of the bf16 rows (2 also partitions the reduced gradients)")
     p.add_argument("--bf16-steps", type=int, default=20, help="steps of each bf16 row")
     p.add_argument("--json", default=None, help="also write every measurement to this JSON file")
     p.add_argument("--mock-data", action="store_true", help="random tokens (vocabulary 4096) instead of the corpus")
@@ -303,7 +305,7 @@ def bf16_section(a) -> dict:
     by_dp = {}
     load_before = os.getloadavg()
     for dp in sizes:
-        print(f"bf16 rows at dp {dp} (ZeRO-1): {', '.join(names)} ...", flush=True)
+        print(f"bf16 rows at dp {dp} (ZeRO-{a.bf16_zero_stage}): {', '.join(names)} ...", flush=True)
         by_dp[dp] = _launch_workers(a, dp)
     load_after = os.getloadavg()
     report_bf16(a, names, sizes, by_dp, load_before, load_after)
@@ -336,7 +338,7 @@ def _launch_workers(a, dp: int) -> dict:
 
 
 def bf16_worker(a) -> None:
-    """One rank of a bf16 launch: every --bf16-optimizers name at --bf16 --zero-stage 1; rank 0 writes every
+    """One rank of a bf16 launch: every --bf16-optimizers name at --bf16 --zero-stage N; rank 0 writes every
     rank's measurements (or the refusal) to --worker's file."""
     import deepspeed
     import torch.distributed as dist
@@ -350,7 +352,7 @@ def bf16_worker(a) -> None:
     for name in _names(a.bf16_optimizers):
         try:
             mine = train_one(a, name, file_list, tokenizer, ps_cache, steps=a.bf16_steps, dp=dp, dp_rank=rank,
-                             extra=("--bf16", "--zero-stage", "1"))
+                             extra=("--bf16", "--zero-stage", str(a.bf16_zero_stage)))
         except MegatronError as e:  # refused before any collective: the same on every rank
             mine = {"refused": str(e)}
         every = [None] * dp
@@ -372,7 +374,7 @@ def report_bf16(a, names: list[str], sizes: list[int], by_dp: dict, load_before,
     first = sizes[0]
     rows = by_dp[first]
     base = rows["adamw"][0]
-    print(f"\nbf16, ZeRO-1: {a.bf16_steps} steps, Llama L{a.layers} h{a.hidden} ffn {a.ffn}, global batch {a.batch} "
+    print(f"\nbf16, ZeRO-{a.bf16_zero_stage}: {a.bf16_steps} steps, Llama L{a.layers} h{a.hidden} ffn {a.ffn}, global batch {a.batch} "
           f"× seq {a.seq}, {a.device}; dp {', '.join(map(str, sizes))}; load average {load_before[0]:.1f} before, "
           f"{load_after[0]:.1f} after")
     if "refused" in base:
