@@ -8,13 +8,14 @@
 #      no accumulation, no clipping: the flags it requires);
 #   3. galoreadamw8bit in bf16 at ZeRO-1 (fp32 masters by whole matrix, megatron/optimizer/mixed_precision.py), and
 #      muon in fp16 at ZeRO-1 (the same path with dynamic loss scaling, which CPUs cannot run; its first steps
-#      may be skipped while the scale comes down from --initial-loss-scale, so skips are allowed there);
+#      may be skipped while the scale comes down from --initial-loss-scale 65536, so skips are allowed there);
 #   4. the bf16 rows of benchmarks/bench_optimizers.py (--bf16 --zero-stage 1 against AdamW bf16, dp 1, or
 #      dp 1 and 2 where two GPUs are visible): one item per optimizer, plus the benchmark's table and targets.
 # A training item passes when its run exits 0, logs every iteration, and its losses are finite with no skipped
-# (but for the fp16 item) or NaN iteration; a bf16 row passes when it trained (not refused) to a finite loss. Exit status: 0 when every
-# item passed, 1 when one failed, 2 when no CUDA GPU is visible (nothing is run). It installs nothing: run it in
-# the project's environment (PYTHON=... names another interpreter).
+# (but for the fp16 item) or NaN iteration; a bf16 row passes when it trained (not refused) to a finite loss.
+# Exit status: 0 when every item passed, 1 when one failed, 2 when no CUDA GPU is visible (nothing is run). It
+# installs nothing: run it in the project's environment (PYTHON=... names another interpreter; STEPS=8 the
+# steps of each training item; OUT_DIR=... keeps the logs there).
 set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -87,7 +88,7 @@ EOF
 train galoreadamw8bit --optimizer galoreadamw8bit --zero-stage 0 --clip-grad 1.0
 train galoreadamw8bitperlayer --optimizer galoreadamw8bitperlayer --zero-stage 0 --clip-grad 0
 train galoreadamw8bit-bf16-zero1 --optimizer galoreadamw8bit --bf16 --zero-stage 1 --clip-grad 1.0
-ALLOW_SKIPS=1 train muon-fp16-zero1 --optimizer muon --fp16 --zero-stage 1 --clip-grad 1.0
+ALLOW_SKIPS=1 train muon-fp16-zero1 --optimizer muon --fp16 --initial-loss-scale 65536 --zero-stage 1 --clip-grad 1.0
 
 dp=1
 [[ "$gpus" -ge 2 ]] && dp=1,2
