@@ -3,6 +3,8 @@
 What skips the step depends on the optimizer DeepSpeed runs:
 - ZeRO 1/2/3 and the bf16 optimizer find a non-finite gradient norm themselves (their "overflow" check)
   and skip the update and the LR step; DeepSpeed counts it in engine.skipped_steps.
+- A whole-matrix optimizer in bf16/fp16 or at ZeRO-2 (megatron/optimizer/mixed_precision.py) checks the global
+  gradient norm in its own step and skips the same way (its `overflow`; fp16's loss scale goes down).
 - A plain torch optimizer (no ZeRO, fp32) has no such check: `guard_plain_optimizer` wraps its step so
   that a non-finite gradient on any rank (all-reduced over the world, so every rank decides alike) skips
   the update the same way (optimizer.overflow = True, which DeepSpeed's engine reads after step()).
