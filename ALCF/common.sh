@@ -6,6 +6,8 @@
 # USE_ACTIVATION_CHECKPOINTING, ACT_CKPT_NUM_LAYERS, TIMING_LOG_LEVEL, DATA_FILE_LIST, TOKENIZER_TYPE,
 # TOKENIZER_MODEL, CKPT_DIR, LOAD, SAVE, ... see ALCF/recipe.py), refuses unknown or conflicting ones before
 # launching, and runs mpiexec with its output teed to logs/<run>/<date>_<ws>_<host>/output.log (as upstream).
+# OPT is any --optimizer name (the whole-matrix muon, muonclip, dshampooadamw, galoreadamw, adam8bit with the
+# default bf16 too); what the engine would refuse on the machine's accelerator stops the recipe before launch.
 # DRY_RUN=1 prints the resolved run (and its upstream-named run directory) instead. Flags after the script name are
 # appended (they win).
 

@@ -19,6 +19,11 @@ saved to CKPT_DIR/.env (upstream's save_dotenv), all relative to the repository 
     the flag always, but its DeepSpeed config decides, and that asks for data_types.grad_accum_dtype = fp32 only
     at pp > 1 (ZeRO 1/2), which DeepSpeed honours for bf16 at ZeRO stage 1 without CPU offload (its BF16
     optimizer). So the default Aurora run (bf16, ZeRO-1, pp = 1) accumulates in bf16, as upstream's does;
+  - OPT passes any of our --optimizer names through, as upstream's does (`--optimizer=${OPT}`), the
+    whole-matrix ones (muon, muonclip, dshampooadamw, galoreadamw, adam8bit, galoreadamw8bit) with the machine's
+    default DTYPE and ZERO_STAGE=1 or 2 as well; what the engine would refuse on the machine's accelerator (an
+    optimizer at ZERO_STAGE=3, galoreadamw8bit on Aurora's XPUs, fp16 where it cannot run, ...) is an error
+    before launch (`run_errors`), where upstream's job would fail (or run another update) after the queue;
   - our additions: MOCK_DATA=1 (random tokens, VOCAB_SIZE), CPU_OPTIMIZER=1, WANDB_PROJECT, PEAK_TFLOPS,
     DRY_RUN=1, CPU_BIND.
 """
@@ -58,9 +63,9 @@ _MODEL_KNOBS = {"HEADS": "num_attention_heads", "NLAYERS": "num_layers", "HIDDEN
 
 MACHINES = {
     "aurora": dict(ngpu_per_host=12, dtype="bf16", backend_knob="CCL", backend="ccl", flash="--use-flash-attn-builder",
-                   peak_tflops="229"),
+                   peak_tflops="229", device="xpu"),
     "polaris": dict(ngpu_per_host=4, dtype="fp16", backend_knob="NCCL", backend="nccl", flash="--use-flash-attn-v2",
-                    peak_tflops="312"),
+                    peak_tflops="312", device="cuda"),
 }
 # Aurora: the cores ezpz binds (upstream's launcher); 0-1, 52-53 and the CCL worker cores stay free.
 AURORA_CPU_BIND = "list:2-4:10-12:18-20:26-28:34-36:42-44:54-56:62-64:70-72:78-80:86-88:94-96"
@@ -385,7 +390,21 @@ def resolve(machine: str, env: dict, extra: list[str]) -> dict:
         launch += [f"--cpu-bind={_get(env, 'CPU_BIND', 'depth')}", "--depth=8"]
     launch += [sys.executable, str(REPO / "pretrain_gpt_alcf.py")]
     return {"flags": f, "launch": launch, "env": launch_env, "world_size": world, "output_prefix": prefix,
-            "ckpt_dir": ckpt_dir}
+            "ckpt_dir": ckpt_dir, "machine": machine,
+            "knobs": f"OPT={opt} DTYPE={dtype} ZERO_STAGE={_int(run_env, 'ZERO_STAGE', 1)} PP={pp} TP={tp}"}
+
+
+def run_errors(r: dict) -> list[str]:
+    """What the engine would refuse about the resolved run's optimizer and precision on its machine's accelerator
+    (megatron/optimizer optimizer_errors, megatron/training/ds_config precision_errors), each naming the flag;
+    ConfigError when the flags themselves are refused."""
+    from megatron.config.arguments import parse_args
+    from megatron.optimizer import optimizer_errors
+    from megatron.training.ds_config import precision_errors
+
+    run = parse_args(r["flags"])
+    device = MACHINES[r["machine"]]["device"]
+    return precision_errors(run, device) + optimizer_errors(run, device, r["world_size"])
 
 
 def save_dotenv(ckpt_dir: str, environ: dict) -> Path:
@@ -430,8 +449,19 @@ def main(argv: list[str]) -> int:
     line = (line + " " if line else "") + shlex.join(command)
     out_dir = Path(output_dir(r["output_prefix"], r["world_size"]))
     log_path = out_dir / "output.log"
+    from megatron.config.arguments import ConfigError, parse_args
+
+    try:
+        refused = run_errors(r)
+    except ConfigError as e:
+        print(f"ALCF recipe: the flags it builds are refused (nothing was launched):\n{e}", file=sys.stderr)
+        return 2
+    if refused:
+        device = MACHINES[r["machine"]]["device"]
+        print(f"ALCF recipe: {r['knobs']} cannot run on {r['machine']} ({device}) (nothing was launched):\n  - "
+              + "\n  - ".join(refused), file=sys.stderr)
+        return 2
     if _get(os.environ, "DRY_RUN") == "1":
-        from megatron.config.arguments import ConfigError, parse_args
         from megatron.training.dry_run import dry_run_report
 
         try:

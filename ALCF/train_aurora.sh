@@ -9,6 +9,7 @@
 # runs as xccl when the oneCCL bindings are not installed.
 #   qsub -A <project> ALCF/train_aurora.sh        or, inside an interactive job:
 #   MODEL_ARCH=AuroraGPT-2B OPT=adamw DATA_FILE_LIST=/path/list.txt bash ALCF/train_aurora.sh [--flag value ...]
+#   OPT=muon MOCK_DATA=1 DRY_RUN=1 bash ALCF/train_aurora.sh   # a whole-matrix optimizer, with the default bf16
 #   DRY_RUN=1 MOCK_DATA=1 bash ALCF/train_aurora.sh     # print the mpiexec line, layout, DeepSpeed JSON, memory
 set -euo pipefail
 source "$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/common.sh"

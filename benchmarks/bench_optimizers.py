@@ -1,24 +1,44 @@
 """Every --optimizer on the same small Llama and the same data: loss curves, step time and state memory vs AdamW.
 
-Trains one rank (CPU or one GPU) through the framework's own path (parse_args → build_engine → train_step)
-on the embedded corpus (the Python standard library, built, tokenized and preprocessed like
-ALCF/demo_cpu.sh does, reused from --data-dir when present), each optimizer from the same initial weights
-and on the same sample stream, at its own learning rate (the defaults below were picked for this model).
-Prints a table (loss after N steps; step time, fastest and median step, and optimizer-state bytes, each
-relative to AdamW) and the load average around the runs (step-time ratios mean little on a loaded machine:
-the fastest step is the least disturbed one), and writes the loss curves to a PNG.
-Not a test: `python benchmarks/bench_optimizers.py --help`.
+Trains through the framework's own path (parse_args → build_engine → train_step) on the embedded corpus (the
+Python standard library, built, tokenized and preprocessed like ALCF/demo_cpu.sh does, reused from --data-dir
+when present; --mock-data uses random tokens instead), each optimizer from the same initial weights and on the
+same sample stream, at its own learning rate (the defaults below were picked for this model). Two sections:
+
+fp32 (--optimizers): one rank (CPU or one GPU). A table of the loss after N steps, step time (fastest and
+median step) and optimizer-state bytes, each relative to AdamW, and the loss curves as a PNG (with matplotlib).
+
+bf16 (--bf16-optimizers): each optimizer with --bf16 --zero-stage 1 (or --bf16-zero-stage 2), against AdamW bf16
+on the same model, at every data-parallel size of --bf16-dp (one launch of that many ranks each, every optimizer
+in sequence; the global batch stays --batch). Per optimizer: loss, step time vs AdamW's (at the first dp size), and memory
+counted from the tensors each rank holds after the last step (`optimizer_memory`):
+  - state: the optimizer's own state tensors (moments, momentum, quantised 8-bit state and its scales,
+    preconditioners, projections), per parameter of the whole model;
+  - fp32 masters: the fp32 copies of the parameters the optimizer steps (DeepSpeed's flat partitions, or the
+    whole-matrix masters of megatron/optimizer/full_matrix.py), stated separately;
+  - per rank at each dp size: state + masters, and its ratio to the first dp size (ZeRO-1 partitions both:
+    about 1/2 at dp 2); on CUDA also the allocator's peak per rank (torch.cuda.max_memory_allocated) over the
+    optimizer's run.
+Then the issue's targets (Muon's state <= AdamW's, 8-bit Adam's <= 1/2 of AdamW's, Muon's step <= 1.3 x AdamW's,
+dp 2's optimizer memory per rank about 1/2 of dp 1's), each marked met or not met. A combination the framework
+refuses is printed as refused, with its message.
+
+The load average around the runs is printed too: step-time ratios mean little on a loaded machine (the fastest
+step is the least disturbed one). Not a test: `python benchmarks/bench_optimizers.py --help`.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
+from typing import Optional
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -26,12 +46,23 @@ sys.path.insert(0, str(ROOT))
 # learning rates that suit this model for each optimizer (constant schedule after a short warmup)
 LR = {"adam": 3e-3, "adamw": 3e-3, "sgd": 0.3, "adamwschedulefree": 3e-3, "sgdschedulefree": 0.5, "adopt": 3e-3,
       "sophiag": 1e-3, "ds.fusedlamb": 0.02, "ipex.lamb": 0.02, "muon": 0.01, "muonclip": 0.01, "galoreadamw": 3e-3,
-      "dshampooadamw": 3e-3}
+      "dshampooadamw": 3e-3, "adam8bit": 3e-3}
+BF16_DEFAULT = "adamw,muon,muonclip,adam8bit,galoreadamw,dshampooadamw"
 
 
 def parse_cli() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--optimizers", default=",".join(LR), help="comma-separated --optimizer names")
+    p.add_argument("--optimizers", default=",".join(n for n in LR if n != "adam8bit"),
+                   help="comma-separated --optimizer names for the fp32 rows ('none': no fp32 section)")
+    p.add_argument("--bf16-optimizers", default=BF16_DEFAULT,
+                   help="comma-separated --optimizer names for the bf16 rows, AdamW first ('none': no bf16 section)")
+    p.add_argument("--bf16-dp", default="1,2", help="data-parallel sizes of the bf16 rows, one launch each")
+    p.add_argument("--bf16-zero-stage", type=int, choices=(1, 2), default=1,
+                   help="--zero-stage of the bf16 rows (2 also partitions the reduced gradients)")
+    p.add_argument("--bf16-steps", type=int, default=20, help="steps of each bf16 row")
+    p.add_argument("--json", default=None, help="also write every measurement to this JSON file")
+    p.add_argument("--mock-data", action="store_true", help="random tokens (vocabulary 4096) instead of the corpus")
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # a bf16 rank: write results to this file
     p.add_argument("--steps", type=int, default=60)
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--hidden", type=int, default=128)
@@ -65,33 +96,72 @@ def ensure_data(data_dir: Path) -> tuple[Path, Path]:
     return corpus / "data_file_list.txt", tokenizer
 
 
-def flags(a, name: str, file_list: Path, tokenizer: Path) -> list[str]:
+def flags(a, name: str, file_list: Path, tokenizer: Path, *, steps: Optional[int] = None, dp: int = 1,
+          extra: tuple = ()) -> list[str]:
+    steps = a.steps if steps is None else steps
+    data = ["--mock-data", "--vocab-size", 4096, "--tokenizer-type", "NullTokenizer"] if a.mock_data else [
+        "--data-file-list", file_list, "--split", "1000,0,0", "--tokenizer-type", "Llama2Tokenizer",
+        "--tokenizer-model", tokenizer]
     values = ["--num-layers", a.layers, "--hidden-size", a.hidden, "--num-attention-heads", a.heads,
               "--ffn-hidden-size", a.ffn, "--seq-length", a.seq, "--max-position-embeddings", a.seq,
               "--normalization", "rmsnorm", "--swiglu", "--use-rotary-position-embeddings",
               "--untie-embeddings-and-output-weights", "--disable-bias-linear", "--attention-dropout", 0,
-              "--hidden-dropout", 0, "--micro-batch-size", a.batch, "--global-batch-size", a.batch,
-              "--train-iters", a.steps, "--optimizer", name, "--lr", LR.get(name, 3e-3), "--lr-decay-style",
-              "constant", "--lr-warmup-iters", max(1, a.steps // 20), "--weight-decay", 0.1, "--clip-grad", 1.0,
-              "--data-file-list", file_list, "--split", "1000,0,0", "--tokenizer-type", "Llama2Tokenizer",
-              "--tokenizer-model", tokenizer, "--num-workers", 0, "--seed", 1234, "--eval-iters", 0,
-              "--zero-stage", 0, "--distributed-backend", "nccl" if a.device == "cuda" else "gloo"]
+              "--hidden-dropout", 0, "--micro-batch-size", a.batch // dp, "--global-batch-size", a.batch,
+              "--train-iters", steps, "--optimizer", name, "--lr", LR.get(name, 3e-3), "--lr-decay-style",
+              "constant", "--lr-warmup-iters", max(1, steps // 20), "--weight-decay", 0.1, "--clip-grad", 1.0,
+              *data, "--num-workers", 0, "--seed", 1234, "--eval-iters", 0,
+              "--distributed-backend", "nccl" if a.device == "cuda" else "gloo", *(extra or ("--zero-stage", 0))]
     return [str(v) for v in values]
 
 
-def state_bytes(obj) -> int:
+def state_bytes(obj, _depth: int = 0) -> int:
+    """Bytes of the tensors in `obj` (nested dicts, lists, tuples, and the attributes of state objects such as
+    GaLore's projector), each counted once."""
+    return sum(t.numel() * t.element_size() for t in _tensors(obj, {}, 0).values())
+
+
+def _tensors(obj, found: dict, depth: int) -> dict:
     import torch
 
     if torch.is_tensor(obj):
-        return obj.numel() * obj.element_size()
-    if isinstance(obj, dict):
-        return sum(state_bytes(v) for v in obj.values())
-    if isinstance(obj, (list, tuple)):
-        return sum(state_bytes(v) for v in obj)
-    return 0
+        found.setdefault((obj.device, obj.untyped_storage().data_ptr(), obj.storage_offset(), obj.numel()), obj)
+    elif depth > 4:
+        pass
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            _tensors(v, found, depth + 1)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            _tensors(v, found, depth + 1)
+    elif hasattr(obj, "__dict__") and not isinstance(obj, type) and not callable(obj):
+        _tensors(vars(obj), found, depth + 1)
+    return found
 
 
-def train_one(a, name: str, file_list: Path, tokenizer: Path, ps_cache: dict) -> dict:
+def leaf_optimizers(optimizer) -> list:
+    """The torch optimizers that hold state: DeepSpeed's wrappers (ZeRO, bf16, fp16) keep theirs as `.optimizer`,
+    megatron/optimizer/full_matrix.py's FullMatrixOptimizer its two inner ones as `.matrix` and `.other`."""
+    found = []
+    for attr in ("optimizer", "matrix", "other"):
+        inner = getattr(optimizer, attr, None)
+        if inner is not None and inner is not optimizer and hasattr(inner, "param_groups") and hasattr(inner, "state"):
+            found += leaf_optimizers(inner)
+    return found or [optimizer]
+
+
+def optimizer_memory(optimizer, model) -> dict:
+    """What this rank holds for the optimizer, counted from its tensors: 'state' (the leaf optimizers' state
+    tensors) and 'masters' (the tensors they step that are not the model's own parameters: fp32 master copies,
+    DeepSpeed's flat fp32 partitions), in bytes."""
+    own = {id(p) for p in model.parameters()}
+    leaves = leaf_optimizers(optimizer)
+    state = state_bytes([leaf.state for leaf in leaves])
+    stepped = [p for leaf in leaves for g in leaf.param_groups for p in g["params"] if id(p) not in own]
+    return {"state": state, "masters": state_bytes(stepped)}
+
+
+def train_one(a, name: str, file_list: Path, tokenizer: Path, ps_cache: dict, *, steps: Optional[int] = None,
+              dp: int = 1, dp_rank: int = 0, extra: tuple = ()) -> dict:
     import torch
 
     from megatron.config.arguments import parse_args, validate_run
@@ -101,45 +171,75 @@ def train_one(a, name: str, file_list: Path, tokenizer: Path, ps_cache: dict) ->
     from megatron.training.engine import build_engine
     from megatron.training.loop import resolve_vocab, seed_everything
 
-    run = parse_args(flags(a, name, file_list, tokenizer))
-    validate_run(run, 1)
+    steps = a.steps if steps is None else steps
+    run = parse_args(flags(a, name, file_list, tokenizer, steps=steps, dp=dp, extra=extra))
+    validate_run(run, dp)
     run, _ = resolve_vocab(run)
-    device = torch.device(a.device)
+    device = torch.device(a.device, int(os.environ.get("LOCAL_RANK", 0))) if a.device == "cuda" else \
+        torch.device(a.device)
     if "ps" not in ps_cache:
         ps_cache["ps"] = ParallelState.build(run.parallel, run.model)
     ps = ps_cache["ps"]
     seed_everything(run.training.seed, ps, device)
     te = build_engine(run, ps, device)
     train_ds, _, _ = build_datasets(run.data, run.model.seq_length, run.training.seed,
-                                    (a.steps * a.batch, 0, 0), run.model.vocab_size, 0, 1)
-    batches = build_data_iterator(train_ds, a.batch, 0, 1, 0)
+                                    (steps * a.batch, 0, 0), run.model.vocab_size, dp_rank, dp)
+    batches = build_data_iterator(train_ds, a.batch // dp, dp_rank, dp, 0)
     losses, times = [], []
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     try:
-        for _ in range(a.steps):
+        for _ in range(steps):
             start = time.perf_counter()
             losses.append(te.train_step(batches).loss)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
             times.append(time.perf_counter() - start)
-        memory = state_bytes(te.engine.optimizer.state_dict())
+        memory = state_bytes(te.engine.optimizer.state_dict()) if not extra else None
+        held = optimizer_memory(te.engine.optimizer, te.engine.module)
+        parameters = sum(p.numel() for p in te.engine.module.parameters())
     finally:
         te.destroy()
     steady = times[2:] or times  # the first steps build caches
-    return {"losses": losses, "step_s": statistics.median(steady), "step_min_s": min(steady), "state_bytes": memory}
+    return {"losses": losses, "step_s": statistics.median(steady), "step_min_s": min(steady), "state_bytes": memory,
+            "held_state": held["state"], "held_masters": held["masters"], "parameters": parameters,
+            "peak_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None}
+
+
+def _names(text: str) -> list[str]:
+    """The comma-separated names, each once, AdamW first unless given ('none' or '': no names)."""
+    names = list(dict.fromkeys(n.strip() for n in text.split(",") if n.strip() and n.strip() != "none"))
+    if names and "adamw" not in names:
+        names.insert(0, "adamw")
+    return names
 
 
 def main() -> None:
     a = parse_cli()
+    if a.worker:
+        return bf16_worker(a)
+    file_list, tokenizer = (None, None) if a.mock_data else ensure_data(Path(a.data_dir))
+    measured = {}
+    if _names(a.optimizers):
+        measured["fp32"] = fp32_section(a, file_list, tokenizer)
+    if _names(a.bf16_optimizers):
+        measured["bf16"] = bf16_section(a)
+    if a.json:
+        from megatron.fileio import write_text_atomically
+
+        write_text_atomically(a.json, json.dumps(measured, indent=1))
+
+
+def fp32_section(a, file_list, tokenizer) -> dict:
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", "29517")
     os.environ.setdefault("RANK", "0")
     os.environ.setdefault("WORLD_SIZE", "1")
     os.environ.setdefault("LOCAL_RANK", "0")
-    file_list, tokenizer = ensure_data(Path(a.data_dir))
     import deepspeed
 
     deepspeed.init_distributed(dist_backend="nccl" if a.device == "cuda" else "gloo", auto_mpi_discovery=False)
-    names = [n.strip() for n in a.optimizers.split(",") if n.strip()]
-    if "adamw" not in names:
-        names.insert(0, "adamw")
+    names = _names(a.optimizers)
     results, ps_cache = {}, {}
     load_before = os.getloadavg()
     for name in names:
@@ -157,8 +257,17 @@ def main() -> None:
         print(f"| {name} | {LR.get(name, 3e-3):g} | {r['losses'][0]:.3f} | {r['losses'][-1]:.3f} | "
               f"{r['step_min_s'] / base['step_min_s']:.2f}× / {r['step_s'] / base['step_s']:.2f}× | "
               f"{r['state_bytes'] / max(1, base['state_bytes']):.2f}× |")
-    import matplotlib
+    if a.png:
+        write_png(a, results)
+    return results
 
+
+def write_png(a, results: dict) -> None:
+    try:
+        import matplotlib
+    except ImportError:
+        print("\nno loss-curve PNG: matplotlib is not installed (pip install matplotlib, or --png '' to skip)")
+        return
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -176,6 +285,157 @@ def main() -> None:
     fig.savefig(tmp, dpi=110, bbox_inches="tight")
     os.replace(tmp, a.png)
     print(f"\nloss curves: {a.png}")
+
+
+# ---- the bf16 section: one launch of dp ranks per dp size, every optimizer in sequence -------------------------
+
+def bf16_section(a) -> dict:
+    names = _names(a.bf16_optimizers)
+    sizes = [int(d) for d in a.bf16_dp.split(",") if d.strip()]
+    if a.device == "cuda":
+        import torch
+
+        fit = [d for d in sizes if d <= torch.cuda.device_count()]
+        if fit != sizes:
+            print(f"bf16 rows: dp {', '.join(str(d) for d in sizes if d not in fit)} left out: one rank a GPU and "
+                  f"{torch.cuda.device_count()} GPU(s) here", flush=True)
+        sizes = fit
+    if not sizes:
+        raise SystemExit("bench_optimizers: no --bf16-dp size can run here")
+    by_dp = {}
+    load_before = os.getloadavg()
+    for dp in sizes:
+        print(f"bf16 rows at dp {dp} (ZeRO-{a.bf16_zero_stage}): {', '.join(names)} ...", flush=True)
+        by_dp[dp] = _launch_workers(a, dp)
+    load_after = os.getloadavg()
+    report_bf16(a, names, sizes, by_dp, load_before, load_after)
+    return {str(dp): rows for dp, rows in by_dp.items()}
+
+
+def _launch_workers(a, dp: int) -> dict:
+    """Run this script's bf16 worker on `dp` ranks (environment as torchrun sets it); rank 0's gathered results."""
+    from megatron.distributed.launcher import free_port
+
+    port = free_port("127.0.0.1")
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "rows.json"
+        argv = [sys.executable, str(Path(__file__).resolve()), "--worker", str(out), *sys.argv[1:]]
+        procs = []
+        for rank in range(dp):
+            env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": str(dp), "LOCAL_RANK": str(rank),
+                   "LOCAL_WORLD_SIZE": str(dp), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+            procs.append(subprocess.Popen(argv, env=env, cwd=ROOT))
+        while any(p.poll() is None for p in procs):
+            if any(p.poll() for p in procs):  # a rank failed: the others would wait for it in a collective
+                for p in procs:
+                    if p.poll() is None:
+                        p.terminate()
+            time.sleep(0.5)
+        codes = [p.wait() for p in procs]
+        if any(codes) or not out.is_file():
+            raise SystemExit(f"bench_optimizers: the bf16 ranks at dp {dp} failed (exit codes {codes})")
+        return json.loads(out.read_text())
+
+
+def bf16_worker(a) -> None:
+    """One rank of a bf16 launch: every --bf16-optimizers name at --bf16 --zero-stage N; rank 0 writes every
+    rank's measurements (or the refusal) to --worker's file."""
+    import deepspeed
+    import torch.distributed as dist
+
+    from megatron.errors import MegatronError
+
+    file_list, tokenizer = (None, None) if a.mock_data else ensure_data(Path(a.data_dir))
+    deepspeed.init_distributed(dist_backend="nccl" if a.device == "cuda" else "gloo", auto_mpi_discovery=False)
+    rank, dp = dist.get_rank(), dist.get_world_size()
+    rows, ps_cache = {}, {}
+    for name in _names(a.bf16_optimizers):
+        try:
+            mine = train_one(a, name, file_list, tokenizer, ps_cache, steps=a.bf16_steps, dp=dp, dp_rank=rank,
+                             extra=("--bf16", "--zero-stage", str(a.bf16_zero_stage)))
+        except MegatronError as e:  # refused before any collective: the same on every rank
+            mine = {"refused": str(e)}
+        every = [None] * dp
+        dist.all_gather_object(every, mine)
+        rows[name] = every
+    if rank == 0:
+        from megatron.fileio import write_text_atomically
+
+        write_text_atomically(a.worker, json.dumps(rows))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def _mib(n) -> str:
+    return "-" if n is None else f"{n / 2**20:.2f} MiB"
+
+
+def report_bf16(a, names: list[str], sizes: list[int], by_dp: dict, load_before, load_after) -> None:
+    first = sizes[0]
+    rows = by_dp[first]
+    base = rows["adamw"][0]
+    print(f"\nbf16, ZeRO-{a.bf16_zero_stage}: {a.bf16_steps} steps, Llama L{a.layers} h{a.hidden} ffn {a.ffn}, global batch {a.batch} "
+          f"× seq {a.seq}, {a.device}; dp {', '.join(map(str, sizes))}; load average {load_before[0]:.1f} before, "
+          f"{load_after[0]:.1f} after")
+    if "refused" in base:
+        print(f"AdamW bf16 was refused, nothing to compare with: {base['refused']}")
+        return
+    params = base["parameters"]
+    print(f"{params:,} parameters; AdamW bf16 step at dp {first}: fastest {base['step_min_s'] * 1e3:.0f} ms, "
+          f"median {base['step_s'] * 1e3:.0f} ms\n")
+    other = [d for d in sizes if d != first]
+    head = (f"| optimizer | loss at step 1 | loss after N | step vs AdamW (fastest / median), dp {first} "
+            f"| state B/param | fp32 masters B/param | state + masters per rank, dp {first} |"
+            + "".join(f" dp {d} (vs dp {first}) |" for d in other))
+    if a.device == "cuda":
+        head += "".join(f" CUDA peak per rank, dp {d} |" for d in sizes)
+    print(head)
+    print("|" + "---|" * (head.count("|") - 1))
+    held = {}
+    for name in names:
+        r = rows[name][0]
+        if "refused" in r:
+            reason = r["refused"].splitlines()[-1].strip()
+            print(f"| {name} | refused: {reason[2:] if reason.startswith('- ') else reason} |")
+            continue
+        per_rank = {d: max(x["held_state"] + x["held_masters"] for x in by_dp[d][name]) for d in sizes
+                    if "refused" not in by_dp[d][name][0]}
+        held[name] = per_rank
+        line = (f"| {name} | {r['losses'][0]:.3f} | {r['losses'][-1]:.3f} | "
+                f"{r['step_min_s'] / base['step_min_s']:.2f}× / {r['step_s'] / base['step_s']:.2f}× | "
+                f"{r['held_state'] / params:.2f} | {r['held_masters'] / params:.2f} | {_mib(per_rank.get(first))} |")
+        for d in other:
+            line += (f" {_mib(per_rank[d])} ({per_rank[d] / per_rank[first]:.2f}×) |" if d in per_rank
+                     else " refused |")
+        if a.device == "cuda":
+            line += "".join(f" {_mib(max(x['peak_bytes'] for x in by_dp[d][name]))} |" if d in per_rank else " - |"
+                            for d in sizes)
+        print(line)
+    print("\nstate and masters: bytes of the tensors each rank holds after the last step (the largest rank); "
+          f"B/param: at dp {first}, per parameter of the whole model")
+    print("\ntargets (issue 19):")
+    state = {n: rows[n][0]["held_state"] for n in names if "refused" not in rows[n][0]}
+
+    def mark(ok: bool) -> str:
+        return "met" if ok else "NOT met"
+
+    if "muon" in state:
+        print(f"  Muon state <= AdamW's: {state['muon'] / params:.2f} vs {state['adamw'] / params:.2f} B/param: "
+              f"{mark(state['muon'] <= state['adamw'])}")
+        ratio = rows["muon"][0]["step_min_s"] / base["step_min_s"]
+        print(f"  Muon step <= 1.3 x AdamW's (fastest steps): {ratio:.2f}x: {mark(ratio <= 1.3)}")
+    if "adam8bit" in state:
+        print(f"  8-bit Adam state <= 1/2 of AdamW's: {state['adam8bit'] / params:.2f} vs "
+              f"{state['adamw'] / params:.2f} B/param: {mark(state['adam8bit'] <= 0.5 * state['adamw'])}")
+    for d in other:
+        for name, per_rank in held.items():
+            if d in per_rank:
+                ratio = per_rank[d] / per_rank[first]
+                print(f"  {name}: optimizer memory per rank at dp {d} vs dp {first}: {ratio:.2f}x (about "
+                      f"{first / d:.2f}x wanted): {mark(abs(ratio - first / d) <= 0.1 * first / d + 0.05)}")
+    refused = [n for n in names if "refused" in rows[n][0]]
+    if refused:
+        print(f"  refused in bf16 here: {', '.join(refused)} (no row, no target)")
 
 
 if __name__ == "__main__":

@@ -272,3 +272,34 @@ def test_gradient_accumulation_dtype_equals_upstreams_for_every_knob_setting(tmp
     if dtype == "bf16":
         r, run = _run("aurora", {"PBS_NODEFILE": _hosts(tmp_path), "MOCK_DATA": "1", "PP": "2"})
         assert generate_deepspeed_config(run, dp_size=12)["data_types"] == {"grad_accum_dtype": "fp32"}
+
+
+WHOLE_MATRIX = ("muon", "muonclip", "dshampooadamw", "galoreadamw", "adam8bit")
+
+
+def test_whole_matrix_optimizers_take_auroras_default_bf16_at_zero_1_and_2(tmp_path):
+    for opt in WHOLE_MATRIX:
+        for zero in ("1", "2"):
+            env = {"PBS_NODEFILE": _hosts(tmp_path), "MOCK_DATA": "1", "OPT": opt, "ZERO_STAGE": zero}
+            r, run = _run("aurora", env)
+            t = run.training
+            assert (t.optimizer.optimizer, t.precision.bf16, t.zero.zero_stage) == (opt, True, int(zero))
+            assert f"-bf16-opt{opt}-" in r["output_prefix"]  # upstream's run directory names the optimizer
+            assert recipe.run_errors(r) == [], (opt, zero)
+
+
+@pytest.mark.parametrize("machine, env, message", [
+    ("aurora", {"OPT": "muon", "ZERO_STAGE": "3"}, "--optimizer muon needs whole matrices, which --zero-stage 3"),
+    ("aurora", {"OPT": "galoreadamw8bit"}, "runs on CUDA only (it synchronises the CUDA device), not on xpu"),
+    ("polaris", {"OPT": "muon", "DTYPE": "fp16", "PP": "2", "WORLD_SIZE": "8"}, "--fp16 scales the loss itself"),
+])
+def test_a_combination_the_engine_refuses_is_named_before_launch(tmp_path, machine, env, message):
+    r, _ = _run(machine, {"PBS_NODEFILE": _hosts(tmp_path), "MOCK_DATA": "1", **env})
+    assert any(message in line for line in recipe.run_errors(r))
+
+
+def test_a_refused_optimizer_stops_the_recipe_before_mpiexec(tmp_path):
+    proc, launched = _bash("train_aurora.sh", {"MOCK_DATA": "1", "OPT": "muon", "ZERO_STAGE": "3"}, tmp_path)
+    assert proc.returncode == 2 and not launched
+    assert "ALCF recipe: OPT=muon DTYPE=bf16 ZERO_STAGE=3 PP=1 TP=1 cannot run on aurora (xpu)" in proc.stderr
+    assert "--zero-stage 3" in proc.stderr

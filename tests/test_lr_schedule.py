@@ -106,3 +106,48 @@ def test_rampup_runs_count_samples_and_errors_name_the_flags():
         build_lr_scheduler(_optimizer(), parse_args([*MODEL, "--train-iters", "50", "--lr-warmup-iters", "60"]))
     with pytest.raises(ConfigError, match=r"--lr-decay-style 'step'"):
         _schedule(max_lr=1.0, decay_style="step", decay_steps=10)
+
+
+def _fraction_run(*extra):
+    return parse_args([*MODEL, "--train-iters", "50", "--lr", "1.0", "--min-lr", "0.0", "--lr-decay-style", "linear",
+                       "--lr-warmup-fraction", "0.05", *extra])
+
+
+def test_warmup_fraction_is_not_rounded_to_whole_iterations_as_upstream():
+    s = build_lr_scheduler(_optimizer(), _fraction_run())
+    assert s.warmup_steps == pytest.approx(2.5) and s.warmup_rounding == "none"  # 0.05 × 50, as upstream's scheduler
+    lrs = []
+    for _ in range(4):
+        lrs.append(s.get_lr())
+        s.step()
+    assert lrs == pytest.approx([0.0, 1 / 2.5, 2 / 2.5, 1.0 - 0.5 / 47.5])
+    assert s.state_dict()["warmup_rounding"] == "none"
+    wsd = build_lr_scheduler(_optimizer(), _fraction_run("--lr-decay-style", "wsd", "--lr-decay-fraction", "0.99"))
+    assert (wsd.warmup_steps, wsd.wsd_decay_steps) == (pytest.approx(2.5), 47)  # the cooldown stays after warmup
+
+
+def test_a_checkpoint_of_a_version_that_rounded_the_warmup_down_passes_the_check_and_keeps_its_warmup():
+    older = build_lr_scheduler(_optimizer(), _fraction_run()).state_dict()
+    older.update(warmup_steps=2, num_steps=1)  # what int(0.05 × 50) saved, without the record of its rounding
+    del older["warmup_rounding"]
+    resumed = build_lr_scheduler(_optimizer(), _fraction_run())
+    assert resumed.differences(older) == []
+    resumed.load_state_dict(older)  # the default policy: "check"
+    assert (resumed.warmup_steps, resumed.warmup_rounding) == (2, "floor") and resumed.get_lr() == 0.5
+    resumed.step()
+    assert resumed.get_lr() == 1.0 and resumed.state_dict()["warmup_rounding"] == "floor"
+    again = build_lr_scheduler(_optimizer(), _fraction_run())  # its own later checkpoints pass the check as well
+    again.load_state_dict(resumed.state_dict())
+    assert again.warmup_steps == 2
+    # still a check: another fraction, or a rounded warmup that is not the flags' rounded down, is refused
+    other = build_lr_scheduler(_optimizer(), _fraction_run("--lr-warmup-fraction", "0.1"))
+    assert other.differences(older) == ["--lr-warmup-iters/--lr-warmup-samples/--lr-warmup-fraction: the flags give "
+                                        "5, the checkpoint has 2"]
+    with pytest.raises(ConfigError, match="--override-opt_param-scheduler"):
+        other.load_state_dict(older)
+    newer = build_lr_scheduler(_optimizer(), _fraction_run()).state_dict()
+    newer["warmup_steps"] = 2  # a state that says it was not rounded must hold the flags' 2.5
+    assert len(build_lr_scheduler(_optimizer(), _fraction_run()).differences(newer)) == 1
+    override = build_lr_scheduler(_optimizer(), _fraction_run("--override-opt_param-scheduler"))
+    override.load_state_dict(older)
+    assert (override.warmup_steps, override.warmup_rounding, override.num_steps) == (pytest.approx(2.5), "none", 1)

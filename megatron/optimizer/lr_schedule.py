@@ -25,6 +25,13 @@ Resume (Megatron's rules): the checkpoint's step and tokens always continue. The
 LR, warmup, decay length and style, ...) comes from the flags with --override-opt_param-scheduler, from
 the checkpoint with --use-checkpoint-opt_param-scheduler, and otherwise must be the same in both: a
 difference is an error naming both values.
+
+Warmup by --lr-warmup-fraction f is f × the decay length, not rounded (upstream's get_optimizer_param_scheduler:
+0.05 × 50 iterations is a warmup of 2.5, so the third update runs at lr = max_lr · 2 / 2.5). Versions of ours
+before the state recorded "warmup_rounding" rounded it down to whole steps (2 here). Their checkpoints hold a whole
+warmup and no "warmup_rounding"; such a state is read as "floor": the check compares it with the flags' schedule
+as those versions built it (warmup ⌊f × decay⌋, and the wsd cooldown capped by that warmup), and the resumed run
+keeps the checkpoint's warmup, so it continues the schedule it started with and its later checkpoints say "floor".
 """
 
 from __future__ import annotations
@@ -53,6 +60,7 @@ _PROGRESS = ("num_steps", "num_tokens", "increment", "warmup_end_tokens")
 _REQUIRED = ("num_steps", "max_lr", "min_lr", "decay_style", "decay_steps", "warmup_steps", "wsd_decay_steps",
              "wsd_decay_style", "increment")  # present in every checkpoint this framework wrote
 RESUME_POLICIES = ("check", "override", "checkpoint")
+WARMUP_ROUNDINGS = ("none", "floor")  # the warmup as the flags give it (upstream's), or rounded down (older ours)
 
 
 class LRSchedule:
@@ -66,11 +74,12 @@ class LRSchedule:
                  constant_plus_cooldown_steps: Optional[float] = None, constant_lr: float = 0.0,
                  constant_steps: Optional[float] = None, cooldown_steps: Optional[float] = None,
                  timescale: float = 10.0, start_wd: Optional[float] = None, end_wd: Optional[float] = None,
-                 wd_incr_style: str = "constant", wd_incr_steps: int = 1, on_resume: str = "check"):
+                 wd_incr_style: str = "constant", wd_incr_steps: int = 1, on_resume: str = "check",
+                 warmup_rounding: str = "none", floor_shape: Optional[dict] = None):
         self.optimizer = optimizer
         self.max_lr, self.min_lr = float(max_lr), float(min_lr)
         self.decay_style, self.wsd_decay_style = decay_style, wsd_decay_style
-        self.decay_steps, self.warmup_steps = int(decay_steps), int(warmup_steps)
+        self.decay_steps, self.warmup_steps = int(decay_steps), _whole_or_float(warmup_steps)
         self.wsd_decay_steps = int(wsd_decay_steps) if wsd_decay_steps is not None else None
         self.increment = int(increment)
         self.tokens_per_step = int(tokens_per_step)
@@ -83,6 +92,11 @@ class LRSchedule:
         if on_resume not in RESUME_POLICIES:
             raise ValueError(f"on_resume must be one of {RESUME_POLICIES}, got {on_resume!r}")
         self.on_resume = on_resume
+        if warmup_rounding not in WARMUP_ROUNDINGS:
+            raise ValueError(f"warmup_rounding must be one of {WARMUP_ROUNDINGS}, got {warmup_rounding!r}")
+        self.warmup_rounding = warmup_rounding
+        # the shape settings as versions that rounded the warmup down built them from the same flags (module doc)
+        self.floor_shape = {"warmup_steps": math.floor(self.warmup_steps), **(floor_shape or {})}
         self.num_steps, self.num_tokens = 0, 0
         self.warmup_end_tokens: Optional[int] = None  # step warmup + token decay: tokens when warmup ended
         self._check()
@@ -246,12 +260,16 @@ class LRSchedule:
         self._apply()
 
     def differences(self, state: dict) -> list[str]:
-        """How the checkpoint's schedule `state` differs from this one's shape, one line per setting."""
-        return [f"{_SHAPE[k]}: the flags give {getattr(self, k)!r}, the checkpoint has {state[k]!r}"
-                for k in _SHAPE if k in state and not _same(getattr(self, k), state[k])]
+        """How the checkpoint's schedule `state` differs from this one's shape, one line per setting; a state whose
+        warmup was rounded down is compared with this shape rounded the same way (module doc)."""
+        mine = {key: getattr(self, key) for key in _SHAPE}
+        if saved_warmup_rounding(state) == "floor" and self.warmup_rounding == "none":
+            mine.update(self.floor_shape)
+        return [f"{_SHAPE[k]}: the flags give {mine[k]!r}, the checkpoint has {state[k]!r}"
+                for k in _SHAPE if k in state and not _same(mine[k], state[k])]
 
     def state_dict(self) -> dict:
-        return {key: getattr(self, key) for key in (*_PROGRESS, *_SHAPE)}
+        return {key: getattr(self, key) for key in (*_PROGRESS, *_SHAPE, "warmup_rounding")}
 
     def load_state_dict(self, state: dict) -> None:
         """Continue the checkpoint's step; take its shape, keep the flags', or check they agree (see module doc)."""
@@ -270,8 +288,25 @@ class LRSchedule:
         for key in keys:
             if key in state and not (key == "increment" and self.on_resume == "override"):
                 setattr(self, key, state[key])
+        if self.on_resume != "override":  # the checkpoint's warmup, and how it was rounded, continue
+            self.warmup_rounding = saved_warmup_rounding(state)
         self._check()
         self._apply()
+
+
+def saved_warmup_rounding(state: dict) -> str:
+    """How a saved schedule's warmup was rounded: as it records, or, in a state from before the record, "floor"
+    when the warmup is a whole number (the older versions' int(f × decay)) and "none" when it is not (upstream's
+    scheduler, read through megatron/checkpoint/argonne.py)."""
+    if "warmup_rounding" in state:
+        return state["warmup_rounding"]
+    warmup = state.get("warmup_steps")
+    return "floor" if warmup is not None and float(warmup).is_integer() else "none"
+
+
+def _whole_or_float(value):
+    value = float(value)
+    return int(value) if value.is_integer() else value
 
 
 def _same(a, b) -> bool:
@@ -303,10 +338,12 @@ def build_lr_scheduler(optimizer, run: RunConfig, dp_size: Optional[int] = None)
         increment = 1
         run_length = train_iters(run, dp_size)
     if opt.lr_warmup_fraction is not None:
-        warmup = int(opt.lr_warmup_fraction * decay)
-    wsd_steps = None
+        warmup = opt.lr_warmup_fraction * decay  # upstream's: not rounded to whole iterations or samples
+    wsd_steps = floor_wsd_steps = None
     if opt.lr_decay_style == "wsd":  # the cooldown never reaches back into the warmup
-        wsd_steps = min(max(1, round(opt.lr_wsd_decay_fraction * decay)), decay - warmup)
+        wanted = max(1, round(opt.lr_wsd_decay_fraction * decay))
+        wsd_steps = min(wanted, math.floor(decay - warmup))
+        floor_wsd_steps = min(wanted, decay - math.floor(warmup))  # as versions that rounded the warmup had it
     decay_length = opt.lr_decay_tokens if opt.lr_decay_tokens is not None else decay
     constant_plus_cooldown = opt.lr_constant_plus_cooldown_frac * decay_length if opt.lr_constant_plus_cooldown \
         else None
@@ -327,7 +364,8 @@ def build_lr_scheduler(optimizer, run: RunConfig, dp_size: Optional[int] = None)
                       constant_plus_cooldown_steps=constant_plus_cooldown, constant_lr=opt.constant_lr,
                       constant_steps=constant, cooldown_steps=cooldown, timescale=opt.timescale,
                       start_wd=opt.start_weight_decay, end_wd=opt.end_weight_decay,
-                      wd_incr_style=opt.weight_decay_incr_style, wd_incr_steps=run_length, on_resume=policy)
+                      wd_incr_style=opt.weight_decay_incr_style, wd_incr_steps=run_length, on_resume=policy,
+                      floor_shape={"wsd_decay_steps": floor_wsd_steps} if floor_wsd_steps is not None else None)
 
 
 class _NoParams:
