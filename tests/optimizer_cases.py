@@ -32,6 +32,7 @@ EXTRA = {"muonclip": ("--muonclip-t", "0.05"),
 # global_batch_size=    4 | ..." (the LR after the iteration's step)
 _LINE = re.compile(r"iteration=\s*(\d+)/\s*\d+ \| consumed_samples=\s*(\d+) \|.*?\| learning_rate=(\S+) \| "
                    r"global_batch_size=\s*(\d+) \|")
+_GRAD_NORM = re.compile(r"\| grad_norm=(\S+) \|")
 
 
 def optimizer_flags(name: str, *extra: str) -> list[str]:
@@ -63,9 +64,10 @@ def train_logged(rank: int, world_size: int, cases: list) -> dict:
             out[name] = {"error": f"{type(e).__name__}: {e}"}
             continue
         log = [(int(m[1]), int(m[2]), float(m[3]), int(m[4])) for m in map(_LINE.search, lines) if m]
+        grad_norms = [float(m[1]) for m in map(_GRAD_NORM.search, lines) if m]  # rank 0's lines (3 decimals)
         out[name] = {"losses": [result.losses[i] for i in sorted(result.losses)],
                      "iterations": sorted(result.losses), "start_iteration": result.start_iteration,
-                     "consumed_samples": result.consumed_samples, "log": log, "eval": dict(result.eval_losses),
+                     "consumed_samples": result.consumed_samples, "log": log, "grad_norms": grad_norms, "eval": dict(result.eval_losses),
                      "saved": list(result.saved), "exit_reason": result.exit_reason}
     return out
 

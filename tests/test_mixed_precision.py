@@ -89,7 +89,10 @@ def two_ranks(root):
 def four_ranks(root, two_ranks):
     flags = oc.optimizer_flags("muon", *BF16, "--zero-stage", "2", "--train-iters", "4",
                                "--load", _zero1_checkpoint(root))
-    return run_ranks(4, mc.train_with_units, [("zero2_dp4_resumed", flags)], timeout=1200)
+    sp2_pp2 = _flags("muon", *BF16, "--ds-sequence-parallel-size", "2", "--pipeline-model-parallel-size", "2",
+                     "--zero-stage", "1")
+    return run_ranks(4, mc.train_with_units, [("zero2_dp4_resumed", flags), ("sp2_pp2_muon", sp2_pp2)],
+                     timeout=1200)
 
 
 @pytest.fixture(scope="module")
@@ -117,6 +120,19 @@ def test_bf16_tp2_pp2_dp2_zero1_and_dp2_zero2_equal_one_rank(single, two_ranks, 
                             ("dp2 ZeRO-2", [r[f"zero2_{name}"] for r in two_ranks])):
         for result in results:
             assert _ok(result, f"{name} {layout}")["losses"] == pytest.approx(reference, rel=2e-3, abs=0), layout
+
+
+def test_bf16_ulysses_sp2_under_the_pipeline_engine_equals_one_rank(single, four_ranks):
+    """The optimizer reduces the gradients itself: under DeepSpeed's pipeline engine each Ulysses rank's loss is
+    multiplied by sp (model/pipeline.py), so the sum over sp x dp is divided by sp x dp there. Muon's update barely
+    sees a gradient's scale, so the grad norm of the training line is compared too (an sp-fold error doubles it)."""
+    reference = _ok(single["bf16_muon"], "one rank")
+    assert len(reference["grad_norms"]) == 3
+    for rank_result in four_ranks:
+        result = _ok(rank_result["sp2_pp2_muon"], "sp2 pp2")
+        assert result["losses"] == pytest.approx(reference["losses"], rel=2e-3, abs=0)
+    norms = four_ranks[0]["sp2_pp2_muon"]["grad_norms"]
+    assert norms == pytest.approx(reference["grad_norms"], rel=1e-2, abs=2e-3)
 
 
 @pytest.mark.parametrize("name", MASTERS)
