@@ -83,7 +83,7 @@ BASE = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "8"
     (["--img_h", "224"], "vision models are not supported"),
     (["--encoder-num-layers", "2"], "BERT/T5 encoder(-decoder) models are not supported"),
     (["--ict-head-size", "8"], "biencoder/ICT retriever models are not supported"),
-    (["--partition-activations"], "partitioning checkpointed activations over tp is not supported"),
+    (["--contigious-checkpointing"], "DeepSpeed's contiguous checkpoint buffers"),
 ])
 def test_a_refused_flag_is_named_as_typed_with_its_reason(typed, reason):
     with pytest.raises(ConfigError) as e:

@@ -542,6 +542,9 @@ def _check_flags(ns: argparse.Namespace, typed: Optional[dict] = None) -> list[s
     if ns.recompute_method == "block" and ns.pipeline_model_parallel_size > 1:
         errors.append("--recompute-method block is supported with --pipeline-model-parallel-size 1 only; use "
                       "uniform")
+    if ns.partition_activations and ns.sequence_parallel and (ns.tensor_model_parallel_size or 1) > 1:
+        errors.append("--partition-activations splits a replicated layer input over the tp ranks, but with "
+                      "--sequence-parallel that input is already split along the sequence over them; drop one")
     if ns.openai_gelu and (ns.swiglu or ns.squared_relu):
         errors.append(f"--openai-gelu selects the GeLU of the MLP; it cannot be combined with "
                       f"{'--swiglu' if ns.swiglu else '--squared-relu'} (pick one activation)")

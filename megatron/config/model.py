@@ -80,6 +80,16 @@ class TransformerConfig:
     recompute_method: str = "uniform"
     # Selective recomputation (Megatron's --recompute-granularity selective): only the core attention.
     recompute_core_attention: bool = False
+    # Long sequences (docs/LONG_SEQUENCES.md). The input kept for each recomputed chunk of layers: on the CPU
+    # (upstream's --checkpoint-in-cpu), and/or split over the tp ranks (--partition-activations).
+    checkpoint_in_cpu: bool = False
+    partition_activations: bool = False
+    # Sequence tiling: the MLP (--tiled-mlp) and the output projection + loss (--tiled-logits-loss) run
+    # `sequence_tile_size` tokens at a time (None: hidden_size tokens, so a tile's [tokens, ffn/tp] or
+    # [tokens, vocab/tp] is no larger than the weight it multiplies).
+    tiled_mlp: bool = False
+    tiled_logits_loss: bool = False
+    sequence_tile_size: Optional[int] = None
     # The loss's softmax runs over the padded vocabulary (upstream's: its padding rows get gradients and train),
     # instead of the real vocabulary only (--loss-over-padded-vocab; on by default when resuming a checkpoint
     # trained that way, e.g. any of argonne-lcf/Megatron-DeepSpeed's: checkpoint/resume.py).
@@ -119,6 +129,10 @@ class TransformerConfig:
             return 0
         return min(self.num_layers, self.checkpoint_num_layers) if self.recompute_method == "block" \
             else self.num_layers
+
+    def sequence_tile_length(self, batch: int) -> int:
+        """Sequence positions per tile for a micro-batch of `batch` rows: the tile's tokens shared by the rows."""
+        return max(1, (self.sequence_tile_size or self.hidden_size) // max(1, batch))
 
     @property
     def num_query_groups(self) -> int:
@@ -200,6 +214,12 @@ class TransformerConfig:
             errors.append(f"--recompute-method {self.recompute_method!r} is not one of uniform, block")
         if self.checkpoint_num_layers < 1:
             errors.append(f"--checkpoint-num-layers must be >= 1 (got {self.checkpoint_num_layers})")
+        for name in ("checkpoint_in_cpu", "partition_activations"):
+            if getattr(self, name) and not self.checkpoint_activations:
+                errors.append(f"--{name.replace('_', '-')} acts on the inputs kept for recomputed layers: it needs "
+                              "--checkpoint-activations or --recompute-granularity full")
+        if self.sequence_tile_size is not None and self.sequence_tile_size < 1:
+            errors.append(f"--sequence-tile-size must be >= 1 (got {self.sequence_tile_size})")
         if errors:
             raise ValueError("invalid model configuration:\n  - " + "\n  - ".join(errors))
 
@@ -334,6 +354,9 @@ def model_from_args(ns: argparse.Namespace) -> TransformerConfig:
     if ns.adjust_word_embedding_init:
         values["word_embedding_init_std"] = ns.word_embedding_init_std
     values.update(_recompute_settings(ns))
+    for name in ("checkpoint_in_cpu", "partition_activations", "tiled_mlp", "tiled_logits_loss",
+                 "sequence_tile_size"):
+        values[name] = getattr(ns, name)
     try:
         model = TransformerConfig(**values)
     except ValueError as e:

@@ -159,6 +159,25 @@ def add_deepspeed_arguments(parser: argparse.ArgumentParser) -> None:
                    help="full granularity: uniform (chunks of --recompute-num-layers layers) or block (the first "
                         "--recompute-num-layers layers of each pipeline stage)")
     g.add_argument("--recompute-num-layers", type=pos_int, default=1)
+    # Upstream's DeepSpeed activation-checkpointing flags (deepspeed.checkpointing.configure), and sequence tiling
+    # (ALST's tiled MLP and tiled logits + loss). What each saves: docs/LONG_SEQUENCES.md.
+    g.add_argument("--checkpoint-in-cpu", action="store_true",
+                   help="keep each recomputed chunk's input on the CPU until its backward (upstream's flag; "
+                        "DeepSpeed's activation_checkpointing.cpu_checkpointing); needs full recomputation")
+    g.add_argument("--partition-activations", action="store_true",
+                   help="keep 1/tp of each recomputed chunk's input per tensor-parallel rank, all-gathered for its "
+                        "backward (upstream's flag; DeepSpeed's activation_checkpointing.partition_activations); "
+                        "needs full recomputation")
+    g.add_argument("--tiled-mlp", action="store_true",
+                   help="run the MLP --sequence-tile-size tokens at a time, recomputing each tile in backward "
+                        "(ALST's TiledMLP): no [sequence, ffn-hidden] tensor is whole")
+    g.add_argument("--tiled-logits-loss", action="store_true",
+                   help="compute the output projection and the cross entropy --sequence-tile-size tokens at a time "
+                        "(ALST's TiledFusedLogitsLoss; backward recomputes each tile's logits): no [sequence, "
+                        "vocabulary] tensor is whole")
+    g.add_argument("--sequence-tile-size", type=pos_int,
+                   help="tokens per tile of --tiled-mlp and --tiled-logits-loss (default: --hidden-size, so a "
+                        "tile's intermediate is no larger than the weight it multiplies; ALST tiles the same way)")
     g.add_argument("--universal-checkpoint", action="store_true",
                    help="--load names a DeepSpeed universal checkpoint folder (or a directory whose latest_universal "
                         "names one; make it with tools/convert_checkpoint.py to-universal) and resumes it at any "

@@ -93,12 +93,14 @@ NOT_IMPLEMENTED: dict[str, str] = {
     "--distribute-checkpointed-activations": "recomputed activations are not partitioned over tp; drop the flag "
                                              "(or lower --micro-batch-size)",
     # DeepSpeed's activation-checkpointing options: recomputation here is this framework's own checkpoint (it
-    # replays the tensor-parallel RNG streams), which keeps checkpointed inputs whole and on the device.
-    "--partition-activations": "partitioning checkpointed activations over tp is not supported; drop the flag",
-    "--checkpoint-in-cpu": "offloading checkpointed activations to the CPU is not supported; drop the flag",
-    "--contigious-checkpointing": "contiguous checkpoint buffers (DeepSpeed's allocator) are not supported; "
-                                  "drop the flag",
-    "--synchronize-each-layer": "device synchronisation around checkpointed layers is not supported; drop the flag",
+    # replays the tensor-parallel RNG streams; core/random.py), which implements --checkpoint-in-cpu and
+    # --partition-activations (config/training.py) but not these two.
+    "--contigious-checkpointing": "DeepSpeed's contiguous checkpoint buffers (preallocated per layer, against "
+                                  "fragmentation) are not used: recomputation here is this framework's own "
+                                  "checkpoint; drop the flag (--checkpoint-in-cpu and --partition-activations work)",
+    "--synchronize-each-layer": "a device synchronisation around each recomputed layer is a profiling aid of "
+                                "DeepSpeed's checkpoint, which is not used here (this framework's own checkpoint "
+                                "replays its RNG streams); drop the flag",
     "--profile-backward": "DeepSpeed's checkpointed-layer profiler is not used; use --profile pt instead",
 }
 

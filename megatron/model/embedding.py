@@ -4,6 +4,8 @@ The vocabulary is padded to config.padded_vocab_size(tp); padding rows start at 
 loss ignores their logits. Under Megatron sequence parallelism the embedding returns this tp
 rank's sequence shard, and the output projection all-gathers the shards first. With
 --fp32-residual-connection the embedding's output (the start of the residual stream) is fp32.
+With --tiled-logits-loss the projection and the loss are one tiled step (core/cross_entropy.py
+tiled_vocab_parallel_cross_entropy): `language_model_loss` never holds a whole sequence's logits.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from torch import nn
 
 from megatron.config.model import TransformerConfig
 from megatron.core import mappings
+from megatron.core.cross_entropy import tiled_vocab_parallel_cross_entropy
 from megatron.core.layers import VocabParallelEmbedding, full_init, mark_partition, shard_tensor
 from megatron.core.random import derive_seed
 from megatron.distributed.parallel_state import ParallelState
@@ -63,13 +66,25 @@ class Embedding(nn.Module):
                               self.ps.tp_size)
 
 
+def output_projection_input(hidden: torch.Tensor, tp_group, sequence_parallel: bool) -> torch.Tensor:
+    """Hidden states as every vocabulary shard's projection takes them: the whole (local) sequence, gathered
+    from Megatron's sequence shards, or entering the tensor-parallel region (backward: all-reduce)."""
+    if sequence_parallel:
+        return mappings.gather_from_sequence_parallel_region(hidden, tp_group)
+    return mappings.copy_to_tensor_parallel_region(hidden, tp_group)
+
+
 def language_model_logits(hidden: torch.Tensor, weight: torch.Tensor, tp_group, sequence_parallel: bool) -> torch.Tensor:
     """This rank's vocabulary logits [b, s, V/tp] from hidden states (full, or sequence shards)."""
-    if sequence_parallel:
-        hidden = mappings.gather_from_sequence_parallel_region(hidden, tp_group)
-    else:
-        hidden = mappings.copy_to_tensor_parallel_region(hidden, tp_group)
-    return F.linear(hidden, weight)
+    return F.linear(output_projection_input(hidden, tp_group, sequence_parallel), weight)
+
+
+def language_model_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, config: TransformerConfig,
+                        tp_group, sequence_parallel: bool) -> torch.Tensor:
+    """Per-token loss [b, s] of the logits hidden Wᵀ, tiled along the sequence (--tiled-logits-loss)."""
+    hidden = output_projection_input(hidden, tp_group, sequence_parallel)
+    return tiled_vocab_parallel_cross_entropy(hidden, weight, labels, config.sequence_tile_length(labels.shape[0]),
+                                              tp_group, config.loss_vocab_size)
 
 
 class OutputLayer(nn.Module):
@@ -77,7 +92,7 @@ class OutputLayer(nn.Module):
 
     def __init__(self, config: TransformerConfig, ps: ParallelState, seed: int):
         super().__init__()
-        self.ps = ps
+        self.config, self.ps = config, ps
         self.sequence_parallel = config.sequence_parallel and ps.tp_size > 1
         full = torch.zeros(config.padded_vocab_size(ps.tp_size), config.hidden_size)
         full[: config.vocab_size] = full_init((config.vocab_size, config.hidden_size), config.init_method_std,
@@ -85,7 +100,11 @@ class OutputLayer(nn.Module):
         self.weight = nn.Parameter(shard_tensor(full, 0, ps.tp_size, ps.tp_rank))
         mark_partition(self.weight, 0)
 
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor, labels: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Logits [b, s, V/tp]; with `labels`, the tiled per-token loss instead (--tiled-logits-loss)."""
+        if labels is not None:
+            return language_model_loss(hidden, self.weight, labels, self.config, self.ps.tp_group,
+                                       self.sequence_parallel)
         return language_model_logits(hidden, self.weight, self.ps.tp_group, self.sequence_parallel)
 
 

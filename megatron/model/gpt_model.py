@@ -20,10 +20,10 @@ from torch import nn
 
 from megatron.config.model import TransformerConfig
 from megatron.core.cross_entropy import vocab_parallel_cross_entropy
-from megatron.core.random import checkpoint
+from megatron.core.random import activation_checkpoint_function
 from megatron.distributed.parallel_state import ParallelState
 from megatron.model.attention import document_attention_mask
-from megatron.model.embedding import Embedding, OutputLayer, language_model_logits
+from megatron.model.embedding import Embedding, OutputLayer, language_model_logits, language_model_loss
 from megatron.model.norms import build_norm
 from megatron.model.rotary import rotary_cos_sin
 from megatron.model.transformer import TransformerLayer
@@ -58,6 +58,9 @@ class GPTModel(nn.Module):
             self.output_layer = OutputLayer(config, ps, seed)
         else:
             self.output_layer = None
+        # recomputation, keeping each chunk's input on the CPU / split over tp as the flags ask
+        self._checkpoint = activation_checkpoint_function(
+            config.checkpoint_in_cpu, ps.tp_group if config.partition_activations else None)
 
     def forward(self, tokens: torch.Tensor, position_ids: Optional[torch.Tensor] = None,
                 labels: Optional[torch.Tensor] = None, document_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -72,11 +75,19 @@ class GPTModel(nn.Module):
         if self.config.position_embedding_type == "rope":  # once per forward, shared by every layer
             rotary = rotary_cos_sin(position_ids, self.config.rotary_dim, self.config.rope_theta)
         mask = None if document_ids is None else document_attention_mask(document_ids)
-        hidden = self._run_layers(hidden, position_ids, rotary, mask)
-        logits = self.logits(self.final_norm(hidden))
+        hidden = self.final_norm(self._run_layers(hidden, position_ids, rotary, mask))
+        if labels is not None and self.config.tiled_logits_loss:  # no [s, V/tp] logits, forward or backward
+            return self.tiled_loss(hidden, labels)
+        logits = self.logits(hidden)
         if labels is None:
             return logits
         return vocab_parallel_cross_entropy(logits, labels, self.ps.tp_group, self.config.loss_vocab_size)
+
+    def tiled_loss(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        if self.output_layer is not None:
+            return self.output_layer(hidden, labels)  # through the module: ZeRO-3 gathers its weight
+        return language_model_loss(hidden, self.embedding.word_embeddings.weight, labels, self.config,
+                                   self.ps.tp_group, self.sequence_parallel)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         if self.output_layer is not None:
@@ -105,7 +116,7 @@ class GPTModel(nn.Module):
                     x = layer(x, pos, None if cos is None else (cos, sin), mask)
                 return x
 
-            hidden = checkpoint(run_chunk, hidden, position_ids, cos, sin, mask)
+            hidden = self._checkpoint(run_chunk, hidden, position_ids, cos, sin, mask)
         for layer in rest:
             hidden = layer(hidden, position_ids, rotary, mask)
         return hidden

@@ -5,6 +5,17 @@ its --openai-gelu) or "none", the exact erf form (upstream's F.gelu, chosen by -
 --disable-bias-linear). For SwiGLU fc1 holds [gate | up]
 (per tp rank: [its gate | its up]) and the output is fc2(silu(gate) * up), as in Llama; `swiglu` is one
 autograd node whose backward writes the [gate | up] gradient into one buffer (no concatenation).
+
+With --tiled-mlp (ALST's TiledMLP) the block runs `config.sequence_tile_length(b)` sequence positions at a time:
+forward keeps only its input, backward recomputes each tile and back-propagates through it at once, so the
+[s, ffn/tp] intermediates exist for one tile only (the price: the MLP's forward runs once more). The MLP is
+per-token, so tiles are exact (to float reordering of the weight gradients, summed tile by tile). DeepSpeed
+0.19.8's TiledMLP does the same but its backward flattens [b, s, h] to [b·s, h] tiles, which our Megatron
+sequence-parallel fc1 (all-gather along dim 1) and fc2 (reduce-scatter along dim 1) cannot take; ours tiles
+along dim 1 in both passes, so under Megatron sp each tile is gathered over tp from every rank's local shard and
+scattered back. Every tp (and Ulysses) rank runs the same tiles, as the collectives need. Parameters' gradients
+accumulate tile by tile; DeepSpeed's ZeRO is told (`ds_grad_is_ready`, the attribute its TiledMLP sets) to
+reduce them only after the last tile.
 """
 
 from __future__ import annotations
@@ -47,9 +58,51 @@ def swiglu(x: torch.Tensor) -> torch.Tensor:
     return _SwiGLU.apply(x)
 
 
+_ZERO_GRAD_READY = "ds_grad_is_ready"  # DeepSpeed ZeRO 1-3 skip their gradient hook while False (0.19.8)
+
+
+class _SequenceTiled(torch.autograd.Function):
+    """out = fn(x) for a per-token fn, computed `tile` positions of dim 1 at a time; backward recomputes each tile."""
+
+    @staticmethod
+    def forward(ctx, fn, tile, params, x):
+        ctx.fn, ctx.tile, ctx.params = fn, tile, params
+        ctx.save_for_backward(x)
+        out = None
+        with torch.no_grad():
+            for lo in range(0, x.shape[1], tile):
+                part = fn(x[:, lo:lo + tile])
+                if out is None:
+                    out = part.new_empty((part.shape[0], x.shape[1]) + tuple(part.shape[2:]))
+                out[:, lo:lo + part.shape[1]] = part
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (x,) = ctx.saved_tensors
+        grad_x = torch.empty_like(x) if ctx.needs_input_grad[3] else None
+        starts = range(0, x.shape[1], ctx.tile)
+        try:
+            for i, lo in enumerate(starts):
+                last = i == len(starts) - 1
+                for p in ctx.params:
+                    setattr(p, _ZERO_GRAD_READY, last)
+                part = x[:, lo:lo + ctx.tile].detach().requires_grad_(grad_x is not None)
+                with torch.enable_grad():
+                    out = ctx.fn(part)
+                torch.autograd.backward(out, grad_out[:, lo:lo + part.shape[1]])
+                if grad_x is not None:
+                    grad_x[:, lo:lo + part.shape[1]] = part.grad
+        finally:
+            for p in ctx.params:
+                setattr(p, _ZERO_GRAD_READY, True)
+        return None, None, None, grad_x
+
+
 class MLP(nn.Module):
     def __init__(self, config: TransformerConfig, ps: ParallelState, seed: int, prefix: str):
         super().__init__()
+        self.config = config
         self.swiglu, self.squared_relu = config.swiglu, config.squared_relu
         self.gelu_approximation = config.gelu_approximation
         f = config.ffn_hidden_size
@@ -70,6 +123,12 @@ class MLP(nn.Module):
         )
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        if self.config.tiled_mlp:
+            params = [p for p in self.parameters() if p.requires_grad]
+            return _SequenceTiled.apply(self._dense, self.config.sequence_tile_length(hidden.shape[0]), params, hidden)
+        return self._dense(hidden)
+
+    def _dense(self, hidden: torch.Tensor) -> torch.Tensor:
         x = self.fc1(hidden)
         if self.swiglu:
             x = swiglu(x)

@@ -25,11 +25,11 @@ from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
 from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
 
 from megatron.config.model import TransformerConfig
-from megatron.core.cross_entropy import vocab_parallel_cross_entropy
-from megatron.core.random import checkpoint
+from megatron.core.cross_entropy import tiled_vocab_parallel_cross_entropy, vocab_parallel_cross_entropy
+from megatron.core.random import activation_checkpoint_function
 from megatron.distributed.parallel_state import ParallelState
 from megatron.model.attention import document_attention_mask
-from megatron.model.embedding import Embedding, OutputLayer, language_model_logits
+from megatron.model.embedding import Embedding, OutputLayer, language_model_logits, output_projection_input
 from megatron.model.gpt_model import DEFAULT_SEED
 from megatron.model.norms import LayerNorm, LayerNorm1P, RMSNorm, mark_sequence_parallel
 from megatron.model.rotary import cached_rotary
@@ -70,11 +70,16 @@ LayerNormPipe, LayerNorm1PPipe, RMSNormPipe = _norm_pipe(LayerNorm), _norm_pipe(
 
 
 class OutputLayerPipe(OutputLayer):
-    pass
+    def forward(self, hidden):
+        if self.config.tiled_logits_loss:  # the loss projects, tile by tile (MaskedMeanLoss)
+            return output_projection_input(hidden, self.ps.tp_group, self.sequence_parallel)
+        return super().forward(hidden)
 
 
 def tied_output_logits(embedding: Embedding, hidden: torch.Tensor) -> torch.Tensor:
     """forward_fn of the tied last stage: project with the (tied) word embedding."""
+    if embedding.config.tiled_logits_loss:
+        return output_projection_input(hidden, embedding.ps.tp_group, embedding.sequence_parallel)
     return language_model_logits(hidden, embedding.word_embeddings.weight, embedding.ps.tp_group,
                                  embedding.sequence_parallel)
 
@@ -84,15 +89,23 @@ class MaskedMeanLoss:
 
     The loss hook: with `reduce`, targets are (labels, *rest) and the loss is reduce(per-token loss [b, s], rest)
     (a post-training task's loss: SFT's globally normalised sum, DPO's pair loss from the reference log-probs
-    carried in `rest`)."""
+    carried in `rest`).
+    With --tiled-logits-loss the last layer hands over the hidden states instead of logits, and the loss projects
+    them tile by tile with the output weight that build_pipeline_module gives it (`output_weight`)."""
 
     def __init__(self, config: TransformerConfig, ps: ParallelState, reduce=None):
         self.config, self.ps, self.reduce = config, ps, reduce
+        self.output_weight = None  # () -> this stage's output weight, set by build_pipeline_module when tiled
         self.__name__ = "masked_mean_cross_entropy" if reduce is None else getattr(reduce, "__name__", "task_loss")
 
     def __call__(self, logits: torch.Tensor, targets) -> torch.Tensor:
         labels, *rest = targets
-        losses = vocab_parallel_cross_entropy(logits, labels, self.ps.tp_group, self.config.loss_vocab_size)
+        if self.config.tiled_logits_loss:  # `logits` are the hidden states entering the projection
+            losses = tiled_vocab_parallel_cross_entropy(
+                logits, self.output_weight(), labels, self.config.sequence_tile_length(labels.shape[0]),
+                self.ps.tp_group, self.config.loss_vocab_size)
+        else:
+            losses = vocab_parallel_cross_entropy(logits, labels, self.ps.tp_group, self.config.loss_vocab_size)
         if self.reduce is not None:
             return self.reduce(losses, rest)
         mask = rest[0].reshape(-1).float()
@@ -124,11 +137,21 @@ def build_pipeline_module(config: TransformerConfig, ps: ParallelState, seed: in
     topology = PipeModelDataParallelTopology(num_pp=ps.pp_size, num_mp=ps.tp_size,
                                              num_dp=ps.dp_size * ps.sp_size)
     interval = config.checkpoint_num_layers if config.checkpoint_activations else 0
-    return PipelineModule(
-        layers=specs, loss_fn=loss_fn or MaskedMeanLoss(config, ps), topology=topology,
+    loss_fn = loss_fn or MaskedMeanLoss(config, ps)
+    module = PipelineModule(
+        layers=specs, loss_fn=loss_fn, topology=topology,
         partition_method=partition_method, activation_checkpoint_interval=interval,
-        activation_checkpoint_func=checkpoint,
+        activation_checkpoint_func=activation_checkpoint_function(
+            config.checkpoint_in_cpu, ps.tp_group if config.partition_activations else None),
     )
+    if config.tiled_logits_loss and isinstance(loss_fn, MaskedMeanLoss):
+        last = module.forward_funcs[-1] if module.forward_funcs else None
+        if isinstance(last, OutputLayerPipe):
+            loss_fn.output_weight = lambda: last.weight
+        elif "embedding" in module.tied_modules:
+            tied = module.tied_modules["embedding"]
+            loss_fn.output_weight = lambda: tied.word_embeddings.weight
+    return module
 
 
 # ---- pipe layer index <-> GPTModel parameter names ------------------------------------------

@@ -29,6 +29,7 @@ from megatron.training.engine import TrainingEngine, build_engine, check_engine_
 from megatron.training.preflight import resolve_vocab  # noqa: F401 (imported from here too)
 from megatron.optimizer.lr_schedule import check_lr_schedule
 from megatron.training.metrics import throughput
+from megatron.training.out_of_memory import is_out_of_memory, out_of_memory_error
 from megatron.training.numerics import EXIT_NUMERICAL, NanCheck, guard_plain_optimizer
 from megatron.training.signals import ExitConditions, job_start_time
 from megatron.training.run_control import IterationSkipper, StepProfiler, kill_switch_found
@@ -458,7 +459,12 @@ class _Session:
             self.say(f"iteration {it} skipped (--train-iters-to-skip/--train-range-to-skip): its batch was read, "
                      "the LR schedule advanced, the model was not updated")
         else:
-            step = te.train_step(self.train_batches)
+            try:
+                step = te.train_step(self.train_batches)
+            except (RuntimeError, MemoryError) as error:  # the allocator's: say which memory options would help
+                if not is_out_of_memory(error):
+                    raise
+                raise out_of_memory_error(error, run, self.ps, it) from error
         # upstream counts both kinds of skipped iteration in its interval (a user-skipped one has no loss)
         self.log.add(step.loss, step.num_samples, time.time() - start, skipped=step.skipped, loss_is_known=not skipped,
                      metrics=step.metrics)
