@@ -727,7 +727,8 @@ def main(argv=None) -> int:
             if s.longest:
                 start = s.longest  # more ranks: at least as long, per rank's memory, in these rows
     header = {"model_text": model_text, "cap_bytes": a.cap_bytes, "cap_kind": "RLIMIT_DATA",
-              "args": {k: v for k, v in vars(a).items() if k not in ("rank_trial", "plot_from")},
+              "args": {k: v for k, v in vars(a).items()  # not the output paths: no path of this machine in the file
+                       if k not in ("rank_trial", "plot_from", "json", "csv", "png")},
               "seconds": round(time.perf_counter() - t0, 1)}
     print("\n" + table(searches, a.cap_bytes))
     header["targets"] = targets(searches)
