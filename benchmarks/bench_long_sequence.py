@@ -719,17 +719,19 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     say = lambda text: print(f"[{time.perf_counter() - t0:7.0f} s] {text}", flush=True)  # noqa: E731
     searches = []
+    header = {"model_text": model_text, "cap_bytes": a.cap_bytes, "cap_kind": "RLIMIT_DATA",
+              "args": {k: v for k, v in vars(a).items()  # not the output paths: no path of this machine in the file
+                       if k not in ("rank_trial", "plot_from", "json", "csv", "png")}}
     for row in a.row_list:
         start = a.start
         for n in ([1] if row == "hf" else a.rank_counts):
             s = search_row(row, n, start, a, say)
             searches.append(s)
+            header["seconds"] = round(time.perf_counter() - t0, 1)
+            write_outputs(searches, a, dict(header, complete=False))  # an interrupted run keeps what it measured
             if s.longest:
                 start = s.longest  # more ranks: at least as long, per rank's memory, in these rows
-    header = {"model_text": model_text, "cap_bytes": a.cap_bytes, "cap_kind": "RLIMIT_DATA",
-              "args": {k: v for k, v in vars(a).items()  # not the output paths: no path of this machine in the file
-                       if k not in ("rank_trial", "plot_from", "json", "csv", "png")},
-              "seconds": round(time.perf_counter() - t0, 1)}
+    header["complete"] = True
     print("\n" + table(searches, a.cap_bytes))
     header["targets"] = targets(searches)
     print("\n" + "\n".join(header["targets"]))
