@@ -640,7 +640,7 @@ def plot(json_path: str, png_path: str) -> None:
     searches = [s for s in doc["searches"] if any(t["status"] == "fits" for t in s["trials"])]
     rank_counts = sorted({s["ranks"] for s in searches if s["row"] != "hf"}) or [1]
     hf = next((s for s in searches if s["row"] == "hf"), None)
-    fig, axes = plt.subplots(1, len(rank_counts), figsize=(4.2 * len(rank_counts), 3.8), squeeze=False)
+    fig, axes = plt.subplots(1, len(rank_counts), figsize=(max(6.5, 4.2 * len(rank_counts)), 3.8), squeeze=False)
     colors = {"tp": "C0", "megatron-sp": "C1", "ulysses-zero3": "C2", "ulysses-zero3-offload-tiled": "C3",
               "hf": "k"}
     for ax, n in zip(axes[0], rank_counts):
