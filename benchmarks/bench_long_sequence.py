@@ -629,15 +629,27 @@ def write_outputs(searches: list, a, header: dict) -> None:
     write_text_atomically(a.csv, buf.getvalue())
 
 
-def plot(json_path: str, png_path: str) -> None:
-    """Peak RSS (max over ranks) against sequence length, one panel per rank count, one line per row."""
+def plot(json_paths: str, png_path: str) -> None:
+    """Peak RSS (max over ranks) against sequence length, one panel per rank count, one line per row; from one
+    run's JSON or several (comma-separated, same cap: each (row, ranks) drawn from the run with most fitted
+    lengths of it)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    doc = json.load(open(json_path))
-    searches = [s for s in doc["searches"] if any(t["status"] == "fits" for t in s["trials"])]
+    docs = [json.load(open(path)) for path in json_paths.split(",")]
+    doc = docs[0]
+    if len({d["cap_bytes"] for d in docs}) != 1:
+        raise SystemExit(f"--plot-from: the runs {json_paths} have different caps; plot them separately")
+    best: dict = {}
+    for d in docs:
+        for s in d["searches"]:
+            n_fit = sum(t["status"] == "fits" for t in s["trials"])
+            key = (s["row"], s["ranks"])
+            if n_fit and n_fit > best.get(key, (0, None))[0]:
+                best[key] = (n_fit, s)
+    searches = [s for _, s in best.values()]
     rank_counts = sorted({s["ranks"] for s in searches if s["row"] != "hf"}) or [1]
     hf = next((s for s in searches if s["row"] == "hf"), None)
     fig, axes = plt.subplots(1, len(rank_counts), figsize=(max(6.5, 4.2 * len(rank_counts)), 3.8), squeeze=False)
@@ -683,7 +695,8 @@ def parse_cli(argv=None) -> argparse.Namespace:
     p.add_argument("--json", default=str(ROOT / "benchmarks" / "long_sequence.json"))
     p.add_argument("--csv", default=str(ROOT / "benchmarks" / "long_sequence.csv"))
     p.add_argument("--png", default=str(ROOT / "benchmarks" / "long_sequence.png"))
-    p.add_argument("--plot-from", metavar="JSON", help="only draw the PNG from a run's JSON (needs matplotlib)")
+    p.add_argument("--plot-from", metavar="JSON", help="only draw the PNG from a run's JSON, or several runs' "
+                   "(comma-separated), with matplotlib")
     p.add_argument("--rank-trial", metavar="SPEC", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     given = set(argv if argv is not None else sys.argv[1:])
