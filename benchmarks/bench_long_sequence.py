@@ -42,8 +42,11 @@ of m(s) = a + b·s + c·s². The quadratic share is c·s² / (b·s + c·s²) at 
 linear when that share is below 10 % (a concave fit, c <= 0, is linear too). The targets printed at the end:
 the best row at the most ranks trains >= 16x the HF peer's sequence; our best row is linear.
 
-    python benchmarks/bench_long_sequence.py --quick          # ranks 1 and 2, coarse bisection (a few minutes)
-    python benchmarks/bench_long_sequence.py                  # ranks 1, 2, 4, 8
+    python benchmarks/bench_long_sequence.py --quick          # ranks 1 and 2, coarse bisection (~25 min, 2 cores)
+    python benchmarks/bench_long_sequence.py                  # ranks 1, 2, 4, 8 (hours on 2 cores: one 8-rank
+                                                              # step at 49k tokens takes ~4.5 min)
+    python benchmarks/bench_long_sequence.py --rows ulysses-zero3-offload-tiled,hf --ranks 8 --start 49152 \
+        --max-seq 49152 --tolerance 0.03                      # the 16x target alone (~8 min)
     python benchmarks/bench_long_sequence.py --plot-from benchmarks/long_sequence.json   # the PNG only
 
 The PNG needs matplotlib (the `bench` extra); without it the run still writes the table, the JSON and the CSV,
