@@ -33,7 +33,7 @@ setup(
         "serve": ["fastapi", "uvicorn"],
         # tools/evaluate.py: lm-evaluation-harness in-process on our checkpoints
         "eval": ["lm-eval>=0.4,<0.5"],
-        # benchmarks/bench_optimizers.py draws its loss curves with matplotlib
+        # benchmarks/bench_optimizers.py draws its loss curves with matplotlib, bench_long_sequence.py its memory plot
         "bench": ["matplotlib"],
         "tracking": ["wandb", "tensorboard"],
         # An MPI launcher inside the virtual environment (laptops, CI); clusters use their own MPI.
