@@ -312,4 +312,11 @@ def loading_cases(rank: int, world_size: int, where: dict) -> dict:
                        ("argonne", small + ["--use-checkpoint-args", "--load", where["argonne"], "--finetune",
                                              "--no-loss-over-padded-vocab"])):  # the softmax of its HF export
         out[name] = run_case(dpo(name), argv)
+    # the inference engine (tools/run_text_generation_server.py, tools/evaluate.py) loads the same folders
+    from megatron.inference.engine import InferenceEngine
+
+    sequences = [[(7 * i + 3) % (VOCAB - 1) for i in range(SEQ)], [5, 9, 2, 11, 4]]
+    tokenizer = {"tokenizer_type": "NullTokenizer", "vocab_size": VOCAB - 1}  # --mock-data records none
+    out["engine"] = {kind: InferenceEngine.from_checkpoint(path, tokenizer_args=tokenizer, device="cpu")
+                     .score(sequences) for kind, path in (("ours", f"{tmp}/ours"), ("universal", universal))}
     return out

@@ -317,6 +317,21 @@ def test_from_checkpoint_loads_an_argonne_checkpoint_resharded(tmp_path):
     assert max(abs(a - b) for r, s in zip(got, expected) for a, b in zip(r.logprobs, s.logprobs)) <= 1e-5
 
 
+def test_from_checkpoint_scores_upstreams_own_checkpoint_as_upstreams_own_forward(tmp_path):
+    """argonne-lcf/Megatron-DeepSpeed's own tp 2 checkpoint (tests/data/upstream), served at tp 1: the engine's
+    log-probabilities are those of upstream's own forward logits (logits/tp2_fp32.npy) over the real vocabulary."""
+    import numpy as np
+    from upstream_fixtures import FIXTURES, copy_checkpoint
+
+    engine = InferenceEngine.from_checkpoint(str(copy_checkpoint("tp2_fp32", tmp_path / "argonne")), device="cpu")
+    assert engine.vocab_size == 257  # NullTokenizer --vocab-size 256 (EOD 256), padded to 512 for tp 2 upstream
+    tokens = np.load(FIXTURES / "logits" / "tokens.npy")
+    theirs = torch.from_numpy(np.load(FIXTURES / "logits" / "tp2_fp32.npy")).double()[..., :257]
+    expected = torch.log_softmax(theirs, -1)[:, :-1].gather(-1, torch.from_numpy(tokens[:, 1:]).long()[..., None])
+    got = torch.tensor(engine.score([[int(t) for t in row] for row in tokens]), dtype=torch.float64)
+    torch.testing.assert_close(got, expected.squeeze(-1), rtol=0, atol=1e-5)
+
+
 def test_a_hugging_face_tokenizer_with_a_chat_template_applies_it(tmp_path):
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast

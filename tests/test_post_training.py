@@ -314,6 +314,9 @@ def test_dpo_loads_our_universal_and_argonne_checkpoints(tmp_path):
     torch.testing.assert_close(universal, ours, rtol=1e-6, atol=1e-6)
     assert (ours - torch.tensor(out["scratch"]["reference"])).abs().max() > 1e-2  # the SFT weights were loaded
     assert any("loaded" in line and "universal" in line for line in out["universal"]["lines"])
+    engine = {kind: torch.tensor([x for row in rows for x in row], dtype=torch.float64)
+              for kind, rows in out["engine"].items()}  # InferenceEngine.from_checkpoint's scores of both folders
+    torch.testing.assert_close(engine["universal"], engine["ours"], rtol=0, atol=1e-6)
 
     assert convert(["to-hf", "--load", str(argonne), "--out", str(tmp_path / "hf")]) == 0
     hf = AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"), dtype=torch.float32).eval()
