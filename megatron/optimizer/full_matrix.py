@@ -242,7 +242,7 @@ class FullMatrixOptimizer(torch.optim.Optimizer):
         for param in self._params:
             param.grad = None  # the reduced gradients replace them (non-owners keep nothing)
             param.main_grad = None
-        scale = 1.0 if plan.scaler is None else float(plan.scaler.cur_scale)
+        scale = 1.0 if plan.scaler is None else float(plan.scaler.loss_scale)
         counted = []
         for param, copy in self._pairs:
             grad = self._whole(param, reduced[id(param)])
@@ -279,13 +279,13 @@ class FullMatrixOptimizer(torch.optim.Optimizer):
         """The loss scale the training log shows (deepspeed_compat.loss_scale): fp16's, 1.0 in bf16, None in fp32."""
         if self.gradients is None or self.gradients.half == torch.float32:
             return None
-        return 1.0 if self.gradients.scaler is None else float(self.gradients.scaler.cur_scale)
+        return 1.0 if self.gradients.scaler is None else float(self.gradients.scaler.loss_scale)
 
     def scale_loss(self, loss: torch.Tensor) -> torch.Tensor:
         """The loss to backpropagate: multiplied by fp16's loss scale (unchanged otherwise)."""
         if self.gradients is None or self.gradients.scaler is None:
             return loss
-        return loss * float(self.gradients.scaler.cur_scale)
+        return loss * float(self.gradients.scaler.loss_scale)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         for group in self.param_groups:
