@@ -30,6 +30,19 @@ CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% if m['r
 CORPUS = "The quick brown fox jumps over the lazy dog. What is two plus two? It is four. Name a colour: red.\n"
 
 
+
+def _tiny_llama(seq: int, vocab: int):
+    """A 2-layer Llama-style GPTModel (one rank, eval mode) for checking the data's log-probabilities."""
+    from megatron.config.arguments import parse_args
+    from megatron.distributed.parallel_state import ParallelState
+    from megatron.model import GPTModel
+    run = parse_args(["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4",
+                      "--num-key-value-heads", "2", "--ffn-hidden-size", "64", "--seq-length", str(seq),
+                      "--normalization", "rmsnorm", "--swiglu", "--use-rotary-position-embeddings",
+                      "--hidden-dropout", "0", "--attention-dropout", "0", "--mock-data", "--vocab-size",
+                      str(vocab), "--train-iters", "1"])
+    return GPTModel(run.model, ParallelState.single(), seed=7).eval()
+
 def _user(text):
     return {"role": "user", "content": text}
 
@@ -361,9 +374,6 @@ def test_packing_never_attends_across_examples_and_restarts_positions(tmp_path):
 
 def test_a_packed_row_gives_each_example_the_logits_it_gets_alone(tmp_path):
     """Through the model: document ids and restarted positions make packing exact (Llama: RoPE, GQA)."""
-    from megatron.config.arguments import parse_args
-    from megatron.distributed.parallel_state import ParallelState
-    from megatron.model import GPTModel
 
     seq, vocab = 16, 64
     lengths = [5, 4, 6, 3, 7, 2, 5]
@@ -376,12 +386,7 @@ def test_a_packed_row_gives_each_example_the_logits_it_gets_alone(tmp_path):
         json.dump({"format": 1, "task": "sft", "examples": 7, "sequences": 7, "tokenizer": {"eod": 0}}, f)
     (train, _, _), _ = build_post_training_datasets(prefix, "sft", seq, pack=True, overlong="truncate", split="1",
                                                     seed=0, eod=0, pad=0)
-    run = parse_args(["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4",
-                      "--num-key-value-heads", "2", "--ffn-hidden-size", "64", "--seq-length", str(seq),
-                      "--normalization", "rmsnorm", "--swiglu", "--use-rotary-position-embeddings",
-                      "--hidden-dropout", "0", "--attention-dropout", "0", "--mock-data", "--vocab-size",
-                      str(vocab), "--train-iters", "1"])
-    model = GPTModel(run.model, ParallelState.single(), seed=7).eval()
+    model = _tiny_llama(seq, vocab)
     batch = collate([train[i] for i in range(len(train))])
     checked = 0
     with torch.no_grad():
@@ -458,9 +463,6 @@ def test_packed_dpo_keeps_each_pair_in_one_row_pair_and_gives_the_padded_log_pro
     positions), each pair's summed log-probabilities equal those of the padded layout within 1e-5."""
     import torch.nn.functional as F
 
-    from megatron.config.arguments import parse_args
-    from megatron.distributed.parallel_state import ParallelState
-    from megatron.model import GPTModel
     from megatron.post_training.losses import pair_logps
 
     seq, vocab = 16, 64
@@ -494,12 +496,7 @@ def test_packed_dpo_keeps_each_pair_in_one_row_pair_and_gives_the_padded_log_pro
                 assert batch["tokens"][r, where].tolist() == sequences[sequence][:len(where)].tolist()
                 assert batch["position_ids"][r, where].tolist() == list(range(len(where)))
                 offsets[side] += lengths[sequence]
-    run = parse_args(["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4",
-                      "--num-key-value-heads", "2", "--ffn-hidden-size", "64", "--seq-length", str(seq),
-                      "--normalization", "rmsnorm", "--swiglu", "--use-rotary-position-embeddings",
-                      "--hidden-dropout", "0", "--attention-dropout", "0", "--mock-data", "--vocab-size",
-                      str(vocab), "--train-iters", "1"])
-    model = GPTModel(run.model, ParallelState.single(), seed=7).eval()
+    model = _tiny_llama(seq, vocab)
 
     def logps_by_pair(batch, packed_layout):
         with torch.no_grad():
