@@ -5,26 +5,36 @@ Python standard library, built, tokenized and preprocessed like ALCF/demo_cpu.sh
 when present; --mock-data uses random tokens instead), each optimizer from the same initial weights and on the
 same sample stream, at its own learning rate (the defaults below were picked for this model). Two sections:
 
-fp32 (--optimizers): one rank (CPU or one GPU). A table of the loss after N steps, step time (fastest and
-median step) and optimizer-state bytes, each relative to AdamW, and the loss curves as a PNG (with matplotlib).
+fp32 (--optimizers): one rank (CPU or one GPU). A table of the loss after N steps, step time (fastest / median
+step, paired rounds) and optimizer-state bytes, each relative to AdamW, and the loss curves as a PNG (with
+matplotlib).
 
 bf16 (--bf16-optimizers): each optimizer with --bf16 --zero-stage 1 (or --bf16-zero-stage 2), against AdamW bf16
 on the same model, at every data-parallel size of --bf16-dp (one launch of that many ranks each, every optimizer
-in sequence; the global batch stays --batch). Per optimizer: loss, step time vs AdamW's (at the first dp size), and memory
-counted from the tensors each rank holds after the last step (`optimizer_memory`):
+interleaved; the global batch stays --batch). Per optimizer: loss, step time vs AdamW's (fastest / median at the
+first dp size, paired rounds at every dp size), and memory counted from the tensors each rank holds after the
+last step (`optimizer_memory`):
   - state: the optimizer's own state tensors (moments, momentum, quantised 8-bit state and its scales,
     preconditioners, projections), per parameter of the whole model;
   - fp32 masters: the fp32 copies of the parameters the optimizer steps (DeepSpeed's flat partitions, or the
     whole-matrix masters of megatron/optimizer/full_matrix.py), stated separately;
   - per rank at each dp size: state + masters, and its ratio to the first dp size (ZeRO-1 partitions both:
-    about 1/2 at dp 2); on CUDA also the allocator's peak per rank (torch.cuda.max_memory_allocated) over the
-    optimizer's run.
-Then the issue's targets (Muon's state <= AdamW's, 8-bit Adam's <= 1/2 of AdamW's, Muon's step <= 1.3 x AdamW's,
-dp 2's optimizer memory per rank about 1/2 of dp 1's), each marked met or not met. A combination the framework
-refuses is printed as refused, with its message.
+    about 1/2 at dp 2); on CUDA also the allocator's peak per rank (torch.cuda.max_memory_allocated) that the
+    optimizer's engine adds over its build and warmup steps (the engines built before it are idle then).
+Then the issue's targets (Muon's state <= AdamW's, 8-bit Adam's <= 1/2 of AdamW's, Muon's step <= 1.3 x AdamW's
+by the median paired ratio, dp 2's optimizer memory per rank about 1/2 of dp 1's), each marked met or not met.
+A combination the framework refuses is printed as refused, with its message.
 
-The load average around the runs is printed too: step-time ratios mean little on a loaded machine (the fastest
-step is the least disturbed one). Not a test: `python benchmarks/bench_optimizers.py --help`.
+Timing on a shared machine. Every optimizer of a section is built (and run for 2 untimed warmup steps) first,
+then their timed steps are interleaved: round after round, each optimizer runs --round-steps steps in turn (the
+order rotated by one every round), so a burst of someone else's load falls on all of them alike. Each optimizer
+still sees only its own samples in order, so its losses are those of a run alone. Reported per optimizer: the
+fastest and the median step relative to AdamW's (as before), and the paired ratio: in each round the optimizer's
+mean step over AdamW's, the median over the rounds with its interquartile range [p25-p75]; on CPU also the
+same paired ratio of process CPU time (which leaves out the time the machine gives to others).
+
+The load average around the runs is printed too: on a loaded machine even paired ratios move; run more steps
+(--bf16-steps 40) where the interquartile range is wide. Not a test: `python benchmarks/bench_optimizers.py --help`.
 """
 
 from __future__ import annotations
@@ -60,6 +70,9 @@ def parse_cli() -> argparse.Namespace:
     p.add_argument("--bf16-zero-stage", type=int, choices=(1, 2), default=1,
                    help="--zero-stage of the bf16 rows (2 also partitions the reduced gradients)")
     p.add_argument("--bf16-steps", type=int, default=20, help="steps of each bf16 row")
+    p.add_argument("--round-steps", type=int, default=1,
+                   help="steps of each optimizer per interleaved round (the timed steps after the 2 warmup steps "
+                        "are cut into rounds; each round runs every optimizer in turn)")
     p.add_argument("--json", default=None, help="also write every measurement to this JSON file")
     p.add_argument("--mock-data", action="store_true", help="random tokens (vocabulary 4096) instead of the corpus")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # a bf16 rank: write results to this file
@@ -160,8 +173,14 @@ def optimizer_memory(optimizer, model) -> dict:
     return {"state": state, "masters": state_bytes(stepped)}
 
 
-def train_one(a, name: str, file_list: Path, tokenizer: Path, ps_cache: dict, *, steps: Optional[int] = None,
-              dp: int = 1, dp_rank: int = 0, extra: tuple = ()) -> dict:
+WARMUP_STEPS = 2  # each optimizer's first steps build caches and its state: run, not timed
+
+
+def build_contender(a, name: str, file_list: Path, tokenizer: Path, ps_cache: dict, *, steps: int, dp: int = 1,
+                    dp_rank: int = 0, extra: tuple = ()) -> dict:
+    """`name`'s engine and sample stream from the shared seed, after its untimed warmup steps (collective).
+    On CUDA `peak_bytes` is what this engine added to the allocator's peak over its build and warmup (the
+    engines built before it are idle then, so the peak above the memory they hold is this one's)."""
     import torch
 
     from megatron.config.arguments import parse_args, validate_run
@@ -171,7 +190,6 @@ def train_one(a, name: str, file_list: Path, tokenizer: Path, ps_cache: dict, *,
     from megatron.training.engine import build_engine
     from megatron.training.loop import resolve_vocab, seed_everything
 
-    steps = a.steps if steps is None else steps
     run = parse_args(flags(a, name, file_list, tokenizer, steps=steps, dp=dp, extra=extra))
     validate_run(run, dp)
     run, _ = resolve_vocab(run)
@@ -180,30 +198,106 @@ def train_one(a, name: str, file_list: Path, tokenizer: Path, ps_cache: dict, *,
     if "ps" not in ps_cache:
         ps_cache["ps"] = ParallelState.build(run.parallel, run.model)
     ps = ps_cache["ps"]
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        held_before = torch.cuda.memory_allocated(device)
     seed_everything(run.training.seed, ps, device)
     te = build_engine(run, ps, device)
     train_ds, _, _ = build_datasets(run.data, run.model.seq_length, run.training.seed,
                                     (steps * a.batch, 0, 0), run.model.vocab_size, dp_rank, dp)
-    batches = build_data_iterator(train_ds, a.batch // dp, dp_rank, dp, 0)
-    losses, times = [], []
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+    c = {"name": name, "te": te, "batches": build_data_iterator(train_ds, a.batch // dp, dp_rank, dp, 0),
+         "device": device, "losses": [], "times": [], "cpu_times": [], "round_s": [], "round_cpu_s": []}
     try:
-        for _ in range(steps):
-            start = time.perf_counter()
-            losses.append(te.train_step(batches).loss)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            times.append(time.perf_counter() - start)
-        memory = state_bytes(te.engine.optimizer.state_dict()) if not extra else None
-        held = optimizer_memory(te.engine.optimizer, te.engine.module)
-        parameters = sum(p.numel() for p in te.engine.module.parameters())
-    finally:
+        for _ in range(min(WARMUP_STEPS, steps - 1)):
+            _timed_step(c)
+    except BaseException:
         te.destroy()
-    steady = times[2:] or times  # the first steps build caches
-    return {"losses": losses, "step_s": statistics.median(steady), "step_min_s": min(steady), "state_bytes": memory,
-            "held_state": held["state"], "held_masters": held["masters"], "parameters": parameters,
-            "peak_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None}
+        raise
+    c["times"].clear()
+    c["cpu_times"].clear()
+    c["peak_bytes"] = torch.cuda.max_memory_allocated(device) - held_before if device.type == "cuda" else None
+    return c
+
+
+def _timed_step(c: dict) -> None:
+    import torch
+
+    start, cpu = time.perf_counter(), time.process_time()
+    c["losses"].append(c["te"].train_step(c["batches"]).loss)
+    if c["device"].type == "cuda":
+        torch.cuda.synchronize(c["device"])
+    c["times"].append(time.perf_counter() - start)
+    c["cpu_times"].append(time.process_time() - cpu)
+
+
+def train_interleaved(a, names: list[str], file_list: Path, tokenizer: Path, *, steps: int, dp: int = 1,
+                      dp_rank: int = 0, extra: tuple = ()) -> dict:
+    """Every optimizer in `names` for `steps` steps, their timed steps interleaved: all engines are built (and
+    warmed up) first, then each round runs --round-steps steps of each optimizer in turn, the order rotated by one
+    every round (A B C, B C A, ...), so that a burst of load on a shared machine falls on every optimizer alike
+    and each round gives a paired ratio. Each optimizer still sees only its own samples, in order: its losses
+    are those of a run alone. A refused name (MegatronError, raised before any collective) gets {"refused"}."""
+    from megatron.errors import MegatronError
+
+    ps_cache: dict = {}
+    contenders, results = [], {}
+    try:
+        for name in names:
+            if dp_rank == 0:
+                print(f"building --optimizer {name} ({' '.join(extra) or 'fp32'}) ...", flush=True)
+            try:
+                contenders.append(build_contender(a, name, file_list, tokenizer, ps_cache, steps=steps, dp=dp,
+                                                  dp_rank=dp_rank, extra=extra))
+            except MegatronError as e:  # the same on every rank
+                results[name] = {"refused": str(e)}
+        timed = steps - min(WARMUP_STEPS, steps - 1)
+        rounds = max(1, timed // a.round_steps)
+        if dp_rank == 0:
+            print(f"{len(contenders)} optimizers interleaved: {rounds} rounds of {a.round_steps} step(s) each ...",
+                  flush=True)
+        for r in range(rounds):
+            shift = r % max(1, len(contenders))
+            for c in contenders[shift:] + contenders[:shift]:
+                count = a.round_steps if r < rounds - 1 else timed - a.round_steps * (rounds - 1)
+                for _ in range(count):
+                    _timed_step(c)
+                c["round_s"].append(sum(c["times"][-count:]) / count)
+                c["round_cpu_s"].append(sum(c["cpu_times"][-count:]) / count)
+        for c in contenders:
+            te = c["te"]
+            held = optimizer_memory(te.engine.optimizer, te.engine.module)
+            results[c["name"]] = {
+                "losses": c["losses"], "step_s": statistics.median(c["times"]), "step_min_s": min(c["times"]),
+                "step_cpu_s": statistics.median(c["cpu_times"]), "round_s": c["round_s"],
+                "round_cpu_s": c["round_cpu_s"],
+                "state_bytes": state_bytes(te.engine.optimizer.state_dict()) if not extra else None,
+                "held_state": held["state"], "held_masters": held["masters"],
+                "parameters": sum(p.numel() for p in te.engine.module.parameters()), "peak_bytes": c["peak_bytes"]}
+    finally:
+        for c in contenders:
+            c["te"].destroy()
+    return {name: results[name] for name in names}
+
+
+def paired(r: dict, base: dict, key: str = "round_s") -> tuple[float, float, float]:
+    """The median of the per-round ratios r / base (each round's steps of both, run one after the other) and
+    their interquartile range (low, high; the lowest and highest ratio under 4 rounds)."""
+    ratios = sorted(x / y for x, y in zip(r[key], base[key]))
+    if len(ratios) < 4:
+        return statistics.median(ratios), ratios[0], ratios[-1]
+    low, _, high = statistics.quantiles(ratios, n=4, method="inclusive")
+    return statistics.median(ratios), low, high
+
+
+def _rounds_text(a, base: dict) -> str:
+    return (f"{len(base['round_s'])} interleaved rounds of {a.round_steps} step(s) after {WARMUP_STEPS} warmup "
+            f"steps")
+
+
+def _paired_text(r: dict, base: dict, key: str = "round_s") -> str:
+    mid, low, high = paired(r, base, key)
+    return f"{mid:.2f}× [{low:.2f}–{high:.2f}]"
 
 
 def _names(text: str) -> list[str]:
@@ -240,23 +334,27 @@ def fp32_section(a, file_list, tokenizer) -> dict:
 
     deepspeed.init_distributed(dist_backend="nccl" if a.device == "cuda" else "gloo", auto_mpi_discovery=False)
     names = _names(a.optimizers)
-    results, ps_cache = {}, {}
     load_before = os.getloadavg()
-    for name in names:
-        print(f"training with --optimizer {name} ...", flush=True)
-        results[name] = train_one(a, name, file_list, tokenizer, ps_cache)
+    results = train_interleaved(a, names, file_list, tokenizer, steps=a.steps)
     base = results["adamw"]
     load_after = os.getloadavg()
+    if "refused" in base:
+        raise SystemExit(f"bench_optimizers: AdamW (fp32) was refused, nothing to compare with: {base['refused']}")
     print(f"\n{a.steps} steps, Llama L{a.layers} h{a.hidden} ffn {a.ffn}, batch {a.batch} × seq {a.seq}, {a.device}; "
           f"load average {load_before[0]:.1f} before, {load_after[0]:.1f} after "
-          f"(AdamW step: fastest {base['step_min_s'] * 1e3:.0f} ms, median {base['step_s'] * 1e3:.0f} ms)\n")
+          f"(AdamW step: fastest {base['step_min_s'] * 1e3:.0f} ms, median {base['step_s'] * 1e3:.0f} ms; "
+          f"{_rounds_text(a, base)})\n")
     print("| optimizer | lr | loss at step 1 | loss after N | step time vs AdamW (fastest / median) "
-          "| state memory vs AdamW |")
-    print("|---|---|---|---|---|---|")
+          "| paired rounds vs AdamW: median [IQR] | state memory vs AdamW |")
+    print("|---|---|---|---|---|---|---|")
     for name, r in results.items():
+        if "refused" in r:
+            print(f"| {name} | refused: {r['refused'].splitlines()[-1].strip()} |")
+            continue
         print(f"| {name} | {LR.get(name, 3e-3):g} | {r['losses'][0]:.3f} | {r['losses'][-1]:.3f} | "
               f"{r['step_min_s'] / base['step_min_s']:.2f}× / {r['step_s'] / base['step_s']:.2f}× | "
-              f"{r['state_bytes'] / max(1, base['state_bytes']):.2f}× |")
+              f"{_paired_text(r, base)} | {r['state_bytes'] / max(1, base['state_bytes']):.2f}× |")
+    results = {name: r for name, r in results.items() if "refused" not in r}
     if a.png:
         write_png(a, results)
     return results
@@ -343,20 +441,15 @@ def bf16_worker(a) -> None:
     import deepspeed
     import torch.distributed as dist
 
-    from megatron.errors import MegatronError
-
     file_list, tokenizer = (None, None) if a.mock_data else ensure_data(Path(a.data_dir))
     deepspeed.init_distributed(dist_backend="nccl" if a.device == "cuda" else "gloo", auto_mpi_discovery=False)
     rank, dp = dist.get_rank(), dist.get_world_size()
-    rows, ps_cache = {}, {}
-    for name in _names(a.bf16_optimizers):
-        try:
-            mine = train_one(a, name, file_list, tokenizer, ps_cache, steps=a.bf16_steps, dp=dp, dp_rank=rank,
-                             extra=("--bf16", "--zero-stage", str(a.bf16_zero_stage)))
-        except MegatronError as e:  # refused before any collective: the same on every rank
-            mine = {"refused": str(e)}
+    mine = train_interleaved(a, _names(a.bf16_optimizers), file_list, tokenizer, steps=a.bf16_steps, dp=dp,
+                             dp_rank=rank, extra=("--bf16", "--zero-stage", str(a.bf16_zero_stage)))
+    rows = {}
+    for name, result in mine.items():
         every = [None] * dp
-        dist.all_gather_object(every, mine)
+        dist.all_gather_object(every, result)
         rows[name] = every
     if rank == 0:
         from megatron.fileio import write_text_atomically
@@ -381,11 +474,16 @@ def report_bf16(a, names: list[str], sizes: list[int], by_dp: dict, load_before,
         print(f"AdamW bf16 was refused, nothing to compare with: {base['refused']}")
         return
     params = base["parameters"]
+    cpu = a.device == "cpu"
     print(f"{params:,} parameters; AdamW bf16 step at dp {first}: fastest {base['step_min_s'] * 1e3:.0f} ms, "
-          f"median {base['step_s'] * 1e3:.0f} ms\n")
+          f"median {base['step_s'] * 1e3:.0f} ms" + (f", CPU time {base['step_cpu_s'] * 1e3:.0f} ms" if cpu else "")
+          + f"; {_rounds_text(a, base)}\n")
     other = [d for d in sizes if d != first]
     head = (f"| optimizer | loss at step 1 | loss after N | step vs AdamW (fastest / median), dp {first} "
-            f"| state B/param | fp32 masters B/param | state + masters per rank, dp {first} |"
+            f"| paired rounds vs AdamW: median [IQR], dp {first} |"
+            + (f" CPU time, paired rounds, dp {first} |" if cpu else "")
+            + "".join(f" paired rounds, dp {d} |" for d in other)
+            + f" state B/param | fp32 masters B/param | state + masters per rank, dp {first} |"
             + "".join(f" dp {d} (vs dp {first}) |" for d in other))
     if a.device == "cuda":
         head += "".join(f" CUDA peak per rank, dp {d} |" for d in sizes)
@@ -403,7 +501,13 @@ def report_bf16(a, names: list[str], sizes: list[int], by_dp: dict, load_before,
         held[name] = per_rank
         line = (f"| {name} | {r['losses'][0]:.3f} | {r['losses'][-1]:.3f} | "
                 f"{r['step_min_s'] / base['step_min_s']:.2f}× / {r['step_s'] / base['step_s']:.2f}× | "
-                f"{r['held_state'] / params:.2f} | {r['held_masters'] / params:.2f} | {_mib(per_rank.get(first))} |")
+                f"{_paired_text(r, base)} |" + (f" {_paired_text(r, base, 'round_cpu_s')} |" if cpu else ""))
+        for d in other:
+            there, there_base = by_dp[d][name][0], by_dp[d]["adamw"][0]
+            line += (f" {_paired_text(there, there_base)} |" if "refused" not in there and "refused" not in there_base
+                     else " - |")
+        line += (f" {r['held_state'] / params:.2f} | {r['held_masters'] / params:.2f} | "
+                 f"{_mib(per_rank.get(first))} |")
         for d in other:
             line += (f" {_mib(per_rank[d])} ({per_rank[d] / per_rank[first]:.2f}×) |" if d in per_rank
                      else " refused |")
@@ -411,7 +515,11 @@ def report_bf16(a, names: list[str], sizes: list[int], by_dp: dict, load_before,
             line += "".join(f" {_mib(max(x['peak_bytes'] for x in by_dp[d][name]))} |" if d in per_rank else " - |"
                             for d in sizes)
         print(line)
-    print("\nstate and masters: bytes of the tensors each rank holds after the last step (the largest rank); "
+    print(f"\npaired rounds: each optimizer's mean step over a round divided by AdamW's in the same round (the "
+          f"optimizers run in turn, the order rotated each round), median and interquartile range over the rounds "
+          f"(rank 0's times)" + ("; CPU time: this process's, all its threads, so it leaves out the time a loaded "
+                                 "machine gives to others" if cpu else ""))
+    print("state and masters: bytes of the tensors each rank holds after the last step (the largest rank); "
           f"B/param: at dp {first}, per parameter of the whole model")
     print("\ntargets (issue 19):")
     state = {n: rows[n][0]["held_state"] for n in names if "refused" not in rows[n][0]}
@@ -422,8 +530,13 @@ def report_bf16(a, names: list[str], sizes: list[int], by_dp: dict, load_before,
     if "muon" in state:
         print(f"  Muon state <= AdamW's: {state['muon'] / params:.2f} vs {state['adamw'] / params:.2f} B/param: "
               f"{mark(state['muon'] <= state['adamw'])}")
-        ratio = rows["muon"][0]["step_min_s"] / base["step_min_s"]
-        print(f"  Muon step <= 1.3 x AdamW's (fastest steps): {ratio:.2f}x: {mark(ratio <= 1.3)}")
+        fastest = rows["muon"][0]["step_min_s"] / base["step_min_s"]
+        mid, low, high = paired(rows["muon"][0], base)
+        verdict = mark(mid <= 1.3) + ("" if (low <= 1.3) == (high <= 1.3) else
+                                      " (the rounds' interquartile range straddles 1.3: run more --bf16-steps or on "
+                                      "a quieter machine)")
+        print(f"  Muon step <= 1.3 x AdamW's (dp {first}, median of {len(base['round_s'])} paired rounds): "
+              f"{mid:.2f}x [IQR {low:.2f}-{high:.2f}; fastest steps {fastest:.2f}x]: {verdict}")
     if "adam8bit" in state:
         print(f"  8-bit Adam state <= 1/2 of AdamW's: {state['adam8bit'] / params:.2f} vs "
               f"{state['adamw'] / params:.2f} B/param: {mark(state['adam8bit'] <= 0.5 * state['adamw'])}")
