@@ -41,8 +41,8 @@ state by whole parameters instead ("own whole matrices" of DESIGN.md, over the s
   - DeepSpeed runs stage 0 (`deepspeed_zero_stage`): it all-reduces every gradient, as ZeRO-1 does;
   - each parameter is owned by one rank (largest first, to the least loaded rank); the inner optimizers hold
     the owned parameters only, with their state and (tp-split matrices) their full copies: ~1/dp of the state;
-  - each rank steps what it owns, then each owner broadcasts its parameters to the group (one broadcast per
-    owner per step), so every replica holds the single-rank update;
+  - each rank steps what it owns, then the owners' parameters are all-gathered over the group (one
+    collective per parameter dtype per step), so every replica holds the single-rank update;
   - `state_dict` numbers each parameter's state by its place in the param groups and gathers the owners'
     states (all_gather_object over the group), so the checkpoint layout is the same at any dp size and at
     ZeRO-0, and `load_state_dict` keeps the owned entries.
@@ -90,7 +90,7 @@ class FullMatrixOptimizer(torch.optim.Optimizer):
 
     dp_group / dp_size / dp_rank (ZeRO-1 by whole parameters, see the module docstring): each parameter is
     owned by one rank of that group (largest first, to the least loaded rank); the inner optimizers hold
-    only the owned parameters (and their state), and after the step each owner broadcasts its parameters.
+    only the owned parameters (and their state), and after the step the group all-gathers the owners' parameters.
     """
 
     def __init__(self, param_groups: list[dict], is_matrix: Callable[[torch.nn.Parameter], bool],
@@ -133,6 +133,7 @@ class FullMatrixOptimizer(torch.optim.Optimizer):
         self.matrix = make_matrix(matrix_groups) if matrix_groups else None
         self.other = make_other(other_groups) if other_groups else None
         self._stale = True  # copies must be (re)gathered from the shards before the next step
+        self._buckets = None  # _sync_buckets(), built at the first step that needs it
 
     def _split(self, param) -> bool:
         return self.tp_size > 1 and getattr(param, "tensor_model_parallel", False)
@@ -178,21 +179,37 @@ class FullMatrixOptimizer(torch.optim.Optimizer):
         return shard_tensor(copy, param.partition_dim, self.tp_size, self.tp_rank,
                             getattr(param, "partition_segments", None))
 
-    def _broadcast_from_owners(self) -> None:
-        """Every rank of the dp group gets the parameters the others stepped (one broadcast per owner)."""
-        for owner in range(self.dp_size):
-            params = [p for p, o in zip(self._params, self._owner) if o == owner]
-            if not params:
-                continue
-            if owner == self.dp_rank:
-                flat = torch.cat([p.detach().reshape(-1) for p in params])
-            else:
-                flat = torch.empty(sum(p.numel() for p in params), dtype=params[0].dtype, device=params[0].device)
-            dist.broadcast(flat, src=dist.get_global_rank(self.dp_group, owner), group=self.dp_group)
-            if owner != self.dp_rank:
-                offset = 0
+    def _sync_buckets(self) -> list[tuple[torch.dtype, list[list[torch.nn.Parameter]], int]]:
+        """For each parameter dtype: the parameters of each owner (in the param groups' order) and the largest
+        owner's element count, which every rank's part of the all-gather is padded to."""
+        by_dtype: dict[torch.dtype, list[list[torch.nn.Parameter]]] = {}
+        for p, owner in zip(self._params, self._owner):
+            by_dtype.setdefault(p.dtype, [[] for _ in range(self.dp_size)])[owner].append(p)
+        return [(dtype, per_owner, max(sum(p.numel() for p in params) for params in per_owner))
+                for dtype, per_owner in by_dtype.items()]
+
+    def _all_gather_owned(self) -> None:
+        """Every rank of the dp group gets the parameters the others stepped: one all-gather per dtype of each
+        owner's parameters, flattened and padded to the largest owner's count (what one broadcast per owner
+        would send, in one collective)."""
+        if self._buckets is None:
+            self._buckets = self._sync_buckets()
+        for dtype, per_owner, width in self._buckets:
+            device = per_owner[self.dp_rank][0].device if per_owner[self.dp_rank] else self._params[0].device
+            mine = torch.empty(width, dtype=dtype, device=device)
+            count = sum(p.numel() for p in per_owner[self.dp_rank])
+            if count:
+                torch.cat([p.detach().reshape(-1) for p in per_owner[self.dp_rank]], out=mine[:count])
+            if count < width:
+                mine[count:].zero_()
+            gathered = torch.empty(width * self.dp_size, dtype=dtype, device=device)
+            dist.all_gather(list(gathered.split(width)), mine, group=self.dp_group)
+            for owner, params in enumerate(per_owner):
+                if owner == self.dp_rank:
+                    continue
+                offset = owner * width
                 for p in params:
-                    p.detach().copy_(flat[offset:offset + p.numel()].view_as(p))
+                    p.detach().copy_(gathered[offset:offset + p.numel()].view_as(p))
                     offset += p.numel()
 
     @torch.no_grad()
@@ -223,7 +240,7 @@ class FullMatrixOptimizer(torch.optim.Optimizer):
             if copy is not param or self.gradients is not None:
                 copy.grad = None
         if self.dp_size > 1:
-            self._broadcast_from_owners()
+            self._all_gather_owned()
 
     def _after_update(self) -> None:
         """After the inner optimizers stepped the owned copies, before they are written back (MuonClip clips)."""

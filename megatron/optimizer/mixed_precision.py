@@ -14,8 +14,9 @@ gets no bf16/fp16 section: `deepspeed_precision`), the model is cast to bf16 / f
 DeepSpeed's own dp all-reduce is switched off, and at each optimizer step:
 
   1. the 16-bit gradients are reduced over the sp × dp group by whole parameters, in the parameters' dtype or,
-     with --accumulate-allreduce-grads-in-fp32, in fp32: ZeRO-1 (and 0) all-reduce them; ZeRO-2 reduces each
-     owner's parameters to that owner only (one reduce per owner) and the other ranks free them;
+     with --accumulate-allreduce-grads-in-fp32, in fp32: ZeRO-1 (and 0) all-reduce them (one collective over
+     all of them, flattened); ZeRO-2 reduces each owner's parameters to that owner only (one reduce per owner)
+     and the other ranks free them;
   2. each owner builds its fp32 gradient of the whole matrix (the tp shards all-gathered, full_matrix.py) and
      divides it by the loss scale (fp16);
   3. the global gradient norm is summed over the owned whole tensors (tp rank 0 counts them: every tp rank holds
@@ -25,7 +26,7 @@ DeepSpeed's own dp all-reduce is switched off, and at each optimizer step:
      `overflow` tells DeepSpeed's engine, which counts the skip and does not step the LR schedule;
   5. the gradients are clipped by --clip-grad (DeepSpeed's coefficient, clip / (norm + 1e-6)), the library
      optimizer steps the fp32 masters, and each owner writes its shard of the master, cast to the 16-bit dtype,
-     into its parameter; owners broadcast their parameters to the dp group.
+     into its parameter; the owners' parameters are all-gathered over the dp group (one collective per dtype).
 The fp32 masters live on their owners only (1/dp of them at ZeRO-1/2), with the optimizer state.
 
 Gradient accumulation over micro-batches happens in the parameters' .grad (16-bit) as in DeepSpeed's bf16
@@ -104,24 +105,26 @@ def loss_scaler(precision):
 
 def reduce_by_owner(params: list, owner: list[int], plan: GradientPlan, rank: int) -> dict[int, torch.Tensor]:
     """The dp-reduced gradient of every parameter this rank needs (id(param) -> tensor in plan.reduce_dtype):
-    all of them (all-reduce, ZeRO-0/1) or the owned ones (reduce to each owner, ZeRO-2). A parameter without a
-    gradient counts as zeros on that rank, so every rank sends the same shapes."""
+    all of them (ZeRO-0/1: one all-reduce of every gradient, flattened into one buffer) or the owned ones
+    (ZeRO-2: one reduce to each owner of its parameters' flattened gradients). A parameter without a gradient
+    counts as zeros on that rank, so every rank sends the same shapes."""
     out: dict[int, torch.Tensor] = {}
     if plan.size == 1:
         for p in params:
             out[id(p)] = _grad(p, plan.reduce_dtype)
         return out
-    for who in range(plan.size):
-        mine = [p for p, o in zip(params, owner) if o == who]
+    buckets = [params] if not plan.partition else [[p for p, o in zip(params, owner) if o == who]
+                                                   for who in range(plan.size)]
+    for who, mine in enumerate(buckets):
         if not mine:
             continue
         flat = torch.cat([_grad(p, plan.reduce_dtype).reshape(-1) for p in mine])
         if plan.partition:
             dist.reduce(flat, dst=dist.get_global_rank(plan.group, who), group=plan.group)
+            if who != rank:
+                continue
         else:
             dist.all_reduce(flat, group=plan.group)
-        if plan.partition and who != rank:
-            continue
         if plan.divisor != 1:
             flat.div_(plan.divisor)
         offset = 0

@@ -21,7 +21,7 @@ Under parallelism: a tensor-parallel rank owns whole heads (its rows of the fuse
 [its q | its k | its v]), so each rank computes its heads' eta without tp communication; the maxima are reduced
 (max) over the sp × dp group, so every data-parallel replica (and, under Ulysses, every sp rank that saw only a
 slice of the heads) applies the same scales. The owner of each weight (ZeRO-1/2, full_matrix.py) scales what
-Muon stepped, before it is written back and broadcast: the parameter (fp32), its fp32 master (bf16 / fp16), or
+Muon stepped, before it is written back and all-gathered: the parameter (fp32), its fp32 master (bf16 / fp16), or
 its full-matrix copy under tp (in the single-rank row order [all q | all k | all v]), by the row scales
 all-gathered over tp and merged like the weight's shards. One all-reduce and (tp > 1) one all-gather of
 a vector of heads per step; one extra QKᵀ per attention forward, without autograd.
@@ -73,7 +73,7 @@ class MuonClip(FullMatrixOptimizer):
     @torch.no_grad()
     def _after_update(self) -> None:
         """QK-clip on what the inner optimizers stepped (the owned parameters, or their fp32 masters and full
-        copies), before they are written back and broadcast to the other dp ranks."""
+        copies), before they are written back and all-gathered by the other dp ranks."""
         if not self.attention:
             return
         device = self.attention[0].qkv.weight.device
