@@ -480,9 +480,8 @@ def report_bf16(a, names: list[str], sizes: list[int], by_dp: dict, load_before,
           + f"; {_rounds_text(a, base)}\n")
     other = [d for d in sizes if d != first]
     head = (f"| optimizer | loss at step 1 | loss after N | step vs AdamW (fastest / median), dp {first} "
-            f"| paired rounds vs AdamW: median [IQR], dp {first} |"
-            + (f" CPU time, paired rounds, dp {first} |" if cpu else "")
-            + "".join(f" paired rounds, dp {d} |" for d in other)
+            + "".join(f"| paired rounds vs AdamW, dp {d}: median [IQR]" + ("; CPU time" if cpu else "") + " "
+                      for d in sizes) + "|"
             + f" state B/param | fp32 masters B/param | state + masters per rank, dp {first} |"
             + "".join(f" dp {d} (vs dp {first}) |" for d in other))
     if a.device == "cuda":
@@ -500,12 +499,14 @@ def report_bf16(a, names: list[str], sizes: list[int], by_dp: dict, load_before,
                     if "refused" not in by_dp[d][name][0]}
         held[name] = per_rank
         line = (f"| {name} | {r['losses'][0]:.3f} | {r['losses'][-1]:.3f} | "
-                f"{r['step_min_s'] / base['step_min_s']:.2f}× / {r['step_s'] / base['step_s']:.2f}× | "
-                f"{_paired_text(r, base)} |" + (f" {_paired_text(r, base, 'round_cpu_s')} |" if cpu else ""))
-        for d in other:
+                f"{r['step_min_s'] / base['step_min_s']:.2f}× / {r['step_s'] / base['step_s']:.2f}× |")
+        for d in sizes:
             there, there_base = by_dp[d][name][0], by_dp[d]["adamw"][0]
-            line += (f" {_paired_text(there, there_base)} |" if "refused" not in there and "refused" not in there_base
-                     else " - |")
+            if "refused" in there or "refused" in there_base:
+                line += " - |"
+                continue
+            line += f" {_paired_text(there, there_base)}"
+            line += f"; CPU {_paired_text(there, there_base, 'round_cpu_s')} |" if cpu else " |"
         line += (f" {r['held_state'] / params:.2f} | {r['held_masters'] / params:.2f} | "
                  f"{_mib(per_rank.get(first))} |")
         for d in other:
@@ -535,8 +536,12 @@ def report_bf16(a, names: list[str], sizes: list[int], by_dp: dict, load_before,
         verdict = mark(mid <= 1.3) + ("" if (low <= 1.3) == (high <= 1.3) else
                                       " (the rounds' interquartile range straddles 1.3: run more --bf16-steps or on "
                                       "a quieter machine)")
+        also = ""
+        if cpu:
+            cpu_mid, cpu_low, cpu_high = paired(rows["muon"][0], base, "round_cpu_s")
+            also = f"; CPU time {cpu_mid:.2f}x [IQR {cpu_low:.2f}-{cpu_high:.2f}]"
         print(f"  Muon step <= 1.3 x AdamW's (dp {first}, median of {len(base['round_s'])} paired rounds): "
-              f"{mid:.2f}x [IQR {low:.2f}-{high:.2f}; fastest steps {fastest:.2f}x]: {verdict}")
+              f"{mid:.2f}x [IQR {low:.2f}-{high:.2f}; fastest steps {fastest:.2f}x{also}]: {verdict}")
     if "adam8bit" in state:
         print(f"  8-bit Adam state <= 1/2 of AdamW's: {state['adam8bit'] / params:.2f} vs "
               f"{state['adamw'] / params:.2f} B/param: {mark(state['adam8bit'] <= 0.5 * state['adamw'])}")
