@@ -68,6 +68,14 @@ def test_muon_holds_one_momentum_on_the_matrices_where_adamw_holds_two():
     assert bench.optimizer_memory(adamw, model)["state"] >= 8 * m
 
 
+def test_paired_ratio_is_the_median_of_per_round_ratios_with_their_interquartile_range():
+    base = {"round_s": [1.0, 2.0, 4.0, 1.0, 3.0]}  # a loaded machine: AdamW's rounds vary fourfold
+    other = {"round_s": [1.1, 2.4, 4.0, 1.3, 3.0]}  # ratios 1.1, 1.2, 1.0, 1.3, 1.0
+    mid, low, high = bench.paired(other, base)
+    assert (round(mid, 6), round(low, 6), round(high, 6)) == (1.1, 1.0, 1.2)
+    assert bench.paired({"round_s": [3.0, 1.0]}, {"round_s": [2.0, 2.0]}) == (1.0, 0.5, 1.5)  # under 4: range
+
+
 def test_device_check_is_bash_and_refuses_without_a_gpu():
     script = ROOT / "benchmarks" / "device_check.sh"
     assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
@@ -91,6 +99,7 @@ def test_bf16_rows_at_dp_2_split_the_state_and_masters_of_adamw_and_muon_between
     rows = json.loads(out.read_text())["bf16"]["2"]
     adamw, muon = rows["adamw"], rows["muon"]
     assert len(adamw) == len(muon) == 2 and "refused" not in muon[0]
+    assert len(muon[0]["losses"]) == 3 and len(muon[0]["round_s"]) == 1  # 2 warmup steps, then 1 paired round
     params = adamw[0]["parameters"]
     for r in adamw:  # DeepSpeed's ZeRO-1 splits the flat fp32 buffers in two (up to alignment padding and the
         # groups' step counters)
