@@ -485,7 +485,7 @@ def report_bf16(a, names: list[str], sizes: list[int], by_dp: dict, load_before,
             + f" state B/param | fp32 masters B/param | state + masters per rank, dp {first} |"
             + "".join(f" dp {d} (vs dp {first}) |" for d in other))
     if a.device == "cuda":
-        head += "".join(f" CUDA peak per rank, dp {d} |" for d in sizes)
+        head += "".join(f" CUDA peak per rank added by its engine (build + warmup), dp {d} |" for d in sizes)
     print(head)
     print("|" + "---|" * (head.count("|") - 1))
     held = {}
@@ -516,9 +516,9 @@ def report_bf16(a, names: list[str], sizes: list[int], by_dp: dict, load_before,
             line += "".join(f" {_mib(max(x['peak_bytes'] for x in by_dp[d][name]))} |" if d in per_rank else " - |"
                             for d in sizes)
         print(line)
-    print(f"\npaired rounds: each optimizer's mean step over a round divided by AdamW's in the same round (the "
-          f"optimizers run in turn, the order rotated each round), median and interquartile range over the rounds "
-          f"(rank 0's times)" + ("; CPU time: this process's, all its threads, so it leaves out the time a loaded "
+    print("\npaired rounds: each optimizer's mean step over a round divided by AdamW's in the same round (the "
+          "optimizers run in turn, the order rotated each round), median and interquartile range over the rounds "
+          "(rank 0's times)" + ("; CPU time: this process's, all its threads, so it leaves out the time a loaded "
                                  "machine gives to others" if cpu else ""))
     print("state and masters: bytes of the tensors each rank holds after the last step (the largest rank); "
           f"B/param: at dp {first}, per parameter of the whole model")
