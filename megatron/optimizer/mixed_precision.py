@@ -72,7 +72,8 @@ class GradientPlan:
 def accumulate_in_fp32(params: list, skip: set) -> list:
     """--accumulate-allreduce-grads-in-fp32: after autograd accumulates a micro-batch's 16-bit gradient into
     .grad, add it to an fp32 `main_grad` and free .grad, so the sum over micro-batches is fp32 (Megatron's
-    main_grad). `skip`: ids of parameters whose .grad must stay (the tied embedding under pp > 1: DeepSpeed's
+    main_grad). With --tiled-mlp the MLP weights' hook fires once per tile inside one backward and adds each
+    tile's gradient the same way (tests/test_fp32_grad_accumulation.py). `skip`: ids of parameters whose .grad must stay (the tied embedding under pp > 1: DeepSpeed's
     pipeline engine sums it over the stages from .grad); they accumulate in their dtype. Returns the hook
     handles."""
     def hook(param):
