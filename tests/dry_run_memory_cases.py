@@ -30,6 +30,11 @@ def _held(optimizer, model) -> dict:
         elif isinstance(value, dict):
             for v in value.values():
                 count(v)
+        elif isinstance(value, (list, tuple)):
+            for v in value:
+                count(v)
+        elif hasattr(value, "__dict__") and not callable(value):  # GaLore's projector, Shampoo's preconditioner
+            count(vars(value))
 
     for leaf in leaves:
         for state in leaf.state.values():

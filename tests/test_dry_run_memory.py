@@ -2,7 +2,8 @@
 of the tiny model through the training engine, then the bytes of the optimizer's state tensors and of the fp32
 copies it steps, next to the estimate for the same flags. adam (DeepSpeed's optimizers), muon and adam8bit
 (whole-matrix, bf16 with fp32 masters) at one rank and at dp 2 with ZeRO-1 (DeepSpeed's flat partitions /
-whole parameters per owner): within 3% (the estimate counts no step scalars, nor DeepSpeed's alignment padding).
+whole parameters per owner), and at one rank also GaLore, Shampoo (blocks of 16) and SGD with momentum: within
+3% (the estimate counts no step scalars, nor DeepSpeed's alignment padding; measured: equal to the byte).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import pytest
 
 import dry_run_memory_cases as cases
 import engine_cases as ec
+import optimizer_cases as oc
 from megatron.config.arguments import parse_args
 from megatron.optimizer.memory import optimizer_memory
 from multirank import run_ranks
@@ -18,7 +20,10 @@ from multirank import run_ranks
 TOLERANCE = 0.03
 ONE_STEP = ("--train-iters", "1", "--global-batch-size", "4")
 ONE_RANK = {"adam": ("--optimizer", "adam"), "adam_bf16": ("--optimizer", "adam", "--bf16"),
-            "muon": ("--optimizer", "muon", "--bf16"), "adam8bit": ("--optimizer", "adam8bit", "--bf16")}
+            "muon": ("--optimizer", "muon", "--bf16"), "adam8bit": ("--optimizer", "adam8bit", "--bf16"),
+            "galoreadamw": ("--optimizer", "galoreadamw", "--bf16"),
+            "dshampooadamw": ("--optimizer", "dshampooadamw", *oc.EXTRA["dshampooadamw"], "--bf16"),
+            "sgd_momentum": ("--optimizer", "sgd", "--sgd-momentum", "0.9")}
 DP2_ZERO1 = {name: (*flags, "--bf16", "--zero-stage", "1")
              for name, flags in (("adam", ("--optimizer", "adam")), ("muon", ("--optimizer", "muon")),
                                  ("adam8bit", ("--optimizer", "adam8bit")))}

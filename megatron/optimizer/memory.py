@@ -17,10 +17,11 @@ each is given the state its optimizer really keeps, as the library code allocate
                                         moments of the projected gradient [m, r] or [r, n], r = min(rank, m, n),
                                         fp32; the rest AdamW
   galoreadamw8bit(perlayer)             as galoreadamw with 8-bit moments (below)
-  dshampooadamw                         hidden matrices: momentum + RMSProp graft (4 + 4) and, unless a side
-                                        exceeds max(8192, block), per block [a, b] of --dshampooadamw-max-
-                                        preconditioner-dim the statistics and preconditioner of each side,
-                                        2 × (a² + b²) × 4; the rest AdamW
+  dshampooadamw                         hidden matrices: momentum + the RMSProp graft's momentum and statistics
+                                        (3 × 4) and, unless a side exceeds max(8192, block), per block [a, b] of
+                                        --dshampooadamw-max-preconditioner-dim the statistics and preconditioner
+                                        of each side, 2 × (a² + b²) × 4 (+ a [1, 1] pair when the library views
+                                        [m, n] as [1, m, n]); the rest AdamW
   adam8bit                              bitsandbytes Adam8bit: a tensor of >= 4096 elements keeps 1 byte per
                                         moment + one fp32 absmax per 256-element block per moment; a smaller one
                                         32-bit moments (8); plus the two 256-entry quantisation maps
@@ -40,6 +41,7 @@ Scalars (step counters) are not counted. Checked against a real run's tensors in
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 
@@ -124,14 +126,26 @@ def _galore(shape: tuple, rank: int, eight_bit: bool) -> int:
 
 
 def _shampoo(shape: tuple, block: int) -> int:
-    state = 2 * FP32 * math.prod(shape)  # momentum + the RMSProp graft's statistics
+    """pytorch_optimizer's ScalableShampoo on one matrix: its momentum and the RMSProp graft's momentum and
+    statistics (4 bytes an element each), and, unless a side exceeds the no-preconditioning bound, a statistics
+    and a preconditioner [d, d] for each side d of each block of the shape as it reshapes it (its
+    merge_small_dims: [m, n] with m > block is seen as [1, m, n], so each block also has a [1, 1] pair)."""
+    state = 3 * FP32 * math.prod(shape)
     if any(d > max(8192, block) for d in shape):
         return state
+    merged, product = [], 1
+    for d in shape:  # merge_small_dims(shape, block)
+        product *= d
+        if product > block:
+            merged.append(product // d)
+            product = d
+    merged.append(product)
+    if len(merged) < 2:
+        return state
     sides = [[block] * ((d - 1) // block) + [d - (d - 1) // block * block] if 0 < block < d else [d]
-             for d in shape]
-    for a in sides[0]:
-        for b in sides[1]:
-            state += 2 * FP32 * (a * a + b * b)
+             for d in merged]
+    for sizes in itertools.product(*sides):
+        state += 2 * FP32 * sum(d * d for d in sizes)
     return state
 
 
