@@ -184,6 +184,8 @@ def optimizer_memory(run, world_size: int) -> dict[str, float]:
     if t.zero.cpu_optimizer:
         return {"state": 0.0, "masters": 0.0}
     name, opt = t.optimizer.optimizer, t.optimizer
+    if opt.ds_fused_adam:  # build_optimizer then runs DeepSpeed's FusedAdam whatever --optimizer says
+        name = "adam"
     mixed = t.precision.bf16 or t.precision.fp16
     sdp = p.data_parallel_size(world_size) * p.sp
     params = stage_parameters(run.model, p.tp, p.pp)
