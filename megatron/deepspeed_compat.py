@@ -148,6 +148,16 @@ def synchronize_tied_weights(pipeline_module) -> None:
     pipeline_module._synchronize_tied_weights()
 
 
+def tied_weights_and_groups(pipeline_module) -> list:
+    """[(weight, process group of the stages that share it)] of a PipelineModule ([] for another module).
+    PipelineEngine._exec_reduce_tied_grads all-reduces each weight's .grad over that group and skips a weight
+    whose .grad is None, so a caller that moves the gradient elsewhere (mixed_precision.accumulate_in_fp32)
+    sums it itself. Checked against DeepSpeed 0.19.8."""
+    if not callable(getattr(pipeline_module, "get_tied_weights_and_groups", None)):
+        return []
+    return list(pipeline_module.get_tied_weights_and_groups())
+
+
 def loss_scale(optimizer) -> Optional[float]:
     """The current fp16 loss scale of DeepSpeed's optimizer wrapper, None without one. Relies on `cur_scale`
     (a property of the ZeRO optimizers) or `loss_scale_config.cur_scale` (FP16_Optimizer at ZeRO-0); checked
@@ -678,6 +688,15 @@ def _check_hp_mapping():
 @_assumption("PipelineModule._synchronize_tied_weights()")
 def _check_tied_sync():
     _require(_params(_classes()["pipe_module"]._synchronize_tied_weights) == ["self"], "its signature changed")
+
+
+@_assumption("PipelineModule.get_tied_weights_and_groups(); PipelineEngine._exec_reduce_tied_grads all-reduces "
+             "a tied weight's .grad (bf16 optimizer aside) and skips it when None")
+def _check_tied_grad_reduction():
+    _require(_params(_classes()["pipe_module"].get_tied_weights_and_groups) == ["self"], "its signature changed")
+    source = _source(_classes()["pipe_engine"]._exec_reduce_tied_grads)
+    _require("get_tied_weights_and_groups()" in source and "if grad is not None" in source,
+             "_exec_reduce_tied_grads no longer reads get_tied_weights_and_groups() or no longer skips a None .grad")
 
 
 @_assumption("fp16 loss scale: cur_scale (ZeRO optimizers) or loss_scale_config.cur_scale (FP16_Optimizer)")

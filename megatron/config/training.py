@@ -245,7 +245,8 @@ def add_precision_arguments(parser: argparse.ArgumentParser) -> None:
                         "stage 1, so --zero-stage 0 runs as 1, with a notice; refused with ZeRO-2/3 and "
                         "--cpu-optimizer, which accumulate in bf16). The whole-matrix optimizers (muon, "
                         "muonclip, dshampooadamw, galoreadamw, adam8bit) accumulate and reduce in fp32 themselves at "
-                        "ZeRO 1 or 2 (megatron/optimizer/mixed_precision.py). With --deepspeed_config the file's "
+                        "ZeRO 1 or 2, the tied embedding's sum over pipeline stages included "
+                        "(megatron/optimizer/mixed_precision.py). With --deepspeed_config the file's "
                         "data_types.grad_accum_dtype decides, as upstream (a notice when it overrides this flag)")
 
 

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -221,10 +221,10 @@ class InferenceEngine:
         dist.broadcast_object_list(holder, src=self._source_rank, group=self._mp_group)
         return holder[0]
 
-    def _new_cache(self, batch: int, capacity: int, start: Sequence[int]) -> KVCache:
+    def _new_cache(self, batch: int, capacity: int) -> KVCache:
         config = self.config
         return KVCache(batch, capacity, self.stage.layer_indices, config.num_key_value_heads // self.ps.tp_size,
-                       config.head_dim, dtype=self.dtype, device=self.device, start=start)
+                       config.head_dim, dtype=self.dtype, device=self.device)
 
     def _check_prompt(self, where: str, prompt) -> None:
         if not prompt or not all(isinstance(t, int) and 0 <= t < self.vocab_size for t in prompt):
@@ -323,7 +323,7 @@ class InferenceEngine:
         num_return_gen = beam_width if num_return_gen is None else num_return_gen
         colon, newline = self._special.colon, self._special.newline
         beams = [list(prompt) for _ in range(beam_width)]
-        cache = self._new_cache(beam_width, final, [0] * beam_width)
+        cache = self._new_cache(beam_width, final)
         positions = torch.arange(prompt_length, device=self.device).unsqueeze(0).expand(beam_width, -1)
         tokens = torch.tensor(beams, dtype=torch.long, device=self.device)
         hidden = self._run_stage(tokens, positions, cache)

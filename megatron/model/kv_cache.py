@@ -1,15 +1,13 @@
 """The key/value cache of generation: every layer's keys and values, preallocated once for a batch.
 
-    cache = KVCache(batch=2, capacity=12, layers=[0, 1], kv_heads=2, head_dim=8, start=[3, 0])
+    cache = KVCache(batch=2, capacity=12, layers=[0, 1], kv_heads=2, head_dim=8)
     hidden = stage(tokens[:, :5], positions[:, :5], kv_cache=cache)     # prefill: columns 0..4
     hidden = stage(next_tokens[:, None], positions_of_next, kv_cache=cache)  # one column per step after
 
-Rows are left-padded: row r's tokens start at column `start[r]` (its prompt is shorter than the longest by
-that much), so all rows write the same column each step and the cache keeps a single length. A query at
-column i attends to the keys of columns start[r] <= j <= i; a padding query attends only to itself (so its
-softmax is never empty; its output is discarded). The positions fed with the tokens are each row's own
-(column - start[r]), so RoPE rotates as if the row were alone. A batch without padding needs no mask: the
-prefill is plain causal attention and one-token steps attend to every cached key.
+Every row has the same length (beam search: the beams of one prompt), so all rows write the same column each
+step and the cache keeps a single length. The first prefill is plain causal attention and one-token steps
+attend to every cached key, without a mask; only a later chunk of several columns needs one (a query at column
+i attends to the keys j <= i). Rows of different lengths are model/slot_cache.py's job.
 
 Keys and values are stored [batch, kv heads, capacity, head dim] (SDPA's layout), so a forward reads the
 filled columns as a view, and `reorder` (beam search) permutes the rows in place of the buffers.
@@ -24,18 +22,13 @@ import torch
 
 class KVCache:
     def __init__(self, batch: int, capacity: int, layers: Sequence[int], kv_heads: int, head_dim: int,
-                 dtype: torch.dtype = torch.float32, device=None, start: Optional[Sequence[int]] = None):
-        """`layers`: the (global) indices of the layers this rank runs; `kv_heads`: this tp rank's kv heads;
-        `start`: the first real column of each row (None: no padding)."""
+                 dtype: torch.dtype = torch.float32, device=None):
+        """`layers`: the (global) indices of the layers this rank runs; `kv_heads`: this tp rank's kv heads."""
         shape = (batch, kv_heads, capacity, head_dim)
         self.keys = {i: torch.empty(shape, dtype=dtype, device=device) for i in layers}
         self.values = {i: torch.empty(shape, dtype=dtype, device=device) for i in layers}
         self.batch, self.capacity, self.length = batch, capacity, 0
-        starts = [0] * batch if start is None else [int(s) for s in start]
-        if len(starts) != batch or min(starts) < 0:
-            raise ValueError(f"KVCache: start must give a non-negative column for each of the {batch} rows")
-        self.start = torch.tensor(starts, dtype=torch.long, device=device)
-        self.padded = max(starts) > 0
+        self.device = device
         self.mask: Optional[torch.Tensor] = None  # [b, 1, s, length + s] for the forward under way
         self.causal = False
         self._step = 0  # columns the forward under way adds
@@ -46,15 +39,12 @@ class KVCache:
             raise ValueError(f"KVCache: {self.length} + {s} columns exceed its capacity {self.capacity}")
         self._step = s
         end = self.length + s
-        if not self.padded and (self.length == 0 or s == 1):
+        if self.length == 0 or s == 1:
             self.mask, self.causal = None, self.length == 0 and s > 1
             return
-        device = self.start.device
-        queries = torch.arange(self.length, end, device=device).view(1, s, 1)
-        keys = torch.arange(end, device=device).view(1, 1, end)
-        allowed = (keys <= queries) & (keys >= self.start.view(-1, 1, 1))
-        allowed |= keys == queries  # padding queries attend to themselves
-        self.mask, self.causal = allowed.unsqueeze(1), False
+        queries = torch.arange(self.length, end, device=self.device).view(s, 1)
+        keys = torch.arange(end, device=self.device).view(1, end)
+        self.mask, self.causal = (keys <= queries).view(1, 1, s, end), False
 
     def store(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write the new keys/values [b, s, kv heads, d] of `layer`; return all its keys/values so far as
@@ -73,8 +63,7 @@ class KVCache:
 
     def reorder(self, rows: torch.Tensor) -> None:
         """Row i becomes old row rows[i] (beam search keeps the beams it extends)."""
-        rows = rows.to(self.start.device)
+        rows = rows.to(self.device)
         for buffers in (self.keys, self.values):
             for layer, buffer in buffers.items():
                 buffer[:, :, :self.length] = buffer[rows, :, :self.length]
-        self.start = self.start[rows]

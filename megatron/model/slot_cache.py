@@ -8,9 +8,9 @@
     hidden = stage(next_tokens[:5, None], lengths_as_positions, kv_cache=cache)
     cache.move(4, 1)                                                   # row 1 left: row 4 takes its slot
 
-Why not model/kv_cache.py's KVCache: that cache keeps one length for a whole batch (rows are left-padded so that
-every row writes the same column), which fits a batch that starts together. Here rows join while others decode,
-so each slot keeps its own length:
+Why not model/kv_cache.py's KVCache: that cache keeps one length for a whole batch (every row writes the same
+column), which fits the beams of one prompt. Here rows join while others decode, so each slot keeps its own
+length:
 - a prefill writes the joining rows' prompts right-padded from column 0 (row r's real tokens are columns
   0 .. n_r - 1); a query at column i attends to keys j <= i with j < n_r, and a padding query (i >= n_r) to
   those and itself, so no softmax is empty; its output is discarded and its columns are overwritten later,

@@ -350,10 +350,11 @@ def build_optimizer(run, model: torch.nn.Module, ps=None, device_type: str = "cp
         tp["gradients"] = gradient_plan(run, ps)
     optimizer = _build_full_matrix(name, opt, groups, model, tp, ps)
     if optimizer.owns_gradients and optimizer.gradients.accumulate_fp32:
+        from megatron.deepspeed_compat import tied_weights_and_groups
         from megatron.optimizer.mixed_precision import accumulate_in_fp32
 
-        tied = {id(p) for module in getattr(model, "tied_modules", {}).values() for p in module.parameters()}
-        optimizer.hook_handles = accumulate_in_fp32(list(model.parameters()), tied)
+        optimizer.gradients.tied = tied_weights_and_groups(model)  # pp > 1: summed over the stages in fp32
+        optimizer.hook_handles = accumulate_in_fp32(list(model.parameters()))
     return optimizer
 
 

@@ -31,15 +31,15 @@ The fp32 masters live on their owners only (1/dp of them at ZeRO-1/2), with the 
 
 Gradient accumulation over micro-batches happens in the parameters' .grad (16-bit) as in DeepSpeed's bf16
 ZeRO-0 engine; with --accumulate-allreduce-grads-in-fp32 a hook moves each micro-batch's gradient into an fp32
-`main_grad` (`accumulate_in_fp32`; the tied embedding's copies under pp > 1 excepted, see there) and the dp
-reduction and everything after it run in fp32.
+`main_grad` (`accumulate_in_fp32`), the tied embedding's sum over the pipeline stages (pp > 1) runs on those
+(`sum_tied`, in place of DeepSpeed's bf16 one), and the dp reduction and everything after it run in fp32.
 ZeRO-2 here partitions the reduced gradients and the fp32 master gradients, not the 16-bit gradients during
 backward: the reduction runs at the accumulation boundary (no bucketing inside backward).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
@@ -68,14 +68,16 @@ class GradientPlan:
     scaler: object = None
     half: torch.dtype = torch.float32
     accumulate_fp32: bool = False  # --accumulate-allreduce-grads-in-fp32: micro-batch sums in fp32 (main_grad)
+    tied: list = field(default_factory=list)  # [(weight, group)] tied over pipeline stages, summed here (fp32)
 
 
-def accumulate_in_fp32(params: list, skip: set) -> list:
+def accumulate_in_fp32(params: list) -> list:
     """--accumulate-allreduce-grads-in-fp32: after autograd accumulates a micro-batch's 16-bit gradient into
     .grad, add it to an fp32 `main_grad` and free .grad, so the sum over micro-batches is fp32 (Megatron's
-    main_grad). `skip`: ids of parameters whose .grad must stay (the tied embedding under pp > 1: DeepSpeed's
-    pipeline engine sums it over the stages from .grad); they accumulate in their dtype. Returns the hook
-    handles."""
+    main_grad). With --tiled-mlp the MLP weights' hook fires once per tile inside one backward and adds each
+    tile's gradient the same way (tests/test_fp32_grad_accumulation.py). The tied embedding under pp > 1 too:
+    DeepSpeed's pipeline engine then finds its .grad None and skips its bf16 sum over the stages
+    (deepspeed_compat.tied_weights_and_groups), which `sum_tied` does in fp32. Returns the hook handles."""
     def hook(param):
         if param.grad is None:
             return
@@ -85,8 +87,20 @@ def accumulate_in_fp32(params: list, skip: set) -> list:
             param.main_grad.add_(param.grad.detach())
         param.grad = None
 
-    return [p.register_post_accumulate_grad_hook(hook) for p in params if id(p) not in skip and
-            p.requires_grad]
+    return [p.register_post_accumulate_grad_hook(hook) for p in params if p.requires_grad]
+
+
+def sum_tied(tied: list) -> None:
+    """Sum each pipeline-tied weight's fp32 main_grad over the stages that share it (the embedding on the first
+    and the last stage), as DeepSpeed's ReduceTiedGrads does with .grad in the weight's dtype; both stages then
+    hold the full gradient. A stage without one this step adds zeros."""
+    for weight, group in tied:
+        if getattr(weight, "main_grad", None) is None:
+            weight.main_grad = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        if weight.grad is not None:  # a gradient that arrived after the hook ran (none in DeepSpeed's schedule)
+            weight.main_grad.add_(weight.grad.detach())
+            weight.grad = None
+        dist.all_reduce(weight.main_grad, group=group)
 
 
 def loss_scaler(precision):
@@ -108,6 +122,7 @@ def reduce_by_owner(params: list, owner: list[int], plan: GradientPlan, rank: in
     all of them (ZeRO-0/1: one all-reduce of every gradient, flattened into one buffer) or the owned ones
     (ZeRO-2: one reduce to each owner of its parameters' flattened gradients). A parameter without a gradient
     counts as zeros on that rank, so every rank sends the same shapes."""
+    sum_tied(plan.tied)
     out: dict[int, torch.Tensor] = {}
     if plan.size == 1:
         for p in params:

@@ -9,14 +9,19 @@ waits in a queue), and the parameter count with an estimate of memory per device
 Memory per device (an estimate, in the spirit of Korthikanti et al. 2022, "Reducing Activation Recomputation"):
   weights        P_dev × (2 bytes bf16/fp16, 4 fp32), / dp under ZeRO-3
   gradients      P_dev × (weight bytes; 4 with fp32 accumulation), / dp under ZeRO-2/3
-  optimizer      P_dev × (8 bytes Adam moments + 4 fp32 master weights under bf16/fp16), / dp under ZeRO >= 1;
-                 0 on the device with --cpu-optimizer
+  optimizer      the state --optimizer keeps (Adam's two fp32 moments, Muon's one momentum on the hidden
+                 matrices, 8-bit Adam's quantised moments, ...: megatron/optimizer/memory.py), on the tensors it
+                 steps (whole gathered matrices on every tp rank for the whole-matrix optimizers), / (sp × dp)
+                 under ZeRO >= 1; 0 on the device with --cpu-optimizer
+  fp32 masters   the fp32 copies the optimizer steps: DeepSpeed's flat copy under bf16/fp16 and its fp32
+                 partitions at ZeRO >= 1 (/ sp × dp); the whole-matrix optimizers' gathered copies and, in
+                 bf16/fp16, masters of the rest (by whole parameters / sp × dp at ZeRO-1/2)
   activations    per layer and micro-batch s·b·h·(10 + 24/tp) bytes (attention scores are not kept: SDPA), of
                  which 16/tp are the MLP's 4h-wide intermediates (none kept with --tiled-mlp); 2·s·b·h for a
                  recomputed layer's input (0 with --checkpoint-in-cpu, /tp with --partition-activations);
                  × layers per stage × micro-batches in flight (pp under 1F1B); plus the fp32 logits s·b·V/tp × 4
                  bytes twice (softmax and its gradient), one tile of them with --tiled-logits-loss
-P_dev counts this device's share: the layers of one pipeline stage over tp, and the embedding over tp.
+P_dev counts this device's share: the layers of one pipeline stage and the embedding, tp-split tensors over tp.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from typing import Optional
 from megatron.config.arguments import (
     RunConfig, global_batch_size, gradient_accumulation_steps, train_iters, train_samples, validate_run,
 )
+from megatron.optimizer.memory import optimizer_memory, stage_parameters
 
 
 def _gib(n: float) -> str:
@@ -41,17 +47,17 @@ def memory_per_device(run: RunConfig, world_size: int) -> dict[str, float]:
     h, s, b, L = m.hidden_size, m.seq_length, t.micro_batch_size, m.num_layers
     vocab = m.padded_vocab_size(tp) if m.vocab_size else 0
     layers_per_stage = -(-L // pp)
-    per_layer = (m.num_parameters(include_embeddings=False) - h * (2 if m.normalization == "layernorm" else 1)) // L
-    embedding = vocab * h * (2 if m.untie_embeddings_and_output_weights and pp == 1 else 1)
-    params = (layers_per_stage * per_layer + embedding) / tp
+    params = sum(q.local_numel for q in stage_parameters(m, tp, pp))
     mixed = t.precision.bf16 or t.precision.fp16
     weight_bytes = 2 if mixed else 4
     grad_bytes = 4 if (t.precision.bf16 and t.precision.accumulate_allreduce_grads_in_fp32) else weight_bytes
     zero = t.zero.zero_stage
+    optimizer = optimizer_memory(run, world_size)
     out = {
         "weights": params * weight_bytes / (dp if zero >= 3 else 1),
         "gradients": params * grad_bytes / (dp if zero >= 2 else 1),
-        "optimizer": 0.0 if t.zero.cpu_optimizer else params * (8 + (4 if mixed else 0)) / (dp if zero >= 1 else 1),
+        "optimizer": optimizer["state"],
+        "fp32 masters": optimizer["masters"],
     }
     gas = gradient_accumulation_steps(run, dp)
     in_flight = min(pp, gas) if pp > 1 else 1
