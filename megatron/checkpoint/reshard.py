@@ -22,6 +22,7 @@ from megatron.checkpoint.ds_checkpoint import TIED_PREFIX, DeepSpeedCheckpoint
 from megatron.checkpoint.layout import ConversionError
 from megatron.model.pipeline import pipe_layer_prefix
 from megatron.model.sharding import shard_state_dict
+from megatron.optimizer.full_matrix import FullMatrixOptimizer
 from megatron.checkpoint.format import TrainingProgress
 from megatron import deepspeed_compat as compat
 
@@ -98,8 +99,6 @@ def load_checkpoint_any_layout(training_engine, load_dir: str, *, load_optim: bo
     source: an already opened checkpoint with DeepSpeedCheckpoint's reading interface (a universal folder, an
     argonne-lcf/Megatron-DeepSpeed checkpoint); default DeepSpeedCheckpoint(load_dir).
     """
-    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
-
     ckpt = source if source is not None else DeepSpeedCheckpoint(load_dir)
     config, ps, ds = training_engine.model_config, training_engine.ps, training_engine.engine
     differences = config_differences(ckpt.config, config)
@@ -107,6 +106,56 @@ def load_checkpoint_any_layout(training_engine, load_dir: str, *, load_optim: bo
         raise ConversionError(f"--load {load_dir}: the checkpoint's model differs from this run's: "
                               + "; ".join(differences))
     has_moments = load_optim and not finetune and "converted_from" not in ckpt.client_state
+    if isinstance(ds.optimizer, FullMatrixOptimizer):
+        _load_whole_matrix(training_engine, ckpt, has_moments, progress_bar)
+    else:
+        _load_through_deepspeed(training_engine, ckpt, has_moments, progress_bar, load_dir)
+    if training_engine.is_pipeline:
+        compat.synchronize_tied_weights(ds.module)
+    if finetune:
+        return TrainingProgress(args=ckpt.args, checkpoint_path=ckpt.tag_dir)
+    if ckpt.lr_scheduler_state() is not None and ds.lr_scheduler is not None:
+        ds.lr_scheduler.load_state_dict(ckpt.lr_scheduler_state())
+    state = ckpt.client_state
+    ds.global_steps = int(state.get("global_steps") or 0)
+    ds.global_samples = int(state.get("global_samples") or 0)
+    ds.skipped_steps = int(state.get("skipped_steps") or 0)
+    return TrainingProgress(iteration=int(state.get("iteration") or 0),
+                            consumed_samples=int(state.get("consumed_samples") or 0),
+                            consumed_tokens=int(state.get("consumed_tokens") or 0), args=ckpt.args,
+                            checkpoint_path=ckpt.tag_dir)
+
+
+def _load_whole_matrix(training_engine, ckpt, has_moments: bool, progress_bar: bool) -> None:
+    """A whole-matrix optimizer (megatron/optimizer/full_matrix.py): every weight from its fp32 master, and with
+    `has_moments` the optimizer's masters and state cut for this rank (full_matrix_state.py)."""
+    from megatron.checkpoint.full_matrix_state import load_full_matrix_state, state_source
+
+    config, ps, ds = training_engine.model_config, training_engine.ps, training_engine.engine
+    source = state_source(ckpt) if has_moments else None
+    names = {}
+    named = list(ds.module.named_parameters())
+    bar = tqdm(named, desc=f"load {os.path.basename(ckpt.tag_dir)} at tp {ps.tp_size} pp {ps.pp_size}",
+               unit="param", disable=not progress_bar or ps.rank != 0)
+    for local, param in bar:
+        name = _full_name(local, config, training_engine.is_pipeline)
+        names[id(param)] = name
+        master = source.master(name) if source is not None else ckpt.full_optimizer_tensor(name, "fp32").float()
+        master = shard_state_dict({name: master}, config, ps.tp_size, ps.tp_rank)[name]
+        if tuple(master.shape) != tuple(param.shape):
+            raise ConversionError(f"{ckpt.tag_dir}: {name} resharded to {tuple(master.shape)} but this run's "
+                                  f"parameter is {tuple(param.shape)}")
+        with torch.no_grad():
+            param.data.copy_(master.to(param.dtype))
+    if source is not None:
+        load_full_matrix_state(ds.optimizer, names, source, config, ps.tp_size, ps.tp_rank)
+
+
+def _load_through_deepspeed(training_engine, ckpt, has_moments: bool, progress_bar: bool, load_dir: str) -> None:
+    """Adam's fp32 masters and moments into whatever DeepSpeed's engine keeps (module docstring)."""
+    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+    config, ps, ds = training_engine.model_config, training_engine.ps, training_engine.engine
     optimizer = ds.optimizer
     zero3 = ds.zero_optimization_partition_weights()
     if has_moments and not isinstance(optimizer, torch.optim.Optimizer):
@@ -145,17 +194,3 @@ def load_checkpoint_any_layout(training_engine, load_dir: str, *, load_optim: bo
                     optimizer.state[param].setdefault("step", torch.tensor(0.0))
     if has_moments and ckpt.optimizer_step() is not None:
         _set_step(optimizer, ckpt.optimizer_step())
-    if training_engine.is_pipeline:
-        compat.synchronize_tied_weights(ds.module)
-    if finetune:
-        return TrainingProgress(args=ckpt.args, checkpoint_path=ckpt.tag_dir)
-    if ckpt.lr_scheduler_state() is not None and ds.lr_scheduler is not None:
-        ds.lr_scheduler.load_state_dict(ckpt.lr_scheduler_state())
-    state = ckpt.client_state
-    ds.global_steps = int(state.get("global_steps") or 0)
-    ds.global_samples = int(state.get("global_samples") or 0)
-    ds.skipped_steps = int(state.get("skipped_steps") or 0)
-    return TrainingProgress(iteration=int(state.get("iteration") or 0),
-                            consumed_samples=int(state.get("consumed_samples") or 0),
-                            consumed_tokens=int(state.get("consumed_tokens") or 0), args=ckpt.args,
-                            checkpoint_path=ckpt.tag_dir)

@@ -249,6 +249,22 @@ class UniversalCheckpoint(FullModelSource):
     def lr_scheduler_state(self) -> Optional[dict]:
         return self.state0.get("lr_scheduler")
 
+    @property
+    def has_full_matrix_state(self) -> bool:
+        """Whether the folder holds a whole-matrix optimizer's state (written by convert/to_universal.py)."""
+        from megatron.checkpoint.full_matrix_state import UNIVERSAL_STATE_FILE
+
+        return os.path.isfile(os.path.join(self.zero_dir, UNIVERSAL_STATE_FILE))
+
+    def full_matrix_state(self):
+        """The whole-matrix optimizer state of this folder (full_matrix_state.UniversalFullMatrixState)."""
+        from megatron.checkpoint.full_matrix_state import UniversalFullMatrixState
+
+        if not self.has_full_matrix_state:
+            raise ConversionError(f"{self.description} holds Adam state only (DeepSpeed's layout), not a whole-matrix "
+                                  "optimizer's; pass --no-load-optim to start the optimizer fresh")
+        return UniversalFullMatrixState(self)
+
 
 def _group_of(name: str) -> str:
     if name.startswith("layers."):

@@ -335,6 +335,16 @@ class FullMatrixOptimizer(torch.optim.Optimizer):
                 "masters": local["masters"],
                 "param_groups": [{k: v for k, v in g.items() if k != "params"} for g in self.param_groups]}
 
+    def owned_layout(self) -> list[tuple[int, torch.nn.Parameter, str, bool]]:
+        """(state number, parameter, kind, whole) of each parameter this rank steps, in state-number order: what
+        `load_state_dict` reads for it. kind: "matrix" or "other" (which inner optimizer steps it); whole: the
+        inner optimizer sees the single-rank tensor (tp shards gathered), else this rank's tensor as it is
+        (megatron/checkpoint/full_matrix_state.py cuts a checkpoint's state to this)."""
+        whole = {number: id(self._params[number]) in self._gathered for kind in self._numbers
+                 for number in self._numbers[kind]}
+        return sorted(((number, self._params[number], kind, whole[number])
+                       for kind, numbers in self._numbers.items() for number in numbers), key=lambda t: t[0])
+
     def load_state_dict(self, state: dict) -> None:
         if state.get("format") != "full_matrix/2":
             raise ValueError("optimizer state was not written by this optimizer (megatron.optimizer.full_matrix, "
