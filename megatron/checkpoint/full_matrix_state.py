@@ -36,7 +36,7 @@ not exact, and is refused naming the layouts.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -50,6 +50,8 @@ FORMAT = "full_matrix/2"  # FullMatrixOptimizer.state_dict's marker
 EIGHT_BIT_BLOCK = 256  # bitsandbytes' blockwise quantisation block (Optimizer2State.init_state, 0.50)
 EIGHT_BIT_MIN_SIZE = 4096  # bitsandbytes' default min_8bit_size: smaller tensors keep 32-bit state
 EIGHT_BIT_CODES = (("state1", "absmax1", "qmap1"), ("state2", "absmax2", "qmap2"))
+# bitsandbytes' state_dict nests each parameter's state1/state2 (and 8-bit codes' qmap/absmax) under this key
+BNB_NESTED = "__bnb_optimizer_quant_state__"
 
 
 @dataclass
@@ -60,7 +62,7 @@ class ParameterState:
     state: dict  # the inner optimizer's state of the single-rank tensor, vocabulary padding rows removed
     elementwise: tuple = ()  # keys of `state` that are tensors of the parameter's (unpadded) shape
     eight_bit_elements: Optional[int] = None  # 8-bit vocabulary state: the elements its codes were trimmed to
-    extra: dict = field(default_factory=dict)
+    nested: tuple = ()  # keys the inner optimizer's state_dict keeps under BNB_NESTED (flattened here)
 
 
 # ---- our checkpoints -----------------------------------------------------------------------------------------
@@ -98,7 +100,10 @@ class SavedFullMatrixState:
             if name not in numbers:
                 raise ConversionError(f"{ckpt.tag_dir}: tp rank {t}, stage {stage} holds no parameter {name}")
             number = numbers[name]
-            entries.append((osd["state"].get(number), (osd.get("masters") or {}).get(number), local[name]))
+            entry = osd["state"].get(number)
+            if entry is not None:
+                entry = (entry[0], _flatten(entry[1])[0])
+            entries.append((entry, (osd.get("masters") or {}).get(number), local[name]))
         return part, split, entries
 
     def _trim(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
@@ -127,6 +132,7 @@ class SavedFullMatrixState:
         if first is None:
             return ParameterState(kind=None, state={})
         kind, inner = first
+        nested = _flatten(self._raw_state(name))[1]
         local = tuple(entries[0][2])
         gathered = split and kind == "matrix"
         shard = split and not gathered
@@ -147,7 +153,7 @@ class SavedFullMatrixState:
                     value = merge_shards(parts, part.dim, part.segments)
                 state[key] = self._trim(name, value) if part.vocab else value
                 elementwise.append(key)
-            elif shard and torch.is_tensor(value) and value.dim() > 0:
+            elif shard and (_holds_tensor(value) and not (torch.is_tensor(value) and value.dim() == 0)):
                 raise ConversionError(
                     f"{ckpt.tag_dir}: the optimizer state {key!r} of {name} (shape {tuple(value.shape)} on each of "
                     f"its tp {ckpt.tp} shards of shape {local}) is not elementwise, so the shards' states cannot be "
@@ -160,7 +166,12 @@ class SavedFullMatrixState:
             for codes, absmax, qmap in EIGHT_BIT_CODES:
                 state[codes], state[absmax] = _trim_codes(inner[codes], inner[absmax], inner[qmap], eight_bit,
                                                           f"{ckpt.tag_dir}: {name} {codes!r}")
-        return ParameterState(kind=kind, state=state, elementwise=tuple(elementwise), eight_bit_elements=eight_bit)
+        return ParameterState(kind=kind, state=state, elementwise=tuple(elementwise), eight_bit_elements=eight_bit,
+                              nested=nested)
+
+    def _raw_state(self, name: str) -> dict:
+        osd, numbers, _ = self._rank(0, self.ckpt.stage_of(name))
+        return osd["state"][numbers[name]][1]
 
     def groups(self) -> tuple[dict, dict]:
         """({wd_mult: outer group settings}, {(wd_mult, kind): inner group settings}) over every stage."""
@@ -185,6 +196,37 @@ def _whole_shape(local: tuple, dim: Optional[int], tp: int) -> tuple:
     if dim is not None:
         shape[dim] *= tp
     return tuple(shape)
+
+
+def _flatten(inner: dict) -> tuple[dict, tuple]:
+    """(the inner state with BNB_NESTED's entries lifted to the top, the lifted keys)."""
+    if BNB_NESTED not in inner:
+        return dict(inner), ()
+    flat = {k: v for k, v in inner.items() if k != BNB_NESTED}
+    nested = inner[BNB_NESTED]
+    clash = set(flat) & set(nested)
+    if clash:
+        raise ConversionError(f"optimizer state keys {sorted(clash)} appear both in and outside {BNB_NESTED}")
+    flat.update(nested)
+    return flat, tuple(nested)
+
+
+def _unflatten(flat: dict, nested: tuple) -> dict:
+    if not nested:
+        return flat
+    out = {k: v for k, v in flat.items() if k not in nested}
+    out[BNB_NESTED] = {k: flat[k] for k in nested}
+    return out
+
+
+def _holds_tensor(value) -> bool:
+    if torch.is_tensor(value):
+        return True
+    if isinstance(value, dict):
+        return any(_holds_tensor(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return any(_holds_tensor(v) for v in value)
+    return False
 
 
 def _is_eight_bit(inner: dict) -> bool:
@@ -253,7 +295,7 @@ def cut_for_rank(pstate: ParameterState, name: str, config: TransformerConfig, t
         for codes, absmax, qmap in EIGHT_BIT_CODES:
             state[codes], state[absmax] = _pad_codes(state[codes], state[absmax], state[qmap],
                                                      pstate.eight_bit_elements, shape)
-    return state
+    return _unflatten(state, pstate.nested)
 
 
 def _target_shape(name: str, config: TransformerConfig, tp: int, whole: bool, pstate: ParameterState) -> tuple:
@@ -324,7 +366,8 @@ def write_universal_parameter(folder: str, pstate: ParameterState, master: torch
         tensor_file(key, pstate.state[key])
     rest = {k: v for k, v in pstate.state.items() if k not in pstate.elementwise}
     torch.save({"format": UNIVERSAL_PARAMETER_FORMAT, "kind": pstate.kind, "state": rest,
-                "elementwise": list(pstate.elementwise), "eight_bit_elements": pstate.eight_bit_elements},
+                "elementwise": list(pstate.elementwise), "eight_bit_elements": pstate.eight_bit_elements,
+                "nested": list(pstate.nested)},
                os.path.join(folder, UNIVERSAL_STATE_FILE))
 
 
@@ -364,7 +407,7 @@ class UniversalFullMatrixState:
         for key in saved["elementwise"]:
             state[key] = safe_load(os.path.join(folder, f"{key}.pt"))["param"]
         return ParameterState(kind=saved["kind"], state=state, elementwise=tuple(saved["elementwise"]),
-                              eight_bit_elements=saved["eight_bit_elements"])
+                              eight_bit_elements=saved["eight_bit_elements"], nested=tuple(saved["nested"]))
 
     def groups(self) -> tuple[dict, dict]:
         return self._outer, self._inner

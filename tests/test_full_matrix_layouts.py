@@ -1,0 +1,220 @@
+"""Whole-matrix optimizer checkpoints at another layout (megatron/checkpoint/full_matrix_state.py): bf16 ZeRO-1
+muon, dshampooadamw and adam8bit saved at tp=2 × pp=2 resume at tp=1 × pp=1 × dp=4, at another tp / pp, and from
+a universal folder.
+
+What "bit-exact" means across layouts. A run at another layout sums its bf16 activations and gradients in
+another order, so its losses are the original layout's within bf16 tolerance only (relative 2e-3, half a bf16
+ulp, as tests/test_mixed_precision.py; measured below 4e-4). What must be exact is the state that crosses:
+  - round trip: saved at tp 2 × pp 2 (A), resumed at tp 1 × dp 4 and saved there at once (B), resumed back at
+    tp 2 × pp 2 and saved at once (C): C's optimizer state and fp32 masters in the files equal A's bit for bit
+    (Shampoo's preconditioner objects, 8-bit codes and absmax included), and C continues with exactly the losses
+    of the uninterrupted run A. Any state lost or rounded at tp 1 would show in both.
+  - the universal folder of A resumed at tp 1 × dp 4 continues with exactly the losses of B (the direct reshard
+    at that layout): the folder carries the same state.
+One 4-rank launch runs every case; refusals are planned before anything loads and are checked without ranks.
+"""
+
+import os
+import types
+
+import pytest
+import torch
+
+import full_matrix_layout_cases as fc
+from multirank import run_ranks
+
+from megatron.checkpoint.full_matrix_state import (EIGHT_BIT_BLOCK, ParameterState, SavedFullMatrixState,
+                                                   cut_for_rank)
+from megatron.checkpoint.layout import ConversionError
+
+NAMES = ["muon", "dshampooadamw", "adam8bit"]
+TP2_PP2 = ["--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2"]
+TP1_DP4 = ["--micro-batch-size", "1"]
+# another tp / pp than both: muon at tp 1 × pp 2 × dp 2 (ZeRO-2), adam8bit at tp 2 × pp 1 × dp 2
+OTHER = {"muon": ["--pipeline-model-parallel-size", "2", "--zero-stage", "2"],
+         "adam8bit": ["--tensor-model-parallel-size", "2"]}
+SAVE_AT, STEPS = 2, 4
+JOBS = ["a", "b", "c", "to_universal", "universal"]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("full_matrix_layouts")
+    jobs = []
+    for name in NAMES:
+        a, b, c = (str(root / f"{name}_{x}") for x in "abc")
+        jobs += [("train_save_continue_losses", fc.flags(name, *TP2_PP2), a, SAVE_AT, STEPS),
+                 ("resume_save_continue", fc.flags(name, *TP1_DP4), a, b, STEPS),
+                 ("resume_save_continue", fc.flags(name, *TP2_PP2), b, c, STEPS),
+                 ("to_universal", a),
+                 ("resume_save_continue", fc.flags(name, *TP1_DP4, "--universal-checkpoint"), a, "", STEPS)]
+    for name, layout in OTHER.items():
+        jobs.append(("resume_save_continue", fc.flags(name, *layout), str(root / f"{name}_a"), "", STEPS))
+    results = run_ranks(4, fc.run_sequence, jobs, timeout=1500)
+    return root, results
+
+
+def _job(results, rank: int, name: str, job: str):
+    return results[rank][NAMES.index(name) * len(JOBS) + JOBS.index(job)]
+
+
+def _other(results, rank: int, name: str):
+    return results[rank][len(NAMES) * len(JOBS) + list(OTHER).index(name)]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_resumed_at_tp1_pp1_dp4_it_continues_within_bf16_tolerance_of_the_original_layout(runs, name):
+    _, results = runs
+    uninterrupted = _job(results, 0, name, "a")["losses"]
+    assert len(uninterrupted) == STEPS
+    for rank in range(4):
+        resumed = _job(results, rank, name, "b")
+        assert resumed["iteration"] == SAVE_AT
+        assert resumed["losses"] == pytest.approx(uninterrupted[SAVE_AT:], rel=2e-3, abs=0)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_back_at_the_original_layout_it_continues_exactly_like_the_uninterrupted_run(runs, name):
+    _, results = runs
+    for rank in range(4):  # tp 2 × pp 2: the last stage's ranks hold the loss
+        uninterrupted = _job(results, rank, name, "a")["losses"]
+        back = _job(results, rank, name, "c")
+        assert back["iteration"] == SAVE_AT and back["losses"] == uninterrupted[SAVE_AT:]
+
+
+def _same(a, b, where: str) -> None:
+    """Deep bitwise equality of saved optimizer state (tensors, library objects, numbers)."""
+    if torch.is_tensor(a):
+        assert torch.is_tensor(b) and a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert isinstance(b, dict) and set(a) == set(b), (where, sorted(map(str, set(a) ^ set(b))))
+        for key in a:
+            _same(a[key], b[key], f"{where}.{key}")
+    elif isinstance(a, (list, tuple)):
+        assert type(a) is type(b) and len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            _same(x, y, f"{where}[{i}]")
+    elif hasattr(a, "__dict__") and not isinstance(a, type):
+        assert type(a) is type(b), where
+        _same(vars(a), vars(b), f"{where}<{type(a).__name__}>")
+    else:
+        assert a == b, (where, a, b)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_round_trip_through_tp1_gives_back_every_state_and_master_bit_for_bit(runs, name):
+    root, _ = runs
+    original, back = root / f"{name}_a" / f"global_step{SAVE_AT}", root / f"{name}_c" / f"global_step{SAVE_AT}"
+    files = sorted(f for f in os.listdir(original) if f.startswith("mp_rank_"))
+    assert len(files) == 4
+    for file in files:
+        a, c = (torch.load(d / file, map_location="cpu", weights_only=False)["optimizer"] for d in (original, back))
+        assert a["format"] == "full_matrix/2" and len(a["masters"]) > 5 and len(a["state"]) == len(a["masters"])
+        for key in ("state", "masters", "inner_groups"):
+            _same(a[key], c[key], f"{name} {file} {key}")
+    if name == "adam8bit":  # the gathered embedding's 8-bit state crossed a padding of 112 rows (tp 1), not 128
+        state = torch.load(original / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+        codes = [v for _, v in state["optimizer"]["state"].values()
+                 if v.get("__bnb_optimizer_quant_state__", {}).get("state1", torch.zeros(0)).dtype == torch.uint8]
+        assert codes and codes[0]["__bnb_optimizer_quant_state__"]["state1"].shape[0] == 128
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_a_universal_folder_carries_the_state_exactly_like_the_direct_reshard(runs, name):
+    root, results = runs
+    folder = root / f"{name}_a" / f"global_step{SAVE_AT}_universal"
+    parameter = folder / "zero" / "layers.0.mlp.fc1.weight"
+    assert {"fp32.pt", "full_matrix.state"} <= set(os.listdir(parameter))
+    if name == "muon":
+        assert "momentum_buffer.pt" in os.listdir(parameter)
+        assert {"exp_avg.pt", "exp_avg_sq.pt"} <= set(os.listdir(folder / "zero" / "layers.0.input_norm.weight"))
+    for rank in range(4):
+        direct, universal = _job(results, rank, name, "b"), _job(results, rank, name, "universal")
+        assert universal["iteration"] == SAVE_AT and universal["losses"] == direct["losses"]
+
+
+@pytest.mark.parametrize("name", list(OTHER))
+def test_resumed_at_another_tp_or_pp_it_continues_within_bf16_tolerance(runs, name):
+    _, results = runs
+    uninterrupted = _job(results, 0, name, "a")["losses"]
+    for rank in range(4):
+        resumed = _other(results, rank, name)
+        if resumed["losses"]:  # pp 2: the first stage's ranks report no loss
+            assert resumed["losses"] == pytest.approx(uninterrupted[SAVE_AT:], rel=2e-3, abs=0)
+
+
+def test_the_saved_state_names_every_parameter_like_the_model(runs):
+    root, _ = runs
+    from megatron.checkpoint.ds_checkpoint import DeepSpeedCheckpoint
+    from megatron.checkpoint.layout import full_parameter_names
+
+    ckpt = DeepSpeedCheckpoint(str(root / "dshampooadamw_a"))
+    saved = SavedFullMatrixState(ckpt)
+    kinds = {name: saved.parameter_state(name).kind for name in full_parameter_names(ckpt.config)}
+    assert kinds["layers.0.attention.qkv.weight"] == "matrix" and kinds["embedding.word_embeddings.weight"] == "other"
+    assert saved.master("output_layer.weight").shape == (ckpt.config.vocab_size, ckpt.config.hidden_size)
+
+
+# ---- refusals -----------------------------------------------------------------------------------------------
+
+def _eight_bit_embedding(rows: int, hidden: int, padding_value: int = 0) -> ParameterState:
+    """adam8bit's layout-free state of an embedding of `rows` real rows (codes trimmed to the live blocks)."""
+    elements = rows * hidden
+    blocks = -(-elements // EIGHT_BIT_BLOCK)
+    codes = torch.full((blocks * EIGHT_BIT_BLOCK,), 5, dtype=torch.uint8)
+    qmap = torch.linspace(-1, 1, 256)
+    state = {"step": 3, "state1": codes, "qmap1": qmap, "absmax1": torch.ones(blocks),
+             "state2": codes.clone(), "qmap2": qmap.clone(), "absmax2": torch.ones(blocks)}
+    return ParameterState(kind="matrix", state=state, eight_bit_elements=elements, nested=tuple(state))
+
+
+def test_8bit_state_that_would_cross_bitsandbytes_32bit_threshold_is_refused_naming_the_fix():
+    from megatron.config.model import TransformerConfig
+
+    # saved where the padded embedding had >= 4,096 elements (8-bit state), resumed at tp 1 where it is padded to
+    # 208 rows x 16 = 3,328 elements, which bitsandbytes keeps in 32 bits
+    config = TransformerConfig(num_layers=1, hidden_size=16, num_attention_heads=2, vocab_size=200,
+                               make_vocab_size_divisible_by=16, seq_length=8, max_position_embeddings=8)
+    state = _eight_bit_embedding(200, 16)
+    with pytest.raises(ConversionError, match=r"8-bit .*4096 elements in 32 bits.*at tp 1 .* 3328 elements.*"
+                                              r"--no-load-optim"):
+        cut_for_rank(state, "embedding.word_embeddings.weight", config, 1, 0, whole=False)
+    config = config.replace(make_vocab_size_divisible_by=128)  # 256 rows: 4,096 elements, 8-bit as saved
+    cut = cut_for_rank(state, "embedding.word_embeddings.weight", config, 1, 0, whole=False)
+    assert cut["__bnb_optimizer_quant_state__"]["state1"].shape == (256, 16)
+    assert cut["__bnb_optimizer_quant_state__"]["absmax1"].tolist() == [1.0] * 13 + [0.0] * 3
+
+
+def test_8bit_state_in_dropped_padding_rows_is_refused():
+    from megatron.checkpoint.full_matrix_state import _trim_codes
+
+    codes = torch.full((4, 256), 200, dtype=torch.uint8)  # 4 blocks, all non-zero state
+    qmap = torch.linspace(-1, 1, 256)
+    with pytest.raises(ConversionError, match="padding rows hold 8-bit optimizer state.*--no-load-optim"):
+        _trim_codes(codes, torch.ones(4), qmap, 300, "x")
+    kept, absmax = _trim_codes(codes, torch.tensor([1.0, 1.0, 0.0, 0.0]), qmap, 300, "x")  # padding blocks: 0
+    assert kept.numel() == 512 and absmax.tolist() == [1.0, 1.0]
+
+
+def _plan(kind: str, source=None, optimizer="muon"):
+    from megatron.checkpoint.resume import CheckpointDescription, plan_resume
+    from megatron.config.arguments import parse_args
+
+    run = parse_args(fc.flags(optimizer) + ["--load", "somewhere"])
+    desc = CheckpointDescription(kind, "somewhere", "global_step2", "somewhere/global_step2", source or object(),
+                                 {}, run.model, optimizer, has_optimizer_state=True, has_rng=True,
+                                 lr_scheduler=None, tp=2, pp=2)
+    ps = types.SimpleNamespace(tp_size=1, pp_size=1, dp_size=1, sp_size=1)
+    return plan_resume(desc, run, ps)
+
+
+def test_whole_matrix_state_from_argonne_or_deepspeeds_own_universal_folders_is_refused_by_name():
+    from megatron.errors import ConfigError
+
+    for kind in ("argonne", "universal"):
+        with pytest.raises(ConfigError, match=r"carry --optimizer muon's whole-matrix state to another layout; "
+                                              r"this one carries Adam state only.*--no-load-optim"):
+            _plan(kind)
+    plan = _plan("universal", types.SimpleNamespace(has_full_matrix_state=True))
+    assert plan.how == "universal" and plan.load_optim
+    assert _plan("ours").how == "reshard"
