@@ -8,6 +8,10 @@ engine keeps (a plain torch optimizer, ZeRO-1/2 or bf16 flat partitions, ZeRO-3 
 DeepSpeed's tensor-fragment API. The Adam step, the LR schedule, the iteration and consumed samples
 follow. Per-rank RNG streams cannot be mapped onto a different number of ranks: they start fresh
 from the run's seed (exact with dropout 0; otherwise the dropout masks differ from the old run's).
+
+A whole-matrix optimizer (muon, muonclip, dshampooadamw, galoreadamw, adam8bit: megatron/optimizer/full_matrix.py,
+which DeepSpeed runs at stage 0) keeps its own state: every weight is set from its fp32 master, and each
+parameter's inner optimizer state and master are consolidated and cut for this rank by full_matrix_state.py.
 """
 
 from __future__ import annotations

@@ -22,6 +22,8 @@ each holding the full (tp=1, vocabulary unpadded) tensor, plus copies of the sou
 3. `UniversalCheckpoint`: a FullModelSource over a universal folder (for to-hf, reshard, and the fp32 loader);
    `load_universal_checkpoint(training_engine, path)`: resume from one through DeepSpeed's loader, mapping this
    engine's parameter names (pipe or not) onto the folder's.
+A whole-matrix optimizer's folder (written by convert/to_universal.py itself, with its state in files of its own
+beside DeepSpeed's: full_matrix_state.py) is read by the same loader as a checkpoint on another layout.
 """
 
 from __future__ import annotations
