@@ -86,7 +86,7 @@ def _rename_to_model_names(zero_dir: str, config: TransformerConfig, pipeline: b
 
 
 def _whole_matrix_optimizer(source) -> Optional[str]:
-    """The --optimizer of a checkpoint whose optimizer state is a whole-matrix optimizer's (full_matrix/2), else None."""
+    """The --optimizer of a checkpoint holding a whole-matrix optimizer's state (full_matrix/2), else None."""
     from megatron.checkpoint.full_matrix_state import FORMAT
     from megatron.checkpoint.zero_shards import load_mmap
 
