@@ -18,6 +18,7 @@ One 4-rank launch runs every case; refusals are planned before anything loads an
 """
 
 import os
+import re
 import types
 
 import pytest
@@ -36,6 +37,9 @@ TP1_DP4 = ["--micro-batch-size", "1"]
 # another tp / pp than both: muon at tp 2 × pp 1 × dp 2 (ZeRO-2), adam8bit at tp 1 × pp 2 × dp 2
 OTHER = {"muon": ["--tensor-model-parallel-size", "2", "--zero-stage", "2"],
          "adam8bit": ["--pipeline-model-parallel-size", "2"]}
+# hidden 32: adam8bit's embedding of 100 tokens padded to 128 rows at tp 2 (4,096 elements: 8-bit state) and to
+# 112 rows at tp 1 (3,584: bitsandbytes keeps it in 32 bits), so a tp 2 checkpoint cannot resume at tp 1 exactly
+NARROW = ["--hidden-size", "32", "--num-attention-heads", "4", "--num-key-value-heads", "2"]
 SAVE_AT, STEPS = 2, 4
 VOCAB, PADDED_VOCAB = 100, 128  # NullTokenizer's 99 + 1 tokens, padded to a multiple of 16 × tp 2
 JOBS = ["a", "b", "c", "to_universal", "universal"]
@@ -54,6 +58,10 @@ def runs(tmp_path_factory):
                  ("resume_save_continue", fc.flags(name, *TP1_DP4, "--universal-checkpoint"), a, "", STEPS)]
     for name, layout in OTHER.items():
         jobs.append(("resume_save_continue", fc.flags(name, *layout), str(root / f"{name}_a"), "", STEPS))
+    narrow = str(root / "adam8bit_narrow")
+    jobs += [("train_save_continue_losses", fc.flags("adam8bit", *NARROW, "--tensor-model-parallel-size", "2"),
+              narrow, SAVE_AT, SAVE_AT),
+             ("refused", fc.flags("adam8bit", *NARROW, *TP1_DP4), narrow)]
     results = run_ranks(4, fc.run_sequence, jobs, timeout=1500)
     return root, results
 
@@ -175,6 +183,16 @@ def test_the_saved_state_names_every_parameter_like_the_model(runs):
 
 
 # ---- refusals -----------------------------------------------------------------------------------------------
+
+def test_8bit_state_that_another_padding_would_keep_in_32_bits_is_refused_on_every_rank(runs):
+    """Only the owner of the embedding (ZeRO-1 at dp 4) meets the refusal; every rank raises it, none hangs."""
+    _, results = runs
+    for rank in range(4):
+        message = results[rank][-1]
+        assert message is not None and re.search(r"(embedding\.word_embeddings|output_layer)\.weight: its "
+                                                 r"optimizer state is 8-bit", message), message
+        assert "at tp 1 the padded tensor has 3584 elements" in message and "--no-load-optim" in message
+
 
 def _eight_bit_embedding(rows: int, hidden: int, padding_value: int = 0) -> ParameterState:
     """adam8bit's layout-free state of an embedding of `rows` real rows (codes trimmed to the live blocks)."""

@@ -20,9 +20,11 @@ import os
 from typing import Optional
 
 import torch
+import torch.distributed as dist
 from tqdm import tqdm
 
 from megatron.checkpoint.ds_checkpoint import TIED_PREFIX, DeepSpeedCheckpoint
+from megatron.checkpoint.full_matrix_state import load_full_matrix_state, state_source
 from megatron.checkpoint.layout import ConversionError
 from megatron.model.pipeline import pipe_layer_prefix
 from megatron.model.sharding import shard_state_dict
@@ -132,9 +134,24 @@ def load_checkpoint_any_layout(training_engine, load_dir: str, *, load_optim: bo
 
 def _load_whole_matrix(training_engine, ckpt, has_moments: bool, progress_bar: bool) -> None:
     """A whole-matrix optimizer (megatron/optimizer/full_matrix.py): every weight from its fp32 master, and with
-    `has_moments` the optimizer's masters and state cut for this rank (full_matrix_state.py)."""
-    from megatron.checkpoint.full_matrix_state import load_full_matrix_state, state_source
+    `has_moments` the optimizer's masters and state cut for this rank (full_matrix_state.py). Collective: a
+    refusal on any rank is raised on all."""
+    error = None
+    try:
+        _load_whole_matrix_here(training_engine, ckpt, has_moments, progress_bar)
+    except ConversionError as refused:
+        error = str(refused)
+    errors = [error]
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        # a refusal can come from one rank only (the owner of a parameter): every rank raises it, none waits
+        errors = [None] * dist.get_world_size()
+        dist.all_gather_object(errors, error)
+    first = next((e for e in errors if e), None)
+    if first:
+        raise ConversionError(first)
 
+
+def _load_whole_matrix_here(training_engine, ckpt, has_moments: bool, progress_bar: bool) -> None:
     config, ps, ds = training_engine.model_config, training_engine.ps, training_engine.engine
     source = state_source(ckpt) if has_moments else None
     names = {}
