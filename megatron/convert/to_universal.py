@@ -41,6 +41,9 @@ def convert_to_universal(load: str, out: Optional[str] = None, *, workers: int =
             "converter reads the weights from those. Resume it on another layout by pointing --load at it directly "
             "(with --no-load-optim), or convert it with `reshard`")
     if _whole_matrix_optimizer(source):
+        if workers != 1:
+            raise ConversionError(f"--workers {workers}: {source.tag_dir} holds a whole-matrix optimizer's state "
+                                  "(no ZeRO shards to extract in parallel), which one process writes; drop --workers")
         return _convert_whole_matrix(source, out)
     if not _has_optim_files(source.tag_dir):
         raise ConversionError(
