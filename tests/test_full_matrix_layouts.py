@@ -255,3 +255,12 @@ def test_whole_matrix_state_from_argonne_or_deepspeeds_own_universal_folders_is_
     plan = _plan("universal", types.SimpleNamespace(has_full_matrix_state=True))
     assert plan.how == "universal" and plan.load_optim
     assert _plan("ours").how == "reshard"
+
+
+def test_to_universal_refuses_workers_for_a_whole_matrix_checkpoint(runs, tmp_path):
+    from megatron.convert.to_universal import convert_to_universal
+
+    root, _ = runs
+    with pytest.raises(ConversionError, match=r"--workers 2: .*whole-matrix optimizer's state.*drop --workers"):
+        convert_to_universal(str(root / "muon_a"), str(tmp_path / "universal"), workers=2)
+    assert not (tmp_path / "universal").exists()

@@ -138,9 +138,14 @@ class SavedFullMatrixState:
         shard = split and not gathered
         shape = _whole_shape(local, part.dim, ckpt.tp) if gathered else local  # what the inner optimizer saw
         state, elementwise, eight_bit = {}, [], None
-        quantised = part.vocab and _is_eight_bit(inner)
+        quantised = _is_eight_bit(inner)  # 8-bit codes are not values: they move with their blocks' absmax
         for key, value in inner.items():
             if quantised and key in ("state1", "state2", "absmax1", "absmax2"):
+                if shard:  # a shard's blocks are not the single-rank tensor's (full_matrix.py gathers them)
+                    raise ConversionError(f"{ckpt.tag_dir}: {name} holds 8-bit optimizer state of its tp shard "
+                                          f"{local}, which cannot be merged exactly; resume at tp {ckpt.tp}, or pass "
+                                          "--no-load-optim")
+                state[key] = value
                 continue
             if torch.is_tensor(value) and value.dim() > 0 and tuple(value.shape) == shape:
                 if shard:
@@ -154,13 +159,14 @@ class SavedFullMatrixState:
                 state[key] = self._trim(name, value) if part.vocab else value
                 elementwise.append(key)
             elif shard and (_holds_tensor(value) and not (torch.is_tensor(value) and value.dim() == 0)):
+                what = f"shape {tuple(value.shape)}" if torch.is_tensor(value) else type(value).__name__
                 raise ConversionError(
-                    f"{ckpt.tag_dir}: the optimizer state {key!r} of {name} (shape {tuple(value.shape)} on each of "
-                    f"its tp {ckpt.tp} shards of shape {local}) is not elementwise, so the shards' states cannot be "
-                    "merged into the single-rank one; resume at tp " + f"{ckpt.tp}, or pass --no-load-optim")
+                    f"{ckpt.tag_dir}: the optimizer state {key!r} of {name} ({what} on each of its tp {ckpt.tp} "
+                    f"shards of shape {local}) is not elementwise, so the shards' states cannot be merged into the "
+                    f"single-rank one; resume at tp {ckpt.tp}, or pass --no-load-optim")
             else:
                 state[key] = value
-        if quantised:
+        if quantised and part.vocab:
             rows = ckpt.config.vocab_size if not ckpt.keep_vocab_padding else shape[0]
             eight_bit = rows * math.prod(shape[1:])
             for codes, absmax, qmap in EIGHT_BIT_CODES:
