@@ -339,7 +339,8 @@ def cut_tensor(full: torch.Tensor, name: str, config: TransformerConfig, tp: int
 #     fp32.pt                 the fp32 master
 #     <key>.pt                every inner state entry that is a tensor of the parameter's shape, under its own
 #                             key: exp_avg.pt, exp_avg_sq.pt (AdamW), momentum_buffer.pt (Muon), momentum.pt
-#                             (Shampoo)
+#                             (Shampoo), state1.pt / state2.pt (adam8bit's 32-bit state of tensors under 4,096
+#                             elements; 8-bit codes are not values and stay in full_matrix.state)
 #     full_matrix.state       everything else of the inner state (torch.save of UNIVERSAL_PARAMETER_FORMAT: kind,
 #                             the non-elementwise entries as the inner optimizer holds them, the elementwise keys,
 #                             the 8-bit trim), e.g. Shampoo's preconditioner and graft objects, GaLore's projector
