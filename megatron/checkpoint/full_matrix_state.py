@@ -444,9 +444,12 @@ def state_source(ckpt):
 
 # ---- loading into an engine's FullMatrixOptimizer ------------------------------------------------------------
 
-def load_full_matrix_state(optimizer, names: dict, source, config: TransformerConfig, tp: int, tp_rank: int) -> None:
+def load_full_matrix_state(optimizer, names: dict, source, config: TransformerConfig, tp: int, tp_rank: int,
+                           masters_read: Optional[dict] = None) -> None:
     """Give `optimizer` (a FullMatrixOptimizer of this rank) the state `source` holds (SavedFullMatrixState or a
-    universal folder's), each parameter found by its full name (`names`: id(param) -> GPTModel name)."""
+    universal folder's), each parameter found by its full name (`names`: id(param) -> GPTModel name;
+    `masters_read`: full masters the caller already read from `source`, by name)."""
+    masters_read = masters_read or {}
     min_8bit = getattr(getattr(getattr(optimizer, "matrix", None), "args", None), "min_8bit_size",
                        EIGHT_BIT_MIN_SIZE)
     state, masters = {}, {}
@@ -458,7 +461,8 @@ def load_full_matrix_state(optimizer, names: dict, source, config: TransformerCo
                 raise ConversionError(f"{name}: the checkpoint's optimizer stepped it as {pstate.kind!r}, this run's "
                                       f"as {kind!r}: another --optimizer's state")
             state[number] = (kind, cut_for_rank(pstate, name, config, tp, tp_rank, whole, min_8bit))
-        masters[number] = cut_tensor(source.master(name), name, config, tp, tp_rank, whole)
+        full = masters_read[name] if name in masters_read else source.master(name)
+        masters[number] = cut_tensor(full, name, config, tp, tp_rank, whole)
     outer, inner = source.groups()
     param_groups, inner_groups = [], {}
     for index, group in enumerate(optimizer.param_groups):

@@ -154,7 +154,8 @@ def _load_whole_matrix(training_engine, ckpt, has_moments: bool, progress_bar: b
 def _load_whole_matrix_here(training_engine, ckpt, has_moments: bool, progress_bar: bool) -> None:
     config, ps, ds = training_engine.model_config, training_engine.ps, training_engine.engine
     source = state_source(ckpt) if has_moments else None
-    names = {}
+    owned = {id(param) for _, param, _, _ in ds.optimizer.owned_layout()} if source is not None else set()
+    names, full_masters = {}, {}  # the owned parameters' full masters are read once, for weight and optimizer
     named = list(ds.module.named_parameters())
     bar = tqdm(named, desc=f"load {os.path.basename(ckpt.tag_dir)} at tp {ps.tp_size} pp {ps.pp_size}",
                unit="param", disable=not progress_bar or ps.rank != 0)
@@ -162,6 +163,8 @@ def _load_whole_matrix_here(training_engine, ckpt, has_moments: bool, progress_b
         name = _full_name(local, config, training_engine.is_pipeline)
         names[id(param)] = name
         master = source.master(name) if source is not None else ckpt.full_optimizer_tensor(name, "fp32").float()
+        if id(param) in owned:
+            full_masters[name] = master
         master = shard_state_dict({name: master}, config, ps.tp_size, ps.tp_rank)[name]
         if tuple(master.shape) != tuple(param.shape):
             raise ConversionError(f"{ckpt.tag_dir}: {name} resharded to {tuple(master.shape)} but this run's "
@@ -169,7 +172,7 @@ def _load_whole_matrix_here(training_engine, ckpt, has_moments: bool, progress_b
         with torch.no_grad():
             param.data.copy_(master.to(param.dtype))
     if source is not None:
-        load_full_matrix_state(ds.optimizer, names, source, config, ps.tp_size, ps.tp_rank)
+        load_full_matrix_state(ds.optimizer, names, source, config, ps.tp_size, ps.tp_rank, full_masters)
 
 
 def _load_through_deepspeed(training_engine, ckpt, has_moments: bool, progress_bar: bool, load_dir: str) -> None:
