@@ -106,7 +106,7 @@ def load_checkpoint_any_layout(training_engine, load_dir: str, *, load_optim: bo
     argonne-lcf/Megatron-DeepSpeed checkpoint); default DeepSpeedCheckpoint(load_dir).
     """
     ckpt = source if source is not None else DeepSpeedCheckpoint(load_dir)
-    config, ps, ds = training_engine.model_config, training_engine.ps, training_engine.engine
+    config, ds = training_engine.model_config, training_engine.engine
     differences = config_differences(ckpt.config, config)
     if differences:
         raise ConversionError(f"--load {load_dir}: the checkpoint's model differs from this run's: "
