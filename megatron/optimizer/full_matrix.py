@@ -29,7 +29,9 @@ gathered; adam8bit takes every parameter (its non-split ones as they are).
 Costs: one extra full copy per gathered tensor and its optimizer state on every tp rank (tp-fold redundancy
 for those tensors); one all-gather per gathered tensor per step.
 
-Checkpoints hold the library optimizers' state dicts (over full matrices, identical on every tp rank).
+Checkpoints hold the library optimizers' state dicts (over full matrices, identical on every tp rank);
+megatron/checkpoint/full_matrix_state.py reads them by parameter name and cuts them for another layout
+(`owned_layout` says what each rank's optimizer steps).
 
 ZeRO. DeepSpeed's ZeRO-1/2 and its bf16/fp16 optimizers hand the optimizer one flat fp32 partition per param
 group per dp rank, cut at arbitrary offsets, so no rank holds a whole matrix (nor whole rows of one).
