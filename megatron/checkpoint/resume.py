@@ -275,9 +275,9 @@ def plan_resume(desc: CheckpointDescription, run, ps) -> ResumePlan:
                                 "Resume at the checkpoint's layout, or pass --no-load-optim (fresh optimizer state, "
                                 "schedule kept)")
             else:
-                problems.append(f"{what}, which carries Adam state only (and the whole-matrix optimizers'), not "
-                                f"--optimizer {mine}'s; resume at the checkpoint's layout, or pass --no-load-optim "
-                                "(fresh optimizer state, schedule kept)")
+                problems.append(f"{what}, which carries Adam's state (and the whole-matrix optimizers') only, "
+                                f"not --optimizer {mine}'s; resume at the checkpoint's layout, or pass "
+                                "--no-load-optim (fresh optimizer state, schedule kept)")
         theirs = desc.optimizer
         if theirs is not None and _SAME_OPTIMIZER.get(theirs, theirs) != _SAME_OPTIMIZER.get(mine, mine):
             problems.append(f"{where} holds the state of --optimizer {theirs}, but this run uses --optimizer {mine}; "
@@ -376,9 +376,7 @@ def _whole_matrix_state_travels(desc: CheckpointDescription, optimizer: str) -> 
     """A whole-matrix optimizer's state (full_matrix/2) loads at another layout from our own checkpoints and from
     universal folders that hold it (megatron/checkpoint/full_matrix_state.py), not from argonne's or DeepSpeed's
     own universal folders (Adam state only)."""
-    from megatron.optimizer import WHOLE_MATRIX
-
-    if optimizer not in WHOLE_MATRIX:
+    if optimizer not in WHOLE_MATRIX_OPTIMIZERS:
         return False
     if desc.kind == "ours":
         return not desc.converted
