@@ -82,10 +82,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     layout_writer("reshard", "our checkpoint -> our checkpoint at another --tp × --pp (weights only)")
 
-    p = sub.add_parser("to-universal", help="our ZeRO checkpoint -> DeepSpeed universal folder (ds_to_universal)")
+    p = sub.add_parser("to-universal", help="our ZeRO checkpoint -> DeepSpeed universal folder (ds_to_universal); "
+                       "a whole-matrix optimizer's (muon, dshampooadamw, adam8bit, ...) written with its state "
+                       "(docs/OPTIMIZERS.md)")
     p.add_argument("--load", required=True, help="--save dir of the run (follows its latest pointer) or a global_step* dir")
     p.add_argument("--out", default=None, help="default: <iter dir>_universal, with <save>/latest_universal naming it")
-    p.add_argument("--workers", type=int, default=1, help="processes extracting ZeRO shards (default 1)")
+    p.add_argument("--workers", type=int, default=1, help="processes extracting ZeRO shards (default 1; a "
+                   "whole-matrix optimizer's checkpoint is written by one process and refuses more)")
 
     layout_writer("to-argonne", "any checkpoint -> argonne-lcf/Megatron-DeepSpeed layout (weights only)")
 

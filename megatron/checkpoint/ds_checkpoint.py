@@ -234,6 +234,16 @@ class DeepSpeedCheckpoint(FullModelSource):
     def optimizer_step(self) -> Optional[int]:
         return self.optimizer(0).step
 
+    def model_states(self, tp_rank: int, stage: int) -> tuple[dict, list[tuple[str, tuple]]]:
+        """(the model-states object of tp rank `tp_rank` of pipeline stage `stage`, its parameters as (full name,
+        local shape) in the order the engine's optimizer numbers them: training/engine's param groups, weights
+        with >= 2 dims first, then the rest, each in module order). ZeRO 0-2."""
+        mp_rank = self.mp_rank(tp_rank, stage)
+        model_state = load_mmap(self.model_files[mp_rank], remember=True)
+        shapes, order = self._local_shapes(mp_rank, model_state, stage, tp_rank)
+        return model_state, [(self._to_full_name(n), tuple(shapes[n])) for n in torch_optimizer_param_order(order,
+                                                                                                          shapes)]
+
     def full_optimizer_tensor(self, name: str, key: str) -> torch.Tensor:
         """The full (tp=1, unpadded vocabulary) fp32 / exp_avg / exp_avg_sq of parameter `name`."""
         stage = self.stage_of(name)

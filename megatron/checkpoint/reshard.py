@@ -8,6 +8,10 @@ engine keeps (a plain torch optimizer, ZeRO-1/2 or bf16 flat partitions, ZeRO-3 
 DeepSpeed's tensor-fragment API. The Adam step, the LR schedule, the iteration and consumed samples
 follow. Per-rank RNG streams cannot be mapped onto a different number of ranks: they start fresh
 from the run's seed (exact with dropout 0; otherwise the dropout masks differ from the old run's).
+
+A whole-matrix optimizer (muon, muonclip, dshampooadamw, galoreadamw, adam8bit: megatron/optimizer/full_matrix.py,
+which DeepSpeed runs at stage 0) keeps its own state: every weight is set from its fp32 master, and each
+parameter's inner optimizer state and master are consolidated and cut for this rank by full_matrix_state.py.
 """
 
 from __future__ import annotations
@@ -16,12 +20,15 @@ import os
 from typing import Optional
 
 import torch
+import torch.distributed as dist
 from tqdm import tqdm
 
 from megatron.checkpoint.ds_checkpoint import TIED_PREFIX, DeepSpeedCheckpoint
+from megatron.checkpoint.full_matrix_state import load_full_matrix_state, state_source
 from megatron.checkpoint.layout import ConversionError
 from megatron.model.pipeline import pipe_layer_prefix
 from megatron.model.sharding import shard_state_dict
+from megatron.optimizer.full_matrix import FullMatrixOptimizer
 from megatron.checkpoint.format import TrainingProgress
 from megatron import deepspeed_compat as compat
 
@@ -98,15 +105,81 @@ def load_checkpoint_any_layout(training_engine, load_dir: str, *, load_optim: bo
     source: an already opened checkpoint with DeepSpeedCheckpoint's reading interface (a universal folder, an
     argonne-lcf/Megatron-DeepSpeed checkpoint); default DeepSpeedCheckpoint(load_dir).
     """
-    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
-
     ckpt = source if source is not None else DeepSpeedCheckpoint(load_dir)
-    config, ps, ds = training_engine.model_config, training_engine.ps, training_engine.engine
+    config, ds = training_engine.model_config, training_engine.engine
     differences = config_differences(ckpt.config, config)
     if differences:
         raise ConversionError(f"--load {load_dir}: the checkpoint's model differs from this run's: "
                               + "; ".join(differences))
     has_moments = load_optim and not finetune and "converted_from" not in ckpt.client_state
+    if isinstance(ds.optimizer, FullMatrixOptimizer):
+        _load_whole_matrix(training_engine, ckpt, has_moments, progress_bar)
+    else:
+        _load_through_deepspeed(training_engine, ckpt, has_moments, progress_bar, load_dir)
+    if training_engine.is_pipeline:
+        compat.synchronize_tied_weights(ds.module)
+    if finetune:
+        return TrainingProgress(args=ckpt.args, checkpoint_path=ckpt.tag_dir)
+    if ckpt.lr_scheduler_state() is not None and ds.lr_scheduler is not None:
+        ds.lr_scheduler.load_state_dict(ckpt.lr_scheduler_state())
+    state = ckpt.client_state
+    ds.global_steps = int(state.get("global_steps") or 0)
+    ds.global_samples = int(state.get("global_samples") or 0)
+    ds.skipped_steps = int(state.get("skipped_steps") or 0)
+    return TrainingProgress(iteration=int(state.get("iteration") or 0),
+                            consumed_samples=int(state.get("consumed_samples") or 0),
+                            consumed_tokens=int(state.get("consumed_tokens") or 0), args=ckpt.args,
+                            checkpoint_path=ckpt.tag_dir)
+
+
+def _load_whole_matrix(training_engine, ckpt, has_moments: bool, progress_bar: bool) -> None:
+    """A whole-matrix optimizer (megatron/optimizer/full_matrix.py): every weight from its fp32 master, and with
+    `has_moments` the optimizer's masters and state cut for this rank (full_matrix_state.py). Collective: a
+    refusal on any rank is raised on all."""
+    error = None
+    try:
+        _load_whole_matrix_here(training_engine, ckpt, has_moments, progress_bar)
+    except ConversionError as refused:
+        error = str(refused)
+    errors = [error]
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        # a refusal can come from one rank only (the owner of a parameter): every rank raises it, none waits
+        errors = [None] * dist.get_world_size()
+        dist.all_gather_object(errors, error)
+    first = next((e for e in errors if e), None)
+    if first:
+        raise ConversionError(first)
+
+
+def _load_whole_matrix_here(training_engine, ckpt, has_moments: bool, progress_bar: bool) -> None:
+    config, ps, ds = training_engine.model_config, training_engine.ps, training_engine.engine
+    source = state_source(ckpt) if has_moments else None
+    owned = {id(param) for _, param, _, _ in ds.optimizer.owned_layout()} if source is not None else set()
+    names, full_masters = {}, {}  # the owned parameters' full masters are read once, for weight and optimizer
+    named = list(ds.module.named_parameters())
+    bar = tqdm(named, desc=f"load {os.path.basename(ckpt.tag_dir)} at tp {ps.tp_size} pp {ps.pp_size}",
+               unit="param", disable=not progress_bar or ps.rank != 0)
+    for local, param in bar:
+        name = _full_name(local, config, training_engine.is_pipeline)
+        names[id(param)] = name
+        master = source.master(name) if source is not None else ckpt.full_optimizer_tensor(name, "fp32").float()
+        if id(param) in owned:
+            full_masters[name] = master
+        master = shard_state_dict({name: master}, config, ps.tp_size, ps.tp_rank)[name]
+        if tuple(master.shape) != tuple(param.shape):
+            raise ConversionError(f"{ckpt.tag_dir}: {name} resharded to {tuple(master.shape)} but this run's "
+                                  f"parameter is {tuple(param.shape)}")
+        with torch.no_grad():
+            param.data.copy_(master.to(param.dtype))
+    if source is not None:
+        load_full_matrix_state(ds.optimizer, names, source, config, ps.tp_size, ps.tp_rank, full_masters)
+
+
+def _load_through_deepspeed(training_engine, ckpt, has_moments: bool, progress_bar: bool, load_dir: str) -> None:
+    """Adam's fp32 masters and moments into whatever DeepSpeed's engine keeps (module docstring)."""
+    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+    config, ps, ds = training_engine.model_config, training_engine.ps, training_engine.engine
     optimizer = ds.optimizer
     zero3 = ds.zero_optimization_partition_weights()
     if has_moments and not isinstance(optimizer, torch.optim.Optimizer):
@@ -145,17 +218,3 @@ def load_checkpoint_any_layout(training_engine, load_dir: str, *, load_optim: bo
                     optimizer.state[param].setdefault("step", torch.tensor(0.0))
     if has_moments and ckpt.optimizer_step() is not None:
         _set_step(optimizer, ckpt.optimizer_step())
-    if training_engine.is_pipeline:
-        compat.synchronize_tied_weights(ds.module)
-    if finetune:
-        return TrainingProgress(args=ckpt.args, checkpoint_path=ckpt.tag_dir)
-    if ckpt.lr_scheduler_state() is not None and ds.lr_scheduler is not None:
-        ds.lr_scheduler.load_state_dict(ckpt.lr_scheduler_state())
-    state = ckpt.client_state
-    ds.global_steps = int(state.get("global_steps") or 0)
-    ds.global_samples = int(state.get("global_samples") or 0)
-    ds.skipped_steps = int(state.get("skipped_steps") or 0)
-    return TrainingProgress(iteration=int(state.get("iteration") or 0),
-                            consumed_samples=int(state.get("consumed_samples") or 0),
-                            consumed_tokens=int(state.get("consumed_tokens") or 0), args=ckpt.args,
-                            checkpoint_path=ckpt.tag_dir)

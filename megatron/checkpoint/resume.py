@@ -40,6 +40,7 @@ from megatron.checkpoint.format import MANIFEST_FILENAME, TrainingProgress
 from megatron.checkpoint.layout import ConversionError
 from megatron.deepspeed_compat import is_optim_states_file
 from megatron.errors import CheckpointError, ConfigError
+from megatron.optimizer import WHOLE_MATRIX as WHOLE_MATRIX_OPTIMIZERS
 
 # The model-shaping fields a checkpoint's weights fix, and the flags that set them.
 SHAPE_FLAGS = {
@@ -68,6 +69,7 @@ TASK_ARGS = (("task", "--task"), ("dpo_beta", "--dpo-beta"), ("dpo_loss", "--dpo
              ("label_smoothing", "--label-smoothing"), ("rpo_alpha", "--rpo-alpha"), ("packing", "--packing"),
              ("overlong_examples", "--overlong-examples"))
 ADAM_STATE = ("adam", "adamw", "apex.adam")  # what resharding, universal and argonne loads carry across layouts
+# (and, from our own checkpoints and universal folders, the whole-matrix optimizers': _whole_matrix_state_travels)
 _SAME_OPTIMIZER = {"apex.adam": "adamw", "apex.sgd": "sgd", "ipex.fusedlamb": "ipex.lamb"}  # same state layout
 
 
@@ -263,11 +265,19 @@ def plan_resume(desc: CheckpointDescription, run, ps) -> ResumePlan:
                          "are; the per-rank random streams cannot be mapped onto other ranks and start fresh from "
                          "--seed (exact without dropout)")
     if load_optim and desc.has_optimizer_state:
-        if mine not in ADAM_STATE and how != "deepspeed":
-            problems.append(f"{where} needs its optimizer state converted (its layout is {desc.layout()}"
-                            + (f", a {desc.kind} checkpoint" if desc.kind != "ours" else "")
-                            + f"), which carries Adam state only, not --optimizer {mine}'s; resume at the "
-                            "checkpoint's layout, or pass --no-load-optim (fresh optimizer state, schedule kept)")
+        if mine not in ADAM_STATE and how != "deepspeed" and not _whole_matrix_state_travels(desc, mine):
+            what = (f"{where} needs its optimizer state converted (its layout is {desc.layout()}"
+                    + (f", a {desc.kind} checkpoint" if desc.kind != "ours" else "") + ")")
+            if mine in WHOLE_MATRIX_OPTIMIZERS:
+                problems.append(f"{what}, but only this framework's own checkpoints and the universal folders its "
+                                "`tools/convert_checkpoint.py to-universal` writes carry --optimizer "
+                                f"{mine}'s whole-matrix state to another layout; this one carries Adam state only. "
+                                "Resume at the checkpoint's layout, or pass --no-load-optim (fresh optimizer state, "
+                                "schedule kept)")
+            else:
+                problems.append(f"{what}, which carries Adam's state (and the whole-matrix optimizers') only, "
+                                f"not --optimizer {mine}'s; resume at the checkpoint's layout, or pass "
+                                "--no-load-optim (fresh optimizer state, schedule kept)")
         theirs = desc.optimizer
         if theirs is not None and _SAME_OPTIMIZER.get(theirs, theirs) != _SAME_OPTIMIZER.get(mine, mine):
             problems.append(f"{where} holds the state of --optimizer {theirs}, but this run uses --optimizer {mine}; "
@@ -360,6 +370,17 @@ def _whole_parameter_state_at_another_dp(desc: CheckpointDescription, run, ps) -
     return (desc.kind == "ours" and not desc.converted and run.training.optimizer.optimizer in WHOLE_MATRIX
             and theirs == run.training.optimizer.optimizer and desc.tp == ps.tp_size and desc.pp == ps.pp_size
             and desc.zero_stage == 0 == deepspeed_zero_stage(run))
+
+
+def _whole_matrix_state_travels(desc: CheckpointDescription, optimizer: str) -> bool:
+    """A whole-matrix optimizer's state (full_matrix/2) loads at another layout from our own checkpoints and from
+    universal folders that hold it (megatron/checkpoint/full_matrix_state.py), not from argonne's or DeepSpeed's
+    own universal folders (Adam state only)."""
+    if optimizer not in WHOLE_MATRIX_OPTIMIZERS:
+        return False
+    if desc.kind == "ours":
+        return not desc.converted
+    return desc.kind == "universal" and bool(getattr(desc.source, "has_full_matrix_state", False))
 
 
 def _policy(run) -> str:

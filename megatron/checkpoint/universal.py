@@ -22,6 +22,8 @@ each holding the full (tp=1, vocabulary unpadded) tensor, plus copies of the sou
 3. `UniversalCheckpoint`: a FullModelSource over a universal folder (for to-hf, reshard, and the fp32 loader);
    `load_universal_checkpoint(training_engine, path)`: resume from one through DeepSpeed's loader, mapping this
    engine's parameter names (pipe or not) onto the folder's.
+A whole-matrix optimizer's folder (written by convert/to_universal.py itself, with its state in files of its own
+beside DeepSpeed's: full_matrix_state.py) is read by the same loader as a checkpoint on another layout.
 """
 
 from __future__ import annotations
@@ -248,6 +250,22 @@ class UniversalCheckpoint(FullModelSource):
 
     def lr_scheduler_state(self) -> Optional[dict]:
         return self.state0.get("lr_scheduler")
+
+    @property
+    def has_full_matrix_state(self) -> bool:
+        """Whether the folder holds a whole-matrix optimizer's state (written by convert/to_universal.py)."""
+        from megatron.checkpoint.full_matrix_state import UNIVERSAL_STATE_FILE
+
+        return os.path.isfile(os.path.join(self.zero_dir, UNIVERSAL_STATE_FILE))
+
+    def full_matrix_state(self):
+        """The whole-matrix optimizer state of this folder (full_matrix_state.UniversalFullMatrixState)."""
+        from megatron.checkpoint.full_matrix_state import UniversalFullMatrixState
+
+        if not self.has_full_matrix_state:
+            raise ConversionError(f"{self.description} holds Adam state only (DeepSpeed's layout), not a whole-matrix "
+                                  "optimizer's; pass --no-load-optim to start the optimizer fresh")
+        return UniversalFullMatrixState(self)
 
 
 def _group_of(name: str) -> str:

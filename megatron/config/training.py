@@ -186,7 +186,9 @@ def add_deepspeed_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--universal-checkpoint", action="store_true",
                    help="--load names a DeepSpeed universal checkpoint folder (or a directory whose latest_universal "
                         "names one; make it with tools/convert_checkpoint.py to-universal) and resumes it at any "
-                        "tp / pp / dp / ZeRO stage through DeepSpeed's loader (checkpoint.load_universal)")
+                        "tp / pp / dp / ZeRO stage through DeepSpeed's loader (checkpoint.load_universal); the "
+                        "whole-matrix optimizers' folders (muon, muonclip, dshampooadamw, galoreadamw, adam8bit, "
+                        "written by to-universal) through this framework's (docs/OPTIMIZERS.md)")
 
 
 def add_batch_arguments(parser: argparse.ArgumentParser) -> None:

@@ -62,7 +62,9 @@ def partition_of(name: str, config: TransformerConfig) -> Partition:
     raise KeyError(f"{name!r} is not a GPTModel parameter name (see megatron/model/sharding.py for the layout)")
 
 
-def _repad_vocab(name: str, tensor: torch.Tensor, config: TransformerConfig, tp_size: int) -> torch.Tensor:
+def repad_vocab(name: str, tensor: torch.Tensor, config: TransformerConfig, tp_size: int) -> torch.Tensor:
+    """`tensor` (vocabulary rows first, any padding) with the rows padded_vocab_size(tp_size) gives: the real
+    vocabulary (and, with config.loss_over_padded_vocab, the trained padding rows that fit), zeros after."""
     if tensor.shape[0] < config.vocab_size:
         raise ValueError(f"{name}: {tensor.shape[0]} rows, fewer than the vocabulary size {config.vocab_size}; "
                          "is this state dict from a different tokenizer / --vocab-size?")
@@ -92,7 +94,7 @@ def shard_state_dict(full_sd: Mapping[str, torch.Tensor], config: TransformerCon
             out[name] = tensor.clone()
             continue
         if part.vocab:
-            tensor = _repad_vocab(name, tensor, config, tp_size)
+            tensor = repad_vocab(name, tensor, config, tp_size)
         try:
             out[name] = shard_tensor(tensor, part.dim, tp_size, tp_rank, part.segments)
         except ValueError as err:

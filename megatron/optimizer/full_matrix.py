@@ -29,7 +29,9 @@ gathered; adam8bit takes every parameter (its non-split ones as they are).
 Costs: one extra full copy per gathered tensor and its optimizer state on every tp rank (tp-fold redundancy
 for those tensors); one all-gather per gathered tensor per step.
 
-Checkpoints hold the library optimizers' state dicts (over full matrices, identical on every tp rank).
+Checkpoints hold the library optimizers' state dicts (over full matrices, identical on every tp rank);
+megatron/checkpoint/full_matrix_state.py reads them by parameter name and cuts them for another layout
+(`owned_layout` says what each rank's optimizer steps).
 
 ZeRO. DeepSpeed's ZeRO-1/2 and its bf16/fp16 optimizers hand the optimizer one flat fp32 partition per param
 group per dp rank, cut at arbitrary offsets, so no rank holds a whole matrix (nor whole rows of one).
@@ -351,6 +353,16 @@ class FullMatrixOptimizer(torch.optim.Optimizer):
         return {"format": "full_matrix/2", "state": local["state"], "inner_groups": local["groups"],
                 "masters": local["masters"],
                 "param_groups": [{k: v for k, v in g.items() if k != "params"} for g in self.param_groups]}
+
+    def owned_layout(self) -> list[tuple[int, torch.nn.Parameter, str, bool]]:
+        """(state number, parameter, kind, whole) of each parameter this rank steps, in state-number order: what
+        `load_state_dict` reads for it. kind: "matrix" or "other" (which inner optimizer steps it); whole: the
+        inner optimizer sees the single-rank tensor (tp shards gathered), else this rank's tensor as it is
+        (megatron/checkpoint/full_matrix_state.py cuts a checkpoint's state to this)."""
+        whole = {number: id(self._params[number]) in self._gathered for kind in self._numbers
+                 for number in self._numbers[kind]}
+        return sorted(((number, self._params[number], kind, whole[number])
+                       for kind, numbers in self._numbers.items() for number in numbers), key=lambda t: t[0])
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("format") != "full_matrix/2":
