@@ -144,6 +144,11 @@ def _built_shm_op() -> Path:
     return op
 
 
+# torch's build lock files: a copy taken while another process (e.g. a concurrent test run sharing
+# TORCH_EXTENSIONS_DIR) is building the op would carry its lock and make the copy's start wait forever
+_NO_LOCKS = shutil.ignore_patterns("lock", ".ninja_lock")
+
+
 def test_a_stale_foreign_jit_build_in_torchs_default_directory_does_not_break_a_start(tmp_path):
     """torch's default, ~/.cache/torch_extensions/py311_cpu, holds another DeepSpeed's deepspeed_shm_comm (ninja
     sees it up to date: same build.ninja, log and deps); a start without TORCH_EXTENSIONS_DIR used to load it and
@@ -155,7 +160,7 @@ def test_a_stale_foreign_jit_build_in_torchs_default_directory_does_not_break_a_
     cache = tmp_path / "cache"
     tag = f"py{sys.version_info.major}{sys.version_info.minor}{getattr(sys, 'abiflags', '')}_cpu"
     stale = cache / "torch_extensions" / tag / "deepspeed_shm_comm"
-    shutil.copytree(built, stale)  # keeps the mtimes: ninja finds nothing to rebuild
+    shutil.copytree(built, stale, ignore=_NO_LOCKS)  # keeps the mtimes: ninja finds nothing to rebuild
     (tmp_path / "op.c").write_text(_FOREIGN_OP)
     subprocess.run([cc, "-shared", "-fPIC", f"-I{sysconfig.get_paths()['include']}", str(tmp_path / "op.c"), "-o",
                     str(stale / "deepspeed_shm_comm.so")], check=True)
@@ -167,7 +172,8 @@ def test_a_stale_foreign_jit_build_in_torchs_default_directory_does_not_break_a_
                                  "torch_extensions_dir_for_environment as f; print(f())"], env=env, cwd=ROOT,
                                 check=True, capture_output=True, text=True).stdout.strip())
     assert keyed.parent == cache / "torch_extensions" and keyed.name != tag
-    shutil.copytree(built, keyed / "deepspeed_shm_comm")  # this environment's own build: no ~1 min compile here
+    # this environment's own build: no ~1 min compile here
+    shutil.copytree(built, keyed / "deepspeed_shm_comm", ignore=_NO_LOCKS)
     done = subprocess.run([sys.executable, "pretrain_gpt.py", "--model-preset", "tiny", "--mock-data", "--vocab-size",
                            "256", "--seq-length", "32", "--micro-batch-size", "2", "--global-batch-size", "2",
                            "--train-iters", "1", "--eval-iters", "0", "--num-workers", "0"],
