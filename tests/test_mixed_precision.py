@@ -5,16 +5,16 @@ One launch per layout runs all five optimizers; the 3-step runs take a global ba
 one rank, one on each rank at dp = 2) and report the gathered fp32 masters after the last step
 (mixprec_cases.train_with_masters). What is compared, and why these tolerances:
 - losses of a layout against one rank, both bf16: relative 2e-3, half a bf16 ulp (2^-9). At tp = 2 the row-parallel
-  partial sums (and at pp = 2 nothing else) are added in another order, in bf16; measured below 1e-4 relative.
+  partial sums (and at pp = 2 nothing else) are added in another order, in bf16; measured up to 1e-4 relative.
 - fp32 masters given the same gradients ("synthetic/" runs: every layout's optimizer receives bitwise the
   single-rank gradients, each rank its tp shard, and MuonClip the same attention maxima): equal within 1e-6 at
   tp2 × pp2 × dp2 ZeRO-1 and dp2 ZeRO-2 for all five; measured bitwise equal. This is the optimizer path's
   exactness: dp reduction, owners, the tp gather of fused q|k|v and gate|up, clipping (active at steps 2 and 3),
   write-back and the owners' broadcast.
-- fp32 masters of real bf16 training at dp2 (ZeRO-1 with bf16 reduction, ZeRO-2 with
-  --accumulate-allreduce-grads-in-fp32): each micro-batch's forward/backward is the single rank's, and the one
-  rank's sum of its two micro-batch gradients (each scaled by 1/2) is the dp sum of the same two divided by 2,
-  one rounding either way: within 1e-6 for all five; measured bitwise equal.
+- fp32 masters of real bf16 training at dp2 ZeRO-2 with --accumulate-allreduce-grads-in-fp32: each micro-batch's
+  forward/backward is the single rank's, and the one rank's sum of its two micro-batch gradients (each scaled by
+  1/2) is the dp sum of the same two divided by 2, one rounding either way: within 1e-6 for all five; measured
+  bitwise equal (and so at dp2 ZeRO-1 with the bf16 reduction, measured once, not run here).
 - fp32 masters of real bf16 training at tp2 × pp2 × dp2: the bf16 forward/backward sums in another order there, so
   the gradients differ by bf16 roundings (the step-1 gradient norm by 7e-4 relative), and the optimizers turn
   those into O(lr) differences of the masters: Adam's normalised step is ±lr for a small gradient entry of either
@@ -88,8 +88,7 @@ def _zero1_checkpoint(root) -> str:
 
 @pytest.fixture(scope="module")
 def two_ranks(root):
-    cases = [(f"masters/zero1/{n}", _flags(n, *BF16, "--zero-stage", "1")) for n in NAMES]
-    cases += [(f"masters/zero2/{n}", _flags(n, *FP32_ACCUMULATION, "--zero-stage", "2")) for n in NAMES]
+    cases = [(f"masters/zero2/{n}", _flags(n, *FP32_ACCUMULATION, "--zero-stage", "2")) for n in NAMES]
     cases += [(f"synthetic/zero2/{n}", _flags(n, *FP32_ACCUMULATION, "--zero-stage", "2")) for n in NAMES]
     flags = oc.optimizer_flags("muon", *BF16, "--zero-stage", "1", "--train-iters", "4")
     cases += [("zero1/uninterrupted", flags),
@@ -152,7 +151,6 @@ def _relative_difference(masters: dict, reference: dict) -> float:
 def test_bf16_tp2_pp2_dp2_zero1_and_dp2_zero2_equal_one_rank(single, two_ranks, eight_ranks, name):
     for layout, results, reference in (
             ("tp2 pp2 dp2 ZeRO-1", [r[f"masters/{name}"] for r in eight_ranks], f"masters/bf16/{name}"),
-            ("dp2 ZeRO-1", [r[f"masters/zero1/{name}"] for r in two_ranks], f"masters/bf16/{name}"),
             ("dp2 ZeRO-2", [r[f"masters/zero2/{name}"] for r in two_ranks], f"masters/acc/{name}")):
         expected = _ok(single[reference], name)["losses"]
         assert len(expected) == 3
@@ -180,11 +178,13 @@ def test_fp32_masters_given_the_same_gradients_equal_one_ranks_within_1e_6(singl
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_fp32_masters_of_bf16_training_at_dp2_zero1_and_zero2_equal_one_ranks_within_1e_6(single, two_ranks, name):
-    for case, reference in ((f"masters/zero1/{name}", f"masters/bf16/{name}"),
-                            (f"masters/zero2/{name}", f"masters/acc/{name}")):
-        difference, where = _largest_difference(_masters(two_ranks, case), _masters([single], reference))
-        assert difference <= 1e-6, f"{case}: {where} differs by {difference}"
+def test_fp32_masters_of_bf16_training_at_dp2_zero2_equal_one_ranks_within_1e_6(single, two_ranks, name):
+    """With --accumulate-allreduce-grads-in-fp32 (the bf16 reduction is exact the same way: measured bitwise at dp2
+    ZeRO-1 too, not run here to keep the launch short; its exactness given the same gradients is checked at
+    tp2 x pp2 x dp2 ZeRO-1 above)."""
+    masters = _masters(two_ranks, f"masters/zero2/{name}")
+    difference, where = _largest_difference(masters, _masters([single], f"masters/acc/{name}"))
+    assert difference <= 1e-6, f"{where} differs by {difference}"
 
 
 @pytest.mark.parametrize("name", NAMES)
