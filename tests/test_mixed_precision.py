@@ -1,27 +1,38 @@
 """The whole-matrix optimizers (muon, muonclip, dshampooadamw, galoreadamw, adam8bit) in bf16 with fp32 masters
 per whole matrix, at ZeRO-1/2 by whole parameters (megatron/optimizer/mixed_precision.py, full_matrix.py).
 
-One launch per layout runs all five optimizers. Tolerances:
-- losses of a layout against one rank, both bf16: relative 2e-3, half a bf16 ulp (2^-9). The two runs compute the
-  same model in bf16 but sum in another order (row-parallel partial sums over tp, gradients over dp, in bf16), so
-  they differ by bf16 roundings; the measured gap is below 4e-4 relative.
-- fp32 masters after 3 steps, dp=2 ZeRO-2 against one rank, with --accumulate-allreduce-grads-in-fp32: 1e-6 for
-  muon and muonclip (measured ~1e-8: the fp32 gradients differ by summation order only, and Newton-Schulz is
-  insensitive to that). GaLore's SVD of a rank-deficient gradient, Shampoo's inverse roots of near-singular
-  statistics and 8-bit Adam's quantisation buckets turn those fp32 rounding differences into visible ones
-  (measured 1e-2, 1e-1 and 5e-4 after 3 steps), so for them the losses are what is compared.
-- 50 steps of bf16 against fp32: every loss within 2% (the issue's bound), and for Shampoo the curve (means over
-  5 steps) within 2%: its per-step loss moves 2.7% from fp32 rounding alone (fp32 with another micro-batch split,
-  measured), so bf16's 2.5% at one step is below what the per-step bound can tell apart. adam8bit runs these 50
-  steps at LR 3e-3 (see LONG_LR).
+One launch per layout runs all five optimizers; the 3-step runs take a global batch of 4 (two micro-batches of 2 on
+one rank, one on each rank at dp = 2) and report the gathered fp32 masters after the last step
+(mixprec_cases.train_with_masters). What is compared, and why these tolerances:
+- losses of a layout against one rank, both bf16: relative 2e-3, half a bf16 ulp (2^-9). At tp = 2 the row-parallel
+  partial sums (and at pp = 2 nothing else) are added in another order, in bf16; measured up to 1e-4 relative.
+- fp32 masters given the same gradients ("synthetic/" runs: every layout's optimizer receives bitwise the
+  single-rank gradients, each rank its tp shard, and MuonClip the same attention maxima): equal within 1e-6 at
+  tp2 × pp2 × dp2 ZeRO-1 and dp2 ZeRO-2 for all five; measured bitwise equal. This is the optimizer path's
+  exactness: dp reduction, owners, the tp gather of fused q|k|v and gate|up, clipping (active at steps 2 and 3),
+  write-back and the owners' broadcast.
+- fp32 masters of real bf16 training at dp2 ZeRO-2 with --accumulate-allreduce-grads-in-fp32: each micro-batch's
+  forward/backward is the single rank's, and the one rank's sum of its two micro-batch gradients (each scaled by
+  1/2) is the dp sum of the same two divided by 2, one rounding either way: within 1e-6 for all five; measured
+  bitwise equal (and so at dp2 ZeRO-1 with the bf16 reduction, measured once, not run here).
+- fp32 masters of real bf16 training at tp2 × pp2 × dp2: the bf16 forward/backward sums in another order there, so
+  the gradients differ by bf16 roundings (the step-1 gradient norm by 7e-4 relative), and the optimizers turn
+  those into O(lr) differences of the masters: Adam's normalised step is ±lr for a small gradient entry of either
+  sign, Muon's orthogonalisation raises the noise directions of a matrix to unit singular values, Shampoo's inverse
+  4th roots of near-singular statistics amplify most. Measured (whole model, relative L2 of the difference, after
+  3 steps): muon 7.1e-3, muonclip 6.9e-3, galoreadamw 9.2e-3, adam8bit 1.3e-2, dshampooadamw 1.1e-1; asserted
+  with a 2.5x margin (TP_PP_MASTERS). The amplification is the optimizers' own: in fp32, where the gradients differ
+  by fp32 roundings only, the same comparison gives muon 1.9e-3 and muonclip 2.0e-3 (torch.optim.Muon runs
+  Newton-Schulz in bf16), dshampooadamw 2.5e-4, adam8bit 1.8e-5, galoreadamw 6.9e-6 (measured, docs/OPTIMIZERS.md).
+- 50 steps of bf16 against fp32: every step within 2% (LONG, LONG_LR and the test's docstring).
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
 
+import numpy as np
 import pytest
 import torch
 
@@ -32,24 +43,26 @@ from megatron.config.arguments import parse_args
 from multirank import run_ranks
 
 NAMES = mc.NAMES
-MASTERS = ("muon", "muonclip")  # whose masters match one rank's within 1e-6 (module docstring)
 BF16 = ("--bf16",)
 FP32_ACCUMULATION = ("--bf16", "--accumulate-allreduce-grads-in-fp32")
 TP2_PP2_DP2 = ("--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2", "--zero-stage", "1")
-LONG = ("--train-iters", "50", "--global-batch-size", "2")  # one micro-batch a step: 50 steps stay cheap
-# adam8bit at the 3-step LR (1e-2) memorises the mock phrases to a loss of 1.2 in 50 steps, where bf16 logits move
-# a step's loss by 14% (5-step means 3.3%); DeepSpeed's own bf16 AdamW moves it as much there (measured 13% and
-# 3.3%), so that is bf16 on this model, not the optimizer: the curves are compared at 3e-3 (loss 4.9 -> 2.7)
-LONG_LR = {"adam8bit": ("--lr", "3e-3")}
+THREE_STEPS = ("--train-iters", "3", "--global-batch-size", "4")
+# the gathered masters of real bf16 training at tp2 x pp2 x dp2 against one rank: relative L2 difference of the whole
+# model, measured x 2.5 (module docstring)
+TP_PP_MASTERS = {"muon": 2e-2, "muonclip": 2e-2, "galoreadamw": 2.5e-2, "adam8bit": 3.5e-2, "dshampooadamw": 0.3}
+# 50 steps, one micro-batch of 2 a step in both runs (the same split: only the precision differs), on a bank of 32
+# phrases (mixprec_cases.LONG_PHRASES) that the model learns without memorising it. Learning rates, from 1e-3 / 3e-3 /
+# 1e-2 (fp32 loss at step 50, measured): muon, muonclip and galoreadamw 1e-2 (4.89 -> 3.19 / 3.20 / 3.28), adam8bit
+# 3e-3, its best (4.01; 4.51 at 1e-3; at 1e-2 it ends at 4.40 and bf16 moves a step's loss 3.4%), dshampooadamw 1e-3
+# (4.75; 4.70 at 3e-3, 4.79 at 1e-2: Shampoo preconditioned at every step in blocks of 16 learns slowly at any of
+# them, and its per-step loss is chaotic: see test_50_bf16_steps_track_the_fp32_loss_within_2_percent)
+LONG = ("--train-iters", "50", "--global-batch-size", "2")
+LONG_LR = {"adam8bit": ("--lr", "3e-3"), "dshampooadamw": ("--lr", "1e-3")}
 SAVE_AT = 2
 
 
 def _flags(name: str, *extra: str) -> list[str]:
-    return oc.optimizer_flags(name, "--train-iters", "3", *extra)
-
-
-def _saved(root, case: str) -> list[str]:
-    return ["--save", str(root / case), "--save-interval", "3"]
+    return oc.optimizer_flags(name, *THREE_STEPS, *extra)
 
 
 @pytest.fixture(scope="module")
@@ -58,14 +71,15 @@ def root(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def single(root):
-    cases = [(f"bf16_{n}", _flags(n, *BF16)) for n in NAMES]
-    cases += [(f"acc_{n}", _flags(n, *FP32_ACCUMULATION, *_saved(root, f"one_{n}"))) for n in MASTERS]
+def single():
+    cases = [(f"masters/bf16/{n}", _flags(n, *BF16)) for n in NAMES]
+    cases += [(f"masters/acc/{n}", _flags(n, *FP32_ACCUMULATION)) for n in NAMES]
+    cases += [(f"synthetic/{n}", _flags(n, *BF16)) for n in NAMES]
     for n in NAMES:
         long = LONG + LONG_LR.get(n, ())
-        cases += [(f"long_bf16_{n}", oc.optimizer_flags(n, *BF16, *long)),
-                  (f"long_fp32_{n}", oc.optimizer_flags(n, *long))]
-    return run_ranks(1, mc.train_with_units, cases, True, timeout=1200)[0]
+        cases += [(f"long/bf16/{n}", oc.optimizer_flags(n, *BF16, *long)),
+                  (f"long/fp32/{n}", oc.optimizer_flags(n, *long))]
+    return run_ranks(1, mc.train_with_masters, cases, True, timeout=1200)[0]
 
 
 def _zero1_checkpoint(root) -> str:
@@ -74,15 +88,14 @@ def _zero1_checkpoint(root) -> str:
 
 @pytest.fixture(scope="module")
 def two_ranks(root):
-    cases = [(f"zero2_{n}", _flags(n, *BF16, "--zero-stage", "2")) for n in NAMES]
-    cases += [(f"acc_{n}", _flags(n, *FP32_ACCUMULATION, "--zero-stage", "2", *_saved(root, f"dp2_{n}")))
-              for n in MASTERS]
+    cases = [(f"masters/zero2/{n}", _flags(n, *FP32_ACCUMULATION, "--zero-stage", "2")) for n in NAMES]
+    cases += [(f"synthetic/zero2/{n}", _flags(n, *FP32_ACCUMULATION, "--zero-stage", "2")) for n in NAMES]
     flags = oc.optimizer_flags("muon", *BF16, "--zero-stage", "1", "--train-iters", "4")
     cases += [("zero1/uninterrupted", flags),
               ("zero1/interrupted", flags + ["--save", _zero1_checkpoint(root), "--save-interval", "100",
                                              "--exit-interval", str(SAVE_AT)]),
               ("zero1/resumed", flags + ["--load", _zero1_checkpoint(root)])]
-    return run_ranks(2, mc.train_with_units, cases, timeout=1200)
+    return run_ranks(2, mc.train_with_masters, cases, timeout=1200)
 
 
 @pytest.fixture(scope="module")
@@ -91,13 +104,15 @@ def four_ranks(root, two_ranks):
                                "--load", _zero1_checkpoint(root))
     sp2_pp2 = _flags("muon", *BF16, "--ds-sequence-parallel-size", "2", "--pipeline-model-parallel-size", "2",
                      "--zero-stage", "1")
-    return run_ranks(4, mc.train_with_units, [("zero2_dp4_resumed", flags), ("sp2_pp2_muon", sp2_pp2)],
+    return run_ranks(4, mc.train_with_masters, [("zero2_dp4_resumed", flags), ("sp2_pp2_muon", sp2_pp2)],
                      timeout=1200)
 
 
 @pytest.fixture(scope="module")
 def eight_ranks():
-    return run_ranks(8, mc.train_with_units, [(n, _flags(n, *BF16, *TP2_PP2_DP2)) for n in NAMES], timeout=1200)
+    cases = [(f"masters/{n}", _flags(n, *BF16, *TP2_PP2_DP2)) for n in NAMES]
+    cases += [(f"synthetic/{n}", _flags(n, *BF16, *TP2_PP2_DP2)) for n in NAMES]
+    return run_ranks(8, mc.train_with_masters, cases, timeout=1200)
 
 
 def _ok(result: dict, name: str) -> dict:
@@ -105,28 +120,88 @@ def _ok(result: dict, name: str) -> dict:
     return result
 
 
-def _masters(root, case: str) -> dict:
-    path = os.path.join(root, case, "global_step3", "mp_rank_00_model_states.pt")
-    return torch.load(path, map_location="cpu", weights_only=False)["optimizer"]["masters"]
+def _masters(ranks: list[dict], case: str) -> dict:
+    """The whole fp32 masters of `case` from its ranks' owners; every copy of one (tp ranks, the tied embedding's
+    stages) must be bitwise the same."""
+    out = {}
+    for rank in ranks:
+        for name, master in _ok(rank[case], case)["masters"].items():
+            if name in out:
+                assert np.array_equal(out[name], master), f"{case}: the ranks' copies of {name}'s master differ"
+            out[name] = master
+    assert len(out) > 20 and all(m.dtype == np.float32 for m in out.values())  # every parameter, whole, fp32
+    return out
+
+
+def _largest_difference(masters: dict, reference: dict) -> tuple[float, str]:
+    assert sorted(masters) == sorted(reference)
+    return max((float(np.abs(masters[k] - reference[k]).max()), k) for k in reference)
+
+
+def _relative_difference(masters: dict, reference: dict) -> float:
+    """The whole model's relative L2 difference."""
+    difference = sum(float(np.square(masters[k] - reference[k], dtype=np.float64).sum()) for k in reference)
+    size = sum(float(np.square(reference[k], dtype=np.float64).sum()) for k in reference)
+    return math.sqrt(difference / size)
 
 
 # ---- layouts against one rank ---------------------------------------------------------------------------
 
 @pytest.mark.parametrize("name", NAMES)
 def test_bf16_tp2_pp2_dp2_zero1_and_dp2_zero2_equal_one_rank(single, two_ranks, eight_ranks, name):
-    reference = _ok(single[f"bf16_{name}"], name)["losses"]
-    assert len(reference) == 3
-    for layout, results in (("tp2 pp2 dp2 ZeRO-1", [r[name] for r in eight_ranks]),
-                            ("dp2 ZeRO-2", [r[f"zero2_{name}"] for r in two_ranks])):
+    for layout, results, reference in (
+            ("tp2 pp2 dp2 ZeRO-1", [r[f"masters/{name}"] for r in eight_ranks], f"masters/bf16/{name}"),
+            ("dp2 ZeRO-2", [r[f"masters/zero2/{name}"] for r in two_ranks], f"masters/acc/{name}")):
+        expected = _ok(single[reference], name)["losses"]
+        assert len(expected) == 3
         for result in results:
-            assert _ok(result, f"{name} {layout}")["losses"] == pytest.approx(reference, rel=2e-3, abs=0), layout
+            assert _ok(result, f"{name} {layout}")["losses"] == pytest.approx(expected, rel=2e-3, abs=0), layout
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_fp32_masters_given_the_same_gradients_equal_one_ranks_within_1e_6(single, two_ranks, eight_ranks, name):
+    """The optimizer's exactness apart from the forward/backward's rounding: every layout's optimizer gets the
+    single-rank gradients (mixprec_cases.train_with_masters), and its gathered masters equal one rank's. Failed at
+    tp2 x pp2 x dp2 for muon, muonclip, galoreadamw and dshampooadamw (3e-4 to 9e-4) before the global norm counted
+    the tp shards of non-gathered parameters (the embedding, the split biases) on every tp rank: norm 0.5012
+    instead of 0.5035. Before it summed the squares in fp64, an fp32 sum in another order moved --clip-grad's
+    coefficient by an ulp: Shampoo's masters here by 7e-7 at dp = 2 (under the bound), and in real training
+    (the next test) by 3e-3."""
+    reference = _masters([single], f"synthetic/{name}")
+    norms = single[f"synthetic/{name}"]["norms"]
+    assert norms[0] < 1.0 < min(norms[1:])  # --clip-grad 1: step 1 is not clipped, steps 2 and 3 are
+    for layout, ranks, case in (("tp2 pp2 dp2 ZeRO-1", eight_ranks, f"synthetic/{name}"),
+                                ("dp2 ZeRO-2", two_ranks, f"synthetic/zero2/{name}")):
+        difference, where = _largest_difference(_masters(ranks, case), reference)
+        assert difference <= 1e-6, f"{layout}: {where} differs by {difference}"
+        for rank in ranks:
+            assert rank[case]["norms"] == pytest.approx(norms, rel=1e-6, abs=0), layout
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_fp32_masters_of_bf16_training_at_dp2_zero2_equal_one_ranks_within_1e_6(single, two_ranks, name):
+    """With --accumulate-allreduce-grads-in-fp32 (the bf16 reduction is exact the same way: measured bitwise at dp2
+    ZeRO-1 too, not run here to keep the launch short; its exactness given the same gradients is checked at
+    tp2 x pp2 x dp2 ZeRO-1 above)."""
+    masters = _masters(two_ranks, f"masters/zero2/{name}")
+    difference, where = _largest_difference(masters, _masters([single], f"masters/acc/{name}"))
+    assert difference <= 1e-6, f"{where} differs by {difference}"
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_fp32_masters_of_bf16_training_at_tp2_pp2_dp2_stay_within_the_rounding_bound(single, eight_ranks, name):
+    """Not 1e-6: the bf16 forward/backward at tp = 2 rounds other sums (module docstring, TP_PP_MASTERS); the
+    masters differ by what the optimizer makes of those gradient roundings, and by no more than that."""
+    reference = _masters([single], f"masters/bf16/{name}")
+    difference = _relative_difference(_masters(eight_ranks, f"masters/{name}"), reference)
+    assert 0 < difference <= TP_PP_MASTERS[name], difference
 
 
 def test_bf16_ulysses_sp2_under_the_pipeline_engine_equals_one_rank(single, four_ranks):
     """The optimizer reduces the gradients itself: under DeepSpeed's pipeline engine each Ulysses rank's loss is
     multiplied by sp (model/pipeline.py), so the sum over sp x dp is divided by sp x dp there. Muon's update barely
     sees a gradient's scale, so the grad norm of the training line is compared too (an sp-fold error doubles it)."""
-    reference = _ok(single["bf16_muon"], "one rank")
+    reference = _ok(single["masters/bf16/muon"], "one rank")
     assert len(reference["grad_norms"]) == 3
     for rank_result in four_ranks:
         result = _ok(rank_result["sp2_pp2_muon"], "sp2 pp2")
@@ -135,35 +210,24 @@ def test_bf16_ulysses_sp2_under_the_pipeline_engine_equals_one_rank(single, four
     assert norms == pytest.approx(reference["grad_norms"], rel=1e-2, abs=2e-3)
 
 
-@pytest.mark.parametrize("name", MASTERS)
-def test_fp32_masters_at_dp2_zero2_equal_one_ranks(root, single, two_ranks, name):
-    _ok(single[f"acc_{name}"], name)
-    _ok(two_ranks[0][f"acc_{name}"], name)
-    one, dp2 = _masters(root, f"one_{name}"), _masters(root, f"dp2_{name}")
-    assert sorted(one) == sorted(dp2) and len(one) > 10  # every parameter's master, whole, gathered from owners
-    for number in one:
-        assert one[number].dtype == torch.float32
-        assert torch.allclose(dp2[number], one[number], atol=1e-6, rtol=0), number
-
-
 def _windows(losses: list[float], k: int = 5) -> list[float]:
     return [sum(losses[i:i + k]) / k for i in range(0, len(losses), k)]
 
 
 @pytest.mark.parametrize("name", NAMES)
 def test_50_bf16_steps_track_the_fp32_loss_within_2_percent(single, name):
-    bf16 = _ok(single[f"long_bf16_{name}"], name)["losses"]
-    fp32 = _ok(single[f"long_fp32_{name}"], name)["losses"]
+    """Every step's bf16 loss within 2% of the fp32 run's (LONG, LONG_LR). Measured largest gap: muon and muonclip
+    0.12%, galoreadamw 0.17%, adam8bit 0.09%, dshampooadamw 0.76%. Shampoo's is the fp32 run's own chaos: fp32
+    with micro-batches of 1 instead of 2 (a summation-order change only) moves a step's loss by 0.58% at LR 1e-3,
+    1.7% at 3e-3 (bf16: 2.2%) and 6.9% at 1e-2 (bf16: 9.4%); preconditioning every 10 steps instead of every step
+    at 3e-3: 1.25% (bf16: 1.7%). So its per-step 2% holds at 1e-3, and at 3e-3 only with the rarer preconditioning;
+    at 1e-2 no per-step bound under 7% holds even between two fp32 runs."""
+    bf16 = _ok(single[f"long/bf16/{name}"], name)["losses"]
+    fp32 = _ok(single[f"long/fp32/{name}"], name)["losses"]
     assert len(bf16) == len(fp32) == 50
-    assert fp32[-1] < fp32[0] - 0.3  # it learnt something, so the curves are compared where they move
-    assert bf16[-1] < bf16[0] - 0.3
-    curve = max(abs(b - f) / f for b, f in zip(_windows(bf16), _windows(fp32)))
-    assert curve <= 0.02, curve  # the curve: means over 5 steps
-    if name != "dshampooadamw":
-        # every step too; Shampoo (preconditioned at every step in blocks of 16, batches of 2) is
-        # chaotic at that level: fp32 alone, split into micro-batches of 1 instead of 2, moves a step's loss 2.7%
-        # by step 48 (measured), and bf16 moves it 2.5%
-        assert max(abs(b - f) / f for b, f in zip(bf16, fp32)) <= 0.02
+    assert fp32[-1] < fp32[0] - 0.1  # it learnt something (Shampoo the least: 0.14), so the curves move
+    assert bf16[-1] < bf16[0] - 0.1
+    assert max(abs(b - f) / f for b, f in zip(bf16, fp32)) <= 0.02
 
 
 # ---- checkpoints ----------------------------------------------------------------------------------------

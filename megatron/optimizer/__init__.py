@@ -374,7 +374,7 @@ def gradient_plan(run, ps):
         partition=run.training.zero.zero_stage == 2 and sdp > 1,
         reduce_dtype=torch.float32 if fp32 else half,
         norm_group=None if ps is None or ps.tp_size * ps.pp_size == 1 else ps.groups["mp"],
-        tp_rank=0 if ps is None else ps.tp_rank, clip_grad=float(run.training.optimizer.clip_grad or 0.0),
+        clip_grad=float(run.training.optimizer.clip_grad or 0.0),
         scaler=loss_scaler(prec) if prec.fp16 else None, half=half,
         accumulate_fp32=bool(prec.accumulate_allreduce_grads_in_fp32) and half != torch.float32)
 

@@ -19,8 +19,11 @@ DeepSpeed's own dp all-reduce is switched off, and at each optimizer step:
      and the other ranks free them;
   2. each owner builds its fp32 gradient of the whole matrix (the tp shards all-gathered, full_matrix.py) and
      divides it by the loss scale (fp16);
-  3. the global gradient norm is summed over the owned whole tensors (tp rank 0 counts them: every tp rank holds
-     the same whole copy) and all-reduced over sp × dp and tp × pp: each parameter counted once;
+  3. the global gradient norm is summed (in fp64, `global_norm`) over the owned gradients, each parameter
+     counted once: a whole (gathered) tensor on tp rank 0 only, since every tp rank holds the same copy; a
+     tp shard that is not gathered (an elementwise optimizer's embedding or split bias) on every tp rank; the
+     tied embedding's copy on the last pipeline stage nowhere (FullMatrixOptimizer._counted), then all-reduced
+     over sp × dp and tp × pp;
   4. a non-finite norm (fp16 overflow, or a NaN/Inf anywhere) skips the step: nothing is updated, the loss scale
      goes down (DeepSpeed's DynamicLossScaler, upstream's --loss-scale-window / --hysteresis / --min-loss-scale),
      `overflow` tells DeepSpeed's engine, which counts the skip and does not step the LR schedule;
@@ -54,7 +57,7 @@ class GradientPlan:
     sum is divided by (dp: DeepSpeed averages over dp, the sp ranks' token-loss shares add up);
     partition: ZeRO-2 (reduce to the owner only); reduce_dtype: the dtype of the reduction;
     norm_group: the tp × pp group the squared norms are summed over (None: one model-parallel rank);
-    tp_rank: counts the whole copies on tp rank 0 only; clip_grad: 0 = no clipping; scaler: DeepSpeed's loss
+    clip_grad: 0 = no clipping; scaler: DeepSpeed's loss
     scaler (fp16), None otherwise; half: the parameters' dtype (torch.float32 for fp32 ZeRO-2)."""
 
     group: object = None
@@ -63,7 +66,6 @@ class GradientPlan:
     partition: bool = False
     reduce_dtype: torch.dtype = torch.float32
     norm_group: object = None
-    tp_rank: int = 0
     clip_grad: float = 0.0
     scaler: object = None
     half: torch.dtype = torch.float32
@@ -159,14 +161,22 @@ def _grad(param, dtype: torch.dtype) -> torch.Tensor:
 
 
 def global_norm(grads: list[torch.Tensor], plan: GradientPlan, device, partitioned: bool) -> float:
-    """The L2 norm of the whole model's gradient from this rank's owned whole-tensor gradients (see step 3);
-    partitioned: each rank of plan.group owns other parameters (ZeRO-1/2), so the squares add up over it."""
-    squares = torch.zeros((), dtype=torch.float32, device=device)
-    if plan.tp_rank == 0:
-        for g in grads:
-            squares += g.float().pow(2).sum()
+    """The L2 norm of the whole model's gradient from the gradients this rank counts (the caller picks them: each
+    parameter once over the tp × pp and sp × dp groups, see step 3); partitioned: each rank of plan.group owns
+    other parameters (ZeRO-1/2), so the squares add up over it.
+
+    The squares are summed in fp64: each layout adds them in another order (per owner, per tp shard, per
+    stage), and an fp32 sum would differ by a few ulps between layouts, enough to change --clip-grad's
+    coefficient in its last bit and, through Shampoo's inverse roots or a master rounding to the other side of
+    a bf16 step, the training. In fp64 the order changes the sum by ~1e-16 relative, far below the fp32 result's
+    resolution, so every layout clips by the same fp32 coefficient (barring a sum within 1e-16 of an fp32
+    rounding boundary). MPS has no fp64: there the sum stays fp32."""
+    wide = torch.float32 if torch.device(device).type == "mps" else torch.float64
+    squares = torch.zeros((), dtype=wide, device=device)
+    for g in grads:
+        squares += g.to(wide).pow(2).sum()
     if partitioned and plan.size > 1:
         dist.all_reduce(squares, group=plan.group)
     if plan.norm_group is not None:
         dist.all_reduce(squares, group=plan.norm_group)
-    return float(squares.sqrt().item())
+    return float(squares.sqrt().float().item())
