@@ -9,7 +9,7 @@ A failure on any rank raises here with that rank's traceback.
 
 Ranks are forked from multiprocessing's fork server, which imports torch, DeepSpeed and the training stack once
 per test session (PRELOAD): a rank that spawned a fresh interpreter spent several seconds on those imports, and the
-suite launches a few hundred ranks on 2 cores. The server has run no torch operation (one thread, no OpenMP pool),
+suite starts well over a hundred ranks on 2 cores. The server has run no torch operation (one thread, no OpenMP pool),
 so forking it is safe. Each rank gets what a spawned one would: this process's environment, working directory,
 sys.path, stdout and stderr (so pytest captures rank output into the running test's report), and freshly seeded
 torch and numpy generators.
