@@ -144,28 +144,39 @@ def _first_loss(argv, tmp_path, name):
     import re
     import subprocess
 
+    from multirank import free_port
+
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(29000 + os.getpid() % 500 + len(name)))
+    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    workdir = tmp_path / f"run_{name}"
+    workdir.mkdir()
     proc = subprocess.run([sys.executable, os.path.join(root, "pretrain_gpt.py"), *argv, "--train-iters", "1",
                            "--lr-warmup-iters", "0",
                            "--log-interval", "1", "--eval-iters", "0"],
-                          capture_output=True, text=True, cwd=str(tmp_path), env=env, timeout=300)
+                          capture_output=True, text=True, cwd=str(workdir), env=env, timeout=300)
     out = proc.stdout + proc.stderr
     found = re.search(r"lm loss[:=] *([0-9.E+-]+)", out)
     return proc.returncode, out, float(found.group(1)) if found else None
 
 
 def test_a_hugging_face_folder_loads_as_weights_with_finetune(trained, tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
     root, _ = trained
     hf = tmp_path / "hf"
     export_to_hf(DeepSpeedCheckpoint(str(root / "llama")), str(hf), progress=False)
     flags = cr.LLAMA_FLAGS + cr.COMMON
-    code, out, from_hf = _first_loss(flags + ["--load", str(hf), "--finetune"], tmp_path, "hf")
+    runs = {"hf": flags + ["--load", str(hf), "--finetune"], "ours": flags + ["--load", str(root / "llama"),
+                                                                                "--finetune"],
+            "scratch": flags, "refused": flags + ["--load", str(hf)]}
+    with ThreadPoolExecutor(max_workers=len(runs)) as pool:  # four independent one-rank runs, side by side
+        done = dict(zip(runs, pool.map(lambda name: _first_loss(runs[name], tmp_path, name), runs)))
+    code, out, from_hf = done["hf"]
     assert code == 0, out
-    code, out, from_ours = _first_loss(flags + ["--load", str(root / "llama"), "--finetune"], tmp_path, "ours")
+    code, out, from_ours = done["ours"]
     assert code == 0, out
     assert from_hf is not None and abs(from_hf - from_ours) < 1e-5  # the same weights, the same first batch
-    code, out, from_scratch = _first_loss(flags, tmp_path, "scratch")
+    code, out, from_scratch = done["scratch"]
     assert code == 0 and abs(from_scratch - from_hf) > 1e-3, out  # and they are not the seed's initial weights
-    code, out, _ = _first_loss(flags + ["--load", str(hf)], tmp_path, "refused")
+    code, out, _ = done["refused"]
     assert code == 2 and "Hugging Face folder" in out and "--finetune" in out and "Traceback" not in out

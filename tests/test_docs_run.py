@@ -1,26 +1,15 @@
 """The docs run as written (issue 25): every shell block of README.md and docs/*.md marked `<!-- cpu-runnable -->`
 runs, in order, in a scratch directory that sees the repository's files, shrunk by the environment variables the
 README documents (TRAIN_ITERS, SHARDS, MAX_MB, VOCAB_SIZE). Blocks of one file share the directory: the Data
-section's run is what the Checkpoints section converts. Also: the documents agree with the code on the points
-issue 25 found, and the variables the scripts export are documented."""
+section's run is what the Checkpoints section converts. The README's launch block (torchrun, then mpiexec) is run
+by tests/test_launch.py, one launch at a time, which also checks what each launch prints. Also: the documents
+agree with the code on the points issue 25 found, and the variables the scripts export are documented."""
 
-import os
 import re
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
-MARK = "<!-- cpu-runnable -->"
-SHRINK = {"TRAIN_ITERS": "2", "SHARDS": "1", "MAX_MB": "0.2", "VOCAB_SIZE": "1024"}
-
-
-def runnable_blocks(text: str) -> list[str]:
-    """The ```bash blocks right after a cpu-runnable mark."""
-    return [m.group(1) for m in re.finditer(re.escape(MARK) + r"\s*\n```(?:bash|sh)\n(.*?)\n```", text, re.S)]
+from docs_blocks import DOCS, ROOT, SHRINK, launch_block, run_block, runnable_blocks, scratch
 
 
 def test_runnable_blocks_are_found_where_the_issue_asks():
@@ -38,35 +27,13 @@ def test_runnable_blocks_are_found_where_the_issue_asks():
         assert f"`{name}`" in (ROOT / "README.md").read_text()
 
 
-def _scratch(tmp_path: Path) -> Path:
-    """A directory whose top-level entries link to the repository's, so that relative paths (data/, runs/) land
-    in it; .venv links to the running interpreter's environment."""
-    for entry in ROOT.iterdir():
-        if entry.name not in {".git", "data", "runs", ".venv"}:
-            (tmp_path / entry.name).symlink_to(entry)
-    (tmp_path / ".venv").symlink_to(Path(sys.executable).resolve().parents[1] if not (ROOT / ".venv").exists()
-                                    else ROOT / ".venv")
-    return tmp_path
-
-
-def _env() -> dict:
-    env = dict(os.environ, **SHRINK, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", WANDB_MODE="offline",
-               HF_HUB_OFFLINE="1", GLOO_SOCKET_IFNAME="lo", MASTER_ADDR="127.0.0.1",
-               PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
-    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT", "PMI_RANK", "PMI_SIZE"):
-        env.pop(name, None)
-    return env
-
-
 @pytest.mark.parametrize("doc", [d for d in DOCS if runnable_blocks(d.read_text())], ids=lambda d: d.name)
 def test_every_cpu_runnable_block_runs_as_written(doc, tmp_path):
-    scratch = _scratch(tmp_path)
+    directory = scratch(tmp_path)
     for block in runnable_blocks(doc.read_text()):
-        result = subprocess.run(["bash", "-euo", "pipefail", "-c", block], cwd=scratch, env=_env(),
-                                capture_output=True, text=True, timeout=900)
-        assert result.returncode == 0, f"{doc.name}: exit {result.returncode}\n$ {block}\n" \
-            f"{(result.stdout + result.stderr)[-4000:]}"
-        assert "Traceback" not in result.stderr, result.stderr[-4000:]
+        if doc.name == "README.md" and block == launch_block():
+            continue  # tests/test_launch.py runs it
+        run_block(block, directory, doc.name)
 
 
 def test_the_variables_the_scripts_export_are_documented():
