@@ -895,14 +895,15 @@ def main(argv=None) -> int:
     for row in sorted(a.row_list, key=lambda r: r != "hf"):
         done = []
         for n in ([1] if row == "hf" else a.rank_counts):
-            if not max_seq:
+            if not max_seq and row != "hf":
                 hf = next((s for s in searches if s.row == "hf" and s.longest), None)
                 max_seq = -(-int(TARGET_RATIO * (hf.longest if hf else a.start)) // 512) * 512
                 header["max_seq_used"] = max_seq
                 say(f"our rows' searches stop at {max_seq:,} tokens: {TARGET_RATIO:.0f}x "
                     + (f"the HF peer's {hf.longest:,}" if hf else f"--start {a.start:,} (no HF length)")
                     + ", rounded up to a multiple of 512")
-            s = search_row(row, n, predict_start(done, n, a.start), a, say, max_seq or (1 << 20))
+            s = search_row(row, n, predict_start(done, n, a.start), a, say,
+                           (a.max_seq if row == "hf" else max_seq) or (1 << 20))
             searches.append(s)
             done.append(s)
             save(False)
