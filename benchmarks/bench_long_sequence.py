@@ -1,8 +1,8 @@
 """The longest sequence one full training step can train under a fixed memory cap per rank: our layouts vs HF.
 
 What one trial is: one optimizer step (forward, backward, AdamW step, with the first step's Adam state) of a
-fixed small Llama (default: 2 layers, hidden 256, 16 heads / 8 KV heads (GQA), SwiGLU 704, RoPE, RMSNorm,
-untied embeddings, a real 32,000-token vocabulary so that the logits matter), micro-batch 1, fp32, on N ranks
+fixed small Llama (default: 2 layers, hidden 128, 16 heads / 8 KV heads (GQA, head size 8), SwiGLU 352, RoPE,
+RMSNorm, untied embeddings, a real 32,000-token vocabulary so that the logits matter), micro-batch 1, fp32, on N ranks
 started as fresh processes (RANK / WORLD_SIZE / MASTER_* as torchrun sets them; gloo). A trial "fits" when
 every rank finishes the step under the cap. A failed allocation kills only its trial: each trial is its own set
 of processes, one trial at a time.
@@ -18,10 +18,26 @@ building the model and engine, then (the high-water mark reset through /proc/sel
 step itself. Both are in the table: the cap is what decides "fits"; the step's peak RSS is what the plot and the
 fit show (the build's peak does not depend on the sequence).
 
-The search, per (row, ranks): from a start length (the longest that fitted the same row on fewer ranks, else
---start), double while the step fits (or halve while it does not), then bisect between the longest fit and the
-shortest failure until they are within --tolerance of each other. Lengths are multiples of 64 × ranks (the
-sequence is split over the ranks in the sequence-parallel rows).
+The scale. The model and the default cap (900 MiB per rank: the processes' own baseline, 350-580 MiB of
+resident memory after the build, plus a few hundred MiB) are chosen so that the longest lengths are 1k-20k
+tokens and the whole run (all rows at 1, 2, 4 and 8 ranks) takes about 15 minutes on two quiet cores: a step's
+attention costs s² work, and at 49k tokens one 8-rank step took 4.5 minutes here. The cap is one for all rows
+and the peer; the peer gets the same model and optimizer.
+
+The search, per (row, ranks): from a start length, double while the step fits (the last doubling probes the
+bound itself) or halve while it does not, then bisect between the longest fit and the shortest failure until
+the gap is at most --tolerance (default 0.25) of the longest fit: the true limit lies in [longest, first
+failure). The start is a prediction (predict_start): the same row's longest on fewer ranks, grown per doubling
+of ranks as the row grew before (1-2x); --start for a row's first rank count. It saves probes, never decides a
+result. The HF peer runs first; our rows' searches stop at 16x its longest (--max-seq 0, the default), the
+target, so a row that fits there shows ">= bound": the benchmark does not look further. Lengths are multiples
+of 64 × ranks (the sequence is split over the ranks in the sequence-parallel rows). When the best row has fewer
+than four fitted lengths, it is measured again at 1/2, 1/4, 1/8 ... of its longest ("fit" trials) so that its
+memory fit has a verdict.
+
+Time. Each trial's CPU time (user + system of its rank processes) is recorded; the end prints the wall time and
+an estimate for a quiet machine, the sum of each trial's CPU time / min(cores, ranks), since this machine is
+shared and the wall time depends on the load (memory does not).
 
 A trial ends as: fits; oom (an allocation failed under the cap: the rank says so, or it died of SIGKILL /
 abort with an allocator message); timeout (the step did not finish within --trial-timeout: counted as "does not
@@ -43,11 +59,12 @@ linear when that share is below 10 % (a concave fit, c <= 0, is linear too), and
 peaks spread less than 5 % of the smallest (the growth is within trial noise: no term of the curve is seen). The targets printed at the end:
 the best row at the most ranks trains >= 16x the HF peer's sequence; our best row is linear.
 
-    python benchmarks/bench_long_sequence.py --quick          # ranks 1 and 2, coarse bisection (~25 min, 2 cores)
-    python benchmarks/bench_long_sequence.py                  # ranks 1, 2, 4, 8 (hours on 2 cores: one 8-rank
-                                                              # step at 49k tokens takes ~4.5 min)
-    python benchmarks/bench_long_sequence.py --rows ulysses-zero3-offload-tiled,hf --ranks 8 --start 49152 \
-        --max-seq 49152 --tolerance 0.03                      # the 16x target alone (~8 min)
+    python benchmarks/bench_long_sequence.py                  # all rows at 1, 2, 4, 8 ranks (~15 min on 2 quiet
+                                                              # cores; RESULTS.md has the measured times)
+    python benchmarks/bench_long_sequence.py --quick          # ranks 1 and 2, --tolerance 0.5
+    python benchmarks/bench_long_sequence.py --rows ulysses-zero3-offload-tiled,hf --ranks 8   # the 16x target
+    python benchmarks/bench_long_sequence.py --hidden 256 --ffn 704 --cap 1536MiB   # the earlier, larger
+                                                              # scale (hours for all rows on 2 cores)
     python benchmarks/bench_long_sequence.py --plot-from benchmarks/long_sequence.json   # the PNG only
 
 The PNG needs matplotlib (the `bench` extra); without it the run still writes the table, the JSON and the CSV,
