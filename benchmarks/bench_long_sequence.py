@@ -66,6 +66,7 @@ the best row at the most ranks trains >= 16x the HF peer's sequence; our best ro
     python benchmarks/bench_long_sequence.py --hidden 256 --ffn 704 --cap 1536MiB   # the earlier, larger
                                                               # scale (hours for all rows on 2 cores)
     python benchmarks/bench_long_sequence.py --plot-from benchmarks/long_sequence.json   # the PNG only
+    python benchmarks/bench_long_sequence.py --table-from benchmarks/long_sequence.json  # the table again
 
 The PNG needs matplotlib (the `bench` extra); without it the run still writes the table, the JSON and the CSV,
 and says how to draw the PNG afterwards from the JSON with any Python that has matplotlib (this script's
@@ -759,8 +760,25 @@ def table(searches: list, cap: int) -> str:
                      f"{format_size(at.peak if at else None)} | "
                      f"{format_size(max(at.rss_before_step) if at else None)} | {state} | {len(s.trials)} | "
                      f"{s.seconds:.0f} s ({cpu:.0f} s) | {fit_text} | {s.status if s.status != 'done' else ''} "
-                     f"{s.note[:160]} |")
+                     f"{short_note(s.note)} |")
     return "\n".join(lines)
+
+
+def short_note(note: str, limit: int = 160) -> str:
+    """A search's note for the table: torch's allocator boilerplate dropped, cut at a word with an ellipsis."""
+    note = re.sub(r"RuntimeError: \[enforce fail at [^\]]*\] err == 0\. DefaultCPUAllocator: ", "", note)
+    return note if len(note) <= limit else note[:limit].rsplit(" ", 1)[0] + " …"
+
+
+def load_searches(doc: dict) -> list:
+    """The Search objects (trials and fits) of a run's JSON, as write_outputs wrote them."""
+    searches = []
+    for d in doc["searches"]:
+        trials = [Trial(**t) for t in d["trials"]]
+        s = Search(**{k: v for k, v in d.items() if k not in ("trials", "fit")}, trials=trials)
+        refit(s)
+        searches.append(s)
+    return searches
 
 
 def write_outputs(searches: list, a, header: dict) -> None:
@@ -851,6 +869,8 @@ def parse_cli(argv=None) -> argparse.Namespace:
     p.add_argument("--json", default=str(ROOT / "benchmarks" / "long_sequence.json"))
     p.add_argument("--csv", default=str(ROOT / "benchmarks" / "long_sequence.csv"))
     p.add_argument("--png", default=str(ROOT / "benchmarks" / "long_sequence.png"))
+    p.add_argument("--table-from", metavar="JSON", help="only print the table and the targets of a run's JSON "
+                   "(also of an interrupted run: its finished searches)")
     p.add_argument("--plot-from", metavar="JSON", help="only draw the PNG from a run's JSON, or several runs' "
                    "(comma-separated), with matplotlib")
     p.add_argument("--rank-trial", metavar="SPEC", help=argparse.SUPPRESS)
@@ -883,6 +903,15 @@ def main(argv=None) -> int:
     a = parse_cli(argv)
     if a.rank_trial:
         return rank_trial(a.rank_trial)
+    if a.table_from:
+        doc = json.load(open(a.table_from))
+        searches = load_searches(doc)
+        print(table(searches, doc["cap_bytes"]))
+        print("\n" + "\n".join(targets(searches)))
+        print(f"{'complete' if doc.get('complete') else 'INCOMPLETE (interrupted)'} run: wall {doc.get('seconds', 0):.0f} s, "
+              f"trials' CPU {doc.get('trial_cpu_seconds', 0):.0f} s, estimated quiet wall "
+              f"{doc.get('quiet_wall_seconds_estimate', 0):.0f} s on {doc.get('cores', '?')} cores")
+        return 0
     if a.plot_from:
         plot(a.plot_from, a.png)
         print(f"peak memory plot: {a.png}")
@@ -897,7 +926,7 @@ def main(argv=None) -> int:
     searches = []
     header = {"model_text": model_text, "cap_bytes": a.cap_bytes, "cap_kind": "RLIMIT_DATA",
               "args": {k: v for k, v in vars(a).items()  # not the output paths: no path of this machine in the file
-                       if k not in ("rank_trial", "plot_from", "json", "csv", "png")}}
+                       if k not in ("rank_trial", "plot_from", "table_from", "json", "csv", "png")}}
     cores = os.cpu_count() or 1
 
     def save(complete: bool) -> None:

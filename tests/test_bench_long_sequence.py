@@ -142,3 +142,20 @@ def test_trial_ends_are_classified_by_cause(bench):
     assert bench.classify([2, None], [None, None], ["pretrain_gpt.py: --foo is refused", ""], False)[0] == "refused"
     status, reason = bench.classify([1], [None], ["Traceback\nKeyError: 'x'"], False)
     assert status == "error" and "KeyError" in reason
+
+
+def test_table_reads_back_a_runs_json_and_shortens_allocator_messages(bench):
+    trials = [bench.Trial("tp", 2, n, "fits", cpu_seconds=5.0, peak_rss=[p, p - 1], rss_before_step=[300, 300],
+                          param_bytes=[16 << 20] * 2, optimizer_bytes=[32 << 20] * 2)
+              for n, p in ((1024, 500 << 20), (2048, 600 << 20), (3072, 700 << 20), (4096, 800 << 20))]
+    trials.append(bench.Trial("tp", 2, 5120, "oom", reason="rank 0: RuntimeError: [enforce fail at alloc_cpu.cpp:127]"
+                              " err == 0. DefaultCPUAllocator: can't allocate memory: you tried to allocate 262144000"
+                              " bytes"))
+    s = bench.Search("tp", 2, longest=4096, first_failure=5120, note="5,120 failed: oom: " + trials[-1].reason,
+                     trials=trials)
+    doc = {"cap_bytes": 900 << 20, "searches": [dict(bench.asdict(s), trials=[bench.asdict(t) for t in trials])]}
+    back = bench.load_searches(doc)
+    assert back[0].longest == 4096 and back[0].trials[-1].status == "oom" and back[0].fit.verdict == "linear"
+    text = bench.table(back, doc["cap_bytes"])
+    assert "| tp only | 2 | 4,096 | 5,120 | 800 MiB |" in text and "16 MiB / 32 MiB" in text
+    assert "can't allocate memory: you tried to allocate 262144000 bytes" in text and "enforce fail" not in text
