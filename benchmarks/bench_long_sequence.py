@@ -354,9 +354,13 @@ def classify(returncodes: list, reports: list, logs: list, timed_out: bool) -> t
     if all(rc == 0 for rc in returncodes) and all(r and r.get("status") == "fits" for r in reports):
         return "fits", ""
     for rank, report in enumerate(reports):  # a rank that caught its own failed allocation says so
-        if report and report.get("status") == "oom":
+        if report and report.get("status") == "oom" and "error building extension" not in report.get("reason",
+                                                                                                    "").lower():
             return "oom", f"rank {rank}: {report.get('reason', '')}"
     failed = [(rank, rc) for rank, rc in enumerate(returncodes) if rc not in (0, None)]
+    for rank, rc in failed:  # a C++ extension built at run time (e.g. DeepSpeed's shm comm) whose compiler failed,
+        if "error building extension" in logs[rank].lower():  # maybe out of memory under the cap: not the step's
+            return "error", f"rank {rank} exit {rc}: {last_line_with(logs[rank], ('error building extension',))}"
     for rank, rc in failed:
         text = logs[rank].lower()
         if rc == -signal.SIGKILL:

@@ -159,3 +159,12 @@ def test_table_reads_back_a_runs_json_and_shortens_allocator_messages(bench):
     text = bench.table(back, doc["cap_bytes"])
     assert "| tp only | 2 | 4,096 | 5,120 | 800 MiB |" in text and "16 MiB / 32 MiB" in text
     assert "can't allocate memory: you tried to allocate 262144000 bytes" in text and "enforce fail" not in text
+
+
+def test_a_failed_extension_build_is_an_error_not_memory(bench):
+    # DeepSpeed compiles its shm comm op at run time when the shared build is stale; the compiler can fail (even
+    # of memory, under the cap): that says nothing about the step, so the row stops instead of counting it
+    reason = "RuntimeError: Error building extension 'deepspeed_shm_comm': cc1plus: out of memory allocating"
+    status, text = bench.classify([3, None], [{"status": "oom", "reason": reason}, None],
+                                  ["rank 0: out of memory under the cap: " + reason, ""], False)
+    assert status == "error" and "deepspeed_shm_comm" in text
