@@ -20,8 +20,9 @@ fit show (the build's peak does not depend on the sequence).
 
 The scale. The model and the default cap (900 MiB per rank: the processes' own baseline, 350-580 MiB of
 resident memory after the build, plus a few hundred MiB) are chosen so that the longest lengths are 1k-20k
-tokens and the whole run (all rows at 1, 2, 4 and 8 ranks) takes about 15 minutes on two quiet cores: a step's
-attention costs s² work, and at 49k tokens one 8-rank step took 4.5 minutes here. The cap is one for all rows
+tokens and the whole run (all rows at 1, 2, 4 and 8 ranks) takes minutes, not hours, on two cores: ~19 minutes
+quiet by the estimate in RESULTS.md (a step's attention costs s² work; at 49k tokens one 8-rank step took 4.5
+minutes here). The cap is one for all rows
 and the peer; the peer gets the same model and optimizer.
 
 The search, per (row, ranks): from a start length, double while the step fits (the last doubling probes the
@@ -59,8 +60,8 @@ linear when that share is below 10 % (a concave fit, c <= 0, is linear too), and
 peaks spread less than 5 % of the smallest (the growth is within trial noise: no term of the curve is seen). The targets printed at the end:
 the best row at the most ranks trains >= 16x the HF peer's sequence; our best row is linear.
 
-    python benchmarks/bench_long_sequence.py                  # all rows at 1, 2, 4, 8 ranks (~15 min on 2 quiet
-                                                              # cores; RESULTS.md has the measured times)
+    python benchmarks/bench_long_sequence.py                  # all rows at 1, 2, 4, 8 ranks (~19 min estimated
+                                                              # on 2 quiet cores; RESULTS.md has the times)
     python benchmarks/bench_long_sequence.py --quick          # ranks 1 and 2, --tolerance 0.5
     python benchmarks/bench_long_sequence.py --rows ulysses-zero3-offload-tiled,hf --ranks 8   # the 16x target
     python benchmarks/bench_long_sequence.py --hidden 256 --ffn 704 --cap 1536MiB   # the earlier, larger
