@@ -1,8 +1,8 @@
 """The longest sequence one full training step can train under a fixed memory cap per rank: our layouts vs HF.
 
 What one trial is: one optimizer step (forward, backward, AdamW step, with the first step's Adam state) of a
-fixed small Llama (default: 2 layers, hidden 256, 16 heads / 8 KV heads (GQA), SwiGLU 704, RoPE, RMSNorm,
-untied embeddings, a real 32,000-token vocabulary so that the logits matter), micro-batch 1, fp32, on N ranks
+fixed small Llama (default: 2 layers, hidden 128, 16 heads / 8 KV heads (GQA, head size 8), SwiGLU 352, RoPE,
+RMSNorm, untied embeddings, a real 32,000-token vocabulary so that the logits matter), micro-batch 1, fp32, on N ranks
 started as fresh processes (RANK / WORLD_SIZE / MASTER_* as torchrun sets them; gloo). A trial "fits" when
 every rank finishes the step under the cap. A failed allocation kills only its trial: each trial is its own set
 of processes, one trial at a time.
@@ -18,10 +18,27 @@ building the model and engine, then (the high-water mark reset through /proc/sel
 step itself. Both are in the table: the cap is what decides "fits"; the step's peak RSS is what the plot and the
 fit show (the build's peak does not depend on the sequence).
 
-The search, per (row, ranks): from a start length (the longest that fitted the same row on fewer ranks, else
---start), double while the step fits (or halve while it does not), then bisect between the longest fit and the
-shortest failure until they are within --tolerance of each other. Lengths are multiples of 64 × ranks (the
-sequence is split over the ranks in the sequence-parallel rows).
+The scale. The model and the default cap (900 MiB per rank: the processes' own baseline, 350-580 MiB of
+resident memory after the build, plus a few hundred MiB) are chosen so that the longest lengths are 1k-20k
+tokens and the whole run (all rows at 1, 2, 4 and 8 ranks) takes minutes, not hours, on two cores: ~19 minutes
+quiet by the estimate in RESULTS.md (a step's attention costs s² work; at 49k tokens one 8-rank step took 4.5
+minutes here). The cap is one for all rows
+and the peer; the peer gets the same model and optimizer.
+
+The search, per (row, ranks): from a start length, double while the step fits (the last doubling probes the
+bound itself) or halve while it does not, then bisect between the longest fit and the shortest failure until
+the gap is at most --tolerance (default 0.25) of the longest fit: the true limit lies in [longest, first
+failure). The start is a prediction (predict_start): the same row's longest on fewer ranks, grown per doubling
+of ranks as the row grew before (1-2x); --start for a row's first rank count. It saves probes, never decides a
+result. The HF peer runs first; our rows' searches stop at 16x its longest (--max-seq 0, the default), the
+target, so a row that fits there shows ">= bound": the benchmark does not look further. Lengths are multiples
+of 64 × ranks (the sequence is split over the ranks in the sequence-parallel rows). When the best row has fewer
+than four fitted lengths, it is measured again at 1/2, 1/4, 1/8 ... of its longest ("fit" trials) so that its
+memory fit has a verdict.
+
+Time. Each trial's CPU time (user + system of its rank processes) is recorded; the end prints the wall time and
+an estimate for a quiet machine, the sum of each trial's CPU time / min(cores, ranks), since this machine is
+shared and the wall time depends on the load (memory does not).
 
 A trial ends as: fits; oom (an allocation failed under the cap: the rank says so, or it died of SIGKILL /
 abort with an allocator message); timeout (the step did not finish within --trial-timeout: counted as "does not
@@ -39,15 +56,18 @@ The rows (flags are upstream's), each at 1, 2, 4 and 8 ranks where the layout ap
 
 The fit: per row, peak RSS (max over ranks) against sequence length over the trials that fitted, least squares
 of m(s) = a + b·s + c·s². The quadratic share is c·s² / (b·s + c·s²) at the longest fitted s: a row counts as
-linear when that share is below 10 % (a concave fit, c <= 0, is linear too). The targets printed at the end:
+linear when that share is below 10 % (a concave fit, c <= 0, is linear too), and "flat" (linear too) when the
+peaks spread less than 5 % of the smallest (the growth is within trial noise: no term of the curve is seen). The targets printed at the end:
 the best row at the most ranks trains >= 16x the HF peer's sequence; our best row is linear.
 
-    python benchmarks/bench_long_sequence.py --quick          # ranks 1 and 2, coarse bisection (~25 min, 2 cores)
-    python benchmarks/bench_long_sequence.py                  # ranks 1, 2, 4, 8 (hours on 2 cores: one 8-rank
-                                                              # step at 49k tokens takes ~4.5 min)
-    python benchmarks/bench_long_sequence.py --rows ulysses-zero3-offload-tiled,hf --ranks 8 --start 49152 \
-        --max-seq 49152 --tolerance 0.03                      # the 16x target alone (~8 min)
+    python benchmarks/bench_long_sequence.py                  # all rows at 1, 2, 4, 8 ranks (~19 min estimated
+                                                              # on 2 quiet cores; RESULTS.md has the times)
+    python benchmarks/bench_long_sequence.py --quick          # ranks 1 and 2, --tolerance 0.5
+    python benchmarks/bench_long_sequence.py --rows ulysses-zero3-offload-tiled,hf --ranks 8   # the 16x target
+    python benchmarks/bench_long_sequence.py --hidden 256 --ffn 704 --cap 1536MiB   # the earlier, larger
+                                                              # scale (hours for all rows on 2 cores)
     python benchmarks/bench_long_sequence.py --plot-from benchmarks/long_sequence.json   # the PNG only
+    python benchmarks/bench_long_sequence.py --table-from benchmarks/long_sequence.json  # the table again
 
 The PNG needs matplotlib (the `bench` extra); without it the run still writes the table, the JSON and the CSV,
 and says how to draw the PNG afterwards from the JSON with any Python that has matplotlib (this script's
@@ -86,6 +106,10 @@ ROW_TITLES = {
 # --sequence-tile-size stays at its default (the hidden size, in tokens).
 TILING_FLAGS: list[str] = ["--checkpoint-in-cpu", "--tiled-mlp", "--tiled-logits-loss"]
 QUADRATIC_SHARE_LIMIT = 0.10  # a fit whose s² term is under 10 % of the growth at the longest s counts as linear
+# peaks that differ by less than 5 % of the smallest over the fitted lengths are "flat": the growth is within the
+# spread of repeated trials (±40 MiB seen at one length), so the s² share of a fit to it says nothing; no term of
+# the fitted curve reaches 5 % of the memory, a quadratic one included, and the row counts as linear
+FLAT_LIMIT = 0.05
 TARGET_RATIO = 16.0
 # ZeRO's reduce bucket (elements): DeepSpeed's default of 5e8 is a 2 GB fp32 buffer, over any cap here; 5e6 (20 MB)
 # is what a memory-bound run sets.
@@ -164,7 +188,8 @@ def longest_fitting(fits: Callable[[int], bool], start: int, granularity: int, t
                     max_seq: int) -> tuple[Optional[int], Optional[int], list]:
     """(longest fitting length, shortest failing length, [(length, fitted), ...] in probe order).
 
-    From `start` (rounded to the granularity) double while fits() holds, up to max_seq, or halve while it does
+    From `start` (rounded to the granularity) double while fits() holds, up to max_seq (the last step probes
+    max_seq itself), or halve while it does
     not, down to one granularity; then bisect until the gap is at most max(granularity, tolerance × longest
     fit). `fits` may raise TrialError, which propagates (the row stops)."""
     if granularity < 1 or start < 1 or max_seq < granularity:
@@ -176,15 +201,17 @@ def longest_fitting(fits: Callable[[int], bool], start: int, granularity: int, t
         probes.append((n, ok))
         return ok
 
-    n = min(max(granularity, round_down(start, granularity)), round_down(max_seq, granularity))
+    top = round_down(max_seq, granularity)
+    n = min(max(granularity, round_down(start, granularity)), top)
     lo = hi = None
     if probe(n):
         lo = n
-        while hi is None and lo * 2 <= max_seq:
-            if probe(lo * 2):
-                lo *= 2
+        while hi is None and lo < top:
+            n = min(lo * 2, top)  # the last doubling stops at max_seq itself
+            if probe(n):
+                lo = n
             else:
-                hi = lo * 2
+                hi = n
         if hi is None:
             return lo, None, probes
     else:
@@ -217,12 +244,14 @@ class MemoryFit:
     b: Optional[float] = None  # bytes per token
     c: Optional[float] = None  # bytes per token²
     quadratic_share: Optional[float] = None  # c·s² / (b·s + c·s²) at the longest fitted s
-    verdict: str = "too few points"  # "linear", "quadratic" or "too few points"
+    verdict: str = "too few points"  # "linear", "flat", "quadratic" or "too few points"
+    spread: Optional[float] = None  # bytes: the largest fitted peak less the smallest
 
 
 def fit_memory(seqs: list, peaks: list, limit: float = QUADRATIC_SHARE_LIMIT) -> MemoryFit:
     """Least squares of peak = a + b·s + c·s² over (s, peak); linear when the s² term's share of the growth at
-    the longest s is under `limit` (or c <= 0). Needs four distinct lengths."""
+    the longest s is under `limit` (or c <= 0); flat (and so linear) when the peaks spread less than FLAT_LIMIT
+    of the smallest. Needs four distinct lengths."""
     import numpy as np
 
     pairs = sorted({(int(s), float(p)) for s, p in zip(seqs, peaks) if p is not None})
@@ -242,8 +271,9 @@ def fit_memory(seqs: list, peaks: list, limit: float = QUADRATIC_SHARE_LIMIT) ->
         share = 1.0
     else:
         share = c * smax * smax / growth
-    return MemoryFit(points=len(pairs), a=a, b=b, c=c, quadratic_share=share,
-                     verdict="linear" if share < limit else "quadratic")
+    spread = float(m.max() - m.min())
+    verdict = "flat" if spread < FLAT_LIMIT * float(m.min()) else "linear" if share < limit else "quadratic"
+    return MemoryFit(points=len(pairs), a=a, b=b, c=c, quadratic_share=share, verdict=verdict, spread=spread)
 
 
 # ---------------------------------------------------------------------------------------------- one trial
@@ -256,9 +286,15 @@ class Trial:
     status: str  # fits | oom | timeout | refused | error
     reason: str = ""
     seconds: float = 0.0
+    cpu_seconds: float = 0.0  # user + system time of the trial's rank processes, summed
     peak_rss: list = field(default_factory=list)  # per rank, bytes: VmHWM of the step (reset after the build)
     rss_before_step: list = field(default_factory=list)  # per rank, bytes: VmHWM of the build (model, engine)
     loss: Optional[float] = None
+    # per rank, bytes after the step: the parameters this rank holds (its ZeRO-3 partition, its tp shard) and the
+    # optimizer's own tensors (its fp32 parameter copies and the Adam state), gradients not counted
+    param_bytes: list = field(default_factory=list)
+    optimizer_bytes: list = field(default_factory=list)
+    purpose: str = "search"  # search | fit (an extra length measured for the memory fit of the best row)
 
     @property
     def peak(self) -> Optional[int]:
@@ -319,9 +355,13 @@ def classify(returncodes: list, reports: list, logs: list, timed_out: bool) -> t
     if all(rc == 0 for rc in returncodes) and all(r and r.get("status") == "fits" for r in reports):
         return "fits", ""
     for rank, report in enumerate(reports):  # a rank that caught its own failed allocation says so
-        if report and report.get("status") == "oom":
+        if report and report.get("status") == "oom" and "error building extension" not in report.get("reason",
+                                                                                                    "").lower():
             return "oom", f"rank {rank}: {report.get('reason', '')}"
     failed = [(rank, rc) for rank, rc in enumerate(returncodes) if rc not in (0, None)]
+    for rank, rc in failed:  # a C++ extension built at run time (e.g. DeepSpeed's shm comm) whose compiler failed,
+        if "error building extension" in logs[rank].lower():  # maybe out of memory under the cap: not the step's
+            return "error", f"rank {rank} exit {rc}: {last_line_with(logs[rank], ('error building extension',))}"
     for rank, rc in failed:
         text = logs[rank].lower()
         if rc == -signal.SIGKILL:
@@ -364,6 +404,7 @@ def run_trial(row: str, ranks: int, seq: int, a) -> Trial:
         port = free_port("127.0.0.1")
         procs, log_files = [], []
         start = time.perf_counter()
+        cpu_before = children_cpu_seconds()
         for rank in range(ranks):
             env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(ranks), LOCAL_RANK=str(rank),
                        LOCAL_WORLD_SIZE=str(ranks), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
@@ -392,6 +433,7 @@ def run_trial(row: str, ranks: int, seq: int, a) -> Trial:
                 break
             time.sleep(0.2)
         seconds = time.perf_counter() - start
+        cpu = children_cpu_seconds() - cpu_before  # every rank has been waited for: its time is counted
         codes = [None if rank in killed else p.returncode for rank, p in enumerate(procs)]  # None: killed by us
         reports = []
         for rank in range(ranks):
@@ -403,12 +445,22 @@ def run_trial(row: str, ranks: int, seq: int, a) -> Trial:
             logs.append(log.read()[-20000:])
             log.close()
         status, reason = classify(codes, reports, logs, timed_out)
-        trial = Trial(row, ranks, seq, status, reason, round(seconds, 1))
+        trial = Trial(row, ranks, seq, status, reason, round(seconds, 1), round(cpu, 1))
         if status == "fits":
             trial.peak_rss = [r["peak_rss"] for r in reports]
             trial.rss_before_step = [r["rss_before_step"] for r in reports]
             trial.loss = reports[0].get("loss")
+            trial.param_bytes = [r["param_bytes"] for r in reports]
+            trial.optimizer_bytes = [r["optimizer_bytes"] for r in reports]
         return trial
+
+
+def children_cpu_seconds() -> float:
+    """User + system seconds of this process's children that have ended and been waited for."""
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 # ---------------------------------------------------------------------------------------------- a rank
@@ -429,9 +481,9 @@ def rank_trial(spec_path: str) -> int:
 
     try:
         step = hf_step if spec["row"] == "hf" else our_step
-        before, loss = step(spec)
+        before, loss, state = step(spec)
         report({"status": "fits", "peak_rss": proc_status_bytes("VmHWM")["VmHWM"], "rss_before_step": before,
-                "loss": loss})
+                "loss": loss, **state})
         return 0
     except BaseException as e:  # noqa: BLE001 - classify, then leave without waiting on the other ranks
         text = f"{type(e).__name__}: {e}"
@@ -478,9 +530,10 @@ def our_step(spec: dict) -> tuple[int, float]:
     tokens = sample_tokens(spec["seq"], spec["model"]["vocab"])
     before = reset_peak_rss()
     loss = engine.train_step(iter([{"tokens": tokens}])).loss
+    state = model_state_bytes(engine.engine.module, engine.engine.optimizer)
     engine.destroy()
     destroy_distributed()
-    return before, float(loss)
+    return before, float(loss), state
 
 
 def hf_step(spec: dict) -> tuple[int, float]:
@@ -510,7 +563,31 @@ def hf_step(spec: dict) -> tuple[int, float]:
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return before, float(loss.item())
+    return before, float(loss.item()), model_state_bytes(model, optimizer)
+
+
+def model_state_bytes(module, optimizer) -> dict:
+    """{"param_bytes": the parameters this process holds, "optimizer_bytes": the optimizer's own tensors} after
+    a step. A ZeRO-3 parameter's own tensor is emptied after use; what the rank keeps is its partition
+    (`ds_tensor`). The optimizer's tensors are the torch optimizer's parameters (under ZeRO: its fp32 flat
+    partitions) that are not the model's, and its state (Adam's two moments); each storage is counted once."""
+    import torch
+
+    seen, params = set(), 0
+    for p in module.parameters():
+        t = getattr(p, "ds_tensor", p)  # ZeRO-3: the partition this rank owns
+        seen.add(t.untyped_storage().data_ptr())
+        params += t.numel() * t.element_size()
+    base = getattr(optimizer, "optimizer", optimizer)  # DeepSpeed's ZeRO wraps the torch optimizer
+    tensors = [p for group in base.param_groups for p in group["params"]]
+    tensors += [v for state in base.state.values() for v in state.values() if torch.is_tensor(v)]
+    opt = 0
+    for t in tensors:
+        ptr = t.untyped_storage().data_ptr()
+        if ptr and ptr not in seen:
+            seen.add(ptr)
+            opt += t.untyped_storage().nbytes()
+    return {"param_bytes": params, "optimizer_bytes": opt}
 
 
 # ---------------------------------------------------------------------------------------------- the run
@@ -528,7 +605,25 @@ class Search:
     fit: Optional[MemoryFit] = None
 
 
-def search_row(row: str, ranks: int, start: int, a, say) -> Search:
+def predict_start(previous: list, ranks: int, default: int) -> int:
+    """The first length to probe for a row at `ranks`, from the same row's searches on fewer ranks (ascending):
+    the last longest fit, grown per doubling of ranks by the growth the row showed from its second-last to its
+    last rank count (clipped to 1-2x; 1.5x when only one is known). A row that reached --max-seq starts there.
+    It only picks the first probe: doubling then bisection decide the result."""
+    done = [s for s in previous if s.longest]
+    if not done:
+        return default
+    last = done[-1]
+    if last.first_failure is None:
+        return last.longest
+    growth = 1.5
+    if len(done) >= 2:
+        growth = (last.longest / done[-2].longest) ** (1 / math.log2(last.ranks / done[-2].ranks))
+    growth = min(2.0, max(1.0, growth))
+    return max(64 * ranks, round_down(last.longest * growth ** math.log2(ranks / last.ranks), 64 * ranks))
+
+
+def search_row(row: str, ranks: int, start: int, a, say, max_seq: int) -> Search:
     result = Search(row, ranks)
     refusal = layout_refusal(row, ranks, a)
     if refusal:
@@ -541,9 +636,7 @@ def search_row(row: str, ranks: int, start: int, a, say) -> Search:
     def fits(seq: int) -> bool:
         trial = run_trial(row, ranks, seq, a)
         result.trials.append(trial)
-        say(f"{row} @ {ranks} ranks, seq {seq:,}: {trial.status} ({trial.seconds:.0f} s"
-            + (f", peak RSS {format_size(trial.peak)}" if trial.peak else "") + ")"
-            + (f" - {trial.reason}" if trial.reason else ""))
+        say_trial(trial, say)
         if trial.status in ("refused", "error"):
             raise TrialError(f"seq {seq}: {trial.status}: {trial.reason}")
         if trial.status != "fits":
@@ -551,17 +644,68 @@ def search_row(row: str, ranks: int, start: int, a, say) -> Search:
         return trial.status == "fits"
 
     try:
-        result.longest, result.first_failure, _ = longest_fitting(fits, start, 64 * ranks, a.tolerance, a.max_seq)
+        result.longest, result.first_failure, _ = longest_fitting(fits, start, 64 * ranks, a.tolerance, max_seq)
         if result.first_failure is not None:
             result.note = f"{result.first_failure:,} failed: {last_failure.get(result.first_failure, '')}"
         else:
-            result.note = f"fits up to --max-seq {a.max_seq:,}"
+            result.note = f"fits up to the search's bound {max_seq:,} (not probed longer)"
     except TrialError as e:
         result.status, result.note = "stopped", str(e)
     result.seconds = round(time.perf_counter() - t0, 1)
+    refit(result)
+    return result
+
+
+def say_trial(trial: Trial, say) -> None:
+    say(f"{trial.row} @ {trial.ranks} ranks, seq {trial.seq:,}{' (fit point)' if trial.purpose == 'fit' else ''}: "
+        f"{trial.status} ({trial.seconds:.0f} s, CPU {trial.cpu_seconds:.0f} s"
+        + (f", peak RSS {format_size(trial.peak)}" if trial.peak else "") + ")"
+        + (f" - {trial.reason}" if trial.reason else ""))
+
+
+def refit(result: Search) -> None:
     fitted = [t for t in result.trials if t.status == "fits"]
     result.fit = fit_memory([t.seq for t in fitted], [t.peak for t in fitted])
-    return result
+
+
+def add_fit_points(result: Search, a, say, points: int = 4) -> None:
+    """Measure extra lengths (half, a quarter, an eighth ... of the longest fit) for a search with fewer than
+    `points` fitted lengths, so that its memory fit has a verdict. Marked purpose="fit" in the outputs; they
+    do not change the search's longest / first failure."""
+    if not result.longest:
+        return
+    t0 = time.perf_counter()
+    k = 2
+    while len({t.seq for t in result.trials if t.status == "fits"}) < points:
+        seq = round_down(result.longest / k, 64 * result.ranks)
+        k *= 2
+        if seq < 64 * result.ranks:
+            break
+        if any(t.seq == seq for t in result.trials):
+            continue
+        trial = run_trial(result.row, result.ranks, seq, a)
+        trial.purpose = "fit"
+        result.trials.append(trial)
+        say_trial(trial, say)
+        if trial.status in ("refused", "error"):
+            break
+    result.seconds = round(result.seconds + time.perf_counter() - t0, 1)
+    refit(result)
+
+
+def best_search(searches: list) -> Optional[Search]:
+    """Our row with the longest fit at the most ranks that any row of ours fitted at (the first on a tie)."""
+    ours = [s for s in searches if s.row != "hf" and s.longest]
+    if not ours:
+        return None
+    most = max(s.ranks for s in ours)
+    return max((s for s in ours if s.ranks == most), key=lambda s: s.longest)
+
+
+def quiet_wall_seconds(trials: list, cores: int) -> float:
+    """What the trials would take on an otherwise idle machine of `cores` cores: each trial's CPU time over the
+    cores its ranks could use (min(cores, ranks)); the parent's own work (layout checks, the fit) is not in it."""
+    return sum(t.cpu_seconds / max(1, min(cores, t.ranks)) for t in trials)
 
 
 def targets(searches: list) -> list[str]:
@@ -571,8 +715,8 @@ def targets(searches: list) -> list[str]:
     ours = [s for s in searches if s.row != "hf" and s.longest]
     if not ours:
         return ["no row of ours fitted any length"]
-    most = max(s.ranks for s in ours)
-    best = max((s for s in ours if s.ranks == most), key=lambda s: s.longest)
+    best = best_search(searches)
+    most = best.ranks
     if hf:
         ratio = best.longest / hf.longest
         bounded = best.first_failure is None  # every probe fitted: the search stopped at --max-seq, not memory
@@ -591,28 +735,55 @@ def targets(searches: list) -> list[str]:
     if fit and fit.verdict != "too few points":
         lines.append(f"{best.row} @ {most}: peak RSS = {fit.a / 2**20:.0f} MiB + {fit.b / 1024:.1f} KiB/token·s "
                      f"+ {fit.c:.3g} B/token²·s²; quadratic share at {best.longest:,}: {fit.quadratic_share:.1%} "
-                     f"-> {fit.verdict} (target: linear: {'met' if fit.verdict == 'linear' else 'NOT met'})")
+                     f"-> {fit.verdict}" + (f" (the peaks spread {fit.spread / 2**20:.0f} MiB)" if fit.verdict == "flat"
+                                            else "")
+                     + f" (target: linear: {'met' if fit.verdict in ('linear', 'flat') else 'NOT met'})")
     else:
         lines.append(f"{best.row} @ {most}: too few fitted lengths for a fit")
     return lines
 
 
 def table(searches: list, cap: int) -> str:
-    lines = [f"per-rank cap: RLIMIT_DATA {format_size(cap)}; peak RSS = max over ranks of VmHWM",
-             "| row | ranks | longest seq | first failure | step's peak RSS at longest | build's peak RSS | trials | time | "
-             "memory fit | note |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [f"per-rank cap: RLIMIT_DATA {format_size(cap)}; peak RSS = max over ranks of VmHWM; params / "
+             "optimizer = bytes this rank holds after the step (its shard or ZeRO-3 partition; the optimizer's "
+             "fp32 copies and Adam state), max over ranks",
+             "| row | ranks | longest seq | first failure | step's peak RSS at longest | build's peak RSS | "
+             "params / optimizer per rank | trials | time (CPU) | memory fit | note |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for s in searches:
         at = next((t for t in s.trials if t.seq == s.longest and t.status == "fits"), None)
         fit = s.fit
         fit_text = "-" if fit is None or fit.verdict == "too few points" else \
-            f"{fit.verdict} ({fit.b / 1024:.1f} KiB/token, s² share {fit.quadratic_share:.0%})"
-        lines.append(f"| {ROW_TITLES[s.row]} | {s.ranks} | {'-' if s.longest is None else f'{s.longest:,}'} | "
+            f"{fit.verdict} ({fit.b / 1024:.1f} KiB/token, s² share {fit.quadratic_share:.0%}, spread " \
+            f"{fit.spread / 2**20:.0f} MiB)"
+        state = f"{format_size(max(at.param_bytes))} / {format_size(max(at.optimizer_bytes))}" \
+            if at and at.param_bytes else "-"
+        longest = "-" if s.longest is None else f"{'>= ' if s.first_failure is None else ''}{s.longest:,}"
+        cpu = sum(t.cpu_seconds for t in s.trials)
+        lines.append(f"| {ROW_TITLES[s.row]} | {s.ranks} | {longest} | "
                      f"{'-' if s.first_failure is None else f'{s.first_failure:,}'} | "
                      f"{format_size(at.peak if at else None)} | "
-                     f"{format_size(max(at.rss_before_step) if at else None)} | {len(s.trials)} | "
-                     f"{s.seconds:.0f} s | {fit_text} | {s.status if s.status != 'done' else ''} "
-                     f"{s.note[:160]} |")
+                     f"{format_size(max(at.rss_before_step) if at else None)} | {state} | {len(s.trials)} | "
+                     f"{s.seconds:.0f} s ({cpu:.0f} s) | {fit_text} | {s.status if s.status != 'done' else ''} "
+                     f"{short_note(s.note)} |")
     return "\n".join(lines)
+
+
+def short_note(note: str, limit: int = 160) -> str:
+    """A search's note for the table: torch's allocator boilerplate dropped, cut at a word with an ellipsis."""
+    note = re.sub(r"RuntimeError: \[enforce fail at [^\]]*\] err == 0\. DefaultCPUAllocator: ", "", note)
+    return note if len(note) <= limit else note[:limit].rsplit(" ", 1)[0] + " …"
+
+
+def load_searches(doc: dict) -> list:
+    """The Search objects (trials and fits) of a run's JSON, as write_outputs wrote them."""
+    searches = []
+    for d in doc["searches"]:
+        trials = [Trial(**t) for t in d["trials"]]
+        s = Search(**{k: v for k, v in d.items() if k not in ("trials", "fit")}, trials=trials)
+        refit(s)
+        searches.append(s)
+    return searches
 
 
 def write_outputs(searches: list, a, header: dict) -> None:
@@ -622,12 +793,15 @@ def write_outputs(searches: list, a, header: dict) -> None:
     write_text_atomically(a.json, json.dumps(doc, indent=1) + "\n")
     buf = io.StringIO()
     w = csv.writer(buf)
-    w.writerow(["row", "ranks", "seq", "status", "peak_rss_max", "peak_rss_per_rank", "rss_before_step_max",
-                "seconds", "loss", "reason"])
+    w.writerow(["row", "ranks", "seq", "purpose", "status", "peak_rss_max", "peak_rss_per_rank",
+                "rss_before_step_max", "param_bytes_max", "optimizer_bytes_max", "seconds", "cpu_seconds", "loss",
+                "reason"])
     for s in searches:
         for t in s.trials:
-            w.writerow([t.row, t.ranks, t.seq, t.status, t.peak or "", " ".join(map(str, t.peak_rss)),
-                        max(t.rss_before_step) if t.rss_before_step else "", t.seconds,
+            w.writerow([t.row, t.ranks, t.seq, t.purpose, t.status, t.peak or "", " ".join(map(str, t.peak_rss)),
+                        max(t.rss_before_step) if t.rss_before_step else "",
+                        max(t.param_bytes) if t.param_bytes else "",
+                        max(t.optimizer_bytes) if t.optimizer_bytes else "", t.seconds, t.cpu_seconds,
                         "" if t.loss is None else f"{t.loss:.4f}", t.reason])
     write_text_atomically(a.csv, buf.getvalue())
 
@@ -680,24 +854,28 @@ def plot(json_paths: str, png_path: str) -> None:
 def parse_cli(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--layers", type=int, default=2)
-    p.add_argument("--hidden", type=int, default=256)
+    p.add_argument("--hidden", type=int, default=128)
     p.add_argument("--heads", type=int, default=16)
     p.add_argument("--kv-heads", type=int, default=8)
-    p.add_argument("--ffn", type=int, default=704)
+    p.add_argument("--ffn", type=int, default=352)
     p.add_argument("--vocab", type=int, default=32000, help="a multiple of 128 × 8, so that no layout pads it")
-    p.add_argument("--cap", default="1536MiB", help="per-rank RLIMIT_DATA (e.g. 1GiB, 1536M)")
+    p.add_argument("--cap", default="900MiB", help="per-rank RLIMIT_DATA (e.g. 1GiB, 1536M)")
     p.add_argument("--ranks", default="1,2,4,8", help="rank counts, comma-separated")
     p.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated, of {', '.join(ROWS)}")
-    p.add_argument("--start", type=int, default=1024, help="first length probed for a row's first rank count")
-    p.add_argument("--tolerance", type=float, default=0.125,
+    p.add_argument("--start", type=int, default=1024, help="first length probed for a row's first rank count "
+                   "(later rank counts start from a prediction: see predict_start)")
+    p.add_argument("--tolerance", type=float, default=0.25,
                    help="bisect until (first failure - longest fit) <= tolerance × longest fit")
-    p.add_argument("--max-seq", type=int, default=1 << 20)
-    p.add_argument("--trial-timeout", type=float, default=900.0, help="seconds for one trial (all its ranks)")
+    p.add_argument("--max-seq", type=int, default=0, help="the longest length a search probes; 0 (auto): "
+                   f"{TARGET_RATIO:.0f}x the HF peer's longest (the target), rounded up to a multiple of 512")
+    p.add_argument("--trial-timeout", type=float, default=1200.0, help="seconds for one trial (all its ranks)")
     p.add_argument("--threads", type=int, default=1, help="torch / OpenMP threads per rank")
-    p.add_argument("--quick", action="store_true", help="ranks 1,2 and --tolerance 0.25 (unless given)")
+    p.add_argument("--quick", action="store_true", help="ranks 1,2 and --tolerance 0.5 (unless given)")
     p.add_argument("--json", default=str(ROOT / "benchmarks" / "long_sequence.json"))
     p.add_argument("--csv", default=str(ROOT / "benchmarks" / "long_sequence.csv"))
     p.add_argument("--png", default=str(ROOT / "benchmarks" / "long_sequence.png"))
+    p.add_argument("--table-from", metavar="JSON", help="only print the table and the targets of a run's JSON "
+                   "(also of an interrupted run: its finished searches)")
     p.add_argument("--plot-from", metavar="JSON", help="only draw the PNG from a run's JSON, or several runs' "
                    "(comma-separated), with matplotlib")
     p.add_argument("--rank-trial", metavar="SPEC", help=argparse.SUPPRESS)
@@ -707,7 +885,7 @@ def parse_cli(argv=None) -> argparse.Namespace:
         if "--ranks" not in given:
             a.ranks = "1,2"
         if "--tolerance" not in given:
-            a.tolerance = 0.25
+            a.tolerance = 0.5
     try:
         a.cap_bytes = parse_size(a.cap)
         a.rank_counts = [int(n) for n in a.ranks.split(",") if n.strip()]
@@ -719,6 +897,8 @@ def parse_cli(argv=None) -> argparse.Namespace:
         p.error(f"--rows: unknown {', '.join(unknown)}; choose from {', '.join(ROWS)}")
     if any(n < 1 for n in a.rank_counts):
         p.error("--ranks: each count must be >= 1")
+    if a.max_seq < 0:
+        p.error("--max-seq must be >= 0 (0: 16x the HF peer's longest)")
     if not 0 < a.tolerance < 1:
         p.error("--tolerance must be in (0, 1)")
     return a
@@ -728,6 +908,15 @@ def main(argv=None) -> int:
     a = parse_cli(argv)
     if a.rank_trial:
         return rank_trial(a.rank_trial)
+    if a.table_from:
+        doc = json.load(open(a.table_from))
+        searches = load_searches(doc)
+        print(table(searches, doc["cap_bytes"]))
+        print("\n" + "\n".join(targets(searches)))
+        print(f"{'complete' if doc.get('complete') else 'INCOMPLETE (interrupted)'} run: wall {doc.get('seconds', 0):.0f} s, "
+              f"trials' CPU {doc.get('trial_cpu_seconds', 0):.0f} s, estimated quiet wall "
+              f"{doc.get('quiet_wall_seconds_estimate', 0):.0f} s on {doc.get('cores', '?')} cores")
+        return 0
     if a.plot_from:
         plot(a.plot_from, a.png)
         print(f"peak memory plot: {a.png}")
@@ -742,22 +931,46 @@ def main(argv=None) -> int:
     searches = []
     header = {"model_text": model_text, "cap_bytes": a.cap_bytes, "cap_kind": "RLIMIT_DATA",
               "args": {k: v for k, v in vars(a).items()  # not the output paths: no path of this machine in the file
-                       if k not in ("rank_trial", "plot_from", "json", "csv", "png")}}
-    for row in a.row_list:
-        start = a.start
+                       if k not in ("rank_trial", "plot_from", "table_from", "json", "csv", "png")}}
+    cores = os.cpu_count() or 1
+
+    def save(complete: bool) -> None:
+        trials = [t for s in searches for t in s.trials]
+        header.update(seconds=round(time.perf_counter() - t0, 1), complete=complete,
+                      trial_cpu_seconds=round(sum(t.cpu_seconds for t in trials), 1), cores=cores,
+                      quiet_wall_seconds_estimate=round(quiet_wall_seconds(trials, cores), 1))
+        write_outputs(searches, a, header)  # an interrupted run keeps what it measured
+
+    # The peer first: its longest length sets the bound of our rows' searches when --max-seq is auto (0).
+    max_seq = a.max_seq
+    for row in sorted(a.row_list, key=lambda r: r != "hf"):
+        done = []
         for n in ([1] if row == "hf" else a.rank_counts):
-            s = search_row(row, n, start, a, say)
+            if not max_seq and row != "hf":
+                hf = next((s for s in searches if s.row == "hf" and s.longest), None)
+                max_seq = -(-int(TARGET_RATIO * (hf.longest if hf else a.start)) // 512) * 512
+                header["max_seq_used"] = max_seq
+                say(f"our rows' searches stop at {max_seq:,} tokens: {TARGET_RATIO:.0f}x "
+                    + (f"the HF peer's {hf.longest:,}" if hf else f"--start {a.start:,} (no HF length)")
+                    + ", rounded up to a multiple of 512")
+            s = search_row(row, n, predict_start(done, n, a.start), a, say,
+                           (a.max_seq if row == "hf" else max_seq) or (1 << 20))
             searches.append(s)
-            header["seconds"] = round(time.perf_counter() - t0, 1)
-            write_outputs(searches, a, dict(header, complete=False))  # an interrupted run keeps what it measured
-            if s.longest:
-                start = s.longest  # more ranks: at least as long, per rank's memory, in these rows
-    header["complete"] = True
+            done.append(s)
+            save(False)
+    best = best_search(searches)
+    if best:
+        add_fit_points(best, a, say)
+    save(True)
     print("\n" + table(searches, a.cap_bytes))
     header["targets"] = targets(searches)
     print("\n" + "\n".join(header["targets"]))
-    write_outputs(searches, a, header)
-    print(f"\ntrials: {a.json}, {a.csv}; total {time.perf_counter() - t0:.0f} s")
+    save(True)
+    print(f"\ntrials: {a.json}, {a.csv}")
+    print(f"wall time {header['seconds']:.0f} s on this machine (load average now "
+          f"{os.getloadavg()[0]:.1f}); the trials' CPU time {header['trial_cpu_seconds']:.0f} s; estimated wall "
+          f"time on a quiet {cores}-core machine (each trial's CPU time / min({cores}, ranks)): "
+          f"{header['quiet_wall_seconds_estimate']:.0f} s")
     try:
         plot(a.json, a.png)
         print(f"peak memory plot: {a.png}")

@@ -1,5 +1,5 @@
 """The cheap pieces of benchmarks/bench_long_sequence.py: the doubling + bisection search (on a fake fits()), the
-memory cap (parsing, and RLIMIT_DATA refusing an allocation past it in a child process), the linear / quadratic
+start predicted from fewer ranks, the memory cap (parsing, and RLIMIT_DATA refusing an allocation past it in a child process), the linear / quadratic
 verdict of the memory fit, and how a trial's end is classified. No training step runs here."""
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ def test_search_edges_nothing_fits_everything_fits_and_errors(bench):
     assert bench.longest_fitting(lambda n: False, 1024, 64, 0.1, 1 << 20)[:2] == (None, 64)
     calls = []  # everything fits: 1000 rounds down to 960, doubled while under --max-seq
     lo, hi, _ = bench.longest_fitting(threshold_fits(10**9, calls), 1000, 64, 0.1, 8192)
-    assert calls == [960, 1920, 3840, 7680] and (lo, hi) == (7680, None)
+    assert calls == [960, 1920, 3840, 7680, 8192] and (lo, hi) == (8192, None)  # the last step: max_seq itself
 
     def broken(n):
         raise bench.TrialError("refused")
@@ -61,6 +61,29 @@ def test_search_edges_nothing_fits_everything_fits_and_errors(bench):
         bench.longest_fitting(broken, 1024, 64, 0.1, 1 << 20)
     with pytest.raises(ValueError, match="bad search bounds"):
         bench.longest_fitting(lambda n: True, 1024, 0, 0.1, 1 << 20)
+
+
+def test_search_start_is_predicted_from_the_same_row_on_fewer_ranks(bench):
+    S = bench.Search
+    assert bench.predict_start([], 2, 1024) == 1024  # nothing measured yet: --start
+    assert bench.predict_start([S("tp", 1, longest=2048, first_failure=2560)], 2, 1024) == 3072  # 1.5x a doubling
+    grown = [S("tp", 1, longest=2048, first_failure=2560), S("tp", 2, longest=3072, first_failure=3584)]
+    assert bench.predict_start(grown, 4, 1024) == 4608  # the 1.5x it grew from 1 to 2 ranks, again
+    assert bench.predict_start(grown, 8, 1024) == 6656  # two doublings: 3072 x 2.25 = 6912, down to 512s
+    shrunk = [S("tp", 1, longest=2048, first_failure=2560), S("tp", 2, longest=1024, first_failure=1536)]
+    assert bench.predict_start(shrunk, 4, 1024) == 1024  # growth clipped at 1x
+    doubled = [S("u", 1, longest=1024, first_failure=1280), S("u", 2, longest=4096, first_failure=5120)]
+    assert bench.predict_start(doubled, 4, 1024) == 8192  # clipped at 2x
+    bounded = [S("u", 1, longest=20480, first_failure=None)]  # every probe fitted up to the bound
+    assert bench.predict_start(bounded, 2, 1024) == 20480
+    assert bench.predict_start([S("u", 1)], 2, 1024) == 1024  # nothing fitted: --start
+
+
+def test_quiet_wall_time_divides_each_trials_cpu_by_the_cores_its_ranks_use(bench):
+    trials = [bench.Trial("tp", 1, 1024, "fits", cpu_seconds=10.0),
+              bench.Trial("tp", 8, 1024, "fits", cpu_seconds=80.0)]
+    assert bench.quiet_wall_seconds(trials, 2) == 10.0 + 40.0
+    assert bench.quiet_wall_seconds(trials, 16) == 10.0 + 10.0
 
 
 def test_cap_sizes_parse_in_binary_units_and_bad_ones_name_the_input(bench):
@@ -102,6 +125,9 @@ def test_fit_tells_linear_from_quadratic_growth(bench):
     assert bench.fit_memory(seqs, concave).verdict == "linear"
     assert bench.fit_memory(seqs[:3], linear[:3]).verdict == "too few points"
     assert bench.fit_memory(seqs + seqs[:1], linear + [None]).points == 6  # a failed trial has no peak
+    # 900 MB ± 15 MB of noise over 1-16k tokens: flat, whatever sign the noise gives the s² term
+    flat = bench.fit_memory([1024, 2048, 4096, 8192, 16384], [900e6, 915e6, 885e6, 890e6, 912e6])
+    assert flat.verdict == "flat" and abs(flat.spread - 30e6) < 1
 
 
 def test_trial_ends_are_classified_by_cause(bench):
@@ -116,3 +142,29 @@ def test_trial_ends_are_classified_by_cause(bench):
     assert bench.classify([2, None], [None, None], ["pretrain_gpt.py: --foo is refused", ""], False)[0] == "refused"
     status, reason = bench.classify([1], [None], ["Traceback\nKeyError: 'x'"], False)
     assert status == "error" and "KeyError" in reason
+
+
+def test_table_reads_back_a_runs_json_and_shortens_allocator_messages(bench):
+    trials = [bench.Trial("tp", 2, n, "fits", cpu_seconds=5.0, peak_rss=[p, p - 1], rss_before_step=[300, 300],
+                          param_bytes=[16 << 20] * 2, optimizer_bytes=[32 << 20] * 2)
+              for n, p in ((1024, 500 << 20), (2048, 600 << 20), (3072, 700 << 20), (4096, 800 << 20))]
+    trials.append(bench.Trial("tp", 2, 5120, "oom", reason="rank 0: RuntimeError: [enforce fail at alloc_cpu.cpp:127]"
+                              " err == 0. DefaultCPUAllocator: can't allocate memory: you tried to allocate 262144000"
+                              " bytes"))
+    s = bench.Search("tp", 2, longest=4096, first_failure=5120, note="5,120 failed: oom: " + trials[-1].reason,
+                     trials=trials)
+    doc = {"cap_bytes": 900 << 20, "searches": [dict(bench.asdict(s), trials=[bench.asdict(t) for t in trials])]}
+    back = bench.load_searches(doc)
+    assert back[0].longest == 4096 and back[0].trials[-1].status == "oom" and back[0].fit.verdict == "linear"
+    text = bench.table(back, doc["cap_bytes"])
+    assert "| tp only | 2 | 4,096 | 5,120 | 800 MiB |" in text and "16 MiB / 32 MiB" in text
+    assert "can't allocate memory: you tried to allocate 262144000 bytes" in text and "enforce fail" not in text
+
+
+def test_a_failed_extension_build_is_an_error_not_memory(bench):
+    # DeepSpeed compiles its shm comm op at run time when the shared build is stale; the compiler can fail (even
+    # of memory, under the cap): that says nothing about the step, so the row stops instead of counting it
+    reason = "RuntimeError: Error building extension 'deepspeed_shm_comm': cc1plus: out of memory allocating"
+    status, text = bench.classify([3, None], [{"status": "oom", "reason": reason}, None],
+                                  ["rank 0: out of memory under the cap: " + reason, ""], False)
+    assert status == "error" and "deepspeed_shm_comm" in text
