@@ -55,13 +55,7 @@ def convert_to_universal(load: str, out: Optional[str] = None, *, workers: int =
         raise ConversionError(
             f"{source.tag_dir} carries no universal_checkpoint_info (written before this framework saved it); "
             "resume it on the new layout with --load (the loader reshards), or convert with `reshard`")
-    out = os.path.abspath(out or default_universal_folder(source.tag_dir))
-    if os.path.exists(out):
-        raise ConversionError(f"{out} already exists; remove it or choose another --out")
-    parent, name = os.path.split(out)
-    os.makedirs(parent, exist_ok=True)
-    tmp = os.path.join(parent, ".tmp-" + name)
-    shutil.rmtree(tmp, ignore_errors=True)
+    out, tmp = _output_folders(source, out)
     args = argparse.Namespace(input_folder=source.tag_dir, output_folder=tmp, num_extract_workers=workers,
                               num_merge_workers=max(1, workers // 2), keep_temp_folder=False, strict=True,
                               inject_missing_state=False)
@@ -73,7 +67,7 @@ def convert_to_universal(load: str, out: Optional[str] = None, *, workers: int =
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    write_text_atomically(os.path.join(parent, LATEST_UNIVERSAL_FILENAME), name)
+    write_text_atomically(os.path.join(os.path.dirname(out), LATEST_UNIVERSAL_FILENAME), os.path.basename(out))
     UniversalCheckpoint(out)  # every parameter is there, with the shape the configuration says
     return out
 
@@ -113,13 +107,7 @@ def _convert_whole_matrix(source, out: Optional[str]) -> str:
 
     import torch
 
-    out = os.path.abspath(out or default_universal_folder(source.tag_dir))
-    if os.path.exists(out):
-        raise ConversionError(f"{out} already exists; remove it or choose another --out")
-    parent, name = os.path.split(out)
-    os.makedirs(parent, exist_ok=True)
-    tmp = os.path.join(parent, ".tmp-" + name)
-    shutil.rmtree(tmp, ignore_errors=True)
+    out, tmp = _output_folders(source, out)
     state = SavedFullMatrixState(source)
     try:
         zero_dir = os.path.join(tmp, compat.UNIVERSAL_ZERO_DIR)
@@ -137,6 +125,18 @@ def _convert_whole_matrix(source, out: Optional[str]) -> str:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    write_text_atomically(os.path.join(parent, LATEST_UNIVERSAL_FILENAME), name)
+    write_text_atomically(os.path.join(os.path.dirname(out), LATEST_UNIVERSAL_FILENAME), os.path.basename(out))
     UniversalCheckpoint(out).full_matrix_state()  # every parameter is there, with the shape the configuration says
     return out
+
+
+def _output_folders(source, out: Optional[str]) -> tuple[str, str]:
+    """The universal folder to publish (refused if it exists) and the emptied temporary folder it is built in."""
+    out = os.path.abspath(out or default_universal_folder(source.tag_dir))
+    if os.path.exists(out):
+        raise ConversionError(f"{out} already exists; remove it or choose another --out")
+    parent, name = os.path.split(out)
+    os.makedirs(parent, exist_ok=True)
+    tmp = os.path.join(parent, ".tmp-" + name)
+    shutil.rmtree(tmp, ignore_errors=True)
+    return out, tmp
