@@ -13,6 +13,9 @@ suite starts well over a hundred ranks on 2 cores. The server has run no torch o
 so forking it is safe. Each rank gets what a spawned one would: this process's environment, working directory,
 sys.path, stdout and stderr (so pytest captures rank output into the running test's report), and freshly seeded
 torch and numpy generators.
+The modules in PRELOAD are imported once, in the server's environment (the first launch's): a module that read
+an environment variable at import time would keep that value in every later rank (none of ours does; a test that
+needs one set before import must set it before the first launch, or use a subprocess).
 """
 
 from __future__ import annotations
