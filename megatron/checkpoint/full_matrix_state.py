@@ -36,12 +36,14 @@ not exact, and is refused naming the layouts.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
-from megatron.checkpoint.layout import ConversionError, strip_vocab_padding
+from megatron.checkpoint.layout import ConversionError, expected_shapes, layer_prefixes, strip_vocab_padding
+from megatron.checkpoint.unpickle import safe_load
 from megatron.config.model import TransformerConfig
 from megatron.core.layers import merge_shards, shard_tensor
 from megatron.model.sharding import partition_of, repad_vocab
@@ -306,8 +308,6 @@ def cut_for_rank(pstate: ParameterState, name: str, config: TransformerConfig, t
 
 def _target_shape(name: str, config: TransformerConfig, tp: int, whole: bool, pstate: ParameterState) -> tuple:
     """The shape of the tensor the inner optimizer steps for `name` at tp (whole or this rank's shard)."""
-    from megatron.checkpoint.layout import expected_shapes, layer_prefixes
-
     prefix = next(p for p in layer_prefixes(config) if name in expected_shapes(config, p))
     shape = list(expected_shapes(config, prefix)[name])
     part = partition_of(name, config)
@@ -356,8 +356,6 @@ UNIVERSAL_FOLDER_FORMAT = "full_matrix_universal/1"
 
 def write_universal_parameter(folder: str, pstate: ParameterState, master: torch.Tensor, vocab: bool) -> None:
     """One parameter's folder zero/<name>/ (the layout above) inside a folder that is published when complete."""
-    import os
-
     from deepspeed.checkpoint.constants import PARAM, VOCAB_TENSOR
 
     os.makedirs(folder, exist_ok=True)
@@ -382,10 +380,6 @@ class UniversalFullMatrixState:
     """The whole-matrix optimizer state of a universal folder written by convert/to_universal.py."""
 
     def __init__(self, universal):
-        import os
-
-        from megatron.checkpoint.unpickle import safe_load
-
         self.universal = universal
         path = os.path.join(universal.zero_dir, UNIVERSAL_STATE_FILE)
         folder = safe_load(path)
@@ -398,10 +392,6 @@ class UniversalFullMatrixState:
         return self.universal.full_optimizer_tensor(name, "fp32").float()
 
     def parameter_state(self, name: str) -> ParameterState:
-        import os
-
-        from megatron.checkpoint.unpickle import safe_load
-
         folder = self.universal.folder_of(name)
         path = os.path.join(folder, UNIVERSAL_STATE_FILE)
         if not os.path.isfile(path):
@@ -421,8 +411,6 @@ class UniversalFullMatrixState:
 
 
 def write_universal_folder_state(zero_dir: str, optimizer: str, groups: tuple[dict, dict]) -> None:
-    import os
-
     outer, inner = groups
     torch.save({"format": UNIVERSAL_FOLDER_FORMAT, "optimizer": optimizer, "param_groups": outer,
                 "inner_groups": inner}, os.path.join(zero_dir, UNIVERSAL_STATE_FILE))
